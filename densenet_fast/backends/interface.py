@@ -1,0 +1,85 @@
+"""The primitive interface every backend implements (DESIGN.md §4).
+
+The block engine (:mod:`densenet_fast.autograd`) sees a dense block's features
+as one channels-last buffer of shape ``(N, H, W, C_total)``.  Its rows are the
+``M = N*H*W`` pixels, so a *channel range* is the 2-D view
+``buffer.view(M, C_total)[:, c0:c1]``: shape ``(M, C)``, row stride
+``C_total``, channel stride 1.  The primitives below take such row views.
+
+Conventions:
+- ``scale``/``shift`` (``(C,)``, fp32, or fp64 for fp64 data) fold BatchNorm:
+  ``a = x * scale + shift``, ``z = relu(a)``.  In training
+  ``scale = gamma * rstd`` and ``shift = beta - mean * scale``.
+- ``mean``/``rstd`` (``(C,)``) are the statistics that normalised ``x``
+  (batch or running); ``xhat = (x - mean) * rstd``.
+- ``batch_mean``: ``None`` when ``mean``/``rstd`` are running statistics
+  (eval mode): then ``dx = scale * dA``.  With batch statistics it is a
+  function that maps the local per-channel sums ``(2, C)`` =
+  ``[sum(dA), sum(dA * xhat)]`` to their means over the whole batch (``/ M``,
+  or over all processes for synchronised BN), and
+  ``dx = scale * (dA - mean(dA) - xhat * mean(dA * xhat))``.  This is the
+  point between the two passes of the BN backward (DESIGN.md §3).
+- ``grad_gamma = sum(dA * xhat)`` and ``grad_beta = sum(dA)`` are the local sums.
+- Statistics are returned as ``(mean, var)``, biased variance, in fp32 (fp64
+  for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
+- Outputs named ``out``/``grad_x`` are written in place; ``grad_x`` of
+  :meth:`Backend.bn_relu_conv1x1_backward` is *accumulated* into (``+=``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import Tensor
+
+Stats = tuple[Tensor, Tensor]
+
+
+class Backend:
+    """Base class: one instance per backend; the methods are the primitives."""
+
+    name = "abstract"
+
+    def channel_stats(self, x: Tensor) -> Stats:
+        """Per-channel ``(mean, var)`` of ``x`` ``(M, C)`` over its ``M`` rows."""
+        raise NotImplementedError
+
+    def bn_relu_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
+                        with_stats: bool) -> Optional[Stats]:
+        """``out (M, K) = relu(x * scale + shift) @ weight.T`` for ``x (M, C)``,
+        ``weight (K, C)``; returns the statistics of ``out`` if ``with_stats``."""
+        raise NotImplementedError
+
+    def bn_relu_conv1x1_backward(self, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
+                                 weight: Tensor, grad_out: Tensor, grad_x: Tensor,
+                                 batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Backward of :meth:`bn_relu_conv1x1` for ``grad_out (M, K)``: adds
+        ``dL/dx`` into ``grad_x (M, C)`` and returns
+        ``(grad_weight (K, C), grad_gamma (C,), grad_beta (C,))``."""
+        raise NotImplementedError
+
+    def bn_relu(self, x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+        """``out (M, C) = relu(x * scale + shift)``."""
+        raise NotImplementedError
+
+    def bn_relu_backward(self, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
+                         grad_z: Tensor, grad_x: Tensor, batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor]:
+        """Backward of :meth:`bn_relu` for ``grad_z (M, C)`` (consumed: it may be
+        overwritten): writes ``dL/dx`` into ``grad_x (M, C)`` (which may be
+        ``grad_z`` itself) and returns
+        ``(grad_gamma, grad_beta)``."""
+        raise NotImplementedError
+
+    def transition(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> None:
+        """The fused transition for ``x (N, H, W, C)`` (a channels-last view):
+        ``out (N, H//2, W//2, K) = avgpool2x2(relu(x * scale + shift)) @ weight.T``
+        (pooling before the 1x1 convolution is exact: both are linear)."""
+        raise NotImplementedError
+
+    def transition_backward(self, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
+                            weight: Tensor, grad_out: Tensor, grad_x: Tensor,
+                            batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Backward of :meth:`transition` for ``grad_out (N, H//2, W//2, K)``:
+        writes (not adds) ``dL/dx`` into ``grad_x (N, H, W, C)`` and returns
+        ``(grad_weight (K, C), grad_gamma (C,), grad_beta (C,))``."""
+        raise NotImplementedError

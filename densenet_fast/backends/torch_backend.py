@@ -1,0 +1,91 @@
+"""The plain-PyTorch backend: the reference implementation of every primitive.
+
+Runs on any device and dtype.  Elementwise work is done in the statistics
+dtype (fp32, or fp64 for fp64 data); GEMMs run in the data dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .interface import Backend, Stats
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of statistics and BN coefficients for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def channel_stats(self, x: Tensor) -> Stats:
+        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=0, correction=0)
+        return mean, var
+
+    def _bn_relu(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        return torch.addcmul(shift, x.to(scale.dtype), scale).relu_()
+
+    def bn_relu_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
+                        with_stats: bool) -> Optional[Stats]:
+        z = self._bn_relu(x, scale, shift).to(x.dtype)
+        torch.mm(z, weight.t(), out=out)
+        return self.channel_stats(out) if with_stats else None
+
+    def _bn_backward(self, x: Tensor, z: Tensor, grad_z: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                     batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """From ``grad_z`` (fp32/fp64, overwritten with ``dL/dx``) and ``z =
+        relu(a)``: returns ``(grad_x, grad_gamma, grad_beta)``."""
+        grad_a = grad_z.masked_fill_(z <= 0, 0)
+        xhat = (x.to(mean.dtype) - mean).mul_(rstd)
+        grad_beta = grad_a.sum(0)
+        grad_gamma = (grad_a * xhat).sum(0)
+        if batch_mean is not None:
+            mean_grad_a, mean_grad_a_xhat = batch_mean(torch.stack([grad_beta, grad_gamma]))
+            grad_a.sub_(mean_grad_a).sub_(xhat.mul_(mean_grad_a_xhat))
+        return grad_a.mul_(scale), grad_gamma, grad_beta
+
+    def bn_relu_conv1x1_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
+        z = self._bn_relu(x, scale, shift)
+        grad_weight = grad_out.t().mm(z.to(grad_out.dtype))
+        grad_z = grad_out.mm(weight).to(scale.dtype)
+        dx, grad_gamma, grad_beta = self._bn_backward(x, z, grad_z, scale, mean, rstd, batch_mean)
+        grad_x.add_(dx)
+        return grad_weight, grad_gamma, grad_beta
+
+    def bn_relu(self, x, scale, shift, out):
+        out.copy_(self._bn_relu(x, scale, shift))
+
+    def bn_relu_backward(self, x, scale, shift, mean, rstd, grad_z, grad_x, batch_mean):
+        z = self._bn_relu(x, scale, shift)
+        dx, grad_gamma, grad_beta = self._bn_backward(x, z, grad_z.to(scale.dtype), scale, mean, rstd, batch_mean)
+        grad_x.copy_(dx)
+        return grad_gamma, grad_beta
+
+    def _pooled(self, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+        """``z = relu(x*scale+shift)`` (N, H, W, C) and its 2x2 average pool as rows."""
+        z = self._bn_relu(x, scale, shift)
+        pooled = F.avg_pool2d(z.permute(0, 3, 1, 2), 2)  # (N, C, H//2, W//2), channels-last
+        return z, pooled.permute(0, 2, 3, 1).reshape(-1, x.shape[-1]).to(x.dtype)
+
+    def transition(self, x, scale, shift, weight, out):
+        _, pooled = self._pooled(x, scale, shift)
+        torch.mm(pooled, weight.t(), out=out.view(-1, weight.shape[0]))
+
+    def transition_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
+        n, h, w, c = x.shape
+        z, pooled = self._pooled(x, scale, shift)
+        grad_rows = grad_out.reshape(-1, weight.shape[0])
+        grad_weight = grad_rows.t().mm(pooled)
+        grad_pooled = grad_rows.mm(weight).to(scale.dtype).view(n, h // 2, w // 2, c).permute(0, 3, 1, 2)
+        grad_z = torch.ops.aten.avg_pool2d_backward(
+            grad_pooled, z.permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], False, True, None)
+        grad_z = grad_z.permute(0, 2, 3, 1).reshape(-1, c)
+        dx, grad_gamma, grad_beta = self._bn_backward(x.reshape(-1, c), z.view(-1, c), grad_z, scale, mean, rstd,
+                                                      batch_mean)
+        grad_x.copy_(dx.view(n, h, w, c))
+        return grad_weight, grad_gamma, grad_beta
