@@ -1,0 +1,138 @@
+"""The csrc extension: torch.ops.densenet_fast.channel_sums against plain PyTorch
+in float64, its errors and Meta kernel, CppBackend.channel_stats, and the import
+fallback when the extension is missing."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from densenet_fast import _extension
+
+if _extension.load() is None:
+    pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)",
+                pytrace=False)
+
+from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+
+channel_sums = torch.ops.densenet_fast.channel_sums
+
+
+@pytest.fixture
+def ext_device(device):
+    """``device``, skipping CUDA when the extension was built without its CUDA kernels."""
+    if device == "cuda" and not _extension.has_cuda():
+        pytest.skip("the extension was built without CUDA kernels")
+    return device
+
+
+def channel_slice(rows, channels, dtype, device, extra_left=0, extra_right=0, offset=0.0):
+    """A (rows, channels) channel range of a wider row-major (rows, C_total) buffer."""
+    total = extra_left + channels + extra_right
+    buffer = (torch.randn(rows, total, dtype=torch.float64) + offset).to(dtype=dtype, device=device)
+    return buffer[:, extra_left:extra_left + channels]
+
+
+def reference_sums(x, shift):
+    d = x.double() - shift
+    return d.sum(0), (d * d).sum(0)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 1031])
+@pytest.mark.parametrize("channels", [1, 3, 17])
+@pytest.mark.parametrize("extra", [(0, 0), (2, 5)], ids=["contiguous", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_channel_sums_matches_float64_reference(rows, channels, extra, dtype, ext_device):
+    x = channel_slice(rows, channels, dtype, ext_device, *extra)
+    shift = torch.randn(channels, dtype=torch.float64, device=ext_device)
+    total, total_sq = channel_sums(x, shift)
+    expected, expected_sq = reference_sums(x, shift)
+    assert total.dtype == total_sq.dtype == torch.float64 and total.shape == (channels,)
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(total_sq, expected_sq, rtol=1e-12, atol=1e-10)
+
+
+def test_channel_sums_of_a_large_strided_buffer(ext_device):
+    """Many rows (several CPU chunks / CUDA row tiles) and channels beyond one CUDA block."""
+    x = channel_slice(70_001, 45, torch.float32, ext_device, extra_left=19, extra_right=3)
+    shift = x[0].double()
+    for got, expected in zip(channel_sums(x, shift), reference_sums(x, shift)):
+        torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,channels", [(1, 1), (7, 3), (5003, 17)])
+def test_cpp_backend_channel_stats_matches_var_mean(rows, channels, dtype, ext_device):
+    x = channel_slice(rows, channels, dtype, ext_device, extra_left=3, extra_right=1)
+    mean, var = CppBackend().channel_stats(x)
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=0, correction=0)
+    assert mean.dtype == var.dtype == dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mean.double(), expected_mean, **tol)
+    torch.testing.assert_close(var.double(), expected_var, **tol)
+
+
+def test_cpp_backend_variance_survives_a_large_mean(ext_device):
+    """Values 1e4 + N(0, 1) in fp32: the unshifted E[x^2] - E[x]^2 would lose the variance."""
+    x = channel_slice(20_000, 17, torch.float32, ext_device, extra_left=4, extra_right=4, offset=1e4)
+    mean, var = CppBackend().channel_stats(x)
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=0, correction=0)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-7, atol=0)
+
+
+def test_channel_sums_meta_kernel_gives_shapes_only():
+    x = torch.empty(1000, 40, device="meta")[:, 3:20]
+    total, total_sq = channel_sums(x, torch.empty(17, dtype=torch.float64, device="meta"))
+    for out in (total, total_sq):
+        assert out.device.type == "meta" and out.shape == (17,) and out.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="channel stride 1"):
+        channel_sums(torch.empty(17, 1000, device="meta").t(), torch.empty(17, dtype=torch.float64, device="meta"))
+
+
+def test_channel_sums_passes_opcheck():
+    """Schema, Meta/fake kernel and dispatch agree (as torch.compile needs them to)."""
+    x = channel_slice(33, 5, torch.float32, "cpu", extra_left=1, extra_right=2)
+    torch.library.opcheck(channel_sums, (x, x[0].double()))
+
+
+@pytest.mark.parametrize("x,shift,message", [
+    (torch.zeros(4, 3, 2), torch.zeros(3, dtype=torch.float64), "must be 2-D"),
+    (torch.zeros(3, 4).t(), torch.zeros(3, dtype=torch.float64), "channel stride 1"),
+    (torch.zeros(4, 6)[:, ::2], torch.zeros(3, dtype=torch.float64), "channel stride 1"),
+    (torch.zeros(4, 3).as_strided((4, 3), (2, 1)), torch.zeros(3, dtype=torch.float64), "must not overlap"),
+    (torch.zeros(4, 3, dtype=torch.int32), torch.zeros(3, dtype=torch.float64), "unsupported dtype"),
+    (torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64), r"shift must be a \(3,\) float64"),
+    (torch.zeros(4, 3), torch.zeros(3), r"shift must be a \(3,\) float64"),
+    (torch.zeros(4, 3), torch.zeros(1, 3, dtype=torch.float64), r"shift must be a \(3,\) float64"),
+    (torch.zeros(4, 3), torch.zeros(3, dtype=torch.float64, device="meta"), "but shift is on meta"),
+])
+def test_channel_sums_rejects_bad_arguments(x, shift, message):
+    with pytest.raises(RuntimeError, match=message):
+        channel_sums(x, shift)
+
+
+def test_has_cuda_is_a_bool():
+    assert isinstance(_extension.load().has_cuda(), bool)
+
+
+def test_import_without_extension_falls_back_to_torch_once():
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["densenet_fast._C"] = None  # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import densenet_fast
+            backends = densenet_fast.available_backends()
+            import torch
+            model = densenet_fast.densenet_bc(depth=10, growth_rate=4, num_classes=3).eval()
+            assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+        messages = [str(w.message) for w in caught if "C++ extension" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "cpp" not in backends and "torch" in backends, backends
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
