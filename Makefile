@@ -19,7 +19,7 @@ venv: .venv/installed
 
 .venv/installed: pyproject.toml setup.py
 	test -x $(PYTHON) || python3 -m venv .venv
-	$(PYTHON) -m pip install --upgrade pip setuptools wheel ninja
+	$(PYTHON) -m pip install "setuptools>=64" wheel ninja
 	$(PYTHON) -m pip install $(TORCH_PINS)
 	$(PYTHON) -m pip install --no-build-isolation -e '.[test]'
 	touch $@
