@@ -1,0 +1,35 @@
+"""BN-ReLU apply, ``out = relu(x * scale + shift)``, for the 3x3 convolution's
+input (its backward is the GEMM-free case of :mod:`.bn_relu_conv`)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import INTERPRET, block_size, check_data
+
+BLOCK_M = 32 if INTERPRET else 64
+
+
+@triton.jit
+def _bn_relu_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C, sx, so,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    mask = (rows < M)[:, None] & channel_mask[None, :]
+    scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)
+    shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * sx + channels[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+    tl.store(out_ptr + rows[:, None] * so + channels[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """``out (M, C) = relu(x * scale + shift)`` for row views ``x``, ``out``."""
+    check_data(x, out)
+    m, c = x.shape
+    block_c = block_size(c, 64)
+    _bn_relu_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(c, block_c))](
+        x, scale, shift, out, m, c, x.stride(0), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_C=block_c)

@@ -1,0 +1,273 @@
+"""Fused BN-ReLU-[2x2 avg-pool]-Conv1x1 (DESIGN.md §2-§3).
+
+Forward: ``out = pool(relu(x * scale + shift)) @ weight.T``.  The BN-ReLU (and
+the pooling, for the transition) is applied to each input tile as it is
+loaded; the activation never reaches memory.  The output tile is written once
+and, optionally, the ``(count, mean, M2)`` of its channels for the next
+BatchNorm (:mod:`.channel_stats`).
+
+Backward, two passes over ``x`` (the BN statistics terms need the complete
+channel sums before ``dx`` can be formed):
+
+1. *reduce*: programs own a channel block and every ``S``-th row tile; each
+   recomputes ``a``, ``z`` and the ReLU mask, forms ``dZ = dOut @ W`` (or takes
+   ``dZ`` as given: the GEMM-free BN-ReLU backward), and accumulates
+   ``dbeta = sum dA``, ``dgamma = sum dA * xhat`` and ``dW = dOut.T @ z`` in
+   registers; per-split partials are summed in a fixed order afterwards.  No
+   atomics anywhere, so results are deterministic.
+2. *dx*: recomputes ``dA`` per tile and writes (or adds) ``dx`` into ``grad_x``.
+
+The transition is the ``POOL == 2`` case: a *cell* is a 2x2 pixel window
+(avg-pool floors odd sizes); its four pixels are loaded, normalised and
+averaged before the GEMM.  Pass 2 walks the ceil-sized cell grid so that the
+pixels the pooling dropped still receive their statistics-term gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .channel_stats import merge_stats, stats_buffers, store_tile_stats
+from .common import (Launcher, Pixels, block_size, cell_pixel, check_data, configs, dot_precision, num_splits,
+                     pixel_offsets)
+
+
+def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
+
+
+INTERPRETER_CONFIG = _config(32, 16, 4, 1)
+FORWARD_CONFIGS = configs([_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 4),
+                           _config(64, 32, 4, 4), _config(128, 64, 4, 3), _config(256, 32, 8, 3)], INTERPRETER_CONFIG)
+REDUCE_CONFIGS = configs([_config(64, 64, 8, 2), _config(64, 32, 4, 2), _config(32, 64, 4, 2),
+                          _config(128, 32, 8, 2), _config(64, 64, 4, 3)], INTERPRETER_CONFIG)
+DX_CONFIGS = configs([_config(64, 64, 4, 3), _config(128, 64, 8, 3), _config(64, 32, 4, 3),
+                      _config(128, 32, 4, 3)], INTERPRETER_CONFIG)
+MAX_BLOCK_K = 128
+FORWARD_KEY = ["C", "K", "POOL"]
+BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM"]
+
+
+@triton.jit
+def _load_pixels(ptr, sn, sh, sw, n, h, w, mask, channels, SPATIAL: tl.constexpr):
+    """Channels ``channels`` of pixels ``(n, h, w)`` as fp32 ``(BM, BC)``, 0 outside ``mask``."""
+    offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL)
+    return tl.load(ptr + offsets[:, None] + channels[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grad_z(dout_ptr, sdn, sdh, sdw, n, h, w, valid, w_ptr, swk, swc, channels, channel_mask, K,
+            SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dL/dz`` (fp32 ``(BM, BC)``) of each pixel of the cells whose output
+    pixels are ``(n, h, w)``: ``dOut @ W`` shared out by the pooling, or (without
+    HAS_GEMM) the given gradient itself; 0 where ``valid`` is false."""
+    offsets = pixel_offsets(n, h, w, sdn, sdh, sdw, SPATIAL)
+    if HAS_GEMM:
+        grad = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            d = tl.load(dout_ptr + offsets[:, None] + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc,
+                         mask=k_mask[:, None] & channel_mask[None, :], other=0.0)
+            grad = tl.dot(d, wt, grad, input_precision=DOT_PRECISION)
+    else:
+        grad = tl.load(dout_ptr + offsets[:, None] + channels[None, :],
+                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
+    if POOL > 1:
+        grad = grad * (1.0 / (POOL * POOL))
+    return grad
+
+
+@triton.jit
+def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
+                    num_cells, C, K, H, W, cells_h, cells_w,
+                    sxn, sxh, sxw, swk, swc, son, soh, sow,
+                    SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    cells = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C)
+        channel_mask = channels < C
+        scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for q in tl.static_range(POOL * POOL):
+            n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
+            mask = valid[:, None] & channel_mask[None, :]
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            z += tl.where(mask, tl.maximum(x * scale + shift, 0.0), 0.0)
+        if POOL > 1:
+            z = z * (1.0 / (POOL * POOL))
+        wt = tl.load(w_ptr + ks[None, :] * swk + channels[:, None] * swc,
+                     mask=channel_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(z.to(w_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
+    n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, cells_h, cells_w, SPATIAL, 1, 0, 0)
+    out = acc.to(out_ptr.dtype.element_ty)
+    out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL)
+    tl.store(out_ptr + out_offsets[:, None] + ks[None, :], out, mask=valid[:, None] & k_mask[None, :])
+    if WITH_STATS:  # statistics of the stored (rounded) values
+        store_tile_stats(out.to(tl.float32), valid, ks, k_mask, pid_m, tl.program_id(1) == 0,
+                         count_ptr, mean_ptr, m2_ptr, K)
+
+
+@triton.jit
+def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
+                   dw_part_ptr, dgamma_part_ptr, dbeta_part_ptr,
+                   num_cells, C, K, H, W, cells_h, cells_w, num_splits,
+                   sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
+                   SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    split = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)  # this program's rows of dW
+    own_k_mask = own_ks < K
+    dw = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
+    dgamma = tl.zeros([BLOCK_C], tl.float32)
+    dbeta = tl.zeros([BLOCK_C], tl.float32)
+    for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
+        cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, cells_h, cells_w, SPATIAL, 1, 0, 0)
+        grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
+                         SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+        z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for q in tl.static_range(POOL * POOL):
+            n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
+            mask = valid[:, None] & channel_mask[None, :]
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            a = x * scale + shift
+            grad_a = tl.where(mask & (a > 0), grad_z, 0.0)
+            dbeta += tl.sum(grad_a, 0)
+            dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
+            z += tl.where(mask, tl.maximum(a, 0.0), 0.0)
+        if HAS_GEMM:
+            if POOL > 1:
+                z = z * (1.0 / (POOL * POOL))
+            out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+            d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
+                            mask=out_valid[:, None] & own_k_mask[None, :], other=0.0)
+            dw = tl.dot(tl.trans(d_own), z.to(dout_ptr.dtype.element_ty), dw, input_precision=DOT_PRECISION)
+    if HAS_GEMM:
+        dw_offsets = (split * K + own_ks).to(tl.int64)[:, None] * C + channels[None, :]
+        tl.store(dw_part_ptr + dw_offsets, dw, mask=own_k_mask[:, None] & channel_mask[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(dgamma_part_ptr + split * C + channels, dgamma, mask=channel_mask)
+        tl.store(dbeta_part_ptr + split * C + channels, dbeta, mask=channel_mask)
+
+
+@triton.jit
+def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr, grad_means_ptr, gx_ptr,
+               num_cells, C, K, H, W, cells_h, cells_w, out_h, out_w,
+               sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
+               SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, BATCH_STATS: tl.constexpr,
+               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    cells = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
+    on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
+    grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
+                     SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+    for q in tl.static_range(POOL * POOL):
+        n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
+        mask = valid[:, None] & channel_mask[None, :]
+        x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+        grad_a = tl.where(x * scale + shift > 0, grad_z, 0.0)
+        if BATCH_STATS:
+            grad_a = grad_a - mean_grad_a - (x - mean) * rstd * mean_grad_a_xhat
+        dx = grad_a * scale
+        gx_ptrs = gx_ptr + pixel_offsets(n, h, w, sgn, sgh, sgw, SPATIAL)[:, None] + channels[None, :]
+        if ACCUMULATE:
+            dx += tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+_forward = Launcher(_forward_kernel, FORWARD_CONFIGS, FORWARD_KEY, reset_to_zero=["count_ptr"])
+_reduce = Launcher(_reduce_kernel, REDUCE_CONFIGS, BACKWARD_KEY)
+_dx = Launcher(_dx_kernel, DX_CONFIGS, BACKWARD_KEY + ["ACCUMULATE"], restore_value=["gx_ptr"])
+_MIN_FORWARD_BLOCK_M = min(cfg.kwargs["BLOCK_M"] for cfg in FORWARD_CONFIGS)
+
+
+def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels, pool: int,
+            with_stats: bool) -> Optional[tuple[Tensor, Tensor]]:
+    """``out = avgpool_pool(relu(x * scale + shift)) @ weight.T``; returns the
+    ``(mean, var)`` of ``out`` if ``with_stats``."""
+    check_data(x.tensor, weight, out.tensor)
+    c = x.tensor.shape[-1]
+    k = weight.shape[0]
+    cells_h, cells_w = x.h // pool, x.w // pool
+    num_cells = x.n * cells_h * cells_w
+    block_k = block_size(k, MAX_BLOCK_K)
+    stats = stats_buffers(triton.cdiv(num_cells, _MIN_FORWARD_BLOCK_M) if with_stats else 1, k, x.tensor.device)
+    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(k, block_k))  # noqa: E731
+    _forward[grid](x.tensor, scale, shift, weight, out.tensor, *stats,
+                   num_cells, c, k, x.h, x.w, cells_h, cells_w,
+                   x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw,
+                   SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats,
+                   DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
+    return merge_stats(*stats) if with_stats else None
+
+
+def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+             grad_out: Pixels, grad_x: Pixels, pool: int,
+             batch_mean: Optional[Callable[[Tensor], Tensor]], accumulate: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """Backward of :func:`forward` (``weight=None``: of BN-ReLU alone, ``grad_out``
+    being ``dL/dz``): writes, or with ``accumulate`` adds, ``dL/dx`` into
+    ``grad_x`` and returns ``(grad_weight or None, grad_gamma, grad_beta)``.
+    ``batch_mean`` as in :mod:`densenet_fast.backends.interface`."""
+    has_gemm = weight is not None
+    check_data(x.tensor, grad_out.tensor, grad_x.tensor, *([weight] if has_gemm else []))
+    device = x.tensor.device
+    c = x.tensor.shape[-1]
+    k = weight.shape[0] if has_gemm else c
+    gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
+    block_k = block_size(k, MAX_BLOCK_K) if has_gemm else 16
+    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, DOT_PRECISION=dot_precision(x.tensor.dtype),
+                  BLOCK_K=block_k)
+
+    cells_h, cells_w = x.h // pool, x.w // pool
+    num_cells = x.n * cells_h * cells_w
+    splits = num_splits(num_cells, c, device)
+    dgamma_part = torch.empty(splits, c, device=device, dtype=torch.float32)
+    dbeta_part = torch.empty_like(dgamma_part)
+    dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else dgamma_part
+    k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
+    _reduce[lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
+        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, dgamma_part, dbeta_part,
+        num_cells, c, k, x.h, x.w, cells_h, cells_w, splits,
+        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common)
+    grad_gamma, grad_beta = dgamma_part.sum(0), dbeta_part.sum(0)
+    # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
+    grad_means = batch_mean(torch.stack([grad_beta, grad_gamma])).contiguous() if batch_mean else dgamma_part
+
+    # pass 2 covers every pixel: the ceil-sized cell grid includes those the pooling dropped
+    cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
+    num_cells = x.n * cells_h * cells_w
+    _dx[lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
+        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
+        num_cells, c, k, x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool,
+        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, grad_x.sn, grad_x.sh, grad_x.sw,
+        BATCH_STATS=batch_mean is not None, ACCUMULATE=accumulate, **common)
+    grad_weight = dw_part.sum(0).to(x.tensor.dtype) if has_gemm else None
+    return grad_weight, grad_gamma, grad_beta
