@@ -1,7 +1,14 @@
 """Shared test configuration: the ``gpu`` marker and the ``device`` fixture."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton backend runs in Triton's interpreter, which must
+    # be chosen before anything imports triton (tests/test_triton_ops.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
