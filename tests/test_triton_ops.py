@@ -315,3 +315,28 @@ def test_fp32_dot_precision_follows_torch_tf32_switch_for_convolutions():
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "ieee"
+
+
+# -- the whole model --------------------------------------------------------------------
+
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_model_on_triton_matches_torchvision(device, recompute):
+    """A tiny DenseNet-BC on the triton backend against torchvision with the same
+    weights (DESIGN.md §5): two training steps (outputs and running statistics
+    to 1e-4, gradients as close to float64 as torchvision fp32's own), then eval.
+    Odd spatial sizes exercise the transition's floor pooling; channel counts
+    (12, 16, 20, 24) and the bottleneck (16) are below or near one 16-wide tile."""
+    from helpers import FP32_RTOL, check_training_fp32, forward_backward, make_pair, random_batch
+
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
+    ours, _ = make_pair(dtype=torch.float32, device=device, backend="triton", recompute=recompute, **config)
+    check_training_fp32(ours, (2, 9, 7), steps=2)
+    ours_torch, tv = make_pair(dtype=torch.float32, device=device, backend="torch", **config)
+    ours_torch.load_state_dict(ours.state_dict())
+    tv.load_state_dict(ours.state_dict())
+    x, target = random_batch(ours, 2, 9, 7, seed=7)
+    for model in (ours, ours_torch, tv):
+        model.eval()
+    result = forward_backward(ours, x, target)
+    assert max_relative_error(result.output, forward_backward(tv, x, target).output) <= FP32_RTOL
+    assert max_relative_error(result.output, forward_backward(ours_torch, x, target).output) <= FP32_RTOL
