@@ -20,12 +20,20 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
+    """``grad_z * (z > 0)`` in one fused pass (a new tensor)."""
+    return torch.ops.aten.threshold_backward(grad_z, z, 0)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def channel_stats(self, x: Tensor) -> Stats:
-        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=0, correction=0)
-        return mean, var
+        # Two passes (mean, then mean of squared deviations): stable, and on the
+        # CPU several times faster than torch.var_mean over dim 0.
+        x = x.to(stats_dtype(x.dtype))
+        mean = x.mean(0)
+        return mean, (x - mean).square_().mean(0)
 
     def _bn_relu(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         return torch.addcmul(shift, x.to(scale.dtype), scale).relu_()
@@ -36,24 +44,26 @@ class TorchBackend(Backend):
         torch.mm(z, weight.t(), out=out)
         return self.channel_stats(out) if with_stats else None
 
-    def _bn_backward(self, x: Tensor, z: Tensor, grad_z: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+    def _bn_backward(self, x: Tensor, grad_a: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
                      batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-        """From ``grad_z`` (fp32/fp64, overwritten with ``dL/dx``) and ``z =
-        relu(a)``: returns ``(grad_x, grad_gamma, grad_beta)``."""
-        grad_a = grad_z.masked_fill_(z <= 0, 0)
-        xhat = (x.to(mean.dtype) - mean).mul_(rstd)
+        """From ``grad_a = dL/da`` (statistics dtype, overwritten): returns
+        ``(grad_x, grad_gamma, grad_beta)``."""
+        centered = x.to(mean.dtype) - mean
         grad_beta = grad_a.sum(0)
-        grad_gamma = (grad_a * xhat).sum(0)
+        grad_gamma = (grad_a * centered).sum(0).mul_(rstd)
+        grad_x = grad_a.mul_(scale)
         if batch_mean is not None:
             mean_grad_a, mean_grad_a_xhat = batch_mean(torch.stack([grad_beta, grad_gamma]))
-            grad_a.sub_(mean_grad_a).sub_(xhat.mul_(mean_grad_a_xhat))
-        return grad_a.mul_(scale), grad_gamma, grad_beta
+            # dx = scale * (dA - mean(dA) - (x - mean) * rstd * mean(dA * xhat))
+            grad_x.addcmul_(centered, -scale * rstd * mean_grad_a_xhat).sub_(scale * mean_grad_a)
+        return grad_x, grad_gamma, grad_beta
 
     def bn_relu_conv1x1_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
         z = self._bn_relu(x, scale, shift)
         grad_weight = grad_out.t().mm(z.to(grad_out.dtype))
-        grad_z = grad_out.mm(weight).to(scale.dtype)
-        dx, grad_gamma, grad_beta = self._bn_backward(x, z, grad_z, scale, mean, rstd, batch_mean)
+        grad_a = relu_backward(grad_out.mm(weight).to(scale.dtype), z)
+        del z
+        dx, grad_gamma, grad_beta = self._bn_backward(x, grad_a, scale, mean, rstd, batch_mean)
         grad_x.add_(dx)
         return grad_weight, grad_gamma, grad_beta
 
@@ -61,8 +71,8 @@ class TorchBackend(Backend):
         out.copy_(self._bn_relu(x, scale, shift))
 
     def bn_relu_backward(self, x, scale, shift, mean, rstd, grad_z, grad_x, batch_mean):
-        z = self._bn_relu(x, scale, shift)
-        dx, grad_gamma, grad_beta = self._bn_backward(x, z, grad_z.to(scale.dtype), scale, mean, rstd, batch_mean)
+        grad_a = relu_backward(grad_z.to(scale.dtype), self._bn_relu(x, scale, shift))
+        dx, grad_gamma, grad_beta = self._bn_backward(x, grad_a, scale, mean, rstd, batch_mean)
         grad_x.copy_(dx)
         return grad_gamma, grad_beta
 
@@ -84,8 +94,8 @@ class TorchBackend(Backend):
         grad_pooled = grad_rows.mm(weight).to(scale.dtype).view(n, h // 2, w // 2, c).permute(0, 3, 1, 2)
         grad_z = torch.ops.aten.avg_pool2d_backward(
             grad_pooled, z.permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], False, True, None)
-        grad_z = grad_z.permute(0, 2, 3, 1).reshape(-1, c)
-        dx, grad_gamma, grad_beta = self._bn_backward(x.reshape(-1, c), z.view(-1, c), grad_z, scale, mean, rstd,
-                                                      batch_mean)
+        grad_a = relu_backward(grad_z.permute(0, 2, 3, 1).reshape(-1, c), z.view(-1, c))
+        del z, grad_z
+        dx, grad_gamma, grad_beta = self._bn_backward(x.reshape(-1, c), grad_a, scale, mean, rstd, batch_mean)
         grad_x.copy_(dx.view(n, h, w, c))
         return grad_weight, grad_gamma, grad_beta
