@@ -1,0 +1,55 @@
+"""``python -m densenet_fast <command> ...``.
+
+Each command lives in its own module, listed in :data:`COMMANDS`, which
+provides ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).
+To add a command, add a line to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from .backends import BackendUnavailableError
+
+# name -> (module, one-line description)
+COMMANDS = {
+    "train": ("densenet_fast.train", "train a DenseNet (default: DenseNet-BC on the embedded handwritten digits)"),
+    "bench": ("densenet_fast.bench", "benchmark densenet_fast against torchvision"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m densenet_fast",
+                                     description="densenet_fast: a drop-in, faster and leaner DenseNet for PyTorch.")
+    subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (module_name, description) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command whose module is not part of this installation
+        sub = subparsers.add_parser(name, help=description, description=(module.__doc__ or description).strip(),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status.
+
+    Errors in the user's input (``ValueError``, which the commands raise for
+    bad options and files, and ``BackendUnavailableError``) are printed as one
+    line instead of a traceback, with exit status 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, BackendUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

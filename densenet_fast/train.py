@@ -1,0 +1,601 @@
+"""``python -m densenet_fast train``: train a DenseNet with the paper's recipe.
+
+SGD (momentum 0.9, Nesterov, weight decay 1e-4), learning rate 0.1 divided by
+10 at 50% and 75% of the epochs (or cosine), per-dataset augmentation, mixed
+precision, channels-last, resumable atomic checkpoints, Ctrl-C to stop and
+save, and multi-process training under ``torchrun`` (DistributedDataParallel).
+
+Output directory: ``checkpoint.pt`` (after every epoch and on Ctrl-C),
+``metrics.csv`` (one row per epoch) and ``curves.png`` (loss and accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import models
+from .backends import BACKEND_NAMES
+from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "densenet_bc": models.densenet_bc,
+    "densenet121": models.densenet121,
+    "densenet169": models.densenet169,
+    "densenet201": models.densenet201,
+    "densenet161": models.densenet161,
+    "densenet264": models.densenet264,
+}
+# Defaults that depend on the dataset: small and quick on the embedded digits,
+# the paper's CIFAR settings (DenseNet-BC L=100 k=12, 300 epochs, batch 64) otherwise.
+DIGITS_DEFAULTS = dict(depth=16, growth_rate=12, epochs=30, batch_size=64, workers=0)
+PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, workers=0)
+IMAGE_FOLDER_WORKERS = 4
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_FORMAT = "densenet_fast.train/1"
+CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
+# Options a resumed run must share with its checkpoint (the model's and the recipe's).
+RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
+                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit")
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
+                 "seconds")
+
+
+class TrainingError(ValueError):
+    """Bad input to the trainer (options, output directory, checkpoint)."""
+
+
+# -- command line ---------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d, p = DIGITS_DEFAULTS, PAPER_DEFAULTS
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="digits", metavar="DATA",
+                      help="'digits' (scikit-learn's 8x8 handwritten digits, embedded; the default) or a directory: "
+                           "CIFAR-10 python version (data_batch_1..5, test_batch), CIFAR-100 python version "
+                           "(train, test, meta), or an ImageFolder tree (one folder of images per class, optionally "
+                           "under train/ and val/; without them a fixed 20%% is held out for testing)")
+    data.add_argument("--image-size", type=int, default=32, metavar="PIXELS",
+                      help="side that ImageFolder images are resized and centre-cropped to (default: %(default)s)")
+    data.add_argument("--workers", type=int, default=None, metavar="N",
+                      help=f"data-loading worker processes (default: {IMAGE_FOLDER_WORKERS} for ImageFolder, "
+                           f"0 for the in-memory datasets)")
+    data.add_argument("--train-limit", type=int, default=None, metavar="N",
+                      help="train on the first N training images only (quick checks)")
+    data.add_argument("--test-limit", type=int, default=None, metavar="N",
+                      help="test on the first N test images only (quick checks)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="densenet_bc", choices=sorted(MODELS),
+                       help="architecture (default: %(default)s, the paper's CIFAR DenseNet-BC)")
+    model.add_argument("--depth", type=int, default=None, metavar="L",
+                       help=f"DenseNet-BC depth, 6n+4 (default: {d['depth']} on digits, {p['depth']} otherwise)")
+    model.add_argument("--growth-rate", type=int, default=None, metavar="K",
+                       help=f"DenseNet-BC growth rate (default: {d['growth_rate']} on digits, "
+                            f"{p['growth_rate']} otherwise)")
+    model.add_argument("--backend", default=None, choices=BACKEND_NAMES,
+                       help="primitive backend (default: automatic per device)")
+    model.add_argument("--recompute", default="keep", choices=models.RECOMPUTE_POLICIES,
+                       help="'keep' stores bottleneck outputs for backward (faster), 'recompute' recomputes them "
+                            "(leanest) (default: %(default)s)")
+
+    recipe = parser.add_argument_group("optimisation (the paper's recipe by default)")
+    recipe.add_argument("--epochs", type=int, default=None, metavar="N",
+                        help=f"training epochs (default: {d['epochs']} on digits, {p['epochs']} otherwise)")
+    recipe.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help=f"global batch size, split evenly over the processes (default: {d['batch_size']})")
+    recipe.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: %(default)s)")
+    recipe.add_argument("--schedule", default="step", choices=("step", "cosine"),
+                        help="'step' divides the learning rate by 10 at 50%% and 75%% of the epochs; 'cosine' "
+                             "anneals it to 0 step by step (default: %(default)s)")
+    recipe.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    recipe.add_argument("--no-nesterov", dest="nesterov", action="store_false",
+                        help="plain instead of Nesterov momentum")
+    recipe.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (default: %(default)s)")
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial weights, data order and augmentation (default: %(default)s)")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="'auto' uses CUDA when available (default: %(default)s)")
+    run.add_argument("--amp", default="none", choices=sorted(AMP_DTYPES),
+                     help="mixed precision: autocast to bf16, or fp16 with a gradient scaler (default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="synchronise batch statistics across processes (under torchrun)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=None, metavar="DIR",
+                     help=f"output directory for {CHECKPOINT}, {METRICS} and {CURVES} "
+                          f"(default: runs/<dataset>-<model>)")
+    existing = out.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help=f"continue the run whose {CHECKPOINT} is in the output directory")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start afresh even if the output directory holds an earlier run's files")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the ``train`` subcommand; returns the exit status."""
+    summary = train(args)
+    return 130 if summary["interrupted"] else 0
+
+
+# -- processes and devices ------------------------------------------------------------------
+@dataclass
+class Processes:
+    """This process's place among the ``world_size`` processes of a torchrun launch."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all processes."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """``obj`` of every process, in rank order."""
+        if not self.distributed:
+            return [obj]
+        objects = [None] * self.world_size
+        dist.all_gather_object(objects, obj)
+        return objects
+
+
+def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(), torch.device("cuda" if use_cuda else "cpu")
+    procs = Processes(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(procs.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return procs, torch.device(f"cuda:{procs.local_rank}" if use_cuda else "cpu")
+
+
+# -- configuration ----------------------------------------------------------------------------
+def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes) -> dict:
+    """The run's settings: the command line with dataset-dependent defaults filled in."""
+    defaults = DIGITS_DEFAULTS if data.name == "digits" else PAPER_DEFAULTS
+    options = dict(vars(args))
+    options.pop("func", None)
+    for key, value in defaults.items():
+        if options.get(key) is None:
+            options[key] = value
+    if args.workers is None and data.name == "imagefolder":
+        options["workers"] = IMAGE_FOLDER_WORKERS
+    if args.model != "densenet_bc" and (args.depth is not None or args.growth_rate is not None):
+        raise TrainingError(f"--depth and --growth-rate apply to densenet_bc only; {args.model} has a fixed shape")
+    if args.model != "densenet_bc":
+        options["depth"] = options["growth_rate"] = None
+    for key in ("epochs", "batch_size", "image_size"):
+        if options[key] < 1:
+            raise TrainingError(f"--{key.replace('_', '-')} must be at least 1, got {options[key]}")
+    if options["workers"] < 0:
+        raise TrainingError(f"--workers must be 0 or more, got {options['workers']}")
+    if options["batch_size"] % procs.world_size:
+        raise TrainingError(f"--batch-size {options['batch_size']} is not divisible by the {procs.world_size} "
+                            f"processes")
+    options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                   world_size=procs.world_size)
+    if options["out"] is None:
+        shape = f"-{options['depth']}-{options['growth_rate']}" if args.model == "densenet_bc" else ""
+        options["out"] = os.path.join("runs", f"{data.name}-{args.model}{shape}")
+    return options
+
+
+def build_model(options: dict) -> nn.Module:
+    kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
+                  backend=options["backend"], recompute=options["recompute"])
+    if options["model"] == "densenet_bc":
+        return models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
+    return MODELS[options["model"]](**kwargs)
+
+
+def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the initial learning rate after ``step`` optimiser steps."""
+    total = epochs * steps_per_epoch
+
+    def step_factor(step: int) -> float:
+        epoch = step // steps_per_epoch
+        return 0.1 ** ((epoch >= 0.5 * epochs) + (epoch >= 0.75 * epochs))
+
+    def cosine_factor(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    return step_factor if schedule == "step" else cosine_factor
+
+
+def check_output_directory(options: dict) -> None:
+    out = options["out"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainingError(f"--out {out} is a file, not a directory")
+    found = [f for f in (CHECKPOINT, METRICS, CURVES) if os.path.exists(os.path.join(out, f))]
+    if options["resume"]:
+        if CHECKPOINT not in found:
+            raise TrainingError(f"--resume: there is no {CHECKPOINT} in {out} to resume from")
+    elif found and not options["overwrite"]:
+        raise TrainingError(f"{out} already holds an earlier run ({', '.join(found)}); pass --resume to continue it "
+                            f"or --overwrite to start afresh and replace those files (or choose another --out)")
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every random generator the training step may draw from (torch, CUDA, numpy, python)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_atomically(obj, path: str) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over
+    ``path``: a crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
+    """The checkpoint at ``path``, after checking that it belongs to this run's
+    model and recipe (every difference named) and that all shapes match."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a densenet_fast training checkpoint ({CHECKPOINT_FORMAT})")
+    saved = checkpoint["options"]
+    differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
+                   for key in RESUME_MUST_MATCH if saved.get(key) != options[key]]
+    if differences:
+        raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
+    own, theirs = model.state_dict(), checkpoint["model"]
+    problems = [f"missing {k}" for k in own if k not in theirs]
+    problems += [f"unexpected {k}" for k in theirs if k not in own]
+    problems += [f"{k} has shape {tuple(theirs[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
+                 for k, v in own.items() if k in theirs and theirs[k].shape != v.shape]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise TrainingError(f"checkpoint {path} does not fit the model: {shown}")
+    return checkpoint
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def write_metrics(history: list[dict], out: str) -> None:
+    tmp = os.path.join(out, f"{METRICS}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, os.path.join(out, METRICS))
+
+
+def plot_curves(history: list[dict], out: str, title: str) -> None:
+    """``curves.png``: train and test loss (left) and accuracy (right) per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for split, style in (("train", "-o"), ("test", "-s")):
+        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], style, markersize=3, label=split)
+        acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], style, markersize=3, label=split)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    tmp = os.path.join(out, f"curves.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out, CURVES))
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, max allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (CPU, max resident)"
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current
+    step (and save); a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+@dataclass
+class Sums:
+    """Running sums of one pass over data: loss x images, correct predictions, images."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.loss, self.correct, self.count]
+
+
+def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The augmentation generator of one step: a function of its position alone."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank)
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, options: dict, procs: Processes) -> Sums:
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    for images, labels in loader:
+        images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+        with autocast(device, options["amp"]):
+            logits = model(images)
+        loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    return Sums(*procs.sum([loss.item(), float(correct.item()), float(count)]))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train as the command line says; returns the final metrics (also printed)."""
+    procs, device = start_processes(args.device)
+    try:
+        return _train(args, procs, device)
+    finally:
+        if procs.distributed:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
+    log = print if procs.is_main else (lambda *a, **k: None)
+    try:
+        data = load_dataset(args.data, args.image_size).limit(args.train_limit, args.test_limit)
+    except DatasetError as exc:
+        raise TrainingError(str(exc)) from exc
+    options = resolve_options(args, data, procs)
+    out = options["out"]
+    check_output_directory(options)
+
+    random.seed(options["seed"] + procs.rank)
+    np.random.seed(options["seed"] + procs.rank)
+    torch.manual_seed(options["seed"])  # the same initial weights in every process
+    model = build_model(options).to(device)
+    if options["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
+
+    per_process_batch = options["batch_size"] // procs.world_size
+    train_sampler = ShardedBatchSampler(len(data.train), per_process_batch, shuffle=True, drop_last=True,
+                                        seed=options["seed"], rank=procs.rank, world_size=procs.world_size)
+    test_sampler = ShardedBatchSampler(len(data.test), per_process_batch, shuffle=False, drop_last=False,
+                                       rank=procs.rank, world_size=procs.world_size)
+    if len(train_sampler) == 0:
+        raise TrainingError(f"{len(data.train)} training images do not fill one batch of {options['batch_size']}; "
+                            f"lower --batch-size")
+    loader_options = dict(num_workers=options["workers"], pin_memory=device.type == "cuda",
+                          persistent_workers=options["workers"] > 0)
+    train_loader = DataLoader(data.train, batch_sampler=train_sampler, **loader_options)
+    test_loader = DataLoader(data.test, batch_sampler=test_sampler, **loader_options)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
+                                nesterov=options["nesterov"], weight_decay=options["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, learning_rate_factor(options["schedule"], options["epochs"], len(train_sampler)))
+    scaler = torch.amp.GradScaler(device.type, enabled=options["amp"] == "fp16")
+
+    start_epoch, start_step, partial, history = 0, 0, Sums(), []
+    if options["resume"]:
+        checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT), options, model)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        rng_states = checkpoint["rng"]
+        set_rng_state(rng_states[procs.rank % len(rng_states)])
+        start_epoch, start_step, history = checkpoint["epoch"], checkpoint["step"], checkpoint["history"]
+        if procs.is_main:
+            partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
+        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+    elif procs.is_main:
+        os.makedirs(out, exist_ok=True)
+
+    if options["sync_bn"]:
+        if not hasattr(model, "set_sync_group"):
+            raise TrainingError("--sync-bn: this version of densenet_fast cannot synchronise batch statistics")
+        if procs.distributed:
+            model.set_sync_group(dist.group.WORLD)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if procs.distributed else model
+
+    def save(epoch: int, step: int, partial_sums: Sums) -> None:
+        """Checkpoint at ``step`` batches into ``epoch`` (collective: every process calls it)."""
+        rng_states = procs.gather(rng_state())
+        if procs.is_main:
+            save_atomically({
+                "format": CHECKPOINT_FORMAT, "options": options, "epoch": epoch, "step": step,
+                "partial_sums": partial_sums.as_list(), "history": history, "rng": rng_states,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            }, os.path.join(out, CHECKPOINT))
+
+    log(f"training {options['model']}"
+        + (f" (depth {options['depth']}, growth rate {options['growth_rate']})" if options["depth"] else "")
+        + f", {sum(p.numel() for p in model.parameters()):,} parameters, on {data.name}: {len(data.train)} train / "
+          f"{len(data.test)} test images, {data.num_classes} classes; augmentation: {data.augmentation.describe()}; "
+          f"{procs.world_size} process(es) on {device.type}; {options['epochs']} epochs of {len(train_sampler)} "
+          f"steps, batch {options['batch_size']}, output {out}")
+
+    train_images, train_seconds, interrupted = 0, 0.0, False
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, options["epochs"]):
+            net.train()
+            train_sampler.set_epoch(epoch, start_step)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            count = 0
+            lr = optimizer.param_groups[0]["lr"]
+            bar = _progress_bar(len(train_sampler), start_step, f"epoch {epoch + 1}/{options['epochs']}",
+                                options["progress"] and procs.is_main)
+            started = time.perf_counter()
+            for step, (images, labels) in enumerate(train_loader, start=start_step):
+                images = augment(images, data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
+                images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+                with autocast(device, options["amp"]):
+                    logits = net(images)
+                    loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.detach().double() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                count += len(labels)
+                bar.update()
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if _stop_requested(stop, procs):
+                    sums = procs.sum([loss_sum.item(), float(correct.item()), float(count)])
+                    done = Sums(*(a + b for a, b in zip(partial.as_list(), sums)))
+                    save(epoch, step + 1, done)
+                    bar.close()
+                    interrupted = True
+                    break
+            if interrupted:
+                break
+            seconds = time.perf_counter() - started
+            bar.close()
+            sums = Sums(*(a + b for a, b in zip(partial.as_list(),
+                                                procs.sum([loss_sum.item(), float(correct.item()), float(count)]))))
+            images_per_s = count * procs.world_size / seconds
+            train_images += count * procs.world_size
+            train_seconds += seconds
+            test = evaluate(model, test_loader, device, options, procs)
+            history.append(dict(epoch=epoch + 1, lr=lr, train_loss=sums.loss / sums.count,
+                                train_accuracy=sums.correct / sums.count, test_loss=test.loss / test.count,
+                                test_accuracy=test.correct / test.count, images_per_s=images_per_s,
+                                seconds=seconds))
+            start_step, partial = 0, Sums()
+            save(epoch + 1, 0, partial)
+            if procs.is_main:
+                write_metrics(history, out)
+                plot_curves(history, out, f"{options['model']} on {data.name}")
+            row = history[-1]
+            log(f"epoch {epoch + 1}/{options['epochs']}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}  "
+                f"{images_per_s:.0f} images/s  {seconds:.1f}s", flush=True)
+
+    summary = dict(interrupted=interrupted, history=history, out=out,
+                   images_per_s=train_images / train_seconds if train_seconds else float("nan"),
+                   peak_memory=peak_memory(device))
+    if interrupted:
+        log(f"interrupted: checkpoint saved in {out}; continue with the same command and --resume")
+        return summary
+    if not history:
+        raise TrainingError(f"{out} holds no finished epoch")
+    summary["test_accuracy"] = history[-1]["test_accuracy"]
+    log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(data.test)} held-out images) | "
+        f"{summary['images_per_s']:.0f} images/s (training) | peak memory {summary['peak_memory']} | "
+        f"{len(history)} epochs, results in {out}", flush=True)
+    return summary
+
+
+def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, leave=False, dynamic_ncols=True,
+                unit="step")
+
+
+def _stop_requested(stop: StopRequest, procs: Processes) -> bool:
+    """Whether any process was asked to stop (all processes agree, so they stop together)."""
+    if not procs.distributed:
+        return stop.requested
+    return procs.sum([float(stop.requested)])[0] > 0
