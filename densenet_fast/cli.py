@@ -21,21 +21,20 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command; only ``command``'s module is imported (so a
+    broken or missing command never stops the others, and ``--help`` is quick)."""
     parser = argparse.ArgumentParser(prog="python -m densenet_fast",
                                      description="densenet_fast: a drop-in, faster and leaner DenseNet for PyTorch.")
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, (module_name, description) in COMMANDS.items():
-        try:
+        sub = subparsers.add_parser(name, help=description, description=description)
+        if name == command:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a command whose module is not part of this installation
-        sub = subparsers.add_parser(name, help=description, description=(module.__doc__ or description).strip(),
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
+            sub.description = (module.__doc__ or description).strip()
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.run)
     return parser
 
 
@@ -46,8 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad options and files, and ``BackendUnavailableError``) are printed as one
     line instead of a traceback, with exit status 2.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, BackendUnavailableError) as exc:
