@@ -1,0 +1,316 @@
+"""The memory-efficient block engine (issue 3) against torchvision's naive
+DenseNet with the same weights, gradcheck on tiny blocks, and the engine's
+contracts: no concatenation, running statistics updated once per forward, a
+bounded scratch arena, nothing stored without autograd, dropout, autocast and
+input memory layouts."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from densenet_fast import DenseNet, available_backends, densenet_bc
+from densenet_fast import autograd as engine
+from densenet_fast.backends import get_backend
+from helpers import (FLOAT64_RTOL, assert_all_close, assert_results_equal, buffers, check_eval_float64,
+                     check_training_float64, check_training_fp32, forward_backward, global_relative_error,
+                     make_pair, max_relative_error, random_batch, randomize_batchnorm, sgd)
+from helpers import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A DenseNet-121-like network (ImageNet stem) and a DenseNet-BC-like one (CIFAR
+# stem), each with the (N, H, W) of its awkward test batches.
+CONFIGS = {
+    "imagenet": (dict(growth_rate=8, block_config=(3, 2, 4), num_init_features=16, num_classes=7), (3, 37, 41)),
+    "cifar": (dict(growth_rate=6, block_config=(3, 2, 3), num_init_features=12, num_classes=5, stem="cifar"),
+              (3, 13, 11)),
+}
+BACKENDS = {"torch": "torch", "auto": None}  # auto: cpp on the CPU once the extension is built
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 comparisons on CUDA need true fp32 convolutions in torchvision too."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def test_automatic_backend_on_cpu():
+    expected = "cpp" if "cpp" in available_backends() else "torch"
+    assert get_backend(None, torch.device("cpu")).name == expected
+
+
+# -- equality with torchvision ------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_equals_torchvision_float64(config, recompute, backend, device):
+    """Five SGD steps in training mode, then eval mode: every output, gradient,
+    running statistic and updated parameter equal to 1e-8."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(device=device, recompute=recompute, backend=BACKENDS[backend], **kwargs)
+    check_training_float64(ours, tv, shape, steps=5)
+    check_eval_float64(ours, tv, shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_equals_torchvision_fp32(config, backend, device, no_tf32):
+    """DESIGN.md §5: outputs and running statistics to 1e-4 over five steps,
+    gradients as close to float64 as torchvision fp32's own."""
+    kwargs, shape = CONFIGS[config]
+    ours, _ = make_pair(dtype=torch.float32, device=device, backend=BACKENDS[backend], **kwargs)
+    check_training_fp32(ours, shape, steps=5)
+
+
+# -- gradcheck on tiny stages --------------------------------------------------------------
+class TinyStage(nn.Module):
+    """One dense block of 2 layers (5 input channels, k=3, bottleneck 6) and a
+    tail: ``None``, a transition, or the head BN (then ReLU and average pool)."""
+
+    def __init__(self, tail_kind: str, drop_rate: float = 0.0, backend=None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        net = DenseNet(growth_rate=3, block_config=(2, 1), num_init_features=5, bn_size=2, drop_rate=drop_rate)
+        self.block = net.features.denseblock1
+        self.tail = {"none": None, "transition": net.features.transition1, "head": nn.BatchNorm2d(11)}[tail_kind]
+        self.backend = backend
+        self.arena = engine.ScratchArena()
+        randomize_batchnorm(self)
+        self.double()
+
+    def forward(self, x):
+        return engine.run_stage(self.block, self.tail, x, self.backend, "recompute", self.arena)
+
+
+def stage_gradcheck(stage: TinyStage, seed=None, fast_mode=True) -> bool:
+    """gradcheck of ``stage`` w.r.t. its input and every parameter (the global
+    RNG is reseeded before each evaluation when ``seed`` is given)."""
+    names, params = zip(*stage.named_parameters())
+    x = torch.randn(2, 5, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def function(x, *params):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return torch.func.functional_call(stage, dict(zip(names, params)), (x,))
+
+    inputs = (x.requires_grad_(),) + tuple(p.detach().requires_grad_() for p in params)
+    return torch.autograd.gradcheck(function, inputs, fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("tail_kind", ["none", "transition", "head"])
+def test_stage_gradcheck(tail_kind, training, backend):
+    assert stage_gradcheck(TinyStage(tail_kind, backend=BACKENDS[backend]).train(training))
+
+
+def test_stage_gradcheck_full_jacobian():
+    """The slow, element-by-element gradcheck once, with batch statistics."""
+    assert stage_gradcheck(TinyStage("transition"), fast_mode=False)
+
+
+# -- structure of the computation ----------------------------------------------------------
+class OpRecorder(TorchDispatchMode):
+    """Records ``(op name, output shape)`` of every aten op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+        return out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_no_concatenation_in_forward_or_backward(config):
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(**kwargs)
+    x, target = random_batch(ours, *shape, seed=0)
+    recorded = {}
+    for name, model in (("ours", ours), ("torchvision", tv)):
+        with OpRecorder() as recorder:
+            forward_backward(model, x, target)
+        recorded[name] = recorder.ops
+    assert any(op == "cat" for op, _ in recorded["torchvision"])  # the recorder sees torchvision's concatenation
+    assert [op for op, _ in recorded["ours"] if op == "cat"] == []
+    # stacking a few per-channel vectors is fine; stacking feature maps is not
+    assert all(len(out_shape) <= 2 for op, out_shape in recorded["ours"] if op == "stack")
+
+
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
+    stage = TinyStage("none")
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    out = engine.run_stage(stage.block, None, x, None, recompute, stage.arena)
+    buffer, *params = out.grad_fn.saved_tensors
+    assert buffer.shape == (2, 6, 7, 11) and buffer.is_contiguous()  # (N, H, W, C_total): channels-last
+    assert buffer.data_ptr() == out.data_ptr()  # the block output is the buffer itself
+    assert len(params) == len(list(stage.block.parameters()))
+    bottlenecks = out.grad_fn.saved.bottlenecks
+    if recompute == "keep":
+        assert [tuple(b.shape) for b in bottlenecks] == [(2 * 6 * 7, 6)] * 2
+    else:
+        assert bottlenecks == [None, None]
+
+
+# -- running statistics --------------------------------------------------------------------
+def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_running_statistics_updated_once_per_forward():
+    kwargs, shape = CONFIGS["imagenet"]
+    ours, tv = make_pair(**kwargs)
+    x, target = random_batch(ours, *shape, seed=0)
+    ours(x), tv(x)  # forward with autograd
+    with torch.no_grad():
+        ours(x), tv(x)
+    forward_backward(ours, x, target), forward_backward(tv, x, target)  # backward must not update them
+    assert {int(bn.num_batches_tracked) for bn in batchnorms(ours)} == {3}
+    assert_all_close(buffers(ours), buffers(tv), FLOAT64_RTOL, "running statistics")
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "momentum0.3"])
+def test_batchnorm_momentum_rules(momentum):
+    """momentum=None (cumulative averaging over num_batches_tracked) and a
+    non-default momentum behave as in nn.BatchNorm2d."""
+    kwargs, shape = CONFIGS["cifar"]
+    ours, tv = make_pair(**kwargs)
+    for bn in batchnorms(ours) + batchnorms(tv):
+        bn.momentum = momentum
+    check_training_float64(ours, tv, shape, steps=3)
+
+
+# -- scratch arena and inference -----------------------------------------------------------
+def test_scratch_arena_stops_growing_and_is_released():
+    torch.manual_seed(0)
+    model = densenet_bc(depth=10, growth_rate=4, num_classes=3)
+    assert all(block.arena is model.arena for block in model.blocks())
+    optimizer = sgd(model)
+    sizes = []
+    for step in range(50):
+        forward_backward(model, *random_batch(model, 2, 8, 8, seed=step))
+        optimizer.step()
+        sizes.append(model.arena.nbytes())
+    assert sizes[0] > 0 and sizes == [sizes[0]] * len(sizes)
+    batch = random_batch(model, 2, 8, 8, seed=99)
+    before = forward_backward(model, *batch)
+    model.arena.release()
+    assert model.arena.nbytes() == 0
+    after = forward_backward(model, *batch)  # works again, re-creating the same scratch
+    assert model.arena.nbytes() == sizes[0]
+    assert_results_equal(after, before, 0.0, with_buffers=False)
+
+
+@pytest.fixture
+def stage_function_calls(monkeypatch) -> list:
+    """Counts calls of the autograd Function that stores tensors for backward."""
+    calls = []
+    apply = engine.DenseStageFunction.apply
+
+    def spy(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(engine.DenseStageFunction, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_grad_stores_nothing_for_backward(stage_function_calls, training):
+    kwargs, shape = CONFIGS["imagenet"]
+    ours, tv = make_pair(**kwargs)
+    ours.train(training), tv.train(training)
+    x, _ = random_batch(ours, *shape, seed=0)
+    expected = ours(x)
+    assert len(stage_function_calls) == 3 and expected.grad_fn is not None  # one Function per stage
+    stage_function_calls.clear()
+    ours.arena.release()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = ours(x)
+        assert out.grad_fn is None and not stage_function_calls
+        assert_all_close({"out": out}, {"out": expected.detach()}, FLOAT64_RTOL, context.__name__)
+        assert ours.arena.nbytes() > 0  # temporaries still come from the arena
+    ours.requires_grad_(False)
+    assert ours(x).grad_fn is None and not stage_function_calls  # a frozen model with grad mode on
+    if not training:
+        assert_all_close({"out": ours(x)}, {"out": tv(x).detach()}, FLOAT64_RTOL, "eval output")
+
+
+# -- dropout -------------------------------------------------------------------------------
+def test_dropout_zeroes_and_scales_the_new_channels():
+    """With p=0.2 each layer's new channels are 0 or the p=0 value / 0.8; the
+    block input channels pass untouched (one-layer block, training mode)."""
+    torch.manual_seed(0)
+    block = DenseNet(growth_rate=8, block_config=(1, 1), num_init_features=6, drop_rate=0.2).features.denseblock1
+    x = torch.randn(4, 6, 16, 16)
+    dropped = engine.run_stage(block, None, x, None, "keep", engine.ScratchArena())
+    block.denselayer1.drop_rate = 0.0
+    plain = engine.run_stage(block, None, x, None, "keep", engine.ScratchArena())
+    assert torch.equal(dropped[:, :6], plain[:, :6])
+    new, expected = dropped[:, 6:], plain[:, 6:] / 0.8
+    zero = new == 0
+    assert 0.17 < zero.float().mean().item() < 0.23
+    torch.testing.assert_close(new[~zero], expected[~zero])
+
+
+def test_dropout_is_reproducible_under_a_seed_and_off_in_eval():
+    kwargs, shape = CONFIGS["cifar"]
+    ours, tv = make_pair(drop_rate=0.2, **kwargs)
+    check_eval_float64(ours, tv, shape)
+    x, target = random_batch(ours, *shape, seed=0)
+    eval_output = ours(x)
+    ours.train()
+    results = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        results.append(forward_backward(ours, x, target))
+    assert_results_equal(results[1], results[0], 0.0, with_buffers=False)
+    assert max_relative_error(results[2].output, results[0].output) > 1e-3
+    assert max_relative_error(results[0].output, eval_output) > 1e-3
+
+
+def test_dropout_gradcheck_under_a_fixed_seed():
+    assert stage_gradcheck(TinyStage("transition", drop_rate=0.2), seed=3)
+
+
+# -- precision and layouts -----------------------------------------------------------------
+@pytest.mark.parametrize("config", CONFIGS)
+def test_autocast_bfloat16_training_step(config):
+    """Under CPU autocast (bf16) a training step gives a finite loss close to
+    fp32's and gradients no further from fp32 than torchvision's bf16 ones."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(dtype=torch.float32, **kwargs)
+    x, target = random_batch(ours, *shape, seed=0)
+    reference = forward_backward(tv, x, target)
+    results = {}
+    for name, model in (("ours", ours), ("torchvision", tv)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[name] = forward_backward(model, x, target)
+    ours_bf16 = results["ours"]
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in ours_bf16.grads.values())
+    loss = nn.functional.cross_entropy(ours_bf16.output.float(), target)
+    assert loss.isfinite()
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(reference.output, target), rtol=5e-2, atol=1e-2)
+    ours_error = global_relative_error(ours_bf16.grads, reference.grads)
+    tv_error = global_relative_error(results["torchvision"].grads, reference.grads)
+    assert ours_error <= 2 * tv_error + 0.05, (ours_error, tv_error)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_input_memory_layout_does_not_matter(config, layout):
+    kwargs, shape = CONFIGS[config]
+    ours, _ = make_pair(**kwargs)
+    x, target = random_batch(ours, *shape, seed=0)
+    expected = forward_backward(ours, x, target)
+    if layout == "channels_last":
+        x_other = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x_other = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)[..., ::2]
+        x_other.copy_(x)
+    assert_results_equal(forward_backward(ours, x_other, target), expected, 1e-10, with_buffers=False)
