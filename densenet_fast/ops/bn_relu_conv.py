@@ -42,14 +42,28 @@ def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Confi
 
 
 INTERPRETER_CONFIG = _config(32, 16, 4, 1)
-FORWARD_CONFIGS = configs([_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 4),
-                           _config(64, 32, 4, 4), _config(128, 64, 4, 3), _config(256, 32, 8, 3)], INTERPRETER_CONFIG)
-REDUCE_CONFIGS = configs([_config(64, 64, 8, 2), _config(64, 32, 4, 2), _config(32, 64, 4, 2),
-                          _config(128, 32, 8, 2), _config(64, 64, 4, 3)], INTERPRETER_CONFIG)
-DX_CONFIGS = configs([_config(64, 64, 4, 3), _config(128, 64, 8, 3), _config(64, 32, 4, 3),
-                      _config(128, 32, 4, 3)], INTERPRETER_CONFIG)
+# Candidates per POOL (1: dense layer, 2: transition, four pixels per cell),
+# chosen from sm_90 compilations without register spills; the first is the
+# deterministic-mode configuration and fits every dtype's shared memory.
+FORWARD_CONFIGS = {
+    1: configs([_config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3), _config(64, 32, 4, 4),
+                _config(64, 128, 8, 3)], INTERPRETER_CONFIG),
+    2: configs([_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2)],
+               INTERPRETER_CONFIG),
+}
+REDUCE_CONFIGS = {
+    1: configs([_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2)], INTERPRETER_CONFIG),
+    2: configs([_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2)], INTERPRETER_CONFIG),
+}
+DX_CONFIGS = {
+    1: configs([_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3)], INTERPRETER_CONFIG),
+    2: configs([_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
+               INTERPRETER_CONFIG),
+}
 MAX_BLOCK_K = 128
-FORWARD_KEY = ["C", "K", "POOL"]
+# autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
+# dozens of channel counts of a network share a few tunings
+FORWARD_KEY = ["cells_key", "c_key", "K", "POOL"]
 BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM"]
 
 
@@ -87,7 +101,7 @@ def _grad_z(dout_ptr, sdn, sdh, sdw, n, h, w, valid, w_ptr, swk, swc, channels, 
 
 @triton.jit
 def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
-                    num_cells, C, K, H, W, cells_h, cells_w,
+                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -124,7 +138,7 @@ def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean
 @triton.jit
 def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
                    dw_part_ptr, dgamma_part_ptr, dbeta_part_ptr,
-                   num_cells, C, K, H, W, cells_h, cells_w, num_splits,
+                   num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -172,7 +186,7 @@ def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_
 
 @triton.jit
 def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr, grad_means_ptr, gx_ptr,
-               num_cells, C, K, H, W, cells_h, cells_w, out_h, out_w,
+               num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, BATCH_STATS: tl.constexpr,
                ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -203,10 +217,15 @@ def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-_forward = Launcher(_forward_kernel, FORWARD_CONFIGS, FORWARD_KEY, reset_to_zero=["count_ptr"])
-_reduce = Launcher(_reduce_kernel, REDUCE_CONFIGS, BACKWARD_KEY)
-_dx = Launcher(_dx_kernel, DX_CONFIGS, BACKWARD_KEY + ["ACCUMULATE"], restore_value=["gx_ptr"])
-_MIN_FORWARD_BLOCK_M = min(cfg.kwargs["BLOCK_M"] for cfg in FORWARD_CONFIGS)
+def tuning_key(cells: int, channels: int) -> tuple[int, int]:
+    return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
+
+
+_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_KEY, reset_to_zero=["count_ptr"])
+            for pool in (1, 2)}
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], BACKWARD_KEY) for pool in (1, 2)}
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], BACKWARD_KEY + ["ACCUMULATE"], restore_value=["gx_ptr"])
+       for pool in (1, 2)}
 
 
 def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels, pool: int,
@@ -219,10 +238,11 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     cells_h, cells_w = x.h // pool, x.w // pool
     num_cells = x.n * cells_h * cells_w
     block_k = block_size(k, MAX_BLOCK_K)
-    stats = stats_buffers(triton.cdiv(num_cells, _MIN_FORWARD_BLOCK_M) if with_stats else 1, k, x.tensor.device)
+    min_block_m = min(cfg.kwargs["BLOCK_M"] for cfg in FORWARD_CONFIGS[pool])
+    stats = stats_buffers(triton.cdiv(num_cells, min_block_m) if with_stats else 1, k, x.tensor.device)
     grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(k, block_k))  # noqa: E731
-    _forward[grid](x.tensor, scale, shift, weight, out.tensor, *stats,
-                   num_cells, c, k, x.h, x.w, cells_h, cells_w,
+    _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *stats,
+                   num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
                    x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw,
                    SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats,
                    DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
@@ -253,9 +273,9 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     dbeta_part = torch.empty_like(dgamma_part)
     dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else dgamma_part
     k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
-    _reduce[lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
+    _reduce[pool][lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, dgamma_part, dbeta_part,
-        num_cells, c, k, x.h, x.w, cells_h, cells_w, splits,
+        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, splits,
         x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common)
     grad_gamma, grad_beta = dgamma_part.sum(0), dbeta_part.sum(0)
     # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
@@ -264,9 +284,9 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     # pass 2 covers every pixel: the ceil-sized cell grid includes those the pooling dropped
     cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
-    _dx[lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
+    _dx[pool][lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
-        num_cells, c, k, x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool,
+        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool,
         x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, grad_x.sn, grad_x.sh, grad_x.sw,
         BATCH_STATS=batch_mean is not None, ACCUMULATE=accumulate, **common)
     grad_weight = dw_part.sum(0).to(x.tensor.dtype) if has_gemm else None
