@@ -1,0 +1,251 @@
+"""Shared measuring tools: timing, fresh-process workers, environment metadata,
+tables and JSON output.
+
+Times are in seconds, memory in bytes (reported in MiB).  Peak memory on the
+CPU is the peak resident set size of a fresh worker process above its
+baseline (after imports, model and input creation); on a GPU it is
+``torch.cuda.max_memory_allocated`` above the allocation at that baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+MIB = 2**20
+GIB = 2**30
+RESULT_PREFIX = "RESULT "
+BASELINE_PREFIX = "BASELINE "
+
+
+# -- timing --------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of ``fn`` takes (CUDA events on a GPU)."""
+    if device.startswith("cuda"):
+        import torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_function(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> list[float]:
+    """``repeats`` timings (seconds) of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    return [time_once(fn, device) for _ in range(repeats)]
+
+
+def summarize(seconds: Iterable[float]) -> dict:
+    """Median, quartiles, min and max of a list of timings (seconds)."""
+    values = np.asarray(list(seconds), dtype=float)
+    if values.size == 0:
+        return {"n": 0}
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"n": int(values.size), "median": float(median), "q1": float(q1), "q3": float(q3),
+            "min": float(values.min()), "max": float(values.max()), "all": values.tolist()}
+
+
+# -- memory --------------------------------------------------------------------------------
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM: ru_maxrss, but resettable)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current resident size (Linux clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_rss_bytes(pid: int) -> Optional[int]:
+    """Resident set size of process ``pid`` (``None`` once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable of this machine."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- fresh-process workers -----------------------------------------------------------------
+def run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float] = None) -> dict:
+    """Run ``python -m densenet_fast.bench.worker`` on ``spec`` in a fresh process.
+
+    The parent watches the worker's resident memory and stops it once it
+    exceeds ``rss_limit_bytes`` above the baseline the worker announces (on
+    the CPU), or once ``timeout_s`` has passed.  Returns the worker's result
+    dict, or ``{"status": "over_budget" | "timeout" | "error", ...}``.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONWARNINGS", "ignore::RuntimeWarning")
+    proc = subprocess.Popen([sys.executable, "-m", "densenet_fast.bench.worker", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    start = time.monotonic()
+    watched_peak = 0
+    stopped: Optional[str] = None
+    while proc.poll() is None:
+        rss = process_rss_bytes(proc.pid) or 0
+        watched_peak = max(watched_peak, rss)
+        baseline = next((int(line[len(BASELINE_PREFIX):]) for line in list(lines) if line.startswith(BASELINE_PREFIX)),
+                        None)
+        finished = any(line.startswith(RESULT_PREFIX) for line in list(lines))
+        if rss_limit_bytes is not None and baseline is not None and not finished and rss - baseline > rss_limit_bytes:
+            stopped = "over_budget"
+        elif time.monotonic() - start > timeout_s:
+            stopped = "timeout"
+        if stopped:
+            proc.kill()
+            proc.wait()
+            break
+        time.sleep(0.02)
+    for reader in readers:
+        reader.join(timeout=5)
+    wall = time.monotonic() - start
+    if stopped:
+        return {"status": stopped, "wall_s": wall, "watched_peak_rss_bytes": watched_peak}
+    result = next((json.loads(line[len(RESULT_PREFIX):]) for line in lines if line.startswith(RESULT_PREFIX)), None)
+    if result is None:
+        return {"status": "error", "returncode": proc.returncode, "wall_s": wall,
+                "stderr_tail": "".join(errors)[-2000:]}
+    result["wall_s"] = wall
+    return result
+
+
+# -- environment ---------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """Human-readable name of ``device`` (``"cpu"`` or ``"cuda[:i]"``)."""
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def git_revision() -> str:
+    """``<commit>`` of the repository, with ``+dirty`` if tracked files changed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def environment(device: str, settings: dict) -> dict:
+    """Everything a result depends on: device, versions, revision, load, settings."""
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "triton", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    from .. import available_backends
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "versions": versions,
+        "git_revision": git_revision(),
+        "available_backends": available_backends(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", "-m", "densenet_fast", "bench"] + sys.argv[1:])
+        if Path(sys.argv[0]).name in ("__main__.py", "cli.py") else " ".join(["python"] + sys.argv),
+        "settings": settings,
+    }
+
+
+def finish_environment(env: dict) -> dict:
+    """Add the load at the end of a run (other processes sharing the CPU skew timings)."""
+    env["load_average_at_end"] = list(os.getloadavg())
+    return env
+
+
+# -- output --------------------------------------------------------------------------------
+def write_json(result: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given column keys."""
+    cells = [[("" if row.get(c) is None else (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])))
+              for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def progress(iterable, total: Optional[int] = None, desc: str = "", enabled: bool = True):
+    """A tqdm progress bar on stderr (plain iteration if tqdm is missing or disabled)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)

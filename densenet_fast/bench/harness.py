@@ -1,0 +1,79 @@
+"""What the model-level benchmarks (models, depth) share: their common
+options, the implementations they compare and the worker specs they run."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import common
+from .impls import ModelSpec, default_impls
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the model-level benchmarks (models, depth)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile(torchvision) (slow on the CPU)")
+    parser.add_argument("--steps", type=int, default=1, help="measured training steps per memory process")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="keep glibc's adaptive mmap threshold in memory workers (see docs/performance.md)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written next to it)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+class Runner:
+    """Builds worker specs from the arguments and runs them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.deadline = time.monotonic() + 60 * getattr(args, "max_minutes", 1e9)
+
+    def spec(self, mode: str, impls: list[str], model: ModelSpec, batch: int, train: bool = True) -> dict:
+        a = self.args
+        return {"mode": mode, "impls": impls, "model": model.to_dict(), "batch": batch, "image_size": a.image_size,
+                "device": a.device, "dtype": a.dtype, "autocast": a.autocast, "channels_last": a.channels_last,
+                "train": train, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads,
+                # a tiny first step loads code and initialises libraries before the baseline;
+                # torch.compile must see the real batch or it compiles again
+                "warmup_batch": batch if "tv-compile" in impls else min(2, batch)}
+
+    def memory(self, impl: str, model: ModelSpec, batch: int, limit_bytes: Optional[float], timeout_s: float,
+               train: bool = True) -> dict:
+        spec = self.spec("memory", [impl], model, batch, train)
+        spec["malloc_mmap_threshold"] = None if self.args.malloc_default else MMAP_THRESHOLD
+        return common.run_worker(spec, timeout_s, limit_bytes)
+
+    def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True) -> dict:
+        return common.run_worker(self.spec("time", impls, model, batch, train), self.seconds_left())
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+MMAP_THRESHOLD = 65536  # bytes: tensors above it are mmapped and returned to the OS when freed
+
+
+def resolve_impls(args: argparse.Namespace) -> list[str]:
+    """The implementations asked for (``auto`` resolved to the backend it picks)."""
+    import torch
+    from ..backends import get_backend
+    if args.impls:
+        impls = args.impls
+    elif getattr(args, "all_backends", True):
+        impls = default_impls(args.device, args.compile)
+    else:
+        auto = get_backend(None, torch.device(args.device)).name
+        impls = ["tv-eager", "tv-memeff"] + (["tv-compile"] if args.compile else []) + \
+                [f"fast-{auto}-keep", f"fast-{auto}-recompute"]
+    return impls
+
+

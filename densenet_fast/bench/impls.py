@@ -1,0 +1,160 @@
+"""The implementations every benchmark compares, built on the same weights.
+
+Names:
+- ``tv-eager``: torchvision's DenseNet (naive, ``memory_efficient=False``);
+- ``tv-memeff``: torchvision with ``memory_efficient=True`` (checkpointing);
+- ``tv-compile``: ``torch.compile`` of ``tv-eager``;
+- ``fast-<backend>-<policy>``: densenet_fast with that backend and recompute
+  policy, e.g. ``fast-cpp-keep``; ``fast-auto-<policy>`` lets it choose.
+
+Models are named ``densenet121`` (also 161, 169, 201, 264) or
+``densenet_bc-<depth>`` (CIFAR DenseNet-BC, ``growth_rate`` k).  For
+DenseNet-BC torchvision gets the same 3x3 stem as densenet_fast, so the two
+trees are identical and the stem does not bias the comparison.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TORCHVISION_IMPLS = ("tv-eager", "tv-memeff", "tv-compile")
+POLICIES = ("keep", "recompute")
+IMAGENET_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network: ``name`` is ``densenetXXX`` or ``densenet_bc``."""
+
+    name: str
+    depth: int = 100
+    growth_rate: int = 12
+    num_classes: int = 10
+
+    @staticmethod
+    def parse(text: str, growth_rate: int = 12, num_classes: int | None = None) -> "ModelSpec":
+        """``"densenet121"`` or ``"densenet_bc-100"``."""
+        if text in IMAGENET_MODELS:
+            return ModelSpec(text, num_classes=num_classes or 1000)
+        if text.startswith("densenet_bc-"):
+            depth = int(text.split("-", 1)[1])
+            if depth < 10 or (depth - 4) % 6:
+                raise ValueError(f"DenseNet-BC depth must be 6n + 4 (n >= 1), got {depth}")
+            return ModelSpec("densenet_bc", depth, growth_rate, num_classes or 10)
+        raise ValueError(f"unknown model {text!r}: use one of {IMAGENET_MODELS} or densenet_bc-<depth>")
+
+    def label(self) -> str:
+        return f"DenseNet-BC-{self.depth} (k={self.growth_rate})" if self.name == "densenet_bc" else self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_impls(device: str, compile_: bool) -> list[str]:
+    """torchvision (eager, memory_efficient, compiled if asked) and densenet_fast
+    with every backend that runs on ``device`` and every recompute policy."""
+    from ..backends import BackendUnavailableError, available_backends, get_backend
+
+    def runs_here(backend: str) -> bool:
+        try:
+            get_backend(backend, torch.device(device))
+            return True
+        except BackendUnavailableError:
+            return False
+
+    backends = [b for b in available_backends() if runs_here(b)]
+    impls = ["tv-eager", "tv-memeff"] + (["tv-compile"] if compile_ else [])
+    return impls + [f"fast-{b}-{p}" for b in backends for p in POLICIES]
+
+
+def torchvision_model(spec: ModelSpec, memory_efficient: bool) -> nn.Module:
+    """torchvision's DenseNet for ``spec`` (with the 3x3 stem for DenseNet-BC)."""
+    import torchvision.models as tvm
+    if spec.name != "densenet_bc":
+        return getattr(tvm, spec.name)(num_classes=spec.num_classes, memory_efficient=memory_efficient)
+    n, k = (spec.depth - 4) // 6, spec.growth_rate
+    model = tvm.DenseNet(growth_rate=k, block_config=(n, n, n), num_init_features=2 * k,
+                         num_classes=spec.num_classes, memory_efficient=memory_efficient)
+    stem = nn.Conv2d(3, 2 * k, kernel_size=3, padding=1, bias=False)
+    nn.init.kaiming_normal_(stem.weight)
+    rest = [(name, m) for name, m in model.features.named_children() if name not in ("conv0", "norm0", "relu0", "pool0")]
+    model.features = nn.Sequential(OrderedDict([("conv0", stem)] + rest))
+    return model
+
+
+def fast_model(spec: ModelSpec, backend: str, policy: str) -> nn.Module:
+    """densenet_fast's model for ``spec`` (torchvision is not imported)."""
+    from .. import models
+    options = {"backend": None if backend == "auto" else backend, "recompute": policy,
+               "num_classes": spec.num_classes}
+    if spec.name == "densenet_bc":
+        return models.densenet_bc(spec.depth, spec.growth_rate, **options)
+    return getattr(models, spec.name)(**options)
+
+
+def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
+    """Implementation ``impl`` of ``spec`` on ``device`` (weights drawn from
+    ``seed``; :func:`share_weights` makes them identical across implementations)."""
+    torch.manual_seed(seed)
+    if impl in TORCHVISION_IMPLS:
+        model = torchvision_model(spec, memory_efficient=impl == "tv-memeff")
+    elif impl.startswith("fast-"):
+        _, backend, policy = impl.split("-")
+        model = fast_model(spec, backend, policy)
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if impl == "tv-compile":
+        model = torch.compile(model)
+    return model
+
+
+def share_weights(models: list[nn.Module]) -> None:
+    """Copy the first model's parameters and buffers into the others (the
+    module trees are identical; ``torch.compile`` wraps its model in ``_orig_mod``)."""
+    unwrap = lambda m: getattr(m, "_orig_mod", m)  # noqa: E731
+    state = unwrap(models[0]).state_dict()
+    for model in models[1:]:
+        unwrap(model).load_state_dict(state, strict=True)
+
+
+def make_inputs(spec: ModelSpec, batch: int, image_size: int, device: str, channels_last: bool,
+                seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images ``(batch, 3, s, s)`` (standard normal, never zeros) and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    y = torch.randint(spec.num_classes, (batch,), generator=generator)
+    x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x, y.to(device)
+
+
+class Step:
+    """One training step (forward, cross-entropy, backward, plain SGD update)
+    or one inference forward (eval mode, no grad), optionally under autocast."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool,
+                 autocast_dtype: torch.dtype | None) -> None:
+        self.model, self.x, self.y, self.train = model, x, y, train
+        self.autocast_dtype = autocast_dtype
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
+        model.train(train)
+
+    def __call__(self) -> None:
+        device_type = self.x.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if not self.train:
+                with torch.no_grad():
+                    self.model(self.x)
+                return
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(self.x).float(), self.y)
+        loss.backward()
+        self.optimizer.step()

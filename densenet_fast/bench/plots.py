@@ -1,0 +1,127 @@
+"""PNG plots of the benchmark results (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import GIB, MIB  # noqa: E402
+
+STYLE = {"tv-eager": ("tab:red", "o"), "tv-memeff": ("tab:orange", "s"), "tv-compile": ("tab:brown", "D")}
+FAST_COLOURS = ["tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive", "tab:pink"]
+
+
+def style(impl: str, impls: list[str]) -> tuple[str, str]:
+    """(colour, marker) of an implementation, stable within one figure."""
+    if impl in STYLE:
+        return STYLE[impl]
+    fast = [i for i in impls if i not in STYLE]
+    return FAST_COLOURS[fast.index(impl) % len(FAST_COLOURS)], "^" if impl.endswith("keep") else "v"
+
+
+def title(result: dict, what: str) -> str:
+    env = result["environment"]
+    return f"{what}\n{env['device_name']}"
+
+
+def plot_depth(result: dict, path: Path) -> Path:
+    """Left: peak memory of one training step vs depth (budget line, deepest
+    depth under it); right: step time vs depth."""
+    settings = result["environment"]["settings"]
+    impls = settings["impls"]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    deepest = {s["impl"]: s for s in result["budget_search"]}
+    for impl in impls:
+        colour, marker = style(impl, impls)
+        ok = sorted((p["depth"], p["peak_bytes"] / MIB) for p in result["points"]
+                    if p["impl"] == impl and p["status"] == "ok")
+        label = impl
+        if impl in deepest and deepest[impl]["deepest_fitting"]:
+            found = deepest[impl]
+            label += f" (deepest {found['deepest_fitting']}{'+' if found['limited_by'] else ''})"
+        if ok:
+            ax_mem.plot(*zip(*ok), marker=marker, color=colour, label=label)
+        over = [p["depth"] for p in result["points"] if p["impl"] == impl and p["status"] == "over_budget"]
+        if over and settings.get("budget_gib"):
+            ax_mem.plot(over, [settings["budget_gib"] * GIB / MIB] * len(over), "x", color=colour, markersize=10)
+        timed = sorted((int(d), t[impl]["seconds"]["median"]) for d, t in result["timings"].items()
+                       if t.get(impl, {}).get("status") == "ok")
+        if timed:
+            ax_time.plot(*zip(*timed), marker=marker, color=colour, label=impl)
+    if settings.get("budget_gib"):
+        ax_mem.axhline(settings["budget_gib"] * GIB / MIB, color="black", linestyle="--",
+                       label=f"budget {settings['budget_gib']:g} GiB (x: stopped above it)")
+    batch = f"batch {settings['batch']}, {settings['image_size']}x{settings['image_size']}, k={settings['growth_rate']}"
+    ax_mem.set(xlabel="depth (layers)", ylabel="peak memory of one training step (MiB)",
+               title="memory vs depth")
+    ax_time.set(xlabel="depth (layers)", ylabel="training step time, median (s)", title="step time vs depth")
+    for ax in (ax_mem, ax_time):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title(result, f"DenseNet-BC training step, {batch}"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bars(ax, labels: list[str], values: list, colours: list[str], ylabel: str, heading: str) -> None:
+    """One bar per implementation, value written on top; ``None`` bars are marked n/a."""
+    positions = range(len(labels))
+    ax.bar(positions, [v or 0 for v in values], color=colours)
+    for x, v in zip(positions, values):
+        ax.annotate("n/a" if v is None else f"{v:.3g}", (x, v or 0), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(positions), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=heading)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_models(result: dict, path: Path) -> Path:
+    """Bars per implementation: images/s (train, inference), peak memory, largest batch."""
+    rows = result["rows"]
+    impls = [r["impl"] for r in rows]
+    colours = [style(i, impls)[0] for i in impls]
+    panels = [("train_images_per_s", "images/s", "training throughput"),
+              ("infer_images_per_s", "images/s", "inference throughput"),
+              ("train_peak_MiB", "MiB", "peak memory, training step"),
+              ("largest_batch", "images", f"largest batch under {result['environment']['settings']['budget_gib']:g} GiB")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8))
+    for ax, (key, unit, heading) in zip(axes, panels):
+        bars(ax, impls, [r.get(key) for r in rows], colours, unit, heading)
+    s = result["environment"]["settings"]
+    fig.suptitle(title(result, f"{result['model_label']}, batch {s['batch']}, {s['image_size']}x{s['image_size']}"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_kernels(result: dict, path: Path) -> Path:
+    """Per primitive: fraction of the roofline of every implementation, per shape."""
+    rows = result["rows"]
+    primitives = list(dict.fromkeys(r["primitive"] for r in rows))
+    fig, axes = plt.subplots(len(primitives), 1, figsize=(11, 2.6 * len(primitives)), squeeze=False)
+    for ax, primitive in zip(axes[:, 0], primitives):
+        mine = [r for r in rows if r["primitive"] == primitive]
+        shapes = list(dict.fromkeys(r["shape"] for r in mine))
+        impls = list(dict.fromkeys(r["impl"] for r in mine))
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            values = [next((r["roofline_fraction"] for r in mine if r["shape"] == s and r["impl"] == impl), 0)
+                      for s in shapes]
+            ax.bar([i + j * width for i in range(len(shapes))], values, width, label=impl,
+                   color=FAST_COLOURS[j % len(FAST_COLOURS)] if impl != "torch-unfused" else "tab:red")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=7)
+        ax.set(ylabel="fraction of roofline", title=primitive)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(title(result, "primitives: achieved / roofline time (higher is better)"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,116 @@
+"""A fresh process that measures one configuration and prints ``RESULT <json>``.
+
+``python -m densenet_fast.bench.worker '<spec json>'`` with the keys of
+:func:`run`.  Run by :func:`densenet_fast.bench.common.run_worker`, which
+watches its memory.  Modes:
+
+- ``memory``: one implementation; prints ``BASELINE <bytes>`` once the model
+  and inputs exist, runs ``steps`` steps, and reports the peak above that
+  baseline (resident memory on the CPU, allocated memory on a GPU) and the
+  seconds of each step;
+- ``time``: several implementations on the same inputs, ``warmup`` steps
+  each, then ``repeats`` rounds that time one step of each in turn (so load
+  changes hit all of them alike).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+from . import common
+from .impls import ModelSpec, Step, build, make_inputs, share_weights
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text or \
+        "not enough memory" in text
+
+
+def make_step(impl: str, spec: dict) -> Step:
+    model_spec = ModelSpec(**spec["model"])
+    device, channels_last = spec["device"], spec.get("channels_last", False)
+    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0))
+    model = model.to(DTYPES[spec.get("dtype", "float32")])
+    x, y = make_inputs(model_spec, spec["batch"], spec["image_size"], device, channels_last)
+    x = x.to(DTYPES[spec.get("dtype", "float32")])
+    autocast = spec.get("autocast")
+    return Step(model, x, y, spec.get("train", True), DTYPES[autocast] if autocast else None)
+
+
+def measure_memory(spec: dict) -> dict:
+    device = spec["device"]
+    step = make_step(spec["impls"][0], spec)
+    warmup_batch = spec.get("warmup_batch", 0)
+    if warmup_batch:  # load code pages, initialise libraries (and compile) on a tiny batch
+        real_x, real_y = step.x, step.y
+        step.x, step.y = real_x[:warmup_batch].clone(), real_y[:warmup_batch].clone()
+        step()
+        step.x, step.y = real_x, real_y
+    common.synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        if warmup_batch:
+            common.reset_peak_rss()
+        baseline = common.current_rss_bytes()
+    print(common.BASELINE_PREFIX + str(baseline), flush=True)
+    seconds = [common.time_once(step, device) for _ in range(spec.get("steps", 2))]
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.peak_rss_bytes()
+    return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": peak - baseline, "step_seconds": seconds}
+
+
+def measure_time(spec: dict) -> dict:
+    device = spec["device"]
+    steps, results = {}, {}
+    for impl in spec["impls"]:
+        try:
+            steps[impl] = make_step(impl, spec)
+            for _ in range(spec.get("warmup", 1)):
+                steps[impl]()
+            common.synchronize(device)
+        except Exception as exc:  # one implementation failing must not stop the others
+            steps.pop(impl, None)
+            results[impl] = {"status": "oom" if is_out_of_memory(exc) else "error", "error": repr(exc)[-500:]}
+    if steps:
+        share_weights([step.model for step in steps.values()])
+    seconds = {impl: [] for impl in steps}
+    for _ in range(spec.get("repeats", 3)):
+        for impl, step in steps.items():
+            seconds[impl].append(common.time_once(step, device))
+    for impl, values in seconds.items():
+        results[impl] = {"status": "ok", "seconds": common.summarize(values)}
+    return {"status": "ok", "impls": results}
+
+
+def set_mmap_threshold(nbytes: int) -> None:
+    """Make glibc mmap (and return to the OS on free) every allocation above
+    ``nbytes``, so that resident memory follows the live tensors."""
+    import ctypes
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
+def run(spec: dict) -> dict:
+    if spec.get("malloc_mmap_threshold"):
+        set_mmap_threshold(spec["malloc_mmap_threshold"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        return measure_memory(spec) if spec["mode"] == "memory" else measure_time(spec)
+    except Exception as exc:
+        status = "oom" if is_out_of_memory(exc) else "error"
+        return {"status": status, "error": repr(exc)[-500:], "traceback": traceback.format_exc()[-2000:]}
+
+
+if __name__ == "__main__":
+    print(common.RESULT_PREFIX + json.dumps(run(json.loads(sys.argv[1]))), flush=True)
+    os._exit(0)  # skip interpreter teardown: it touches memory after the measurement
