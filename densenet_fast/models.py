@@ -354,11 +354,12 @@ def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
 def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
     """A densenet_fast copy of a torchvision ``DenseNet`` (same weights, buffers,
     device, dtype and train/eval mode). ``kwargs``: ``backend``, ``recompute``."""
-    features = tv_model.features
-    conv0 = features.conv0
-    blocks = [m for name, m in features.named_children() if name.startswith("denseblock")]
+    features = getattr(tv_model, "features", None)
+    blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
+        if isinstance(features, nn.Module) else []
     if not blocks:
         raise TypeError(f"{type(tv_model).__name__} has no dense blocks; expected a torchvision DenseNet")
+    conv0 = features.conv0
     first_layer = blocks[0].denselayer1
     growth_rate = first_layer.conv2.out_channels
     model = DenseNet(

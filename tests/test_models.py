@@ -1,0 +1,279 @@
+"""The DenseNet family (issue 2) against real torchvision: module trees,
+state_dicts and parameter counts, loading torchvision weights, the same
+outputs, gradients and running statistics as torchvision for the same weights,
+and a clear error for every bad input or argument."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import densenet_fast
+from densenet_fast import (BackendUnavailableError, DenseNet, densenet121, densenet161, densenet169, densenet201,
+                           densenet264, densenet_bc, from_torchvision)
+from helpers import (FLOAT64_RTOL, assert_all_close, check_eval_float64, check_training_float64,
+                     check_training_fp32, make_pair, randomize_batchnorm, torchvision_twin)
+from helpers import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (our constructor, torchvision's, published parameter count or None)
+FAMILY = {
+    "densenet121": (densenet121, torchvision.models.densenet121, 7_978_856),
+    "densenet169": (densenet169, torchvision.models.densenet169, 14_149_480),
+    "densenet201": (densenet201, torchvision.models.densenet201, 20_013_928),
+    "densenet161": (densenet161, torchvision.models.densenet161, 28_681_000),
+    "densenet264": (densenet264, lambda: torchvision.models.DenseNet(32, (6, 12, 64, 48), 64), None),
+}
+
+
+def shapes(state_dict: dict) -> dict:
+    return {name: tuple(t.shape) for name, t in state_dict.items()}
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- module tree, state_dict, parameter counts ---------------------------------------------
+@pytest.mark.parametrize("name", FAMILY)
+def test_state_dict_and_parameter_count_equal_torchvision(name):
+    ours_fn, tv_fn, published = FAMILY[name]
+    torch.manual_seed(0)
+    ours, tv = ours_fn(), tv_fn()
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    assert shapes(ours.state_dict()) == shapes(tv.state_dict())
+    assert num_parameters(ours) == num_parameters(tv)
+    if published is not None:
+        assert num_parameters(ours) == published
+
+
+@pytest.mark.parametrize("depth, growth_rate, published_millions", [(100, 12, 0.8), (250, 24, 15.3), (190, 40, 25.6)])
+def test_densenet_bc_matches_the_paper_and_torchvision_tree(depth, growth_rate, published_millions):
+    """Huang et al. 2017, Table 2 (CIFAR-10): DenseNet-BC parameter counts."""
+    model = densenet_bc(depth, growth_rate, num_classes=10)
+    assert num_parameters(model) / 1e6 == pytest.approx(published_millions, abs=0.05)
+    if (depth, growth_rate) == (100, 12):
+        assert num_parameters(model) == 769_162
+        assert 750_000 < num_parameters(model) < 850_000
+    n = (depth - 4) // 6
+    assert [len(block) for block in model.blocks()] == [n, n, n]
+    assert model.features.conv0.kernel_size == (3, 3) and model.features.conv0.out_channels == 2 * growth_rate
+    twin = torchvision_twin(model)  # torchvision's tree with the 3x3 stem
+    assert shapes(model.state_dict()) == shapes(twin.state_dict())
+
+
+def test_constructor_options_match_torchvision():
+    options = dict(growth_rate=12, block_config=(2, 3), num_init_features=20, bn_size=2, drop_rate=0.1,
+                   num_classes=17)
+    ours, tv = DenseNet(**options, memory_efficient=True), torchvision.models.DenseNet(**options)
+    assert shapes(ours.state_dict()) == shapes(tv.state_dict())
+    assert ours.recompute == "recompute"  # memory_efficient=True selects the leanest policy
+    assert DenseNet(in_channels=1).features.conv0.weight.shape == (64, 1, 7, 7)
+
+
+# -- loading torchvision weights -----------------------------------------------------------
+def test_load_state_dict_strict_both_ways():
+    tv = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, num_classes=5)
+    randomize_batchnorm(tv, seed=1)
+    ours = DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, num_classes=5)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "torchvision -> ours")
+    back = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, num_classes=5)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert_all_close(back.state_dict(), tv.state_dict(), 0.0, "ours -> torchvision")
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_from_torchvision(stem):
+    _, tv = make_pair(growth_rate=6, block_config=(2, 2), num_init_features=10, num_classes=4, in_channels=2,
+                      drop_rate=0.1, stem=stem)
+    tv.eval()
+    ours = from_torchvision(tv, recompute="recompute", backend="torch")
+    assert isinstance(ours, DenseNet) and not ours.training and ours.features.conv0.weight.dtype == torch.float64
+    assert (ours.stem, ours.recompute, ours.backend) == (stem, "recompute", "torch")
+    assert ours.blocks()[0].denselayer1.drop_rate == 0.1
+    assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "state_dict")
+    check_eval_float64(ours, tv, (3, 37, 35))
+    for layer in [m for m in [*ours.modules(), *tv.modules()] if hasattr(m, "drop_rate")]:
+        layer.drop_rate = 0.0  # dropout masks differ; training without it must match
+    ours.train(), tv.train()
+    check_training_float64(ours, tv, (3, 37, 35), steps=2)
+    with pytest.raises(TypeError, match="no dense blocks"):
+        from_torchvision(torchvision.models.resnet18())
+
+
+def old_style_keys(state_dict: dict) -> dict:
+    """torchvision's published files: ``...denselayer1.norm.1.weight`` for
+    ``...denselayer1.norm1.weight``, and no ``num_batches_tracked``."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        for part in ("norm", "relu", "conv"):
+            for index in ("1", "2"):
+                name = name.replace(f".{part}{index}.", f".{part}.{index}.")
+        renamed[name] = tensor
+    return renamed
+
+
+@pytest.mark.parametrize("style", ["current", "old"])
+def test_weights_file_loads(tmp_path, style):
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121()
+    randomize_batchnorm(tv, seed=2)
+    state_dict = tv.state_dict() if style == "current" else old_style_keys(tv.state_dict())
+    if style == "old":
+        assert "features.denseblock1.denselayer1.norm.1.weight" in state_dict
+    path = tmp_path / "densenet121.pth"
+    torch.save(state_dict, path)
+    for weights in (path, str(path), torch.load(path)):
+        ours = densenet121(weights=weights)
+        expected = {k: v for k, v in tv.state_dict().items() if style == "current" or "num_batches" not in k}
+        assert_all_close({k: ours.state_dict()[k] for k in expected}, expected, 0.0, "loaded weights")
+
+
+# -- same weights, same numbers ------------------------------------------------------------
+def test_densenet121_equals_torchvision_float64():
+    """DenseNet-121 itself, batch 2 at 97x131: three SGD steps in training mode,
+    then eval mode; every output, gradient and running statistic to 1e-8."""
+    torch.manual_seed(0)
+    ours = densenet121(num_classes=10)
+    randomize_batchnorm(ours)
+    ours.double()
+    check_training_float64(ours, torchvision_twin(ours), (2, 97, 131), steps=3)
+    check_eval_float64(ours, torchvision_twin(ours), (2, 97, 131))
+
+
+def test_densenet121_fp32_as_good_as_torchvision():
+    """DESIGN.md §5 on DenseNet-121 (batch 3, 67x45), three steps."""
+    torch.manual_seed(0)
+    ours = densenet121(num_classes=10)
+    randomize_batchnorm(ours)
+    check_training_fp32(ours, (3, 67, 45), steps=3)
+
+
+SMALL_CONFIGS = {
+    "in_channels1": dict(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, bn_size=2, num_classes=3,
+                         in_channels=1),
+    "memory_efficient": dict(growth_rate=6, block_config=(3, 2), num_init_features=12, num_classes=10,
+                             memory_efficient=True),
+    "cifar_stem": dict(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, num_classes=10, stem="cifar"),
+}
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS)
+def test_small_configs_equal_torchvision(config):
+    """Batch 3 at 45x51 in float64 (train steps and eval) and in fp32 (§5)."""
+    ours, tv = make_pair(**SMALL_CONFIGS[config])
+    check_training_float64(ours, tv, (3, 45, 51), steps=3)
+    check_eval_float64(ours, tv, (3, 45, 51))
+    ours, _ = make_pair(dtype=torch.float32, **SMALL_CONFIGS[config])
+    check_training_fp32(ours, (3, 45, 51), steps=3)
+
+
+# -- bad input -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model121():
+    torch.manual_seed(0)
+    return densenet121(num_classes=4)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(2, 1, 64, 64), ValueError, "built for 3 input channels, got 1"),
+    (torch.randn(3, 64, 64), ValueError, "4-D input"),
+    (torch.randn(1, 2, 3, 64, 64), ValueError, "4-D input"),
+    (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), TypeError, "floating-point"),
+    (torch.randn(2, 3, 64, 64, dtype=torch.float64), TypeError, "differs from the model's"),
+    (torch.randn(2, 3, 28, 64), ValueError, "28x64 are too small .* at least 29x29"),
+], ids=["channels", "3d", "5d", "uint8", "dtype", "too_small"])
+def test_bad_input_is_named(model121, x, error, message):
+    with pytest.raises(error, match=message):
+        model121(x)
+
+
+def test_smallest_input_size_agrees_with_torchvision(model121):
+    size = model121.min_input_size()
+    tv = torchvision_twin(model121).eval()
+    model121.eval()
+    x = torch.randn(2, 3, size, size)
+    assert_all_close({"out": model121(x)}, {"out": tv(x)}, 1e-4, "smallest input")
+    with pytest.raises(Exception):  # torchvision fails one pixel below
+        tv(torch.randn(2, 3, size - 1, size))
+    with pytest.raises(ValueError, match="too small"):
+        model121(torch.randn(2, 3, size - 1, size))
+    model121.train()
+
+
+def test_batch_of_one_in_training(model121):
+    """As nn.BatchNorm2d: one value per channel in training is an error; eval works."""
+    x = torch.randn(1, 3, 32, 32)
+    tv = torchvision_twin(model121).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        tv(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model121.train()(x)
+    try:
+        assert model121.eval()(x).shape == (1, 4)
+    finally:
+        model121.train()
+    assert model121(torch.randn(2, 3, 32, 32)).shape == (2, 4)  # two images are enough in training
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: densenet121(pretrained=True), "pretrained"),
+    (lambda: densenet_bc(100, 12, 10, colour=True), "colour"),
+    (lambda: DenseNet(grow_rate=12), "grow_rate"),
+], ids=["densenet121", "densenet_bc", "DenseNet"])
+def test_unknown_constructor_argument(build, message):
+    with pytest.raises(TypeError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: DenseNet(growth_rate=-4), "growth_rate must be a positive integer"),
+    (lambda: DenseNet(growth_rate=2.5), "growth_rate must be a positive integer"),
+    (lambda: DenseNet(block_config=()), "block_config"),
+    (lambda: DenseNet(block_config=(2, 0)), "block_config"),
+    (lambda: DenseNet(num_classes=0), "num_classes"),
+    (lambda: DenseNet(in_channels=0), "in_channels"),
+    (lambda: DenseNet(drop_rate=1.0), "drop_rate"),
+    (lambda: DenseNet(stem="mnist"), "stem"),
+    (lambda: densenet_bc(depth=99), "depth must be 6n \\+ 4"),
+    (lambda: densenet_bc(depth=4), "depth must be 6n \\+ 4"),
+    (lambda: densenet121(recompute="sometimes"), "recompute must be one of"),
+], ids=["negative_growth", "float_growth", "no_blocks", "empty_block", "classes", "in_channels", "drop_rate",
+        "stem", "bc_depth", "bc_depth_small", "recompute"])
+def test_bad_constructor_value(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def unavailable_backend() -> str:
+    missing = [name for name in densenet_fast.BACKEND_NAMES if name not in densenet_fast.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available here")
+    return missing[0]
+
+
+def test_backend_argument():
+    assert densenet_bc(10, 4, backend="torch").backend == "torch"
+    assert densenet_bc(10, 4, backend="TORCH").backend == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        densenet_bc(10, 4, backend="tensorflow")
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        densenet_bc(10, 4, backend=unavailable_backend())
+
+
+def test_backend_environment_variable(monkeypatch):
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", "torch")
+    assert densenet_bc(10, 4).backend == "torch"
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", "")
+    assert densenet_bc(10, 4).backend is None  # automatic
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="unknown backend 'fortran'"):
+        densenet_bc(10, 4)
+    assert densenet_bc(10, 4, backend="torch").backend == "torch"  # the argument wins
+    monkeypatch.setenv("DENSENET_FAST_BACKEND", unavailable_backend())
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        densenet_bc(10, 4)
