@@ -1,0 +1,125 @@
+"""Compile every Triton kernel variant for a GPU architecture without a GPU.
+
+    python benchmarks/triton_compile_check.py [--arch 90] [--all-configs]
+
+Uses Triton's bundled ``ptxas``; prints each variant's registers, spill stack
+and shared memory (from ``cuobjdump``) and exits non-zero if any variant fails
+to compile or needs more shared memory than ``--max-shared`` (the H100/H200's
+227 KiB).  By default only each list's first configuration (the one
+deterministic mode uses); ``--all-configs`` compiles every autotuning candidate.
+Must run without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from densenet_fast.ops import bn_relu as bn_relu_op  # noqa: E402
+from densenet_fast.ops import bn_relu_conv  # noqa: E402
+from densenet_fast.ops import channel_stats as stats_op  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+PRECISIONS = {"fp32": ("ieee", "tf32"), "fp16": ("ieee",), "bf16": ("ieee",)}
+
+
+def compile_variant(fn, args: dict, config: triton.Config, arch: int):
+    """Compile ``fn`` with ``args`` (pointer dtype strings like ``"*bf16"``,
+    ints, constexpr values) and ``config``'s meta-parameters."""
+    values = {**args, **config.kwargs}
+    signature, constexprs = {}, {}
+    for param, name in zip(fn.params, fn.arg_names):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = value if isinstance(value, str) else "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def resource_usage(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"registers {match[1]}, spill stack {match[2]} B" if match else out.strip()[-200:]
+
+
+def variants(dtype: str, precision: str, all_configs: bool):
+    """``(name, kernel, args, config)`` for every kernel variant the backend launches."""
+    data = "*" + dtype
+    fp32 = "*fp32"
+    sizes = dict.fromkeys(["num_cells", "C", "K", "cells_key", "c_key", "H", "W", "cells_h", "cells_w", "out_h",
+                           "out_w", "num_splits", "sxn", "sxh", "sxw", "swk", "swc", "son", "soh", "sow", "sdn",
+                           "sdh", "sdw", "sgn", "sgh", "sgw", "M", "sx", "so", "T"], 17)
+    common = dict(sizes, x_ptr=data, scale_ptr=fp32, shift_ptr=fp32, mean_ptr=fp32, rstd_ptr=fp32, w_ptr=data,
+                  dout_ptr=data, out_ptr=data, gx_ptr=data, count_ptr=fp32, m2_ptr=fp32, dw_part_ptr=fp32,
+                  dgamma_part_ptr=fp32, dbeta_part_ptr=fp32, grad_means_ptr=fp32, DOT_PRECISION=precision,
+                  BLOCK_K=128)
+    pick = (lambda configs: configs) if all_configs else (lambda configs: configs[:1])
+    for pool in (1, 2):
+        shape = dict(common, SPATIAL=pool == 2, POOL=pool)
+        for with_stats in ((True, False) if pool == 1 else (False,)):
+            for config in pick(bn_relu_conv.FORWARD_CONFIGS[pool]):
+                yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward_kernel,
+                       dict(shape, WITH_STATS=with_stats), config)
+        for has_gemm in ((True, False) if pool == 1 else (True,)):
+            gemm = dict(shape, HAS_GEMM=has_gemm, BLOCK_K=128 if has_gemm else 16)
+            for config in pick(bn_relu_conv.REDUCE_CONFIGS[pool]):
+                yield f"reduce pool={pool} gemm={has_gemm}", bn_relu_conv._reduce_kernel, gemm, config
+            for batch_stats in (True, False):
+                for config in pick(bn_relu_conv.DX_CONFIGS[pool]):
+                    yield (f"dx pool={pool} gemm={has_gemm} batch_stats={batch_stats}", bn_relu_conv._dx_kernel,
+                           dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm), config)
+    small = triton.Config({"BLOCK_M": 128, "BLOCK_C": 64})
+    yield "tile stats", stats_op._tile_stats_kernel, common, small
+    yield "bn_relu", bn_relu_op._bn_relu_kernel, common, small
+    yield "merge stats", stats_op._merge_stats_kernel, dict(common, mean_ptr=fp32, out_mean_ptr=fp32,
+                                                            out_var_ptr=fp32), \
+        triton.Config({"BLOCK_T": 64, "BLOCK_C": 64})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
+    parser.add_argument("--all-configs", action="store_true")
+    parser.add_argument("--max-shared", type=int, default=232448, help="bytes of shared memory per block")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: this compiles real GPU code")
+    failures = 0
+    for dtype, precisions in PRECISIONS.items():
+        for precision in precisions:
+            for name, fn, kernel_args, config in variants(dtype, precision, args.all_configs):
+                label = f"{dtype:4} {precision:4} {name:42} {config.kwargs} warps={config.num_warps} " \
+                        f"stages={config.num_stages}"
+                try:
+                    kernel = compile_variant(fn, kernel_args, config, args.arch)
+                except Exception as exc:  # noqa: BLE001 - report every failing variant
+                    failures += 1
+                    print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    continue
+                shared = kernel.metadata.shared
+                too_big = shared > args.max_shared
+                failures += too_big
+                print(f"{'FAIL' if too_big else 'ok  '} {label}: {resource_usage(kernel)}, shared {shared} B",
+                      flush=True)
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
