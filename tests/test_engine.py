@@ -68,19 +68,19 @@ class TinyStage(nn.Module):
     """One dense block of 2 layers (5 input channels, k=3, bottleneck 6) and a
     tail: ``None``, a transition, or the head BN (then ReLU and average pool)."""
 
-    def __init__(self, tail_kind: str, drop_rate: float = 0.0, backend=None) -> None:
+    def __init__(self, tail_kind: str, drop_rate: float = 0.0, backend=None, recompute: str = "recompute") -> None:
         super().__init__()
         torch.manual_seed(0)
         net = DenseNet(growth_rate=3, block_config=(2, 1), num_init_features=5, bn_size=2, drop_rate=drop_rate)
         self.block = net.features.denseblock1
         self.tail = {"none": None, "transition": net.features.transition1, "head": nn.BatchNorm2d(11)}[tail_kind]
-        self.backend = backend
+        self.backend, self.recompute = backend, recompute
         self.arena = engine.ScratchArena()
         randomize_batchnorm(self)
         self.double()
 
     def forward(self, x):
-        return engine.run_stage(self.block, self.tail, x, self.backend, "recompute", self.arena)
+        return engine.run_stage(self.block, self.tail, x, self.backend, self.recompute, self.arena)
 
 
 def stage_gradcheck(stage: TinyStage, seed=None, fast_mode=True) -> bool:
@@ -99,10 +99,12 @@ def stage_gradcheck(stage: TinyStage, seed=None, fast_mode=True) -> bool:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
 @pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
 @pytest.mark.parametrize("tail_kind", ["none", "transition", "head"])
-def test_stage_gradcheck(tail_kind, training, backend):
-    assert stage_gradcheck(TinyStage(tail_kind, backend=BACKENDS[backend]).train(training))
+def test_stage_gradcheck(tail_kind, training, recompute, backend):
+    stage = TinyStage(tail_kind, backend=BACKENDS[backend], recompute=recompute).train(training)
+    assert stage_gradcheck(stage)
 
 
 def test_stage_gradcheck_full_jacobian():

@@ -11,7 +11,7 @@ import torchvision
 import densenet_fast
 from densenet_fast import (BackendUnavailableError, DenseNet, densenet121, densenet161, densenet169, densenet201,
                            densenet264, densenet_bc, from_torchvision)
-from helpers import (FLOAT64_RTOL, assert_all_close, check_eval_float64, check_training_float64,
+from helpers import (assert_all_close, check_eval_float64, check_training_float64,
                      check_training_fp32, make_pair, randomize_batchnorm, torchvision_twin)
 from helpers import one_thread  # noqa: F401  (fixture)
 
@@ -127,10 +127,10 @@ def test_weights_file_loads(tmp_path, style):
         assert "features.denseblock1.denselayer1.norm.1.weight" in state_dict
     path = tmp_path / "densenet121.pth"
     torch.save(state_dict, path)
+    expected = {k: v for k, v in tv.state_dict().items() if style == "current" or "num_batches" not in k}
     for weights in (path, str(path), torch.load(path)):
-        ours = densenet121(weights=weights)
-        expected = {k: v for k, v in tv.state_dict().items() if style == "current" or "num_batches" not in k}
-        assert_all_close({k: ours.state_dict()[k] for k in expected}, expected, 0.0, "loaded weights")
+        loaded = densenet121(weights=weights).state_dict()
+        assert_all_close({k: loaded[k] for k in expected}, expected, 0.0, "loaded weights")
 
 
 # -- same weights, same numbers ------------------------------------------------------------
