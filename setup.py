@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
@@ -31,6 +32,16 @@ def want_cuda() -> bool:
     if setting:
         raise ValueError(f"DENSENET_FAST_CUDA must be 0 or 1, got {setting!r}")
     return toolkit_found and torch_has_cuda
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's ninja build, with the object files always in build/temp: pip's
+    editable installs would otherwise compile in a fresh temporary directory, so
+    `pip install -e .` and `setup.py build_ext --inplace` share what is compiled."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
 
 
 def extension():
