@@ -5,8 +5,9 @@ SGD (momentum 0.9, Nesterov, weight decay 1e-4), learning rate 0.1 divided by
 precision, channels-last, resumable atomic checkpoints, Ctrl-C to stop and
 save, and multi-process training under ``torchrun`` (DistributedDataParallel).
 
-Output directory: ``checkpoint.pt`` (after every epoch and on Ctrl-C),
-``metrics.csv`` (one row per epoch) and ``curves.png`` (loss and accuracy).
+Output directory: ``checkpoint.pt`` and ``metrics.csv`` (one row per epoch),
+written after every epoch and on Ctrl-C, and ``curves.png`` (loss and
+accuracy per epoch) at the end and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", type=int, default=32, metavar="PIXELS",
                       help="side that ImageFolder images are resized and centre-cropped to (default: %(default)s)")
     data.add_argument("--workers", type=int, default=None, metavar="N",
-                      help=f"data-loading worker processes (default: {IMAGE_FOLDER_WORKERS} for ImageFolder, "
+                      help=f"data-loading worker processes (default: {IMAGE_FOLDER_WORKERS} for ImageFolder, at most one per CPU; "
                            f"0 for the in-memory datasets)")
     data.add_argument("--train-limit", type=int, default=None, metavar="N",
                       help="train on the first N training images only (quick checks)")
@@ -200,7 +201,7 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         if options.get(key) is None:
             options[key] = value
     if args.workers is None and data.name == "imagefolder":
-        options["workers"] = IMAGE_FOLDER_WORKERS
+        options["workers"] = min(IMAGE_FOLDER_WORKERS, os.cpu_count() or 1)
     if args.model != "densenet_bc" and (args.depth is not None or args.growth_rate is not None):
         raise TrainingError(f"--depth and --growth-rate apply to densenet_bc only; {args.model} has a fixed shape")
     if args.model != "densenet_bc":
@@ -230,7 +231,10 @@ def build_model(options: dict) -> nn.Module:
 
 
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the initial learning rate after ``step`` optimiser steps."""
+    """Multiplier of the initial learning rate for optimiser step ``step`` (from 0).
+
+    A function of the step alone, so a resumed run (or one given more
+    ``--epochs``) follows the schedule without any scheduler state."""
     total = epochs * steps_per_epoch
 
     def step_factor(step: int) -> float:
@@ -282,11 +286,15 @@ def save_atomically(obj, path: str) -> None:
     """``torch.save`` to a temporary file next to ``path``, then rename it over
     ``path``: a crash mid-write leaves the previous file intact."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
@@ -467,8 +475,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
 
     optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
                                 nesterov=options["nesterov"], weight_decay=options["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, learning_rate_factor(options["schedule"], options["epochs"], len(train_sampler)))
+    lr_factor = learning_rate_factor(options["schedule"], options["epochs"], len(train_sampler))
     scaler = torch.amp.GradScaler(device.type, enabled=options["amp"] == "fp16")
 
     start_epoch, start_step, partial, history = 0, 0, Sums(), []
@@ -476,7 +483,6 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT), options, model)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         rng_states = checkpoint["rng"]
         set_rng_state(rng_states[procs.rank % len(rng_states)])
@@ -503,7 +509,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 "format": CHECKPOINT_FORMAT, "options": options, "epoch": epoch, "step": step,
                 "partial_sums": partial_sums.as_list(), "history": history, "rng": rng_states,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "scaler": scaler.state_dict(),
             }, os.path.join(out, CHECKPOINT))
 
     log(f"training {options['model']}"
@@ -521,13 +527,15 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             count = 0
-            lr = optimizer.param_groups[0]["lr"]
+            lr = options["lr"] * lr_factor(epoch * len(train_sampler) + start_step)
             bar = _progress_bar(len(train_sampler), start_step, f"epoch {epoch + 1}/{options['epochs']}",
                                 options["progress"] and procs.is_main)
             started = time.perf_counter()
             for step, (images, labels) in enumerate(train_loader, start=start_step):
                 images = augment(images, data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
                 images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = options["lr"] * lr_factor(epoch * len(train_sampler) + step)
                 with autocast(device, options["amp"]):
                     logits = net(images)
                     loss = F.cross_entropy(logits.float(), labels)
@@ -535,7 +543,6 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
                 loss_sum += loss.detach().double() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
                 count += len(labels)
@@ -567,12 +574,13 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             save(epoch + 1, 0, partial)
             if procs.is_main:
                 write_metrics(history, out)
-                plot_curves(history, out, f"{options['model']} on {data.name}")
             row = history[-1]
             log(f"epoch {epoch + 1}/{options['epochs']}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}  "
                 f"{images_per_s:.0f} images/s  {seconds:.1f}s", flush=True)
 
+    if procs.is_main and history:
+        plot_curves(history, out, f"{options['model']} on {data.name}")
     summary = dict(interrupted=interrupted, history=history, out=out,
                    images_per_s=train_images / train_seconds if train_seconds else float("nan"),
                    peak_memory=peak_memory(device))

@@ -1,0 +1,410 @@
+"""The trainer (``python -m densenet_fast train``): datasets, augmentation,
+sampling, resume, Ctrl-C, errors, mixed precision, and DDP on 2 gloo processes.
+
+Runs are tiny (DenseNet-BC depth 10, growth rate 4, a few hundred digits) so
+the file takes well under a minute or two on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from densenet_fast import DenseNet, cli, densenet_bc
+from densenet_fast import train as trainer
+from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--no-progress", "--depth", "10", "--growth-rate", "4", "--train-limit", "128", "--test-limit", "64",
+        "--batch-size", "32"]
+LOSS_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def train(out, *options: str) -> int:
+    return cli.main(["train", *TINY, "--out", str(out), *options])
+
+
+def metrics(out) -> list[dict]:
+    with open(os.path.join(out, trainer.METRICS)) as f:
+        return [{k: row[k] for k in LOSS_COLUMNS} for row in csv.DictReader(f)]
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+# -- command line ------------------------------------------------------------------------------
+def test_help_documents_every_option(capsys):
+    parser = cli.build_parser("train")
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    undocumented = [a.option_strings for a in train_parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in train_parser._actions:
+        for option in action.option_strings:
+            assert option in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet50"], "invalid choice"),
+    (["train", "--no-such-option"], "unrecognized arguments"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--model", "densenet121", "--depth", "40"], "--depth and --growth-rate apply to densenet_bc only"),
+    (["--depth", "11"], "6n + 4"),
+    (["--batch-size", "5000"], "lower --batch-size"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--data", "/no/such/dataset"], "not found"),
+])
+def test_bad_options_give_one_line_errors(tmp_path, options, message, capsys):
+    assert train(tmp_path / "run", *options) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# -- datasets ----------------------------------------------------------------------------------
+def test_digits_has_a_fixed_stratified_held_out_split():
+    data = load_dataset("digits")
+    train_x, train_y = data.train.tensors
+    test_x, test_y = data.test.tensors
+    assert train_x.shape == (1437, 1, 8, 8) and test_x.shape == (360, 1, 8, 8)
+    assert data.num_classes == 10 and data.in_channels == 1
+    assert data.augmentation == Augmentation(crop_padding=1, flip=False)  # a mirrored digit is another symbol
+    counts = torch.bincount(test_y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: 36 per class, give or take one
+    assert abs(train_x.mean()) < 1e-5 and abs(train_x.std() - 1) < 1e-3
+    again = load_dataset("digits")
+    assert torch.equal(again.test.tensors[0], test_x)
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    assert sorted(torch.cat([train_y, test_y]).tolist()) == sorted(raw.target.tolist())
+
+
+def write_cifar(root, *, num_classes=10, per_batch=8, seed=0):
+    """A fake CIFAR directory in the exact python-pickle layout; returns its images by file."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    cifar100 = num_classes == 100
+    files = ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    written = {}
+    for name in files:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, size=per_batch).tolist()
+        batch = {b"batch_label": name.encode(), b"data": data, b"filenames": [b"x.png"] * per_batch}
+        if cifar100:
+            batch.update({b"fine_labels": labels, b"coarse_labels": [l // 5 for l in labels]})
+        else:
+            batch[b"labels"] = labels
+        with open(os.path.join(root, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[name] = (data, labels)
+    if cifar100:
+        with open(os.path.join(root, "meta"), "wb") as f:
+            pickle.dump({b"fine_label_names": [b"c%d" % i for i in range(100)]}, f)
+    return written
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_pickle_directory_loads_in_order(tmp_path, num_classes):
+    folder = tmp_path / ("cifar-100-python" if num_classes == 100 else "cifar-10-batches-py")  # standard names
+    written = write_cifar(folder, num_classes=num_classes)
+    data = load_dataset(str(folder))
+    assert data.name == f"cifar{num_classes}" and data.num_classes == num_classes and data.in_channels == 3
+    assert data.augmentation == Augmentation(crop_padding=4, flip=True)
+    train_files = ["train"] if num_classes == 100 else [f"data_batch_{i}" for i in range(1, 6)]
+    raw = np.concatenate([written[f][0] for f in train_files]).reshape(-1, 3, 32, 32).astype(np.float64) / 255
+    mean, std = raw.mean(axis=(0, 2, 3), keepdims=True), raw.std(axis=(0, 2, 3), ddof=1, keepdims=True)
+    images, labels = data.train.tensors
+    np.testing.assert_allclose(images.numpy(), (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    assert labels.tolist() == sum((written[f][1] for f in train_files), [])
+    test_file = "test" if num_classes == 100 else "test_batch"
+    assert data.test.tensors[1].tolist() == written[test_file][1]
+    # the standard parent folder is recognised too
+    assert load_dataset(str(tmp_path)).name == data.name
+
+
+def test_trains_on_a_cifar10_directory(tmp_path):
+    write_cifar(tmp_path / "cifar", per_batch=16)
+    assert train(tmp_path / "run", "--data", str(tmp_path / "cifar"), "--epochs", "1") == 0
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+def test_image_folder_tree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 5), ("val", 2)):
+        for name in ("cat", "dog", "emu"):
+            os.makedirs(tmp_path / "tree" / split / name)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(int(rng.integers(12, 30)), int(rng.integers(12, 30)), 3))
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "tree" / split / name / f"{i}.png")
+    (tmp_path / "tree" / "train" / "cat" / "notes.txt").write_text("not an image")
+    data = load_dataset(str(tmp_path / "tree"), image_size=16)
+    assert data.name == "imagefolder" and data.num_classes == 3
+    assert (len(data.train), len(data.test)) == (15, 6)
+    image, label = data.train[5]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
+    assert train(tmp_path / "run", "--data", str(tmp_path / "tree"), "--image-size", "16", "--batch-size", "4",
+                 "--epochs", "1") == 0
+    # a single class tree gets a stratified 20% held out
+    single = load_dataset(str(tmp_path / "tree" / "train"), image_size=8)
+    assert (len(single.train), len(single.test)) == (12, 3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, "found 0 class folder(s)"),
+    (lambda root: (root / "data_batch_1").write_bytes(b"garbage"), "not a readable python pickle"),
+    (lambda root: write_cifar(root) and os.remove(root / "test_batch"), "test_batch is missing"),
+    (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8),
+                                                                     b"labels": [0, 1]})), "(N, 3072)"),
+    (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                                     b"labels": [0, 10]})), "labels must lie in"),
+])
+def test_malformed_dataset_directories_are_named(tmp_path, make, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    make(root)
+    with pytest.raises(DatasetError) as error:
+        load_dataset(str(root))
+    assert message in str(error.value)
+
+
+# -- augmentation and sampling -------------------------------------------------------------------
+@pytest.mark.parametrize("augmentation", [Augmentation(4, True), Augmentation(1, False), Augmentation(0, True)])
+def test_augment_crops_and_flips_each_image_independently(augmentation):
+    images = torch.randn(40, 3, 7, 9)
+    out = augment(images, augmentation, torch.Generator().manual_seed(1))
+    assert out.shape == images.shape
+    p = augmentation.crop_padding
+    padded = torch.nn.functional.pad(images, (p, p, p, p))
+    seen = set()
+    for i in range(len(images)):
+        matches = [(dy, dx, flip) for dy in range(2 * p + 1) for dx in range(2 * p + 1) for flip in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(2) if flip else c)(padded[i, :, dy:dy + 7, dx:dx + 9]))]
+        assert matches, f"image {i} is no crop/flip of its input"
+        seen.update(matches)
+    assert any(flip for _, _, flip in seen) == augmentation.flip
+    assert len({(dy, dx) for dy, dx, _ in seen}) > (1 if p else 0)
+
+
+def test_sharded_sampler_splits_each_epoch_and_resumes():
+    full = ShardedBatchSampler(50, 8, shuffle=True, drop_last=True, seed=3)
+    full.set_epoch(2)
+    batches = list(full)
+    assert len(batches) == len(full) == 6 and len({i for b in batches for i in b}) == 48
+    full.set_epoch(2, skip=4)
+    assert list(full) == batches[4:]
+    full.set_epoch(3)
+    assert list(full) != batches
+    shards = [ShardedBatchSampler(50, 4, shuffle=True, drop_last=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for s in shards:
+        s.set_epoch(2)
+    per_rank = [list(s) for s in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == 6
+    # the first step of the two processes together sees the first global batch
+    assert sorted(per_rank[0][0] + per_rank[1][0]) == sorted(batches[0])
+    evaluation = [ShardedBatchSampler(51, 4, shuffle=False, drop_last=False, rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(i for s in evaluation for b in s for i in b) == list(range(51))
+
+
+def test_learning_rate_schedules():
+    step = trainer.learning_rate_factor("step", 100, 10)
+    assert [step(s) for s in (0, 499, 500, 749, 750, 999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = trainer.learning_rate_factor("cosine", 10, 7)
+    assert [cosine(s) for s in (0, 35, 70)] == pytest.approx([1, 0.5, 0])
+
+
+# -- resume and interruption ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Per-epoch metrics of an uninterrupted 3-epoch run."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train(out, "--epochs", "3") == 0
+    return metrics(out)
+
+
+def test_resume_at_an_epoch_boundary_repeats_the_same_losses(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    assert train(out, "--epochs", "3", "--resume") == 0
+    assert metrics(out) == uninterrupted
+
+
+def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupted, monkeypatch, capsys):
+    checks = iter(range(100))
+    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)  # step 2 of epoch 2
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "3") == 130
+    assert "continue with the same command and --resume" in capsys.readouterr().out
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)
+    monkeypatch.undo()
+    assert train(out, "--epochs", "3", "--resume") == 0
+    assert metrics(out) == uninterrupted
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "densenet_fast", "train", *TINY, "--out", str(out), "--epochs", "3"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # interrupt during the second epoch
+        if line.startswith("epoch 1/3"):
+            process.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    if process.returncode == 130:
+        assert "SIGINT: stopping after this step" in stderr and "--resume" in stdout
+        assert checkpoint["epoch"] >= 1
+    else:  # the run ended before the signal arrived
+        assert process.returncode == 0 and checkpoint["epoch"] == 3
+    assert train(out, "--epochs", "3", "--resume") == 0
+    assert metrics(out) == uninterrupted
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    trainer.save_atomically({"value": torch.arange(3)}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_atomically({"value": torch.arange(5)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_outputs_are_never_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    assert (out / trainer.CURVES).stat().st_size > 0
+    assert train(out, "--epochs", "1") == 2
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert train(out, "--epochs", "1", "--overwrite") == 0
+    assert train(tmp_path / "empty", "--resume") == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert train(out, "--epochs", "2", "--resume", "--growth-rate", "6") == 2
+    assert "growth_rate is 4 in the checkpoint but 6 now" in capsys.readouterr().err
+    assert train(out, "--epochs", "2", "--resume", "--lr", "0.05") == 2
+    assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
+    path = out / trainer.CHECKPOINT
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"]["classifier.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, path)
+    assert train(out, "--epochs", "2", "--resume") == 2
+    assert "classifier.weight has shape (3, 3) in the checkpoint but (10, 9) in the model" in capsys.readouterr().err
+    path.write_bytes(b"not a checkpoint")
+    assert train(out, "--epochs", "2", "--resume") == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+# -- precision and memory format -------------------------------------------------------------------
+@pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"],
+                                     ["--schedule", "cosine", "--recompute", "recompute", "--backend", "torch"]])
+def test_precision_format_and_recipe_options(tmp_path, options, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "2", *options) == 0
+    rows = metrics(out)
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("done: test accuracy") and "images/s" in summary and "peak memory" in summary
+
+
+# -- several processes ------------------------------------------------------------------------------
+def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("-m", "densenet_fast", "train", *TINY, "--epochs", "3", "--lr", "0.05", "--out", str(out),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "2 process(es) on cpu" in lines[0]
+    assert [l.split()[1] for l in lines if l.startswith("epoch ")] == ["1/3", "2/3", "3/3"]  # rank 0 logs alone
+    rows = metrics(out)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.CURVES, trainer.METRICS]
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
+
+
+SYNC_BN_MISSING = not hasattr(DenseNet, "set_sync_group")
+
+
+@pytest.mark.skipif(SYNC_BN_MISSING, reason="DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
+def test_ddp_gradients_with_sync_bn_equal_single_process_gradients(tmp_path):
+    result = torchrun(os.path.abspath(__file__), "sync-bn-worker", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync BN gradients match" in result.stdout
+
+
+def sync_bn_worker(folder: str) -> None:
+    """Under torchrun (2 gloo processes): DDP with synchronised BN on two halves
+    of a batch gives the single-process gradients of the whole batch (float64);
+    without synchronisation it does not (so the comparison can fail)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    reference = densenet_bc(10, 4, num_classes=5, in_channels=2).double()
+    images = torch.randn(6, 2, 9, 11, dtype=torch.float64)
+    labels = torch.randint(0, 5, (6,))
+    torch.nn.functional.cross_entropy(reference(images), labels).backward()
+    gaps = {}
+    for sync in (True, False):
+        model = densenet_bc(10, 4, num_classes=5, in_channels=2).double()
+        model.load_state_dict(reference.state_dict())
+        if sync:
+            model.set_sync_group(dist.group.WORLD)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        half = slice(3 * rank, 3 * rank + 3)
+        torch.nn.functional.cross_entropy(net(images[half]), labels[half]).backward()
+        gaps[sync] = max(((p.grad - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-30)).item()
+                         for p, r in zip(model.parameters(), reference.parameters()))
+    if rank == 0:
+        assert gaps[True] < 1e-9, gaps
+        assert gaps[False] > 1e-4, gaps
+        print(f"sync BN gradients match (relative gap {gaps[True]:.1e}; without sync {gaps[False]:.1e})")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sync-bn-worker"]:
+    sync_bn_worker(sys.argv[2])
