@@ -39,7 +39,7 @@ def metrics(out) -> list[dict]:
 
 
 def subprocess_env() -> dict:
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 # -- command line ------------------------------------------------------------------------------
