@@ -47,7 +47,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 # Defaults that depend on the dataset: small and quick on the embedded digits,
 # the paper's CIFAR settings (DenseNet-BC L=100 k=12, 300 epochs, batch 64) otherwise.
-DIGITS_DEFAULTS = dict(depth=16, growth_rate=12, epochs=30, batch_size=64, workers=0)
+DIGITS_DEFAULTS = dict(depth=10, growth_rate=12, epochs=20, batch_size=64, workers=0)
 PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, workers=0)
 IMAGE_FOLDER_WORKERS = 4
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -497,7 +497,10 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         if not hasattr(model, "set_sync_group"):
             raise TrainingError("--sync-bn: this version of densenet_fast cannot synchronise batch statistics")
         if procs.distributed:
-            model.set_sync_group(dist.group.WORLD)
+            try:
+                model.set_sync_group(dist.group.WORLD)
+            except NotImplementedError as exc:
+                raise TrainingError(f"--sync-bn: {exc}") from exc
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if procs.distributed else model
 

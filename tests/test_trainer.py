@@ -26,6 +26,7 @@ from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler,
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--no-progress", "--depth", "10", "--growth-rate", "4", "--train-limit", "128", "--test-limit", "64",
         "--batch-size", "32"]
+SYNC_BN_MISSING = not hasattr(DenseNet, "set_sync_group")
 LOSS_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
@@ -350,10 +351,13 @@ def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_ddp_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("sync_bn", [[], ["--sync-bn"]], ids=["", "sync-bn"])
+def test_ddp_two_gloo_processes(tmp_path, sync_bn):
+    if sync_bn and SYNC_BN_MISSING:
+        pytest.skip("DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
     out = tmp_path / "run"
     result = torchrun("-m", "densenet_fast", "train", *TINY, "--epochs", "3", "--lr", "0.05", "--out", str(out),
-                      cwd=tmp_path)
+                      *sync_bn, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "2 process(es) on cpu" in lines[0]
@@ -363,9 +367,6 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.CURVES, trainer.METRICS]
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
     assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
-
-
-SYNC_BN_MISSING = not hasattr(DenseNet, "set_sync_group")
 
 
 @pytest.mark.skipif(SYNC_BN_MISSING, reason="DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
