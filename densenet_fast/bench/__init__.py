@@ -1,5 +1,34 @@
-"""Benchmarks: ``python -m densenet_fast bench <kernels|models|depth>``.
+"""Benchmarks: ``python -m densenet_fast bench <kernels|models|depth> [options]``.
+
+- ``kernels``: each primitive on each backend against torch's unfused ops;
+- ``models``: training and inference of one model, every implementation;
+- ``depth``: memory and step time versus DenseNet-BC depth, and the deepest
+  depth under a memory budget.
 
 Each subcommand module has ``add_arguments(parser)``, ``run(args) -> dict``
-(writes JSON and PNG) and ``main(argv)`` (used by the ``benchmarks/`` scripts).
+(prints a table, writes JSON and PNG under ``benchmarks/results/``) and
+``main(argv)`` (used by the ``benchmarks/`` scripts).
 """
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUBCOMMANDS = ("kernels", "models", "depth")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the subcommands (the ``bench`` entry of :mod:`densenet_fast.cli`)."""
+    subparsers = parser.add_subparsers(dest="benchmark", metavar="benchmark", required=True)
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        sub = subparsers.add_parser(name, help=module.__doc__.split("\n\n")[0].split(": ", 1)[-1],
+                                    description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(bench_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.bench_run(args)
+    return 0

@@ -70,6 +70,23 @@ def summarize(seconds: Iterable[float]) -> dict:
             "min": float(values.min()), "max": float(values.max()), "all": values.tolist()}
 
 
+# -- fits ------------------------------------------------------------------------------------
+def fit(xs: list[float], values: list[float], degree: int) -> Optional[dict]:
+    """Least-squares polynomial ``values ~ x`` (coefficients lowest order
+    first) and its R^2; ``None`` without enough points."""
+    if len(xs) < degree + 1:
+        return None
+    x, y = np.asarray(xs, float), np.asarray(values, float)
+    coefficients = np.polyfit(x, y, degree)[::-1]
+    predicted = np.polyval(coefficients[::-1], x)
+    ss_res, ss_tot = float(((y - predicted) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    return {"coefficients": coefficients.tolist(), "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0}
+
+
+def evaluate(model_fit: dict, x: float) -> float:
+    return float(sum(c * x**i for i, c in enumerate(model_fit["coefficients"])))
+
+
 # -- memory --------------------------------------------------------------------------------
 def current_rss_bytes() -> int:
     """Resident set size of this process now."""
@@ -213,8 +230,8 @@ def environment(device: str, settings: dict) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", "-m", "densenet_fast", "bench"] + sys.argv[1:])
-        if Path(sys.argv[0]).name in ("__main__.py", "cli.py") else " ".join(["python"] + sys.argv),
+        "command": " ".join(["python", "-m", "densenet_fast"] + sys.argv[1:])
+        if Path(sys.argv[0]).name == "__main__.py" else " ".join(["python"] + sys.argv),
         "settings": settings,
     }
 

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from . import common
+from .common import evaluate, fit
 from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
 from .impls import ModelSpec
 
@@ -66,22 +67,6 @@ def bc_spec(args: argparse.Namespace, depth: int) -> ModelSpec:
 
 
 # -- fits ----------------------------------------------------------------------------------
-def fit(depths: list[float], values: list[float], degree: int) -> Optional[dict]:
-    """Least-squares polynomial ``values ~ depth`` (coefficients lowest order
-    first) and its R^2; ``None`` without enough points."""
-    if len(depths) < degree + 1:
-        return None
-    x, y = np.asarray(depths, float), np.asarray(values, float)
-    coefficients = np.polyfit(x, y, degree)[::-1]
-    predicted = np.polyval(coefficients[::-1], x)
-    ss_res, ss_tot = float(((y - predicted) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
-    return {"coefficients": coefficients.tolist(), "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0}
-
-
-def evaluate(model_fit: dict, depth: float) -> float:
-    return float(sum(c * depth**i for i, c in enumerate(model_fit["coefficients"])))
-
-
 def growth_fit(depths: list[float], values: list[float]) -> Optional[dict]:
     """The quadratic fit if its curvature is positive, else the linear one."""
     quadratic = fit(depths, values, 2)
@@ -139,7 +124,7 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
         predicted = deepest_under(memory_fit, budget, args.max_depth)
         if lo is None or (hi is not None and hi - lo <= max(6, args.resolution * lo)):
             break
-        if lo >= args.max_depth:
+        if lo + 6 > args.max_depth:
             limited_by = "max-depth"
             break
         if predicted is not None and predicted > lo and (hi is None or predicted < hi):

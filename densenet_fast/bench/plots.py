@@ -116,12 +116,15 @@ def plot_kernels(result: dict, path: Path) -> Path:
                       for s in shapes]
             ax.bar([i + j * width for i in range(len(shapes))], values, width, label=impl,
                    color=FAST_COLOURS[j % len(FAST_COLOURS)] if impl != "torch-unfused" else "tab:red")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=7)
-        ax.set(ylabel="fraction of roofline", title=primitive)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set(ylabel="achieved / roofline", title=primitive)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(title(result, "primitives: achieved / roofline time (higher is better)"))
-    fig.tight_layout()
+    fig.suptitle(title(result, f"primitives ({result['dtype']}): roofline time / measured time, log scale "
+                                "(higher is better; 1 = at the roofline, above 1 = data in cache)"), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

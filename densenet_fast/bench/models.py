@@ -1,0 +1,102 @@
+"""``bench models``: one model, every implementation side by side.
+
+Training step and inference: images/s (all implementations timed round-robin
+in one process on the same inputs and weights), peak memory (a fresh process
+per implementation and mode), and the largest training batch under
+``--budget-gib`` (peak memory at ``--batch`` and ``--batch // 2`` fitted
+linearly in the batch, then verified once in a fresh process stopped above the
+budget).
+
+GPU sizes: ``--device cuda --model densenet121 --batch 256 --image-size 224
+--autocast bfloat16 --channels-last --compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import common
+from .common import fit
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
+from .impls import ModelSpec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="densenet_bc-40", help="densenet121 (161, 169, 201, 264) or densenet_bc-<depth>")
+    parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--impls", nargs="+", default=None, help="default: every implementation that runs here")
+    parser.add_argument("--budget-gib", type=float, default=0.5, help="budget of the largest-batch search (0: skip)")
+    add_common_arguments(parser)
+    parser.set_defaults(steps=2)
+
+
+def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, args) -> dict:
+    """Largest training batch under the budget: linear fit over the measured
+    batches, then one verifying run at the prediction."""
+    budget = args.budget_gib * common.GIB
+    ok = {b: r["peak_bytes"] for b, r in measured.items() if r.get("status") == "ok"}
+    line = fit(list(ok), list(ok.values()), 1)
+    if line is None or line["coefficients"][1] <= 0:
+        return {"largest_batch": None, "why": "need two measured batches"}
+    intercept, per_image = line["coefficients"]
+    predicted = int((budget - intercept) // per_image)
+    if predicted < 1:
+        return {"largest_batch": None, "predicted": predicted, "why": "not even one image fits"}
+    check = runner.memory(impl, spec, predicted, budget, runner.seconds_left())
+    fits = check["status"] == "ok" and check["peak_bytes"] <= budget
+    known = max((b for b, peak in ok.items() if peak <= budget), default=None)
+    return {"largest_batch": predicted if fits else known, "predicted": predicted, "verified": fits,
+            "verify_status": check["status"], "verify_peak_bytes": check.get("peak_bytes"),
+            "per_image_MiB": per_image / common.MIB, "intercept_MiB": intercept / common.MIB}
+
+
+def run(args: argparse.Namespace) -> dict:
+    spec = ModelSpec.parse(args.model, args.growth_rate)
+    impls = resolve_impls(args)
+    runner = Runner(args)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD})
+    env = common.environment(args.device, settings)
+    timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in ("train", "infer")}
+    rows, details = [], {}
+    safety = 0.7 * common.available_memory_bytes()
+    for impl in common.progress(impls, desc="memory", enabled=not args.no_progress):
+        train = {b: runner.memory(impl, spec, b, safety, runner.seconds_left()) for b in {args.batch, max(1, args.batch // 2)}}
+        infer = runner.memory(impl, spec, args.batch, safety, runner.seconds_left(), train=False)
+        search = largest_batch(runner, impl, spec, train, args) if args.budget_gib > 0 else {}
+        details[impl] = {"train_memory": {str(b): r for b, r in train.items()}, "infer_memory": infer,
+                         "largest_batch": search,
+                         "timing": {mode: t.get("impls", {}).get(impl, t) for mode, t in timings.items()}}
+        row = {"impl": impl}
+        for mode in ("train", "infer"):
+            timing = details[impl]["timing"][mode]
+            if timing.get("status") == "ok":
+                row[f"{mode}_step_s"] = timing["seconds"]["median"]
+                row[f"{mode}_images_per_s"] = args.batch / timing["seconds"]["median"]
+        for mode, result in (("train", train[args.batch]), ("infer", infer)):
+            row[f"{mode}_peak_MiB"] = result["peak_bytes"] / common.MIB if result["status"] == "ok" else None
+        row["largest_batch"] = search.get("largest_batch")
+        rows.append(row)
+    result = {"benchmark": "models", "model": spec.to_dict(), "model_label": spec.label(),
+              "environment": common.finish_environment(env), "rows": rows, "details": details}
+    columns = ["impl", "train_step_s", "train_images_per_s", "infer_images_per_s", "train_peak_MiB",
+               "infer_peak_MiB", "largest_batch"]
+    print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
+    print(common.format_table(rows, columns))
+    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}.json"
+    common.write_json(result, out)
+    print(f"\nwrote {out}")
+    if not args.no_plot:
+        from .plots import plot_models
+        print(f"wrote {plot_models(result, Path(out).with_suffix('.png'))}")
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,120 @@
+"""The benchmark harness: the fresh-process worker, the budget search against
+known memory curves, and every subcommand end to end at tiny sizes.
+
+The search and the model/depth subcommands run on a fake worker whose memory
+follows a known formula, so the test knows the right answers; one test runs a
+real worker process.
+"""
+
+import json
+
+import pytest
+import torch
+
+from densenet_fast import cli
+from densenet_fast.bench import common, depth, harness, kernels, models
+from densenet_fast.bench.impls import ModelSpec, Step, build, make_inputs, share_weights
+
+MIB = common.MIB
+
+
+def fake_peak(impl: str, spec: ModelSpec, batch: int) -> float:
+    """Bytes of one step: quadratic in depth for torchvision eager, linear otherwise."""
+    d = spec.depth
+    per_image = 0.01 * d + (0.002 * d * d if impl == "tv-eager" else 0.0) + (0.05 * d if impl == "tv-memeff" else 0.0)
+    return (1.0 + per_image * batch) * MIB
+
+
+@pytest.fixture
+def fake_workers(monkeypatch):
+    calls = []
+
+    def memory(self, impl, spec, batch, limit_bytes, timeout_s, train=True):
+        calls.append((impl, spec.depth, batch))
+        peak = fake_peak(impl, spec, batch) * (1.0 if train else 0.5)
+        if limit_bytes is not None and peak > limit_bytes:
+            return {"status": "over_budget"}
+        return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [1e-3 * spec.depth]}
+
+    def time_(self, impls, spec, batch, train=True):
+        return {"status": "ok", "impls": {i: {"status": "ok", "seconds": common.summarize([1e-3 * spec.depth] * 3)}
+                                          for i in impls}}
+
+    monkeypatch.setattr(harness.Runner, "memory", memory)
+    monkeypatch.setattr(harness.Runner, "time", time_)
+    return calls
+
+
+def deepest_true(impl: str, batch: int, budget: float) -> int:
+    return max(d for d in range(10, 9000, 6) if fake_peak(impl, ModelSpec("densenet_bc", d), batch) <= budget)
+
+
+def test_budget_search_pins_the_boundary(fake_workers, tmp_path):
+    impls = ["tv-eager", "tv-memeff", "fast-torch-recompute"]
+    args = ["--depths", "16", "28", "40", "--batch", "8", "--budget-gib", str(600 * MIB / common.GIB),
+            "--resolution", "0", "--impls", *impls, "--out", str(tmp_path / "d.json"), "--no-progress"]
+    result = depth.main(args + ["--max-depth", "9000"])
+    for found in result["budget_search"]:
+        truth = deepest_true(found["impl"], 8, 600 * MIB)
+        assert found["deepest_fitting"] == truth, found
+        assert found["shallowest_exceeding"] == truth + 6, found
+    capped = depth.main(args + ["--max-depth", "1000", "--impls", "fast-torch-recompute", "--no-plot"])
+    assert capped["budget_search"][0]["deepest_fitting"] == 1000  # = 6 * 166 + 4
+    assert capped["budget_search"][0]["limited_by"] == "max-depth"
+    fits = result["fits"]
+    assert fits["fast-torch-recompute"]["linear"]["r2"] == pytest.approx(1.0)
+    assert fits["tv-eager"]["quadratic"]["coefficients"][2] == pytest.approx(0.002 * 8, rel=1e-6)
+    ratio = result["ratios_at_reference_depth"]  # no depth 100 in the sweep
+    assert all(r == {} for r in ratio.values())
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert written["environment"]["settings"]["batch"] == 8 and "git_revision" in written["environment"]
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+def test_models_subcommand_largest_batch(fake_workers, tmp_path):
+    impls = ["tv-eager", "fast-torch-keep"]
+    result = models.main(["--model", "densenet_bc-40", "--batch", "8", "--budget-gib", str(100 * MIB / common.GIB),
+                          "--impls", *impls, "--out", str(tmp_path / "m.json"), "--no-progress"])
+    for row in result["rows"]:
+        per_image = (fake_peak(row["impl"], ModelSpec("densenet_bc", 40), 2) - MIB) / 2
+        assert row["largest_batch"] == int((100 * MIB - MIB) // per_image)
+        assert row["train_images_per_s"] == pytest.approx(8 / 0.04)
+    assert (tmp_path / "m.png").exists()
+
+
+def test_kernels_subcommand(tmp_path):
+    result = kernels.main(["--batch", "1", "--batch-bc", "1", "--repeats", "1", "--warmup", "0", "--backends", "torch",
+                           "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    primitives = {r["primitive"] for r in result["rows"]}
+    assert primitives == set(kernels.PRIMITIVES)
+    assert {r["impl"] for r in result["rows"]} == {"torch", kernels.BASELINE}
+    assert all(r["median_ms"] > 0 and r["GB_per_s"] > 0 and r["roofline_fraction"] > 0 for r in result["rows"])
+    assert result["machine"]["copy_bytes_per_s"] > 0 and result["machine"]["matmul_flops_per_s"] > 0
+
+
+def test_cli_registers_bench():
+    args = cli.build_parser("bench").parse_args(["bench", "depth", "--depths", "10", "16", "--budget-gib", "0"])
+    assert args.depths == [10, 16] and args.bench_run is depth.run
+
+
+def test_worker_process_measures_a_step():
+    spec = {"mode": "memory", "impls": ["fast-torch-recompute"], "model": ModelSpec("densenet_bc", 10).to_dict(),
+            "batch": 4, "image_size": 8, "device": "cpu", "steps": 1, "warmup_batch": 2,
+            "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
+    result = common.run_worker(spec, timeout_s=120)
+    assert result["status"] == "ok", result
+    assert 0 < result["peak_bytes"] < 200 * MIB and result["baseline_bytes"] > 0
+    assert len(result["step_seconds"]) == 1
+
+
+def test_implementations_share_weights_and_agree():
+    """Same weights and inputs: torchvision (CIFAR stem) and densenet_fast give the same outputs."""
+    spec = ModelSpec("densenet_bc", 16, growth_rate=4)
+    tv, fast = build("tv-eager", spec, "cpu", False, seed=3), build("fast-torch-keep", spec, "cpu", False, seed=5)
+    share_weights([tv, fast])
+    x, y = make_inputs(spec, 3, 9, "cpu", False)
+    assert x.std() > 0.5
+    Step(tv, x, y, train=False, autocast_dtype=None)  # sets eval mode
+    Step(fast, x, y, train=False, autocast_dtype=None)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), tv(x), rtol=1e-4, atol=1e-5)
