@@ -1,0 +1,566 @@
+// CPU kernels of the fused BatchNorm-ReLU ops (see ../fused_bn.h).
+//
+// The rows (pixels) are split into tiles of a few hundred rows.  For each tile
+// the normalised input z = relu(x * scale + shift) is formed in a thread-local
+// buffer of cache size and fed to ATen's BLAS (at::mm_out on tile views); z is
+// never written whole.  Tiles are grouped into a fixed number of contiguous
+// chunks run by at::parallel_for; every chunk keeps its own partial sums
+// (float64 channel sums, the weight gradient) and the partials are added in
+// chunk order, so results do not depend on the scheduling.
+#include "../fused_bn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace densenet_fast {
+
+namespace {
+
+constexpr int64_t kTileBytes = 64 * 1024;  // one tile of z (per thread; stays in L2)
+constexpr int64_t kMinTileRows = 32;
+constexpr int64_t kMaxTileRows = 512;
+constexpr int64_t kMinChunks = 16;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Rows per tile so that `buffers` tiles of `channels` values of `element_size` bytes fit kTileBytes.
+int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
+  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, buffers * channels * element_size), kMinTileRows,
+                             kMaxTileRows);
+}
+
+// Rows [begin, begin + size) of a tile.
+struct Tile {
+  int64_t begin;
+  int64_t size;
+};
+
+// Splits `rows` into tiles of `rows_per_tile` rows and the tiles into `chunks`
+// contiguous chunks, run in parallel: state = start(chunk), then fn(state, tile)
+// for each tile of the chunk in order.
+template <typename Start, typename F>
+void for_each_tile(int64_t rows, int64_t rows_per_tile, int64_t chunks, const Start& start, const F& fn) {
+  const int64_t tiles = ceil_div(rows, rows_per_tile);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    // The tiles' ATen calls skip autograd (the guard is thread-local: set it in each worker).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      auto state = start(chunk);
+      for (int64_t t = tiles * chunk / chunks; t < tiles * (chunk + 1) / chunks; ++t) {
+        const int64_t begin = t * rows_per_tile;
+        fn(state, Tile{begin, std::min(rows_per_tile, rows - begin)});
+      }
+    }
+  });
+}
+
+// At least kMinChunks chunks (or one per thread): up to kMinChunks threads the
+// split, and so every result, does not depend on the thread count.
+int64_t chunks_for(int64_t rows, int64_t rows_per_tile) {
+  const int64_t tiles = ceil_div(rows, rows_per_tile);
+  return std::max<int64_t>(1, std::min(tiles, std::max<int64_t>(kMinChunks, at::get_num_threads())));
+}
+
+// z[c] = relu(x[c] * scale[c] + shift[c]) for one row.
+template <typename T>
+inline void bn_relu_row(const T* __restrict__ x, const T* __restrict__ scale, const T* __restrict__ shift,
+                        int64_t channels, T* __restrict__ z) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const T a = x[c] * scale[c] + shift[c];
+    z[c] = a > T(0) ? a : T(0);
+  }
+}
+
+// The BN backward of one row from dZ (zero where a <= 0, `positive` tells): adds
+// dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
+// scale * dA into grad_x.
+template <typename T, bool kAccumulate>
+inline void bn_backward_row(const T* __restrict__ x, const T* __restrict__ positive, const T* __restrict__ grad_z,
+                            T factor, const T* __restrict__ scale, const T* __restrict__ mean, int64_t channels,
+                            T* __restrict__ sums, T* grad_x) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const T grad_a = positive[c] > T(0) ? factor * grad_z[c] : T(0);
+    sums[c] += grad_a;
+    sums[channels + c] += grad_a * (x[c] - mean[c]);
+    if constexpr (kAccumulate) {
+      grad_x[c] += scale[c] * grad_a;
+    } else {
+      grad_x[c] = scale[c] * grad_a;
+    }
+  }
+}
+
+// Per-chunk float64 sums [sum dA, sum dA * (x - mean)] of the BN backward.
+class ChannelSums {
+ public:
+  ChannelSums(int64_t chunks, int64_t channels) : channels_(channels), data_(chunks * 2 * channels, 0.0) {}
+
+  template <typename T>
+  void add(int64_t chunk, const std::vector<T>& tile_sums) {
+    double* out = data_.data() + chunk * 2 * channels_;
+    for (int64_t i = 0; i < 2 * channels_; ++i) {
+      out[i] += tile_sums[i];
+    }
+  }
+
+  // (2, C) [sum dA, sum dA * xhat], chunks added in order.
+  at::Tensor result(const at::Tensor& rstd) const {
+    auto total = at::zeros({2, channels_}, rstd.options().dtype(at::kDouble));
+    double* out = total.data_ptr<double>();
+    const int64_t chunks = static_cast<int64_t>(data_.size()) / std::max<int64_t>(1, 2 * channels_);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t i = 0; i < 2 * channels_; ++i) {
+        out[i] += data_[chunk * 2 * channels_ + i];
+      }
+    }
+    total[1].mul_(rstd.to(at::kDouble));
+    return total.to(rstd.scalar_type());
+  }
+
+ private:
+  int64_t channels_;
+  std::vector<double> data_;
+};
+
+// Per-chunk (count, mean, M2) of the rows of tiles, merged with Chan's formula.
+class Moments {
+ public:
+  Moments(int64_t chunks, int64_t channels)
+      : channels_(channels), counts_(chunks, 0), mean_(chunks * channels, 0.0), m2_(chunks * channels, 0.0) {}
+
+  // Adds `rows` rows of `data` (row stride `ld`) to chunk `chunk`.
+  template <typename T>
+  void add(int64_t chunk, const T* data, int64_t ld, int64_t rows, std::vector<double>& tile_mean,
+           std::vector<double>& tile_m2) {
+    std::fill(tile_mean.begin(), tile_mean.end(), 0.0);
+    std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < channels_; ++c) {
+        tile_mean[c] += data[r * ld + c];
+      }
+    }
+    for (int64_t c = 0; c < channels_; ++c) {
+      tile_mean[c] /= static_cast<double>(rows);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < channels_; ++c) {
+        const double d = data[r * ld + c] - tile_mean[c];
+        tile_m2[c] += d * d;
+      }
+    }
+    merge(counts_[chunk], mean_.data() + chunk * channels_, m2_.data() + chunk * channels_, rows, tile_mean.data(),
+          tile_m2.data());
+  }
+
+  // (mean, biased var) over all chunks, merged in chunk order, as `dtype`.
+  std::tuple<at::Tensor, at::Tensor> result(const at::TensorOptions& options) const {
+    int64_t count = 0;
+    std::vector<double> mean(channels_, 0.0), m2(channels_, 0.0);
+    for (size_t chunk = 0; chunk < counts_.size(); ++chunk) {
+      merge(count, mean.data(), m2.data(), counts_[chunk], mean_.data() + chunk * channels_,
+            m2_.data() + chunk * channels_);
+    }
+    auto mean_t = at::empty({channels_}, options.dtype(at::kDouble));
+    auto var_t = at::empty({channels_}, options.dtype(at::kDouble));
+    for (int64_t c = 0; c < channels_; ++c) {
+      mean_t.data_ptr<double>()[c] = mean[c];
+      var_t.data_ptr<double>()[c] = count > 0 ? m2[c] / static_cast<double>(count) : 0.0;
+    }
+    return {mean_t.to(options.dtype()), var_t.to(options.dtype())};
+  }
+
+ private:
+  void merge(int64_t& count, double* mean, double* m2, int64_t other_count, const double* other_mean,
+             const double* other_m2) const {
+    if (other_count == 0) {
+      return;
+    }
+    const int64_t total = count + other_count;
+    const double weight = static_cast<double>(other_count) / static_cast<double>(total);
+    for (int64_t c = 0; c < channels_; ++c) {
+      const double delta = other_mean[c] - mean[c];
+      mean[c] += delta * weight;
+      m2[c] += other_m2[c] + delta * delta * static_cast<double>(count) * weight;
+    }
+    count = total;
+  }
+
+  int64_t channels_;
+  std::vector<int64_t> counts_;
+  std::vector<double> mean_, m2_;
+};
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+// out = a @ b through ATen's BLAS (out may be a strided view).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b);
+}
+
+template <typename T>
+T* mutable_ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+// ---- bn_relu_conv1x1 ---------------------------------------------------------------------
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, const at::Tensor& scale,
+                                                         const at::Tensor& shift, const at::Tensor& weight,
+                                                         const at::Tensor& out, bool with_stats) {
+  const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const int64_t chunks = chunks_for(rows, rows_per_tile);
+  const auto weight_t = weight.t();
+  Moments moments(with_stats ? chunks : 0, out_channels);
+  struct State {
+    int64_t chunk;
+    at::Tensor z;
+    std::vector<double> tile_mean, tile_m2;
+  };
+  for_each_tile(
+      rows, rows_per_tile, chunks,
+      [&](int64_t chunk) {
+        return State{chunk, at::empty({rows_per_tile, channels}, x.options()), std::vector<double>(out_channels),
+                     std::vector<double>(out_channels)};
+      },
+      [&](State& s, Tile tile) {
+        T* z = mutable_ptr<T>(s.z);
+        for (int64_t r = 0; r < tile.size; ++r) {
+          bn_relu_row(ptr<T>(x) + (tile.begin + r) * x.stride(0), ptr<T>(scale), ptr<T>(shift), channels,
+                      z + r * channels);
+        }
+        auto out_tile = out.narrow(0, tile.begin, tile.size);
+        mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
+        if (with_stats) {
+          moments.add(s.chunk, ptr<T>(out_tile), out.stride(0), tile.size, s.tile_mean, s.tile_m2);
+        }
+      });
+  if (!with_stats) {
+    const auto empty = at::empty({0}, scale.options());
+    return {empty, empty.clone()};
+  }
+  return moments.result(scale.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                       const at::Tensor& shift, const at::Tensor& weight,
+                                                       const at::Tensor& out, bool with_stats) {
+  check_bn_relu_conv1x1(x, scale, shift, weight, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+    return bn_relu_conv1x1_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out, with_stats);
+  });
+}
+
+// ---- bn_relu_conv1x1_backward_sums -------------------------------------------------------
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(const at::Tensor& x, const at::Tensor& scale,
+                                                                  const at::Tensor& shift, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd, const at::Tensor& weight,
+                                                                  const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
+  const int64_t chunks = chunks_for(rows, rows_per_tile);
+  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options());
+  ChannelSums sums(chunks, channels);
+  struct State {
+    int64_t chunk;
+    at::Tensor z, grad_z;
+    std::vector<T> tile_sums;
+  };
+  for_each_tile(
+      rows, rows_per_tile, chunks,
+      [&](int64_t chunk) {
+        return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
+                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(2 * channels)};
+      },
+      [&](State& s, Tile tile) {
+        T* z = mutable_ptr<T>(s.z);
+        const T* x_tile = ptr<T>(x) + tile.begin * x.stride(0);
+        for (int64_t r = 0; r < tile.size; ++r) {
+          bn_relu_row(x_tile + r * x.stride(0), ptr<T>(scale), ptr<T>(shift), channels, z + r * channels);
+        }
+        const auto grad_out_tile = grad_out.narrow(0, tile.begin, tile.size);
+        const auto z_tile = s.z.narrow(0, 0, tile.size);
+        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
+        auto partial = weight_partials[s.chunk];
+        partial.addmm_(grad_out_tile.t(), z_tile);
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
+        T* grad_x_tile = grad_x.data_ptr<T>() + tile.begin * grad_x.stride(0);
+        for (int64_t r = 0; r < tile.size; ++r) {
+          bn_backward_row<T, true>(x_tile + r * x.stride(0), z + r * channels,
+                                   ptr<T>(s.grad_z) + r * channels, T(1), ptr<T>(scale), ptr<T>(mean),
+                                   channels, s.tile_sums.data(), grad_x_tile + r * grad_x.stride(0));
+        }
+        sums.add(s.chunk, s.tile_sums);
+      });
+  return {weight_partials.sum(0), sums.result(rstd)};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
+    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  check_bn_relu_conv1x1_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_sums_cpu", [&] {
+    return bn_relu_conv1x1_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(),
+                                                    rstd, weight, grad_out, grad_x);
+  });
+}
+
+// ---- bn_relu and its backward ------------------------------------------------------------
+
+constexpr int64_t kElementwiseRows = 256;
+
+void bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  check_bn_relu(x, scale, shift, out);
+  const auto scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_cpu", [&] {
+    using T = scalar_t;
+    T* out_data = out.data_ptr<T>();
+    at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        bn_relu_row(ptr<T>(x) + r * x.stride(0), ptr<T>(scale_c), ptr<T>(shift_c), x.size(1),
+                    out_data + r * out.stride(0));
+      }
+    });
+  });
+}
+
+template <typename T>
+at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
+                                  const at::Tensor& grad_x) {
+  const int64_t rows = x.size(0), channels = x.size(1);
+  const int64_t chunks = chunks_for(rows, kElementwiseRows);
+  ChannelSums sums(chunks, channels);
+  struct State {
+    int64_t chunk;
+    std::vector<T> a, tile_sums;
+  };
+  for_each_tile(
+      rows, kElementwiseRows, chunks,
+      [&](int64_t chunk) { return State{chunk, std::vector<T>(channels), std::vector<T>(2 * channels)}; },
+      [&](State& s, Tile tile) {
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
+        for (int64_t r = tile.begin; r < tile.begin + tile.size; ++r) {
+          const T* x_row = ptr<T>(x) + r * x.stride(0);
+          bn_relu_row(x_row, ptr<T>(scale), ptr<T>(shift), channels, s.a.data());
+          bn_backward_row<T, false>(x_row, s.a.data(), ptr<T>(grad_z) + r * grad_z.stride(0), T(1), ptr<T>(scale),
+                                    ptr<T>(mean), channels, s.tile_sums.data(),
+                                    grad_x.data_ptr<T>() + r * grad_x.stride(0));
+        }
+        sums.add(s.chunk, s.tile_sums);
+      });
+  return sums.result(rstd);
+}
+
+at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
+                                     const at::Tensor& grad_x) {
+  check_bn_relu_backward(x, scale, shift, mean, rstd, grad_z, grad_x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
+    return bn_relu_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
+                                            grad_z, grad_x);
+  });
+}
+
+// ---- transition --------------------------------------------------------------------------
+
+// The input pixels of pooled pixel `p` of x (N, H, W, C): pointer offsets of
+// its 2x2 window's top-left pixel and the steps to the right and down.
+struct Window {
+  int64_t pooled_h, pooled_w, stride_n, stride_h, stride_w;
+
+  int64_t offset(int64_t p) const {
+    const int64_t n = p / (pooled_h * pooled_w);
+    const int64_t i = p / pooled_w % pooled_h;
+    const int64_t j = p % pooled_w;
+    return n * stride_n + 2 * i * stride_h + 2 * j * stride_w;
+  }
+};
+
+Window window_of(const at::Tensor& x) {
+  return Window{x.size(1) / 2, x.size(2) / 2, x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// The rows view (N * H/2 * W/2, K) of a pooled tensor whose pixels have one row stride.
+at::Tensor pooled_rows(const at::Tensor& t) {
+  return t.view({-1, t.size(3)});
+}
+
+// Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
+template <typename T>
+void pooled_bn_relu(const at::Tensor& x, const Window& window, const T* scale, const T* shift, Tile tile, T* z,
+                    T* a) {
+  const int64_t channels = x.size(3);
+  for (int64_t r = 0; r < tile.size; ++r) {
+    const T* top_left = ptr<T>(x) + window.offset(tile.begin + r);
+    T* z_row = z + r * channels;
+    std::fill(z_row, z_row + channels, T(0));
+    for (const int64_t step : {int64_t(0), window.stride_w, window.stride_h, window.stride_h + window.stride_w}) {
+      bn_relu_row(top_left + step, scale, shift, channels, a);
+      for (int64_t c = 0; c < channels; ++c) {
+        z_row[c] += a[c];
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      z_row[c] *= T(0.25);
+    }
+  }
+}
+
+template <typename T>
+void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                      const at::Tensor& out) {
+  const int64_t channels = x.size(3);
+  const auto out_rows = pooled_rows(out);
+  const Window window = window_of(x);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const auto weight_t = weight.t();
+  struct State {
+    at::Tensor z;
+    std::vector<T> a;
+  };
+  for_each_tile(
+      out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
+      [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(channels)}; },
+      [&](State& s, Tile tile) {
+        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z), s.a.data());
+        auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
+        mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
+      });
+}
+
+void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                    const at::Tensor& out) {
+  check_transition(x, scale, shift, weight, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transition_cpu", [&] {
+    transition_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out);
+  });
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x, const at::Tensor& scale,
+                                                             const at::Tensor& shift, const at::Tensor& mean,
+                                                             const at::Tensor& rstd, const at::Tensor& weight,
+                                                             const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  const int64_t channels = x.size(3), out_channels = weight.size(0);
+  const Window window = window_of(x);
+  // Pixels that pooling drops (last row / column of odd sizes) get dA = 0.
+  if (x.size(1) % 2 == 1) {
+    grad_x.select(1, x.size(1) - 1).zero_();
+  }
+  if (x.size(2) % 2 == 1) {
+    grad_x.select(2, x.size(2) - 1).zero_();
+  }
+  const auto grad_rows = pooled_rows(grad_out);
+  const int64_t pooled = grad_rows.size(0);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
+  const int64_t chunks = chunks_for(pooled, rows_per_tile);
+  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options());
+  ChannelSums sums(chunks, channels);
+  const int64_t grad_offset_w = grad_x.stride(2), grad_offset_h = grad_x.stride(1);
+  struct State {
+    int64_t chunk;
+    at::Tensor z, grad_z;
+    std::vector<T> a, tile_sums;
+  };
+  for_each_tile(
+      pooled, rows_per_tile, chunks,
+      [&](int64_t chunk) {
+        return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
+                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(channels),
+                     std::vector<T>(2 * channels)};
+      },
+      [&](State& s, Tile tile) {
+        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z), s.a.data());
+        const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
+        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
+        weight_partials[s.chunk].addmm_(grad_out_tile.t(), s.z.narrow(0, 0, tile.size));
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
+        const Window grad_window{window.pooled_h, window.pooled_w, grad_x.stride(0), grad_offset_h, grad_offset_w};
+        for (int64_t r = 0; r < tile.size; ++r) {
+          const T* x_top_left = ptr<T>(x) + window.offset(tile.begin + r);
+          T* grad_top_left = grad_x.data_ptr<T>() + grad_window.offset(tile.begin + r);
+          const T* grad_pooled = ptr<T>(s.grad_z) + r * channels;
+          for (const auto& [x_step, grad_step] :
+               {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_w, grad_offset_w},
+                std::pair{window.stride_h, grad_offset_h},
+                std::pair{window.stride_h + window.stride_w, grad_offset_h + grad_offset_w}}) {
+            bn_relu_row(x_top_left + x_step, ptr<T>(scale), ptr<T>(shift), channels, s.a.data());
+            bn_backward_row<T, false>(x_top_left + x_step, s.a.data(), grad_pooled, T(0.25), ptr<T>(scale),
+                                      ptr<T>(mean), channels, s.tile_sums.data(), grad_top_left + grad_step);
+          }
+        }
+        sums.add(s.chunk, s.tile_sums);
+      });
+  return {weight_partials.sum(0), sums.result(rstd)};
+}
+
+std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
+    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transition_backward_sums_cpu", [&] {
+    return transition_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
+                                               weight, grad_out, grad_x);
+  });
+}
+
+// ---- pass 2 of every BN backward ---------------------------------------------------------
+
+void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
+                            const at::Tensor& rstd, const at::Tensor& batch_means, const at::Tensor& grad_x) {
+  check_bn_backward_finish(x, scale, mean, rstd, batch_means, grad_x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  // grad_x += offset + slope * (x - mean), with offset = -scale * mean(dA),
+  // slope = -scale * rstd * mean(dA * xhat).
+  const auto offset = (-scale * batch_means[0]).contiguous();
+  const auto slope = (-scale * rstd * batch_means[1]).contiguous();
+  const auto mean_c = mean.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_finish_cpu", [&] {
+    using T = scalar_t;
+    const int64_t channels = x.size(1);
+    const T *offset_data = ptr<T>(offset), *slope_data = ptr<T>(slope), *mean_data = ptr<T>(mean_c);
+    T* grad_data = grad_x.data_ptr<T>();
+    at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* __restrict__ x_row = ptr<T>(x) + r * x.stride(0);
+        T* __restrict__ grad_row = grad_data + r * grad_x.stride(0);
+        for (int64_t c = 0; c < channels; ++c) {
+          grad_row[c] += offset_data[c] + slope_data[c] * (x_row[c] - mean_data[c]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("bn_relu_conv1x1", &bn_relu_conv1x1_cpu);
+  m.impl("bn_relu_conv1x1_backward_sums", &bn_relu_conv1x1_backward_sums_cpu);
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu_backward_sums", &bn_relu_backward_sums_cpu);
+  m.impl("transition", &transition_cpu);
+  m.impl("transition_backward_sums", &transition_backward_sums_cpu);
+  m.impl("bn_backward_finish", &bn_backward_finish_cpu);
+}
+
+}  // namespace densenet_fast

@@ -1,0 +1,53 @@
+// densenet_fast's fused BatchNorm-ReLU ops (DESIGN.md §2-§3; the Python side is
+// densenet_fast/backends/cpp_backend.py, the contract backends/interface.py).
+//
+// Data: x is a channel range of a channels-last buffer, (M, C) rows with channel
+// stride 1 ((N, H, W, C) for the transition); float32 or float64.  BN
+// coefficients scale/shift/mean/rstd are (C,) in the statistics dtype (float32
+// for float32 data, float64 for float64).  a = x * scale + shift, z = relu(a),
+// xhat = (x - mean) * rstd, dA = dL/da.
+//
+//   bn_relu_conv1x1(x, scale, shift, weight (K, C), out (M, K)!, with_stats) -> (mean, var)
+//       out = z @ weight.T; (mean, var) of out over its rows ((K,), biased) if
+//       with_stats, else two empty tensors.
+//   bn_relu_conv1x1_backward_sums(x, scale, shift, mean, rstd, weight, grad_out (M, K), grad_x!)
+//       -> (grad_weight (K, C), sums (2, C))
+//       Pass 1 of the backward: grad_x += scale * dA; sums = [sum dA, sum dA * xhat].
+//   bn_relu(x, scale, shift, out (M, C)!) -> ()                out = z.
+//   bn_relu_backward_sums(x, scale, shift, mean, rstd, grad_z, grad_x!) -> sums (2, C)
+//       Pass 1: grad_x = scale * dA (grad_x may be grad_z itself).
+//   transition(x (N, H, W, C), scale, shift, weight (K, C), out (N, H/2, W/2, K)!) -> ()
+//       out = avgpool2x2(z) @ weight.T.
+//   transition_backward_sums(x, scale, shift, mean, rstd, weight, grad_out, grad_x!) -> (grad_weight, sums)
+//       Pass 1: grad_x = scale * dA (written, zero where pooling drops pixels).
+//   bn_backward_finish(x (M, C), scale, mean, rstd, batch_means (2, C), grad_x!) -> ()
+//       Pass 2, after the batch_mean hook turned sums into means [mean dA, mean dA * xhat]:
+//       grad_x -= scale * (mean_dA + xhat * mean_dA_xhat).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace densenet_fast {
+
+// Argument checks of each op, shared by its CPU and Meta kernels (TORCH_CHECK failures).
+void check_bn_relu_conv1x1(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           const at::Tensor& weight, const at::Tensor& out);
+void check_bn_relu_conv1x1_backward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                                    const at::Tensor& grad_out, const at::Tensor& grad_x);
+void check_bn_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out);
+void check_bn_relu_backward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
+                            const at::Tensor& grad_x);
+void check_transition(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                      const at::Tensor& weight, const at::Tensor& out);
+void check_transition_backward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                               const at::Tensor& grad_out, const at::Tensor& grad_x);
+void check_bn_backward_finish(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
+                              const at::Tensor& rstd, const at::Tensor& batch_means, const at::Tensor& grad_x);
+
+// The dtype of statistics and BN coefficients for data x: float64 for float64, else float32.
+at::ScalarType stats_dtype(const at::Tensor& x);
+
+}  // namespace densenet_fast

@@ -1,0 +1,371 @@
+"""The C++ CPU backend's fused ops (torch.ops.densenet_fast.*, through
+CppBackend) against the torch backend and against float64 autograd through
+F.batch_norm, at awkward shapes: rows not a multiple of the tile, C = 17,
+strided channel ranges of wider buffers, grad_x accumulated into a view with
+content, odd H/W for the transition, running (eval) and batch statistics.
+Then the whole model on backend='cpp' against torchvision, and torch.compile."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from densenet_fast import _extension
+
+if _extension.load() is None:
+    pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)", pytrace=False)
+
+from densenet_fast import densenet_bc  # noqa: E402
+from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
+from helpers import (FP32_RTOL, check_eval_float64, check_training_float64, check_training_fp32,  # noqa: E402
+                     forward_backward, make_pair, max_relative_error, random_batch)
+from helpers import one_thread  # noqa: E402, F401  (fixture)
+
+CPP, TORCH = CppBackend(), TorchBackend()
+EPS = 1e-5
+# max-relative tolerance: (against the torch backend, against float64 autograd)
+TOLERANCE = {torch.float32: (5e-5, 2e-4), torch.float64: (1e-11, 1e-10)}
+SENTINEL = 7.0
+# (M, C, K): one partial tile; several tiles and chunks with C = 17; rows of 1 and 2 channels.
+ROW_SHAPES = [(1031, 17, 23), (9001, 40, 48), (3, 2, 1)]
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = max_relative_error(actual, expected)
+    assert error <= tol, f"{what}: max relative error {error:.3g} > {tol:g}"
+
+
+def random_buffer(shape: tuple[int, ...], channels: int, dtype, generator) -> Tensor:
+    return (torch.randn(*shape, channels, generator=generator, dtype=torch.float64) * 2 + 1).to(dtype)
+
+
+def channel_range(shape: tuple[int, ...], c: int, dtype, generator, left: int = 3, right: int = 5) -> Tensor:
+    """Random data as channels ``[left, left + c)`` of a wider channels-last buffer."""
+    return random_buffer(shape, left + c + right, dtype, generator)[..., left:left + c]
+
+
+def sentinel_range(shape: tuple[int, ...], c: int, dtype, left: int = 4, right: int = 9) -> tuple[Tensor, Tensor]:
+    """``(buffer, view)``: channels ``[left, left + c)`` of a buffer filled with SENTINEL."""
+    buffer = torch.full((*shape, left + c + right), SENTINEL, dtype=dtype)
+    return buffer, buffer[..., left:left + c]
+
+
+def assert_untouched(buffer: Tensor, view_channels: slice, before: Tensor) -> None:
+    outside = torch.ones(buffer.shape[-1], dtype=torch.bool)
+    outside[view_channels] = False
+    assert torch.equal(buffer[..., outside], before[..., outside]), "wrote outside its channel range"
+
+
+@dataclass
+class BN:
+    """A BatchNorm for data ``x``: float64 parameters (leaves for autograd), and
+    the folded coefficients the primitives take, in the statistics dtype."""
+
+    gamma: Tensor
+    beta: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    batch_stats: bool
+    scale: Tensor
+    shift: Tensor
+    mean: Tensor
+    rstd: Tensor
+    count: int
+
+    def batch_mean(self):
+        return (lambda sums: sums / self.count) if self.batch_stats else None
+
+    def relu_bn64(self, x64: Tensor) -> Tensor:
+        """``relu(batch_norm(x64))`` over the last dimension in float64 (plain torch)."""
+        rows = x64.reshape(-1, x64.shape[-1])
+        normed = F.batch_norm(rows, self.running_mean, self.running_var, self.gamma, self.beta,
+                              training=self.batch_stats, momentum=0.0, eps=EPS)
+        return normed.relu().view(x64.shape)
+
+
+def make_bn(x: Tensor, batch_stats: bool, generator) -> BN:
+    c = x.shape[-1]
+    var, mean = torch.var_mean(x.reshape(-1, c).double(), dim=0, correction=0)
+    running_mean = mean + 0.3 * torch.randn(c, generator=generator, dtype=torch.float64)
+    running_var = var * (0.5 + torch.rand(c, generator=generator, dtype=torch.float64))
+    gamma = (0.5 + torch.rand(c, generator=generator, dtype=torch.float64)).requires_grad_()
+    beta = (0.5 * torch.randn(c, generator=generator, dtype=torch.float64)).requires_grad_()
+    if not batch_stats:
+        mean, var = running_mean, running_var
+    rstd = (var + EPS).rsqrt()
+    scale = gamma.detach() * rstd
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    folded = [t.to(stats_dtype) for t in (scale, beta.detach() - mean * scale, mean, rstd)]
+    return BN(gamma, beta, running_mean, running_var, batch_stats, *folded, x.reshape(-1, c).shape[0])
+
+
+def float64_grads(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(output, inputs, grad_out.double())
+
+
+def check_grads(actual, expected, truth, dtype, names) -> None:
+    vs_torch, vs_float64 = TOLERANCE[dtype]
+    for name, got, reference, exact in zip(names, actual, expected, truth):
+        assert_close(got, reference, vs_torch, f"{name} vs torch backend")
+        assert_close(got, exact, vs_float64, f"{name} vs float64")
+
+
+# -- fused BN-ReLU-Conv1x1 -----------------------------------------------------------------
+
+@pytest.mark.parametrize("m, c, k", ROW_SHAPES)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1_forward(dtype, m, c, k, batch_stats):
+    g = torch.Generator().manual_seed(1)
+    x = channel_range((m,), c, dtype, g)
+    bn = make_bn(x, batch_stats, g)
+    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    out_buffer, out = sentinel_range((m,), k, dtype)
+    before = out_buffer.clone()
+    stats = CPP.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=batch_stats)
+    expected = torch.empty(m, k, dtype=dtype)
+    TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected, with_stats=False)
+
+    vs_torch, vs_float64 = TOLERANCE[dtype]
+    assert_close(out, expected, vs_torch, "out vs torch backend")
+    assert_close(out, bn.relu_bn64(x.double()) @ weight.double().t(), vs_float64, "out vs float64")
+    assert_untouched(out_buffer, slice(4, 4 + k), before)
+    if batch_stats:
+        var64, mean64 = torch.var_mean(out.double(), dim=0, correction=0)  # of the stored output
+        assert stats[0].dtype == stats[1].dtype == bn.scale.dtype
+        assert_close(stats[0], mean64, vs_torch, "output mean")
+        assert_close(stats[1], var64, vs_torch, "output var")
+    else:
+        assert stats is None
+
+
+@pytest.mark.parametrize("m, c, k", ROW_SHAPES)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1_backward_accumulates(dtype, m, c, k, batch_stats):
+    g = torch.Generator().manual_seed(2)
+    x = channel_range((m,), c, dtype, g)
+    bn = make_bn(x, batch_stats, g)
+    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    grad_out = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_buffer = random_buffer((m,), 5 + c + 2, dtype, g)  # existing content everywhere
+    before = grad_buffer.clone()
+    grad_x = grad_buffer[:, 5:5 + c]
+    grads = CPP.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                         bn.batch_mean())
+    expected_grad_x = before[:, 5:5 + c].clone()
+    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                              expected_grad_x, bn.batch_mean())
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    truth = float64_grads(bn.relu_bn64(x64) @ w64.t(), grad_out, x64, w64, bn.gamma, bn.beta)
+    check_grads([grad_x, grad_x.double() - before[:, 5:5 + c].double()], [expected_grad_x, expected_grad_x.double() -
+                before[:, 5:5 + c].double()], [truth[0] + before[:, 5:5 + c].double(), truth[0]], dtype,
+                ["grad_x", "grad_x increment"])
+    assert_untouched(grad_buffer, slice(5, 5 + c), before)
+    check_grads(grads, expected, truth[1:], dtype, ["grad_weight", "grad_gamma", "grad_beta"])
+    assert grads[0].dtype == dtype and grads[1].dtype == grads[2].dtype == bn.scale.dtype
+
+
+# -- BN-ReLU apply -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, c", [(1031, 17), (3, 2)])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["grad_x_is_grad_z", "separate"])
+def test_bn_relu_forward_and_backward(dtype, m, c, batch_stats, in_place):
+    g = torch.Generator().manual_seed(3)
+    x = channel_range((m,), c, dtype, g)
+    bn = make_bn(x, batch_stats, g)
+    out_buffer, out = sentinel_range((m,), c, dtype)
+    before = out_buffer.clone()
+    CPP.bn_relu(x, bn.scale, bn.shift, out)
+    x64 = x.detach().double().requires_grad_()
+    z64 = bn.relu_bn64(x64)
+    vs_torch, vs_float64 = TOLERANCE[dtype]
+    assert_close(out, z64, vs_float64, "bn_relu vs float64")
+    assert_untouched(out_buffer, slice(4, 4 + c), before)
+
+    grad_z_buffer = random_buffer((m,), 1 + c + 1, dtype, g)
+    grad_z = grad_z_buffer[:, 1:1 + c]
+    expected_grad_x = torch.empty(m, c, dtype=dtype)
+    expected = TORCH.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z.clone(), expected_grad_x,
+                                      bn.batch_mean())
+    truth = float64_grads(z64, grad_z, x64, bn.gamma, bn.beta)
+    grad_buffer, grad_x = (grad_z_buffer, grad_z) if in_place else sentinel_range((m,), c, dtype)
+    before = grad_buffer.clone()
+    grads = CPP.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_x, bn.batch_mean())
+    check_grads([grad_x, *grads], [expected_grad_x, *expected], truth, dtype, ["grad_x", "grad_gamma", "grad_beta"])
+    assert_untouched(grad_buffer, slice(1, 1 + c) if in_place else slice(4, 4 + c), before)
+
+
+# -- transition ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, h, w, c, k", [(2, 7, 9, 17, 20), (3, 16, 12, 40, 33), (1, 3, 2, 5, 3)])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_transition(dtype, n, h, w, c, k, batch_stats):
+    """Odd sizes: pooling floors, and the dropped pixels still get the
+    statistics terms of the BN gradient (and are written, not left alone)."""
+    g = torch.Generator().manual_seed(4)
+    x = channel_range((n, h, w), c, dtype, g)
+    bn = make_bn(x, batch_stats, g)
+    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    out_buffer, out = sentinel_range((n, h // 2, w // 2), k, dtype, left=0)  # like the next block's buffer
+    before = out_buffer.clone()
+    CPP.transition(x, bn.scale, bn.shift, weight, out)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    out64 = F.avg_pool2d(bn.relu_bn64(x64).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1) @ w64.t()
+    expected = torch.empty(n, h // 2, w // 2, k, dtype=dtype)
+    TORCH.transition(x, bn.scale, bn.shift, weight, expected)
+    vs_torch, vs_float64 = TOLERANCE[dtype]
+    assert_close(out, expected, vs_torch, "transition vs torch backend")
+    assert_close(out, out64, vs_float64, "transition vs float64")
+    assert_untouched(out_buffer, slice(0, k), before)
+
+    grad_out = torch.randn(n, h // 2, w // 2, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_buffer, grad_x = sentinel_range((n, h, w), c, dtype)
+    before = grad_buffer.clone()
+    grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                    bn.batch_mean())
+    expected_grad_x = torch.empty(n, h, w, c, dtype=dtype)
+    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
+                                         bn.batch_mean())
+    truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
+    check_grads([grad_x, *grads], [expected_grad_x, *expected], truth, dtype,
+                ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+    assert_untouched(grad_buffer, slice(4, 4 + c), before)
+
+
+# -- op contracts --------------------------------------------------------------------------
+
+def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
+    """Small valid arguments of every fused op (channel-range views, odd sizes), the same on every call."""
+    g = torch.Generator().manual_seed(5)
+    m, c, k = 37, 5, 3
+    x = channel_range((m,), c, dtype, g)
+    x4 = channel_range((2, 5, 3), c, dtype, g)
+    bn = make_bn(x, True, g)
+    coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
+    weight = random_buffer((k,), c, dtype, g)
+    rows = lambda channels: random_buffer((m,), channels, dtype, g)  # noqa: E731
+    return {
+        "bn_relu_conv1x1": (x, bn.scale, bn.shift, weight, rows(k + 2)[:, 1:1 + k], True),
+        "bn_relu_conv1x1_backward_sums": (x, *coefficients, weight, rows(k), rows(c)),
+        "bn_relu": (x, bn.scale, bn.shift, rows(c)),
+        "bn_relu_backward_sums": (x, *coefficients, rows(c), rows(c)),
+        "transition": (x4, bn.scale, bn.shift, weight, random_buffer((2, 2, 1), k, dtype, g)),
+        "transition_backward_sums": (x4, *coefficients, weight, random_buffer((2, 2, 1), k, dtype, g),
+                                     random_buffer((2, 5, 3), c, dtype, g)),
+        "bn_backward_finish": (x, bn.scale, bn.mean, bn.rstd, random_buffer((2,), c, bn.scale.dtype, g), rows(c)),
+    }
+
+
+@pytest.mark.parametrize("op", list(op_arguments()))
+def test_op_passes_opcheck(op):
+    """Schema (mutated arguments), Meta/fake kernel and dispatch agree, as torch.compile needs."""
+    torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments()[op])
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Fixed chunks, partial sums added in chunk order: bitwise equal on 1 and 2 threads."""
+    def run() -> list[Tensor]:
+        results = []
+        for name, args in op_arguments().items():
+            args = [a.clone() if isinstance(a, Tensor) else a for a in args]
+            out = getattr(torch.ops.densenet_fast, name)(*args)
+            results += [a for a in args if isinstance(a, Tensor)] + list(out if isinstance(out, tuple) else [out] if out is not None else [])
+        return results
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = run()
+        torch.set_num_threads(2)
+        second = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("op, position, bad, message", [
+    ("bn_relu_conv1x1", 0, torch.zeros(5, 37).t(), "channel stride 1"),
+    ("bn_relu_conv1x1", 3, torch.zeros(3, 4), r"weight must be \(K, 5\)"),
+    ("bn_relu_conv1x1", 4, torch.zeros(36, 3), r"out must have shape \[37, 3\]"),
+    ("bn_relu_conv1x1", 1, torch.zeros(5, dtype=torch.float64), "BN coefficients must be"),
+    ("bn_relu", 0, torch.zeros(37, 5, dtype=torch.int32), "unsupported dtype"),
+    ("bn_relu_backward_sums", 6, torch.zeros(37, 5, dtype=torch.float64), "grad_x must be Float"),
+    ("transition", 4, torch.zeros(2, 3, 1, 3), r"out must have shape \[2, 2, 1, 3\]"),
+    ("transition_backward_sums", 6, torch.zeros(2, 3, 1, 3)[:, :2], "rows of one stride"),
+    ("bn_backward_finish", 4, torch.zeros(3, 5), r"batch_means must have shape \[2, 5\]"),
+])
+def test_ops_reject_bad_arguments(op, position, bad, message):
+    args = list(op_arguments()[op])
+    args[position] = bad
+    meta = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta") if isinstance(a, Tensor) else a
+            for a in args]  # same strides (Tensor.to would make the views contiguous)
+    for arguments in (args, meta):
+        with pytest.raises(RuntimeError, match=message):
+            getattr(torch.ops.densenet_fast, op)(*arguments)
+
+
+def test_other_dtypes_use_the_torch_implementation():
+    g = torch.Generator().manual_seed(6)
+    x = channel_range((50,), 6, torch.bfloat16, g)
+    bn = make_bn(x, True, g)
+    out, expected = torch.empty(50, 6, dtype=torch.bfloat16), torch.empty(50, 6, dtype=torch.bfloat16)
+    CPP.bn_relu(x, bn.scale, bn.shift, out)
+    TORCH.bn_relu(x, bn.scale, bn.shift, expected)
+    assert torch.equal(out, expected)
+
+
+# -- the whole model -----------------------------------------------------------------------
+
+CONFIG = dict(growth_rate=6, block_config=(3, 2, 3), num_init_features=12, num_classes=5, stem="cifar")
+SHAPE = (3, 13, 11)  # (N, H, W): odd sizes for the transitions' floor pooling
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_model_on_cpp_equals_torchvision_float64(recompute):
+    """Three SGD steps in training mode, then eval: every output, gradient,
+    running statistic and updated parameter equal to 1e-8."""
+    ours, tv = make_pair(recompute=recompute, backend="cpp", **CONFIG)
+    check_training_float64(ours, tv, SHAPE, steps=3)
+    check_eval_float64(ours, tv, SHAPE)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_model_on_cpp_equals_torchvision_fp32():
+    ours, _ = make_pair(dtype=torch.float32, backend="cpp", **CONFIG)
+    check_training_fp32(ours, SHAPE, steps=3)
+
+
+def test_torch_compile_matches_eager():
+    """torch.compile of a tiny DenseNet-BC on backend='cpp' (training mode:
+    outputs, input and parameter gradients, running statistics)."""
+    torch.manual_seed(0)
+    model = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
+    twin = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
+    twin.load_state_dict(model.state_dict())
+    x, target = random_batch(model, 2, 9, 8, seed=0)
+    eager = forward_backward(model, x, target)
+    start = time.perf_counter()
+    compiled = forward_backward(torch.compile(twin), x, target)
+    print(f"torch.compile forward+backward: {time.perf_counter() - start:.1f} s")
+    for what in ("output", "input_grad"):
+        assert max_relative_error(getattr(compiled, what), getattr(eager, what)) <= FP32_RTOL, what
+    for name in eager.grads:
+        assert max_relative_error(compiled.grads[name], eager.grads[name]) <= 1e-4, name
+    for name in eager.buffers:
+        assert max_relative_error(compiled.buffers[name], eager.buffers[name]) <= FP32_RTOL, name
