@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 # Defaults that depend on the dataset: small and quick on the embedded digits,
 # the paper's CIFAR settings (DenseNet-BC L=100 k=12, 300 epochs, batch 64) otherwise.
-DIGITS_DEFAULTS = dict(depth=10, growth_rate=12, epochs=20, batch_size=64, workers=0)
+DIGITS_DEFAULTS = dict(depth=10, growth_rate=12, epochs=15, batch_size=64, workers=0)
 PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, workers=0)
 IMAGE_FOLDER_WORKERS = 4
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -400,6 +400,9 @@ class Sums:
     def as_list(self) -> list[float]:
         return [self.loss, self.correct, self.count]
 
+    def plus(self, values: list[float]) -> "Sums":
+        return Sums(*(a + b for a, b in zip(self.as_list(), values)))
+
 
 def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """The augmentation generator of one step: a function of its position alone."""
@@ -530,7 +533,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             count = 0
-            lr = options["lr"] * lr_factor(epoch * len(train_sampler) + start_step)
+            first_step = epoch * len(train_sampler)
+            lr = options["lr"] * lr_factor(first_step)
             bar = _progress_bar(len(train_sampler), start_step, f"epoch {epoch + 1}/{options['epochs']}",
                                 options["progress"] and procs.is_main)
             started = time.perf_counter()
@@ -538,7 +542,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 images = augment(images, data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
                 images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
                 for group in optimizer.param_groups:
-                    group["lr"] = options["lr"] * lr_factor(epoch * len(train_sampler) + step)
+                    group["lr"] = options["lr"] * lr_factor(first_step + step)
                 with autocast(device, options["amp"]):
                     logits = net(images)
                     loss = F.cross_entropy(logits.float(), labels)
@@ -553,9 +557,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if _stop_requested(stop, procs):
-                    sums = procs.sum([loss_sum.item(), float(correct.item()), float(count)])
-                    done = Sums(*(a + b for a, b in zip(partial.as_list(), sums)))
-                    save(epoch, step + 1, done)
+                    save(epoch, step + 1, partial.plus(procs.sum([loss_sum.item(), float(correct.item()), count])))
                     bar.close()
                     interrupted = True
                     break
@@ -563,8 +565,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                 break
             seconds = time.perf_counter() - started
             bar.close()
-            sums = Sums(*(a + b for a, b in zip(partial.as_list(),
-                                                procs.sum([loss_sum.item(), float(correct.item()), float(count)]))))
+            sums = partial.plus(procs.sum([loss_sum.item(), float(correct.item()), count]))
             images_per_s = count * procs.world_size / seconds
             train_images += count * procs.world_size
             train_seconds += seconds
