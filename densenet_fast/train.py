@@ -126,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help=f"output directory for {CHECKPOINT}, {METRICS} and {CURVES} "
-                          f"(default: runs/<dataset>-<model>)")
+                          f"(default: a new runs/<dataset>-<model>-<date>-<time>)")
     existing = out.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help=f"continue the run whose {CHECKPOINT} is in the output directory")
@@ -216,9 +216,10 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
                             f"processes")
     options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
                    world_size=procs.world_size)
-    if options["out"] is None:
+    if options["out"] is None:  # a new directory per run, named by rank 0
         shape = f"-{options['depth']}-{options['growth_rate']}" if args.model == "densenet_bc" else ""
-        options["out"] = os.path.join("runs", f"{data.name}-{args.model}{shape}")
+        name = f"{data.name}-{args.model}{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
+        options["out"] = os.path.join("runs", procs.gather(name)[0])
     return options
 
 
@@ -589,7 +590,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
                    images_per_s=train_images / train_seconds if train_seconds else float("nan"),
                    peak_memory=peak_memory(device))
     if interrupted:
-        log(f"interrupted: checkpoint saved in {out}; continue with the same command and --resume")
+        log(f"interrupted: checkpoint saved in {out}; continue with the same command and --out {out} --resume")
         return summary
     if not history:
         raise TrainingError(f"{out} holds no finished epoch")

@@ -256,7 +256,7 @@ def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupt
     monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)  # step 2 of epoch 2
     out = tmp_path / "run"
     assert train(out, "--epochs", "3") == 130
-    assert "continue with the same command and --resume" in capsys.readouterr().out
+    assert f"continue with the same command and --out {out} --resume" in capsys.readouterr().out
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)
     monkeypatch.undo()
