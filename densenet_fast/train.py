@@ -595,16 +595,18 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     if not history:
         raise TrainingError(f"{out} holds no finished epoch")
     summary["test_accuracy"] = history[-1]["test_accuracy"]
-    log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(data.test)} held-out images) | "
-        f"{summary['images_per_s']:.0f} images/s (training) | peak memory {summary['peak_memory']} | "
+    speed = f"{summary['images_per_s']:.0f} images/s (training)" if train_seconds else "no training in this run"
+    log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(data.test)} held-out images) | {speed} | "
+        f"peak memory {summary['peak_memory']} | "
         f"{len(history)} epochs, results in {out}", flush=True)
     return summary
 
 
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, leave=False, dynamic_ncols=True,
-                unit="step")
+    # disable=None: shown on a terminal only, so logs stay free of carriage returns
+    return tqdm(total=total, initial=initial, desc=description, disable=None if enabled else True, leave=False,
+                dynamic_ncols=True, unit="step")
 
 
 def _stop_requested(stop: StopRequest, procs: Processes) -> bool:
