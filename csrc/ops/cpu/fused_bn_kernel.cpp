@@ -21,9 +21,9 @@ namespace densenet_fast {
 
 namespace {
 
-constexpr int64_t kTileBytes = 64 * 1024;  // one tile of z (per thread; stays in L2)
+constexpr int64_t kTileBytes = 512 * 1024;  // a tile's z and dZ (per thread; stay in L2)
 constexpr int64_t kMinTileRows = 32;
-constexpr int64_t kMaxTileRows = 512;
+constexpr int64_t kMaxTileRows = 1024;
 constexpr int64_t kMinChunks = 16;
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -68,31 +68,70 @@ int64_t chunks_for(int64_t rows, int64_t rows_per_tile) {
   return std::max<int64_t>(1, std::min(tiles, std::max<int64_t>(kMinChunks, at::get_num_threads())));
 }
 
-// z[c] = relu(x[c] * scale[c] + shift[c]) for one row.
+// The elementwise loops below are compiled for AVX-512, AVX2 and baseline
+// x86-64 and chosen at load time (GCC function multi-versioning): the extension
+// is built without -march flags.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DENSENET_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DENSENET_FAST_SIMD_CLONES
+#endif
+
+// z[r, c] = relu(x[r, c] * scale[c] + shift[c]) for `rows` rows (row strides ldx, ldz).
 template <typename T>
-inline void bn_relu_row(const T* __restrict__ x, const T* __restrict__ scale, const T* __restrict__ shift,
-                        int64_t channels, T* __restrict__ z) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const T a = x[c] * scale[c] + shift[c];
-    z[c] = a > T(0) ? a : T(0);
+DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const T* __restrict__ scale,
+                                            const T* __restrict__ shift, int64_t rows, int64_t channels, T* z,
+                                            int64_t ldz) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ x_row = x + r * ldx;
+    T* __restrict__ z_row = z + r * ldz;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const T a = x_row[c] * scale[c] + shift[c];
+      z_row[c] = a > T(0) ? a : T(0);
+    }
   }
 }
 
-// The BN backward of one row from dZ (zero where a <= 0, `positive` tells): adds
-// dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
-// scale * dA into grad_x.
+// The BN-ReLU backward of `rows` rows: dA = factor * grad_z where a > 0;
+// adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
+// scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
 template <typename T, bool kAccumulate>
-inline void bn_backward_row(const T* __restrict__ x, const T* __restrict__ positive, const T* __restrict__ grad_z,
-                            T factor, const T* __restrict__ scale, const T* __restrict__ mean, int64_t channels,
-                            T* __restrict__ sums, T* grad_x) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const T grad_a = positive[c] > T(0) ? factor * grad_z[c] : T(0);
-    sums[c] += grad_a;
-    sums[channels + c] += grad_a * (x[c] - mean[c]);
-    if constexpr (kAccumulate) {
-      grad_x[c] += scale[c] * grad_a;
-    } else {
-      grad_x[c] = scale[c] * grad_a;
+DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const T* __restrict__ scale,
+                                                const T* __restrict__ shift, const T* __restrict__ mean,
+                                                const T* grad_z, int64_t ldg, T factor, int64_t rows,
+                                                int64_t channels, T* __restrict__ sums, T* grad_x, int64_t ldgx) {
+  T* __restrict__ sum_xhat = sums + channels;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ x_row = x + r * ldx;
+    const T* g_row = grad_z + r * ldg;
+    T* gx_row = grad_x + r * ldgx;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const T a = x_row[c] * scale[c] + shift[c];
+      const T grad_a = a > T(0) ? factor * g_row[c] : T(0);
+      sums[c] += grad_a;
+      sum_xhat[c] += grad_a * (x_row[c] - mean[c]);
+      if constexpr (kAccumulate) {
+        gx_row[c] += scale[c] * grad_a;
+      } else {
+        gx_row[c] = scale[c] * grad_a;
+      }
+    }
+  }
+}
+
+// grad_x[r, c] += offset[c] + slope[c] * (x[r, c] - mean[c]) for `rows` rows.
+template <typename T>
+DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const T* __restrict__ offset,
+                                               const T* __restrict__ slope, const T* __restrict__ mean, int64_t rows,
+                                               int64_t channels, T* grad_x, int64_t ldgx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ x_row = x + r * ldx;
+    T* __restrict__ gx_row = grad_x + r * ldgx;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      gx_row[c] += offset[c] + slope[c] * (x_row[c] - mean[c]);
     }
   }
 }
@@ -235,11 +274,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, co
                      std::vector<double>(out_channels)};
       },
       [&](State& s, Tile tile) {
-        T* z = mutable_ptr<T>(s.z);
-        for (int64_t r = 0; r < tile.size; ++r) {
-          bn_relu_row(ptr<T>(x) + (tile.begin + r) * x.stride(0), ptr<T>(scale), ptr<T>(shift), channels,
-                      z + r * channels);
-        }
+        bn_relu_rows(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<T>(scale), ptr<T>(shift), tile.size,
+                     channels, mutable_ptr<T>(s.z), channels);
         auto out_tile = out.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
         if (with_stats) {
@@ -287,23 +323,18 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(const at::Tens
                      at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(2 * channels)};
       },
       [&](State& s, Tile tile) {
-        T* z = mutable_ptr<T>(s.z);
         const T* x_tile = ptr<T>(x) + tile.begin * x.stride(0);
-        for (int64_t r = 0; r < tile.size; ++r) {
-          bn_relu_row(x_tile + r * x.stride(0), ptr<T>(scale), ptr<T>(shift), channels, z + r * channels);
-        }
+        bn_relu_rows(x_tile, x.stride(0), ptr<T>(scale), ptr<T>(shift), tile.size, channels, mutable_ptr<T>(s.z),
+                     channels);
         const auto grad_out_tile = grad_out.narrow(0, tile.begin, tile.size);
         const auto z_tile = s.z.narrow(0, 0, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         auto partial = weight_partials[s.chunk];
         partial.addmm_(grad_out_tile.t(), z_tile);
         std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
-        T* grad_x_tile = grad_x.data_ptr<T>() + tile.begin * grad_x.stride(0);
-        for (int64_t r = 0; r < tile.size; ++r) {
-          bn_backward_row<T, true>(x_tile + r * x.stride(0), z + r * channels,
-                                   ptr<T>(s.grad_z) + r * channels, T(1), ptr<T>(scale), ptr<T>(mean),
-                                   channels, s.tile_sums.data(), grad_x_tile + r * grad_x.stride(0));
-        }
+        bn_backward_rows<T, true>(x_tile, x.stride(0), ptr<T>(scale), ptr<T>(shift), ptr<T>(mean), ptr<T>(s.grad_z),
+                                  channels, T(1), tile.size, channels, s.tile_sums.data(),
+                                  mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
   return {weight_partials.sum(0), sums.result(rstd)};
@@ -331,10 +362,8 @@ void bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor&
     using T = scalar_t;
     T* out_data = out.data_ptr<T>();
     at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        bn_relu_row(ptr<T>(x) + r * x.stride(0), ptr<T>(scale_c), ptr<T>(shift_c), x.size(1),
-                    out_data + r * out.stride(0));
-      }
+      bn_relu_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), ptr<T>(scale_c), ptr<T>(shift_c), end - begin,
+                   x.size(1), out_data + begin * out.stride(0), out.stride(0));
     });
   });
 }
@@ -348,20 +377,16 @@ at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, 
   ChannelSums sums(chunks, channels);
   struct State {
     int64_t chunk;
-    std::vector<T> a, tile_sums;
+    std::vector<T> tile_sums;
   };
   for_each_tile(
-      rows, kElementwiseRows, chunks,
-      [&](int64_t chunk) { return State{chunk, std::vector<T>(channels), std::vector<T>(2 * channels)}; },
+      rows, kElementwiseRows, chunks, [&](int64_t chunk) { return State{chunk, std::vector<T>(2 * channels)}; },
       [&](State& s, Tile tile) {
         std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
-        for (int64_t r = tile.begin; r < tile.begin + tile.size; ++r) {
-          const T* x_row = ptr<T>(x) + r * x.stride(0);
-          bn_relu_row(x_row, ptr<T>(scale), ptr<T>(shift), channels, s.a.data());
-          bn_backward_row<T, false>(x_row, s.a.data(), ptr<T>(grad_z) + r * grad_z.stride(0), T(1), ptr<T>(scale),
-                                    ptr<T>(mean), channels, s.tile_sums.data(),
-                                    grad_x.data_ptr<T>() + r * grad_x.stride(0));
-        }
+        bn_backward_rows<T, false>(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<T>(scale), ptr<T>(shift),
+                                   ptr<T>(mean), ptr<T>(grad_z) + tile.begin * grad_z.stride(0), grad_z.stride(0),
+                                   T(1), tile.size, channels, s.tile_sums.data(),
+                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
   return sums.result(rstd);
@@ -402,24 +427,31 @@ at::Tensor pooled_rows(const at::Tensor& t) {
   return t.view({-1, t.size(3)});
 }
 
+// z[c] = mean of relu(x * scale + shift) over the 2x2 window at `top_left`.
+template <typename T>
+DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ top_left, int64_t stride_w,
+                                                   int64_t stride_h, const T* __restrict__ scale,
+                                                   const T* __restrict__ shift, int64_t channels,
+                                                   T* __restrict__ z) {
+  const T* __restrict__ top_right = top_left + stride_w;
+  const T* __restrict__ bottom_left = top_left + stride_h;
+  const T* __restrict__ bottom_right = bottom_left + stride_w;
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const T a0 = top_left[c] * scale[c] + shift[c], a1 = top_right[c] * scale[c] + shift[c];
+    const T a2 = bottom_left[c] * scale[c] + shift[c], a3 = bottom_right[c] * scale[c] + shift[c];
+    z[c] = T(0.25) * ((a0 > T(0) ? a0 : T(0)) + (a1 > T(0) ? a1 : T(0)) + (a2 > T(0) ? a2 : T(0)) +
+                      (a3 > T(0) ? a3 : T(0)));
+  }
+}
+
 // Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
 template <typename T>
-void pooled_bn_relu(const at::Tensor& x, const Window& window, const T* scale, const T* shift, Tile tile, T* z,
-                    T* a) {
+void pooled_bn_relu(const at::Tensor& x, const Window& window, const T* scale, const T* shift, Tile tile, T* z) {
   const int64_t channels = x.size(3);
   for (int64_t r = 0; r < tile.size; ++r) {
-    const T* top_left = ptr<T>(x) + window.offset(tile.begin + r);
-    T* z_row = z + r * channels;
-    std::fill(z_row, z_row + channels, T(0));
-    for (const int64_t step : {int64_t(0), window.stride_w, window.stride_h, window.stride_h + window.stride_w}) {
-      bn_relu_row(top_left + step, scale, shift, channels, a);
-      for (int64_t c = 0; c < channels; ++c) {
-        z_row[c] += a[c];
-      }
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      z_row[c] *= T(0.25);
-    }
+    window_bn_relu_mean(ptr<T>(x) + window.offset(tile.begin + r), window.stride_w, window.stride_h, scale, shift,
+                        channels, z + r * channels);
   }
 }
 
@@ -433,13 +465,12 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
   const auto weight_t = weight.t();
   struct State {
     at::Tensor z;
-    std::vector<T> a;
   };
   for_each_tile(
       out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
-      [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(channels)}; },
+      [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options())}; },
       [&](State& s, Tile tile) {
-        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z), s.a.data());
+        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z));
         auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
       });
@@ -478,17 +509,16 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
-    std::vector<T> a, tile_sums;
+    std::vector<T> tile_sums;
   };
   for_each_tile(
       pooled, rows_per_tile, chunks,
       [&](int64_t chunk) {
         return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
-                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(channels),
-                     std::vector<T>(2 * channels)};
+                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(2 * channels)};
       },
       [&](State& s, Tile tile) {
-        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z), s.a.data());
+        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z));
         const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         weight_partials[s.chunk].addmm_(grad_out_tile.t(), s.z.narrow(0, 0, tile.size));
@@ -498,13 +528,13 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
           const T* x_top_left = ptr<T>(x) + window.offset(tile.begin + r);
           T* grad_top_left = grad_x.data_ptr<T>() + grad_window.offset(tile.begin + r);
           const T* grad_pooled = ptr<T>(s.grad_z) + r * channels;
+          // The window's top and bottom pixel pairs, each as 2 rows (row stride: the W stride),
+          // share the pooled gradient (its row stride 0).
           for (const auto& [x_step, grad_step] :
-               {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_w, grad_offset_w},
-                std::pair{window.stride_h, grad_offset_h},
-                std::pair{window.stride_h + window.stride_w, grad_offset_h + grad_offset_w}}) {
-            bn_relu_row(x_top_left + x_step, ptr<T>(scale), ptr<T>(shift), channels, s.a.data());
-            bn_backward_row<T, false>(x_top_left + x_step, s.a.data(), grad_pooled, T(0.25), ptr<T>(scale),
-                                      ptr<T>(mean), channels, s.tile_sums.data(), grad_top_left + grad_step);
+               {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_h, grad_offset_h}}) {
+            bn_backward_rows<T, false>(x_top_left + x_step, window.stride_w, ptr<T>(scale), ptr<T>(shift),
+                                       ptr<T>(mean), grad_pooled, 0, T(0.25), 2, channels, s.tile_sums.data(),
+                                       grad_top_left + grad_step, grad_offset_w);
           }
         }
         sums.add(s.chunk, s.tile_sums);
@@ -540,13 +570,8 @@ void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const 
     const T *offset_data = ptr<T>(offset), *slope_data = ptr<T>(slope), *mean_data = ptr<T>(mean_c);
     T* grad_data = grad_x.data_ptr<T>();
     at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* __restrict__ x_row = ptr<T>(x) + r * x.stride(0);
-        T* __restrict__ grad_row = grad_data + r * grad_x.stride(0);
-        for (int64_t c = 0; c < channels; ++c) {
-          grad_row[c] += offset_data[c] + slope_data[c] * (x_row[c] - mean_data[c]);
-        }
-      }
+      affine_add_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), offset_data, slope_data, mean_data, end - begin,
+                      channels, grad_data + begin * grad_x.stride(0), grad_x.stride(0));
     });
   });
 }
