@@ -92,9 +92,13 @@ def test_kernels_subcommand(tmp_path):
     assert result["machine"]["copy_bytes_per_s"] > 0 and result["machine"]["matmul_flops_per_s"] > 0
 
 
-def test_cli_registers_bench():
-    args = cli.build_parser("bench").parse_args(["bench", "depth", "--depths", "10", "16", "--budget-gib", "0"])
-    assert args.depths == [10, 16] and args.bench_run is depth.run
+def test_cli_runs_bench(fake_workers, tmp_path):
+    argv = ["bench", "depth", "--depths", "10", "16", "--budget-gib", "0", "--out", str(tmp_path / "c.json"), "--no-plot"]
+    assert cli.build_parser("bench").parse_args(argv).bench_run is depth.run
+    assert cli.main(argv) == 0
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["environment"]["settings"]["depths"] == [10, 16]
+    assert written["environment"]["command"].startswith("python")
 
 
 def test_worker_process_measures_a_step():

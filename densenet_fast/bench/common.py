@@ -113,6 +113,37 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def current_anon_bytes() -> int:
+    """Resident memory of this process that is not file-backed (statm resident - shared)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class AnonPeakSampler:
+    """Samples :func:`current_anon_bytes` every ``interval_s`` in a thread and keeps the maximum
+    (code pages of libraries mapped during a step count in RSS but not here)."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self.interval_s, self.peak, self._stop = interval_s, current_anon_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_anon_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "AnonPeakSampler":
+        sys.setswitchinterval(self.interval_s / 2)  # let the sampler run between Python-level ops
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_anon_bytes())
+
+
 def process_rss_bytes(pid: int) -> Optional[int]:
     """Resident set size of process ``pid`` (``None`` once it has exited)."""
     try:
@@ -234,6 +265,11 @@ def environment(device: str, settings: dict) -> dict:
         if Path(sys.argv[0]).name == "__main__.py" else " ".join(["python"] + sys.argv),
         "settings": settings,
     }
+
+
+def settings_of(args) -> dict:
+    """Every option of a run, as JSON-friendly values (functions left out)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
 
 
 def finish_environment(env: dict) -> dict:

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"depth {d} is not of the form 6n + 4")
     impls = resolve_impls(args)
     runner = Runner(args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD,
                      "memory": "peak RSS above baseline in a fresh process (GPU: max_memory_allocated above baseline)"})
     env = common.environment(args.device, settings)

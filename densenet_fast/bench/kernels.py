@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         except BackendUnavailableError:
             if args.backends:
                 raise
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    settings = common.settings_of(args)
     shapes = layer_shapes(args.batch, args.batch_bc)
     settings.update({"backends": list(backends), "shapes": [asdict(s) for s in shapes]})
     env = common.environment(device, settings)

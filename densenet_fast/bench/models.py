@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = ModelSpec.parse(args.model, args.growth_rate)
     impls = resolve_impls(args)
     runner = Runner(args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD})
     env = common.environment(args.device, settings)
     timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in ("train", "infer")}

@@ -62,10 +62,15 @@ def measure_memory(spec: dict) -> dict:
         if warmup_batch:
             common.reset_peak_rss()
         baseline = common.current_rss_bytes()
+    baseline_anon = common.current_anon_bytes()
     print(common.BASELINE_PREFIX + str(baseline), flush=True)
-    seconds = [common.time_once(step, device) for _ in range(spec.get("steps", 2))]
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else common.peak_rss_bytes()
-    return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": peak - baseline, "step_seconds": seconds}
+    with common.AnonPeakSampler() as sampler:
+        seconds = [common.time_once(step, device) for _ in range(spec.get("steps", 2))]
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - baseline
+        return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": peak, "step_seconds": seconds}
+    return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": sampler.peak - baseline_anon,
+            "peak_rss_bytes": common.peak_rss_bytes() - baseline, "step_seconds": seconds}
 
 
 def measure_time(spec: dict) -> dict:
