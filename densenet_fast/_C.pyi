@@ -9,6 +9,32 @@ kernels; call them through ``torch.ops.densenet_fast``):
     of a channels-last buffer.  ``shift``: ``(C,)`` float64 on ``x``'s device.
     Returns ``(C,)`` float64 sums over the rows of ``x - shift`` and
     ``(x - shift)**2``, accumulated in float64.
+
+The fused BatchNorm-ReLU ops (CPU kernels; csrc/ops/fused_bn.h).  ``x`` is a
+channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
+``(N, H, W, C)`` for the transition; float32 or float64.  ``scale``, ``shift``,
+``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64
+data, else float32): ``a = x * scale + shift``, ``z = relu(a)``,
+``xhat = (x - mean) * rstd``, ``dA = dL/da``.  Arguments marked ``!`` are
+written in place.
+
+``bn_relu_conv1x1(x, scale, shift, weight (K, C), out (M, K)!, with_stats) -> (mean, var)``
+    ``out = z @ weight.T``; biased ``(mean, var)`` of ``out`` ``(K,)`` if
+    ``with_stats``, else two empty tensors.
+``bn_relu_conv1x1_backward_sums(x, scale, shift, mean, rstd, weight, grad_out (M, K), grad_x!) -> (grad_weight, sums)``
+    Pass 1 of the backward: ``grad_x += scale * dA``; ``grad_weight (K, C)``,
+    ``sums (2, C) = [sum dA, sum dA * xhat]``.
+``bn_relu(x, scale, shift, out (M, C)!) -> ()``
+    ``out = z``.
+``bn_relu_backward_sums(x, scale, shift, mean, rstd, grad_z, grad_x!) -> sums``
+    Pass 1: ``grad_x = scale * dA`` (``grad_x`` may be ``grad_z``).
+``transition(x (N, H, W, C), scale, shift, weight (K, C), out (N, H//2, W//2, K)!) -> ()``
+    ``out = avgpool2x2(z) @ weight.T``.
+``transition_backward_sums(x, scale, shift, mean, rstd, weight, grad_out, grad_x!) -> (grad_weight, sums)``
+    Pass 1: ``grad_x = scale * dA`` (zero where pooling drops pixels).
+``bn_backward_finish(x (M, C), scale, mean, rstd, batch_means (2, C), grad_x!) -> ()``
+    Pass 2, with ``batch_means = [mean dA, mean dA * xhat]`` over the batch:
+    ``grad_x -= scale * (batch_means[0] + xhat * batch_means[1])``.
 """
 
 def has_cuda() -> bool:
