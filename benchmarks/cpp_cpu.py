@@ -98,8 +98,9 @@ def primitives(args) -> None:
     print(f"one core: GEMM {gemm_rate / 1e9:.1f} GFLOP/s ({m}x{c}x{k}), copy {copy_rate / 1e9:.1f} GB/s "
           f"(bytes read + written)\n")
 
-    def bn(channels):
-        return torch.rand(channels) + 0.5, torch.randn(channels), 0.1 * torch.randn(channels), torch.rand(channels) + 0.5
+    def bn(channels):  # scale, shift, mean, rstd
+        return (torch.rand(channels) + 0.5, torch.randn(channels), 0.1 * torch.randn(channels),
+                torch.rand(channels) + 0.5)
 
     buffer = torch.randn(m, c_total)
     x, x4 = buffer[:, :c], buffer.view(BATCH, SIZE, SIZE, c_total)
