@@ -10,7 +10,9 @@ kernels; call them through ``torch.ops.densenet_fast``):
     Returns ``(C,)`` float64 sums over the rows of ``x - shift`` and
     ``(x - shift)**2``, accumulated in float64.
 
-The fused BatchNorm-ReLU ops (CPU kernels; csrc/ops/fused_bn.h).  ``x`` is a
+The fused BatchNorm-ReLU ops (csrc/ops/fused_bn.h): CPU kernels for all,
+CUDA kernels for ``bn_relu``, ``bn_relu_backward_sums`` and
+``bn_backward_finish``.  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
 ``(N, H, W, C)`` for the transition; float32 or float64.  ``scale``, ``shift``,
 ``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64

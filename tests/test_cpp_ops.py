@@ -372,3 +372,35 @@ def test_torch_compile_matches_eager():
         assert max_relative_error(compiled.grads[name], eager.grads[name]) <= 1e-4, name
     for name in eager.buffers:
         assert max_relative_error(compiled.buffers[name], eager.buffers[name]) <= FP32_RTOL, name
+
+
+# -- CUDA kernels --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("m, c", [(1031, 17), (70_001, 45), (3, 2)])
+def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats):
+    """The CUDA backend's BN-ReLU ops on channel ranges against the cpp
+    backend's (tested above against float64), grad_x in place of grad_z."""
+    if not torch.cuda.is_available() or not _extension.has_cuda():
+        pytest.skip("needs a CUDA device and the extension's CUDA kernels")
+    from densenet_fast.backends.cpp_backend import CudaBackend
+
+    g = torch.Generator().manual_seed(7)
+    buffer = random_buffer((m,), 3 + c + 5, dtype, g)
+    x, x_gpu = buffer[:, 3:3 + c], buffer.cuda()[:, 3:3 + c]  # channel ranges of wider buffers
+    bn = make_bn(x, batch_stats, g)
+    coefficients = [t.cuda() for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
+    tol = TOLERANCE[dtype][0]
+    out, out_gpu = torch.empty(m, c, dtype=dtype), torch.empty(m, c, dtype=dtype, device="cuda")
+    CPP.bn_relu(x, bn.scale, bn.shift, out)
+    CudaBackend().bn_relu(x_gpu, coefficients[0], coefficients[1], out_gpu)
+    assert_close(out_gpu, out, tol, "bn_relu")
+
+    grad_z = random_buffer((m,), c, dtype, g)
+    grad_gpu = grad_z.cuda()
+    expected = CPP.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
+    grads = CudaBackend().bn_relu_backward(x_gpu, *coefficients, grad_gpu, grad_gpu, bn.batch_mean())
+    for name, actual, reference in zip(("grad_x", "grad_gamma", "grad_beta"), (grad_gpu, *grads),
+                                       (grad_z, *expected)):
+        assert_close(actual, reference, tol, f"{name} vs cpp backend")

@@ -11,6 +11,11 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,
+                                                       const at::Tensor& batch_means) {
+  return {(-scale * batch_means[0]).contiguous(), (-scale * rstd * batch_means[1]).contiguous()};
+}
+
 namespace {
 
 void check_data(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {

@@ -50,4 +50,9 @@ void check_bn_backward_finish(const at::Tensor& x, const at::Tensor& scale, cons
 // The dtype of statistics and BN coefficients for data x: float64 for float64, else float32.
 at::ScalarType stats_dtype(const at::Tensor& x);
 
+// Pass 2 of the BN backward as grad_x += offset + slope * (x - mean): returns the
+// contiguous (C,) (offset, slope) = (-scale * mean_dA, -scale * rstd * mean_dA_xhat).
+std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,
+                                                       const at::Tensor& batch_means);
+
 }  // namespace densenet_fast

@@ -99,7 +99,10 @@ class CppBackend(ExtensionStatsBackend):
 
 
 class CudaBackend(ExtensionStatsBackend):
-    """The extension's CUDA kernels: channel statistics so far; the other
-    primitives are the torch backend's."""
+    """The extension's CUDA kernels: channel statistics, BN-ReLU and its
+    backward; the GEMM primitives are the torch backend's."""
+
+    bn_relu = CppBackend.bn_relu
+    bn_relu_backward = CppBackend.bn_relu_backward
 
     name = "cuda"

@@ -302,10 +302,9 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_cpu(const at::Tensor& x, cons
 // ---- bn_relu_conv1x1_backward_sums -------------------------------------------------------
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(const at::Tensor& x, const at::Tensor& scale,
-                                                                  const at::Tensor& shift, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd, const at::Tensor& weight,
-                                                                  const at::Tensor& grad_out, const at::Tensor& grad_x) {
+std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
+    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
@@ -559,10 +558,8 @@ void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const 
                             const at::Tensor& rstd, const at::Tensor& batch_means, const at::Tensor& grad_x) {
   check_bn_backward_finish(x, scale, mean, rstd, batch_means, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  // grad_x += offset + slope * (x - mean), with offset = -scale * mean(dA),
-  // slope = -scale * rstd * mean(dA * xhat).
-  const auto offset = (-scale * batch_means[0]).contiguous();
-  const auto slope = (-scale * rstd * batch_means[1]).contiguous();
+  at::Tensor offset, slope;
+  std::tie(offset, slope) = finish_coefficients(scale, rstd, batch_means);
   const auto mean_c = mean.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_finish_cpu", [&] {
     using T = scalar_t;
