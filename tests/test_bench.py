@@ -34,7 +34,8 @@ def fake_workers(monkeypatch):
         peak = fake_peak(impl, spec, batch) * (1.0 if train else 0.5)
         if limit_bytes is not None and peak > limit_bytes:
             return {"status": "over_budget"}
-        return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [1e-3 * spec.depth]}
+        seconds = 1e-13 * depth.training_flops(spec.depth, spec.growth_rate, batch, 32)  # 10 TFLOP/s
+        return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [seconds]}
 
     def time_(self, impls, spec, batch, train=True):
         return {"status": "ok", "impls": {i: {"status": "ok", "seconds": common.summarize([1e-3 * spec.depth] * 3)}
@@ -47,6 +48,12 @@ def fake_workers(monkeypatch):
 
 def deepest_true(impl: str, batch: int, budget: float) -> int:
     return max(d for d in range(10, 9000, 6) if fake_peak(impl, ModelSpec("densenet_bc", d), batch) <= budget)
+
+
+def test_training_flops():
+    """DenseNet-BC-100 (k=12) forward is about 0.29 GMAC per 32x32 image (Huang et al.)."""
+    per_image_macs = depth.training_flops(100, 12, 1, 32) / 3 / 2
+    assert 0.25e9 < per_image_macs < 0.32e9
 
 
 def test_budget_search_pins_the_boundary(fake_workers, tmp_path):

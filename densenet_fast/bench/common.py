@@ -275,6 +275,7 @@ def settings_of(args) -> dict:
 def finish_environment(env: dict) -> dict:
     """Add the load at the end of a run (other processes sharing the CPU skew timings)."""
     env["load_average_at_end"] = list(os.getloadavg())
+    env["git_revision_at_end"] = git_revision()  # others may commit while a long run goes on
     return env
 
 

@@ -12,9 +12,10 @@ memory budget.
    fit the deepest depth (``6n + 4``) whose step fits the budget, then probe
    around it (fresh process each, stopped once it exceeds the budget) until
    the boundary is pinned to ``--resolution``: the deepest depth that fitted
-   and the shallowest that did not.  A probe whose predicted step time exceeds
-   ``--probe-timeout`` or the time left is not run; the result is then a lower
-   bound, marked so.
+   and the shallowest that did not.  The time left under ``--max-minutes`` is
+   shared equally by the implementations; a probe whose predicted step time
+   exceeds ``--probe-timeout`` or half its share is not run, and the result
+   is then a verified lower bound (``limited_by``) next to the prediction.
 """
 
 from __future__ import annotations
@@ -60,6 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=15.0, help="wall-clock limit of the whole run")
     parser.add_argument("--reference-depth", type=int, default=100)
     add_common_arguments(parser)
+
+
+def training_flops(depth: int, growth_rate: int, batch: int, image_size: int) -> float:
+    """FLOPs of one DenseNet-BC training step: 3x the forward's (backward costs
+    two forwards), counting the stem, every layer's 1x1 and 3x3 convolutions
+    and the transitions' 1x1 convolutions (2 FLOPs per multiply-add)."""
+    n, k = (depth - 4) // 6, growth_rate
+    pixels, channels = batch * image_size * image_size, 2 * k
+    forward = 2.0 * pixels * 3 * channels * 9
+    for block in range(3):
+        for layer in range(n):
+            forward += 2.0 * pixels * ((channels + layer * k) * 4 * k + 4 * k * k * 9)
+        channels += n * k
+        if block < 2:
+            pixels //= 4
+            forward += 2.0 * pixels * channels * (channels // 2)  # pooled before the 1x1 convolution
+            channels //= 2
+    return 3 * forward
 
 
 def bc_spec(args: argparse.Namespace, depth: int) -> ModelSpec:
@@ -109,9 +128,11 @@ def sweep(runner: Runner, impls: list[str], args, checkpoint) -> tuple[list[dict
     return points, timings
 
 
-def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
-    """Deepest depth of ``impl`` whose training step fits ``--budget-gib`` (see module docstring)."""
+def search_budget(runner: Runner, impl: str, points: list[dict], args, seconds: float) -> dict:
+    """Deepest depth of ``impl`` whose training step fits ``--budget-gib`` (see
+    module docstring), spending at most about ``seconds``."""
     budget = args.budget_gib * common.GIB
+    deadline = time.monotonic() + seconds
     mine = [p for p in points if p["impl"] == impl]
     fits = lambda p: p["status"] == "ok" and p["peak_bytes"] <= budget  # noqa: E731
     lo = max((p["depth"] for p in mine if fits(p)), default=None)
@@ -120,7 +141,8 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
     while True:
         measured = [p for p in mine if p["status"] == "ok"]
         memory_fit = growth_fit([p["depth"] for p in measured], [p["peak_bytes"] for p in measured])
-        time_fit = growth_fit([p["depth"] for p in measured], [p["step_seconds"][-1] for p in measured])
+        flops = lambda d: training_flops(d, args.growth_rate, args.batch, args.image_size)  # noqa: E731
+        seconds_per_flop = max((p["step_seconds"][-1] / flops(p["depth"]) for p in measured), default=0.0)
         predicted = deepest_under(memory_fit, budget, args.max_depth)
         if lo is None or (hi is not None and hi - lo <= max(6, args.resolution * lo)):
             break
@@ -133,7 +155,9 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
             candidate = min(lo + max(6, 6 * round(args.resolution * lo / 6)), args.max_depth)
         else:
             candidate = snap((lo + hi) / 2)
-        affordable = deepest_under(time_fit, min(args.probe_timeout, runner.seconds_left() / 2), args.max_depth)
+        seconds_left = min(runner.seconds_left(), deadline - time.monotonic())
+        affordable = max((d for d in range(10, args.max_depth + 1, 6)
+                          if seconds_per_flop * flops(d) <= min(args.probe_timeout, seconds_left / 2)), default=None)
         if affordable is None or candidate > affordable:
             candidate = affordable or lo
             if candidate <= lo:
@@ -205,8 +229,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.budget_gib > 0:
         order = sorted(impls, key=lambda i: -max((p["peak_bytes"] for p in points if p["impl"] == i
                                                   and p["status"] == "ok"), default=0))
-        for impl in common.progress(order, desc="budget search", enabled=not args.no_progress):
-            searches.append(search_budget(runner, impl, points, args))
+        for i, impl in enumerate(common.progress(order, desc="budget search", enabled=not args.no_progress)):
+            share = runner.seconds_left() / (len(order) - i)  # what is left, shared fairly
+            searches.append(search_budget(runner, impl, points, args, share))
             checkpoint(points, timings, searches)
     result = {"benchmark": "depth", "environment": common.finish_environment(env), "points": points,
               "timings": {str(d): t for d, t in timings.items()}, "fits": summarize_fits(points, impls),
