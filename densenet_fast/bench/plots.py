@@ -48,17 +48,23 @@ def plot_depth(result: dict, path: Path) -> Path:
         over = [p["depth"] for p in result["points"] if p["impl"] == impl and p["status"] == "over_budget"]
         if over and settings.get("budget_gib"):
             ax_mem.plot(over, [settings["budget_gib"] * GIB / MIB] * len(over), "x", color=colour, markersize=10)
-        timed = sorted((int(d), t[impl]["seconds"]["median"]) for d, t in result["timings"].items()
+        timed = sorted((int(d), t[impl]["seconds"]) for d, t in result["timings"].items()
                        if t.get(impl, {}).get("status") == "ok")
         if timed:
-            ax_time.plot(*zip(*timed), marker=marker, color=colour, label=impl)
+            depths, stats = zip(*timed)
+            medians = [s["median"] for s in stats]
+            spread = [[m - s["min"] for m, s in zip(medians, stats)], [s["max"] - m for m, s in zip(medians, stats)]]
+            shift = (impls.index(impl) - (len(impls) - 1) / 2) * 0.01 * max(depths)  # keep the bars apart
+            ax_time.errorbar([d + shift for d in depths], medians, yerr=spread, marker=marker, color=colour,
+                             label=impl, capsize=4)
     if settings.get("budget_gib"):
         ax_mem.axhline(settings["budget_gib"] * GIB / MIB, color="black", linestyle="--",
                        label=f"budget {settings['budget_gib']:g} GiB (x: stopped above it)")
     batch = f"batch {settings['batch']}, {settings['image_size']}x{settings['image_size']}, k={settings['growth_rate']}"
     ax_mem.set(xlabel="depth (layers)", ylabel="peak memory of one training step (MiB)",
                title="memory vs depth")
-    ax_time.set(xlabel="depth (layers)", ylabel="training step time, median (s)", title="step time vs depth")
+    ax_time.set(xlabel="depth (layers)", ylabel="training step time (s): median, bars min-max",
+                title="step time vs depth")
     for ax in (ax_mem, ax_time):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
