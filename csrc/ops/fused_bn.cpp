@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, 
 namespace {
 
 void check_data(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": unsupported dtype ",
-              t.scalar_type(), " of ", name, "; expected float32 or float64");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16, op,
+              ": unsupported dtype ", t.scalar_type(), " of ", name, "; expected float32, float64 or bfloat16");
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name, " must be ",
               x.scalar_type(), " on ", x.device(), " like x, got ", t.scalar_type(), " on ", t.device());
 }

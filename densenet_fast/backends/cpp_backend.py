@@ -7,8 +7,8 @@ writes or adds ``scale * dA`` into ``grad_x`` and returns the local sums
 statistics terms ``-scale * (mean(dA) + xhat * mean(dA * xhat))``.  In eval
 mode (``batch_mean is None``) there is no pass 2.
 
-The fused ops take float32 and float64 data; other dtypes (bf16/fp16 under
-autocast) run the inherited torch implementation.
+The fused CPU ops take float32, float64 and bfloat16 data (the CUDA ones
+float32 and float64); other dtypes run the torch backend's implementation.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from .interface import Stats
 from .torch_backend import TorchBackend, stats_dtype
 
 ops = torch.ops.densenet_fast
-NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 def native_dtypes_only(method):
-    """Run ``method`` for float32/float64 ``x``, TorchBackend's primitive of the same name otherwise."""
+    """Run ``method`` when the backend's kernels take ``x``'s dtype
+    (``self.native_dtypes``), TorchBackend's primitive of the same name otherwise."""
     fallback = getattr(TorchBackend, method.__name__)
 
     @functools.wraps(method)
     def primitive(self, x, *args, **kwargs):
-        return (method if x.dtype in NATIVE_DTYPES else fallback)(self, x, *args, **kwargs)
+        return (method if x.dtype in self.native_dtypes else fallback)(self, x, *args, **kwargs)
 
     return primitive
 
@@ -66,6 +66,7 @@ class CppBackend(ExtensionStatsBackend):
     """The C++ CPU kernels (tiled over pixels, ATen BLAS, ATen parallel_for)."""
 
     name = "cpp"
+    native_dtypes = (torch.float32, torch.float64, torch.bfloat16)
 
     @native_dtypes_only
     def bn_relu_conv1x1(self, x, scale, shift, weight, out, with_stats):
@@ -102,7 +103,7 @@ class CudaBackend(ExtensionStatsBackend):
     """The extension's CUDA kernels: channel statistics, BN-ReLU and its
     backward; the GEMM primitives are the torch backend's."""
 
+    name = "cuda"
+    native_dtypes = (torch.float32, torch.float64)
     bn_relu = CppBackend.bn_relu
     bn_relu_backward = CppBackend.bn_relu_backward
-
-    name = "cuda"

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -77,18 +78,21 @@ int64_t chunks_for(int64_t rows, int64_t rows_per_tile) {
 #define DENSENET_FAST_SIMD_CLONES
 #endif
 
+// In these loops T is the data type and A = at::opmath_type<T> the type of the
+// BN coefficients and of the arithmetic (float for bfloat16 data).
+
 // z[r, c] = relu(x[r, c] * scale[c] + shift[c]) for `rows` rows (row strides ldx, ldz).
-template <typename T>
-DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const T* __restrict__ scale,
-                                            const T* __restrict__ shift, int64_t rows, int64_t channels, T* z,
+template <typename T, typename A>
+DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
+                                            const A* __restrict__ shift, int64_t rows, int64_t channels, T* z,
                                             int64_t ldz) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ x_row = x + r * ldx;
     T* __restrict__ z_row = z + r * ldz;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const T a = x_row[c] * scale[c] + shift[c];
-      z_row[c] = a > T(0) ? a : T(0);
+      const A a = static_cast<A>(x_row[c]) * scale[c] + shift[c];
+      z_row[c] = static_cast<T>(a > A(0) ? a : A(0));
     }
   }
 }
@@ -96,42 +100,44 @@ DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const T* __
 // The BN-ReLU backward of `rows` rows: dA = factor * grad_z where a > 0;
 // adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
 // scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
-template <typename T, bool kAccumulate>
-DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const T* __restrict__ scale,
-                                                const T* __restrict__ shift, const T* __restrict__ mean,
-                                                const T* grad_z, int64_t ldg, T factor, int64_t rows,
-                                                int64_t channels, T* __restrict__ sums, T* grad_x, int64_t ldgx) {
-  T* __restrict__ sum_xhat = sums + channels;
+template <typename T, typename A, bool kAccumulate>
+DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
+                                                const A* __restrict__ shift, const A* __restrict__ mean,
+                                                const T* grad_z, int64_t ldg, A factor, int64_t rows,
+                                                int64_t channels, A* __restrict__ sums, T* grad_x, int64_t ldgx) {
+  A* __restrict__ sum_xhat = sums + channels;
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ x_row = x + r * ldx;
     const T* g_row = grad_z + r * ldg;
     T* gx_row = grad_x + r * ldgx;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const T a = x_row[c] * scale[c] + shift[c];
-      const T grad_a = a > T(0) ? factor * g_row[c] : T(0);
+      const A value = static_cast<A>(x_row[c]);
+      const A a = value * scale[c] + shift[c];
+      const A grad_a = a > A(0) ? factor * static_cast<A>(g_row[c]) : A(0);
       sums[c] += grad_a;
-      sum_xhat[c] += grad_a * (x_row[c] - mean[c]);
+      sum_xhat[c] += grad_a * (value - mean[c]);
       if constexpr (kAccumulate) {
-        gx_row[c] += scale[c] * grad_a;
+        gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + scale[c] * grad_a);
       } else {
-        gx_row[c] = scale[c] * grad_a;
+        gx_row[c] = static_cast<T>(scale[c] * grad_a);
       }
     }
   }
 }
 
 // grad_x[r, c] += offset[c] + slope[c] * (x[r, c] - mean[c]) for `rows` rows.
-template <typename T>
-DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const T* __restrict__ offset,
-                                               const T* __restrict__ slope, const T* __restrict__ mean, int64_t rows,
+template <typename T, typename A>
+DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A* __restrict__ offset,
+                                               const A* __restrict__ slope, const A* __restrict__ mean, int64_t rows,
                                                int64_t channels, T* grad_x, int64_t ldgx) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ x_row = x + r * ldx;
     T* __restrict__ gx_row = grad_x + r * ldgx;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      gx_row[c] += offset[c] + slope[c] * (x_row[c] - mean[c]);
+      gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + offset[c] +
+                                 slope[c] * (static_cast<A>(x_row[c]) - mean[c]));
     }
   }
 }
@@ -182,7 +188,7 @@ class Moments {
     std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < channels_; ++c) {
-        tile_mean[c] += data[r * ld + c];
+        tile_mean[c] += static_cast<double>(data[r * ld + c]);
       }
     }
     for (int64_t c = 0; c < channels_; ++c) {
@@ -190,7 +196,7 @@ class Moments {
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < channels_; ++c) {
-        const double d = data[r * ld + c] - tile_mean[c];
+        const double d = static_cast<double>(data[r * ld + c]) - tile_mean[c];
         tile_m2[c] += d * d;
       }
     }
@@ -251,12 +257,23 @@ T* mutable_ptr(const at::Tensor& t) {
   return t.data_ptr<T>();
 }
 
+// partial (K, C) += grad_out_tile.T @ z_tile: in place when partial has the data
+// dtype, through a product in the data dtype for bfloat16 data (float partials).
+void add_weight_gradient(at::Tensor partial, const at::Tensor& grad_out_tile, const at::Tensor& z_tile) {
+  if (partial.scalar_type() == z_tile.scalar_type()) {
+    partial.addmm_(grad_out_tile.t(), z_tile);
+  } else {
+    partial.add_(at::mm(grad_out_tile.t(), z_tile));
+  }
+}
+
 // ---- bn_relu_conv1x1 ---------------------------------------------------------------------
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, const at::Tensor& scale,
                                                          const at::Tensor& shift, const at::Tensor& weight,
                                                          const at::Tensor& out, bool with_stats) {
+  using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
@@ -274,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, co
                      std::vector<double>(out_channels)};
       },
       [&](State& s, Tile tile) {
-        bn_relu_rows(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<T>(scale), ptr<T>(shift), tile.size,
+        bn_relu_rows(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<A>(scale), ptr<A>(shift), tile.size,
                      channels, mutable_ptr<T>(s.z), channels);
         auto out_tile = out.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
@@ -294,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_cpu(const at::Tensor& x, cons
                                                        const at::Tensor& out, bool with_stats) {
   check_bn_relu_conv1x1(x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     return bn_relu_conv1x1_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out, with_stats);
   });
 }
@@ -305,38 +322,38 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
     const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
-  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options());
+  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChannelSums sums(chunks, channels);
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
-    std::vector<T> tile_sums;
+    std::vector<A> tile_sums;
   };
   for_each_tile(
       rows, rows_per_tile, chunks,
       [&](int64_t chunk) {
         return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
-                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(2 * channels)};
+                     at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
       },
       [&](State& s, Tile tile) {
         const T* x_tile = ptr<T>(x) + tile.begin * x.stride(0);
-        bn_relu_rows(x_tile, x.stride(0), ptr<T>(scale), ptr<T>(shift), tile.size, channels, mutable_ptr<T>(s.z),
+        bn_relu_rows(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), tile.size, channels, mutable_ptr<T>(s.z),
                      channels);
         const auto grad_out_tile = grad_out.narrow(0, tile.begin, tile.size);
         const auto z_tile = s.z.narrow(0, 0, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
-        auto partial = weight_partials[s.chunk];
-        partial.addmm_(grad_out_tile.t(), z_tile);
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
-        bn_backward_rows<T, true>(x_tile, x.stride(0), ptr<T>(scale), ptr<T>(shift), ptr<T>(mean), ptr<T>(s.grad_z),
-                                  channels, T(1), tile.size, channels, s.tile_sums.data(),
+        add_weight_gradient(weight_partials[s.chunk], grad_out_tile, z_tile);
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
+        bn_backward_rows<T, A, true>(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), ptr<T>(s.grad_z),
+                                  channels, A(1), tile.size, channels, s.tile_sums.data(),
                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0), sums.result(rstd)};
+  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
@@ -344,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   check_bn_relu_conv1x1_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv1x1_backward_sums_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_conv1x1_backward_sums_cpu", [&] {
     return bn_relu_conv1x1_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(),
                                                     rstd, weight, grad_out, grad_x);
   });
@@ -357,11 +374,12 @@ constexpr int64_t kElementwiseRows = 256;
 void bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu(x, scale, shift, out);
   const auto scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_cpu", [&] {
     using T = scalar_t;
+    using A = at::opmath_type<T>;
     T* out_data = out.data_ptr<T>();
     at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
-      bn_relu_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), ptr<T>(scale_c), ptr<T>(shift_c), end - begin,
+      bn_relu_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), ptr<A>(scale_c), ptr<A>(shift_c), end - begin,
                    x.size(1), out_data + begin * out.stride(0), out.stride(0));
     });
   });
@@ -371,20 +389,21 @@ template <typename T>
 at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
                                   const at::Tensor& grad_x) {
+  using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1);
   const int64_t chunks = chunks_for(rows, kElementwiseRows);
   ChannelSums sums(chunks, channels);
   struct State {
     int64_t chunk;
-    std::vector<T> tile_sums;
+    std::vector<A> tile_sums;
   };
   for_each_tile(
-      rows, kElementwiseRows, chunks, [&](int64_t chunk) { return State{chunk, std::vector<T>(2 * channels)}; },
+      rows, kElementwiseRows, chunks, [&](int64_t chunk) { return State{chunk, std::vector<A>(2 * channels)}; },
       [&](State& s, Tile tile) {
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
-        bn_backward_rows<T, false>(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<T>(scale), ptr<T>(shift),
-                                   ptr<T>(mean), ptr<T>(grad_z) + tile.begin * grad_z.stride(0), grad_z.stride(0),
-                                   T(1), tile.size, channels, s.tile_sums.data(),
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
+        bn_backward_rows<T, A, false>(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<A>(scale), ptr<A>(shift),
+                                   ptr<A>(mean), ptr<T>(grad_z) + tile.begin * grad_z.stride(0), grad_z.stride(0),
+                                   A(1), tile.size, channels, s.tile_sums.data(),
                                    mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
@@ -396,7 +415,7 @@ at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scal
                                      const at::Tensor& grad_x) {
   check_bn_relu_backward(x, scale, shift, mean, rstd, grad_z, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
     return bn_relu_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
                                             grad_z, grad_x);
   });
@@ -427,26 +446,28 @@ at::Tensor pooled_rows(const at::Tensor& t) {
 }
 
 // z[c] = mean of relu(x * scale + shift) over the 2x2 window at `top_left`.
-template <typename T>
+template <typename T, typename A>
 DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ top_left, int64_t stride_w,
-                                                   int64_t stride_h, const T* __restrict__ scale,
-                                                   const T* __restrict__ shift, int64_t channels,
+                                                   int64_t stride_h, const A* __restrict__ scale,
+                                                   const A* __restrict__ shift, int64_t channels,
                                                    T* __restrict__ z) {
   const T* __restrict__ top_right = top_left + stride_w;
   const T* __restrict__ bottom_left = top_left + stride_h;
   const T* __restrict__ bottom_right = bottom_left + stride_w;
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const T a0 = top_left[c] * scale[c] + shift[c], a1 = top_right[c] * scale[c] + shift[c];
-    const T a2 = bottom_left[c] * scale[c] + shift[c], a3 = bottom_right[c] * scale[c] + shift[c];
-    z[c] = T(0.25) * ((a0 > T(0) ? a0 : T(0)) + (a1 > T(0) ? a1 : T(0)) + (a2 > T(0) ? a2 : T(0)) +
-                      (a3 > T(0) ? a3 : T(0)));
+    const A a0 = static_cast<A>(top_left[c]) * scale[c] + shift[c];
+    const A a1 = static_cast<A>(top_right[c]) * scale[c] + shift[c];
+    const A a2 = static_cast<A>(bottom_left[c]) * scale[c] + shift[c];
+    const A a3 = static_cast<A>(bottom_right[c]) * scale[c] + shift[c];
+    z[c] = static_cast<T>(A(0.25) * ((a0 > A(0) ? a0 : A(0)) + (a1 > A(0) ? a1 : A(0)) + (a2 > A(0) ? a2 : A(0)) +
+                                     (a3 > A(0) ? a3 : A(0))));
   }
 }
 
 // Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
-template <typename T>
-void pooled_bn_relu(const at::Tensor& x, const Window& window, const T* scale, const T* shift, Tile tile, T* z) {
+template <typename T, typename A>
+void pooled_bn_relu(const at::Tensor& x, const Window& window, const A* scale, const A* shift, Tile tile, T* z) {
   const int64_t channels = x.size(3);
   for (int64_t r = 0; r < tile.size; ++r) {
     window_bn_relu_mean(ptr<T>(x) + window.offset(tile.begin + r), window.stride_w, window.stride_h, scale, shift,
@@ -457,6 +478,7 @@ void pooled_bn_relu(const at::Tensor& x, const Window& window, const T* scale, c
 template <typename T>
 void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                       const at::Tensor& out) {
+  using A = at::opmath_type<T>;
   const int64_t channels = x.size(3);
   const auto out_rows = pooled_rows(out);
   const Window window = window_of(x);
@@ -469,7 +491,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
       out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
       [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options())}; },
       [&](State& s, Tile tile) {
-        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
       });
@@ -479,7 +501,7 @@ void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tens
                     const at::Tensor& out) {
   check_transition(x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transition_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_cpu", [&] {
     transition_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out);
   });
 }
@@ -489,6 +511,7 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
                                                              const at::Tensor& shift, const at::Tensor& mean,
                                                              const at::Tensor& rstd, const at::Tensor& weight,
                                                              const at::Tensor& grad_out, const at::Tensor& grad_x) {
+  using A = at::opmath_type<T>;
   const int64_t channels = x.size(3), out_channels = weight.size(0);
   const Window window = window_of(x);
   // Pixels that pooling drops (last row / column of odd sizes) get dA = 0.
@@ -502,26 +525,26 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   const int64_t pooled = grad_rows.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
-  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options());
+  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChannelSums sums(chunks, channels);
   const int64_t grad_offset_w = grad_x.stride(2), grad_offset_h = grad_x.stride(1);
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
-    std::vector<T> tile_sums;
+    std::vector<A> tile_sums;
   };
   for_each_tile(
       pooled, rows_per_tile, chunks,
       [&](int64_t chunk) {
         return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
-                     at::empty({rows_per_tile, channels}, x.options()), std::vector<T>(2 * channels)};
+                     at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
       },
       [&](State& s, Tile tile) {
-        pooled_bn_relu(x, window, ptr<T>(scale), ptr<T>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
-        weight_partials[s.chunk].addmm_(grad_out_tile.t(), s.z.narrow(0, 0, tile.size));
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), T(0));
+        add_weight_gradient(weight_partials[s.chunk], grad_out_tile, s.z.narrow(0, 0, tile.size));
+        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
         const Window grad_window{window.pooled_h, window.pooled_w, grad_x.stride(0), grad_offset_h, grad_offset_w};
         for (int64_t r = 0; r < tile.size; ++r) {
           const T* x_top_left = ptr<T>(x) + window.offset(tile.begin + r);
@@ -531,14 +554,14 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
           // share the pooled gradient (its row stride 0).
           for (const auto& [x_step, grad_step] :
                {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_h, grad_offset_h}}) {
-            bn_backward_rows<T, false>(x_top_left + x_step, window.stride_w, ptr<T>(scale), ptr<T>(shift),
-                                       ptr<T>(mean), grad_pooled, 0, T(0.25), 2, channels, s.tile_sums.data(),
+            bn_backward_rows<T, A, false>(x_top_left + x_step, window.stride_w, ptr<A>(scale), ptr<A>(shift),
+                                       ptr<A>(mean), grad_pooled, 0, A(0.25), 2, channels, s.tile_sums.data(),
                                        grad_top_left + grad_step, grad_offset_w);
           }
         }
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0), sums.result(rstd)};
+  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
@@ -546,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transition_backward_sums_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_backward_sums_cpu", [&] {
     return transition_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
                                                weight, grad_out, grad_x);
   });
@@ -561,10 +584,11 @@ void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const 
   at::Tensor offset, slope;
   std::tie(offset, slope) = finish_coefficients(scale, rstd, batch_means);
   const auto mean_c = mean.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_finish_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_backward_finish_cpu", [&] {
     using T = scalar_t;
+    using A = at::opmath_type<T>;
     const int64_t channels = x.size(1);
-    const T *offset_data = ptr<T>(offset), *slope_data = ptr<T>(slope), *mean_data = ptr<T>(mean_c);
+    const A *offset_data = ptr<A>(offset), *slope_data = ptr<A>(slope), *mean_data = ptr<A>(mean_c);
     T* grad_data = grad_x.data_ptr<T>();
     at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
       affine_add_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), offset_data, slope_data, mean_data, end - begin,
