@@ -14,7 +14,8 @@ The fused BatchNorm-ReLU ops (csrc/ops/fused_bn.h): CPU kernels for all,
 CUDA kernels for ``bn_relu``, ``bn_relu_backward_sums`` and
 ``bn_backward_finish``.  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
-``(N, H, W, C)`` for the transition; float32 or float64.  ``scale``, ``shift``,
+``(N, H, W, C)`` for the transition; float32, float64 or bfloat16 (bfloat16:
+CPU kernels only).  ``scale``, ``shift``,
 ``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64
 data, else float32): ``a = x * scale + shift``, ``z = relu(a)``,
 ``xhat = (x - mean) * rstd``, ``dA = dL/da``.  Arguments marked ``!`` are
