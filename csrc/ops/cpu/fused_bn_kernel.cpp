@@ -1,6 +1,6 @@
 // CPU kernels of the fused BatchNorm-ReLU ops (see ../fused_bn.h).
 //
-// The rows (pixels) are split into tiles of a few hundred rows.  For each tile
+// The rows (pixels) are split into tiles of up to 1024 rows.  For each tile
 // the normalised input z = relu(x * scale + shift) is formed in a thread-local
 // buffer of cache size and fed to ATen's BLAS (at::mm_out on tile views); z is
 // never written whole.  Tiles are grouped into a fixed number of contiguous
