@@ -142,7 +142,7 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args, seconds: 
         measured = [p for p in mine if p["status"] == "ok"]
         memory_fit = growth_fit([p["depth"] for p in measured], [p["peak_bytes"] for p in measured])
         flops = lambda d: training_flops(d, args.growth_rate, args.batch, args.image_size)  # noqa: E731
-        seconds_per_flop = max((p["step_seconds"][-1] / flops(p["depth"]) for p in measured), default=0.0)
+        seconds_per_flop = float(np.median([p["step_seconds"][-1] / flops(p["depth"]) for p in measured] or [0.0]))
         predicted = deepest_under(memory_fit, budget, args.max_depth)
         if lo is None or (hi is not None and hi - lo <= max(6, args.resolution * lo)):
             break

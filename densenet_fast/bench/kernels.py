@@ -68,8 +68,9 @@ class LayerShape:
 
 
 def layer_shapes(batch_121: int, batch_bc: int) -> list[LayerShape]:
-    """Last layers of DenseNet-121's blocks 1 and 3 (224x224 input) and of
-    DenseNet-BC-100's blocks 1 and 3 (32x32 input, k=12)."""
+    """The full widths of DenseNet-121's blocks 1 and 3 (224x224 input) and of
+    DenseNet-BC-100's blocks 1 and 3 (32x32 input, k=12): ``C`` is the
+    transition's input, ``k`` more channels than the block's last layer reads."""
     return [LayerShape("121-block1", batch_121, 56, 56, 64, 7, 32),
             LayerShape("121-block3", batch_121, 14, 14, 256, 24, 32),
             LayerShape("bc100-block1", batch_bc, 32, 32, 24, 16, 12),

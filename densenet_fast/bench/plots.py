@@ -33,7 +33,9 @@ def plot_depth(result: dict, path: Path) -> Path:
     depth under it); right: step time vs depth."""
     settings = result["environment"]["settings"]
     impls = settings["impls"]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(13, 5.2))
+    timed_any = any(t.get(i, {}).get("status") == "ok" for t in result["timings"].values() for i in impls)
+    fig, axes = plt.subplots(1, 2 if timed_any else 1, figsize=(13 if timed_any else 8, 5.2), squeeze=False)
+    ax_mem, ax_time = axes[0, 0], axes[0, -1]
     deepest = {s["impl"]: s for s in result["budget_search"]}
     for impl in impls:
         colour, marker = style(impl, impls)
@@ -63,9 +65,10 @@ def plot_depth(result: dict, path: Path) -> Path:
     batch = f"batch {settings['batch']}, {settings['image_size']}x{settings['image_size']}, k={settings['growth_rate']}"
     ax_mem.set(xlabel="depth (layers)", ylabel="peak memory of one training step (MiB)",
                title="memory vs depth")
-    ax_time.set(xlabel="depth (layers)", ylabel="training step time (s): median, bars min-max",
-                title="step time vs depth")
-    for ax in (ax_mem, ax_time):
+    if timed_any:
+        ax_time.set(xlabel="depth (layers)", ylabel="training step time (s): median, bars min-max",
+                    title="step time vs depth")
+    for ax in set((ax_mem, ax_time)):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
