@@ -9,6 +9,7 @@ baseline (after imports, model and input creation); on a GPU it is
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -285,6 +286,24 @@ def write_json(result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def save_result(result: dict, out, plot: Optional[str]) -> None:
+    """Write ``result`` as JSON to ``out`` and, unless ``plot`` is ``None``, the
+    PNG beside it drawn by ``densenet_fast.bench.plots.<plot>``."""
+    out = write_json(result, out)
+    print(f"\nwrote {out}")
+    if plot is not None:
+        from . import plots
+        print(f"wrote {getattr(plots, plot)(result, out.with_suffix('.png'))}")
+
+
+def script_main(doc: str, add_arguments, run, argv=None) -> dict:
+    """Parse ``argv`` with a benchmark's ``add_arguments`` and ``run`` it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -21,7 +21,6 @@ memory budget.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -268,15 +267,8 @@ def report(result: dict, args, out: Path) -> None:
         print(f"\ndeepest depth under {args.budget_gib} GiB\n" + common.format_table(
             result["budget_search"], ["impl", "deepest_fitting", "shallowest_exceeding", "limited_by",
                                       "predicted_deepest"]))
-    common.write_json(result, out)
-    print(f"\nwrote {out}")
-    if not args.no_plot:
-        from .plots import plot_depth
-        print(f"wrote {plot_depth(result, Path(out).with_suffix('.png'))}")
+    common.save_result(result, out, None if args.no_plot else "plot_depth")
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return common.script_main(__doc__, add_arguments, run, argv)

@@ -251,16 +251,9 @@ def run(args: argparse.Namespace) -> dict:
     print(common.format_table(rows, ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s",
                                      "roofline_fraction", "bound", "speedup_vs_unfused"]))
     out = args.out or common.RESULTS_DIR / f"kernels_{device.split(':')[0]}_{args.dtype}.json"
-    common.write_json(result, out)
-    print(f"\nwrote {out}")
-    if not args.no_plot:
-        from .plots import plot_kernels
-        print(f"wrote {plot_kernels(result, Path(out).with_suffix('.png'))}")
+    common.save_result(result, out, None if args.no_plot else "plot_kernels")
     return result
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return common.script_main(__doc__, add_arguments, run, argv)

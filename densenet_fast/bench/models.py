@@ -14,7 +14,6 @@ GPU sizes: ``--device cuda --model densenet121 --batch 256 --image-size 224
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from . import common
 from .common import fit
@@ -87,16 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
     print(common.format_table(rows, columns))
     out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}.json"
-    common.write_json(result, out)
-    print(f"\nwrote {out}")
-    if not args.no_plot:
-        from .plots import plot_models
-        print(f"wrote {plot_models(result, Path(out).with_suffix('.png'))}")
+    common.save_result(result, out, None if args.no_plot else "plot_models")
     return result
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return common.script_main(__doc__, add_arguments, run, argv)
