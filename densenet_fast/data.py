@@ -210,7 +210,7 @@ def load_image_folder(root: str, size: int) -> ImageData:
     is held out.  Augmentation: random crop with ``size/8`` padding and flip."""
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     expected = ("expected CIFAR-10 (data_batch_1..5, test_batch), CIFAR-100 (train, test, meta) or an ImageFolder "
-                f"tree (one subdirectory of images per class, optionally under train/ and val/)")
+                "tree (one subdirectory of images per class, optionally under train/ and val/)")
     if os.path.isdir(os.path.join(root, "train")) and test_dir is not None:
         classes, train = _class_tree(os.path.join(root, "train"))
         test_classes, test = _class_tree(test_dir)
