@@ -502,7 +502,9 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             raise TrainingError("--sync-bn: this version of densenet_fast cannot synchronise batch statistics")
         if procs.distributed:
             try:
-                model.set_sync_group(dist.group.WORLD)
+                # A group of its own: the statistics collectives run inside backward,
+                # next to DDP's asynchronous gradient all-reduces on the default group.
+                model.set_sync_group(dist.new_group(list(range(procs.world_size))))
             except NotImplementedError as exc:
                 raise TrainingError(f"--sync-bn: {exc}") from exc
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
