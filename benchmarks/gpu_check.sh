@@ -62,7 +62,10 @@ step triton_kernels 120 "$PY" benchmarks/triton_kernels.py "$OUT"
 # 4. the model benchmark (DenseNet-121, batch 256, 224x224, bf16 autocast, channels-last)
 if "$PY" -c "import densenet_fast.bench.models" 2>/dev/null; then
     # shellcheck disable=SC2086
-    step model_bench 80 "$PY" -m densenet_fast bench models ${MODEL_BENCH_ARGS:---out "$OUT"}
+    step model_bench 80 "$PY" -m densenet_fast bench models ${MODEL_BENCH_ARGS:---device cuda \
+        --model densenet121 --batch 256 --image-size 224 --autocast bfloat16 --channels-last \
+        --impls tv-eager tv-memeff fast-triton-keep fast-triton-recompute --budget-gib 0 \
+        --warmup 2 --repeats 5 --no-progress --out "$OUT/models_cuda_densenet121_b256.json"}
 else
     echo "== model_bench skipped: densenet_fast.bench.models does not exist" | tee "$OUT/model_bench.log"
 fi
