@@ -239,6 +239,10 @@ def stage_backward(stage: _Stage, buffer: Tensor, saved: _Saved, grad_out: Tenso
     k, width = stage.growth, stage.width
     c0 = c_total - len(stage.layers) * k
     m = n * h * w
+    if torch.compiler.is_compiling():
+        # Inductor keeps the saved buffer in a layout of its choosing; the ops need (N, H, W, C)
+        # contiguous.  A plain clone would be dropped as a no-op (traced, the buffer is contiguous).
+        buffer = nchw(buffer).contiguous().permute(0, 2, 3, 1).contiguous()
     rows = buffer.view(m, c_total)
     grad_buffer = arena.get("grad_buffer", (n, h, w, c_total), buffer)
     grad_rows = grad_buffer.view(m, c_total)

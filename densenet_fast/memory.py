@@ -31,6 +31,8 @@ class ScratchArena:
         self._slots: dict[str, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # a traced graph plans its own memory; the dict would break it
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
         numel = 1
         for size in shape:
             numel *= size

@@ -357,16 +357,20 @@ def test_model_on_cpp_equals_torchvision_fp32():
 
 
 def test_torch_compile_matches_eager():
-    """torch.compile of a tiny DenseNet-BC on backend='cpp' (training mode:
-    outputs, input and parameter gradients, running statistics)."""
+    """torch.compile(fullgraph=True) of a tiny DenseNet-BC on backend='cpp'
+    (training mode: no graph break; outputs, input and parameter gradients,
+    running statistics equal to eager)."""
     torch.manual_seed(0)
     model = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
     twin = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
-    twin.load_state_dict(model.state_dict())
     x, target = random_batch(model, 2, 9, 8, seed=0)
+    explanation = torch._dynamo.explain(twin)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+    twin.load_state_dict(model.state_dict())  # explain ran a training forward
     eager = forward_backward(model, x, target)
     start = time.perf_counter()
-    compiled = forward_backward(torch.compile(twin), x, target)
+    compiled = forward_backward(torch.compile(twin, fullgraph=True), x, target)
     print(f"torch.compile forward+backward: {time.perf_counter() - start:.1f} s")
     compiled.grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled.grads.items()}
     compiled.buffers = {name.removeprefix("_orig_mod."): b for name, b in compiled.buffers.items()}

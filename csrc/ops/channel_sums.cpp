@@ -37,7 +37,10 @@ std::tuple<at::Tensor, at::Tensor> channel_sums_meta(const at::Tensor& x, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
-  m.def("channel_sums(Tensor x, Tensor shift) -> (Tensor, Tensor)");
+  // Inductor must hand the ops tensors with the strides they were traced with (channel ranges of
+  // channels-last buffers), not a layout of its choosing.
+  const std::vector<at::Tag> exact_strides{at::Tag::needs_exact_strides};
+  m.def("channel_sums(Tensor x, Tensor shift) -> (Tensor, Tensor)", exact_strides);
 }
 
 TORCH_LIBRARY_IMPL(densenet_fast, Meta, m) {

@@ -218,18 +218,21 @@ void bn_backward_finish_meta(const at::Tensor& x, const at::Tensor& scale, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
+  // Inductor must hand the ops tensors with the strides they were traced with (channel ranges of
+  // channels-last buffers), not a layout of its choosing.
+  const std::vector<at::Tag> exact_strides{at::Tag::needs_exact_strides};
   m.def("bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out, bool with_stats)"
-        " -> (Tensor, Tensor)");
+        " -> (Tensor, Tensor)", exact_strides);
   m.def("bn_relu_conv1x1_backward_sums(Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, "
-        "Tensor weight, Tensor grad_out, Tensor(a!) grad_x) -> (Tensor, Tensor)");
-  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, Tensor(a!) out) -> ()");
+        "Tensor weight, Tensor grad_out, Tensor(a!) grad_x) -> (Tensor, Tensor)", exact_strides);
+  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, Tensor(a!) out) -> ()", exact_strides);
   m.def("bn_relu_backward_sums(Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, Tensor grad_z, "
-        "Tensor(a!) grad_x) -> Tensor");
-  m.def("transition(Tensor x, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out) -> ()");
+        "Tensor(a!) grad_x) -> Tensor", exact_strides);
+  m.def("transition(Tensor x, Tensor scale, Tensor shift, Tensor weight, Tensor(a!) out) -> ()", exact_strides);
   m.def("transition_backward_sums(Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor rstd, Tensor weight, "
-        "Tensor grad_out, Tensor(a!) grad_x) -> (Tensor, Tensor)");
+        "Tensor grad_out, Tensor(a!) grad_x) -> (Tensor, Tensor)", exact_strides);
   m.def("bn_backward_finish(Tensor x, Tensor scale, Tensor mean, Tensor rstd, Tensor batch_means, "
-        "Tensor(a!) grad_x) -> ()");
+        "Tensor(a!) grad_x) -> ()", exact_strides);
 }
 
 TORCH_LIBRARY_IMPL(densenet_fast, Meta, m) {
