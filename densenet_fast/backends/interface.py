@@ -30,9 +30,15 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 Stats = tuple[Tensor, Tensor]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of statistics and BN coefficients for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Backend:

@@ -12,12 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, Stats
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of statistics and BN coefficients for data of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .interface import Backend, Stats, stats_dtype
 
 
 def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:

@@ -1,0 +1,142 @@
+"""BatchNorm as the engine runs it: folded into per-channel coefficients, with
+``nn.BatchNorm2d``'s running-statistics rules, and batch statistics optionally
+synchronised over a process group.
+
+Folding: ``a = x * scale + shift`` with ``scale = gamma * rstd`` and
+``shift = beta - mean * scale``, where ``(mean, rstd)`` are the batch statistics
+(training, or no running statistics) or the running ones (eval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..backends.interface import stats_dtype
+
+Stats = tuple[Tensor, Tensor]
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """``nn.BatchNorm2d``'s rule: batch statistics in training or without running ones."""
+    return bn.training or bn.running_mean is None
+
+
+def check_values_per_channel(count: int, shape: tuple[int, ...]) -> None:
+    """``nn.BatchNorm2d``'s check on batch statistics (``count`` values per channel)."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in one training forward
+    (``var`` is the biased batch variance over ``count`` values per channel)."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var * (count / (count - 1))
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+@dataclass
+class Folded:
+    """One BatchNorm folded for one forward: ``coeffs`` ``(4, C)`` holds the rows
+    ``scale, shift, mean, rstd`` (a snapshot: later changes of the module do not
+    reach it); ``batch_mean`` is ``None`` for running statistics, else the
+    between-passes reduction of the backward (see backends.interface)."""
+
+    coeffs: Tensor
+    batch_mean: Optional[Callable[[Tensor], Tensor]]
+    eps: float
+
+    @property
+    def scale(self) -> Tensor:
+        return self.coeffs[0]
+
+    @property
+    def shift(self) -> Tensor:
+        return self.coeffs[1]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.coeffs[2]
+
+    @property
+    def rstd(self) -> Tensor:
+        return self.coeffs[3]
+
+
+class BatchStatistics:
+    """Batch statistics of one forward over ``count`` local values per channel,
+    merged over the processes of ``group`` when it is set (synchronised BN)."""
+
+    def __init__(self, group, count: int) -> None:
+        self.group = group
+        self.count = count
+        self._global_count: Optional[int] = None
+
+    def merge(self, local: Stats) -> Stats:
+        """Per-channel ``(mean, biased var)`` over all processes (Chan's formula)."""
+        if self.group is None:
+            return local
+        mean, var = local
+        packed = torch.stack([torch.full_like(mean, self.count), mean, var])
+        gathered = [torch.empty_like(packed) for _ in range(torch.distributed.get_world_size(self.group))]
+        torch.distributed.all_gather(gathered, packed, group=self.group)
+        counts, means, variances = torch.stack(gathered).unbind(1)
+        total = counts.sum(0)
+        global_mean = (counts * means).sum(0) / total
+        global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+        return global_mean, global_var
+
+    def global_count(self) -> int:
+        """Values per channel over all processes."""
+        if self.group is None:
+            return self.count
+        if self._global_count is None:
+            total = torch.tensor([self.count], dtype=torch.float64)
+            torch.distributed.all_reduce(total, group=self.group)
+            self._global_count = int(total.item())
+        return self._global_count
+
+    def batch_mean(self) -> Callable[[Tensor], Tensor]:
+        """Maps local per-channel sums ``(2, C)`` to their means over the whole batch."""
+        total = self.global_count()
+        if self.group is None:
+            return lambda sums: sums / total
+        group = self.group
+
+        def synchronised(sums: Tensor) -> Tensor:
+            sums = sums.clone()
+            torch.distributed.all_reduce(sums, group=group)
+            return sums / total
+
+        return synchronised
+
+
+def fold(bn: nn.BatchNorm2d, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
+         statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...]) -> Folded:
+    """Fold ``bn`` (affine parameters ``weight``/``bias`` as the caller passed them)
+    for one forward of input ``input_shape``; with batch statistics, ``batch`` is
+    their ``(mean, biased var)`` (already merged) and the running statistics are
+    updated once, as ``nn.BatchNorm2d`` would."""
+    dtype = stats_dtype(data_dtype)
+    if uses_batch_stats(bn):
+        check_values_per_channel(statistics.global_count(), input_shape)
+        mean, var = batch
+        update_running_stats(bn, mean, var, statistics.global_count())
+        batch_mean = statistics.batch_mean()
+    else:
+        mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+        batch_mean = None
+    rstd = torch.rsqrt(var + bn.eps)
+    scale = rstd if weight is None else weight.to(dtype) * rstd
+    shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
+    return Folded(torch.stack([scale, shift, mean, rstd]), batch_mean, bn.eps)

@@ -1,0 +1,433 @@
+"""The dense stage: one autograd Function that runs a dense block's layers over
+the block's channels-last buffer and then the tail that follows them.
+
+A stage is ``L >= 0`` dense layers and a tail:
+
+- :class:`NoTail`: the output is the block's features, the buffer itself;
+- :class:`TransitionTail`: BN-ReLU, 2x2 average pooling, 1x1 convolution (pooling
+  first: both are linear, so this is exact and four times cheaper); its output
+  can be written straight into the leading channels of the next block's buffer;
+- :class:`HeadTail`: BN-ReLU and global average pooling, ``(N, C)``.
+
+Forward: the block input occupies channels ``[0, C0)`` of the buffer and layer
+``l`` writes its ``k`` new channels into ``[C0 + l*k, C0 + (l+1)*k)``, so
+concatenation is free.  Per-channel batch statistics are computed once, when a
+channel is written, and reused by every later BatchNorm.  Saved for backward
+(all through ``save_for_backward``, so saved-tensor hooks see them): the input,
+the buffer, the parameters forward used, each BatchNorm's folded coefficients
+and, with the ``keep`` policy, each layer's bottleneck output.  Backward uses
+only what forward saved: it walks the layers in reverse, recomputes BN-ReLU
+outputs from the buffer and accumulates ``dL/dX`` into one gradient buffer.
+With ``create_graph=True`` it differentiates a plain recomputation instead
+(:mod:`.reference`), so double backward works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backends import get_backend
+from ..backends.interface import Backend, stats_dtype
+from . import reference
+from .batchnorm import BatchStatistics, Folded, fold, uses_batch_stats
+from .buffers import ScratchArena, channels_last_empty, leading_channels, pixels, rows
+
+PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+
+def channels_last_copy(t: Tensor) -> Tensor:
+    """A channels-last copy of ``t (N, C, *spatial)``."""
+    out = channels_last_empty(t.shape[0], t.shape[1], tuple(t.shape[2:]), t)
+    return out.copy_(t)
+
+
+@dataclass
+class LayerRecord:
+    """What one layer's forward leaves for its backward."""
+
+    bn1: Folded
+    bn2: Folded
+    bottleneck: Optional[Tensor]  # (M, 4k) with the keep policy, else recomputed
+    seed: Optional[int]  # of the dropout mask
+
+
+@dataclass
+class Records:
+    """What a stage's forward leaves for its backward: per layer, and the tail's BatchNorm."""
+
+    keep: bool  # bottleneck outputs kept
+    layers: list[LayerRecord] = dataclasses.field(default_factory=list)
+    tail: Optional[Folded] = None
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held, in the order :meth:`filled` takes them back."""
+        out = []
+        for r in self.layers:
+            out += [r.bn1.coeffs, r.bn2.coeffs] + ([r.bottleneck] if self.keep else [])
+        return out + ([self.tail.coeffs] if self.tail is not None else [])
+
+    def filled(self, tensors: list[Optional[Tensor]]) -> "Records":
+        """A copy holding ``tensors`` in place of the ones :meth:`tensors` listed
+        (``None`` each: a copy that holds no tensor)."""
+        it = iter(tensors)
+        layers = [LayerRecord(dataclasses.replace(r.bn1, coeffs=next(it)), dataclasses.replace(r.bn2, coeffs=next(it)),
+                              next(it) if self.keep else None, r.seed) for r in self.layers]
+        tail = dataclasses.replace(self.tail, coeffs=next(it)) if self.tail is not None else None
+        return Records(self.keep, layers, tail)
+
+    def without_tensors(self) -> "Records":
+        return self.filled([None] * len(self.tensors()))
+
+
+class Stage:
+    """One call of a stage: its layers and tail, and everything autograd does not
+    track.  Built afresh for every call."""
+
+    def __init__(self, layers: list[nn.Module], tail: "Tail", backend: Backend, keep: bool, arena: ScratchArena,
+                 group, next_channels: Optional[int] = None) -> None:
+        self.layers = layers
+        self.tail = tail
+        self.backend = backend
+        self.keep = keep
+        self.arena = arena
+        self.group = group
+        self.next_channels = next_channels
+        self.growth = layers[0].conv2.out_channels if layers else 0
+        self.width = layers[0].conv1.out_channels if layers else 0  # bottleneck channels, 4k
+        self.drop_rate = layers[0].drop_rate if layers and layers[0].training else 0.0
+        self.buffer: Optional[Tensor] = None  # (N, C_total, *spatial) channels-last; the input is [:, :C0]
+        self.next_buffer: Optional[Tensor] = None  # the next block's, when the tail writes into it
+
+    def channels(self, x: Tensor) -> int:
+        """Channels of the buffer for stage input ``x``."""
+        return x.shape[1] + len(self.layers) * self.growth
+
+    def params(self) -> list[Tensor]:
+        """The differentiable parameters, in the order the Function receives them."""
+        out = []
+        for layer in self.layers:
+            out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight,
+                    layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+        return out + self.tail.params()
+
+    def dropout_mask(self, seed: int, like: Tensor) -> Tensor:
+        """The keep-mask of shape ``like`` scaled by ``1/(1-p)``, regenerated from ``seed``."""
+        generator = torch.Generator(device=like.device).manual_seed(seed)
+        keep = 1.0 - self.drop_rate
+        mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return mask.bernoulli_(keep, generator=generator).div_(keep)
+
+
+# -- tails ------------------------------------------------------------------------------------------
+class Tail:
+    """What follows the layers; this base class is the empty tail: the output is
+    the block's features, ``(N, C_total, *spatial)``, the buffer itself."""
+
+    bn: Optional[nn.BatchNorm2d] = None
+
+    def params(self) -> list[Tensor]:
+        return []
+
+    def forward(self, stage: Stage, buffer: Tensor, folded: Optional[Folded], params: list[Tensor]) -> Tensor:
+        return buffer
+
+    def backward(self, stage: Stage, buffer: Tensor, folded: Optional[Folded], params: list[Tensor],
+                 grad_out: Tensor, grad_buffer: Tensor) -> list[Tensor]:
+        """Writes ``dL/dbuffer`` into ``grad_buffer``; returns the gradients of :meth:`params`."""
+        grad_buffer.copy_(grad_out)
+        return []
+
+    def reference(self, features: Tensor, folded: Optional[Folded], params: list[Tensor]) -> Tensor:
+        """The same computation in differentiable torch operations."""
+        return features
+
+
+NoTail = Tail
+
+
+class TransitionTail(Tail):
+    """BN-ReLU-AvgPool2x2-Conv1x1 of a transition (its ``norm`` and ``conv``)."""
+
+    def __init__(self, transition: nn.Module) -> None:
+        self.bn = transition.norm
+        self.conv = transition.conv
+
+    def params(self) -> list[Tensor]:
+        return [self.bn.weight, self.bn.bias, self.conv.weight]
+
+    def forward(self, stage, buffer, folded, params):
+        k = self.conv.out_channels
+        weight = params[2].to(buffer.dtype).view(k, -1)
+        n, _, h, w = buffer.shape
+        if stage.next_channels is None:
+            out = channels_last_empty(n, k, (h // 2, w // 2), buffer)
+        else:  # straight into the leading channels of the next block's buffer
+            stage.next_buffer = channels_last_empty(n, stage.next_channels, (h // 2, w // 2), buffer)
+            out = leading_channels(stage.next_buffer, k)
+        stage.backend.transition(pixels(buffer), folded.scale, folded.shift, weight, pixels(out))
+        return out
+
+    def backward(self, stage, buffer, folded, params, grad_out, grad_buffer):
+        weight = params[2].to(buffer.dtype).view(self.conv.out_channels, -1)
+        grad_weight, grad_gamma, grad_beta = stage.backend.transition_backward(
+            pixels(buffer), folded.scale, folded.shift, folded.mean, folded.rstd, weight,
+            pixels(grad_out.to(buffer.dtype)).contiguous(), pixels(grad_buffer), folded.batch_mean)
+        return [grad_gamma, grad_beta, grad_weight.view_as(params[2])]
+
+    def reference(self, features, folded, params):
+        z = F.relu(reference.batch_norm(features, folded, params[0], params[1]))
+        return F.avg_pool2d(F.conv2d(z, params[2].to(z.dtype)), 2)
+
+
+class HeadTail(Tail):
+    """The classifier's input: BN-ReLU of the final ``BatchNorm2d``, then global
+    average pooling, ``(N, C)``."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        self.bn = bn
+
+    def params(self) -> list[Tensor]:
+        return [self.bn.weight, self.bn.bias]
+
+    def forward(self, stage, buffer, folded, params):
+        n, c = buffer.shape[:2]
+        activated = stage.arena.get("head", (buffer[0, 0].numel() * n, c), buffer)
+        stage.backend.bn_relu(rows(buffer), folded.scale, folded.shift, activated)
+        return activated.view(n, -1, c).mean(1)
+
+    def backward(self, stage, buffer, folded, params, grad_out, grad_buffer):
+        n, c = buffer.shape[:2]
+        pixels_per_image = buffer[0, 0].numel()
+        grad_z = stage.arena.get("head", (n * pixels_per_image, c), buffer)
+        grad_z.view(n, pixels_per_image, c).copy_((grad_out / pixels_per_image).unsqueeze(1))
+        grad_gamma, grad_beta = stage.backend.bn_relu_backward(rows(buffer), folded.scale, folded.shift, folded.mean,
+                                                               folded.rstd, grad_z, rows(grad_buffer), folded.batch_mean)
+        return [grad_gamma, grad_beta]
+
+    def reference(self, features, folded, params):
+        return F.relu(reference.batch_norm(features, folded, params[0], params[1])).flatten(2).mean(2)
+
+
+# -- forward and backward ---------------------------------------------------------------------------
+def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tuple[Tensor, Records]:
+    """The stage's output, and what its backward needs."""
+    backend, arena, buffer = stage.backend, stage.arena, stage.buffer
+    n, c_total, *spatial = buffer.shape
+    k, width = stage.growth, stage.width
+    c0 = c_total - len(stage.layers) * k
+    m = n * math.prod(spatial)
+    features = rows(buffer)
+    statistics = BatchStatistics(stage.group, m)
+    bns = [layer.norm1 for layer in stage.layers] + ([stage.tail.bn] if stage.tail.bn is not None else [])
+    mean = var = None
+    if any(uses_batch_stats(bn) for bn in bns):  # per-channel statistics, computed once per channel
+        mean = torch.empty(c_total, dtype=stats_dtype(buffer.dtype), device=buffer.device)
+        var = torch.empty_like(mean)
+        mean[:c0], var[:c0] = statistics.merge(backend.channel_stats(features[:, :c0]))
+
+    def batch(c: int):
+        return None if mean is None else (mean[:c], var[:c])
+
+    keep = for_backward and stage.keep
+    records = Records(keep)
+    for i, layer in enumerate(stage.layers):
+        gamma1, beta1, w1, gamma2, beta2, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
+        c = c0 + i * k
+        bn1 = fold(layer.norm1, gamma1, beta1, batch(c), statistics, buffer.dtype, (n, c, *spatial))
+        bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
+            arena.get("bottleneck", (m, width), buffer)
+        batch2 = uses_batch_stats(layer.norm2)
+        local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
+                                         bottleneck, with_stats=batch2)
+        bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics,
+                   buffer.dtype, (n, width, *spatial))
+        activated = arena.get("bn2_out", (n, *spatial, width), buffer)
+        backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
+        new = reference.convolution(activated.movedim(-1, 1), w2, padding=1)
+        seed = None
+        if stage.drop_rate > 0:
+            seed = int(torch.randint(2**62, (1,)).item())
+            new = new * stage.dropout_mask(seed, new)
+        buffer[:, c:c + k].copy_(new)
+        del new
+        if mean is not None:
+            mean[c:c + k], var[c:c + k] = statistics.merge(backend.channel_stats(features[:, c:c + k]))
+        if for_backward:
+            records.layers.append(LayerRecord(bn1, bn2, bottleneck if keep else None, seed))
+
+    tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
+    if stage.tail.bn is not None:
+        records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], batch(c_total), statistics, buffer.dtype,
+                            tuple(buffer.shape))
+    return stage.tail.forward(stage, buffer, records.tail, tail_params), records
+
+
+def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[Tensor], grad_out: Tensor
+                   ) -> tuple[Tensor, list[Tensor]]:
+    """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``."""
+    backend, arena = stage.backend, stage.arena
+    n, c_total, *spatial = buffer.shape
+    k, width = stage.growth, stage.width
+    c0 = c_total - len(stage.layers) * k
+    m = n * math.prod(spatial)
+    d = len(spatial)
+    if torch.compiler.is_compiling():
+        # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
+        # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
+        buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
+    features = rows(buffer)
+    grad_buffer = arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
+    grad_features = rows(grad_buffer)
+    layer_params = len(stage.layers) * PARAMS_PER_LAYER
+    tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
+
+    layer_grads: list[list[Tensor]] = []
+    for i in reversed(range(len(stage.layers))):
+        _, _, w1, _, _, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
+        record = records.layers[i]
+        bn1, bn2 = record.bn1, record.bn2
+        c = c0 + i * k
+        w1_rows = w1.to(buffer.dtype).view(width, c)
+        grad_new = grad_buffer[:, c:c + k]
+        if record.seed is not None:
+            grad_new = grad_new * stage.dropout_mask(record.seed, grad_new)
+        bottleneck = record.bottleneck
+        if bottleneck is None:
+            bottleneck = arena.get("bottleneck", (m, width), buffer)
+            backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1_rows, bottleneck, with_stats=False)
+        activated = arena.get("bn2_out", (n, *spatial, width), buffer)
+        backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
+        grad_activated, grad_w2, _ = torch.ops.aten.convolution_backward(
+            channels_last_copy(grad_new), activated.movedim(-1, 1), w2.to(buffer.dtype), None,
+            [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False])
+        del grad_new
+        grad_bottleneck = grad_activated.movedim(1, -1).reshape(m, width)
+        grad_gamma2, grad_beta2 = backend.bn_relu_backward(bottleneck, bn2.scale, bn2.shift, bn2.mean, bn2.rstd,
+                                                           grad_bottleneck, grad_bottleneck, bn2.batch_mean)
+        grad_w1, grad_gamma1, grad_beta1 = backend.bn_relu_conv1x1_backward(
+            features[:, :c], bn1.scale, bn1.shift, bn1.mean, bn1.rstd, w1_rows, grad_bottleneck.to(buffer.dtype),
+            grad_features[:, :c], bn1.batch_mean)
+        layer_grads.append([grad_gamma1, grad_beta1, grad_w1.view_as(w1), grad_gamma2, grad_beta2, grad_w2])
+
+    grads = [g for layer in reversed(layer_grads) for g in layer] + tail_grads
+    return channels_last_copy(grad_buffer[:, :c0]), grads
+
+
+class StageFunction(torch.autograd.Function):
+    """``apply(x, stage, *params)``: the stage's output; ``x`` is ``stage.buffer[:, :C0]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, stage: Stage, *params: Tensor) -> Tensor:
+        if stage.buffer is None:  # under torch.compile the buffer is made here, not passed in
+            stage.buffer = into_buffer(x, stage.channels(x))[1]
+        out, records = stage_forward(stage, list(params), for_backward=True)
+        # x only serves double backward, which torch.compile does not support; there x is a view
+        # of the buffer that this forward modified, which autograd would refuse to unpack
+        saved_x = None if torch.compiler.is_compiling() else x
+        ctx.save_for_backward(saved_x, stage.buffer, *params, *records.tensors())
+        ctx.stage, ctx.records, ctx.num_params = stage, records.without_tensors(), len(params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, buffer, *rest = ctx.saved_tensors
+        params, records = rest[:ctx.num_params], ctx.records.filled(rest[ctx.num_params:])
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
+            return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
+        grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out)
+        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        return (grad_x.to(buffer.dtype), None, *grads)
+
+
+def into_buffer(x: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """``(buffer[:, :C0], buffer)``: ``x (N, C0, *spatial)`` copied into the leading
+    channels of a new channels-last buffer of ``channels`` channels."""
+    buffer = channels_last_empty(x.shape[0], channels, tuple(x.shape[2:]), x)
+    return leading_channels(buffer, x.shape[1]).copy_(x), buffer
+
+
+class IntoBuffer(torch.autograd.Function):
+    """``apply(x, channels, holder)``: :func:`into_buffer` as a Function (the buffer
+    is appended to ``holder``); the gradient passes through, in ``x``'s layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, channels: int, holder: list) -> Tensor:
+        ctx.channels_last = not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+        view, buffer = into_buffer(x, channels)
+        holder.append(buffer)
+        return view
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (channels_last_copy(grad) if ctx.channels_last else grad.contiguous()), None, None
+
+
+@dataclass
+class Settings:
+    """What a model's blocks and transitions share: the backend choice (``None``:
+    automatic), the scratch arena and the synchronisation group of batch statistics."""
+
+    backend: Optional[str] = None
+    arena: ScratchArena = dataclasses.field(default_factory=ScratchArena)
+    sync_group: object = None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the stage computes in: autocast's for ``x``'s device when enabled."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def is_leading_channels(x: Tensor, buffer: Optional[Tensor], channels: int) -> bool:
+    """Whether ``x`` is exactly ``buffer[:, :C0]`` of a ``channels``-channel buffer."""
+    return (buffer is not None and not torch.compiler.is_compiling() and buffer.shape[1] == channels and x.shape[0] == buffer.shape[0]
+            and x.shape[2:] == buffer.shape[2:] and x.dtype == buffer.dtype and x.data_ptr() == buffer.data_ptr()
+            and x.stride() == buffer.stride())
+
+
+def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, keep: bool,
+              buffer: Optional[Tensor] = None, next_channels: Optional[int] = None
+              ) -> tuple[Tensor, Optional[Tensor]]:
+    """Run ``layers`` and ``tail`` on ``x (N, C0, *spatial)``; returns ``(output,
+    next block's buffer or None)``.  ``buffer``: the one ``x`` already lives in,
+    if any; ``next_channels``: make a transition write into a new buffer of that
+    many channels (the next block's)."""
+    dtype = compute_dtype(x)
+    backend = get_backend(settings.backend, x.device, dtype)
+    device_type = x.device.type
+    with torch.autocast(device_type, enabled=False) if dtype != x.dtype else contextlib.nullcontext():
+        x = x.to(dtype)
+        stage = Stage(layers, tail, backend, keep, settings.arena, settings.sync_group, next_channels)
+        params = stage.params()
+        with_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if not layers:  # a lone tail: its input is the buffer
+            stage.buffer = x = x if x.movedim(1, -1).is_contiguous() else channels_last_copy(x)
+        elif is_leading_channels(x, buffer, stage.channels(x)):
+            stage.buffer = buffer
+        elif with_grad and not torch.compiler.is_compiling():
+            # the input goes into the buffer outside the stage Function, so that the Function's
+            # saved input (for double backward) is part of the buffer, not a copy kept alive
+            holder: list[Tensor] = []
+            x = IntoBuffer.apply(x, stage.channels(x), holder)
+            stage.buffer = holder[0]
+        if with_grad:
+            out = StageFunction.apply(x, stage, *params)
+        else:
+            if stage.buffer is None:
+                stage.buffer = into_buffer(x, stage.channels(x))[1]
+            with torch.no_grad():
+                out = stage_forward(stage, [p.detach() for p in params], for_backward=False)[0]
+        next_buffer = stage.next_buffer
+        stage.buffer = stage.next_buffer = None  # autograd holds what backward needs
+        return out, next_buffer
