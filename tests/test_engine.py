@@ -1,16 +1,15 @@
-"""The memory-efficient block engine (issue 3) against torchvision's naive
-DenseNet with the same weights, gradcheck on tiny blocks, and the engine's
-contracts: no concatenation, running statistics updated once per forward, a
-bounded scratch arena, nothing stored without autograd, dropout, autocast and
-input memory layouts."""
+"""The memory-efficient dense-stage engine against torchvision's naive DenseNet
+with the same weights, gradcheck on tiny stages, and the engine's contracts: no
+concatenation, running statistics updated once per forward, a bounded scratch
+arena, nothing stored without autograd, dropout, autocast and input memory
+layouts."""
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from densenet_fast import DenseNet, available_backends, densenet_bc
-from densenet_fast import autograd as engine
+from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import get_backend
 from helpers import (FLOAT64_RTOL, assert_all_close, assert_results_equal, buffers, check_eval_float64,
                      check_training_float64, check_training_fp32, forward_backward, global_relative_error,
@@ -64,9 +63,13 @@ def test_equals_torchvision_fp32(config, backend, device, no_tf32):
 
 
 # -- gradcheck on tiny stages --------------------------------------------------------------
+def tail_of(kind: str, module) -> engine.Tail:
+    return engine.NoTail() if kind == "none" else {"transition": engine.TransitionTail, "head": engine.HeadTail}[kind](module)
+
+
 class TinyStage(nn.Module):
     """One dense block of 2 layers (5 input channels, k=3, bottleneck 6) and a
-    tail: ``None``, a transition, or the head BN (then ReLU and average pool)."""
+    tail: nothing, a transition, or the head BN (then ReLU and average pool)."""
 
     def __init__(self, tail_kind: str, drop_rate: float = 0.0, backend=None, recompute: str = "recompute") -> None:
         super().__init__()
@@ -74,13 +77,15 @@ class TinyStage(nn.Module):
         net = DenseNet(growth_rate=3, block_config=(2, 1), num_init_features=5, bn_size=2, drop_rate=drop_rate)
         self.block = net.features.denseblock1
         self.tail = {"none": None, "transition": net.features.transition1, "head": nn.BatchNorm2d(11)}[tail_kind]
-        self.backend, self.recompute = backend, recompute
-        self.arena = engine.ScratchArena()
+        self.tail_kind = tail_kind
+        self.settings = engine.Settings(backend=backend)
+        self.keep = recompute == "keep"
         randomize_batchnorm(self)
         self.double()
 
     def forward(self, x):
-        return engine.run_stage(self.block, self.tail, x, self.backend, self.recompute, self.arena)
+        tail = tail_of(self.tail_kind, self.tail)
+        return engine.run_stage(list(self.block.values()), tail, x, self.settings, self.keep)[0]
 
 
 def stage_gradcheck(stage: TinyStage, seed=None, fast_mode=True) -> bool:
@@ -144,18 +149,35 @@ def test_no_concatenation_in_forward_or_backward(config):
 
 @pytest.mark.parametrize("recompute", ["keep", "recompute"])
 def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
-    stage = TinyStage("none")
+    """Everything a stage keeps for backward goes through save_for_backward (so
+    saved-tensor hooks see it): the input (a view of the buffer, no copy), the
+    buffer, the parameters, and per layer its BN coefficients and, when kept, its
+    bottleneck output."""
+    stage = TinyStage("none", recompute=recompute)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    out = engine.run_stage(stage.block, None, x, None, recompute, stage.arena)
-    buffer, *params = out.grad_fn.saved_tensors
-    assert buffer.shape == (2, 6, 7, 11) and buffer.is_contiguous()  # (N, H, W, C_total): channels-last
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stage(x)
+    stage_input, buffer, *rest = out.grad_fn.saved_tensors
+    assert buffer.shape == (2, 11, 6, 7) and buffer.movedim(1, -1).is_contiguous()  # channels-last
     assert buffer.data_ptr() == out.data_ptr()  # the block output is the buffer itself
-    assert len(params) == len(list(stage.block.parameters()))
-    bottlenecks = out.grad_fn.saved.bottlenecks
+    assert stage_input.data_ptr() == buffer.data_ptr() and stage_input.shape == (2, 5, 6, 7)
+    params = list(stage.block.parameters())
+    assert len(rest) == len(params) + (3 if recompute == "keep" else 2) * 2
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(rest, params))
+    coefficients_and_bottlenecks = rest[len(params):]
     if recompute == "keep":
-        assert [tuple(b.shape) for b in bottlenecks] == [(2 * 6 * 7, 6)] * 2
+        assert [tuple(t.shape) for t in coefficients_and_bottlenecks] == [(4, 5), (4, 6), (2 * 6 * 7, 6),
+                                                                          (4, 8), (4, 6), (2 * 6 * 7, 6)]
     else:
-        assert bottlenecks == [None, None]
+        assert [tuple(t.shape) for t in coefficients_and_bottlenecks] == [(4, 5), (4, 6), (4, 8), (4, 6)]
+    saved = {(t.data_ptr(), t.shape) for t in out.grad_fn.saved_tensors}
+    assert {(t.data_ptr(), t.shape) for t in packed} >= saved  # every one of them went through the hooks
 
 
 # -- running statistics --------------------------------------------------------------------
@@ -190,7 +212,7 @@ def test_batchnorm_momentum_rules(momentum):
 def test_scratch_arena_stops_growing_and_is_released():
     torch.manual_seed(0)
     model = densenet_bc(depth=10, growth_rate=4, num_classes=3)
-    assert all(block.arena is model.arena for block in model.blocks())
+    assert all(block.engine.arena is model.arena for block in model.blocks())
     optimizer = sgd(model)
     sizes = []
     for step in range(1000):  # the issue's horizon: no growth over 1000 steps
@@ -211,13 +233,13 @@ def test_scratch_arena_stops_growing_and_is_released():
 def stage_function_calls(monkeypatch) -> list:
     """Counts calls of the autograd Function that stores tensors for backward."""
     calls = []
-    apply = engine.DenseStageFunction.apply
+    apply = engine.StageFunction.apply
 
     def spy(*args):
         calls.append(1)
         return apply(*args)
 
-    monkeypatch.setattr(engine.DenseStageFunction, "apply", spy)
+    monkeypatch.setattr(engine.StageFunction, "apply", spy)
     return calls
 
 
@@ -250,9 +272,9 @@ def test_dropout_zeroes_and_scales_the_new_channels():
     torch.manual_seed(0)
     block = DenseNet(growth_rate=8, block_config=(1, 1), num_init_features=6, drop_rate=0.2).features.denseblock1
     x = torch.randn(4, 6, 16, 16)
-    dropped = engine.run_stage(block, None, x, None, "keep", engine.ScratchArena())
+    dropped = block(x)
     block.denselayer1.drop_rate = 0.0
-    plain = engine.run_stage(block, None, x, None, "keep", engine.ScratchArena())
+    plain = block(x)
     assert torch.equal(dropped[:, :6], plain[:, :6])
     new, expected = dropped[:, 6:], plain[:, 6:] / 0.8
     zero = new == 0
