@@ -9,7 +9,6 @@ one memory-efficient autograd Function (:mod:`densenet_fast.autograd`) that
 reads the modules' parameters and updates their running statistics.
 """
 
-from __future__ import annotations
 
 import re
 from collections import OrderedDict
@@ -254,6 +253,8 @@ class DenseNet(nn.Module):
             (faster); ``"recompute"`` recomputes it (leanest); or a sequence
             with one of them per dense block.
     """
+
+    __jit_unused_properties__ = ["arena", "backend", "recompute"]  # engine settings: not part of a scripted model
 
     def __init__(
         self,

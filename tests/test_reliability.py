@@ -1,0 +1,173 @@
+"""Nothing silently wrong: concurrent threads, substituted parameters, NaN and
+Inf, inference mode, empty batches, what backward uses, frozen BatchNorm, the
+meta device.  Each case is compared with torchvision's DenseNet holding the
+same weights (float64 where numbers are compared)."""
+
+import copy
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from densenet_fast import DenseNet, available_backends
+from helpers import (FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_pair, random_batch,
+                     torchvision_twin)
+
+CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, stem="cifar")
+BACKENDS = [b for b in ("torch", "cpp", "triton") if b in available_backends()]
+
+
+def grads_of(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+# -- threads ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "forward_backward"])
+def test_concurrent_threads_get_single_threaded_results(backend, training):
+    """4 threads x 20 calls of one model, mixed batch and image sizes: every
+    output (and, training, every gradient) equals the single-threaded one."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is not thread-safe")
+    ours, _ = make_pair(backend=backend, **CONFIG)
+    ours.train(training)
+    shapes = [(2 + i % 3, 5 + i % 4, 6 + (i * 7) % 5) for i in range(80)]
+    batches = [random_batch(ours, *shape, seed=i) for i, shape in enumerate(shapes)]
+
+    def call(batch):
+        x, target = batch
+        if not training:
+            with torch.no_grad():
+                return {"out": ours(x)}
+        out = ours(x)
+        return {"out": out.detach(), **grads_of(ours, F.cross_entropy(out, target))}
+
+    expected = [call(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(call, batches))
+    for got, want in zip(results, expected):
+        assert_all_close(got, want, 1e-12, "concurrent call")
+
+
+# -- parameters substituted by torch.func.functional_call -------------------------------------------
+def test_functional_call_gradients_use_the_substituted_weights():
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    substitutes = {name: p.detach() + 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                   for name, p in ours.named_parameters()}
+    results = {}
+    for name, model in (("ours", ours), ("torchvision", tv)):
+        params = {k: v.clone().requires_grad_() for k, v in substitutes.items()}
+        out = torch.func.functional_call(model, params, (x,))
+        grads = torch.autograd.grad(F.cross_entropy(out, target), list(params.values()))
+        results[name] = {"out": out.detach(), **dict(zip(params, grads))}
+    assert_all_close(results["ours"], results["torchvision"], FLOAT64_RTOL, "functional_call")
+
+
+# -- NaN and Inf -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate_as_in_torchvision(backend, bad, training):
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    ours, tv = make_pair(dtype=dtype, backend=backend, **CONFIG)
+    ours.train(training), tv.train(training)
+    x, target = random_batch(ours, 3, 8, 8, seed=0)
+    x[1, 0, 2, 3] = bad
+    results = [forward_backward(model, x, target) for model in (ours, tv)]
+    for what in ("output", "input_grad"):
+        torch.testing.assert_close(getattr(results[0], what), getattr(results[1], what), equal_nan=True,
+                                   rtol=1e-5, atol=1e-6, msg=what)
+    for name, grad in results[1].grads.items():
+        torch.testing.assert_close(results[0].grads[name], grad, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
+    ours_buffers, tv_buffers = buffers(ours), buffers(tv)
+    for name, value in tv_buffers.items():
+        torch.testing.assert_close(ours_buffers[name], value, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- inference mode ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_model_trains_after_inference_mode(backend):
+    """A validation pass under torch.inference_mode (as Lightning runs one
+    before training) leaves the model able to train and to run no_grad."""
+    ours, tv = make_pair(backend=backend, **CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    for model in (ours, tv):
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+        model.train()
+    results = [forward_backward(model, x, target) for model in (ours, tv)]
+    assert_all_close(results[0].grads, results[1].grads, FLOAT64_RTOL, "gradients after inference mode")
+    ours.eval(), tv.eval()
+    with torch.no_grad():
+        assert_all_close({"out": ours(x)}, {"out": tv(x)}, FLOAT64_RTOL, "no_grad after inference mode")
+
+
+# -- empty batch -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_in_training_behaves_as_torchvision(backend):
+    ours, tv = make_pair(backend=backend, **CONFIG)
+    x = torch.randn(0, 3, 9, 7, dtype=torch.float64)
+    outputs = [model(x) for model in (ours, tv)]
+    assert outputs[0].shape == outputs[1].shape == (0, 5)
+    assert_all_close(buffers(ours), buffers(tv), 0.0, "buffers after an empty batch")
+    grads = [grads_of(model, out.sum()) for model, out in zip((ours, tv), outputs)]
+    assert_all_close(grads[0], grads[1], 0.0, "gradients of an empty batch")
+
+
+# -- backward uses what forward used ------------------------------------------------------------------
+def test_backward_uses_the_statistics_its_forward_used():
+    """An eval forward, then a training forward (which updates the running
+    statistics), then the eval loss's backward: the gradients of a clean eval step."""
+    ours, _ = make_pair(**CONFIG)
+    clean = copy.deepcopy(ours).eval()
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    expected = grads_of(clean, F.cross_entropy(clean(x), target))
+    ours.eval()
+    eval_loss = F.cross_entropy(ours(x), target)
+    ours.train()
+    ours(random_batch(ours, 3, 9, 7, seed=1)[0] * 3 + 1)  # moves every running statistic
+    assert_all_close(grads_of(ours, eval_loss), expected, FLOAT64_RTOL, "eval gradients after a training forward")
+
+
+# -- frozen BatchNorm, meta tensors -------------------------------------------------------------------
+def test_frozen_batchnorm_in_a_training_model_takes_a_batch_of_one():
+    """BatchNorm layers in eval mode inside a model in training mode use running
+    statistics, so one 1x1 pixel per channel is fine, as in torchvision."""
+    ours, tv = make_pair(**CONFIG)
+    for model in (ours, tv):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    x, target = random_batch(ours, 1, 2, 2, seed=0)  # the last block sees 1x1
+    results = [forward_backward(model, x, target) for model in (ours, tv)]
+    assert_all_close({"out": results[0].output, **results[0].grads}, {"out": results[1].output, **results[1].grads},
+                     FLOAT64_RTOL, "frozen BN, batch of one")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        DenseNet(**CONFIG).train()(torch.randn(1, 3, 2, 2))  # and with batch statistics it is refused as there
+
+
+def test_meta_tensors_give_shapes_like_torchvision():
+    ours, tv = make_pair(dtype=torch.float32, **CONFIG)
+    ours, tv = ours.to("meta"), tv.to("meta")
+    x = torch.empty(4, 3, 10, 12, device="meta")
+    assert ours(x).shape == tv(x).shape == (4, 5)
+    ours.eval()
+    assert ours(x).shape == (4, 5)
+
+
+# -- copies --------------------------------------------------------------------------------------------
+def test_deepcopy_and_pickle_give_working_models():
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 2, 8, 8, seed=0)
+    ours(x)  # fills the scratch arena
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert twin.arena.nbytes() == 0
+        assert_all_close(forward_backward(twin, x, target).grads, forward_backward(ours, x, target).grads,
+                         FLOAT64_RTOL, "copy")
