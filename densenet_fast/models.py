@@ -10,9 +10,11 @@ reads the modules' parameters and updates their running statistics.
 """
 
 
+import os
 import re
+import warnings
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,14 @@ from torch import Tensor
 from . import engine
 from .backends import resolve_backend_name
 from .engine import fastpath
+
+try:  # torchvision is optional: without it, weights load from local files and state_dicts only
+    from torchvision.models import DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights
+    from torchvision.models import WeightsEnum
+except ImportError:
+    DenseNet121_Weights = DenseNet161_Weights = DenseNet169_Weights = DenseNet201_Weights = WeightsEnum = None
+_WEIGHTS = {"densenet121": DenseNet121_Weights, "densenet161": DenseNet161_Weights,
+            "densenet169": DenseNet169_Weights, "densenet201": DenseNet201_Weights}
 
 __all__ = [
     "DenseNet",
@@ -452,37 +462,75 @@ def _check_positive_int(name: str, value) -> None:
 
 
 # -- constructors --------------------------------------------------------------------------
-def _densenet(growth_rate: int, block_config, num_init_features: int, weights, **kwargs) -> DenseNet:
+Weights = Union[str, os.PathLike, Mapping[str, Tensor], None]  # a local file or a state_dict
+
+
+def _densenet(arch: str, growth_rate: int, block_config, num_init_features: int, weights, progress: bool,
+              pretrained: Optional[bool], **kwargs) -> "DenseNet":
+    """Build ``arch`` as torchvision does: ``weights`` is a torchvision weights
+    enum (or its name, e.g. ``"DEFAULT"``), loaded through torchvision (torch hub
+    cache), or a local weights file or state_dict; ``pretrained`` is torchvision's
+    deprecated spelling of the default weights."""
+    enum = _WEIGHTS.get(arch)
+    if pretrained is not None:
+        warnings.warn("The parameter 'pretrained' is deprecated, please use 'weights' instead.", UserWarning,
+                      stacklevel=3)
+        if pretrained and weights is None:
+            if enum is None:
+                raise ValueError(f"No weights available for model {arch}")
+            weights = enum.IMAGENET1K_V1
+    if isinstance(weights, str) and enum is not None and not os.path.exists(weights) \
+            and weights.rsplit(".", 1)[-1] in enum.__members__:
+        weights = enum.verify(weights)
+    if WeightsEnum is not None and isinstance(weights, WeightsEnum):
+        if enum is None:
+            raise ValueError(f"No weights available for model {arch}")
+        weights = enum.verify(weights)
+        kwargs["num_classes"] = _only_num_classes(kwargs, len(weights.meta["categories"]))
+        model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+        return load_torchvision_weights(model, weights.get_state_dict(progress=progress, check_hash=True))
     model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
-    if weights is not None:
-        load_torchvision_weights(model, weights)
-    return model
+    return model if weights is None else load_torchvision_weights(model, weights)
 
 
-def densenet121(*, weights=None, **kwargs) -> DenseNet:
-    """DenseNet-121 (k=32, blocks 6-12-24-16); ``weights``: a local torchvision
-    weights file or state_dict."""
-    return _densenet(32, (6, 12, 24, 16), 64, weights, **kwargs)
+def _only_num_classes(kwargs: dict, expected: int) -> int:
+    """torchvision's rule: pretrained weights fix ``num_classes``."""
+    if kwargs.get("num_classes", expected) != expected:
+        raise ValueError(f"The parameter 'num_classes' expected value {expected} but got {kwargs['num_classes']} "
+                         f"instead.")
+    return expected
 
 
-def densenet169(*, weights=None, **kwargs) -> DenseNet:
-    """DenseNet-169 (k=32, blocks 6-12-32-32)."""
-    return _densenet(32, (6, 12, 32, 32), 64, weights, **kwargs)
+def densenet121(*, weights: Union[DenseNet121_Weights, Weights] = None, progress: bool = True,
+                pretrained: Optional[bool] = None, **kwargs) -> "DenseNet":
+    """DenseNet-121 (k=32, blocks 6-12-24-16).  ``weights``: ``DenseNet121_Weights``
+    (or ``"DEFAULT"``), a local torchvision weights file or a state_dict."""
+    return _densenet("densenet121", 32, (6, 12, 24, 16), 64, weights, progress, pretrained, **kwargs)
 
 
-def densenet201(*, weights=None, **kwargs) -> DenseNet:
-    """DenseNet-201 (k=32, blocks 6-12-48-32)."""
-    return _densenet(32, (6, 12, 48, 32), 64, weights, **kwargs)
+def densenet169(*, weights: Union[DenseNet169_Weights, Weights] = None, progress: bool = True,
+                pretrained: Optional[bool] = None, **kwargs) -> "DenseNet":
+    """DenseNet-169 (k=32, blocks 6-12-32-32); ``weights`` as for :func:`densenet121`."""
+    return _densenet("densenet169", 32, (6, 12, 32, 32), 64, weights, progress, pretrained, **kwargs)
 
 
-def densenet161(*, weights=None, **kwargs) -> DenseNet:
-    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels)."""
-    return _densenet(48, (6, 12, 36, 24), 96, weights, **kwargs)
+def densenet201(*, weights: Union[DenseNet201_Weights, Weights] = None, progress: bool = True,
+                pretrained: Optional[bool] = None, **kwargs) -> "DenseNet":
+    """DenseNet-201 (k=32, blocks 6-12-48-32); ``weights`` as for :func:`densenet121`."""
+    return _densenet("densenet201", 32, (6, 12, 48, 32), 64, weights, progress, pretrained, **kwargs)
 
 
-def densenet264(*, weights=None, **kwargs) -> DenseNet:
-    """DenseNet-264 (k=32, blocks 6-12-64-48)."""
-    return _densenet(32, (6, 12, 64, 48), 64, weights, **kwargs)
+def densenet161(*, weights: Union[DenseNet161_Weights, Weights] = None, progress: bool = True,
+                pretrained: Optional[bool] = None, **kwargs) -> "DenseNet":
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels); ``weights`` as for :func:`densenet121`."""
+    return _densenet("densenet161", 48, (6, 12, 36, 24), 96, weights, progress, pretrained, **kwargs)
+
+
+def densenet264(*, weights: Weights = None, progress: bool = True, pretrained: Optional[bool] = None,
+                **kwargs) -> "DenseNet":
+    """DenseNet-264 (k=32, blocks 6-12-64-48); torchvision publishes no weights for
+    it, so ``weights`` is a local file or a state_dict."""
+    return _densenet("densenet264", 32, (6, 12, 64, 48), 64, weights, progress, pretrained, **kwargs)
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs) -> DenseNet:
@@ -505,7 +553,11 @@ def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
     Accepts the old ``norm.1``-style keys of torchvision's published files.
     Never downloads anything.
     """
-    state_dict = torch.load(weights, map_location="cpu", weights_only=True) if not isinstance(weights, dict) else weights
+    state_dict = weights if isinstance(weights, Mapping) else torch.load(weights, map_location="cpu",
+                                                                          weights_only=True)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{weights} holds a {type(state_dict).__name__}, not a state_dict (a mapping from parameter "
+                        f"names to tensors)")
     state_dict = {(_OLD_KEY.sub(r"\1\2", k)): v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True)
     return model

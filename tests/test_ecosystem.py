@@ -1,0 +1,296 @@
+"""A drop-in for the tools built on torchvision's DenseNet: module hooks,
+parametrizations and pruning, torch.fx and feature extraction, TorchScript,
+torch.func, double backward, torchvision's weights API, error types and
+saved-tensor hooks.  Everything is compared with torchvision's DenseNet holding
+the same weights, in float64."""
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import densenet_fast
+from densenet_fast import engine
+from helpers import (FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_pair, random_batch,
+                     randomize_batchnorm)
+
+CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, stem="cifar")
+HOOKED = ["features", "features.denseblock1", "features.transition1", "features.denseblock2", "features.norm5",
+          "classifier"]
+
+
+def detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return [detached(v) for v in value]
+    return value
+
+
+def record_hooks(model: nn.Module, names: list[str], backward: bool) -> list:
+    """Registers forward pre-hooks, forward hooks and (``backward``) full backward
+    hooks on the named modules; returns the list they append ``(name, kind, args)`` to."""
+    calls = []
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, "pre", detached(args))))
+        module.register_forward_hook(lambda m, args, out, name=name: calls.append((name, "forward",
+                                                                                    detached([args, out]))))
+        if backward:
+            module.register_full_backward_hook(
+                lambda m, grad_in, grad_out, name=name: calls.append((name, "backward", detached([grad_in, grad_out]))))
+    return calls
+
+
+def assert_same_calls(ours: list, theirs: list) -> None:
+    assert [c[:2] for c in ours] == [c[:2] for c in theirs]
+
+    def flat(value):
+        return [t for v in value for t in flat(v)] if isinstance(value, list) else [value]
+
+    for (name, kind, a), (_, _, b) in zip(ours, theirs):
+        for x, y in zip(flat(a), flat(b)):
+            if x is None or y is None:
+                assert x is None and y is None, (name, kind)
+            else:
+                torch.testing.assert_close(x, y, rtol=FLOAT64_RTOL, atol=1e-12, msg=f"{name} {kind}")
+
+
+# -- module hooks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hooks_fire_with_torchvisions_arguments(training):
+    """Forward pre-hooks, forward hooks and full backward hooks on features, every
+    block and transition, norm5 and the classifier, on the fast path."""
+    ours, tv = make_pair(**CONFIG)
+    ours.train(training), tv.train(training)
+    backward_hooked = [n for n in HOOKED if n not in ("features", "features.norm5")]
+    calls = []
+    for model in (ours, tv):
+        calls.append(record_hooks(model, HOOKED, backward=False) + record_hooks(model, backward_hooked, True))
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # hooks on these modules cost the fast path nothing
+        results = [forward_backward(model, x, target) for model in (ours, tv)]
+    assert_same_calls(calls[0], calls[1])
+    assert_all_close(results[0].grads, results[1].grads, FLOAT64_RTOL, "gradients with hooks")
+
+
+@pytest.mark.parametrize("name", ["features", "features.norm5"])
+def test_full_backward_hook_on_the_features_output_fails_as_in_torchvision(name):
+    """torchvision applies ReLU in place to features' output, which autograd
+    refuses under a full backward hook; so do we (the same error)."""
+    for model in make_pair(**CONFIG):
+        model.get_submodule(name).register_full_backward_hook(lambda *args: None)
+        with pytest.raises(RuntimeError, match="modified inplace"):
+            forward_backward(model, *random_batch(model, 2, 8, 8, seed=0))
+
+
+def test_hook_inside_a_dense_layer_gives_the_plain_path_with_one_warning():
+    ours, tv = make_pair(**CONFIG)
+    conv, norm = "features.denseblock2.denselayer2.conv1", "features.transition1.norm"  # norm: ReLU in place after it
+    calls = [record_hooks(model, [conv], backward=True) + record_hooks(model, [norm], backward=False)
+             for model in (ours, tv)]
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    with pytest.warns(RuntimeWarning, match="plain per-layer path") as caught:
+        result = forward_backward(ours, x, target)
+    assert {str(w.message).split(" runs")[0] for w in caught} == {"densenet_fast: _DenseBlock",
+                                                                  "densenet_fast: _Transition"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        forward_backward(ours, x, target)
+    expected = forward_backward(tv, x, target)
+    forward_backward(tv, x, target)
+    assert_same_calls(calls[0], calls[1])
+    assert_all_close(result.grads, expected.grads, FLOAT64_RTOL, "plain path")
+
+
+def prune_and_parametrize(model: nn.Module) -> None:
+    """Pruning (a forward pre-hook) and weight and spectral norm (parametrizations)
+    on modules inside dense layers and a transition."""
+    torch.nn.utils.prune.l1_unstructured(model.features.denseblock1.denselayer1.conv1, "weight", amount=0.4)
+    torch.nn.utils.parametrizations.weight_norm(model.features.denseblock2.denselayer3.conv2)
+    torch.manual_seed(5)
+    torch.nn.utils.parametrizations.spectral_norm(model.features.transition1.conv)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pruning_and_parametrizations_are_honoured(training):
+    ours, tv = make_pair(**CONFIG)
+    for model in (ours, tv):
+        prune_and_parametrize(model)
+        model.train(training)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    with pytest.warns(RuntimeWarning, match="plain per-layer path"):
+        torch.manual_seed(0)
+        result = forward_backward(ours, x, target)
+    torch.manual_seed(0)
+    expected = forward_backward(tv, x, target)
+    assert_all_close({"out": result.output, **result.grads}, {"out": expected.output, **expected.grads},
+                     FLOAT64_RTOL, "pruned and parametrized")
+
+
+# -- torch.fx ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_traces_with_torchvisions_node_names_and_features(training):
+    ours, tv = make_pair(**CONFIG)
+    ours.train(training), tv.train(training)
+    assert get_graph_node_names(ours) == get_graph_node_names(tv)
+    nodes = {"features.denseblock1": "block1", "features.transition1.pool": "transition1",
+             "features.denseblock2.denselayer2.conv1": "bottleneck", "features.norm5": "norm5", "classifier": "logits"}
+    x, _ = random_batch(ours, 3, 9, 7, seed=0)
+    extracted = [create_feature_extractor(model, nodes)(x) for model in (ours, tv)]
+    assert_all_close(extracted[0], extracted[1], FLOAT64_RTOL, "extracted features")
+    traced = torch.fx.symbolic_trace(ours)
+    assert_all_close({"out": traced(x)}, {"out": tv(x)}, FLOAT64_RTOL, "symbolic_trace")
+
+
+# -- TorchScript -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript_gives_torchvisions_model(training):
+    ours, tv = make_pair(**CONFIG)
+    scripted = torch.jit.script(ours.train(training))
+    tv.train(training)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    results = [forward_backward(model, x, target) for model in (scripted, tv)]
+    assert_all_close({"out": results[0].output, **results[0].grads},
+                     {"out": results[1].output, **results[1].grads}, FLOAT64_RTOL, "scripted")
+    assert_all_close(buffers(scripted), buffers(tv), FLOAT64_RTOL, "scripted running statistics")
+
+
+# -- torch.func ----------------------------------------------------------------------------------------
+def test_torch_func_grad_vjp_and_vmap():
+    ours, tv = make_pair(**CONFIG)
+    ours.eval(), tv.eval()
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    results = []
+    for model in (ours, tv):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(p):
+            return F.cross_entropy(torch.func.functional_call(model, p, (x,)), target)
+
+        grads = torch.func.grad(loss)(params)
+        out, vjp = torch.func.vjp(lambda inp: model(inp), x)
+        (input_grad,) = vjp(torch.ones_like(out))
+        per_sample = torch.func.vmap(lambda image: model(image.unsqueeze(0)).squeeze(0))(x)
+        results.append({**grads, "input_grad": input_grad, "vmap": per_sample})
+    assert_all_close(results[0], results[1], FLOAT64_RTOL, "torch.func")
+
+
+# -- double backward -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("tail_kind", ["none", "transition", "head"])
+def test_stage_gradgradcheck(tail_kind, training):
+    torch.manual_seed(0)
+    net = densenet_fast.DenseNet(growth_rate=3, block_config=(2, 1), num_init_features=5, bn_size=2)
+    randomize_batchnorm(net)
+    net.double().train(training)
+    block = net.features.denseblock1
+    tail = {"none": engine.NoTail(), "transition": engine.TransitionTail(net.features.transition1),
+            "head": engine.HeadTail(nn.BatchNorm2d(11).double().train(training))}[tail_kind]
+    params = list(block.parameters()) + [p for m in (getattr(tail, "bn", None), getattr(tail, "conv", None))
+                                         if m is not None for p in m.parameters()]
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def function(x, *_):
+        return engine.run_stage(list(block.values()), tail, x, engine.Settings(), keep=False)[0]
+
+    assert torch.autograd.gradgradcheck(function, (x, *params), fast_mode=True)
+
+
+def test_input_hessian_vector_product_equals_torchvisions():
+    """A gradient penalty: the gradient of ||dL/dx||^2 w.r.t. every parameter."""
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    results = []
+    for model in (ours, tv):
+        inputs = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(F.cross_entropy(model(inputs), target), inputs, create_graph=True)
+        penalty = grad_x.square().sum()
+        penalty.backward()
+        results.append({name: p.grad for name, p in model.named_parameters()})
+    assert_all_close(results[0], results[1], 1e-7, "gradient-penalty gradients")
+
+
+# -- torchvision's weights API -------------------------------------------------------------------------
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """A TORCH_HOME whose hub cache holds a DenseNet-121 checkpoint under
+    torchvision's file name, with the old ``norm.1``-style keys of the published file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    reference = torchvision.models.densenet121()
+    randomize_batchnorm(reference)
+    url = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    old_style = re.compile(r"(denselayer\d+\.(?:norm|conv))([12])\.(weight|bias|running_mean|running_var)$")
+    state = {old_style.sub(r"\1.\2.\3", k): v for k, v in reference.state_dict().items()}
+    torch.save(state, folder / url.rsplit("/", 1)[1])
+    return reference.eval()
+
+
+@pytest.mark.parametrize("how", ["enum", "name", "qualified_name", "pretrained"])
+def test_torchvision_weights_load_from_the_hub_cache(torch_home, how):
+    weights = torchvision.models.DenseNet121_Weights
+    kwargs = {"enum": dict(weights=weights.DEFAULT), "name": dict(weights="DEFAULT", progress=False),
+              "qualified_name": dict(weights="DenseNet121_Weights.IMAGENET1K_V1"),
+              "pretrained": dict(pretrained=True)}[how]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = densenet_fast.densenet121(**kwargs).eval()
+    assert any("pretrained" in str(w.message) for w in caught) == (how == "pretrained")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), torch_home(x), rtol=1e-4, atol=1e-5)
+    assert torchvision.models.get_model_weights(densenet_fast.densenet121) is weights
+
+
+def test_weights_api_errors(torch_home):
+    with pytest.raises(ValueError, match="num_classes"):
+        densenet_fast.densenet121(weights="DEFAULT", num_classes=10)
+    with pytest.raises(ValueError, match="No weights available"):
+        densenet_fast.densenet264(pretrained=True)
+    with pytest.raises(TypeError, match="Invalid Weight class"):  # as torchvision
+        densenet_fast.densenet121(weights=torchvision.models.DenseNet161_Weights.DEFAULT)
+
+
+# -- error types -----------------------------------------------------------------------------------------
+def test_errors_have_torchvisions_types(tmp_path):
+    model = densenet_fast.densenet_bc(10, 4)
+    with pytest.raises(RuntimeError, match="input channels"):  # torchvision's convolution raises RuntimeError
+        model(torch.randn(2, 5, 8, 8))
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(TypeError, match="holds a list, not a state_dict"):
+        densenet_fast.densenet121(weights=str(path))
+
+
+# -- saved-tensor hooks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_saved_tensor_hooks_see_every_large_tensor(recompute):
+    """A pack hook sees the block buffers and (keep) the bottleneck outputs, so
+    ``save_on_cpu`` can offload them; gradients are unchanged."""
+    ours, _ = make_pair(recompute=recompute, **CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    expected = forward_backward(ours, x, target)
+    packed = {}
+
+    def pack(t):
+        packed[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t.to("cpu", copy=True)  # what save_on_cpu does
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward_backward(ours, x, target)
+    assert_all_close(result.grads, expected.grads, 0.0, "gradients through saved-tensor hooks")
+    n, h, w = 3, 9, 7
+    element = torch.tensor([], dtype=torch.float64).element_size()
+    buffer_bytes = n * h * w * (6 + 2 * 4) * element + n * (h // 2) * (w // 2) * (7 + 3 * 4) * element
+    bottleneck_bytes = (2 * n * h * w + 3 * n * (h // 2) * (w // 2)) * 16 * element
+    large = sum(b for b in packed.values() if b >= n * (h // 2) * (w // 2) * 4 * element)
+    assert large >= buffer_bytes + (bottleneck_bytes if recompute == "keep" else 0)
