@@ -1,7 +1,7 @@
 """Comparison helpers shared by the model and engine tests.
 
 The reference is torchvision's naive DenseNet loaded with the same weights
-(:func:`torchvision_twin`).  How results are judged follows DESIGN.md §5:
+(:func:`torchvision_twin`).  How results are judged (docs/engine.md, "Judging fp32 gradients"):
 float64 runs must agree to ~1e-8 on every tensor; fp32 outputs and running
 statistics agree tightly, while fp32 gradients are judged by their global
 relative error against a float64 reference, next to torchvision fp32's own.
@@ -166,7 +166,7 @@ def gradient_errors(result: StepResult, reference: StepResult) -> tuple[float, f
 def assert_gradients_as_good_as_torchvision(ours: list[tuple[float, float]], torchvision: list[tuple[float, float]],
                                             factor: float = 10.0, floor: float = 1e-6,
                                             outlier_bound: float = 5e-2) -> None:
-    """DESIGN.md §5 over several steps, given each step's :func:`gradient_errors`
+    """Over several steps, given each step's :func:`gradient_errors`
     of our fp32 run and torchvision's against float64: ours at most ``factor``
     times torchvision's own (the larger of its NCHW and channels-last runs) plus
     ``floor``.
@@ -224,7 +224,7 @@ def check_eval_float64(ours: DenseNet, tv: nn.Module, shape: tuple[int, int, int
 
 
 def check_training_fp32(ours: DenseNet, shape: tuple[int, int, int], steps: int) -> None:
-    """DESIGN.md §5 in fp32: ``steps`` SGD steps of ``ours``; before each, the
+    """In fp32: ``steps`` SGD steps of ``ours``; before each, the
     same parameters are copied into a torchvision fp32 twin and a float64 one.
     Outputs and running statistics (which evolve on their own in both fp32
     models) agree to ``FP32_RTOL``; gradients are judged against float64."""

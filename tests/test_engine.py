@@ -55,7 +55,7 @@ def test_equals_torchvision_float64(config, recompute, backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_equals_torchvision_fp32(config, backend, device, no_tf32):
-    """DESIGN.md §5: outputs and running statistics to 1e-4 over five steps,
+    """Outputs and running statistics to 1e-4 over five steps,
     gradients as close to float64 as torchvision fp32's own."""
     kwargs, shape = CONFIGS[config]
     ours, _ = make_pair(dtype=torch.float32, device=device, backend=BACKENDS[backend], **kwargs)

@@ -146,7 +146,7 @@ def test_densenet121_equals_torchvision_float64():
 
 
 def test_densenet121_fp32_as_good_as_torchvision():
-    """DESIGN.md §5 on DenseNet-121 (batch 3, 67x45), three steps."""
+    """On DenseNet-121 (batch 3, 67x45), three steps."""
     torch.manual_seed(0)
     ours = densenet121(num_classes=10)
     randomize_batchnorm(ours)

@@ -1,4 +1,4 @@
-"""The primitive interface every backend implements (DESIGN.md §4).
+"""The primitive interface every backend implements (docs/engine.md).
 
 The block engine (:mod:`densenet_fast.autograd`) sees a dense block's features
 as one channels-last buffer of shape ``(N, H, W, C_total)``.  Its rows are the
@@ -18,7 +18,7 @@ Conventions:
   ``[sum(dA), sum(dA * xhat)]`` to their means over the whole batch (``/ M``,
   or over all processes for synchronised BN), and
   ``dx = scale * (dA - mean(dA) - xhat * mean(dA * xhat))``.  This is the
-  point between the two passes of the BN backward (DESIGN.md §3).
+  point between the two passes of the BN backward (docs/engine.md).
 - ``grad_gamma = sum(dA * xhat)`` and ``grad_beta = sum(dA)`` are the local sums.
 - Statistics are returned as ``(mean, var)``, biased variance, in fp32 (fp64
   for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
