@@ -292,11 +292,11 @@ def config_id(config: triton.Config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_C']}-w{config.num_warps}-s{config.num_stages}"
 
 
-def fitting_dtype(shared_memory, meta: dict, *configs: triton.Config) -> torch.dtype:
-    """fp32 if ``configs`` fit an H200's shared memory in fp32, else fp16 (the
-    only data a GPU launches them for)."""
-    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= common.INTERPRETER_LIMITS.shared_memory
-               for c in configs)
+def fitting_dtype(device: str, shared_memory, meta: dict, *configs: triton.Config) -> torch.dtype:
+    """fp32 if ``configs`` fit the device's shared memory in fp32 (an H200's
+    under the interpreter), else fp16 (the only data a GPU launches them for)."""
+    limit = common.gpu_limits(torch.device(device)).shared_memory
+    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for c in configs)
     return torch.float32 if fits else torch.float16
 
 
@@ -321,33 +321,33 @@ def assert_matches_torch(actual: list[Tensor], run_torch, dtype: torch.dtype, wh
 @pytest.mark.parametrize("pool, config", [pytest.param(pool, config, id=f"pool{pool}-{config_id(config)}")
                                           for pool, configs in bn_relu_conv.FORWARD_CONFIGS.items()
                                           for config in configs])
-def test_forward_with_every_configuration(monkeypatch, pool, config):
+def test_forward_with_every_configuration(monkeypatch, device, pool, config):
     """Cells just past two row tiles (pool 1) or one (pool 2), input channels
     just past one channel block, K = 136: two output-channel blocks."""
     force(monkeypatch, bn_relu_conv._forward[pool], config)
     block_m, block_c = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
     c, k = block_c + 7, 136
-    dtype = fitting_dtype(bn_relu_conv.FORWARD_SHARED_MEMORY, dict(POOL=pool, BLOCK_K=128), config)
+    dtype = fitting_dtype(device, bn_relu_conv.FORWARD_SHARED_MEMORY, dict(POOL=pool, BLOCK_K=128), config)
     g = torch.Generator().manual_seed(7)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
-    x = channel_view(shape, 3, c, 2, dtype, "cpu", g)
+    x = channel_view(shape, 3, c, 2, dtype, device, g)
     bn = make_bn(x, True, g)
-    weight = (0.2 * torch.randn(k, c, generator=g)).to(dtype)
+    weight = (0.2 * torch.randn(k, c, generator=g)).to(device=device, dtype=dtype)
 
     def run(backend, dtype):
         args = [t.to(dtype) for t in (x, weight)]
         if pool == 1:
-            out = torch.empty(x.shape[0], k, dtype=dtype)
+            out = torch.empty(x.shape[0], k, device=device, dtype=dtype)
             return [out, *backend.bn_relu_conv1x1(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out,
                                                   with_stats=True)]
-        out = torch.empty(shape[0], shape[1] // 2, shape[2] // 2, k, dtype=dtype)
+        out = torch.empty(shape[0], shape[1] // 2, shape[2] // 2, k, device=device, dtype=dtype)
         backend.transition(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out)
         return [out]
 
     result = run(TRITON, dtype)
     assert_matches_torch(result[:1], lambda d: run(TORCH, d)[:1], dtype, "forward")
     if pool == 1:  # statistics of the stored output
-        var64, mean64 = torch.var_mean(result[0].double(), dim=0, correction=0)
+        var64, mean64 = torch.var_mean(result[0].double().cpu(), dim=0, correction=0)
         assert_close(result[1], mean64, 1e-5, "output mean")
         assert_close(result[2], var64, 1e-4, "output var")
 
@@ -361,7 +361,7 @@ BACKWARD_CASES = [(pool, has_gemm, index) for pool, has_gemm in ((1, True), (1, 
                  f"{config_id(bn_relu_conv.REDUCE_CONFIGS[pool][index % len(bn_relu_conv.REDUCE_CONFIGS[pool])])}-"
                  f"{config_id(bn_relu_conv.DX_CONFIGS[pool][index % len(bn_relu_conv.DX_CONFIGS[pool])])}")
     for pool, has_gemm, index in BACKWARD_CASES])
-def test_backward_with_every_configuration(monkeypatch, pool, has_gemm, index):
+def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, index):
     """Both passes, each with its ``index``-th configuration (cycling through
     the shorter list), batch statistics, at shapes just past the tiles; with the
     GEMM, K = 136 (two blocks of dW, two steps of the dZ loop)."""
@@ -372,15 +372,16 @@ def test_backward_with_every_configuration(monkeypatch, pool, has_gemm, index):
     block_m = max(config.kwargs["BLOCK_M"] for config in configs)
     c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
     k = 136 if has_gemm else c
-    dtype = fitting_dtype(bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128), *configs)
+    dtype = fitting_dtype(device, bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128),
+                          *configs)
     g = torch.Generator().manual_seed(8)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
-    x = channel_view(shape, 3, c, 2, dtype, "cpu", g)
+    x = channel_view(shape, 3, c, 2, dtype, device, g)
     bn = make_bn(x, True, g)
-    weight = (0.2 * torch.randn(k, c, generator=g)).to(dtype)
+    weight = (0.2 * torch.randn(k, c, generator=g)).to(device=device, dtype=dtype)
     out_shape = shape if pool == 1 else (shape[0], shape[1] // 2, shape[2] // 2)
-    grad_out = torch.randn(*out_shape, k, generator=g).to(dtype)
-    grad_x_before = torch.randn(*shape, c, generator=g).to(dtype)  # accumulated into by the dense layer
+    grad_out = torch.randn(*out_shape, k, generator=g).to(device=device, dtype=dtype)
+    grad_x_before = torch.randn(*shape, c, generator=g).to(device=device, dtype=dtype)  # the dense layer adds to it
 
     def run(backend, dtype):
         x_, w_, g_ = (t.to(dtype) for t in (x, weight, grad_out))
@@ -612,7 +613,7 @@ ALL_LAUNCHERS = [*bn_relu_conv._forward.values(), *bn_relu_conv._reduce.values()
                  channel_stats._tile_stats, channel_stats._merge_stats, bn_relu._bn_relu]
 
 
-def test_model_with_every_kernels_first_configuration(monkeypatch):
+def test_model_with_every_kernels_first_configuration(monkeypatch, device):
     """The tiny model with the first candidate of every kernel (the largest row
     tiles; what a GPU runs for 16-bit data) and NaN-filled fresh memory,
     against the torch backend in fp32: output, every gradient and running
@@ -622,8 +623,8 @@ def test_model_with_every_kernels_first_configuration(monkeypatch):
     for launcher in ALL_LAUNCHERS:
         force(monkeypatch, launcher, launcher.candidates[0])
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
-    ours, _ = make_pair(dtype=torch.float32, backend="triton", **config)
-    reference, _ = make_pair(dtype=torch.float32, backend="torch", **config)
+    ours, _ = make_pair(dtype=torch.float32, device=device, backend="triton", **config)
+    reference, _ = make_pair(dtype=torch.float32, device=device, backend="torch", **config)
     reference.load_state_dict(ours.state_dict())
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-4)
@@ -635,34 +636,56 @@ def needs_gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
+def layer_and_transition(device: str) -> list[Tensor]:
+    """A dense layer's forward (with statistics) and backward (accumulating)
+    and a transition's forward and backward, on the triton and the torch
+    backend: ``(ours, torch's)``."""
+    g = torch.Generator().manual_seed(10)
+    x = channel_view((2, 6, 5), 0, 40, 0, torch.float32, device, g)
+    bn = make_bn(x, True, g)
+    weight = torch.randn(20, 40, generator=g).to(device)
+    grad_out = torch.randn(60, 20, generator=g).to(device)
+    grad_pooled = torch.randn(2, 3, 2, 20, generator=g).to(device)
+    rows = x.reshape(-1, 40)
+
+    def run(backend) -> list[Tensor]:
+        out = torch.empty(60, 20, device=device)
+        stats = backend.bn_relu_conv1x1(rows, bn.scale, bn.shift, weight, out, with_stats=True)
+        grad_rows = torch.ones_like(rows)
+        grads = backend.bn_relu_conv1x1_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                                 grad_rows, bn.batch_mean())
+        pooled = torch.empty(2, 3, 2, 20, device=device)
+        backend.transition(x, bn.scale, bn.shift, weight, pooled)
+        grad_x = torch.empty_like(x)
+        transition_grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_pooled,
+                                                       grad_x, bn.batch_mean())
+        return [out, *stats, grad_rows, *grads, pooled, grad_x, *transition_grads, *backend.channel_stats(rows)]
+
+    return run(TRITON), run(TORCH)
+
+
 @needs_gpu
 def test_kernels_launch_on_their_tensors_device():
     """Tensors on ``cuda:1`` while ``cuda:0`` is current: every launch goes to the tensors' device."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    g = torch.Generator().manual_seed(10)
-    x = channel_view((2, 6, 5), 0, 40, 0, torch.float32, "cuda:1", g)
-    bn = make_bn(x, True, g)
-    weight = torch.randn(20, 40, generator=g).to("cuda:1")
-    grad_pooled = torch.randn(2, 3, 2, 20, generator=g).to("cuda:1")
-    rows = x.reshape(-1, 40)
-
-    def run(backend) -> list[Tensor]:
-        out = torch.empty(60, 20, device="cuda:1")
-        stats = backend.bn_relu_conv1x1(rows, bn.scale, bn.shift, weight, out, with_stats=True)
-        pooled = torch.empty(2, 3, 2, 20, device="cuda:1")
-        backend.transition(x, bn.scale, bn.shift, weight, pooled)
-        grad_x = torch.empty_like(x)
-        grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_pooled, grad_x,
-                                            bn.batch_mean())
-        return [out, *stats, pooled, grad_x, *grads, *backend.channel_stats(rows)]
-
     with torch.cuda.device(0):
-        ours = run(TRITON)
-        torch.cuda.synchronize(1)
-    for i, (actual, expected) in enumerate(zip(ours, run(TORCH))):
+        ours, expected = layer_and_transition("cuda:1")
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
         assert actual.device == torch.device("cuda:1")
-        assert_close(actual, expected, 1e-4, f"output {i}")
+        assert_close(actual, reference, 1e-4, f"output {i}")
+
+
+@needs_gpu
+def test_opt_in_autotuning(monkeypatch):
+    """DENSENET_FAST_AUTOTUNE=1 outside deterministic mode: triton.autotune over
+    the candidates that fit, with the statistics counts reset and the
+    accumulated gradient restored between candidates."""
+    monkeypatch.setenv(common.AUTOTUNE_ENV_VAR, "1")
+    torch.use_deterministic_algorithms(False)
+    ours, expected = layer_and_transition("cuda")
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
+        assert_close(actual, reference, 1e-4, f"output {i}")
 
 
 @needs_gpu
