@@ -100,16 +100,12 @@ def _device_ok(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _dtype_ok(name: str, dtype: Optional[torch.dtype]) -> bool:
-    return not (name == "triton" and dtype == torch.float64)
-
-
-def get_backend(name: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
-    """The backend instance for ``dtype`` tensors on ``device`` (``name=None``:
-    automatic, the first available that takes that device and dtype)."""
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The backend instance for tensors on ``device`` (``name=None``: automatic).
+    Every backend runs the torch backend's primitive for dtypes its kernels lack."""
     if name is None:
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if _device_ok(candidate, device) and _dtype_ok(candidate, dtype) and _unavailable_reason(candidate) is None:
+            if _device_ok(candidate, device) and _unavailable_reason(candidate) is None:
                 return _instance(candidate)
         return _instance("torch")
     if not _device_ok(name, device):

@@ -404,7 +404,7 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     if any; ``next_channels``: make a transition write into a new buffer of that
     many channels (the next block's)."""
     dtype = compute_dtype(x)
-    backend = get_backend(settings.backend, x.device, dtype)
+    backend = get_backend(settings.backend, x.device)
     device_type = x.device.type
     with torch.autocast(device_type, enabled=False) if dtype != x.dtype else contextlib.nullcontext():
         x = x.to(dtype)
