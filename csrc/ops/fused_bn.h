@@ -50,6 +50,10 @@ void check_bn_backward_finish(const at::Tensor& x, const at::Tensor& scale, cons
 // The dtype of statistics and BN coefficients for data x: float64 for float64, else float32.
 at::ScalarType stats_dtype(const at::Tensor& x);
 
+// The sums pass 1 returns, [sum dA, sum dA * xhat] (2, C) in rstd's dtype, from the
+// float64 sums [sum dA, sum dA * (x - mean)] (2, C) of its kernels (scaled in place).
+at::Tensor bn_backward_sums(at::Tensor centered_sums, const at::Tensor& rstd);
+
 // Pass 2 of the BN backward as grad_x += offset + slope * (x - mean): returns the
 // contiguous (C,) (offset, slope) = (-scale * mean_dA, -scale * rstd * mean_dA_xhat).
 std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,

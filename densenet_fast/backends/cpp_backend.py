@@ -51,8 +51,10 @@ class ExtensionStatsBackend(TorchBackend):
     """The torch backend with the extension's channel statistics (CPU and CUDA kernels)."""
 
     def channel_stats(self, x: Tensor) -> Stats:
-        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.
-        shift = x[0].to(torch.float64)
+        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.  The shift
+        # must be finite: then the mean is +-Inf or NaN and the variance NaN exactly where
+        # torch's are (a non-finite value in the channel).
+        shift = x[0].to(torch.float64).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         total, total_sq = ops.channel_sums(x, shift)
         m = x.shape[0]
         delta = total / m
