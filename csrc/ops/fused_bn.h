@@ -1,11 +1,11 @@
-// densenet_fast's fused BatchNorm-ReLU ops (DESIGN.md §2-§3; the Python side is
+// densenet_fast's fused BatchNorm-ReLU ops (the Python side is
 // densenet_fast/backends/cpp_backend.py, the contract backends/interface.py).
 //
 // Data: x is a channel range of a channels-last buffer, (M, C) rows with channel
-// stride 1 ((N, H, W, C) for the transition); float32 or float64.  BN
-// coefficients scale/shift/mean/rstd are (C,) in the statistics dtype (float32
-// for float32 data, float64 for float64).  a = x * scale + shift, z = relu(a),
-// xhat = (x - mean) * rstd, dA = dL/da.
+// stride 1 ((N, H, W, C) for the transition); float32, float64 or bfloat16.  BN
+// coefficients scale/shift/mean/rstd are (C,) in the statistics dtype (float64
+// for float64 data, else float32).  a = x * scale + shift, z = relu(a),
+// xhat = (x - mean) * rstd, dA = dL/da; NaN and Inf propagate as in torch (relu.h).
 //
 //   bn_relu_conv1x1(x, scale, shift, weight (K, C), out (M, K)!, with_stats) -> (mean, var)
 //       out = z @ weight.T; (mean, var) of out over its rows ((K,), biased) if

@@ -7,8 +7,8 @@ writes or adds ``scale * dA`` into ``grad_x`` and returns the local sums
 statistics terms ``-scale * (mean(dA) + xhat * mean(dA * xhat))``.  In eval
 mode (``batch_mean is None``) there is no pass 2.
 
-The fused CPU ops take float32, float64 and bfloat16 data (the CUDA ones
-float32 and float64); other dtypes run the torch backend's implementation.
+The fused ops take float32, float64 and bfloat16 data (CPU and CUDA kernels
+alike); other dtypes run the torch backend's implementation.
 """
 
 from __future__ import annotations
@@ -106,6 +106,6 @@ class CudaBackend(ExtensionStatsBackend):
     backward; the GEMM primitives are the torch backend's."""
 
     name = "cuda"
-    native_dtypes = (torch.float32, torch.float64)
+    native_dtypes = CppBackend.native_dtypes
     bn_relu = CppBackend.bn_relu
     bn_relu_backward = CppBackend.bn_relu_backward
