@@ -141,6 +141,15 @@ def main() -> None:
     # Imported only now: it reads CUDA_HOME when it is first imported.
     from torch.utils import cpp_extension
 
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's ninja build, with the object files always in build/temp: pip's
+        editable installs would otherwise compile in a fresh temporary directory, so
+        `pip install -e .` and `setup.py build_ext --inplace` share what is compiled."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / "temp")
+
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
     compile_args = {"cxx": ["-O3", "-fopenmp"]}
     if cuda is None:
@@ -151,14 +160,7 @@ def main() -> None:
         compile_args["nvcc"] = ["-O3"]
         extension = cpp_extension.CUDAExtension("densenet_fast._C", sources, define_macros=[("WITH_CUDA", None)],
                                                 extra_compile_args=compile_args, extra_link_args=["-fopenmp"])
-    setup(
-        ext_modules=[extension],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-        # Object files in build/temp unless --build-temp says otherwise: pip's editable
-        # installs would compile in a fresh temporary directory each time, so
-        # `pip install -e .` and `setup.py build_ext --inplace` share what is compiled.
-        options={"build_ext": {"build_temp": str(ROOT / "build" / "temp")}},
-    )
+    setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
 
 
 if __name__ == "__main__":
