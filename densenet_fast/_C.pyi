@@ -8,18 +8,22 @@ kernels; call them through ``torch.ops.densenet_fast``):
     row stride >= C, e.g. a channel range ``buffer.view(M, C_total)[:, c0:c1]``
     of a channels-last buffer.  ``shift``: ``(C,)`` float64 on ``x``'s device.
     Returns ``(C,)`` float64 sums over the rows of ``x - shift`` and
-    ``(x - shift)**2``, accumulated in float64.
+    ``(x - shift)**2``, accumulated in float64 (in a fixed order on the CPU and
+    on CUDA: the same result on every run).
 
 The fused BatchNorm-ReLU ops (csrc/ops/fused_bn.h): CPU kernels for all,
 CUDA kernels for ``bn_relu``, ``bn_relu_backward_sums`` and
 ``bn_backward_finish``.  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
-``(N, H, W, C)`` for the transition; float32, float64 or bfloat16 (bfloat16:
-CPU kernels only).  ``scale``, ``shift``,
+``(N, H, W, C)`` for the transition; float32, float64 or bfloat16 (other
+dtypes raise).  ``scale``, ``shift``,
 ``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64
 data, else float32): ``a = x * scale + shift``, ``z = relu(a)``,
 ``xhat = (x - mean) * rstd``, ``dA = dL/da``.  Arguments marked ``!`` are
-written in place.
+written in place.  NaN and Inf propagate as in ``torch.relu`` and
+``BatchNorm2d``: ``relu(NaN) = NaN``, ``dA = 0`` where ``a <= 0`` (``dA`` passes
+where ``a`` is NaN, as in ``threshold_backward``), and the sums take
+``dA * xhat`` from every pixel.
 
 ``bn_relu_conv1x1(x, scale, shift, weight (K, C), out (M, K)!, with_stats) -> (mean, var)``
     ``out = z @ weight.T``; biased ``(mean, var)`` of ``out`` ``(K,)`` if

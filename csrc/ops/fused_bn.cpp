@@ -11,6 +11,11 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor bn_backward_sums(at::Tensor centered_sums, const at::Tensor& rstd) {
+  centered_sums[1].mul_(rstd.to(at::kDouble));
+  return centered_sums.to(rstd.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,
                                                        const at::Tensor& batch_means) {
   return {(-scale * batch_means[0]).contiguous(), (-scale * rstd * batch_means[1]).contiguous()};

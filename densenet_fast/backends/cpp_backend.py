@@ -7,8 +7,8 @@ writes or adds ``scale * dA`` into ``grad_x`` and returns the local sums
 statistics terms ``-scale * (mean(dA) + xhat * mean(dA * xhat))``.  In eval
 mode (``batch_mean is None``) there is no pass 2.
 
-The fused CPU ops take float32, float64 and bfloat16 data (the CUDA ones
-float32 and float64); other dtypes run the torch backend's implementation.
+The fused ops take float32, float64 and bfloat16 data (CPU and CUDA kernels
+alike); other dtypes run the torch backend's implementation.
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class ExtensionStatsBackend(TorchBackend):
     """The torch backend with the extension's channel statistics (CPU and CUDA kernels)."""
 
     def channel_stats(self, x: Tensor) -> Stats:
-        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.
-        shift = x[0].to(torch.float64)
+        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.  The shift
+        # must be finite: then the mean is +-Inf or NaN and the variance NaN exactly where
+        # torch's are (a non-finite value in the channel).
+        shift = x[0].to(torch.float64).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         total, total_sq = ops.channel_sums(x, shift)
         m = x.shape[0]
         delta = total / m
@@ -104,6 +106,6 @@ class CudaBackend(ExtensionStatsBackend):
     backward; the GEMM primitives are the torch backend's."""
 
     name = "cuda"
-    native_dtypes = (torch.float32, torch.float64)
+    native_dtypes = CppBackend.native_dtypes
     bn_relu = CppBackend.bn_relu
     bn_relu_backward = CppBackend.bn_relu_backward

@@ -1,13 +1,14 @@
 // CPU kernels of the fused BatchNorm-ReLU ops (see ../fused_bn.h).
 //
-// The rows (pixels) are split into tiles of up to 1024 rows.  For each tile
-// the normalised input z = relu(x * scale + shift) is formed in a thread-local
-// buffer of cache size and fed to ATen's BLAS (at::mm_out on tile views); z is
-// never written whole.  Tiles are grouped into a fixed number of contiguous
-// chunks run by at::parallel_for; every chunk keeps its own partial sums
-// (float64 channel sums, the weight gradient) and the partials are added in
-// chunk order, so results do not depend on the scheduling.
+// The rows (pixels) are split into tiles of up to 1024 rows, run in chunks
+// (tiling.h).  For each tile the normalised input z = relu(x * scale + shift)
+// is formed in a thread-local buffer of cache size and fed to ATen's BLAS
+// (at::mm_out on tile views); z is never written whole.  Every chunk keeps its
+// own partial sums (float64 channel sums, the weight gradient), added in chunk
+// order, so results do not depend on the scheduling.
 #include "../fused_bn.h"
+#include "../relu.h"
+#include "tiling.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,61 +23,21 @@ namespace densenet_fast {
 
 namespace {
 
+using cpu::ChunkSums;
+using cpu::chunks_for;
+using cpu::for_each_tile;
+using cpu::Moments;
+using cpu::Tile;
+
 constexpr int64_t kTileBytes = 512 * 1024;  // a tile's z and dZ (per thread; stay in L2)
 constexpr int64_t kMinTileRows = 32;
 constexpr int64_t kMaxTileRows = 1024;
-constexpr int64_t kMinChunks = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Rows per tile so that `buffers` tiles of `channels` values of `element_size` bytes fit kTileBytes.
 int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
   return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, buffers * channels * element_size), kMinTileRows,
                              kMaxTileRows);
 }
-
-// Rows [begin, begin + size) of a tile.
-struct Tile {
-  int64_t begin;
-  int64_t size;
-};
-
-// Splits `rows` into tiles of `rows_per_tile` rows and the tiles into `chunks`
-// contiguous chunks, run in parallel: state = start(chunk), then fn(state, tile)
-// for each tile of the chunk in order.
-template <typename Start, typename F>
-void for_each_tile(int64_t rows, int64_t rows_per_tile, int64_t chunks, const Start& start, const F& fn) {
-  const int64_t tiles = ceil_div(rows, rows_per_tile);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // The tiles' ATen calls skip autograd (the guard is thread-local: set it in each worker).
-    at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      auto state = start(chunk);
-      for (int64_t t = tiles * chunk / chunks; t < tiles * (chunk + 1) / chunks; ++t) {
-        const int64_t begin = t * rows_per_tile;
-        fn(state, Tile{begin, std::min(rows_per_tile, rows - begin)});
-      }
-    }
-  });
-}
-
-// At least kMinChunks chunks (or one per thread): up to kMinChunks threads the
-// split, and so every result, does not depend on the thread count.
-int64_t chunks_for(int64_t rows, int64_t rows_per_tile) {
-  const int64_t tiles = ceil_div(rows, rows_per_tile);
-  return std::max<int64_t>(1, std::min(tiles, std::max<int64_t>(kMinChunks, at::get_num_threads())));
-}
-
-// The elementwise loops below are compiled for AVX-512, AVX2 and baseline
-// x86-64 and chosen at load time (GCC function multi-versioning): the extension
-// is built without -march flags.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DENSENET_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DENSENET_FAST_SIMD_CLONES
-#endif
 
 // In these loops T is the data type and A = at::opmath_type<T> the type of the
 // BN coefficients and of the arithmetic (float for bfloat16 data).
@@ -92,12 +53,12 @@ DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const A* __
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       const A a = static_cast<A>(x_row[c]) * scale[c] + shift[c];
-      z_row[c] = static_cast<T>(a > A(0) ? a : A(0));
+      z_row[c] = static_cast<T>(relu(a));
     }
   }
 }
 
-// The BN-ReLU backward of `rows` rows: dA = factor * grad_z where a > 0;
+// The BN-ReLU backward of `rows` rows: dA = relu_backward(factor * grad_z, a);
 // adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
 // scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
 template <typename T, typename A, bool kAccumulate>
@@ -114,7 +75,7 @@ DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const A
     for (int64_t c = 0; c < channels; ++c) {
       const A value = static_cast<A>(x_row[c]);
       const A a = value * scale[c] + shift[c];
-      const A grad_a = a > A(0) ? factor * static_cast<A>(g_row[c]) : A(0);
+      const A grad_a = relu_backward(factor * static_cast<A>(g_row[c]), a);
       sums[c] += grad_a;
       sum_xhat[c] += grad_a * (value - mean[c]);
       if constexpr (kAccumulate) {
@@ -142,105 +103,13 @@ DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A*
   }
 }
 
-// Per-chunk float64 sums [sum dA, sum dA * (x - mean)] of the BN backward.
-class ChannelSums {
- public:
-  ChannelSums(int64_t chunks, int64_t channels) : channels_(channels), data_(chunks * 2 * channels, 0.0) {}
-
-  template <typename T>
-  void add(int64_t chunk, const std::vector<T>& tile_sums) {
-    double* out = data_.data() + chunk * 2 * channels_;
-    for (int64_t i = 0; i < 2 * channels_; ++i) {
-      out[i] += tile_sums[i];
-    }
-  }
-
-  // (2, C) [sum dA, sum dA * xhat], chunks added in order.
-  at::Tensor result(const at::Tensor& rstd) const {
-    auto total = at::zeros({2, channels_}, rstd.options().dtype(at::kDouble));
-    double* out = total.data_ptr<double>();
-    const int64_t chunks = static_cast<int64_t>(data_.size()) / std::max<int64_t>(1, 2 * channels_);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      for (int64_t i = 0; i < 2 * channels_; ++i) {
-        out[i] += data_[chunk * 2 * channels_ + i];
-      }
-    }
-    total[1].mul_(rstd.to(at::kDouble));
-    return total.to(rstd.scalar_type());
-  }
-
- private:
-  int64_t channels_;
-  std::vector<double> data_;
-};
-
-// Per-chunk (count, mean, M2) of the rows of tiles, merged with Chan's formula.
-class Moments {
- public:
-  Moments(int64_t chunks, int64_t channels)
-      : channels_(channels), counts_(chunks, 0), mean_(chunks * channels, 0.0), m2_(chunks * channels, 0.0) {}
-
-  // Adds `rows` rows of `data` (row stride `ld`) to chunk `chunk`.
-  template <typename T>
-  void add(int64_t chunk, const T* data, int64_t ld, int64_t rows, std::vector<double>& tile_mean,
-           std::vector<double>& tile_m2) {
-    std::fill(tile_mean.begin(), tile_mean.end(), 0.0);
-    std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < channels_; ++c) {
-        tile_mean[c] += static_cast<double>(data[r * ld + c]);
-      }
-    }
-    for (int64_t c = 0; c < channels_; ++c) {
-      tile_mean[c] /= static_cast<double>(rows);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < channels_; ++c) {
-        const double d = static_cast<double>(data[r * ld + c]) - tile_mean[c];
-        tile_m2[c] += d * d;
-      }
-    }
-    merge(counts_[chunk], mean_.data() + chunk * channels_, m2_.data() + chunk * channels_, rows, tile_mean.data(),
-          tile_m2.data());
-  }
-
-  // (mean, biased var) over all chunks, merged in chunk order, as `dtype`.
-  std::tuple<at::Tensor, at::Tensor> result(const at::TensorOptions& options) const {
-    int64_t count = 0;
-    std::vector<double> mean(channels_, 0.0), m2(channels_, 0.0);
-    for (size_t chunk = 0; chunk < counts_.size(); ++chunk) {
-      merge(count, mean.data(), m2.data(), counts_[chunk], mean_.data() + chunk * channels_,
-            m2_.data() + chunk * channels_);
-    }
-    auto mean_t = at::empty({channels_}, options.dtype(at::kDouble));
-    auto var_t = at::empty({channels_}, options.dtype(at::kDouble));
-    for (int64_t c = 0; c < channels_; ++c) {
-      mean_t.data_ptr<double>()[c] = mean[c];
-      var_t.data_ptr<double>()[c] = count > 0 ? m2[c] / static_cast<double>(count) : 0.0;
-    }
-    return {mean_t.to(options.dtype()), var_t.to(options.dtype())};
-  }
-
- private:
-  void merge(int64_t& count, double* mean, double* m2, int64_t other_count, const double* other_mean,
-             const double* other_m2) const {
-    if (other_count == 0) {
-      return;
-    }
-    const int64_t total = count + other_count;
-    const double weight = static_cast<double>(other_count) / static_cast<double>(total);
-    for (int64_t c = 0; c < channels_; ++c) {
-      const double delta = other_mean[c] - mean[c];
-      mean[c] += delta * weight;
-      m2[c] += other_m2[c] + delta * delta * static_cast<double>(count) * weight;
-    }
-    count = total;
-  }
-
-  int64_t channels_;
-  std::vector<int64_t> counts_;
-  std::vector<double> mean_, m2_;
-};
+// bn_backward_sums (../fused_bn.h) of the chunks' [sum dA, sum dA * (x - mean)].
+at::Tensor total_bn_backward_sums(const ChunkSums& sums, const at::Tensor& rstd) {
+  const std::vector<double> total = sums.total();
+  auto centered_sums = at::empty({2, rstd.size(0)}, rstd.options().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), centered_sums.data_ptr<double>());
+  return bn_backward_sums(centered_sums, rstd);
+}
 
 template <typename T>
 const T* ptr(const at::Tensor& t) {
@@ -327,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
-  ChannelSums sums(chunks, channels);
+  ChunkSums sums(chunks, 2 * channels);
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
@@ -353,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
+  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
@@ -392,7 +261,7 @@ at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, 
   using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1);
   const int64_t chunks = chunks_for(rows, kElementwiseRows);
-  ChannelSums sums(chunks, channels);
+  ChunkSums sums(chunks, 2 * channels);
   struct State {
     int64_t chunk;
     std::vector<A> tile_sums;
@@ -407,7 +276,7 @@ at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, 
                                    mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return sums.result(rstd);
+  return total_bn_backward_sums(sums, rstd);
 }
 
 at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
@@ -460,8 +329,7 @@ DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ top_lef
     const A a1 = static_cast<A>(top_right[c]) * scale[c] + shift[c];
     const A a2 = static_cast<A>(bottom_left[c]) * scale[c] + shift[c];
     const A a3 = static_cast<A>(bottom_right[c]) * scale[c] + shift[c];
-    z[c] = static_cast<T>(A(0.25) * ((a0 > A(0) ? a0 : A(0)) + (a1 > A(0) ? a1 : A(0)) + (a2 > A(0) ? a2 : A(0)) +
-                                     (a3 > A(0) ? a3 : A(0))));
+    z[c] = static_cast<T>(A(0.25) * (relu(a0) + relu(a1) + relu(a2) + relu(a3)));
   }
 }
 
@@ -506,6 +374,32 @@ void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   });
 }
 
+// Pass 1 at the pixels that floor pooling drops (the last row of an odd H, the
+// last column of an odd W): dA = 0, so grad_x = scale * 0 and `sums` add 0 and
+// 0 * (x - mean), as in torch's BN backward (not 0 where x or a coefficient is not finite).
+template <typename T, typename A>
+void dropped_pixels_backward(const at::Tensor& x, const A* scale, const A* shift, const A* mean,
+                             const at::Tensor& grad_x, std::vector<A>& sums) {
+  const int64_t height = x.size(1), width = x.size(2), channels = x.size(3);
+  const std::vector<T> zero_grad(channels, T(0));
+  // Runs of `pixels` pixels from (n, h, w), `step` (dimension 1 or 2) apart.
+  const auto backward = [&](int64_t n, int64_t h, int64_t w, int64_t pixels, int64_t step) {
+    bn_backward_rows<T, A, false>(ptr<T>(x) + n * x.stride(0) + h * x.stride(1) + w * x.stride(2), x.stride(step),
+                                  scale, shift, mean, zero_grad.data(), 0, A(0), pixels, channels, sums.data(),
+                                  mutable_ptr<T>(grad_x) + n * grad_x.stride(0) + h * grad_x.stride(1) +
+                                      w * grad_x.stride(2),
+                                  grad_x.stride(step));
+  };
+  for (int64_t n = 0; n < x.size(0); ++n) {
+    if (height % 2 == 1) {
+      backward(n, height - 1, 0, width, 2);
+    }
+    if (width % 2 == 1) {
+      backward(n, 0, width - 1, height - height % 2, 1);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x, const at::Tensor& scale,
                                                              const at::Tensor& shift, const at::Tensor& mean,
@@ -514,19 +408,12 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   using A = at::opmath_type<T>;
   const int64_t channels = x.size(3), out_channels = weight.size(0);
   const Window window = window_of(x);
-  // Pixels that pooling drops (last row / column of odd sizes) get dA = 0.
-  if (x.size(1) % 2 == 1) {
-    grad_x.select(1, x.size(1) - 1).zero_();
-  }
-  if (x.size(2) % 2 == 1) {
-    grad_x.select(2, x.size(2) - 1).zero_();
-  }
   const auto grad_rows = pooled_rows(grad_out);
   const int64_t pooled = grad_rows.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
-  ChannelSums sums(chunks, channels);
+  ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
   const int64_t grad_offset_w = grad_x.stride(2), grad_offset_h = grad_x.stride(1);
   struct State {
     int64_t chunk;
@@ -561,7 +448,10 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
         }
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
+  std::vector<A> dropped_sums(2 * channels, A(0));
+  dropped_pixels_backward<T, A>(x, ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), grad_x, dropped_sums);
+  sums.add(chunks, dropped_sums);
+  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
