@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import gc
+import importlib
 import math
 import os
 import random
@@ -22,9 +25,10 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -58,6 +62,8 @@ RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", 
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
+# How long a process that finished waits for the others before leaving the process groups.
+TEARDOWN_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 class TrainingError(ValueError):
@@ -148,6 +154,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    sync_group: Optional[dist.ProcessGroup] = None  # the group of the synchronised BN statistics (--sync-bn)
 
     @property
     def is_main(self) -> bool:
@@ -187,8 +194,37 @@ def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
     procs = Processes(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
         torch.cuda.set_device(procs.local_rank)
+    # torch.distributed.nn.functional takes the default group as a default argument when it is
+    # first imported (DistributedDataParallel imports it, through torch._dynamo): imported
+    # before the group exists, it takes None instead of keeping the group alive for good.
+    importlib.import_module("torch.distributed.nn")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return procs, torch.device(f"cuda:{procs.local_rank}" if use_cuda else "cpu")
+
+
+def stop_processes(procs: Processes, wait_for_others: bool = True) -> None:
+    """Leave the process groups while the interpreter is fully alive (docs/training.md,
+    "Clean shutdown under torchrun").
+
+    In order: collect the garbage (DDP wrappers and models that reference cycles keep
+    alive hold the groups); wait until every process is done with its collectives
+    (``wait_for_others``, after a run that ended normally; a process that raised must
+    not wait for others that may be gone); destroy the synchronised-BN group, then the
+    default group. A group that nothing else holds is destroyed at once, and joining
+    its gloo threads lets them finish releasing the tensors of their last collectives.
+    """
+    if not procs.distributed:
+        return
+    gc.collect()
+    if wait_for_others:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=TEARDOWN_TIMEOUT)
+        else:
+            dist.barrier(device_ids=[procs.local_rank])
+    if procs.sync_group is not None:
+        dist.destroy_process_group(procs.sync_group)
+        procs.sync_group = None
+    dist.destroy_process_group()
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -440,10 +476,18 @@ def train(args: argparse.Namespace) -> dict:
     """Train as the command line says; returns the final metrics (also printed)."""
     procs, device = start_processes(args.device)
     try:
-        return _train(args, procs, device)
-    finally:
-        if procs.distributed:
-            dist.destroy_process_group()
+        summary = _train(args, procs, device)
+    except TrainingError as error:
+        # Bad input, found alike by every process before its first step: no collective is in
+        # flight, so the groups are left without waiting. The frames of the traceback hold the
+        # model and the DDP wrapper, and through them the groups: cleared first.
+        traceback.clear_frames(error.__traceback__)
+        stop_processes(procs, wait_for_others=False)
+        raise
+    # Any other exception leaves the groups to the end of the process: a collective may be in
+    # flight, and the other processes may be gone.
+    stop_processes(procs)
+    return summary
 
 
 def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
@@ -504,7 +548,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             try:
                 # A group of its own: the statistics collectives run inside backward,
                 # next to DDP's asynchronous gradient all-reduces on the default group.
-                model.set_sync_group(dist.new_group(list(range(procs.world_size))))
+                procs.sync_group = dist.new_group(list(range(procs.world_size)))
+                model.set_sync_group(procs.sync_group)
             except NotImplementedError as exc:
                 raise TrainingError(f"--sync-bn: {exc}") from exc
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

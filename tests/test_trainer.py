@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -350,17 +351,29 @@ def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux): none once its process groups are destroyed."""
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    return sorted(name for name in names if "gloo" in name)
+
+
+def gloo_threads_left(stdout: str) -> dict[str, str]:
+    """Rank -> the gloo threads it had left at its end, as the workers print them."""
+    return dict(re.findall(r"rank (\d+): gloo threads left: (\[.*?\])", stdout))
+
+
 @pytest.mark.parametrize("sync_bn", [[], ["--sync-bn"]], ids=["", "sync-bn"])
 def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     if sync_bn and SYNC_BN_MISSING:
         pytest.skip("DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
     out = tmp_path / "run"
-    result = torchrun("-m", "densenet_fast", "train", *TINY, "--epochs", "3", "--lr", "0.05", "--out", str(out),
-                      *sync_bn, cwd=tmp_path)
+    result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--epochs", "3", "--lr", "0.05", "--out",
+                      str(out), *sync_bn, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "2 process(es) on cpu" in lines[0]
     assert [l.split()[1] for l in lines if l.startswith("epoch ")] == ["1/3", "2/3", "3/3"]  # rank 0 logs alone
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
     rows = metrics(out)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.CURVES, trainer.METRICS]
@@ -368,21 +381,27 @@ def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
 
 
+def train_worker(argv: list[str]) -> int:
+    """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left."""
+    status = cli.main(["train", *argv])
+    print(f"rank {os.environ['RANK']}: gloo threads left: {gloo_threads()}", flush=True)
+    return status
+
+
 @pytest.mark.skipif(SYNC_BN_MISSING, reason="DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
 def test_ddp_gradients_with_sync_bn_equal_single_process_gradients(tmp_path):
-    result = torchrun(os.path.abspath(__file__), "sync-bn-worker", str(tmp_path), cwd=tmp_path)
+    result = torchrun(os.path.abspath(__file__), "sync-bn-worker", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sync BN gradients match" in result.stdout
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
 
 
-def sync_bn_worker(folder: str) -> None:
-    """Under torchrun (2 gloo processes): DDP with synchronised BN on two halves
-    of a batch gives the single-process gradients of the whole batch (float64);
-    without synchronisation it does not (so the comparison can fail)."""
+def sync_bn_gradient_gaps(rank: int) -> dict[bool, float]:
+    """Largest relative gap between the gradients of DDP on this process's half of a batch
+    and the single-process gradients of the whole batch (float64), with and without
+    synchronised BN."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.manual_seed(0)
     reference = densenet_bc(10, 4, num_classes=5, in_channels=2).double()
     images = torch.randn(6, 2, 9, 11, dtype=torch.float64)
@@ -399,12 +418,24 @@ def sync_bn_worker(folder: str) -> None:
         torch.nn.functional.cross_entropy(net(images[half]), labels[half]).backward()
         gaps[sync] = max(((p.grad - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-30)).item()
                          for p, r in zip(model.parameters(), reference.parameters()))
-    if rank == 0:
+    return gaps
+
+
+def sync_bn_worker() -> None:
+    """Under torchrun (2 gloo processes): synchronised BN gives the single-process gradients
+    of the whole batch, and without synchronisation it does not (so the comparison can
+    fail); then the processes leave their groups the way the trainer does."""
+    procs, _ = trainer.start_processes("cpu")
+    gaps = sync_bn_gradient_gaps(procs.rank)
+    if procs.is_main:
         assert gaps[True] < 1e-9, gaps
         assert gaps[False] > 1e-4, gaps
         print(f"sync BN gradients match (relative gap {gaps[True]:.1e}; without sync {gaps[False]:.1e})")
-    dist.destroy_process_group()
+    trainer.stop_processes(procs)
+    print(f"rank {procs.rank}: gloo threads left: {gloo_threads()}", flush=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sync-bn-worker"]:
-    sync_bn_worker(sys.argv[2])
+    sync_bn_worker()
+elif __name__ == "__main__" and sys.argv[1:2] == ["train-worker"]:
+    sys.exit(train_worker(sys.argv[2:]))
