@@ -62,6 +62,7 @@ RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", 
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
+MAX_SEED = 2**31 - 1  # numpy seeds each process with seed + rank, below 2**32
 # How long a process that finished waits for the others before leaving the process groups.
 TEARDOWN_TIMEOUT = datetime.timedelta(minutes=5)
 
@@ -146,6 +147,25 @@ def run(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """One-line errors for numeric options out of range, before any work (a NaN fails every test)."""
+    for key, least in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1), ("test_limit", 1),
+                       ("workers", 0)):
+        value = getattr(args, key)
+        if value is not None and value < least:
+            raise TrainingError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
+    if not 0 < args.lr < math.inf:
+        raise TrainingError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise TrainingError(f"--momentum must be at least 0 and below 1, got {args.momentum}")
+    if args.nesterov and args.momentum == 0:
+        raise TrainingError("--momentum 0 needs --no-nesterov (Nesterov momentum needs a momentum)")
+    if not 0 <= args.weight_decay < math.inf:
+        raise TrainingError(f"--weight-decay must be a finite number, 0 or more, got {args.weight_decay}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise TrainingError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+
+
 # -- the run, step by step -------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
     """Train as the command line says; returns the final metrics (also printed).
@@ -155,6 +175,7 @@ def train(args: argparse.Namespace) -> dict:
     alike by every process before its first step, so without waiting for the
     others). Any other exception leaves them to the end of the process: a
     collective may be in flight, and the other processes may be gone."""
+    check_numbers(args)
     procs, device = start_processes(args.device)
     try:
         summary = _train(args, procs, device)
@@ -546,11 +567,6 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         raise TrainingError(f"--depth and --growth-rate apply to densenet_bc only; {args.model} has a fixed shape")
     if args.model != "densenet_bc":
         options["depth"] = options["growth_rate"] = None
-    for key in ("epochs", "batch_size", "image_size"):
-        if options[key] < 1:
-            raise TrainingError(f"--{key.replace('_', '-')} must be at least 1, got {options[key]}")
-    if options["workers"] < 0:
-        raise TrainingError(f"--workers must be 0 or more, got {options['workers']}")
     if options["batch_size"] % procs.world_size:
         raise TrainingError(f"--batch-size {options['batch_size']} is not divisible by the {procs.world_size} "
                             f"processes")
@@ -603,8 +619,9 @@ def check_output_directory(options: dict) -> None:
 
 # -- the training step and evaluation -------------------------------------------------------
 def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-    """The augmentation generator of one step: a function of its position alone."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank)
+    """The augmentation generator of one step: a function of its position alone (taken
+    modulo 2**64, the seeds ``manual_seed`` accepts)."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank) % 2**64)
 
 
 def autocast(device: torch.device, amp: str):

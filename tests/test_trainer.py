@@ -75,12 +75,29 @@ def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
     (["--depth", "11"], "6n + 4"),
     (["--batch-size", "5000"], "lower --batch-size"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--test-limit", "0"], "--test-limit must be at least 1"),
+    (["--train-limit", "-5"], "--train-limit must be at least 1"),
     (["--data", "/no/such/dataset"], "not found"),
+    (["--lr", "nan"], "--lr must be a positive finite number"),
+    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--lr", "-0.1"], "--lr must be a positive finite number"),
+    (["--momentum", "nan"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "1"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "-0.9"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "0"], "--momentum 0 needs --no-nesterov"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, 0 or more"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number, 0 or more"),
+    (["--seed", "-1"], "--seed must be from 0 to 2147483647"),
 ])
-def test_bad_options_give_one_line_errors(tmp_path, options, message, capsys):
+def test_bad_options_give_one_line_errors_before_any_work(tmp_path, options, message, capsys):
     assert train(tmp_path / "run", *options) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""  # nothing trained, not even the first log line
+
+
+def test_largest_seed_trains(tmp_path):
+    assert train(tmp_path / "run", "--epochs", "1", "--seed", str(2**31 - 1)) == 0  # within numpy's range
 
 
 # -- datasets ----------------------------------------------------------------------------------
