@@ -23,6 +23,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -191,12 +192,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     """The steps of a run, in order."""
     options, data = prepare(args, procs)
     run = build_run(options, data, procs, device)
-    if options["resume"]:
-        position = resume(run)
-    else:
-        position = Position()
-        if procs.is_main:
-            os.makedirs(run.out, exist_ok=True)
+    position = resume(run) if options["resume"] else Position()
     distribute(run)
     procs.log(describe(run))
     outcome = train_epochs(run, position)
@@ -261,13 +257,13 @@ class Outcome:
 
 
 def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
-    """The run's settings and data, after checking the output directory."""
+    """The run's settings and data, after checking (and creating) the output directory."""
     try:
         data = load_dataset(args.data, args.image_size).limit(args.train_limit, args.test_limit)
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     options = resolve_options(args, data, procs)
-    check_output_directory(options)
+    check_output_directory(options, procs)
     return options, data
 
 
@@ -604,7 +600,9 @@ def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Ca
     return step_factor if schedule == "step" else cosine_factor
 
 
-def check_output_directory(options: dict) -> None:
+def check_output_directory(options: dict, procs: Processes) -> None:
+    """The output directory exists (rank 0 creates it), is writable, and holds an
+    earlier run's files only with ``--resume`` or ``--overwrite``."""
     out = options["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} is a file, not a directory")
@@ -615,6 +613,21 @@ def check_output_directory(options: dict) -> None:
     elif found and not options["overwrite"]:
         raise TrainingError(f"{out} already holds an earlier run ({', '.join(found)}); pass --resume to continue it "
                             f"or --overwrite to start afresh and replace those files (or choose another --out)")
+    problem = procs.gather(write_problem(out) if procs.is_main else None)[0]  # every process raises alike
+    if problem:
+        raise TrainingError(f"--out {out}: cannot write there ({problem})")
+
+
+def write_problem(directory: str) -> Optional[str]:
+    """Why no file can be written in ``directory`` (created if missing), or ``None``.
+    An actual write: permission bits do not tell (root, read-only file systems)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 # -- the training step and evaluation -------------------------------------------------------

@@ -330,6 +330,27 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    assert train(tmp_path / "file" / "run", "--epochs", "1") == 2  # nothing can be made under a file, even by root
+    captured = capsys.readouterr()
+    assert "cannot write there (Not a directory)" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a directory without write permission")
+def test_read_only_output_directory_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert train(out, "--epochs", "1") == 2
+    finally:
+        out.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "cannot write there (Permission denied)" in captured.err and captured.out == ""
+
+
 def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--epochs", "1") == 0
