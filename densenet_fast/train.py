@@ -57,6 +57,8 @@ PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, work
 IMAGE_FOLDER_WORKERS = 4
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "densenet_fast.train/1"
+CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "history", "rng", "model", "optimizer",
+                   "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's and the recipe's).
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
@@ -712,10 +714,16 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     model and recipe (every difference named) and that all shapes match."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc})") from exc
+    except OSError as exc:
+        raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # torch.load's messages run over many lines
+        raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
+                            f"{type(exc).__name__})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not a densenet_fast training checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]]

@@ -365,9 +365,24 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     torch.save(checkpoint, path)
     assert train(out, "--epochs", "2", "--resume") == 2
     assert "classifier.weight has shape (3, 3) in the checkpoint but (10, 9) in the model" in capsys.readouterr().err
-    path.write_bytes(b"not a checkpoint")
-    assert train(out, "--epochs", "2", "--resume") == 2
-    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    path = out / trainer.CHECKPOINT
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["optimizer"], checkpoint["rng"]
+    torch.save(checkpoint, path)
+    damages = [("lacks rng, optimizer", None), ("cannot read checkpoint", b"not a checkpoint"),
+               ("cannot read checkpoint", np.random.default_rng(0).bytes(4096))]
+    capsys.readouterr()
+    for message, content in damages:
+        if content is not None:
+            path.write_bytes(content)
+        assert train(out, "--epochs", "2", "--resume") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- precision and memory format -------------------------------------------------------------------
