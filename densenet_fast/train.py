@@ -27,9 +27,9 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -431,10 +431,14 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
 
 
 def finish(run: Run, outcome: Outcome) -> dict:
-    """Plot the curves; log and return the summary of the run."""
+    """Plot the curves (a Ctrl-C skips them); log and return the summary of the run."""
     procs, history = run.procs, run.history
     if procs.is_main and history:
-        plot_curves(history, run.out, f"{run.options['model']} on {run.data.name}")
+        try:
+            plot_curves(history, run.out, f"{run.options['model']} on {run.data.name}")
+        except KeyboardInterrupt:  # the files that matter are written; --resume plots again
+            print(f"\nSIGINT: stopped plotting, no {CURVES}", file=sys.stderr, flush=True)
+            outcome.interrupted = True
     summary = dict(interrupted=outcome.interrupted, history=history, out=run.out,
                    images_per_s=outcome.images / outcome.seconds if outcome.seconds else float("nan"),
                    peak_memory=peak_memory(run.device))
@@ -694,19 +698,27 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_atomically(obj, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over
-    ``path``: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
+@contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """A temporary file name next to ``path`` to write to, renamed over ``path`` when
+    the block succeeds and removed when it fails: a crash or a Ctrl-C mid-write
+    leaves the previous file intact and no partial file behind."""
+    root, extension = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{extension}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomically(obj, path: str) -> None:
+    """``torch.save`` to ``path``, all or nothing (see :func:`replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
@@ -742,12 +754,10 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
 
 # -- metrics ----------------------------------------------------------------------------------
 def write_metrics(history: list[dict], out: str) -> None:
-    tmp = os.path.join(out, f"{METRICS}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with replacing(os.path.join(out, METRICS)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, os.path.join(out, METRICS))
 
 
 def plot_curves(history: list[dict], out: str, title: str) -> None:
@@ -767,10 +777,11 @@ def plot_curves(history: list[dict], out: str, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    tmp = os.path.join(out, f"curves.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out, CURVES))
+    try:
+        with replacing(os.path.join(out, CURVES)) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def peak_memory(device: torch.device) -> str:

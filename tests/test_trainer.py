@@ -304,6 +304,28 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, uninterrupted):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_ctrl_c_while_plotting_is_handled(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def interrupted_savefig(figure, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_savefig)
+    out = tmp_path / "run"
+    try:
+        status = train(out, "--epochs", "1")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while plotting escaped as a KeyboardInterrupt (a traceback)")
+    captured = capsys.readouterr()
+    assert status == 130 and "SIGINT: stopped plotting" in captured.err and "--resume" in captured.out
+    assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.METRICS]  # no partial curves.png
+    monkeypatch.undo()
+    assert train(out, "--epochs", "1", "--resume") == 0  # nothing left to train: plots
+    assert (out / trainer.CURVES).stat().st_size > 0
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     trainer.save_atomically({"value": torch.arange(3)}, path)
