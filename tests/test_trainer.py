@@ -456,6 +456,16 @@ def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
 
 
+def test_ddp_bad_input_is_one_line_per_process_and_leaves_the_groups(tmp_path):
+    # the error comes right after a collective (the output directory check): the pattern that aborted
+    result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--batch-size", "5000", "--sync-bn", "--out",
+                      str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("error: 128 training images do not fill one batch of 5000") == 2
+    assert "terminate called" not in result.stderr
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+
+
 def train_worker(argv: list[str]) -> int:
     """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left."""
     status = cli.main(["train", *argv])
