@@ -428,7 +428,10 @@ def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess
 
 def gloo_threads() -> list[str]:
     """Names of this process's gloo threads (Linux): none once its process groups are destroyed."""
-    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
     return sorted(name for name in names if "gloo" in name)
 
 
