@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_fast import DenseNet
 
@@ -255,3 +256,16 @@ def check_training_fp32(ours: DenseNet, shape: tuple[int, int, int], steps: int)
         optimizer.step()
         copy_parameters(ours, tv, tv_channels_last, reference)
     assert_gradients_as_good_as_torchvision(ours_errors, tv_errors)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records ``(op name, output shape)`` of every aten op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+        return out

@@ -16,10 +16,9 @@ monai_nets = pytest.importorskip("monai.networks.nets")
 
 from densenet_fast import monai as fast_monai  # noqa: E402
 from densenet_fast.models import InputError  # noqa: E402
-from helpers import (FLOAT64_RTOL, FP32_RTOL, assert_all_close, assert_results_equal, forward_backward,  # noqa: E402
-                     global_relative_error, randomize_batchnorm, sgd)
+from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal,  # noqa: E402
+                     forward_backward, global_relative_error, randomize_batchnorm, sgd)
 from helpers import one_thread  # noqa: E402, F401  (fixture)
-from test_engine import OpRecorder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
