@@ -2,7 +2,8 @@
 CppBackend) against the torch backend and against float64 autograd through
 F.batch_norm, at awkward shapes: rows not a multiple of the tile, C = 17,
 strided channel ranges of wider buffers, grad_x accumulated into a view with
-content, odd H/W for the transition, running (eval) and batch statistics.
+content, odd sizes for the transition (1, 2 and 3 spatial dimensions), running
+(eval) and batch statistics.
 Then the whole model on backend='cpp' against torchvision, and torch.compile."""
 
 from __future__ import annotations
@@ -215,34 +216,47 @@ def test_bn_relu_forward_and_backward(dtype, m, c, batch_stats, in_place):
 
 # -- transition ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, h, w, c, k", [(2, 7, 9, 17, 20), (3, 16, 12, 40, 33), (1, 3, 2, 5, 3)])
+def avg_pool64(z: Tensor) -> Tensor:
+    """Average pooling by 2 of ``z (N, *spatial, C)`` with torch's pooling of its dimension."""
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[z.dim() - 3]
+    return pool(z.movedim(-1, 1), 2).movedim(1, -1)
+
+
+TRANSITION_SHAPES = {  # (N, spatial, C, K)
+    "2d_odd": (2, (7, 9), 17, 20), "2d_even": (3, (16, 12), 40, 33), "2d_tiny": (1, (3, 2), 5, 3),
+    "1d_odd": (3, (11,), 17, 20), "3d_odd": (2, (5, 6, 7), 17, 20), "3d_tiny": (1, (4, 3, 2), 5, 3),
+}
+
+
+@pytest.mark.parametrize("n, spatial, c, k", TRANSITION_SHAPES.values(), ids=TRANSITION_SHAPES)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
-def test_transition(dtype, n, h, w, c, k, batch_stats):
+def test_transition(dtype, n, spatial, c, k, batch_stats):
     """Odd sizes: pooling floors, and the dropped pixels still get the
     statistics terms of the BN gradient (and are written, not left alone)."""
     g = torch.Generator().manual_seed(4)
-    x = channel_range((n, h, w), c, dtype, g)
+    pooled = tuple(size // 2 for size in spatial)
+    x = channel_range((n, *spatial), c, dtype, g)
     bn = make_bn(x, batch_stats, g)
     weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
-    out_buffer, out = sentinel_range((n, h // 2, w // 2), k, dtype, left=0)  # like the next block's buffer
+    out_buffer, out = sentinel_range((n, *pooled), k, dtype, left=0)  # like the next block's buffer
     before = out_buffer.clone()
     CPP.transition(x, bn.scale, bn.shift, weight, out)
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    out64 = F.avg_pool2d(bn.relu_bn64(x64).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1) @ w64.t()
-    expected = torch.empty(n, h // 2, w // 2, k, dtype=dtype)
+    out64 = avg_pool64(bn.relu_bn64(x64)) @ w64.t()
+    expected = torch.empty(n, *pooled, k, dtype=dtype)
     TORCH.transition(x, bn.scale, bn.shift, weight, expected)
     vs_torch, vs_float64 = TOLERANCE[dtype]
     assert_close(out, expected, vs_torch, "transition vs torch backend")
     assert_close(out, out64, vs_float64, "transition vs float64")
     assert_untouched(out_buffer, slice(0, k), before)
 
-    grad_out = torch.randn(n, h // 2, w // 2, k, generator=g, dtype=torch.float64).to(dtype)
-    grad_buffer, grad_x = sentinel_range((n, h, w), c, dtype)
+    grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_buffer, grad_x = sentinel_range((n, *spatial), c, dtype)
     before = grad_buffer.clone()
     grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
                                     bn.batch_mean())
-    expected_grad_x = torch.empty(n, h, w, c, dtype=dtype)
+    expected_grad_x = torch.empty(n, *spatial, c, dtype=dtype)
     expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
                                          bn.batch_mean())
     truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
@@ -336,22 +350,24 @@ def test_bn_relu_nan_and_inf_as_torch(dtype, batch_stats):
                             ["grad_x", "grad_gamma", "grad_beta"])
 
 
+@pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
-def test_transition_nan_and_inf_as_torch(dtype, batch_stats):
-    """Odd H and W: the last pixel, a NaN, is dropped by pooling and still makes
+def test_transition_nan_and_inf_as_torch(dtype, spatial, batch_stats):
+    """Odd sizes: the last pixel, a NaN, is dropped by pooling and still makes
     grad_gamma NaN (0 * NaN in the BN backward's sums), as in torch."""
-    n, h, w, c, k = 2, 7, 9, 17, 20
+    n, c, k = 2, 17, 20
+    pooled = tuple(size // 2 for size in spatial)
     g = torch.Generator().manual_seed(12)
-    x = channel_range((n, h, w), c, dtype, g)
+    x = channel_range((n, *spatial), c, dtype, g)
     bn = poisoned_bn(x, batch_stats, g)
     weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
-    out, expected_out = (torch.empty(n, h // 2, w // 2, k, dtype=dtype) for _ in range(2))
+    out, expected_out = (torch.empty(n, *pooled, k, dtype=dtype) for _ in range(2))
     CPP.transition(x, bn.scale, bn.shift, weight, out)
     TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
     assert_all_same_numbers([out], [expected_out], dtype, ["out"])
 
-    grad_out = torch.randn(n, h // 2, w // 2, k, generator=g, dtype=torch.float64).to(dtype)
-    grad_x, expected_grad_x = (torch.empty(n, h, w, c, dtype=dtype) for _ in range(2))
+    grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_x, expected_grad_x = (torch.empty(n, *spatial, c, dtype=dtype) for _ in range(2))
     grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
                                     bn.batch_mean())
     expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
@@ -378,12 +394,14 @@ def test_bn_backward_finish_nan_and_inf_as_torch(dtype):
 
 # -- op contracts --------------------------------------------------------------------------
 
-def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
-    """Small valid arguments of every fused op (channel-range views, odd sizes), the same on every call."""
+def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3)) -> dict[str, tuple]:
+    """Small valid arguments of every fused op (channel-range views, odd sizes;
+    ``spatial``: of the transition's input), the same on every call."""
     g = torch.Generator().manual_seed(5)
     m, c, k = 37, 5, 3
+    pooled = tuple(size // 2 for size in spatial)
     x = channel_range((m,), c, dtype, g)
-    x4 = channel_range((2, 5, 3), c, dtype, g)
+    x4 = channel_range((2, *spatial), c, dtype, g)
     bn = make_bn(x, True, g)
     coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
     weight = random_buffer((k,), c, dtype, g)
@@ -393,9 +411,9 @@ def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
         "bn_relu_conv1x1_backward_sums": (x, *coefficients, weight, rows(k), rows(c)),
         "bn_relu": (x, bn.scale, bn.shift, rows(c)),
         "bn_relu_backward_sums": (x, *coefficients, rows(c), rows(c)),
-        "transition": (x4, bn.scale, bn.shift, weight, random_buffer((2, 2, 1), k, dtype, g)),
-        "transition_backward_sums": (x4, *coefficients, weight, random_buffer((2, 2, 1), k, dtype, g),
-                                     random_buffer((2, 5, 3), c, dtype, g)),
+        "transition": (x4, bn.scale, bn.shift, weight, random_buffer((2, *pooled), k, dtype, g)),
+        "transition_backward_sums": (x4, *coefficients, weight, random_buffer((2, *pooled), k, dtype, g),
+                                     random_buffer((2, *spatial), c, dtype, g)),
         "bn_backward_finish": (x, bn.scale, bn.mean, bn.rstd, random_buffer((2,), c, bn.scale.dtype, g), rows(c)),
     }
 
@@ -404,6 +422,12 @@ def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
 def test_op_passes_opcheck(op):
     """Schema (mutated arguments), Meta/fake kernel and dispatch agree, as torch.compile needs."""
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments()[op])
+
+
+@pytest.mark.parametrize("op", ["transition", "transition_backward_sums"])
+@pytest.mark.parametrize("spatial", [(7,), (3, 5, 2)], ids=["1d", "3d"])
+def test_transition_passes_opcheck_in_1d_and_3d(op, spatial):
+    torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments(spatial=spatial)[op])
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -437,6 +461,8 @@ def test_results_do_not_depend_on_the_thread_count():
     ("bn_relu_backward_sums", 6, torch.zeros(37, 5, dtype=torch.float64), "grad_x must be Float"),
     ("transition", 4, torch.zeros(2, 3, 1, 3), r"out must have shape \[2, 2, 1, 3\]"),
     ("transition_backward_sums", 6, torch.zeros(2, 3, 1, 3)[:, :2], "rows of one stride"),
+    ("transition", 0, torch.zeros(2, 5, 3, 2, 1, 5), "1 to 3 spatial dimensions"),
+    ("transition_backward_sums", 7, torch.zeros(2, 5, 3, 1, 5), "as many spatial dimensions as x"),
     ("bn_backward_finish", 4, torch.zeros(3, 5), r"batch_means must have shape \[2, 5\]"),
 ])
 def test_ops_reject_bad_arguments(op, position, bad, message):

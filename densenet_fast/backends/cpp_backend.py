@@ -25,16 +25,23 @@ from .torch_backend import TorchBackend, stats_dtype
 ops = torch.ops.densenet_fast
 
 
-def native_dtypes_only(method):
-    """Run ``method`` when the backend's kernels take ``x``'s dtype
-    (``self.native_dtypes``), TorchBackend's primitive of the same name otherwise."""
-    fallback = getattr(TorchBackend, method.__name__)
+def native_only(takes: Callable[[TorchBackend, Tensor], bool]):
+    """A decorator: run the primitive where its kernels take ``x``
+    (``takes(self, x)``), TorchBackend's primitive of the same name otherwise."""
+    def decorate(method):
+        fallback = getattr(TorchBackend, method.__name__)
 
-    @functools.wraps(method)
-    def primitive(self, x, *args, **kwargs):
-        return (method if x.dtype in self.native_dtypes else fallback)(self, x, *args, **kwargs)
+        @functools.wraps(method)
+        def primitive(self, x, *args, **kwargs):
+            return (method if takes(self, x) else fallback)(self, x, *args, **kwargs)
 
-    return primitive
+        return primitive
+
+    return decorate
+
+
+# for the dtypes of the backend's kernels (``self.native_dtypes``); TorchBackend's primitive for others
+native_dtypes_only = native_only(lambda backend, x: x.dtype in backend.native_dtypes)
 
 
 def finish_bn_backward(x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, sums: Tensor, grad_x: Tensor,

@@ -4,10 +4,17 @@ the block's channels-last buffer and then the tail that follows them.
 A stage is ``L >= 0`` dense layers and a tail:
 
 - :class:`NoTail`: the output is the block's features, the buffer itself;
-- :class:`TransitionTail`: BN-ReLU, 2x2 average pooling, 1x1 convolution (pooling
-  first: both are linear, so this is exact and four times cheaper); its output
-  can be written straight into the leading channels of the next block's buffer;
+- :class:`TransitionTail`: BN-ReLU, average pooling by 2 along each spatial
+  dimension, 1x1 convolution (pooling first: both are linear, so this is exact
+  and 2, 4 or 8 times cheaper); its output can be written straight into the
+  leading channels of the next block's buffer;
 - :class:`HeadTail`: BN-ReLU and global average pooling, ``(N, C)``.
+
+Buffers are channels-last over ``(N, C, *spatial)`` for 1, 2 or 3 spatial
+dimensions; the primitives see them as rows of channels (``M = N * prod(spatial)``
+pixels), and the 3x3 (3, 3x3x3) convolution is torch's of the matching dimension.
+Dense layers are read through :func:`.fastpath.dense_layer_parts` (torchvision's
+and MONAI's layers name their modules alike, but keep them in different places).
 
 Forward: the block input occupies channels ``[0, C0)`` of the buffer and layer
 ``l`` writes its ``k`` new channels into ``[C0 + l*k, C0 + (l+1)*k)``, so
@@ -40,6 +47,7 @@ from ..backends.interface import Backend, stats_dtype
 from . import reference
 from .batchnorm import BatchStatistics, Folded, fold, uses_batch_stats
 from .buffers import ScratchArena, channels_last_empty, leading_channels, pixels, rows
+from .fastpath import dense_layer_parts
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 
@@ -94,16 +102,17 @@ class Stage:
 
     def __init__(self, layers: list[nn.Module], tail: "Tail", backend: Backend, keep: bool, arena: ScratchArena,
                  group, next_channels: Optional[int] = None) -> None:
-        self.layers = layers
+        self.layers = [dense_layer_parts(layer) for layer in layers]
         self.tail = tail
         self.backend = backend
         self.keep = keep
         self.arena = arena
         self.group = group
         self.next_channels = next_channels
-        self.growth = layers[0].conv2.out_channels if layers else 0
-        self.width = layers[0].conv1.out_channels if layers else 0  # bottleneck channels, 4k
-        self.drop_rate = layers[0].drop_rate if layers and layers[0].training else 0.0
+        self.growth = self.layers[0].conv2.out_channels if layers else 0
+        self.width = self.layers[0].conv1.out_channels if layers else 0  # bottleneck channels, 4k
+        self.drop_rate = self.layers[0].drop_rate if layers else 0.0
+        self.channel_dropout = bool(layers) and self.layers[0].channel_dropout
         self.buffer: Optional[Tensor] = None  # (N, C_total, *spatial) channels-last; the input is [:, :C0]
         self.next_buffer: Optional[Tensor] = None  # the next block's, when the tail writes into it
 
@@ -120,10 +129,13 @@ class Stage:
         return out + self.tail.params()
 
     def dropout_mask(self, seed: int, like: Tensor) -> Tensor:
-        """The keep-mask of shape ``like`` scaled by ``1/(1-p)``, regenerated from ``seed``."""
+        """The keep-mask for ``like (N, k, *spatial)`` scaled by ``1/(1-p)``,
+        regenerated from ``seed``: of ``like``'s shape, or ``(N, k, 1, ...)`` where
+        whole channels are dropped (it broadcasts)."""
         generator = torch.Generator(device=like.device).manual_seed(seed)
         keep = 1.0 - self.drop_rate
-        mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        shape = like.shape[:2] + (1,) * (like.dim() - 2) if self.channel_dropout else like.shape
+        mask = torch.empty(shape, dtype=like.dtype, device=like.device)
         return mask.bernoulli_(keep, generator=generator).div_(keep)
 
 
@@ -132,7 +144,7 @@ class Tail:
     """What follows the layers; this base class is the empty tail: the output is
     the block's features, ``(N, C_total, *spatial)``, the buffer itself."""
 
-    bn: Optional[nn.BatchNorm2d] = None
+    bn: Optional[nn.Module] = None  # the tail's BatchNorm
 
     def params(self) -> list[Tensor]:
         return []
@@ -155,7 +167,8 @@ NoTail = Tail
 
 
 class TransitionTail(Tail):
-    """BN-ReLU-AvgPool2x2-Conv1x1 of a transition (its ``norm`` and ``conv``)."""
+    """BN-ReLU-AvgPool2-Conv1x1 of a transition (its ``norm`` and ``conv``):
+    pooling by 2 along each of the 1, 2 or 3 spatial dimensions."""
 
     def __init__(self, transition: nn.Module) -> None:
         self.bn = transition.norm
@@ -167,11 +180,12 @@ class TransitionTail(Tail):
     def forward(self, stage, buffer, folded, params):
         k = self.conv.out_channels
         weight = params[2].to(buffer.dtype).view(k, -1)
-        n, _, h, w = buffer.shape
+        n, _, *spatial = buffer.shape
+        pooled = tuple(size // 2 for size in spatial)
         if stage.next_channels is None:
-            out = channels_last_empty(n, k, (h // 2, w // 2), buffer)
+            out = channels_last_empty(n, k, pooled, buffer)
         else:  # straight into the leading channels of the next block's buffer
-            stage.next_buffer = channels_last_empty(n, stage.next_channels, (h // 2, w // 2), buffer)
+            stage.next_buffer = channels_last_empty(n, stage.next_channels, pooled, buffer)
             out = leading_channels(stage.next_buffer, k)
         stage.backend.transition(pixels(buffer), folded.scale, folded.shift, weight, pixels(out))
         return out
@@ -185,14 +199,14 @@ class TransitionTail(Tail):
 
     def reference(self, features, folded, params):
         z = F.relu(reference.batch_norm(features, folded, params[0], params[1]))
-        return F.avg_pool2d(F.conv2d(z, params[2].to(z.dtype)), 2)
+        return reference.avg_pool2(reference.convolution(z, params[2], padding=0))
 
 
 class HeadTail(Tail):
-    """The classifier's input: BN-ReLU of the final ``BatchNorm2d``, then global
+    """The classifier's input: BN-ReLU of the final BatchNorm, then global
     average pooling, ``(N, C)``."""
 
-    def __init__(self, bn: nn.BatchNorm2d) -> None:
+    def __init__(self, bn: nn.Module) -> None:
         self.bn = bn
 
     def params(self) -> list[Tensor]:
@@ -397,11 +411,14 @@ class IntoBuffer(torch.autograd.Function):
 @dataclass
 class Settings:
     """What a model's blocks and transitions share: the backend choice (``None``:
-    automatic), the scratch arena and the synchronisation group of batch statistics."""
+    automatic), the scratch arena, the synchronisation group of batch statistics
+    and, where the model was built with layers the engine cannot run, why (then
+    every block and transition runs its per-layer code; the model said so once)."""
 
     backend: Optional[str] = None
     arena: ScratchArena = dataclasses.field(default_factory=ScratchArena)
     sync_group: object = None
+    plain_reason: Optional[str] = None
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <vector>
 
 namespace densenet_fast {
@@ -292,64 +294,103 @@ at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scal
 
 // ---- transition --------------------------------------------------------------------------
 
-// The input pixels of pooled pixel `p` of x (N, H, W, C): pointer offsets of
-// its 2x2 window's top-left pixel and the steps to the right and down.
-struct Window {
-  int64_t pooled_h, pooled_w, stride_n, stride_h, stride_w;
+// Average pooling by 2 along each spatial dimension of t (N, *spatial, C), 1 to 3
+// of them, seen as (N, D, H, W, C): the missing leading dimensions have size 1
+// and are not pooled.  A window holds 2, 4 or 8 pixels.
+struct Pooling {
+  static constexpr int kDims = 3;  // D, H, W
+  int64_t stride_n;
+  std::array<int64_t, kDims> sizes, strides, factors, pooled;  // factors: 2 where pooled, else 1
+  int window;                                                     // pixels per window
+  std::array<int64_t, 8> offsets;  // of a window's pixels from its first one, W fastest
 
-  int64_t offset(int64_t p) const {
-    const int64_t n = p / (pooled_h * pooled_w);
-    const int64_t i = p / pooled_w % pooled_h;
-    const int64_t j = p % pooled_w;
-    return n * stride_n + 2 * i * stride_h + 2 * j * stride_w;
+  explicit Pooling(const at::Tensor& t) : stride_n(t.stride(0)), window(1) {
+    const int64_t spatial = t.dim() - 2;
+    for (int64_t d = 0; d < kDims; ++d) {
+      const int64_t dim = d - (kDims - spatial) + 1;  // t's dimension, < 1 where inserted
+      const bool real = dim >= 1;
+      sizes[d] = real ? t.size(dim) : 1;
+      strides[d] = real ? t.stride(dim) : 0;
+      factors[d] = real ? 2 : 1;
+      pooled[d] = sizes[d] / factors[d];
+      window *= factors[d];
+    }
+    int i = 0;
+    for (int64_t d = 0; d < factors[0]; ++d) {
+      for (int64_t h = 0; h < factors[1]; ++h) {
+        for (int64_t w = 0; w < factors[2]; ++w) {
+          offsets[i++] = d * strides[0] + h * strides[1] + w * strides[2];
+        }
+      }
+    }
   }
+
+  int64_t pooled_pixels_per_image() const { return pooled[0] * pooled[1] * pooled[2]; }
+
+  // Offset of the first pixel of the window of pooled pixel p.
+  int64_t offset(int64_t p) const {
+    const int64_t n = p / pooled_pixels_per_image();
+    const int64_t i = p / (pooled[1] * pooled[2]) % pooled[0];
+    const int64_t j = p / pooled[2] % pooled[1];
+    const int64_t k = p % pooled[2];
+    return n * stride_n + factors[0] * i * strides[0] + factors[1] * j * strides[1] + factors[2] * k * strides[2];
+  }
+
+  // Extent along dimension d that the windows cover (an odd size drops its last pixel).
+  int64_t covered(int64_t d) const { return pooled[d] * factors[d]; }
 };
 
-Window window_of(const at::Tensor& x) {
-  return Window{x.size(1) / 2, x.size(2) / 2, x.stride(0), x.stride(1), x.stride(2)};
+// Calls f(std::integral_constant<int, window>) for the window sizes the kernels are compiled for.
+template <typename F>
+void with_window(int window, const F& f) {
+  switch (window) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
 }
 
-// The rows view (N * H/2 * W/2, K) of a pooled tensor whose pixels have one row stride.
+// The rows view (N * prod(spatial / 2), K) of a pooled tensor whose pixels have one row stride.
 at::Tensor pooled_rows(const at::Tensor& t) {
-  return t.view({-1, t.size(3)});
+  return t.view({-1, t.size(-1)});
 }
 
-// z[c] = mean of relu(x * scale + shift) over the 2x2 window at `top_left`.
-template <typename T, typename A>
-DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ top_left, int64_t stride_w,
-                                                   int64_t stride_h, const A* __restrict__ scale,
-                                                   const A* __restrict__ shift, int64_t channels,
-                                                   T* __restrict__ z) {
-  const T* __restrict__ top_right = top_left + stride_w;
-  const T* __restrict__ bottom_left = top_left + stride_h;
-  const T* __restrict__ bottom_right = bottom_left + stride_w;
+// z[c] = mean of relu(x * scale + shift) over the kWindow pixels at first + offsets[i].
+template <typename T, typename A, int kWindow>
+DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ first, const int64_t* offsets,
+                                                   const A* __restrict__ scale, const A* __restrict__ shift,
+                                                   int64_t channels, T* __restrict__ z) {
+  int64_t o[kWindow];
+  for (int i = 0; i < kWindow; ++i) {
+    o[i] = offsets[i];
+  }
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const A a0 = static_cast<A>(top_left[c]) * scale[c] + shift[c];
-    const A a1 = static_cast<A>(top_right[c]) * scale[c] + shift[c];
-    const A a2 = static_cast<A>(bottom_left[c]) * scale[c] + shift[c];
-    const A a3 = static_cast<A>(bottom_right[c]) * scale[c] + shift[c];
-    z[c] = static_cast<T>(A(0.25) * (relu(a0) + relu(a1) + relu(a2) + relu(a3)));
+    A sum = relu(static_cast<A>(first[c]) * scale[c] + shift[c]);
+    for (int i = 1; i < kWindow; ++i) {
+      sum += relu(static_cast<A>(first[o[i] + c]) * scale[c] + shift[c]);
+    }
+    z[c] = static_cast<T>(A(1.0 / kWindow) * sum);
   }
 }
 
 // Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
-template <typename T, typename A>
-void pooled_bn_relu(const at::Tensor& x, const Window& window, const A* scale, const A* shift, Tile tile, T* z) {
-  const int64_t channels = x.size(3);
+template <typename T, typename A, int kWindow>
+void pooled_bn_relu(const at::Tensor& x, const Pooling& pooling, const A* scale, const A* shift, Tile tile, T* z) {
+  const int64_t channels = x.size(-1);
   for (int64_t r = 0; r < tile.size; ++r) {
-    window_bn_relu_mean(ptr<T>(x) + window.offset(tile.begin + r), window.stride_w, window.stride_h, scale, shift,
-                        channels, z + r * channels);
+    window_bn_relu_mean<T, A, kWindow>(ptr<T>(x) + pooling.offset(tile.begin + r), pooling.offsets.data(), scale,
+                                       shift, channels, z + r * channels);
   }
 }
 
-template <typename T>
+template <typename T, int kWindow>
 void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                       const at::Tensor& out) {
   using A = at::opmath_type<T>;
-  const int64_t channels = x.size(3);
+  const int64_t channels = x.size(-1);
   const auto out_rows = pooled_rows(out);
-  const Window window = window_of(x);
+  const Pooling pooling(x);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
   const auto weight_t = weight.t();
   struct State {
@@ -359,7 +400,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
       out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
       [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options())}; },
       [&](State& s, Tile tile) {
-        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
       });
@@ -370,51 +411,62 @@ void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   check_transition(x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_cpu", [&] {
-    transition_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out);
+    with_window(Pooling(x).window, [&](auto window) {
+      transition_typed<scalar_t, decltype(window)::value>(x, scale.contiguous(), shift.contiguous(), weight, out);
+    });
   });
 }
 
-// Pass 1 at the pixels that floor pooling drops (the last row of an odd H, the
-// last column of an odd W): dA = 0, so grad_x = scale * 0 and `sums` add 0 and
+// Pass 1 at the pixels that floor pooling drops (the last pixel along each odd
+// spatial dimension): dA = 0, so grad_x = scale * 0 and `sums` add 0 and
 // 0 * (x - mean), as in torch's BN backward (not 0 where x or a coefficient is not finite).
 template <typename T, typename A>
 void dropped_pixels_backward(const at::Tensor& x, const A* scale, const A* shift, const A* mean,
                              const at::Tensor& grad_x, std::vector<A>& sums) {
-  const int64_t height = x.size(1), width = x.size(2), channels = x.size(3);
+  const Pooling in(x), grad(grad_x);
+  const int64_t channels = x.size(-1);
   const std::vector<T> zero_grad(channels, T(0));
-  // Runs of `pixels` pixels from (n, h, w), `step` (dimension 1 or 2) apart.
-  const auto backward = [&](int64_t n, int64_t h, int64_t w, int64_t pixels, int64_t step) {
-    bn_backward_rows<T, A, false>(ptr<T>(x) + n * x.stride(0) + h * x.stride(1) + w * x.stride(2), x.stride(step),
-                                  scale, shift, mean, zero_grad.data(), 0, A(0), pixels, channels, sums.data(),
-                                  mutable_ptr<T>(grad_x) + n * grad_x.stride(0) + h * grad_x.stride(1) +
-                                      w * grad_x.stride(2),
-                                  grad_x.stride(step));
+  // A run of `pixels` pixels from (n, d, h, w), `step` (a spatial dimension, 0 to 2) apart.
+  const auto backward = [&](int64_t n, int64_t d, int64_t h, int64_t w, int64_t pixels, int step) {
+    const auto position = [&](const Pooling& p) {
+      return n * p.stride_n + d * p.strides[0] + h * p.strides[1] + w * p.strides[2];
+    };
+    bn_backward_rows<T, A, false>(ptr<T>(x) + position(in), in.strides[step], scale, shift, mean, zero_grad.data(),
+                                  0, A(0), pixels, channels, sums.data(), mutable_ptr<T>(grad_x) + position(grad),
+                                  grad.strides[step]);
   };
+  const int64_t depth = in.sizes[0], height = in.sizes[1], width = in.sizes[2];
   for (int64_t n = 0; n < x.size(0); ++n) {
-    if (height % 2 == 1) {
-      backward(n, height - 1, 0, width, 2);
+    if (in.covered(0) < depth) {  // the last plane
+      for (int64_t h = 0; h < height; ++h) {
+        backward(n, depth - 1, h, 0, width, 2);
+      }
     }
-    if (width % 2 == 1) {
-      backward(n, 0, width - 1, height - height % 2, 1);
+    for (int64_t d = 0; d < in.covered(0); ++d) {
+      if (in.covered(1) < height) {  // the last row of the plane
+        backward(n, d, height - 1, 0, width, 2);
+      }
+      if (in.covered(2) < width) {  // the last column above it
+        backward(n, d, 0, width - 1, in.covered(1), 1);
+      }
     }
   }
 }
 
-template <typename T>
+template <typename T, int kWindow>
 std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x, const at::Tensor& scale,
                                                              const at::Tensor& shift, const at::Tensor& mean,
                                                              const at::Tensor& rstd, const at::Tensor& weight,
                                                              const at::Tensor& grad_out, const at::Tensor& grad_x) {
   using A = at::opmath_type<T>;
-  const int64_t channels = x.size(3), out_channels = weight.size(0);
-  const Window window = window_of(x);
+  const int64_t channels = x.size(-1), out_channels = weight.size(0);
+  const Pooling pooling(x), grad_pooling(grad_x);
   const auto grad_rows = pooled_rows(grad_out);
   const int64_t pooled = grad_rows.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
-  const int64_t grad_offset_w = grad_x.stride(2), grad_offset_h = grad_x.stride(1);
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
@@ -427,23 +479,22 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
                      at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
       },
       [&](State& s, Tile tile) {
-        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         add_weight_gradient(weight_partials[s.chunk], grad_out_tile, s.z.narrow(0, 0, tile.size));
         std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
-        const Window grad_window{window.pooled_h, window.pooled_w, grad_x.stride(0), grad_offset_h, grad_offset_w};
         for (int64_t r = 0; r < tile.size; ++r) {
-          const T* x_top_left = ptr<T>(x) + window.offset(tile.begin + r);
-          T* grad_top_left = grad_x.data_ptr<T>() + grad_window.offset(tile.begin + r);
+          const T* x_first = ptr<T>(x) + pooling.offset(tile.begin + r);
+          T* grad_first = grad_x.data_ptr<T>() + grad_pooling.offset(tile.begin + r);
           const T* grad_pooled = ptr<T>(s.grad_z) + r * channels;
-          // The window's top and bottom pixel pairs, each as 2 rows (row stride: the W stride),
+          // The window as pairs of pixels along W, each as 2 rows (row stride: the W stride) that
           // share the pooled gradient (its row stride 0).
-          for (const auto& [x_step, grad_step] :
-               {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_h, grad_offset_h}}) {
-            bn_backward_rows<T, A, false>(x_top_left + x_step, window.stride_w, ptr<A>(scale), ptr<A>(shift),
-                                       ptr<A>(mean), grad_pooled, 0, A(0.25), 2, channels, s.tile_sums.data(),
-                                       grad_top_left + grad_step, grad_offset_w);
+          for (int pair = 0; pair < kWindow; pair += 2) {
+            bn_backward_rows<T, A, false>(x_first + pooling.offsets[pair], pooling.strides[2], ptr<A>(scale),
+                                          ptr<A>(shift), ptr<A>(mean), grad_pooled, 0, A(1.0 / kWindow), 2,
+                                          channels, s.tile_sums.data(), grad_first + grad_pooling.offsets[pair],
+                                          grad_pooling.strides[2]);
           }
         }
         sums.add(s.chunk, s.tile_sums);
@@ -460,8 +511,12 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
   check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_backward_sums_cpu", [&] {
-    return transition_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
-                                               weight, grad_out, grad_x);
+    std::tuple<at::Tensor, at::Tensor> result;
+    with_window(Pooling(x).window, [&](auto window) {
+      result = transition_backward_typed<scalar_t, decltype(window)::value>(
+          x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd, weight, grad_out, grad_x);
+    });
+    return result;
   });
 }
 
