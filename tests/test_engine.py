@@ -201,7 +201,7 @@ def test_scratch_arena_stops_growing_and_is_released():
     assert all(block.engine.arena is model.arena for block in model.blocks())
     optimizer = sgd(model)
     sizes = []
-    for step in range(1000):  # the horizon: no growth over 1000 steps
+    for step in range(1000):  # no growth over 1000 steps
         forward_backward(model, *random_batch(model, 2, 8, 8, seed=step))
         optimizer.step()
         sizes.append(model.arena.nbytes())

@@ -1,4 +1,4 @@
-"""The DenseNet family (issue 2) against real torchvision: module trees,
+"""The DenseNet family against real torchvision: module trees,
 state_dicts and parameter counts, loading torchvision weights, the same
 outputs, gradients and running statistics as torchvision for the same weights,
 and a clear error for every bad input or argument."""
