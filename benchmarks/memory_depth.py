@@ -9,7 +9,7 @@ import sys
 from densenet_fast.bench import depth
 
 DEPTH_SWEEP = ["--depths", "40", "100", "160", "250", "--batch", "64", "--time-depths", "100", "--budget-gib", "0",
-          "--out", "benchmarks/results/memory_depth_cpu_b64.json"]
+               "--out", "benchmarks/results/memory_depth_cpu_b64.json"]
 
 if __name__ == "__main__":
     depth.main(DEPTH_SWEEP + sys.argv[1:])
