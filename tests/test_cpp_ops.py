@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -112,6 +113,29 @@ def make_bn(x: Tensor, batch_stats: bool, generator) -> BN:
     return BN(gamma, beta, running_mean, running_var, batch_stats, *folded, x.reshape(-1, c).shape[0])
 
 
+def make_case(seed: int, shape: tuple[int, ...], c: int, dtype, batch_stats: bool, k: Optional[int] = None,
+              poisoned: bool = False) -> tuple[torch.Generator, Tensor, BN, Optional[Tensor]]:
+    """``(generator, x, bn, weight)`` of a test, drawn in this order from a generator
+    seeded with ``seed`` (which the test draws on from): ``x`` a random channel
+    range ``(*shape, c)`` of a wider buffer, its BN (``poisoned_bn`` if
+    ``poisoned``), a ``(k, c)`` weight (None without ``k``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = channel_range(shape, c, dtype, g)
+    bn = (poisoned_bn if poisoned else make_bn)(x, batch_stats, g)
+    weight = None if k is None else (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    return g, x, bn, weight
+
+
+def backward_on_both(primitive: str, *args, grad_x: Tensor, batch_mean) -> tuple[tuple, tuple, Tensor]:
+    """The backward ``primitive`` on the cpp backend, into ``grad_x``, and on the
+    torch backend, into a copy of ``grad_x`` as it was: ``(grads, expected_grads,
+    expected_grad_x)``."""
+    expected_grad_x = grad_x.clone()
+    grads = getattr(CPP, primitive)(*args, grad_x, batch_mean)
+    expected = getattr(TORCH, primitive)(*args, expected_grad_x, batch_mean)
+    return grads, expected, expected_grad_x
+
+
 def float64_grads(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(output, inputs, grad_out.double())
 
@@ -128,10 +152,7 @@ def check_grads(actual, expected, truth, dtype, names) -> None:
 @pytest.mark.parametrize("m, c, k", ROW_SHAPES)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1_forward(dtype, m, c, k, batch_stats):
-    g = torch.Generator().manual_seed(1)
-    x = channel_range((m,), c, dtype, g)
-    bn = make_bn(x, batch_stats, g)
-    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    _, x, bn, weight = make_case(1, (m,), c, dtype, batch_stats, k)
     out_buffer, out = sentinel_range((m,), k, dtype)
     before = out_buffer.clone()
     stats = CPP.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=batch_stats)
@@ -154,19 +175,14 @@ def test_bn_relu_conv1x1_forward(dtype, m, c, k, batch_stats):
 @pytest.mark.parametrize("m, c, k", ROW_SHAPES)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1_backward_accumulates(dtype, m, c, k, batch_stats):
-    g = torch.Generator().manual_seed(2)
-    x = channel_range((m,), c, dtype, g)
-    bn = make_bn(x, batch_stats, g)
-    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    g, x, bn, weight = make_case(2, (m,), c, dtype, batch_stats, k)
     grad_out = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
     grad_buffer = random_buffer((m,), 5 + c + 2, dtype, g)  # existing content everywhere
     before = grad_buffer.clone()
     grad_x = grad_buffer[:, 5:5 + c]
-    grads = CPP.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                         bn.batch_mean())
-    expected_grad_x = before[:, 5:5 + c].clone()
-    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
-                                              expected_grad_x, bn.batch_mean())
+    grads, expected, expected_grad_x = backward_on_both("bn_relu_conv1x1_backward", x, bn.scale, bn.shift, bn.mean,
+                                                        bn.rstd, weight, grad_out, grad_x=grad_x,
+                                                        batch_mean=bn.batch_mean())
 
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
@@ -189,9 +205,7 @@ def test_bn_relu_conv1x1_backward_accumulates(dtype, m, c, k, batch_stats):
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 @pytest.mark.parametrize("in_place", [True, False], ids=["grad_x_is_grad_z", "separate"])
 def test_bn_relu_forward_and_backward(dtype, m, c, batch_stats, in_place):
-    g = torch.Generator().manual_seed(3)
-    x = channel_range((m,), c, dtype, g)
-    bn = make_bn(x, batch_stats, g)
+    g, x, bn, _ = make_case(3, (m,), c, dtype, batch_stats)
     out_buffer, out = sentinel_range((m,), c, dtype)
     before = out_buffer.clone()
     CPP.bn_relu(x, bn.scale, bn.shift, out)
@@ -233,11 +247,8 @@ TRANSITION_SHAPES = {  # (N, spatial, C, K)
 def test_transition(dtype, n, spatial, c, k, batch_stats):
     """Odd sizes: pooling floors, and the dropped pixels still get the
     statistics terms of the BN gradient (and are written, not left alone)."""
-    g = torch.Generator().manual_seed(4)
     pooled = tuple(size // 2 for size in spatial)
-    x = channel_range((n, *spatial), c, dtype, g)
-    bn = make_bn(x, batch_stats, g)
-    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    g, x, bn, weight = make_case(4, (n, *spatial), c, dtype, batch_stats, k)
     out_buffer, out = sentinel_range((n, *pooled), k, dtype, left=0)  # like the next block's buffer
     before = out_buffer.clone()
     CPP.transition(x, bn.scale, bn.shift, weight, out)
@@ -254,11 +265,9 @@ def test_transition(dtype, n, spatial, c, k, batch_stats):
     grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
     grad_buffer, grad_x = sentinel_range((n, *spatial), c, dtype)
     before = grad_buffer.clone()
-    grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                    bn.batch_mean())
-    expected_grad_x = torch.empty(n, *spatial, c, dtype=dtype)
-    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
-                                         bn.batch_mean())
+    grads, expected, expected_grad_x = backward_on_both("transition_backward", x, bn.scale, bn.shift, bn.mean,
+                                                        bn.rstd, weight, grad_out, grad_x=grad_x,
+                                                        batch_mean=bn.batch_mean())
     truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
     check_grads([grad_x, *grads], [expected_grad_x, *expected], truth, dtype,
                 ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
@@ -310,10 +319,7 @@ def assert_all_same_numbers(actual, expected, dtype, names) -> None:
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1_nan_and_inf_as_torch(dtype, batch_stats):
     m, c, k = 1031, 17, 23
-    g = torch.Generator().manual_seed(10)
-    x = channel_range((m,), c, dtype, g)
-    bn = poisoned_bn(x, batch_stats, g)
-    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    g, x, bn, weight = make_case(10, (m,), c, dtype, batch_stats, k, poisoned=True)
     out, expected_out = torch.empty(m, k, dtype=dtype), torch.empty(m, k, dtype=dtype)
     stats = CPP.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
     expected_stats = TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected_out, with_stats=True)
@@ -321,11 +327,9 @@ def test_bn_relu_conv1x1_nan_and_inf_as_torch(dtype, batch_stats):
 
     grad_out = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
     grad_x = random_buffer((m,), c, dtype, g)
-    expected_grad_x = grad_x.clone()
-    grads = CPP.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                         bn.batch_mean())
-    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
-                                              expected_grad_x, bn.batch_mean())
+    grads, expected, expected_grad_x = backward_on_both("bn_relu_conv1x1_backward", x, bn.scale, bn.shift, bn.mean,
+                                                        bn.rstd, weight, grad_out, grad_x=grad_x,
+                                                        batch_mean=bn.batch_mean())
     assert_all_same_numbers([grad_x, *grads], [expected_grad_x, *expected], dtype,
                             ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
 
@@ -333,9 +337,7 @@ def test_bn_relu_conv1x1_nan_and_inf_as_torch(dtype, batch_stats):
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_nan_and_inf_as_torch(dtype, batch_stats):
     m, c = 1031, 17
-    g = torch.Generator().manual_seed(11)
-    x = channel_range((m,), c, dtype, g)
-    bn = poisoned_bn(x, batch_stats, g)
+    g, x, bn, _ = make_case(11, (m,), c, dtype, batch_stats, poisoned=True)
     out, expected_out = torch.empty(m, c, dtype=dtype), torch.empty(m, c, dtype=dtype)
     CPP.bn_relu(x, bn.scale, bn.shift, out)
     TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
@@ -357,21 +359,17 @@ def test_transition_nan_and_inf_as_torch(dtype, spatial, batch_stats):
     grad_gamma NaN (0 * NaN in the BN backward's sums), as in torch."""
     n, c, k = 2, 17, 20
     pooled = tuple(size // 2 for size in spatial)
-    g = torch.Generator().manual_seed(12)
-    x = channel_range((n, *spatial), c, dtype, g)
-    bn = poisoned_bn(x, batch_stats, g)
-    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    g, x, bn, weight = make_case(12, (n, *spatial), c, dtype, batch_stats, k, poisoned=True)
     out, expected_out = (torch.empty(n, *pooled, k, dtype=dtype) for _ in range(2))
     CPP.transition(x, bn.scale, bn.shift, weight, out)
     TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
     assert_all_same_numbers([out], [expected_out], dtype, ["out"])
 
     grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
-    grad_x, expected_grad_x = (torch.empty(n, *spatial, c, dtype=dtype) for _ in range(2))
-    grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                    bn.batch_mean())
-    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
-                                         bn.batch_mean())
+    grad_x = torch.empty(n, *spatial, c, dtype=dtype)
+    grads, expected, expected_grad_x = backward_on_both("transition_backward", x, bn.scale, bn.shift, bn.mean,
+                                                        bn.rstd, weight, grad_out, grad_x=grad_x,
+                                                        batch_mean=bn.batch_mean())
     assert_all_same_numbers([grad_x, *grads], [expected_grad_x, *expected], dtype,
                             ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
 
@@ -380,9 +378,7 @@ def test_bn_backward_finish_nan_and_inf_as_torch(dtype):
     """Pass 2 alone, finite coefficients and batch means: non-finite x gives
     non-finite grad_x at its own pixels only, as the plain formula in torch."""
     m, c = 1031, 17
-    g = torch.Generator().manual_seed(13)
-    x = channel_range((m,), c, dtype, g)
-    bn = poisoned_bn(x, False, g)
+    g, x, bn, _ = make_case(13, (m,), c, dtype, False, poisoned=True)
     batch_means = torch.randn(2, c, generator=g, dtype=torch.float64).to(bn.scale.dtype)
     grad_x = random_buffer((m,), c, dtype, g)
     centered = x.to(bn.mean.dtype) - bn.mean
