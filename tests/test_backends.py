@@ -15,22 +15,20 @@ The backend-specific files keep what only one backend has: tests/test_cpp_ops.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from densenet_fast.backends.interface import stats_dtype
+from densenet_fast.backends.torch_backend import TorchBackend
 from helpers import max_relative_error
 from helpers import one_thread  # noqa: F401  (fixture)
+from primitives import (BN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64, channel_range,
+                        float64_grads, float64_leaf, make_bn, output_range, poisoned_bn, random_rows, random_weight)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "nan_filled_fresh_memory", "no_tf32")
 
-EPS = 1e-5
-SENTINEL = 7.0
 # max relative error against the float64 reference, per data dtype
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +37,7 @@ TRANSITION_SHAPES = {  # (N, spatial, C, K)
     "2d_odd": (2, (7, 9), 17, 20), "2d_tiny": (1, (3, 2), 5, 3),
     "1d_odd": (3, (11,), 17, 20), "3d_odd": (2, (5, 6, 3), 17, 20),
 }
+TORCH = TorchBackend()
 
 
 @pytest.fixture(params=[(name, device) for device in ("cpu", "cuda") for name in BACKEND_NAMES],
@@ -66,86 +65,6 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = max_relative_error(actual, expected)
     assert error <= TOLERANCE[dtype], f"{what}: max relative error {error:.3g} > {TOLERANCE[dtype]:g}"
-
-
-def channel_range(shape: tuple[int, ...], c: int, dtype, device, generator, left: int = 3,
-                  right: int = 5) -> Tensor:
-    """Random data (mean 1, std 2) as channels ``[left, left + c)`` of a wider channels-last buffer."""
-    buffer = torch.randn(*shape, left + c + right, generator=generator, dtype=torch.float64) * 2 + 1
-    return buffer.to(device=device, dtype=dtype)[..., left:left + c]
-
-
-def output_range(shape: tuple[int, ...], c: int, dtype, device, left: int = 4, right: int = 9
-                 ) -> tuple[Tensor, Tensor]:
-    """``(buffer, view)``: NaN channels ``[left, left + c)`` between sentinel channels."""
-    buffer = torch.full((*shape, left + c + right), SENTINEL, dtype=dtype, device=device)
-    buffer[..., left:left + c] = float("nan")
-    return buffer, buffer[..., left:left + c]
-
-
-def assert_only_range_written(buffer: Tensor, channels: slice) -> None:
-    outside = torch.ones(buffer.shape[-1], dtype=torch.bool, device=buffer.device)
-    outside[channels] = False
-    assert (buffer[..., outside] == SENTINEL).all(), "wrote outside its channel range"
-
-
-@dataclass
-class BN:
-    """A BatchNorm for data ``x``: float64 parameters (leaves for autograd) and the
-    folded coefficients the primitives take, in the statistics dtype on x's device."""
-
-    gamma: Tensor
-    beta: Tensor
-    running_mean: Tensor
-    running_var: Tensor
-    batch_stats: bool
-    scale: Tensor
-    shift: Tensor
-    mean: Tensor
-    rstd: Tensor
-    count: int
-
-    def batch_mean(self):
-        return (lambda sums: sums / self.count) if self.batch_stats else None
-
-    def relu_bn64(self, x64: Tensor) -> Tensor:
-        """``relu(batch_norm(x64))`` over the last dimension, in float64 on the CPU."""
-        rows = x64.reshape(-1, x64.shape[-1])
-        normed = F.batch_norm(rows, self.running_mean, self.running_var, self.gamma, self.beta,
-                              training=self.batch_stats, momentum=0.0, eps=EPS)
-        return normed.relu().view(x64.shape)
-
-
-def make_bn(x: Tensor, batch_stats: bool, generator) -> BN:
-    c = x.shape[-1]
-    var, mean = torch.var_mean(x.reshape(-1, c).double().cpu(), dim=0, correction=0)
-    running_mean = mean + 0.3 * torch.randn(c, generator=generator, dtype=torch.float64)
-    running_var = var * (0.5 + torch.rand(c, generator=generator, dtype=torch.float64))
-    gamma = (0.5 + torch.rand(c, generator=generator, dtype=torch.float64)).requires_grad_()
-    beta = (0.5 * torch.randn(c, generator=generator, dtype=torch.float64)).requires_grad_()
-    if not batch_stats:
-        mean, var = running_mean, running_var
-    rstd = (var + EPS).rsqrt()
-    scale = gamma.detach() * rstd
-    folded = [t.to(device=x.device, dtype=stats_dtype(x.dtype))
-              for t in (scale, beta.detach() - mean * scale, mean, rstd)]
-    return BN(gamma, beta, running_mean, running_var, batch_stats, *folded, x.reshape(-1, c).shape[0])
-
-
-def float64_leaf(t: Tensor) -> Tensor:
-    return t.detach().double().cpu().requires_grad_()
-
-
-def float64_grads(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
-    return torch.autograd.grad(output, inputs, grad_out.double().cpu())
-
-
-def random_like(shape: tuple[int, ...], dtype, device, generator) -> Tensor:
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
-def random_weight(k: int, c: int, dtype, device, generator) -> Tensor:
-    return (0.3 * torch.randn(k, c, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
 
 
 def check_sums(grads, truth, bn: BN, dtype, names) -> None:
@@ -179,9 +98,9 @@ def test_channel_stats(backend, dtype, m, c):
 def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
     backend, device = backend
     g = torch.Generator().manual_seed(1)
-    x = channel_range((m,), c, dtype, device, g)
+    x = channel_range((m,), c, dtype, g, device)
     bn = make_bn(x, batch_stats, g)
-    weight = random_weight(k, c, dtype, device, g)
+    weight = random_weight(k, c, dtype, g, device)
     out_buffer, out = output_range((m,), k, dtype, device)
     stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=batch_stats)
     x64, w64 = float64_leaf(x), float64_leaf(weight)
@@ -197,10 +116,10 @@ def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
         assert stats is None
 
     # backward: grad_x accumulates into a view of a buffer with content
-    grad_out = random_like((m, k), dtype, device, g)
+    grad_out = random_rows((m, k), dtype, device, g)
     grad_buffer = torch.full((m, c + 2), SENTINEL, dtype=dtype, device=device)
     grad_x = grad_buffer[:, :c]
-    grad_x.copy_(random_like((m, c), dtype, device, g))
+    grad_x.copy_(random_rows((m, c), dtype, device, g))
     before = grad_x.clone()
     grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
                                              bn.batch_mean())
@@ -222,7 +141,7 @@ def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
 def test_bn_relu(backend, dtype, m, c, batch_stats, in_place):
     backend, device = backend
     g = torch.Generator().manual_seed(3)
-    x = channel_range((m,), c, dtype, device, g)
+    x = channel_range((m,), c, dtype, g, device)
     bn = make_bn(x, batch_stats, g)
     out_buffer, out = output_range((m,), c, dtype, device)
     backend.bn_relu(x, bn.scale, bn.shift, out)
@@ -231,7 +150,7 @@ def test_bn_relu(backend, dtype, m, c, batch_stats, in_place):
     assert_close(out, z64, dtype, "bn_relu")
     assert_only_range_written(out_buffer, slice(4, 4 + c))
 
-    grad_z = channel_range((m,), c, dtype, device, g, left=1, right=1)
+    grad_z = channel_range((m,), c, dtype, g, device, left=1, right=1)
     truth = float64_grads(z64, grad_z, x64, bn.gamma, bn.beta)
     grad_buffer, grad_x = (None, grad_z) if in_place else output_range((m,), c, dtype, device)
     grads = backend.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_x, bn.batch_mean())
@@ -243,12 +162,6 @@ def test_bn_relu(backend, dtype, m, c, batch_stats, in_place):
 
 # -- transition -------------------------------------------------------------------------------
 
-def avg_pool64(z: Tensor) -> Tensor:
-    """Average pooling by 2 of ``z (N, *spatial, C)`` with torch's pooling of its dimension."""
-    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[z.dim() - 3]
-    return pool(z.movedim(-1, 1), 2).movedim(1, -1)
-
-
 @pytest.mark.parametrize("n, spatial, c, k", TRANSITION_SHAPES.values(), ids=TRANSITION_SHAPES)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
@@ -257,9 +170,9 @@ def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
     backend, device = backend
     g = torch.Generator().manual_seed(4)
     pooled = tuple(size // 2 for size in spatial)
-    x = channel_range((n, *spatial), c, dtype, device, g)
+    x = channel_range((n, *spatial), c, dtype, g, device)
     bn = make_bn(x, batch_stats, g)
-    weight = random_weight(k, c, dtype, device, g)
+    weight = random_weight(k, c, dtype, g, device)
     out_buffer, out = output_range((n, *pooled), k, dtype, device, left=0)  # like the next block's buffer
     backend.transition(x, bn.scale, bn.shift, weight, out)
     x64, w64 = float64_leaf(x), float64_leaf(weight)
@@ -267,7 +180,7 @@ def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
     assert_close(out, out64, dtype, "transition")
     assert_only_range_written(out_buffer, slice(0, k))
 
-    grad_out = random_like((n, *pooled, k), dtype, device, g)
+    grad_out = random_rows((n, *pooled, k), dtype, device, g)
     grad_buffer, grad_x = output_range((n, *spatial), c, dtype, device)
     grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
                                         bn.batch_mean())
@@ -276,3 +189,90 @@ def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
     assert_only_range_written(grad_buffer, slice(4, 4 + c))
     assert grads[0].dtype == dtype, "grad_weight in the data dtype"
     check_sums(grads, truth[1:], bn, dtype, ["grad_weight", "grad_gamma", "grad_beta"])
+
+
+# -- NaN and Inf: exactly as torch's BatchNorm and ReLU ----------------------------------------
+# The torch backend is plain torch ops (its model equals torchvision's with NaN input:
+# test_reliability.py); every other backend must put NaN and Inf where it does.
+
+def assert_as_torch(actual: list[Tensor], expected: list[Tensor], dtype, names: list[str]) -> None:
+    for name, got, reference in zip(names, actual, expected):
+        assert_same_numbers(got, reference, TOLERANCE[dtype], f"{name} vs torch backend")
+
+
+@pytest.fixture
+def other_backend(backend):
+    if backend[0].name == "torch":
+        pytest.skip("the reference itself")
+    return backend
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
+    backend, device = other_backend
+    m, c, k = 1031, 17, 23
+    g = torch.Generator().manual_seed(10)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out, expected_out = output_range((m,), k, dtype, device)[1], output_range((m,), k, dtype, device)[1]
+    stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
+    expected_stats = TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected_out, with_stats=True)
+    assert_as_torch([out, *stats], [expected_out, *expected_stats], dtype, ["out", "mean", "var"])
+
+    grad_out = random_rows((m, k), dtype, device, g)
+    grad_x = random_rows((m, c), dtype, device, g)
+    expected_grad_x = grad_x.clone()
+    grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                             bn.batch_mean())
+    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                              expected_grad_x, bn.batch_mean())
+    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_nan_and_inf(other_backend, dtype, batch_stats):
+    backend, device = other_backend
+    m, c = 1031, 17
+    g = torch.Generator().manual_seed(11)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    out, expected_out = output_range((m,), c, dtype, device)[1], output_range((m,), c, dtype, device)[1]
+    backend.bn_relu(x, bn.scale, bn.shift, out)
+    TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
+    assert_as_torch([out], [expected_out], dtype, ["out"])
+
+    grad_z = random_rows((m, c), dtype, device, g)
+    expected_grad_x = torch.empty_like(grad_z)
+    expected = TORCH.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z.clone(), expected_grad_x,
+                                      bn.batch_mean())
+    grads = backend.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
+    assert_as_torch([grad_z, *grads], [expected_grad_x, *expected], dtype, ["grad_x", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
+    """Odd sizes: the last pixel, a NaN, is dropped by pooling and still makes
+    grad_gamma NaN (0 * NaN in the BN backward's sums), as in torch."""
+    backend, device = other_backend
+    n, c, k = 2, 17, 20
+    pooled = tuple(size // 2 for size in spatial)
+    g = torch.Generator().manual_seed(12)
+    x = channel_range((n, *spatial), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out, expected_out = (output_range((n, *pooled), k, dtype, device)[1] for _ in range(2))
+    backend.transition(x, bn.scale, bn.shift, weight, out)
+    TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
+    assert_as_torch([out], [expected_out], dtype, ["out"])
+
+    grad_out = random_rows((n, *pooled, k), dtype, device, g)
+    grad_x, expected_grad_x = (output_range((n, *spatial), c, dtype, device)[1] for _ in range(2))
+    grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                        bn.batch_mean())
+    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                         expected_grad_x, bn.batch_mean())
+    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
