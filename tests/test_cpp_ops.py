@@ -19,7 +19,7 @@ if _extension.load() is None:
     pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)", pytrace=False)
 
 from densenet_fast import densenet_bc  # noqa: E402
-from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.backends.extension_backend import CppBackend  # noqa: E402
 from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
 from helpers import FP32_RTOL, forward_backward, max_relative_error, random_batch  # noqa: E402
 from primitives import assert_same_numbers, channel_range, make_bn, poisoned_bn, random_buffer  # noqa: E402
@@ -197,7 +197,7 @@ def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats, left, non
     against float64 in test_backends.py), grad_x in place of grad_z, NaN and
     Inf in the same places."""
     skip_without_cuda_kernels()
-    from densenet_fast.backends.cpp_backend import CudaBackend
+    from densenet_fast.backends.extension_backend import CudaBackend
 
     cuda = CudaBackend()
     g = torch.Generator().manual_seed(7)
@@ -225,7 +225,7 @@ def test_cuda_bn_relu_backward_is_deterministic(dtype, left):
     """Per-block partial sums added in a fixed order, no atomics: bitwise the same
     on every call, and allowed under torch.use_deterministic_algorithms."""
     skip_without_cuda_kernels()
-    from densenet_fast.backends.cpp_backend import CudaBackend
+    from densenet_fast.backends.extension_backend import CudaBackend
 
     g = torch.Generator().manual_seed(8)
     x, x_gpu = cpu_and_cuda_range(300_001, 45, left, dtype, g)

@@ -17,7 +17,7 @@ if _extension.load() is None:
     pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)",
                 pytrace=False)
 
-from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.backends.extension_backend import CppBackend  # noqa: E402
 from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
 
 channel_stats = torch.ops.densenet_fast.channel_stats

@@ -1,5 +1,5 @@
 // densenet_fast's BatchNorm-ReLU ops and the two-pass BN backward that every
-// fused op shares (the Python side is densenet_fast/backends/cpp_backend.py, the
+// fused op shares (the Python side is densenet_fast/backends/extension_backend.py, the
 // contract backends/interface.py; the ops that add a 1x1 convolution are in
 // bn_relu_conv.h).
 //

@@ -1,6 +1,6 @@
 // densenet_fast::channel_stats(Tensor x, Tensor shift) -> (Tensor sum, Tensor sumsq):
 // the per-channel sums that channel statistics are formed from (the Python side,
-// densenet_fast/backends/cpp_backend.py, turns them into mean and variance), over
+// densenet_fast/backends/extension_backend.py, turns them into mean and variance), over
 // the rows of a channel range of a channels-last buffer.  x is (M, C), sum and
 // sumsq are (C,) float64 sums of (x - shift) and (x - shift)^2, accumulated in
 // float64 in a fixed order.

@@ -88,12 +88,12 @@ def _triton_class() -> type[Backend]:
 
 
 def _cuda_class() -> type[Backend]:
-    from .cpp_backend import CudaBackend
+    from .extension_backend import CudaBackend
     return CudaBackend
 
 
 def _cpp_class() -> type[Backend]:
-    from .cpp_backend import CppBackend
+    from .extension_backend import CppBackend
     return CppBackend
 
 

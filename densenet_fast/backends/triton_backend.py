@@ -24,7 +24,7 @@ from ..ops import bn_relu_conv
 from ..ops.bn_relu import bn_relu
 from ..ops.channel_stats import channel_stats
 from ..ops.common import DATA_DTYPES, image, rows
-from .cpp_backend import native_dtypes_only, native_only
+from .extension_backend import native_dtypes_only, native_only
 from .interface import Stats
 from .torch_backend import TorchBackend
 
