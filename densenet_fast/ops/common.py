@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -22,6 +23,7 @@ from torch import Tensor
 
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
+CONFIG_LOG_ENV_VAR = "DENSENET_FAST_CONFIG_LOG"  # a file: each launcher appends its choices (JSON lines)
 
 
 def check_data(*tensors: Tensor) -> None:
@@ -124,7 +126,9 @@ class Launcher:
     the device, so results are reproducible.  With ``DENSENET_FAST_AUTOTUNE=1``
     it autotunes over the fitting candidates instead (``triton.autotune`` with
     ``key`` and ``autotune_kwargs``).  The first argument of every kernel is
-    its data tensor (dtype, device)."""
+    its data tensor (dtype, device).  With ``DENSENET_FAST_CONFIG_LOG=<file>``
+    each choice is appended to that file once per kernel, dtype, constexpr
+    values and grid (one JSON object per line)."""
 
     def __init__(self, fn, candidates: list[triton.Config], shared_memory: Optional[SharedMemory] = None,
                  key: Sequence[str] = (), **autotune_kwargs):
@@ -136,6 +140,7 @@ class Launcher:
             prune_configs_by={"early_config_prune": lambda _, args, **meta: self.fitting(next(iter(args.values())),
                                                                                          meta)})(fn)
         self._fitting: dict[tuple, list[triton.Config]] = {}
+        self._logged: set[tuple] = set()
 
     def fitting(self, data: Tensor, meta: dict) -> list[triton.Config]:
         """The candidates whose shared memory fits ``data``'s device (or, if none, the smallest)."""
@@ -163,10 +168,28 @@ class Launcher:
                 most_programs, chosen = programs, config
         return [chosen]
 
+    def log_choice(self, path: str, grid: Callable[[dict], tuple[int, ...]], data: Tensor, meta: dict,
+                   configs: list[triton.Config]) -> None:
+        programs = grid({**meta, **configs[0].kwargs})
+        key = (str(data.dtype), data.device.type, *meta.items(), programs, len(configs))
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        record = {"kernel": self.fn.__name__, "dtype": str(data.dtype), "device": str(data.device),
+                  "data_shape": list(data.shape), "meta": meta, "grid": list(programs),
+                  "configs": [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                              for config in configs],
+                  "fitting": len(self.fitting(data, meta)), "autotuning": len(configs) > 1, "pid": os.getpid()}
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
     def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]):
         def launch(*args, **meta):
             data = args[0]
             configs = self.usable(grid, data, meta)
+            log_path = os.environ.get(CONFIG_LOG_ENV_VAR)
+            if log_path:
+                self.log_choice(log_path, grid, data, meta, configs)
             with on_device(data):
                 if len(configs) > 1:
                     self.tuned[grid](*args, **meta)
