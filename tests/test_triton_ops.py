@@ -593,6 +593,7 @@ def test_model_on_triton_matches_torchvision(device, recompute):
     to 1e-4, gradients as close to float64 as torchvision fp32's own), then eval.
     Odd spatial sizes exercise the transition's floor pooling; channel counts
     (12, 16, 20, 24) and the bottleneck (16) are below or near one 16-wide tile."""
+    pytest.importorskip("torchvision")
     from helpers import FP32_RTOL, check_training_fp32, forward_backward, make_pair, random_batch
 
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
@@ -618,13 +619,13 @@ def test_model_with_every_kernels_first_configuration(monkeypatch, device):
     tiles; what a GPU runs for 16-bit data) and NaN-filled fresh memory,
     against the torch backend in fp32: output, every gradient and running
     statistic after a training step."""
-    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+    from helpers import assert_results_equal, forward_backward, make_model, random_batch
 
     for launcher in ALL_LAUNCHERS:
         force(monkeypatch, launcher, launcher.candidates[0])
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
-    ours, _ = make_pair(dtype=torch.float32, device=device, backend="triton", **config)
-    reference, _ = make_pair(dtype=torch.float32, device=device, backend="torch", **config)
+    ours = make_model(dtype=torch.float32, device=device, backend="triton", **config)
+    reference = make_model(dtype=torch.float32, device=device, backend="torch", **config)
     reference.load_state_dict(ours.state_dict())
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-4)
@@ -692,10 +693,10 @@ def test_opt_in_autotuning(monkeypatch):
 def test_float64_model_on_cuda_with_automatic_backend():
     """Automatic choice puts CUDA tensors on the triton backend, whose kernels
     lack fp64: fp64 runs the torch backend's primitives instead of raising."""
-    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+    from helpers import assert_results_equal, forward_backward, make_model, random_batch
 
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
-    ours, _ = make_pair(dtype=torch.float64, device="cuda", backend=None, **config)
-    reference, _ = make_pair(dtype=torch.float64, device="cuda", backend="torch", **config)
+    ours = make_model(dtype=torch.float64, device="cuda", backend=None, **config)
+    reference = make_model(dtype=torch.float64, device="cuda", backend="torch", **config)
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-10)
