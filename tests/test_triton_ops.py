@@ -13,13 +13,18 @@ add bf16.  Every test runs with deterministic algorithms on, so that fresh
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
 import triton
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from densenet_fast import DenseNet
 
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
@@ -518,6 +523,86 @@ def test_configuration_follows_the_shapes(monkeypatch):
     assert block_m(bf16, 256 * 14 * 14) == [128]  # deterministic mode (this file's fixture): no autotuning
     torch.use_deterministic_algorithms(False)
     assert len(block_m(bf16, 256 * 14 * 14)) == len(launcher.fitting(bf16, meta)) > 1
+
+
+# -- launches per layer ------------------------------------------------------------------
+
+GEMMS = {"convolution", "convolution_backward", "mm", "addmm"}  # the 3x3 convolutions, the stem and classifier
+NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "detach",
+               "lift_fresh", "_unsafe_view", "_record_function_enter_new", "_record_function_exit"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """While active, counts the Triton launches (per kernel) and the torch ops
+    that launch a GPU kernel: ``small`` (elementwise, reductions, copies) and
+    ``gemm`` (convolutions and matrix products); views and allocations launch none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triton: Counter[str] = Counter()
+        self.small: Counter[str] = Counter()
+        self.gemm: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NOT_KERNELS:
+            (self.gemm if name in GEMMS else self.small)[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def totals(self) -> Counter[str]:
+        return Counter(triton=sum(self.triton.values()), small=sum(self.small.values()),
+                       gemm=sum(self.gemm.values()))
+
+
+def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
+    """The launches of one training step's forward and backward (the second
+    step, after the first compiled and allocated) of a tiny DenseNet (ImageNet
+    stem, 32x32 input, batch 2) on the triton backend."""
+    counter = LaunchCounter()
+    launch_item = common.Launcher.__getitem__
+
+    def counted(launcher, grid):
+        launch = launch_item(launcher, grid)
+
+        def run(*args, **meta):
+            counter.triton[launcher.fn.__name__] += 1
+            with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
+                launch(*args, **meta)
+        return run
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=block_config, num_init_features=8, num_classes=5, backend="triton")
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(5, (2,))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):  # as a GPU step runs in bf16 (weights cast per use)
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+
+    step()
+    with mock.patch.object(common.Launcher, "__getitem__", counted), counter:
+        step()
+    return counter
+
+
+def test_launches_per_layer():
+    """Triton launches and small torch kernels per dense layer and per
+    transition of a training step (forward and backward; the optimiser's step
+    is the caller's), by difference between models one layer or one transition
+    apart, and extrapolated to DenseNet-121 (58 layers, 3 transitions); the
+    numbers are in docs/performance.md.  Upper bounds: a change that launches
+    more fails here."""
+    torch.use_deterministic_algorithms(False)  # NaN-filling fresh memory would count as kernels
+    counts = {config: count_launches(config).totals() for config in [(2, 2), (3, 2), (4,)]}
+    layer = counts[(3, 2)] - counts[(2, 2)]
+    transition = counts[(2, 2)] - counts[(4,)]
+    rest = counts[(4,)] - Counter({kind: 4 * n for kind, n in layer.items()})
+    densenet121 = {kind: rest[kind] + 58 * layer[kind] + 3 * transition[kind] for kind in ("triton", "small", "gemm")}
+    print(f"per layer {dict(layer)}, per transition {dict(transition)}, DenseNet-121 {densenet121}")
+    assert layer["gemm"] == 2  # the 3x3 convolution, forward and backward
+    assert layer["triton"] <= 10 and layer["small"] <= 47, layer
+    assert transition["triton"] <= 5 and transition["small"] <= 26, transition
 
 
 # -- modes and refusals -----------------------------------------------------------------
