@@ -159,6 +159,22 @@ def test_channel_stats_are_stable(device, dtype, m, c):
 
 # -- fused BN-ReLU-Conv1x1 --------------------------------------------------------------
 
+def test_forward_statistics_over_many_tiles(device):
+    """The forward's output statistics, merged by the kernel itself in two
+    levels: 8300 rows are 65 row tiles of 128 (two groups of 64), and an
+    offset with a trend along the rows makes the tiles' means differ."""
+    g = torch.Generator().manual_seed(9)
+    m, c, k = 8300, 17, 20
+    x = channel_view((m,), 1, c, 2, torch.float32, device, g).add_(torch.linspace(0, 20, m, device=device)[:, None])
+    bn = make_bn(x, True, g)
+    weight = (torch.randn(k, c, generator=g) * 0.1).to(device)
+    out = torch.empty(m, k, device=device)
+    mean, var = TRITON.bn_relu_conv1x1(x, bn.scale, bn.shift + 300, weight, out, with_stats=True)
+    var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "mean")
+    assert_close(var, var64, 1e-4, "var")
+
+
 SHAPES = [(203, 40, 48), (77, 17, 16)]  # (M, C, K)
 
 
@@ -217,7 +233,8 @@ def test_bn_relu_conv1x1_backward(device, dtype, m, c, k, batch_stats):
     for name, actual, reference, exact in zip(("grad_weight", "grad_gamma", "grad_beta"), grads, expected, truth[1:]):
         assert_close(actual, reference, vs_torch, f"{name} vs torch backend")
         assert_close(actual, exact, vs_float64, f"{name} vs float64")
-    assert grads[0].dtype == dtype and grads[1].dtype == grads[2].dtype == torch.float32
+    # fp32 throughout: dW is not rounded to the data dtype before the engine casts it to the parameter's
+    assert grads[0].dtype == grads[1].dtype == grads[2].dtype == torch.float32
 
 
 # -- BN-ReLU apply ----------------------------------------------------------------------
@@ -601,8 +618,8 @@ def test_launches_per_layer():
     densenet121 = {kind: rest[kind] + 58 * layer[kind] + 3 * transition[kind] for kind in ("triton", "small", "gemm")}
     print(f"per layer {dict(layer)}, per transition {dict(transition)}, DenseNet-121 {densenet121}")
     assert layer["gemm"] == 2  # the 3x3 convolution, forward and backward
-    assert layer["triton"] <= 10 and layer["small"] <= 47, layer
-    assert transition["triton"] <= 5 and transition["small"] <= 26, transition
+    assert layer["triton"] <= 8 and layer["small"] <= 36, layer
+    assert transition["triton"] <= 4 and transition["small"] <= 19, transition
 
 
 # -- modes and refusals -----------------------------------------------------------------
@@ -696,7 +713,7 @@ def test_model_on_triton_matches_torchvision(device, recompute):
 
 
 ALL_LAUNCHERS = [*bn_relu_conv._forward.values(), *bn_relu_conv._reduce.values(), *bn_relu_conv._dx.values(),
-                 channel_stats._tile_stats, channel_stats._merge_stats, bn_relu._bn_relu]
+                 channel_stats._tile_stats, bn_relu._bn_relu]
 
 
 def test_model_with_every_kernels_first_configuration(monkeypatch, device):

@@ -20,6 +20,8 @@ Conventions:
   ``dx = scale * (dA - mean(dA) - xhat * mean(dA * xhat))``.  This is the
   point between the two passes of the BN backward (docs/engine.md).
 - ``grad_gamma = sum(dA * xhat)`` and ``grad_beta = sum(dA)`` are the local sums.
+- Gradients of parameters come in the data dtype or in fp32; the engine casts
+  them to the parameters' dtype.
 - Statistics are returned as ``(mean, var)``, biased variance, in fp32 (fp64
   for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
 - Outputs named ``out``/``grad_x`` are written in place; ``grad_x`` of

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import threading
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -109,6 +110,21 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+_arrival_counters: dict[tuple, Tensor] = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> Tensor:
+    """At least ``count`` int32 counters, all 0, for :func:`arrive_last`: one set
+    per CUDA stream (per thread for the interpreter), since launches on one
+    stream run one after another and each leaves its counters at 0 again."""
+    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
+    key = (str(device), queue)
+    counters = _arrival_counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _arrival_counters[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+    return counters
+
+
 def autotuning() -> bool:
     """Autotune (opt-in: ``DENSENET_FAST_AUTOTUNE=1``), unless deterministic algorithms are on."""
     return os.environ.get(AUTOTUNE_ENV_VAR) == "1" and not torch.are_deterministic_algorithms_enabled()
@@ -196,6 +212,21 @@ class Launcher:
                 else:
                     self.fn[grid](*args, **meta, **configs[0].all_kwargs())
         return launch
+
+
+@triton.jit
+def arrive_last(counter_ptr, arrivals):
+    """Whether this program is the last of ``arrivals`` programs to arrive at
+    ``counter_ptr`` (an int32 that is 0 before the first arrives; the last sets
+    it back to 0).  The arrival is an acquire-release atomic after a barrier, so
+    the last program sees every write the others made before arriving (read
+    them with ``cache_modifier=".cg"``: L1 is not coherent).  Only completion is
+    counted this way; values are still reduced in a fixed order."""
+    tl.debug_barrier()  # all of this program's threads have written before the arrival publishes it
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+    return last
 
 
 @triton.jit
