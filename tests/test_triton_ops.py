@@ -374,26 +374,28 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
         assert_close(result[2], var64, 1e-4, "output var")
 
 
-BACKWARD_CASES = [(pool, has_gemm, index) for pool, has_gemm in ((1, True), (1, False), (2, True))
+# (pool, K): with the GEMM, K = 120 (one K block: dOut and W tiles loaded once per tile and program) and
+# K = 136 (two blocks of dW, two steps of the dZ loop); without it (BN-ReLU), K is C
+BACKWARD_CASES = [(pool, k, index) for pool, k in ((1, 120), (1, 136), (1, None), (2, 120), (2, 136))
                   for index in range(max(len(bn_relu_conv.REDUCE_CONFIGS[pool]), len(bn_relu_conv.DX_CONFIGS[pool])))]
 
 
-@pytest.mark.parametrize("pool, has_gemm, index", [
-    pytest.param(pool, has_gemm, index, id=f"pool{pool}-{'gemm' if has_gemm else 'bn_relu'}-"
+@pytest.mark.parametrize("pool, k, index", [
+    pytest.param(pool, k, index, id=f"pool{pool}-{f'k{k}' if k else 'bn_relu'}-"
                  f"{config_id(bn_relu_conv.REDUCE_CONFIGS[pool][index % len(bn_relu_conv.REDUCE_CONFIGS[pool])])}-"
                  f"{config_id(bn_relu_conv.DX_CONFIGS[pool][index % len(bn_relu_conv.DX_CONFIGS[pool])])}")
-    for pool, has_gemm, index in BACKWARD_CASES])
-def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, index):
+    for pool, k, index in BACKWARD_CASES])
+def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
     """Both passes, each with its ``index``-th configuration (cycling through
-    the shorter list), batch statistics, at shapes just past the tiles; with the
-    GEMM, K = 136 (two blocks of dW, two steps of the dZ loop)."""
+    the shorter list), batch statistics, at shapes just past the tiles."""
     configs = [launchers[pool][index % len(launchers[pool])]
                for launchers in (bn_relu_conv.REDUCE_CONFIGS, bn_relu_conv.DX_CONFIGS)]
     force(monkeypatch, bn_relu_conv._reduce[pool], configs[0])
     force(monkeypatch, bn_relu_conv._dx[pool], configs[1])
     block_m = max(config.kwargs["BLOCK_M"] for config in configs)
     c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
-    k = 136 if has_gemm else c
+    has_gemm = k is not None
+    k = k or c
     dtype = fitting_dtype(device, bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128),
                           *configs)
     g = torch.Generator().manual_seed(8)

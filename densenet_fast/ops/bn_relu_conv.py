@@ -100,25 +100,36 @@ def _load_pixels(ptr, sn, sh, sw, n, h, w, mask, channels, SPATIAL: tl.constexpr
 
 
 @triton.jit
-def _grad_z(dout_ptr, sdn, sdh, sdw, n, h, w, valid, w_ptr, swk, swc, channels, channel_mask, K,
-            SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask):
+    """``W[ks, channels]`` ``(BK, BC)``, 0 outside the masks."""
+    return tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc, mask=k_mask[:, None] & channel_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+            POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dL/dz`` (fp32 ``(BM, BC)``) of each pixel of the cells whose output
-    pixels are ``(n, h, w)``: ``dOut @ W`` shared out by the pooling, or (without
-    HAS_GEMM) the given gradient itself; 0 where ``valid`` is false."""
-    offsets = pixel_offsets(n, h, w, sdn, sdh, sdw, SPATIAL)
+    pixels are at ``out_offsets`` (``out_valid``): ``dOut @ W`` shared out by
+    the pooling (with ONE_K_BLOCK, ``d @ wt`` of the caller's dOut tile ``d
+    (BM, BLOCK_K)`` and weight tile ``wt (BLOCK_K, BC)``), or (without
+    HAS_GEMM) the given gradient itself; 0 where ``out_valid`` is false."""
     if HAS_GEMM:
-        grad = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            d = tl.load(dout_ptr + offsets[:, None] + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc,
-                         mask=k_mask[:, None] & channel_mask[None, :], other=0.0)
-            grad = tl.dot(d, wt, grad, input_precision=DOT_PRECISION)
+        if ONE_K_BLOCK:
+            grad = tl.dot(d, wt, input_precision=DOT_PRECISION)
+        else:
+            grad = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < K
+                d_k = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & k_mask[None, :],
+                              other=0.0)
+                grad = tl.dot(d_k, _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask), grad,
+                              input_precision=DOT_PRECISION)
     else:
-        grad = tl.load(dout_ptr + offsets[:, None] + channels[None, :],
-                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
+        grad = tl.load(dout_ptr + out_offsets[:, None] + channels[None, :],
+                       mask=out_valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
     if POOL > 1:
         grad = grad * (1.0 / (POOL * POOL))
     return grad
@@ -183,7 +194,8 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    counter_ptr,  # (cdiv(C, BLOCK_C),) int32, 0 (arrive_last)
                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
-                   SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -192,16 +204,31 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)  # this program's rows of dW
+    # dbeta and dgamma (which need all of dZ) come from the first K block's programs; each program owns
+    # rows own_ks of dW, for which it needs only dOut[:, own_ks] and z
+    stats_program = tl.program_id(2) == 0
+    own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     own_k_mask = own_ks < K
+    w_all = _load_weight(w_ptr, swk, swc, own_ks, own_k_mask, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK \
+        else 0.0  # loaded once for every tile
     dw = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
     dgamma = tl.zeros([BLOCK_C], tl.float32)
     dbeta = tl.zeros([BLOCK_C], tl.float32)
     for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
         cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-        grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
-                         SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+        d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
+                        mask=out_valid[:, None] & own_k_mask[None, :], other=0.0) if HAS_GEMM else 0.0
+        if ONE_K_BLOCK:
+            grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels, channel_mask,
+                             K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+        else:
+            grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # the other K blocks' programs sum zeros, unused
+            if stats_program:
+                grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels,
+                                 channel_mask, K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C,
+                                 BLOCK_K)
         z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
@@ -216,14 +243,11 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
             z = tl.where(out_valid[:, None], z, 0.0)  # cells the pooling drops have no output
             if POOL > 1:
                 z = z * (1.0 / (POOL * POOL))
-            out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
-            d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
-                            mask=out_valid[:, None] & own_k_mask[None, :], other=0.0)
             dw = tl.dot(tl.trans(d_own), z.to(dout_ptr.dtype.element_ty), dw, input_precision=DOT_PRECISION)
     if HAS_GEMM:  # pass 2 sums the splits' dW
         dw_offsets = (split * K + own_ks).to(tl.int64)[:, None] * C + channels[None, :]
         tl.store(dw_part_ptr + dw_offsets, dw, mask=own_k_mask[:, None] & channel_mask[None, :])
-    if tl.program_id(2) == 0:
+    if stats_program:
         tl.store(sum_part_ptr + split * 2 * C + channels, dbeta, mask=channel_mask)
         tl.store(sum_part_ptr + (split * 2 + 1) * C + channels, dgamma, mask=channel_mask)
         if arrive_last(counter_ptr + tl.program_id(1), num_splits):  # the last split sums all, in split order
@@ -252,10 +276,22 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                dw_ptr,  # (K * C,) fp32 out: their sum; HAS_GEMM only
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
-               SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, BATCH_STATS: tl.constexpr,
-               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
+               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
                SLAB: tl.constexpr):
+    if HAS_GEMM:  # first (while pass 1's partials are likely in L2): dW, the splits' partials summed in split
+        # order, SLAB elements per program
+        dw_numel = K * C
+        for slab in range(tl.program_id(0), tl.cdiv(dw_numel, SLAB), tl.num_programs(0)):
+            elements = slab * SLAB + tl.arange(0, SLAB)
+            dw = tl.zeros([SLAB], tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                splits = s0 + tl.arange(0, BLOCK_S)
+                part_offsets = splits.to(tl.int64)[:, None] * dw_numel + elements[None, :]
+                part_mask = (splits < num_splits)[:, None] & (elements < dw_numel)[None, :]
+                dw += tl.sum(tl.load(dw_part_ptr + part_offsets, mask=part_mask, other=0.0), 0)
+            tl.store(dw_ptr + elements, dw, mask=elements < dw_numel)
     # one dimension, channel blocks fastest: the programs that share a cell tile (and its dOut rows) run together
     channel_blocks = tl.cdiv(C, BLOCK_C)
     cells = (tl.program_id(0) // channel_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,8 +305,13 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
     on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-    grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
-                     SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+    ks = tl.arange(0, BLOCK_K)
+    d = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & (ks < K)[None, :],
+                other=0.0) if HAS_GEMM and ONE_K_BLOCK else 0.0
+    wt = _load_weight(w_ptr, swk, swc, ks, ks < K, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK else 0.0
+    grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+                     POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
     for q in tl.static_range(POOL * POOL):
         n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
         mask = valid[:, None] & channel_mask[None, :]
@@ -283,17 +324,6 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         if ACCUMULATE:
             dx += tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
-    if HAS_GEMM:  # dW: the splits' partials summed in split order, SLAB elements per program
-        dw_numel = K * C
-        for slab in range(tl.program_id(0), tl.cdiv(dw_numel, SLAB), tl.num_programs(0)):
-            elements = slab * SLAB + tl.arange(0, SLAB)
-            dw = tl.zeros([SLAB], tl.float32)
-            for s0 in range(0, num_splits, BLOCK_S):
-                splits = s0 + tl.arange(0, BLOCK_S)
-                part_offsets = splits.to(tl.int64)[:, None] * dw_numel + elements[None, :]
-                part_mask = (splits < num_splits)[:, None] & (elements < dw_numel)[None, :]
-                dw += tl.sum(tl.load(dw_part_ptr + part_offsets, mask=part_mask, other=0.0), 0)
-            tl.store(dw_ptr + elements, dw, mask=elements < dw_numel)
 
 
 def tuning_key(cells: int, channels: int) -> tuple[int, int]:
@@ -346,18 +376,18 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     k = weight.shape[0] if has_gemm else c
     gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
     block_k = block_size(k, MAX_BLOCK_K) if has_gemm else 16
-    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, DOT_PRECISION=dot_precision(x.tensor.dtype),
-                  BLOCK_K=block_k)
+    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=not has_gemm or k <= block_k,
+                  DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
 
     # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
     cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
-    splits = num_splits(num_cells, c, device)
+    k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
+    splits = num_splits(num_cells, c, k if has_gemm else 0, k_blocks, x.tensor.element_size(), device)
     sum_part = torch.empty(splits, 2, c, device=device, dtype=torch.float32)
     sums = torch.empty(2, c, device=device, dtype=torch.float32)
     dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else sum_part
     grad_weight = torch.empty(k, c, device=device, dtype=torch.float32) if has_gemm else None
-    k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
     _reduce[pool][lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, sum_part, sums,
         arrival_counters(device, triton.cdiv(c, 16)),

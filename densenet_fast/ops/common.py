@@ -68,14 +68,21 @@ def image(t: Tensor) -> Pixels:
     return Pixels(t, *t.shape[:3], *t.stride()[:3], True)
 
 
-def num_splits(cells: int, channels: int, device: torch.device) -> int:
-    """How many row ranges the reducing backward pass splits ``cells`` rows into:
-    enough programs to fill the GPU, few enough that the fp32 partial sums stay
-    a small fraction of the bytes moved."""
+def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: int, device: torch.device) -> int:
+    """How many row ranges the reducing backward pass splits ``cells`` rows of
+    ``channels`` channels into (its grid: splits x channel blocks of up to 64 x
+    ``k_blocks``; ``k`` output channels, ``k = 0`` without a GEMM): two programs
+    per multiprocessor, fewer where the fp32 ``dW`` partials (``splits * k *
+    channels * 4`` bytes) would pass a quarter of the bytes the pass reads, but
+    never fewer than one program per multiprocessor, and at least 64 rows each."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(cells, 32)))  # small, but > 1 so the tests cover the merge
     sms = gpu_limits(device).multiprocessors
-    return max(1, min(64, triton.cdiv(2 * sms, triton.cdiv(channels, 64)), triton.cdiv(cells, 64)))
+    blocks = triton.cdiv(channels, 64) * k_blocks
+    read = cells * (channels + k) * element_size
+    partials_cap = read // (16 * k * channels) if k else 2 * sms
+    return max(1, min(max(triton.cdiv(sms, blocks), min(triton.cdiv(2 * sms, blocks), partials_cap)),
+                      triton.cdiv(cells, 64)))
 
 
 def block_size(n: int, cap: int) -> int:
