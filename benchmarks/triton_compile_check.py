@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from densenet_fast.ops import bn_fold  # noqa: E402
 from densenet_fast.ops import bn_relu as bn_relu_op  # noqa: E402
 from densenet_fast.ops import bn_relu_conv  # noqa: E402
 from densenet_fast.ops import channel_stats as stats_op  # noqa: E402
@@ -79,14 +80,20 @@ def variants(dtype: str, precision: str):
         for with_stats in ((True, False) if pool == 1 else (False,)):
             yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
                    dict(shape, WITH_STATS=with_stats))
-        for has_gemm in ((True, False) if pool == 1 else (True,)):
-            gemm = dict(shape, HAS_GEMM=has_gemm, BLOCK_K=128 if has_gemm else 16)
-            yield f"reduce pool={pool} gemm={has_gemm}", bn_relu_conv._reduce[pool], gemm
+        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block), transitions K up to 128 or beyond
+        for has_gemm, one_k_block in ((True, True), (False, True)) if pool == 1 else ((True, True), (True, False)):
+            gemm = dict(shape, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128 if has_gemm else 16)
+            yield f"reduce pool={pool} gemm={has_gemm} one_k={one_k_block}", bn_relu_conv._reduce[pool], gemm
             for batch_stats in (True, False):
-                yield (f"dx pool={pool} gemm={has_gemm} batch_stats={batch_stats}", bn_relu_conv._dx[pool],
-                       dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
+                yield (f"dx pool={pool} gemm={has_gemm} one_k={one_k_block} batch_stats={batch_stats}",
+                       bn_relu_conv._dx[pool], dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
     yield "tile stats", stats_op._tile_stats, common
     yield "bn_relu", bn_relu_op._bn_relu, common
+    for update in (True, False):
+        yield (f"fold update={update}", bn_fold._fold, dict(
+            common, var_ptr=fp32, weight_ptr=fp32, bias_ptr=fp32, coeffs_ptr=fp32, running_mean_ptr=fp32,
+            running_var_ptr=fp32, batches_ptr="*i64", eps="fp32", momentum="fp32", unbias="fp32", HAS_WEIGHT=True,
+            HAS_BIAS=True, UPDATE=update, CUMULATIVE=False, BLOCK_C=bn_fold.BLOCK_C))
 
 
 def main(argv=None) -> int:

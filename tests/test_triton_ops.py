@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from densenet_fast import DenseNet
 
+from densenet_fast.backends.interface import RunningUpdate
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.ops import bn_relu, bn_relu_conv, channel_stats, common
@@ -137,6 +138,34 @@ def make_bn(x: Tensor, batch_stats: bool, generator) -> BN:
 
 def float64_backward(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(output, inputs, grad_out.double().cpu())
+
+
+# -- BatchNorm folding ------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fold_batchnorm_matches_torch(device, momentum, affine, running_dtype):
+    """Coefficients and the running statistics' update (momentum or
+    cumulative average; 600 channels: three programs of 256), against the
+    torch backend, twice in a row (num_batches_tracked counts)."""
+    g = torch.Generator().manual_seed(3)
+    c = 600
+    mean, var = torch.randn(c, generator=g).to(device), (torch.rand(c, generator=g) + 0.1).to(device)
+    weight, bias = (torch.randn(c, generator=g).to(device) for _ in range(2)) if affine else (None, None)
+    running = [torch.randn(c, generator=g).to(device, running_dtype), torch.rand(c, generator=g).to(device, running_dtype),
+               torch.tensor(5, device=device)]
+
+    def fold(backend):
+        buffers = [t.clone() for t in running]
+        update = RunningUpdate(*buffers, momentum, 37)
+        coeffs = [backend.fold_batchnorm(mean, var, weight, bias, 1e-5, update) for _ in range(2)]
+        return [*coeffs, *buffers, backend.fold_batchnorm(mean, var, weight, bias, 1e-3, None)]
+
+    for i, (ours, theirs) in enumerate(zip(fold(TRITON), fold(TORCH))):
+        assert ours.dtype == theirs.dtype, i
+        # fp16 buffers: torch rounds after its multiply and after its add, the kernel once
+        assert_close(ours, theirs, 2e-6 if ours.dtype == torch.float32 else 4e-3, f"output {i}")
 
 
 # -- channel statistics -----------------------------------------------------------------
@@ -620,8 +649,8 @@ def test_launches_per_layer():
     densenet121 = {kind: rest[kind] + 58 * layer[kind] + 3 * transition[kind] for kind in ("triton", "small", "gemm")}
     print(f"per layer {dict(layer)}, per transition {dict(transition)}, DenseNet-121 {densenet121}")
     assert layer["gemm"] == 2  # the 3x3 convolution, forward and backward
-    assert layer["triton"] <= 8 and layer["small"] <= 36, layer
-    assert transition["triton"] <= 4 and transition["small"] <= 19, transition
+    assert layer["triton"] <= 10 and layer["small"] <= 12, layer
+    assert transition["triton"] <= 5 and transition["small"] <= 6, transition
 
 
 # -- modes and refusals -----------------------------------------------------------------
