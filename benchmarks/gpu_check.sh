@@ -72,7 +72,8 @@ else
     LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MODELS=170
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py)
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py)
-    BUILD=(setup.py build_ext --build-lib "$OUT/build_lib")
+    BUILD_LIB=$(mktemp -d)  # not under OUTDIR: the module is large and need not come back
+    BUILD=(setup.py build_ext --build-lib "$BUILD_LIB")
     KERNELS=()
     MODELS=(--device cuda --model densenet121 --batch 256 --image-size 224 --autocast bfloat16 --channels-last
             --impls tv-eager fast-triton-keep tv-memeff tv-compile --warmup 2 --repeats 5)
@@ -140,8 +141,8 @@ pytest_step() {
     tail -q -n 3 "$OUT/${name}"_*.log | sed 's/^/   | /'
 }
 
-# build_step: the extension, compiled into OUTDIR/build_lib and copied into the package only when done (the
-# test processes running meanwhile must not import a half-written module); CUDA kernels for this GPU only
+# build_step: the extension, compiled into a temporary directory and copied into the package only when done
+# (the test processes running meanwhile must not import a half-written module); CUDA kernels for this GPU only
 build_step() {
     local start=$SECONDS rc
     if ! "$PY" -c "import setuptools" 2>/dev/null; then
@@ -157,7 +158,7 @@ build_step() {
         "$PY" "${BUILD[@]}"
     rc=$?
     if [ $rc = 0 ] && [ "$DRY_RUN" = 0 ]; then
-        cp "$OUT"/build_lib/densenet_fast/_C*.so densenet_fast/ >>"$OUT/build.log" 2>&1 || rc=1
+        cp "$BUILD_LIB"/densenet_fast/_C*.so densenet_fast/ >>"$OUT/build.log" 2>&1 || rc=1
     fi
     record build "$(status $rc)" $rc $start "$LIMIT_TRITON_TESTS"
 }
