@@ -10,9 +10,9 @@
 #
 #   step            limit  what                                                    evidence in OUTDIR
 #   environment       15   versions, device, optional modules, revision            environment.json
-#   triton_tests     135   tests/test_triton_ops.py -m gpu in 4 parallel shards    triton_tests_<i>.{log,xml}
+#   triton_tests     135   tests/test_triton_ops.py -m gpu in 6 parallel shards    triton_tests_<i>.{log,xml}
 #     build         (135)  meanwhile, in the background: the C++/CUDA extension    build.log
-#   gpu_tests         55   the other gpu-marked tests, 4 shards (needs the build)  gpu_tests_<i>.{log,xml}
+#   gpu_tests         55   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
 #   triton_kernels    75   benchmarks/triton_kernels.py: block-3 layers, the        triton_kernels.json
 #                          transitions, a block-1 layer, with errors vs torch
 #   model_bench      170   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
@@ -68,7 +68,7 @@ if [ "$DRY_RUN" = 1 ]; then
     MODELS=(--device cpu --model densenet_bc-10 --batch 2 --image-size 8 --channels-last
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
 else
-    SHARDS=4
+    SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
     LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MODELS=170
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py)
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py)
