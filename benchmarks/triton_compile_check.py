@@ -80,8 +80,10 @@ def variants(dtype: str, precision: str):
         for with_stats in ((True, False) if pool == 1 else (False,)):
             yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
                    dict(shape, WITH_STATS=with_stats))
-        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block), transitions K up to 128 or beyond
-        for has_gemm, one_k_block in ((True, True), (False, True)) if pool == 1 else ((True, True), (True, False)):
+        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block; the K loop for exact fp32, see
+        # bn_relu_conv.one_k_block), transitions K up to 128 or beyond
+        for has_gemm, one_k_block in ((True, True), (True, False), (False, True)) if pool == 1 else \
+                ((True, True), (True, False)):
             gemm = dict(shape, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128 if has_gemm else 16)
             yield f"reduce pool={pool} gemm={has_gemm} one_k={one_k_block}", bn_relu_conv._reduce[pool], gemm
             for batch_stats in (True, False):

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from densenet_fast import DenseNet
 
-from densenet_fast.backends.interface import RunningUpdate
+from densenet_fast.backends.interface import RunningUpdate, stats_dtype
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.ops import bn_relu, bn_relu_conv, channel_stats, common
@@ -106,6 +106,10 @@ class BN:
     shift: Tensor
     batch_stats: bool
     count: int
+
+    def coefficients(self, dtype: torch.dtype) -> list[Tensor]:
+        """``[scale, shift, mean, rstd]`` in the statistics dtype for ``dtype`` data (fp32, or fp64)."""
+        return [t.to(stats_dtype(dtype)) for t in (self.scale, self.shift, self.mean, self.rstd)]
 
     def batch_mean(self):
         return (lambda sums: sums / self.count) if self.batch_stats else None
@@ -343,11 +347,12 @@ def config_id(config: triton.Config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_C']}-w{config.num_warps}-s{config.num_stages}"
 
 
-def fitting_dtype(device: str, shared_memory, meta: dict, *configs: triton.Config) -> torch.dtype:
-    """fp32 if ``configs`` fit the device's shared memory in fp32 (an H200's
-    under the interpreter), else fp16 (the only data a GPU launches them for)."""
+def fitting_dtype(device: str, meta: dict, *configs: tuple[common.SharedMemory, triton.Config]) -> torch.dtype:
+    """fp32 if each ``(shared memory estimate, configuration)`` fits the
+    device's shared memory in fp32 (an H200's under the interpreter), else
+    fp16 (the only data a GPU launches them for)."""
     limit = common.gpu_limits(torch.device(device)).shared_memory
-    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for c in configs)
+    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for shared_memory, c in configs)
     return torch.float32 if fits else torch.float16
 
 
@@ -378,7 +383,7 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
     force(monkeypatch, bn_relu_conv._forward[pool], config)
     block_m, block_c = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
     c, k = block_c + 7, 136
-    dtype = fitting_dtype(device, bn_relu_conv.FORWARD_SHARED_MEMORY, dict(POOL=pool, BLOCK_K=128), config)
+    dtype = fitting_dtype(device, dict(POOL=pool, BLOCK_K=128), (bn_relu_conv.FORWARD_SHARED_MEMORY, config))
     g = torch.Generator().manual_seed(7)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
     x = channel_view(shape, 3, c, 2, dtype, device, g)
@@ -389,10 +394,10 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
         args = [t.to(dtype) for t in (x, weight)]
         if pool == 1:
             out = torch.empty(x.shape[0], k, device=device, dtype=dtype)
-            return [out, *backend.bn_relu_conv1x1(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out,
+            return [out, *backend.bn_relu_conv1x1(args[0], *bn.coefficients(dtype)[:2], args[1], out,
                                                   with_stats=True)]
         out = torch.empty(shape[0], shape[1] // 2, shape[2] // 2, k, device=device, dtype=dtype)
-        backend.transition(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out)
+        backend.transition(args[0], *bn.coefficients(dtype)[:2], args[1], out)
         return [out]
 
     result = run(TRITON, dtype)
@@ -425,8 +430,9 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
     c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
     has_gemm = k is not None
     k = k or c
-    dtype = fitting_dtype(device, bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128),
-                          *configs)
+    one_k = bn_relu_conv.one_k_block(has_gemm, k, torch.float32, torch.device(device))
+    dtype = fitting_dtype(device, dict(HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
+                          (bn_relu_conv.REDUCE_SHARED_MEMORY, configs[0]), (bn_relu_conv.DX_SHARED_MEMORY, configs[1]))
     g = torch.Generator().manual_seed(8)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
     x = channel_view(shape, 3, c, 2, dtype, device, g)
@@ -438,7 +444,7 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
 
     def run(backend, dtype):
         x_, w_, g_ = (t.to(dtype) for t in (x, weight, grad_out))
-        bn_args = [t.to(dtype) for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
+        bn_args = bn.coefficients(dtype)
         grad_x = grad_x_before.to(dtype, copy=True) if pool == 1 and has_gemm else torch.empty_like(x_)
         if pool == 2:
             grads = backend.transition_backward(x_, *bn_args, w_, g_, grad_x, bn.batch_mean())
@@ -449,6 +455,19 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
         return [grad_x, *grads]
 
     assert_matches_torch(run(TRITON, dtype), lambda d: run(TORCH, d), dtype, "backward")
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_backward_k_loop_when_k_fits_one_block(monkeypatch, device, pool):
+    """Exact fp32 on a GPU (``one_k_block`` off) takes the K loop even where K
+    fits one block, with the unpipelined reduce configuration on small-shared-memory
+    parts: that path, forced, at K = 120."""
+    calls = []
+    monkeypatch.setattr(bn_relu_conv, "one_k_block", lambda has_gemm, k, dtype, device: calls.append(k) or not has_gemm)
+    unpipelined = len(bn_relu_conv.REDUCE_CONFIGS[pool]) - 1
+    assert bn_relu_conv.REDUCE_CONFIGS[pool][unpipelined].num_stages == 1
+    test_backward_with_every_configuration(monkeypatch, device, pool, 120, unpipelined)
+    assert 120 in calls
 
 
 # -- NaN and Inf ------------------------------------------------------------------------
@@ -523,8 +542,8 @@ H200 = GpuLimits(shared_memory=232448, multiprocessors=132)
 A100 = GpuLimits(shared_memory=166912, multiprocessors=108)
 RTX_4090 = GpuLimits(shared_memory=101376, multiprocessors=128)  # sm_89: the least shared memory of sm_8x/sm_90
 GEMM_LAUNCHERS = {"forward": (bn_relu_conv._forward, bn_relu_conv.FORWARD_SHARED_MEMORY),
-                  "reduce": (bn_relu_conv._reduce, bn_relu_conv.BACKWARD_SHARED_MEMORY),
-                  "dx": (bn_relu_conv._dx, bn_relu_conv.BACKWARD_SHARED_MEMORY)}
+                  "reduce": (bn_relu_conv._reduce, bn_relu_conv.REDUCE_SHARED_MEMORY),
+                  "dx": (bn_relu_conv._dx, bn_relu_conv.DX_SHARED_MEMORY)}
 
 
 @pytest.mark.parametrize("limits", [H200, A100, RTX_4090], ids=["H200", "A100", "RTX4090"])
@@ -537,8 +556,8 @@ def test_candidates_are_pruned_by_shared_memory(monkeypatch, limits, dtype):
     data = torch.empty(0, dtype=dtype)
     for name, (launchers, shared_memory) in GEMM_LAUNCHERS.items():
         for pool, launcher in launchers.items():
-            for has_gemm in (True, False):
-                meta = dict(POOL=pool, HAS_GEMM=has_gemm, BLOCK_K=128)
+            for has_gemm, one_k_block in ((True, True), (True, False), (False, True)):
+                meta = dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128)
                 fitting = launcher.fitting(data, meta)
                 assert fitting, (name, pool)
                 for config in fitting:

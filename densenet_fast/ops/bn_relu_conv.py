@@ -46,14 +46,15 @@ def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
 
 
-def _shared_memory(pipelined_elements: Callable[[dict], int]) -> SharedMemory:
+def _shared_memory(pipelined_elements: Callable[[dict], int], once: Callable[[dict], int] = lambda meta: 0
+                   ) -> SharedMemory:
     """An upper bound of a kernel's shared memory: ``num_stages`` buffers of the
-    tiles its inner loop loads (``pipelined_elements(meta)`` elements of the
-    data dtype) and one fp32 ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for
-    layout conversions.  benchmarks/triton_compile_check.py checks it against
-    the compiled kernels."""
+    tiles its loops load (``pipelined_elements(meta)`` elements of the data
+    dtype), the tiles it loads once (``once(meta)`` elements) and one fp32
+    ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for layout conversions.
+    benchmarks/triton_compile_check.py checks it against the compiled kernels."""
     def estimate(meta: dict, num_stages: int, element_size: int) -> int:
-        return (num_stages * pipelined_elements(meta) * element_size
+        return ((num_stages * pipelined_elements(meta) + once(meta)) * element_size
                 + 4 * meta["BLOCK_M"] * max(meta["BLOCK_C"], meta["BLOCK_K"]))
     return estimate
 
@@ -61,9 +62,15 @@ def _shared_memory(pipelined_elements: Callable[[dict], int]) -> SharedMemory:
 # forward: per input-channel block, POOL^2 x tiles (BLOCK_M, BLOCK_C) and a weight tile (BLOCK_C, BLOCK_K)
 FORWARD_SHARED_MEMORY = _shared_memory(
     lambda meta: meta["POOL"] ** 2 * meta["BLOCK_M"] * meta["BLOCK_C"] + meta["BLOCK_C"] * meta["BLOCK_K"])
-# backward: per output-channel block of dZ = dOut @ W, a dOut tile (BLOCK_M, BLOCK_K) and a weight tile
-# (BLOCK_K, BLOCK_C)
-BACKWARD_SHARED_MEMORY = _shared_memory(
+# reduce: per row tile the program's dOut columns (BLOCK_M, BLOCK_K); with ONE_K_BLOCK the weight tile
+# (BLOCK_K, BLOCK_C), loaded once, else per step of the dZ loop a dOut and a weight tile
+REDUCE_SHARED_MEMORY = _shared_memory(
+    lambda meta: 0 if not meta["HAS_GEMM"] else
+    meta["BLOCK_M"] * meta["BLOCK_K"] + (0 if meta["ONE_K_BLOCK"] else (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"]),
+    once=lambda meta: meta["BLOCK_K"] * meta["BLOCK_C"] if meta["HAS_GEMM"] and meta["ONE_K_BLOCK"] else 0)
+# dx: per step of the dZ loop (one step, unpipelined, with ONE_K_BLOCK) a dOut tile (BLOCK_M, BLOCK_K) and a
+# weight tile (BLOCK_K, BLOCK_C)
+DX_SHARED_MEMORY = _shared_memory(
     lambda meta: (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"] if meta["HAS_GEMM"] else 0)
 
 # Candidates per POOL (1: dense layer, 2: transition, four pixels per cell), in
@@ -75,9 +82,10 @@ FORWARD_CONFIGS = {
     2: [_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2),
         _config(32, 32, 4, 2)],
 }
-REDUCE_CONFIGS = {
-    1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2)],
-    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2)],
+REDUCE_CONFIGS = {  # the unpipelined last ones: exact fp32 with several K blocks on an sm_86/sm_89
+    1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2),
+        _config(32, 32, 4, 1)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1)],
 }
 DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
@@ -89,7 +97,8 @@ DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
 # dozens of channel counts of a network share a few tunings
 FORWARD_KEY = ["cells_key", "c_key", "K", "POOL"]
-BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM"]
+# (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
+BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
@@ -326,15 +335,25 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+def one_k_block(has_gemm: bool, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The backward's ``ONE_K_BLOCK``: ``K`` fits one block, so the reduce pass
+    keeps one ``W`` tile for all its row tiles and forms ``dZ`` and ``dW`` from
+    one ``dOut`` tile (and dx loads both once).  Not for exact fp32 dots on a
+    GPU, which take their operands from registers, where a kept ``W`` tile
+    spills; those take the K loop (one step).  Always without a GEMM."""
+    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee" and device.type == "cuda"
+    return not has_gemm or (k <= MAX_BLOCK_K and not exact_fp32)
+
+
 def tuning_key(cells: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
 
 
 _forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY)
             for pool in (1, 2)}
-_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY)
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
            for pool in (1, 2)}
-_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
                       restore_value=["gx_ptr"])
        for pool in (1, 2)}
 
@@ -376,7 +395,8 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     k = weight.shape[0] if has_gemm else c
     gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
     block_k = block_size(k, MAX_BLOCK_K) if has_gemm else 16
-    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=not has_gemm or k <= block_k,
+    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
+                  ONE_K_BLOCK=one_k_block(has_gemm, k, x.tensor.dtype, device),
                   DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
 
     # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
