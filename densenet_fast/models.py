@@ -95,7 +95,45 @@ class _DenseLayer(nn.Module):
         return new_features
 
 
-class _DenseBlock(nn.ModuleDict):
+class _EngineBlock:
+    """What the dense blocks of every module tree (torchvision's, MONAI's) share:
+    running as one engine stage where nobody could tell the difference.  Needs
+    ``engine`` (:class:`engine.Settings`) and ``recompute`` attributes and the
+    dense layers as children."""
+
+    @torch.jit.unused
+    def _runs_fused(self, x: Tensor) -> bool:
+        """Whether the engine runs this block (else its per-layer code, said once)."""
+        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
+            return False
+        layers = list(self.children())
+        reason = fastpath.block_blocker(layers)
+        if reason is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
+            fastpath.warn_plain_path(self, reason)
+            return False
+        return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(layers[0]).conv1))
+
+    @torch.jit.unused
+    def _fused(self, x: Tensor) -> Tensor:
+        return self.run(x, engine.NoTail())[0]
+
+    @torch.jit.unused
+    def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,
+            next_channels: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """This block and ``tail`` as one engine stage (see :func:`engine.run_stage`)."""
+        return engine.run_stage(list(self.children()), tail, x, self.engine, self.recompute == "keep", buffer,
+                                next_channels)
+
+    def total_channels(self) -> int:
+        """Channels of the block's output."""
+        layers = list(self.children())
+        first = fastpath.dense_layer_parts(layers[0])
+        return first.conv1.in_channels + len(layers) * first.conv2.out_channels
+
+
+class _DenseBlock(_EngineBlock, nn.ModuleDict):
     """``num_layers`` dense layers; forward returns the concatenated features
     ``(N, num_input_features + num_layers * growth_rate, H, W)`` (channels-last
     on the fused path, where they are the block's buffer)."""
@@ -120,46 +158,12 @@ class _DenseBlock(nn.ModuleDict):
             features.append(new_features)
         return torch.cat(features, 1)
 
-    @torch.jit.unused
-    def _runs_fused(self, x: Tensor) -> bool:
-        """Whether the engine runs this block (else torchvision's per-layer code, said once)."""
-        if not fastpath.engine_takes(x):
-            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
-            return False
-        reason = fastpath.block_blocker(list(self.values()))
-        if reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
-            fastpath.warn_plain_path(self, reason)
-        return reason is None
 
-    @torch.jit.unused
-    def _fused(self, x: Tensor) -> Tensor:
-        return self.run(x, engine.NoTail())[0]
-
-    @torch.jit.unused
-    def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,
-            next_channels: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """This block and ``tail`` as one engine stage (see :func:`engine.run_stage`)."""
-        return engine.run_stage(list(self.values()), tail, x, self.engine, self.recompute == "keep", buffer,
-                                next_channels)
-
-    def total_channels(self) -> int:
-        """Channels of the block's output."""
-        first = self.denselayer1
-        return first.conv1.in_channels + len(self) * first.conv2.out_channels
-
-
-class _Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1-AvgPool2x2 between two dense blocks (fused by the engine:
-    pooling first, then the convolution, exact and four times cheaper)."""
-
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.engine = engine.Settings()
+class _EngineTransition:
+    """What the transitions of every module tree share (an ``nn.Sequential`` of
+    ``norm``, ``relu``, ``conv``, ``pool`` with an ``engine`` attribute): the
+    engine runs it as a stage with no layers (pooling first, then the
+    convolution: exact and 2, 4 or 8 times cheaper)."""
 
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and self._runs_fused(input):
@@ -170,22 +174,36 @@ class _Transition(nn.Sequential):
 
     @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
-        if not fastpath.engine_takes(x):
+        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
         reason = fastpath.transition_blocker(self)
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this transition has {reason}")
             fastpath.warn_plain_path(self, reason)
-        return reason is None
+            return False
+        return fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True)
 
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
         return engine.run_stage([], engine.TransitionTail(self), x, self.engine, keep=True)[0]
 
 
+class _Transition(_EngineTransition, nn.Sequential):
+    """BN-ReLU-Conv1x1-AvgPool2x2 between two dense blocks (fused by the engine)."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.engine = engine.Settings()
+
+
 class _Features(nn.Sequential):
-    """torchvision's ``features``: the stem, dense blocks, transitions and ``norm5``.
+    """``features`` of torchvision's and MONAI's DenseNet: the stem, dense blocks,
+    transitions and ``norm5``.
 
     Called as a module it returns ``norm5``'s output, as torchvision's does.  Where
     no hook or other observer sits between a dense block and the transition after
@@ -209,9 +227,10 @@ class _Features(nn.Sequential):
 
     @torch.jit.unused
     def fused(self, x: Tensor, pooled: bool) -> Tensor:
-        """The features (``pooled=False``: ``norm5``'s output, ``(N, C, H, W)``) or
-        the classifier's input (``pooled=True``: ReLU and global average pooling
-        of them, ``(N, C)``), fusing every unobserved block with what follows it."""
+        """The features (``pooled=False``: ``norm5``'s output, ``(N, C, *spatial)``)
+        or the classifier's input (``pooled=True``: ReLU and global average
+        pooling of them, ``(N, C)``), fusing every unobserved block with what
+        follows it."""
         modules = list(self._modules.values())
         hooks_everywhere = fastpath.global_hooks()
         buffer = None
@@ -219,12 +238,12 @@ class _Features(nn.Sequential):
         while i < len(modules):
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
-            fusable = (isinstance(module, _DenseBlock) and not hooks_everywhere and not fastpath.has_hooks(module)
+            fusable = (isinstance(module, _EngineBlock) and not hooks_everywhere and not fastpath.has_hooks(module)
                        and module._runs_fused(x))
-            if fusable and isinstance(following, _Transition) and not fastpath.has_hooks(following) \
+            if fusable and isinstance(following, _EngineTransition) and not fastpath.has_hooks(following) \
                     and following._runs_fused(x):
                 after = modules[i + 2] if i + 2 < len(modules) else None
-                next_channels = after.total_channels() if isinstance(after, _DenseBlock) and \
+                next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
                     not fastpath.has_hooks(after) and not torch.compiler.is_compiling() else None
                 x, buffer = module.run(x, engine.TransitionTail(following), buffer, next_channels)
                 i += 2
@@ -234,112 +253,29 @@ class _Features(nn.Sequential):
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
                 i += 1
             else:
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     fastpath.refuse_unsynchronised(self.engine.sync_group, f"{type(module).__name__} runs on its own")
                 x, buffer = module(x), None
                 i += 1
-        return torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1) if pooled else x
+        return global_average_pool(F.relu(x)) if pooled else x
 
 
-class DenseNet(nn.Module):
-    """DenseNet-BC (Huang et al., CVPR 2017), a drop-in for ``torchvision.models.DenseNet``.
+def global_average_pool(x: Tensor) -> Tensor:
+    """``(N, C)``: the mean of ``x (N, C, *spatial)`` over its 1, 2 or 3 spatial dimensions."""
+    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[x.dim() - 3]
+    return torch.flatten(pool(x, 1), 1)
 
-    Args (torchvision's, same meaning and defaults):
-        growth_rate: channels each layer adds (``k``).
-        block_config: number of layers in each dense block.
-        num_init_features: channels of the stem convolution.
-        bn_size: bottleneck width as a multiple of ``growth_rate``.
-        drop_rate: dropout probability after each dense layer.
-        num_classes: outputs of the classifier.
-        memory_efficient: accepted for compatibility; every block here is
-            memory-efficient. ``True`` selects ``recompute="recompute"``.
-    Extra (keyword-only):
-        in_channels: channels of the input images (3).
-        stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or
-            ``"cifar"`` (one 3x3 conv, as in the paper's CIFAR models).
-        backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``; ``None``
-            chooses per device (and obeys ``DENSENET_FAST_BACKEND``).
-        recompute: ``"keep"`` stores each bottleneck output for backward
-            (faster); ``"recompute"`` recomputes it (leanest); or a sequence
-            with one of them per dense block.
-    """
+
+class _EngineModel(nn.Module):
+    """What every DenseNet here shares (torchvision's tree, MONAI's): the engine's
+    settings (backend, scratch arena, synchronised statistics), shared by every
+    block and transition of ``features``, and the recompute policy of each block."""
 
     __jit_unused_properties__ = ["arena", "backend", "recompute"]  # engine settings: not part of a scripted model
 
-    def __init__(
-        self,
-        growth_rate: int = 32,
-        block_config: Sequence[int] = (6, 12, 24, 16),
-        num_init_features: int = 64,
-        bn_size: int = 4,
-        drop_rate: float = 0,
-        num_classes: int = 1000,
-        memory_efficient: bool = False,
-        *,
-        in_channels: int = 3,
-        stem: str = "imagenet",
-        backend: Optional[str] = None,
-        recompute: Union[None, str, Sequence[str]] = None,
-    ) -> None:
-        super().__init__()
-        block_config = tuple(block_config)
-        _check_positive_int("growth_rate", growth_rate)
-        _check_positive_int("num_init_features", num_init_features)
-        _check_positive_int("bn_size", bn_size)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
-        if not block_config:
-            raise ValueError("block_config must name at least one dense block")
-        for n in block_config:
-            _check_positive_int("every entry of block_config", n)
-        if not 0 <= float(drop_rate) < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if recompute is None:
-            recompute = "recompute" if memory_efficient else "keep"
-        self.in_channels = in_channels
-        self.stem = stem
-        self.num_transitions = len(block_config) - 1
-
-        if stem == "imagenet":
-            layers = [
-                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-            ]
-        else:
-            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, padding=1, bias=False))]
-        self.features = _Features(OrderedDict(layers))
-
-        num_features = num_init_features
-        for i, num_layers in enumerate(block_config):
-            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
-            self.features.add_module("denseblock%d" % (i + 1), block)
-            num_features += num_layers * growth_rate
-            if i != len(block_config) - 1:
-                self.features.add_module("transition%d" % (i + 1), _Transition(num_features, num_features // 2))
-                num_features //= 2
-        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
-        self.classifier = nn.Linear(num_features, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-
-        self.engine = engine.Settings()
-        self.set_backend(backend)
-        self.set_recompute(recompute)
-
     # -- configuration -----------------------------------------------------------------
-    def blocks(self) -> list[_DenseBlock]:
-        return [m for m in self.features.children() if isinstance(m, _DenseBlock)]
+    def blocks(self) -> list[_EngineBlock]:
+        return [m for m in self.features.children() if isinstance(m, _EngineBlock)]
 
     @property
     def arena(self) -> engine.ScratchArena:
@@ -380,39 +316,43 @@ class DenseNet(nn.Module):
         ``torch.distributed`` process group; ``None`` turns it off): one small
         all-gather of per-channel statistics per BN forward and one all-reduce
         of the BN gradient sums per BN backward, inside the dense stages."""
-        if group is not None and self.stem == "imagenet":
+        if group is not None and hasattr(self.features, "norm0"):
             raise NotImplementedError("synchronised BN covers the dense blocks, transitions and head; the "
                                       "ImageNet stem's norm0 is not synchronised, so only stem='cifar' supports it")
         self.engine.sync_group = group
 
     # -- shapes ------------------------------------------------------------------------
-    def feature_size(self, height: int, width: int) -> tuple[int, int]:
-        """Spatial size ``(h, w)`` of the last dense block for an ``height x width``
-        input; a value below 1 means the image is too small."""
+    # (``in_channels``, ``stem``, ``num_transitions`` and ``spatial_dims`` are set by the subclass)
+    def feature_size(self, *sizes: int) -> tuple[int, ...]:
+        """Spatial size of the last dense block for an input of spatial size
+        ``sizes`` (height and width, or one size per spatial dimension); a
+        value below 1 means the input is too small."""
         def shrink(n: int) -> int:
             if self.stem == "imagenet":
                 n = (n - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
                 n = (n - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
             for _ in range(self.num_transitions):
-                n //= 2  # 2x2 average pooling
+                n //= 2  # average pooling by 2
             return n
 
-        return shrink(height), shrink(width)
+        return tuple(shrink(n) for n in sizes)
 
     def min_input_size(self) -> int:
-        """Smallest height (and width) this network accepts."""
+        """Smallest size along each spatial dimension this network accepts."""
         n = 1
-        while self.feature_size(n, n)[0] < 1:
+        while self.feature_size(n)[0] < 1:
             n += 1
         return n
 
     @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error for input this network cannot take."""
+        dims = self.spatial_dims
         if not isinstance(x, Tensor):
             raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"DenseNet expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != dims + 2:
+            layout = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[dims - 1]
+            raise ValueError(f"DenseNet expects a {dims + 2}-D input {layout}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
         if x.shape[1] != self.in_channels:
@@ -426,12 +366,108 @@ class DenseNet(nn.Module):
         if x.dtype != weight.dtype and not autocast:
             raise TypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
                             f"convert one of them or use torch.autocast")
-        h, w = self.feature_size(x.shape[2], x.shape[3])
-        if h < 1 or w < 1:
+        if min(self.feature_size(*x.shape[2:])) < 1:
             m = self.min_input_size()
             raise InputError(
-                f"input images of {x.shape[2]}x{x.shape[3]} are too small for this DenseNet "
-                f"({self.num_transitions} transitions, {self.stem} stem): it needs at least {m}x{m}")
+                f"input images of {'x'.join(map(str, x.shape[2:]))} are too small for this DenseNet "
+                f"({self.num_transitions} transitions, {self.stem} stem): it needs at least "
+                f"{'x'.join([str(m)] * dims)}")
+
+
+class DenseNet(_EngineModel):
+    """DenseNet-BC (Huang et al., CVPR 2017), a drop-in for ``torchvision.models.DenseNet``.
+
+    Args (torchvision's, same meaning and defaults):
+        growth_rate: channels each layer adds (``k``).
+        block_config: number of layers in each dense block.
+        num_init_features: channels of the stem convolution.
+        bn_size: bottleneck width as a multiple of ``growth_rate``.
+        drop_rate: dropout probability after each dense layer.
+        num_classes: outputs of the classifier.
+        memory_efficient: accepted for compatibility; every block here is
+            memory-efficient. ``True`` selects ``recompute="recompute"``.
+    Extra (keyword-only):
+        in_channels: channels of the input images (3).
+        stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or
+            ``"cifar"`` (one 3x3 conv, as in the paper's CIFAR models).
+        backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``; ``None``
+            chooses per device (and obeys ``DENSENET_FAST_BACKEND``).
+        recompute: ``"keep"`` stores each bottleneck output for backward
+            (faster); ``"recompute"`` recomputes it (leanest); or a sequence
+            with one of them per dense block.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        drop_rate: float = 0,
+        num_classes: int = 1000,
+        memory_efficient: bool = False,
+        *,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        backend: Optional[str] = None,
+        recompute: Union[None, str, Sequence[str]] = None,
+    ) -> None:
+        super().__init__()
+        block_config = tuple(block_config)
+        _check_positive_int("growth_rate", growth_rate)
+        _check_positive_int("num_init_features", num_init_features)
+        _check_positive_int("bn_size", bn_size)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        if not block_config:
+            raise ValueError("block_config must name at least one dense block")
+        for n in block_config:
+            _check_positive_int("every entry of block_config", n)
+        if not 0 <= float(drop_rate) < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if recompute is None:
+            recompute = "recompute" if memory_efficient else "keep"
+        self.in_channels = in_channels
+        self.stem = stem
+        self.num_transitions = len(block_config) - 1
+        self.spatial_dims = 2
+
+        if stem == "imagenet":
+            layers = [
+                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        else:
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, padding=1, bias=False))]
+        self.features = _Features(OrderedDict(layers))
+
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            num_features += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                self.features.add_module("transition%d" % (i + 1), _Transition(num_features, num_features // 2))
+                num_features //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+        self.engine = engine.Settings()
+        self.set_backend(backend)
+        self.set_recompute(recompute)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

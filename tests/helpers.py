@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_fast import DenseNet
 
@@ -72,7 +73,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 for tensor, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3), (m.running_mean, -0.3, 0.3),
                                           (m.running_var, 0.5, 2.0)):
                     values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * (high - low) + low
@@ -138,23 +139,29 @@ def max_relative_error(actual: Tensor, expected: Tensor) -> float:
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def assert_all_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float, what: str) -> None:
-    """Every tensor of ``actual`` within ``rtol`` (max-relative) of ``expected``'s."""
+def assert_all_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float, what: str,
+                     atol: float = 0.0) -> None:
+    """Every tensor of ``actual`` within ``rtol`` (max-relative) of ``expected``'s,
+    or within ``atol`` absolute (for tensors that are zero in exact arithmetic,
+    where rounding noise is all there is)."""
     assert actual.keys() == expected.keys(), f"{what}: different names"
     for name in expected:
         assert actual[name].shape == expected[name].shape, f"{what} {name}: shape differs"
-    errors = {name: max_relative_error(actual[name], expected[name]) for name in expected}
+    errors = {name: max_relative_error(actual[name], expected[name]) for name in expected
+              if not (actual[name].double() - expected[name].double()).abs().max() <= atol}
     bad = sorted(((e, n) for n, e in errors.items() if not e <= rtol), reverse=True)
     assert not bad, f"{what}: {len(bad)} of {len(errors)} tensors off by more than {rtol:g}, worst: {bad[:5]}"
 
 
-def assert_results_equal(actual: StepResult, expected: StepResult, rtol: float, with_buffers: bool = True) -> None:
+def assert_results_equal(actual: StepResult, expected: StepResult, rtol: float, with_buffers: bool = True,
+                         atol: float = 0.0) -> None:
     """Output, input gradient, every parameter gradient and (``with_buffers``)
-    every buffer within ``rtol``.  Two steps of one model differ in their
-    buffers: running statistics move on each training forward."""
+    every buffer within ``rtol`` (parameter gradients: or ``atol``).  Two steps
+    of one model differ in their buffers: running statistics move on each
+    training forward."""
     assert_all_close({"output": actual.output, "input_grad": actual.input_grad},
                      {"output": expected.output, "input_grad": expected.input_grad}, rtol, "output")
-    assert_all_close(actual.grads, expected.grads, rtol, "parameter gradients")
+    assert_all_close(actual.grads, expected.grads, rtol, "parameter gradients", atol)
     if with_buffers:
         assert_all_close(actual.buffers, expected.buffers, rtol, "buffers")
 
@@ -258,3 +265,16 @@ def check_training_fp32(ours: DenseNet, shape: tuple[int, int, int], steps: int)
         optimizer.step()
         copy_parameters(ours, tv, tv_channels_last, reference)
     assert_gradients_as_good_as_torchvision(ours_errors, tv_errors)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records ``(op name, output shape)`` of every aten op run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+        return out

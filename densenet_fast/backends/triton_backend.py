@@ -4,6 +4,9 @@ kernels (:mod:`densenet_fast.ops`; designs in docs/triton.md).
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
 The kernels take fp32, fp16 and bf16 data; other dtypes (fp64) run the torch
 backend's primitives, as the cpp backend does for the dtypes its kernels lack.
+The transition kernels pool 2-D images; 1-D and 3-D transitions run the torch
+backend's primitive too (the row primitives serve every number of spatial
+dimensions).
 BN coefficients and statistics are fp32.  No kernel uses atomics, and unless
 autotuning is switched on (``DENSENET_FAST_AUTOTUNE=1``, ignored under
 ``torch.use_deterministic_algorithms(True)``) each kernel's configuration
@@ -22,9 +25,12 @@ from ..ops.bn_fold import fold_batchnorm
 from ..ops.bn_relu import bn_relu
 from ..ops.channel_stats import channel_stats
 from ..ops.common import DATA_DTYPES, image, rows
-from .cpp_backend import native_dtypes_only
+from .cpp_backend import native_dtypes_only, native_only
 from .interface import Stats
 from .torch_backend import TorchBackend
+
+# x (N, H, W, C) of a 2-D transition in a dtype of the kernels
+native_images_only = native_only(lambda backend, x: x.dtype in backend.native_dtypes and x.dim() == 4)
 
 
 class TritonBackend(TorchBackend):
@@ -60,11 +66,11 @@ class TritonBackend(TorchBackend):
                                                          accumulate=False)
         return grad_gamma, grad_beta
 
-    @native_dtypes_only
+    @native_images_only
     def transition(self, x, scale, shift, weight, out):
         bn_relu_conv.forward(image(x), scale, shift, weight, image(out), pool=2, with_stats=False)
 
-    @native_dtypes_only
+    @native_images_only
     def transition_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
         return bn_relu_conv.backward(image(x), scale, shift, mean, rstd, weight, image(grad_out), image(grad_x),
                                      pool=2, batch_mean=batch_mean, accumulate=False)
