@@ -41,7 +41,7 @@ Stats = tuple[Tensor, Tensor]
 
 class RunningUpdate(NamedTuple):
     """What one training forward does to a BatchNorm's running statistics
-    (``nn.BatchNorm2d``'s rules): ``batches += 1``; with ``factor = momentum``,
+    (torch's BatchNorm rules): ``batches += 1``; with ``factor = momentum``,
     or ``1 / batches`` when ``momentum`` is None (cumulative average),
     ``mean = (1 - factor) * mean + factor * batch mean`` and likewise ``var``
     with the unbiased batch variance of ``count`` values per channel."""
