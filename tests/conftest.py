@@ -1,4 +1,5 @@
-"""Shared test configuration: the ``gpu`` marker and the ``device`` fixture."""
+"""Shared test configuration: the ``gpu`` marker, the ``device`` fixture and
+``--shard I/N`` (parallel test processes, as benchmarks/gpu_check.sh runs them)."""
 
 import os
 
@@ -11,8 +12,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the selected tests I, I+N, I+2N, ... (0 <= I < N), so that N processes share them")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard is None:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard {shard}: need 0 <= I < N")
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+    items[:] = items[index::count]
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
