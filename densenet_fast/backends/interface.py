@@ -27,6 +27,9 @@ Conventions:
   for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
 - Outputs named ``out``/``grad_x`` are written in place; ``grad_x`` of
   :meth:`Backend.bn_relu_conv1x1_backward` is *accumulated* into (``+=``).
+- ``grad_weight`` is in the data dtype, or in fp32 for 16-bit data (a backend
+  may return its fp32 sums unrounded; the engine casts to the weight's dtype);
+  ``grad_gamma``/``grad_beta`` in the statistics dtype.
 """
 
 from __future__ import annotations
