@@ -316,6 +316,7 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
         grad_w1, grad_gamma1, grad_beta1 = backend.bn_relu_conv1x1_backward(
             features[:, :c], bn1.scale, bn1.shift, bn1.mean, bn1.rstd, w1_rows, grad_bottleneck.to(buffer.dtype),
             grad_features[:, :c], bn1.batch_mean)
+        del grad_activated, grad_bottleneck  # before the next layer's convolution makes its own
         layer_grads.append([grad_gamma1, grad_beta1, grad_w1.view_as(w1), grad_gamma2, grad_beta2, grad_w2])
 
     grads = [g for layer in reversed(layer_grads) for g in layer] + tail_grads
