@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..memory import OptimizerSpec
+
 TORCHVISION_IMPLS = ("tv-eager", "tv-memeff", "tv-compile")
 POLICIES = ("keep", "recompute")
 IMAGENET_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -136,14 +138,15 @@ def make_inputs(spec: ModelSpec, batch: int, image_size: int, device: str, chann
 
 
 class Step:
-    """One training step (forward, cross-entropy, backward, plain SGD update)
+    """One training step (``zero_grad(set_to_none=True)``, forward, cross-entropy,
+    backward, the update of ``optimizer``: the trainer's SGD recipe unless told)
     or one inference forward (eval mode, no grad), optionally under autocast."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool,
-                 autocast_dtype: torch.dtype | None) -> None:
+                 autocast_dtype: torch.dtype | None, optimizer: OptimizerSpec = OptimizerSpec()) -> None:
         self.model, self.x, self.y, self.train = model, x, y, train
         self.autocast_dtype = autocast_dtype
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
+        self.optimizer = optimizer.build(model.parameters()) if train else None
         model.train(train)
 
     def __call__(self) -> None:

@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", nargs="+", default=None, help="default: every implementation that runs here")
     parser.add_argument("--budget-gib", type=float, default=0.5, help="budget of the largest-batch search (0: skip)")
     add_common_arguments(parser)
-    parser.set_defaults(steps=2)
 
 
 def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, args) -> dict:

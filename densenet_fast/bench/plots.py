@@ -137,3 +137,36 @@ def plot_kernels(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_memory(result: dict, path: Path) -> Path:
+    """Predicted against measured peak of a training step (log-log), one marker
+    per recompute policy, the tolerance band around the diagonal."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    for policy, (colour, marker) in {"keep": ("tab:blue", "^"), "recompute": ("tab:green", "v")}.items():
+        mine = [r for r in ok if r["policy"] == policy]
+        if mine:
+            ax.scatter([r["measured_step_bytes"] / MIB for r in mine], [r["predicted_step_bytes"] / MIB for r in mine],
+                       color=colour, marker=marker, label=policy)
+    if ok:
+        low = min(min(r["measured_step_bytes"], r["predicted_step_bytes"]) for r in ok) / MIB / 1.5
+        high = max(max(r["measured_step_bytes"], r["predicted_step_bytes"]) for r in ok) / MIB * 1.5
+        tolerance = result["tolerance"]
+        ax.plot([low, high], [low, high], color="black", linewidth=1, label="prediction = measurement")
+        ax.fill_between([low, high], [low * (1 - tolerance), high * (1 - tolerance)],
+                        [low * (1 + tolerance), high * (1 + tolerance)], color="grey", alpha=0.2,
+                        label=f"+-{tolerance:.0%}")
+        worst = result["worst"]
+        ax.set_title(title(result, f"Memory model: peak of a training step above parameters, gradients and "
+                                   f"optimizer state\nworst error {worst['error']:+.1%} ({worst['model']}, batch "
+                                   f"{worst['batch']}, {worst['policy']})"), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (MiB, fresh process)")
+    ax.set_ylabel("predicted (MiB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
