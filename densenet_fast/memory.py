@@ -320,6 +320,9 @@ class Timeline:
     smaller than that come from the C heap, which keeps freed blocks resident:
     they add the heap's high-water mark over the step (reached in the previous
     step already, so present throughout) instead of following what is alive.
+    A small gradient that ``zero_grad`` frees leaves its block to the same-size
+    gradient backward makes again, so those count neither when freed nor when
+    made again.
     """
 
     def __init__(self, heap_below: Optional[int]) -> None:
@@ -351,6 +354,8 @@ class Timeline:
         if nbytes == 0:
             return
         if abs(nbytes) < self.heap_below:
+            if part == "gradients_released":
+                return
             self.heap += nbytes
             self.heap_high = max(self.heap_high, self.heap)
             return

@@ -55,9 +55,12 @@ class Runner:
                 "warmup_batch": batch if "tv-compile" in impls or a.full_warmup else min(2, batch)}
 
     def memory(self, impl: str, model: ModelSpec, batch: int, limit_bytes: Optional[float], timeout_s: float,
-               train: bool = True) -> dict:
+               train: bool = True, memory_budget: Optional[float] = None) -> dict:
+        """Peak memory of ``impl`` in a fresh process, stopped above ``limit_bytes``;
+        ``memory_budget``: the one ``fast-<backend>-auto`` is built with."""
         spec = self.spec("memory", [impl], model, batch, train)
         spec["malloc_mmap_threshold"] = None if self.args.malloc_default else MMAP_THRESHOLD
+        spec["memory_budget"] = memory_budget
         return common.run_worker(spec, timeout_s, limit_bytes)
 
     def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True) -> dict:

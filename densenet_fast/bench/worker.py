@@ -26,6 +26,7 @@ import traceback
 import torch
 
 from ..memory import OptimizerSpec
+from ..planner import MemoryBudgetError
 from . import common
 from .impls import ModelSpec, Step, build, make_inputs, share_weights
 
@@ -41,7 +42,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def make_step(impl: str, spec: dict) -> Step:
     model_spec = ModelSpec(**spec["model"])
     device, channels_last = spec["device"], spec.get("channels_last", False)
-    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0))
+    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0),
+                  memory_budget=spec.get("memory_budget"))
     model = model.to(DTYPES[spec.get("dtype", "float32")])
     x, y = make_inputs(model_spec, spec["batch"], spec["image_size"], device, channels_last)
     x = x.to(DTYPES[spec.get("dtype", "float32")])
@@ -138,6 +140,8 @@ def run(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     try:
         return measure_memory(spec) if spec["mode"] == "memory" else measure_time(spec)
+    except MemoryBudgetError as exc:  # recompute="auto" found nothing that fits, before any work
+        return {"status": "refused", "error": str(exc)}
     except Exception as exc:
         status = "oom" if is_out_of_memory(exc) else "error"
         return {"status": status, "error": repr(exc)[-500:], "traceback": traceback.format_exc()[-2000:]}
