@@ -1,4 +1,4 @@
-"""Issue 3's measurement: DenseNet-BC (k=12), batch 64, 32x32, one training step,
+"""The depth sweep: DenseNet-BC (k=12), batch 64, 32x32, one training step,
 depths 40/100/160/250; peak memory (fresh process each) and step time at depth
 100 for torchvision eager, memory_efficient and densenet_fast (each policy).
 Same as ``python -m densenet_fast bench depth`` with these defaults; any of its
@@ -8,8 +8,8 @@ import sys
 
 from densenet_fast.bench import depth
 
-ISSUE3 = ["--depths", "40", "100", "160", "250", "--batch", "64", "--time-depths", "100", "--budget-gib", "0",
-          "--out", "benchmarks/results/memory_depth_cpu_b64.json"]
+DEPTH_SWEEP = ["--depths", "40", "100", "160", "250", "--batch", "64", "--time-depths", "100", "--budget-gib", "0",
+               "--out", "benchmarks/results/memory_depth_cpu_b64.json"]
 
 if __name__ == "__main__":
-    depth.main(ISSUE3 + sys.argv[1:])
+    depth.main(DEPTH_SWEEP + sys.argv[1:])

@@ -1,12 +1,14 @@
 """Compile every Triton kernel variant for a GPU architecture without a GPU.
 
-    python benchmarks/triton_compile_check.py [--arch 90] [--all-configs]
+    python benchmarks/triton_compile_check.py [--arch 90] [--max-shared 232448] [--all-configs]
 
 Uses Triton's bundled ``ptxas``; prints each variant's registers, spill stack
-and shared memory (from ``cuobjdump``) and exits non-zero if any variant fails
-to compile or needs more shared memory than ``--max-shared`` (the H100/H200's
-227 KiB).  By default only each list's first configuration (the one
-deterministic mode uses); ``--all-configs`` compiles every autotuning candidate.
+and shared memory (from ``cuobjdump``) next to the launcher's shared-memory
+estimate, and exits non-zero if a variant fails to compile, needs more shared
+memory than its estimate (which must be an upper bound: the launchers prune
+candidates with it), or more than ``--max-shared`` (default: the H100/H200's
+227 KiB per block).  Candidates whose estimate exceeds ``--max-shared`` are
+never launched on such a device and are skipped unless ``--all-configs``.
 Must run without ``TRITON_INTERPRET``.
 """
 
@@ -58,8 +60,8 @@ def resource_usage(kernel) -> str:
     return f"registers {match[1]}, spill stack {match[2]} B" if match else out.strip()[-200:]
 
 
-def variants(dtype: str, precision: str, all_configs: bool):
-    """``(name, kernel, args, config)`` for every kernel variant the backend launches."""
+def variants(dtype: str, precision: str):
+    """``(name, launcher, args)`` for every kernel variant the backend launches."""
     data = "*" + dtype
     fp32 = "*fp32"
     sizes = dict.fromkeys(["num_cells", "C", "K", "cells_key", "c_key", "H", "W", "cells_h", "cells_w", "out_h",
@@ -68,55 +70,58 @@ def variants(dtype: str, precision: str, all_configs: bool):
     common = dict(sizes, x_ptr=data, scale_ptr=fp32, shift_ptr=fp32, mean_ptr=fp32, rstd_ptr=fp32, w_ptr=data,
                   dout_ptr=data, out_ptr=data, gx_ptr=data, count_ptr=fp32, m2_ptr=fp32, dw_part_ptr=fp32,
                   dgamma_part_ptr=fp32, dbeta_part_ptr=fp32, grad_means_ptr=fp32, DOT_PRECISION=precision,
-                  BLOCK_K=128)
-    pick = (lambda configs: configs) if all_configs else (lambda configs: configs[:1])
+                  BLOCK_K=128, BLOCK_C=64)
     for pool in (1, 2):
         shape = dict(common, SPATIAL=pool == 2, POOL=pool)
         for with_stats in ((True, False) if pool == 1 else (False,)):
-            for config in pick(bn_relu_conv.FORWARD_CONFIGS[pool]):
-                yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward_kernel,
-                       dict(shape, WITH_STATS=with_stats), config)
+            yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
+                   dict(shape, WITH_STATS=with_stats))
         for has_gemm in ((True, False) if pool == 1 else (True,)):
             gemm = dict(shape, HAS_GEMM=has_gemm, BLOCK_K=128 if has_gemm else 16)
-            for config in pick(bn_relu_conv.REDUCE_CONFIGS[pool]):
-                yield f"reduce pool={pool} gemm={has_gemm}", bn_relu_conv._reduce_kernel, gemm, config
+            yield f"reduce pool={pool} gemm={has_gemm}", bn_relu_conv._reduce[pool], gemm
             for batch_stats in (True, False):
-                for config in pick(bn_relu_conv.DX_CONFIGS[pool]):
-                    yield (f"dx pool={pool} gemm={has_gemm} batch_stats={batch_stats}", bn_relu_conv._dx_kernel,
-                           dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm), config)
-    small = triton.Config({"BLOCK_M": 128, "BLOCK_C": 64})
-    yield "tile stats", stats_op._tile_stats_kernel, common, small
-    yield "bn_relu", bn_relu_op._bn_relu_kernel, common, small
-    yield "merge stats", stats_op._merge_stats_kernel, dict(common, mean_ptr=fp32, out_mean_ptr=fp32,
-                                                            out_var_ptr=fp32), \
-        triton.Config({"BLOCK_T": 64, "BLOCK_C": 64})
+                yield (f"dx pool={pool} gemm={has_gemm} batch_stats={batch_stats}", bn_relu_conv._dx[pool],
+                       dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
+    yield "tile stats", stats_op._tile_stats, common
+    yield "bn_relu", bn_relu_op._bn_relu, common
+    yield "merge stats", stats_op._merge_stats, dict(common, out_mean_ptr=fp32, out_var_ptr=fp32)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
-    parser.add_argument("--all-configs", action="store_true")
+    parser.add_argument("--all-configs", action="store_true", help="compile the pruned candidates too")
     parser.add_argument("--max-shared", type=int, default=232448, help="bytes of shared memory per block")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles real GPU code")
     failures = 0
     for dtype, precisions in PRECISIONS.items():
+        element_size = 4 if dtype == "fp32" else 2
         for precision in precisions:
-            for name, fn, kernel_args, config in variants(dtype, precision, args.all_configs):
-                label = f"{dtype:4} {precision:4} {name:42} {config.kwargs} warps={config.num_warps} " \
-                        f"stages={config.num_stages}"
-                try:
-                    kernel = compile_variant(fn, kernel_args, config, args.arch)
-                except Exception as exc:  # noqa: BLE001 - report every failing variant
-                    failures += 1
-                    print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                    continue
-                shared = kernel.metadata.shared
-                too_big = shared > args.max_shared
-                failures += too_big
-                print(f"{'FAIL' if too_big else 'ok  '} {label}: {resource_usage(kernel)}, shared {shared} B",
-                      flush=True)
+            for name, launcher, kernel_args in variants(dtype, precision):
+                for config in launcher.candidates:
+                    label = f"{dtype:4} {precision:4} {name:42} {config.kwargs} warps={config.num_warps} " \
+                            f"stages={config.num_stages}"
+                    meta = {**kernel_args, **config.kwargs}
+                    estimate = (launcher.shared_memory(meta, config.num_stages, element_size)
+                                if launcher.shared_memory else None)
+                    pruned = estimate is not None and estimate > args.max_shared
+                    if pruned and not args.all_configs:
+                        print(f"skip {label}: estimate {estimate} B > {args.max_shared} B, never launched", flush=True)
+                        continue
+                    try:
+                        kernel = compile_variant(launcher.fn, kernel_args, config, args.arch)
+                    except Exception as exc:  # noqa: BLE001 - report every failing variant
+                        failures += 1
+                        print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                        continue
+                    shared = kernel.metadata.shared
+                    bad = (estimate is not None and shared > estimate) or (shared > args.max_shared and not pruned)
+                    failures += bad
+                    print(f"{'FAIL' if bad else 'ok  '} {label}: {resource_usage(kernel)}, shared {shared} B, "
+                          f"estimate {estimate if estimate is not None else '-'} B{' (pruned)' if pruned else ''}",
+                          flush=True)
     print(f"{failures} failures")
     return 1 if failures else 0
 

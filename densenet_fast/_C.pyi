@@ -8,18 +8,22 @@ kernels; call them through ``torch.ops.densenet_fast``):
     row stride >= C, e.g. a channel range ``buffer.view(M, C_total)[:, c0:c1]``
     of a channels-last buffer.  ``shift``: ``(C,)`` float64 on ``x``'s device.
     Returns ``(C,)`` float64 sums over the rows of ``x - shift`` and
-    ``(x - shift)**2``, accumulated in float64.
+    ``(x - shift)**2``, accumulated in float64 (in a fixed order on the CPU and
+    on CUDA: the same result on every run).
 
 The fused BatchNorm-ReLU ops (csrc/ops/fused_bn.h): CPU kernels for all,
 CUDA kernels for ``bn_relu``, ``bn_relu_backward_sums`` and
 ``bn_backward_finish``.  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
-``(N, H, W, C)`` for the transition; float32, float64 or bfloat16 (bfloat16:
-CPU kernels only).  ``scale``, ``shift``,
+``(N, *spatial, C)`` with 1 to 3 spatial dimensions for the transition;
+float32, float64 or bfloat16 (other dtypes raise).  ``scale``, ``shift``,
 ``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64
 data, else float32): ``a = x * scale + shift``, ``z = relu(a)``,
 ``xhat = (x - mean) * rstd``, ``dA = dL/da``.  Arguments marked ``!`` are
-written in place.
+written in place.  NaN and Inf propagate as in ``torch.relu`` and
+``BatchNorm2d``: ``relu(NaN) = NaN``, ``dA = 0`` where ``a <= 0`` (``dA`` passes
+where ``a`` is NaN, as in ``threshold_backward``), and the sums take
+``dA * xhat`` from every pixel.
 
 ``bn_relu_conv1x1(x, scale, shift, weight (K, C), out (M, K)!, with_stats) -> (mean, var)``
     ``out = z @ weight.T``; biased ``(mean, var)`` of ``out`` ``(K,)`` if
@@ -31,8 +35,9 @@ written in place.
     ``out = z``.
 ``bn_relu_backward_sums(x, scale, shift, mean, rstd, grad_z, grad_x!) -> sums``
     Pass 1: ``grad_x = scale * dA`` (``grad_x`` may be ``grad_z``).
-``transition(x (N, H, W, C), scale, shift, weight (K, C), out (N, H//2, W//2, K)!) -> ()``
-    ``out = avgpool2x2(z) @ weight.T``.
+``transition(x (N, *spatial, C), scale, shift, weight (K, C), out (N, *spatial // 2, K)!) -> ()``
+    ``out = avgpool2(z) @ weight.T``: average pooling by 2 along each spatial
+    dimension (windows of 2, 2x2 or 2x2x2 pixels; odd sizes drop their last pixel).
 ``transition_backward_sums(x, scale, shift, mean, rstd, weight, grad_out, grad_x!) -> (grad_weight, sums)``
     Pass 1: ``grad_x = scale * dA`` (zero where pooling drops pixels).
 ``bn_backward_finish(x (M, C), scale, mean, rstd, batch_means (2, C), grad_x!) -> ()``

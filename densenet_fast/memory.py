@@ -285,15 +285,30 @@ def onednn_convolves(dtype: torch.dtype) -> bool:
 
 def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str:
     """The backend that runs (``None``: the automatic choice, as :func:`densenet_fast.backends.get_backend`
-    makes it where the device exists here, else the first in the automatic order)."""
-    from .backends import _AUTO_ORDER, BACKEND_NAMES, get_backend
+    makes it where the device exists here, else the first in the automatic order).  ``dtype``
+    is unused: a backend runs the torch backend's primitives for the dtypes its kernels lack
+    (:func:`workspace_backend`)."""
+    from .backends import BACKEND_NAMES, BACKENDS, get_backend
     if name is not None:
         if name not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
         return name
     if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):
-        return get_backend(None, torch.device(device), dtype).name
-    return _AUTO_ORDER.get(device, ("torch",))[0]
+        return get_backend(None, torch.device(device)).name
+    return next(spec.name for spec in BACKENDS if spec.chosen_for is None or device in spec.chosen_for)
+
+
+NATIVE_DTYPES = {  # the dtypes each backend's kernels take (backends/cpp_backend.py, triton_backend.py)
+    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def workspace_backend(backend: str, dtype: torch.dtype) -> str:
+    """Whose primitives run for ``dtype`` block data: ``backend``'s, or the torch
+    backend's where its kernels lack the dtype."""
+    return backend if dtype in NATIVE_DTYPES.get(backend, (dtype,)) else "torch"
 
 
 def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str, ...]:
@@ -427,7 +442,7 @@ class StepSimulation:
         self.stem_pixels = n * sh * sw
         self.pixels = [n * h * w for h, w in sizes]
         self.channels = arch.block_channels()
-        self.workspace = WORKSPACES[setup.backend](self)
+        self.workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)](self)
         self.timeline = Timeline(CPU_HEAP_BELOW if setup.device == "cpu" else None)
         self.im2col = setup.device == "cpu" and not onednn_convolves(setup.compute_dtype)
 

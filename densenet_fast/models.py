@@ -100,7 +100,45 @@ class _DenseLayer(nn.Module):
         return new_features
 
 
-class _DenseBlock(nn.ModuleDict):
+class _EngineBlock:
+    """What the dense blocks of every module tree (torchvision's, MONAI's) share:
+    running as one engine stage where nobody could tell the difference.  Needs
+    ``engine`` (:class:`engine.Settings`) and ``recompute`` attributes and the
+    dense layers as children."""
+
+    @torch.jit.unused
+    def _runs_fused(self, x: Tensor) -> bool:
+        """Whether the engine runs this block (else its per-layer code, said once)."""
+        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
+            return False
+        layers = list(self.children())
+        reason = fastpath.block_blocker(layers)
+        if reason is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
+            fastpath.warn_plain_path(self, reason)
+            return False
+        return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(layers[0]).conv1))
+
+    @torch.jit.unused
+    def _fused(self, x: Tensor) -> Tensor:
+        return self.run(x, engine.NoTail())[0]
+
+    @torch.jit.unused
+    def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,
+            next_channels: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """This block and ``tail`` as one engine stage (see :func:`engine.run_stage`)."""
+        return engine.run_stage(list(self.children()), tail, x, self.engine, self.recompute == "keep", buffer,
+                                next_channels)
+
+    def total_channels(self) -> int:
+        """Channels of the block's output."""
+        layers = list(self.children())
+        first = fastpath.dense_layer_parts(layers[0])
+        return first.conv1.in_channels + len(layers) * first.conv2.out_channels
+
+
+class _DenseBlock(_EngineBlock, nn.ModuleDict):
     """``num_layers`` dense layers; forward returns the concatenated features
     ``(N, num_input_features + num_layers * growth_rate, H, W)`` (channels-last
     on the fused path, where they are the block's buffer)."""
@@ -125,46 +163,12 @@ class _DenseBlock(nn.ModuleDict):
             features.append(new_features)
         return torch.cat(features, 1)
 
-    @torch.jit.unused
-    def _runs_fused(self, x: Tensor) -> bool:
-        """Whether the engine runs this block (else torchvision's per-layer code, said once)."""
-        if not fastpath.engine_takes(x):
-            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
-            return False
-        reason = fastpath.block_blocker(list(self.values()))
-        if reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
-            fastpath.warn_plain_path(self, reason)
-        return reason is None
 
-    @torch.jit.unused
-    def _fused(self, x: Tensor) -> Tensor:
-        return self.run(x, engine.NoTail())[0]
-
-    @torch.jit.unused
-    def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,
-            next_channels: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """This block and ``tail`` as one engine stage (see :func:`engine.run_stage`)."""
-        return engine.run_stage(list(self.values()), tail, x, self.engine, self.recompute == "keep", buffer,
-                                next_channels)
-
-    def total_channels(self) -> int:
-        """Channels of the block's output."""
-        first = self.denselayer1
-        return first.conv1.in_channels + len(self) * first.conv2.out_channels
-
-
-class _Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1-AvgPool2x2 between two dense blocks (fused by the engine:
-    pooling first, then the convolution, exact and four times cheaper)."""
-
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.engine = engine.Settings()
+class _EngineTransition:
+    """What the transitions of every module tree share (an ``nn.Sequential`` of
+    ``norm``, ``relu``, ``conv``, ``pool`` with an ``engine`` attribute): the
+    engine runs it as a stage with no layers (pooling first, then the
+    convolution: exact and 2, 4 or 8 times cheaper)."""
 
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and self._runs_fused(input):
@@ -175,22 +179,36 @@ class _Transition(nn.Sequential):
 
     @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
-        if not fastpath.engine_takes(x):
+        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
         reason = fastpath.transition_blocker(self)
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this transition has {reason}")
             fastpath.warn_plain_path(self, reason)
-        return reason is None
+            return False
+        return fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True)
 
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
         return engine.run_stage([], engine.TransitionTail(self), x, self.engine, keep=True)[0]
 
 
+class _Transition(_EngineTransition, nn.Sequential):
+    """BN-ReLU-Conv1x1-AvgPool2x2 between two dense blocks (fused by the engine)."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.engine = engine.Settings()
+
+
 class _Features(nn.Sequential):
-    """torchvision's ``features``: the stem, dense blocks, transitions and ``norm5``.
+    """``features`` of torchvision's and MONAI's DenseNet: the stem, dense blocks,
+    transitions and ``norm5``.
 
     Called as a module it returns ``norm5``'s output, as torchvision's does.  Where
     no hook or other observer sits between a dense block and the transition after
@@ -214,9 +232,10 @@ class _Features(nn.Sequential):
 
     @torch.jit.unused
     def fused(self, x: Tensor, pooled: bool) -> Tensor:
-        """The features (``pooled=False``: ``norm5``'s output, ``(N, C, H, W)``) or
-        the classifier's input (``pooled=True``: ReLU and global average pooling
-        of them, ``(N, C)``), fusing every unobserved block with what follows it."""
+        """The features (``pooled=False``: ``norm5``'s output, ``(N, C, *spatial)``)
+        or the classifier's input (``pooled=True``: ReLU and global average
+        pooling of them, ``(N, C)``), fusing every unobserved block with what
+        follows it."""
         modules = list(self._modules.values())
         hooks_everywhere = fastpath.global_hooks()
         buffer = None
@@ -224,12 +243,12 @@ class _Features(nn.Sequential):
         while i < len(modules):
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
-            fusable = (isinstance(module, _DenseBlock) and not hooks_everywhere and not fastpath.has_hooks(module)
+            fusable = (isinstance(module, _EngineBlock) and not hooks_everywhere and not fastpath.has_hooks(module)
                        and module._runs_fused(x))
-            if fusable and isinstance(following, _Transition) and not fastpath.has_hooks(following) \
+            if fusable and isinstance(following, _EngineTransition) and not fastpath.has_hooks(following) \
                     and following._runs_fused(x):
                 after = modules[i + 2] if i + 2 < len(modules) else None
-                next_channels = after.total_channels() if isinstance(after, _DenseBlock) and \
+                next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
                     not fastpath.has_hooks(after) and not torch.compiler.is_compiling() else None
                 x, buffer = module.run(x, engine.TransitionTail(following), buffer, next_channels)
                 i += 2
@@ -239,14 +258,128 @@ class _Features(nn.Sequential):
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
                 i += 1
             else:
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     fastpath.refuse_unsynchronised(self.engine.sync_group, f"{type(module).__name__} runs on its own")
                 x, buffer = module(x), None
                 i += 1
-        return torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1) if pooled else x
+        return global_average_pool(F.relu(x)) if pooled else x
 
 
-class DenseNet(nn.Module):
+def global_average_pool(x: Tensor) -> Tensor:
+    """``(N, C)``: the mean of ``x (N, C, *spatial)`` over its 1, 2 or 3 spatial dimensions."""
+    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[x.dim() - 3]
+    return torch.flatten(pool(x, 1), 1)
+
+
+class _EngineModel(nn.Module):
+    """What every DenseNet here shares (torchvision's tree, MONAI's): the engine's
+    settings (backend, scratch arena, synchronised statistics), shared by every
+    block and transition of ``features``, and the recompute policy of each block."""
+
+    __jit_unused_properties__ = ["arena", "backend", "recompute"]  # engine settings: not part of a scripted model
+
+    # -- configuration -----------------------------------------------------------------
+    def blocks(self) -> list[_EngineBlock]:
+        return [m for m in self.features.children() if isinstance(m, _EngineBlock)]
+
+    @property
+    def arena(self) -> engine.ScratchArena:
+        """The scratch memory of the dense stages (see :class:`engine.ScratchArena`)."""
+        return self.engine.arena
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The primitive backend chosen (``None``: automatic per device and dtype)."""
+        return self.engine.backend
+
+    def set_backend(self, backend: Optional[str]) -> None:
+        """Choose the primitive backend (``None``: automatic per device and dtype)."""
+        self.engine.backend = resolve_backend_name(backend)
+        for module in self.features.modules():  # every block and transition shares the settings
+            if hasattr(module, "engine"):
+                module.engine = self.engine
+
+    def set_recompute(self, recompute: Union[str, Sequence[str]]) -> None:
+        """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), or one of
+        them per dense block."""
+        blocks = self.blocks()
+        policies = [recompute] * len(blocks) if isinstance(recompute, str) else list(recompute)
+        if len(policies) != len(blocks) or any(p not in RECOMPUTE_POLICIES for p in policies):
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES} or a sequence of {len(blocks)} of them "
+                             f"(one per dense block), got {recompute!r}")
+        for block, policy in zip(blocks, policies):
+            block.recompute = policy
+
+    @property
+    def recompute(self) -> Union[str, tuple[str, ...]]:
+        """The policy of every block, or one per block where they differ."""
+        policies = tuple(block.recompute for block in self.blocks())
+        return policies[0] if len(set(policies)) == 1 else policies
+
+    def set_sync_group(self, group) -> None:
+        """Synchronise batch statistics over the processes of ``group`` (a
+        ``torch.distributed`` process group; ``None`` turns it off): one small
+        all-gather of per-channel statistics per BN forward and one all-reduce
+        of the BN gradient sums per BN backward, inside the dense stages."""
+        if group is not None and hasattr(self.features, "norm0"):
+            raise NotImplementedError("synchronised BN covers the dense blocks, transitions and head; the "
+                                      "ImageNet stem's norm0 is not synchronised, so only stem='cifar' supports it")
+        self.engine.sync_group = group
+
+    # -- shapes ------------------------------------------------------------------------
+    # (``in_channels``, ``stem``, ``num_transitions`` and ``spatial_dims`` are set by the subclass)
+    def feature_size(self, *sizes: int) -> tuple[int, ...]:
+        """Spatial size of the last dense block for an input of spatial size
+        ``sizes`` (height and width, or one size per spatial dimension); a
+        value below 1 means the input is too small."""
+        def shrink(n: int) -> int:
+            if self.stem == "imagenet":
+                n = (n - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
+                n = (n - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+            for _ in range(self.num_transitions):
+                n //= 2  # average pooling by 2
+            return n
+
+        return tuple(shrink(n) for n in sizes)
+
+    def min_input_size(self) -> int:
+        """Smallest size along each spatial dimension this network accepts."""
+        n = 1
+        while self.feature_size(n)[0] < 1:
+            n += 1
+        return n
+
+    @torch.jit.unused
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear error for input this network cannot take."""
+        dims = self.spatial_dims
+        if not isinstance(x, Tensor):
+            raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dims + 2:
+            layout = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[dims - 1]
+            raise ValueError(f"DenseNet expects a {dims + 2}-D input {layout}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
+        if x.shape[1] != self.in_channels:
+            raise InputError(
+                f"DenseNet was built for {self.in_channels} input channels, got {x.shape[1]} (input shape "
+                f"{tuple(x.shape)}); pass in_channels={x.shape[1]} to the constructor for such images")
+        weight = self.features.conv0.weight
+        if x.device != weight.device:
+            raise InputError(f"input is on {x.device} but the model is on {weight.device}")
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not autocast:
+            raise TypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
+                            f"convert one of them or use torch.autocast")
+        if min(self.feature_size(*x.shape[2:])) < 1:
+            m = self.min_input_size()
+            raise InputError(
+                f"input images of {'x'.join(map(str, x.shape[2:]))} are too small for this DenseNet "
+                f"({self.num_transitions} transitions, {self.stem} stem): it needs at least "
+                f"{'x'.join([str(m)] * dims)}")
+
+
+class DenseNet(_EngineModel):
     """DenseNet-BC (Huang et al., CVPR 2017), a drop-in for ``torchvision.models.DenseNet``.
 
     Args (torchvision's, same meaning and defaults):
@@ -280,6 +413,8 @@ class DenseNet(nn.Module):
     """
 
     __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]  # not part of a scripted model
+    _memory_budget: Optional[int] = None
+    _auto_recompute = False
 
     def __init__(
         self,
@@ -317,6 +452,7 @@ class DenseNet(nn.Module):
         self.in_channels = in_channels
         self.stem = stem
         self.num_transitions = len(block_config) - 1
+        self.spatial_dims = 2
 
         if stem == "imagenet":
             layers = [
@@ -354,45 +490,25 @@ class DenseNet(nn.Module):
         self.set_memory_budget(memory_budget)
         self.set_recompute(recompute)
 
-    # -- configuration -----------------------------------------------------------------
-    def blocks(self) -> list[_DenseBlock]:
-        return [m for m in self.features.children() if isinstance(m, _DenseBlock)]
-
-    @property
-    def arena(self) -> engine.ScratchArena:
-        """The scratch memory of the dense stages (see :class:`engine.ScratchArena`)."""
-        return self.engine.arena
-
-    @property
-    def backend(self) -> Optional[str]:
-        """The primitive backend chosen (``None``: automatic per device and dtype)."""
-        return self.engine.backend
-
-    def set_backend(self, backend: Optional[str]) -> None:
-        """Choose the primitive backend (``None``: automatic per device and dtype)."""
-        self.engine.backend = resolve_backend_name(backend)
-        for module in self.features.modules():  # every block and transition shares the settings
-            if hasattr(module, "engine"):
-                module.engine = self.engine
-
+    # -- recompute policy and memory budget --------------------------------------------
     def set_recompute(self, recompute: Union[str, Sequence[str]]) -> None:
         """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
         them per dense block, or ``"auto"`` (chosen per input shape to fit the
         memory budget)."""
-        blocks = self.blocks()
         self._memory_plans = {}
-        self._auto_recompute = recompute == AUTO
-        if self._auto_recompute:
+        if recompute == AUTO:
             if self._memory_budget is None:
                 raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
                                  'like "8GiB") to the constructor, or call set_memory_budget() first')
+            self._auto_recompute = True
             return
-        policies = [recompute] * len(blocks) if isinstance(recompute, str) else list(recompute)
-        if len(policies) != len(blocks) or any(p not in RECOMPUTE_POLICIES for p in policies):
-            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of {len(blocks)} "
-                             f"of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}")
-        for block, policy in zip(blocks, policies):
-            block.recompute = policy
+        try:
+            super().set_recompute(recompute)
+        except ValueError:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
+                             f"{len(self.blocks())} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}"
+                             ) from None
+        self._auto_recompute = False
 
     @property
     def recompute(self) -> Union[str, tuple[str, ...]]:
@@ -402,7 +518,6 @@ class DenseNet(nn.Module):
         policies = tuple(block.recompute for block in self.blocks())
         return policies[0] if len(set(policies)) == 1 else policies
 
-    # -- memory budget ------------------------------------------------------------------
     @property
     def memory_budget(self) -> Optional[int]:
         """Bytes a training step may use, or ``None`` (no planning)."""
@@ -413,7 +528,7 @@ class DenseNet(nn.Module):
         """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
         stop planning), with ``optimizer``'s state and update (default: SGD
         with momentum, as the trainer's recipe)."""
-        if budget is None and getattr(self, "_auto_recompute", False):
+        if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
         self._memory_budget = None if budget is None else memory.parse_bytes(budget)
         self.memory_optimizer = optimizer or memory.OptimizerSpec()
@@ -457,64 +572,6 @@ class DenseNet(nn.Module):
         self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
                       autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
 
-    def set_sync_group(self, group) -> None:
-        """Synchronise batch statistics over the processes of ``group`` (a
-        ``torch.distributed`` process group; ``None`` turns it off): one small
-        all-gather of per-channel statistics per BN forward and one all-reduce
-        of the BN gradient sums per BN backward, inside the dense stages."""
-        if group is not None and self.stem == "imagenet":
-            raise NotImplementedError("synchronised BN covers the dense blocks, transitions and head; the "
-                                      "ImageNet stem's norm0 is not synchronised, so only stem='cifar' supports it")
-        self.engine.sync_group = group
-
-    # -- shapes ------------------------------------------------------------------------
-    def feature_size(self, height: int, width: int) -> tuple[int, int]:
-        """Spatial size ``(h, w)`` of the last dense block for an ``height x width``
-        input; a value below 1 means the image is too small."""
-        def shrink(n: int) -> int:
-            if self.stem == "imagenet":
-                n = (n - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
-                n = (n - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
-            for _ in range(self.num_transitions):
-                n //= 2  # 2x2 average pooling
-            return n
-
-        return shrink(height), shrink(width)
-
-    def min_input_size(self) -> int:
-        """Smallest height (and width) this network accepts."""
-        n = 1
-        while self.feature_size(n, n)[0] < 1:
-            n += 1
-        return n
-
-    @torch.jit.unused
-    def check_input(self, x: Tensor) -> None:
-        """Raise a clear error for input this network cannot take."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"DenseNet expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
-        if x.shape[1] != self.in_channels:
-            raise InputError(
-                f"DenseNet was built for {self.in_channels} input channels, got {x.shape[1]} (input shape "
-                f"{tuple(x.shape)}); pass in_channels={x.shape[1]} to the constructor for such images")
-        weight = self.features.conv0.weight
-        if x.device != weight.device:
-            raise InputError(f"input is on {x.device} but the model is on {weight.device}")
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
-                            f"convert one of them or use torch.autocast")
-        h, w = self.feature_size(x.shape[2], x.shape[3])
-        if h < 1 or w < 1:
-            m = self.min_input_size()
-            raise InputError(
-                f"input images of {x.shape[2]}x{x.shape[3]} are too small for this DenseNet "
-                f"({self.num_transitions} transitions, {self.stem} stem): it needs at least {m}x{m}")
-
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and self._runs_fused_head(x):
@@ -528,8 +585,9 @@ class DenseNet(nn.Module):
 
     @torch.jit.unused
     def _runs_fused_head(self, x: Tensor) -> bool:
-        """Checks ``x`` (and plans a training step on it under a memory budget); whether ``features`` and the classifier's pooled input may
-        run as fused stages (nobody observes ``features`` or ``norm5``)."""
+        """Checks ``x`` (and plans a training step on it under a memory budget);
+        whether ``features`` and the classifier's pooled input may run as fused
+        stages (nobody observes ``features`` or ``norm5``)."""
         if isinstance(x, torch.fx.Proxy):
             return False
         self.check_input(x)

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import gc
+import importlib
 import math
 import os
 import random
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
+import traceback
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -52,12 +57,17 @@ PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, work
 IMAGE_FOLDER_WORKERS = 4
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "densenet_fast.train/1"
+CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "history", "rng", "model", "optimizer",
+                   "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's and the recipe's).
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
+MAX_SEED = 2**31 - 1  # numpy seeds each process with seed + rank, below 2**32
+# How long a process that finished waits for the others before leaving the process groups.
+TEARDOWN_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 class TrainingError(ValueError):
@@ -140,6 +150,324 @@ def run(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """One-line errors for numeric options out of range, before any work (a NaN fails every test)."""
+    for key, least in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1), ("test_limit", 1),
+                       ("workers", 0)):
+        value = getattr(args, key)
+        if value is not None and value < least:
+            raise TrainingError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
+    if not 0 < args.lr < math.inf:
+        raise TrainingError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise TrainingError(f"--momentum must be at least 0 and below 1, got {args.momentum}")
+    if args.nesterov and args.momentum == 0:
+        raise TrainingError("--momentum 0 needs --no-nesterov (Nesterov momentum needs a momentum)")
+    if not 0 <= args.weight_decay < math.inf:
+        raise TrainingError(f"--weight-decay must be a finite number, 0 or more, got {args.weight_decay}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise TrainingError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+
+
+# -- the run, step by step -------------------------------------------------------------------
+def train(args: argparse.Namespace) -> dict:
+    """Train as the command line says; returns the final metrics (also printed).
+
+    Under torchrun the process groups are left by :func:`stop_processes` after a
+    run that ended normally or with a :class:`TrainingError` (bad input, found
+    alike by every process before its first step, so without waiting for the
+    others). Any other exception leaves them to the end of the process: a
+    collective may be in flight, and the other processes may be gone."""
+    check_numbers(args)
+    procs, device = start_processes(args.device)
+    try:
+        summary = _train(args, procs, device)
+    except TrainingError as error:
+        traceback.clear_frames(error.__traceback__)  # its frames hold the model, and so the groups
+        stop_processes(procs, wait_for_others=False)
+        raise
+    stop_processes(procs)
+    return summary
+
+
+def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
+    """The steps of a run, in order."""
+    options, data = prepare(args, procs)
+    run = build_run(options, data, procs, device)
+    position = resume(run) if options["resume"] else Position()
+    distribute(run)
+    procs.log(describe(run))
+    outcome = train_epochs(run, position)
+    return finish(run, outcome)
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    options: dict
+    procs: Processes
+    device: torch.device
+    data: ImageData
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_factor: Callable[[int], float]
+    train_sampler: ShardedBatchSampler
+    train_loader: DataLoader
+    test_loader: DataLoader
+    history: list[dict] = field(default_factory=list)  # one row of metrics per finished epoch
+
+    @property
+    def out(self) -> str:
+        return self.options["out"]
+
+
+@dataclass
+class Sums:
+    """Running sums of one pass over data: loss x images, correct predictions, images."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.loss, self.correct, self.count]
+
+    def plus(self, values: list[float]) -> "Sums":
+        return Sums(*(a + b for a, b in zip(self.as_list(), values)))
+
+
+@dataclass
+class Position:
+    """Where training continues: ``step`` batches into ``epoch``, with the sums of
+    that epoch's earlier steps (summed over the processes; zero on all but rank 0)."""
+
+    epoch: int = 0
+    step: int = 0
+    partial: Sums = field(default_factory=Sums)
+
+
+@dataclass
+class Outcome:
+    """How training ended, and how many images it trained on in how many seconds."""
+
+    interrupted: bool = False
+    images: int = 0
+    seconds: float = 0.0
+
+
+def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
+    """The run's settings and data, after checking (and creating) the output directory."""
+    try:
+        data = load_dataset(args.data, args.image_size).limit(args.train_limit, args.test_limit)
+    except DatasetError as exc:
+        raise TrainingError(str(exc)) from exc
+    options = resolve_options(args, data, procs)
+    check_output_directory(options, procs)
+    return options, data
+
+
+def build_run(options: dict, data: ImageData, procs: Processes, device: torch.device) -> Run:
+    """Seeded model, samplers, loaders, optimiser and gradient scaler."""
+    random.seed(options["seed"] + procs.rank)
+    np.random.seed(options["seed"] + procs.rank)
+    torch.manual_seed(options["seed"])  # the same initial weights in every process
+    model = build_model(options).to(device)
+    if options["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
+
+    per_process_batch = options["batch_size"] // procs.world_size
+    train_sampler = ShardedBatchSampler(len(data.train), per_process_batch, shuffle=True, drop_last=True,
+                                        seed=options["seed"], rank=procs.rank, world_size=procs.world_size)
+    test_sampler = ShardedBatchSampler(len(data.test), per_process_batch, shuffle=False, drop_last=False,
+                                       rank=procs.rank, world_size=procs.world_size)
+    if len(train_sampler) == 0:
+        raise TrainingError(f"{len(data.train)} training images do not fill one batch of {options['batch_size']}; "
+                            f"lower --batch-size")
+    loader_options = dict(num_workers=options["workers"], pin_memory=device.type == "cuda",
+                          persistent_workers=options["workers"] > 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
+                                nesterov=options["nesterov"], weight_decay=options["weight_decay"])
+    return Run(options, procs, device, data, model, model, optimizer,
+               scaler=torch.amp.GradScaler(device.type, enabled=options["amp"] == "fp16"),
+               lr_factor=learning_rate_factor(options["schedule"], options["epochs"], len(train_sampler)),
+               train_sampler=train_sampler,
+               train_loader=DataLoader(data.train, batch_sampler=train_sampler, **loader_options),
+               test_loader=DataLoader(data.test, batch_sampler=test_sampler, **loader_options))
+
+
+def resume(run: Run) -> Position:
+    """Restore the model, optimiser, scaler, RNGs and metrics of the checkpoint in
+    the output directory; the position it was saved at."""
+    checkpoint = load_checkpoint(os.path.join(run.out, CHECKPOINT), run.options, run.model)
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    rng_states = checkpoint["rng"]
+    set_rng_state(rng_states[run.procs.rank % len(rng_states)])
+    run.history = checkpoint["history"]
+    position = Position(checkpoint["epoch"], checkpoint["step"])
+    if run.procs.is_main:
+        position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
+    run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
+    return position
+
+
+def distribute(run: Run) -> None:
+    """With ``--sync-bn``, the group of the synchronised batch statistics; under
+    torchrun, the DistributedDataParallel wrapper."""
+    procs = run.procs
+    if run.options["sync_bn"]:
+        if not hasattr(run.model, "set_sync_group"):
+            raise TrainingError("--sync-bn: this version of densenet_fast cannot synchronise batch statistics")
+        if procs.distributed:
+            try:
+                # A group of its own: the statistics collectives run inside backward,
+                # next to DDP's asynchronous gradient all-reduces on the default group.
+                procs.sync_group = dist.new_group(list(range(procs.world_size)))
+                run.model.set_sync_group(procs.sync_group)
+            except NotImplementedError as exc:
+                raise TrainingError(f"--sync-bn: {exc}") from exc
+    if procs.distributed:
+        device = run.device
+        run.net = nn.parallel.DistributedDataParallel(run.model,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def describe(run: Run) -> str:
+    """The first line of the log: model, data, processes and schedule."""
+    options, data = run.options, run.data
+    return (f"training {options['model']}"
+            + (f" (depth {options['depth']}, growth rate {options['growth_rate']})" if options["depth"] else "")
+            + f", {sum(p.numel() for p in run.model.parameters()):,} parameters, on {data.name}: "
+              f"{len(data.train)} train / {len(data.test)} test images, {data.num_classes} classes; augmentation: "
+              f"{data.augmentation.describe()}; {run.procs.world_size} process(es) on {run.device.type}; "
+              f"{options['epochs']} epochs of {len(run.train_sampler)} steps, batch {options['batch_size']}, "
+              f"output {run.out}")
+
+
+def train_epochs(run: Run, position: Position) -> Outcome:
+    """Train from ``position`` to the last epoch, evaluating and checkpointing after
+    each; a Ctrl-C stops after the current step, with a checkpoint of it."""
+    outcome = Outcome()
+    with StopRequest() as stop:
+        while position.epoch < run.options["epochs"]:
+            trained = train_epoch(run, position, stop)
+            if trained is None:
+                outcome.interrupted = True
+                break
+            sums, seconds = trained
+            outcome.images += int(sums.count) * run.procs.world_size
+            outcome.seconds += seconds
+            end_epoch(run, position, sums, seconds)
+            position = Position(position.epoch + 1)
+    return outcome
+
+
+def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tuple[Sums, float]]:
+    """Train the rest of ``position.epoch``: this process's sums over its steps and
+    the seconds they took, or ``None`` when a stop was requested (after saving a
+    checkpoint at the step reached)."""
+    options, procs, device = run.options, run.procs, run.device
+    epoch = position.epoch
+    run.net.train()
+    run.train_sampler.set_epoch(epoch, position.step)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    first_step = epoch * len(run.train_sampler)
+    bar = _progress_bar(len(run.train_sampler), position.step, f"epoch {epoch + 1}/{options['epochs']}",
+                        options["progress"] and procs.is_main)
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(run.train_loader, start=position.step):
+        images = augment(images, run.data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
+        images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+        for group in run.optimizer.param_groups:
+            group["lr"] = options["lr"] * run.lr_factor(first_step + step)
+        with autocast(device, options["amp"]):
+            logits = run.net(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if _stop_requested(stop, procs):
+            sums = Sums(loss_sum.item(), float(correct.item()), count)
+            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list()))))
+            bar.close()
+            return None
+    seconds = time.perf_counter() - started
+    bar.close()
+    return Sums(loss_sum.item(), float(correct.item()), count), seconds
+
+
+def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
+    """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
+    options, procs = run.options, run.procs
+    epoch = position.epoch
+    totals = position.partial.plus(procs.sum(sums.as_list()))
+    images_per_s = sums.count * procs.world_size / seconds
+    test = evaluate(run.model, run.test_loader, run.device, options, procs)
+    lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
+    run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
+                            train_accuracy=totals.correct / totals.count, test_loss=test.loss / test.count,
+                            test_accuracy=test.correct / test.count, images_per_s=images_per_s, seconds=seconds))
+    save_checkpoint(run, Position(epoch + 1))
+    if procs.is_main:
+        write_metrics(run.history, run.out)
+    row = run.history[-1]
+    procs.log(f"epoch {epoch + 1}/{options['epochs']}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
+              f"acc {row['train_accuracy']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}  "
+              f"{images_per_s:.0f} images/s  {seconds:.1f}s", flush=True)
+
+
+def finish(run: Run, outcome: Outcome) -> dict:
+    """Plot the curves (a Ctrl-C skips them); log and return the summary of the run."""
+    procs, history = run.procs, run.history
+    if procs.is_main and history:
+        try:
+            plot_curves(history, run.out, f"{run.options['model']} on {run.data.name}")
+        except KeyboardInterrupt:  # the files that matter are written; --resume plots again
+            print(f"\nSIGINT: stopped plotting, no {CURVES}", file=sys.stderr, flush=True)
+            outcome.interrupted = True
+    summary = dict(interrupted=outcome.interrupted, history=history, out=run.out,
+                   images_per_s=outcome.images / outcome.seconds if outcome.seconds else float("nan"),
+                   peak_memory=peak_memory(run.device))
+    if outcome.interrupted:
+        procs.log(f"interrupted: checkpoint saved in {run.out}; continue with the same command and --out {run.out} "
+                  f"--resume")
+        return summary
+    if not history:
+        raise TrainingError(f"{run.out} holds no finished epoch")
+    summary["test_accuracy"] = history[-1]["test_accuracy"]
+    speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.seconds else "no training in this run"
+    procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(run.data.test)} held-out images) | "
+              f"{speed} | peak memory {summary['peak_memory']} | {len(history)} epochs, results in {run.out}",
+              flush=True)
+    return summary
+
+
+def save_checkpoint(run: Run, position: Position) -> None:
+    """Checkpoint at ``position`` (collective: every process calls it)."""
+    rng_states = run.procs.gather(rng_state())
+    if run.procs.is_main:
+        save_atomically({
+            "format": CHECKPOINT_FORMAT, "options": run.options, "epoch": position.epoch, "step": position.step,
+            "partial_sums": position.partial.as_list(), "history": run.history, "rng": rng_states,
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+        }, os.path.join(run.out, CHECKPOINT))
+
+
 # -- processes and devices ------------------------------------------------------------------
 @dataclass
 class Processes:
@@ -148,6 +476,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    sync_group: Optional[dist.ProcessGroup] = None  # the group of the synchronised BN statistics (--sync-bn)
 
     @property
     def is_main(self) -> bool:
@@ -156,6 +485,11 @@ class Processes:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def log(self, *args, **kwargs) -> None:
+        """``print`` on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over all processes."""
@@ -187,8 +521,37 @@ def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
     procs = Processes(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if use_cuda:
         torch.cuda.set_device(procs.local_rank)
+    # torch.distributed.nn.functional takes the default group as a default argument when it is
+    # first imported (DistributedDataParallel imports it, through torch._dynamo): imported
+    # before the group exists, it takes None instead of keeping the group alive for good.
+    importlib.import_module("torch.distributed.nn")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return procs, torch.device(f"cuda:{procs.local_rank}" if use_cuda else "cpu")
+
+
+def stop_processes(procs: Processes, wait_for_others: bool = True) -> None:
+    """Leave the process groups while the interpreter is fully alive (docs/training.md,
+    "Clean shutdown under torchrun").
+
+    In order: collect the garbage (DDP wrappers and models that reference cycles keep
+    alive hold the groups); wait until every process is done with its collectives
+    (``wait_for_others``, after a run that ended normally; a process that raised must
+    not wait for others that may be gone); destroy the synchronised-BN group, then the
+    default group. A group that nothing else holds is destroyed at once, and joining
+    its gloo threads lets them finish releasing the tensors of their last collectives.
+    """
+    if not procs.distributed:
+        return
+    gc.collect()
+    if wait_for_others:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=TEARDOWN_TIMEOUT)
+        else:
+            dist.barrier(device_ids=[procs.local_rank])
+    if procs.sync_group is not None:
+        dist.destroy_process_group(procs.sync_group)
+        procs.sync_group = None
+    dist.destroy_process_group()
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -206,11 +569,6 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         raise TrainingError(f"--depth and --growth-rate apply to densenet_bc only; {args.model} has a fixed shape")
     if args.model != "densenet_bc":
         options["depth"] = options["growth_rate"] = None
-    for key in ("epochs", "batch_size", "image_size"):
-        if options[key] < 1:
-            raise TrainingError(f"--{key.replace('_', '-')} must be at least 1, got {options[key]}")
-    if options["workers"] < 0:
-        raise TrainingError(f"--workers must be 0 or more, got {options['workers']}")
     if options["batch_size"] % procs.world_size:
         raise TrainingError(f"--batch-size {options['batch_size']} is not divisible by the {procs.world_size} "
                             f"processes")
@@ -248,7 +606,9 @@ def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Ca
     return step_factor if schedule == "step" else cosine_factor
 
 
-def check_output_directory(options: dict) -> None:
+def check_output_directory(options: dict, procs: Processes) -> None:
+    """The output directory exists (rank 0 creates it), is writable, and holds an
+    earlier run's files only with ``--resume`` or ``--overwrite``."""
     out = options["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} is a file, not a directory")
@@ -259,6 +619,61 @@ def check_output_directory(options: dict) -> None:
     elif found and not options["overwrite"]:
         raise TrainingError(f"{out} already holds an earlier run ({', '.join(found)}); pass --resume to continue it "
                             f"or --overwrite to start afresh and replace those files (or choose another --out)")
+    problem = procs.gather(write_problem(out) if procs.is_main else None)[0]  # every process raises alike
+    if problem:
+        raise TrainingError(f"--out {out}: cannot write there ({problem})")
+
+
+def write_problem(directory: str) -> Optional[str]:
+    """Why no file can be written in ``directory`` (created if missing), or ``None``.
+    An actual write: permission bits do not tell (root, read-only file systems)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+# -- the training step and evaluation -------------------------------------------------------
+def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The augmentation generator of one step: a function of its position alone (taken
+    modulo 2**64, the seeds ``manual_seed`` accepts)."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank) % 2**64)
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, options: dict, procs: Processes) -> Sums:
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    for images, labels in loader:
+        images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+        with autocast(device, options["amp"]):
+            logits = model(images)
+        loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    return Sums(*procs.sum([loss.item(), float(correct.item()), float(count)]))
+
+
+def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+    from tqdm import tqdm
+    # disable=None: shown on a terminal only, so logs stay free of carriage returns
+    return tqdm(total=total, initial=initial, desc=description, disable=None if enabled else True, leave=False,
+                dynamic_ncols=True, unit="step")
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -283,19 +698,27 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_atomically(obj, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over
-    ``path``: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
+@contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """A temporary file name next to ``path`` to write to, renamed over ``path`` when
+    the block succeeds and removed when it fails: a crash or a Ctrl-C mid-write
+    leaves the previous file intact and no partial file behind."""
+    root, extension = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{extension}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomically(obj, path: str) -> None:
+    """``torch.save`` to ``path``, all or nothing (see :func:`replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
@@ -303,10 +726,16 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     model and recipe (every difference named) and that all shapes match."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc})") from exc
+    except OSError as exc:
+        raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # torch.load's messages run over many lines
+        raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
+                            f"{type(exc).__name__})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not a densenet_fast training checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]]
@@ -325,12 +754,10 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
 
 # -- metrics ----------------------------------------------------------------------------------
 def write_metrics(history: list[dict], out: str) -> None:
-    tmp = os.path.join(out, f"{METRICS}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with replacing(os.path.join(out, METRICS)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, os.path.join(out, METRICS))
 
 
 def plot_curves(history: list[dict], out: str, title: str) -> None:
@@ -350,10 +777,11 @@ def plot_curves(history: list[dict], out: str, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    tmp = os.path.join(out, f"curves.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out, CURVES))
+    try:
+        with replacing(os.path.join(out, CURVES)) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -387,228 +815,6 @@ class StopRequest:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-
-# -- the loop ---------------------------------------------------------------------------------
-@dataclass
-class Sums:
-    """Running sums of one pass over data: loss x images, correct predictions, images."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
-
-    def as_list(self) -> list[float]:
-        return [self.loss, self.correct, self.count]
-
-    def plus(self, values: list[float]) -> "Sums":
-        return Sums(*(a + b for a, b in zip(self.as_list(), values)))
-
-
-def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
-    """The augmentation generator of one step: a function of its position alone."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank)
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, options: dict, procs: Processes) -> Sums:
-    model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
-    for images, labels in loader:
-        images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
-        with autocast(device, options["amp"]):
-            logits = model(images)
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return Sums(*procs.sum([loss.item(), float(correct.item()), float(count)]))
-
-
-def train(args: argparse.Namespace) -> dict:
-    """Train as the command line says; returns the final metrics (also printed)."""
-    procs, device = start_processes(args.device)
-    try:
-        return _train(args, procs, device)
-    finally:
-        if procs.distributed:
-            dist.destroy_process_group()
-
-
-def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
-    log = print if procs.is_main else (lambda *a, **k: None)
-    try:
-        data = load_dataset(args.data, args.image_size).limit(args.train_limit, args.test_limit)
-    except DatasetError as exc:
-        raise TrainingError(str(exc)) from exc
-    options = resolve_options(args, data, procs)
-    out = options["out"]
-    check_output_directory(options)
-
-    random.seed(options["seed"] + procs.rank)
-    np.random.seed(options["seed"] + procs.rank)
-    torch.manual_seed(options["seed"])  # the same initial weights in every process
-    model = build_model(options).to(device)
-    if options["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
-
-    per_process_batch = options["batch_size"] // procs.world_size
-    train_sampler = ShardedBatchSampler(len(data.train), per_process_batch, shuffle=True, drop_last=True,
-                                        seed=options["seed"], rank=procs.rank, world_size=procs.world_size)
-    test_sampler = ShardedBatchSampler(len(data.test), per_process_batch, shuffle=False, drop_last=False,
-                                       rank=procs.rank, world_size=procs.world_size)
-    if len(train_sampler) == 0:
-        raise TrainingError(f"{len(data.train)} training images do not fill one batch of {options['batch_size']}; "
-                            f"lower --batch-size")
-    loader_options = dict(num_workers=options["workers"], pin_memory=device.type == "cuda",
-                          persistent_workers=options["workers"] > 0)
-    train_loader = DataLoader(data.train, batch_sampler=train_sampler, **loader_options)
-    test_loader = DataLoader(data.test, batch_sampler=test_sampler, **loader_options)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
-                                nesterov=options["nesterov"], weight_decay=options["weight_decay"])
-    lr_factor = learning_rate_factor(options["schedule"], options["epochs"], len(train_sampler))
-    scaler = torch.amp.GradScaler(device.type, enabled=options["amp"] == "fp16")
-
-    start_epoch, start_step, partial, history = 0, 0, Sums(), []
-    if options["resume"]:
-        checkpoint = load_checkpoint(os.path.join(out, CHECKPOINT), options, model)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        rng_states = checkpoint["rng"]
-        set_rng_state(rng_states[procs.rank % len(rng_states)])
-        start_epoch, start_step, history = checkpoint["epoch"], checkpoint["step"], checkpoint["history"]
-        if procs.is_main:
-            partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
-        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
-    elif procs.is_main:
-        os.makedirs(out, exist_ok=True)
-
-    if options["sync_bn"]:
-        if not hasattr(model, "set_sync_group"):
-            raise TrainingError("--sync-bn: this version of densenet_fast cannot synchronise batch statistics")
-        if procs.distributed:
-            try:
-                # A group of its own: the statistics collectives run inside backward,
-                # next to DDP's asynchronous gradient all-reduces on the default group.
-                model.set_sync_group(dist.new_group(list(range(procs.world_size))))
-            except NotImplementedError as exc:
-                raise TrainingError(f"--sync-bn: {exc}") from exc
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if procs.distributed else model
-
-    def save(epoch: int, step: int, partial_sums: Sums) -> None:
-        """Checkpoint at ``step`` batches into ``epoch`` (collective: every process calls it)."""
-        rng_states = procs.gather(rng_state())
-        if procs.is_main:
-            save_atomically({
-                "format": CHECKPOINT_FORMAT, "options": options, "epoch": epoch, "step": step,
-                "partial_sums": partial_sums.as_list(), "history": history, "rng": rng_states,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-            }, os.path.join(out, CHECKPOINT))
-
-    log(f"training {options['model']}"
-        + (f" (depth {options['depth']}, growth rate {options['growth_rate']})" if options["depth"] else "")
-        + f", {sum(p.numel() for p in model.parameters()):,} parameters, on {data.name}: {len(data.train)} train / "
-          f"{len(data.test)} test images, {data.num_classes} classes; augmentation: {data.augmentation.describe()}; "
-          f"{procs.world_size} process(es) on {device.type}; {options['epochs']} epochs of {len(train_sampler)} "
-          f"steps, batch {options['batch_size']}, output {out}")
-
-    train_images, train_seconds, interrupted = 0, 0.0, False
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, options["epochs"]):
-            net.train()
-            train_sampler.set_epoch(epoch, start_step)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            count = 0
-            first_step = epoch * len(train_sampler)
-            lr = options["lr"] * lr_factor(first_step)
-            bar = _progress_bar(len(train_sampler), start_step, f"epoch {epoch + 1}/{options['epochs']}",
-                                options["progress"] and procs.is_main)
-            started = time.perf_counter()
-            for step, (images, labels) in enumerate(train_loader, start=start_step):
-                images = augment(images, data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
-                images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
-                for group in optimizer.param_groups:
-                    group["lr"] = options["lr"] * lr_factor(first_step + step)
-                with autocast(device, options["amp"]):
-                    logits = net(images)
-                    loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach().double() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                count += len(labels)
-                bar.update()
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                if _stop_requested(stop, procs):
-                    save(epoch, step + 1, partial.plus(procs.sum([loss_sum.item(), float(correct.item()), count])))
-                    bar.close()
-                    interrupted = True
-                    break
-            if interrupted:
-                break
-            seconds = time.perf_counter() - started
-            bar.close()
-            sums = partial.plus(procs.sum([loss_sum.item(), float(correct.item()), count]))
-            images_per_s = count * procs.world_size / seconds
-            train_images += count * procs.world_size
-            train_seconds += seconds
-            test = evaluate(model, test_loader, device, options, procs)
-            history.append(dict(epoch=epoch + 1, lr=lr, train_loss=sums.loss / sums.count,
-                                train_accuracy=sums.correct / sums.count, test_loss=test.loss / test.count,
-                                test_accuracy=test.correct / test.count, images_per_s=images_per_s,
-                                seconds=seconds))
-            start_step, partial = 0, Sums()
-            save(epoch + 1, 0, partial)
-            if procs.is_main:
-                write_metrics(history, out)
-            row = history[-1]
-            log(f"epoch {epoch + 1}/{options['epochs']}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_accuracy']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}  "
-                f"{images_per_s:.0f} images/s  {seconds:.1f}s", flush=True)
-
-    if procs.is_main and history:
-        plot_curves(history, out, f"{options['model']} on {data.name}")
-    summary = dict(interrupted=interrupted, history=history, out=out,
-                   images_per_s=train_images / train_seconds if train_seconds else float("nan"),
-                   peak_memory=peak_memory(device))
-    if interrupted:
-        log(f"interrupted: checkpoint saved in {out}; continue with the same command and --out {out} --resume")
-        return summary
-    if not history:
-        raise TrainingError(f"{out} holds no finished epoch")
-    summary["test_accuracy"] = history[-1]["test_accuracy"]
-    speed = f"{summary['images_per_s']:.0f} images/s (training)" if train_seconds else "no training in this run"
-    log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(data.test)} held-out images) | {speed} | "
-        f"peak memory {summary['peak_memory']} | "
-        f"{len(history)} epochs, results in {out}", flush=True)
-    return summary
-
-
-def _progress_bar(total: int, initial: int, description: str, enabled: bool):
-    from tqdm import tqdm
-    # disable=None: shown on a terminal only, so logs stay free of carriage returns
-    return tqdm(total=total, initial=initial, desc=description, disable=None if enabled else True, leave=False,
-                dynamic_ncols=True, unit="step")
 
 
 def _stop_requested(stop: StopRequest, procs: Processes) -> bool:

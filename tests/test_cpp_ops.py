@@ -2,7 +2,8 @@
 CppBackend) against the torch backend and against float64 autograd through
 F.batch_norm, at awkward shapes: rows not a multiple of the tile, C = 17,
 strided channel ranges of wider buffers, grad_x accumulated into a view with
-content, odd H/W for the transition, running (eval) and batch statistics.
+content, odd sizes for the transition (1, 2 and 3 spatial dimensions), running
+(eval) and batch statistics.
 Then the whole model on backend='cpp' against torchvision, and torch.compile."""
 
 from __future__ import annotations
@@ -215,34 +216,47 @@ def test_bn_relu_forward_and_backward(dtype, m, c, batch_stats, in_place):
 
 # -- transition ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, h, w, c, k", [(2, 7, 9, 17, 20), (3, 16, 12, 40, 33), (1, 3, 2, 5, 3)])
+def avg_pool64(z: Tensor) -> Tensor:
+    """Average pooling by 2 of ``z (N, *spatial, C)`` with torch's pooling of its dimension."""
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[z.dim() - 3]
+    return pool(z.movedim(-1, 1), 2).movedim(1, -1)
+
+
+TRANSITION_SHAPES = {  # (N, spatial, C, K)
+    "2d_odd": (2, (7, 9), 17, 20), "2d_even": (3, (16, 12), 40, 33), "2d_tiny": (1, (3, 2), 5, 3),
+    "1d_odd": (3, (11,), 17, 20), "3d_odd": (2, (5, 6, 7), 17, 20), "3d_tiny": (1, (4, 3, 2), 5, 3),
+}
+
+
+@pytest.mark.parametrize("n, spatial, c, k", TRANSITION_SHAPES.values(), ids=TRANSITION_SHAPES)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
-def test_transition(dtype, n, h, w, c, k, batch_stats):
+def test_transition(dtype, n, spatial, c, k, batch_stats):
     """Odd sizes: pooling floors, and the dropped pixels still get the
     statistics terms of the BN gradient (and are written, not left alone)."""
     g = torch.Generator().manual_seed(4)
-    x = channel_range((n, h, w), c, dtype, g)
+    pooled = tuple(size // 2 for size in spatial)
+    x = channel_range((n, *spatial), c, dtype, g)
     bn = make_bn(x, batch_stats, g)
     weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
-    out_buffer, out = sentinel_range((n, h // 2, w // 2), k, dtype, left=0)  # like the next block's buffer
+    out_buffer, out = sentinel_range((n, *pooled), k, dtype, left=0)  # like the next block's buffer
     before = out_buffer.clone()
     CPP.transition(x, bn.scale, bn.shift, weight, out)
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    out64 = F.avg_pool2d(bn.relu_bn64(x64).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1) @ w64.t()
-    expected = torch.empty(n, h // 2, w // 2, k, dtype=dtype)
+    out64 = avg_pool64(bn.relu_bn64(x64)) @ w64.t()
+    expected = torch.empty(n, *pooled, k, dtype=dtype)
     TORCH.transition(x, bn.scale, bn.shift, weight, expected)
     vs_torch, vs_float64 = TOLERANCE[dtype]
     assert_close(out, expected, vs_torch, "transition vs torch backend")
     assert_close(out, out64, vs_float64, "transition vs float64")
     assert_untouched(out_buffer, slice(0, k), before)
 
-    grad_out = torch.randn(n, h // 2, w // 2, k, generator=g, dtype=torch.float64).to(dtype)
-    grad_buffer, grad_x = sentinel_range((n, h, w), c, dtype)
+    grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_buffer, grad_x = sentinel_range((n, *spatial), c, dtype)
     before = grad_buffer.clone()
     grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
                                     bn.batch_mean())
-    expected_grad_x = torch.empty(n, h, w, c, dtype=dtype)
+    expected_grad_x = torch.empty(n, *spatial, c, dtype=dtype)
     expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
                                          bn.batch_mean())
     truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
@@ -251,14 +265,143 @@ def test_transition(dtype, n, h, w, c, k, batch_stats):
     assert_untouched(grad_buffer, slice(4, 4 + c), before)
 
 
+# -- NaN and Inf ---------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def poison(x: Tensor) -> None:
+    """NaN, +Inf and -Inf at a few pixels of channels 0-2 of ``x`` (in place):
+    the first pixel, whose value is the channel statistics' shift, and the last,
+    which pooling drops at odd H and W; the other channels stay finite."""
+    rows = x.view(-1, x.shape[-1])
+    m, c = rows.shape
+    for row, channel, value in [(0, 0, INF), (m // 5, 0, NAN), (m // 2, 1, NAN), (m // 3, 2, -INF), (m - 1, 2, NAN)]:
+        rows[row, channel % c] = value
+
+
+def poisoned_bn(x: Tensor, batch_stats: bool, generator) -> BN:
+    """Poisons ``x``; returns a BN whose batch statistics are those of the poisoned
+    ``x`` (NaN coefficients in channels 0-2, as in training), or finite running
+    statistics (non-finite values then reach the kernels pixel by pixel)."""
+    if batch_stats:
+        poison(x)
+        return make_bn(x, True, generator)
+    bn = make_bn(x, False, generator)
+    poison(x)
+    return bn
+
+
+def assert_same_numbers(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    """NaN and +-Inf at the same positions; finite values within ``tol`` relative
+    to the largest finite ``|expected|``."""
+    expected = expected.double()
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tol * scale, equal_nan=True,
+                               msg=lambda message: f"{what}: {message}")
+
+
+def assert_all_same_numbers(actual, expected, dtype, names) -> None:
+    for name, got, reference in zip(names, actual, expected):
+        assert_same_numbers(got, reference, TOLERANCE[dtype][0], f"{name} vs torch backend")
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1_nan_and_inf_as_torch(dtype, batch_stats):
+    m, c, k = 1031, 17, 23
+    g = torch.Generator().manual_seed(10)
+    x = channel_range((m,), c, dtype, g)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    out, expected_out = torch.empty(m, k, dtype=dtype), torch.empty(m, k, dtype=dtype)
+    stats = CPP.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
+    expected_stats = TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected_out, with_stats=True)
+    assert_all_same_numbers([out, *stats], [expected_out, *expected_stats], dtype, ["out", "mean", "var"])
+
+    grad_out = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_x = random_buffer((m,), c, dtype, g)
+    expected_grad_x = grad_x.clone()
+    grads = CPP.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                         bn.batch_mean())
+    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                              expected_grad_x, bn.batch_mean())
+    assert_all_same_numbers([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                            ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_nan_and_inf_as_torch(dtype, batch_stats):
+    m, c = 1031, 17
+    g = torch.Generator().manual_seed(11)
+    x = channel_range((m,), c, dtype, g)
+    bn = poisoned_bn(x, batch_stats, g)
+    out, expected_out = torch.empty(m, c, dtype=dtype), torch.empty(m, c, dtype=dtype)
+    CPP.bn_relu(x, bn.scale, bn.shift, out)
+    TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
+    assert_all_same_numbers([out], [expected_out], dtype, ["out"])
+
+    grad_z = random_buffer((m,), c, dtype, g)
+    expected_grad_x = torch.empty(m, c, dtype=dtype)
+    expected = TORCH.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z.clone(), expected_grad_x,
+                                      bn.batch_mean())
+    grads = CPP.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
+    assert_all_same_numbers([grad_z, *grads], [expected_grad_x, *expected], dtype,
+                            ["grad_x", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_transition_nan_and_inf_as_torch(dtype, spatial, batch_stats):
+    """Odd sizes: the last pixel, a NaN, is dropped by pooling and still makes
+    grad_gamma NaN (0 * NaN in the BN backward's sums), as in torch."""
+    n, c, k = 2, 17, 20
+    pooled = tuple(size // 2 for size in spatial)
+    g = torch.Generator().manual_seed(12)
+    x = channel_range((n, *spatial), c, dtype, g)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = (0.3 * torch.randn(k, c, generator=g, dtype=torch.float64)).to(dtype)
+    out, expected_out = (torch.empty(n, *pooled, k, dtype=dtype) for _ in range(2))
+    CPP.transition(x, bn.scale, bn.shift, weight, out)
+    TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
+    assert_all_same_numbers([out], [expected_out], dtype, ["out"])
+
+    grad_out = torch.randn(n, *pooled, k, generator=g, dtype=torch.float64).to(dtype)
+    grad_x, expected_grad_x = (torch.empty(n, *spatial, c, dtype=dtype) for _ in range(2))
+    grads = CPP.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                    bn.batch_mean())
+    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, expected_grad_x,
+                                         bn.batch_mean())
+    assert_all_same_numbers([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                            ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+
+
+def test_bn_backward_finish_nan_and_inf_as_torch(dtype):
+    """Pass 2 alone, finite coefficients and batch means: non-finite x gives
+    non-finite grad_x at its own pixels only, as the plain formula in torch."""
+    m, c = 1031, 17
+    g = torch.Generator().manual_seed(13)
+    x = channel_range((m,), c, dtype, g)
+    bn = poisoned_bn(x, False, g)
+    batch_means = torch.randn(2, c, generator=g, dtype=torch.float64).to(bn.scale.dtype)
+    grad_x = random_buffer((m,), c, dtype, g)
+    centered = x.to(bn.mean.dtype) - bn.mean
+    expected = (grad_x.to(bn.scale.dtype) + centered * (-bn.scale * bn.rstd * batch_means[1])
+                - bn.scale * batch_means[0]).to(dtype)
+    torch.ops.densenet_fast.bn_backward_finish(x, bn.scale, bn.mean, bn.rstd, batch_means, grad_x)
+    assert_same_numbers(grad_x, expected, TOLERANCE[dtype][0], "grad_x")
+
+
 # -- op contracts --------------------------------------------------------------------------
 
-def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
-    """Small valid arguments of every fused op (channel-range views, odd sizes), the same on every call."""
+def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3)) -> dict[str, tuple]:
+    """Small valid arguments of every fused op (channel-range views, odd sizes;
+    ``spatial``: of the transition's input), the same on every call."""
     g = torch.Generator().manual_seed(5)
     m, c, k = 37, 5, 3
+    pooled = tuple(size // 2 for size in spatial)
     x = channel_range((m,), c, dtype, g)
-    x4 = channel_range((2, 5, 3), c, dtype, g)
+    x4 = channel_range((2, *spatial), c, dtype, g)
     bn = make_bn(x, True, g)
     coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
     weight = random_buffer((k,), c, dtype, g)
@@ -268,9 +411,9 @@ def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
         "bn_relu_conv1x1_backward_sums": (x, *coefficients, weight, rows(k), rows(c)),
         "bn_relu": (x, bn.scale, bn.shift, rows(c)),
         "bn_relu_backward_sums": (x, *coefficients, rows(c), rows(c)),
-        "transition": (x4, bn.scale, bn.shift, weight, random_buffer((2, 2, 1), k, dtype, g)),
-        "transition_backward_sums": (x4, *coefficients, weight, random_buffer((2, 2, 1), k, dtype, g),
-                                     random_buffer((2, 5, 3), c, dtype, g)),
+        "transition": (x4, bn.scale, bn.shift, weight, random_buffer((2, *pooled), k, dtype, g)),
+        "transition_backward_sums": (x4, *coefficients, weight, random_buffer((2, *pooled), k, dtype, g),
+                                     random_buffer((2, *spatial), c, dtype, g)),
         "bn_backward_finish": (x, bn.scale, bn.mean, bn.rstd, random_buffer((2,), c, bn.scale.dtype, g), rows(c)),
     }
 
@@ -279,6 +422,12 @@ def op_arguments(dtype=torch.float32) -> dict[str, tuple]:
 def test_op_passes_opcheck(op):
     """Schema (mutated arguments), Meta/fake kernel and dispatch agree, as torch.compile needs."""
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments()[op])
+
+
+@pytest.mark.parametrize("op", ["transition", "transition_backward_sums"])
+@pytest.mark.parametrize("spatial", [(7,), (3, 5, 2)], ids=["1d", "3d"])
+def test_transition_passes_opcheck_in_1d_and_3d(op, spatial):
+    torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments(spatial=spatial)[op])
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -312,6 +461,8 @@ def test_results_do_not_depend_on_the_thread_count():
     ("bn_relu_backward_sums", 6, torch.zeros(37, 5, dtype=torch.float64), "grad_x must be Float"),
     ("transition", 4, torch.zeros(2, 3, 1, 3), r"out must have shape \[2, 2, 1, 3\]"),
     ("transition_backward_sums", 6, torch.zeros(2, 3, 1, 3)[:, :2], "rows of one stride"),
+    ("transition", 0, torch.zeros(2, 5, 3, 2, 1, 5), "1 to 3 spatial dimensions"),
+    ("transition_backward_sums", 7, torch.zeros(2, 5, 3, 1, 5), "as many spatial dimensions as x"),
     ("bn_backward_finish", 4, torch.zeros(3, 5), r"batch_means must have shape \[2, 5\]"),
 ])
 def test_ops_reject_bad_arguments(op, position, bad, message):
@@ -384,31 +535,75 @@ def test_torch_compile_matches_eager():
 
 # -- CUDA kernels --------------------------------------------------------------------------
 
+def skip_without_cuda_kernels() -> None:
+    if not torch.cuda.is_available() or not _extension.has_cuda():
+        pytest.skip("needs a CUDA device and the extension's CUDA kernels")
+
+
+def cpu_and_cuda_range(m: int, c: int, left: int, dtype, generator) -> tuple[Tensor, Tensor]:
+    """The same random ``(m, c)`` channel range, at channel ``left`` of rows whose
+    width is a multiple of 8 channels, on the CPU and on CUDA.  At ``left = 8``
+    every row is aligned for the CUDA kernels' vector accesses; at 3 it is not."""
+    width = left + c + 5
+    buffer = random_buffer((m,), width + -width % 8, dtype, generator)
+    return buffer[:, left:left + c], buffer.cuda()[:, left:left + c]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 @pytest.mark.parametrize("m, c", [(1031, 17), (70_001, 45), (3, 2)])
-def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats):
-    """The CUDA backend's BN-ReLU ops on channel ranges against the cpp
-    backend's (tested above against float64), grad_x in place of grad_z."""
-    if not torch.cuda.is_available() or not _extension.has_cuda():
-        pytest.skip("needs a CUDA device and the extension's CUDA kernels")
+@pytest.mark.parametrize("left", [3, 8], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan_inf"])
+def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats, left, nonfinite):
+    """The CUDA backend's BN-ReLU ops against the cpp backend's (tested above
+    against float64 and the torch backend), grad_x in place of grad_z, NaN and
+    Inf in the same places."""
+    skip_without_cuda_kernels()
     from densenet_fast.backends.cpp_backend import CudaBackend
 
+    cuda = CudaBackend()
     g = torch.Generator().manual_seed(7)
-    buffer = random_buffer((m,), 3 + c + 5, dtype, g)
-    x, x_gpu = buffer[:, 3:3 + c], buffer.cuda()[:, 3:3 + c]  # channel ranges of wider buffers
-    bn = make_bn(x, batch_stats, g)
+    x, x_gpu = cpu_and_cuda_range(m, c, left, dtype, g)
+    bn = poisoned_bn(x, batch_stats, g) if nonfinite else make_bn(x, batch_stats, g)
+    x_gpu.copy_(x)
     coefficients = [t.cuda() for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
     tol = TOLERANCE[dtype][0]
-    out, out_gpu = torch.empty(m, c, dtype=dtype), torch.empty(m, c, dtype=dtype, device="cuda")
+    out, out_gpu = cpu_and_cuda_range(m, c, left, dtype, g)
     CPP.bn_relu(x, bn.scale, bn.shift, out)
-    CudaBackend().bn_relu(x_gpu, coefficients[0], coefficients[1], out_gpu)
-    assert_close(out_gpu, out, tol, "bn_relu")
+    cuda.bn_relu(x_gpu, coefficients[0], coefficients[1], out_gpu)
+    assert_same_numbers(out_gpu, out, tol, "bn_relu")
 
-    grad_z = random_buffer((m,), c, dtype, g)
-    grad_gpu = grad_z.cuda()
+    grad_z, grad_gpu = cpu_and_cuda_range(m, c, left, dtype, g)
     expected = CPP.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
-    grads = CudaBackend().bn_relu_backward(x_gpu, *coefficients, grad_gpu, grad_gpu, bn.batch_mean())
+    grads = cuda.bn_relu_backward(x_gpu, *coefficients, grad_gpu, grad_gpu, bn.batch_mean())
     for name, actual, reference in zip(("grad_x", "grad_gamma", "grad_beta"), (grad_gpu, *grads),
                                        (grad_z, *expected)):
-        assert_close(actual, reference, tol, f"{name} vs cpp backend")
+        assert_same_numbers(actual, reference, tol, f"{name} vs cpp backend")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("left", [3, 8], ids=["unaligned", "aligned"])
+def test_cuda_bn_relu_backward_is_deterministic(dtype, left):
+    """Per-block partial sums added in a fixed order, no atomics: bitwise the same
+    on every call, and allowed under torch.use_deterministic_algorithms."""
+    skip_without_cuda_kernels()
+    from densenet_fast.backends.cpp_backend import CudaBackend
+
+    g = torch.Generator().manual_seed(8)
+    x, x_gpu = cpu_and_cuda_range(300_001, 45, left, dtype, g)
+    bn = make_bn(x, True, g)
+    coefficients = [t.cuda() for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
+    grad_z, grad_x = (cpu_and_cuda_range(300_001, 45, left, dtype, g)[1] for _ in range(2))
+
+    def backward() -> list[Tensor]:  # overwrites grad_x
+        grads = CudaBackend().bn_relu_backward(x_gpu, *coefficients, grad_z, grad_x, bn.batch_mean())
+        return [grad_x.clone(), *grads]
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = backward()
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(backward(), first))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

@@ -7,13 +7,12 @@ layouts."""
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import get_backend
-from helpers import (FLOAT64_RTOL, assert_all_close, assert_results_equal, buffers, check_eval_float64,
-                     check_training_float64, check_training_fp32, forward_backward, global_relative_error,
-                     make_pair, max_relative_error, random_batch, randomize_batchnorm, sgd)
+from helpers import (FLOAT64_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
+                     check_eval_float64, check_training_float64, check_training_fp32, forward_backward,
+                     global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm, sgd)
 from helpers import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +54,7 @@ def test_equals_torchvision_float64(config, recompute, backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_equals_torchvision_fp32(config, backend, device, no_tf32):
-    """DESIGN.md §5: outputs and running statistics to 1e-4 over five steps,
+    """Outputs and running statistics to 1e-4 over five steps,
     gradients as close to float64 as torchvision fp32's own."""
     kwargs, shape = CONFIGS[config]
     ours, _ = make_pair(dtype=torch.float32, device=device, backend=BACKENDS[backend], **kwargs)
@@ -118,19 +117,6 @@ def test_stage_gradcheck_full_jacobian():
 
 
 # -- structure of the computation ----------------------------------------------------------
-class OpRecorder(TorchDispatchMode):
-    """Records ``(op name, output shape)`` of every aten op run inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
-        return out
-
-
 @pytest.mark.parametrize("config", CONFIGS)
 def test_no_concatenation_in_forward_or_backward(config):
     kwargs, shape = CONFIGS[config]
@@ -215,7 +201,7 @@ def test_scratch_arena_stops_growing_and_is_released():
     assert all(block.engine.arena is model.arena for block in model.blocks())
     optimizer = sgd(model)
     sizes = []
-    for step in range(1000):  # the issue's horizon: no growth over 1000 steps
+    for step in range(1000):  # no growth over 1000 steps
         forward_backward(model, *random_batch(model, 2, 8, 8, seed=step))
         optimizer.step()
         sizes.append(model.arena.nbytes())

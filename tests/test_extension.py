@@ -1,7 +1,9 @@
 """The csrc extension: torch.ops.densenet_fast.channel_sums against plain PyTorch
-in float64, its errors and Meta kernel, CppBackend.channel_stats, and the import
+in float64 (NaN and Inf included; on CUDA also deterministic), its errors and
+Meta kernel, CppBackend.channel_stats against the torch backend, and the import
 fallback when the extension is missing."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,7 @@ if _extension.load() is None:
                 pytrace=False)
 
 from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
 
 channel_sums = torch.ops.densenet_fast.channel_sums
 
@@ -42,7 +45,9 @@ def reference_sums(x, shift):
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 1031])
 @pytest.mark.parametrize("channels", [1, 3, 17])
-@pytest.mark.parametrize("extra", [(0, 0), (2, 5)], ids=["contiguous", "slice"])
+# "aligned": channel 8 of 32 (17 channels) or 16 (1 channel) per row: 16-byte aligned rows, the CUDA
+# kernel's vector loads (with a tail of channels); the other layouts take its one-channel-per-lane path.
+@pytest.mark.parametrize("extra", [(0, 0), (2, 5), (8, 7)], ids=["contiguous", "slice", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_channel_sums_matches_float64_reference(rows, channels, extra, dtype, ext_device):
     x = channel_slice(rows, channels, dtype, ext_device, *extra)
@@ -54,9 +59,10 @@ def test_channel_sums_matches_float64_reference(rows, channels, extra, dtype, ex
     torch.testing.assert_close(total_sq, expected_sq, rtol=1e-12, atol=1e-10)
 
 
-def test_channel_sums_of_a_large_strided_buffer(ext_device):
-    """Many rows (several CPU chunks / CUDA row tiles) and channels beyond one CUDA block."""
-    x = channel_slice(70_001, 45, torch.float32, ext_device, extra_left=19, extra_right=3)
+@pytest.mark.parametrize("extra_left", [19, 16], ids=["unaligned", "aligned"])
+def test_channel_sums_of_a_large_strided_buffer(ext_device, extra_left):
+    """Many rows (several CPU chunks / CUDA row blocks) and channels beyond one CUDA block."""
+    x = channel_slice(70_001, 45, torch.float32, ext_device, extra_left=extra_left, extra_right=3)
     shift = x[0].double()
     for got, expected in zip(channel_sums(x, shift), reference_sums(x, shift)):
         torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-8)
@@ -81,6 +87,53 @@ def test_cpp_backend_variance_survives_a_large_mean(ext_device):
     expected_var, expected_mean = torch.var_mean(x.double(), dim=0, correction=0)
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-6, atol=0)
     torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-7, atol=0)
+
+
+def put_nan_and_inf(x):
+    """NaN, +Inf and -Inf in channels 0-3 of ``x`` (in place), +Inf in the first
+    row (the shift channel_stats sums from), +Inf and -Inf together in channel 3."""
+    for row, channel, value in [(0, 0, math.inf), (7, 1, math.nan), (9, 2, -math.inf), (3, 3, math.inf),
+                                (5, 3, -math.inf)]:
+        x[row, channel] = value
+
+
+@pytest.mark.parametrize("extra", [(2, 5), (8, 7)], ids=["slice", "aligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_sums_propagate_nan_and_inf(ext_device, extra, dtype):
+    x = channel_slice(1031, 17, dtype, ext_device, *extra)
+    put_nan_and_inf(x)
+    shift = torch.randn(17, dtype=torch.float64, device=ext_device)
+    for got, expected in zip(channel_sums(x, shift), reference_sums(x, shift)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_backend_channel_stats_nan_and_inf_as_torch(ext_device, dtype):
+    """Mean +-Inf or NaN and variance NaN exactly where the torch backend's are,
+    a non-finite value in the first row included."""
+    x = channel_slice(1031, 17, dtype, ext_device, extra_left=3, extra_right=1)
+    put_nan_and_inf(x)
+    for got, expected in zip(CppBackend().channel_stats(x), TorchBackend().channel_stats(x)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_sums_on_cuda_are_deterministic(dtype):
+    """Per-block partials added in a fixed order, no atomics: bitwise the same on
+    every call, and allowed under torch.use_deterministic_algorithms."""
+    if not torch.cuda.is_available() or not _extension.has_cuda():
+        pytest.skip("needs a CUDA device and the extension's CUDA kernels")
+    x = channel_slice(300_001, 45, dtype, "cuda", extra_left=16, extra_right=3)
+    shift = x[0].double()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = channel_sums(x, shift)
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(channel_sums(x, shift), first))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_channel_sums_meta_kernel_gives_shapes_only():

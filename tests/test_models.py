@@ -1,4 +1,4 @@
-"""The DenseNet family (issue 2) against real torchvision: module trees,
+"""The DenseNet family against real torchvision: module trees,
 state_dicts and parameter counts, loading torchvision weights, the same
 outputs, gradients and running statistics as torchvision for the same weights,
 and a clear error for every bad input or argument."""
@@ -146,7 +146,7 @@ def test_densenet121_equals_torchvision_float64():
 
 
 def test_densenet121_fp32_as_good_as_torchvision():
-    """DESIGN.md §5 on DenseNet-121 (batch 3, 67x45), three steps."""
+    """On DenseNet-121 (batch 3, 67x45), three steps."""
     torch.manual_seed(0)
     ours = densenet121(num_classes=10)
     randomize_batchnorm(ours)
@@ -221,7 +221,7 @@ def test_batch_of_one_in_training(model121):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: densenet121(pretrained=True), "pretrained"),
+    (lambda: densenet121(weigths=None), "weigths"),  # a misspelt keyword is not swallowed
     (lambda: densenet_bc(100, 12, 10, colour=True), "colour"),
     (lambda: DenseNet(grow_rate=12), "grow_rate"),
 ], ids=["densenet121", "densenet_bc", "DenseNet"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -74,12 +75,29 @@ def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
     (["--depth", "11"], "6n + 4"),
     (["--batch-size", "5000"], "lower --batch-size"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--test-limit", "0"], "--test-limit must be at least 1"),
+    (["--train-limit", "-5"], "--train-limit must be at least 1"),
     (["--data", "/no/such/dataset"], "not found"),
+    (["--lr", "nan"], "--lr must be a positive finite number"),
+    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--lr", "-0.1"], "--lr must be a positive finite number"),
+    (["--momentum", "nan"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "1"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "-0.9"], "--momentum must be at least 0 and below 1"),
+    (["--momentum", "0"], "--momentum 0 needs --no-nesterov"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, 0 or more"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number, 0 or more"),
+    (["--seed", "-1"], "--seed must be from 0 to 2147483647"),
 ])
-def test_bad_options_give_one_line_errors(tmp_path, options, message, capsys):
+def test_bad_options_give_one_line_errors_before_any_work(tmp_path, options, message, capsys):
     assert train(tmp_path / "run", *options) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""  # nothing trained, not even the first log line
+
+
+def test_largest_seed_trains(tmp_path):
+    assert train(tmp_path / "run", "--epochs", "1", "--seed", str(2**31 - 1)) == 0  # within numpy's range
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -286,6 +304,28 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, uninterrupted):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_ctrl_c_while_plotting_is_handled(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def interrupted_savefig(figure, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_savefig)
+    out = tmp_path / "run"
+    try:
+        status = train(out, "--epochs", "1")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while plotting escaped as a KeyboardInterrupt (a traceback)")
+    captured = capsys.readouterr()
+    assert status == 130 and "SIGINT: stopped plotting" in captured.err and "--resume" in captured.out
+    assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.METRICS]  # no partial curves.png
+    monkeypatch.undo()
+    assert train(out, "--epochs", "1", "--resume") == 0  # nothing left to train: plots
+    assert (out / trainer.CURVES).stat().st_size > 0
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     trainer.save_atomically({"value": torch.arange(3)}, path)
@@ -312,6 +352,27 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    assert train(tmp_path / "file" / "run", "--epochs", "1") == 2  # nothing can be made under a file, even by root
+    captured = capsys.readouterr()
+    assert "cannot write there (Not a directory)" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a directory without write permission")
+def test_read_only_output_directory_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert train(out, "--epochs", "1") == 2
+    finally:
+        out.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "cannot write there (Permission denied)" in captured.err and captured.out == ""
+
+
 def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--epochs", "1") == 0
@@ -326,9 +387,24 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     torch.save(checkpoint, path)
     assert train(out, "--epochs", "2", "--resume") == 2
     assert "classifier.weight has shape (3, 3) in the checkpoint but (10, 9) in the model" in capsys.readouterr().err
-    path.write_bytes(b"not a checkpoint")
-    assert train(out, "--epochs", "2", "--resume") == 2
-    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    path = out / trainer.CHECKPOINT
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["optimizer"], checkpoint["rng"]
+    torch.save(checkpoint, path)
+    damages = [("lacks rng, optimizer", None), ("cannot read checkpoint", b"not a checkpoint"),
+               ("cannot read checkpoint", np.random.default_rng(0).bytes(4096))]
+    capsys.readouterr()
+    for message, content in damages:
+        if content is not None:
+            path.write_bytes(content)
+        assert train(out, "--epochs", "2", "--resume") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 # -- precision and memory format -------------------------------------------------------------------
@@ -350,17 +426,32 @@ def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux): none once its process groups are destroyed."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(name for name in names if "gloo" in name)
+
+
+def gloo_threads_left(stdout: str) -> dict[str, str]:
+    """Rank -> the gloo threads it had left at its end, as the workers print them."""
+    return dict(re.findall(r"rank (\d+): gloo threads left: (\[.*?\])", stdout))
+
+
 @pytest.mark.parametrize("sync_bn", [[], ["--sync-bn"]], ids=["", "sync-bn"])
 def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     if sync_bn and SYNC_BN_MISSING:
         pytest.skip("DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
     out = tmp_path / "run"
-    result = torchrun("-m", "densenet_fast", "train", *TINY, "--epochs", "3", "--lr", "0.05", "--out", str(out),
-                      *sync_bn, cwd=tmp_path)
+    result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--epochs", "3", "--lr", "0.05", "--out",
+                      str(out), *sync_bn, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "2 process(es) on cpu" in lines[0]
     assert [l.split()[1] for l in lines if l.startswith("epoch ")] == ["1/3", "2/3", "3/3"]  # rank 0 logs alone
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
     rows = metrics(out)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert sorted(os.listdir(out)) == [trainer.CHECKPOINT, trainer.CURVES, trainer.METRICS]
@@ -368,21 +459,37 @@ def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
 
 
+def test_ddp_bad_input_is_one_line_per_process_and_leaves_the_groups(tmp_path):
+    # the error comes right after a collective (the output directory check): the pattern that aborted
+    result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--batch-size", "5000", "--sync-bn", "--out",
+                      str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("error: 128 training images do not fill one batch of 5000") == 2
+    assert "terminate called" not in result.stderr
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+
+
+def train_worker(argv: list[str]) -> int:
+    """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left."""
+    status = cli.main(["train", *argv])
+    print(f"rank {os.environ['RANK']}: gloo threads left: {gloo_threads()}", flush=True)
+    return status
+
+
 @pytest.mark.skipif(SYNC_BN_MISSING, reason="DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
 def test_ddp_gradients_with_sync_bn_equal_single_process_gradients(tmp_path):
-    result = torchrun(os.path.abspath(__file__), "sync-bn-worker", str(tmp_path), cwd=tmp_path)
+    result = torchrun(os.path.abspath(__file__), "sync-bn-worker", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sync BN gradients match" in result.stdout
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
 
 
-def sync_bn_worker(folder: str) -> None:
-    """Under torchrun (2 gloo processes): DDP with synchronised BN on two halves
-    of a batch gives the single-process gradients of the whole batch (float64);
-    without synchronisation it does not (so the comparison can fail)."""
+def sync_bn_gradient_gaps(rank: int) -> dict[bool, float]:
+    """Largest relative gap between the gradients of DDP on this process's half of a batch
+    and the single-process gradients of the whole batch (float64), with and without
+    synchronised BN."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.manual_seed(0)
     reference = densenet_bc(10, 4, num_classes=5, in_channels=2).double()
     images = torch.randn(6, 2, 9, 11, dtype=torch.float64)
@@ -399,12 +506,24 @@ def sync_bn_worker(folder: str) -> None:
         torch.nn.functional.cross_entropy(net(images[half]), labels[half]).backward()
         gaps[sync] = max(((p.grad - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-30)).item()
                          for p, r in zip(model.parameters(), reference.parameters()))
-    if rank == 0:
+    return gaps
+
+
+def sync_bn_worker() -> None:
+    """Under torchrun (2 gloo processes): synchronised BN gives the single-process gradients
+    of the whole batch, and without synchronisation it does not (so the comparison can
+    fail); then the processes leave their groups the way the trainer does."""
+    procs, _ = trainer.start_processes("cpu")
+    gaps = sync_bn_gradient_gaps(procs.rank)
+    if procs.is_main:
         assert gaps[True] < 1e-9, gaps
         assert gaps[False] > 1e-4, gaps
         print(f"sync BN gradients match (relative gap {gaps[True]:.1e}; without sync {gaps[False]:.1e})")
-    dist.destroy_process_group()
+    trainer.stop_processes(procs)
+    print(f"rank {procs.rank}: gloo threads left: {gloo_threads()}", flush=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sync-bn-worker"]:
-    sync_bn_worker(sys.argv[2])
+    sync_bn_worker()
+elif __name__ == "__main__" and sys.argv[1:2] == ["train-worker"]:
+    sys.exit(train_worker(sys.argv[2:]))

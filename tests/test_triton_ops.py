@@ -1,10 +1,13 @@
 """The Triton backend's kernels against the torch backend and against float64
 autograd references, at awkward shapes (rows not a multiple of the tile,
-channel counts not multiples of 16, strided channel-range views).
+channel counts not multiples of 16, strided channel-range views), with every
+configuration a GPU may launch, and NaN/Inf inputs.
 
 Without a GPU they run under the Triton interpreter (tests/conftest.py sets
-``TRITON_INTERPRET=1`` before anything imports triton); on a GPU the ``gpu``
-runs add bf16.
+``TRITON_INTERPRET=1`` before anything imports triton), which runs programs one
+after another and only the configuration it is given; on a GPU the ``gpu`` runs
+add bf16.  Every test runs with deterministic algorithms on, so that fresh
+``torch.empty`` memory is NaN and a kernel that reads memory nobody wrote fails.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 from torch import Tensor
 
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
-from densenet_fast.ops.common import dot_precision
+from densenet_fast.ops import bn_relu, bn_relu_conv, channel_stats, common
+from densenet_fast.ops.common import GpuLimits, dot_precision
 
 EPS = 1e-5
 TRITON = TritonBackend()
@@ -44,6 +49,18 @@ def dtype(request, device) -> torch.dtype:
     if request.param == torch.bfloat16 and device != "cuda":
         pytest.skip("bf16 is broken in the Triton interpreter; tested on the GPU")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_fresh_memory():
+    """Deterministic algorithms on: torch then fills every fresh ``torch.empty``
+    with NaN, on the CPU too (warn only: some torchvision ops on CUDA lack a
+    deterministic implementation)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory and torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @pytest.fixture(autouse=True)
@@ -119,10 +136,11 @@ def float64_backward(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple
 
 # -- channel statistics -----------------------------------------------------------------
 
-@pytest.mark.parametrize("m, c", [(203, 40), (50, 17), (2600, 17)])
+@pytest.mark.parametrize("m, c", [(203, 40), (50, 17), (8300, 17)])
 def test_channel_stats_are_stable(device, dtype, m, c):
     """A large common offset (|mean| >> std) is where E[x^2] - E[x]^2 fails;
-    a trend along the rows makes the merged partial means differ."""
+    a trend along the rows makes the merged partial means differ (8300 rows:
+    65 row tiles of 128, so the merge combines two groups of 64)."""
     g = torch.Generator().manual_seed(0)
     trend = torch.linspace(0, 6, m, dtype=torch.float64)[:, None]
     buffer = torch.randn(m, c + 8, generator=g, dtype=torch.float64) * 2 + 300 + trend
@@ -268,6 +286,240 @@ def test_transition(device, dtype, n, h, w, c, k, batch_stats):
         assert_close(actual, exact, vs_float64, f"{name} vs float64")
 
 
+# -- every configuration a GPU may launch -----------------------------------------------
+
+def config_id(config: triton.Config) -> str:
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_C']}-w{config.num_warps}-s{config.num_stages}"
+
+
+def fitting_dtype(device: str, shared_memory, meta: dict, *configs: triton.Config) -> torch.dtype:
+    """fp32 if ``configs`` fit the device's shared memory in fp32 (an H200's
+    under the interpreter), else fp16 (the only data a GPU launches them for)."""
+    limit = common.gpu_limits(torch.device(device)).shared_memory
+    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for c in configs)
+    return torch.float32 if fits else torch.float16
+
+
+def force(monkeypatch, launcher: common.Launcher, config: triton.Config) -> None:
+    """Make ``launcher`` run ``config`` (the interpreter runs only the configuration it is given)."""
+    monkeypatch.setattr(launcher, "usable", lambda grid, data, meta: [config])
+
+
+def image_batch(cells: int) -> tuple[int, int, int]:
+    """``(N, 9, 11)``: odd sizes (4 x 5 cells per image for the transition) with at least ``cells`` cells."""
+    return triton.cdiv(cells, 20), 9, 11
+
+
+def assert_matches_torch(actual: list[Tensor], run_torch, dtype: torch.dtype, what: str) -> None:
+    """``actual`` against the torch backend in ``dtype`` and in float64 (``run_torch(dtype)`` -> list)."""
+    vs_torch, vs_float64 = TOLERANCE[dtype]
+    for i, (result, same, exact) in enumerate(zip(actual, run_torch(dtype), run_torch(torch.float64))):
+        assert_close(result, same, vs_torch, f"{what} output {i} vs torch backend")
+        assert_close(result, exact, vs_float64, f"{what} output {i} vs float64")
+
+
+@pytest.mark.parametrize("pool, config", [pytest.param(pool, config, id=f"pool{pool}-{config_id(config)}")
+                                          for pool, configs in bn_relu_conv.FORWARD_CONFIGS.items()
+                                          for config in configs])
+def test_forward_with_every_configuration(monkeypatch, device, pool, config):
+    """Cells just past two row tiles (pool 1) or one (pool 2), input channels
+    just past one channel block, K = 136: two output-channel blocks."""
+    force(monkeypatch, bn_relu_conv._forward[pool], config)
+    block_m, block_c = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
+    c, k = block_c + 7, 136
+    dtype = fitting_dtype(device, bn_relu_conv.FORWARD_SHARED_MEMORY, dict(POOL=pool, BLOCK_K=128), config)
+    g = torch.Generator().manual_seed(7)
+    shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
+    x = channel_view(shape, 3, c, 2, dtype, device, g)
+    bn = make_bn(x, True, g)
+    weight = (0.2 * torch.randn(k, c, generator=g)).to(device=device, dtype=dtype)
+
+    def run(backend, dtype):
+        args = [t.to(dtype) for t in (x, weight)]
+        if pool == 1:
+            out = torch.empty(x.shape[0], k, device=device, dtype=dtype)
+            return [out, *backend.bn_relu_conv1x1(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out,
+                                                  with_stats=True)]
+        out = torch.empty(shape[0], shape[1] // 2, shape[2] // 2, k, device=device, dtype=dtype)
+        backend.transition(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out)
+        return [out]
+
+    result = run(TRITON, dtype)
+    assert_matches_torch(result[:1], lambda d: run(TORCH, d)[:1], dtype, "forward")
+    if pool == 1:  # statistics of the stored output
+        var64, mean64 = torch.var_mean(result[0].double().cpu(), dim=0, correction=0)
+        assert_close(result[1], mean64, 1e-5, "output mean")
+        assert_close(result[2], var64, 1e-4, "output var")
+
+
+BACKWARD_CASES = [(pool, has_gemm, index) for pool, has_gemm in ((1, True), (1, False), (2, True))
+                  for index in range(max(len(bn_relu_conv.REDUCE_CONFIGS[pool]), len(bn_relu_conv.DX_CONFIGS[pool])))]
+
+
+@pytest.mark.parametrize("pool, has_gemm, index", [
+    pytest.param(pool, has_gemm, index, id=f"pool{pool}-{'gemm' if has_gemm else 'bn_relu'}-"
+                 f"{config_id(bn_relu_conv.REDUCE_CONFIGS[pool][index % len(bn_relu_conv.REDUCE_CONFIGS[pool])])}-"
+                 f"{config_id(bn_relu_conv.DX_CONFIGS[pool][index % len(bn_relu_conv.DX_CONFIGS[pool])])}")
+    for pool, has_gemm, index in BACKWARD_CASES])
+def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, index):
+    """Both passes, each with its ``index``-th configuration (cycling through
+    the shorter list), batch statistics, at shapes just past the tiles; with the
+    GEMM, K = 136 (two blocks of dW, two steps of the dZ loop)."""
+    configs = [launchers[pool][index % len(launchers[pool])]
+               for launchers in (bn_relu_conv.REDUCE_CONFIGS, bn_relu_conv.DX_CONFIGS)]
+    force(monkeypatch, bn_relu_conv._reduce[pool], configs[0])
+    force(monkeypatch, bn_relu_conv._dx[pool], configs[1])
+    block_m = max(config.kwargs["BLOCK_M"] for config in configs)
+    c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
+    k = 136 if has_gemm else c
+    dtype = fitting_dtype(device, bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128),
+                          *configs)
+    g = torch.Generator().manual_seed(8)
+    shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
+    x = channel_view(shape, 3, c, 2, dtype, device, g)
+    bn = make_bn(x, True, g)
+    weight = (0.2 * torch.randn(k, c, generator=g)).to(device=device, dtype=dtype)
+    out_shape = shape if pool == 1 else (shape[0], shape[1] // 2, shape[2] // 2)
+    grad_out = torch.randn(*out_shape, k, generator=g).to(device=device, dtype=dtype)
+    grad_x_before = torch.randn(*shape, c, generator=g).to(device=device, dtype=dtype)  # the dense layer adds to it
+
+    def run(backend, dtype):
+        x_, w_, g_ = (t.to(dtype) for t in (x, weight, grad_out))
+        bn_args = [t.to(dtype) for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
+        grad_x = grad_x_before.to(dtype, copy=True) if pool == 1 and has_gemm else torch.empty_like(x_)
+        if pool == 2:
+            grads = backend.transition_backward(x_, *bn_args, w_, g_, grad_x, bn.batch_mean())
+        elif has_gemm:
+            grads = backend.bn_relu_conv1x1_backward(x_, *bn_args, w_, g_, grad_x, bn.batch_mean())
+        else:
+            grads = backend.bn_relu_backward(x_, *bn_args, g_.clone(), grad_x, bn.batch_mean())
+        return [grad_x, *grads]
+
+    assert_matches_torch(run(TRITON, dtype), lambda d: run(TORCH, d), dtype, "backward")
+
+
+# -- NaN and Inf ------------------------------------------------------------------------
+
+def assert_same_values(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    """NaN and +-Inf exactly where ``expected`` has them, finite values within ``tol`` (max-relative)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN elsewhere than torch's"
+    infinite = expected.isinf()
+    assert torch.equal(actual.isinf(), infinite) and torch.equal(actual[infinite], expected[infinite]), \
+        f"{what}: Inf elsewhere than torch's"
+    finite = expected.isfinite()
+    if finite.any():
+        assert_close(actual[finite], expected[finite], tol, what)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_nan_and_inf_propagate_as_in_torch(device, batch_stats):
+    """A NaN, a +Inf and a -Inf in three channels of the input: every primitive
+    gives NaN and Inf exactly where the torch backend does: relu(NaN) = NaN,
+    and the gradient passes where ``a <= 0`` is false, NaN included (torch's
+    ``threshold_backward``); the -Inf sits in a row the transition's pooling drops."""
+    g = torch.Generator().manual_seed(9)
+    n, h, w, c, k = 2, 5, 7, 20, 24
+    x = channel_view((n, h, w), 1, c, 2, torch.float32, device, g)
+    bn = make_bn(x, batch_stats, g)  # finite coefficients from the clean data
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 3, 5] = float("inf")
+    x[0, 4, 6, 7] = float("-inf")
+    weight = (0.2 * torch.randn(k, c, generator=g)).to(device)
+    rows = x.reshape(-1, c)
+    grad_out = torch.randn(n * h * w, k, generator=g).to(device)
+    grad_pooled = torch.randn(n, h // 2, w // 2, k, generator=g).to(device)
+
+    def run(backend) -> dict[str, Tensor]:
+        coefficients = (bn.scale, bn.shift)
+        statistics = (bn.mean, bn.rstd)
+        out = torch.empty(n * h * w, k, device=device)
+        stats = backend.bn_relu_conv1x1(rows, *coefficients, weight, out, with_stats=True)
+        grad_rows = torch.zeros_like(rows)
+        conv_grads = backend.bn_relu_conv1x1_backward(rows, *coefficients, *statistics, weight, grad_out, grad_rows,
+                                                      bn.batch_mean())
+        z = torch.empty_like(rows)
+        backend.bn_relu(rows, *coefficients, z)
+        grad_z = torch.empty_like(rows)
+        bn_relu_grads = backend.bn_relu_backward(rows, *coefficients, *statistics, out[:, :c].clone(), grad_z,
+                                                 bn.batch_mean())
+        pooled = torch.empty(n, h // 2, w // 2, k, device=device)
+        backend.transition(x, *coefficients, weight, pooled)
+        grad_x = torch.empty_like(x)
+        transition_grads = backend.transition_backward(x, *coefficients, *statistics, weight, grad_pooled, grad_x,
+                                                       bn.batch_mean())
+        results = dict(zip(("channel mean", "channel var"), backend.channel_stats(rows)))
+        results.update(zip(("conv out", "out mean", "out var", "conv grad_x", "conv grad_weight", "conv grad_gamma",
+                            "conv grad_beta"), (out, *stats, grad_rows, *conv_grads)))
+        results.update(zip(("bn_relu", "bn_relu grad_x", "bn_relu grad_gamma", "bn_relu grad_beta"),
+                           (z, grad_z, *bn_relu_grads)))
+        results.update(zip(("transition", "transition grad_x", "transition grad_weight", "transition grad_gamma",
+                            "transition grad_beta"), (pooled, grad_x, *transition_grads)))
+        return results
+
+    ours, expected = run(TRITON), run(TORCH)
+    assert ours["bn_relu"].isnan().any() and ours["conv out"].isinf().any()
+    for name in expected:
+        assert_same_values(ours[name], expected[name], TOLERANCE[torch.float32][0], name)
+
+
+# -- choosing configurations ------------------------------------------------------------
+
+H200 = GpuLimits(shared_memory=232448, multiprocessors=132)
+A100 = GpuLimits(shared_memory=166912, multiprocessors=108)
+RTX_4090 = GpuLimits(shared_memory=101376, multiprocessors=128)  # sm_89: the least shared memory of sm_8x/sm_90
+GEMM_LAUNCHERS = {"forward": (bn_relu_conv._forward, bn_relu_conv.FORWARD_SHARED_MEMORY),
+                  "reduce": (bn_relu_conv._reduce, bn_relu_conv.BACKWARD_SHARED_MEMORY),
+                  "dx": (bn_relu_conv._dx, bn_relu_conv.BACKWARD_SHARED_MEMORY)}
+
+
+@pytest.mark.parametrize("limits", [H200, A100, RTX_4090], ids=["H200", "A100", "RTX4090"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_candidates_are_pruned_by_shared_memory(monkeypatch, limits, dtype):
+    """Only configurations whose shared memory (an upper bound, checked against
+    compiled kernels by benchmarks/triton_compile_check.py) fits the device are
+    ever launched or autotuned, and every kernel keeps at least one."""
+    monkeypatch.setattr(common, "INTERPRETER_LIMITS", limits)
+    data = torch.empty(0, dtype=dtype)
+    for name, (launchers, shared_memory) in GEMM_LAUNCHERS.items():
+        for pool, launcher in launchers.items():
+            for has_gemm in (True, False):
+                meta = dict(POOL=pool, HAS_GEMM=has_gemm, BLOCK_K=128)
+                fitting = launcher.fitting(data, meta)
+                assert fitting, (name, pool)
+                for config in fitting:
+                    need = shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
+                    assert need <= limits.shared_memory, (name, pool, config)
+    # the fp32 forward's first candidate needs more than any of these GPUs offers (it compiles to 225 KiB on sm_90)
+    first = bn_relu_conv.FORWARD_CONFIGS[1][0]
+    assert (first in bn_relu_conv._forward[1].fitting(data, dict(POOL=1, BLOCK_K=128))) == (dtype != torch.float32
+                                                                                             and limits != RTX_4090)
+
+
+def test_configuration_follows_the_shapes(monkeypatch):
+    """Without timing anything: the first fitting candidate while its grid
+    gives every multiprocessor a program, else the one with the most programs;
+    autotuning (opt-in) considers every fitting candidate, never in deterministic mode."""
+    monkeypatch.setattr(common, "INTERPRETER_LIMITS", H200)
+    launcher = bn_relu_conv._forward[1]
+    meta = dict(POOL=1, BLOCK_K=128)
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+
+    def block_m(data: Tensor, rows: int) -> list[int]:
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1)  # noqa: E731
+        return [config.kwargs["BLOCK_M"] for config in launcher.usable(grid, data, meta)]
+
+    assert block_m(bf16, 256 * 14 * 14) == [128]  # DenseNet-121 block 3, batch 256: 392 programs
+    assert block_m(bf16, 256 * 7 * 7) == [64]  # block 4: 98 programs of 128 rows would leave SMs idle
+    assert block_m(bf16, 100) == [64]  # too few rows for any: the most programs
+    assert block_m(fp32, 256 * 14 * 14) == [64]  # the 128-row candidate does not fit in fp32
+    monkeypatch.setenv(common.AUTOTUNE_ENV_VAR, "1")
+    assert block_m(bf16, 256 * 14 * 14) == [128]  # deterministic mode (this file's fixture): no autotuning
+    torch.use_deterministic_algorithms(False)
+    assert len(block_m(bf16, 256 * 14 * 14)) == len(launcher.fitting(bf16, meta)) > 1
+
+
 # -- modes and refusals -----------------------------------------------------------------
 
 def test_deterministic_mode_is_bitwise_reproducible(device):
@@ -296,12 +548,28 @@ def test_deterministic_mode_is_bitwise_reproducible(device):
         assert torch.equal(a, b)
 
 
-def test_float64_is_refused_clearly(device):
-    x = torch.randn(20, 16, device=device, dtype=torch.float64)
+def test_float64_runs_the_torch_backend(device):
+    """The kernels take fp32/fp16/bf16 only; fp64 (automatic backend choice puts
+    it on triton on CUDA) runs the torch backend's primitives; the ops refuse it."""
+    g = torch.Generator().manual_seed(6)
+    x = channel_view((3, 5, 7), 2, 20, 3, torch.float64, device, g)
+    bn = make_bn(x, True, g)
+    scale, shift, mean, rstd = (t.double() for t in (bn.scale, bn.shift, bn.mean, bn.rstd))
+    weight = torch.randn(18, 20, generator=g, dtype=torch.float64).to(device)
+    rows = x.reshape(-1, 20)
+    results = []
+    for backend in (TRITON, TORCH):
+        out = torch.empty(rows.shape[0], 18, device=device, dtype=torch.float64)
+        stats = backend.bn_relu_conv1x1(rows, scale, shift, weight, out, with_stats=True)
+        grad_x = torch.zeros_like(rows)
+        grads = backend.bn_relu_conv1x1_backward(rows, scale, shift, mean, rstd, weight, out, grad_x, bn.batch_mean())
+        pooled = torch.empty(3, 2, 3, 18, device=device, dtype=torch.float64)
+        backend.transition(x, scale, shift, weight, pooled)
+        results.append([out, *stats, grad_x, *grads, pooled, *backend.channel_stats(rows)])
+    for actual, expected in zip(*results):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
     with pytest.raises(TypeError, match="backend='torch'"):
-        TRITON.channel_stats(x)
-    with pytest.raises(TypeError, match="backend='torch'"):
-        TRITON.bn_relu_conv1x1(x, x[0], x[0], x, torch.empty_like(x), with_stats=False)
+        channel_stats.channel_stats(rows)
 
 
 def test_fp32_dot_precision_follows_torch_tf32_switch_for_convolutions():
@@ -339,3 +607,95 @@ def test_model_on_triton_matches_torchvision(device, recompute):
     result = forward_backward(ours, x, target)
     assert max_relative_error(result.output, forward_backward(tv, x, target).output) <= FP32_RTOL
     assert max_relative_error(result.output, forward_backward(ours_torch, x, target).output) <= FP32_RTOL
+
+
+ALL_LAUNCHERS = [*bn_relu_conv._forward.values(), *bn_relu_conv._reduce.values(), *bn_relu_conv._dx.values(),
+                 channel_stats._tile_stats, channel_stats._merge_stats, bn_relu._bn_relu]
+
+
+def test_model_with_every_kernels_first_configuration(monkeypatch, device):
+    """The tiny model with the first candidate of every kernel (the largest row
+    tiles; what a GPU runs for 16-bit data) and NaN-filled fresh memory,
+    against the torch backend in fp32: output, every gradient and running
+    statistic after a training step."""
+    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+
+    for launcher in ALL_LAUNCHERS:
+        force(monkeypatch, launcher, launcher.candidates[0])
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
+    ours, _ = make_pair(dtype=torch.float32, device=device, backend="triton", **config)
+    reference, _ = make_pair(dtype=torch.float32, device=device, backend="torch", **config)
+    reference.load_state_dict(ours.state_dict())
+    x, target = random_batch(ours, 2, 9, 7, seed=7)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-4)
+
+
+# -- GPU only ---------------------------------------------------------------------------
+
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+def layer_and_transition(device: str) -> list[Tensor]:
+    """A dense layer's forward (with statistics) and backward (accumulating)
+    and a transition's forward and backward, on the triton and the torch
+    backend: ``(ours, torch's)``."""
+    g = torch.Generator().manual_seed(10)
+    x = channel_view((2, 6, 5), 0, 40, 0, torch.float32, device, g)
+    bn = make_bn(x, True, g)
+    weight = torch.randn(20, 40, generator=g).to(device)
+    grad_out = torch.randn(60, 20, generator=g).to(device)
+    grad_pooled = torch.randn(2, 3, 2, 20, generator=g).to(device)
+    rows = x.reshape(-1, 40)
+
+    def run(backend) -> list[Tensor]:
+        out = torch.empty(60, 20, device=device)
+        stats = backend.bn_relu_conv1x1(rows, bn.scale, bn.shift, weight, out, with_stats=True)
+        grad_rows = torch.ones_like(rows)
+        grads = backend.bn_relu_conv1x1_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                                 grad_rows, bn.batch_mean())
+        pooled = torch.empty(2, 3, 2, 20, device=device)
+        backend.transition(x, bn.scale, bn.shift, weight, pooled)
+        grad_x = torch.empty_like(x)
+        transition_grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_pooled,
+                                                       grad_x, bn.batch_mean())
+        return [out, *stats, grad_rows, *grads, pooled, grad_x, *transition_grads, *backend.channel_stats(rows)]
+
+    return run(TRITON), run(TORCH)
+
+
+@needs_gpu
+def test_kernels_launch_on_their_tensors_device():
+    """Tensors on ``cuda:1`` while ``cuda:0`` is current: every launch goes to the tensors' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with torch.cuda.device(0):
+        ours, expected = layer_and_transition("cuda:1")
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
+        assert actual.device == torch.device("cuda:1")
+        assert_close(actual, reference, 1e-4, f"output {i}")
+
+
+@needs_gpu
+def test_opt_in_autotuning(monkeypatch):
+    """DENSENET_FAST_AUTOTUNE=1 outside deterministic mode: triton.autotune over
+    the candidates that fit, with the statistics counts reset and the
+    accumulated gradient restored between candidates."""
+    monkeypatch.setenv(common.AUTOTUNE_ENV_VAR, "1")
+    torch.use_deterministic_algorithms(False)
+    ours, expected = layer_and_transition("cuda")
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
+        assert_close(actual, reference, 1e-4, f"output {i}")
+
+
+@needs_gpu
+def test_float64_model_on_cuda_with_automatic_backend():
+    """Automatic choice puts CUDA tensors on the triton backend, whose kernels
+    lack fp64: fp64 runs the torch backend's primitives instead of raising."""
+    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
+    ours, _ = make_pair(dtype=torch.float64, device="cuda", backend=None, **config)
+    reference, _ = make_pair(dtype=torch.float64, device="cuda", backend="torch", **config)
+    x, target = random_batch(ours, 2, 9, 7, seed=7)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-10)

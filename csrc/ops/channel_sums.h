@@ -1,7 +1,7 @@
 // densenet_fast::channel_sums(Tensor x, Tensor shift) -> (Tensor sum, Tensor sumsq):
-// per-channel sums over the rows of a channel range of a channels-last buffer
-// (DESIGN.md §3).  x is (M, C), sum and sumsq are (C,) float64 sums of
-// (x - shift) and (x - shift)^2, accumulated in float64.
+// per-channel sums over the rows of a channel range of a channels-last buffer.
+// x is (M, C), sum and sumsq are (C,) float64 sums of (x - shift) and
+// (x - shift)^2, accumulated in float64 in a fixed order.
 #pragma once
 
 #include <ATen/core/Tensor.h>

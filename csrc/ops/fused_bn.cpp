@@ -11,6 +11,11 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor bn_backward_sums(at::Tensor centered_sums, const at::Tensor& rstd) {
+  centered_sums[1].mul_(rstd.to(at::kDouble));
+  return centered_sums.to(rstd.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,
                                                        const at::Tensor& batch_means) {
   return {(-scale * batch_means[0]).contiguous(), (-scale * rstd * batch_means[1]).contiguous()};
@@ -37,27 +42,32 @@ void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const 
   check_data(t, x, op, name);
 }
 
-// (N, H, W, C) with channel stride 1.
+// (N, *spatial, C) with 1 to 3 spatial dimensions and channel stride 1.
 void check_pixels(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, H, W, C), got shape ", t.sym_sizes());
-  TORCH_CHECK(t.sym_size(3) <= 1 || t.sym_stride(3) == 1, op, ": ", name,
+  TORCH_CHECK(t.dim() >= 3 && t.dim() <= 5, op, ": ", name,
+              " must be (N, *spatial, C) with 1 to 3 spatial dimensions (N, L, C), (N, H, W, C) or (N, D, H, W, C), "
+              "got shape ", t.sym_sizes());
+  TORCH_CHECK(x.dim() == t.dim(), op, ": ", name, " must have as many spatial dimensions as x ", x.sym_sizes(),
+              ", got shape ", t.sym_sizes());
+  TORCH_CHECK(t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1, op, ": ", name,
               " must have channel stride 1 (channels-last), got strides ", t.sym_strides());
   check_data(t, x, op, name);
 }
 
-// (N, H, W, K) whose pixels are rows of one stride (N, H, W merge into one dimension).
+// (N, *spatial, K) whose pixels are rows of one stride (N and the spatial dimensions merge into one).
 void check_pixel_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_pixels(t, x, op, name);
-  c10::SymInt row_stride = t.sym_stride(2);
-  bool mergeable = t.sym_size(3) <= 1 || t.sym_numel() == 0 || row_stride >= t.sym_size(3);
-  for (int64_t d = 2; d >= 0; --d) {
+  const int64_t channel_dim = t.dim() - 1;
+  c10::SymInt row_stride = t.sym_stride(channel_dim - 1);
+  bool mergeable = t.sym_size(channel_dim) <= 1 || t.sym_numel() == 0 || row_stride >= t.sym_size(channel_dim);
+  for (int64_t d = channel_dim - 1; d >= 0; --d) {
     if (t.sym_size(d) != 1) {
       mergeable = mergeable && t.sym_stride(d) == row_stride;
       row_stride = row_stride * t.sym_size(d);
     }
   }
-  TORCH_CHECK(mergeable, op, ": ", name, " must be rows of one stride (N, H, W mergeable), got shape ",
-              t.sym_sizes(), " and strides ", t.sym_strides());
+  TORCH_CHECK(mergeable, op, ": ", name, " must be rows of one stride (N and the spatial dimensions mergeable), "
+              "got shape ", t.sym_sizes(), " and strides ", t.sym_strides());
 }
 
 void check_coefficients(const at::Tensor& x, std::initializer_list<const at::Tensor*> coefficients, const char* op) {
@@ -83,8 +93,14 @@ void check_weight(const at::Tensor& x, const at::Tensor& weight, const char* op)
               weight.sym_strides());
 }
 
+// (N, *spatial // 2, channels) for x (N, *spatial, C).
 std::vector<c10::SymInt> pooled_shape(const at::Tensor& x, const c10::SymInt& channels) {
-  return {x.sym_size(0), x.sym_size(1) / 2, x.sym_size(2) / 2, channels};
+  std::vector<c10::SymInt> shape{x.sym_size(0)};
+  for (int64_t d = 1; d < x.dim() - 1; ++d) {
+    shape.push_back(x.sym_size(d) / 2);
+  }
+  shape.push_back(channels);
+  return shape;
 }
 
 }  // namespace
@@ -207,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_sums_meta(
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   return {at::empty_symint(weight.sym_sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous)),
-          at::empty_symint({2, x.sym_size(3)}, x.options().dtype(stats_dtype(x)))};
+          at::empty_symint({2, x.sym_size(-1)}, x.options().dtype(stats_dtype(x)))};
 }
 
 void bn_backward_finish_meta(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,

@@ -1,63 +1,112 @@
-"""Backend registry: which implementation of the primitives (see
+"""Backend registry: which implementation of the primitives (the contract in
 :mod:`.interface`) runs a model.
 
-Names: ``torch`` (reference, any device), ``cpp`` (the csrc extension on the
-CPU), ``cuda`` (the csrc extension's CUDA kernels), ``triton`` (Triton kernels
-on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).  ``None`` chooses per
-device: CUDA -> triton, cuda, torch; CPU -> cpp, torch (first available).
-The environment variable ``DENSENET_FAST_BACKEND`` overrides ``None``.
-Asking for a backend that is not available raises
-:class:`BackendUnavailableError`; there is no silent fallback.
+Every backend is one row of :data:`BACKENDS`: its name, where its class lives,
+the devices it runs on and what it needs.  ``None`` chooses per device the
+first row, in table order, that runs there: CUDA -> triton, cuda, torch;
+CPU -> cpp, torch.  The environment variable ``DENSENET_FAST_BACKEND``
+overrides ``None``.  Asking for a backend that is not available raises
+:class:`BackendUnavailableError`; there is no silent fallback (each backend
+itself runs the torch backend's primitive for the dtypes its kernels lack).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .interface import Backend
 
-BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "DENSENET_FAST_BACKEND"
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
-__all__ = ["Backend", "BACKEND_NAMES", "BackendUnavailableError", "available_backends", "get_backend",
-           "resolve_backend_name"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "BackendUnavailableError", "available_backends",
+           "get_backend", "resolve_backend_name"]
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not built, no device, not installed)."""
 
 
-def _unavailable_reason(name: str) -> Optional[str]:
-    """``None`` if backend ``name`` can be used in this process, else why not."""
-    if name == "torch":
-        return None
-    if name in ("cpp", "cuda"):
-        from .. import _extension
-        if _extension.load() is None:
-            return f"the C++ extension densenet_fast._C is not built or failed to load ({_extension.load_error()})"
-        if name == "cuda" and not _extension.has_cuda():
-            return "the C++ extension was built without its CUDA kernels"
-        if name == "cuda" and not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return None
-    if name == "triton":
-        try:
-            from . import triton_backend  # noqa: F401
-        except ImportError as exc:
-            return f"Triton kernels cannot be imported ({exc})"
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton on the CPU)"
-        return None
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _extension_missing() -> Optional[str]:
+    from .. import _extension
+    if _extension.load() is None:
+        return f"the C++ extension densenet_fast._C is not built or failed to load ({_extension.load_error()})"
+    return None
+
+
+def _cuda_kernels_missing() -> Optional[str]:
+    from .. import _extension
+    reason = _extension_missing()
+    if reason is not None:
+        return reason
+    if not _extension.has_cuda():
+        return "the C++ extension was built without its CUDA kernels"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _triton_missing() -> Optional[str]:
+    try:
+        importlib.import_module(".triton_backend", __name__)
+    except ImportError as exc:
+        return f"Triton kernels cannot be imported ({exc})"
+    if not torch.cuda.is_available() and not _interpreting_triton():
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """One backend: ``module.cls`` implements :class:`.interface.Backend` for
+    tensors on ``runs_on(device)``; automatic choice takes it only for the
+    device types ``chosen_for`` (``None``: any); ``missing()`` says why it
+    cannot be used in this process (``None``: it can)."""
+    name: str
+    module: str
+    cls: str
+    runs_on: Callable[[torch.device], bool]
+    chosen_for: Optional[tuple[str, ...]]
+    missing: Callable[[], Optional[str]]
+
+    def chosen_automatically(self, device: torch.device) -> bool:
+        return ((self.chosen_for is None or device.type in self.chosen_for) and self.runs_on(device)
+                and self.missing() is None)
+
+
+BACKENDS = (  # in order of preference for automatic choice
+    BackendSpec("triton", ".triton_backend", "TritonBackend",
+                runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and _interpreting_triton()),
+                chosen_for=("cuda",), missing=_triton_missing),
+    BackendSpec("cuda", ".cpp_backend", "CudaBackend", runs_on=lambda device: device.type == "cuda",
+                chosen_for=("cuda",), missing=_cuda_kernels_missing),
+    BackendSpec("cpp", ".cpp_backend", "CppBackend", runs_on=lambda device: device.type == "cpu",
+                chosen_for=("cpu",), missing=_extension_missing),
+    BackendSpec("torch", ".torch_backend", "TorchBackend", runs_on=lambda device: True, chosen_for=None,
+                missing=lambda: None),
+)
+BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")  # reference first, as users list them
+_BY_NAME = {spec.name: spec for spec in BACKENDS}
+
+
+def _spec(name: str) -> BackendSpec:
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
+    return _BY_NAME[name]
 
 
 def available_backends() -> list[str]:
-    return [name for name in BACKEND_NAMES if _unavailable_reason(name) is None]
+    """The backends this process can use, in :data:`BACKEND_NAMES` order."""
+    return [name for name in BACKEND_NAMES if _BY_NAME[name].missing() is None]
 
 
 def resolve_backend_name(name: Optional[str]) -> Optional[str]:
@@ -66,10 +115,10 @@ def resolve_backend_name(name: Optional[str]) -> Optional[str]:
         name = os.environ.get(ENV_VAR) or None
         if name is None:
             return None
-    if not isinstance(name, str) or name.lower() not in BACKEND_NAMES:
+    if not isinstance(name, str):
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
     name = name.lower()
-    reason = _unavailable_reason(name)
+    reason = _spec(name).missing()
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     return name
@@ -77,41 +126,14 @@ def resolve_backend_name(name: Optional[str]) -> Optional[str]:
 
 @functools.cache
 def _instance(name: str) -> Backend:
-    if name == "torch":
-        from .torch_backend import TorchBackend
-        return TorchBackend()
-    if name == "cpp":
-        from .cpp_backend import CppBackend
-        return CppBackend()
-    if name == "cuda":
-        from .cpp_backend import CudaBackend
-        return CudaBackend()
-    from .triton_backend import TritonBackend
-    return TritonBackend()
+    spec = _spec(name)
+    return getattr(importlib.import_module(spec.module, __name__), spec.cls)()
 
 
-def _device_ok(name: str, device: torch.device) -> bool:
-    if name == "torch":
-        return True
-    if name == "cpp":
-        return device.type == "cpu"
-    if name == "cuda":
-        return device.type == "cuda"
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _dtype_ok(name: str, dtype: Optional[torch.dtype]) -> bool:
-    return not (name == "triton" and dtype == torch.float64)
-
-
-def get_backend(name: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
-    """The backend instance for ``dtype`` tensors on ``device`` (``name=None``:
-    automatic, the first available that takes that device and dtype)."""
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The backend instance for tensors on ``device`` (``name=None``: automatic)."""
     if name is None:
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if _device_ok(candidate, device) and _dtype_ok(candidate, dtype) and _unavailable_reason(candidate) is None:
-                return _instance(candidate)
-        return _instance("torch")
-    if not _device_ok(name, device):
+        return _instance(next(spec.name for spec in BACKENDS if spec.chosen_automatically(device)))
+    if not _spec(name).runs_on(device):
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device.type} tensors")
     return _instance(name)

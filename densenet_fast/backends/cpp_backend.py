@@ -7,8 +7,8 @@ writes or adds ``scale * dA`` into ``grad_x`` and returns the local sums
 statistics terms ``-scale * (mean(dA) + xhat * mean(dA * xhat))``.  In eval
 mode (``batch_mean is None``) there is no pass 2.
 
-The fused CPU ops take float32, float64 and bfloat16 data (the CUDA ones
-float32 and float64); other dtypes run the torch backend's implementation.
+The fused ops take float32, float64 and bfloat16 data (CPU and CUDA kernels
+alike); other dtypes run the torch backend's implementation.
 """
 
 from __future__ import annotations
@@ -25,16 +25,23 @@ from .torch_backend import TorchBackend, stats_dtype
 ops = torch.ops.densenet_fast
 
 
-def native_dtypes_only(method):
-    """Run ``method`` when the backend's kernels take ``x``'s dtype
-    (``self.native_dtypes``), TorchBackend's primitive of the same name otherwise."""
-    fallback = getattr(TorchBackend, method.__name__)
+def native_only(takes: Callable[[TorchBackend, Tensor], bool]):
+    """A decorator: run the primitive where its kernels take ``x``
+    (``takes(self, x)``), TorchBackend's primitive of the same name otherwise."""
+    def decorate(method):
+        fallback = getattr(TorchBackend, method.__name__)
 
-    @functools.wraps(method)
-    def primitive(self, x, *args, **kwargs):
-        return (method if x.dtype in self.native_dtypes else fallback)(self, x, *args, **kwargs)
+        @functools.wraps(method)
+        def primitive(self, x, *args, **kwargs):
+            return (method if takes(self, x) else fallback)(self, x, *args, **kwargs)
 
-    return primitive
+        return primitive
+
+    return decorate
+
+
+# for the dtypes of the backend's kernels (``self.native_dtypes``); TorchBackend's primitive for others
+native_dtypes_only = native_only(lambda backend, x: x.dtype in backend.native_dtypes)
 
 
 def finish_bn_backward(x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, sums: Tensor, grad_x: Tensor,
@@ -51,8 +58,10 @@ class ExtensionStatsBackend(TorchBackend):
     """The torch backend with the extension's channel statistics (CPU and CUDA kernels)."""
 
     def channel_stats(self, x: Tensor) -> Stats:
-        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.
-        shift = x[0].to(torch.float64)
+        # Sums of values shifted by the first row keep E[x^2] - E[x]^2 stable.  The shift
+        # must be finite: then the mean is +-Inf or NaN and the variance NaN exactly where
+        # torch's are (a non-finite value in the channel).
+        shift = x[0].to(torch.float64).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         total, total_sq = ops.channel_sums(x, shift)
         m = x.shape[0]
         delta = total / m
@@ -104,6 +113,6 @@ class CudaBackend(ExtensionStatsBackend):
     backward; the GEMM primitives are the torch backend's."""
 
     name = "cuda"
-    native_dtypes = (torch.float32, torch.float64)
+    native_dtypes = CppBackend.native_dtypes
     bn_relu = CppBackend.bn_relu
     bn_relu_backward = CppBackend.bn_relu_backward

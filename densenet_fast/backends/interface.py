@@ -1,8 +1,9 @@
-"""The primitive interface every backend implements (DESIGN.md §4).
+"""The primitive interface every backend implements (docs/engine.md).
 
-The block engine (:mod:`densenet_fast.autograd`) sees a dense block's features
-as one channels-last buffer of shape ``(N, H, W, C_total)``.  Its rows are the
-``M = N*H*W`` pixels, so a *channel range* is the 2-D view
+The block engine (:mod:`densenet_fast.engine`) sees a dense block's features
+as one channels-last buffer of shape ``(N, *spatial, C_total)`` (1, 2 or 3
+spatial dimensions).  Its rows are the ``M = N * prod(spatial)`` pixels, so a
+*channel range* is the 2-D view
 ``buffer.view(M, C_total)[:, c0:c1]``: shape ``(M, C)``, row stride
 ``C_total``, channel stride 1.  The primitives below take such row views.
 
@@ -18,7 +19,7 @@ Conventions:
   ``[sum(dA), sum(dA * xhat)]`` to their means over the whole batch (``/ M``,
   or over all processes for synchronised BN), and
   ``dx = scale * (dA - mean(dA) - xhat * mean(dA * xhat))``.  This is the
-  point between the two passes of the BN backward (DESIGN.md §3).
+  point between the two passes of the BN backward (docs/engine.md).
 - ``grad_gamma = sum(dA * xhat)`` and ``grad_beta = sum(dA)`` are the local sums.
 - Statistics are returned as ``(mean, var)``, biased variance, in fp32 (fp64
   for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
@@ -77,15 +78,18 @@ class Backend:
         raise NotImplementedError
 
     def transition(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> None:
-        """The fused transition for ``x (N, H, W, C)`` (a channels-last view):
-        ``out (N, H//2, W//2, K) = avgpool2x2(relu(x * scale + shift)) @ weight.T``
-        (pooling before the 1x1 convolution is exact: both are linear)."""
+        """The fused transition for ``x (N, *spatial, C)`` (a channels-last view;
+        1, 2 or 3 spatial dimensions):
+        ``out (N, *spatial // 2, K) = avgpool2(relu(x * scale + shift)) @ weight.T``,
+        pooling by 2 (kernel and stride) along every spatial dimension, odd sizes
+        dropping their last pixel (pooling before the 1x1 convolution is exact:
+        both are linear)."""
         raise NotImplementedError
 
     def transition_backward(self, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor,
                             weight: Tensor, grad_out: Tensor, grad_x: Tensor,
                             batch_mean: Optional[Callable[[Tensor], Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Backward of :meth:`transition` for ``grad_out (N, H//2, W//2, K)``:
-        writes (not adds) ``dL/dx`` into ``grad_x (N, H, W, C)`` and returns
+        """Backward of :meth:`transition` for ``grad_out (N, *spatial // 2, K)``:
+        writes (not adds) ``dL/dx`` into ``grad_x (N, *spatial, C)`` and returns
         ``(grad_weight (K, C), grad_gamma (C,), grad_beta (C,))``."""
         raise NotImplementedError

@@ -72,25 +72,44 @@ class TorchBackend(Backend):
         return grad_gamma, grad_beta
 
     def _pooled(self, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-        """``z = relu(x*scale+shift)`` (N, H, W, C) and its 2x2 average pool as rows."""
+        """``z = relu(x*scale+shift)`` (N, *spatial, C) and its average pool by 2 as rows."""
         z = self._bn_relu(x, scale, shift)
-        pooled = F.avg_pool2d(z.permute(0, 3, 1, 2), 2)  # (N, C, H//2, W//2), channels-last
-        return z, pooled.permute(0, 2, 3, 1).reshape(-1, x.shape[-1]).to(x.dtype)
+        pooled = avg_pool2(z.movedim(-1, 1))  # (N, C, *spatial // 2), channels-last
+        return z, pooled.movedim(1, -1).reshape(-1, x.shape[-1]).to(x.dtype)
 
     def transition(self, x, scale, shift, weight, out):
         _, pooled = self._pooled(x, scale, shift)
         torch.mm(pooled, weight.t(), out=out.view(-1, weight.shape[0]))
 
     def transition_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
-        n, h, w, c = x.shape
+        c = x.shape[-1]
         z, pooled = self._pooled(x, scale, shift)
         grad_rows = grad_out.reshape(-1, weight.shape[0])
         grad_weight = grad_rows.t().mm(pooled)
-        grad_pooled = grad_rows.mm(weight).to(scale.dtype).view(n, h // 2, w // 2, c).permute(0, 3, 1, 2)
-        grad_z = torch.ops.aten.avg_pool2d_backward(
-            grad_pooled, z.permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], False, True, None)
-        grad_a = relu_backward(grad_z.permute(0, 2, 3, 1).reshape(-1, c), z.view(-1, c))
-        del z, grad_z
+        grad_pooled = grad_rows.mm(weight).to(scale.dtype).view(*grad_out.shape[:-1], c)
+        grad_a = relu_backward(avg_pool2_backward(grad_pooled, x.shape).view(-1, c), z.view(-1, c))
+        del z
         dx, grad_gamma, grad_beta = self._bn_backward(x.reshape(-1, c), grad_a, scale, mean, rstd, batch_mean)
-        grad_x.copy_(dx.view(n, h, w, c))
+        grad_x.copy_(dx.view(x.shape))
         return grad_weight, grad_gamma, grad_beta
+
+
+def avg_pool2(x: Tensor) -> Tensor:
+    """Average pooling of ``x (N, C, *spatial)`` by 2 (kernel and stride) along
+    each of its 1, 2 or 3 spatial dimensions; odd sizes drop their last pixel."""
+    return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[x.dim() - 3](x, 2)
+
+
+def avg_pool2_backward(grad_pooled: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient ``(N, *spatial, C)`` (shape ``shape``) of the input of
+    :func:`avg_pool2` from that of its output, ``grad_pooled (N, *spatial // 2, C)``
+    (both channels-last as rows): each pixel of a window gets ``1 / 2^d`` of it,
+    pixels that pooling drops get 0."""
+    pooled = grad_pooled.shape[1:-1]
+    grad = grad_pooled.new_zeros(shape)
+    windows = grad[(slice(None), *(slice(0, 2 * size) for size in pooled))]
+    for i, size in enumerate(pooled):  # (N, p1, 2, p2, 2, ..., C): views, whatever the dropped pixels
+        windows = windows.unflatten(1 + 2 * i, (size, 2))
+    spread = grad_pooled.reshape(grad_pooled.shape[0], *(s for size in pooled for s in (size, 1)), shape[-1])
+    windows.copy_(spread.expand(windows.shape) / 2 ** len(pooled))
+    return grad

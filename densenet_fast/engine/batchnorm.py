@@ -1,6 +1,6 @@
 """BatchNorm as the engine runs it: folded into per-channel coefficients, with
-``nn.BatchNorm2d``'s running-statistics rules, and batch statistics optionally
-synchronised over a process group.
+the running-statistics rules of ``nn.BatchNorm1d/2d/3d``, and batch statistics
+optionally synchronised over a process group.
 
 Folding: ``a = x * scale + shift`` with ``scale = gamma * rstd`` and
 ``shift = beta - mean * scale``, where ``(mean, rstd)`` are the batch statistics
@@ -13,28 +13,28 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends.interface import stats_dtype
 
 Stats = tuple[Tensor, Tensor]
 
 
-def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """``nn.BatchNorm2d``'s rule: batch statistics in training or without running ones."""
+def uses_batch_stats(bn: _BatchNorm) -> bool:
+    """torch's BatchNorm rule: batch statistics in training or without running ones."""
     return bn.training or bn.running_mean is None
 
 
 def check_values_per_channel(count: int, shape: tuple[int, ...]) -> None:
-    """``nn.BatchNorm2d``'s check on batch statistics (``count`` values per channel)."""
+    """torch's BatchNorm check on batch statistics (``count`` values per channel)."""
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """What ``nn.BatchNorm2d`` does to its buffers in one training forward
+def update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    """What torch's BatchNorm does to its buffers in one training forward
     (``var`` is the biased batch variance over ``count`` values per channel)."""
     if not (bn.training and bn.track_running_stats):
         return
@@ -121,12 +121,12 @@ class BatchStatistics:
         return synchronised
 
 
-def fold(bn: nn.BatchNorm2d, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
+def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
          statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...]) -> Folded:
     """Fold ``bn`` (affine parameters ``weight``/``bias`` as the caller passed them)
     for one forward of input ``input_shape``; with batch statistics, ``batch`` is
     their ``(mean, biased var)`` (already merged) and the running statistics are
-    updated once, as ``nn.BatchNorm2d`` would."""
+    updated once, as torch's BatchNorm would."""
     dtype = stats_dtype(data_dtype)
     if uses_batch_stats(bn):
         check_values_per_channel(statistics.global_count(), input_shape)

@@ -4,17 +4,23 @@ once when it may not.
 The engine computes what a dense block, a transition or the final BatchNorm
 computes, without running their submodules.  It may do so only where nobody
 could tell the difference: no hooks or parametrizations on those submodules,
-exactly the module types and configurations of torchvision's DenseNet, and an
-input the engine can take (not traced by ``torch.fx`` or ``torch.jit``, no
-``torch.func`` transform active, not empty).  Otherwise the module runs
-torchvision's own per-layer code, whose hooks fire, and a warning says once
-per module why its memory savings are lost.
+exactly the module types and configurations of torchvision's or MONAI's
+DenseNet (1, 2 or 3 spatial dimensions, ReLU with BatchNorm), and an input the
+engine can take (not traced by ``torch.fx`` or ``torch.jit``, no
+``torch.func`` transform active, not empty).  Otherwise the module runs its
+own per-layer code, whose hooks fire, and a warning says once per module why
+its memory savings are lost.
+
+:func:`dense_layer_parts` is how the engine reads a dense layer: torchvision's
+layer holds ``norm1``, ``conv1``, ... itself, MONAI's keeps them in a
+``layers`` Sequential.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,6 +32,55 @@ from torch.nn.utils import parametrize
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                       torch.fx._symbolic_trace.is_fx_tracing)
 _warned: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+
+# The module types of each number of spatial dimensions (index: dimensions - 1).
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # whole channels; nn.Dropout: single values
+LAYER_MODULES = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
+
+
+@dataclass(frozen=True)
+class DenseLayerParts:
+    """A dense layer's modules under torchvision's names, and its dropout."""
+
+    norm1: Optional[nn.Module]
+    relu1: Optional[nn.Module]
+    conv1: Optional[nn.Module]
+    norm2: Optional[nn.Module]
+    relu2: Optional[nn.Module]
+    conv2: Optional[nn.Module]
+    drop_rate: float  # dropout probability of a forward now (0 in eval mode)
+    channel_dropout: bool  # whole channels dropped (MONAI's Dropout2d/3d), else single values
+    standard_dropout: bool  # a dropout the engine reproduces
+
+
+def spatial_dims(conv: nn.Module) -> Optional[int]:
+    """The spatial dimensions of a convolution of ``CONVS``, else ``None``."""
+    return CONVS.index(type(conv)) + 1 if type(conv) in CONVS else None
+
+
+def dense_layer_parts(layer: nn.Module) -> DenseLayerParts:
+    """The parts of torchvision's dense ``layer`` (modules as attributes, a
+    ``drop_rate``) or of MONAI's (``layers``: the six modules, then an optional
+    ``dropout`` module)."""
+    sequential = getattr(layer, "layers", None)
+    if isinstance(sequential, nn.Sequential):
+        modules = [sequential._modules.get(name) for name in LAYER_MODULES]
+        dropout = sequential._modules.get("dropout")
+        if dropout is None:
+            return DenseLayerParts(*modules, 0.0, False, list(sequential._modules) == list(LAYER_MODULES))
+        dims = spatial_dims(modules[2])
+        channel = dims is not None and type(dropout) is CHANNEL_DROPOUTS[dims - 1]
+        standard = (list(sequential._modules) == [*LAYER_MODULES, "dropout"]
+                    and (channel or type(dropout) is nn.Dropout) and 0 <= dropout.p < 1)
+        return DenseLayerParts(*modules, float(dropout.p) if dropout.training else 0.0, channel, standard)
+    modules = [getattr(layer, name, None) for name in LAYER_MODULES]
+    drop_rate = getattr(layer, "drop_rate", None)
+    standard = isinstance(drop_rate, (int, float)) and 0 <= drop_rate < 1
+    return DenseLayerParts(*modules, float(drop_rate) if standard and layer.training else 0.0, False, standard)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -48,14 +103,26 @@ def engine_takes(x: Tensor) -> bool:
     return not torch._C._are_functorch_transforms_active() and x.numel() > 0
 
 
-def _conv_is(conv: nn.Module, kernel: int, padding: int) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel) and conv.stride == (1, 1)
-            and conv.padding == (padding, padding) and conv.dilation == (1, 1) and conv.groups == 1
+def input_matches(x: Tensor, dims: Optional[int], pooled: bool = False) -> bool:
+    """Whether ``x`` is a batch ``(N, C, *spatial)`` with ``dims`` spatial
+    dimensions (each at least 2 where the module pools by 2).  Other inputs run
+    the modules, which raise their own errors or treat them as they do."""
+    return dims is not None and x.dim() == dims + 2 and (not pooled or min(x.shape[2:]) >= 2)
+
+
+def _as_tuple(value, dims: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _conv_is(conv: nn.Module, dims: int, kernel: int, padding: int) -> bool:
+    return (type(conv) is CONVS[dims - 1] and conv.kernel_size == (kernel,) * dims and conv.stride == (1,) * dims
+            and conv.padding == (padding,) * dims and conv.dilation == (1,) * dims and conv.groups == 1
             and conv.bias is None and conv.padding_mode == "zeros")
 
 
-def _bn_is_standard(bn: nn.Module) -> bool:
-    return type(bn) is nn.BatchNorm2d and bn.affine
+def bn_is_standard(bn: nn.Module, dims: int) -> bool:
+    """Whether ``bn`` is the BatchNorm of ``dims`` spatial dimensions, with affine parameters."""
+    return type(bn) is BATCH_NORMS[dims - 1] and bn.affine
 
 
 def _observed(module: nn.Module, children_only: bool = False) -> Optional[str]:
@@ -78,47 +145,63 @@ def layer_blocker(layer: nn.Module) -> Optional[str]:
     reason = _observed(layer)
     if reason is not None:
         return reason
-    norm1, relu1, conv1 = getattr(layer, "norm1", None), getattr(layer, "relu1", None), getattr(layer, "conv1", None)
-    norm2, relu2, conv2 = getattr(layer, "norm2", None), getattr(layer, "relu2", None), getattr(layer, "conv2", None)
-    standard = (_bn_is_standard(norm1) and type(relu1) is nn.ReLU and _conv_is(conv1, 1, 0)
-                and _bn_is_standard(norm2) and type(relu2) is nn.ReLU and _conv_is(conv2, 3, 1)
-                and conv1.in_channels == norm1.num_features and norm2.num_features == conv1.out_channels
-                and conv2.in_channels == conv1.out_channels)
-    return None if standard else "modules other than torchvision's (BatchNorm2d, ReLU, Conv2d) in a dense layer"
+    p = dense_layer_parts(layer)
+    dims = spatial_dims(p.conv1)
+    standard = (dims is not None and p.standard_dropout and bn_is_standard(p.norm1, dims)
+                and type(p.relu1) is nn.ReLU and _conv_is(p.conv1, dims, 1, 0) and bn_is_standard(p.norm2, dims)
+                and type(p.relu2) is nn.ReLU and _conv_is(p.conv2, dims, 3, 1)
+                and p.conv1.in_channels == p.norm1.num_features and p.norm2.num_features == p.conv1.out_channels
+                and p.conv2.in_channels == p.conv1.out_channels)
+    return None if standard else "modules other than BatchNorm, ReLU, Conv and Dropout as in torchvision's or " \
+                                 "MONAI's DenseNet in a dense layer"
 
 
 def block_blocker(layers: list[nn.Module]) -> Optional[str]:
     """Why the engine cannot run a dense block of ``layers``, or ``None``."""
-    growth = layers[0].conv2.out_channels if hasattr(layers[0], "conv2") else None
+    first = dense_layer_parts(layers[0])
     for i, layer in enumerate(layers):
         reason = layer_blocker(layer)
-        if reason is None and (layer.conv2.out_channels != growth
-                               or layer.conv1.in_channels != layers[0].conv1.in_channels + i * growth
-                               or layer.conv1.out_channels != layers[0].conv1.out_channels
-                               or layer.drop_rate != layers[0].drop_rate):
-            reason = "dense layers of different shapes than torchvision's"
+        p = dense_layer_parts(layer)
+        if reason is None and (type(p.conv2) is not type(first.conv2)
+                               or p.conv2.out_channels != first.conv2.out_channels
+                               or p.conv1.in_channels != first.conv1.in_channels + i * first.conv2.out_channels
+                               or p.conv1.out_channels != first.conv1.out_channels
+                               or (p.drop_rate, p.channel_dropout) != (first.drop_rate, first.channel_dropout)):
+            reason = "dense layers of different shapes than torchvision's or MONAI's"
         if reason is not None:
             return f"{reason} (denselayer{i + 1})"
     return None
 
 
 def transition_blocker(transition: nn.Module) -> Optional[str]:
-    """Why the engine cannot run ``transition`` (BN-ReLU-Conv1x1-AvgPool2x2), or ``None``."""
+    """Why the engine cannot run ``transition`` (BN-ReLU-Conv1x1-AvgPool2), or ``None``."""
     reason = _observed(transition, children_only=True)
     if reason is not None:
         return reason
     norm, relu = getattr(transition, "norm", None), getattr(transition, "relu", None)
     conv, pool = getattr(transition, "conv", None), getattr(transition, "pool", None)
-    standard = (len(transition) == 4 and _bn_is_standard(norm) and type(relu) is nn.ReLU and _conv_is(conv, 1, 0)
-                and conv.in_channels == norm.num_features and type(pool) is nn.AvgPool2d
-                and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
-                and not pool.ceil_mode and pool.divisor_override is None)
-    return None if standard else "modules other than torchvision's (BatchNorm2d, ReLU, Conv2d, AvgPool2d)"
+    dims = spatial_dims(conv)
+    standard = (dims is not None and len(transition) == 4 and bn_is_standard(norm, dims) and type(relu) is nn.ReLU
+                and _conv_is(conv, dims, 1, 0) and conv.in_channels == norm.num_features
+                and type(pool) is AVG_POOLS[dims - 1] and _as_tuple(pool.kernel_size, dims) == (2,) * dims
+                and _as_tuple(pool.stride, dims) == (2,) * dims and _as_tuple(pool.padding, dims) == (0,) * dims
+                and not pool.ceil_mode and getattr(pool, "divisor_override", None) is None)
+    return None if standard else "modules other than BatchNorm, ReLU, Conv and AvgPool as in torchvision's or " \
+                                 "MONAI's DenseNet"
 
 
 def head_norm_is_standard(bn: nn.Module) -> bool:
     """Whether the final BatchNorm can be fused with the ReLU and pooling after it."""
-    return _bn_is_standard(bn) and _observed(bn) is None
+    return any(bn_is_standard(bn, dims) for dims in (1, 2, 3)) and _observed(bn) is None
+
+
+def global_pool_is_standard(relu: nn.Module, pool: nn.Module, flatten: nn.Module) -> bool:
+    """Whether ReLU, global average pooling and flattening (MONAI's ``class_layers``
+    before ``out``) may run fused with the final BatchNorm."""
+    dims = ADAPTIVE_AVG_POOLS.index(type(pool)) + 1 if type(pool) in ADAPTIVE_AVG_POOLS else None
+    return (dims is not None and type(relu) is nn.ReLU and _as_tuple(pool.output_size, dims) == (1,) * dims
+            and type(flatten) is nn.Flatten and flatten.start_dim == 1 and flatten.end_dim == -1
+            and all(_observed(m) is None for m in (relu, pool, flatten)))
 
 
 def warn_plain_path(module: nn.Module, reason: str) -> None:
@@ -126,12 +209,12 @@ def warn_plain_path(module: nn.Module, reason: str) -> None:
     seen = _warned.setdefault(module, set())
     if reason not in seen:
         seen.add(reason)
-        warnings.warn(f"densenet_fast: {type(module).__name__} runs torchvision's plain per-layer path because of "
+        warnings.warn(f"densenet_fast: {type(module).__name__} runs the plain per-layer path because of "
                       f"{reason}; its memory savings are lost", RuntimeWarning, stacklevel=3)
 
 
 def refuse_unsynchronised(sync_group, what: str) -> None:
     """Raise when batch statistics should be synchronised but ``what`` would run
-    plain ``nn.BatchNorm2d`` layers, which do not synchronise them."""
+    plain BatchNorm layers, which do not synchronise them."""
     if sync_group is not None:
         raise NotImplementedError(f"synchronised batch statistics run in the fused engine only, but {what}")

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.torch_backend import avg_pool2
 from .batchnorm import Folded
+
+__all__ = ["avg_pool2", "batch_norm", "convolution", "stage_gradients", "stage_output"]
 
 
 def convolution(x: Tensor, weight: Tensor, padding: int) -> Tensor:

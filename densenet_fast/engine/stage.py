@@ -4,10 +4,17 @@ the block's channels-last buffer and then the tail that follows them.
 A stage is ``L >= 0`` dense layers and a tail:
 
 - :class:`NoTail`: the output is the block's features, the buffer itself;
-- :class:`TransitionTail`: BN-ReLU, 2x2 average pooling, 1x1 convolution (pooling
-  first: both are linear, so this is exact and four times cheaper); its output
-  can be written straight into the leading channels of the next block's buffer;
+- :class:`TransitionTail`: BN-ReLU, average pooling by 2 along each spatial
+  dimension, 1x1 convolution (pooling first: both are linear, so this is exact
+  and 2, 4 or 8 times cheaper); its output can be written straight into the
+  leading channels of the next block's buffer;
 - :class:`HeadTail`: BN-ReLU and global average pooling, ``(N, C)``.
+
+Buffers are channels-last over ``(N, C, *spatial)`` for 1, 2 or 3 spatial
+dimensions; the primitives see them as rows of channels (``M = N * prod(spatial)``
+pixels), and the 3x3 (3, 3x3x3) convolution is torch's of the matching dimension.
+Dense layers are read through :func:`.fastpath.dense_layer_parts` (torchvision's
+and MONAI's layers name their modules alike, but keep them in different places).
 
 Forward: the block input occupies channels ``[0, C0)`` of the buffer and layer
 ``l`` writes its ``k`` new channels into ``[C0 + l*k, C0 + (l+1)*k)``, so
@@ -40,6 +47,7 @@ from ..backends.interface import Backend, stats_dtype
 from . import reference
 from .batchnorm import BatchStatistics, Folded, fold, uses_batch_stats
 from .buffers import ScratchArena, channels_last_empty, leading_channels, pixels, rows
+from .fastpath import dense_layer_parts
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 
@@ -94,16 +102,17 @@ class Stage:
 
     def __init__(self, layers: list[nn.Module], tail: "Tail", backend: Backend, keep: bool, arena: ScratchArena,
                  group, next_channels: Optional[int] = None) -> None:
-        self.layers = layers
+        self.layers = [dense_layer_parts(layer) for layer in layers]
         self.tail = tail
         self.backend = backend
         self.keep = keep
         self.arena = arena
         self.group = group
         self.next_channels = next_channels
-        self.growth = layers[0].conv2.out_channels if layers else 0
-        self.width = layers[0].conv1.out_channels if layers else 0  # bottleneck channels, 4k
-        self.drop_rate = layers[0].drop_rate if layers and layers[0].training else 0.0
+        self.growth = self.layers[0].conv2.out_channels if layers else 0
+        self.width = self.layers[0].conv1.out_channels if layers else 0  # bottleneck channels, 4k
+        self.drop_rate = self.layers[0].drop_rate if layers else 0.0
+        self.channel_dropout = bool(layers) and self.layers[0].channel_dropout
         self.buffer: Optional[Tensor] = None  # (N, C_total, *spatial) channels-last; the input is [:, :C0]
         self.next_buffer: Optional[Tensor] = None  # the next block's, when the tail writes into it
 
@@ -120,10 +129,13 @@ class Stage:
         return out + self.tail.params()
 
     def dropout_mask(self, seed: int, like: Tensor) -> Tensor:
-        """The keep-mask of shape ``like`` scaled by ``1/(1-p)``, regenerated from ``seed``."""
+        """The keep-mask for ``like (N, k, *spatial)`` scaled by ``1/(1-p)``,
+        regenerated from ``seed``: of ``like``'s shape, or ``(N, k, 1, ...)`` where
+        whole channels are dropped (it broadcasts)."""
         generator = torch.Generator(device=like.device).manual_seed(seed)
         keep = 1.0 - self.drop_rate
-        mask = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        shape = like.shape[:2] + (1,) * (like.dim() - 2) if self.channel_dropout else like.shape
+        mask = torch.empty(shape, dtype=like.dtype, device=like.device)
         return mask.bernoulli_(keep, generator=generator).div_(keep)
 
 
@@ -132,7 +144,7 @@ class Tail:
     """What follows the layers; this base class is the empty tail: the output is
     the block's features, ``(N, C_total, *spatial)``, the buffer itself."""
 
-    bn: Optional[nn.BatchNorm2d] = None
+    bn: Optional[nn.Module] = None  # the tail's BatchNorm
 
     def params(self) -> list[Tensor]:
         return []
@@ -155,7 +167,8 @@ NoTail = Tail
 
 
 class TransitionTail(Tail):
-    """BN-ReLU-AvgPool2x2-Conv1x1 of a transition (its ``norm`` and ``conv``)."""
+    """BN-ReLU-AvgPool2-Conv1x1 of a transition (its ``norm`` and ``conv``):
+    pooling by 2 along each of the 1, 2 or 3 spatial dimensions."""
 
     def __init__(self, transition: nn.Module) -> None:
         self.bn = transition.norm
@@ -167,11 +180,12 @@ class TransitionTail(Tail):
     def forward(self, stage, buffer, folded, params):
         k = self.conv.out_channels
         weight = params[2].to(buffer.dtype).view(k, -1)
-        n, _, h, w = buffer.shape
+        n, _, *spatial = buffer.shape
+        pooled = tuple(size // 2 for size in spatial)
         if stage.next_channels is None:
-            out = channels_last_empty(n, k, (h // 2, w // 2), buffer)
+            out = channels_last_empty(n, k, pooled, buffer)
         else:  # straight into the leading channels of the next block's buffer
-            stage.next_buffer = channels_last_empty(n, stage.next_channels, (h // 2, w // 2), buffer)
+            stage.next_buffer = channels_last_empty(n, stage.next_channels, pooled, buffer)
             out = leading_channels(stage.next_buffer, k)
         stage.backend.transition(pixels(buffer), folded.scale, folded.shift, weight, pixels(out))
         return out
@@ -185,14 +199,14 @@ class TransitionTail(Tail):
 
     def reference(self, features, folded, params):
         z = F.relu(reference.batch_norm(features, folded, params[0], params[1]))
-        return F.avg_pool2d(F.conv2d(z, params[2].to(z.dtype)), 2)
+        return reference.avg_pool2(reference.convolution(z, params[2], padding=0))
 
 
 class HeadTail(Tail):
-    """The classifier's input: BN-ReLU of the final ``BatchNorm2d``, then global
+    """The classifier's input: BN-ReLU of the final BatchNorm, then global
     average pooling, ``(N, C)``."""
 
-    def __init__(self, bn: nn.BatchNorm2d) -> None:
+    def __init__(self, bn: nn.Module) -> None:
         self.bn = bn
 
     def params(self) -> list[Tensor]:
@@ -218,108 +232,130 @@ class HeadTail(Tail):
 
 
 # -- forward and backward ---------------------------------------------------------------------------
+class ChannelStatistics:
+    """Per-channel batch ``(mean, var)`` of the buffer, each channel computed
+    once, when it is written (merged over processes for synchronised BN)."""
+
+    def __init__(self, stage: Stage, statistics: BatchStatistics, c_total: int) -> None:
+        bns = [layer.norm1 for layer in stage.layers] + ([stage.tail.bn] if stage.tail.bn is not None else [])
+        self.needed = any(uses_batch_stats(bn) for bn in bns)
+        self.backend, self.statistics = stage.backend, statistics
+        if self.needed:
+            self.mean = torch.empty(c_total, dtype=stats_dtype(stage.buffer.dtype), device=stage.buffer.device)
+            self.var = torch.empty_like(self.mean)
+
+    def add(self, features: Tensor, start: int, stop: int) -> None:
+        """Channels ``[start, stop)`` of ``features (M, C_total)`` were written."""
+        if self.needed:
+            stats = self.statistics.merge(self.backend.channel_stats(features[:, start:stop]))
+            self.mean[start:stop], self.var[start:stop] = stats
+
+    def of_first(self, channels: int) -> Optional[tuple[Tensor, Tensor]]:
+        return (self.mean[:channels], self.var[:channels]) if self.needed else None
+
+
+def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStatistics, keep: bool
+                  ) -> LayerRecord:
+    """Dense layer ``i``: reads channels ``[0, C_i)`` of the buffer, writes its ``k`` new ones."""
+    backend, arena, buffer = stage.backend, stage.arena, stage.buffer
+    layer, statistics = stage.layers[i], cache.statistics
+    gamma1, beta1, w1, gamma2, beta2, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
+    n, c_total, *spatial = buffer.shape
+    k, width, m = stage.growth, stage.width, statistics.count
+    c = c_total - (len(stage.layers) - i) * k
+    features = rows(buffer)
+    bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial))
+    bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
+        arena.get("bottleneck", (m, width), buffer)
+    batch2 = uses_batch_stats(layer.norm2)
+    local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
+                                     bottleneck, with_stats=batch2)
+    bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics, buffer.dtype,
+               (n, width, *spatial))
+    activated = arena.get("bn2_out", (n, *spatial, width), buffer)
+    backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
+    new = reference.convolution(activated.movedim(-1, 1), w2, padding=1)
+    seed = None
+    if stage.drop_rate > 0:
+        seed = int(torch.randint(2**62, (1,)).item())
+        new = new * stage.dropout_mask(seed, new)
+    buffer[:, c:c + k].copy_(new)
+    del new
+    cache.add(features, c, c + k)
+    return LayerRecord(bn1, bn2, bottleneck if keep else None, seed)
+
+
 def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tuple[Tensor, Records]:
     """The stage's output, and what its backward needs."""
-    backend, arena, buffer = stage.backend, stage.arena, stage.buffer
-    n, c_total, *spatial = buffer.shape
-    k, width = stage.growth, stage.width
-    c0 = c_total - len(stage.layers) * k
-    m = n * math.prod(spatial)
-    features = rows(buffer)
-    statistics = BatchStatistics(stage.group, m)
-    bns = [layer.norm1 for layer in stage.layers] + ([stage.tail.bn] if stage.tail.bn is not None else [])
-    mean = var = None
-    if any(uses_batch_stats(bn) for bn in bns):  # per-channel statistics, computed once per channel
-        mean = torch.empty(c_total, dtype=stats_dtype(buffer.dtype), device=buffer.device)
-        var = torch.empty_like(mean)
-        mean[:c0], var[:c0] = statistics.merge(backend.channel_stats(features[:, :c0]))
-
-    def batch(c: int):
-        return None if mean is None else (mean[:c], var[:c])
-
-    keep = for_backward and stage.keep
-    records = Records(keep)
-    for i, layer in enumerate(stage.layers):
-        gamma1, beta1, w1, gamma2, beta2, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
-        c = c0 + i * k
-        bn1 = fold(layer.norm1, gamma1, beta1, batch(c), statistics, buffer.dtype, (n, c, *spatial))
-        bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
-            arena.get("bottleneck", (m, width), buffer)
-        batch2 = uses_batch_stats(layer.norm2)
-        local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
-                                         bottleneck, with_stats=batch2)
-        bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics,
-                   buffer.dtype, (n, width, *spatial))
-        activated = arena.get("bn2_out", (n, *spatial, width), buffer)
-        backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
-        new = reference.convolution(activated.movedim(-1, 1), w2, padding=1)
-        seed = None
-        if stage.drop_rate > 0:
-            seed = int(torch.randint(2**62, (1,)).item())
-            new = new * stage.dropout_mask(seed, new)
-        buffer[:, c:c + k].copy_(new)
-        del new
-        if mean is not None:
-            mean[c:c + k], var[c:c + k] = statistics.merge(backend.channel_stats(features[:, c:c + k]))
+    buffer = stage.buffer
+    c_total = buffer.shape[1]
+    c0 = c_total - len(stage.layers) * stage.growth
+    statistics = BatchStatistics(stage.group, buffer.shape[0] * buffer[0, 0].numel())
+    cache = ChannelStatistics(stage, statistics, c_total)
+    cache.add(rows(buffer), 0, c0)
+    records = Records(for_backward and stage.keep)
+    for i in range(len(stage.layers)):
+        record = layer_forward(stage, i, params, cache, records.keep)
         if for_backward:
-            records.layers.append(LayerRecord(bn1, bn2, bottleneck if keep else None, seed))
-
+            records.layers.append(record)
     tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
     if stage.tail.bn is not None:
-        records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], batch(c_total), statistics, buffer.dtype,
-                            tuple(buffer.shape))
+        records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
+                            buffer.dtype, tuple(buffer.shape))
     return stage.tail.forward(stage, buffer, records.tail, tail_params), records
+
+
+def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, grad_buffer: Tensor,
+                   params: list[Tensor]) -> list[Tensor]:
+    """Backward of dense layer ``i``: its new channels' gradient in ``grad_buffer``
+    is complete; adds ``dL/dX`` of its input channels into ``grad_buffer`` and
+    returns the gradients of its six parameters."""
+    backend, arena = stage.backend, stage.arena
+    _, _, w1, _, _, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
+    n, c_total, *spatial = buffer.shape
+    k, width, d = stage.growth, stage.width, len(spatial)
+    m = n * math.prod(spatial)
+    c = c_total - (len(stage.layers) - i) * k
+    bn1, bn2 = record.bn1, record.bn2
+    features = rows(buffer)
+    w1_rows = w1.to(buffer.dtype).view(width, c)
+    grad_new = grad_buffer[:, c:c + k]
+    if record.seed is not None:
+        grad_new = grad_new * stage.dropout_mask(record.seed, grad_new)
+    bottleneck = record.bottleneck
+    if bottleneck is None:
+        bottleneck = arena.get("bottleneck", (m, width), buffer)
+        backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1_rows, bottleneck, with_stats=False)
+    activated = arena.get("bn2_out", (n, *spatial, width), buffer)
+    backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
+    grad_activated, grad_w2, _ = torch.ops.aten.convolution_backward(
+        channels_last_copy(grad_new), activated.movedim(-1, 1), w2.to(buffer.dtype), None,
+        [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False])
+    del grad_new
+    grad_bottleneck = grad_activated.movedim(1, -1).reshape(m, width)
+    grad_gamma2, grad_beta2 = backend.bn_relu_backward(bottleneck, bn2.scale, bn2.shift, bn2.mean, bn2.rstd,
+                                                       grad_bottleneck, grad_bottleneck, bn2.batch_mean)
+    grad_w1, grad_gamma1, grad_beta1 = backend.bn_relu_conv1x1_backward(
+        features[:, :c], bn1.scale, bn1.shift, bn1.mean, bn1.rstd, w1_rows, grad_bottleneck.to(buffer.dtype),
+        rows(grad_buffer)[:, :c], bn1.batch_mean)
+    return [grad_gamma1, grad_beta1, grad_w1.view_as(w1), grad_gamma2, grad_beta2, grad_w2]
 
 
 def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[Tensor], grad_out: Tensor
                    ) -> tuple[Tensor, list[Tensor]]:
     """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``."""
-    backend, arena = stage.backend, stage.arena
     n, c_total, *spatial = buffer.shape
-    k, width = stage.growth, stage.width
-    c0 = c_total - len(stage.layers) * k
-    m = n * math.prod(spatial)
-    d = len(spatial)
     if torch.compiler.is_compiling():
         # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
         # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
         buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
-    features = rows(buffer)
-    grad_buffer = arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
-    grad_features = rows(grad_buffer)
+    grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
     layer_params = len(stage.layers) * PARAMS_PER_LAYER
     tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
-
-    layer_grads: list[list[Tensor]] = []
-    for i in reversed(range(len(stage.layers))):
-        _, _, w1, _, _, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
-        record = records.layers[i]
-        bn1, bn2 = record.bn1, record.bn2
-        c = c0 + i * k
-        w1_rows = w1.to(buffer.dtype).view(width, c)
-        grad_new = grad_buffer[:, c:c + k]
-        if record.seed is not None:
-            grad_new = grad_new * stage.dropout_mask(record.seed, grad_new)
-        bottleneck = record.bottleneck
-        if bottleneck is None:
-            bottleneck = arena.get("bottleneck", (m, width), buffer)
-            backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1_rows, bottleneck, with_stats=False)
-        activated = arena.get("bn2_out", (n, *spatial, width), buffer)
-        backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
-        grad_activated, grad_w2, _ = torch.ops.aten.convolution_backward(
-            channels_last_copy(grad_new), activated.movedim(-1, 1), w2.to(buffer.dtype), None,
-            [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False])
-        del grad_new
-        grad_bottleneck = grad_activated.movedim(1, -1).reshape(m, width)
-        grad_gamma2, grad_beta2 = backend.bn_relu_backward(bottleneck, bn2.scale, bn2.shift, bn2.mean, bn2.rstd,
-                                                           grad_bottleneck, grad_bottleneck, bn2.batch_mean)
-        grad_w1, grad_gamma1, grad_beta1 = backend.bn_relu_conv1x1_backward(
-            features[:, :c], bn1.scale, bn1.shift, bn1.mean, bn1.rstd, w1_rows, grad_bottleneck.to(buffer.dtype),
-            grad_features[:, :c], bn1.batch_mean)
-        del grad_activated, grad_bottleneck  # before the next layer's convolution makes its own
-        layer_grads.append([grad_gamma1, grad_beta1, grad_w1.view_as(w1), grad_gamma2, grad_beta2, grad_w2])
-
-    grads = [g for layer in reversed(layer_grads) for g in layer] + tail_grads
+    layer_grads = [layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params)
+                   for i in reversed(range(len(stage.layers)))]
+    grads = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
+    c0 = c_total - len(stage.layers) * stage.growth
     return channels_last_copy(grad_buffer[:, :c0]), grads
 
 
@@ -375,11 +411,14 @@ class IntoBuffer(torch.autograd.Function):
 @dataclass
 class Settings:
     """What a model's blocks and transitions share: the backend choice (``None``:
-    automatic), the scratch arena and the synchronisation group of batch statistics."""
+    automatic), the scratch arena, the synchronisation group of batch statistics
+    and, where the model was built with layers the engine cannot run, why (then
+    every block and transition runs its per-layer code; the model said so once)."""
 
     backend: Optional[str] = None
     arena: ScratchArena = dataclasses.field(default_factory=ScratchArena)
     sync_group: object = None
+    plain_reason: Optional[str] = None
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -405,7 +444,7 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     if any; ``next_channels``: make a transition write into a new buffer of that
     many channels (the next block's)."""
     dtype = compute_dtype(x)
-    backend = get_backend(settings.backend, x.device, dtype)
+    backend = get_backend(settings.backend, x.device)
     device_type = x.device.type
     with torch.autocast(device_type, enabled=False) if dtype != x.dtype else contextlib.nullcontext():
         x = x.to(dtype)

@@ -7,13 +7,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import INTERPRET, block_size, check_data
-
-BLOCK_M = 32 if INTERPRET else 64
+from .common import Launcher, block_size, check_data, relu
 
 
 @triton.jit
-def _bn_relu_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C, sx, so,
+def _bn_relu_kernel(x_ptr,  # (M, C), row stride sx
+                    scale_ptr, shift_ptr,  # (C,) fp32
+                    out_ptr,  # (M, C), row stride so
+                    M, C, sx, so,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -22,8 +23,11 @@ def _bn_relu_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C, sx, so,
     scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)
     x = tl.load(x_ptr + rows[:, None] * sx + channels[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+    z = relu(x * scale[None, :] + shift[None, :])
     tl.store(out_ptr + rows[:, None] * so + channels[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_bn_relu = Launcher(_bn_relu_kernel, [triton.Config({"BLOCK_M": 64}, num_warps=4)])
 
 
 def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
@@ -31,5 +35,5 @@ def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     check_data(x, out)
     m, c = x.shape
     block_c = block_size(c, 64)
-    _bn_relu_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(c, block_c))](
-        x, scale, shift, out, m, c, x.stride(0), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_C=block_c)
+    _bn_relu[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, block_c))](
+        x, scale, shift, out, m, c, x.stride(0), out.stride(0), BLOCK_C=block_c)

@@ -19,8 +19,9 @@ channel sums before ``dx`` can be formed):
 
 The transition is the ``POOL == 2`` case: a *cell* is a 2x2 pixel window
 (avg-pool floors odd sizes); its four pixels are loaded, normalised and
-averaged before the GEMM.  Pass 2 walks the ceil-sized cell grid so that the
-pixels the pooling dropped still receive their statistics-term gradient.
+averaged before the GEMM.  The backward passes walk the ceil-sized cell grid,
+so that the pixels the pooling dropped (zero ``dA``) still take part in the
+statistics terms, as in torch (where ``0 * xhat`` is NaN for an infinite ``x``).
 """
 
 from __future__ import annotations
@@ -33,32 +34,50 @@ import triton.language as tl
 from torch import Tensor
 
 from .channel_stats import merge_stats, stats_buffers, store_tile_stats
-from .common import (Launcher, Pixels, block_size, cell_pixel, check_data, configs, dot_precision, num_splits,
-                     pixel_offsets)
+from .common import (Launcher, Pixels, SharedMemory, block_size, cell_pixel, check_data, dot_precision, num_splits,
+                     pixel_offsets, relu, relu_grad)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
 
 
-INTERPRETER_CONFIG = _config(32, 16, 4, 1)
-# Candidates per POOL (1: dense layer, 2: transition, four pixels per cell),
-# chosen from sm_90 compilations without register spills; the first is the
-# deterministic-mode configuration and fits every dtype's shared memory.
+def _shared_memory(pipelined_elements: Callable[[dict], int]) -> SharedMemory:
+    """An upper bound of a kernel's shared memory: ``num_stages`` buffers of the
+    tiles its inner loop loads (``pipelined_elements(meta)`` elements of the
+    data dtype) and one fp32 ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for
+    layout conversions.  benchmarks/triton_compile_check.py checks it against
+    the compiled kernels."""
+    def estimate(meta: dict, num_stages: int, element_size: int) -> int:
+        return (num_stages * pipelined_elements(meta) * element_size
+                + 4 * meta["BLOCK_M"] * max(meta["BLOCK_C"], meta["BLOCK_K"]))
+    return estimate
+
+
+# forward: per input-channel block, POOL^2 x tiles (BLOCK_M, BLOCK_C) and a weight tile (BLOCK_C, BLOCK_K)
+FORWARD_SHARED_MEMORY = _shared_memory(
+    lambda meta: meta["POOL"] ** 2 * meta["BLOCK_M"] * meta["BLOCK_C"] + meta["BLOCK_C"] * meta["BLOCK_K"])
+# backward: per output-channel block of dZ = dOut @ W, a dOut tile (BLOCK_M, BLOCK_K) and a weight tile
+# (BLOCK_K, BLOCK_C)
+BACKWARD_SHARED_MEMORY = _shared_memory(
+    lambda meta: (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"] if meta["HAS_GEMM"] else 0)
+
+# Candidates per POOL (1: dense layer, 2: transition, four pixels per cell), in
+# order of preference; each list has one that fits 99 KiB of shared memory in
+# fp32 (every sm_8x and sm_90 part has at least that).
 FORWARD_CONFIGS = {
-    1: configs([_config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3), _config(64, 32, 4, 4),
-                _config(64, 128, 8, 3)], INTERPRETER_CONFIG),
-    2: configs([_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2)],
-               INTERPRETER_CONFIG),
+    1: [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 4), _config(128, 64, 8, 4),
+        _config(64, 128, 8, 3), _config(64, 32, 4, 2)],
+    2: [_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2),
+        _config(32, 32, 4, 2)],
 }
 REDUCE_CONFIGS = {
-    1: configs([_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2)], INTERPRETER_CONFIG),
-    2: configs([_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2)], INTERPRETER_CONFIG),
+    1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2)],
 }
 DX_CONFIGS = {
-    1: configs([_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3)], INTERPRETER_CONFIG),
-    2: configs([_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
-               INTERPRETER_CONFIG),
+    1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
 }
 MAX_BLOCK_K = 128
 # autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
@@ -100,7 +119,11 @@ def _grad_z(dout_ptr, sdn, sdh, sdw, n, h, w, valid, w_ptr, swk, swc, channels, 
 
 
 @triton.jit
-def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean_ptr, m2_ptr,
+def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
+                    scale_ptr, shift_ptr,  # (C,) fp32
+                    w_ptr,  # (K, C), strides swk, swc
+                    out_ptr,  # (N, cells_h, cells_w, K), strides son, soh, sow, 1
+                    count_ptr, mean_ptr, m2_ptr,  # (T,), (T, K), (T, K) fp32, T >= cdiv(num_cells, BLOCK_M); WITH_STATS
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -120,7 +143,7 @@ def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
             x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
-            z += tl.where(mask, tl.maximum(x * scale + shift, 0.0), 0.0)
+            z += tl.where(mask, relu(x * scale + shift), 0.0)
         if POOL > 1:
             z = z * (1.0 / (POOL * POOL))
         wt = tl.load(w_ptr + ks[None, :] * swk + channels[:, None] * swc,
@@ -136,9 +159,13 @@ def _forward_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, count_ptr, mean
 
 
 @triton.jit
-def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
-                   dw_part_ptr, dgamma_part_ptr, dbeta_part_ptr,
-                   num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, num_splits,
+def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
+                   scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # (C,) fp32
+                   w_ptr,  # (K, C), strides swk, swc; unused without HAS_GEMM
+                   dout_ptr,  # (N, out_h, out_w, K), strides sdn, sdh, sdw, 1; dZ (N, H, W, C) without HAS_GEMM
+                   dw_part_ptr,  # (num_splits, K, C) fp32; unused without HAS_GEMM
+                   dgamma_part_ptr, dbeta_part_ptr,  # (num_splits, C) fp32
+                   num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -156,7 +183,7 @@ def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_
     dbeta = tl.zeros([BLOCK_C], tl.float32)
     for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
         cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, cells_h, cells_w, SPATIAL, 1, 0, 0)
+        on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
         grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
                          SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
         z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
@@ -165,11 +192,12 @@ def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_
             mask = valid[:, None] & channel_mask[None, :]
             x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
             a = x * scale + shift
-            grad_a = tl.where(mask & (a > 0), grad_z, 0.0)
+            grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
             dbeta += tl.sum(grad_a, 0)
             dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
-            z += tl.where(mask, tl.maximum(a, 0.0), 0.0)
+            z += tl.where(mask, relu(a), 0.0)
         if HAS_GEMM:
+            z = tl.where(out_valid[:, None], z, 0.0)  # cells the pooling drops have no output
             if POOL > 1:
                 z = z * (1.0 / (POOL * POOL))
             out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
@@ -185,7 +213,12 @@ def _reduce_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_
 
 
 @triton.jit
-def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr, grad_means_ptr, gx_ptr,
+def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
+               scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # (C,) fp32
+               w_ptr,  # (K, C), strides swk, swc; unused without HAS_GEMM
+               dout_ptr,  # (N, out_h, out_w, K), strides sdn, sdh, sdw, 1; dZ (N, H, W, C) without HAS_GEMM
+               grad_means_ptr,  # (2, C) fp32 [mean(dA), mean(dA * xhat)]; BATCH_STATS only
+               gx_ptr,  # (N, H, W, C), strides sgn, sgh, sgw, 1
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -198,8 +231,9 @@ def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
+    if BATCH_STATS:
+        mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
     on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
     grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
                      SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
@@ -207,7 +241,7 @@ def _dx_kernel(x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, dout_ptr,
         n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
         mask = valid[:, None] & channel_mask[None, :]
         x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
-        grad_a = tl.where(x * scale + shift > 0, grad_z, 0.0)
+        grad_a = relu_grad(x * scale + shift, grad_z)
         if BATCH_STATS:
             grad_a = grad_a - mean_grad_a - (x - mean) * rstd * mean_grad_a_xhat
         dx = grad_a * scale
@@ -221,10 +255,13 @@ def tuning_key(cells: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
 
 
-_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_KEY, reset_to_zero=["count_ptr"])
+_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY,
+                          reset_to_zero=["count_ptr"])
             for pool in (1, 2)}
-_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], BACKWARD_KEY) for pool in (1, 2)}
-_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], BACKWARD_KEY + ["ACCUMULATE"], restore_value=["gx_ptr"])
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY)
+           for pool in (1, 2)}
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
+                      restore_value=["gx_ptr"])
        for pool in (1, 2)}
 
 
@@ -237,15 +274,15 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     k = weight.shape[0]
     cells_h, cells_w = x.h // pool, x.w // pool
     num_cells = x.n * cells_h * cells_w
-    block_k = block_size(k, MAX_BLOCK_K)
-    min_block_m = min(cfg.kwargs["BLOCK_M"] for cfg in FORWARD_CONFIGS[pool])
-    stats = stats_buffers(triton.cdiv(num_cells, min_block_m) if with_stats else 1, k, x.tensor.device)
-    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(k, block_k))  # noqa: E731
+    meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
+                BLOCK_K=block_size(k, MAX_BLOCK_K))
+    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    # one partial triple per row tile of the configuration that runs (of the smallest one, when autotuning)
+    block_m = min(config.kwargs["BLOCK_M"] for config in _forward[pool].usable(grid, x.tensor, meta))
+    stats = stats_buffers(triton.cdiv(num_cells, block_m) if with_stats else 1, k, x.tensor.device)
     _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *stats,
-                   num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
-                   x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw,
-                   SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats,
-                   DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
+                         num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
+                         x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw, **meta)
     return merge_stats(*stats) if with_stats else None
 
 
@@ -266,7 +303,8 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, DOT_PRECISION=dot_precision(x.tensor.dtype),
                   BLOCK_K=block_k)
 
-    cells_h, cells_w = x.h // pool, x.w // pool
+    # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
+    cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
     splits = num_splits(num_cells, c, device)
     dgamma_part = torch.empty(splits, c, device=device, dtype=torch.float32)
@@ -275,15 +313,12 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
     _reduce[pool][lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, dgamma_part, dbeta_part,
-        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, splits,
+        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,
         x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common)
     grad_gamma, grad_beta = dgamma_part.sum(0), dbeta_part.sum(0)
     # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
     grad_means = batch_mean(torch.stack([grad_beta, grad_gamma])).contiguous() if batch_mean else dgamma_part
 
-    # pass 2 covers every pixel: the ceil-sized cell grid includes those the pooling dropped
-    cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
-    num_cells = x.n * cells_h * cells_w
     _dx[pool][lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
         num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool,

@@ -14,15 +14,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import INTERPRET, block_size, check_data
-
-STATS_BLOCK_M = 32 if INTERPRET else 128  # rows per partial triple
+from .common import Launcher, block_size, check_data
 
 
 @triton.jit
 def store_tile_stats(y, valid_rows, channels, channel_mask, tile, store_count, count_ptr, mean_ptr, m2_ptr, C):
     """Write the ``(count, mean, M2)`` of tile ``y (BM, BC)`` (fp32; rows
-    ``valid_rows`` count) at partial row ``tile``."""
+    ``valid_rows (BM,)`` count, at least one) at partial row ``tile`` of
+    ``count_ptr (T,)``, ``mean_ptr (T, C)``, ``m2_ptr (T, C)``; the count only if ``store_count``."""
     valid = valid_rows[:, None]
     count = tl.sum(valid_rows.to(tl.float32), 0)
     mean = tl.sum(tl.where(valid, y, 0.0), 0) / count
@@ -36,7 +35,9 @@ def store_tile_stats(y, valid_rows, channels, channel_mask, tile, store_count, c
 
 
 @triton.jit
-def _tile_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C, sx,
+def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
+                       count_ptr, mean_ptr, m2_ptr,  # (T,), (T, C), (T, C) fp32 partials, T = cdiv(M, BLOCK_M)
+                       M, C, sx,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -50,7 +51,9 @@ def _tile_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C, sx,
 
 
 @triton.jit
-def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, T, C,
+def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr,  # (T,), (T, C), (T, C) fp32 partials; rows of count 0 unused
+                        out_mean_ptr, out_var_ptr,  # (C,) fp32
+                        T, C,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -59,30 +62,35 @@ def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, 
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         tiles = t0 + tl.arange(0, BLOCK_T)
-        tile_mask = tiles < T
-        mask = tile_mask[:, None] & channel_mask[None, :]
+        counts = tl.load(count_ptr + tiles, mask=tiles < T, other=0.0)
+        mask = (counts > 0)[:, None] & channel_mask[None, :]  # rows nobody wrote hold garbage: never read them
+        counts = counts[:, None]
         offsets = tiles.to(tl.int64)[:, None] * C + channels[None, :]
-        counts = tl.load(count_ptr + tiles, mask=tile_mask, other=0.0)[:, None]  # 0 for unused partial rows
         tile_means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
         # this group of tiles: exact parallel formula around its own mean
         group_count = tl.sum(counts, 0)
         group_mean = tl.sum(counts * tile_means, 0) / tl.maximum(group_count, 1.0)
         spread = tile_means - group_mean[None, :]
         group_m2 = tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0) + counts * spread * spread, 0)
-        # merge into the running triple (Chan et al.)
+        # merge into the running triple (Chan et al.); the mean as a weighted sum
+        # keeps an infinite mean infinite, as torch's
         new_total = total + group_count
-        weight = group_count / tl.maximum(new_total, 1.0)
         delta = group_mean - mean
-        mean += delta * weight
-        m2 += group_m2 + delta * delta * total * weight
+        m2 += group_m2 + delta * delta * total * (group_count / tl.maximum(new_total, 1.0))
+        mean = (mean * total + group_mean * group_count) / tl.maximum(new_total, 1.0)
         total = new_total
     tl.store(out_mean_ptr + channels, mean, mask=channel_mask)
     tl.store(out_var_ptr + channels, m2 / total, mask=channel_mask)
 
 
+TILE_STATS_BLOCK_M = 128  # rows per partial triple
+_tile_stats = Launcher(_tile_stats_kernel, [triton.Config({"BLOCK_M": TILE_STATS_BLOCK_M}, num_warps=4)])
+_merge_stats = Launcher(_merge_stats_kernel, [triton.Config({"BLOCK_T": 64}, num_warps=4)])
+
+
 def stats_buffers(tiles: int, channels: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Partial ``(count, mean, M2)`` buffers for ``tiles`` row tiles; counts start at
-    zero so that rows no tile wrote are ignored by :func:`merge_stats`."""
+    """Partial ``(count, mean, M2)`` buffers for at most ``tiles`` row tiles;
+    counts start at zero so that :func:`merge_stats` skips rows no tile wrote."""
     return (torch.zeros(tiles, device=device, dtype=torch.float32),
             torch.empty(tiles, channels, device=device, dtype=torch.float32),
             torch.empty(tiles, channels, device=device, dtype=torch.float32))
@@ -94,8 +102,8 @@ def merge_stats(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor
     out_mean = torch.empty(channels, device=mean.device, dtype=torch.float32)
     out_var = torch.empty_like(out_mean)
     block_c = block_size(channels, 64)
-    _merge_stats_kernel[(triton.cdiv(channels, block_c),)](
-        count, mean, m2, out_mean, out_var, tiles, channels, BLOCK_T=64, BLOCK_C=block_c)
+    _merge_stats[lambda meta: (triton.cdiv(channels, block_c),)](
+        count, mean, m2, out_mean, out_var, tiles, channels, BLOCK_C=block_c)
     return out_mean, out_var
 
 
@@ -104,8 +112,8 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     check_data(x)
     m, c = x.shape
     block_c = block_size(c, 64)
-    tiles = triton.cdiv(m, STATS_BLOCK_M)
+    tiles = triton.cdiv(m, TILE_STATS_BLOCK_M)
     count, mean, m2 = stats_buffers(tiles, c, x.device)
-    _tile_stats_kernel[(tiles, triton.cdiv(c, block_c))](
-        x, count, mean, m2, m, c, x.stride(0), BLOCK_M=STATS_BLOCK_M, BLOCK_C=block_c)
+    _tile_stats[lambda meta: (tiles, triton.cdiv(c, block_c))](
+        x, count, mean, m2, m, c, x.stride(0), BLOCK_C=block_c)
     return merge_stats(count, mean, m2)

@@ -9,16 +9,19 @@ both the dense layers (row views of a block buffer) and the transitions
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
 
 
 def check_data(*tensors: Tensor) -> None:
@@ -68,7 +71,7 @@ def num_splits(cells: int, channels: int, device: torch.device) -> int:
     a small fraction of the bytes moved."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(cells, 32)))  # small, but > 1 so the tests cover the merge
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = gpu_limits(device).multiprocessors
     return max(1, min(64, triton.cdiv(2 * sms, triton.cdiv(channels, 64)), triton.cdiv(cells, 64)))
 
 
@@ -77,29 +80,112 @@ def block_size(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
-def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """Autotuning candidates; a single one under the (slow) interpreter."""
-    return [interpreter] if INTERPRET else gpu
+class GpuLimits(NamedTuple):
+    shared_memory: int  # bytes of shared memory one program may use (the opt-in maximum)
+    multiprocessors: int
+
+
+# What the interpreter (CPU tensors) stands for: an H200's shared memory and a
+# single multiprocessor, so that it runs the configurations an H200 runs on
+# large shapes (the first fitting candidate of each kernel).
+INTERPRETER_LIMITS = GpuLimits(shared_memory=232448, multiprocessors=1)
+
+
+@functools.cache
+def _cuda_limits(index: int) -> GpuLimits:
+    properties = torch.cuda.get_device_properties(index)
+    return GpuLimits(properties.shared_memory_per_block_optin, properties.multi_processor_count)
+
+
+def gpu_limits(device: torch.device) -> GpuLimits:
+    return _cuda_limits(device.index) if device.type == "cuda" else INTERPRETER_LIMITS
+
+
+def on_device(t: Tensor):
+    """Make ``t``'s GPU the current device: Triton launches on the current
+    device's current stream, whatever device the pointers are on."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def autotuning() -> bool:
+    """Autotune (opt-in: ``DENSENET_FAST_AUTOTUNE=1``), unless deterministic algorithms are on."""
+    return os.environ.get(AUTOTUNE_ENV_VAR) == "1" and not torch.are_deterministic_algorithms_enabled()
+
+
+SharedMemory = Callable[[dict, int, int], int]  # (meta-parameters, num_stages, element size) -> bytes
 
 
 class Launcher:
-    """An autotuned kernel that runs with its first config when
-    ``torch.are_deterministic_algorithms_enabled()``: the reduction order then
-    never depends on timing, so results are bit-identical run to run."""
+    """Launches a kernel on its tensors' device with a configuration chosen
+    without timing anything: the first of ``candidates`` whose shared memory
+    (``shared_memory``, an upper bound; ``None``: negligible) fits the device
+    and whose grid has a program for every multiprocessor, else the fitting one
+    with the most programs.  The choice depends only on the shapes, the dtype and
+    the device, so results are reproducible.  With ``DENSENET_FAST_AUTOTUNE=1``
+    it autotunes over the fitting candidates instead (``triton.autotune`` with
+    ``key`` and ``autotune_kwargs``).  The first argument of every kernel is
+    its data tensor (dtype, device)."""
 
-    def __init__(self, fn, candidates: list[triton.Config], key: list[str], **autotune_kwargs):
+    def __init__(self, fn, candidates: list[triton.Config], shared_memory: Optional[SharedMemory] = None,
+                 key: Sequence[str] = (), **autotune_kwargs):
         self.fn = fn
-        self.default = candidates[0]
-        self.tuned = triton.autotune(candidates, key=key, **autotune_kwargs)(fn)
+        self.candidates = candidates
+        self.shared_memory = shared_memory
+        self.tuned = triton.autotune(
+            candidates, key=list(key), **autotune_kwargs,
+            prune_configs_by={"early_config_prune": lambda _, args, **meta: self.fitting(next(iter(args.values())),
+                                                                                         meta)})(fn)
+        self._fitting: dict[tuple, list[triton.Config]] = {}
 
-    def __getitem__(self, grid):
-        if not torch.are_deterministic_algorithms_enabled():
-            return self.tuned[grid]
-        cfg = self.default
+    def fitting(self, data: Tensor, meta: dict) -> list[triton.Config]:
+        """The candidates whose shared memory fits ``data``'s device (or, if none, the smallest)."""
+        limit = gpu_limits(data.device).shared_memory
+        key = (data.element_size(), limit, *meta.items())
+        if key not in self._fitting:
+            need = [self.shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
+                    if self.shared_memory else 0 for config in self.candidates]
+            self._fitting[key] = ([config for config, bytes in zip(self.candidates, need) if bytes <= limit]
+                                  or [self.candidates[need.index(min(need))]])
+        return self._fitting[key]
 
-        def run(*args, **kwargs):
-            return self.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return run
+    def usable(self, grid: Callable[[dict], tuple[int, ...]], data: Tensor, meta: dict) -> list[triton.Config]:
+        """The configurations a launch may run: the one chosen, or all that autotuning may pick."""
+        fitting = self.fitting(data, meta)
+        if autotuning():
+            return fitting
+        multiprocessors = gpu_limits(data.device).multiprocessors
+        most_programs, chosen = 0, fitting[0]
+        for config in fitting:
+            programs = math.prod(grid({**meta, **config.kwargs}))
+            if programs >= multiprocessors:
+                return [config]
+            if programs > most_programs:
+                most_programs, chosen = programs, config
+        return [chosen]
+
+    def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]):
+        def launch(*args, **meta):
+            data = args[0]
+            configs = self.usable(grid, data, meta)
+            with on_device(data):
+                if len(configs) > 1:
+                    self.tuned[grid](*args, **meta)
+                else:
+                    self.fn[grid](*args, **meta, **configs[0].all_kwargs())
+        return launch
+
+
+@triton.jit
+def relu(a):
+    """``max(a, 0)`` keeping NaN, as ``torch.relu`` does (PTX ``max`` turns NaN into 0)."""
+    return tl.where(a < 0, 0.0, a)
+
+
+@triton.jit
+def relu_grad(a, grad):
+    """The gradient through ``relu(a)``: ``grad`` except where ``a <= 0``, so NaN
+    lets it through, as torch's ``threshold_backward(grad, relu(a), 0)``."""
+    return tl.where(a <= 0, 0.0, grad)
 
 
 @triton.jit

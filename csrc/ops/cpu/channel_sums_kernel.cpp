@@ -1,11 +1,11 @@
-// CPU kernel of densenet_fast::channel_sums: rows split into a fixed number of
-// chunks (so the result does not depend on the thread count), each chunk summed
-// into its own fp64 partials by at::parallel_for (OpenMP), partials added in order.
+// CPU kernel of densenet_fast::channel_sums: the rows are split into tiles and
+// chunks (tiling.h), each chunk summed into its own float64 partials, partials
+// added in chunk order (the result does not depend on the scheduling).
 #include "../channel_sums.h"
+#include "tiling.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,51 +15,20 @@ namespace densenet_fast {
 
 namespace {
 
-constexpr int64_t kMinRowsPerChunk = 256;
-constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kRowsPerTile = 256;
 
-// Adds one row's (x - shift) and (x - shift)^2 into sum/sumsq; the loop over
-// channels is contiguous and vectorisable.
-template <typename scalar_t>
-inline void accumulate_row(const scalar_t* __restrict__ row, const double* __restrict__ shift, int64_t channels,
-                           double* __restrict__ sum, double* __restrict__ sumsq) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const double d = static_cast<double>(row[c]) - shift[c];
-    sum[c] += d;
-    sumsq[c] += d * d;
-  }
-}
-
-template <typename scalar_t>
-void channel_sums_cpu_typed(const at::Tensor& x, const at::Tensor& shift, at::Tensor& sum, at::Tensor& sumsq) {
-  const int64_t rows = x.size(0);
-  const int64_t channels = x.size(1);
-  const int64_t row_stride = x.stride(0);
-  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  const double* shift_data = shift.const_data_ptr<double>();
-
-  const int64_t num_chunks = std::clamp<int64_t>((rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk, 1, kMaxChunks);
-  // partials[chunk] holds that chunk's sums followed by its sums of squares.
-  std::vector<double> partials(num_chunks * 2 * channels, 0.0);
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      double* chunk_sum = partials.data() + chunk * 2 * channels;
-      double* chunk_sumsq = chunk_sum + channels;
-      const int64_t row_end = rows * (chunk + 1) / num_chunks;
-      for (int64_t r = rows * chunk / num_chunks; r < row_end; ++r) {
-        accumulate_row(x_data + r * row_stride, shift_data, channels, chunk_sum, chunk_sumsq);
-      }
-    }
-  });
-
-  double* sum_data = sum.data_ptr<double>();
-  double* sumsq_data = sumsq.data_ptr<double>();
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const double* chunk_sum = partials.data() + chunk * 2 * channels;
-    const double* chunk_sumsq = chunk_sum + channels;
+// Adds (x - shift) and (x - shift)^2 of `rows` rows (row stride `ld`) into sum/sumsq.
+template <typename T>
+DENSENET_FAST_SIMD_CLONES void accumulate_rows(const T* x, int64_t ld, const double* __restrict__ shift,
+                                               int64_t rows, int64_t channels, double* __restrict__ sum,
+                                               double* __restrict__ sumsq) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ row = x + r * ld;
+#pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      sum_data[c] += chunk_sum[c];
-      sumsq_data[c] += chunk_sumsq[c];
+      const double d = static_cast<double>(row[c]) - shift[c];
+      sum[c] += d;
+      sumsq[c] += d * d;
     }
   }
 }
@@ -67,11 +36,24 @@ void channel_sums_cpu_typed(const at::Tensor& x, const at::Tensor& shift, at::Te
 std::tuple<at::Tensor, at::Tensor> channel_sums_cpu(const at::Tensor& x, const at::Tensor& shift) {
   check_channel_sums_args(x, shift);
   const auto shift_contiguous = shift.contiguous();
-  auto sum = at::zeros({x.size(1)}, shift.options());
-  auto sumsq = at::zeros({x.size(1)}, shift.options());
+  const int64_t rows = x.size(0), channels = x.size(1);
+  const int64_t chunks = cpu::chunks_for(rows, kRowsPerTile);
+  // Each chunk's sums followed by its sums of squares.
+  cpu::ChunkSums partials(chunks, 2 * channels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_sums_cpu", [&] {
-    channel_sums_cpu_typed<scalar_t>(x, shift_contiguous, sum, sumsq);
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    cpu::for_each_tile(
+        rows, kRowsPerTile, chunks, [&](int64_t chunk) { return partials.chunk(chunk); },
+        [&](double* chunk_sums, cpu::Tile tile) {
+          accumulate_rows(x_data + tile.begin * x.stride(0), x.stride(0), shift_contiguous.const_data_ptr<double>(),
+                          tile.size, channels, chunk_sums, chunk_sums + channels);
+        });
   });
+  const std::vector<double> total = partials.total();
+  auto sum = at::empty({channels}, shift.options());
+  auto sumsq = at::empty({channels}, shift.options());
+  std::copy(total.begin(), total.begin() + channels, sum.data_ptr<double>());
+  std::copy(total.begin() + channels, total.end(), sumsq.data_ptr<double>());
   return {sum, sumsq};
 }
 

@@ -1,13 +1,14 @@
 // CPU kernels of the fused BatchNorm-ReLU ops (see ../fused_bn.h).
 //
-// The rows (pixels) are split into tiles of up to 1024 rows.  For each tile
-// the normalised input z = relu(x * scale + shift) is formed in a thread-local
-// buffer of cache size and fed to ATen's BLAS (at::mm_out on tile views); z is
-// never written whole.  Tiles are grouped into a fixed number of contiguous
-// chunks run by at::parallel_for; every chunk keeps its own partial sums
-// (float64 channel sums, the weight gradient) and the partials are added in
-// chunk order, so results do not depend on the scheduling.
+// The rows (pixels) are split into tiles of up to 1024 rows, run in chunks
+// (tiling.h).  For each tile the normalised input z = relu(x * scale + shift)
+// is formed in a thread-local buffer of cache size and fed to ATen's BLAS
+// (at::mm_out on tile views); z is never written whole.  Every chunk keeps its
+// own partial sums (float64 channel sums, the weight gradient), added in chunk
+// order, so results do not depend on the scheduling.
 #include "../fused_bn.h"
+#include "../relu.h"
+#include "tiling.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,67 +17,29 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <vector>
 
 namespace densenet_fast {
 
 namespace {
 
+using cpu::ChunkSums;
+using cpu::chunks_for;
+using cpu::for_each_tile;
+using cpu::Moments;
+using cpu::Tile;
+
 constexpr int64_t kTileBytes = 512 * 1024;  // a tile's z and dZ (per thread; stay in L2)
 constexpr int64_t kMinTileRows = 32;
 constexpr int64_t kMaxTileRows = 1024;
-constexpr int64_t kMinChunks = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Rows per tile so that `buffers` tiles of `channels` values of `element_size` bytes fit kTileBytes.
 int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
   return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, buffers * channels * element_size), kMinTileRows,
                              kMaxTileRows);
 }
-
-// Rows [begin, begin + size) of a tile.
-struct Tile {
-  int64_t begin;
-  int64_t size;
-};
-
-// Splits `rows` into tiles of `rows_per_tile` rows and the tiles into `chunks`
-// contiguous chunks, run in parallel: state = start(chunk), then fn(state, tile)
-// for each tile of the chunk in order.
-template <typename Start, typename F>
-void for_each_tile(int64_t rows, int64_t rows_per_tile, int64_t chunks, const Start& start, const F& fn) {
-  const int64_t tiles = ceil_div(rows, rows_per_tile);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // The tiles' ATen calls skip autograd (the guard is thread-local: set it in each worker).
-    at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      auto state = start(chunk);
-      for (int64_t t = tiles * chunk / chunks; t < tiles * (chunk + 1) / chunks; ++t) {
-        const int64_t begin = t * rows_per_tile;
-        fn(state, Tile{begin, std::min(rows_per_tile, rows - begin)});
-      }
-    }
-  });
-}
-
-// At least kMinChunks chunks (or one per thread): up to kMinChunks threads the
-// split, and so every result, does not depend on the thread count.
-int64_t chunks_for(int64_t rows, int64_t rows_per_tile) {
-  const int64_t tiles = ceil_div(rows, rows_per_tile);
-  return std::max<int64_t>(1, std::min(tiles, std::max<int64_t>(kMinChunks, at::get_num_threads())));
-}
-
-// The elementwise loops below are compiled for AVX-512, AVX2 and baseline
-// x86-64 and chosen at load time (GCC function multi-versioning): the extension
-// is built without -march flags.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DENSENET_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DENSENET_FAST_SIMD_CLONES
-#endif
 
 // In these loops T is the data type and A = at::opmath_type<T> the type of the
 // BN coefficients and of the arithmetic (float for bfloat16 data).
@@ -92,12 +55,12 @@ DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const A* __
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       const A a = static_cast<A>(x_row[c]) * scale[c] + shift[c];
-      z_row[c] = static_cast<T>(a > A(0) ? a : A(0));
+      z_row[c] = static_cast<T>(relu(a));
     }
   }
 }
 
-// The BN-ReLU backward of `rows` rows: dA = factor * grad_z where a > 0;
+// The BN-ReLU backward of `rows` rows: dA = relu_backward(factor * grad_z, a);
 // adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
 // scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
 template <typename T, typename A, bool kAccumulate>
@@ -114,7 +77,7 @@ DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const A
     for (int64_t c = 0; c < channels; ++c) {
       const A value = static_cast<A>(x_row[c]);
       const A a = value * scale[c] + shift[c];
-      const A grad_a = a > A(0) ? factor * static_cast<A>(g_row[c]) : A(0);
+      const A grad_a = relu_backward(factor * static_cast<A>(g_row[c]), a);
       sums[c] += grad_a;
       sum_xhat[c] += grad_a * (value - mean[c]);
       if constexpr (kAccumulate) {
@@ -142,105 +105,13 @@ DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A*
   }
 }
 
-// Per-chunk float64 sums [sum dA, sum dA * (x - mean)] of the BN backward.
-class ChannelSums {
- public:
-  ChannelSums(int64_t chunks, int64_t channels) : channels_(channels), data_(chunks * 2 * channels, 0.0) {}
-
-  template <typename T>
-  void add(int64_t chunk, const std::vector<T>& tile_sums) {
-    double* out = data_.data() + chunk * 2 * channels_;
-    for (int64_t i = 0; i < 2 * channels_; ++i) {
-      out[i] += tile_sums[i];
-    }
-  }
-
-  // (2, C) [sum dA, sum dA * xhat], chunks added in order.
-  at::Tensor result(const at::Tensor& rstd) const {
-    auto total = at::zeros({2, channels_}, rstd.options().dtype(at::kDouble));
-    double* out = total.data_ptr<double>();
-    const int64_t chunks = static_cast<int64_t>(data_.size()) / std::max<int64_t>(1, 2 * channels_);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      for (int64_t i = 0; i < 2 * channels_; ++i) {
-        out[i] += data_[chunk * 2 * channels_ + i];
-      }
-    }
-    total[1].mul_(rstd.to(at::kDouble));
-    return total.to(rstd.scalar_type());
-  }
-
- private:
-  int64_t channels_;
-  std::vector<double> data_;
-};
-
-// Per-chunk (count, mean, M2) of the rows of tiles, merged with Chan's formula.
-class Moments {
- public:
-  Moments(int64_t chunks, int64_t channels)
-      : channels_(channels), counts_(chunks, 0), mean_(chunks * channels, 0.0), m2_(chunks * channels, 0.0) {}
-
-  // Adds `rows` rows of `data` (row stride `ld`) to chunk `chunk`.
-  template <typename T>
-  void add(int64_t chunk, const T* data, int64_t ld, int64_t rows, std::vector<double>& tile_mean,
-           std::vector<double>& tile_m2) {
-    std::fill(tile_mean.begin(), tile_mean.end(), 0.0);
-    std::fill(tile_m2.begin(), tile_m2.end(), 0.0);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < channels_; ++c) {
-        tile_mean[c] += static_cast<double>(data[r * ld + c]);
-      }
-    }
-    for (int64_t c = 0; c < channels_; ++c) {
-      tile_mean[c] /= static_cast<double>(rows);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < channels_; ++c) {
-        const double d = static_cast<double>(data[r * ld + c]) - tile_mean[c];
-        tile_m2[c] += d * d;
-      }
-    }
-    merge(counts_[chunk], mean_.data() + chunk * channels_, m2_.data() + chunk * channels_, rows, tile_mean.data(),
-          tile_m2.data());
-  }
-
-  // (mean, biased var) over all chunks, merged in chunk order, as `dtype`.
-  std::tuple<at::Tensor, at::Tensor> result(const at::TensorOptions& options) const {
-    int64_t count = 0;
-    std::vector<double> mean(channels_, 0.0), m2(channels_, 0.0);
-    for (size_t chunk = 0; chunk < counts_.size(); ++chunk) {
-      merge(count, mean.data(), m2.data(), counts_[chunk], mean_.data() + chunk * channels_,
-            m2_.data() + chunk * channels_);
-    }
-    auto mean_t = at::empty({channels_}, options.dtype(at::kDouble));
-    auto var_t = at::empty({channels_}, options.dtype(at::kDouble));
-    for (int64_t c = 0; c < channels_; ++c) {
-      mean_t.data_ptr<double>()[c] = mean[c];
-      var_t.data_ptr<double>()[c] = count > 0 ? m2[c] / static_cast<double>(count) : 0.0;
-    }
-    return {mean_t.to(options.dtype()), var_t.to(options.dtype())};
-  }
-
- private:
-  void merge(int64_t& count, double* mean, double* m2, int64_t other_count, const double* other_mean,
-             const double* other_m2) const {
-    if (other_count == 0) {
-      return;
-    }
-    const int64_t total = count + other_count;
-    const double weight = static_cast<double>(other_count) / static_cast<double>(total);
-    for (int64_t c = 0; c < channels_; ++c) {
-      const double delta = other_mean[c] - mean[c];
-      mean[c] += delta * weight;
-      m2[c] += other_m2[c] + delta * delta * static_cast<double>(count) * weight;
-    }
-    count = total;
-  }
-
-  int64_t channels_;
-  std::vector<int64_t> counts_;
-  std::vector<double> mean_, m2_;
-};
+// bn_backward_sums (../fused_bn.h) of the chunks' [sum dA, sum dA * (x - mean)].
+at::Tensor total_bn_backward_sums(const ChunkSums& sums, const at::Tensor& rstd) {
+  const std::vector<double> total = sums.total();
+  auto centered_sums = at::empty({2, rstd.size(0)}, rstd.options().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), centered_sums.data_ptr<double>());
+  return bn_backward_sums(centered_sums, rstd);
+}
 
 template <typename T>
 const T* ptr(const at::Tensor& t) {
@@ -327,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
-  ChannelSums sums(chunks, channels);
+  ChunkSums sums(chunks, 2 * channels);
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
@@ -353,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
+  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
@@ -392,7 +263,7 @@ at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, 
   using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1);
   const int64_t chunks = chunks_for(rows, kElementwiseRows);
-  ChannelSums sums(chunks, channels);
+  ChunkSums sums(chunks, 2 * channels);
   struct State {
     int64_t chunk;
     std::vector<A> tile_sums;
@@ -407,7 +278,7 @@ at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, 
                                    mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return sums.result(rstd);
+  return total_bn_backward_sums(sums, rstd);
 }
 
 at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
@@ -423,65 +294,103 @@ at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scal
 
 // ---- transition --------------------------------------------------------------------------
 
-// The input pixels of pooled pixel `p` of x (N, H, W, C): pointer offsets of
-// its 2x2 window's top-left pixel and the steps to the right and down.
-struct Window {
-  int64_t pooled_h, pooled_w, stride_n, stride_h, stride_w;
+// Average pooling by 2 along each spatial dimension of t (N, *spatial, C), 1 to 3
+// of them, seen as (N, D, H, W, C): the missing leading dimensions have size 1
+// and are not pooled.  A window holds 2, 4 or 8 pixels.
+struct Pooling {
+  static constexpr int kDims = 3;  // D, H, W
+  int64_t stride_n;
+  std::array<int64_t, kDims> sizes, strides, factors, pooled;  // factors: 2 where pooled, else 1
+  int window;                                                     // pixels per window
+  std::array<int64_t, 8> offsets;  // of a window's pixels from its first one, W fastest
 
-  int64_t offset(int64_t p) const {
-    const int64_t n = p / (pooled_h * pooled_w);
-    const int64_t i = p / pooled_w % pooled_h;
-    const int64_t j = p % pooled_w;
-    return n * stride_n + 2 * i * stride_h + 2 * j * stride_w;
+  explicit Pooling(const at::Tensor& t) : stride_n(t.stride(0)), window(1) {
+    const int64_t spatial = t.dim() - 2;
+    for (int64_t d = 0; d < kDims; ++d) {
+      const int64_t dim = d - (kDims - spatial) + 1;  // t's dimension, < 1 where inserted
+      const bool real = dim >= 1;
+      sizes[d] = real ? t.size(dim) : 1;
+      strides[d] = real ? t.stride(dim) : 0;
+      factors[d] = real ? 2 : 1;
+      pooled[d] = sizes[d] / factors[d];
+      window *= factors[d];
+    }
+    int i = 0;
+    for (int64_t d = 0; d < factors[0]; ++d) {
+      for (int64_t h = 0; h < factors[1]; ++h) {
+        for (int64_t w = 0; w < factors[2]; ++w) {
+          offsets[i++] = d * strides[0] + h * strides[1] + w * strides[2];
+        }
+      }
+    }
   }
+
+  int64_t pooled_pixels_per_image() const { return pooled[0] * pooled[1] * pooled[2]; }
+
+  // Offset of the first pixel of the window of pooled pixel p.
+  int64_t offset(int64_t p) const {
+    const int64_t n = p / pooled_pixels_per_image();
+    const int64_t i = p / (pooled[1] * pooled[2]) % pooled[0];
+    const int64_t j = p / pooled[2] % pooled[1];
+    const int64_t k = p % pooled[2];
+    return n * stride_n + factors[0] * i * strides[0] + factors[1] * j * strides[1] + factors[2] * k * strides[2];
+  }
+
+  // Extent along dimension d that the windows cover (an odd size drops its last pixel).
+  int64_t covered(int64_t d) const { return pooled[d] * factors[d]; }
 };
 
-Window window_of(const at::Tensor& x) {
-  return Window{x.size(1) / 2, x.size(2) / 2, x.stride(0), x.stride(1), x.stride(2)};
+// Calls f(std::integral_constant<int, window>) for the window sizes the kernels are compiled for.
+template <typename F>
+void with_window(int window, const F& f) {
+  switch (window) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
 }
 
-// The rows view (N * H/2 * W/2, K) of a pooled tensor whose pixels have one row stride.
+// The rows view (N * prod(spatial / 2), K) of a pooled tensor whose pixels have one row stride.
 at::Tensor pooled_rows(const at::Tensor& t) {
-  return t.view({-1, t.size(3)});
+  return t.view({-1, t.size(-1)});
 }
 
-// z[c] = mean of relu(x * scale + shift) over the 2x2 window at `top_left`.
-template <typename T, typename A>
-DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ top_left, int64_t stride_w,
-                                                   int64_t stride_h, const A* __restrict__ scale,
-                                                   const A* __restrict__ shift, int64_t channels,
-                                                   T* __restrict__ z) {
-  const T* __restrict__ top_right = top_left + stride_w;
-  const T* __restrict__ bottom_left = top_left + stride_h;
-  const T* __restrict__ bottom_right = bottom_left + stride_w;
+// z[c] = mean of relu(x * scale + shift) over the kWindow pixels at first + offsets[i].
+template <typename T, typename A, int kWindow>
+DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ first, const int64_t* offsets,
+                                                   const A* __restrict__ scale, const A* __restrict__ shift,
+                                                   int64_t channels, T* __restrict__ z) {
+  int64_t o[kWindow];
+  for (int i = 0; i < kWindow; ++i) {
+    o[i] = offsets[i];
+  }
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const A a0 = static_cast<A>(top_left[c]) * scale[c] + shift[c];
-    const A a1 = static_cast<A>(top_right[c]) * scale[c] + shift[c];
-    const A a2 = static_cast<A>(bottom_left[c]) * scale[c] + shift[c];
-    const A a3 = static_cast<A>(bottom_right[c]) * scale[c] + shift[c];
-    z[c] = static_cast<T>(A(0.25) * ((a0 > A(0) ? a0 : A(0)) + (a1 > A(0) ? a1 : A(0)) + (a2 > A(0) ? a2 : A(0)) +
-                                     (a3 > A(0) ? a3 : A(0))));
+    A sum = relu(static_cast<A>(first[c]) * scale[c] + shift[c]);
+    for (int i = 1; i < kWindow; ++i) {
+      sum += relu(static_cast<A>(first[o[i] + c]) * scale[c] + shift[c]);
+    }
+    z[c] = static_cast<T>(A(1.0 / kWindow) * sum);
   }
 }
 
 // Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
-template <typename T, typename A>
-void pooled_bn_relu(const at::Tensor& x, const Window& window, const A* scale, const A* shift, Tile tile, T* z) {
-  const int64_t channels = x.size(3);
+template <typename T, typename A, int kWindow>
+void pooled_bn_relu(const at::Tensor& x, const Pooling& pooling, const A* scale, const A* shift, Tile tile, T* z) {
+  const int64_t channels = x.size(-1);
   for (int64_t r = 0; r < tile.size; ++r) {
-    window_bn_relu_mean(ptr<T>(x) + window.offset(tile.begin + r), window.stride_w, window.stride_h, scale, shift,
-                        channels, z + r * channels);
+    window_bn_relu_mean<T, A, kWindow>(ptr<T>(x) + pooling.offset(tile.begin + r), pooling.offsets.data(), scale,
+                                       shift, channels, z + r * channels);
   }
 }
 
-template <typename T>
+template <typename T, int kWindow>
 void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                       const at::Tensor& out) {
   using A = at::opmath_type<T>;
-  const int64_t channels = x.size(3);
+  const int64_t channels = x.size(-1);
   const auto out_rows = pooled_rows(out);
-  const Window window = window_of(x);
+  const Pooling pooling(x);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
   const auto weight_t = weight.t();
   struct State {
@@ -491,7 +400,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
       out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
       [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options())}; },
       [&](State& s, Tile tile) {
-        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
       });
@@ -502,32 +411,62 @@ void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   check_transition(x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_cpu", [&] {
-    transition_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out);
+    with_window(Pooling(x).window, [&](auto window) {
+      transition_typed<scalar_t, decltype(window)::value>(x, scale.contiguous(), shift.contiguous(), weight, out);
+    });
   });
 }
 
-template <typename T>
+// Pass 1 at the pixels that floor pooling drops (the last pixel along each odd
+// spatial dimension): dA = 0, so grad_x = scale * 0 and `sums` add 0 and
+// 0 * (x - mean), as in torch's BN backward (not 0 where x or a coefficient is not finite).
+template <typename T, typename A>
+void dropped_pixels_backward(const at::Tensor& x, const A* scale, const A* shift, const A* mean,
+                             const at::Tensor& grad_x, std::vector<A>& sums) {
+  const Pooling in(x), grad(grad_x);
+  const int64_t channels = x.size(-1);
+  const std::vector<T> zero_grad(channels, T(0));
+  // A run of `pixels` pixels from (n, d, h, w), `step` (a spatial dimension, 0 to 2) apart.
+  const auto backward = [&](int64_t n, int64_t d, int64_t h, int64_t w, int64_t pixels, int step) {
+    const auto position = [&](const Pooling& p) {
+      return n * p.stride_n + d * p.strides[0] + h * p.strides[1] + w * p.strides[2];
+    };
+    bn_backward_rows<T, A, false>(ptr<T>(x) + position(in), in.strides[step], scale, shift, mean, zero_grad.data(),
+                                  0, A(0), pixels, channels, sums.data(), mutable_ptr<T>(grad_x) + position(grad),
+                                  grad.strides[step]);
+  };
+  const int64_t depth = in.sizes[0], height = in.sizes[1], width = in.sizes[2];
+  for (int64_t n = 0; n < x.size(0); ++n) {
+    if (in.covered(0) < depth) {  // the last plane
+      for (int64_t h = 0; h < height; ++h) {
+        backward(n, depth - 1, h, 0, width, 2);
+      }
+    }
+    for (int64_t d = 0; d < in.covered(0); ++d) {
+      if (in.covered(1) < height) {  // the last row of the plane
+        backward(n, d, height - 1, 0, width, 2);
+      }
+      if (in.covered(2) < width) {  // the last column above it
+        backward(n, d, 0, width - 1, in.covered(1), 1);
+      }
+    }
+  }
+}
+
+template <typename T, int kWindow>
 std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x, const at::Tensor& scale,
                                                              const at::Tensor& shift, const at::Tensor& mean,
                                                              const at::Tensor& rstd, const at::Tensor& weight,
                                                              const at::Tensor& grad_out, const at::Tensor& grad_x) {
   using A = at::opmath_type<T>;
-  const int64_t channels = x.size(3), out_channels = weight.size(0);
-  const Window window = window_of(x);
-  // Pixels that pooling drops (last row / column of odd sizes) get dA = 0.
-  if (x.size(1) % 2 == 1) {
-    grad_x.select(1, x.size(1) - 1).zero_();
-  }
-  if (x.size(2) % 2 == 1) {
-    grad_x.select(2, x.size(2) - 1).zero_();
-  }
+  const int64_t channels = x.size(-1), out_channels = weight.size(0);
+  const Pooling pooling(x), grad_pooling(grad_x);
   const auto grad_rows = pooled_rows(grad_out);
   const int64_t pooled = grad_rows.size(0);
   const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
-  ChannelSums sums(chunks, channels);
-  const int64_t grad_offset_w = grad_x.stride(2), grad_offset_h = grad_x.stride(1);
+  ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
   struct State {
     int64_t chunk;
     at::Tensor z, grad_z;
@@ -540,28 +479,30 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
                      at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
       },
       [&](State& s, Tile tile) {
-        pooled_bn_relu<T, A>(x, window, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         add_weight_gradient(weight_partials[s.chunk], grad_out_tile, s.z.narrow(0, 0, tile.size));
         std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
-        const Window grad_window{window.pooled_h, window.pooled_w, grad_x.stride(0), grad_offset_h, grad_offset_w};
         for (int64_t r = 0; r < tile.size; ++r) {
-          const T* x_top_left = ptr<T>(x) + window.offset(tile.begin + r);
-          T* grad_top_left = grad_x.data_ptr<T>() + grad_window.offset(tile.begin + r);
+          const T* x_first = ptr<T>(x) + pooling.offset(tile.begin + r);
+          T* grad_first = grad_x.data_ptr<T>() + grad_pooling.offset(tile.begin + r);
           const T* grad_pooled = ptr<T>(s.grad_z) + r * channels;
-          // The window's top and bottom pixel pairs, each as 2 rows (row stride: the W stride),
+          // The window as pairs of pixels along W, each as 2 rows (row stride: the W stride) that
           // share the pooled gradient (its row stride 0).
-          for (const auto& [x_step, grad_step] :
-               {std::pair{int64_t(0), int64_t(0)}, std::pair{window.stride_h, grad_offset_h}}) {
-            bn_backward_rows<T, A, false>(x_top_left + x_step, window.stride_w, ptr<A>(scale), ptr<A>(shift),
-                                       ptr<A>(mean), grad_pooled, 0, A(0.25), 2, channels, s.tile_sums.data(),
-                                       grad_top_left + grad_step, grad_offset_w);
+          for (int pair = 0; pair < kWindow; pair += 2) {
+            bn_backward_rows<T, A, false>(x_first + pooling.offsets[pair], pooling.strides[2], ptr<A>(scale),
+                                          ptr<A>(shift), ptr<A>(mean), grad_pooled, 0, A(1.0 / kWindow), 2,
+                                          channels, s.tile_sums.data(), grad_first + grad_pooling.offsets[pair],
+                                          grad_pooling.strides[2]);
           }
         }
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0).to(weight.scalar_type()), sums.result(rstd)};
+  std::vector<A> dropped_sums(2 * channels, A(0));
+  dropped_pixels_backward<T, A>(x, ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), grad_x, dropped_sums);
+  sums.add(chunks, dropped_sums);
+  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
@@ -570,8 +511,12 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
   check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_backward_sums_cpu", [&] {
-    return transition_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
-                                               weight, grad_out, grad_x);
+    std::tuple<at::Tensor, at::Tensor> result;
+    with_window(Pooling(x).window, [&](auto window) {
+      result = transition_backward_typed<scalar_t, decltype(window)::value>(
+          x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd, weight, grad_out, grad_x);
+    });
+    return result;
   });
 }
 

@@ -1,120 +1,116 @@
 // CUDA kernels of the elementwise fused BatchNorm-ReLU ops (see ../fused_bn.h):
 // bn_relu, pass 1 of its backward (bn_relu_backward_sums) and pass 2 of every
 // BN backward (bn_backward_finish).  The GEMM ops stay on the torch backend on
-// CUDA.  Blocks are 32 channels (one per lane: coalesced loads along a row) by
-// kRowThreads row threads.  The backward's per-channel sums are reduced per
-// block in shared memory, written as per-block partials and added in a fixed
-// order (no atomics: deterministic).
+// CUDA.  Launch shape, vector accesses and the deterministic per-block sums:
+// cuda_helpers.h.  T is the data type, A = at::opmath_type<T> the type of the
+// BN coefficients and of the arithmetic (float for bfloat16 data).
 #include "../fused_bn.h"
+#include "../relu.h"
+#include "cuda_helpers.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 namespace densenet_fast {
 
 namespace {
 
-constexpr int kChannelsPerBlock = 32;
-constexpr int kRowThreads = 8;
-constexpr int64_t kMinRowsPerBlock = 128;
-constexpr int64_t kBlocksPerSM = 4;
-constexpr int64_t kMaxGridY = 65535;
+using namespace cuda;
 
-// The grid over (channel blocks, row blocks): enough row blocks to give every
-// SM a few blocks, each at least kMinRowsPerBlock rows.
-struct Launch {
-  dim3 grid;
-  int64_t rows_per_block;
-};
-
-Launch launch_for(const at::Tensor& x) {
-  const int64_t rows = x.size(0), channels = x.size(1);
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.device().index()));
-  const int64_t channel_blocks = (channels + kChannelsPerBlock - 1) / kChannelsPerBlock;
-  const int64_t target = std::clamp<int64_t>(kBlocksPerSM * sm_count / channel_blocks, 1, kMaxGridY);
-  const int64_t rows_per_block = std::max(kMinRowsPerBlock, (rows + target - 1) / target);
-  const int64_t row_blocks = std::max<int64_t>(1, (rows + rows_per_block - 1) / rows_per_block);
-  return {dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(row_blocks)), rows_per_block};
-}
-
-template <typename T>
-__global__ void bn_relu_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ scale,
-                               const T* __restrict__ shift, int64_t rows, int64_t channels, int64_t rows_per_block,
+// out = relu(x * scale + shift).
+template <typename T, int V, typename A = at::opmath_type<T>>
+__global__ void bn_relu_kernel(const T* __restrict__ x, int64_t ldx, const A* __restrict__ scale,
+                               const A* __restrict__ shift, int64_t rows, int64_t channels, int64_t rows_per_block,
                                T* __restrict__ out, int64_t ldo) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
+  const int64_t c = lane_channel<V>();
   if (c >= channels) {
     return;
   }
-  const T s = scale[c], b = shift[c];
-  const int64_t row_end = min(rows, (static_cast<int64_t>(blockIdx.y) + 1) * rows_per_block);
-  for (int64_t r = blockIdx.y * rows_per_block + threadIdx.y; r < row_end; r += kRowThreads) {
-    const T a = x[r * ldx + c] * s + b;
-    out[r * ldo + c] = a > T(0) ? a : T(0);
+  A s[V], b[V];
+  load_each(scale, c, channels, s);
+  load_each(shift, c, channels, b);
+  const RowRange range = thread_rows(rows, rows_per_block);
+  for (int64_t r = range.begin; r < range.end; r += kRowThreads) {
+    A z[V];
+    load(x + r * ldx, c, channels, z);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      z[i] = relu(z[i] * s[i] + b[i]);
+    }
+    store(out + r * ldo, c, channels, z);
   }
 }
 
-// grad_x = scale * dA (grad_x may be grad_z); partials[block_row][0 or 1][c] =
-// the block's sum of dA and of dA * (x - mean).
-template <typename T>
-__global__ void bn_relu_backward_sums_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ scale,
-                                             const T* __restrict__ shift, const T* __restrict__ mean,
+// dA = relu_backward(grad_z, a); grad_x = scale * dA (grad_x may be grad_z: each
+// thread reads a row's values before it writes them); partials[0 / 1][blockIdx.y][c]
+// = the block's sums of dA and of dA * (x - mean).
+template <typename T, int V, typename A = at::opmath_type<T>>
+__global__ void bn_relu_backward_sums_kernel(const T* __restrict__ x, int64_t ldx, const A* __restrict__ scale,
+                                             const A* __restrict__ shift, const A* __restrict__ mean,
                                              const T* grad_z, int64_t ldg, int64_t rows, int64_t channels,
                                              int64_t rows_per_block, T* grad_x, int64_t ldgx,
                                              double* __restrict__ partials) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
-  double sum = 0.0, sum_centered = 0.0;
+  const int64_t c = lane_channel<V>();
+  double sums[2][V] = {};
   if (c < channels) {
-    const T s = scale[c], b = shift[c], mu = mean[c];
-    const int64_t row_end = min(rows, (static_cast<int64_t>(blockIdx.y) + 1) * rows_per_block);
-    for (int64_t r = blockIdx.y * rows_per_block + threadIdx.y; r < row_end; r += kRowThreads) {
-      const T value = x[r * ldx + c];
-      const T a = value * s + b;
-      const T grad_a = a > T(0) ? grad_z[r * ldg + c] : T(0);
-      grad_x[r * ldgx + c] = s * grad_a;
-      sum += static_cast<double>(grad_a);
-      sum_centered += static_cast<double>(grad_a) * static_cast<double>(value - mu);
+    A s[V], b[V], mu[V];
+    load_each(scale, c, channels, s);
+    load_each(shift, c, channels, b);
+    load_each(mean, c, channels, mu);
+    const RowRange range = thread_rows(rows, rows_per_block);
+    for (int64_t r = range.begin; r < range.end; r += kRowThreads) {
+      A value[V], grad[V];
+      load(x + r * ldx, c, channels, value);
+      load(grad_z + r * ldg, c, channels, grad);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A grad_a = relu_backward(grad[i], value[i] * s[i] + b[i]);
+        sums[0][i] += static_cast<double>(grad_a);
+        sums[1][i] += static_cast<double>(grad_a) * static_cast<double>(value[i] - mu[i]);
+        grad[i] = s[i] * grad_a;
+      }
+      store(grad_x + r * ldgx, c, channels, grad);
     }
   }
-  __shared__ double block_sum[kRowThreads][kChannelsPerBlock];
-  __shared__ double block_centered[kRowThreads][kChannelsPerBlock];
-  block_sum[threadIdx.y][threadIdx.x] = sum;
-  block_centered[threadIdx.y][threadIdx.x] = sum_centered;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < channels) {
-    for (int i = 1; i < kRowThreads; ++i) {
-      sum += block_sum[i][threadIdx.x];
-      sum_centered += block_centered[i][threadIdx.x];
-    }
-    partials[(2 * blockIdx.y) * channels + c] = sum;
-    partials[(2 * blockIdx.y + 1) * channels + c] = sum_centered;
-  }
+  store_block_sums(sums, c, channels, partials);
 }
 
 // grad_x += offset + slope * (x - mean).
-template <typename T>
-__global__ void bn_backward_finish_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ offset,
-                                          const T* __restrict__ slope, const T* __restrict__ mean, int64_t rows,
+template <typename T, int V, typename A = at::opmath_type<T>>
+__global__ void bn_backward_finish_kernel(const T* __restrict__ x, int64_t ldx, const A* __restrict__ offset,
+                                          const A* __restrict__ slope, const A* __restrict__ mean, int64_t rows,
                                           int64_t channels, int64_t rows_per_block, T* __restrict__ grad_x,
                                           int64_t ldgx) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
+  const int64_t c = lane_channel<V>();
   if (c >= channels) {
     return;
   }
-  const T o = offset[c], s = slope[c], mu = mean[c];
-  const int64_t row_end = min(rows, (static_cast<int64_t>(blockIdx.y) + 1) * rows_per_block);
-  for (int64_t r = blockIdx.y * rows_per_block + threadIdx.y; r < row_end; r += kRowThreads) {
-    grad_x[r * ldgx + c] += o + s * (x[r * ldx + c] - mu);
+  A o[V], k[V], mu[V];
+  load_each(offset, c, channels, o);
+  load_each(slope, c, channels, k);
+  load_each(mean, c, channels, mu);
+  const RowRange range = thread_rows(rows, rows_per_block);
+  for (int64_t r = range.begin; r < range.end; r += kRowThreads) {
+    A value[V], grad[V];
+    load(x + r * ldx, c, channels, value);
+    load(grad_x + r * ldgx, c, channels, grad);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      grad[i] += o[i] + k[i] * (value[i] - mu[i]);
+    }
+    store(grad_x + r * ldgx, c, channels, grad);
   }
 }
 
-const dim3 kBlock(kChannelsPerBlock, kRowThreads);
+template <typename T>
+const at::opmath_type<T>* coefficients(const at::Tensor& t) {
+  return t.const_data_ptr<at::opmath_type<T>>();
+}
 
 void bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu(x, scale, shift, out);
@@ -123,14 +119,16 @@ void bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor
   }
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  const Launch launch = launch_for(x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_cuda", [&] {
-    bn_relu_kernel<scalar_t><<<launch.grid, kBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), scale_c.const_data_ptr<scalar_t>(),
-        shift_c.const_data_ptr<scalar_t>(), x.size(0), x.size(1), launch.rows_per_block, out.data_ptr<scalar_t>(),
-        out.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_cuda", [&] {
+    with_vector_width<scalar_t>({x, out}, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const RowLaunch launch = row_launch(x.size(0), x.size(1), V, x.device().index());
+      bn_relu_kernel<scalar_t, V><<<launch.grid, launch.block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), coefficients<scalar_t>(scale_c), coefficients<scalar_t>(shift_c),
+          x.size(0), x.size(1), launch.rows_per_block, out.data_ptr<scalar_t>(), out.stride(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -143,20 +141,21 @@ at::Tensor bn_relu_backward_sums_cuda(const at::Tensor& x, const at::Tensor& sca
     return at::zeros({2, x.size(1)}, scale.options());
   }
   const auto scale_c = scale.contiguous(), shift_c = shift.contiguous(), mean_c = mean.contiguous();
-  const Launch launch = launch_for(x);
-  auto partials = at::empty({static_cast<int64_t>(launch.grid.y), 2, x.size(1)}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_sums_cuda", [&] {
-    bn_relu_backward_sums_kernel<scalar_t><<<launch.grid, kBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), scale_c.const_data_ptr<scalar_t>(),
-        shift_c.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<scalar_t>(), grad_z.const_data_ptr<scalar_t>(),
-        grad_z.stride(0), x.size(0), x.size(1), launch.rows_per_block, grad_x.data_ptr<scalar_t>(), grad_x.stride(0),
-        partials.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor partials;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_backward_sums_cuda", [&] {
+    with_vector_width<scalar_t>({x, grad_z, grad_x}, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const RowLaunch launch = row_launch(x.size(0), x.size(1), V, x.device().index());
+      partials = at::empty({2, static_cast<int64_t>(launch.grid.y), x.size(1)}, x.options().dtype(at::kDouble));
+      bn_relu_backward_sums_kernel<scalar_t, V><<<launch.grid, launch.block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), coefficients<scalar_t>(scale_c), coefficients<scalar_t>(shift_c),
+          coefficients<scalar_t>(mean_c), grad_z.const_data_ptr<scalar_t>(), grad_z.stride(0), x.size(0), x.size(1),
+          launch.rows_per_block, grad_x.data_ptr<scalar_t>(), grad_x.stride(0), partials.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
-  auto sums = partials.sum(0);
-  sums[1].mul_(rstd.to(at::kDouble));
-  return sums.to(scale.scalar_type());
+  return bn_backward_sums(partials.sum(1), rstd);
 }
 
 void bn_backward_finish_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
@@ -169,14 +168,17 @@ void bn_backward_finish_cuda(const at::Tensor& x, const at::Tensor& scale, const
   at::Tensor offset, slope;
   std::tie(offset, slope) = finish_coefficients(scale, rstd, batch_means);
   const auto mean_c = mean.contiguous();
-  const Launch launch = launch_for(x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward_finish_cuda", [&] {
-    bn_backward_finish_kernel<scalar_t><<<launch.grid, kBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), offset.const_data_ptr<scalar_t>(),
-        slope.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<scalar_t>(), x.size(0), x.size(1),
-        launch.rows_per_block, grad_x.data_ptr<scalar_t>(), grad_x.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_backward_finish_cuda", [&] {
+    with_vector_width<scalar_t>({x, grad_x}, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const RowLaunch launch = row_launch(x.size(0), x.size(1), V, x.device().index());
+      bn_backward_finish_kernel<scalar_t, V><<<launch.grid, launch.block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), coefficients<scalar_t>(offset), coefficients<scalar_t>(slope),
+          coefficients<scalar_t>(mean_c), x.size(0), x.size(1), launch.rows_per_block, grad_x.data_ptr<scalar_t>(),
+          grad_x.stride(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -1,0 +1,264 @@
+"""densenet_fast.monai against MONAI's own DenseNet (monai.networks.nets) with
+the same weights: float64 outputs, input and parameter gradients, running
+statistics and SGD updates at odd 1-D, 2-D and 3-D shapes, in training and
+eval; the engine really runs (no concatenation); MONAI's channel dropout;
+other act/norm choices on MONAI's plain path with one warning; MONAI
+checkpoints, ``pretrained`` and :func:`from_monai`."""
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+monai_nets = pytest.importorskip("monai.networks.nets")
+
+from densenet_fast import monai as fast_monai  # noqa: E402
+from densenet_fast.models import InputError  # noqa: E402
+from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal,  # noqa: E402
+                     forward_backward, global_relative_error, randomize_batchnorm, sgd)
+from helpers import one_thread  # noqa: E402, F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (N, C, *spatial): odd sizes, so every transition's pooling drops pixels
+SHAPES = {1: (3, 2, 29), 2: (3, 2, 13, 11), 3: (2, 1, 9, 11, 10)}
+# Parameter gradients that are zero in exact arithmetic show rounding noise only: in 3-D
+# every 3x3x3 window of the stem's max-pool holds an active ReLU, so norm0's bias moves
+# every pooled value alike and the BatchNorms after it cancel it (a gradient of 1e-19).
+ZERO_NOISE = 1e-16
+TINY = dict(out_channels=3, init_features=6, growth_rate=4, block_config=(2, 3), bn_size=2)
+
+
+def make_pair(spatial_dims: int, dtype=torch.float64, **config) -> tuple[nn.Module, nn.Module]:
+    """``(ours, MONAI's)``: MONAI's model with randomised BatchNorm parameters
+    and statistics, and ours built with the same arguments and its ``state_dict``
+    (``strict=True``), in training mode."""
+    config = {**TINY, **config}
+    options = {key: config.pop(key) for key in ("backend", "recompute") if key in config}
+    in_channels = SHAPES[spatial_dims][1]
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(spatial_dims, in_channels, **config)
+    randomize_batchnorm(theirs)
+    ours = fast_monai.DenseNet(spatial_dims, in_channels, **config, **options)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(dtype), theirs.to(dtype)
+
+
+def random_batch(spatial_dims: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPES[spatial_dims], generator=generator, dtype=torch.float64)
+    return x.to(dtype), torch.randint(TINY["out_channels"], (x.shape[0],), generator=generator)
+
+
+def concatenations(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
+    """How many ``torch.cat`` one training step runs (MONAI's dense layers each run one)."""
+    with OpRecorder() as recorder:
+        forward_backward(model, x, target)
+    return sum(name == "cat" for name, _ in recorder.ops)
+
+
+# -- equality with MONAI --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, recompute", [("torch", "keep"), (None, "recompute")], ids=["torch", "auto"])
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_equals_monai_float64(spatial_dims, backend, recompute):
+    """Three SGD steps in training mode, then eval mode: every output, input and
+    parameter gradient, running statistic and updated parameter equal to 1e-8;
+    the fused path ran (no concatenation)."""
+    ours, theirs = make_pair(spatial_dims, backend=backend, recompute=recompute)
+    optimizers = sgd(ours), sgd(theirs)
+    for step in range(3):
+        x, target = random_batch(spatial_dims, seed=step)
+        assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                             atol=ZERO_NOISE)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert_all_close(dict(ours.named_parameters()), dict(theirs.named_parameters()), FLOAT64_RTOL, "parameters")
+    ours.eval(), theirs.eval()
+    x, target = random_batch(spatial_dims, seed=50)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                             atol=ZERO_NOISE)
+    assert concatenations(ours, x, target) == 0 and concatenations(theirs, x, target) == 5
+
+
+def test_fp32_close_to_monai():
+    """fp32, 3-D: outputs and running statistics to 1e-4 after two steps (the
+    gradients' fp32 error is judged against float64 in the torchvision tests,
+    on the same engine)."""
+    ours, theirs = make_pair(3, dtype=torch.float32)
+    for step in range(2):
+        x, target = random_batch(3, seed=step, dtype=torch.float32)
+        result, expected = forward_backward(ours, x, target), forward_backward(theirs, x, target)
+        assert_all_close({"output": result.output}, {"output": expected.output}, FP32_RTOL, "fp32 output")
+        assert_all_close(result.buffers, expected.buffers, FP32_RTOL, "fp32 running statistics")
+
+
+def test_triton_backend_runs_3d_transitions_on_the_torch_primitive():
+    """The Triton backend (interpreter on the CPU) in 3-D: its row kernels and
+    the torch backend's transition give the torch backend's results."""
+    pytest.importorskip("triton")
+    ours, _ = make_pair(3, dtype=torch.float32, backend="triton")
+    reference, _ = make_pair(3, dtype=torch.float32, backend="torch")
+    x, target = random_batch(3, seed=0, dtype=torch.float32)
+    result, expected = forward_backward(ours, x, target), forward_backward(reference, x, target)
+    assert_all_close({"output": result.output}, {"output": expected.output}, FP32_RTOL, "triton output")
+    assert global_relative_error(result.grads, expected.grads) < 1e-4
+
+
+# -- dropout ----------------------------------------------------------------------------------------
+def test_dropout_drops_whole_channels_as_monai():
+    """MONAI's Dropout3d after each dense layer: each new channel of each sample
+    is all zero or the value without dropout over 0.8; the input passes."""
+    torch.manual_seed(0)
+    config = {**TINY, "growth_rate": 16, "block_config": (1, 1)}
+    block = fast_monai.DenseNet(3, 1, dropout_prob=0.2, **config).features.denseblock1
+    x = torch.randn(6, 6, 4, 5, 3)
+    dropped = block(x)
+    block.denselayer1.layers.dropout.eval()  # dropout off, in MONAI's way for one module
+    plain = block(x)
+    assert torch.equal(dropped[:, :6], plain[:, :6])
+    new, expected = dropped[:, 6:], plain[:, 6:] / 0.8
+    zero = (new == 0).flatten(2)
+    assert (zero.all(2) | ~zero.any(2)).all(), "dropout must zero whole channels"
+    assert 0.1 < zero.all(2).float().mean().item() < 0.3
+    torch.testing.assert_close(new[new != 0], expected[new != 0])
+
+
+def test_dropout_gradcheck_under_a_fixed_seed():
+    """Fused backward with channel dropout (3-D) against finite differences."""
+    torch.manual_seed(0)
+    model = fast_monai.DenseNet(3, 1, dropout_prob=0.3, **{**TINY, "init_features": 3, "growth_rate": 2})
+    stage = nn.Sequential(model.features.denseblock1, model.features.transition1).double()
+    names, params = zip(*stage.named_parameters())
+    x = torch.randn(2, 3, 3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def function(x, *params):
+        torch.manual_seed(3)
+        return torch.func.functional_call(stage, dict(zip(names, params)), (x,))
+
+    inputs = (x.requires_grad_(),) + tuple(p.detach().requires_grad_() for p in params)
+    assert torch.autograd.gradcheck(function, inputs, fast_mode=True)
+
+
+# -- other act and norm: MONAI's plain path ---------------------------------------------------------
+@pytest.mark.parametrize("spatial_dims, act, norm", [
+    (3, "prelu", ("group", {"num_groups": 1})),
+    (2, ("leakyrelu", {"negative_slope": 0.1}), "instance"),
+    (1, "elu", "batch"),
+], ids=["prelu_group_3d", "leakyrelu_instance_2d", "elu_batch_1d"])
+def test_other_act_and_norm_equal_monai_with_one_warning(spatial_dims, act, norm):
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(spatial_dims, SHAPES[spatial_dims][1], act=act, norm=norm, **TINY).double()
+    with pytest.warns(RuntimeWarning, match="plain per-layer path") as caught:
+        ours = fast_monai.DenseNet(spatial_dims, SHAPES[spatial_dims][1], act=act, norm=norm, **TINY).double()
+    assert len(caught) == 1
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        x, target = random_batch(spatial_dims, seed=int(training))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once, when built
+            result = forward_backward(ours, x, target)
+        assert_results_equal(result, forward_backward(theirs, x, target), FLOAT64_RTOL, atol=ZERO_NOISE)
+
+
+# -- module tree, checkpoints, conversion ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["DenseNet121", "densenet169", "Densenet201", "DenseNet264"])
+def test_named_networks_have_monais_tree_and_initial_weights(name):
+    """Same arguments and seed: the same state_dict keys, shapes and values as MONAI's."""
+    torch.manual_seed(7)
+    theirs = getattr(monai_nets, name)(spatial_dims=3, in_channels=1, out_channels=2).state_dict()
+    torch.manual_seed(7)
+    ours = getattr(fast_monai, name)(spatial_dims=3, in_channels=1, out_channels=2).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_pretrained_loads_torchvisions_weights_as_monai(tmp_path, monkeypatch):
+    """pretrained=True reads the hub cache (here a file of torchvision's layout with
+    the old ``norm.1`` keys) and keeps what MONAI keeps."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    state = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value
+             for key, value in torchvision.models.densenet121(num_classes=5).state_dict().items()}
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / "densenet121-a639ec97.pth")
+    torch.manual_seed(2)
+    theirs = monai_nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=5, pretrained=True).state_dict()
+    torch.manual_seed(2)
+    ours = fast_monai.DenseNet121(spatial_dims=2, in_channels=3, out_channels=5, pretrained=True).state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    loaded = "features.denseblock2.denselayer3.layers.norm1.weight"
+    assert torch.equal(ours[loaded], state["features.denseblock2.denselayer3.norm.1.weight"])
+    with pytest.raises(NotImplementedError, match="spatial_dims"):
+        fast_monai.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, pretrained=True)
+
+
+def test_from_monai_copies_modules_weights_and_mode():
+    """One call: MONAI's own act/norm modules (here PReLU and group norm, said once)
+    and weights, eval mode of one BatchNorm kept; equal results."""
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(3, 1, act="prelu", norm=("group", {"num_groups": 1}), **TINY).double()
+    theirs.features.denseblock1.denselayer2.layers.norm1.eval()
+    with pytest.warns(RuntimeWarning, match="PReLU") as caught:
+        ours = fast_monai.from_monai(theirs, backend="torch")
+    assert len(caught) == 1 and ours.backend == "torch"
+    assert not ours.features.denseblock1.denselayer2.layers.norm1.training and ours.training
+    x, target = random_batch(3, seed=0)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                             atol=ZERO_NOISE)
+
+    standard = monai_nets.DenseNet(3, 1, **TINY).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = fast_monai.from_monai(standard)
+    assert not converted.training
+    assert_results_equal(forward_backward(converted, x, target), forward_backward(standard, x, target),
+                         FLOAT64_RTOL, atol=ZERO_NOISE)
+    assert concatenations(converted, x, target) == 0
+
+
+def test_hook_on_a_dense_layer_gives_monais_plain_path_for_that_block():
+    ours, theirs = make_pair(3)
+    calls = {id(model): [] for model in (ours, theirs)}
+    for model in (ours, theirs):
+        model.features.denseblock2.denselayer1.register_forward_hook(
+            lambda module, args, out, model=model: calls[id(model)].append(out.shape))
+    x, target = random_batch(3, seed=0)
+    with pytest.warns(RuntimeWarning, match="plain per-layer path"):
+        result = forward_backward(ours, x, target)
+    assert_results_equal(result, forward_backward(theirs, x, target), FLOAT64_RTOL, atol=ZERO_NOISE)
+    assert calls[id(ours)] == calls[id(theirs)] == [torch.Size([2, 11, 1, 1, 1])]
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(2, 1, 40, 40), ValueError, r"5-D input \(N, C, D, H, W\)"),
+    (torch.randn(2, 2, 40, 40, 40), InputError, "built for 1 input channels"),
+    (torch.randn(2, 1, 40, 4, 40), InputError, "40x4x40 are too small .* at least 5x5x5"),
+])
+def test_bad_input_is_refused_clearly(x, error, message):
+    model = fast_monai.DenseNet(3, 1, **TINY)
+    with pytest.raises(error, match=message):
+        model(x)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="spatial_dims"):
+        fast_monai.DenseNet(4, 1, 2)
+    with pytest.raises(ValueError, match="dropout_prob"):
+        fast_monai.DenseNet(3, 1, 2, dropout_prob=1.0)
+    with pytest.raises(TypeError, match="not a MONAI DenseNet"):
+        fast_monai.from_monai(nn.Linear(2, 2))
+
+
+def test_global_pool_of_the_plain_head_is_monais():
+    """A hook on class_layers.pool: the fused blocks run, the head is MONAI's modules."""
+    ours, theirs = make_pair(2)
+    seen = []
+    ours.class_layers.pool.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x, target = random_batch(2, seed=0)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                             atol=ZERO_NOISE)
+    assert seen == [torch.Size([3, 19, 1, 1])]
