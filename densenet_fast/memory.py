@@ -741,9 +741,11 @@ class CppWorkspace(Workspace):
         return min(max(CPP_TILE_BYTES // max(1, buffers * c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])
 
     def tiles(self, rows: int, c: int, buffers: int) -> float:
-        """The row tiles the running threads hold."""
-        return min(self.threads, math.ceil(rows / self.tile_rows(c, buffers))) * buffers * self.tile_rows(c, buffers) \
-            * c * self.e
+        """The row tiles the running threads hold: each thread's chunk allocates
+        ``buffers`` tiles of ``tile_rows`` rows, but only the rows it writes
+        become resident (a tile above the mmap threshold is fresh pages), so
+        together at most ``rows``."""
+        return min(rows, self.threads * self.tile_rows(c, buffers)) * buffers * c * self.e
 
     def chunks(self, rows: int, c: int) -> int:
         return max(1, min(math.ceil(rows / self.tile_rows(c, 2)), max(CPP_MIN_CHUNKS, self.threads)))
