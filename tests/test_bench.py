@@ -38,7 +38,7 @@ def fake_workers(monkeypatch):
             return {"status": "over_budget"}
         return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [1e-3 * spec.depth]}
 
-    def time_(self, impls, spec, batch, train=True):
+    def time_(self, impls, spec, batch, train=True, memory_budget=None):
         return {"status": "ok", "impls": {i: {"status": "ok", "seconds": common.summarize([1e-3 * spec.depth] * 3)}
                                           for i in impls}}
 

@@ -133,7 +133,8 @@ def sweep(runner: Runner, impls: list[str], args, checkpoint) -> tuple[list[dict
         points.append(point)
         if impl == impls[-1]:
             if depth in time_depths:
-                result = runner.time(impls, bc_spec(args, depth), args.batch)
+                result = runner.time(impls, bc_spec(args, depth), args.batch,
+                                     memory_budget=args.budget_gib * common.GIB or None)
                 timings[depth] = result.get("impls", {i: result for i in impls})
             checkpoint(points, timings)
     return points, timings
@@ -235,6 +236,38 @@ def ratios(points: list[dict], timings: dict, impls: list[str], depth: int) -> d
     return out
 
 
+def policy_costs(timings: dict, args) -> dict:
+    """Per backend, the measured cost of recomputing: at every timed depth the step
+    time of ``recompute`` over ``keep`` (same process, round-robin), and the cost of
+    a recomputed FLOP relative to an average FLOP of the step,
+    ``a = (ratio - 1) * F / R`` (:func:`densenet_fast.planner.step_time_ratio`);
+    with ``auto`` timed too, its measured ratio beside the planner's."""
+    out: dict = {}
+    for depth, results in sorted(timings.items(), key=lambda item: int(item[0])):
+        median = {impl: r["seconds"]["median"] for impl, r in results.items() if r["status"] == "ok"}
+        for impl in median:
+            _, backend, policy = impl.split("-") if impl.startswith("fast-") else ("", "", "")
+            if policy != "recompute" or f"fast-{backend}-keep" not in median:
+                continue
+            setup = step_setup(args, backend)
+            arch = bc_architecture(args, int(depth))
+            ratio = median[impl] / median[f"fast-{backend}-keep"]
+            flops, recomputed = planner.training_flops(arch, setup), planner.recompute_flops(arch, setup, ("recompute",) * 3)
+            row = {"depth": int(depth), "keep_s": median[f"fast-{backend}-keep"], "recompute_s": median[impl],
+                   "recompute_over_keep": ratio, "recompute_flops_fraction": recomputed / flops,
+                   "recompute_cost_per_flop": (ratio - 1) * flops / recomputed}
+            auto = f"fast-{backend}-auto"
+            if auto in median and args.budget_gib > 0:
+                choice = planner.best_fitting(arch, setup, args.budget_gib * common.GIB, "auto")
+                row.update(auto_over_keep=median[auto] / median[f"fast-{backend}-keep"],
+                           auto_policies=list(choice.policies) if choice else None)
+            out.setdefault(backend, {"depths": []})["depths"].append(row)
+    for summary in out.values():
+        costs = sorted(r["recompute_cost_per_flop"] for r in summary["depths"])
+        summary["recompute_cost_per_flop_median"] = costs[len(costs) // 2]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
@@ -264,7 +297,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"benchmark": "depth", "environment": common.finish_environment(env), "points": points,
               "timings": {str(d): t for d, t in timings.items()}, "fits": summarize_fits(points, impls),
               "ratios_at_reference_depth": ratios(points, timings, impls, args.reference_depth),
-              "budget_search": searches}
+              "budget_search": searches, "policy_costs": policy_costs(timings, args)}
     report(result, args, out)
     return result
 
@@ -306,6 +339,9 @@ def report(result: dict, args, out: Path) -> None:
     if result["budget_search"]:
         print(f"\ndeepest depth whose training step fits {args.budget_gib} GiB\n" + common.format_table(
             [budget_row(s) for s in result["budget_search"]], list(budget_row(result["budget_search"][0]))))
+    for backend, summary in result.get("policy_costs", {}).items():
+        print(f"\nrecompute's cost on the {backend} backend (step time over keep's, same process)\n" +
+              common.format_table(summary["depths"], list(summary["depths"][0])))
     common.save_result(result, out, None if args.no_plot else "plot_depth")
 
 

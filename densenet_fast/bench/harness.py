@@ -63,8 +63,11 @@ class Runner:
         spec["memory_budget"] = memory_budget
         return common.run_worker(spec, timeout_s, limit_bytes)
 
-    def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True) -> dict:
-        return common.run_worker(self.spec("time", impls, model, batch, train), self.seconds_left())
+    def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True,
+             memory_budget: Optional[float] = None) -> dict:
+        spec = self.spec("time", impls, model, batch, train)
+        spec["memory_budget"] = memory_budget
+        return common.run_worker(spec, self.seconds_left())
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
