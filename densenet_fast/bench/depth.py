@@ -25,6 +25,7 @@ memory budget.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -63,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-timeout", type=float, default=4 * 3600.0, help="seconds one probe may take")
     parser.add_argument("--max-minutes", type=float, default=24 * 60.0, help="wall-clock limit of the whole run")
     parser.add_argument("--reference-depth", type=int, default=100)
+    parser.add_argument("--reuse-sweep", type=Path, default=None,
+                        help="take the sweep's points and timings from this result file instead of measuring them")
     add_common_arguments(parser)
 
 
@@ -74,6 +77,13 @@ def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup
     """The training step of the run, as the memory model describes it."""
     return Setup(args.batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, backend, OptimizerSpec.parse(args.optimizer))
+
+
+def model_budget(impl: str, args) -> Optional[float]:
+    """The memory budget a worker builds ``impl``'s model with: ``recompute="auto"``
+    plans under it; a fixed policy gets none (with one it would check the
+    prediction and refuse, and the measurement would verify nothing)."""
+    return args.budget_gib * common.GIB if impl.endswith("-auto") and args.budget_gib > 0 else None
 
 
 def bc_architecture(args: argparse.Namespace, depth: int) -> Architecture:
@@ -126,7 +136,7 @@ def sweep(runner: Runner, impls: list[str], args, checkpoint) -> tuple[list[dict
     bar = common.progress(jobs, desc="memory vs depth", enabled=not args.no_progress)
     for depth, impl in bar:
         result = runner.memory(impl, bc_spec(args, depth), args.batch, safety, runner.seconds_left(),
-                               memory_budget=args.budget_gib * common.GIB or None)
+                               memory_budget=model_budget(impl, args))
         point = {"impl": impl, "depth": depth, "kind": "sweep", **result, "persistent_bytes": persistent_bytes(args, depth)}
         if result["status"] == "ok":
             point["total_bytes"] = point["persistent_bytes"] + result["peak_bytes"]
@@ -193,7 +203,7 @@ def probe(runner: Runner, impl: str, depth: int, args) -> dict:
     persistent = persistent_bytes(args, depth)
     budget = args.budget_gib * common.GIB
     result = runner.memory(impl, bc_spec(args, depth), args.batch, budget - persistent,
-                           min(args.probe_timeout, runner.seconds_left()), memory_budget=budget)
+                           min(args.probe_timeout, runner.seconds_left()), memory_budget=model_budget(impl, args))
     point = {"impl": impl, "depth": depth, "kind": "probe", **result, "persistent_bytes": persistent}
     if result["status"] == "ok":
         point["total_bytes"] = persistent + result["peak_bytes"]
@@ -288,7 +298,13 @@ def run(args: argparse.Namespace) -> dict:
                    "timings": {str(d): t for d, t in timings.items()}, "budget_search": list(searches)}
         common.write_json(partial, out)
 
-    points, timings = sweep(runner, impls, args, checkpoint)
+    if args.reuse_sweep:
+        old = json.loads(args.reuse_sweep.read_text())
+        points = [p for p in old["points"] if p["kind"] == "sweep" and p["impl"] in impls]
+        timings = {int(d): t for d, t in old["timings"].items()}
+        settings["sweep_from"] = {"file": str(args.reuse_sweep), "git_revision": old["environment"]["git_revision"]}
+    else:
+        points, timings = sweep(runner, impls, args, checkpoint)
     searches = []
     if args.budget_gib > 0:
         for impl in common.progress(impls, desc="budget search", enabled=not args.no_progress):

@@ -42,8 +42,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def make_step(impl: str, spec: dict) -> Step:
     model_spec = ModelSpec(**spec["model"])
     device, channels_last = spec["device"], spec.get("channels_last", False)
-    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0),
-                  memory_budget=spec.get("memory_budget"))
+    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0),  # the budget: for -auto only
+                  memory_budget=spec.get("memory_budget") if impl.endswith("-auto") else None)
     model = model.to(DTYPES[spec.get("dtype", "float32")])
     x, y = make_inputs(model_spec, spec["batch"], spec["image_size"], device, channels_last)
     x = x.to(DTYPES[spec.get("dtype", "float32")])
