@@ -21,3 +21,25 @@ def device(request) -> str:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return request.param
+
+
+@pytest.fixture
+def nan_filled_fresh_memory():
+    """Deterministic algorithms on: torch then fills every fresh ``torch.empty``
+    with NaN, on the CPU too, so a kernel that reads memory nobody wrote fails
+    (warn only: some torchvision ops on CUDA lack a deterministic implementation)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory and torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Exact fp32 GEMMs and convolutions on the GPU, so that fp32 tolerances can be tight."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
