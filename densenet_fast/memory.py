@@ -37,7 +37,7 @@ NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem cha
     "densenet264": (32, (6, 12, 64, 48), 64),
 }
 ELEMENT_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/fused_bn_kernel.cpp)
+CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/bn_relu_conv_kernel.cpp)
 CPP_MIN_CHUNKS = 16
 CPP_TILE_ROWS = (32, 1024)
 TRITON_STATS_ROWS = 128  # rows per partial statistics triple (ops/channel_stats.py)
