@@ -169,7 +169,9 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
     candidate = min(predicted if predicted is not None else 10, args.max_depth)
     step, probes, limited_by = 6, 0, None
     while not (lo is not None and hi is not None and hi - lo <= 6):
-        candidate = min(max(candidate, (lo or 4) + 6), (hi or args.max_depth + 6) - 6)  # inside what is known
+        candidate = max(candidate, (lo or 4) + 6)  # inside what is known
+        if hi is not None:
+            candidate = min(candidate, hi - 6)
         if candidate > args.max_depth:
             limited_by = "max-depth"
             break
