@@ -40,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training only: one process per implementation times its steps and their peak memory")
     parser.add_argument("--max-minutes", type=float, default=1e9, help="no worker runs past this")
     add_common_arguments(parser)
-    parser.set_defaults(steps=2)
 
 
 def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, args) -> dict:
