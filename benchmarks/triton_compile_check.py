@@ -27,10 +27,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from densenet_fast.ops import bn_fold  # noqa: E402
-from densenet_fast.ops import bn_relu as bn_relu_op  # noqa: E402
-from densenet_fast.ops import bn_relu_conv  # noqa: E402
-from densenet_fast.ops import channel_stats as stats_op  # noqa: E402
+from densenet_fast.backends.triton_kernels import bn_fold  # noqa: E402
+from densenet_fast.backends.triton_kernels import bn_relu as bn_relu_op  # noqa: E402
+from densenet_fast.backends.triton_kernels import bn_relu_conv  # noqa: E402
+from densenet_fast.backends.triton_kernels import channel_stats as stats_op  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PRECISIONS = {"fp32": ("ieee", "tf32"), "fp16": ("ieee",), "bf16": ("ieee",)}

@@ -1,5 +1,5 @@
 """The Triton backend: the primitives of :mod:`.interface` as fused Triton
-kernels (:mod:`densenet_fast.ops`; designs in docs/triton.md).
+kernels (:mod:`densenet_fast.backends.triton_kernels`; designs in docs/triton.md).
 
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
 The kernels take fp32, fp16 and bf16 data; other dtypes (fp64) run the torch
@@ -20,11 +20,11 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..ops import bn_relu_conv
-from ..ops.bn_fold import fold_batchnorm
-from ..ops.bn_relu import bn_relu
-from ..ops.channel_stats import channel_stats
-from ..ops.common import DATA_DTYPES, image, rows
+from .triton_kernels import bn_relu_conv
+from .triton_kernels.bn_fold import fold_batchnorm
+from .triton_kernels.bn_relu import bn_relu
+from .triton_kernels.channel_stats import channel_stats
+from .triton_kernels.common import DATA_DTYPES, image, rows
 from .extension_backend import native_dtypes_only, native_only
 from .interface import Stats
 from .torch_backend import TorchBackend
