@@ -10,7 +10,7 @@
 #
 #   step            limit  what                                                    evidence in OUTDIR
 #   environment       15   versions, device, optional modules, revision            environment.json
-#   triton_tests     135   tests/test_triton_ops.py -m gpu in 6 parallel shards    triton_tests_<i>.{log,xml}
+#   triton_tests     135   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
 #     build         (135)  meanwhile, in the background: the C++/CUDA extension    build.log
 #   gpu_tests         55   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
 #   triton_kernels    75   benchmarks/triton_kernels.py: block-3 layers, the        triton_kernels.json
@@ -61,7 +61,8 @@ if [ "$DRY_RUN" = 1 ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     SHARDS=2
     LIMIT_ENV=60 LIMIT_TRITON_TESTS=120 LIMIT_GPU_TESTS=60 LIMIT_KERNELS=120 LIMIT_MODELS=120
-    TRITON_TESTS=(tests/test_triton_ops.py -k "bn_relu_forward_and_backward or configuration_follows_the_shapes")
+    TRITON_TESTS=(tests/test_triton_ops.py tests/test_backends.py
+                  -k "test_bn_relu and triton-cpu-fp32 or configuration_follows_the_shapes")
     GPU_TESTS=(tests/test_extension.py -k "has_cuda_is_a_bool")
     BUILD=(setup.py --version)  # loads setup.py; compiling takes minutes on a CPU
     KERNELS=(--tiny)
@@ -70,8 +71,10 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
     LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MODELS=170
-    TRITON_TESTS=(-m gpu tests/test_triton_ops.py)
-    GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py)
+    # the conformance suite's torch and triton runs go with the Triton tests, its cuda-backend runs after the build
+    TRITON_TESTS=(-m gpu tests/test_triton_ops.py tests/test_backends.py -k "not cuda-cuda")
+    GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py
+               -k "not torch-cuda and not triton-cuda")
     BUILD_LIB=$(mktemp -d)  # not under OUTDIR: the module is large and need not come back
     BUILD=(setup.py build_ext --build-lib "$BUILD_LIB")
     KERNELS=()

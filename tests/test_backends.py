@@ -40,8 +40,9 @@ TRANSITION_SHAPES = {  # (N, spatial, C, K)
 TORCH = TorchBackend()
 
 
-@pytest.fixture(params=[(name, device) for device in ("cpu", "cuda") for name in BACKEND_NAMES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[pytest.param((name, device), id=f"{name}-{device}",
+                                      marks=[pytest.mark.gpu] if device == "cuda" else [])
+                         for device in ("cpu", "cuda") for name in BACKEND_NAMES])
 def backend(request):
     """Every backend on every device it runs on here."""
     name, device = request.param
