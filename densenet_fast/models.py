@@ -278,6 +278,18 @@ class _EngineModel(nn.Module):
 
     __jit_unused_properties__ = ["arena", "backend", "recompute"]  # engine settings: not part of a scripted model
 
+    def _initialise(self, conv_type: type) -> None:
+        """torchvision's and MONAI's initialisation (the same rules): Kaiming-normal
+        ``conv_type`` weights, affine BatchNorm weight 1 and bias 0, Linear bias 0."""
+        for m in self.modules():
+            if isinstance(m, conv_type):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, fastpath.BATCH_NORMS) and m.affine:
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
     # -- configuration -----------------------------------------------------------------
     def blocks(self) -> list[_EngineBlock]:
         return [m for m in self.features.children() if isinstance(m, _EngineBlock)]
@@ -476,15 +488,7 @@ class DenseNet(_EngineModel):
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.classifier = nn.Linear(num_features, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-
+        self._initialise(nn.Conv2d)
         self.engine = engine.Settings()
         self.set_backend(backend)
         self.set_memory_budget(memory_budget)

@@ -225,15 +225,7 @@ class DenseNet(models._EngineModel):
             ("out", nn.Linear(channels, out_channels)),
         ]))
 
-        for m in self.modules():  # MONAI's initialisation
-            if isinstance(m, conv_type):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, fastpath.BATCH_NORMS) and m.affine:
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-
+        self._initialise(conv_type)
         self.engine = engine.Settings()
         self.set_backend(backend)
         self.set_recompute("keep" if recompute is None else recompute)
