@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader
 
 from . import models
 from . import monai as monai_models
+from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .data import SYNTHETIC_3D, DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
+from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc": models.densenet_bc,
@@ -301,7 +302,7 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     random.seed(options["seed"] + procs.rank)
     np.random.seed(options["seed"] + procs.rank)
     torch.manual_seed(options["seed"])  # the same initial weights in every process
-    model = build_model(options).to(device)
+    model = (build_volume_model(options) if data.spatial_dims == 3 else build_model(options)).to(device)
     check_input_size(model, data)
     if options["channels_last"]:
         model = model.to(memory_format=channels_last_format(data.spatial_dims))
@@ -615,8 +616,6 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
 
 
 def build_model(options: dict) -> nn.Module:
-    if options.get("spatial_dims", 2) == 3:
-        return build_volume_model(options)
     kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
                   backend=options["backend"], recompute=options["recompute"])
     if options["model"] == "densenet_bc":

@@ -100,10 +100,10 @@ def fast_model(spec: ModelSpec, backend: str, policy: str) -> nn.Module:
 def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
     """Implementation ``impl`` of ``spec`` on ``device`` (weights drawn from
     ``seed``; :func:`share_weights` makes them identical across implementations)."""
+    torch.manual_seed(seed)
     if spec.name.startswith("monai-"):  # MONAI's DenseNets: densenet_fast/bench/monai_impls.py
         from . import monai_impls
         return monai_impls.build(impl, spec, device, channels_last, seed)
-    torch.manual_seed(seed)
     if impl in TORCHVISION_IMPLS:
         model = torchvision_model(spec, memory_efficient=impl == "tv-memeff")
     elif impl.startswith("fast-"):
