@@ -1,6 +1,7 @@
 """Compile every Triton kernel variant for a GPU architecture without a GPU.
 
     python benchmarks/triton_compile_check.py [--arch 90] [--max-shared 232448] [--all-configs]
+                                              [--only NAME-PART] [--dtypes fp32 fp16 bf16]
 
 Uses Triton's bundled ``ptxas``; prints each variant's registers, spill stack
 and shared memory (from ``cuobjdump``) next to the launcher's shared-memory
@@ -26,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from densenet_fast.ops import bn_fold  # noqa: E402
 from densenet_fast.ops import bn_relu as bn_relu_op  # noqa: E402
 from densenet_fast.ops import bn_relu_conv  # noqa: E402
 from densenet_fast.ops import channel_stats as stats_op  # noqa: E402
@@ -68,23 +70,32 @@ def variants(dtype: str, precision: str):
                            "out_w", "num_splits", "sxn", "sxh", "sxw", "swk", "swc", "son", "soh", "sow", "sdn",
                            "sdh", "sdw", "sgn", "sgh", "sgw", "M", "sx", "so", "T"], 17)
     common = dict(sizes, x_ptr=data, scale_ptr=fp32, shift_ptr=fp32, mean_ptr=fp32, rstd_ptr=fp32, w_ptr=data,
-                  dout_ptr=data, out_ptr=data, gx_ptr=data, count_ptr=fp32, m2_ptr=fp32, dw_part_ptr=fp32,
-                  dgamma_part_ptr=fp32, dbeta_part_ptr=fp32, grad_means_ptr=fp32, DOT_PRECISION=precision,
-                  BLOCK_K=128, BLOCK_C=64)
+                  dout_ptr=data, out_ptr=data, gx_ptr=data, part_mean_ptr=fp32, part_m2_ptr=fp32,
+                  stats_mean_ptr=fp32, stats_var_ptr=fp32, var_ptr=fp32, dw_part_ptr=fp32,
+                  dw_ptr=fp32, sum_part_ptr=fp32, sums_ptr=fp32, counter_ptr="*i32", grad_means_ptr=fp32,
+                  DOT_PRECISION=precision, BLOCK_K=128, BLOCK_C=64, BLOCK_S=bn_relu_conv.SPLITS_BLOCK,
+                  SLAB=bn_relu_conv.DW_SLAB, STATS_GROUP=stats_op.STATS_GROUP, MERGE_BLOCK=stats_op.MERGE_BLOCK)
     for pool in (1, 2):
         shape = dict(common, SPATIAL=pool == 2, POOL=pool)
         for with_stats in ((True, False) if pool == 1 else (False,)):
             yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
                    dict(shape, WITH_STATS=with_stats))
-        for has_gemm in ((True, False) if pool == 1 else (True,)):
-            gemm = dict(shape, HAS_GEMM=has_gemm, BLOCK_K=128 if has_gemm else 16)
-            yield f"reduce pool={pool} gemm={has_gemm}", bn_relu_conv._reduce[pool], gemm
+        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block; the K loop for exact fp32, see
+        # bn_relu_conv.one_k_block), transitions K up to 128 or beyond
+        for has_gemm, one_k_block in ((True, True), (True, False), (False, True)) if pool == 1 else \
+                ((True, True), (True, False)):
+            gemm = dict(shape, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128 if has_gemm else 16)
+            yield f"reduce pool={pool} gemm={has_gemm} one_k={one_k_block}", bn_relu_conv._reduce[pool], gemm
             for batch_stats in (True, False):
-                yield (f"dx pool={pool} gemm={has_gemm} batch_stats={batch_stats}", bn_relu_conv._dx[pool],
-                       dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
+                yield (f"dx pool={pool} gemm={has_gemm} one_k={one_k_block} batch_stats={batch_stats}",
+                       bn_relu_conv._dx[pool], dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
     yield "tile stats", stats_op._tile_stats, common
     yield "bn_relu", bn_relu_op._bn_relu, common
-    yield "merge stats", stats_op._merge_stats, dict(common, out_mean_ptr=fp32, out_var_ptr=fp32)
+    for update in (True, False):
+        yield (f"fold update={update}", bn_fold._fold, dict(
+            common, var_ptr=fp32, weight_ptr=fp32, bias_ptr=fp32, coeffs_ptr=fp32, running_mean_ptr=fp32,
+            running_var_ptr=fp32, batches_ptr="*i64", eps="fp32", momentum="fp32", unbias="fp32", HAS_WEIGHT=True,
+            HAS_BIAS=True, UPDATE=update, CUMULATIVE=False, BLOCK_C=bn_fold.BLOCK_C))
 
 
 def main(argv=None) -> int:
@@ -92,14 +103,18 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
     parser.add_argument("--all-configs", action="store_true", help="compile the pruned candidates too")
     parser.add_argument("--max-shared", type=int, default=232448, help="bytes of shared memory per block")
+    parser.add_argument("--only", default="", help="only the variants whose name contains this")
+    parser.add_argument("--dtypes", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles real GPU code")
     failures = 0
-    for dtype, precisions in PRECISIONS.items():
+    for dtype in args.dtypes:
         element_size = 4 if dtype == "fp32" else 2
-        for precision in precisions:
+        for precision in PRECISIONS[dtype]:
             for name, launcher, kernel_args in variants(dtype, precision):
+                if args.only not in name:
+                    continue
                 for config in launcher.candidates:
                     label = f"{dtype:4} {precision:4} {name:42} {config.kwargs} warps={config.num_warps} " \
                             f"stages={config.num_stages}"
@@ -114,7 +129,7 @@ def main(argv=None) -> int:
                         kernel = compile_variant(launcher.fn, kernel_args, config, args.arch)
                     except Exception as exc:  # noqa: BLE001 - report every failing variant
                         failures += 1
-                        print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                        print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[-600:]}", flush=True)
                         continue
                     shared = kernel.metadata.shared
                     bad = (estimate is not None and shared > estimate) or (shared > args.max_shared and not pruned)

@@ -3,7 +3,8 @@
 Importing it registers these torch ops (with CPU, CUDA when built, and Meta
 kernels; call them through ``torch.ops.densenet_fast``):
 
-``channel_sums(Tensor x, Tensor shift) -> (Tensor sum, Tensor sumsq)``
+``channel_stats(Tensor x, Tensor shift) -> (Tensor sum, Tensor sumsq)`` (csrc/ops/channel_stats.h)
+    The sums that ``CppBackend.channel_stats`` forms mean and variance from.
     ``x``: ``(M, C)`` float32/float64/float16/bfloat16 with channel stride 1 and
     row stride >= C, e.g. a channel range ``buffer.view(M, C_total)[:, c0:c1]``
     of a channels-last buffer.  ``shift``: ``(C,)`` float64 on ``x``'s device.
@@ -11,9 +12,10 @@ kernels; call them through ``torch.ops.densenet_fast``):
     ``(x - shift)**2``, accumulated in float64 (in a fixed order on the CPU and
     on CUDA: the same result on every run).
 
-The fused BatchNorm-ReLU ops (csrc/ops/fused_bn.h): CPU kernels for all,
-CUDA kernels for ``bn_relu``, ``bn_relu_backward_sums`` and
-``bn_backward_finish``.  ``x`` is a
+The fused BatchNorm-ReLU ops: ``bn_relu``, ``bn_relu_backward_sums`` and
+``bn_backward_finish`` (csrc/ops/bn_relu.h; CPU and CUDA kernels), and
+``bn_relu_conv1x1``, ``transition`` and their ``*_backward_sums``
+(csrc/ops/bn_relu_conv.h; CPU kernels only).  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
 ``(N, *spatial, C)`` with 1 to 3 spatial dimensions for the transition;
 float32, float64 or bfloat16 (other dtypes raise).  ``scale``, ``shift``,

@@ -18,6 +18,8 @@ from .backends import BackendUnavailableError
 COMMANDS = {
     "train": ("densenet_fast.train", "train a DenseNet (default: DenseNet-BC on the embedded handwritten digits)"),
     "bench": ("densenet_fast.bench", "benchmark densenet_fast against torchvision"),
+    "plan": ("densenet_fast.planner", "predict a training step's peak memory per recompute policy; the deepest "
+                                      "depth and largest batch under a budget"),
 }
 
 

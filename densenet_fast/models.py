@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import engine
+from . import engine, memory, planner
 from .backends import resolve_backend_name
 from .engine import fastpath
 
@@ -46,6 +46,11 @@ __all__ = [
 ]
 
 RECOMPUTE_POLICIES = ("keep", "recompute")
+AUTO = "auto"  # the fastest per-block assignment predicted to fit the memory budget
+
+
+class MemoryPlanNotice(UserWarning):
+    """What ``recompute="auto"`` chose for an input shape (once per shape)."""
 
 
 class InputError(ValueError, RuntimeError):
@@ -393,9 +398,23 @@ class DenseNet(_EngineModel):
         backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``; ``None``
             chooses per device (and obeys ``DENSENET_FAST_BACKEND``).
         recompute: ``"keep"`` stores each bottleneck output for backward
-            (faster); ``"recompute"`` recomputes it (leanest); or a sequence
-            with one of them per dense block.
+            (faster); ``"recompute"`` recomputes it (leanest); a sequence
+            with one of them per dense block; or ``"auto"`` (needs
+            ``memory_budget``): per input shape, the fastest per-block
+            assignment predicted to fit the budget.
+        memory_budget: bytes, or a string like ``"8GiB"``, that a training step
+            may use: parameters, gradients, optimizer state and the step's
+            peak above them (see :meth:`plan_for`).  At the first training
+            forward of each input shape the step is planned for it, before any
+            work: ``"auto"`` chooses the policies and says so once
+            (:class:`MemoryPlanNotice`); a fixed policy is checked.  When
+            nothing fits, :class:`densenet_fast.MemoryBudgetError` says what
+            does (the largest batch, the deepest DenseNet-BC).
     """
+
+    __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]  # not part of a scripted model
+    _memory_budget: Optional[int] = None
+    _auto_recompute = False
 
     def __init__(
         self,
@@ -411,6 +430,7 @@ class DenseNet(_EngineModel):
         stem: str = "imagenet",
         backend: Optional[str] = None,
         recompute: Union[None, str, Sequence[str]] = None,
+        memory_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
         block_config = tuple(block_config)
@@ -467,7 +487,90 @@ class DenseNet(_EngineModel):
 
         self.engine = engine.Settings()
         self.set_backend(backend)
+        self.set_memory_budget(memory_budget)
         self.set_recompute(recompute)
+
+    # -- recompute policy and memory budget --------------------------------------------
+    def set_recompute(self, recompute: Union[str, Sequence[str]]) -> None:
+        """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
+        them per dense block, or ``"auto"`` (chosen per input shape to fit the
+        memory budget)."""
+        self._memory_plans = {}
+        if recompute == AUTO:
+            if self._memory_budget is None:
+                raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
+                                 'like "8GiB") to the constructor, or call set_memory_budget() first')
+            self._auto_recompute = True
+            return
+        try:
+            super().set_recompute(recompute)
+        except ValueError:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
+                             f"{len(self.blocks())} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}"
+                             ) from None
+        self._auto_recompute = False
+
+    @property
+    def recompute(self) -> Union[str, tuple[str, ...]]:
+        """``"auto"``, or the policy of every block, or one per block where they differ."""
+        if self._auto_recompute:
+            return AUTO
+        policies = tuple(block.recompute for block in self.blocks())
+        return policies[0] if len(set(policies)) == 1 else policies
+
+    @property
+    def memory_budget(self) -> Optional[int]:
+        """Bytes a training step may use, or ``None`` (no planning)."""
+        return self._memory_budget
+
+    def set_memory_budget(self, budget: Union[None, int, str],
+                          optimizer: Optional["memory.OptimizerSpec"] = None) -> None:
+        """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
+        stop planning), with ``optimizer``'s state and update (default: SGD
+        with momentum, as the trainer's recipe)."""
+        if budget is None and self._auto_recompute:
+            raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
+        self._memory_budget = None if budget is None else memory.parse_bytes(budget)
+        self.memory_optimizer = optimizer or memory.OptimizerSpec()
+        self._memory_plans = {}
+
+    @torch.jit.unused
+    def plan_for(self, batch: int, image_size: Union[int, tuple[int, int]], *, dtype: Optional[torch.dtype] = None,
+                 autocast: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None
+                 ) -> "planner.Choice":
+        """Plan the training step of ``batch`` images of ``image_size`` under the
+        memory budget: returns the chosen policies with their predicted peak
+        memory and step time, and uses them from now on for that input shape
+        (``"auto"``).  ``dtype``/``device`` default to the model's; ``autocast``:
+        the dtype autocast computes in, if any.  Raises
+        :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
+        if self._memory_budget is None:
+            raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
+        weight = self.features.conv0.weight
+        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, torch.device(device or weight.device),
+                             self.backend, self.memory_optimizer)
+        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
+        choice = self._memory_plans.get(key)
+        if choice is None:
+            arch = memory.Architecture.of(self)
+            recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
+            choice = self._memory_plans[key] = planner.choose(arch, setup, self._memory_budget, recompute)
+            if self._auto_recompute:
+                h, w = setup.image_size
+                warnings.warn(f"densenet_fast: for batch {batch} of {h}x{w} {str(setup.compute_dtype)[6:]} on "
+                              f"{setup.device}: {choice.describe(self._memory_budget)}", MemoryPlanNotice,
+                              stacklevel=2)
+        if self._auto_recompute:
+            for block, policy in zip(self.blocks(), choice.policies):
+                block.recompute = policy
+        return choice
+
+    @torch.jit.unused
+    def _plan_memory(self, x: Tensor) -> None:
+        """Plan a training step on ``x`` under the memory budget (cached per input shape)."""
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
+                      autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -482,11 +585,14 @@ class DenseNet(_EngineModel):
 
     @torch.jit.unused
     def _runs_fused_head(self, x: Tensor) -> bool:
-        """Checks ``x``; whether ``features`` and the classifier's pooled input may
-        run as fused stages (nobody observes ``features`` or ``norm5``)."""
+        """Checks ``x`` (and plans a training step on it under a memory budget);
+        whether ``features`` and the classifier's pooled input may run as fused
+        stages (nobody observes ``features`` or ``norm5``)."""
         if isinstance(x, torch.fx.Proxy):
             return False
         self.check_input(x)
+        if self._memory_budget is not None and self.training and torch.is_grad_enabled():
+            self._plan_memory(x)
         norm5 = list(self.features.children())[-1]
         return (fastpath.engine_takes(x) and not fastpath.global_hooks() and not fastpath.has_hooks(self.features)
                 and fastpath.head_norm_is_standard(norm5))
@@ -601,7 +707,7 @@ def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
 
 def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
     """A densenet_fast copy of a torchvision ``DenseNet`` (same weights, buffers,
-    device, dtype and train/eval mode). ``kwargs``: ``backend``, ``recompute``."""
+    device, dtype and train/eval mode). ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
     features = getattr(tv_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -42,6 +43,8 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
+from .memory import OptimizerSpec, parse_bytes
+from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -127,9 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{p['growth_rate']} otherwise)")
     model.add_argument("--backend", default=None, choices=BACKEND_NAMES,
                        help="primitive backend (default: automatic per device)")
-    model.add_argument("--recompute", default="keep", choices=models.RECOMPUTE_POLICIES,
+    model.add_argument("--recompute", default=None, choices=(*models.RECOMPUTE_POLICIES, models.AUTO),
                        help="'keep' stores bottleneck outputs for backward (faster), 'recompute' recomputes them "
-                            "(leanest) (default: %(default)s)")
+                            "(leanest), 'auto' chooses per dense block to fit --memory-budget (default: keep, or "
+                            "auto with --memory-budget)")
+    model.add_argument("--memory-budget", default=None, metavar="BYTES",
+                       help="memory a training step of one process may use (parameters, gradients, optimizer state "
+                            "and the step's peak), e.g. 2GiB: the planner chooses the recompute policy per block "
+                            "(or checks --recompute) before the first step and says what it chose")
 
     recipe = parser.add_argument_group("optimisation (the paper's recipe by default)")
     recipe.add_argument("--epochs", type=int, default=None, metavar="N",
@@ -195,6 +203,13 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise TrainingError(f"--weight-decay must be a finite number, 0 or more, got {args.weight_decay}")
     if not 0 <= args.seed <= MAX_SEED:
         raise TrainingError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    if args.memory_budget is not None:
+        try:
+            parse_bytes(args.memory_budget)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"--memory-budget: {exc}") from None
+    if args.recompute == models.AUTO and args.memory_budget is None:
+        raise TrainingError("--recompute auto needs --memory-budget")
 
 
 # -- the run, step by step -------------------------------------------------------------------
@@ -225,6 +240,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     position = resume(run) if options["resume"] else Position()
     distribute(run)
     procs.log(describe(run))
+    if options["memory_budget"] is not None:
+        procs.log(plan_memory(run))
     outcome = train_epochs(run, position)
     return finish(run, outcome)
 
@@ -364,6 +381,27 @@ def distribute(run: Run) -> None:
         device = run.device
         run.net = nn.parallel.DistributedDataParallel(run.model,
                                                       device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def plan_memory(run: Run) -> str:
+    """Plan the training step under ``--memory-budget`` before the first step
+    (densenet_fast.planner through the model: recompute="auto" chooses the
+    policies, a fixed policy is checked); what was chosen, as a log line."""
+    options = run.options
+    if not hasattr(run.model, "plan_for"):
+        raise TrainingError(f"--memory-budget: the memory model describes densenet_fast's DenseNet only, "
+                            f"not {type(run.model).__name__}")
+    images = run.data.train[0][0]
+    batch = options["batch_size"] // run.procs.world_size
+    try:
+        with warnings.catch_warnings():  # the model's MemoryPlanNotice: said here instead
+            warnings.simplefilter("ignore", models.MemoryPlanNotice)
+            choice = run.model.plan_for(batch, tuple(images.shape[1:]), autocast=AMP_DTYPES[options["amp"]],
+                                        device=run.device)
+    except MemoryBudgetError as exc:
+        raise TrainingError(f"--memory-budget: {exc}") from None
+    ddp = " (not counted: DistributedDataParallel's gradient buckets)" if run.procs.distributed else ""
+    return f"memory plan for batch {batch} per process{ddp}: {choice.describe(run.model.memory_budget)}"
 
 
 def describe(run: Run) -> str:
@@ -616,11 +654,22 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
 
 
 def build_model(options: dict) -> nn.Module:
+    budget = options["memory_budget"]
+    recompute = options["recompute"] or (models.AUTO if budget is not None else "keep")
     kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
-                  backend=options["backend"], recompute=options["recompute"])
+                  backend=options["backend"], recompute="keep")
     if options["model"] == "densenet_bc":
-        return models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
-    return MODELS[options["model"]](**kwargs)
+        model = models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
+    else:
+        model = MODELS[options["model"]](**kwargs)
+    if budget is not None:  # the recipe's optimizer: its state and update are part of the step
+        optimizer = OptimizerSpec("sgd", options["momentum"], options["weight_decay"], options["nesterov"])
+        try:
+            model.set_memory_budget(budget, optimizer)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"--memory-budget: {exc}") from None
+    model.set_recompute(recompute)
+    return model
 
 
 def build_volume_model(options: dict) -> nn.Module:

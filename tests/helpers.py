@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from densenet_fast import DenseNet
+
+if TYPE_CHECKING:
+    import torchvision
 
 FLOAT64_RTOL = 1e-8
 FP32_RTOL = 1e-4
@@ -41,6 +44,8 @@ def torchvision_twin(model: DenseNet) -> torchvision.models.DenseNet:
     """torchvision's naive DenseNet with ``model``'s architecture, weights,
     buffers, dtype, device and train/eval mode.  A CIFAR stem (one 3x3 conv)
     replaces torchvision's ImageNet stem, so that the module trees match."""
+    import torchvision  # only here: tests that need no twin run without torchvision
+
     blocks = model.blocks()
     first = blocks[0].denselayer1
     growth_rate = first.conv2.out_channels
@@ -75,14 +80,18 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
                     tensor.copy_(values)
 
 
-def make_pair(dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0, **config
-              ) -> tuple[DenseNet, torchvision.models.DenseNet]:
-    """``(ours, torchvision twin)`` built from ``DenseNet(**config)`` with
-    randomised BN parameters and statistics, in training mode."""
+def make_model(dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0, **config) -> DenseNet:
+    """``DenseNet(**config)`` with randomised BN parameters and statistics, in training mode."""
     torch.manual_seed(seed)
     ours = DenseNet(**config)
     randomize_batchnorm(ours, seed)
-    ours.to(device=device, dtype=dtype)
+    return ours.to(device=device, dtype=dtype)
+
+
+def make_pair(dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0, **config
+              ) -> tuple[DenseNet, torchvision.models.DenseNet]:
+    """``(ours, torchvision twin)``: :func:`make_model` and its twin."""
+    ours = make_model(dtype, device, seed, **config)
     return ours, torchvision_twin(ours)
 
 

@@ -6,13 +6,15 @@ follows a known formula, so the test knows the right answers; one test runs a
 real worker process.
 """
 
+import argparse
 import json
 
 import pytest
 import torch
 
-from densenet_fast import cli
+from densenet_fast import cli, planner
 from densenet_fast.bench import common, depth, harness, kernels, models
+from densenet_fast.memory import Architecture, Setup
 from densenet_fast.bench.impls import ModelSpec, Step, build, make_inputs, share_weights
 
 MIB = common.MIB
@@ -29,15 +31,14 @@ def fake_peak(impl: str, spec: ModelSpec, batch: int) -> float:
 def fake_workers(monkeypatch):
     calls = []
 
-    def memory(self, impl, spec, batch, limit_bytes, timeout_s, train=True):
+    def memory(self, impl, spec, batch, limit_bytes, timeout_s, train=True, memory_budget=None):
         calls.append((impl, spec.depth, batch))
         peak = fake_peak(impl, spec, batch) * (1.0 if train else 0.5)
         if limit_bytes is not None and peak > limit_bytes:
             return {"status": "over_budget"}
-        seconds = 1e-13 * depth.training_flops(spec.depth, spec.growth_rate, batch, 32)  # 10 TFLOP/s
-        return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [seconds]}
+        return {"status": "ok", "peak_bytes": peak, "baseline_bytes": 0, "step_seconds": [1e-3 * spec.depth]}
 
-    def time_(self, impls, spec, batch, train=True):
+    def time_(self, impls, spec, batch, train=True, memory_budget=None):
         return {"status": "ok", "impls": {i: {"status": "ok", "seconds": common.summarize([1e-3 * spec.depth] * 3)}
                                           for i in impls}}
 
@@ -47,26 +48,37 @@ def fake_workers(monkeypatch):
 
 
 def deepest_true(impl: str, batch: int, budget: float) -> int:
-    return max(d for d in range(10, 9000, 6) if fake_peak(impl, ModelSpec("densenet_bc", d), batch) <= budget)
+    """The deepest depth whose parameters, gradients, momentum and fake step peak fit ``budget``."""
+    settings = argparse.Namespace(growth_rate=12, dtype="float32", optimizer="sgd")
+    return max(d for d in range(10, 3000, 6)
+               if depth.persistent_bytes(settings, d) + fake_peak(impl, ModelSpec("densenet_bc", d), batch) <= budget)
 
 
 def test_training_flops():
     """DenseNet-BC-100 (k=12) forward is about 0.29 GMAC per 32x32 image (Huang et al.)."""
-    per_image_macs = depth.training_flops(100, 12, 1, 32) / 3 / 2
+    per_image_macs = planner.training_flops(Architecture.named("densenet_bc", 100), Setup(1, 32)) / 3 / 2
     assert 0.25e9 < per_image_macs < 0.32e9
 
 
 def test_budget_search_pins_the_boundary(fake_workers, tmp_path):
+    """From any prediction (the planner's for densenet_fast, which does not know
+    the fake peaks, and the fits for torchvision) the search pins the boundary."""
     impls = ["tv-eager", "tv-memeff", "fast-torch-recompute"]
-    args = ["--depths", "16", "28", "40", "--batch", "8", "--budget-gib", str(600 * MIB / common.GIB),
-            "--resolution", "0", "--impls", *impls, "--out", str(tmp_path / "d.json"), "--no-progress"]
-    result = depth.main(args + ["--max-depth", "9000"])
+    budget = 600 * MIB
+    args = ["--depths", "16", "28", "40", "--batch", "8", "--budget-gib", str(budget / common.GIB),
+            "--impls", *impls, "--out", str(tmp_path / "d.json"), "--no-progress"]
+    result = depth.main(args)
     for found in result["budget_search"]:
-        truth = deepest_true(found["impl"], 8, 600 * MIB)
+        truth = deepest_true(found["impl"], 8, budget)
         assert found["deepest_fitting"] == truth, found
         assert found["shallowest_exceeding"] == truth + 6, found
-    capped = depth.main(args + ["--max-depth", "1000", "--impls", "fast-torch-recompute", "--no-plot"])
-    assert capped["budget_search"][0]["deepest_fitting"] == 1000  # = 6 * 166 + 4
+        assert found["at_deepest"]["total_bytes"] <= budget < found["beyond"].get("total_bytes", float("inf"))
+    tv_eager = result["budget_search"][0]
+    assert tv_eager["prediction_right"]  # the quadratic fit of the sweep is exact for the fake peaks
+    probes = [c for c in fake_workers if c[0] == "tv-eager"][3:]
+    assert probes == [("tv-eager", tv_eager["deepest_fitting"], 8), ("tv-eager", tv_eager["deepest_fitting"] + 6, 8)]
+    capped = depth.main(args + ["--max-depth", "202", "--impls", "fast-torch-recompute", "--no-plot"])
+    assert capped["budget_search"][0]["deepest_fitting"] == 202  # = 6 * 33 + 4
     assert capped["budget_search"][0]["limited_by"] == "max-depth"
     fits = result["fits"]
     assert fits["fast-torch-recompute"]["linear"]["r2"] == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""The csrc extension: torch.ops.densenet_fast.channel_sums against plain PyTorch
+"""The csrc extension: torch.ops.densenet_fast.channel_stats against plain PyTorch
 in float64 (NaN and Inf included; on CUDA also deterministic), its errors and
 Meta kernel, CppBackend.channel_stats against the torch backend, and the import
 fallback when the extension is missing."""
@@ -17,10 +17,10 @@ if _extension.load() is None:
     pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)",
                 pytrace=False)
 
-from densenet_fast.backends.cpp_backend import CppBackend  # noqa: E402
+from densenet_fast.backends.extension_backend import CppBackend  # noqa: E402
 from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
 
-channel_sums = torch.ops.densenet_fast.channel_sums
+channel_stats = torch.ops.densenet_fast.channel_stats
 
 
 @pytest.fixture
@@ -49,10 +49,10 @@ def reference_sums(x, shift):
 # kernel's vector loads (with a tail of channels); the other layouts take its one-channel-per-lane path.
 @pytest.mark.parametrize("extra", [(0, 0), (2, 5), (8, 7)], ids=["contiguous", "slice", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_channel_sums_matches_float64_reference(rows, channels, extra, dtype, ext_device):
+def test_channel_stats_matches_float64_reference(rows, channels, extra, dtype, ext_device):
     x = channel_slice(rows, channels, dtype, ext_device, *extra)
     shift = torch.randn(channels, dtype=torch.float64, device=ext_device)
-    total, total_sq = channel_sums(x, shift)
+    total, total_sq = channel_stats(x, shift)
     expected, expected_sq = reference_sums(x, shift)
     assert total.dtype == total_sq.dtype == torch.float64 and total.shape == (channels,)
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-10)
@@ -60,11 +60,11 @@ def test_channel_sums_matches_float64_reference(rows, channels, extra, dtype, ex
 
 
 @pytest.mark.parametrize("extra_left", [19, 16], ids=["unaligned", "aligned"])
-def test_channel_sums_of_a_large_strided_buffer(ext_device, extra_left):
+def test_channel_stats_of_a_large_strided_buffer(ext_device, extra_left):
     """Many rows (several CPU chunks / CUDA row blocks) and channels beyond one CUDA block."""
     x = channel_slice(70_001, 45, torch.float32, ext_device, extra_left=extra_left, extra_right=3)
     shift = x[0].double()
-    for got, expected in zip(channel_sums(x, shift), reference_sums(x, shift)):
+    for got, expected in zip(channel_stats(x, shift), reference_sums(x, shift)):
         torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-8)
 
 
@@ -99,11 +99,11 @@ def put_nan_and_inf(x):
 
 @pytest.mark.parametrize("extra", [(2, 5), (8, 7)], ids=["slice", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channel_sums_propagate_nan_and_inf(ext_device, extra, dtype):
+def test_channel_stats_propagate_nan_and_inf(ext_device, extra, dtype):
     x = channel_slice(1031, 17, dtype, ext_device, *extra)
     put_nan_and_inf(x)
     shift = torch.randn(17, dtype=torch.float64, device=ext_device)
-    for got, expected in zip(channel_sums(x, shift), reference_sums(x, shift)):
+    for got, expected in zip(channel_stats(x, shift), reference_sums(x, shift)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10, equal_nan=True)
 
 
@@ -119,7 +119,7 @@ def test_cpp_backend_channel_stats_nan_and_inf_as_torch(ext_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channel_sums_on_cuda_are_deterministic(dtype):
+def test_channel_stats_on_cuda_are_deterministic(dtype):
     """Per-block partials added in a fixed order, no atomics: bitwise the same on
     every call, and allowed under torch.use_deterministic_algorithms."""
     if not torch.cuda.is_available() or not _extension.has_cuda():
@@ -129,26 +129,26 @@ def test_channel_sums_on_cuda_are_deterministic(dtype):
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = channel_sums(x, shift)
+        first = channel_stats(x, shift)
         for _ in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(channel_sums(x, shift), first))
+            assert all(torch.equal(a, b) for a, b in zip(channel_stats(x, shift), first))
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def test_channel_sums_meta_kernel_gives_shapes_only():
+def test_channel_stats_meta_kernel_gives_shapes_only():
     x = torch.empty(1000, 40, device="meta")[:, 3:20]
-    total, total_sq = channel_sums(x, torch.empty(17, dtype=torch.float64, device="meta"))
+    total, total_sq = channel_stats(x, torch.empty(17, dtype=torch.float64, device="meta"))
     for out in (total, total_sq):
         assert out.device.type == "meta" and out.shape == (17,) and out.dtype == torch.float64
     with pytest.raises(RuntimeError, match="channel stride 1"):
-        channel_sums(torch.empty(17, 1000, device="meta").t(), torch.empty(17, dtype=torch.float64, device="meta"))
+        channel_stats(torch.empty(17, 1000, device="meta").t(), torch.empty(17, dtype=torch.float64, device="meta"))
 
 
-def test_channel_sums_passes_opcheck():
+def test_channel_stats_passes_opcheck():
     """Schema, Meta/fake kernel and dispatch agree (as torch.compile needs them to)."""
     x = channel_slice(33, 5, torch.float32, "cpu", extra_left=1, extra_right=2)
-    torch.library.opcheck(channel_sums, (x, x[0].double()))
+    torch.library.opcheck(channel_stats, (x, x[0].double()))
 
 
 @pytest.mark.parametrize("x,shift,message", [
@@ -162,9 +162,9 @@ def test_channel_sums_passes_opcheck():
     (torch.zeros(4, 3), torch.zeros(1, 3, dtype=torch.float64), r"shift must be a \(3,\) float64"),
     (torch.zeros(4, 3), torch.zeros(3, dtype=torch.float64, device="meta"), "but shift is on meta"),
 ])
-def test_channel_sums_rejects_bad_arguments(x, shift, message):
+def test_channel_stats_rejects_bad_arguments(x, shift, message):
     with pytest.raises(RuntimeError, match=message):
-        channel_sums(x, shift)
+        channel_stats(x, shift)
 
 
 def test_has_cuda_is_a_bool():

@@ -93,6 +93,8 @@ def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, 0 or more"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number, 0 or more"),
     (["--seed", "-1"], "--seed must be from 0 to 2147483647"),
+    (["--memory-budget", "lots"], "--memory-budget: cannot read 'lots' as a memory size"),
+    (["--recompute", "auto"], "--recompute auto needs --memory-budget"),
 ])
 def test_bad_options_give_one_line_errors_before_any_work(tmp_path, options, message, capsys):
     assert train(tmp_path / "run", *options) == 2
@@ -410,6 +412,43 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
         assert train(out, "--epochs", "2", "--resume") == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# -- memory budget ----------------------------------------------------------------------------------
+def tiny_plan(budget=None) -> dict:
+    """The planner on the TINY run's model and step (digits: 8x8, one channel, batch 32)."""
+    from densenet_fast import plan
+    from densenet_fast.memory import Architecture
+    arch = Architecture(4, (1, 1, 1), 8, num_classes=10, in_channels=1, stem="cifar")
+    return plan(arch, batch=32, image_size=8, budget=budget)
+
+
+def test_memory_budget_chooses_per_block_and_says_so(tmp_path, capsys):
+    """A budget between recompute's and keep's predicted peaks: the trainer plans
+    before the first step, prints the planner's choice, and trains with it."""
+    keep, recompute = (tiny_plan()["policies"][p]["total_bytes"] for p in ("keep", "recompute"))
+    assert recompute < keep
+    budget = (keep + recompute) // 2
+    expected = tiny_plan(budget)["policies"]["auto"]
+    assert expected["fits"] and "recompute" in expected["policies"] and "keep" in expected["policies"]
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1", "--memory-budget", str(budget)) == 0
+    log = capsys.readouterr().out
+    line = next(line for line in log.splitlines() if line.startswith("memory plan"))
+    assert f"recompute={tuple(expected['policies'])}" in line and "of the" in line and "step time" in line
+    assert torch.load(out / trainer.CHECKPOINT, weights_only=True)["options"]["memory_budget"] == str(budget)
+
+
+def test_memory_budget_checks_a_fixed_policy_and_refuses_what_does_not_fit(tmp_path, capsys):
+    keep = tiny_plan()["policies"]["keep"]["total_bytes"]
+    assert train(tmp_path / "a", "--epochs", "1", "--memory-budget", str(keep), "--recompute", "keep") == 0
+    assert "recompute=('keep', 'keep', 'keep')" in capsys.readouterr().out
+    assert train(tmp_path / "b", "--epochs", "1", "--memory-budget", str(keep - 1), "--recompute", "keep") == 2
+    err = capsys.readouterr().err
+    assert "--memory-budget:" in err and "more than the memory budget" in err and "largest batch" in err
+    assert len(err.strip().splitlines()) == 1
+    assert train(tmp_path / "c", "--epochs", "1", "--memory-budget", "1KiB") == 2
+    assert "not even a batch of 1 fits" in capsys.readouterr().err
 
 
 # -- precision and memory format -------------------------------------------------------------------

@@ -13,14 +13,20 @@ add bf16.  Every test runs with deterministic algorithms on, so that fresh
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
 import triton
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from densenet_fast import DenseNet
+
+from densenet_fast.backends.interface import RunningUpdate, stats_dtype
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.ops import bn_relu, bn_relu_conv, channel_stats, common
@@ -101,6 +107,10 @@ class BN:
     batch_stats: bool
     count: int
 
+    def coefficients(self, dtype: torch.dtype) -> list[Tensor]:
+        """``[scale, shift, mean, rstd]`` in the statistics dtype for ``dtype`` data (fp32, or fp64)."""
+        return [t.to(stats_dtype(dtype)) for t in (self.scale, self.shift, self.mean, self.rstd)]
+
     def batch_mean(self):
         return (lambda sums: sums / self.count) if self.batch_stats else None
 
@@ -134,6 +144,34 @@ def float64_backward(output: Tensor, grad_out: Tensor, *inputs: Tensor) -> tuple
     return torch.autograd.grad(output, inputs, grad_out.double().cpu())
 
 
+# -- BatchNorm folding ------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fold_batchnorm_matches_torch(device, momentum, affine, running_dtype):
+    """Coefficients and the running statistics' update (momentum or
+    cumulative average; 600 channels: three programs of 256), against the
+    torch backend, twice in a row (num_batches_tracked counts)."""
+    g = torch.Generator().manual_seed(3)
+    c = 600
+    mean, var = torch.randn(c, generator=g).to(device), (torch.rand(c, generator=g) + 0.1).to(device)
+    weight, bias = (torch.randn(c, generator=g).to(device) for _ in range(2)) if affine else (None, None)
+    running = [torch.randn(c, generator=g).to(device, running_dtype), torch.rand(c, generator=g).to(device, running_dtype),
+               torch.tensor(5, device=device)]
+
+    def fold(backend):
+        buffers = [t.clone() for t in running]
+        update = RunningUpdate(*buffers, momentum, 37)
+        coeffs = [backend.fold_batchnorm(mean, var, weight, bias, 1e-5, update) for _ in range(2)]
+        return [*coeffs, *buffers, backend.fold_batchnorm(mean, var, weight, bias, 1e-3, None)]
+
+    for i, (ours, theirs) in enumerate(zip(fold(TRITON), fold(TORCH))):
+        assert ours.dtype == theirs.dtype, i
+        # fp16 buffers: torch rounds after its multiply and after its add, the kernel once
+        assert_close(ours, theirs, 2e-6 if ours.dtype == torch.float32 else 4e-3, f"output {i}")
+
+
 # -- channel statistics -----------------------------------------------------------------
 
 @pytest.mark.parametrize("m, c", [(203, 40), (50, 17), (8300, 17)])
@@ -153,6 +191,22 @@ def test_channel_stats_are_stable(device, dtype, m, c):
 
 
 # -- fused BN-ReLU-Conv1x1 --------------------------------------------------------------
+
+def test_forward_statistics_over_many_tiles(device):
+    """The forward's output statistics, merged by the kernel itself in two
+    levels: 8300 rows are 65 row tiles of 128 (two groups of 64), and an
+    offset with a trend along the rows makes the tiles' means differ."""
+    g = torch.Generator().manual_seed(9)
+    m, c, k = 8300, 17, 20
+    x = channel_view((m,), 1, c, 2, torch.float32, device, g).add_(torch.linspace(0, 20, m, device=device)[:, None])
+    bn = make_bn(x, True, g)
+    weight = (torch.randn(k, c, generator=g) * 0.1).to(device)
+    out = torch.empty(m, k, device=device)
+    mean, var = TRITON.bn_relu_conv1x1(x, bn.scale, bn.shift + 300, weight, out, with_stats=True)
+    var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "mean")
+    assert_close(var, var64, 1e-4, "var")
+
 
 SHAPES = [(203, 40, 48), (77, 17, 16)]  # (M, C, K)
 
@@ -212,7 +266,8 @@ def test_bn_relu_conv1x1_backward(device, dtype, m, c, k, batch_stats):
     for name, actual, reference, exact in zip(("grad_weight", "grad_gamma", "grad_beta"), grads, expected, truth[1:]):
         assert_close(actual, reference, vs_torch, f"{name} vs torch backend")
         assert_close(actual, exact, vs_float64, f"{name} vs float64")
-    assert grads[0].dtype == dtype and grads[1].dtype == grads[2].dtype == torch.float32
+    # fp32 throughout: dW is not rounded to the data dtype before the engine casts it to the parameter's
+    assert grads[0].dtype == grads[1].dtype == grads[2].dtype == torch.float32
 
 
 # -- BN-ReLU apply ----------------------------------------------------------------------
@@ -292,11 +347,12 @@ def config_id(config: triton.Config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_C']}-w{config.num_warps}-s{config.num_stages}"
 
 
-def fitting_dtype(device: str, shared_memory, meta: dict, *configs: triton.Config) -> torch.dtype:
-    """fp32 if ``configs`` fit the device's shared memory in fp32 (an H200's
-    under the interpreter), else fp16 (the only data a GPU launches them for)."""
+def fitting_dtype(device: str, meta: dict, *configs: tuple[common.SharedMemory, triton.Config]) -> torch.dtype:
+    """fp32 if each ``(shared memory estimate, configuration)`` fits the
+    device's shared memory in fp32 (an H200's under the interpreter), else
+    fp16 (the only data a GPU launches them for)."""
     limit = common.gpu_limits(torch.device(device)).shared_memory
-    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for c in configs)
+    fits = all(shared_memory({**meta, **c.kwargs}, c.num_stages, 4) <= limit for shared_memory, c in configs)
     return torch.float32 if fits else torch.float16
 
 
@@ -327,7 +383,7 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
     force(monkeypatch, bn_relu_conv._forward[pool], config)
     block_m, block_c = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"]
     c, k = block_c + 7, 136
-    dtype = fitting_dtype(device, bn_relu_conv.FORWARD_SHARED_MEMORY, dict(POOL=pool, BLOCK_K=128), config)
+    dtype = fitting_dtype(device, dict(POOL=pool, BLOCK_K=128), (bn_relu_conv.FORWARD_SHARED_MEMORY, config))
     g = torch.Generator().manual_seed(7)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
     x = channel_view(shape, 3, c, 2, dtype, device, g)
@@ -338,10 +394,10 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
         args = [t.to(dtype) for t in (x, weight)]
         if pool == 1:
             out = torch.empty(x.shape[0], k, device=device, dtype=dtype)
-            return [out, *backend.bn_relu_conv1x1(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out,
+            return [out, *backend.bn_relu_conv1x1(args[0], *bn.coefficients(dtype)[:2], args[1], out,
                                                   with_stats=True)]
         out = torch.empty(shape[0], shape[1] // 2, shape[2] // 2, k, device=device, dtype=dtype)
-        backend.transition(args[0], bn.scale.to(dtype), bn.shift.to(dtype), args[1], out)
+        backend.transition(args[0], *bn.coefficients(dtype)[:2], args[1], out)
         return [out]
 
     result = run(TRITON, dtype)
@@ -352,28 +408,31 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
         assert_close(result[2], var64, 1e-4, "output var")
 
 
-BACKWARD_CASES = [(pool, has_gemm, index) for pool, has_gemm in ((1, True), (1, False), (2, True))
+# (pool, K): with the GEMM, K = 120 (one K block: dOut and W tiles loaded once per tile and program) and
+# K = 136 (two blocks of dW, two steps of the dZ loop); without it (BN-ReLU), K is C
+BACKWARD_CASES = [(pool, k, index) for pool, k in ((1, 120), (1, 136), (1, None), (2, 120), (2, 136))
                   for index in range(max(len(bn_relu_conv.REDUCE_CONFIGS[pool]), len(bn_relu_conv.DX_CONFIGS[pool])))]
 
 
-@pytest.mark.parametrize("pool, has_gemm, index", [
-    pytest.param(pool, has_gemm, index, id=f"pool{pool}-{'gemm' if has_gemm else 'bn_relu'}-"
+@pytest.mark.parametrize("pool, k, index", [
+    pytest.param(pool, k, index, id=f"pool{pool}-{f'k{k}' if k else 'bn_relu'}-"
                  f"{config_id(bn_relu_conv.REDUCE_CONFIGS[pool][index % len(bn_relu_conv.REDUCE_CONFIGS[pool])])}-"
                  f"{config_id(bn_relu_conv.DX_CONFIGS[pool][index % len(bn_relu_conv.DX_CONFIGS[pool])])}")
-    for pool, has_gemm, index in BACKWARD_CASES])
-def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, index):
+    for pool, k, index in BACKWARD_CASES])
+def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
     """Both passes, each with its ``index``-th configuration (cycling through
-    the shorter list), batch statistics, at shapes just past the tiles; with the
-    GEMM, K = 136 (two blocks of dW, two steps of the dZ loop)."""
+    the shorter list), batch statistics, at shapes just past the tiles."""
     configs = [launchers[pool][index % len(launchers[pool])]
                for launchers in (bn_relu_conv.REDUCE_CONFIGS, bn_relu_conv.DX_CONFIGS)]
     force(monkeypatch, bn_relu_conv._reduce[pool], configs[0])
     force(monkeypatch, bn_relu_conv._dx[pool], configs[1])
     block_m = max(config.kwargs["BLOCK_M"] for config in configs)
     c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
-    k = 136 if has_gemm else c
-    dtype = fitting_dtype(device, bn_relu_conv.BACKWARD_SHARED_MEMORY, dict(HAS_GEMM=has_gemm, BLOCK_K=128),
-                          *configs)
+    has_gemm = k is not None
+    k = k or c
+    one_k = bn_relu_conv.one_k_block(has_gemm, k, torch.float32, torch.device(device))
+    dtype = fitting_dtype(device, dict(HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
+                          (bn_relu_conv.REDUCE_SHARED_MEMORY, configs[0]), (bn_relu_conv.DX_SHARED_MEMORY, configs[1]))
     g = torch.Generator().manual_seed(8)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
     x = channel_view(shape, 3, c, 2, dtype, device, g)
@@ -385,7 +444,7 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, 
 
     def run(backend, dtype):
         x_, w_, g_ = (t.to(dtype) for t in (x, weight, grad_out))
-        bn_args = [t.to(dtype) for t in (bn.scale, bn.shift, bn.mean, bn.rstd)]
+        bn_args = bn.coefficients(dtype)
         grad_x = grad_x_before.to(dtype, copy=True) if pool == 1 and has_gemm else torch.empty_like(x_)
         if pool == 2:
             grads = backend.transition_backward(x_, *bn_args, w_, g_, grad_x, bn.batch_mean())
@@ -396,6 +455,19 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, has_gemm, 
         return [grad_x, *grads]
 
     assert_matches_torch(run(TRITON, dtype), lambda d: run(TORCH, d), dtype, "backward")
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_backward_k_loop_when_k_fits_one_block(monkeypatch, device, pool):
+    """Exact fp32 on a GPU (``one_k_block`` off) takes the K loop even where K
+    fits one block, with the unpipelined reduce configuration on small-shared-memory
+    parts: that path, forced, at K = 120."""
+    calls = []
+    monkeypatch.setattr(bn_relu_conv, "one_k_block", lambda has_gemm, k, dtype, device: calls.append(k) or not has_gemm)
+    unpipelined = len(bn_relu_conv.REDUCE_CONFIGS[pool]) - 1
+    assert bn_relu_conv.REDUCE_CONFIGS[pool][unpipelined].num_stages == 1
+    test_backward_with_every_configuration(monkeypatch, device, pool, 120, unpipelined)
+    assert 120 in calls
 
 
 # -- NaN and Inf ------------------------------------------------------------------------
@@ -470,8 +542,8 @@ H200 = GpuLimits(shared_memory=232448, multiprocessors=132)
 A100 = GpuLimits(shared_memory=166912, multiprocessors=108)
 RTX_4090 = GpuLimits(shared_memory=101376, multiprocessors=128)  # sm_89: the least shared memory of sm_8x/sm_90
 GEMM_LAUNCHERS = {"forward": (bn_relu_conv._forward, bn_relu_conv.FORWARD_SHARED_MEMORY),
-                  "reduce": (bn_relu_conv._reduce, bn_relu_conv.BACKWARD_SHARED_MEMORY),
-                  "dx": (bn_relu_conv._dx, bn_relu_conv.BACKWARD_SHARED_MEMORY)}
+                  "reduce": (bn_relu_conv._reduce, bn_relu_conv.REDUCE_SHARED_MEMORY),
+                  "dx": (bn_relu_conv._dx, bn_relu_conv.DX_SHARED_MEMORY)}
 
 
 @pytest.mark.parametrize("limits", [H200, A100, RTX_4090], ids=["H200", "A100", "RTX4090"])
@@ -484,8 +556,8 @@ def test_candidates_are_pruned_by_shared_memory(monkeypatch, limits, dtype):
     data = torch.empty(0, dtype=dtype)
     for name, (launchers, shared_memory) in GEMM_LAUNCHERS.items():
         for pool, launcher in launchers.items():
-            for has_gemm in (True, False):
-                meta = dict(POOL=pool, HAS_GEMM=has_gemm, BLOCK_K=128)
+            for has_gemm, one_k_block in ((True, True), (True, False), (False, True)):
+                meta = dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128)
                 fitting = launcher.fitting(data, meta)
                 assert fitting, (name, pool)
                 for config in fitting:
@@ -518,6 +590,87 @@ def test_configuration_follows_the_shapes(monkeypatch):
     assert block_m(bf16, 256 * 14 * 14) == [128]  # deterministic mode (this file's fixture): no autotuning
     torch.use_deterministic_algorithms(False)
     assert len(block_m(bf16, 256 * 14 * 14)) == len(launcher.fitting(bf16, meta)) > 1
+
+
+# -- launches per layer ------------------------------------------------------------------
+
+GEMMS = {"convolution", "convolution_backward", "mm", "addmm"}  # the 3x3 convolutions, the stem and classifier
+NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "detach",
+               "lift_fresh", "_unsafe_view", "_record_function_enter_new", "_record_function_exit"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """While active, counts the Triton launches (per kernel) and the torch ops
+    that launch a GPU kernel: ``small`` (elementwise, reductions, copies) and
+    ``gemm`` (convolutions and matrix products); views and allocations launch none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triton: Counter[str] = Counter()
+        self.small: Counter[str] = Counter()
+        self.gemm: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NOT_KERNELS:
+            (self.gemm if name in GEMMS else self.small)[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def totals(self) -> Counter[str]:
+        return Counter(triton=sum(self.triton.values()), small=sum(self.small.values()),
+                       gemm=sum(self.gemm.values()))
+
+
+def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
+    """The launches of one training step's forward and backward (the second
+    step, after the first compiled and allocated) of a tiny DenseNet (ImageNet
+    stem, 32x32 input, batch 2) on the triton backend."""
+    counter = LaunchCounter()
+    launch_item = common.Launcher.__getitem__
+
+    def counted(launcher, grid):
+        launch = launch_item(launcher, grid)
+
+        def run(*args, **meta):
+            counter.triton[launcher.fn.__name__] += 1
+            with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
+                launch(*args, **meta)
+        return run
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=block_config, num_init_features=8, num_classes=5, backend="triton")
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(5, (2,))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):  # as a GPU step runs in bf16 (weights cast per use)
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+
+    step()
+    with mock.patch.object(common.Launcher, "__getitem__", counted), counter:
+        step()
+    return counter
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts on the CPU, in Triton's interpreter")
+def test_launches_per_layer():
+    """Triton launches and small torch kernels per dense layer and per
+    transition of a training step (forward and backward; the optimiser's step
+    is the caller's), by difference between models one layer or one transition
+    apart, and extrapolated to DenseNet-121 (58 layers, 3 transitions); the
+    numbers are in docs/performance.md.  Upper bounds: a change that launches
+    more fails here."""
+    torch.use_deterministic_algorithms(False)  # NaN-filling fresh memory would count as kernels
+    counts = {config: count_launches(config).totals() for config in [(2, 2), (3, 2), (4,)]}
+    layer = counts[(3, 2)] - counts[(2, 2)]
+    transition = counts[(2, 2)] - counts[(4,)]
+    rest = counts[(4,)] - Counter({kind: 4 * n for kind, n in layer.items()})
+    densenet121 = {kind: rest[kind] + 58 * layer[kind] + 3 * transition[kind] for kind in ("triton", "small", "gemm")}
+    print(f"per layer {dict(layer)}, per transition {dict(transition)}, DenseNet-121 {densenet121}")
+    assert layer["gemm"] == 2  # the 3x3 convolution, forward and backward
+    assert layer["triton"] <= 10 and layer["small"] <= 12, layer
+    assert transition["triton"] <= 5 and transition["small"] <= 6, transition
 
 
 # -- modes and refusals -----------------------------------------------------------------
@@ -593,6 +746,7 @@ def test_model_on_triton_matches_torchvision(device, recompute):
     to 1e-4, gradients as close to float64 as torchvision fp32's own), then eval.
     Odd spatial sizes exercise the transition's floor pooling; channel counts
     (12, 16, 20, 24) and the bottleneck (16) are below or near one 16-wide tile."""
+    pytest.importorskip("torchvision")
     from helpers import FP32_RTOL, check_training_fp32, forward_backward, make_pair, random_batch
 
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
@@ -610,7 +764,7 @@ def test_model_on_triton_matches_torchvision(device, recompute):
 
 
 ALL_LAUNCHERS = [*bn_relu_conv._forward.values(), *bn_relu_conv._reduce.values(), *bn_relu_conv._dx.values(),
-                 channel_stats._tile_stats, channel_stats._merge_stats, bn_relu._bn_relu]
+                 channel_stats._tile_stats, bn_relu._bn_relu]
 
 
 def test_model_with_every_kernels_first_configuration(monkeypatch, device):
@@ -618,13 +772,13 @@ def test_model_with_every_kernels_first_configuration(monkeypatch, device):
     tiles; what a GPU runs for 16-bit data) and NaN-filled fresh memory,
     against the torch backend in fp32: output, every gradient and running
     statistic after a training step."""
-    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+    from helpers import assert_results_equal, forward_backward, make_model, random_batch
 
     for launcher in ALL_LAUNCHERS:
         force(monkeypatch, launcher, launcher.candidates[0])
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
-    ours, _ = make_pair(dtype=torch.float32, device=device, backend="triton", **config)
-    reference, _ = make_pair(dtype=torch.float32, device=device, backend="torch", **config)
+    ours = make_model(dtype=torch.float32, device=device, backend="triton", **config)
+    reference = make_model(dtype=torch.float32, device=device, backend="torch", **config)
     reference.load_state_dict(ours.state_dict())
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-4)
@@ -692,10 +846,10 @@ def test_opt_in_autotuning(monkeypatch):
 def test_float64_model_on_cuda_with_automatic_backend():
     """Automatic choice puts CUDA tensors on the triton backend, whose kernels
     lack fp64: fp64 runs the torch backend's primitives instead of raising."""
-    from helpers import assert_results_equal, forward_backward, make_pair, random_batch
+    from helpers import assert_results_equal, forward_backward, make_model, random_batch
 
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=16, num_classes=5, stem="cifar")
-    ours, _ = make_pair(dtype=torch.float64, device="cuda", backend=None, **config)
-    reference, _ = make_pair(dtype=torch.float64, device="cuda", backend="torch", **config)
+    ours = make_model(dtype=torch.float64, device="cuda", backend=None, **config)
+    reference = make_model(dtype=torch.float64, device="cuda", backend="torch", **config)
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-10)

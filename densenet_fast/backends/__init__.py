@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import os
 from typing import Callable, Optional
 
@@ -57,7 +56,7 @@ def _cuda_kernels_missing() -> Optional[str]:
 
 def _triton_missing() -> Optional[str]:
     try:
-        importlib.import_module(".triton_backend", __name__)
+        from . import triton_backend  # noqa: F401
     except ImportError as exc:
         return f"Triton kernels cannot be imported ({exc})"
     if not torch.cuda.is_available() and not _interpreting_triton():
@@ -67,13 +66,12 @@ def _triton_missing() -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
-    """One backend: ``module.cls`` implements :class:`.interface.Backend` for
+    """One backend: ``load()`` returns its class, which implements :class:`.interface.Backend` for
     tensors on ``runs_on(device)``; automatic choice takes it only for the
     device types ``chosen_for`` (``None``: any); ``missing()`` says why it
     cannot be used in this process (``None``: it can)."""
     name: str
-    module: str
-    cls: str
+    load: Callable[[], type[Backend]]
     runs_on: Callable[[torch.device], bool]
     chosen_for: Optional[tuple[str, ...]]
     missing: Callable[[], Optional[str]]
@@ -83,15 +81,36 @@ class BackendSpec:
                 and self.missing() is None)
 
 
+# The classes are imported by import statements, which torch.compile traces (importlib it does not).
+def _triton_class() -> type[Backend]:
+    from .triton_backend import TritonBackend
+    return TritonBackend
+
+
+def _cuda_class() -> type[Backend]:
+    from .extension_backend import CudaBackend
+    return CudaBackend
+
+
+def _cpp_class() -> type[Backend]:
+    from .extension_backend import CppBackend
+    return CppBackend
+
+
+def _torch_class() -> type[Backend]:
+    from .torch_backend import TorchBackend
+    return TorchBackend
+
+
 BACKENDS = (  # in order of preference for automatic choice
-    BackendSpec("triton", ".triton_backend", "TritonBackend",
+    BackendSpec("triton", _triton_class,
                 runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and _interpreting_triton()),
                 chosen_for=("cuda",), missing=_triton_missing),
-    BackendSpec("cuda", ".cpp_backend", "CudaBackend", runs_on=lambda device: device.type == "cuda",
+    BackendSpec("cuda", _cuda_class, runs_on=lambda device: device.type == "cuda",
                 chosen_for=("cuda",), missing=_cuda_kernels_missing),
-    BackendSpec("cpp", ".cpp_backend", "CppBackend", runs_on=lambda device: device.type == "cpu",
+    BackendSpec("cpp", _cpp_class, runs_on=lambda device: device.type == "cpu",
                 chosen_for=("cpu",), missing=_extension_missing),
-    BackendSpec("torch", ".torch_backend", "TorchBackend", runs_on=lambda device: True, chosen_for=None,
+    BackendSpec("torch", _torch_class, runs_on=lambda device: True, chosen_for=None,
                 missing=lambda: None),
 )
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")  # reference first, as users list them
@@ -126,8 +145,7 @@ def resolve_backend_name(name: Optional[str]) -> Optional[str]:
 
 @functools.cache
 def _instance(name: str) -> Backend:
-    spec = _spec(name)
-    return getattr(importlib.import_module(spec.module, __name__), spec.cls)()
+    return _spec(name).load()()
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:

@@ -21,20 +21,39 @@ Conventions:
   ``dx = scale * (dA - mean(dA) - xhat * mean(dA * xhat))``.  This is the
   point between the two passes of the BN backward (docs/engine.md).
 - ``grad_gamma = sum(dA * xhat)`` and ``grad_beta = sum(dA)`` are the local sums.
+- Gradients of parameters come in the data dtype or in fp32; the engine casts
+  them to the parameters' dtype.
 - Statistics are returned as ``(mean, var)``, biased variance, in fp32 (fp64
   for fp64 data), computed stably (never ``E[x^2] - E[x]^2`` unshifted).
 - Outputs named ``out``/``grad_x`` are written in place; ``grad_x`` of
   :meth:`Backend.bn_relu_conv1x1_backward` is *accumulated* into (``+=``).
+- ``grad_weight`` is in the data dtype, or in fp32 for 16-bit data (a backend
+  may return its fp32 sums unrounded; the engine casts to the weight's dtype);
+  ``grad_gamma``/``grad_beta`` in the statistics dtype.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 Stats = tuple[Tensor, Tensor]
+
+
+class RunningUpdate(NamedTuple):
+    """What one training forward does to a BatchNorm's running statistics
+    (torch's BatchNorm rules): ``batches += 1``; with ``factor = momentum``,
+    or ``1 / batches`` when ``momentum`` is None (cumulative average),
+    ``mean = (1 - factor) * mean + factor * batch mean`` and likewise ``var``
+    with the unbiased batch variance of ``count`` values per channel."""
+
+    mean: Tensor  # running_mean (C,), updated in place
+    var: Tensor  # running_var (C,), updated in place
+    batches: Tensor  # num_batches_tracked, int64 (), updated in place
+    momentum: Optional[float]
+    count: int
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,6 +65,15 @@ class Backend:
     """Base class: one instance per backend; the methods are the primitives."""
 
     name = "abstract"
+
+    def fold_batchnorm(self, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float, update: Optional[RunningUpdate]) -> Tensor:
+        """A BatchNorm that normalises with ``(mean, var)`` (``(C,)``,
+        statistics dtype) and has the affine ``weight``, ``bias`` (``None``: 1
+        and 0), folded: ``(4, C)`` rows ``scale, shift, mean, rstd`` (a new
+        tensor, statistics dtype).  Applies ``update`` to the running statistics
+        (with the batch's ``mean, var``) if given."""
+        raise NotImplementedError
 
     def channel_stats(self, x: Tensor) -> Stats:
         """Per-channel ``(mean, var)`` of ``x`` ``(M, C)`` over its ``M`` rows."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, Stats, stats_dtype
+from .interface import Backend, RunningUpdate, Stats, stats_dtype
 
 
 def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
@@ -22,6 +22,18 @@ def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
 
 class TorchBackend(Backend):
     name = "torch"
+
+    def fold_batchnorm(self, mean, var, weight, bias, eps, update: Optional[RunningUpdate]) -> Tensor:
+        if update is not None:
+            update.batches.add_(1)
+            factor = 1.0 / float(update.batches) if update.momentum is None else update.momentum
+            unbiased = var * (update.count / (update.count - 1))
+            update.mean.mul_(1 - factor).add_(mean.to(update.mean.dtype), alpha=factor)
+            update.var.mul_(1 - factor).add_(unbiased.to(update.var.dtype), alpha=factor)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else weight.to(var.dtype) * rstd
+        shift = -mean * scale if bias is None else bias.to(var.dtype) - mean * scale
+        return torch.stack([scale, shift, mean, rstd])
 
     def channel_stats(self, x: Tensor) -> Stats:
         # Two passes (mean, then mean of squared deviations): stable, and on the

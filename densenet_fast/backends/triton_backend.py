@@ -21,10 +21,11 @@ from typing import Optional
 from torch import Tensor
 
 from ..ops import bn_relu_conv
+from ..ops.bn_fold import fold_batchnorm
 from ..ops.bn_relu import bn_relu
 from ..ops.channel_stats import channel_stats
 from ..ops.common import DATA_DTYPES, image, rows
-from .cpp_backend import native_dtypes_only, native_only
+from .extension_backend import native_dtypes_only, native_only
 from .interface import Stats
 from .torch_backend import TorchBackend
 
@@ -35,6 +36,10 @@ native_images_only = native_only(lambda backend, x: x.dtype in backend.native_dt
 class TritonBackend(TorchBackend):
     name = "triton"
     native_dtypes = DATA_DTYPES
+
+    @native_dtypes_only
+    def fold_batchnorm(self, mean, var, weight, bias, eps, update):
+        return fold_batchnorm(mean, var, weight, bias, eps, update)
 
     @native_dtypes_only
     def channel_stats(self, x: Tensor) -> Stats:

@@ -1,9 +1,10 @@
-"""Benchmarks: ``python -m densenet_fast bench <kernels|models|depth> [options]``.
+"""Benchmarks: ``python -m densenet_fast bench <kernels|models|depth|memory> [options]``.
 
 - ``kernels``: each primitive on each backend against torch's unfused ops;
 - ``models``: training and inference of one model, every implementation;
 - ``depth``: memory and step time versus DenseNet-BC depth, and the deepest
-  depth under a memory budget.
+  depth under a memory budget;
+- ``memory``: the memory model's predictions against measured peaks.
 
 Each subcommand module has ``add_arguments(parser)``, ``run(args) -> dict``
 (prints a table, writes JSON and PNG under ``benchmarks/results/``) and
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUBCOMMANDS = ("kernels", "models", "depth")
+SUBCOMMANDS = ("kernels", "models", "depth", "memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

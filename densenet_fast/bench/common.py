@@ -14,14 +14,13 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
-
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -62,19 +61,22 @@ def time_function(fn: Callable[[], object], device: str, warmup: int, repeats: i
 
 
 def summarize(seconds: Iterable[float]) -> dict:
-    """Median, quartiles, min and max of a list of timings (seconds)."""
-    values = np.asarray(list(seconds), dtype=float)
-    if values.size == 0:
+    """Median, quartiles, min and max of a list of timings (seconds); quartiles
+    interpolated linearly, as numpy's percentiles (numpy is not needed: a GPU
+    machine with only torch and triton runs the benchmarks)."""
+    values = [float(v) for v in seconds]
+    if not values:
         return {"n": 0}
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return {"n": int(values.size), "median": float(median), "q1": float(q1), "q3": float(q3),
-            "min": float(values.min()), "max": float(values.max()), "all": values.tolist()}
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"n": len(values), "median": median, "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "all": values}
 
 
 # -- fits ------------------------------------------------------------------------------------
 def fit(xs: list[float], values: list[float], degree: int) -> Optional[dict]:
     """Least-squares polynomial ``values ~ x`` (coefficients lowest order
     first) and its R^2; ``None`` without enough points."""
+    import numpy as np
     if len(xs) < degree + 1:
         return None
     x, y = np.asarray(xs, float), np.asarray(values, float)
@@ -235,10 +237,16 @@ def device_name(device: str) -> str:
 
 
 def git_revision() -> str:
-    """``<commit>`` of the repository, with ``+dirty`` if tracked files changed."""
+    """``<commit>`` of the repository, with ``+dirty`` if tracked files changed;
+    without git or a repository (a copied tree), ``$GIT_REVISION`` or ``"unknown"``."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "HEAD") or "unknown"
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return os.environ.get("GIT_REVISION", "unknown")
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

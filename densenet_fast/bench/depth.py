@@ -8,29 +8,34 @@ memory budget.
    implementations round-robin on the same inputs.
 2. Fits: memory versus depth, linear and quadratic (coefficients, R^2), and
    ratios against torchvision eager at ``--reference-depth``.
-3. Budget (``--budget-gib`` > 0): for each implementation, predict from the
-   fit the deepest depth (``6n + 4``) whose step fits the budget, then probe
-   around it (fresh process each, stopped once it exceeds the budget) until
-   the boundary is pinned to ``--resolution``: the deepest depth that fitted
-   and the shallowest that did not.  The time left under ``--max-minutes`` is
-   shared equally by the implementations; a probe whose predicted step time
-   exceeds ``--probe-timeout`` or half its share is not run, and the result
-   is then a verified lower bound (``limited_by``) next to the prediction.
+3. Budget (``--budget-gib`` > 0): a training step fits when its parameters,
+   gradients and optimizer state plus its peak above them fit the budget.
+   For each implementation, predict the deepest depth (``6n + 4``) that fits:
+   densenet_fast's from the planner (:func:`densenet_fast.planner.deepest_depth`,
+   before anything runs), torchvision's from the fit of the sweep.  Then verify
+   that depth and the next one (6 layers deeper) in fresh processes, each
+   stopped once it exceeds the budget.  When the prediction is right that is
+   all; when it is not, the search walks on from the failing side (steps
+   doubling, then bisection) until the deepest fitting and the shallowest
+   exceeding depth are 6 layers apart.  ``fast-<backend>-auto`` is the model
+   built with ``recompute="auto"`` and the budget: it plans itself, and where
+   no assignment is predicted to fit it refuses before any work.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
+from .. import planner
+from ..memory import Architecture, OptimizerSpec, Setup
 from . import common
 from .common import evaluate, fit
 from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
 from .impls import ModelSpec
+from .worker import DTYPES
 
 DEFAULT_DEPTHS = (40, 76, 112)
 
@@ -52,36 +57,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="implementations (default: tv-eager tv-memeff and densenet_fast's automatic backend "
                              "with each recompute policy; --all-backends for every backend)")
     parser.add_argument("--all-backends", action="store_true")
-    parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of one step; 0 skips the search")
-    parser.add_argument("--max-depth", type=int, default=5000, help="deepest depth the search considers")
-    parser.add_argument("--resolution", type=float, default=0.05,
-                        help="stop the search once the boundary is known to this fraction of the depth (or 6 layers)")
-    parser.add_argument("--probe-timeout", type=float, default=300.0, help="seconds one probe may take")
-    parser.add_argument("--max-minutes", type=float, default=15.0, help="wall-clock limit of the whole run")
+    parser.add_argument("--budget-gib", type=float, default=2.0,
+                        help="memory budget of a training step (parameters, gradients, optimizer state and the "
+                             "step's peak above them); 0 skips the search")
+    parser.add_argument("--max-depth", type=int, default=10000, help="deepest depth the search considers")
+    parser.add_argument("--probe-timeout", type=float, default=4 * 3600.0, help="seconds one probe may take")
+    parser.add_argument("--max-minutes", type=float, default=24 * 60.0, help="wall-clock limit of the whole run")
     parser.add_argument("--reference-depth", type=int, default=100)
+    parser.add_argument("--reuse-sweep", type=Path, default=None,
+                        help="take the sweep's points and timings from this result file instead of measuring them")
     add_common_arguments(parser)
-
-
-def training_flops(depth: int, growth_rate: int, batch: int, image_size: int) -> float:
-    """FLOPs of one DenseNet-BC training step: 3x the forward's (backward costs
-    two forwards), counting the stem, every layer's 1x1 and 3x3 convolutions
-    and the transitions' 1x1 convolutions (2 FLOPs per multiply-add)."""
-    n, k = (depth - 4) // 6, growth_rate
-    pixels, channels = batch * image_size * image_size, 2 * k
-    forward = 2.0 * pixels * 3 * channels * 9
-    for block in range(3):
-        for layer in range(n):
-            forward += 2.0 * pixels * ((channels + layer * k) * 4 * k + 4 * k * k * 9)
-        channels += n * k
-        if block < 2:
-            pixels //= 4
-            forward += 2.0 * pixels * channels * (channels // 2)  # pooled before the 1x1 convolution
-            channels //= 2
-    return 3 * forward
 
 
 def bc_spec(args: argparse.Namespace, depth: int) -> ModelSpec:
     return ModelSpec("densenet_bc", depth, args.growth_rate, 10)
+
+
+def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup:
+    """The training step of the run, as the memory model describes it."""
+    return Setup(args.batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
+                 args.device, backend, OptimizerSpec.parse(args.optimizer))
+
+
+def model_budget(impl: str, args) -> Optional[float]:
+    """The memory budget a worker builds ``impl``'s model with: ``recompute="auto"``
+    plans under it; a fixed policy gets none (with one it would check the
+    prediction and refuse, and the measurement would verify nothing)."""
+    return args.budget_gib * common.GIB if impl.endswith("-auto") and args.budget_gib > 0 else None
+
+
+def bc_architecture(args: argparse.Namespace, depth: int) -> Architecture:
+    return Architecture.named("densenet_bc", depth, args.growth_rate)
+
+
+def persistent_bytes(args: argparse.Namespace, depth: int) -> int:
+    """Parameters, gradients and optimizer state of depth ``depth``: the same
+    for every implementation (torchvision's tree is the same network)."""
+    optimizer = OptimizerSpec.parse(args.optimizer)
+    return bc_architecture(args, depth).parameter_count() * DTYPES[args.dtype].itemsize * \
+        (2 + optimizer.state_tensors())
 
 
 # -- fits ----------------------------------------------------------------------------------
@@ -93,17 +107,21 @@ def growth_fit(depths: list[float], values: list[float]) -> Optional[dict]:
     return fit(depths, values, 1)
 
 
-def deepest_under(model_fit: Optional[dict], limit: float, max_depth: int) -> Optional[int]:
-    """The deepest valid depth <= ``max_depth`` whose fitted value is <= ``limit``."""
-    if model_fit is None:
+def predicted_deepest(impl: str, points: list[dict], args) -> Optional[int]:
+    """The deepest depth predicted to fit the budget: the planner's for densenet_fast,
+    the fit of the sweep's measured peaks for torchvision."""
+    budget = args.budget_gib * common.GIB
+    if impl.startswith("fast-"):
+        _, backend, policy = impl.split("-")
+        setup = step_setup(args, None if backend == "auto" else backend)
+        return planner.deepest_depth(bc_architecture(args, 10), setup, budget, policy)
+    measured = [p for p in points if p["impl"] == impl and p["status"] == "ok"]
+    memory_fit = growth_fit([p["depth"] for p in measured], [p["peak_bytes"] for p in measured])
+    if memory_fit is None:
         return None
-    best = None
-    for depth in range(10, max_depth + 1, 6):
-        if evaluate(model_fit, depth) <= limit:
-            best = depth
-        elif best is not None:
-            break
-    return best
+    n = planner.largest_true(lambda n: persistent_bytes(args, 6 * n + 4) + evaluate(memory_fit, 6 * n + 4) <= budget,
+                             1, (args.max_depth - 4) // 6)
+    return None if n is None else 6 * n + 4
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -117,66 +135,91 @@ def sweep(runner: Runner, impls: list[str], args, checkpoint) -> tuple[list[dict
     jobs = [(d, i) for d in args.depths for i in impls]
     bar = common.progress(jobs, desc="memory vs depth", enabled=not args.no_progress)
     for depth, impl in bar:
-        result = runner.memory(impl, bc_spec(args, depth), args.batch, safety, runner.seconds_left())
-        points.append({"impl": impl, "depth": depth, "kind": "sweep", **result})
+        result = runner.memory(impl, bc_spec(args, depth), args.batch, safety, runner.seconds_left(),
+                               memory_budget=model_budget(impl, args))
+        point = {"impl": impl, "depth": depth, "kind": "sweep", **result, "persistent_bytes": persistent_bytes(args, depth)}
+        if result["status"] == "ok":
+            point["total_bytes"] = point["persistent_bytes"] + result["peak_bytes"]
+        points.append(point)
         if impl == impls[-1]:
             if depth in time_depths:
-                result = runner.time(impls, bc_spec(args, depth), args.batch)
+                result = runner.time(impls, bc_spec(args, depth), args.batch,
+                                     memory_budget=args.budget_gib * common.GIB or None)
                 timings[depth] = result.get("impls", {i: result for i in impls})
             checkpoint(points, timings)
     return points, timings
 
 
-def search_budget(runner: Runner, impl: str, points: list[dict], args, seconds: float) -> dict:
+def verdict(point: dict, args) -> Optional[bool]:
+    """Whether a measured step fits the budget (``None``: unknown, e.g. a timeout).
+    A model that refused (its own planner found nothing that fits) does not."""
+    if point["status"] == "ok":
+        return point["total_bytes"] <= args.budget_gib * common.GIB
+    return False if point["status"] in ("over_budget", "oom", "refused") else None
+
+
+def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
     """Deepest depth of ``impl`` whose training step fits ``--budget-gib`` (see
-    module docstring), spending at most about ``seconds``."""
-    budget = args.budget_gib * common.GIB
-    deadline = time.monotonic() + seconds
+    the module docstring): the prediction, then the next depth, then a walk if
+    the prediction was wrong."""
     mine = [p for p in points if p["impl"] == impl]
-    fits = lambda p: p["status"] == "ok" and p["peak_bytes"] <= budget  # noqa: E731
-    lo = max((p["depth"] for p in mine if fits(p)), default=None)
-    hi = min((p["depth"] for p in mine if not fits(p) and p["status"] in ("ok", "over_budget", "oom")), default=None)
-    limited_by = None
-    while True:
-        measured = [p for p in mine if p["status"] == "ok"]
-        memory_fit = growth_fit([p["depth"] for p in measured], [p["peak_bytes"] for p in measured])
-        flops = lambda d: training_flops(d, args.growth_rate, args.batch, args.image_size)  # noqa: E731
-        seconds_per_flop = float(np.median([p["step_seconds"][-1] / flops(p["depth"]) for p in measured] or [0.0]))
-        predicted = deepest_under(memory_fit, budget, args.max_depth)
-        if lo is None or (hi is not None and hi - lo <= max(6, args.resolution * lo)):
-            break
-        if lo + 6 > args.max_depth:
+    lo = max((p["depth"] for p in mine if verdict(p, args)), default=None)
+    hi = min((p["depth"] for p in mine if verdict(p, args) is False), default=None)
+    predicted = predicted_deepest(impl, points, args)
+    candidate = min(predicted if predicted is not None else 10, args.max_depth)
+    step, probes, limited_by = 6, 0, None
+    while not (lo is not None and hi is not None and hi - lo <= 6):
+        candidate = max(candidate, (lo or 4) + 6)  # inside what is known
+        if hi is not None:
+            candidate = min(candidate, hi - 6)
+        if candidate > args.max_depth:
             limited_by = "max-depth"
             break
-        if predicted is not None and predicted > lo and (hi is None or predicted < hi):
-            candidate = predicted
-        elif hi is None:  # the fit says lo is the boundary: check just above it
-            candidate = min(lo + max(6, 6 * round(args.resolution * lo / 6)), args.max_depth)
-        else:
-            candidate = snap((lo + hi) / 2)
-        seconds_left = min(runner.seconds_left(), deadline - time.monotonic())
-        affordable = max((d for d in range(10, args.max_depth + 1, 6)
-                          if seconds_per_flop * flops(d) <= min(args.probe_timeout, seconds_left / 2)), default=None)
-        if affordable is None or candidate > affordable:
-            candidate = affordable or lo
-            if candidate <= lo:
-                limited_by = "time"
-                break
-        result = runner.memory(impl, bc_spec(args, candidate), args.batch, budget,
-                               min(args.probe_timeout * 2, runner.seconds_left()))
-        point = {"impl": impl, "depth": candidate, "kind": "probe", **result}
+        if candidate < 10:
+            break  # not even the shallowest depth fits
+        point = probe(runner, impl, candidate, args)
         points.append(point)
-        mine.append(point)
-        if fits(point):
-            lo = candidate
-        elif point["status"] in ("ok", "over_budget", "oom"):
-            hi = candidate
-        else:
+        fits = verdict(point, args)
+        if fits is None:
             limited_by = point["status"]
             break
-    return {"impl": impl, "deepest_fitting": lo, "shallowest_exceeding": hi,
-            "boundary_pinned": hi is not None and lo is not None, "limited_by": None if hi is not None else limited_by,
-            "predicted_deepest": predicted}
+        lo, hi = (candidate, hi) if fits else (lo, candidate)
+        probes += 1
+        if probes == 1:  # the prediction's neighbour: the boundary, if the prediction was right
+            candidate += 6 if fits else -6
+        elif lo is not None and hi is not None:
+            candidate = snap((lo + hi) / 2)
+        else:
+            step *= 2
+            candidate += step if fits else -step
+    at = lambda d: next((p for p in reversed(points) if p["impl"] == impl and p["depth"] == d), {})  # noqa: E731
+    return {"impl": impl, "predicted_deepest": predicted, "deepest_fitting": lo, "shallowest_exceeding": hi,
+            "boundary_pinned": lo is not None and hi is not None and hi - lo <= 6, "limited_by": limited_by,
+            "prediction_right": predicted is not None and predicted == lo and hi == lo + 6,
+            "at_deepest": at(lo) if lo is not None else None, "beyond": at(hi) if hi is not None else None}
+
+
+def probe(runner: Runner, impl: str, depth: int, args) -> dict:
+    """One fresh process at ``depth``, stopped once its step exceeds the budget
+    above the parameters, gradients and optimizer state; with the prediction."""
+    persistent = persistent_bytes(args, depth)
+    budget = args.budget_gib * common.GIB
+    result = runner.memory(impl, bc_spec(args, depth), args.batch, budget - persistent,
+                           min(args.probe_timeout, runner.seconds_left()), memory_budget=model_budget(impl, args))
+    point = {"impl": impl, "depth": depth, "kind": "probe", **result, "persistent_bytes": persistent}
+    if result["status"] == "ok":
+        point["total_bytes"] = persistent + result["peak_bytes"]
+    if impl.startswith("fast-"):
+        _, backend, policy = impl.split("-")
+        setup = step_setup(args, None if backend == "auto" else backend)
+        choice = planner.best_fitting(bc_architecture(args, depth), setup, budget, policy) if policy == "auto" \
+            else planner.evaluate(bc_architecture(args, depth), setup, (policy,) * 3)
+        if choice is not None:
+            point["predicted_policies"] = list(choice.policies)
+            point["predicted_total_bytes"] = choice.prediction.total_bytes
+            point["predicted_step_bytes"] = choice.prediction.step_bytes
+            point["predicted_step_time_ratio"] = choice.step_time_ratio
+    return point
 
 
 def summarize_fits(points: list[dict], impls: list[str]) -> dict:
@@ -205,11 +248,45 @@ def ratios(points: list[dict], timings: dict, impls: list[str], depth: int) -> d
     return out
 
 
+def policy_costs(timings: dict, args) -> dict:
+    """Per backend, the measured cost of recomputing: at every timed depth the step
+    time of ``recompute`` over ``keep`` (same process, round-robin), and the cost of
+    a recomputed FLOP relative to an average FLOP of the step,
+    ``a = (ratio - 1) * F / R`` (:func:`densenet_fast.planner.step_time_ratio`);
+    with ``auto`` timed too, its measured ratio beside the planner's."""
+    out: dict = {}
+    for depth, results in sorted(timings.items(), key=lambda item: int(item[0])):
+        median = {impl: r["seconds"]["median"] for impl, r in results.items() if r["status"] == "ok"}
+        for impl in median:
+            _, backend, policy = impl.split("-") if impl.startswith("fast-") else ("", "", "")
+            if policy != "recompute" or f"fast-{backend}-keep" not in median:
+                continue
+            setup = step_setup(args, backend)
+            arch = bc_architecture(args, int(depth))
+            ratio = median[impl] / median[f"fast-{backend}-keep"]
+            flops, recomputed = planner.training_flops(arch, setup), planner.recompute_flops(arch, setup, ("recompute",) * 3)
+            row = {"depth": int(depth), "keep_s": median[f"fast-{backend}-keep"], "recompute_s": median[impl],
+                   "recompute_over_keep": ratio, "recompute_flops_fraction": recomputed / flops,
+                   "recompute_cost_per_flop": (ratio - 1) * flops / recomputed}
+            auto = f"fast-{backend}-auto"
+            if auto in median and args.budget_gib > 0:
+                choice = planner.best_fitting(arch, setup, args.budget_gib * common.GIB, "auto")
+                row.update(auto_over_keep=median[auto] / median[f"fast-{backend}-keep"],
+                           auto_policies=list(choice.policies) if choice else None)
+            out.setdefault(backend, {"depths": []})["depths"].append(row)
+    for summary in out.values():
+        costs = sorted(r["recompute_cost_per_flop"] for r in summary["depths"])
+        summary["recompute_cost_per_flop_median"] = costs[len(costs) // 2]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
             raise SystemExit(f"depth {d} is not of the form 6n + 4")
     impls = resolve_impls(args)
+    if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
+        impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
     runner = Runner(args)
     settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD,
@@ -223,21 +300,34 @@ def run(args: argparse.Namespace) -> dict:
                    "timings": {str(d): t for d, t in timings.items()}, "budget_search": list(searches)}
         common.write_json(partial, out)
 
-    points, timings = sweep(runner, impls, args, checkpoint)
+    if args.reuse_sweep:
+        old = json.loads(args.reuse_sweep.read_text())
+        points = [p for p in old["points"] if p["kind"] == "sweep" and p["impl"] in impls]
+        timings = {int(d): t for d, t in old["timings"].items()}
+        settings["sweep_from"] = {"file": str(args.reuse_sweep), "git_revision": old["environment"]["git_revision"]}
+    else:
+        points, timings = sweep(runner, impls, args, checkpoint)
     searches = []
     if args.budget_gib > 0:
-        order = sorted(impls, key=lambda i: -max((p["peak_bytes"] for p in points if p["impl"] == i
-                                                  and p["status"] == "ok"), default=0))
-        for i, impl in enumerate(common.progress(order, desc="budget search", enabled=not args.no_progress)):
-            share = runner.seconds_left() / (len(order) - i)  # what is left, shared fairly
-            searches.append(search_budget(runner, impl, points, args, share))
+        for impl in common.progress(impls, desc="budget search", enabled=not args.no_progress):
+            searches.append(search_budget(runner, impl, points, args))
             checkpoint(points, timings, searches)
     result = {"benchmark": "depth", "environment": common.finish_environment(env), "points": points,
               "timings": {str(d): t for d, t in timings.items()}, "fits": summarize_fits(points, impls),
               "ratios_at_reference_depth": ratios(points, timings, impls, args.reference_depth),
-              "budget_search": searches}
+              "budget_search": searches, "policy_costs": policy_costs(timings, args)}
     report(result, args, out)
     return result
+
+
+def budget_row(search: dict) -> dict:
+    """The search's result with the prediction beside the measurement at the deepest depth."""
+    at = search["at_deepest"] or {}
+    mib = lambda key: at[key] / common.MIB if key in at else None  # noqa: E731
+    return {"impl": search["impl"], "predicted": search["predicted_deepest"], "deepest_fitting":
+            search["deepest_fitting"], "shallowest_exceeding": search["shallowest_exceeding"],
+            "limited_by": search["limited_by"], "predicted_MiB": mib("predicted_total_bytes"),
+            "measured_MiB": mib("total_bytes"), "policies": "/".join(at.get("predicted_policies", [])) or None}
 
 
 def default_out(args) -> Path:
@@ -251,8 +341,9 @@ def report(result: dict, args, out: Path) -> None:
         t = timings.get(str(p["depth"]), {}).get(p["impl"], {}) if p["kind"] == "sweep" else {}
         rows.append({"impl": p["impl"], "depth": p["depth"], "kind": p["kind"], "status": p["status"],
                      "peak_MiB": p["peak_bytes"] / common.MIB if p["status"] == "ok" else None,
+                     "total_MiB": p["total_bytes"] / common.MIB if p["status"] == "ok" else None,
                      "step_s (median)": t.get("seconds", {}).get("median")})
-    print(common.format_table(rows, ["impl", "depth", "kind", "status", "peak_MiB", "step_s (median)"]))
+    print(common.format_table(rows, ["impl", "depth", "kind", "status", "peak_MiB", "total_MiB", "step_s (median)"]))
     fits = [{"impl": impl, "linear R2": f["linear"]["r2"] if f["linear"] else None,
              "MiB/layer": f["linear"]["coefficients"][1] if f["linear"] else None,
              "quadratic R2": f["quadratic"]["r2"] if f["quadratic"] else None,
@@ -264,9 +355,11 @@ def report(result: dict, args, out: Path) -> None:
         columns = sorted({k for r in ratio_rows for k in r} - {"impl"})
         print(f"\nratios at depth {args.reference_depth}\n" + common.format_table(ratio_rows, ["impl"] + columns))
     if result["budget_search"]:
-        print(f"\ndeepest depth under {args.budget_gib} GiB\n" + common.format_table(
-            result["budget_search"], ["impl", "deepest_fitting", "shallowest_exceeding", "limited_by",
-                                      "predicted_deepest"]))
+        print(f"\ndeepest depth whose training step fits {args.budget_gib} GiB\n" + common.format_table(
+            [budget_row(s) for s in result["budget_search"]], list(budget_row(result["budget_search"][0]))))
+    for backend, summary in result.get("policy_costs", {}).items():
+        print(f"\nrecompute's cost on the {backend} backend (step time over keep's, same process)\n" +
+              common.format_table(summary["depths"], list(summary["depths"][0])))
     common.save_result(result, out, None if args.no_plot else "plot_depth")
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..memory import OPTIMIZER_PRESETS
 from . import common
 from .impls import ModelSpec, default_impls
 
@@ -19,10 +20,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also torch.compile(torchvision) (slow on the CPU)")
-    parser.add_argument("--steps", type=int, default=1, help="measured training steps per memory process")
+    parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
+                        help="sgd: the trainer's recipe (momentum 0.9, Nesterov, weight decay 1e-4)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="measured training steps per memory process (the second is a steady-state one)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="memory workers warm up on the full batch (default: on 2 images, and a DenseNet-BC's "
+                             "depth-10 twin on the full batch), so that every per-shape library cache is in the "
+                             "baseline (oneDNN's bf16 GEMM primitives, one per layer width, are not otherwise)")
     parser.add_argument("--malloc-default", action="store_true",
                         help="keep glibc's adaptive mmap threshold in memory workers (see docs/performance.md)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written next to it)")
@@ -41,19 +49,25 @@ class Runner:
         a = self.args
         return {"mode": mode, "impls": impls, "model": model.to_dict(), "batch": batch, "image_size": a.image_size,
                 "device": a.device, "dtype": a.dtype, "autocast": a.autocast, "channels_last": a.channels_last,
-                "train": train, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads,
+                "train": train, "optimizer": a.optimizer, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads,
                 # a tiny first step loads code and initialises libraries before the baseline;
                 # torch.compile must see the real batch or it compiles again
-                "warmup_batch": batch if "tv-compile" in impls else min(2, batch)}
+                "warmup_batch": batch if "tv-compile" in impls or a.full_warmup else min(2, batch)}
 
     def memory(self, impl: str, model: ModelSpec, batch: int, limit_bytes: Optional[float], timeout_s: float,
-               train: bool = True) -> dict:
+               train: bool = True, memory_budget: Optional[float] = None) -> dict:
+        """Peak memory of ``impl`` in a fresh process, stopped above ``limit_bytes``;
+        ``memory_budget``: the one ``fast-<backend>-auto`` is built with."""
         spec = self.spec("memory", [impl], model, batch, train)
         spec["malloc_mmap_threshold"] = None if self.args.malloc_default else MMAP_THRESHOLD
+        spec["memory_budget"] = memory_budget
         return common.run_worker(spec, timeout_s, limit_bytes)
 
-    def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True) -> dict:
-        return common.run_worker(self.spec("time", impls, model, batch, train), self.seconds_left())
+    def time(self, impls: list[str], model: ModelSpec, batch: int, train: bool = True,
+             memory_budget: Optional[float] = None) -> dict:
+        spec = self.spec("time", impls, model, batch, train)
+        spec["memory_budget"] = memory_budget
+        return common.run_worker(spec, self.seconds_left())
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -5,7 +5,8 @@ Names:
 - ``tv-memeff``: torchvision with ``memory_efficient=True`` (checkpointing);
 - ``tv-compile``: ``torch.compile`` of ``tv-eager``;
 - ``fast-<backend>-<policy>``: densenet_fast with that backend and recompute
-  policy, e.g. ``fast-cpp-keep``; ``fast-auto-<policy>`` lets it choose.
+  policy, e.g. ``fast-cpp-keep``; ``fast-auto-<policy>`` lets it choose the
+  backend; ``fast-<backend>-auto`` is ``recompute="auto"`` under a memory budget.
 
 Models are named ``densenet121`` (also 161, 169, 201, 264) or
 ``densenet_bc-<depth>`` (CIFAR DenseNet-BC, ``growth_rate`` k).  For
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..memory import OptimizerSpec
 
 TORCHVISION_IMPLS = ("tv-eager", "tv-memeff", "tv-compile")
 POLICIES = ("keep", "recompute")
@@ -87,19 +90,21 @@ def torchvision_model(spec: ModelSpec, memory_efficient: bool) -> nn.Module:
     return model
 
 
-def fast_model(spec: ModelSpec, backend: str, policy: str) -> nn.Module:
+def fast_model(spec: ModelSpec, backend: str, policy: str, memory_budget: float | None = None) -> nn.Module:
     """densenet_fast's model for ``spec`` (torchvision is not imported)."""
     from .. import models
     options = {"backend": None if backend == "auto" else backend, "recompute": policy,
-               "num_classes": spec.num_classes}
+               "num_classes": spec.num_classes, "memory_budget": memory_budget}
     if spec.name == "densenet_bc":
         return models.densenet_bc(spec.depth, spec.growth_rate, **options)
     return getattr(models, spec.name)(**options)
 
 
-def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
+def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0,
+          memory_budget: float | None = None) -> nn.Module:
     """Implementation ``impl`` of ``spec`` on ``device`` (weights drawn from
-    ``seed``; :func:`share_weights` makes them identical across implementations)."""
+    ``seed``; :func:`share_weights` makes them identical across implementations;
+    ``memory_budget`` for ``recompute="auto"``)."""
     torch.manual_seed(seed)
     if spec.name.startswith("monai-"):  # MONAI's DenseNets: densenet_fast/bench/monai_impls.py
         from . import monai_impls
@@ -108,7 +113,7 @@ def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: in
         model = torchvision_model(spec, memory_efficient=impl == "tv-memeff")
     elif impl.startswith("fast-"):
         _, backend, policy = impl.split("-")
-        model = fast_model(spec, backend, policy)
+        model = fast_model(spec, backend, policy, memory_budget)
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     model = model.to(device)
@@ -142,14 +147,15 @@ def make_inputs(spec: ModelSpec, batch: int, image_size: int, device: str, chann
 
 
 class Step:
-    """One training step (forward, cross-entropy, backward, plain SGD update)
+    """One training step (``zero_grad(set_to_none=True)``, forward, cross-entropy,
+    backward, the update of ``optimizer``: the trainer's SGD recipe unless told)
     or one inference forward (eval mode, no grad), optionally under autocast."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool,
-                 autocast_dtype: torch.dtype | None) -> None:
+                 autocast_dtype: torch.dtype | None, optimizer: OptimizerSpec = OptimizerSpec()) -> None:
         self.model, self.x, self.y, self.train = model, x, y, train
         self.autocast_dtype = autocast_dtype
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3) if train else None
+        self.optimizer = optimizer.build(model.parameters()) if train else None
         model.train(train)
 
     def __call__(self) -> None:

@@ -14,17 +14,25 @@ MONAI's DenseNets on volumes (:mod:`.monai_impls`): ``--model monai-densenet121
 --image-size 64x128x128 --batch 2 --train-only`` compares MONAI eager, MONAI
 with a checkpoint per dense layer, ``torch.compile(MONAI)`` (``--compile``)
 and densenet_fast.monai.
+
+``--quick`` (for a time-limited run, such as benchmarks/gpu_check.sh): training
+only, one fresh process per implementation, in the order given, that measures
+the peak memory of ``--warmup + --repeats`` steps and times the last
+``--repeats``; the JSON is rewritten after each implementation, and
+torchvision's implementations are skipped (and say so) where torchvision is
+not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from . import common
 from .common import fit
 from . import monai_impls
 from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
-from .impls import ModelSpec
+from .impls import TORCHVISION_IMPLS, ModelSpec
 
 
 def image_size(text: str):
@@ -46,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the training step at --batch only (no inference, no half batch, no largest batch)")
     parser.add_argument("--impls", nargs="+", default=None, help="default: every implementation that runs here")
     parser.add_argument("--budget-gib", type=float, default=0.5, help="budget of the largest-batch search (0: skip)")
+    parser.add_argument("--quick", action="store_true",
+                        help="training only: one process per implementation times its steps and their peak memory")
+    parser.add_argument("--max-minutes", type=float, default=1e9, help="no worker runs past this")
     add_common_arguments(parser)
-    parser.set_defaults(steps=2)
 
 
 def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, args) -> dict:
@@ -81,6 +91,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD})
     env = common.environment(args.device, settings)
+    if args.quick:
+        return run_quick(args, spec, impls, runner, env)
     timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in modes}
     rows, details = [], {}
     safety = 0.7 * common.available_memory_bytes()
@@ -123,6 +135,38 @@ def run(args: argparse.Namespace) -> dict:
     name = f"{args.model}_{size}" if monai else args.model
     out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json"
     common.save_result(result, out, None if args.no_plot or monai else "plot_models")  # plots: square images
+    return result
+
+
+QUICK_COLUMNS = ["impl", "status", "train_step_s", "train_images_per_s", "train_peak_MiB"]
+
+
+def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runner: Runner, env: dict) -> dict:
+    """``--quick``: one memory worker per implementation that also times its steps."""
+    args.steps = args.warmup + args.repeats  # the memory workers time every step; the first --warmup do not count
+    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}_quick.json"
+    result = {"benchmark": "models", "quick": True, "model": spec.to_dict(), "model_label": spec.label(),
+              "environment": env, "rows": [], "details": {}}
+    print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
+    for impl in impls:
+        if impl in TORCHVISION_IMPLS and importlib.util.find_spec("torchvision") is None:
+            measured = {"status": "skipped", "why": "torchvision is not installed"}
+        elif runner.seconds_left() <= 0:
+            measured = {"status": "timeout", "why": "--max-minutes spent before it started"}
+        else:
+            measured = runner.memory(impl, spec, args.batch, 0.7 * common.available_memory_bytes(),
+                                     runner.seconds_left())
+        row = {"impl": impl, "status": measured["status"]}
+        if measured["status"] == "ok":
+            median = common.summarize(measured["step_seconds"][args.warmup:])["median"]
+            row.update(train_step_s=median, train_images_per_s=args.batch / median,
+                       train_peak_MiB=measured["peak_bytes"] / common.MIB)
+        result["rows"].append(row)
+        result["details"][impl] = measured
+        print(common.format_table([row], QUICK_COLUMNS), flush=True)
+        common.write_json(result, out)  # after each implementation: a run stopped by a time limit keeps the others
+    common.finish_environment(env)
+    common.save_result(result, out, None)
     return result
 
 

@@ -39,7 +39,7 @@ def plot_depth(result: dict, path: Path) -> Path:
     deepest = {s["impl"]: s for s in result["budget_search"]}
     for impl in impls:
         colour, marker = style(impl, impls)
-        ok = sorted((p["depth"], p["peak_bytes"] / MIB) for p in result["points"]
+        ok = sorted((p["depth"], p["total_bytes"] / MIB) for p in result["points"]
                     if p["impl"] == impl and p["status"] == "ok")
         label = impl
         if impl in deepest and deepest[impl]["deepest_fitting"]:
@@ -47,7 +47,7 @@ def plot_depth(result: dict, path: Path) -> Path:
             label += f" (deepest {found['deepest_fitting']}{'+' if found['limited_by'] else ''})"
         if ok:
             ax_mem.plot(*zip(*ok), marker=marker, color=colour, label=label)
-        over = [p["depth"] for p in result["points"] if p["impl"] == impl and p["status"] == "over_budget"]
+        over = [p["depth"] for p in result["points"] if p["impl"] == impl and p["status"] in ("over_budget", "refused")]
         if over and settings.get("budget_gib"):
             ax_mem.plot(over, [settings["budget_gib"] * GIB / MIB] * len(over), "x", color=colour, markersize=10)
         timed = sorted((int(d), t[impl]["seconds"]) for d, t in result["timings"].items()
@@ -61,10 +61,10 @@ def plot_depth(result: dict, path: Path) -> Path:
                              label=impl, capsize=4)
     if settings.get("budget_gib"):
         ax_mem.axhline(settings["budget_gib"] * GIB / MIB, color="black", linestyle="--",
-                       label=f"budget {settings['budget_gib']:g} GiB (x: stopped above it)")
+                       label=f"budget {settings['budget_gib']:g} GiB (x: stopped above it, or refused)")
     batch = f"batch {settings['batch']}, {settings['image_size']}x{settings['image_size']}, k={settings['growth_rate']}"
-    ax_mem.set(xlabel="depth (layers)", ylabel="peak memory of one training step (MiB)",
-               title="memory vs depth")
+    ax_mem.set(xlabel="depth (layers)", ylabel="training step: parameters, gradients, optimizer state\n"
+                                                "and the step's peak above them (MiB)", title="memory vs depth")
     if timed_any:
         ax_time.set(xlabel="depth (layers)", ylabel="training step time (s): median, bars min-max",
                     title="step time vs depth")
@@ -135,5 +135,39 @@ def plot_kernels(result: dict, path: Path) -> Path:
                                 "(higher is better; 1 = at the roofline, above 1 = data in cache)"), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(result: dict, path: Path) -> Path:
+    """Predicted against measured peak of a training step (log-log), one marker
+    per recompute policy, the tolerance band around the diagonal."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    for policy, (colour, marker) in {"keep": ("tab:blue", "^"), "recompute": ("tab:green", "v")}.items():
+        mine = [r for r in ok if r["policy"] == policy]
+        if mine:
+            ax.scatter([r["measured_step_bytes"] / MIB for r in mine], [r["predicted_step_bytes"] / MIB for r in mine],
+                       color=colour, marker=marker, label=policy)
+    if ok:
+        low = min(min(r["measured_step_bytes"], r["predicted_step_bytes"]) for r in ok) / MIB / 1.5
+        high = max(max(r["measured_step_bytes"], r["predicted_step_bytes"]) for r in ok) / MIB * 1.5
+        tolerance = result["tolerance"]
+        ax.plot([low, high], [low, high], color="black", linewidth=1, label="prediction = measurement")
+        ax.fill_between([low, high], [low * (1 - tolerance), high * (1 - tolerance)],
+                        [low * (1 + tolerance), high * (1 + tolerance)], color="grey", alpha=0.2,
+                        label=f"+-{tolerance:.0%}")
+        step, total = result["worst"]["error"], result["worst"]["total_error"]
+        ax.set_title(title(result, f"Memory model: peak of a training step above parameters, gradients and "
+                                   f"optimizer state\nworst error {step['error']:+.1%} ({step['model']}, batch "
+                                   f"{step['batch']}, {step['policy']}); of the total (with them) "
+                                   f"{total['total_error']:+.1%}"), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (MiB, fresh process)")
+    ax.set_ylabel("predicted (MiB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

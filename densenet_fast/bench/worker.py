@@ -4,10 +4,13 @@
 :func:`run`.  Run by :func:`densenet_fast.bench.common.run_worker`, which
 watches its memory.  Modes:
 
-- ``memory``: one implementation; prints ``BASELINE <bytes>`` once the model
-  and inputs exist, runs ``steps`` steps, and reports the peak above that
-  baseline (resident memory on the CPU, allocated memory on a GPU) and the
-  seconds of each step;
+- ``memory``: one implementation; runs a warm-up step on ``warmup_batch``
+  images, frees densenet_fast's scratch arena, prints ``BASELINE <bytes>``
+  (parameters, gradients and optimizer state now exist), runs ``steps`` steps
+  (the second is a steady-state one: the arena sized by the first), and
+  reports the peak above that baseline (resident memory on the CPU, allocated
+  memory on a GPU), the bytes of the parameters, gradients and optimizer
+  state, and the seconds of each step;
 - ``time``: several implementations on the same inputs, ``warmup`` steps
   each, then ``repeats`` rounds that time one step of each in turn (so load
   changes hit all of them alike).
@@ -22,6 +25,8 @@ import traceback
 
 import torch
 
+from ..memory import OptimizerSpec
+from ..planner import MemoryBudgetError
 from . import common
 from .impls import ModelSpec, Step, build, make_inputs, share_weights
 
@@ -37,16 +42,37 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def make_step(impl: str, spec: dict) -> Step:
     model_spec = ModelSpec(**spec["model"])
     device, channels_last = spec["device"], spec.get("channels_last", False)
-    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0))
+    model = build(impl, model_spec, device, channels_last, seed=spec.get("seed", 0),  # the budget: for -auto only
+                  memory_budget=spec.get("memory_budget") if impl.endswith("-auto") else None)
     model = model.to(DTYPES[spec.get("dtype", "float32")])
     x, y = make_inputs(model_spec, spec["batch"], spec["image_size"], device, channels_last)
     x = x.to(DTYPES[spec.get("dtype", "float32")])
     autocast = spec.get("autocast")
-    return Step(model, x, y, spec.get("train", True), DTYPES[autocast] if autocast else None)
+    return Step(model, x, y, spec.get("train", True), DTYPES[autocast] if autocast else None,
+                OptimizerSpec.parse(spec.get("optimizer", "sgd")))
+
+
+def persistent_bytes(step: Step) -> int:
+    """Bytes of the parameters, their gradients and the optimizer's state tensors now."""
+    tensors = [t for p in step.model.parameters() for t in (p, p.grad) if t is not None]
+    if step.optimizer is not None:
+        tensors += [t for state in step.optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def warm_up_shapes(impl: str, spec: dict) -> None:
+    """One step of the depth-10 twin of a DenseNet-BC at the real batch, before
+    the model is built: the libraries' per-shape state (oneDNN's primitives for
+    the 3x3 convolutions, whose shapes do not depend on the depth; about 1 MiB
+    on the CPU) then exists before the baseline instead of counting as the step's."""
+    make_step(impl, {**spec, "model": {**spec["model"], "depth": 10}})()
 
 
 def measure_memory(spec: dict) -> dict:
     device = spec["device"]
+    if spec["model"]["name"] == "densenet_bc" and spec.get("warmup_batch"):
+        warm_up_shapes(spec["impls"][0], spec)
     step = make_step(spec["impls"][0], spec)
     warmup_batch = spec.get("warmup_batch", 0)
     if warmup_batch:  # load code pages, initialise libraries (and compile) on a tiny batch
@@ -54,6 +80,13 @@ def measure_memory(spec: dict) -> dict:
         step.x, step.y = real_x[:warmup_batch].clone(), real_y[:warmup_batch].clone()
         step()
         step.x, step.y = real_x, real_y
+    arena = getattr(step.model, "arena", None)
+    if arena is not None:  # the measured steps' scratch counts in full, not above the warm-up's
+        arena.release()
+    if spec.get("malloc_mmap_threshold") and spec.get("trim_heap", True):
+        # The warm-up step left the C heap at its high-water mark (freed small blocks stay
+        # resident): give them back so that the measured steps' heap counts in full too.
+        trim_heap()
     common.synchronize(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -66,11 +99,11 @@ def measure_memory(spec: dict) -> dict:
     print(common.BASELINE_PREFIX + str(baseline), flush=True)
     with common.AnonPeakSampler() as sampler:
         seconds = [common.time_once(step, device) for _ in range(spec.get("steps", 2))]
+    result = {"status": "ok", "baseline_bytes": baseline, "persistent_bytes": persistent_bytes(step),
+              "step_seconds": seconds}
     if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() - baseline
-        return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": peak, "step_seconds": seconds}
-    return {"status": "ok", "baseline_bytes": baseline, "peak_bytes": sampler.peak - baseline_anon,
-            "peak_rss_bytes": common.peak_rss_bytes() - baseline, "step_seconds": seconds}
+        return {**result, "peak_bytes": torch.cuda.max_memory_allocated() - baseline}
+    return {**result, "peak_bytes": sampler.peak - baseline_anon, "peak_rss_bytes": common.peak_rss_bytes() - baseline}
 
 
 def measure_time(spec: dict) -> dict:
@@ -96,6 +129,12 @@ def measure_time(spec: dict) -> dict:
     return {"status": "ok", "impls": results}
 
 
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): free heap memory back to the system, in every arena."""
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def set_mmap_threshold(nbytes: int) -> None:
     """Make glibc mmap (and return to the OS on free) every allocation above
     ``nbytes``, so that resident memory follows the live tensors."""
@@ -111,6 +150,8 @@ def run(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     try:
         return measure_memory(spec) if spec["mode"] == "memory" else measure_time(spec)
+    except MemoryBudgetError as exc:  # recompute="auto" found nothing that fits, before any work
+        return {"status": "refused", "error": str(exc)}
     except Exception as exc:
         status = "oom" if is_out_of_memory(exc) else "error"
         return {"status": status, "error": repr(exc)[-500:], "traceback": traceback.format_exc()[-2000:]}

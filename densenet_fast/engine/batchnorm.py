@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backends.interface import stats_dtype
+from ..backends.interface import Backend, RunningUpdate, stats_dtype
 
 Stats = tuple[Tensor, Tensor]
 
@@ -31,18 +31,6 @@ def check_values_per_channel(count: int, shape: tuple[int, ...]) -> None:
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(shape)}")
-
-
-def update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
-    """What torch's BatchNorm does to its buffers in one training forward
-    (``var`` is the biased batch variance over ``count`` values per channel)."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    bn.num_batches_tracked.add_(1)
-    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    unbiased = var * (count / (count - 1))
-    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
 @dataclass
@@ -122,21 +110,20 @@ class BatchStatistics:
 
 
 def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
-         statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...]) -> Folded:
+         statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...],
+         backend: Backend) -> Folded:
     """Fold ``bn`` (affine parameters ``weight``/``bias`` as the caller passed them)
-    for one forward of input ``input_shape``; with batch statistics, ``batch`` is
-    their ``(mean, biased var)`` (already merged) and the running statistics are
-    updated once, as torch's BatchNorm would."""
-    dtype = stats_dtype(data_dtype)
+    for one forward of input ``input_shape`` with ``backend``; with batch
+    statistics, ``batch`` is their ``(mean, biased var)`` (already merged) and
+    the running statistics are updated once, as torch's BatchNorm would."""
     if uses_batch_stats(bn):
         check_values_per_channel(statistics.global_count(), input_shape)
         mean, var = batch
-        update_running_stats(bn, mean, var, statistics.global_count())
+        update = RunningUpdate(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                               statistics.global_count()) if bn.training and bn.track_running_stats else None
         batch_mean = statistics.batch_mean()
     else:
+        dtype = stats_dtype(data_dtype)
         mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
-        batch_mean = None
-    rstd = torch.rsqrt(var + bn.eps)
-    scale = rstd if weight is None else weight.to(dtype) * rstd
-    shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
-    return Folded(torch.stack([scale, shift, mean, rstd]), batch_mean, bn.eps)
+        update = batch_mean = None
+    return Folded(backend.fold_batchnorm(mean, var, weight, bias, bn.eps, update), batch_mean, bn.eps)

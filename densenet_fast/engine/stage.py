@@ -264,14 +264,14 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
     k, width, m = stage.growth, stage.width, statistics.count
     c = c_total - (len(stage.layers) - i) * k
     features = rows(buffer)
-    bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial))
+    bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial), backend)
     bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
         arena.get("bottleneck", (m, width), buffer)
     batch2 = uses_batch_stats(layer.norm2)
     local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
                                      bottleneck, with_stats=batch2)
     bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics, buffer.dtype,
-               (n, width, *spatial))
+               (n, width, *spatial), backend)
     activated = arena.get("bn2_out", (n, *spatial, width), buffer)
     backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
     new = reference.convolution(activated.movedim(-1, 1), w2, padding=1)
@@ -301,7 +301,7 @@ def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tup
     tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
     if stage.tail.bn is not None:
         records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
-                            buffer.dtype, tuple(buffer.shape))
+                            buffer.dtype, tuple(buffer.shape), stage.backend)
     return stage.tail.forward(stage, buffer, records.tail, tail_params), records
 
 

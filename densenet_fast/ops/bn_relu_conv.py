@@ -3,8 +3,8 @@
 Forward: ``out = pool(relu(x * scale + shift)) @ weight.T``.  The BN-ReLU (and
 the pooling, for the transition) is applied to each input tile as it is
 loaded; the activation never reaches memory.  The output tile is written once
-and, optionally, the ``(count, mean, M2)`` of its channels for the next
-BatchNorm (:mod:`.channel_stats`).
+and, optionally, the statistics of its channels for the next BatchNorm,
+merged over the tiles by the last ones to finish (:mod:`.channel_stats`).
 
 Backward, two passes over ``x`` (the BN statistics terms need the complete
 channel sums before ``dx`` can be formed):
@@ -13,9 +13,13 @@ channel sums before ``dx`` can be formed):
    recomputes ``a``, ``z`` and the ReLU mask, forms ``dZ = dOut @ W`` (or takes
    ``dZ`` as given: the GEMM-free BN-ReLU backward), and accumulates
    ``dbeta = sum dA``, ``dgamma = sum dA * xhat`` and ``dW = dOut.T @ z`` in
-   registers; per-split partials are summed in a fixed order afterwards.  No
-   atomics anywhere, so results are deterministic.
-2. *dx*: recomputes ``dA`` per tile and writes (or adds) ``dx`` into ``grad_x``.
+   registers and writes them per split; the last split of each channel block
+   to finish (an arrival counter, :func:`.common.arrive_last`) sums the
+   splits' ``dbeta, dgamma`` in split order.  Values are never added
+   atomically, so results are deterministic.
+2. *dx*: recomputes ``dA`` per tile and writes (or adds) ``dx`` into
+   ``grad_x``; its programs also sum the splits' ``dW`` (in split order, a
+   slab of elements each).
 
 The transition is the ``POOL == 2`` case: a *cell* is a 2x2 pixel window
 (avg-pool floors odd sizes); its four pixels are loaded, normalised and
@@ -33,23 +37,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .channel_stats import merge_stats, stats_buffers, store_tile_stats
-from .common import (Launcher, Pixels, SharedMemory, block_size, cell_pixel, check_data, dot_precision, num_splits,
-                     pixel_offsets, relu, relu_grad)
+from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
+from .common import (Launcher, Pixels, SharedMemory, arrival_counters, arrive_last, block_size, cell_pixel,
+                     check_data, dot_precision, num_splits, pixel_offsets, relu, relu_grad)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
 
 
-def _shared_memory(pipelined_elements: Callable[[dict], int]) -> SharedMemory:
+def _shared_memory(pipelined_elements: Callable[[dict], int], once: Callable[[dict], int] = lambda meta: 0
+                   ) -> SharedMemory:
     """An upper bound of a kernel's shared memory: ``num_stages`` buffers of the
-    tiles its inner loop loads (``pipelined_elements(meta)`` elements of the
-    data dtype) and one fp32 ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for
-    layout conversions.  benchmarks/triton_compile_check.py checks it against
-    the compiled kernels."""
+    tiles its loops load (``pipelined_elements(meta)`` elements of the data
+    dtype), the tiles it loads once (``once(meta)`` elements) and one fp32
+    ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for layout conversions.
+    benchmarks/triton_compile_check.py checks it against the compiled kernels."""
     def estimate(meta: dict, num_stages: int, element_size: int) -> int:
-        return (num_stages * pipelined_elements(meta) * element_size
+        return ((num_stages * pipelined_elements(meta) + once(meta)) * element_size
                 + 4 * meta["BLOCK_M"] * max(meta["BLOCK_C"], meta["BLOCK_K"]))
     return estimate
 
@@ -57,9 +62,19 @@ def _shared_memory(pipelined_elements: Callable[[dict], int]) -> SharedMemory:
 # forward: per input-channel block, POOL^2 x tiles (BLOCK_M, BLOCK_C) and a weight tile (BLOCK_C, BLOCK_K)
 FORWARD_SHARED_MEMORY = _shared_memory(
     lambda meta: meta["POOL"] ** 2 * meta["BLOCK_M"] * meta["BLOCK_C"] + meta["BLOCK_C"] * meta["BLOCK_K"])
-# backward: per output-channel block of dZ = dOut @ W, a dOut tile (BLOCK_M, BLOCK_K) and a weight tile
-# (BLOCK_K, BLOCK_C)
-BACKWARD_SHARED_MEMORY = _shared_memory(
+# reduce: per row tile the program's dOut columns (BLOCK_M, BLOCK_K); with ONE_K_BLOCK the weight tile
+# (BLOCK_K, BLOCK_C), loaded once, else per step of the dZ loop a dOut and a weight tile; and the z operand
+# (BLOCK_M, BLOCK_C) of the dW dot (the transition's 32x64 fp32 candidate compiles to 8 KiB more than the
+# estimate without it)
+REDUCE_SHARED_MEMORY = _shared_memory(
+    lambda meta: 0 if not meta["HAS_GEMM"] else
+    meta["BLOCK_M"] * meta["BLOCK_K"]
+    + (0 if meta["ONE_K_BLOCK"] else (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"]),
+    once=lambda meta: 0 if not meta["HAS_GEMM"] else
+    meta["BLOCK_M"] * meta["BLOCK_C"] + (meta["BLOCK_K"] * meta["BLOCK_C"] if meta["ONE_K_BLOCK"] else 0))
+# dx: per step of the dZ loop (one step, unpipelined, with ONE_K_BLOCK) a dOut tile (BLOCK_M, BLOCK_K) and a
+# weight tile (BLOCK_K, BLOCK_C)
+DX_SHARED_MEMORY = _shared_memory(
     lambda meta: (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"] if meta["HAS_GEMM"] else 0)
 
 # Candidates per POOL (1: dense layer, 2: transition, four pixels per cell), in
@@ -71,19 +86,23 @@ FORWARD_CONFIGS = {
     2: [_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2),
         _config(32, 32, 4, 2)],
 }
-REDUCE_CONFIGS = {
-    1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2)],
-    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2)],
+REDUCE_CONFIGS = {  # the unpipelined last ones: exact fp32 with several K blocks on an sm_86/sm_89
+    1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2),
+        _config(32, 32, 4, 1)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1)],
 }
 DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
     2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
 }
 MAX_BLOCK_K = 128
+SPLITS_BLOCK = 16  # rows of split partials summed per step
+DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
 # dozens of channel counts of a network share a few tunings
 FORWARD_KEY = ["cells_key", "c_key", "K", "POOL"]
-BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM"]
+# (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
+BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
@@ -94,25 +113,36 @@ def _load_pixels(ptr, sn, sh, sw, n, h, w, mask, channels, SPATIAL: tl.constexpr
 
 
 @triton.jit
-def _grad_z(dout_ptr, sdn, sdh, sdw, n, h, w, valid, w_ptr, swk, swc, channels, channel_mask, K,
-            SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask):
+    """``W[ks, channels]`` ``(BK, BC)``, 0 outside the masks."""
+    return tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc, mask=k_mask[:, None] & channel_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+            POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dL/dz`` (fp32 ``(BM, BC)``) of each pixel of the cells whose output
-    pixels are ``(n, h, w)``: ``dOut @ W`` shared out by the pooling, or (without
-    HAS_GEMM) the given gradient itself; 0 where ``valid`` is false."""
-    offsets = pixel_offsets(n, h, w, sdn, sdh, sdw, SPATIAL)
+    pixels are at ``out_offsets`` (``out_valid``): ``dOut @ W`` shared out by
+    the pooling (with ONE_K_BLOCK, ``d @ wt`` of the caller's dOut tile ``d
+    (BM, BLOCK_K)`` and weight tile ``wt (BLOCK_K, BC)``), or (without
+    HAS_GEMM) the given gradient itself; 0 where ``out_valid`` is false."""
     if HAS_GEMM:
-        grad = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            d = tl.load(dout_ptr + offsets[:, None] + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc,
-                         mask=k_mask[:, None] & channel_mask[None, :], other=0.0)
-            grad = tl.dot(d, wt, grad, input_precision=DOT_PRECISION)
+        if ONE_K_BLOCK:
+            grad = tl.dot(d, wt, input_precision=DOT_PRECISION)
+        else:
+            grad = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < K
+                d_k = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & k_mask[None, :],
+                              other=0.0)
+                grad = tl.dot(d_k, _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask), grad,
+                              input_precision=DOT_PRECISION)
     else:
-        grad = tl.load(dout_ptr + offsets[:, None] + channels[None, :],
-                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
+        grad = tl.load(dout_ptr + out_offsets[:, None] + channels[None, :],
+                       mask=out_valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
     if POOL > 1:
         grad = grad * (1.0 / (POOL * POOL))
     return grad
@@ -123,14 +153,21 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                     scale_ptr, shift_ptr,  # (C,) fp32
                     w_ptr,  # (K, C), strides swk, swc
                     out_ptr,  # (N, cells_h, cells_w, K), strides son, soh, sow, 1
-                    count_ptr, mean_ptr, m2_ptr,  # (T,), (T, K), (T, K) fp32, T >= cdiv(num_cells, BLOCK_M); WITH_STATS
+                    # WITH_STATS only: channel_stats.reduce_tile_stats's scratch, T >= cdiv(num_cells, BLOCK_M):
+                    part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), K) fp32
+                    counter_ptr,  # (cdiv(K, BLOCK_K), cdiv(T, STATS_GROUP) + 1) int32, 0
+                    stats_mean_ptr, stats_var_ptr,  # (K,) fp32 out: (mean, biased var) of out
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    STATS_GROUP: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    # one dimension, output-channel blocks fastest: the programs that share a cell tile (and its x) run together
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    pid_m = tl.program_id(0) // k_blocks
+    pid_k = tl.program_id(0) % k_blocks
     cells = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = ks < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -154,8 +191,9 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL)
     tl.store(out_ptr + out_offsets[:, None] + ks[None, :], out, mask=valid[:, None] & k_mask[None, :])
     if WITH_STATS:  # statistics of the stored (rounded) values
-        store_tile_stats(out.to(tl.float32), valid, ks, k_mask, pid_m, tl.program_id(1) == 0,
-                         count_ptr, mean_ptr, m2_ptr, K)
+        counters = counter_ptr + pid_k * (tl.cdiv(tl.cdiv(num_cells, BLOCK_M), STATS_GROUP) + 1)
+        reduce_tile_stats(out.to(tl.float32), valid, ks, k_mask, pid_m, num_cells, K, part_mean_ptr, part_m2_ptr,
+                          counters, stats_mean_ptr, stats_var_ptr, BLOCK_M, STATS_GROUP, MERGE_BLOCK)
 
 
 @triton.jit
@@ -164,11 +202,14 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    w_ptr,  # (K, C), strides swk, swc; unused without HAS_GEMM
                    dout_ptr,  # (N, out_h, out_w, K), strides sdn, sdh, sdw, 1; dZ (N, H, W, C) without HAS_GEMM
                    dw_part_ptr,  # (num_splits, K, C) fp32; unused without HAS_GEMM
-                   dgamma_part_ptr, dbeta_part_ptr,  # (num_splits, C) fp32
+                   sum_part_ptr,  # (num_splits, 2, C) fp32: [sum dA, sum dA * xhat] of each split
+                   sums_ptr,  # (2, C) fp32 out: [sum dA, sum dA * xhat]
+                   counter_ptr,  # (cdiv(C, BLOCK_C),) int32, 0 (arrive_last)
                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
-                   SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                   SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -176,16 +217,31 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)  # this program's rows of dW
+    # dbeta and dgamma (which need all of dZ) come from the first K block's programs; each program owns
+    # rows own_ks of dW, for which it needs only dOut[:, own_ks] and z
+    stats_program = tl.program_id(2) == 0
+    own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     own_k_mask = own_ks < K
+    w_all = _load_weight(w_ptr, swk, swc, own_ks, own_k_mask, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK \
+        else 0.0  # loaded once for every tile
     dw = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
     dgamma = tl.zeros([BLOCK_C], tl.float32)
     dbeta = tl.zeros([BLOCK_C], tl.float32)
     for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
         cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-        grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
-                         SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+        d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
+                        mask=out_valid[:, None] & own_k_mask[None, :], other=0.0) if HAS_GEMM else 0.0
+        if ONE_K_BLOCK:
+            grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels, channel_mask,
+                             K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+        else:
+            grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # the other K blocks' programs sum zeros, unused
+            if stats_program:
+                grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels,
+                                 channel_mask, K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C,
+                                 BLOCK_K)
         z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
@@ -200,16 +256,26 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
             z = tl.where(out_valid[:, None], z, 0.0)  # cells the pooling drops have no output
             if POOL > 1:
                 z = z * (1.0 / (POOL * POOL))
-            out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
-            d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
-                            mask=out_valid[:, None] & own_k_mask[None, :], other=0.0)
             dw = tl.dot(tl.trans(d_own), z.to(dout_ptr.dtype.element_ty), dw, input_precision=DOT_PRECISION)
-    if HAS_GEMM:
+    if HAS_GEMM:  # pass 2 sums the splits' dW
         dw_offsets = (split * K + own_ks).to(tl.int64)[:, None] * C + channels[None, :]
         tl.store(dw_part_ptr + dw_offsets, dw, mask=own_k_mask[:, None] & channel_mask[None, :])
-    if tl.program_id(2) == 0:
-        tl.store(dgamma_part_ptr + split * C + channels, dgamma, mask=channel_mask)
-        tl.store(dbeta_part_ptr + split * C + channels, dbeta, mask=channel_mask)
+    if stats_program:
+        tl.store(sum_part_ptr + split * 2 * C + channels, dbeta, mask=channel_mask)
+        tl.store(sum_part_ptr + (split * 2 + 1) * C + channels, dgamma, mask=channel_mask)
+        if arrive_last(counter_ptr + tl.program_id(1), num_splits):  # the last split sums all, in split order
+            dbeta = tl.zeros([BLOCK_C], tl.float32)
+            dgamma = tl.zeros([BLOCK_C], tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                splits = s0 + tl.arange(0, BLOCK_S)
+                part_offsets = (splits * 2 * C)[:, None] + channels[None, :]
+                part_mask = (splits < num_splits)[:, None] & channel_mask[None, :]
+                dbeta += tl.sum(tl.load(sum_part_ptr + part_offsets, mask=part_mask, other=0.0,
+                                        cache_modifier=".cg"), 0)
+                dgamma += tl.sum(tl.load(sum_part_ptr + C + part_offsets, mask=part_mask, other=0.0,
+                                         cache_modifier=".cg"), 0)
+            tl.store(sums_ptr + channels, dbeta, mask=channel_mask)
+            tl.store(sums_ptr + C + channels, dgamma, mask=channel_mask)
 
 
 @triton.jit
@@ -219,13 +285,30 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                dout_ptr,  # (N, out_h, out_w, K), strides sdn, sdh, sdw, 1; dZ (N, H, W, C) without HAS_GEMM
                grad_means_ptr,  # (2, C) fp32 [mean(dA), mean(dA * xhat)]; BATCH_STATS only
                gx_ptr,  # (N, H, W, C), strides sgn, sgh, sgw, 1
-               num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w,
+               dw_part_ptr,  # (num_splits, K * C) fp32: pass 1's dW of each split; HAS_GEMM only
+               dw_ptr,  # (K * C,) fp32 out: their sum; HAS_GEMM only
+               num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
-               SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, BATCH_STATS: tl.constexpr,
-               ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    cells = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+               SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
+               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+               SLAB: tl.constexpr):
+    if HAS_GEMM:  # first (while pass 1's partials are likely in L2): dW, the splits' partials summed in split
+        # order, SLAB elements per program
+        dw_numel = K * C
+        for slab in range(tl.program_id(0), tl.cdiv(dw_numel, SLAB), tl.num_programs(0)):
+            elements = slab * SLAB + tl.arange(0, SLAB)
+            dw = tl.zeros([SLAB], tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                splits = s0 + tl.arange(0, BLOCK_S)
+                part_offsets = splits.to(tl.int64)[:, None] * dw_numel + elements[None, :]
+                part_mask = (splits < num_splits)[:, None] & (elements < dw_numel)[None, :]
+                dw += tl.sum(tl.load(dw_part_ptr + part_offsets, mask=part_mask, other=0.0), 0)
+            tl.store(dw_ptr + elements, dw, mask=elements < dw_numel)
+    # one dimension, channel blocks fastest: the programs that share a cell tile (and its dOut rows) run together
+    channel_blocks = tl.cdiv(C, BLOCK_C)
+    cells = (tl.program_id(0) // channel_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    channels = (tl.program_id(0) % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
@@ -235,8 +318,13 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
     on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-    grad_z = _grad_z(dout_ptr, sdn, sdh, sdw, on, oh, ow, out_valid, w_ptr, swk, swc, channels, channel_mask, K,
-                     SPATIAL, POOL, HAS_GEMM, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
+    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+    ks = tl.arange(0, BLOCK_K)
+    d = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & (ks < K)[None, :],
+                other=0.0) if HAS_GEMM and ONE_K_BLOCK else 0.0
+    wt = _load_weight(w_ptr, swk, swc, ks, ks < K, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK else 0.0
+    grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+                     POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
     for q in tl.static_range(POOL * POOL):
         n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
         mask = valid[:, None] & channel_mask[None, :]
@@ -251,16 +339,25 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+def one_k_block(has_gemm: bool, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The backward's ``ONE_K_BLOCK``: ``K`` fits one block, so the reduce pass
+    keeps one ``W`` tile for all its row tiles and forms ``dZ`` and ``dW`` from
+    one ``dOut`` tile (and dx loads both once).  Not for exact fp32 dots on a
+    GPU, which take their operands from registers, where a kept ``W`` tile
+    spills; those take the K loop (one step).  Always without a GEMM."""
+    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee" and device.type == "cuda"
+    return not has_gemm or (k <= MAX_BLOCK_K and not exact_fp32)
+
+
 def tuning_key(cells: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
 
 
-_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY,
-                          reset_to_zero=["count_ptr"])
+_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY)
             for pool in (1, 2)}
-_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY)
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
            for pool in (1, 2)}
-_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], BACKWARD_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
                       restore_value=["gx_ptr"])
        for pool in (1, 2)}
 
@@ -274,16 +371,18 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     k = weight.shape[0]
     cells_h, cells_w = x.h // pool, x.w // pool
     num_cells = x.n * cells_h * cells_w
+    block_k = block_size(k, MAX_BLOCK_K)
     meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
-                BLOCK_K=block_size(k, MAX_BLOCK_K))
-    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-    # one partial triple per row tile of the configuration that runs (of the smallest one, when autotuning)
-    block_m = min(config.kwargs["BLOCK_M"] for config in _forward[pool].usable(grid, x.tensor, meta))
-    stats = stats_buffers(triton.cdiv(num_cells, block_m) if with_stats else 1, k, x.tensor.device)
-    _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *stats,
+                BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(k, block_k),)  # noqa: E731
+    stats = None
+    if with_stats:  # partials for every row tile of the configuration that runs (the smallest, when autotuning)
+        block_m = min(config.kwargs["BLOCK_M"] for config in _forward[pool].usable(grid, x.tensor, meta))
+        stats = StatsScratch(num_cells, block_m, k, triton.cdiv(k, block_k), x.tensor.device)
+    _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *(stats.args() if stats else (out.tensor,) * 5),
                          num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
                          x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw, **meta)
-    return merge_stats(*stats) if with_stats else None
+    return (stats.mean, stats.var) if stats else None
 
 
 def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
@@ -291,7 +390,7 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
              batch_mean: Optional[Callable[[Tensor], Tensor]], accumulate: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """Backward of :func:`forward` (``weight=None``: of BN-ReLU alone, ``grad_out``
     being ``dL/dz``): writes, or with ``accumulate`` adds, ``dL/dx`` into
-    ``grad_x`` and returns ``(grad_weight or None, grad_gamma, grad_beta)``.
+    ``grad_x`` and returns ``(grad_weight (fp32) or None, grad_gamma, grad_beta)``.
     ``batch_mean`` as in :mod:`densenet_fast.backends.interface`."""
     has_gemm = weight is not None
     check_data(x.tensor, grad_out.tensor, grad_x.tensor, *([weight] if has_gemm else []))
@@ -300,29 +399,32 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     k = weight.shape[0] if has_gemm else c
     gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
     block_k = block_size(k, MAX_BLOCK_K) if has_gemm else 16
-    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm, DOT_PRECISION=dot_precision(x.tensor.dtype),
-                  BLOCK_K=block_k)
+    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
+                  ONE_K_BLOCK=one_k_block(has_gemm, k, x.tensor.dtype, device),
+                  DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
 
     # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
     cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
-    splits = num_splits(num_cells, c, device)
-    dgamma_part = torch.empty(splits, c, device=device, dtype=torch.float32)
-    dbeta_part = torch.empty_like(dgamma_part)
-    dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else dgamma_part
     k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
+    splits = num_splits(num_cells, c, k if has_gemm else 0, k_blocks, x.tensor.element_size(), device)
+    sum_part = torch.empty(splits, 2, c, device=device, dtype=torch.float32)
+    sums = torch.empty(2, c, device=device, dtype=torch.float32)
+    dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else sum_part
+    grad_weight = torch.empty(k, c, device=device, dtype=torch.float32) if has_gemm else None
     _reduce[pool][lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
-        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, dgamma_part, dbeta_part,
+        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, sum_part, sums,
+        arrival_counters(device, triton.cdiv(c, 16)),
         num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,
-        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common)
-    grad_gamma, grad_beta = dgamma_part.sum(0), dbeta_part.sum(0)
+        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common, BLOCK_S=SPLITS_BLOCK)
     # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
-    grad_means = batch_mean(torch.stack([grad_beta, grad_gamma])).contiguous() if batch_mean else dgamma_part
+    grad_means = batch_mean(sums).contiguous() if batch_mean else sums
 
-    _dx[pool][lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
+    _dx[pool][lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_C"]),)](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
-        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool,
+        dw_part, grad_weight if has_gemm else sums,
+        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,
         x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, grad_x.sn, grad_x.sh, grad_x.sw,
-        BATCH_STATS=batch_mean is not None, ACCUMULATE=accumulate, **common)
-    grad_weight = dw_part.sum(0).to(x.tensor.dtype) if has_gemm else None
-    return grad_weight, grad_gamma, grad_beta
+        BATCH_STATS=batch_mean is not None, ACCUMULATE=accumulate, **common, BLOCK_S=SPLITS_BLOCK,
+        SLAB=DW_SLAB)
+    return grad_weight, sums[1], sums[0]

@@ -1,10 +1,18 @@
 """Stable per-channel statistics.
 
-Each tile of rows yields a ``(count, mean, M2)`` triple per channel, computed in
-two passes over the tile held in registers (exact, no cancellation); the
-triples are then merged with Chan's parallel formula in a fixed order
-(:func:`merge_stats`).  The fused forward (:mod:`.bn_relu_conv`) produces the
-same triples for its output in its epilogue.
+Each tile of rows yields a ``(mean, M2)`` pair per channel, computed in two
+passes over the tile held in registers (exact, no cancellation), and the
+kernel that made the tiles merges them itself, in two levels and in a fixed
+order: the last tile of each group of ``STATS_GROUP`` tiles to finish merges
+its group (an arrival counter, :func:`.common.arrive_last`), and the last
+group to finish merges the groups, so no program merges more than
+``STATS_GROUP`` tiles or groups' worth of rows at a time and no second launch
+is needed.  Merging: the exact parallel formula around the mean of a chunk of
+``MERGE_BLOCK`` partials, chunks combined by Chan's update.  No
+``E[x^2] - E[x]^2`` anywhere.  A tile's count is known from its index (rows
+``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of ``rows_total``), so only means and
+``M2`` are stored.  The fused forward (:mod:`.bn_relu_conv`) produces and
+merges the same partials for its output in its epilogue.
 """
 
 from __future__ import annotations
@@ -14,31 +22,86 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, block_size, check_data
+from .common import Launcher, arrival_counters, arrive_last, block_size, check_data
+
+STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
+MERGE_BLOCK = 32  # partials merged by the exact formula at once
 
 
 @triton.jit
-def store_tile_stats(y, valid_rows, channels, channel_mask, tile, store_count, count_ptr, mean_ptr, m2_ptr, C):
-    """Write the ``(count, mean, M2)`` of tile ``y (BM, BC)`` (fp32; rows
-    ``valid_rows (BM,)`` count, at least one) at partial row ``tile`` of
-    ``count_ptr (T,)``, ``mean_ptr (T, C)``, ``m2_ptr (T, C)``; the count only if ``store_count``."""
+def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
+                    first_row, num_rows, first_index, span, rows_total, C, channels, channel_mask,
+                    MERGE_BLOCK: tl.constexpr):
+    """``(count, mean, M2)`` per channel ``(BC,)`` of partial rows
+    ``[first_row, first_row + num_rows)``, row ``first_row + i`` standing for
+    data rows ``[(first_index + i) * span, (first_index + i + 1) * span)`` of
+    ``rows_total``.  Reads with ``.cg``: other programs wrote the partials."""
+    total = tl.zeros(channels.shape, tl.float32)
+    mean = tl.zeros(channels.shape, tl.float32)
+    m2 = tl.zeros(channels.shape, tl.float32)
+    for r0 in range(0, num_rows, MERGE_BLOCK):
+        r = r0 + tl.arange(0, MERGE_BLOCK)
+        row_valid = r < num_rows
+        counts = tl.where(row_valid, tl.minimum(tl.maximum(rows_total - (first_index + r) * span, 0), span), 0)
+        counts = counts.to(tl.float32)[:, None]
+        mask = row_valid[:, None] & channel_mask[None, :]
+        offsets = (first_row + r).to(tl.int64)[:, None] * C + channels[None, :]
+        part_means = tl.load(mean_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        # this chunk: exact parallel formula around its own mean
+        chunk_count = tl.sum(counts, 0)
+        chunk_mean = tl.sum(counts * part_means, 0) / tl.maximum(chunk_count, 1.0)
+        spread = part_means - chunk_mean[None, :]
+        chunk_m2 = tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                          + counts * spread * spread, 0)
+        # into the running triple (Chan et al.); the mean as a weighted sum keeps an infinite mean infinite, as torch's
+        new_total = total + chunk_count
+        delta = chunk_mean - mean
+        m2 += chunk_m2 + delta * delta * total * (chunk_count / tl.maximum(new_total, 1.0))
+        mean = (mean * total + chunk_mean * chunk_count) / tl.maximum(new_total, 1.0)
+        total = new_total
+    return total, mean, m2
+
+
+@triton.jit
+def reduce_tile_stats(y, valid_rows, channels, channel_mask, tile, rows_total, C,
+                      part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = tiles
+                      counter_ptr,  # (cdiv(T, STATS_GROUP) + 1,) int32, 0: this channel block's arrival counters
+                      out_mean_ptr, out_var_ptr,  # (C,) fp32: (mean, biased var) of all rows_total rows
+                      BLOCK_M: tl.constexpr, STATS_GROUP: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    """Statistics of tile ``y (BM, BC)`` (fp32; its rows ``valid_rows``, at
+    least one, are rows ``[tile * BLOCK_M, ...)``), merged with every other
+    tile's by the last tiles to finish (module docstring)."""
     valid = valid_rows[:, None]
-    count = tl.sum(valid_rows.to(tl.float32), 0)
-    mean = tl.sum(tl.where(valid, y, 0.0), 0) / count
+    mean = tl.sum(tl.where(valid, y, 0.0), 0) / tl.sum(valid_rows.to(tl.float32), 0)
     centred = tl.where(valid, y - mean[None, :], 0.0)
-    m2 = tl.sum(centred * centred, 0)
     base = tile.to(tl.int64) * C + channels
-    tl.store(mean_ptr + base, mean, mask=channel_mask)
-    tl.store(m2_ptr + base, m2, mask=channel_mask)
-    if store_count:
-        tl.store(count_ptr + tile, count)
+    tl.store(part_mean_ptr + base, mean, mask=channel_mask)
+    tl.store(part_m2_ptr + base, tl.sum(centred * centred, 0), mask=channel_mask)
+    tiles = tl.cdiv(rows_total, BLOCK_M)
+    groups = tl.cdiv(tiles, STATS_GROUP)
+    group = tile // STATS_GROUP
+    first = group * STATS_GROUP
+    if arrive_last(counter_ptr + group, tl.minimum(STATS_GROUP, tiles - first)):
+        _, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, first, tl.minimum(STATS_GROUP, tiles - first),
+                                      first, BLOCK_M, rows_total, C, channels, channel_mask, MERGE_BLOCK)
+        base = (tiles + group).to(tl.int64) * C + channels
+        tl.store(part_mean_ptr + base, mean, mask=channel_mask)
+        tl.store(part_m2_ptr + base, m2, mask=channel_mask)
+        if arrive_last(counter_ptr + groups, groups):
+            total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, tiles, groups, 0, STATS_GROUP * BLOCK_M,
+                                              rows_total, C, channels, channel_mask, MERGE_BLOCK)
+            tl.store(out_mean_ptr + channels, mean, mask=channel_mask)
+            tl.store(out_var_ptr + channels, m2 / total, mask=channel_mask)
 
 
 @triton.jit
 def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
-                       count_ptr, mean_ptr, m2_ptr,  # (T,), (T, C), (T, C) fp32 partials, T = cdiv(M, BLOCK_M)
+                       part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = cdiv(M, BLOCK_M)
+                       counter_ptr,  # (cdiv(C, BLOCK_C), cdiv(T, STATS_GROUP) + 1) int32, 0
+                       mean_ptr, var_ptr,  # (C,) fp32 out
                        M, C, sx,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STATS_GROUP: tl.constexpr,
+                       MERGE_BLOCK: tl.constexpr):
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -47,64 +110,31 @@ def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
     channel_mask = channels < C
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sx + channels[None, :],
                 mask=row_mask[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
-    store_tile_stats(x, row_mask, channels, channel_mask, tile, pid_c == 0, count_ptr, mean_ptr, m2_ptr, C)
+    counters = counter_ptr + pid_c * (tl.cdiv(tl.cdiv(M, BLOCK_M), STATS_GROUP) + 1)
+    reduce_tile_stats(x, row_mask, channels, channel_mask, tile, M, C, part_mean_ptr, part_m2_ptr, counters,
+                      mean_ptr, var_ptr, BLOCK_M, STATS_GROUP, MERGE_BLOCK)
 
 
-@triton.jit
-def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr,  # (T,), (T, C), (T, C) fp32 partials; rows of count 0 unused
-                        out_mean_ptr, out_var_ptr,  # (C,) fp32
-                        T, C,
-                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
-    total = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        tiles = t0 + tl.arange(0, BLOCK_T)
-        counts = tl.load(count_ptr + tiles, mask=tiles < T, other=0.0)
-        mask = (counts > 0)[:, None] & channel_mask[None, :]  # rows nobody wrote hold garbage: never read them
-        counts = counts[:, None]
-        offsets = tiles.to(tl.int64)[:, None] * C + channels[None, :]
-        tile_means = tl.load(mean_ptr + offsets, mask=mask, other=0.0)
-        # this group of tiles: exact parallel formula around its own mean
-        group_count = tl.sum(counts, 0)
-        group_mean = tl.sum(counts * tile_means, 0) / tl.maximum(group_count, 1.0)
-        spread = tile_means - group_mean[None, :]
-        group_m2 = tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0) + counts * spread * spread, 0)
-        # merge into the running triple (Chan et al.); the mean as a weighted sum
-        # keeps an infinite mean infinite, as torch's
-        new_total = total + group_count
-        delta = group_mean - mean
-        m2 += group_m2 + delta * delta * total * (group_count / tl.maximum(new_total, 1.0))
-        mean = (mean * total + group_mean * group_count) / tl.maximum(new_total, 1.0)
-        total = new_total
-    tl.store(out_mean_ptr + channels, mean, mask=channel_mask)
-    tl.store(out_var_ptr + channels, m2 / total, mask=channel_mask)
-
-
-TILE_STATS_BLOCK_M = 128  # rows per partial triple
+TILE_STATS_BLOCK_M = 128  # rows per partial
 _tile_stats = Launcher(_tile_stats_kernel, [triton.Config({"BLOCK_M": TILE_STATS_BLOCK_M}, num_warps=4)])
-_merge_stats = Launcher(_merge_stats_kernel, [triton.Config({"BLOCK_T": 64}, num_warps=4)])
 
 
-def stats_buffers(tiles: int, channels: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Partial ``(count, mean, M2)`` buffers for at most ``tiles`` row tiles;
-    counts start at zero so that :func:`merge_stats` skips rows no tile wrote."""
-    return (torch.zeros(tiles, device=device, dtype=torch.float32),
-            torch.empty(tiles, channels, device=device, dtype=torch.float32),
-            torch.empty(tiles, channels, device=device, dtype=torch.float32))
+class StatsScratch:
+    """The partials and arrival counters of :func:`reduce_tile_stats` for
+    ``rows`` rows in tiles of at least ``block_m`` rows and ``channel_blocks``
+    channel blocks of ``channels`` channels, and the ``(mean, var)`` outputs."""
 
+    def __init__(self, rows: int, block_m: int, channels: int, channel_blocks: int, device: torch.device) -> None:
+        tiles = triton.cdiv(rows, block_m)
+        partials = tiles + triton.cdiv(tiles, STATS_GROUP)
+        self.part_mean = torch.empty(partials, channels, device=device, dtype=torch.float32)
+        self.part_m2 = torch.empty_like(self.part_mean)
+        self.counters = arrival_counters(device, channel_blocks * (triton.cdiv(tiles, STATS_GROUP) + 1))
+        self.mean = torch.empty(channels, device=device, dtype=torch.float32)
+        self.var = torch.empty_like(self.mean)
 
-def merge_stats(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge partial triples ``(T,), (T, C), (T, C)`` into ``(mean, biased var)``, each ``(C,)``."""
-    tiles, channels = mean.shape
-    out_mean = torch.empty(channels, device=mean.device, dtype=torch.float32)
-    out_var = torch.empty_like(out_mean)
-    block_c = block_size(channels, 64)
-    _merge_stats[lambda meta: (triton.cdiv(channels, block_c),)](
-        count, mean, m2, out_mean, out_var, tiles, channels, BLOCK_C=block_c)
-    return out_mean, out_var
+    def args(self) -> tuple[Tensor, ...]:
+        return self.part_mean, self.part_m2, self.counters, self.mean, self.var
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,8 +142,7 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     check_data(x)
     m, c = x.shape
     block_c = block_size(c, 64)
-    tiles = triton.cdiv(m, TILE_STATS_BLOCK_M)
-    count, mean, m2 = stats_buffers(tiles, c, x.device)
-    _tile_stats[lambda meta: (tiles, triton.cdiv(c, block_c))](
-        x, count, mean, m2, m, c, x.stride(0), BLOCK_C=block_c)
-    return merge_stats(count, mean, m2)
+    scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, triton.cdiv(c, block_c), x.device)
+    _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
+        x, *scratch.args(), m, c, x.stride(0), BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+    return scratch.mean, scratch.var

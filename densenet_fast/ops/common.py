@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
+import threading
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -22,6 +24,7 @@ from torch import Tensor
 
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
+CONFIG_LOG_ENV_VAR = "DENSENET_FAST_CONFIG_LOG"  # a file: each launcher appends its choices (JSON lines)
 
 
 def check_data(*tensors: Tensor) -> None:
@@ -65,14 +68,21 @@ def image(t: Tensor) -> Pixels:
     return Pixels(t, *t.shape[:3], *t.stride()[:3], True)
 
 
-def num_splits(cells: int, channels: int, device: torch.device) -> int:
-    """How many row ranges the reducing backward pass splits ``cells`` rows into:
-    enough programs to fill the GPU, few enough that the fp32 partial sums stay
-    a small fraction of the bytes moved."""
+def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: int, device: torch.device) -> int:
+    """How many row ranges the reducing backward pass splits ``cells`` rows of
+    ``channels`` channels into (its grid: splits x channel blocks of up to 64 x
+    ``k_blocks``; ``k`` output channels, ``k = 0`` without a GEMM): two programs
+    per multiprocessor, fewer where the fp32 ``dW`` partials (``splits * k *
+    channels * 4`` bytes) would pass a quarter of the bytes the pass reads, but
+    never fewer than one program per multiprocessor, and at least 64 rows each."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(cells, 32)))  # small, but > 1 so the tests cover the merge
     sms = gpu_limits(device).multiprocessors
-    return max(1, min(64, triton.cdiv(2 * sms, triton.cdiv(channels, 64)), triton.cdiv(cells, 64)))
+    blocks = triton.cdiv(channels, 64) * k_blocks
+    read = cells * (channels + k) * element_size
+    partials_cap = read // (16 * k * channels) if k else 2 * sms
+    return max(1, min(max(triton.cdiv(sms, blocks), min(triton.cdiv(2 * sms, blocks), partials_cap)),
+                      triton.cdiv(cells, 64)))
 
 
 def block_size(n: int, cap: int) -> int:
@@ -107,6 +117,21 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+_arrival_counters: dict[tuple, Tensor] = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> Tensor:
+    """At least ``count`` int32 counters, all 0, for :func:`arrive_last`: one set
+    per CUDA stream (per thread for the interpreter), since launches on one
+    stream run one after another and each leaves its counters at 0 again."""
+    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
+    key = (str(device), queue)
+    counters = _arrival_counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _arrival_counters[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+    return counters
+
+
 def autotuning() -> bool:
     """Autotune (opt-in: ``DENSENET_FAST_AUTOTUNE=1``), unless deterministic algorithms are on."""
     return os.environ.get(AUTOTUNE_ENV_VAR) == "1" and not torch.are_deterministic_algorithms_enabled()
@@ -124,7 +149,9 @@ class Launcher:
     the device, so results are reproducible.  With ``DENSENET_FAST_AUTOTUNE=1``
     it autotunes over the fitting candidates instead (``triton.autotune`` with
     ``key`` and ``autotune_kwargs``).  The first argument of every kernel is
-    its data tensor (dtype, device)."""
+    its data tensor (dtype, device).  With ``DENSENET_FAST_CONFIG_LOG=<file>``
+    each choice is appended to that file once per kernel, dtype, constexpr
+    values and grid (one JSON object per line)."""
 
     def __init__(self, fn, candidates: list[triton.Config], shared_memory: Optional[SharedMemory] = None,
                  key: Sequence[str] = (), **autotune_kwargs):
@@ -136,6 +163,7 @@ class Launcher:
             prune_configs_by={"early_config_prune": lambda _, args, **meta: self.fitting(next(iter(args.values())),
                                                                                          meta)})(fn)
         self._fitting: dict[tuple, list[triton.Config]] = {}
+        self._logged: set[tuple] = set()
 
     def fitting(self, data: Tensor, meta: dict) -> list[triton.Config]:
         """The candidates whose shared memory fits ``data``'s device (or, if none, the smallest)."""
@@ -163,16 +191,49 @@ class Launcher:
                 most_programs, chosen = programs, config
         return [chosen]
 
+    def log_choice(self, path: str, grid: Callable[[dict], tuple[int, ...]], data: Tensor, meta: dict,
+                   configs: list[triton.Config]) -> None:
+        programs = grid({**meta, **configs[0].kwargs})
+        key = (str(data.dtype), data.device.type, *meta.items(), programs, len(configs))
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        record = {"kernel": self.fn.__name__, "dtype": str(data.dtype), "device": str(data.device),
+                  "data_shape": list(data.shape), "meta": meta, "grid": list(programs),
+                  "configs": [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                              for config in configs],
+                  "fitting": len(self.fitting(data, meta)), "autotuning": len(configs) > 1, "pid": os.getpid()}
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
     def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]):
         def launch(*args, **meta):
             data = args[0]
             configs = self.usable(grid, data, meta)
+            log_path = os.environ.get(CONFIG_LOG_ENV_VAR)
+            if log_path:
+                self.log_choice(log_path, grid, data, meta, configs)
             with on_device(data):
                 if len(configs) > 1:
                     self.tuned[grid](*args, **meta)
                 else:
                     self.fn[grid](*args, **meta, **configs[0].all_kwargs())
         return launch
+
+
+@triton.jit
+def arrive_last(counter_ptr, arrivals):
+    """Whether this program is the last of ``arrivals`` programs to arrive at
+    ``counter_ptr`` (an int32 that is 0 before the first arrives; the last sets
+    it back to 0).  The arrival is an acquire-release atomic after a barrier, so
+    the last program sees every write the others made before arriving (read
+    them with ``cache_modifier=".cg"``: L1 is not coherent).  Only completion is
+    counted this way; values are still reduced in a fixed order."""
+    tl.debug_barrier()  # all of this program's threads have written before the arrival publishes it
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+    return last
 
 
 @triton.jit

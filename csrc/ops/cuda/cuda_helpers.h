@@ -9,12 +9,18 @@
 // memory in a fixed order and written as per-block partials, which the host
 // adds with a torch reduction: no atomics, the same result on every run.
 //
+// A host function launches its kernel through launch_rows (vector width, launch
+// shape, stream, launch check); a kernel walks its thread's rows with for_each_row
+// and, if it sums, hands its sums to store_block_sums (partials from block_partials).
+//
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h needs cuBLAS/cuSPARSE headers,
 // which a minimal CUDA toolkit does not have.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -39,6 +45,7 @@ struct RowLaunch {
   dim3 grid;  // (channel blocks, row blocks)
   dim3 block;
   int64_t rows_per_block;
+  cudaStream_t stream;  // the current stream
 };
 
 // The launch over `rows` x `channels` (both > 0) with `vector` channels per lane:
@@ -52,7 +59,7 @@ inline RowLaunch row_launch(int64_t rows, int64_t channels, int64_t vector, c10:
   const int64_t rows_per_block = std::max(kMinRowsPerBlock, (rows + target - 1) / target);
   const int64_t row_blocks = (rows + rows_per_block - 1) / rows_per_block;  // <= target
   return {dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(row_blocks)),
-          dim3(kChannelLanes, kRowThreads), rows_per_block};
+          dim3(kChannelLanes, kRowThreads), rows_per_block, c10::cuda::getCurrentCUDAStream(device).stream()};
 }
 
 // Calls f(std::integral_constant<int, V>{}) with V channels per lane for data of
@@ -73,6 +80,24 @@ void with_vector_width(std::initializer_list<at::Tensor> tensors, const F& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
+}
+
+// Launches a kernel over the rows and channels of `tensors` (rows, channels), the first
+// of them x: calls launch_kernel(width, launch), width as with_vector_width<T> chooses
+// it and launch the row_launch over x for that width, then checks the launch.
+template <typename T, typename F>
+void launch_rows(std::initializer_list<at::Tensor> tensors, const F& launch_kernel) {
+  const at::Tensor& x = *tensors.begin();
+  with_vector_width<T>(tensors, [&](auto width) {
+    launch_kernel(width, row_launch(x.size(0), x.size(1), decltype(width)::value, x.device().index()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The float64 partials (kSums, row blocks, channels) that store_block_sums writes for `launch`.
+inline at::Tensor block_partials(const RowLaunch& launch, int64_t sums, int64_t channels,
+                                 const at::TensorOptions& options) {
+  return at::empty({sums, static_cast<int64_t>(launch.grid.y), channels}, options.dtype(at::kDouble));
 }
 
 // ---- device: indexing and accesses -------------------------------------------------------
@@ -143,6 +168,19 @@ __device__ inline void store(T* row, int64_t c, int64_t channels, const A (&valu
         row[c + i] = static_cast<T>(values[i]);
       }
     }
+  }
+}
+
+// The row loop of every kernel: calls f(r, values) for each of this thread's rows r
+// (thread_rows) of x (row stride ldx), values (A[V]) its V channels from c (load).
+template <int V, typename A, typename T, typename F>
+__device__ inline void for_each_row(const T* x, int64_t ldx, int64_t c, int64_t channels, int64_t rows,
+                                    int64_t rows_per_block, const F& f) {
+  const RowRange range = thread_rows(rows, rows_per_block);
+  for (int64_t r = range.begin; r < range.end; r += kRowThreads) {
+    A values[V];
+    load(x + r * ldx, c, channels, values);
+    f(r, values);
   }
 }
 

@@ -62,7 +62,7 @@ class ExtensionStatsBackend(TorchBackend):
         # must be finite: then the mean is +-Inf or NaN and the variance NaN exactly where
         # torch's are (a non-finite value in the channel).
         shift = x[0].to(torch.float64).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        total, total_sq = ops.channel_sums(x, shift)
+        total, total_sq = ops.channel_stats(x, shift)
         m = x.shape[0]
         delta = total / m
         mean = shift + delta

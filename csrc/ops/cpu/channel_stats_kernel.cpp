@@ -1,7 +1,7 @@
-// CPU kernel of densenet_fast::channel_sums: the rows are split into tiles and
+// CPU kernel of densenet_fast::channel_stats: the rows are split into tiles and
 // chunks (tiling.h), each chunk summed into its own float64 partials, partials
 // added in chunk order (the result does not depend on the scheduling).
-#include "../channel_sums.h"
+#include "../channel_stats.h"
 #include "tiling.h"
 
 #include <ATen/ATen.h>
@@ -33,14 +33,14 @@ DENSENET_FAST_SIMD_CLONES void accumulate_rows(const T* x, int64_t ld, const dou
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_sums_cpu(const at::Tensor& x, const at::Tensor& shift) {
-  check_channel_sums_args(x, shift);
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x, const at::Tensor& shift) {
+  check_channel_stats_args(x, shift);
   const auto shift_contiguous = shift.contiguous();
   const int64_t rows = x.size(0), channels = x.size(1);
   const int64_t chunks = cpu::chunks_for(rows, kRowsPerTile);
   // Each chunk's sums followed by its sums of squares.
   cpu::ChunkSums partials(chunks, 2 * channels);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_sums_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cpu", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     cpu::for_each_tile(
         rows, kRowsPerTile, chunks, [&](int64_t chunk) { return partials.chunk(chunk); },
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> channel_sums_cpu(const at::Tensor& x, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
-  m.impl("channel_sums", &channel_sums_cpu);
+  m.impl("channel_stats", &channel_stats_cpu);
 }
 
 }  // namespace densenet_fast

@@ -1,13 +1,14 @@
-// CPU kernels of the fused BatchNorm-ReLU ops (see ../fused_bn.h).
+// CPU kernels of the fused BatchNorm-ReLU-Conv1x1 ops (see ../bn_relu_conv.h).
 //
 // The rows (pixels) are split into tiles of up to 1024 rows, run in chunks
 // (tiling.h).  For each tile the normalised input z = relu(x * scale + shift)
-// is formed in a thread-local buffer of cache size and fed to ATen's BLAS
-// (at::mm_out on tile views); z is never written whole.  Every chunk keeps its
-// own partial sums (float64 channel sums, the weight gradient), added in chunk
-// order, so results do not depend on the scheduling.
-#include "../fused_bn.h"
-#include "../relu.h"
+// is formed in a thread-local buffer of cache size (bn_relu_rows.h) and fed to
+// ATen's BLAS (at::mm_out on tile views); z is never written whole.  Every chunk
+// keeps its own partial sums (float64 channel sums, the weight gradient), added
+// in chunk order, so results do not depend on the scheduling.
+#include "../bn_relu_conv.h"
+#include "../common.h"
+#include "bn_relu_rows.h"
 #include "tiling.h"
 
 #include <ATen/ATen.h>
@@ -25,11 +26,7 @@ namespace densenet_fast {
 
 namespace {
 
-using cpu::ChunkSums;
-using cpu::chunks_for;
-using cpu::for_each_tile;
-using cpu::Moments;
-using cpu::Tile;
+using namespace cpu;
 
 constexpr int64_t kTileBytes = 512 * 1024;  // a tile's z and dZ (per thread; stay in L2)
 constexpr int64_t kMinTileRows = 32;
@@ -41,91 +38,21 @@ int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
                              kMaxTileRows);
 }
 
-// In these loops T is the data type and A = at::opmath_type<T> the type of the
-// BN coefficients and of the arithmetic (float for bfloat16 data).
+// A chunk of a GEMM op's backward: BackwardChunk (bn_relu_rows.h) with the tile
+// buffers for z and dZ (rows_per_tile, C) in x's dtype.
+template <typename A>
+struct GemmBackwardChunk : BackwardChunk<A> {
+  at::Tensor z, grad_z;
 
-// z[r, c] = relu(x[r, c] * scale[c] + shift[c]) for `rows` rows (row strides ldx, ldz).
-template <typename T, typename A>
-DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
-                                            const A* __restrict__ shift, int64_t rows, int64_t channels, T* z,
-                                            int64_t ldz) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict__ x_row = x + r * ldx;
-    T* __restrict__ z_row = z + r * ldz;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      const A a = static_cast<A>(x_row[c]) * scale[c] + shift[c];
-      z_row[c] = static_cast<T>(relu(a));
-    }
-  }
-}
-
-// The BN-ReLU backward of `rows` rows: dA = relu_backward(factor * grad_z, a);
-// adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
-// scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
-template <typename T, typename A, bool kAccumulate>
-DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
-                                                const A* __restrict__ shift, const A* __restrict__ mean,
-                                                const T* grad_z, int64_t ldg, A factor, int64_t rows,
-                                                int64_t channels, A* __restrict__ sums, T* grad_x, int64_t ldgx) {
-  A* __restrict__ sum_xhat = sums + channels;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict__ x_row = x + r * ldx;
-    const T* g_row = grad_z + r * ldg;
-    T* gx_row = grad_x + r * ldgx;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      const A value = static_cast<A>(x_row[c]);
-      const A a = value * scale[c] + shift[c];
-      const A grad_a = relu_backward(factor * static_cast<A>(g_row[c]), a);
-      sums[c] += grad_a;
-      sum_xhat[c] += grad_a * (value - mean[c]);
-      if constexpr (kAccumulate) {
-        gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + scale[c] * grad_a);
-      } else {
-        gx_row[c] = static_cast<T>(scale[c] * grad_a);
-      }
-    }
-  }
-}
-
-// grad_x[r, c] += offset[c] + slope[c] * (x[r, c] - mean[c]) for `rows` rows.
-template <typename T, typename A>
-DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A* __restrict__ offset,
-                                               const A* __restrict__ slope, const A* __restrict__ mean, int64_t rows,
-                                               int64_t channels, T* grad_x, int64_t ldgx) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict__ x_row = x + r * ldx;
-    T* __restrict__ gx_row = grad_x + r * ldgx;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + offset[c] +
-                                 slope[c] * (static_cast<A>(x_row[c]) - mean[c]));
-    }
-  }
-}
-
-// bn_backward_sums (../fused_bn.h) of the chunks' [sum dA, sum dA * (x - mean)].
-at::Tensor total_bn_backward_sums(const ChunkSums& sums, const at::Tensor& rstd) {
-  const std::vector<double> total = sums.total();
-  auto centered_sums = at::empty({2, rstd.size(0)}, rstd.options().dtype(at::kDouble));
-  std::copy(total.begin(), total.end(), centered_sums.data_ptr<double>());
-  return bn_backward_sums(centered_sums, rstd);
-}
-
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
+  GemmBackwardChunk(int64_t chunk, int64_t rows_per_tile, const at::Tensor& x)
+      : BackwardChunk<A>(chunk, x.size(-1)),
+        z(at::empty({rows_per_tile, x.size(-1)}, x.options())),
+        grad_z(at::empty({rows_per_tile, x.size(-1)}, x.options())) {}
+};
 
 // out = a @ b through ATen's BLAS (out may be a strided view).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b);
-}
-
-template <typename T>
-T* mutable_ptr(const at::Tensor& t) {
-  return t.data_ptr<T>();
 }
 
 // partial (K, C) += grad_out_tile.T @ z_tile: in place when partial has the data
@@ -180,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, co
 std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_cpu(const at::Tensor& x, const at::Tensor& scale,
                                                        const at::Tensor& shift, const at::Tensor& weight,
                                                        const at::Tensor& out, bool with_stats) {
-  check_bn_relu_conv1x1(x, scale, shift, weight, out);
+  check_bn_relu_conv(BnReluConvOp::kConv1x1, x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     return bn_relu_conv1x1_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out, with_stats);
@@ -199,18 +126,9 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
   const int64_t chunks = chunks_for(rows, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChunkSums sums(chunks, 2 * channels);
-  struct State {
-    int64_t chunk;
-    at::Tensor z, grad_z;
-    std::vector<A> tile_sums;
-  };
   for_each_tile(
-      rows, rows_per_tile, chunks,
-      [&](int64_t chunk) {
-        return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
-                     at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
-      },
-      [&](State& s, Tile tile) {
+      rows, rows_per_tile, chunks, [&](int64_t chunk) { return GemmBackwardChunk<A>(chunk, rows_per_tile, x); },
+      [&](GemmBackwardChunk<A>& s, Tile tile) {
         const T* x_tile = ptr<T>(x) + tile.begin * x.stride(0);
         bn_relu_rows(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), tile.size, channels, mutable_ptr<T>(s.z),
                      channels);
@@ -218,78 +136,13 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
         const auto z_tile = s.z.narrow(0, 0, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         add_weight_gradient(weight_partials[s.chunk], grad_out_tile, z_tile);
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
+        s.start_tile();
         bn_backward_rows<T, A, true>(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), ptr<T>(s.grad_z),
                                   channels, A(1), tile.size, channels, s.tile_sums.data(),
                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
   return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_sums_cpu(
-    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
-    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
-  check_bn_relu_conv1x1_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_conv1x1_backward_sums_cpu", [&] {
-    return bn_relu_conv1x1_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(),
-                                                    rstd, weight, grad_out, grad_x);
-  });
-}
-
-// ---- bn_relu and its backward ------------------------------------------------------------
-
-constexpr int64_t kElementwiseRows = 256;
-
-void bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
-  check_bn_relu(x, scale, shift, out);
-  const auto scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_cpu", [&] {
-    using T = scalar_t;
-    using A = at::opmath_type<T>;
-    T* out_data = out.data_ptr<T>();
-    at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
-      bn_relu_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), ptr<A>(scale_c), ptr<A>(shift_c), end - begin,
-                   x.size(1), out_data + begin * out.stride(0), out.stride(0));
-    });
-  });
-}
-
-template <typename T>
-at::Tensor bn_relu_backward_typed(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
-                                  const at::Tensor& grad_x) {
-  using A = at::opmath_type<T>;
-  const int64_t rows = x.size(0), channels = x.size(1);
-  const int64_t chunks = chunks_for(rows, kElementwiseRows);
-  ChunkSums sums(chunks, 2 * channels);
-  struct State {
-    int64_t chunk;
-    std::vector<A> tile_sums;
-  };
-  for_each_tile(
-      rows, kElementwiseRows, chunks, [&](int64_t chunk) { return State{chunk, std::vector<A>(2 * channels)}; },
-      [&](State& s, Tile tile) {
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
-        bn_backward_rows<T, A, false>(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<A>(scale), ptr<A>(shift),
-                                   ptr<A>(mean), ptr<T>(grad_z) + tile.begin * grad_z.stride(0), grad_z.stride(0),
-                                   A(1), tile.size, channels, s.tile_sums.data(),
-                                   mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
-        sums.add(s.chunk, s.tile_sums);
-      });
-  return total_bn_backward_sums(sums, rstd);
-}
-
-at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                                     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_z,
-                                     const at::Tensor& grad_x) {
-  check_bn_relu_backward(x, scale, shift, mean, rstd, grad_z, grad_x);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
-    return bn_relu_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
-                                            grad_z, grad_x);
-  });
 }
 
 // ---- transition --------------------------------------------------------------------------
@@ -340,9 +193,9 @@ struct Pooling {
   int64_t covered(int64_t d) const { return pooled[d] * factors[d]; }
 };
 
-// Calls f(std::integral_constant<int, window>) for the window sizes the kernels are compiled for.
+// Returns f(std::integral_constant<int, window>) for the window sizes the kernels are compiled for.
 template <typename F>
-void with_window(int window, const F& f) {
+auto with_window(int window, const F& f) {
   switch (window) {
     case 2: return f(std::integral_constant<int, 2>{});
     case 4: return f(std::integral_constant<int, 4>{});
@@ -408,7 +261,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
 
 void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                     const at::Tensor& out) {
-  check_transition(x, scale, shift, weight, out);
+  check_bn_relu_conv(BnReluConvOp::kTransition, x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_cpu", [&] {
     with_window(Pooling(x).window, [&](auto window) {
@@ -467,23 +320,14 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
   auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
-  struct State {
-    int64_t chunk;
-    at::Tensor z, grad_z;
-    std::vector<A> tile_sums;
-  };
   for_each_tile(
-      pooled, rows_per_tile, chunks,
-      [&](int64_t chunk) {
-        return State{chunk, at::empty({rows_per_tile, channels}, x.options()),
-                     at::empty({rows_per_tile, channels}, x.options()), std::vector<A>(2 * channels)};
-      },
-      [&](State& s, Tile tile) {
+      pooled, rows_per_tile, chunks, [&](int64_t chunk) { return GemmBackwardChunk<A>(chunk, rows_per_tile, x); },
+      [&](GemmBackwardChunk<A>& s, Tile tile) {
         pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
         const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
         mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
         add_weight_gradient(weight_partials[s.chunk], grad_out_tile, s.z.narrow(0, 0, tile.size));
-        std::fill(s.tile_sums.begin(), s.tile_sums.end(), A(0));
+        s.start_tile();
         for (int64_t r = 0; r < tile.size; ++r) {
           const T* x_first = ptr<T>(x) + pooling.offset(tile.begin + r);
           T* grad_first = grad_x.data_ptr<T>() + grad_pooling.offset(tile.begin + r);
@@ -505,53 +349,36 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
-std::tuple<at::Tensor, at::Tensor> transition_backward_sums_cpu(
+// ---- pass 1 of the backward of both ops -------------------------------------------------
+
+// The CPU kernel of bn_relu_conv1x1_backward_sums (kConv1x1) and of
+// transition_backward_sums (kTransition).
+template <BnReluConvOp kOp>
+std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(
     const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
-  check_transition_backward(x, scale, shift, mean, rstd, weight, grad_out, grad_x);
+  check_bn_relu_conv_backward(kOp, x, scale, shift, mean, rstd, weight, grad_out, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_backward_sums_cpu", [&] {
-    std::tuple<at::Tensor, at::Tensor> result;
-    with_window(Pooling(x).window, [&](auto window) {
-      result = transition_backward_typed<scalar_t, decltype(window)::value>(
-          x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd, weight, grad_out, grad_x);
-    });
-    return result;
-  });
-}
-
-// ---- pass 2 of every BN backward ---------------------------------------------------------
-
-void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
-                            const at::Tensor& rstd, const at::Tensor& batch_means, const at::Tensor& grad_x) {
-  check_bn_backward_finish(x, scale, mean, rstd, batch_means, grad_x);
-  at::AutoDispatchBelowADInplaceOrView guard;
-  at::Tensor offset, slope;
-  std::tie(offset, slope) = finish_coefficients(scale, rstd, batch_means);
-  const auto mean_c = mean.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_backward_finish_cpu", [&] {
-    using T = scalar_t;
-    using A = at::opmath_type<T>;
-    const int64_t channels = x.size(1);
-    const A *offset_data = ptr<A>(offset), *slope_data = ptr<A>(slope), *mean_data = ptr<A>(mean_c);
-    T* grad_data = grad_x.data_ptr<T>();
-    at::parallel_for(0, x.size(0), kElementwiseRows, [&](int64_t begin, int64_t end) {
-      affine_add_rows(ptr<T>(x) + begin * x.stride(0), x.stride(0), offset_data, slope_data, mean_data, end - begin,
-                      channels, grad_data + begin * grad_x.stride(0), grad_x.stride(0));
-    });
+  constexpr bool kConv1x1 = kOp == BnReluConvOp::kConv1x1;
+  constexpr const char* name = kConv1x1 ? "bn_relu_conv1x1_backward_sums_cpu" : "transition_backward_sums_cpu";
+  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), name, [&] {
+    const auto scale_c = scale.contiguous(), shift_c = shift.contiguous(), mean_c = mean.contiguous();
+    if constexpr (kConv1x1) {
+      return bn_relu_conv1x1_backward_typed<scalar_t>(x, scale_c, shift_c, mean_c, rstd, weight, grad_out, grad_x);
+    } else {
+      return with_window(Pooling(x).window, [&](auto window) {
+        return transition_backward_typed<scalar_t, decltype(window)::value>(x, scale_c, shift_c, mean_c, rstd,
+                                                                            weight, grad_out, grad_x);
+      });
+    }
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
-  m.impl("bn_relu_conv1x1", &bn_relu_conv1x1_cpu);
-  m.impl("bn_relu_conv1x1_backward_sums", &bn_relu_conv1x1_backward_sums_cpu);
-  m.impl("bn_relu", &bn_relu_cpu);
-  m.impl("bn_relu_backward_sums", &bn_relu_backward_sums_cpu);
-  m.impl("transition", &transition_cpu);
-  m.impl("transition_backward_sums", &transition_backward_sums_cpu);
-  m.impl("bn_backward_finish", &bn_backward_finish_cpu);
+  register_bn_relu_conv_kernels(m, &bn_relu_conv1x1_cpu, &backward_sums_cpu<BnReluConvOp::kConv1x1>, &transition_cpu,
+                                &backward_sums_cpu<BnReluConvOp::kTransition>);
 }
 
 }  // namespace densenet_fast

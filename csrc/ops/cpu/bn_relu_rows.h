@@ -1,0 +1,96 @@
+// The BN-ReLU row loops of the CPU kernels: bn_relu_kernel.cpp runs them over
+// rows, bn_relu_conv_kernel.cpp over the tiles it feeds to its GEMMs.  T is the
+// data type, A = at::opmath_type<T> the type of the BN coefficients and of the
+// arithmetic (float for bfloat16 data).  Each loop is compiled for several
+// instruction sets (DENSENET_FAST_SIMD_CLONES, tiling.h).
+#pragma once
+
+#include "../bn_relu.h"
+#include "../relu.h"
+#include "tiling.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace densenet_fast::cpu {
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+template <typename T>
+T* mutable_ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+// z[r, c] = relu(x[r, c] * scale[c] + shift[c]) for `rows` rows (row strides ldx, ldz).
+template <typename T, typename A>
+DENSENET_FAST_SIMD_CLONES void bn_relu_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
+                                            const A* __restrict__ shift, int64_t rows, int64_t channels, T* z,
+                                            int64_t ldz) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ x_row = x + r * ldx;
+    T* __restrict__ z_row = z + r * ldz;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const A a = static_cast<A>(x_row[c]) * scale[c] + shift[c];
+      z_row[c] = static_cast<T>(relu(a));
+    }
+  }
+}
+
+// Pass 1 of the BN-ReLU backward for `rows` rows: dA = relu_backward(factor * grad_z, a);
+// adds dA and dA * (x - mean) into sums[0:C], sums[C:2C] and writes (or adds)
+// scale * dA into grad_x.  grad_x may be grad_z itself (same strides).
+template <typename T, typename A, bool kAccumulate>
+DENSENET_FAST_SIMD_CLONES void bn_backward_rows(const T* x, int64_t ldx, const A* __restrict__ scale,
+                                                const A* __restrict__ shift, const A* __restrict__ mean,
+                                                const T* grad_z, int64_t ldg, A factor, int64_t rows,
+                                                int64_t channels, A* __restrict__ sums, T* grad_x, int64_t ldgx) {
+  A* __restrict__ sum_xhat = sums + channels;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict__ x_row = x + r * ldx;
+    const T* g_row = grad_z + r * ldg;
+    T* gx_row = grad_x + r * ldgx;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const A value = static_cast<A>(x_row[c]);
+      const A a = value * scale[c] + shift[c];
+      const A grad_a = relu_backward(factor * static_cast<A>(g_row[c]), a);
+      sums[c] += grad_a;
+      sum_xhat[c] += grad_a * (value - mean[c]);
+      if constexpr (kAccumulate) {
+        gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + scale[c] * grad_a);
+      } else {
+        gx_row[c] = static_cast<T>(scale[c] * grad_a);
+      }
+    }
+  }
+}
+
+// A chunk's pass 1 of a BN backward: its number, and the sums [sum dA, sum dA * (x - mean)]
+// (2C, in A) of its current tile, which bn_backward_rows adds into (zeroed per tile by
+// start_tile) and ChunkSums::add collects in float64.
+template <typename A>
+struct BackwardChunk {
+  int64_t chunk;
+  std::vector<A> tile_sums;
+
+  BackwardChunk(int64_t chunk, int64_t channels) : chunk(chunk), tile_sums(2 * channels) {}
+
+  void start_tile() { std::fill(tile_sums.begin(), tile_sums.end(), A(0)); }
+};
+
+// bn_backward_sums (../bn_relu.h) of the chunks' [sum dA, sum dA * (x - mean)].
+inline at::Tensor total_bn_backward_sums(const ChunkSums& sums, const at::Tensor& rstd) {
+  const std::vector<double> total = sums.total();
+  auto centered_sums = at::empty({2, rstd.size(0)}, rstd.options().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), centered_sums.data_ptr<double>());
+  return bn_backward_sums(centered_sums, rstd);
+}
+
+}  // namespace densenet_fast::cpu

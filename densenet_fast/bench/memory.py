@@ -1,0 +1,146 @@
+"""``bench memory``: the memory model against fresh-process measurements.
+
+For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
+``densenet121:8``) and recompute policy, one fresh worker measures the peak of
+a steady-state training step above the parameters, gradients and optimizer
+state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
+it.  Reported per point: predicted and measured step bytes and the relative
+error, the persistent bytes (counted in the worker, and predicted), the error
+of the total (persistent + step), where the predicted peak is; then the worst
+errors.  ``--repredict FILE`` predicts a result file's measurements again with
+the memory model as it is now (measuring is slow, predicting is not).  The default grid spans depths 40 to
+1000 and batches 1 to 256, with large batches only at small depths and large
+depths only at small batches, so that it runs in about an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..memory import Architecture, OptimizerSpec, Setup, predict
+from . import common
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments
+from .impls import ModelSpec
+from .worker import DTYPES
+
+DEFAULT_POINTS = ("densenet_bc-40:1", "densenet_bc-40:4", "densenet_bc-40:16", "densenet_bc-40:64",
+                  "densenet_bc-40:256", "densenet_bc-100:1", "densenet_bc-100:16", "densenet_bc-100:64",
+                  "densenet_bc-100:128", "densenet_bc-250:1", "densenet_bc-250:4", "densenet_bc-250:16",
+                  "densenet_bc-502:1", "densenet_bc-502:4", "densenet_bc-1000:1", "densenet_bc-1000:4")
+TOLERANCE = 0.10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS),
+                        help="MODEL:BATCH, MODEL densenet_bc-<depth> or densenet121 (161, 169, 201, 264)")
+    parser.add_argument("--repredict", type=Path, default=None,
+                        help="measure nothing: predict again the measurements of this result file (with its "
+                             "settings) and write the result to --out (default: the same file)")
+    parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute"])
+    parser.add_argument("--backend", default="auto", help="densenet_fast's backend (auto: the device's choice)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
+    add_common_arguments(parser)
+
+
+def parse_point(text: str, growth_rate: int) -> tuple[ModelSpec, int]:
+    model, _, batch = text.rpartition(":")
+    if not model or not batch.isdigit():
+        raise SystemExit(f"a point is MODEL:BATCH, got {text!r}")
+    return ModelSpec.parse(model, growth_rate), int(batch)
+
+
+def architecture(spec: ModelSpec) -> Architecture:
+    depth = spec.depth if spec.name == "densenet_bc" else None
+    return Architecture.named(spec.name, depth, spec.growth_rate if depth else None, spec.num_classes)
+
+
+def setup_of(args: argparse.Namespace, batch: int) -> Setup:
+    return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
+                 args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
+                 args.threads or torch.get_num_threads())
+
+
+def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> dict:
+    """One point: the prediction beside the measurement."""
+    spec, batch = parse_point(point, args.growth_rate)
+    setup = setup_of(args, batch)
+    prediction = predict(architecture(spec), setup, policy)
+    out = {"point": point, "model": spec.label(), "depth": spec.depth if spec.name == "densenet_bc" else None,
+           "batch": batch, "policy": policy, "impl": f"fast-{setup.backend}-{policy}", "status": measured["status"],
+           "predicted_step_bytes": prediction.step_bytes, "predicted_persistent_bytes": prediction.persistent_bytes,
+           "predicted_peak_at": prediction.peak_at, "predicted_step": prediction.step, "measured": measured}
+    if measured["status"] == "ok":
+        total = measured["persistent_bytes"] + measured["peak_bytes"]
+        out.update(measured_step_bytes=measured["peak_bytes"], measured_persistent_bytes=measured["persistent_bytes"],
+                   error=prediction.step_bytes / measured["peak_bytes"] - 1,
+                   total_error=prediction.total_bytes / total - 1)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.repredict:
+        return repredict(args)
+    points = [(p, policy) for p in args.points for policy in args.policies]
+    runner = Runner(args)
+    settings = common.settings_of(args)
+    settings["mmap_threshold_in_memory_workers"] = None if args.malloc_default else MMAP_THRESHOLD
+    env = common.environment(args.device, settings)
+    out = args.out or common.RESULTS_DIR / f"memory_model_{args.device.split(':')[0]}.json"
+    rows = []
+    for point, policy in common.progress(points, desc="memory model", enabled=not args.no_progress):
+        spec, batch = parse_point(point, args.growth_rate)
+        impl = f"fast-{setup_of(args, batch).backend}-{policy}"
+        rows.append(row(args, point, policy, runner.memory(impl, spec, batch, None, runner.seconds_left())))
+        common.write_json({"benchmark": "memory", "partial": True, "environment": env, "rows": rows}, out)
+    env = common.finish_environment(env)
+    env["predicted_at_revision"] = env["git_revision_at_end"]
+    return finish(env, rows, args, out)
+
+
+def repredict(args: argparse.Namespace) -> dict:
+    """The measurements of ``args.repredict``, predicted by the memory model as it is now."""
+    old = json.loads(args.repredict.read_text())
+    env = old["environment"]
+    settings = argparse.Namespace(**{**vars(args), **env["settings"], "repredict": None})
+    rows = [row(settings, r["point"], r["policy"], r["measured"]) for r in old["rows"]]
+    env["predicted_at_revision"] = common.git_revision()
+    return finish(env, rows, settings, args.out or args.repredict)
+
+
+def finish(env: dict, rows: list[dict], args: argparse.Namespace, out) -> dict:
+    measured = [r for r in rows if r["status"] == "ok"]
+    worst = {key: max(measured, key=lambda r: abs(r[key]), default=None) for key in ("error", "total_error")}
+    result = {"benchmark": "memory", "environment": env, "rows": rows, "tolerance": TOLERANCE,
+              "worst": {key: r and {k: r[k] for k in ("model", "batch", "policy", key)} for key, r in worst.items()},
+              "all_measured": len(measured) == len(rows),
+              "within_tolerance": {key: all(abs(r[key]) <= TOLERANCE for r in measured)
+                                   for key in ("error", "total_error")}}
+    report(result, out, args)
+    return result
+
+
+def report(result: dict, out, args) -> None:
+    table = [{"model": r["model"], "batch": r["batch"], "policy": r["policy"], "status": r["status"],
+              "predicted_MiB": r["predicted_step_bytes"] / common.MIB,
+              "measured_MiB": r["measured_step_bytes"] / common.MIB if r["status"] == "ok" else None,
+              "error_%": 100 * r["error"] if r["status"] == "ok" else None,
+              "persistent_MiB": r["predicted_persistent_bytes"] / common.MIB,
+              "persistent_counted": r.get("measured_persistent_bytes") == r["predicted_persistent_bytes"],
+              "total_error_%": 100 * r["total_error"] if r["status"] == "ok" else None,
+              "peak_at": r["predicted_peak_at"]} for r in result["rows"]]
+    print(common.format_table(table, list(table[0])))
+    for key, what in (("error", "step (peak above persistent)"), ("total_error", "total (persistent + step)")):
+        w = result["worst"][key]
+        if w:
+            print(f"worst error of the {what}: {100 * w[key]:+.1f}% ({w['model']}, batch {w['batch']}, {w['policy']}); "
+                  f"all within {100 * TOLERANCE:.0f}%: {result['within_tolerance'][key]}")
+    common.save_result(result, out, None if args.no_plot else "plot_memory")
+
+
+def main(argv=None) -> dict:
+    return common.script_main(__doc__, add_arguments, run, argv)

@@ -1,0 +1,800 @@
+"""The memory model: the peak memory of one training step, predicted from the
+architecture and the step's setup without running it (docs/memory.md).
+
+A step is ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward
+and the optimizer's update.  :func:`predict` walks the step in the order the
+code allocates and frees (:class:`Timeline`): the stem, each dense stage's
+forward (:mod:`densenet_fast.engine.stage`), the classifier, each stage's
+backward in reverse, the stem's backward and the optimizer.  It returns the
+bytes that live between steps (``persistent``: parameters, gradients,
+optimizer state) and the peak of the step above them (``step``), broken down
+into what was alive at that peak.
+
+Every size is what the code allocates: block buffers (``N*H*W*C_total``),
+bottleneck outputs (``N*H*W*4k``), the scratch arena's slots (their largest
+request), folded BN coefficients (``4*C``), the 3x3 convolution's output and
+input gradient, the gradient passed between stages, the backends' workspaces
+and each parameter's gradient as backward produces it.  The arena is in its
+steady state: its slots were sized by an earlier step and stay allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+POLICIES = ("keep", "recompute")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem channels
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
+    "densenet264": (32, (6, 12, 64, 48), 64),
+}
+ELEMENT_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/bn_relu_conv_kernel.cpp)
+CPP_MIN_CHUNKS = 16
+CPP_TILE_ROWS = (32, 1024)
+TRITON_STATS_ROWS = 128  # rows per partial statistics triple (ops/channel_stats.py)
+TRITON_MIN_BLOCK_M = 64  # smallest forward tile (ops/bn_relu_conv.py)
+TRITON_MAX_SPLITS = 64  # row ranges of the backward's partial sums (ops/common.py)
+
+
+def parse_bytes(value: Union[int, float, str]) -> int:
+    """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"`` or ``"1.5e9"`` as bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"a memory budget must be positive, got {value!r}")
+        return int(value)
+    if not isinstance(value, str):
+        raise TypeError(f"a memory budget is a number of bytes or a string like '8GiB', got {type(value).__name__}")
+    text = value.strip().replace(" ", "")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.rstrip("KMGTiIbB")
+    unit = text[len(number):].upper()
+    try:
+        nbytes = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '8GiB', '512MiB', '2GB' or bytes") \
+            from None
+    return parse_bytes(nbytes)
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1.50 GiB``, ``12.3 MiB``: binary units, three significant digits."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+# -- what is trained ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """A DenseNet as :class:`densenet_fast.DenseNet` builds it (same arguments)."""
+
+    growth_rate: int
+    block_config: tuple[int, ...]
+    num_init_features: int
+    bn_size: int = 4
+    num_classes: int = 1000
+    in_channels: int = 3
+    stem: str = "imagenet"
+    drop_rate: float = 0.0
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> "Architecture":
+        """The architecture of a :class:`densenet_fast.DenseNet`."""
+        blocks = model.blocks()
+        first = blocks[0].denselayer1
+        k = first.conv2.out_channels
+        return Architecture(k, tuple(len(b) for b in blocks), model.features.conv0.out_channels,
+                            first.conv1.out_channels // k, model.classifier.out_features, model.in_channels,
+                            model.stem, first.drop_rate)
+
+    @staticmethod
+    def named(name: str, depth: Optional[int] = None, growth_rate: Optional[int] = None,
+              num_classes: Optional[int] = None) -> "Architecture":
+        """``densenet121`` (161, 169, 201, 264) or ``densenet_bc`` with ``depth``
+        (``6n + 4``) and ``growth_rate`` (12), as the constructors of the same name build them."""
+        if name == "densenet_bc":
+            depth = 100 if depth is None else depth
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+                raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), "
+                                 f"got {depth!r}")
+            k, n = growth_rate or 12, (depth - 4) // 6
+            return Architecture(k, (n, n, n), 2 * k, num_classes=num_classes or 10, stem="cifar")
+        if name not in NAMED_MODELS:
+            raise ValueError(f"unknown model {name!r}: use densenet_bc or one of {tuple(NAMED_MODELS)}")
+        if depth is not None:
+            raise ValueError(f"{name} has a fixed depth; --depth is for densenet_bc")
+        k, blocks, init = NAMED_MODELS[name]
+        return Architecture(growth_rate or k, blocks, init, num_classes=num_classes or 1000)
+
+    def with_depth(self, depth: int) -> "Architecture":
+        """The DenseNet-BC of ``depth`` with this growth rate and head."""
+        return replace(Architecture.named("densenet_bc", depth, self.growth_rate), num_classes=self.num_classes,
+                       in_channels=self.in_channels, drop_rate=self.drop_rate)
+
+    @property
+    def depth(self) -> Optional[int]:
+        """DenseNet-BC's depth ``6n + 4``, when this is one (3 equal CIFAR blocks)."""
+        n = self.block_config[0]
+        bc = self.stem == "cifar" and len(self.block_config) == 3 and set(self.block_config) == {n}
+        return 6 * n + 4 if bc and self.num_init_features == 2 * self.growth_rate else None
+
+    @property
+    def width(self) -> int:
+        """Bottleneck channels ``bn_size * k``."""
+        return self.bn_size * self.growth_rate
+
+    def block_channels(self) -> list[tuple[int, int]]:
+        """``(C0, C_total)`` of every dense block: input and output channels."""
+        out, c = [], self.num_init_features
+        for i, n in enumerate(self.block_config):
+            out.append((c, c + n * self.growth_rate))
+            c = (c + n * self.growth_rate) // 2
+        return out
+
+    def parameter_sizes(self) -> Iterator[int]:
+        """Elements of every parameter tensor, in the model's order."""
+        c0 = self.num_init_features
+        if self.stem == "imagenet":
+            yield from (c0 * self.in_channels * 49, c0, c0)
+        else:
+            yield c0 * self.in_channels * 9
+        k, w = self.growth_rate, self.width
+        blocks = self.block_channels()
+        for i, (c_in, c_total) in enumerate(blocks):
+            for layer in range(self.block_config[i]):
+                c = c_in + layer * k
+                yield from (c, c, w * c, w, w, k * w * 9)
+            if i + 1 < len(blocks):
+                yield from (c_total, c_total, c_total * (c_total // 2))
+        c_last = blocks[-1][1]
+        yield from (c_last, c_last, self.num_classes * c_last, self.num_classes)
+
+    def parameter_count(self) -> int:
+        return sum(self.parameter_sizes())
+
+    def spatial_sizes(self, height: int, width: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """``(stem convolution output (h, w), [(h, w) of every block])``."""
+        h, w = height, width
+        if self.stem == "imagenet":
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
+        stem = (h, w)
+        if self.stem == "imagenet":
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+        blocks = []
+        for _ in self.block_config:
+            blocks.append((h, w))
+            h, w = h // 2, w // 2
+        return stem, blocks
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer of the step: ``sgd`` (``momentum`` 0 or not, ``nesterov``),
+    ``adam`` or ``adamw``, with ``weight_decay``.  The default is the trainer's
+    recipe: SGD with momentum 0.9, Nesterov, weight decay 1e-4."""
+
+    name: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} (the modelled ones), got {self.name!r}")
+
+    @staticmethod
+    def parse(text: str) -> "OptimizerSpec":
+        """A preset of :data:`OPTIMIZER_PRESETS` by name."""
+        if text not in OPTIMIZER_PRESETS:
+            raise ValueError(f"unknown optimizer {text!r}; choose one of {tuple(OPTIMIZER_PRESETS)}")
+        return OPTIMIZER_PRESETS[text]
+
+    def build(self, params, lr: float = 1e-3) -> torch.optim.Optimizer:
+        """The torch optimizer this spec describes."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   nesterov=self.nesterov and self.momentum > 0)
+        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, weight_decay=self.weight_decay)
+
+    def state_tensors(self) -> int:
+        """Parameter-sized state tensors per parameter (momentum buffer; Adam's two moments)."""
+        if self.name == "sgd":
+            return 1 if self.momentum else 0
+        return 2
+
+    def update_temporaries(self) -> int:
+        """Parameter-sized temporaries alive at once in the update, per parameter
+        (torch's single-tensor implementation, the CPU's) or per parameter list
+        (the foreach implementation, CUDA's)."""
+        if self.name == "sgd":
+            return (self.weight_decay != 0) + (self.nesterov and self.momentum != 0)
+        return 2 + (self.name == "adam" and self.weight_decay != 0)
+
+    def foreach_temporaries(self) -> int:
+        """Parameter-list-sized temporaries of the foreach update (CUDA)."""
+        if self.name == "sgd":
+            return int(self.weight_decay != 0)  # Nesterov then updates that copy in place
+        return 1 + (self.name == "adam" and self.weight_decay != 0)
+
+
+OPTIMIZER_PRESETS = {
+    "sgd": OptimizerSpec(),  # the trainer's recipe
+    "sgd-plain": OptimizerSpec("sgd", momentum=0.0, weight_decay=0.0, nesterov=False),
+    "adam": OptimizerSpec("adam", momentum=0.0, weight_decay=0.0, nesterov=False),
+    "adamw": OptimizerSpec("adamw", momentum=0.0, weight_decay=1e-2, nesterov=False),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a training step runs: ``batch`` images of ``image_size`` (``(H, W)``),
+    parameters in ``dtype``, optionally under ``autocast`` (the dtype the blocks
+    compute in), on ``device`` (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``:
+    the automatic choice for that device), ``optimizer``, and ``threads`` CPU
+    threads (the C++ kernels' per-thread tiles)."""
+
+    batch: int
+    image_size: tuple[int, int]
+    dtype: torch.dtype = torch.float32
+    autocast: Optional[torch.dtype] = None
+    device: str = "cpu"
+    backend: Optional[str] = None
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        object.__setattr__(self, "image_size", (size, size) if isinstance(size, int) else tuple(size))
+        object.__setattr__(self, "device", torch.device(self.device).type)
+        object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast or self.dtype
+
+    def with_batch(self, batch: int) -> "Setup":
+        return replace(self, batch=batch)
+
+
+def onednn_convolves(dtype: torch.dtype) -> bool:
+    """Whether this CPU's convolutions of ``dtype`` run in oneDNN (else ATen's im2col path)."""
+    if not (torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str:
+    """The backend that runs (``None``: the automatic choice, as :func:`densenet_fast.backends.get_backend`
+    makes it where the device exists here, else the first in the automatic order).  ``dtype``
+    is unused: a backend runs the torch backend's primitives for the dtypes its kernels lack
+    (:func:`workspace_backend`)."""
+    from .backends import BACKEND_NAMES, BACKENDS, get_backend
+    if name is not None:
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
+        return name
+    if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):
+        return get_backend(None, torch.device(device)).name
+    return next(spec.name for spec in BACKENDS if spec.chosen_for is None or device in spec.chosen_for)
+
+
+NATIVE_DTYPES = {  # the dtypes each backend's kernels take (backends/cpp_backend.py, triton_backend.py)
+    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def workspace_backend(backend: str, dtype: torch.dtype) -> str:
+    """Whose primitives run for ``dtype`` block data: ``backend``'s, or the torch
+    backend's where its kernels lack the dtype."""
+    return backend if dtype in NATIVE_DTYPES.get(backend, (dtype,)) else "torch"
+
+
+def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str, ...]:
+    """One policy per dense block from one policy or a sequence of them."""
+    policies = (recompute,) * blocks if isinstance(recompute, str) else tuple(recompute)
+    if len(policies) != blocks or any(p not in POLICIES for p in policies):
+        raise ValueError(f"recompute must be one of {POLICIES} or a sequence of {blocks} of them (one per dense "
+                         f"block), got {recompute!r}")
+    return policies
+
+
+# -- the timeline ---------------------------------------------------------------------------------
+PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
+         "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
+         "small_allocations")
+CPU_HEAP_BELOW = 65536  # glibc serves smaller allocations from its heap (the benchmarks' mmap threshold)
+
+
+class Timeline:
+    """Bytes alive over one steady-state step, relative to its start, by part
+    (:data:`PARTS`) in program order.
+
+    Every allocation is one tensor.  With ``heap_below`` (the CPU), tensors
+    smaller than that come from the C heap, which keeps freed blocks resident:
+    they add the heap's high-water mark over the step (reached in the previous
+    step already, so present throughout) instead of following what is alive.
+    A small gradient that ``zero_grad`` frees leaves its block to the same-size
+    gradient backward makes again, so those count neither when freed nor when
+    made again.
+    """
+
+    def __init__(self, heap_below: Optional[int]) -> None:
+        self.heap_below = heap_below or 0
+        self.live: dict[str, float] = defaultdict(float)
+        self.total = 0.0  # bytes alive in allocations not on the heap
+        self.heap = 0.0  # bytes alive on the heap
+        self.heap_high = 0.0
+        self.peak = 0.0
+        self.peak_parts: dict[str, float] = {}
+        self.peak_where = "between steps"
+        self.where = ""
+
+    def alloc(self, part: str, *sizes: float) -> None:
+        """Allocate one tensor of each of ``sizes`` bytes under ``part``."""
+        for nbytes in sizes:
+            self._change(part, nbytes)
+
+    def free(self, part: str, *sizes: float) -> None:
+        for nbytes in sizes:
+            self._change(part, -nbytes)
+
+    def transient(self, part: str, *sizes: float) -> None:
+        """Allocate and free at once: only the peak sees them."""
+        self.alloc(part, *sizes)
+        self.free(part, *sizes)
+
+    def _change(self, part: str, nbytes: float) -> None:
+        if nbytes == 0:
+            return
+        if abs(nbytes) < self.heap_below:
+            if part == "gradients_released":
+                return
+            self.heap += nbytes
+            self.heap_high = max(self.heap_high, self.heap)
+            return
+        self.live[part] += nbytes
+        self.total += nbytes
+        if self.total > self.peak:
+            self.peak, self.peak_parts, self.peak_where = self.total, dict(self.live), self.where
+
+    def peak_breakdown(self) -> dict[str, float]:
+        """What was alive at the peak, by part, the heap's high-water mark included."""
+        return {**self.peak_parts, "small_allocations": self.heap_high}
+
+
+# -- the prediction ---------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """What :func:`predict` finds.  ``persistent``: bytes that live between steps;
+    ``step``: what was alive at the step's peak above them, by part (it sums to
+    :attr:`step_bytes`; ``gradients_released`` is negative: gradients that
+    ``zero_grad`` freed and backward had not produced again by the peak);
+    ``peak_at``: where."""
+
+    persistent: dict[str, int]
+    step: dict[str, int]
+    peak_at: str
+    policies: tuple[str, ...]
+
+    @property
+    def persistent_bytes(self) -> int:
+        return sum(self.persistent.values())
+
+    @property
+    def step_bytes(self) -> int:
+        return sum(self.step.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.persistent_bytes + self.step_bytes
+
+    def to_dict(self) -> dict:
+        return {"policies": list(self.policies), "persistent_bytes": self.persistent_bytes,
+                "step_bytes": self.step_bytes, "total_bytes": self.total_bytes,
+                "persistent": dict(self.persistent), "step": dict(self.step), "peak_at": self.peak_at}
+
+
+def predict(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep") -> Prediction:
+    """The peak memory of one steady-state training step of ``arch`` under
+    ``setup`` with ``recompute`` (one policy, or one per dense block)."""
+    policies = policies_of(recompute, len(arch.block_config))
+    simulation = StepSimulation(arch, setup, policies)
+    timeline = simulation.run()
+    step = {part: int(round(nbytes)) for part, nbytes in timeline.peak_breakdown().items()}
+    return Prediction(simulation.persistent(), {p: b for p, b in step.items() if b}, timeline.peak_where, policies)
+
+
+class StepSimulation:
+    """One training step of the fused model, tensor by tensor, in the engine's
+    order (:func:`densenet_fast.engine.stage.stage_forward` and
+    :func:`~densenet_fast.engine.stage.stage_backward`)."""
+
+    def __init__(self, arch: Architecture, setup: Setup, policies: tuple[str, ...]) -> None:
+        self.arch, self.setup, self.policies = arch, setup, policies
+        self.e = ELEMENT_BYTES[setup.compute_dtype]  # block data
+        self.s = 8 if setup.compute_dtype == torch.float64 else 4  # statistics, BN coefficients
+        self.p = ELEMENT_BYTES[setup.dtype]  # parameters
+        self.k, self.w = arch.growth_rate, arch.width
+        n = setup.batch
+        (sh, sw), sizes = arch.spatial_sizes(*setup.image_size)
+        self.stem_pixels = n * sh * sw
+        self.pixels = [n * h * w for h, w in sizes]
+        self.channels = arch.block_channels()
+        self.workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)](self)
+        self.timeline = Timeline(CPU_HEAP_BELOW if setup.device == "cpu" else None)
+        self.im2col = setup.device == "cpu" and not onednn_convolves(setup.compute_dtype)
+
+    # -- sizes -------------------------------------------------------------------------------
+    def arena_slots(self) -> dict[str, float]:
+        """Bytes of each scratch slot: its largest request in a step."""
+        e, w = self.e, self.w
+        recomputed = [m for m, policy in zip(self.pixels, self.policies) if policy == "recompute"]
+        return {"bottleneck": max(recomputed, default=0) * w * e,
+                "bn2_out": max(self.pixels) * w * e,
+                "grad_buffer": max(m * c for m, (_, c) in zip(self.pixels, self.channels)) * e,
+                "head": self.pixels[-1] * self.channels[-1][1] * e}
+
+    def parameter_bytes(self) -> int:
+        return self.arch.parameter_count() * self.p
+
+    def persistent(self) -> dict[str, int]:
+        params = self.parameter_bytes()
+        return {"parameters": params, "gradients": params,
+                "optimizer_state": self.setup.optimizer.state_tensors() * params}
+
+    def stem_gradients(self) -> list[float]:
+        c0, p = self.arch.num_init_features, self.p
+        if self.arch.stem == "imagenet":
+            return [c0 * self.arch.in_channels * 49 * p, c0 * p, c0 * p]
+        return [c0 * self.arch.in_channels * 9 * p]
+
+    def bn_gradient(self, c: int) -> list[float]:
+        """A BN's weight and bias gradients: one ``(2, C)`` tensor in the statistics
+        dtype, or two in the parameters' dtype once converted."""
+        return [2 * c * self.s] if self.s == self.p else [c * self.p, c * self.p]
+
+    def stage_gradients(self, b: int) -> list[float]:
+        """Stage ``b``'s parameter gradients as autograd receives them."""
+        c0, c_total = self.channels[b]
+        out = self.bn_gradient(c_total) + ([] if b + 1 == len(self.pixels) else [c_total * (c_total // 2) * self.p])
+        for layer in range(self.arch.block_config[b]):
+            c = c0 + layer * self.k
+            out += [self.k * self.w * 9 * self.p, self.w * c * self.p] + self.bn_gradient(self.w) + self.bn_gradient(c)
+        return out
+
+    def classifier_gradients(self) -> list[float]:
+        classes = self.arch.num_classes
+        return [classes * self.channels[-1][1] * self.p, classes * self.p]
+
+    def cast(self, elements: int) -> float:
+        """Bytes of a parameter's copy in the data dtype (none when they share it)."""
+        return elements * self.e if self.e != self.p else 0.0
+
+    def columns(self, m: int, c: int, taps: int) -> float:
+        """ATen's im2col buffer of a convolution over ``m`` pixels of ``c`` channels
+        (its CPU path where oneDNN does not take the dtype), else none."""
+        return m * c * taps * self.e if self.im2col else 0.0
+
+    # -- the step ----------------------------------------------------------------------------
+    def run(self) -> Timeline:
+        t = self.timeline
+        slots = self.arena_slots()
+        t.alloc("gradient_buffer", slots.pop("grad_buffer"))
+        t.alloc("scratch_arena", *slots.values())
+        t.where = "zero_grad"
+        gradients = self.stem_gradients() + self.classifier_gradients()
+        for b in range(len(self.pixels)):
+            gradients += self.stage_gradients(b)
+        t.free("gradients_released", *gradients)
+        stem_saved, stem_out = self.stem_forward()
+        for b in range(len(self.pixels)):
+            self.stage_forward(b)
+            if b == 0:  # the caller holds the stem's output until the first stage returns
+                t.free("stem", stem_out)
+        n, c_last, classes = self.setup.batch, self.channels[-1][1], self.arch.num_classes
+        t.where = "classifier and loss"
+        # pooled features (saved by the classifier), logits, their fp32 copy and log-softmax
+        head_and_loss = [n * c_last * self.e, n * classes * self.e, n * classes * 4, n * classes * 4]
+        t.alloc("head_and_loss", *head_and_loss)
+        t.alloc("gradients_released", *self.classifier_gradients())
+        t.free("head_and_loss", *head_and_loss)
+        grad_out = n * c_last * self.e
+        for b in reversed(range(len(self.pixels))):
+            grad_out = self.stage_backward(b, grad_out)
+        self.stem_backward(stem_saved, grad_out)
+        self.optimizer_update()
+        return t
+
+    def stem_forward(self) -> tuple[list[float], float]:
+        """The stem up to the first block's buffer; returns the tensors it saved for
+        backward and the bytes of its output."""
+        t, e, c0 = self.timeline, self.e, self.arch.num_init_features
+        t.where = "forward, stem"
+        saved = []
+        if self.setup.autocast is not None:  # the input cast to the compute dtype, saved by conv0
+            saved.append(self.setup.batch * self.arch.in_channels * math.prod(self.setup.image_size) * e)
+        if self.arch.stem == "imagenet":
+            # conv0's output (saved by norm0), norm0's output (ReLU in place; saved by ReLU and the
+            # max-pool), the max-pool's int64 indices
+            saved += [self.stem_pixels * c0 * e, self.stem_pixels * c0 * e, self.pixels[0] * c0 * 8]
+        t.alloc("stem", *saved)
+        stem_out = self.pixels[0] * c0 * e
+        taps = 49 if self.arch.stem == "imagenet" else 9
+        t.transient("stem", self.columns(self.stem_pixels, self.arch.in_channels, taps), self.stem_pixels * c0 * e)
+        t.alloc("stem", stem_out)
+        t.alloc("block_buffers", self.pixels[0] * self.channels[0][1] * e)  # IntoBuffer
+        return saved, stem_out
+
+    def stage_forward(self, b: int) -> None:
+        t, e, s, k, w = self.timeline, self.e, self.s, self.k, self.w
+        m, (c0, c_total) = self.pixels[b], self.channels[b]
+        keep = self.policies[b] == "keep"
+        ws = self.workspace
+        t.where = f"forward, block {b + 1}"
+        statistics = [c_total * s, c_total * s]  # per-channel mean and variance of the buffer
+        t.alloc("bn_coefficients", *statistics)
+        t.transient("layer_transients", ws.channel_stats(m, c0))
+        for layer in range(self.arch.block_config[b]):
+            c = c0 + layer * k
+            t.where = f"forward, block {b + 1}, layer {layer + 1}"
+            t.alloc("bn_coefficients", 4 * c * s)  # folded norm1 (scale, shift, mean, rstd)
+            if keep:
+                t.alloc("kept_bottlenecks", m * w * e)
+            t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
+            t.alloc("bn_coefficients", 4 * w * s)  # folded norm2
+            t.transient("layer_transients", ws.bn_relu(m, w))
+            new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])  # the 3x3 output (dropout: its mask)
+            t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
+            t.alloc("layer_transients", new[0])
+            t.free("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
+            t.alloc("layer_transients", *new[1:])
+            t.transient("layer_transients", ws.channel_stats(m, k))
+            t.free("layer_transients", *new)
+        t.alloc("bn_coefficients", 4 * c_total * s)  # the tail's folded BN
+        t.where = f"forward, block {b + 1}, {'transition' if b + 1 < len(self.pixels) else 'head'}"
+        if b + 1 < len(self.pixels):
+            m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]
+            t.alloc("block_buffers", m_next * c_next * e)
+            t.transient("layer_transients", ws.transition(m, c_total, c_total // 2),
+                        self.cast(c_total * (c_total // 2)))
+        else:
+            t.transient("layer_transients", ws.bn_relu(m, c_total))
+        t.free("bn_coefficients", *statistics)
+
+    def stage_backward(self, b: int, grad_out: float) -> float:
+        """Stage ``b``'s backward with ``grad_out`` bytes of incoming gradient; returns
+        the bytes of the gradient it passes on (its input's)."""
+        t, e, s, k, w = self.timeline, self.e, self.s, self.k, self.w
+        m, (c0, c_total) = self.pixels[b], self.channels[b]
+        n_layers = self.arch.block_config[b]
+        keep = self.policies[b] == "keep"
+        ws = self.workspace
+        last = b + 1 == len(self.pixels)
+        t.alloc("stage_gradient", grad_out)
+        t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
+        # gradients the stage holds until it returns: convolution weights in the data dtype,
+        # BN weights and biases as (2, C) tensors in the statistics dtype
+        conv_grads, bn_grads = [], [2 * c_total * s]
+        if last:
+            t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
+        else:
+            conv_grads.append(c_total * (c_total // 2) * e)
+            t.transient("layer_transients", ws.transition_backward(m, c_total, c_total // 2),
+                        self.cast(c_total * (c_total // 2)))
+        t.alloc("gradients_released", *conv_grads, *bn_grads)
+        for layer in reversed(range(n_layers)):
+            c = c0 + layer * k
+            t.where = f"backward, block {b + 1}, layer {layer + 1}"
+            cast_w1 = self.cast(w * c)  # conv1's weight in the data dtype, for the whole layer
+            t.alloc("layer_transients", cast_w1)
+            if not keep:
+                t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=False))
+            t.transient("layer_transients", ws.bn_relu(m, w))
+            t.alloc("gradients_released", k * w * 9 * e)  # conv2's weight gradient
+            # the copy of dL/dnew (and the dropout mask), the convolution's input gradient (M, 4k)
+            grad_new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])
+            t.alloc("layer_transients", *grad_new)
+            t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9), m * w * e)
+            t.free("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9), *grad_new)
+            t.transient("layer_transients", ws.bn_relu_backward(m, w))
+            t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))
+            t.alloc("gradients_released", w * c * e, 2 * w * s, 2 * c * s)  # conv1's, norm2's, norm1's
+            t.free("layer_transients", m * w * e, cast_w1)
+            conv_grads += [k * w * 9 * e, w * c * e]
+            bn_grads += [2 * w * s, 2 * c * s]
+        t.where = f"backward, block {b + 1}, end"
+        # gradients computed in another dtype than the parameters' are converted
+        if e != self.p:
+            t.alloc("gradients_released", *(g // e * self.p for g in conv_grads))
+            t.free("gradients_released", *conv_grads)
+        if s != self.p:
+            t.alloc("gradients_released", *(g // (2 * s) * self.p for g in bn_grads for _ in range(2)))
+            t.free("gradients_released", *bn_grads)
+        grad_in = m * c0 * e
+        t.alloc("stage_gradient", grad_in)
+        # autograd releases what the stage saved, and its incoming gradient
+        t.free("stage_gradient", grad_out)
+        t.free("block_buffers", m * c_total * e)
+        if keep:
+            t.free("kept_bottlenecks", *[m * w * e] * n_layers)
+        t.free("bn_coefficients", *[4 * (c0 + i * k) * s for i in range(n_layers)], *[4 * w * s] * n_layers,
+               4 * c_total * s)
+        t.free("stage_gradient", grad_in)
+        return grad_in
+
+    def stem_backward(self, saved: list[float], grad_in: float) -> None:
+        """IntoBuffer's copy of the first block's input gradient, then the stem's backward."""
+        t, e, c0 = self.timeline, self.e, self.arch.num_init_features
+        t.where = "backward, stem"
+        t.alloc("stage_gradient", grad_in)
+        t.alloc("stem", grad_in)  # IntoBuffer's gradient in the stem output's layout
+        t.free("stage_gradient", grad_in)
+        if self.arch.stem == "imagenet":
+            full = self.stem_pixels * c0 * e
+            t.alloc("stem", full)  # the max-pool's input gradient
+            t.free("stem", grad_in)
+            t.alloc("stem", full)  # ReLU's
+            t.free("stem", full)
+            t.transient("stem", full)  # norm0's
+            grad_in = full
+        t.alloc("gradients_released", *self.stem_gradients())
+        t.free("stem", grad_in, *saved)
+
+    def optimizer_update(self) -> None:
+        t, optimizer = self.timeline, self.setup.optimizer
+        t.where = "optimizer step"
+        if self.setup.device == "cuda":  # foreach: temporaries for every parameter at once
+            t.transient("optimizer_update", *[self.parameter_bytes()] * optimizer.foreach_temporaries())
+        else:  # one parameter at a time
+            largest = max(self.arch.parameter_sizes()) * self.p
+            t.transient("optimizer_update", *[largest] * optimizer.update_temporaries())
+
+
+# -- the backends' workspaces ------------------------------------------------------------------------
+class Workspace:
+    """Temporary bytes a backend allocates inside each primitive (besides its
+    outputs), for ``m`` pixels, ``c`` input and ``k`` output channels."""
+
+    def __init__(self, sim: StepSimulation) -> None:
+        self.e, self.s, self.threads = sim.e, sim.s, sim.setup.threads
+
+    def channel_stats(self, m: int, c: int) -> float:
+        return 0.0
+
+    def bn_relu_conv1x1(self, m: int, c: int, k: int, with_stats: bool) -> float:
+        return 0.0
+
+    def bn_relu(self, m: int, c: int) -> float:
+        return 0.0
+
+    def bn_relu_backward(self, m: int, c: int) -> float:
+        return 0.0
+
+    def bn_relu_conv1x1_backward(self, m: int, c: int, k: int) -> float:
+        return 0.0
+
+    def transition(self, m: int, c: int, k: int) -> float:
+        return 0.0
+
+    def transition_backward(self, m: int, c: int, k: int) -> float:
+        return 0.0
+
+
+class TorchWorkspace(Workspace):
+    """The torch backend: whole ``(M, C)`` temporaries in the statistics dtype."""
+
+    def to_stats(self, m: int, c: int) -> float:
+        """A copy into the statistics dtype (none when the data already is)."""
+        return m * c * self.s if self.e != self.s else 0.0
+
+    def channel_stats(self, m, c):
+        return self.to_stats(m, c) + m * c * self.s
+
+    def bn_relu_conv1x1(self, m, c, k, with_stats):
+        z = m * c * self.s + (m * c * self.e if self.e != self.s else 0)
+        return z + (self.channel_stats(m, k) if with_stats else 0)
+
+    def bn_relu(self, m, c):
+        return m * c * self.s
+
+    def bn_relu_backward(self, m, c):
+        return self.to_stats(m, c) + 3 * m * c * self.s  # dA, x - mean and their product
+
+    def bn_relu_conv1x1_backward(self, m, c, k):
+        # z, dL/dz and dA together; then dA, x - mean and their product; grad_weight
+        return max(2 * m * c * self.s + m * c * self.e, 3 * m * c * self.s) + k * c * self.e
+
+    def transition(self, m, c, k):
+        return m * c * self.s + m // 4 * c * self.s
+
+    def transition_backward(self, m, c, k):
+        # z, its pooled rows and their gradient, the unpooled gradient, then dA
+        return m * c * self.s * 3 + 2 * (m // 4) * c * self.s + k * c * self.e
+
+
+class CppWorkspace(Workspace):
+    """The C++ CPU kernels: per-thread row tiles, per-chunk weight-gradient partials."""
+
+    def tile_rows(self, c: int, buffers: int) -> int:
+        return min(max(CPP_TILE_BYTES // max(1, buffers * c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])
+
+    def tiles(self, rows: int, c: int, buffers: int) -> float:
+        """The row tiles the running threads hold: each thread's chunk allocates
+        ``buffers`` tiles of ``tile_rows`` rows, but only the rows it writes
+        become resident (a tile above the mmap threshold is fresh pages), so
+        together at most ``rows``."""
+        return min(rows, self.threads * self.tile_rows(c, buffers)) * buffers * c * self.e
+
+    def chunks(self, rows: int, c: int) -> int:
+        return max(1, min(math.ceil(rows / self.tile_rows(c, 2)), max(CPP_MIN_CHUNKS, self.threads)))
+
+    def bn_relu_conv1x1(self, m, c, k, with_stats):
+        return self.tiles(m, c, 1)
+
+    def bn_relu_conv1x1_backward(self, m, c, k):
+        partials = self.chunks(m, c) * k * c * self.s
+        return partials + max(self.tiles(m, c, 2), k * c * self.s)  # then their sum, grad_weight
+
+    def transition(self, m, c, k):
+        return self.tiles(m // 4, c, 1)
+
+    def transition_backward(self, m, c, k):
+        return self.chunks(m // 4, c) * k * c * self.s + max(self.tiles(m // 4, c, 2), k * c * self.s)
+
+
+class CudaWorkspace(TorchWorkspace):
+    """The csrc CUDA kernels: statistics and BN-ReLU in place; the GEMM primitives are the torch backend's."""
+
+    def channel_stats(self, m, c):
+        return 0.0
+
+    def bn_relu(self, m, c):
+        return 0.0
+
+    def bn_relu_backward(self, m, c):
+        return 0.0
+
+
+class TritonWorkspace(Workspace):
+    """The Triton kernels: fp32 partial statistics per row tile and partial
+    weight gradients per row range (at most 64)."""
+
+    def channel_stats(self, m, c):
+        return math.ceil(m / TRITON_STATS_ROWS) * (2 * c + 1) * 4
+
+    def bn_relu_conv1x1(self, m, c, k, with_stats):
+        return math.ceil(m / TRITON_MIN_BLOCK_M) * (2 * k + 1) * 4 if with_stats else 0.0
+
+    def bn_relu_backward(self, m, c):
+        return TRITON_MAX_SPLITS * 2 * c * 4
+
+    def bn_relu_conv1x1_backward(self, m, c, k):
+        return TRITON_MAX_SPLITS * (k + 2) * c * 4 + k * c * self.e
+
+    def transition_backward(self, m, c, k):
+        return self.bn_relu_conv1x1_backward(m // 4, c, k)
+
+
+WORKSPACES = {"torch": TorchWorkspace, "cpp": CppWorkspace, "cuda": CudaWorkspace, "triton": TritonWorkspace}

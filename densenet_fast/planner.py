@@ -1,0 +1,323 @@
+"""``plan``: what trains in a memory budget, before the first step.
+
+For a model, an input size, a batch, a dtype and a budget, the memory model
+(:mod:`densenet_fast.memory`) predicts the peak of a training step for each
+recompute policy, ``keep`` in every block, ``recompute`` in every block, and
+``auto``: the fastest per-block assignment predicted to fit.  It also answers
+the deepest DenseNet-BC depth and the largest batch that fit the budget.  The
+step-time ratios (against ``keep`` everywhere) come from per-policy costs
+measured on the CPU (``densenet_fast/policy_costs.json``).
+
+    python -m densenet_fast plan --model densenet_bc --depth 400 --growth-rate 12 \\
+        --batch 16 --image-size 32 --budget 2GiB [--json]
+
+``densenet_fast.plan(...)`` returns the same as plain data.  Budgets cover the
+whole step: parameters, gradients and optimizer state (``persistent_bytes``)
+plus the peak of the step above them (``step_bytes``).  Explained in
+docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .memory import (OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec, Prediction, Setup, format_bytes,
+                     parse_bytes, predict)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
+MAX_BATCH = 2**24
+
+
+class MemoryBudgetError(ValueError):
+    """No recompute assignment is predicted to fit the memory budget; the
+    message says what does fit."""
+
+
+# -- time --------------------------------------------------------------------------------------------
+@functools.cache
+def policy_costs() -> dict:
+    """The measured per-policy costs (``policy_costs.json``), per device type."""
+    return json.loads(resources.files(__package__).joinpath("policy_costs.json").read_text())
+
+
+def training_flops(arch: Architecture, setup: Setup) -> float:
+    """FLOPs of one training step: 3x the forward's convolutions and classifier
+    (backward costs two forwards), 2 FLOPs per multiply-add."""
+    (stem_h, stem_w), sizes = arch.spatial_sizes(*setup.image_size)
+    kernel = 49 if arch.stem == "imagenet" else 9
+    forward = 2.0 * setup.batch * stem_h * stem_w * arch.in_channels * arch.num_init_features * kernel
+    k, w = arch.growth_rate, arch.width
+    for b, ((c0, c_total), (h, wd)) in enumerate(zip(arch.block_channels(), sizes)):
+        m = setup.batch * h * wd
+        forward += sum(2.0 * m * ((c0 + i * k) * w + w * k * 9) for i in range(arch.block_config[b]))
+        if b + 1 < len(sizes):
+            forward += 2.0 * (m // 4) * c_total * (c_total // 2)  # pooled before the 1x1 convolution
+    forward += 2.0 * setup.batch * arch.block_channels()[-1][1] * arch.num_classes
+    return 3 * forward
+
+
+def recompute_flops(arch: Architecture, setup: Setup, policies: Sequence[str]) -> float:
+    """FLOPs backward adds by recomputing bottleneck outputs: each recomputed
+    block's BN-ReLU-Conv1x1 forward once more."""
+    _, sizes = arch.spatial_sizes(*setup.image_size)
+    total = 0.0
+    for b, ((c0, _), (h, w), policy) in enumerate(zip(arch.block_channels(), sizes, policies)):
+        if policy == "recompute":
+            total += sum(2.0 * setup.batch * h * w * (c0 + i * arch.growth_rate) * arch.width
+                         for i in range(arch.block_config[b]))
+    return total
+
+
+def step_time_ratio(arch: Architecture, setup: Setup, policies: Sequence[str]) -> tuple[float, str]:
+    """Predicted step time with ``policies`` over that with ``keep`` in every
+    block, and where the cost per recomputed FLOP comes from."""
+    costs = policy_costs().get(setup.device)
+    cost = costs["recompute_cost_per_flop"] if costs else 1.0
+    source = costs["label"] if costs else "FLOP count (no measured costs for this device)"
+    return 1.0 + cost * recompute_flops(arch, setup, policies) / training_flops(arch, setup), source
+
+
+# -- choices -----------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """A per-block assignment and its predicted memory and step time."""
+
+    policies: tuple[str, ...]
+    prediction: Prediction
+    step_time_ratio: float
+
+    def describe(self, budget: Optional[int] = None) -> str:
+        p = self.prediction
+        of_budget = f" of the {format_bytes(budget)} budget" if budget is not None else ""
+        return (f"recompute={self.policies}: predicted peak {format_bytes(p.total_bytes)}{of_budget} "
+                f"({format_bytes(p.persistent_bytes)} parameters, gradients and optimizer state + "
+                f"{format_bytes(p.step_bytes)} step), step time {self.step_time_ratio:.3f}x keep")
+
+
+def assignments(blocks: int) -> list[tuple[str, ...]]:
+    """Every per-block assignment, fastest first (more blocks kept first)."""
+    return sorted(itertools.product(POLICIES, repeat=blocks), key=lambda a: a.count("recompute"))
+
+
+def evaluate(arch: Architecture, setup: Setup, policies: Sequence[str]) -> Choice:
+    policies = tuple(policies)
+    return Choice(policies, predict(arch, setup, policies), step_time_ratio(arch, setup, policies)[0])
+
+
+def candidates(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]]) -> list[Choice]:
+    """The assignments ``recompute`` allows: one policy everywhere, the given
+    per-block ones, or every assignment for ``"auto"``."""
+    blocks = len(arch.block_config)
+    if recompute == "auto":
+        return [evaluate(arch, setup, a) for a in assignments(blocks)]
+    return [evaluate(arch, setup, (recompute,) * blocks if isinstance(recompute, str) else recompute)]
+
+
+def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
+                 ) -> Optional[Choice]:
+    """The fastest allowed assignment predicted to fit (``None`` if none does);
+    ties go to the leaner."""
+    fitting = [c for c in candidates(arch, setup, recompute) if c.prediction.total_bytes <= budget]
+    return min(fitting, key=lambda c: (c.step_time_ratio, c.prediction.total_bytes), default=None)
+
+
+def choose(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> Choice:
+    """:func:`best_fitting`, or :class:`MemoryBudgetError` saying what fits."""
+    choice = best_fitting(arch, setup, budget, recompute)
+    if choice is None:
+        raise MemoryBudgetError(refusal(arch, setup, budget, recompute))
+    return choice
+
+
+def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]]) -> str:
+    """Why nothing fits ``budget``, and what would at that budget."""
+    leanest = min(candidates(arch, setup, recompute), key=lambda c: c.prediction.total_bytes)
+    p = leanest.prediction
+    h, w = setup.image_size
+    what = f"recompute={leanest.policies}" if recompute == "auto" else f"recompute={recompute!r}"
+    lines = [f"{describe_model(arch)} at batch {setup.batch} of {h}x{w} {str(setup.compute_dtype)[6:]} on "
+             f"{setup.device} needs {format_bytes(p.total_bytes)} per training step even with {what} "
+             f"({format_bytes(p.persistent_bytes)} parameters, gradients and optimizer state + "
+             f"{format_bytes(p.step_bytes)} step), more than the memory budget of {format_bytes(budget)}."]
+    batch = largest_batch(arch, setup, budget, recompute)
+    lines.append(f"At this budget the largest batch that fits is {batch}." if batch else
+                 "At this budget not even a batch of 1 fits.")
+    if arch.depth is not None:
+        depth = deepest_depth(arch, setup, budget, recompute)
+        lines.append(f"The deepest DenseNet-BC (k={arch.growth_rate}) that fits at batch {setup.batch} is depth "
+                     f"{depth}." if depth else f"No DenseNet-BC (k={arch.growth_rate}) fits at batch {setup.batch}.")
+    return " ".join(lines)
+
+
+def describe_model(arch: Architecture) -> str:
+    if arch.depth is not None:
+        return f"DenseNet-BC-{arch.depth} (k={arch.growth_rate})"
+    return f"DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem)"
+
+
+# -- searches ----------------------------------------------------------------------------------------
+def largest_true(fits: Callable[[int], bool], low: int, high: int) -> Optional[int]:
+    """The largest ``x`` in ``[low, high]`` with ``fits(x)``, for ``fits`` true up
+    to some point and false after it (doubling, then bisection)."""
+    if not fits(low):
+        return None
+    good, step = low, 1
+    while good + step <= high and fits(good + step):
+        good, step = good + step, step * 2
+    bad = min(good + step, high + 1)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def deepest_depth(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
+                  ) -> Optional[int]:
+    """The deepest DenseNet-BC with ``arch``'s growth rate and head whose training
+    step is predicted to fit ``budget`` (``None``: not even depth 10)."""
+    def fits(n: int) -> bool:
+        return best_fitting(arch.with_depth(6 * n + 4), setup, budget, recompute) is not None
+    n = largest_true(fits, 1, MAX_DEPTH_LAYERS)
+    return None if n is None else 6 * n + 4
+
+
+def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
+                  ) -> Optional[int]:
+    """The largest batch whose training step is predicted to fit ``budget``."""
+    return largest_true(lambda b: best_fitting(arch, setup.with_batch(b), budget, recompute) is not None,
+                        1, MAX_BATCH)
+
+
+# -- plan ----------------------------------------------------------------------------------------------
+def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
+         growth_rate: Optional[int] = None, num_classes: Optional[int] = None, batch: int = 64,
+         image_size: Union[int, tuple[int, int]] = 32, dtype: Union[str, torch.dtype] = "float32",
+         autocast: Union[None, str, torch.dtype] = None, device: str = "cpu", backend: Optional[str] = None,
+         optimizer: Union[str, OptimizerSpec] = "sgd", budget: Union[None, int, str] = None) -> dict:
+    """The memory plan of a training step as plain data (see the module docstring).
+
+    ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
+    ``densenet121`` ...), an :class:`~densenet_fast.memory.Architecture` or a
+    :class:`densenet_fast.DenseNet`.  Returns ``{"policies": {"keep", "recompute",
+    "auto"}}`` (``auto`` needs a ``budget``) with each policy's
+    ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
+    peak is, whether it fits and its step-time ratio; with a budget also
+    ``deepest_depth`` (DenseNet-BC) and ``largest_batch`` per policy."""
+    if isinstance(model, Architecture):
+        arch = model
+    elif isinstance(model, torch.nn.Module):
+        arch = Architecture.of(model)
+    else:
+        arch = Architecture.named(model, depth, growth_rate, num_classes)
+    setup = Setup(batch, image_size, as_dtype(dtype), as_dtype(autocast) if autocast else None, device, backend,
+                  optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer))
+    budget = None if budget is None else parse_bytes(budget)
+    policies: dict[str, Optional[dict]] = {}
+    for policy in POLICIES:
+        policies[policy] = entry(evaluate(arch, setup, (policy,) * len(arch.block_config)), budget)
+    policies["auto"] = None
+    if budget is not None:
+        choice = best_fitting(arch, setup, budget)
+        if choice is not None:
+            policies["auto"] = entry(choice, budget)
+        else:
+            leanest = min(candidates(arch, setup, "auto"), key=lambda c: c.prediction.total_bytes)
+            policies["auto"] = {**entry(leanest, budget), "error": refusal(arch, setup, budget, "auto")}
+    h, w = setup.image_size
+    out = {"model": {"description": describe_model(arch), "depth": arch.depth, "growth_rate": arch.growth_rate,
+                     "block_config": list(arch.block_config), "num_init_features": arch.num_init_features,
+                     "bn_size": arch.bn_size, "num_classes": arch.num_classes, "stem": arch.stem,
+                     "parameters": arch.parameter_count()},
+           "setup": {"batch": setup.batch, "image_size": [h, w], "dtype": str(setup.dtype)[6:],
+                     "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
+                     "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads},
+           "budget_bytes": budget, "policies": policies,
+           "step_time_ratio_source": step_time_ratio(arch, setup, ("keep",) * len(arch.block_config))[1]}
+    if budget is not None:
+        modes = list(POLICIES) + ["auto"]
+        out["largest_batch"] = {m: largest_batch(arch, setup, budget, m) for m in modes}
+        if arch.depth is not None:
+            out["deepest_depth"] = {m: deepest_depth(arch, setup, budget, m) for m in modes}
+    return out
+
+
+def entry(choice: Choice, budget: Optional[int]) -> dict:
+    p = choice.prediction
+    return {**p.to_dict(), "fits": None if budget is None else p.total_bytes <= budget,
+            "step_time_ratio": choice.step_time_ratio}
+
+
+def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; choose one of {tuple(DTYPES)}")
+    return DTYPES[value]
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="densenet_bc", help="densenet_bc (with --depth, --growth-rate) or "
+                        "densenet121, densenet161, densenet169, densenet201, densenet264")
+    parser.add_argument("--depth", type=int, default=None, help="DenseNet-BC depth 6n+4 (default 100)")
+    parser.add_argument("--growth-rate", type=int, default=None, help="k (default: the model's; 12 for densenet_bc)")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, nargs="+", default=[32], help="H [W]")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the parameters' dtype")
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backend", default=None, help="torch, cpp, cuda or triton (default: the device's)")
+    parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
+                        help="sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the trainer's recipe)")
+    parser.add_argument("--budget", default=None, help="memory budget: bytes or e.g. 8GiB, 512MiB, 2GB")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
+    result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
+                  batch=args.batch, image_size=image_size, dtype=args.dtype, autocast=args.autocast,
+                  device=args.device, backend=args.backend, optimizer=args.optimizer, budget=args.budget)
+    print(json.dumps(result, indent=1) if args.json else report(result))
+    return 0
+
+
+def report(result: dict) -> str:
+    """The plan as text: per policy the peak, its breakdown and the step-time ratio, then the searches."""
+    setup, budget = result["setup"], result["budget_bytes"]
+    h, w = setup["image_size"]
+    dtype = setup["dtype"] + (f", autocast {setup['autocast']}" if setup["autocast"] else "")
+    lines = [f"{result['model']['description']}, {result['model']['parameters']:,} parameters; batch "
+             f"{setup['batch']} of {h}x{w}, {dtype}, {setup['device']} ({setup['backend']} backend), optimizer "
+             f"{setup['optimizer']['name']}" + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
+    for name, entry_ in result["policies"].items():
+        if entry_ is None:
+            lines.append(f"{name}: needs --budget")
+            continue
+        fits = "" if entry_["fits"] is None else ("  fits" if entry_["fits"] else "  DOES NOT FIT")
+        lines.append(f"{name}: {format_bytes(entry_['total_bytes'])} = {format_bytes(entry_['persistent_bytes'])} "
+                     f"persistent + {format_bytes(entry_['step_bytes'])} step{fits}; step time "
+                     f"{entry_['step_time_ratio']:.3f}x keep; recompute={tuple(entry_['policies'])}")
+        parts = {**entry_["persistent"], **entry_["step"]}
+        lines.append("    " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()))
+        lines.append(f"    peak: {entry_['peak_at']}")
+        if "error" in entry_:
+            lines.append(f"    {entry_['error']}")
+    lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
+    if "deepest_depth" in result:
+        lines.append("deepest depth at this batch: " +
+                     ", ".join(f"{k} {v}" for k, v in result["deepest_depth"].items()))
+    if "largest_batch" in result:
+        lines.append("largest batch for this model: " +
+                     ", ".join(f"{k} {v}" for k, v in result["largest_batch"].items()))
+    return "\n".join(lines)

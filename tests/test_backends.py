@@ -1,0 +1,278 @@
+"""Backend conformance: the contract of every primitive (densenet_fast/backends/interface.py),
+tested once for every backend that runs here and every dtype, against one float64
+reference in plain torch ops (F.batch_norm, F.avg_pool*d and autograd).
+
+Awkward shapes: rows not a multiple of any tile, C = 17, channel ranges of wider
+buffers (row stride > C), grad_x accumulated into a view with content, odd
+spatial sizes of 1, 2 and 3 dimensions for the transition; running (eval) and
+batch statistics.  Outputs go into NaN-filled memory beside sentinel channels,
+so an unwritten element or a write outside the range fails.
+
+The backend-specific files keep what only one backend has: tests/test_cpp_ops.py
+(opcheck, argument checks, threads, CUDA against CPU), tests/test_triton_ops.py
+(every kernel configuration, autotuning, shared memory, determinism).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
+from densenet_fast.backends.interface import stats_dtype
+from densenet_fast.backends.torch_backend import TorchBackend
+from helpers import max_relative_error
+from helpers import one_thread  # noqa: F401  (fixture)
+from primitives import (BN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64, channel_range,
+                        float64_grads, float64_leaf, make_bn, output_range, poisoned_bn, random_rows, random_weight)
+
+pytestmark = pytest.mark.usefixtures("one_thread", "nan_filled_fresh_memory", "no_tf32")
+
+# max relative error against the float64 reference, per data dtype
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROW_SHAPES = [(1031, 17, 23), (77, 40, 16), (3, 2, 1)]  # (M, C, K)
+TRANSITION_SHAPES = {  # (N, spatial, C, K)
+    "2d_odd": (2, (7, 9), 17, 20), "2d_tiny": (1, (3, 2), 5, 3),
+    "1d_odd": (3, (11,), 17, 20), "3d_odd": (2, (5, 6, 3), 17, 20),
+}
+TORCH = TorchBackend()
+
+
+@pytest.fixture(params=[(name, device) for device in ("cpu", "cuda") for name in BACKEND_NAMES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def backend(request):
+    """Every backend on every device it runs on here."""
+    name, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        resolve_backend_name(name)
+        return get_backend(name, torch.device(device)), device
+    except BackendUnavailableError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(params=DTYPES.values(), ids=DTYPES)
+def dtype(request, backend) -> torch.dtype:
+    if request.param == torch.bfloat16 and backend[0].name == "triton" and backend[1] == "cpu":
+        pytest.skip("bf16 is broken in the Triton interpreter; tested on the GPU")
+    return request.param
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = max_relative_error(actual, expected)
+    assert error <= TOLERANCE[dtype], f"{what}: max relative error {error:.3g} > {TOLERANCE[dtype]:g}"
+
+
+def check_sums(grads, truth, bn: BN, dtype, names) -> None:
+    for name, got, expected in zip(names, grads, truth):
+        assert_close(got, expected, dtype, name)
+    assert grads[-1].dtype == grads[-2].dtype == bn.scale.dtype, "grad_gamma and grad_beta in the statistics dtype"
+
+
+# -- channel statistics -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, c", [(1031, 17), (203, 40), (3, 2)])
+def test_channel_stats(backend, dtype, m, c):
+    """A large common offset (|mean| >> std) with a trend along the rows: where
+    E[x^2] - E[x]^2 and a careless merge of partial means fail."""
+    backend, device = backend
+    g = torch.Generator().manual_seed(0)
+    trend = torch.linspace(0, 6, m, dtype=torch.float64)[:, None]
+    buffer = torch.randn(m, c + 8, generator=g, dtype=torch.float64) * 2 + 300 + trend
+    x = buffer.to(device=device, dtype=dtype)[:, 3:3 + c]
+    mean, var = backend.channel_stats(x)
+    var64, mean64 = torch.var_mean(x.double().cpu(), dim=0, correction=0)
+    assert mean.dtype == var.dtype == stats_dtype(dtype)
+    assert_close(mean, mean64, stats_dtype(dtype), "mean")
+    assert_close(var, var64, stats_dtype(dtype), "var")
+
+
+# -- fused BN-ReLU-Conv1x1 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, c, k", ROW_SHAPES)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
+    backend, device = backend
+    g = torch.Generator().manual_seed(1)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = make_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out_buffer, out = output_range((m,), k, dtype, device)
+    stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=batch_stats)
+    x64, w64 = float64_leaf(x), float64_leaf(weight)
+    out64 = bn.relu_bn64(x64) @ w64.t()
+    assert_close(out, out64, dtype, "out")
+    assert_only_range_written(out_buffer, slice(4, 4 + k))
+    if batch_stats:
+        var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)  # of the stored output
+        assert stats[0].dtype == stats[1].dtype == bn.scale.dtype
+        assert_close(stats[0], mean64, stats_dtype(dtype), "output mean")
+        assert_close(stats[1], var64, stats_dtype(dtype), "output var")
+    else:
+        assert stats is None
+
+    # backward: grad_x accumulates into a view of a buffer with content
+    grad_out = random_rows((m, k), dtype, device, g)
+    grad_buffer = torch.full((m, c + 2), SENTINEL, dtype=dtype, device=device)
+    grad_x = grad_buffer[:, :c]
+    grad_x.copy_(random_rows((m, c), dtype, device, g))
+    before = grad_x.clone()
+    grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                             bn.batch_mean())
+    truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
+    if dtype in (torch.float16, torch.bfloat16):  # the stored sum is rounded: judge it, not the increment
+        assert_close(grad_x, before.double().cpu() + truth[0], dtype, "grad_x")
+    else:
+        assert_close(grad_x.double() - before.double(), truth[0], dtype, "grad_x increment")
+    assert_only_range_written(grad_buffer, slice(0, c))
+    assert grads[0].dtype in (dtype, stats_dtype(dtype)), "grad_weight in the data dtype or fp32"
+    check_sums(grads, truth[1:], bn, dtype, ["grad_weight", "grad_gamma", "grad_beta"])
+
+
+# -- BN-ReLU ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, c", [(1031, 17), (3, 2)])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["grad_x_is_grad_z", "separate"])
+def test_bn_relu(backend, dtype, m, c, batch_stats, in_place):
+    backend, device = backend
+    g = torch.Generator().manual_seed(3)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = make_bn(x, batch_stats, g)
+    out_buffer, out = output_range((m,), c, dtype, device)
+    backend.bn_relu(x, bn.scale, bn.shift, out)
+    x64 = float64_leaf(x)
+    z64 = bn.relu_bn64(x64)
+    assert_close(out, z64, dtype, "bn_relu")
+    assert_only_range_written(out_buffer, slice(4, 4 + c))
+
+    grad_z = channel_range((m,), c, dtype, g, device, left=1, right=1)
+    truth = float64_grads(z64, grad_z, x64, bn.gamma, bn.beta)
+    grad_buffer, grad_x = (None, grad_z) if in_place else output_range((m,), c, dtype, device)
+    grads = backend.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_x, bn.batch_mean())
+    assert_close(grad_x, truth[0], dtype, "grad_x")
+    if grad_buffer is not None:
+        assert_only_range_written(grad_buffer, slice(4, 4 + c))
+    check_sums(grads, truth[1:], bn, dtype, ["grad_gamma", "grad_beta"])
+
+
+# -- transition -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, spatial, c, k", TRANSITION_SHAPES.values(), ids=TRANSITION_SHAPES)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
+    """Odd sizes: pooling floors, and the dropped pixels still get the statistics
+    terms of the BN gradient (written, not left alone)."""
+    backend, device = backend
+    g = torch.Generator().manual_seed(4)
+    pooled = tuple(size // 2 for size in spatial)
+    x = channel_range((n, *spatial), c, dtype, g, device)
+    bn = make_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out_buffer, out = output_range((n, *pooled), k, dtype, device, left=0)  # like the next block's buffer
+    backend.transition(x, bn.scale, bn.shift, weight, out)
+    x64, w64 = float64_leaf(x), float64_leaf(weight)
+    out64 = avg_pool64(bn.relu_bn64(x64)) @ w64.t()
+    assert_close(out, out64, dtype, "transition")
+    assert_only_range_written(out_buffer, slice(0, k))
+
+    grad_out = random_rows((n, *pooled, k), dtype, device, g)
+    grad_buffer, grad_x = output_range((n, *spatial), c, dtype, device)
+    grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                        bn.batch_mean())
+    truth = float64_grads(out64, grad_out, x64, w64, bn.gamma, bn.beta)
+    assert_close(grad_x, truth[0], dtype, "grad_x")
+    assert_only_range_written(grad_buffer, slice(4, 4 + c))
+    assert grads[0].dtype in (dtype, stats_dtype(dtype)), "grad_weight in the data dtype or fp32"
+    check_sums(grads, truth[1:], bn, dtype, ["grad_weight", "grad_gamma", "grad_beta"])
+
+
+# -- NaN and Inf: exactly as torch's BatchNorm and ReLU ----------------------------------------
+# The torch backend is plain torch ops (its model equals torchvision's with NaN input:
+# test_reliability.py); every other backend must put NaN and Inf where it does.
+
+def assert_as_torch(actual: list[Tensor], expected: list[Tensor], dtype, names: list[str]) -> None:
+    for name, got, reference in zip(names, actual, expected):
+        assert_same_numbers(got, reference, TOLERANCE[dtype], f"{name} vs torch backend")
+
+
+@pytest.fixture
+def other_backend(backend):
+    if backend[0].name == "torch":
+        pytest.skip("the reference itself")
+    return backend
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
+    backend, device = other_backend
+    m, c, k = 1031, 17, 23
+    g = torch.Generator().manual_seed(10)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out, expected_out = output_range((m,), k, dtype, device)[1], output_range((m,), k, dtype, device)[1]
+    stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
+    expected_stats = TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected_out, with_stats=True)
+    assert_as_torch([out, *stats], [expected_out, *expected_stats], dtype, ["out", "mean", "var"])
+
+    grad_out = random_rows((m, k), dtype, device, g)
+    grad_x = random_rows((m, c), dtype, device, g)
+    expected_grad_x = grad_x.clone()
+    grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                             bn.batch_mean())
+    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                              expected_grad_x, bn.batch_mean())
+    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_relu_nan_and_inf(other_backend, dtype, batch_stats):
+    backend, device = other_backend
+    m, c = 1031, 17
+    g = torch.Generator().manual_seed(11)
+    x = channel_range((m,), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    out, expected_out = output_range((m,), c, dtype, device)[1], output_range((m,), c, dtype, device)[1]
+    backend.bn_relu(x, bn.scale, bn.shift, out)
+    TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
+    assert_as_torch([out], [expected_out], dtype, ["out"])
+
+    grad_z = random_rows((m, c), dtype, device, g)
+    expected_grad_x = torch.empty_like(grad_z)
+    expected = TORCH.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z.clone(), expected_grad_x,
+                                      bn.batch_mean())
+    grads = backend.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
+    assert_as_torch([grad_z, *grads], [expected_grad_x, *expected], dtype, ["grad_x", "grad_gamma", "grad_beta"])
+
+
+@pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
+    """Odd sizes: the last pixel, a NaN, is dropped by pooling and still makes
+    grad_gamma NaN (0 * NaN in the BN backward's sums), as in torch."""
+    backend, device = other_backend
+    n, c, k = 2, 17, 20
+    pooled = tuple(size // 2 for size in spatial)
+    g = torch.Generator().manual_seed(12)
+    x = channel_range((n, *spatial), c, dtype, g, device)
+    bn = poisoned_bn(x, batch_stats, g)
+    weight = random_weight(k, c, dtype, g, device)
+    out, expected_out = (output_range((n, *pooled), k, dtype, device)[1] for _ in range(2))
+    backend.transition(x, bn.scale, bn.shift, weight, out)
+    TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
+    assert_as_torch([out], [expected_out], dtype, ["out"])
+
+    grad_out = random_rows((n, *pooled, k), dtype, device, g)
+    grad_x, expected_grad_x = (output_range((n, *spatial), c, dtype, device)[1] for _ in range(2))
+    grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
+                                        bn.batch_mean())
+    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                         expected_grad_x, bn.batch_mean())
+    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
+                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])

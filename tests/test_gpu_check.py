@@ -1,0 +1,65 @@
+"""benchmarks/gpu_check.sh --dry-run: every step of the GPU check runs (on the
+CPU, through the Triton interpreter, with a few tests and tiny shapes) and
+leaves the evidence the real run must leave: steps.jsonl, junit XML per test
+shard, JSON per benchmark, the environment and the Triton configurations chosen."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["environment", "build", "triton_tests", "gpu_tests", "triton_kernels", "model_bench"]
+SHARDS = 2  # the dry run's
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return out
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_step_ends_ok_within_its_limit(evidence):
+    steps = {step["step"]: step for step in read_lines(evidence / "steps.jsonl")}
+    assert sorted(steps) == sorted(STEPS)
+    for step in steps.values():
+        assert step["status"] == "ok" and step["rc"] == 0 and step["seconds"] <= step["limit"], step
+    environment = json.loads((evidence / "environment.json").read_text())
+    assert environment["dry_run"] and environment["triton_interpret"] == "1"
+    assert environment["torch"] and environment["triton"] and len(environment["source_sha256"]) == 64
+
+
+@pytest.mark.parametrize("name", ["triton_tests", "gpu_tests"])
+def test_test_shards_write_junit_and_share_out_the_tests(evidence, name):
+    names = []
+    for shard in range(SHARDS):
+        root = ET.parse(evidence / f"{name}_{shard}.xml").getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        assert int(suite.get("failures")) == int(suite.get("errors")) == 0
+        names += [case.get("classname") + "::" + case.get("name") for case in suite.iter("testcase")]
+    assert names and len(names) == len(set(names))  # every test in exactly one shard
+    if name == "triton_tests":
+        assert any("bn_relu_forward_and_backward" in n for n in names)
+
+
+def test_benchmarks_write_json_and_log_configurations(evidence):
+    kernels = json.loads((evidence / "triton_kernels.json").read_text())
+    assert len(kernels["rows"]) == 3 and all(row["correct"] for row in kernels["rows"])
+    models = json.loads((evidence / "models.json").read_text())
+    assert [row["impl"] for row in models["rows"]] == ["tv-eager", "fast-triton-keep"]
+    assert all(row["status"] == "ok" and row["train_peak_MiB"] > 0 and row["train_step_s"] > 0
+               for row in models["rows"])
+    kernels_logged = {record["kernel"] for record in read_lines(evidence / "triton_configs.jsonl")}
+    assert {"_forward_kernel", "_reduce_kernel", "_dx_kernel", "_bn_relu_kernel"} <= kernels_logged

@@ -1,0 +1,146 @@
+"""The memory model and the planner: predictions against a fresh process's
+measured step, the planner's choice against brute force, the error when nothing
+fits, the ``plan`` command's JSON, and per-block policies (recompute="auto"
+included) against torchvision in float64."""
+
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+
+from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, plan, planner
+from densenet_fast.bench import common, harness
+from densenet_fast.bench.impls import ModelSpec
+from densenet_fast.memory import Architecture, OptimizerSpec, Setup, format_bytes, parse_bytes, predict
+from densenet_fast.models import MemoryPlanNotice
+from helpers import check_training_float64, make_pair
+from helpers import one_thread  # noqa: F401  (fixture)
+
+BC40 = Architecture.named("densenet_bc", 40)
+
+
+def test_parse_and_format_bytes():
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes(512) == 512
+    assert parse_bytes("1.5MiB") == 3 * 2**19
+    for bad in ("lots", "-1GiB", 0):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+    assert format_bytes(3 * 2**29) == "1.5 GiB"
+
+
+def test_persistent_bytes_are_parameters_gradients_and_optimizer_state():
+    params = BC40.parameter_count() * 4
+    assert BC40.parameter_count() == sum(p.numel() for p in densenet_bc(40).parameters())
+    for optimizer, state in (("sgd", 1), ("sgd-plain", 0), ("adam", 2)):
+        p = predict(BC40, Setup(4, 32, optimizer=OptimizerSpec.parse(optimizer)), "keep")
+        assert p.persistent_bytes == params * (2 + state)
+
+
+def test_recompute_is_leaner_and_memory_grows_with_batch_and_depth():
+    setup = Setup(16, 32)
+    keep, recompute = predict(BC40, setup, "keep"), predict(BC40, setup, "recompute")
+    assert recompute.step_bytes < keep.step_bytes and keep.step["kept_bottlenecks"] > 0
+    assert "kept_bottlenecks" not in recompute.step
+    assert predict(BC40, setup.with_batch(32), "keep").step_bytes > keep.step_bytes
+    assert predict(BC40.with_depth(100), setup, "keep").step_bytes > keep.step_bytes
+
+
+@pytest.mark.parametrize("budget_mib", [14, 18, 22, 26, 30, 40])
+def test_auto_is_the_fastest_fitting_assignment(budget_mib):
+    """Brute force over the 8 per-block assignments of DenseNet-BC-40."""
+    setup, budget = Setup(16, 32), budget_mib * 2**20
+    fitting = []
+    for policies in itertools.product(("keep", "recompute"), repeat=3):
+        p = predict(BC40, setup, policies)
+        if p.total_bytes <= budget:
+            fitting.append((planner.step_time_ratio(BC40, setup, policies)[0], p.total_bytes, policies))
+    choice = planner.best_fitting(BC40, setup, budget)
+    if not fitting:
+        assert choice is None
+        return
+    assert choice is not None and choice.prediction.total_bytes <= budget
+    assert (choice.step_time_ratio, choice.prediction.total_bytes, choice.policies) == min(fitting)
+
+
+def test_searches_agree_with_the_predictions():
+    setup, budget = Setup(16, 32), parse_bytes("256MiB")
+    for policy in ("keep", "recompute", "auto"):
+        depth = planner.deepest_depth(BC40, setup, budget, policy)
+        assert planner.best_fitting(BC40.with_depth(depth), setup, budget, policy) is not None
+        assert planner.best_fitting(BC40.with_depth(depth + 6), setup, budget, policy) is None
+        batch = planner.largest_batch(BC40, setup, budget, policy)
+        assert planner.best_fitting(BC40, setup.with_batch(batch), budget, policy) is not None
+        assert planner.best_fitting(BC40, setup.with_batch(batch + 1), budget, policy) is None
+    depths = {p: planner.deepest_depth(BC40, setup, budget, p) for p in ("keep", "recompute", "auto")}
+    assert depths["keep"] < depths["recompute"] <= depths["auto"]
+
+
+def test_nothing_fits_says_what_does():
+    x = torch.randn(16, 3, 32, 32)
+    model = densenet_bc(40, recompute="auto", memory_budget="20MiB")
+    with pytest.raises(MemoryBudgetError) as error:
+        model(x)
+    text = str(error.value)
+    assert "DenseNet-BC-40 (k=12) at batch 16" in text and "more than the memory budget of 20 MiB" in text
+    batch = planner.largest_batch(BC40, Setup(16, 32), 20 * 2**20)
+    depth = planner.deepest_depth(BC40, Setup(16, 32), 20 * 2**20)
+    assert 1 < batch < 16 and 10 <= depth < 40
+    assert f"the largest batch that fits is {batch}." in text and f"is depth {depth}." in text
+    with pytest.raises(ValueError, match="needs a memory budget"):
+        densenet_bc(40, recompute="auto")
+    with pytest.raises(MemoryBudgetError):  # a fixed policy under a budget is checked too
+        densenet_bc(40, recompute="keep", memory_budget="5MiB")(x)
+
+
+def test_plan_command_json(capsys):
+    assert cli.main(["plan", "--model", "densenet_bc", "--depth", "100", "--growth-rate", "12", "--batch", "16",
+                     "--image-size", "32", "--budget", "64MiB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for policy in ("keep", "recompute", "auto"):
+        entry = result["policies"][policy]
+        assert entry["persistent_bytes"] > 0 and entry["step_bytes"] > 0
+        assert entry["total_bytes"] == entry["persistent_bytes"] + entry["step_bytes"]
+    assert result["policies"] == plan("densenet_bc", depth=100, batch=16, budget="64MiB")["policies"]
+    assert set(result["deepest_depth"]) == set(result["largest_batch"]) == {"keep", "recompute", "auto"}
+    assert cli.main(["plan", "--model", "densenet121", "--batch", "8", "--image-size", "224"]) == 0
+    assert "keep:" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("recompute", [("keep", "recompute", "keep"), ("recompute", "keep", "recompute"), "auto"])
+def test_per_block_policies_equal_torchvision_float64(recompute):
+    config = dict(growth_rate=6, block_config=(3, 2, 3), num_init_features=12, num_classes=5, stem="cifar")
+    ours, tv = make_pair(**config)
+    if recompute == "auto":  # a budget between recompute's and keep's: a mixed assignment
+        arch, setup = Architecture.of(ours), Setup(3, (13, 11), torch.float64)
+        low, high = (predict(arch, setup, p).total_bytes for p in ("recompute", "keep"))
+        ours.set_memory_budget((low + high) // 2)
+        ours.set_recompute("auto")
+    else:
+        ours.set_recompute(recompute)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_training_float64(ours, tv, (3, 13, 11), steps=2)
+    if recompute == "auto":
+        notices = [w for w in caught if issubclass(w.category, MemoryPlanNotice)]
+        assert len(notices) == 1  # once per input shape
+        chosen = tuple(block.recompute for block in ours.blocks())
+        assert len(set(chosen)) == 2 and ours.recompute == "auto", chosen
+        assert f"recompute={chosen}" in str(notices[0].message)
+
+
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_prediction_matches_a_fresh_process(policy):
+    """DenseNet-BC-40 at batch 16 (cpp backend where built): the predicted step
+    within 10% of a fresh process's measured one; the persistent bytes exact."""
+    backend = "cpp" if "cpp" in available_backends() else "torch"
+    spec = {"mode": "memory", "impls": [f"fast-{backend}-{policy}"], "model": ModelSpec("densenet_bc", 40).to_dict(),
+            "batch": 16, "image_size": 32, "device": "cpu", "steps": 2, "warmup_batch": 2, "threads": 2,
+            "malloc_mmap_threshold": harness.MMAP_THRESHOLD, "optimizer": "sgd"}
+    measured = common.run_worker(spec, timeout_s=300)
+    assert measured["status"] == "ok", measured
+    predicted = predict(BC40, Setup(16, 32, backend=backend, threads=2), policy)
+    assert measured["persistent_bytes"] == predicted.persistent_bytes
+    assert abs(predicted.step_bytes / measured["peak_bytes"] - 1) < 0.10, (predicted.step, measured)
