@@ -1,17 +1,22 @@
 """Datasets for the trainer: scikit-learn's digits (the embedded default),
-CIFAR-10/100 in their python-pickle format, and ImageFolder trees.
+CIFAR-10/100 in their python-pickle format, and ImageFolder trees; for 3-D
+volumes a folder of ``.npy`` (and NIfTI, through nibabel) volumes listed in a
+``labels.csv``, MedMNIST-3D ``.npz`` files, and ``synthetic3d`` (generated).
 
 Every dataset yields ``(image, label)`` with ``image`` a normalised float32
-``(C, H, W)`` tensor.  Augmentation is applied to whole batches by
+``(C, H, W)`` tensor, or ``(C, D, H, W)`` for volumes.  Augmentation is applied to whole batches by
 :func:`augment` (in the training loop), so its randomness comes from one
 generator the loop seeds per step and a resumed run draws the same crops.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
-from dataclasses import dataclass
+import re
+import zipfile
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,6 +28,14 @@ from torch.utils.data import Dataset, TensorDataset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VOLUME_EXTENSIONS = (".npy", ".nii", ".nii.gz")
+LABELS_FILE = "labels.csv"  # the label of each volume of a volume folder (file,label[,split])
+SYNTHETIC_3D = "synthetic3d"
+SYNTHETIC_3D_SIZE = (16, 16, 16)
+SYNTHETIC_3D_CLASSES = ("ball", "cube", "shell")
+# MedMNIST's 3-D datasets; found as <name>.npz or <name>_64.npz in $MEDMNIST_ROOT or ~/.medmnist (never downloaded)
+MEDMNIST_3D = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
+               "synapsemnist3d")
 HELD_OUT_FRACTION = 0.2  # test split of datasets that come without one (digits, single ImageFolder trees)
 SPLIT_SEED = 0
 
@@ -34,7 +47,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Augmentation:
     """Random crop after zero-padding by ``crop_padding`` pixels (0: none) and
-    random horizontal flip."""
+    random horizontal flip (along the last axis; volumes too)."""
 
     crop_padding: int = 0
     flip: bool = False
@@ -49,12 +62,19 @@ class Augmentation:
 class ImageData:
     """A train and a held-out test split of one classification dataset."""
 
-    name: str  # "digits", "cifar10", "cifar100" or "imagefolder"
+    name: str  # "digits", "cifar10", "cifar100", "imagefolder", "synthetic3d", "volumefolder" or a MedMNIST name
     train: Dataset
     test: Dataset
     num_classes: int
     in_channels: int
     augmentation: Augmentation
+    spatial_dims: int = 2  # 3 for volumes
+    size: Optional[tuple[int, ...]] = None  # spatial size of every sample, where all share one
+
+    @property
+    def unit(self) -> str:
+        """What one sample is called in messages."""
+        return "volumes" if self.spatial_dims == 3 else "images"
 
     def limit(self, train_images: Optional[int], test_images: Optional[int]) -> "ImageData":
         """The same data restricted to the first ``train_images`` / ``test_images`` images."""
@@ -63,26 +83,45 @@ class ImageData:
                 return dataset
             return torch.utils.data.Subset(dataset, range(n))
 
-        return ImageData(self.name, head(self.train, train_images), head(self.test, test_images), self.num_classes,
-                         self.in_channels, self.augmentation)
+        return replace(self, train=head(self.train, train_images), test=head(self.test, test_images))
 
 
-def load_dataset(spec: str, image_size: Optional[int] = None) -> ImageData:
-    """``spec``: ``"digits"`` or a directory holding CIFAR-10 (``data_batch_1..5``,
-    ``test_batch``), CIFAR-100 (``train``, ``test``, ``meta``), or an ImageFolder
-    tree.  ``image_size``: side in pixels that ImageFolder images are resized to."""
+def load_dataset(spec: str, image_size: Optional[int] = None,
+                 volume_size: Optional[Sequence[int]] = None) -> ImageData:
+    """``spec``: ``"digits"``, ``"synthetic3d"``, a MedMNIST-3D ``.npz`` file (or
+    the name of one in ``$MEDMNIST_ROOT`` or ``~/.medmnist``), or a directory
+    holding CIFAR-10 (``data_batch_1..5``, ``test_batch``), CIFAR-100 (``train``,
+    ``test``, ``meta``), volumes listed in a ``labels.csv``, or an ImageFolder
+    tree.  ``image_size``: side in pixels that ImageFolder images are resized to;
+    ``volume_size``: ``(D, H, W)`` (or one side) that volumes are resized to
+    (default: volumes must share one size)."""
+    size = _volume_size(volume_size)
     if spec == "digits":
         return load_digits()
+    if spec == SYNTHETIC_3D:
+        return load_synthetic3d(size or SYNTHETIC_3D_SIZE)
+    medmnist = _medmnist_file(spec)
+    if medmnist is not None:
+        return load_medmnist3d(medmnist, size)
     if not os.path.exists(spec):
-        raise DatasetError(f"dataset {spec!r} not found: give 'digits' or an existing directory")
+        raise DatasetError(f"dataset {spec!r} not found: give 'digits', '{SYNTHETIC_3D}', a MedMNIST-3D .npz file or "
+                           f"an existing directory")
     if not os.path.isdir(spec):
-        raise DatasetError(f"dataset {spec!r} is a file; give a directory (CIFAR-10/100 python-pickle or ImageFolder)")
+        raise DatasetError(f"dataset {spec!r} is a file; give a directory (CIFAR-10/100 python-pickle, ImageFolder, "
+                           f"or volumes with a {LABELS_FILE}) or a MedMNIST-3D .npz file")
+    if os.path.isfile(os.path.join(spec, LABELS_FILE)):
+        return load_volume_folder(spec, size)
     for root in (spec, os.path.join(spec, "cifar-10-batches-py"), os.path.join(spec, "cifar-100-python")):
         if os.path.exists(os.path.join(root, "data_batch_1")) or os.path.exists(os.path.join(root, "test_batch")):
             return load_cifar10(root)
         if os.path.exists(os.path.join(root, "meta")) and os.path.exists(os.path.join(root, "train")) \
                 and os.path.isfile(os.path.join(root, "train")):
             return load_cifar100(root)
+    volumes = _volume_files(spec)
+    if volumes:
+        raise DatasetError(f"{spec} holds {len(volumes)} volume file(s) ({os.path.relpath(volumes[0], spec)}, ...) "
+                           f"but no {LABELS_FILE}: add one with the columns file,label (and optionally split: "
+                           f"train or test) naming every volume")
     return load_image_folder(spec, image_size or 32)
 
 
@@ -238,6 +277,357 @@ def load_image_folder(root: str, size: int) -> ImageData:
                      Augmentation(crop_padding=padding, flip=True))
 
 
+# -- volumes (3-D) -------------------------------------------------------------------------
+def _volume_size(size: Optional[Sequence[int]]) -> Optional[tuple[int, int, int]]:
+    """``(D, H, W)`` of ``--volume-size`` (one side stands for all three), or ``None``."""
+    if size is None:
+        return None
+    size = tuple(int(s) for s in size)
+    if len(size) == 1:
+        size = size * 3
+    if len(size) != 3 or min(size) < 1:
+        raise DatasetError(f"a volume size is one side or three (D H W), each at least 1; got {size}")
+    return size
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _resize(volumes: Tensor, size: Optional[tuple[int, ...]]) -> Tensor:
+    """``(N, C, D, H, W)`` volumes resized to ``size`` (trilinear), or as they are."""
+    if size is None or tuple(volumes.shape[2:]) == tuple(size):
+        return volumes
+    return F.interpolate(volumes, size=size, mode="trilinear", align_corners=False)
+
+
+def _standardise_splits(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Both splits normalised per channel by the training split's mean and standard deviation."""
+    dims = [0] + list(range(2, train.dim()))
+    mean = train.mean(dim=dims, keepdim=True)
+    std = train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _volume_augmentation(size: Sequence[int]) -> Augmentation:
+    """Random shift by up to 1/8 of the smallest side; no flips (left and right are
+    different organs in medical volumes)."""
+    return Augmentation(crop_padding=max(1, min(size) // 8), flip=False)
+
+
+def load_synthetic3d(size: tuple[int, int, int] = SYNTHETIC_3D_SIZE, train: int = 240, test: int = 60) -> ImageData:
+    """A small generated 3-D dataset for smoke tests: one-channel volumes of
+    ``size`` holding a ball, a cube or a hollow shell (3 classes, in turn) of
+    random centre and radius in Gaussian noise; fixed (the same every call).
+    Augmentation: random shift by 1 voxel and flips along the last axis."""
+    if min(size) < 4:
+        raise DatasetError(f"{SYNTHETIC_3D} volumes need at least 4 voxels per side, got {_shape_text(size)}")
+    rng = np.random.default_rng(SPLIT_SEED)
+    grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in size), indexing="ij"))  # (3, D, H, W)
+    sides = np.asarray(size, dtype=np.float32).reshape(3, 1, 1, 1)
+    count = train + test
+    labels = np.arange(count) % len(SYNTHETIC_3D_CLASSES)
+    volumes = np.empty((count, 1, *size), dtype=np.float32)
+    for i, label in enumerate(labels):
+        radius = rng.uniform(0.2, 0.35) * float(min(size))
+        centre = rng.uniform(radius, sides.ravel() - radius).astype(np.float32).reshape(3, 1, 1, 1)
+        offset = np.abs(grid - centre) / radius
+        if label == 0:
+            shape = np.sqrt((offset ** 2).sum(0)) <= 1  # ball
+        elif label == 1:
+            shape = offset.max(0) <= 0.8  # cube (of about the ball's volume)
+        else:
+            distance = np.sqrt((offset ** 2).sum(0))
+            shape = (distance <= 1) & (distance >= 0.6)  # hollow shell
+        volumes[i, 0] = shape + rng.normal(0, 0.3, size).astype(np.float32)
+    order = rng.permutation(count)
+    volumes, labels = torch.from_numpy(volumes[order]), torch.from_numpy(labels[order])
+    train_x, test_x = _standardise_splits(volumes[:train], volumes[train:])
+    return ImageData(SYNTHETIC_3D, TensorDataset(train_x, labels[:train]), TensorDataset(test_x, labels[train:]),
+                     len(SYNTHETIC_3D_CLASSES), 1, Augmentation(crop_padding=1, flip=True), spatial_dims=3,
+                     size=tuple(size))
+
+
+def _medmnist_file(spec: str) -> Optional[str]:
+    """The MedMNIST-3D file that ``spec`` names: a path ending in ``.npz``, or a
+    name such as ``organmnist3d`` or ``organmnist3d_64`` looked up in
+    ``$MEDMNIST_ROOT`` (default ``~/.medmnist``, where the medmnist package puts
+    them); ``None`` for other datasets.  Nothing is downloaded."""
+    if spec.lower().endswith(".npz"):
+        if not os.path.isfile(spec):
+            raise DatasetError(f"MedMNIST file {spec} not found")
+        return spec
+    match = re.fullmatch(r"([a-z]+mnist3d)(?:_(28|64))?", spec.lower())
+    if match is None or match.group(1) not in MEDMNIST_3D:
+        return None
+    root = os.environ.get("MEDMNIST_ROOT") or os.path.join(os.path.expanduser("~"), ".medmnist")
+    path = os.path.join(root, f"{match.group(1)}{'' if match.group(2) in (None, '28') else '_64'}.npz")
+    if not os.path.isfile(path):
+        raise DatasetError(f"{spec}: {path} not found, and the trainer downloads nothing: fetch it once with the "
+                           f"medmnist package (e.g. medmnist.{match.group(1).replace('mnist3d', '').capitalize()}"
+                           f"MNIST3D(split='train', download=True)) or from MedMNIST's Zenodo record, then pass "
+                           f"its path or set MEDMNIST_ROOT")
+    return path
+
+
+def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> ImageData:
+    """A MedMNIST-3D ``.npz`` file (``train_images`` ``(N, D, H, W)`` uint8,
+    ``train_labels`` ``(N, 1)``, likewise ``test_*``; ``val_*`` is not used):
+    the official train and test splits, in memory, scaled to [0, 1] and
+    normalised by the training split's mean and standard deviation, resized to
+    ``size`` if given.  Augmentation: random shift by 1/8 of a side, no flips."""
+    keys = ("train_images", "train_labels", "test_images", "test_labels")
+    try:
+        with np.load(path, allow_pickle=False) as content:
+            missing = [k for k in keys if k not in content.files]
+            if missing:
+                raise DatasetError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(content.files) or 'nothing'}"
+                                   f"); expected a MedMNIST-3D file")
+            arrays = {k: content[k] for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 4:
+            kind = " (2-D images: a 2-D MedMNIST file)" if images.ndim in (3, 4) else ""
+            raise DatasetError(f"{path}: {split}_images has shape {images.shape}{kind}; expected MedMNIST-3D volumes "
+                               f"(N, D, H, W)")
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.shape != (len(images),):
+            raise DatasetError(f"{path}: {len(images)} {split} volumes but {split}_labels has shape {labels.shape} "
+                               f"(one class per volume expected; multi-label data is not supported)")
+        if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+            raise DatasetError(f"{path}: {split}_labels must be class indices 0, 1, ... (got {labels.dtype})")
+        if not np.issubdtype(images.dtype, np.number):
+            raise DatasetError(f"{path}: {split}_images must be numbers, got {images.dtype}")
+        scale = np.float32(255) if images.dtype == np.uint8 else np.float32(1)
+        volumes = torch.from_numpy(images.astype(np.float32) / scale)[:, None]
+        splits[split] = (_resize(volumes, size), torch.from_numpy(labels.astype(np.int64)))
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    if train_x.shape[2:] != test_x.shape[2:]:
+        raise DatasetError(f"{path}: train volumes are {_shape_text(train_x.shape[2:])} but test volumes "
+                           f"{_shape_text(test_x.shape[2:])}")
+    if not len(train_x) or not len(test_x):
+        raise DatasetError(f"{path}: {len(train_x)} train and {len(test_x)} test volumes; both splits must be non-empty")
+    if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
+        raise DatasetError(f"{path}: the volumes hold NaN or infinite values")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    if num_classes < 2:
+        raise DatasetError(f"{path}: every label is 0; a classifier needs at least 2 classes")
+    train_x, test_x = _standardise_splits(train_x, test_x)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return ImageData(name, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), num_classes, 1,
+                     _volume_augmentation(train_x.shape[2:]), spatial_dims=3, size=tuple(train_x.shape[2:]))
+
+
+def _is_volume_file(name: str) -> bool:
+    return name.lower().endswith(VOLUME_EXTENSIONS)
+
+
+def _volume_files(root: str) -> list[str]:
+    """Every volume file under ``root`` (any depth), sorted."""
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(files) if _is_volume_file(f) and not f.startswith(".")]
+    return found
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError as exc:
+        raise DatasetError("reading NIfTI volumes (.nii, .nii.gz) needs nibabel: pip install nibabel (or convert "
+                           "them to .npy)") from exc
+    return nibabel
+
+
+def volume_header(path: str) -> tuple[int, tuple[int, ...]]:
+    """``(channels, spatial shape)`` of a volume file, read from its header: a
+    ``.npy`` array ``(D, H, W)`` (one channel) or ``(C, D, H, W)``; a NIfTI image
+    ``(X, Y, Z)`` or ``(X, Y, Z, C)`` (channels last, as NIfTI stores them)."""
+    if path.lower().endswith(".npy"):
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"cannot read volume {path} as a .npy array ({type(exc).__name__}: {exc})") from exc
+        shape, dtype = array.shape, array.dtype
+        layout = "(D, H, W) or (C, D, H, W)"
+        channels_first = True
+    else:
+        try:
+            image = _nibabel().load(path)
+            shape, dtype = image.shape, image.get_data_dtype()
+        except DatasetError:
+            raise
+        except Exception as exc:
+            raise DatasetError(f"cannot read volume {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
+        layout = "(X, Y, Z) or (X, Y, Z, C)"
+        channels_first = False
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise DatasetError(f"volume {path} holds {dtype}, not numbers")
+    if len(shape) not in (3, 4) or 0 in shape:
+        raise DatasetError(f"volume {path} has shape {tuple(shape)}; expected {layout}")
+    if len(shape) == 3:
+        return 1, tuple(shape)
+    return (shape[0], tuple(shape[1:])) if channels_first else (shape[3], tuple(shape[:3]))
+
+
+def read_volume(path: str) -> np.ndarray:
+    """A volume file as a float32 ``(C, D, H, W)`` array (see :func:`volume_header`)."""
+    if path.lower().endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"cannot read volume {path} ({type(exc).__name__}: {exc})") from exc
+        array = array.astype(np.float32)
+        return array[None] if array.ndim == 3 else array
+    try:
+        array = np.asarray(_nibabel().load(path).get_fdata(dtype=np.float32))
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"cannot read volume {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
+    return array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
+
+
+class VolumeFolder(Dataset):
+    """Volumes of ``samples`` (path, label) read from their files, resized to
+    ``size`` (trilinear) if given, and normalised per volume and channel to mean
+    0 and standard deviation 1 (the intensities of CT and MRI scans differ from
+    scan to scan)."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: Optional[tuple[int, int, int]]) -> None:
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        array = read_volume(path)
+        if not np.isfinite(array).all():
+            raise DatasetError(f"volume {path} holds NaN or infinite values")
+        volume = _resize(torch.from_numpy(np.ascontiguousarray(array))[None], self.size)[0]
+        dims = tuple(range(1, volume.dim()))
+        mean, std = volume.mean(dim=dims, keepdim=True), volume.std(dim=dims, keepdim=True)
+        return (volume - mean) / std.clamp_min(1e-6), label
+
+
+def _read_labels(root: str) -> list[tuple[str, str, str]]:
+    """``(path, label, split)`` of every row of ``root/labels.csv`` (split ``""``
+    without a split column), after checking the file's columns and rows."""
+    path = os.path.join(root, LABELS_FILE)
+    layout = "columns file,label and optionally split (train or test)"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    if "file" not in header or "label" not in header:
+        raise DatasetError(f"{path}: the first line must name the {layout}; got {','.join(header) or 'nothing'}")
+    column = {name: header.index(name) for name in ("file", "label", "split") if name in header}
+    entries, seen = [], {}
+    for line, row in rows:
+        cells = {name: (row[i].strip() if i < len(row) else "") for name, i in column.items()}
+        if not cells["file"]:
+            raise DatasetError(f"{path}, line {line}: no file name")
+        if not cells["label"]:
+            raise DatasetError(f"{path}, line {line}: {cells['file']} has no label")
+        split = cells.get("split", "").lower()
+        if "split" in column and split not in ("train", "test", "val"):
+            raise DatasetError(f"{path}, line {line}: split must be train, test or val, got {cells.get('split')!r}")
+        file = os.path.normpath(os.path.join(root, cells["file"]))
+        if not _is_volume_file(file):
+            raise DatasetError(f"{path}, line {line}: {cells['file']} is not a volume file "
+                               f"({', '.join(VOLUME_EXTENSIONS)})")
+        if file in seen:
+            raise DatasetError(f"{path}, line {line}: {cells['file']} is listed again (first on line {seen[file]})")
+        seen[file] = line
+        entries.append((file, cells["label"], "test" if split == "val" else split))
+    if not entries:
+        raise DatasetError(f"{path} lists no volumes ({layout})")
+    missing = [os.path.relpath(f, root) for f, _, _ in entries if not os.path.isfile(f)]
+    if missing:
+        raise DatasetError(f"{path} lists {len(missing)} file(s) that do not exist: {', '.join(missing[:5])}"
+                           + (", ..." if len(missing) > 5 else ""))
+    unlabelled = [os.path.relpath(f, root) for f in _volume_files(root) if os.path.normpath(f) not in seen]
+    if unlabelled:
+        raise DatasetError(f"{len(unlabelled)} volume file(s) under {root} have no label in {LABELS_FILE}: "
+                           f"{', '.join(unlabelled[:5])}" + (", ..." if len(unlabelled) > 5 else "")
+                           + "; add a row for each or move them out")
+    return entries
+
+
+def _class_indices(labels: list[str]) -> tuple[list[int], int]:
+    """Labels as class indices: integers 0, 1, ... as they are, names sorted."""
+    if all(re.fullmatch(r"\d+", label) for label in labels):
+        indices = [int(label) for label in labels]
+        return indices, max(indices) + 1
+    names = sorted(set(labels))
+    return [names.index(label) for label in labels], len(names)
+
+
+def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -> ImageData:
+    """A folder of volumes (``.npy``; ``.nii``/``.nii.gz`` through nibabel) with a
+    ``labels.csv`` naming each (see :func:`volume_header` for the layouts):
+
+        file,label,split
+        scans/case001.npy,0,train
+        scans/case002.nii.gz,1,test
+
+    ``file`` is relative to the folder; ``label`` a class index (0, 1, ...) or a
+    class name (names are sorted to indices); ``split`` (optional column) is
+    ``train`` or ``test`` (or ``val``, used as test); without it a fixed
+    stratified 20% is held out.  Every volume file under the folder must have a
+    row.  All volumes must have the same number of channels, and the same size
+    unless ``size`` resizes them.  Augmentation: random shift by 1/8 of the
+    smallest side, no flips."""
+    entries = _read_labels(root)
+    headers = {f: volume_header(f) for f, _, _ in entries}
+    first = entries[0][0]
+    channels, shape = headers[first]
+    name = lambda f: os.path.relpath(f, root)  # noqa: E731
+    other = [f for f, (c, _) in headers.items() if c != channels]
+    if other:
+        raise DatasetError(f"volumes differ in channels: {name(first)} has {channels}, {name(other[0])} has "
+                           f"{headers[other[0]][0]}" + (f" (and {len(other) - 1} more)" if len(other) > 1 else ""))
+    other = [f for f, (_, s) in headers.items() if s != shape]
+    if other and size is None:
+        raise DatasetError(f"volumes differ in size: {name(first)} is {_shape_text(shape)}, {name(other[0])} is "
+                           f"{_shape_text(headers[other[0]][1])}"
+                           + (f" (and {len(other) - 1} more)" if len(other) > 1 else "")
+                           + "; pass --volume-size D H W (or one side) to resize every volume")
+    labels, num_classes = _class_indices([label for _, label, _ in entries])
+    if num_classes < 2 or len(set(labels)) < 2:
+        raise DatasetError(f"{root}/{LABELS_FILE}: every volume has the same label; a classifier needs at least 2 "
+                           f"classes")
+    samples = [(f, label) for (f, _, _), label in zip(entries, labels)]
+    splits = [split for _, _, split in entries]
+    if any(splits):
+        train = [s for s, split in zip(samples, splits) if split == "train"]
+        test = [s for s, split in zip(samples, splits) if split == "test"]
+        if not train or not test:
+            raise DatasetError(f"{root}/{LABELS_FILE}: {len(train)} train and {len(test)} test volumes; both splits "
+                               f"must be non-empty")
+    else:
+        from sklearn.model_selection import train_test_split
+
+        try:
+            train, test = train_test_split(samples, test_size=HELD_OUT_FRACTION, stratify=labels,
+                                           random_state=SPLIT_SEED)
+        except ValueError as exc:
+            raise DatasetError(f"{root}: too few volumes per class to hold out a stratified test split ({exc}); "
+                               f"add a split column to {LABELS_FILE}") from exc
+    final = size or shape
+    return ImageData("volumefolder", VolumeFolder(train, size), VolumeFolder(test, size), num_classes, channels,
+                     _volume_augmentation(final), spatial_dims=3, size=tuple(final))
+
+
 # -- sampling and augmentation -------------------------------------------------------------
 class ShardedBatchSampler:
     """Batches of indices for one process: each epoch a fresh permutation drawn
@@ -278,7 +668,10 @@ class ShardedBatchSampler:
 
 
 def augment(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
-    """Random crops (zero padding) and flips of a ``(N, C, H, W)`` batch, one draw per image."""
+    """Random crops (zero padding) and flips of a ``(N, C, H, W)`` batch, one draw per image
+    (or of ``(N, C, D, H, W)`` volumes: see :func:`augment_volumes`)."""
+    if images.dim() != 4:
+        return augment_volumes(images, augmentation, generator)
     n, _, h, w = images.shape
     p = augmentation.crop_padding
     if p:
@@ -292,3 +685,19 @@ def augment(images: Tensor, augmentation: Augmentation, generator: torch.Generat
         flip = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
     return images.contiguous()
+
+
+def augment_volumes(volumes: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
+    """Random crops (zero padding) and flips along the last axis of ``(N, C, *spatial)``
+    volumes, one draw per volume: offsets along each axis, then the flips."""
+    n, _, *sizes = volumes.shape
+    p = augmentation.crop_padding
+    if p:
+        padded = F.pad(volumes, (p, p) * len(sizes))
+        offsets = torch.randint(0, 2 * p + 1, (n, len(sizes)), generator=generator).tolist()
+        volumes = torch.stack([padded[(i, slice(None)) + tuple(slice(o, o + s) for o, s in zip(offset, sizes))]
+                               for i, offset in enumerate(offsets)])
+    if augmentation.flip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        volumes = torch.where(flip.view(n, *[1] * (volumes.dim() - 1)), volumes.flip(-1), volumes)
+    return volumes.contiguous()

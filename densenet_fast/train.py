@@ -40,6 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import models
+from . import monai as monai_models
+from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
 from .memory import OptimizerSpec, parse_bytes
 from .planner import MemoryBudgetError
@@ -53,10 +55,23 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet161": models.densenet161,
     "densenet264": models.densenet264,
 }
+# Volumes (3-D data) train densenet_fast.monai's DenseNets (MONAI's module tree): the
+# named ones, and DenseNet-BC as a MONAI DenseNet of 3 blocks of (depth - 4) / 6 layers.
+MONAI_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "densenet121": monai_models.DenseNet121,
+    "densenet169": monai_models.DenseNet169,
+    "densenet201": monai_models.DenseNet201,
+    "densenet161": lambda **kwargs: monai_models.DenseNet(init_features=96, growth_rate=48,
+                                                          block_config=(6, 12, 36, 24), **kwargs),
+    "densenet264": monai_models.DenseNet264,
+}
 # Defaults that depend on the dataset: small and quick on the embedded digits,
 # the paper's CIFAR settings (DenseNet-BC L=100 k=12, 300 epochs, batch 64) otherwise.
 DIGITS_DEFAULTS = dict(depth=10, growth_rate=12, epochs=15, batch_size=64, workers=0)
 PAPER_DEFAULTS = dict(depth=100, growth_rate=12, epochs=300, batch_size=64, workers=0)
+# Volumes: small and quick on the generated synthetic3d, a 3-D DenseNet-BC L=40 k=12 otherwise.
+SYNTHETIC_3D_DEFAULTS = dict(depth=10, growth_rate=8, epochs=10, batch_size=16, workers=0)
+VOLUME_DEFAULTS = dict(depth=40, growth_rate=12, epochs=100, batch_size=16, workers=0)
 IMAGE_FOLDER_WORKERS = 4
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "densenet_fast.train/1"
@@ -85,9 +100,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'digits' (scikit-learn's 8x8 handwritten digits, embedded; the default) or a directory: "
                            "CIFAR-10 python version (data_batch_1..5, test_batch), CIFAR-100 python version "
                            "(train, test, meta), or an ImageFolder tree (one folder of images per class, optionally "
-                           "under train/ and val/; without them a fixed 20%% is held out for testing)")
+                           "under train/ and val/; without them a fixed 20%% is held out for testing). 3-D volumes: "
+                           f"'{SYNTHETIC_3D}' (generated, for smoke tests), a folder of .npy (or, with nibabel, "
+                           ".nii/.nii.gz) volumes with a labels.csv (columns file,label[,split]), or a MedMNIST-3D "
+                           ".npz file (or its name, e.g. organmnist3d, in $MEDMNIST_ROOT or ~/.medmnist; nothing is "
+                           "downloaded); docs/training.md describes the layouts")
     data.add_argument("--image-size", type=int, default=32, metavar="PIXELS",
                       help="side that ImageFolder images are resized and centre-cropped to (default: %(default)s)")
+    data.add_argument("--volume-size", type=int, nargs="+", default=None, metavar="SIZE",
+                      help="D H W (or one side for all three) that volumes are resized to (trilinear); without it "
+                           f"the volumes of a dataset must share one size ({SYNTHETIC_3D}: generated at this size, "
+                           f"default 16)")
     data.add_argument("--workers", type=int, default=None, metavar="N",
                       help=f"data-loading worker processes (default: {IMAGE_FOLDER_WORKERS} for ImageFolder, at most one per CPU; "
                            f"0 for the in-memory datasets)")
@@ -98,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="densenet_bc", choices=sorted(MODELS),
-                       help="architecture (default: %(default)s, the paper's CIFAR DenseNet-BC)")
+                       help="architecture (default: %(default)s, the paper's CIFAR DenseNet-BC); for volumes the 3-D "
+                            "DenseNets of densenet_fast.monai (MONAI's module tree)")
     model.add_argument("--depth", type=int, default=None, metavar="L",
                        help=f"DenseNet-BC depth, 6n+4 (default: {d['depth']} on digits, {p['depth']} otherwise)")
     model.add_argument("--growth-rate", type=int, default=None, metavar="K",
@@ -165,6 +189,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and value < least:
             raise TrainingError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
+    volume_size = getattr(args, "volume_size", None)
+    if volume_size is not None and (len(volume_size) not in (1, 3) or min(volume_size) < 1):
+        raise TrainingError(f"--volume-size takes one side or three (D H W), each at least 1; got "
+                            f"{' '.join(map(str, volume_size))}")
     if not 0 < args.lr < math.inf:
         raise TrainingError(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.momentum < 1:
@@ -278,7 +306,7 @@ class Outcome:
 def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
     """The run's settings and data, after checking (and creating) the output directory."""
     try:
-        data = load_dataset(args.data, args.image_size).limit(args.train_limit, args.test_limit)
+        data = load_dataset(args.data, args.image_size, args.volume_size).limit(args.train_limit, args.test_limit)
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     options = resolve_options(args, data, procs)
@@ -291,9 +319,10 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     random.seed(options["seed"] + procs.rank)
     np.random.seed(options["seed"] + procs.rank)
     torch.manual_seed(options["seed"])  # the same initial weights in every process
-    model = build_model(options).to(device)
+    model = (build_volume_model(options) if data.spatial_dims == 3 else build_model(options)).to(device)
+    check_input_size(model, data)
     if options["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=channels_last_format(data.spatial_dims))
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
 
     per_process_batch = options["batch_size"] // procs.world_size
@@ -302,8 +331,8 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     test_sampler = ShardedBatchSampler(len(data.test), per_process_batch, shuffle=False, drop_last=False,
                                        rank=procs.rank, world_size=procs.world_size)
     if len(train_sampler) == 0:
-        raise TrainingError(f"{len(data.train)} training images do not fill one batch of {options['batch_size']}; "
-                            f"lower --batch-size")
+        raise TrainingError(f"{len(data.train)} training {data.unit} do not fill one batch of "
+                            f"{options['batch_size']}; lower --batch-size")
     loader_options = dict(num_workers=options["workers"], pin_memory=device.type == "cuda",
                           persistent_workers=options["workers"] > 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
@@ -378,10 +407,12 @@ def plan_memory(run: Run) -> str:
 def describe(run: Run) -> str:
     """The first line of the log: model, data, processes and schedule."""
     options, data = run.options, run.data
-    return (f"training {options['model']}"
+    volumes = f" of {'x'.join(map(str, data.size))}" if data.spatial_dims == 3 and data.size else ""
+    return (f"training {options['model']}" + (" (3-D)" if data.spatial_dims == 3 else "")
             + (f" (depth {options['depth']}, growth rate {options['growth_rate']})" if options["depth"] else "")
             + f", {sum(p.numel() for p in run.model.parameters()):,} parameters, on {data.name}: "
-              f"{len(data.train)} train / {len(data.test)} test images, {data.num_classes} classes; augmentation: "
+              f"{len(data.train)} train / {len(data.test)} test {data.unit}{volumes}, {data.num_classes} classes; "
+              f"augmentation: "
               f"{data.augmentation.describe()}; {run.procs.world_size} process(es) on {run.device.type}; "
               f"{options['epochs']} epochs of {len(run.train_sampler)} steps, batch {options['batch_size']}, "
               f"output {run.out}")
@@ -488,7 +519,7 @@ def finish(run: Run, outcome: Outcome) -> dict:
         raise TrainingError(f"{run.out} holds no finished epoch")
     summary["test_accuracy"] = history[-1]["test_accuracy"]
     speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.seconds else "no training in this run"
-    procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(run.data.test)} held-out images) | "
+    procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(run.data.test)} held-out {run.data.unit}) | "
               f"{speed} | peak memory {summary['peak_memory']} | {len(history)} epochs, results in {run.out}",
               flush=True)
     return summary
@@ -595,13 +626,16 @@ def stop_processes(procs: Processes, wait_for_others: bool = True) -> None:
 # -- configuration ----------------------------------------------------------------------------
 def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes) -> dict:
     """The run's settings: the command line with dataset-dependent defaults filled in."""
-    defaults = DIGITS_DEFAULTS if data.name == "digits" else PAPER_DEFAULTS
+    if data.spatial_dims == 3:
+        defaults = SYNTHETIC_3D_DEFAULTS if data.name == SYNTHETIC_3D else VOLUME_DEFAULTS
+    else:
+        defaults = DIGITS_DEFAULTS if data.name == "digits" else PAPER_DEFAULTS
     options = dict(vars(args))
     options.pop("func", None)
     for key, value in defaults.items():
         if options.get(key) is None:
             options[key] = value
-    if args.workers is None and data.name == "imagefolder":
+    if args.workers is None and data.name in ("imagefolder", "volumefolder"):
         options["workers"] = min(IMAGE_FOLDER_WORKERS, os.cpu_count() or 1)
     if args.model != "densenet_bc" and (args.depth is not None or args.growth_rate is not None):
         raise TrainingError(f"--depth and --growth-rate apply to densenet_bc only; {args.model} has a fixed shape")
@@ -611,7 +645,7 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         raise TrainingError(f"--batch-size {options['batch_size']} is not divisible by the {procs.world_size} "
                             f"processes")
     options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                   world_size=procs.world_size)
+                   spatial_dims=data.spatial_dims, world_size=procs.world_size)
     if options["out"] is None:  # a new directory per run, named by rank 0
         shape = f"-{options['depth']}-{options['growth_rate']}" if args.model == "densenet_bc" else ""
         name = f"{data.name}-{args.model}{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -636,6 +670,38 @@ def build_model(options: dict) -> nn.Module:
             raise TrainingError(f"--memory-budget: {exc}") from None
     model.set_recompute(recompute)
     return model
+
+
+def build_volume_model(options: dict) -> nn.Module:
+    """A 3-D DenseNet of densenet_fast.monai (MONAI's module tree: a MONAI checkpoint
+    loads into it): ``densenet_bc`` is MONAI's DenseNet with 3 blocks of
+    ``(depth - 4) / 6`` layers, ``2 * growth_rate`` stem channels and MONAI's stem
+    (7x7x7 convolution and max pooling, each of stride 2)."""
+    kwargs = dict(spatial_dims=3, in_channels=options["in_channels"], out_channels=options["num_classes"],
+                  backend=options["backend"], recompute=options["recompute"])
+    if options["model"] != "densenet_bc":
+        return MONAI_MODELS[options["model"]](**kwargs)
+    depth, k = options["depth"], options["growth_rate"]
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise TrainingError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), got {depth!r}")
+    n = (depth - 4) // 6
+    return monai_models.DenseNet(init_features=2 * k, growth_rate=k, block_config=(n, n, n), **kwargs)
+
+
+def check_input_size(model: nn.Module, data: ImageData) -> None:
+    """The data's images or volumes are not too small for ``model`` (said before any work)."""
+    if data.size is None or not hasattr(model, "feature_size"):
+        return
+    if min(model.feature_size(*data.size)) < 1:
+        least = model.min_input_size()
+        option = "--volume-size" if data.spatial_dims == 3 else "--image-size"
+        raise TrainingError(f"{data.unit} of {'x'.join(map(str, data.size))} are too small for {type(model).__name__}"
+                            f" (it needs at least {'x'.join([str(least)] * data.spatial_dims)}); choose a smaller "
+                            f"model or resize them with {option}")
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -699,7 +765,7 @@ def autocast(device: torch.device, amp: str):
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return images.contiguous(memory_format=channels_last_format(images.dim() - 2)) if channels_last else images
 
 
 @torch.no_grad()

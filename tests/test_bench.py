@@ -141,3 +141,53 @@ def test_implementations_share_weights_and_agree():
     Step(fast, x, y, train=False, autocast_dtype=None)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), tv(x), rtol=1e-4, atol=1e-5)
+
+
+def test_models_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path):
+    result = models.main(["--model", "monai-densenet121", "--image-size", "8x16x12", "--batch", "2", "--train-only",
+                          "--impls", "monai-eager", "monai-ckpt", "fast-torch-keep", "--out", str(tmp_path / "v.json"),
+                          "--no-progress"])
+    assert result["model"]["name"] == "monai-densenet121-3d"
+    assert [r["impl"] for r in result["rows"]] == ["monai-eager", "monai-ckpt", "fast-torch-keep"]
+    assert {batch for _, _, batch in fake_workers} == {2}  # --train-only: no half batch, no search
+    for row in result["rows"]:
+        assert "infer_peak_MiB" not in row and "infer_images_per_s" not in row
+        assert row["train_peak_MiB_vs_monai"] == pytest.approx(row["train_peak_MiB"] / result["rows"][0]["train_peak_MiB"])
+    written = json.loads((tmp_path / "v.json").read_text())
+    assert written["environment"]["settings"]["image_size"] == [8, 16, 12]
+    with pytest.raises(SystemExit):
+        models.main(["--image-size", "8x0x8"])
+    with pytest.raises(ValueError, match="several sides are for the MONAI models"):
+        models.main(["--image-size", "8x8x8", "--impls", "tv-eager", "--out", str(tmp_path / "x.json")])
+
+
+def test_monai_implementations_share_weights_and_agree():
+    """MONAI eager, MONAI checkpointed per dense layer and densenet_fast.monai: same
+    weights and inputs give the same gradients (1-D, float64: the last block must
+    see more than one value per channel, or its batch norm's gradient is rounding
+    noise) and the same outputs on volumes."""
+    pytest.importorskip("monai")
+    from densenet_fast.bench import monai_impls
+
+    impls = ["monai-eager", "monai-ckpt", "fast-torch-keep"]
+    spec = monai_impls.parse("monai-densenet121", [200])
+    built = {impl: build(impl, spec, "cpu", False, seed=i).double() for i, impl in enumerate(impls)}
+    share_weights(list(built.values()))
+    x, y = make_inputs(spec, 2, [200], "cpu", False)
+    assert x.shape == (2, 1, 200) and x.std() > 0.5
+    grads = {}
+    for impl, model in built.items():
+        torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+        grads[impl] = [p.grad for p in model.parameters()]
+    for impl in impls[1:]:
+        for mine, theirs in zip(grads[impl], grads["monai-eager"]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-7, atol=1e-9)
+    volumes = monai_impls.parse("monai-densenet121", [29, 32, 30])
+    built = [build(impl, volumes, "cpu", True, seed=i).eval() for i, impl in enumerate(impls[::2])]
+    share_weights(built)
+    x, _ = make_inputs(volumes, 1, [29, 32, 30], "cpu", True)
+    assert x.shape == (1, 1, 29, 32, 30) and x.is_contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        outputs = [model(x) for model in built]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=1e-4, atol=1e-5)

@@ -23,6 +23,11 @@ from densenet_fast import DenseNet, cli, densenet_bc
 from densenet_fast import train as trainer
 from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
 
+try:
+    import nibabel
+except ImportError:
+    nibabel = None
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--no-progress", "--depth", "10", "--growth-rate", "4", "--train-limit", "128", "--test-limit", "64",
         "--batch-size", "32"]
@@ -457,6 +462,254 @@ def test_precision_format_and_recipe_options(tmp_path, options, capsys):
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("done: test accuracy") and "images/s" in summary and "peak memory" in summary
+
+
+# -- volumes (3-D) ---------------------------------------------------------------------------------
+VOLUMES = ["--no-progress", "--depth", "10", "--growth-rate", "4", "--batch-size", "8", "--epochs", "1"]
+
+
+def train_volumes(out, *options: str) -> int:
+    return cli.main(["train", *VOLUMES, "--out", str(out), *options])
+
+
+def test_synthetic3d_is_fixed_balanced_and_normalised():
+    data = load_dataset("synthetic3d")
+    train_x, train_y = data.train.tensors
+    test_x, test_y = data.test.tensors
+    assert train_x.shape == (240, 1, 16, 16, 16) and test_x.shape == (60, 1, 16, 16, 16)
+    assert (data.spatial_dims, data.size, data.num_classes, data.in_channels) == (3, (16, 16, 16), 3, 1)
+    assert sorted(set(train_y.tolist())) == [0, 1, 2] and torch.bincount(train_y).min() >= 60
+    assert abs(train_x.mean()) < 1e-5 and abs(train_x.std() - 1) < 1e-3
+    assert torch.equal(load_dataset("synthetic3d").test.tensors[0], test_x)
+    assert load_dataset("synthetic3d", volume_size=[12, 16, 20]).train.tensors[0].shape[2:] == (12, 16, 20)
+
+
+def test_trains_a_monai_densenet_on_synthetic3d(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_volumes(out, "--data", "synthetic3d", "--train-limit", "48", "--test-limit", "16",
+                         "--epochs", "2") == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "training densenet_bc (3-D)" in first and "48 train / 16 test volumes of 16x16x16" in first
+    rows = metrics(out)
+    assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    assert checkpoint["options"]["spatial_dims"] == 3
+    state = checkpoint["model"]
+    assert "features.denseblock1.denselayer1.layers.conv2.weight" in state and "class_layers.out.weight" in state
+    assert state["features.conv0.weight"].shape == (8, 1, 7, 7, 7)  # 2k stem channels, 7x7x7
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    reference = monai_nets.DenseNet(spatial_dims=3, in_channels=1, out_channels=3, init_features=8, growth_rate=4,
+                                    block_config=(1, 1, 1))
+    reference.load_state_dict(state, strict=True)  # MONAI's own model takes the trained weights
+
+
+def test_synthetic3d_resumes_exactly_with_channels_last(tmp_path):
+    options = ["--data", "synthetic3d", "--train-limit", "24", "--test-limit", "8", "--channels-last"]
+    assert train_volumes(tmp_path / "whole", *options, "--epochs", "2") == 0
+    assert train_volumes(tmp_path / "halves", *options, "--epochs", "1") == 0
+    assert train_volumes(tmp_path / "halves", *options, "--epochs", "2", "--resume") == 0
+    assert metrics(tmp_path / "halves") == metrics(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("augmentation", [Augmentation(2, True), Augmentation(1, False)])
+def test_augment_shifts_and_flips_each_volume_independently(augmentation):
+    volumes = torch.randn(24, 2, 5, 6, 7)
+    out = augment(volumes, augmentation, torch.Generator().manual_seed(1))
+    assert out.shape == volumes.shape
+    p = augmentation.crop_padding
+    padded = torch.nn.functional.pad(volumes, (p,) * 6)
+    seen = set()
+    for i in range(len(volumes)):
+        matches = [(dz, dy, dx, flip) for dz in range(2 * p + 1) for dy in range(2 * p + 1)
+                   for dx in range(2 * p + 1) for flip in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(
+                       padded[i, :, dz:dz + 5, dy:dy + 6, dx:dx + 7]))]
+        assert matches, f"volume {i} is no crop/flip of its input"
+        seen.update(matches)
+    assert any(m[3] for m in seen) == augmentation.flip
+    assert len({m[:3] for m in seen}) > 1
+
+
+def write_volume_folder(root, sizes=None, *, labels=("liver", "lung"), count=10, split=True, channels=None):
+    """``count`` .npy volumes (in a subfolder) and their labels.csv; returns the rows written."""
+    rng = np.random.default_rng(0)
+    (root / "scans").mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        size = (sizes or [(6, 7, 8)])[i % len(sizes or [1])]
+        shape = size if channels is None else (channels, *size)
+        np.save(root / "scans" / f"case{i}.npy", (rng.normal(100, 20, shape)).astype(np.float32))
+        rows.append((f"scans/case{i}.npy", labels[i % len(labels)], "test" if split and i % 5 == 4 else "train"))
+    header = "file,label,split\n" if split else "file,label\n"
+    (root / "labels.csv").write_text(header + "".join(",".join(r if split else r[:2]) + "\n" for r in rows))
+    return rows
+
+
+def test_volume_folder_with_labels_csv(tmp_path):
+    rows = write_volume_folder(tmp_path / "vols")
+    data = load_dataset(str(tmp_path / "vols"))
+    assert (data.name, data.spatial_dims, data.size, data.num_classes, data.in_channels) == \
+        ("volumefolder", 3, (6, 7, 8), 2, 1)
+    assert (len(data.train), len(data.test)) == (8, 2)
+    volume, label = data.test[0]
+    assert volume.shape == (1, 6, 7, 8) and volume.dtype == torch.float32
+    assert label == ["liver", "lung"].index(rows[4][1])  # class names sorted to indices
+    assert abs(volume.mean()) < 1e-5 and abs(volume.std() - 1) < 1e-4  # each volume normalised on its own
+    raw = torch.from_numpy(np.load(tmp_path / "vols" / rows[4][0]))
+    torch.testing.assert_close(volume[0], (raw - raw.mean()) / raw.std())
+    # without a split column a stratified 20% is held out; --volume-size resizes
+    write_volume_folder(tmp_path / "nosplit", labels=("0", "1"), split=False, channels=2)
+    data = load_dataset(str(tmp_path / "nosplit"), volume_size=[16])
+    assert (len(data.train), len(data.test), data.in_channels, data.size) == (8, 2, 2, (16, 16, 16))
+    assert data.train[0][0].shape == (2, 16, 16, 16)
+    assert sorted(label for _, label in data.test) == [0, 1]
+
+
+def test_trains_on_a_volume_folder_of_mixed_sizes_when_resized(tmp_path, capsys):
+    write_volume_folder(tmp_path / "vols", sizes=[(14, 16, 18), (16, 16, 16)], count=10)
+    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols")) == 2
+    assert "volumes differ in size" in capsys.readouterr().err
+    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--volume-size", "16", "16", "16",
+                         "--workers", "0") == 0
+    assert "8 train / 2 test volumes of 16x16x16" in capsys.readouterr().out
+
+
+def test_medmnist3d_npz(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    arrays = {f"{split}_{kind}": (rng.integers(0, 256, (n, 16, 16, 16), dtype=np.uint8) if kind == "images"
+                                  else rng.integers(0, 3, (n, 1)))
+              for split, n in (("train", 16), ("val", 4), ("test", 8)) for kind in ("images", "labels")}
+    np.savez(tmp_path / "organmnist3d.npz", **arrays)
+    data = load_dataset(str(tmp_path / "organmnist3d.npz"))
+    assert (data.name, data.size, data.spatial_dims, len(data.train), len(data.test)) == \
+        ("organmnist3d", (16, 16, 16), 3, 16, 8)
+    assert data.num_classes == int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+    assert data.train.tensors[1].tolist() == arrays["train_labels"][:, 0].tolist()
+    assert abs(data.train.tensors[0].mean()) < 1e-5
+    assert data.augmentation == Augmentation(crop_padding=2, flip=False)  # no flips: left and right organs differ
+    # by name, in $MEDMNIST_ROOT (the medmnist package's file names); nothing downloaded
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
+    assert load_dataset("organmnist3d").name == "organmnist3d"
+    with pytest.raises(DatasetError, match="organmnist3d_64.npz not found, and the trainer downloads nothing"):
+        load_dataset("organmnist3d_64")
+    assert train_volumes(tmp_path / "run", "--data", "organmnist3d") == 0
+    assert "on organmnist3d: 16 train / 8 test volumes of 16x16x16" in capsys.readouterr().out
+
+
+def write_labels(root, text):
+    (root / "labels.csv").write_text(text)
+
+
+def save(root, name, array):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    np.save(root / name, array)
+
+
+VOLUME = np.zeros((4, 5, 6), np.float32)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda r: save(r, "a.npy", VOLUME), "holds 1 volume file(s) (a.npy, ...) but no labels.csv"),
+    (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "name,class\na.npy,0\n")),
+     "the first line must name the columns file,label"),
+    (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "file,label\na.npy,\n")), "line 2: a.npy has no label"),
+    (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "file,label\na.npy,0\nb.npy,1\n")),
+     "lists 1 file(s) that do not exist: b.npy"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "sub/b.npy", VOLUME), write_labels(r, "file,label\na.npy,0\n")),
+     "1 volume file(s) under"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME[:3]), write_labels(r, "file,label\na.npy,0\nb.npy,1\n")),
+     "volumes differ in size: a.npy is 4x5x6, b.npy is 3x5x6; pass --volume-size"),
+    (lambda r: (save(r, "a.npy", VOLUME[0]), write_labels(r, "file,label\na.npy,0\n")),
+     "has shape (5, 6); expected (D, H, W) or (C, D, H, W)"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", np.stack([VOLUME] * 2)),
+                write_labels(r, "file,label\na.npy,0\nb.npy,1\n")), "volumes differ in channels: a.npy has 1, b.npy has 2"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME), write_labels(r, "file,label\na.npy,0\nb.npy,0\n")),
+     "every volume has the same label"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME),
+                write_labels(r, "file,label,split\na.npy,0,train\nb.npy,1,holdout\n")), "split must be train, test or val"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME),
+                write_labels(r, "file,label,split\na.npy,0,train\nb.npy,1,train\n")), "0 test volumes"),
+    (lambda r: ((r / "a.npy").write_bytes(b"not numpy"), write_labels(r, "file,label\na.npy,0\n")),
+     "cannot read volume"),
+    (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "file,label\na.npy,0\na.npy,1\n")), "is listed again"),
+])
+def test_malformed_volume_folders_are_named(tmp_path, make, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    make(root)
+    with pytest.raises(DatasetError) as error:
+        load_dataset(str(root))
+    assert message in str(error.value)
+
+
+def test_volume_with_nan_is_named_when_read(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    save(root, "a.npy", VOLUME)
+    save(root, "b.npy", np.full_like(VOLUME, np.nan))
+    write_labels(root, "file,label,split\na.npy,0,train\nb.npy,1,test\n")
+    data = load_dataset(str(root))
+    with pytest.raises(DatasetError, match="b.npy holds NaN or infinite values"):
+        data.test[0]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"train_images": np.zeros((4, 8, 8), np.uint8)}, "lacks train_labels, test_images, test_labels"),
+    ({f"{s}_{k}": np.zeros((4, 8, 8) if k == "images" else (4, 1), np.uint8) for s in ("train", "test")
+      for k in ("images", "labels")}, "2-D images: a 2-D MedMNIST file"),
+    ({f"{s}_{k}": np.zeros((4, 8, 8, 8) if k == "images" else (4, 14), np.uint8) for s in ("train", "test")
+      for k in ("images", "labels")}, "multi-label data is not supported"),
+])
+def test_malformed_medmnist_files_are_named(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_dataset(str(tmp_path / "bad.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="not a readable .npz file"):
+        load_dataset(str(tmp_path / "junk.npz"))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--volume-size", "8"], "volumes of 8x8x8 are too small for DenseNet (it needs at least 13x13x13)"),
+    (["--volume-size", "16", "16"], "--volume-size takes one side or three (D H W)"),
+    (["--volume-size", "0"], "--volume-size takes one side or three (D H W), each at least 1"),
+    (["--model", "densenet121"], "volumes of 16x16x16 are too small for DenseNet121"),
+])
+def test_bad_volume_options_give_one_line_errors_before_any_work(tmp_path, options, message, capsys):
+    assert cli.main(["train", "--no-progress", "--data", "synthetic3d", "--out", str(tmp_path / "run"), *options]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(nibabel is not None, reason="nibabel is installed")
+def test_nifti_without_nibabel_is_named(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.nii.gz").write_bytes(b"")
+    write_labels(root, "file,label\na.nii.gz,0\n")
+    with pytest.raises(DatasetError, match="needs nibabel: pip install nibabel"):
+        load_dataset(str(root))
+
+
+@pytest.mark.skipif(nibabel is None, reason="reading NIfTI needs nibabel")
+def test_nifti_volumes_through_nibabel(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(6, 7, 8, 2)).astype(np.float32) for _ in range(4)]  # NIfTI: channels last
+    for i, array in enumerate(arrays):
+        nibabel.save(nibabel.Nifti1Image(array, np.eye(4)), root / f"case{i}.nii.gz")
+    write_labels(root, "file,label,split\n" + "".join(f"case{i}.nii.gz,{i % 2},{'test' if i == 3 else 'train'}\n"
+                                                      for i in range(4)))
+    data = load_dataset(str(root))
+    assert (data.in_channels, data.size, len(data.train), len(data.test)) == (2, (6, 7, 8), 3, 1)
+    volume, label = data.test[0]
+    expected = torch.from_numpy(np.moveaxis(arrays[3], 3, 0))
+    dims = (1, 2, 3)
+    expected = (expected - expected.mean(dims, keepdim=True)) / expected.std(dims, keepdim=True)
+    torch.testing.assert_close(volume, expected)
+    assert label == 1
 
 
 # -- several processes ------------------------------------------------------------------------------

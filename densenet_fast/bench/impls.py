@@ -106,6 +106,9 @@ def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: in
     ``seed``; :func:`share_weights` makes them identical across implementations;
     ``memory_budget`` for ``recompute="auto"``)."""
     torch.manual_seed(seed)
+    if spec.name.startswith("monai-"):  # MONAI's DenseNets: densenet_fast/bench/monai_impls.py
+        from . import monai_impls
+        return monai_impls.build(impl, spec, device, channels_last, seed)
     if impl in TORCHVISION_IMPLS:
         model = torchvision_model(spec, memory_efficient=impl == "tv-memeff")
     elif impl.startswith("fast-"):
@@ -133,6 +136,9 @@ def share_weights(models: list[nn.Module]) -> None:
 def make_inputs(spec: ModelSpec, batch: int, image_size: int, device: str, channels_last: bool,
                 seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images ``(batch, 3, s, s)`` (standard normal, never zeros) and labels."""
+    if spec.name.startswith("monai-"):
+        from . import monai_impls
+        return monai_impls.make_inputs(spec, batch, image_size, device, channels_last, seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=generator)
     y = torch.randint(spec.num_classes, (batch,), generator=generator)

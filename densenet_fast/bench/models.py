@@ -10,6 +10,11 @@ budget).
 GPU sizes: ``--device cuda --model densenet121 --batch 256 --image-size 224
 --autocast bfloat16 --channels-last --compile``.
 
+MONAI's DenseNets on volumes (:mod:`.monai_impls`): ``--model monai-densenet121
+--image-size 64x128x128 --batch 2 --train-only`` compares MONAI eager, MONAI
+with a checkpoint per dense layer, ``torch.compile(MONAI)`` (``--compile``)
+and densenet_fast.monai.
+
 ``--quick`` (for a time-limited run, such as benchmarks/gpu_check.sh): training
 only, one fresh process per implementation, in the order given, that measures
 the peak memory of ``--warmup + --repeats`` steps and times the last
@@ -25,15 +30,28 @@ import importlib.util
 
 from . import common
 from .common import fit
+from . import monai_impls
 from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
 from .impls import TORCHVISION_IMPLS, ModelSpec
 
 
+def image_size(text: str):
+    """``--image-size``: one side (``32``), or sides ``DxHxW`` (a volume) or ``L`` x ... ."""
+    sides = [int(side) for side in text.lower().split("x")]
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"sides must be at least 1, got {text}")
+    return sides[0] if len(sides) == 1 else sides
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="densenet_bc-40", help="densenet121 (161, 169, 201, 264) or densenet_bc-<depth>")
+    parser.add_argument("--model", default="densenet_bc-40", help="densenet121 (161, 169, 201, 264) or densenet_bc-<depth>; "
+                        "MONAI's: monai-densenet121 (169, 201, 264) with a volume --image-size")
     parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=image_size, default=32,
+                        help="side of square images, or DxHxW for volumes (MONAI models)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="the training step at --batch only (no inference, no half batch, no largest batch)")
     parser.add_argument("--impls", nargs="+", default=None, help="default: every implementation that runs here")
     parser.add_argument("--budget-gib", type=float, default=0.5, help="budget of the largest-batch search (0: skip)")
     parser.add_argument("--quick", action="store_true",
@@ -63,31 +81,39 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
 
 
 def run(args: argparse.Namespace) -> dict:
-    spec = ModelSpec.parse(args.model, args.growth_rate)
-    impls = resolve_impls(args)
+    monai = args.model.startswith(monai_impls.PREFIX)
+    if isinstance(args.image_size, list) and not monai:
+        raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
+    spec = monai_impls.parse(args.model, args.image_size) if monai else ModelSpec.parse(args.model, args.growth_rate)
+    impls = (args.impls or monai_impls.default_impls(args.device, args.compile)) if monai else resolve_impls(args)
+    modes = ("train",) if args.train_only else ("train", "infer")
     runner = Runner(args)
     settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD})
     env = common.environment(args.device, settings)
     if args.quick:
         return run_quick(args, spec, impls, runner, env)
-    timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in ("train", "infer")}
+    timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in modes}
     rows, details = [], {}
     safety = 0.7 * common.available_memory_bytes()
     for impl in common.progress(impls, desc="memory", enabled=not args.no_progress):
-        train = {b: runner.memory(impl, spec, b, safety, runner.seconds_left()) for b in {args.batch, max(1, args.batch // 2)}}
-        infer = runner.memory(impl, spec, args.batch, safety, runner.seconds_left(), train=False)
-        search = largest_batch(runner, impl, spec, train, args) if args.budget_gib > 0 else {}
+        batches = {args.batch} if args.train_only else {args.batch, max(1, args.batch // 2)}
+        train = {b: runner.memory(impl, spec, b, safety, runner.seconds_left()) for b in batches}
+        infer = None if args.train_only else runner.memory(impl, spec, args.batch, safety, runner.seconds_left(),
+                                                           train=False)
+        search = largest_batch(runner, impl, spec, train, args) if args.budget_gib > 0 and not args.train_only else {}
         details[impl] = {"train_memory": {str(b): r for b, r in train.items()}, "infer_memory": infer,
                          "largest_batch": search,
                          "timing": {mode: t.get("impls", {}).get(impl, t) for mode, t in timings.items()}}
         row = {"impl": impl}
-        for mode in ("train", "infer"):
+        for mode in modes:
             timing = details[impl]["timing"][mode]
             if timing.get("status") == "ok":
                 row[f"{mode}_step_s"] = timing["seconds"]["median"]
                 row[f"{mode}_images_per_s"] = args.batch / timing["seconds"]["median"]
         for mode, result in (("train", train[args.batch]), ("infer", infer)):
+            if result is None:
+                continue
             row[f"{mode}_peak_MiB"] = result["peak_bytes"] / common.MIB if result["status"] == "ok" else None
         row["largest_batch"] = search.get("largest_batch")
         rows.append(row)
@@ -95,10 +121,20 @@ def run(args: argparse.Namespace) -> dict:
               "environment": common.finish_environment(env), "rows": rows, "details": details}
     columns = ["impl", "train_step_s", "train_images_per_s", "infer_images_per_s", "train_peak_MiB",
                "infer_peak_MiB", "largest_batch"]
-    print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
+    size = "x".join(map(str, args.image_size)) if isinstance(args.image_size, list) else \
+        f"{args.image_size}x{args.image_size}"
+    if monai:
+        reference = next((r for r in rows if r["impl"] == "monai-eager"), {})
+        for row in rows:  # against MONAI eager: the targets are at most 0.3x its memory at no more time
+            for key in ("train_step_s", "train_peak_MiB"):
+                if row.get(key) is not None and reference.get(key):
+                    row[f"{key}_vs_monai"] = row[key] / reference[key]
+        columns += ["train_step_s_vs_monai", "train_peak_MiB_vs_monai"]
+    print(f"{spec.label()}, batch {args.batch}, {size}, {env['device_name']}")
     print(common.format_table(rows, columns))
-    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}.json"
-    common.save_result(result, out, None if args.no_plot else "plot_models")
+    name = f"{args.model}_{size}" if monai else args.model
+    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json"
+    common.save_result(result, out, None if args.no_plot or monai else "plot_models")  # plots: square images
     return result
 
 
