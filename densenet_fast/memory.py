@@ -298,7 +298,7 @@ def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str
     return next(spec.name for spec in BACKENDS if spec.chosen_for is None or device in spec.chosen_for)
 
 
-NATIVE_DTYPES = {  # the dtypes each backend's kernels take (backends/cpp_backend.py, triton_backend.py)
+NATIVE_DTYPES = {  # the dtypes each backend's kernels take (backends/extension_backend.py, triton_backend.py)
     "cpp": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
