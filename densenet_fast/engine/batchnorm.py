@@ -44,21 +44,11 @@ class Folded:
     batch_mean: Optional[Callable[[Tensor], Tensor]]
     eps: float
 
-    @property
-    def scale(self) -> Tensor:
-        return self.coeffs[0]
-
-    @property
-    def shift(self) -> Tensor:
-        return self.coeffs[1]
-
-    @property
-    def mean(self) -> Tensor:
-        return self.coeffs[2]
-
-    @property
-    def rstd(self) -> Tensor:
-        return self.coeffs[3]
+    # the rows of ``coeffs``, each (C,)
+    scale = property(lambda self: self.coeffs[0])
+    shift = property(lambda self: self.coeffs[1])
+    mean = property(lambda self: self.coeffs[2])
+    rstd = property(lambda self: self.coeffs[3])
 
 
 class BatchStatistics:
