@@ -20,6 +20,7 @@ from unittest import mock
 import pytest
 import torch
 import triton
+import triton.language as tl
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -30,7 +31,7 @@ from densenet_fast.backends.interface import RunningUpdate
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.backends.triton_kernels import bn_relu, bn_relu_conv, channel_stats, common
-from densenet_fast.backends.triton_kernels.common import GpuLimits, dot_precision
+from densenet_fast.backends.triton_kernels.common import GpuLimits, arrive_last, dot_precision
 from primitives import channel_range, make_bn
 
 TRITON = TritonBackend()
@@ -540,3 +541,36 @@ def test_float64_model_on_cuda_with_automatic_backend():
     reference = make_model(dtype=torch.float64, device="cuda", backend="torch", **config)
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-10)
+
+
+# -- arrival counters -------------------------------------------------------------------
+
+@triton.jit
+def _arrive_then_fail_kernel(data_ptr, counter_ptr, FAIL: tl.constexpr, BLOCK: tl.constexpr):
+    """Every program arrives at ``counter_ptr``; with FAIL, the last program
+    (in the interpreter's order) fails before arriving."""
+    pid = tl.program_id(0)
+    if FAIL:
+        tl.static_assert(pid < tl.num_programs(0) - 1, "a program fails in the middle of the launch")
+    if arrive_last(counter_ptr, tl.num_programs(0)):
+        tl.store(data_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+
+_arrive_then_fail = common.Launcher(_arrive_then_fail_kernel, [triton.Config({}, num_warps=1)])
+
+
+def test_a_launch_that_raises_leaves_no_arrivals_behind():
+    """Under the interpreter an error in the middle of a launch stops it after
+    some programs arrived; the thread's counters are dropped, so the next
+    launch (channel statistics over two tile groups) merges correctly."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter runs programs in turn")
+    data = torch.zeros(16)
+    with pytest.raises(Exception, match="fails in the middle"):
+        _arrive_then_fail[lambda meta: (3,)](data, common.arrival_counters(data.device, 1), FAIL=True, BLOCK=16)
+    assert not common.arrival_counters(data.device, 1).any()
+    x = torch.linspace(0, 1, 130 * 65).reshape(-1, 1).expand(-1, 3).contiguous()
+    mean, var = channel_stats.channel_stats(x)
+    var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "mean")
+    assert_close(var, var64, 1e-5, "var")

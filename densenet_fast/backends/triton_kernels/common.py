@@ -120,16 +120,27 @@ def on_device(t: Tensor):
 _arrival_counters: dict[tuple, Tensor] = {}
 
 
+def _counter_key(device: torch.device) -> tuple:
+    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
+    return str(device), queue
+
+
 def arrival_counters(device: torch.device, count: int) -> Tensor:
     """At least ``count`` int32 counters, all 0, for :func:`arrive_last`: one set
     per CUDA stream (per thread for the interpreter), since launches on one
     stream run one after another and each leaves its counters at 0 again."""
-    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
-    key = (str(device), queue)
+    key = _counter_key(device)
     counters = _arrival_counters.get(key)
     if counters is None or counters.numel() < count:
         counters = _arrival_counters[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
     return counters
+
+
+def drop_arrival_counters(device: torch.device) -> None:
+    """Forget the current stream's (thread's) counters, so that the next launch
+    gets a zeroed set: after a launch raised, some of its programs may have
+    arrived without the last one resetting the counter."""
+    _arrival_counters.pop(_counter_key(device), None)
 
 
 def autotuning() -> bool:
@@ -214,10 +225,16 @@ class Launcher:
             if log_path:
                 self.log_choice(log_path, grid, data, meta, configs)
             with on_device(data):
-                if len(configs) > 1:
-                    self.tuned[grid](*args, **meta)
-                else:
-                    self.fn[grid](*args, **meta, **configs[0].all_kwargs())
+                try:
+                    if len(configs) > 1:
+                        self.tuned[grid](*args, **meta)
+                    else:
+                        self.fn[grid](*args, **meta, **configs[0].all_kwargs())
+                except BaseException:
+                    # programs that ran before the error (the interpreter runs them in turn) may have left
+                    # arrival counts behind; without this every later launch here would pick a wrong last program
+                    drop_arrival_counters(data.device)
+                    raise
         return launch
 
 
