@@ -574,3 +574,33 @@ def test_a_launch_that_raises_leaves_no_arrivals_behind():
     var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
     assert_close(mean, mean64, 1e-6, "mean")
     assert_close(var, var64, 1e-5, "var")
+
+
+@needs_gpu
+def test_arrival_counters_under_cuda_graph_capture():
+    """Two graphs captured on one stream, then an eager launch there that needs more
+    counters than were cached: each replay still merges its statistics right
+    (captured launches take fresh counters from the graph's pool)."""
+    xs = [torch.randn(130 * 65, c, device="cuda") for c in (3, 5)]
+    stream = torch.cuda.Stream()
+    graphs, results = [], []
+    channel_stats.channel_stats(xs[0])  # compile outside the capture
+    channel_stats.channel_stats(xs[1])
+    with torch.cuda.stream(stream):
+        for x in xs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                results.append(channel_stats.channel_stats(x))
+            graphs.append(graph)
+        # on the capturing stream, more counters than it has cached: the cached set is replaced and freed
+        channel_stats.channel_stats(torch.randn(128 * 64 * 5, 300, device="cuda"))
+        torch.full((4096,), 7, dtype=torch.int32, device="cuda")  # may reuse the freed set's memory
+    torch.cuda.synchronize()
+    for _ in range(2):
+        for graph, x, (mean, var) in zip(graphs, xs, results):
+            mean.zero_(), var.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
+            assert_close(mean, mean64, 1e-6, "mean")
+            assert_close(var, var64, 1e-5, "var")

@@ -128,7 +128,15 @@ def _counter_key(device: torch.device) -> tuple:
 def arrival_counters(device: torch.device, count: int) -> Tensor:
     """At least ``count`` int32 counters, all 0, for :func:`arrive_last`: one set
     per CUDA stream (per thread for the interpreter), since launches on one
-    stream run one after another and each leaves its counters at 0 again."""
+    stream run one after another and each leaves its counters at 0 again.
+
+    While the current stream is capturing a CUDA graph, a fresh zeroed set for
+    this launch instead: its zeroing is captured with the launch and its memory
+    belongs to the graph's pool, so a replay never shares counters with another
+    graph or with eager launches, and no cached set the graph points to is ever
+    replaced and freed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
     key = _counter_key(device)
     counters = _arrival_counters.get(key)
     if counters is None or counters.numel() < count:
