@@ -604,3 +604,36 @@ def test_arrival_counters_under_cuda_graph_capture():
             var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
             assert_close(mean, mean64, 1e-6, "mean")
             assert_close(var, var64, 1e-5, "var")
+
+
+# -- no rows, too many rows -------------------------------------------------------------
+
+def test_no_rows_give_what_the_torch_backend_gives(monkeypatch, device):
+    """``M = 0``: NaN statistics (torch's mean over an empty dimension) and a
+    zero weight gradient, not whatever fresh memory held (filled with zeros
+    here, where deterministic mode would fill it with NaN)."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).zero_())
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: empty_like(*args, **kwargs).zero_())
+    x, weight = torch.empty(0, 5, device=device), torch.randn(4, 5).to(device)
+    ones, zeros = torch.ones(5, device=device), torch.zeros(5, device=device)
+
+    def run(backend):
+        return (*backend.channel_stats(x),
+                *backend.bn_relu_conv1x1(x, ones, zeros, weight, torch.empty(0, 4, device=device), True),
+                *backend.bn_relu_conv1x1_backward(x, ones, zeros, zeros, ones, weight, torch.empty(0, 4, device=device),
+                                                  torch.empty(0, 5, device=device), None))
+
+    for i, (ours, theirs) in enumerate(zip(run(TRITON), run(TORCH))):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=f"output {i}")
+
+
+def test_more_pixels_than_int32_indices_raise():
+    big = torch.zeros(1, 4).expand(2**31, 4)
+    with pytest.raises(ValueError, match="int32"):
+        channel_stats.channel_stats(big)
+    with pytest.raises(ValueError, match="int32"):
+        TRITON.bn_relu_conv1x1(big, torch.ones(4), torch.zeros(4), torch.ones(2, 4), torch.zeros(1, 2).expand(2**31, 2),
+                               True)
+    with pytest.raises(ValueError, match="int32"):
+        TRITON.bn_relu(big, torch.ones(4), torch.zeros(4), big)

@@ -40,6 +40,25 @@ def check_data(*tensors: Tensor) -> None:
             raise ValueError(f"the triton backend needs channel stride 1, got strides {t.stride()}")
 
 
+# Pixel (cell, row) indices are int32 in the kernels, and a tile's indices run up
+# to a block past the last pixel, and the statistics merge's up to
+# MERGE_BLOCK * STATS_GROUP tiles past it: keep 2**20 indices of room.
+MAX_PIXELS = 2**31 - 2**20
+
+
+def check_pixels(count: int) -> None:
+    """Raise unless ``count`` pixels (rows, cells) fit the kernels' int32 indices."""
+    if count > MAX_PIXELS:
+        raise ValueError(f"the triton kernels index pixels with int32 and take at most {MAX_PIXELS} "
+                         f"(2**31 - 2**20) per call, not {count}; split the batch or use backend='torch'")
+
+
+def nan_stats(channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(mean, var)`` of no rows: NaN, as the torch backend's (a mean over an empty dimension)."""
+    return (torch.full((channels,), math.nan, device=device, dtype=torch.float32),
+            torch.full((channels,), math.nan, device=device, dtype=torch.float32))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on ``dtype`` data: fp32 follows torch's
     TF32 switch for convolutions; fp16/bf16 use the native dot either way."""
