@@ -637,3 +637,18 @@ def test_more_pixels_than_int32_indices_raise():
                                True)
     with pytest.raises(ValueError, match="int32"):
         TRITON.bn_relu(big, torch.ones(4), torch.zeros(4), big)
+
+
+def test_autotuning_keys_hold_every_variant_constexpr():
+    """A tuning is reused only for the same kernel variant: every constexpr of
+    the fused kernels is in their autotuning key, except the configurations'
+    own, BLOCK_K (which follows K) and module constants."""
+    import inspect
+
+    not_variants = {"BLOCK_M", "BLOCK_C", "BLOCK_K", "STATS_GROUP", "MERGE_BLOCK", "BLOCK_S", "SLAB"}
+    for launchers in (bn_relu_conv._forward, bn_relu_conv._reduce, bn_relu_conv._dx):
+        for launcher in launchers.values():
+            kernel = getattr(launcher.fn, "fn", launcher.fn)  # the Python function, jitted or interpreted
+            constexprs = {name for name, parameter in inspect.signature(kernel).parameters.items()
+                          if "constexpr" in str(parameter.annotation)}
+            assert constexprs - not_variants <= set(launcher.tuned.keys), kernel.__name__

@@ -99,10 +99,13 @@ MAX_BLOCK_K = 128
 SPLITS_BLOCK = 16  # rows of split partials summed per step
 DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
-# dozens of channel counts of a network share a few tunings
-FORWARD_KEY = ["cells_key", "c_key", "K", "POOL"]
+# dozens of channel counts of a network share a few tunings, and every constexpr
+# that selects a kernel variant (BLOCK_K follows K; the other constexprs are
+# module constants or the configurations' own)
+COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION"]
+FORWARD_KEY = COMMON_KEY + ["WITH_STATS"]
 # (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
-BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
+BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
@@ -357,7 +360,7 @@ _forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARE
             for pool in (1, 2)}
 _reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
            for pool in (1, 2)}
-_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["BATCH_STATS", "ACCUMULATE"],
                       restore_value=["gx_ptr"])
        for pool in (1, 2)}
 
