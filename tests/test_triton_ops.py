@@ -20,6 +20,7 @@ from unittest import mock
 import pytest
 import torch
 import triton
+import triton.language as tl
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -30,7 +31,7 @@ from densenet_fast.backends.interface import RunningUpdate
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.backends.triton_kernels import bn_relu, bn_relu_conv, channel_stats, common
-from densenet_fast.backends.triton_kernels.common import GpuLimits, dot_precision
+from densenet_fast.backends.triton_kernels.common import GpuLimits, arrive_last, dot_precision
 from primitives import channel_range, make_bn
 
 TRITON = TritonBackend()
@@ -540,3 +541,114 @@ def test_float64_model_on_cuda_with_automatic_backend():
     reference = make_model(dtype=torch.float64, device="cuda", backend="torch", **config)
     x, target = random_batch(ours, 2, 9, 7, seed=7)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(reference, x, target), 1e-10)
+
+
+# -- arrival counters -------------------------------------------------------------------
+
+@triton.jit
+def _arrive_then_fail_kernel(data_ptr, counter_ptr, FAIL: tl.constexpr, BLOCK: tl.constexpr):
+    """Every program arrives at ``counter_ptr``; with FAIL, the last program
+    (in the interpreter's order) fails before arriving."""
+    pid = tl.program_id(0)
+    if FAIL:
+        tl.static_assert(pid < tl.num_programs(0) - 1, "a program fails in the middle of the launch")
+    if arrive_last(counter_ptr, tl.num_programs(0)):
+        tl.store(data_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+
+_arrive_then_fail = common.Launcher(_arrive_then_fail_kernel, [triton.Config({}, num_warps=1)])
+
+
+def test_a_launch_that_raises_leaves_no_arrivals_behind():
+    """Under the interpreter an error in the middle of a launch stops it after
+    some programs arrived; the thread's counters are dropped, so the next
+    launch (channel statistics over two tile groups) merges correctly."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter runs programs in turn")
+    data = torch.zeros(16)
+    with pytest.raises(Exception, match="fails in the middle"):
+        _arrive_then_fail[lambda meta: (3,)](data, common.arrival_counters(data.device, 1), FAIL=True, BLOCK=16)
+    assert not common.arrival_counters(data.device, 1).any()
+    x = torch.linspace(0, 1, 130 * 65).reshape(-1, 1).expand(-1, 3).contiguous()
+    mean, var = channel_stats.channel_stats(x)
+    var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "mean")
+    assert_close(var, var64, 1e-5, "var")
+
+
+@needs_gpu
+def test_arrival_counters_under_cuda_graph_capture():
+    """Two graphs captured on one stream, then an eager launch there that needs more
+    counters than were cached: each replay still merges its statistics right
+    (captured launches take fresh counters from the graph's pool)."""
+    xs = [torch.randn(130 * 65, c, device="cuda") for c in (3, 5)]
+    stream = torch.cuda.Stream()
+    graphs, results = [], []
+    channel_stats.channel_stats(xs[0])  # compile outside the capture
+    channel_stats.channel_stats(xs[1])
+    with torch.cuda.stream(stream):
+        for x in xs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                results.append(channel_stats.channel_stats(x))
+            graphs.append(graph)
+        # on the capturing stream, more counters than it has cached: the cached set is replaced and freed
+        channel_stats.channel_stats(torch.randn(128 * 64 * 5, 300, device="cuda"))
+        torch.full((4096,), 7, dtype=torch.int32, device="cuda")  # may reuse the freed set's memory
+    torch.cuda.synchronize()
+    for _ in range(2):
+        for graph, x, (mean, var) in zip(graphs, xs, results):
+            mean.zero_(), var.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            var64, mean64 = torch.var_mean(x.double(), dim=0, correction=0)
+            assert_close(mean, mean64, 1e-6, "mean")
+            assert_close(var, var64, 1e-5, "var")
+
+
+# -- no rows, too many rows -------------------------------------------------------------
+
+def test_no_rows_give_what_the_torch_backend_gives(monkeypatch, device):
+    """``M = 0``: NaN statistics (torch's mean over an empty dimension) and a
+    zero weight gradient, not whatever fresh memory held (filled with zeros
+    here, where deterministic mode would fill it with NaN)."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).zero_())
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: empty_like(*args, **kwargs).zero_())
+    x, weight = torch.empty(0, 5, device=device), torch.randn(4, 5).to(device)
+    ones, zeros = torch.ones(5, device=device), torch.zeros(5, device=device)
+
+    def run(backend):
+        return (*backend.channel_stats(x),
+                *backend.bn_relu_conv1x1(x, ones, zeros, weight, torch.empty(0, 4, device=device), True),
+                *backend.bn_relu_conv1x1_backward(x, ones, zeros, zeros, ones, weight, torch.empty(0, 4, device=device),
+                                                  torch.empty(0, 5, device=device), None))
+
+    for i, (ours, theirs) in enumerate(zip(run(TRITON), run(TORCH))):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=f"output {i}")
+
+
+def test_more_pixels_than_int32_indices_raise():
+    big = torch.zeros(1, 4).expand(2**31, 4)
+    with pytest.raises(ValueError, match="int32"):
+        channel_stats.channel_stats(big)
+    with pytest.raises(ValueError, match="int32"):
+        TRITON.bn_relu_conv1x1(big, torch.ones(4), torch.zeros(4), torch.ones(2, 4), torch.zeros(1, 2).expand(2**31, 2),
+                               True)
+    with pytest.raises(ValueError, match="int32"):
+        TRITON.bn_relu(big, torch.ones(4), torch.zeros(4), big)
+
+
+def test_autotuning_keys_hold_every_variant_constexpr():
+    """A tuning is reused only for the same kernel variant: every constexpr of
+    the fused kernels is in their autotuning key, except the configurations'
+    own, BLOCK_K (which follows K) and module constants."""
+    import inspect
+
+    not_variants = {"BLOCK_M", "BLOCK_C", "BLOCK_K", "STATS_GROUP", "MERGE_BLOCK", "BLOCK_S", "SLAB"}
+    for launchers in (bn_relu_conv._forward, bn_relu_conv._reduce, bn_relu_conv._dx):
+        for launcher in launchers.values():
+            kernel = getattr(launcher.fn, "fn", launcher.fn)  # the Python function, jitted or interpreted
+            constexprs = {name for name, parameter in inspect.signature(kernel).parameters.items()
+                          if "constexpr" in str(parameter.annotation)}
+            assert constexprs - not_variants <= set(launcher.tuned.keys), kernel.__name__

@@ -7,7 +7,9 @@ backend's primitives, as the cpp backend does for the dtypes its kernels lack.
 The transition kernels pool 2-D images; 1-D and 3-D transitions run the torch
 backend's primitive too (the row primitives serve every number of spatial
 dimensions).
-BN coefficients and statistics are fp32.  No kernel uses atomics, and unless
+BN coefficients and statistics are fp32.  No kernel adds values atomically
+(the only atomics are arrival counters that pick which program reduces the
+partials, in a fixed order), and unless
 autotuning is switched on (``DENSENET_FAST_AUTOTUNE=1``, ignored under
 ``torch.use_deterministic_algorithms(True)``) each kernel's configuration
 depends only on the shapes, dtype and device, so results are bit-identical

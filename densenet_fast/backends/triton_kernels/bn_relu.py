@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, block_size, check_data, relu
+from .common import Launcher, block_size, check_data, check_pixels, relu
 
 
 @triton.jit
@@ -34,6 +34,7 @@ def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     """``out (M, C) = relu(x * scale + shift)`` for row views ``x``, ``out``."""
     check_data(x, out)
     m, c = x.shape
+    check_pixels(m)
     block_c = block_size(c, 64)
     _bn_relu[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, block_c))](
         x, scale, shift, out, m, c, x.stride(0), out.stride(0), BLOCK_C=block_c)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
 from .common import (Launcher, Pixels, SharedMemory, arrival_counters, arrive_last, block_size, cell_pixel,
-                     check_data, dot_precision, num_splits, pixel_offsets, relu, relu_grad)
+                     check_data, check_pixels, dot_precision, nan_stats, num_splits, pixel_offsets, relu, relu_grad)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
@@ -99,10 +99,13 @@ MAX_BLOCK_K = 128
 SPLITS_BLOCK = 16  # rows of split partials summed per step
 DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # autotuning keys: sizes rounded to powers of two (cells_key, c_key), so that the
-# dozens of channel counts of a network share a few tunings
-FORWARD_KEY = ["cells_key", "c_key", "K", "POOL"]
+# dozens of channel counts of a network share a few tunings, and every constexpr
+# that selects a kernel variant (BLOCK_K follows K; the other constexprs are
+# module constants or the configurations' own)
+COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION"]
+FORWARD_KEY = COMMON_KEY + ["WITH_STATS"]
 # (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
-BACKWARD_KEY = FORWARD_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
+BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
@@ -357,7 +360,7 @@ _forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARE
             for pool in (1, 2)}
 _reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
            for pool in (1, 2)}
-_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["ACCUMULATE"],
+_dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["BATCH_STATS", "ACCUMULATE"],
                       restore_value=["gx_ptr"])
        for pool in (1, 2)}
 
@@ -371,6 +374,9 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     k = weight.shape[0]
     cells_h, cells_w = x.h // pool, x.w // pool
     num_cells = x.n * cells_h * cells_w
+    check_pixels(x.n * x.h * x.w)
+    if num_cells == 0:  # no output; an empty grid would leave the statistics unwritten
+        return nan_stats(k, x.tensor.device) if with_stats else None
     block_k = block_size(k, MAX_BLOCK_K)
     meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
                 BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
@@ -406,6 +412,7 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
     cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
+    check_pixels(x.n * x.h * x.w)
     k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
     splits = num_splits(num_cells, c, k if has_gemm else 0, k_blocks, x.tensor.element_size(), device)
     sum_part = torch.empty(splits, 2, c, device=device, dtype=torch.float32)
@@ -420,7 +427,8 @@ def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor
     # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
     grad_means = batch_mean(sums).contiguous() if batch_mean else sums
 
-    _dx[pool][lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_C"]),)](
+    # at least one program: it also sums dW (zero without pixels)
+    _dx[pool][lambda meta: (max(1, triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_C"])),)](
         x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
         dw_part, grad_weight if has_gemm else sums,
         num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, arrival_counters, arrive_last, block_size, check_data
+from .common import Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, nan_stats
 
 STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
@@ -138,9 +138,13 @@ class StatsScratch:
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased var)`` (fp32) of a row view ``x (M, C)``."""
+    """Per-channel ``(mean, biased var)`` (fp32) of a row view ``x (M, C)``
+    (NaN for ``M = 0``, as the torch backend's)."""
     check_data(x)
     m, c = x.shape
+    check_pixels(m)
+    if m == 0:  # an empty grid would leave the outputs unwritten
+        return nan_stats(c, x.device)
     block_c = block_size(c, 64)
     scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, triton.cdiv(c, block_c), x.device)
     _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](

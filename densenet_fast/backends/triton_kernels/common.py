@@ -40,6 +40,25 @@ def check_data(*tensors: Tensor) -> None:
             raise ValueError(f"the triton backend needs channel stride 1, got strides {t.stride()}")
 
 
+# Pixel (cell, row) indices are int32 in the kernels, and a tile's indices run up
+# to a block past the last pixel, and the statistics merge's up to
+# MERGE_BLOCK * STATS_GROUP tiles past it: keep 2**20 indices of room.
+MAX_PIXELS = 2**31 - 2**20
+
+
+def check_pixels(count: int) -> None:
+    """Raise unless ``count`` pixels (rows, cells) fit the kernels' int32 indices."""
+    if count > MAX_PIXELS:
+        raise ValueError(f"the triton kernels index pixels with int32 and take at most {MAX_PIXELS} "
+                         f"(2**31 - 2**20) per call, not {count}; split the batch or use backend='torch'")
+
+
+def nan_stats(channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(mean, var)`` of no rows: NaN, as the torch backend's (a mean over an empty dimension)."""
+    return (torch.full((channels,), math.nan, device=device, dtype=torch.float32),
+            torch.full((channels,), math.nan, device=device, dtype=torch.float32))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on ``dtype`` data: fp32 follows torch's
     TF32 switch for convolutions; fp16/bf16 use the native dot either way."""
@@ -120,16 +139,35 @@ def on_device(t: Tensor):
 _arrival_counters: dict[tuple, Tensor] = {}
 
 
+def _counter_key(device: torch.device) -> tuple:
+    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
+    return str(device), queue
+
+
 def arrival_counters(device: torch.device, count: int) -> Tensor:
     """At least ``count`` int32 counters, all 0, for :func:`arrive_last`: one set
     per CUDA stream (per thread for the interpreter), since launches on one
-    stream run one after another and each leaves its counters at 0 again."""
-    queue = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else threading.get_ident()
-    key = (str(device), queue)
+    stream run one after another and each leaves its counters at 0 again.
+
+    While the current stream is capturing a CUDA graph, a fresh zeroed set for
+    this launch instead: its zeroing is captured with the launch and its memory
+    belongs to the graph's pool, so a replay never shares counters with another
+    graph or with eager launches, and no cached set the graph points to is ever
+    replaced and freed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = _counter_key(device)
     counters = _arrival_counters.get(key)
     if counters is None or counters.numel() < count:
         counters = _arrival_counters[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
     return counters
+
+
+def drop_arrival_counters(device: torch.device) -> None:
+    """Forget the current stream's (thread's) counters, so that the next launch
+    gets a zeroed set: after a launch raised, some of its programs may have
+    arrived without the last one resetting the counter."""
+    _arrival_counters.pop(_counter_key(device), None)
 
 
 def autotuning() -> bool:
@@ -214,10 +252,16 @@ class Launcher:
             if log_path:
                 self.log_choice(log_path, grid, data, meta, configs)
             with on_device(data):
-                if len(configs) > 1:
-                    self.tuned[grid](*args, **meta)
-                else:
-                    self.fn[grid](*args, **meta, **configs[0].all_kwargs())
+                try:
+                    if len(configs) > 1:
+                        self.tuned[grid](*args, **meta)
+                    else:
+                        self.fn[grid](*args, **meta, **configs[0].all_kwargs())
+                except BaseException:
+                    # programs that ran before the error (the interpreter runs them in turn) may have left
+                    # arrival counts behind; without this every later launch here would pick a wrong last program
+                    drop_arrival_counters(data.device)
+                    raise
         return launch
 
 
