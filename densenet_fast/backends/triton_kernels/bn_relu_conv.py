@@ -1,4 +1,4 @@
-"""Fused BN-ReLU-[2x2 avg-pool]-Conv1x1 (DESIGN.md §2-§3).
+"""Fused BN-ReLU-[2x2 avg-pool]-Conv1x1 (docs/triton.md; the maths in docs/engine.md).
 
 Forward: ``out = pool(relu(x * scale + shift)) @ weight.T``.  The BN-ReLU (and
 the pooling, for the transition) is applied to each input tile as it is
