@@ -74,6 +74,16 @@ def check_sums(grads, truth, bn: BN, dtype, names) -> None:
     assert grads[-1].dtype == grads[-2].dtype == bn.scale.dtype, "grad_gamma and grad_beta in the statistics dtype"
 
 
+def random_case(seed: int, shape: tuple[int, ...], c: int, dtype, device, batch_stats: bool, poisoned: bool
+                ) -> tuple[torch.Generator, Tensor, BN]:
+    """``(generator, x, bn)`` drawn in this order from a generator seeded with ``seed``:
+    ``x`` a channel range ``(*shape, c)`` of a wider buffer, and its BN
+    (:func:`primitives.poisoned_bn`, NaN and Inf in ``x``, if ``poisoned``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = channel_range(shape, c, dtype, g, device)
+    return g, x, (poisoned_bn if poisoned else make_bn)(x, batch_stats, g)
+
+
 # -- channel statistics -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("m, c", [(1031, 17), (203, 40), (3, 2)])
@@ -98,9 +108,7 @@ def test_channel_stats(backend, dtype, m, c):
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
     backend, device = backend
-    g = torch.Generator().manual_seed(1)
-    x = channel_range((m,), c, dtype, g, device)
-    bn = make_bn(x, batch_stats, g)
+    g, x, bn = random_case(1, (m,), c, dtype, device, batch_stats, poisoned=False)
     weight = random_weight(k, c, dtype, g, device)
     out_buffer, out = output_range((m,), k, dtype, device)
     stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=batch_stats)
@@ -141,9 +149,7 @@ def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
 @pytest.mark.parametrize("in_place", [True, False], ids=["grad_x_is_grad_z", "separate"])
 def test_bn_relu(backend, dtype, m, c, batch_stats, in_place):
     backend, device = backend
-    g = torch.Generator().manual_seed(3)
-    x = channel_range((m,), c, dtype, g, device)
-    bn = make_bn(x, batch_stats, g)
+    g, x, bn = random_case(3, (m,), c, dtype, device, batch_stats, poisoned=False)
     out_buffer, out = output_range((m,), c, dtype, device)
     backend.bn_relu(x, bn.scale, bn.shift, out)
     x64 = float64_leaf(x)
@@ -212,9 +218,7 @@ def other_backend(backend):
 def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
     backend, device = other_backend
     m, c, k = 1031, 17, 23
-    g = torch.Generator().manual_seed(10)
-    x = channel_range((m,), c, dtype, g, device)
-    bn = poisoned_bn(x, batch_stats, g)
+    g, x, bn = random_case(10, (m,), c, dtype, device, batch_stats, poisoned=True)
     weight = random_weight(k, c, dtype, g, device)
     out, expected_out = output_range((m,), k, dtype, device)[1], output_range((m,), k, dtype, device)[1]
     stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
@@ -236,9 +240,7 @@ def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
 def test_bn_relu_nan_and_inf(other_backend, dtype, batch_stats):
     backend, device = other_backend
     m, c = 1031, 17
-    g = torch.Generator().manual_seed(11)
-    x = channel_range((m,), c, dtype, g, device)
-    bn = poisoned_bn(x, batch_stats, g)
+    g, x, bn = random_case(11, (m,), c, dtype, device, batch_stats, poisoned=True)
     out, expected_out = output_range((m,), c, dtype, device)[1], output_range((m,), c, dtype, device)[1]
     backend.bn_relu(x, bn.scale, bn.shift, out)
     TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
@@ -260,9 +262,7 @@ def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
     backend, device = other_backend
     n, c, k = 2, 17, 20
     pooled = tuple(size // 2 for size in spatial)
-    g = torch.Generator().manual_seed(12)
-    x = channel_range((n, *spatial), c, dtype, g, device)
-    bn = poisoned_bn(x, batch_stats, g)
+    g, x, bn = random_case(12, (n, *spatial), c, dtype, device, batch_stats, poisoned=True)
     weight = random_weight(k, c, dtype, g, device)
     out, expected_out = (output_range((n, *pooled), k, dtype, device)[1] for _ in range(2))
     backend.transition(x, bn.scale, bn.shift, weight, out)

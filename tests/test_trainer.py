@@ -207,6 +207,11 @@ def test_image_folder_tree(tmp_path):
                                                                      b"labels": [0, 10]})), "labels must lie in"),
 ])
 def test_malformed_dataset_directories_are_named(tmp_path, make, message):
+    assert_dataset_error(tmp_path, make, message)
+
+
+def assert_dataset_error(tmp_path, make, message: str) -> None:
+    """``make(root)`` fills an empty dataset folder; loading it raises DatasetError with ``message``."""
     root = tmp_path / "data"
     root.mkdir()
     make(root)
@@ -634,12 +639,7 @@ VOLUME = np.zeros((4, 5, 6), np.float32)
     (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "file,label\na.npy,0\na.npy,1\n")), "is listed again"),
 ])
 def test_malformed_volume_folders_are_named(tmp_path, make, message):
-    root = tmp_path / "data"
-    root.mkdir()
-    make(root)
-    with pytest.raises(DatasetError) as error:
-        load_dataset(str(root))
-    assert message in str(error.value)
+    assert_dataset_error(tmp_path, make, message)
 
 
 def test_volume_with_nan_is_named_when_read(tmp_path):
