@@ -214,26 +214,32 @@ def other_backend(backend):
     return backend
 
 
+def check_as_torch(backend, primitive: str, args: tuple, target: Tensor, after: tuple, dtype, names: list[str]
+                   ) -> None:
+    """``primitive(*args, target, *after)`` on ``backend`` and, on copies of the
+    tensors as they are now, on the torch backend: NaN and Inf in the same places,
+    finite values within the tolerance.  ``names``: ``target``'s, then those of the
+    returned tensors."""
+    copies = [a.clone() if isinstance(a, Tensor) else a for a in args]
+    expected_target = target.clone()
+    expected = getattr(TORCH, primitive)(*copies, expected_target, *after)
+    result = getattr(backend, primitive)(*args, target, *after)
+    returned = lambda r: [] if r is None else list(r)  # noqa: E731
+    assert_as_torch([target, *returned(result)], [expected_target, *returned(expected)], dtype, names)
+
+
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
     backend, device = other_backend
     m, c, k = 1031, 17, 23
     g, x, bn = random_case(10, (m,), c, dtype, device, batch_stats, poisoned=True)
     weight = random_weight(k, c, dtype, g, device)
-    out, expected_out = output_range((m,), k, dtype, device)[1], output_range((m,), k, dtype, device)[1]
-    stats = backend.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, out, with_stats=True)
-    expected_stats = TORCH.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, expected_out, with_stats=True)
-    assert_as_torch([out, *stats], [expected_out, *expected_stats], dtype, ["out", "mean", "var"])
-
+    check_as_torch(backend, "bn_relu_conv1x1", (x, bn.scale, bn.shift, weight), output_range((m,), k, dtype, device)[1],
+                   (True,), dtype, ["out", "mean", "var"])
     grad_out = random_rows((m, k), dtype, device, g)
-    grad_x = random_rows((m, c), dtype, device, g)
-    expected_grad_x = grad_x.clone()
-    grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                             bn.batch_mean())
-    expected = TORCH.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
-                                              expected_grad_x, bn.batch_mean())
-    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
-                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+    check_as_torch(backend, "bn_relu_conv1x1_backward", (x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out),
+                   random_rows((m, c), dtype, device, g), (bn.batch_mean(),), dtype,
+                   ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
@@ -241,17 +247,11 @@ def test_bn_relu_nan_and_inf(other_backend, dtype, batch_stats):
     backend, device = other_backend
     m, c = 1031, 17
     g, x, bn = random_case(11, (m,), c, dtype, device, batch_stats, poisoned=True)
-    out, expected_out = output_range((m,), c, dtype, device)[1], output_range((m,), c, dtype, device)[1]
-    backend.bn_relu(x, bn.scale, bn.shift, out)
-    TORCH.bn_relu(x, bn.scale, bn.shift, expected_out)
-    assert_as_torch([out], [expected_out], dtype, ["out"])
-
-    grad_z = random_rows((m, c), dtype, device, g)
-    expected_grad_x = torch.empty_like(grad_z)
-    expected = TORCH.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z.clone(), expected_grad_x,
-                                      bn.batch_mean())
-    grads = backend.bn_relu_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_z, bn.batch_mean())
-    assert_as_torch([grad_z, *grads], [expected_grad_x, *expected], dtype, ["grad_x", "grad_gamma", "grad_beta"])
+    check_as_torch(backend, "bn_relu", (x, bn.scale, bn.shift), output_range((m,), c, dtype, device)[1], (), dtype,
+                   ["out"])
+    grad_z = random_rows((m, c), dtype, device, g)  # also grad_x: in place
+    check_as_torch(backend, "bn_relu_backward", (x, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z), grad_z,
+                   (bn.batch_mean(),), dtype, ["grad_x", "grad_gamma", "grad_beta"])
 
 
 @pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
@@ -264,16 +264,9 @@ def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
     pooled = tuple(size // 2 for size in spatial)
     g, x, bn = random_case(12, (n, *spatial), c, dtype, device, batch_stats, poisoned=True)
     weight = random_weight(k, c, dtype, g, device)
-    out, expected_out = (output_range((n, *pooled), k, dtype, device)[1] for _ in range(2))
-    backend.transition(x, bn.scale, bn.shift, weight, out)
-    TORCH.transition(x, bn.scale, bn.shift, weight, expected_out)
-    assert_as_torch([out], [expected_out], dtype, ["out"])
-
+    check_as_torch(backend, "transition", (x, bn.scale, bn.shift, weight),
+                   output_range((n, *pooled), k, dtype, device)[1], (), dtype, ["out"])
     grad_out = random_rows((n, *pooled, k), dtype, device, g)
-    grad_x, expected_grad_x = (output_range((n, *spatial), c, dtype, device)[1] for _ in range(2))
-    grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
-                                        bn.batch_mean())
-    expected = TORCH.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
-                                         expected_grad_x, bn.batch_mean())
-    assert_as_torch([grad_x, *grads], [expected_grad_x, *expected], dtype,
-                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+    check_as_torch(backend, "transition_backward", (x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out),
+                   output_range((n, *spatial), c, dtype, device)[1], (bn.batch_mean(),), dtype,
+                   ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
