@@ -49,7 +49,7 @@ def fake_workers(monkeypatch):
 
 def deepest_true(impl: str, batch: int, budget: float) -> int:
     """The deepest depth whose parameters, gradients, momentum and fake step peak fit ``budget``."""
-    settings = argparse.Namespace(growth_rate=12, dtype="float32", optimizer="sgd")
+    settings = argparse.Namespace(family="torchvision", growth_rate=12, dtype="float32", optimizer="sgd")
     return max(d for d in range(10, 3000, 6)
                if depth.persistent_bytes(settings, d) + fake_peak(impl, ModelSpec("densenet_bc", d), batch) <= budget)
 
@@ -191,3 +191,45 @@ def test_monai_implementations_share_weights_and_agree():
         outputs = [model(x) for model in built]
     for output in outputs[1:]:
         torch.testing.assert_close(output, outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_depth_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path):
+    """``--family monai``: MONAI's DenseNet-BC-shaped model on volumes, its
+    parameters counted exactly, references MONAI eager and checkpointed, and the
+    search pins each boundary from the sweep's fit."""
+    pytest.importorskip("monai")
+    from monai.networks.nets import DenseNet
+    from densenet_fast.bench import monai_impls
+
+    impls = ["monai-eager", "monai-ckpt", "fast-torch-recompute"]
+    budget = 40 * MIB
+    result = depth.main(["--family", "monai", "--image-size", "16x20x16", "--depths", "16", "28", "40",
+                         "--reference-depth", "28", "--batch", "2", "--budget-gib", str(budget / common.GIB),
+                         "--impls", *impls, "--out", str(tmp_path / "m.json"), "--no-progress", "--no-plot"])
+    spec = monai_impls.bc_spec(40, 12, [16, 20, 16])
+    assert spec.name == "monai-densenet_bc-3d"
+    theirs = DenseNet(**monai_impls.constructor_arguments(spec))
+    assert monai_impls.parameter_bytes(spec, torch.float32) == 4 * sum(p.numel() for p in theirs.parameters())
+    point = next(p for p in result["points"] if p["depth"] == 40)
+    assert point["persistent_bytes"] == 3 * monai_impls.parameter_bytes(spec, torch.float32)  # SGD: momentum
+    settings = argparse.Namespace(family="monai", growth_rate=12, dtype="float32", optimizer="sgd",
+                                  image_size=[16, 20, 16])
+    for found in result["budget_search"]:
+        truth = max(d for d in range(10, 3000, 6) if depth.persistent_bytes(settings, d) +
+                    fake_peak(found["impl"], ModelSpec("x", d), 2) <= budget)
+        assert (found["deepest_fitting"], found["shallowest_exceeding"]) == (truth, truth + 6), found
+        assert "predicted_total_bytes" not in found["at_deepest"]  # the planner does not model MONAI's tree
+    assert set(result["ratios_at_reference_depth"]["fast-torch-recompute"]) == {
+        "memory_over_monai-eager", "memory_over_monai-ckpt", "time_over_monai-eager", "time_over_monai-ckpt"}
+    assert result["policy_costs"] == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "monai", "--image-size", "8x16x16"], "sides of at least 16"),
+    (["--image-size", "16x16x16"], "several sides are for --family monai"),
+    (["--family", "monai", "--image-size", "16x16x16", "--impls", "fast-torch-auto"], "recompute='auto'"),
+])
+def test_depth_subcommand_refuses_what_it_cannot_measure(fake_workers, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        depth.main(argv + ["--out", str(tmp_path / "x.json"), "--no-progress", "--no-plot"])
+    assert fake_workers == []

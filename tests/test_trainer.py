@@ -456,6 +456,26 @@ def test_memory_budget_checks_a_fixed_policy_and_refuses_what_does_not_fit(tmp_p
     assert "not even a batch of 1 fits" in capsys.readouterr().err
 
 
+def test_offload_needs_cuda(tmp_path, capsys):
+    assert train(tmp_path / "run", "--epochs", "1", "--offload", "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert "--offload" in err and "needs CUDA" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+def test_offload_trains_the_same_steps_on_cuda(tmp_path, capsys):
+    """With --offload the saved tensors live in host memory between forward and
+    backward; the run is the same one (losses equal up to kernel rounding)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert train(tmp_path / "plain", "--epochs", "1", "--device", "cuda") == 0
+    assert train(tmp_path / "offload", "--epochs", "1", "--device", "cuda", "--offload") == 0
+    assert trainer.OFFLOAD_NOTE in capsys.readouterr().out
+    plain, offload = metrics(tmp_path / "plain"), metrics(tmp_path / "offload")
+    assert float(offload[0]["train_loss"]) == pytest.approx(float(plain[0]["train_loss"]), rel=1e-3)
+
+
 # -- precision and memory format -------------------------------------------------------------------
 @pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"],
                                      ["--schedule", "cosine", "--recompute", "recompute", "--backend", "torch"]])

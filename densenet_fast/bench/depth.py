@@ -20,6 +20,12 @@ memory budget.
    exceeding depth are 6 layers apart.  ``fast-<backend>-auto`` is the model
    built with ``recompute="auto"`` and the budget: it plans itself, and where
    no assignment is predicted to fit it refuses before any work.
+
+``--family monai`` measures MONAI's ``DenseNet`` shaped as DenseNet-BC
+(:mod:`.monai_impls`), on images or volumes (``--image-size 16x16x16``):
+MONAI eager and checkpointed against densenet_fast.monai.  The planner models
+torchvision's tree on images only, so there every prediction, densenet_fast's
+too, comes from the fit of the sweep, and there is no ``-auto``.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from typing import Optional
 
 from .. import planner
 from ..memory import Architecture, OptimizerSpec, Setup
-from . import common
+from . import common, monai_impls
 from .common import evaluate, fit
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, image_size, resolve_impls
 from .impls import ModelSpec
 from .worker import DTYPES
 
@@ -51,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-depths", type=int, nargs="*", default=None,
                         help="depths at which all implementations are timed round-robin (default: every sweep depth)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=image_size, default=32,
+                        help="side of square images, or DxHxW for volumes (--family monai)")
+    parser.add_argument("--family", default="torchvision", choices=["torchvision", "monai"],
+                        help="torchvision's DenseNet-BC tree, or MONAI's DenseNet shaped as DenseNet-BC")
     parser.add_argument("--growth-rate", type=int, default=12)
     parser.add_argument("--impls", nargs="+", default=None,
                         help="implementations (default: tv-eager tv-memeff and densenet_fast's automatic backend "
@@ -70,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bc_spec(args: argparse.Namespace, depth: int) -> ModelSpec:
+    if args.family == "monai":
+        return monai_impls.bc_spec(depth, args.growth_rate, args.image_size)
     return ModelSpec("densenet_bc", depth, args.growth_rate, 10)
+
+
+def planned(impl: str, args: argparse.Namespace) -> bool:
+    """Whether the planner predicts ``impl``'s memory (densenet_fast's torchvision tree)."""
+    return impl.startswith("fast-") and args.family == "torchvision"
 
 
 def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup:
@@ -94,8 +110,10 @@ def persistent_bytes(args: argparse.Namespace, depth: int) -> int:
     """Parameters, gradients and optimizer state of depth ``depth``: the same
     for every implementation (torchvision's tree is the same network)."""
     optimizer = OptimizerSpec.parse(args.optimizer)
-    return bc_architecture(args, depth).parameter_count() * DTYPES[args.dtype].itemsize * \
-        (2 + optimizer.state_tensors())
+    dtype = DTYPES[args.dtype]
+    parameters = monai_impls.parameter_bytes(bc_spec(args, depth), dtype) if args.family == "monai" else \
+        bc_architecture(args, depth).parameter_count() * dtype.itemsize
+    return parameters * (2 + optimizer.state_tensors())
 
 
 # -- fits ----------------------------------------------------------------------------------
@@ -109,9 +127,9 @@ def growth_fit(depths: list[float], values: list[float]) -> Optional[dict]:
 
 def predicted_deepest(impl: str, points: list[dict], args) -> Optional[int]:
     """The deepest depth predicted to fit the budget: the planner's for densenet_fast,
-    the fit of the sweep's measured peaks for torchvision."""
+    the fit of the sweep's measured peaks for the others."""
     budget = args.budget_gib * common.GIB
-    if impl.startswith("fast-"):
+    if planned(impl, args):
         _, backend, policy = impl.split("-")
         setup = step_setup(args, None if backend == "auto" else backend)
         return planner.deepest_depth(bc_architecture(args, 10), setup, budget, policy)
@@ -209,7 +227,7 @@ def probe(runner: Runner, impl: str, depth: int, args) -> dict:
     point = {"impl": impl, "depth": depth, "kind": "probe", **result, "persistent_bytes": persistent}
     if result["status"] == "ok":
         point["total_bytes"] = persistent + result["peak_bytes"]
-    if impl.startswith("fast-"):
+    if planned(impl, args):
         _, backend, policy = impl.split("-")
         setup = step_setup(args, None if backend == "auto" else backend)
         choice = planner.best_fitting(bc_architecture(args, depth), setup, budget, policy) if policy == "auto" \
@@ -231,15 +249,19 @@ def summarize_fits(points: list[dict], impls: list[str]) -> dict:
     return out
 
 
-def ratios(points: list[dict], timings: dict, impls: list[str], depth: int) -> dict:
-    """Memory and step time of each implementation over torchvision eager's (and memory_efficient's) at ``depth``."""
+REFERENCES = {"torchvision": ("tv-eager", "tv-memeff"), "monai": ("monai-eager", "monai-ckpt")}
+
+
+def ratios(points: list[dict], timings: dict, impls: list[str], depth: int, family: str) -> dict:
+    """Memory and step time of each implementation over the family's eager and
+    checkpointed ones (torchvision's, or MONAI's) at ``depth``."""
     peak = {p["impl"]: p["peak_bytes"] for p in points
             if p["depth"] == depth and p["status"] == "ok" and p["kind"] == "sweep"}
     times = {impl: r["seconds"]["median"] for impl, r in timings.get(depth, {}).items() if r["status"] == "ok"}
     out = {}
     for impl in impls:
         row = {}
-        for ref in ("tv-eager", "tv-memeff"):
+        for ref in REFERENCES[family]:
             if impl in peak and ref in peak:
                 row[f"memory_over_{ref}"] = peak[impl] / peak[ref]
             if impl in times and ref in times:
@@ -253,8 +275,11 @@ def policy_costs(timings: dict, args) -> dict:
     time of ``recompute`` over ``keep`` (same process, round-robin), and the cost of
     a recomputed FLOP relative to an average FLOP of the step,
     ``a = (ratio - 1) * F / R`` (:func:`densenet_fast.planner.step_time_ratio`);
-    with ``auto`` timed too, its measured ratio beside the planner's."""
+    with ``auto`` timed too, its measured ratio beside the planner's.  Only for
+    the torchvision family, whose FLOPs the planner counts."""
     out: dict = {}
+    if args.family != "torchvision":
+        return out
     for depth, results in sorted(timings.items(), key=lambda item: int(item[0])):
         median = {impl: r["seconds"]["median"] for impl, r in results.items() if r["status"] == "ok"}
         for impl in median:
@@ -284,8 +309,19 @@ def run(args: argparse.Namespace) -> dict:
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
             raise SystemExit(f"depth {d} is not of the form 6n + 4")
-    impls = resolve_impls(args)
-    if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
+    if args.family == "monai":
+        monai_impls.spatial_dims(args.image_size)
+        sides = args.image_size if isinstance(args.image_size, list) else [args.image_size]
+        if min(sides) < 16:  # stem /4 and two transitions /2 each
+            raise SystemExit(f"--image-size {args.image_size}: MONAI's DenseNet-BC needs sides of at least 16")
+        impls = args.impls or monai_impls.default_impls(args.device, args.compile)
+        if any(impl.endswith("-auto") for impl in impls):
+            raise SystemExit("--family monai: recompute='auto' is planned for torchvision's tree on images only")
+    elif isinstance(args.image_size, list):
+        raise SystemExit(f"--image-size {args.image_size}: several sides are for --family monai")
+    else:
+        impls = resolve_impls(args)
+    if args.impls is None and args.budget_gib > 0 and args.family == "torchvision":  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
     runner = Runner(args)
     settings = common.settings_of(args)
@@ -314,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
             checkpoint(points, timings, searches)
     result = {"benchmark": "depth", "environment": common.finish_environment(env), "points": points,
               "timings": {str(d): t for d, t in timings.items()}, "fits": summarize_fits(points, impls),
-              "ratios_at_reference_depth": ratios(points, timings, impls, args.reference_depth),
+              "ratios_at_reference_depth": ratios(points, timings, impls, args.reference_depth, args.family),
               "budget_search": searches, "policy_costs": policy_costs(timings, args)}
     report(result, args, out)
     return result
@@ -331,7 +367,9 @@ def budget_row(search: dict) -> dict:
 
 
 def default_out(args) -> Path:
-    return common.RESULTS_DIR / f"depth_{args.device.split(':')[0]}_b{args.batch}.json"
+    family = "" if args.family == "torchvision" else "monai_"
+    size = "x".join(map(str, args.image_size)) + "_" if isinstance(args.image_size, list) else ""
+    return common.RESULTS_DIR / f"depth_{family}{size}{args.device.split(':')[0]}_b{args.batch}.json"
 
 
 def report(result: dict, args, out: Path) -> None:

@@ -13,6 +13,14 @@ from . import common
 from .impls import ModelSpec, default_impls
 
 
+def image_size(text: str):
+    """``--image-size``: one side (``32``), or sides ``DxHxW`` (a volume) or ``L`` x ... ."""
+    sides = [int(side) for side in text.lower().split("x")]
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"sides must be at least 1, got {text}")
+    return sides[0] if len(sides) == 1 else sides
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the model-level benchmarks (models, depth)."""
     parser.add_argument("--device", default="cpu")

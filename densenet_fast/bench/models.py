@@ -31,16 +31,8 @@ import importlib.util
 from . import common
 from .common import fit
 from . import monai_impls
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, resolve_impls
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, image_size, resolve_impls
 from .impls import TORCHVISION_IMPLS, ModelSpec
-
-
-def image_size(text: str):
-    """``--image-size``: one side (``32``), or sides ``DxHxW`` (a volume) or ``L`` x ... ."""
-    sides = [int(side) for side in text.lower().split("x")]
-    if min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"sides must be at least 1, got {text}")
-    return sides[0] if len(sides) == 1 else sides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,9 @@
 """MONAI's DenseNets in the model benchmarks: ``bench models --model
 monai-densenet121 --image-size 64x128x128`` (an ``--image-size`` of three
-sides is a volume, of one side a square image).
+sides is a volume, of one side a square image), and ``bench depth --family
+monai`` (MONAI's ``DenseNet`` shaped as DenseNet-BC: ``block_config=(n, n, n)``,
+``init_features=2k``, growth ``k``, depth ``6n + 4``; spec name
+``monai-densenet_bc-<dims>d``).
 
 Implementations, all on the same weights (the ``state_dict`` keys are MONAI's):
 
@@ -26,23 +29,34 @@ from .impls import POLICIES, ModelSpec
 PREFIX = "monai-"
 MONAI_IMPLS = ("monai-eager", "monai-ckpt", "monai-compile")
 CLASS_NAMES = {"densenet121": "DenseNet121", "densenet169": "DenseNet169", "densenet201": "DenseNet201",
-               "densenet264": "DenseNet264"}
+               "densenet264": "DenseNet264", "densenet_bc": "DenseNet"}
 
 
 def is_monai(spec: ModelSpec) -> bool:
     return spec.name.startswith(PREFIX)
 
 
-def parse(text: str, image_size, num_classes: int | None = None) -> ModelSpec:
-    """``"monai-densenet121"`` for inputs of ``image_size`` (one side: 2-D, a list of
-    sides: that many spatial dimensions) as a spec named ``monai-densenet121-3d``."""
-    arch = text[len(PREFIX):]
-    if arch not in CLASS_NAMES:
-        raise ValueError(f"unknown MONAI model {text!r}: use one of {[PREFIX + a for a in CLASS_NAMES]}")
+def spatial_dims(image_size) -> int:
+    """Spatial dimensions of an ``--image-size`` (one side: 2-D, a list of sides: that many)."""
     dims = len(image_size) if isinstance(image_size, (list, tuple)) else 2
     if dims not in (1, 2, 3):
         raise ValueError(f"an input of 1, 2 or 3 spatial dimensions, got {image_size}")
-    return ModelSpec(f"{PREFIX}{arch}-{dims}d", num_classes=num_classes or 2)
+    return dims
+
+
+def parse(text: str, image_size, num_classes: int | None = None) -> ModelSpec:
+    """``"monai-densenet121"`` for inputs of ``image_size`` as a spec named
+    ``monai-densenet121-3d`` (see :func:`spatial_dims`)."""
+    arch = text[len(PREFIX):]
+    if arch not in CLASS_NAMES or arch == "densenet_bc":
+        raise ValueError(f"unknown MONAI model {text!r}: use one of "
+                         f"{[PREFIX + a for a in CLASS_NAMES if a != 'densenet_bc']}")
+    return ModelSpec(f"{PREFIX}{arch}-{spatial_dims(image_size)}d", num_classes=num_classes or 2)
+
+
+def bc_spec(depth: int, growth_rate: int, image_size) -> ModelSpec:
+    """MONAI's ``DenseNet`` shaped as DenseNet-BC of ``depth`` (``6n + 4``) for inputs of ``image_size``."""
+    return ModelSpec(f"{PREFIX}densenet_bc-{spatial_dims(image_size)}d", depth, growth_rate, num_classes=2)
 
 
 def _arch_and_dims(spec: ModelSpec) -> tuple[str, int]:
@@ -71,11 +85,29 @@ def checkpoint_dense_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def constructor_arguments(spec: ModelSpec) -> dict:
+    """The keyword arguments of the MONAI class that builds ``spec``."""
+    arch, dims = _arch_and_dims(spec)
+    kwargs = dict(spatial_dims=dims, in_channels=1, out_channels=spec.num_classes)
+    if arch == "densenet_bc":
+        n, k = (spec.depth - 4) // 6, spec.growth_rate
+        kwargs.update(init_features=2 * k, growth_rate=k, block_config=(n, n, n))
+    return kwargs
+
+
+def parameter_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Bytes of the parameters of ``spec`` in ``dtype`` (counted on the meta device)."""
+    from .. import monai as fast_monai
+    with torch.device("meta"):
+        model = getattr(fast_monai, CLASS_NAMES[_arch_and_dims(spec)[0]])(**constructor_arguments(spec))
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
 def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
     """Implementation ``impl`` of the MONAI model ``spec`` on ``device``."""
     arch, dims = _arch_and_dims(spec)
     torch.manual_seed(seed)
-    kwargs = dict(spatial_dims=dims, in_channels=1, out_channels=spec.num_classes)
+    kwargs = constructor_arguments(spec)
     if impl in MONAI_IMPLS:
         from monai.networks import nets
         model = getattr(nets, CLASS_NAMES[arch])(**kwargs)

@@ -71,7 +71,7 @@ def warm_up_shapes(impl: str, spec: dict) -> None:
 
 def measure_memory(spec: dict) -> dict:
     device = spec["device"]
-    if spec["model"]["name"] == "densenet_bc" and spec.get("warmup_batch"):
+    if "densenet_bc" in spec["model"]["name"] and spec.get("warmup_batch"):
         warm_up_shapes(spec["impls"][0], spec)
     step = make_step(spec["impls"][0], spec)
     warmup_batch = spec.get("warmup_batch", 0)
