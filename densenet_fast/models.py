@@ -58,6 +58,7 @@ class InputError(ValueError, RuntimeError):
     ``RuntimeError`` too, as torchvision's convolution raises for a wrong channel count."""
 
 STEMS = ("imagenet", "cifar")
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # memory format by weight dimensions
 
 
 class _DenseLayer(nn.Module):
@@ -164,18 +165,24 @@ class _DenseBlock(_EngineBlock, nn.ModuleDict):
         return torch.cat(features, 1)
 
 
+def sequential_forward(self, input: Tensor) -> Tensor:
+    """The ``forward`` of an ``nn.Sequential`` that the engine may run: ``_fused``
+    where ``_runs_fused`` says so, else each module in turn (assigned in the
+    class body: TorchScript compiles it there, not from a mixin)."""
+    if not torch.jit.is_scripting() and self._runs_fused(input):
+        return self._fused(input)
+    for module in self:
+        input = module(input)
+    return input
+
+
 class _EngineTransition:
     """What the transitions of every module tree share (an ``nn.Sequential`` of
     ``norm``, ``relu``, ``conv``, ``pool`` with an ``engine`` attribute): the
     engine runs it as a stage with no layers (pooling first, then the
     convolution: exact and 2, 4 or 8 times cheaper)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._runs_fused(input):
-            return self._fused(input)
-        for module in self:
-            input = module(input)
-        return input
+    forward = sequential_forward
 
     @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
@@ -280,7 +287,10 @@ class _EngineModel(nn.Module):
 
     def _initialise(self, conv_type: type) -> None:
         """torchvision's and MONAI's initialisation (the same rules): Kaiming-normal
-        ``conv_type`` weights, affine BatchNorm weight 1 and bias 0, Linear bias 0."""
+        ``conv_type`` weights, affine BatchNorm weight 1 and bias 0, Linear bias 0.
+        The dense layers' 3x3 (3x3x3) weights are then stored channels-last, as
+        the buffers they convolve are: ATen would otherwise copy each one into
+        that layout on every call (same values, same ``state_dict``)."""
         for m in self.modules():
             if isinstance(m, conv_type):
                 nn.init.kaiming_normal_(m.weight)
@@ -289,6 +299,11 @@ class _EngineModel(nn.Module):
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
+        for block in self.blocks():
+            for layer in block.children():
+                weight = fastpath.dense_layer_parts(layer).conv2.weight
+                if weight.dim() in CHANNELS_LAST:  # the engine convolves channels-last buffers with it
+                    weight.data = weight.data.contiguous(memory_format=CHANNELS_LAST[weight.dim()])
 
     # -- configuration -----------------------------------------------------------------
     def blocks(self) -> list[_EngineBlock]:

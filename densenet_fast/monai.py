@@ -120,12 +120,7 @@ class _DenseBlock(models._EngineBlock, nn.Sequential):
         self.engine = engine.Settings()
         self.recompute = "keep"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._runs_fused(x):
-            return self._fused(x)
-        for layer in self:
-            x = layer(x)
-        return x
+    forward = models.sequential_forward
 
 
 class _Transition(models._EngineTransition, nn.Sequential):

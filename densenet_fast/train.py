@@ -161,10 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", default="none", choices=sorted(AMP_DTYPES),
                      help="mixed precision: autocast to bf16, or fp16 with a gradient scaler (default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
-    run.add_argument("--offload", action="store_true",
-                     help="CUDA: keep the tensors saved for backward (block buffers, kept bottlenecks) in pinned host "
-                          "memory during each step (torch.autograd.graph.save_on_cpu): less GPU memory, at the cost "
-                          "of copying them to the host and back every step")
+    run.add_argument("--offload", action="store_true", help="CUDA: keep the tensors saved for backward in pinned "
+                     "host memory (torch.autograd.graph.save_on_cpu): less GPU memory, two copies per step")
     run.add_argument("--sync-bn", action="store_true",
                      help="synchronise batch statistics across processes (under torchrun)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

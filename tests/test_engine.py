@@ -334,3 +334,31 @@ def test_input_memory_layout_does_not_matter(config, layout):
         x_other = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)[..., ::2]
         x_other.copy_(x)
     assert_results_equal(forward_backward(ours, x_other, target), expected, 1e-10, with_buffers=False)
+
+
+@pytest.mark.parametrize("spatial", [2, 3])
+def test_dense_layer_weights_are_channels_last_and_not_copied_in_forward(spatial):
+    """The 3x3 (3x3x3) convolutions see channels-last buffers, so their weights
+    are stored channels-last: ATen uses them as they are instead of copying
+    each one into that layout on every call."""
+    from torch.profiler import profile
+
+    from densenet_fast import monai
+    from densenet_fast.engine import fastpath
+    torch.manual_seed(0)
+    if spatial == 2:
+        model, x = densenet_bc(10, 4, backend="torch"), torch.randn(2, 3, 8, 8)
+    else:
+        model = monai.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
+                               block_config=(2, 2), backend="torch")
+        x = torch.randn(2, 1, 16, 12, 16)
+    layout = torch.channels_last if spatial == 2 else torch.channels_last_3d
+    weights = [fastpath.dense_layer_parts(layer).conv2.weight for block in model.blocks() for layer in block.children()]
+    assert weights and all(w.is_contiguous(memory_format=layout) and not w.is_contiguous() for w in weights)
+    shapes = {tuple(w.shape) for w in weights}
+    model.train()
+    with profile(record_shapes=True) as trace:
+        model(x)
+    copies = [e for e in trace.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::clone")
+              and e.input_shapes and tuple(e.input_shapes[0]) in shapes]
+    assert copies == []
