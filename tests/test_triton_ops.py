@@ -13,6 +13,7 @@ add bf16.  Every test runs with deterministic algorithms on, so that fresh
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from unittest import mock
@@ -314,21 +315,54 @@ NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_s
 
 
 class LaunchCounter(TorchDispatchMode):
-    """While active, counts the Triton launches (per kernel) and the torch ops
-    that launch a GPU kernel: ``small`` (elementwise, reductions, copies) and
-    ``gemm`` (convolutions and matrix products); views and allocations launch none."""
+    """While :meth:`active`, counts the Triton launches (per kernel) and the
+    torch ops that launch a GPU kernel: ``small`` (elementwise, reductions,
+    copies) and ``gemm`` (convolutions and matrix products); views and
+    allocations launch none.  The ops of ``torch.ops.densenet_fast_triton`` are
+    no kernels themselves: it records them (``ops``, in call order) and counts
+    what their implementations launch, and the Triton launches made outside
+    any of them (``outside_ops``).  On CPU tensors (the interpreter) only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.triton: Counter[str] = Counter()
         self.small: Counter[str] = Counter()
         self.gemm: Counter[str] = Counter()
+        self.ops: list[str] = []
+        self.outside_ops: Counter[str] = Counter()
+        self.op_depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if func.namespace == common.NAMESPACE:  # run its CPU implementation with this mode on, to see inside
+            self.ops.append(name)
+            self.op_depth += 1
+            try:
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+            finally:
+                self.op_depth -= 1
         if not func.is_view and name not in NOT_KERNELS:
             (self.gemm if name in GEMMS else self.small)[name] += 1
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def active(self):
+        launch_item = common.Launcher.__getitem__
+
+        def counted(launcher, grid):
+            launch = launch_item(launcher, grid)
+
+            def run(*args, **meta):
+                self.triton[launcher.fn.__name__] += 1
+                if not self.op_depth:
+                    self.outside_ops[launcher.fn.__name__] += 1
+                with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
+                    launch(*args, **meta)
+            return run
+
+        with mock.patch.object(common.Launcher, "__getitem__", counted), self:
+            yield self
 
     def totals(self) -> Counter[str]:
         return Counter(triton=sum(self.triton.values()), small=sum(self.small.values()),
@@ -339,18 +373,6 @@ def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
     """The launches of one training step's forward and backward (the second
     step, after the first compiled and allocated) of a tiny DenseNet (ImageNet
     stem, 32x32 input, batch 2) on the triton backend."""
-    counter = LaunchCounter()
-    launch_item = common.Launcher.__getitem__
-
-    def counted(launcher, grid):
-        launch = launch_item(launcher, grid)
-
-        def run(*args, **meta):
-            counter.triton[launcher.fn.__name__] += 1
-            with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
-                launch(*args, **meta)
-        return run
-
     torch.manual_seed(0)
     model = DenseNet(growth_rate=4, block_config=block_config, num_init_features=8, num_classes=5, backend="triton")
     x, target = torch.randn(2, 3, 32, 32), torch.randint(5, (2,))
@@ -362,7 +384,7 @@ def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
         loss.backward()
 
     step()
-    with mock.patch.object(common.Launcher, "__getitem__", counted), counter:
+    with LaunchCounter().active() as counter:
         step()
     return counter
 
@@ -376,7 +398,9 @@ def test_launches_per_layer():
     numbers are in docs/performance.md.  Upper bounds: a change that launches
     more fails here."""
     torch.use_deterministic_algorithms(False)  # NaN-filling fresh memory would count as kernels
-    counts = {config: count_launches(config).totals() for config in [(2, 2), (3, 2), (4,)]}
+    counters = {config: count_launches(config) for config in [(2, 2), (3, 2), (4,)]}
+    assert not any(counter.outside_ops for counter in counters.values()), "launched outside the ops"
+    counts = {config: counter.totals() for config, counter in counters.items()}
     layer = counts[(3, 2)] - counts[(2, 2)]
     transition = counts[(2, 2)] - counts[(4,)]
     rest = counts[(4,)] - Counter({kind: 4 * n for kind, n in layer.items()})

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, nan_stats
+from .common import (Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
+                     nan_stats)
 
 STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
@@ -137,8 +138,9 @@ class StatsScratch:
         return self.part_mean, self.part_m2, self.counters, self.mean, self.var
 
 
+@custom_op("channel_stats")
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased var)`` (fp32) of a row view ``x (M, C)``
+    """Per-channel ``(mean, biased var)`` ``(C,)`` (fp32) of a row view ``x (M, C)``
     (NaN for ``M = 0``, as the torch backend's)."""
     check_data(x)
     m, c = x.shape
@@ -150,3 +152,9 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
         x, *scratch.args(), m, c, x.stride(0), BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     return scratch.mean, scratch.var
+
+
+@channel_stats.register_fake
+def _(x):
+    check_data(x)
+    return x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(x.shape[1], dtype=torch.float32)

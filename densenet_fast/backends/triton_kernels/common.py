@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton ops: dtype rules, tensor addressing, launching.
+"""Helpers shared by the Triton ops: dtype rules, tensor addressing, launching,
+registering the ops.
 
 Every op sees its activations as *pixels*: a channels-last tensor with ``n``
 images of ``h x w`` pixels, channel stride 1.  A row view ``(M, C)`` is the
@@ -23,8 +24,19 @@ import triton.language as tl
 from torch import Tensor
 
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NAMESPACE = "densenet_fast_triton"  # of the torch ops, torch.ops.densenet_fast_triton (docs/triton.md)
 AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
 CONFIG_LOG_ENV_VAR = "DENSENET_FAST_CONFIG_LOG"  # a file: each launcher appends its choices (JSON lines)
+
+
+def custom_op(name: str, mutates_args: Sequence[str] = ()):
+    """A decorator: the function as the torch op ``densenet_fast_triton::<name>``
+    (``torch.library.custom_op``), which writes only the arguments named in
+    ``mutates_args`` and is given its arguments with their strides as they are
+    (``needs_exact_strides``: the kernels write into strided views), as the
+    C++ ops are.  Register its fake implementation with ``.register_fake``."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args),
+                                   tags=(torch.Tag.needs_exact_strides,))
 
 
 def check_data(*tensors: Tensor) -> None:
