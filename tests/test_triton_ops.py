@@ -736,7 +736,9 @@ def test_float64_model_on_cuda_with_automatic_backend():
 # -- arrival counters -------------------------------------------------------------------
 
 @triton.jit
-def _arrive_then_fail_kernel(data_ptr, counter_ptr, FAIL: tl.constexpr, BLOCK: tl.constexpr):
+def _arrive_then_fail_kernel(data_ptr,  # (BLOCK,) fp32
+                             counter_ptr,  # () int32
+                             FAIL: tl.constexpr, BLOCK: tl.constexpr):
     """Every program arrives at ``counter_ptr``; with FAIL, the last program
     (in the interpreter's order) fails before arriving."""
     pid = tl.program_id(0)

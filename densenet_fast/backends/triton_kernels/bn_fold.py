@@ -24,7 +24,7 @@ def _fold_kernel(mean_ptr, var_ptr,  # (C,) fp32: the statistics that normalise
                  coeffs_ptr,  # (4, C) fp32 out: scale, shift, mean, rstd
                  running_mean_ptr, running_var_ptr,  # (C,) any float dtype, updated in place; UPDATE only
                  batches_ptr,  # () int64 num_batches_tracked, + 1; UPDATE only
-                 C, eps, momentum, unbias,  # unbias = count / (count - 1)
+                 C, eps, momentum, unbias,  # scalars; unbias = count / (count - 1)
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
                  CUMULATIVE: tl.constexpr,  # momentum None: factor 1 / batches (one program, see fold)
                  BLOCK_C: tl.constexpr):

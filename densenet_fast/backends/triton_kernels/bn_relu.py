@@ -18,7 +18,7 @@ from .common import Launcher, block_size, check_data, check_pixels, custom_op, r
 def _bn_relu_kernel(x_ptr,  # (M, C), row stride sx
                     scale_ptr, shift_ptr,  # (C,) fp32
                     out_ptr,  # (M, C), row stride so
-                    M, C, sx, so,
+                    M, C, sx, so,  # scalars: sizes, row strides in elements
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -110,21 +110,36 @@ BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
-def _load_pixels(ptr, sn, sh, sw, n, h, w, mask, channels, SPATIAL: tl.constexpr):
+def _load_pixels(ptr,  # (N, H, W, C), strides sn, sh, sw, 1
+                 sn, sh, sw,
+                 n, h, w,  # (BM,) int32 each: the pixels
+                 mask,  # (BM, BC) bool
+                 channels,  # (BC,) int32
+                 SPATIAL: tl.constexpr):
     """Channels ``channels`` of pixels ``(n, h, w)`` as fp32 ``(BM, BC)``, 0 outside ``mask``."""
     offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL)
     return tl.load(ptr + offsets[:, None] + channels[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask):
+def _load_weight(w_ptr,  # (K, C), strides swk, swc
+                 swk, swc,
+                 ks, k_mask,  # (BK,) int32, bool
+                 channels, channel_mask):  # (BC,) int32, bool
     """``W[ks, channels]`` ``(BK, BC)``, 0 outside the masks."""
     return tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc, mask=k_mask[:, None] & channel_mask[None, :],
                    other=0.0)
 
 
 @triton.jit
-def _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+def _grad_z(dout_ptr,  # (N, out_h, out_w, K) (without HAS_GEMM: dZ (N, H, W, C)), channel stride 1
+            out_offsets, out_valid,  # (BM,) int64, bool: the cells' output pixels
+            d,  # (BM, BLOCK_K) dOut tile; ONE_K_BLOCK only
+            wt,  # (BLOCK_K, BC) weight tile; ONE_K_BLOCK only
+            w_ptr,  # (K, C), strides swk, swc
+            swk, swc,
+            channels, channel_mask,  # (BC,) int32, bool
+            K,
             POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dL/dz`` (fp32 ``(BM, BC)``) of each pixel of the cells whose output
@@ -161,6 +176,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                     part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), K) fp32
                     counter_ptr,  # (cdiv(K, BLOCK_K), cdiv(T, STATS_GROUP) + 1) int32, 0
                     stats_mean_ptr, stats_var_ptr,  # (K,) fp32 out: (mean, biased var) of out
+                    # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -209,7 +225,9 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    sum_part_ptr,  # (num_splits, 2, C) fp32: [sum dA, sum dA * xhat] of each split
                    sums_ptr,  # (2, C) fp32 out: [sum dA, sum dA * xhat]
                    counter_ptr,  # (cdiv(C, BLOCK_C),) int32, 0 (arrive_last)
-                   num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
+                   # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
+                   # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
+               num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
@@ -291,6 +309,7 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                gx_ptr,  # (N, H, W, C), strides sgn, sgh, sgw, 1
                dw_part_ptr,  # (num_splits, K * C) fp32: pass 1's dW of each split; HAS_GEMM only
                dw_ptr,  # (K * C,) fp32 out: their sum; HAS_GEMM only
+               # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,

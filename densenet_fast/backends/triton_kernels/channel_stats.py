@@ -31,7 +31,8 @@ MERGE_BLOCK = 32  # partials merged by the exact formula at once
 
 @triton.jit
 def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
-                    first_row, num_rows, first_index, span, rows_total, C, channels, channel_mask,
+                    first_row, num_rows, first_index, span, rows_total, C,  # scalars
+                    channels, channel_mask,  # (BC,) int32, bool: this program's channels
                     MERGE_BLOCK: tl.constexpr):
     """``(count, mean, M2)`` per channel ``(BC,)`` of partial rows
     ``[first_row, first_row + num_rows)``, row ``first_row + i`` standing for
@@ -64,7 +65,10 @@ def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
 
 
 @triton.jit
-def reduce_tile_stats(y, valid_rows, channels, channel_mask, tile, rows_total, C,
+def reduce_tile_stats(y,  # (BM, BC) fp32: the tile
+                      valid_rows,  # (BM,) bool
+                      channels, channel_mask,  # (BC,) int32, bool
+                      tile, rows_total, C,  # scalars
                       part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = tiles
                       counter_ptr,  # (cdiv(T, STATS_GROUP) + 1,) int32, 0: this channel block's arrival counters
                       out_mean_ptr, out_var_ptr,  # (C,) fp32: (mean, biased var) of all rows_total rows
@@ -100,7 +104,7 @@ def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
                        part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = cdiv(M, BLOCK_M)
                        counter_ptr,  # (cdiv(C, BLOCK_C), cdiv(T, STATS_GROUP) + 1) int32, 0
                        mean_ptr, var_ptr,  # (C,) fp32 out
-                       M, C, sx,
+                       M, C, sx,  # scalars: sizes, row stride in elements
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STATS_GROUP: tl.constexpr,
                        MERGE_BLOCK: tl.constexpr):
     tile = tl.program_id(0)

@@ -278,7 +278,8 @@ class Launcher:
 
 
 @triton.jit
-def arrive_last(counter_ptr, arrivals):
+def arrive_last(counter_ptr,  # () int32
+                arrivals):  # scalar: how many programs arrive
     """Whether this program is the last of ``arrivals`` programs to arrive at
     ``counter_ptr`` (an int32 that is 0 before the first arrives; the last sets
     it back to 0).  The arrival is an acquire-release atomic after a barrier, so
@@ -293,20 +294,21 @@ def arrive_last(counter_ptr, arrivals):
 
 
 @triton.jit
-def relu(a):
+def relu(a):  # any shape
     """``max(a, 0)`` keeping NaN, as ``torch.relu`` does (PTX ``max`` turns NaN into 0)."""
     return tl.where(a < 0, 0.0, a)
 
 
 @triton.jit
-def relu_grad(a, grad):
+def relu_grad(a, grad):  # both of one shape
     """The gradient through ``relu(a)``: ``grad`` except where ``a <= 0``, so NaN
     lets it through, as torch's ``threshold_backward(grad, relu(a), 0)``."""
     return tl.where(a <= 0, 0.0, grad)
 
 
 @triton.jit
-def cell_pixel(cells, num_cells, cells_h, cells_w, lim_h, lim_w,
+def cell_pixel(cells,  # (BM,) int32 cell indices
+               num_cells, cells_h, cells_w, lim_h, lim_w,  # scalars
                SPATIAL: tl.constexpr, STEP: tl.constexpr, DI: tl.constexpr, DJ: tl.constexpr):
     """Pixel ``(n, STEP*i + DI, STEP*j + DJ)`` of each cell ``(n, i, j)`` of a
     ``cells_h x cells_w`` grid, and whether it exists (cell < num_cells, pixel
@@ -328,7 +330,9 @@ def cell_pixel(cells, num_cells, cells_h, cells_w, lim_h, lim_w,
 
 
 @triton.jit
-def pixel_offsets(n, h, w, sn, sh, sw, SPATIAL: tl.constexpr):
+def pixel_offsets(n, h, w,  # (BM,) int32 each: image, row, column
+                  sn, sh, sw,  # scalar strides in elements
+                  SPATIAL: tl.constexpr):
     """Element offsets (int64) of pixels ``(n, h, w)``."""
     offsets = n.to(tl.int64) * sn
     if SPATIAL:
