@@ -1,5 +1,7 @@
 """What only the Triton backend has (the primitives' contract on every backend is
-tests/test_backends.py, the model on every backend tests/test_engine.py): every
+tests/test_backends.py, the model on every backend tests/test_engine.py): its
+ops (``torch.ops.densenet_fast_triton``) through opcheck, each primitive through
+its ops, the backward's two ops with the ``batch_mean`` hook between them, every
 configuration a GPU may launch against the torch backend at awkward shapes,
 BatchNorm folding, statistics merged over many tiles, choosing and pruning
 configurations, launches per layer, deterministic mode, refusals and devices.
