@@ -226,8 +226,7 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    sums_ptr,  # (2, C) fp32 out: [sum dA, sum dA * xhat]
                    counter_ptr,  # (cdiv(C, BLOCK_C),) int32, 0 (arrive_last)
                    # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
-                   # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
-               num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
+                   num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
