@@ -13,8 +13,8 @@
 #   triton_tests     135   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
 #     build         (135)  meanwhile, in the background: the C++/CUDA extension    build.log
 #   gpu_tests         55   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
-#   triton_kernels    75   benchmarks/triton_kernels.py: block-3 layers, the        triton_kernels.json
-#                          transitions, a block-1 layer, with errors vs torch
+#   triton_kernels    75   benchmarks/triton_kernels.py (bench kernels preset):     triton_kernels.json
+#                          block-3 and block-1 layers and transitions, with errors
 #   model_bench      170   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
 #                          tv-eager, fast-triton-keep, tv-memeff, tv-compile, one
 #                          process each (step time and peak memory)

@@ -10,7 +10,7 @@ so an unwritten element or a write outside the range fails.
 
 The backend-specific files keep what only one backend has: tests/test_cpp_ops.py
 (opcheck, argument checks, threads, CUDA against CPU), tests/test_triton_ops.py
-(every kernel configuration, autotuning, shared memory, determinism).
+(opcheck, every kernel configuration, autotuning, shared memory, determinism).
 """
 
 from __future__ import annotations

@@ -103,12 +103,34 @@ def test_models_subcommand_largest_batch(fake_workers, tmp_path):
 
 def test_kernels_subcommand(tmp_path):
     result = kernels.main(["--batch", "1", "--batch-bc", "1", "--repeats", "1", "--warmup", "0", "--backends", "torch",
-                           "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+                           "--check", "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
     primitives = {r["primitive"] for r in result["rows"]}
     assert primitives == set(kernels.PRIMITIVES)
     assert {r["impl"] for r in result["rows"]} == {"torch", kernels.BASELINE}
     assert all(r["median_ms"] > 0 and r["GB_per_s"] > 0 and r["roofline_fraction"] > 0 for r in result["rows"])
     assert result["machine"]["copy_bytes_per_s"] > 0 and result["machine"]["matmul_flops_per_s"] > 0
+    checked = [r for r in result["rows"] if r["impl"] == "torch"]  # against float32 autograd of the unfused ops
+    assert len(checked) == 4 * len(kernels.PRIMITIVES) and all(r["correct"] for r in checked)
+    assert json.loads((tmp_path / "k.json").read_text())["rows"] == result["rows"]
+
+
+def test_kernels_check_finds_a_wrong_result_and_a_failing_case_stops_nothing(tmp_path, monkeypatch):
+    """--check against float32 autograd: a backward that swaps grad_gamma and
+    grad_beta is not correct; a primitive that raises leaves its error in the
+    JSON and the other cases run."""
+    from densenet_fast.backends.torch_backend import TorchBackend
+
+    backward = TorchBackend.bn_relu_backward
+    monkeypatch.setattr(TorchBackend, "bn_relu_backward", lambda *args: backward(*args)[::-1])
+    monkeypatch.setattr(TorchBackend, "bn_relu", lambda *args: 1 / 0)
+    result = kernels.main(["--shapes", "tiny-C24", "tiny-C40", "--repeats", "1", "--warmup", "0", "--backends",
+                           "torch", "--primitives", "bn_relu", "bn_relu_backward", "channel_stats", "--check",
+                           "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    rows = {(r["primitive"], r["shape"], r.get("impl")): r for r in result["rows"]}
+    for shape in ("tiny-C24", "tiny-C40"):
+        assert "ZeroDivisionError" in rows["bn_relu", shape, None]["error"]
+        assert not rows["bn_relu_backward", shape, "torch"]["correct"]
+        assert rows["channel_stats", shape, "torch"]["correct"]
 
 
 def test_cli_runs_bench(fake_workers, tmp_path):

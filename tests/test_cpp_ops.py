@@ -1,13 +1,11 @@
 """What only the C++ extension has (the primitives' contract on every backend is
-tests/test_backends.py; the model on every backend, tests/test_engine.py): its
-ops through opcheck and torch.compile, argument checks on the CPU and Meta
+tests/test_backends.py; the model on every backend, torch.compile included,
+tests/test_engine.py): its ops through opcheck, argument checks on the CPU and Meta
 kernels, results independent of the thread count, pass 2 of the BN backward
 alone with NaN and Inf, other dtypes handed to the torch backend, and the CUDA
 kernels against the CPU ones (alignment, NaN and Inf, determinism)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -18,10 +16,8 @@ from densenet_fast import _extension
 if _extension.load() is None:
     pytest.fail(f"the C++ extension is not built: {_extension.load_error()} (run `make build`)", pytrace=False)
 
-from densenet_fast import densenet_bc  # noqa: E402
 from densenet_fast.backends.extension_backend import CppBackend  # noqa: E402
 from densenet_fast.backends.torch_backend import TorchBackend  # noqa: E402
-from helpers import FP32_RTOL, forward_backward, max_relative_error, random_batch  # noqa: E402
 from primitives import assert_same_numbers, channel_range, make_bn, poisoned_bn, random_buffer  # noqa: E402
 
 CPP, TORCH = CppBackend(), TorchBackend()
@@ -141,34 +137,6 @@ def test_other_dtypes_use_the_torch_implementation():
     CPP.bn_relu(x, bn.scale, bn.shift, out)
     TORCH.bn_relu(x, bn.scale, bn.shift, expected)
     assert torch.equal(out, expected)
-
-
-# -- torch.compile --------------------------------------------------------------------------
-
-def test_torch_compile_matches_eager():
-    """torch.compile(fullgraph=True) of a tiny DenseNet-BC on backend='cpp'
-    (training mode: no graph break; outputs, input and parameter gradients,
-    running statistics equal to eager)."""
-    torch.manual_seed(0)
-    model = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
-    twin = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend="cpp")
-    x, target = random_batch(model, 2, 9, 8, seed=0)
-    explanation = torch._dynamo.explain(twin)(x)
-    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    torch._dynamo.reset()
-    twin.load_state_dict(model.state_dict())  # explain ran a training forward
-    eager = forward_backward(model, x, target)
-    start = time.perf_counter()
-    compiled = forward_backward(torch.compile(twin, fullgraph=True), x, target)
-    print(f"torch.compile forward+backward: {time.perf_counter() - start:.1f} s")
-    compiled.grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled.grads.items()}
-    compiled.buffers = {name.removeprefix("_orig_mod."): b for name, b in compiled.buffers.items()}
-    for what in ("output", "input_grad"):
-        assert max_relative_error(getattr(compiled, what), getattr(eager, what)) <= FP32_RTOL, what
-    for name in eager.grads:
-        assert max_relative_error(compiled.grads[name], eager.grads[name]) <= 1e-4, name
-    for name in eager.buffers:
-        assert max_relative_error(compiled.buffers[name], eager.buffers[name]) <= FP32_RTOL, name
 
 
 # -- CUDA kernels --------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 with the same weights, gradcheck on tiny stages, and the engine's contracts: no
 concatenation, running statistics updated once per forward, a bounded scratch
 arena, nothing stored without autograd, dropout, autocast and input memory
-layouts."""
+layouts, torch.compile on the backends whose primitives are torch ops."""
 
+import time
 from typing import Optional
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn as nn
 
 from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
-from helpers import (FLOAT64_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
+from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
                      check_eval_float64, check_training_float64, check_training_fp32, forward_backward,
                      global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm, sgd)
 from helpers import one_thread  # noqa: F401  (fixture)
@@ -362,3 +363,35 @@ def test_dense_layer_weights_are_channels_last_and_not_copied_in_forward(spatial
     copies = [e for e in trace.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::clone")
               and e.input_shapes and tuple(e.input_shapes[0]) in shapes]
     assert copies == []
+
+
+# -- torch.compile -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_torch_compile_matches_eager(backend):
+    """torch.compile(fullgraph=True) of a tiny DenseNet-BC (depth 10: a layer per
+    block and two transitions) on a backend whose primitives are torch ops with
+    fake implementations (``torch.ops.densenet_fast``, or
+    ``torch.ops.densenet_fast_triton`` under the Triton interpreter): training
+    mode, one graph and no break; outputs, input and parameter gradients and
+    running statistics equal to eager."""
+    backend_on(backend, "cpu")
+    torch.manual_seed(0)
+    model = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend=backend)
+    twin = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend=backend)
+    x, target = random_batch(model, 2, 9, 8, seed=0)
+    explanation = torch._dynamo.explain(twin)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+    twin.load_state_dict(model.state_dict())  # explain ran a training forward
+    eager = forward_backward(model, x, target)
+    start = time.perf_counter()
+    compiled = forward_backward(torch.compile(twin, fullgraph=True), x, target)
+    print(f"torch.compile forward+backward: {time.perf_counter() - start:.1f} s")
+    compiled.grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled.grads.items()}
+    compiled.buffers = {name.removeprefix("_orig_mod."): b for name, b in compiled.buffers.items()}
+    for what in ("output", "input_grad"):
+        assert max_relative_error(getattr(compiled, what), getattr(eager, what)) <= FP32_RTOL, what
+    for name in eager.grads:
+        assert max_relative_error(compiled.grads[name], eager.grads[name]) <= 1e-4, name
+    for name in eager.buffers:
+        assert max_relative_error(compiled.buffers[name], eager.buffers[name]) <= FP32_RTOL, name

@@ -56,7 +56,9 @@ def test_test_shards_write_junit_and_share_out_the_tests(evidence, name):
 
 def test_benchmarks_write_json_and_log_configurations(evidence):
     kernels = json.loads((evidence / "triton_kernels.json").read_text())
-    assert len(kernels["rows"]) == 3 and all(row["correct"] for row in kernels["rows"])
+    triton = [row for row in kernels["rows"] if row.get("impl") == "triton"]  # 4 primitives at 2 tiny shapes
+    assert len(triton) == 8 and all(row["correct"] for row in triton)
+    assert not any("error" in row for row in kernels["rows"])
     models = json.loads((evidence / "models.json").read_text())
     assert [row["impl"] for row in models["rows"]] == ["tv-eager", "fast-triton-keep"]
     assert all(row["status"] == "ok" and row["train_peak_MiB"] > 0 and row["train_step_s"] > 0

@@ -1,5 +1,7 @@
 """What only the Triton backend has (the primitives' contract on every backend is
-tests/test_backends.py, the model on every backend tests/test_engine.py): every
+tests/test_backends.py, the model on every backend tests/test_engine.py): its
+ops (``torch.ops.densenet_fast_triton``) through opcheck, each primitive through
+its ops, the backward's two ops with the ``batch_mean`` hook between them, every
 configuration a GPU may launch against the torch backend at awkward shapes,
 BatchNorm folding, statistics merged over many tiles, choosing and pruning
 configurations, launches per layer, deterministic mode, refusals and devices.
@@ -13,8 +15,10 @@ add bf16.  Every test runs with deterministic algorithms on, so that fresh
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
+from typing import Callable
 from unittest import mock
 
 import pytest
@@ -27,12 +31,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from densenet_fast import DenseNet
 
-from densenet_fast.backends.interface import RunningUpdate
+from densenet_fast.backends.interface import Backend, RunningUpdate
 from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.backends.triton_kernels import bn_relu, bn_relu_conv, channel_stats, common
 from densenet_fast.backends.triton_kernels.common import GpuLimits, arrive_last, dot_precision
-from primitives import channel_range, make_bn
+from primitives import avg_pool64, channel_range, make_bn, random_weight
 
 TRITON = TritonBackend()
 TORCH = TorchBackend()
@@ -117,6 +121,171 @@ def test_forward_statistics_over_many_tiles(device):
     var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)
     assert_close(mean, mean64, 1e-6, "mean")
     assert_close(var, var64, 1e-4, "var")
+
+
+# -- the torch ops ----------------------------------------------------------------------
+
+OPS = torch.ops.densenet_fast_triton
+# the ops each primitive of the backend calls, in order (the BN backward: pass 1, batch_mean, pass 2)
+PRIMITIVE_OPS = {
+    "fold_batchnorm": ["fold_batchnorm"],
+    "channel_stats": ["channel_stats"],
+    "bn_relu_conv1x1": ["bn_relu_conv1x1"],
+    "bn_relu_conv1x1_backward": ["bn_relu_conv1x1_backward_sums", "bn_relu_conv1x1_backward_finish"],
+    "bn_relu": ["bn_relu"],
+    "bn_relu_backward": ["bn_relu_backward_sums", "bn_relu_backward_finish"],
+    "transition": ["transition"],
+    "transition_backward": ["transition_backward_sums", "transition_backward_finish"],
+}
+# opcheck cases: "<op>" or "<op>-<variant>"
+OP_CASES = ["fold_batchnorm-momentum", "fold_batchnorm-cumulative", "fold_batchnorm-no_update", "channel_stats",
+            "bn_relu_conv1x1-stats", "bn_relu_conv1x1-no_stats", "bn_relu_conv1x1_backward_sums",
+            "bn_relu_conv1x1_backward_finish-batch", "bn_relu_conv1x1_backward_finish-running", "bn_relu",
+            "bn_relu_backward_sums", "bn_relu_backward_finish-batch", "bn_relu_backward_finish-running",
+            "transition", "transition_backward_sums", "transition_backward_finish-batch",
+            "transition_backward_finish-running"]
+SMALL = dict(m=37, c=5, k=3, image=(2, 5, 7), pooled=(2, 2, 3))  # odd sizes: the transition drops a row and column
+
+
+def op_arguments(device: str) -> dict[str, tuple]:
+    """Small valid fp32 arguments of every op (channel ranges of wider
+    buffers, odd sizes) by case of ``OP_CASES``; pass 2 of a backward gets pass
+    1's outputs and the batch means (``sums / count``), or None (running
+    statistics).  The same on every call."""
+    g = torch.Generator().manual_seed(5)
+    m, c, k, image, pooled = SMALL.values()
+    x, x4 = channel_range((m,), c, torch.float32, g, device), channel_range(image, c, torch.float32, g, device)
+    bn = make_bn(x, True, g)
+    coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
+    weight = random_weight(k, c, torch.float32, g, device)
+    data = lambda shape, channels: channel_range(shape, channels, torch.float32, g, device)  # noqa: E731
+    grad_out, grad_pooled, grad_z = data((m,), k), data(pooled, k), data((m,), c)
+    dense = (x, *coefficients, weight, grad_out)
+    pooling = (x4, *coefficients, weight, grad_pooled)
+    bn_relu_args = (x, *coefficients, grad_z)
+    dense_partials, dense_sums = OPS.bn_relu_conv1x1_backward_sums(*dense)
+    pooled_partials, pooled_sums = OPS.transition_backward_sums(*pooling)
+    bn_relu_sums = OPS.bn_relu_backward_sums(*bn_relu_args)
+    fold = (bn.mean, (bn.rstd ** -2).contiguous(), bn.scale, bn.shift, 1e-5)
+    running = lambda: (data((), c), data((), c).abs(), torch.tensor(3, device=device))  # noqa: E731
+    return {
+        "fold_batchnorm-momentum": (*fold, *running(), 0.1, m),
+        "fold_batchnorm-cumulative": (*fold, *running(), None, m),
+        "fold_batchnorm-no_update": (*fold[:2], None, None, 1e-5, None, None, None, None, 0),
+        "channel_stats": (x,),
+        "bn_relu_conv1x1-stats": (x, bn.scale, bn.shift, weight, data((m,), k), True),
+        "bn_relu_conv1x1-no_stats": (x, bn.scale, bn.shift, weight, data((m,), k), False),
+        "bn_relu_conv1x1_backward_sums": dense,
+        "bn_relu_conv1x1_backward_finish-batch": (*dense, dense_partials, dense_sums / m, data((m,), c)),
+        "bn_relu_conv1x1_backward_finish-running": (*dense, dense_partials, None, data((m,), c)),
+        "bn_relu": (x, bn.scale, bn.shift, data((m,), c)),
+        "bn_relu_backward_sums": bn_relu_args,
+        "bn_relu_backward_finish-batch": (*bn_relu_args, bn_relu_sums / m, data((m,), c)),
+        "bn_relu_backward_finish-running": (*bn_relu_args, None, data((m,), c)),
+        "transition": (x4, bn.scale, bn.shift, weight, data(pooled, k)),
+        "transition_backward_sums": pooling,
+        "transition_backward_finish-batch": (*pooling, pooled_partials, pooled_sums / x4[..., 0].numel(),
+                                             data(image, c)),
+        "transition_backward_finish-running": (*pooling, pooled_partials, None, data(image, c)),
+    }
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_op_passes_opcheck(device, case):
+    """Schema (what each op writes), fake implementation and dispatch agree, as
+    torch.compile needs (``torch.library.opcheck``, dynamic shapes included)."""
+    torch.library.opcheck(getattr(OPS, case.split("-")[0]), op_arguments(device)[case])
+
+
+def primitive_calls(device: str, batch_stats: bool) -> dict[str, Callable[[], object]]:
+    """Every primitive of the triton backend on small fp32 arguments, as a call
+    (batch statistics: a running-statistics update, the forward's statistics, and
+    ``batch_mean``; else none of them)."""
+    g = torch.Generator().manual_seed(6)
+    m, c, k, image, pooled = SMALL.values()
+    x, x4 = channel_range((m,), c, torch.float32, g, device), channel_range(image, c, torch.float32, g, device)
+    bn = make_bn(x, batch_stats, g)
+    coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
+    weight = random_weight(k, c, torch.float32, g, device)
+    data = lambda shape, channels: channel_range(shape, channels, torch.float32, g, device)  # noqa: E731
+    update = RunningUpdate(data((), c), data((), c).abs(), torch.tensor(3, device=device), 0.1, m) if batch_stats \
+        else None
+    return {
+        "fold_batchnorm": lambda: TRITON.fold_batchnorm(bn.mean, bn.rstd ** -2, None, None, 1e-5, update),
+        "channel_stats": lambda: TRITON.channel_stats(x),
+        "bn_relu_conv1x1": lambda: TRITON.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, data((m,), k), batch_stats),
+        "bn_relu_conv1x1_backward": lambda: TRITON.bn_relu_conv1x1_backward(
+            x, *coefficients, weight, data((m,), k), data((m,), c), bn.batch_mean()),
+        "bn_relu": lambda: TRITON.bn_relu(x, bn.scale, bn.shift, data((m,), c)),
+        "bn_relu_backward": lambda: TRITON.bn_relu_backward(x, *coefficients, data((m,), c), data((m,), c),
+                                                            bn.batch_mean()),
+        "transition": lambda: TRITON.transition(x4, bn.scale, bn.shift, weight, data(pooled, k)),
+        "transition_backward": lambda: TRITON.transition_backward(x4, *coefficients, weight, data(pooled, k),
+                                                                  data(image, c), bn.batch_mean()),
+    }
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts on the CPU, in Triton's interpreter")
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_every_primitive_runs_through_its_ops(batch_stats):
+    """What opcheck and torch.compile check is what runs: each primitive of the
+    backend calls its op, a backward one its two ops, each op launches one
+    kernel, and no Triton kernel is launched outside the ops."""
+    primitives = {name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")}
+    assert set(PRIMITIVE_OPS) == primitives
+    assert {op for ops in PRIMITIVE_OPS.values() for op in ops} == {case.split("-")[0] for case in OP_CASES}
+    for name, call in primitive_calls("cpu", batch_stats).items():
+        with LaunchCounter().active() as counter:
+            call()
+        assert counter.ops == PRIMITIVE_OPS[name], name
+        assert sum(counter.triton.values()) == len(counter.ops) and not counter.outside_ops, (name, counter.triton)
+
+
+@pytest.mark.parametrize("primitive", ["bn_relu_conv1x1_backward", "bn_relu_backward", "transition_backward"])
+def test_pass_2_uses_the_batch_means_of_the_hook(device, primitive):
+    """The BN backward's two ops with ``batch_mean`` between them: the hook
+    gets pass 1's sums ``[sum dA, sum dA * xhat]``, and pass 2 forms
+    ``dx = scale * (dA - means[0] - xhat * means[1])`` from whatever it returns
+    (arbitrary means here, as an all-reduce over processes could give); against
+    float64 autograd for ``dA`` and ``dW``."""
+    g = torch.Generator().manual_seed(11)
+    c, k = 6, 5
+    shape = (2, 5, 7) if primitive == "transition_backward" else (41,)
+    x = channel_range(shape, c, torch.float32, g, device)
+    bn = make_bn(x, True, g)
+    coefficients = [bn.scale, bn.shift, bn.mean, bn.rstd]
+    weight = random_weight(k, c, torch.float32, g, device)
+    means = torch.randn(2, c, generator=g, dtype=torch.float64)
+    scale, shift, mean, rstd = (t.double().cpu() for t in coefficients)
+    x64, w64 = x.double().cpu(), weight.double().cpu().requires_grad_()
+    a = x64 * scale + shift
+    z = a.relu().requires_grad_()
+    out = {"bn_relu_backward": lambda: z, "bn_relu_conv1x1_backward": lambda: z @ w64.t(),
+           "transition_backward": lambda: avg_pool64(z) @ w64.t()}[primitive]()
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grad_z, grad_w = torch.autograd.grad(out, (z, w64), grad_out, allow_unused=True)
+    grad_a = grad_z * (a > 0)
+    xhat = (x64 - mean) * rstd
+    rows = tuple(range(x.dim() - 1))
+    sums = torch.stack([grad_a.sum(rows), (grad_a * xhat).sum(rows)])
+    before = torch.randn(x.shape, generator=g, dtype=torch.float64) if primitive == "bn_relu_conv1x1_backward" \
+        else torch.zeros(x.shape, dtype=torch.float64)  # the dense layer adds into grad_x
+    expected_dx = before + scale * (grad_a - means[0] - xhat * means[1])
+
+    hook_got = []
+    hook = lambda local: hook_got.append(local.clone()) or means.to(device, torch.float32)  # noqa: E731
+    grad_x = before.to(device, torch.float32) if primitive == "bn_relu_conv1x1_backward" else torch.empty_like(x)
+    grad_out = grad_out.to(device, torch.float32)
+    if primitive == "bn_relu_backward":
+        grads = TRITON.bn_relu_backward(x, *coefficients, grad_out, grad_x, hook)
+    else:
+        grads = getattr(TRITON, primitive)(x, *coefficients, weight, grad_out, grad_x, hook)
+        assert_close(grads[0], grad_w, TOLERANCE[torch.float32][1], "grad_weight")
+    assert len(hook_got) == 1
+    assert_close(hook_got[0], sums, TOLERANCE[torch.float32][1], "the sums batch_mean gets")
+    assert_close(grads[-2], sums[1], TOLERANCE[torch.float32][1], "grad_gamma")
+    assert_close(grads[-1], sums[0], TOLERANCE[torch.float32][1], "grad_beta")
+    assert_close(grad_x, expected_dx, TOLERANCE[torch.float32][1], "grad_x")
 
 
 # -- every configuration a GPU may launch -----------------------------------------------
@@ -314,21 +483,54 @@ NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_s
 
 
 class LaunchCounter(TorchDispatchMode):
-    """While active, counts the Triton launches (per kernel) and the torch ops
-    that launch a GPU kernel: ``small`` (elementwise, reductions, copies) and
-    ``gemm`` (convolutions and matrix products); views and allocations launch none."""
+    """While :meth:`active`, counts the Triton launches (per kernel) and the
+    torch ops that launch a GPU kernel: ``small`` (elementwise, reductions,
+    copies) and ``gemm`` (convolutions and matrix products); views and
+    allocations launch none.  The ops of ``torch.ops.densenet_fast_triton`` are
+    no kernels themselves: it records them (``ops``, in call order) and counts
+    what their implementations launch, and the Triton launches made outside
+    any of them (``outside_ops``).  On CPU tensors (the interpreter) only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.triton: Counter[str] = Counter()
         self.small: Counter[str] = Counter()
         self.gemm: Counter[str] = Counter()
+        self.ops: list[str] = []
+        self.outside_ops: Counter[str] = Counter()
+        self.op_depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if func.namespace == common.NAMESPACE:  # run its CPU implementation with this mode on, to see inside
+            self.ops.append(name)
+            self.op_depth += 1
+            try:
+                with self:
+                    return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+            finally:
+                self.op_depth -= 1
         if not func.is_view and name not in NOT_KERNELS:
             (self.gemm if name in GEMMS else self.small)[name] += 1
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def active(self):
+        launch_item = common.Launcher.__getitem__
+
+        def counted(launcher, grid):
+            launch = launch_item(launcher, grid)
+
+            def run(*args, **meta):
+                self.triton[launcher.fn.__name__] += 1
+                if not self.op_depth:
+                    self.outside_ops[launcher.fn.__name__] += 1
+                with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
+                    launch(*args, **meta)
+            return run
+
+        with mock.patch.object(common.Launcher, "__getitem__", counted), self:
+            yield self
 
     def totals(self) -> Counter[str]:
         return Counter(triton=sum(self.triton.values()), small=sum(self.small.values()),
@@ -339,18 +541,6 @@ def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
     """The launches of one training step's forward and backward (the second
     step, after the first compiled and allocated) of a tiny DenseNet (ImageNet
     stem, 32x32 input, batch 2) on the triton backend."""
-    counter = LaunchCounter()
-    launch_item = common.Launcher.__getitem__
-
-    def counted(launcher, grid):
-        launch = launch_item(launcher, grid)
-
-        def run(*args, **meta):
-            counter.triton[launcher.fn.__name__] += 1
-            with _disable_current_modes():  # the interpreter's own copies are no GPU kernels
-                launch(*args, **meta)
-        return run
-
     torch.manual_seed(0)
     model = DenseNet(growth_rate=4, block_config=block_config, num_init_features=8, num_classes=5, backend="triton")
     x, target = torch.randn(2, 3, 32, 32), torch.randint(5, (2,))
@@ -362,7 +552,7 @@ def count_launches(block_config: tuple[int, ...]) -> LaunchCounter:
         loss.backward()
 
     step()
-    with mock.patch.object(common.Launcher, "__getitem__", counted), counter:
+    with LaunchCounter().active() as counter:
         step()
     return counter
 
@@ -376,7 +566,9 @@ def test_launches_per_layer():
     numbers are in docs/performance.md.  Upper bounds: a change that launches
     more fails here."""
     torch.use_deterministic_algorithms(False)  # NaN-filling fresh memory would count as kernels
-    counts = {config: count_launches(config).totals() for config in [(2, 2), (3, 2), (4,)]}
+    counters = {config: count_launches(config) for config in [(2, 2), (3, 2), (4,)]}
+    assert not any(counter.outside_ops for counter in counters.values()), "launched outside the ops"
+    counts = {config: counter.totals() for config, counter in counters.items()}
     layer = counts[(3, 2)] - counts[(2, 2)]
     transition = counts[(2, 2)] - counts[(4,)]
     rest = counts[(4,)] - Counter({kind: 4 * n for kind, n in layer.items()})
@@ -546,7 +738,9 @@ def test_float64_model_on_cuda_with_automatic_backend():
 # -- arrival counters -------------------------------------------------------------------
 
 @triton.jit
-def _arrive_then_fail_kernel(data_ptr, counter_ptr, FAIL: tl.constexpr, BLOCK: tl.constexpr):
+def _arrive_then_fail_kernel(data_ptr,  # (BLOCK,) fp32
+                             counter_ptr,  # () int32
+                             FAIL: tl.constexpr, BLOCK: tl.constexpr):
     """Every program arrives at ``counter_ptr``; with FAIL, the last program
     (in the interpreter's order) fails before arriving."""
     pid = tl.program_id(0)

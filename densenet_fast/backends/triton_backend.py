@@ -1,5 +1,10 @@
 """The Triton backend: the primitives of :mod:`.interface` as fused Triton
-kernels (:mod:`densenet_fast.backends.triton_kernels`; designs in docs/triton.md).
+kernels (:mod:`densenet_fast.backends.triton_kernels`; designs in docs/triton.md),
+called through their torch ops (``torch.ops.densenet_fast_triton``).  Each BN
+backward is two ops with the ``batch_mean`` hook between them, as on the
+extension backend (a Python callable cannot cross an op): ``*_backward_sums``
+(the reduce pass: the ``dW`` partials and the sums ``[sum dA, sum dA * xhat]``),
+then ``*_backward_finish`` (the dx pass, which also sums the ``dW`` partials).
 
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
 The kernels take fp32, fp16 and bf16 data; other dtypes (fp64) run the torch
@@ -18,61 +23,75 @@ run to run.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
-from .triton_kernels import bn_relu_conv
-from .triton_kernels.bn_fold import fold_batchnorm
-from .triton_kernels.bn_relu import bn_relu
-from .triton_kernels.channel_stats import channel_stats
-from .triton_kernels.common import DATA_DTYPES, image, rows
+from . import triton_kernels  # noqa: F401  (registers the ops)
+from .triton_kernels.common import DATA_DTYPES
 from .extension_backend import native_dtypes_only, native_only
 from .interface import Stats
 from .torch_backend import TorchBackend
 
+ops = torch.ops.densenet_fast_triton
+
 # x (N, H, W, C) of a 2-D transition in a dtype of the kernels
 native_images_only = native_only(lambda backend, x: x.dtype in backend.native_dtypes and x.dim() == 4)
+NO_UPDATE = (None, None, None, None, 0)  # fold_batchnorm's running-statistics arguments without an update
+
+
+def batch_means(sums: Tensor, batch_mean: Optional[Callable[[Tensor], Tensor]]) -> Optional[Tensor]:
+    """The hook between the backward's two ops: pass 1's sums as means over the
+    batch, or None with running statistics (interface.py)."""
+    return batch_mean(sums) if batch_mean is not None else None
 
 
 class TritonBackend(TorchBackend):
+    """Every primitive is one op, or (the backward ones) two, of
+    ``torch.ops.densenet_fast_triton``, so torch.compile and opcheck see what runs."""
+
     name = "triton"
     native_dtypes = DATA_DTYPES
 
     @native_dtypes_only
     def fold_batchnorm(self, mean, var, weight, bias, eps, update):
-        return fold_batchnorm(mean, var, weight, bias, eps, update)
+        return ops.fold_batchnorm(mean, var, weight, bias, eps, *(update if update is not None else NO_UPDATE))
 
     @native_dtypes_only
     def channel_stats(self, x: Tensor) -> Stats:
-        return channel_stats(x)
+        return ops.channel_stats(x)
 
     @native_dtypes_only
     def bn_relu_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
                         with_stats: bool) -> Optional[Stats]:
-        return bn_relu_conv.forward(rows(x), scale, shift, weight, rows(out), pool=1, with_stats=with_stats)
+        stats = ops.bn_relu_conv1x1(x, scale, shift, weight, out, with_stats)
+        return stats if with_stats else None
 
     @native_dtypes_only
     def bn_relu_conv1x1_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
-        return bn_relu_conv.backward(rows(x), scale, shift, mean, rstd, weight, rows(grad_out), rows(grad_x),
-                                     pool=1, batch_mean=batch_mean, accumulate=True)
+        dw_partials, sums = ops.bn_relu_conv1x1_backward_sums(x, scale, shift, mean, rstd, weight, grad_out)
+        grad_weight = ops.bn_relu_conv1x1_backward_finish(x, scale, shift, mean, rstd, weight, grad_out, dw_partials,
+                                                          batch_means(sums, batch_mean), grad_x)
+        return grad_weight, sums[1], sums[0]
 
     @native_dtypes_only
     def bn_relu(self, x, scale, shift, out):
-        bn_relu(x, scale, shift, out)
+        ops.bn_relu(x, scale, shift, out)
 
     @native_dtypes_only
     def bn_relu_backward(self, x, scale, shift, mean, rstd, grad_z, grad_x, batch_mean):
-        _, grad_gamma, grad_beta = bn_relu_conv.backward(rows(x), scale, shift, mean, rstd, None, rows(grad_z),
-                                                         rows(grad_x), pool=1, batch_mean=batch_mean,
-                                                         accumulate=False)
-        return grad_gamma, grad_beta
+        sums = ops.bn_relu_backward_sums(x, scale, shift, mean, rstd, grad_z)
+        ops.bn_relu_backward_finish(x, scale, shift, mean, rstd, grad_z, batch_means(sums, batch_mean), grad_x)
+        return sums[1], sums[0]
 
     @native_images_only
     def transition(self, x, scale, shift, weight, out):
-        bn_relu_conv.forward(image(x), scale, shift, weight, image(out), pool=2, with_stats=False)
+        ops.transition(x, scale, shift, weight, out)
 
     @native_images_only
     def transition_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
-        return bn_relu_conv.backward(image(x), scale, shift, mean, rstd, weight, image(grad_out), image(grad_x),
-                                     pool=2, batch_mean=batch_mean, accumulate=False)
+        dw_partials, sums = ops.transition_backward_sums(x, scale, shift, mean, rstd, weight, grad_out)
+        grad_weight = ops.transition_backward_finish(x, scale, shift, mean, rstd, weight, grad_out, dw_partials,
+                                                     batch_means(sums, batch_mean), grad_x)
+        return grad_weight, sums[1], sums[0]

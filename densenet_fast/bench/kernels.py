@@ -3,7 +3,19 @@
 The primitives of :mod:`densenet_fast.backends.interface`, on every available
 backend, against torch's unfused equivalent (what torchvision runs:
 ``torch.cat`` of the features, ``BatchNorm2d`` in training mode, ReLU, 1x1
-convolution, on NCHW tensors), over DenseNet-121 and DenseNet-BC layer shapes.
+convolution, on NCHW tensors, or channels-last ones with ``--channels-last``),
+over DenseNet-121 and DenseNet-BC layer shapes (``--shapes``, :func:`layer_shapes`).
+
+Every implementation computes one function on the same data: a layer's input
+``x`` is the first ``C`` channels of a channels-last block buffer, and its
+BatchNorm is folded (by the torch backend) from ``x``'s batch statistics.
+With ``--check`` each backend's outputs are compared with float32 autograd
+(float64 for float64 data) of the unfused ops on that data (``max_rel_error``; ``correct`` if within
+``TOLERANCE`` of the dtype, which for fp32 assumes exact dots: TF32 off), so a
+run is evidence of correctness where pytest is missing.  The JSON is rewritten
+after every (primitive, shape), and a case that raises is recorded with its
+``error`` while the others run: a run stopped by a time limit keeps what it
+measured.
 
 Reported per (primitive, shape, implementation): median time, GB/s (the bytes
 that must move, below, over the time) and the fraction of the roofline
@@ -23,24 +35,33 @@ move, for ``x (M, C)``, bottleneck ``K`` channels, element size ``e``:
 from __future__ import annotations
 
 import argparse
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..backends.interface import stats_dtype
+from ..backends.torch_backend import TorchBackend
 from . import common
 from .worker import DTYPES
 
 PRIMITIVES = ("channel_stats", "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "bn_relu", "bn_relu_backward",
               "transition", "transition_backward")
 BASELINE = "torch-unfused"
+EPS = 1e-5  # the BatchNorms' (torch's default)
+# --check: max relative error against float32 (float64) autograd on the same (rounded) data
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 @dataclass(frozen=True)
 class LayerShape:
     """A dense layer (or transition) reading ``c0 + layers * k`` channels of an
-    ``n x h x w`` block buffer; ``bottleneck`` is 4k, ``out`` the transition's width."""
+    ``n x h x w`` block buffer of ``total`` channels (0: ``k`` more than it
+    reads); ``bottleneck`` is 4k, ``transition_out`` the transition's width."""
 
     name: str
     n: int
@@ -49,10 +70,15 @@ class LayerShape:
     c0: int
     layers: int
     k: int
+    total: int = 0
 
     @property
     def channels(self) -> int:
         return self.c0 + self.layers * self.k
+
+    @property
+    def buffer_channels(self) -> int:
+        return self.total or self.channels + self.k
 
     @property
     def rows(self) -> int:
@@ -67,14 +93,26 @@ class LayerShape:
         return self.channels // 2
 
 
-def layer_shapes(batch_121: int, batch_bc: int) -> list[LayerShape]:
-    """The full widths of DenseNet-121's blocks 1 and 3 (224x224 input) and of
-    DenseNet-BC-100's blocks 1 and 3 (32x32 input, k=12): ``C`` is the
-    transition's input, ``k`` more channels than the block's last layer reads."""
-    return [LayerShape("121-block1", batch_121, 56, 56, 64, 7, 32),
-            LayerShape("121-block3", batch_121, 14, 14, 256, 24, 32),
-            LayerShape("bc100-block1", batch_bc, 32, 32, 24, 16, 12),
-            LayerShape("bc100-block3", batch_bc, 8, 8, 150, 16, 12)]
+def layer_shapes(batch_121: int, batch_bc: int) -> dict[str, LayerShape]:
+    """The shapes ``--shapes`` names: the full widths of DenseNet-121's blocks 1
+    and 3 (224x224 input) and of DenseNet-BC-100's blocks 1 and 3 (32x32 input,
+    k=12; ``C`` is the transition's input, ``k`` more channels than the block's
+    last layer reads; the default), single DenseNet-121 layers reading ``C``
+    channels of their block's full buffer (``121-block3-C<C>``,
+    ``121-block1-C<C>``; the widest is the transition's input), and, for smoke
+    tests, ``tiny-C24`` and ``tiny-C40`` (batch 2, 5x5, a 40-channel buffer, k=4)."""
+    shapes = [LayerShape("121-block1", batch_121, 56, 56, 64, 7, 32),
+              LayerShape("121-block3", batch_121, 14, 14, 256, 24, 32),
+              LayerShape("bc100-block1", batch_bc, 32, 32, 24, 16, 12),
+              LayerShape("bc100-block3", batch_bc, 8, 8, 150, 16, 12),
+              *(LayerShape(f"121-block3-C{256 + 32 * i}", batch_121, 14, 14, 256, i, 32, total=1024)
+                for i in (0, 8, 16, 24)),
+              *(LayerShape(f"121-block1-C{64 + 32 * i}", batch_121, 56, 56, 64, i, 32, total=256) for i in (2, 6)),
+              *(LayerShape(f"tiny-C{24 + 4 * i}", 2, 5, 5, 24, i, 4, total=40) for i in (0, 4))]
+    return {shape.name: shape for shape in shapes}
+
+
+DEFAULT_SHAPES = ["121-block1", "121-block3", "bc100-block1", "bc100-block3"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-bc", type=int, default=16, help="batch of the DenseNet-BC shapes")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend that runs on the device")
     parser.add_argument("--primitives", nargs="+", default=list(PRIMITIVES), choices=PRIMITIVES)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(layer_shapes(1, 1)))
+    parser.add_argument("--channels-last", action="store_true", help="the unfused ops on channels-last tensors")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every backend's outputs with float32 autograd of the unfused ops")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None)
@@ -122,87 +164,207 @@ def cost(primitive: str, s: LayerShape, element_size: int) -> tuple[float, float
 
 
 # -- the calls -----------------------------------------------------------------------------
-class Operands:
-    """Random operands of one shape: the block buffer (rows ``M x C_total``,
-    channels-last), folded BN coefficients, weights and output gradients."""
+TORCH = TorchBackend()
 
-    def __init__(self, s: LayerShape, device: str, dtype: torch.dtype) -> None:
+
+class BatchNorm(NamedTuple):
+    """Affine parameters and the BatchNorm folded with them (statistics dtype)."""
+
+    gamma: Tensor
+    beta: Tensor
+    scale: Tensor
+    shift: Tensor
+    mean: Tensor
+    rstd: Tensor
+
+
+def batch_norm(x: Tensor, generator: torch.Generator) -> BatchNorm:
+    """Random ``gamma, beta`` and the BatchNorm that normalises ``x (M, C)`` with
+    its batch statistics, folded by the torch backend."""
+    c, dtype = x.shape[1], stats_dtype(x.dtype)
+    gamma = (0.5 + torch.rand(c, generator=generator, dtype=torch.float64)).to(x.device, dtype)
+    beta = torch.randn(c, generator=generator, dtype=torch.float64).to(x.device, dtype)
+    return BatchNorm(gamma, beta, *TORCH.fold_batchnorm(*TORCH.channel_stats(x), gamma, beta, EPS, None))
+
+
+def bn_relu_unfused(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    return F.relu(F.batch_norm(x, None, None, gamma, beta, training=True, eps=EPS))
+
+
+def layer_unfused(x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor) -> Tensor:
+    return F.conv2d(bn_relu_unfused(x, gamma, beta), weight)
+
+
+def transition_unfused(x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor) -> Tensor:
+    return F.avg_pool2d(layer_unfused(x, gamma, beta, weight), 2)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``max |actual - expected| / max |expected|``, in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+class Operands:
+    """Random operands of one shape: the block buffer (``N x H x W x total``,
+    channels-last; ``x`` its first ``C`` channels as rows), the BatchNorms of
+    ``x`` and of a bottleneck ``(M, 4k)`` (batch statistics), weights and
+    output gradients; ``channels_last``: the unfused ops' layout."""
+
+    def __init__(self, s: LayerShape, device: str, dtype: torch.dtype, channels_last: bool = False) -> None:
         g = torch.Generator(device="cpu").manual_seed(0)
         rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-        stat = lambda n: torch.rand(n, generator=g).add_(0.5).to(device)  # noqa: E731  fp32, positive
         m, c, k, t = s.rows, s.channels, s.bottleneck, s.transition_out
-        self.shape = s
-        self.buffer = rand(s.n, s.h, s.w, c + s.k)  # one more layer's channels: a channel range, as in the engine
-        self.x = self.buffer.view(m, c + s.k)[:, :c]
+        self.shape, self.layout = s, torch.channels_last if channels_last else torch.contiguous_format
+        self.buffer = rand(s.n, s.h, s.w, s.buffer_channels)
+        self.x = self.buffer.view(m, s.buffer_channels)[:, :c]
         self.full = self.buffer[..., :c]
-        self.scale, self.shift, self.mean, self.rstd = stat(c), stat(c) - 1, stat(c) - 1, stat(c)
-        self.scale_b, self.shift_b, self.mean_b, self.rstd_b = stat(k), stat(k) - 1, stat(k) - 1, stat(k)
+        self.bottleneck = rand(m, k)
+        self.bn, self.bn_b = batch_norm(self.x, g), batch_norm(self.bottleneck, g)
         self.weight, self.weight_t = rand(k, c) / c**0.5, rand(t, c) / c**0.5
         self.out, self.grad_out = torch.empty(m, k, device=device, dtype=dtype), rand(m, k)
-        self.bottleneck = rand(m, k)
-        self.grad_x = torch.zeros(m, c, device=device, dtype=dtype)
+        # a channel range of the block's gradient buffer, as the engine passes it
+        self.grad_x = torch.zeros(m, s.buffer_channels, device=device, dtype=dtype)[:, :c]
         self.grad_full = torch.zeros(s.n, s.h, s.w, c, device=device, dtype=dtype)
         self.out_t = torch.empty(s.n, s.h // 2, s.w // 2, t, device=device, dtype=dtype)
         self.grad_out_t = rand(s.n, s.h // 2, s.w // 2, t)
         self.batch_mean = lambda sums: sums / m
 
+    def image(self, rows: Tensor) -> Tensor:
+        """Rows ``(M, c)`` as an ``(N, c, H, W)`` view."""
+        s = self.shape
+        return rows.reshape(s.n, s.h, s.w, -1).permute(0, 3, 1, 2)
+
     def backend_call(self, backend, primitive: str):
         """A no-argument call of ``backend``'s ``primitive`` on these operands."""
-        o = self
+        o, bn, bn_b = self, self.bn, self.bn_b
         return {
             "channel_stats": lambda: backend.channel_stats(o.x),
-            "bn_relu_conv1x1": lambda: backend.bn_relu_conv1x1(o.x, o.scale, o.shift, o.weight, o.out, True),
+            "bn_relu_conv1x1": lambda: backend.bn_relu_conv1x1(o.x, bn.scale, bn.shift, o.weight, o.out, True),
             "bn_relu_conv1x1_backward": lambda: backend.bn_relu_conv1x1_backward(
-                o.x, o.scale, o.shift, o.mean, o.rstd, o.weight, o.grad_out, o.grad_x, o.batch_mean),
-            "bn_relu": lambda: backend.bn_relu(o.bottleneck, o.scale_b, o.shift_b, o.out),
+                o.x, *bn[2:], o.weight, o.grad_out, o.grad_x, o.batch_mean),
+            "bn_relu": lambda: backend.bn_relu(o.bottleneck, bn_b.scale, bn_b.shift, o.out),
             "bn_relu_backward": lambda: backend.bn_relu_backward(
-                o.bottleneck, o.scale_b, o.shift_b, o.mean_b, o.rstd_b, o.grad_out, o.out, o.batch_mean),
-            "transition": lambda: backend.transition(o.full, o.scale, o.shift, o.weight_t, o.out_t),
+                o.bottleneck, *bn_b[2:], o.grad_out, o.out, o.batch_mean),
+            "transition": lambda: backend.transition(o.full, bn.scale, bn.shift, o.weight_t, o.out_t),
             "transition_backward": lambda: backend.transition_backward(
-                o.full, o.scale, o.shift, o.mean, o.rstd, o.weight_t, o.grad_out_t, o.grad_full, o.batch_mean),
+                o.full, *bn[2:], o.weight_t, o.grad_out_t, o.grad_full, o.batch_mean),
         }[primitive]
 
     def unfused_call(self, primitive: str):
-        """torchvision's way (NCHW, torch.cat, BatchNorm2d in training mode, ReLU, conv)."""
+        """torchvision's way (``torch.cat``, BatchNorm2d in training mode, ReLU, conv)."""
         s, o = self.shape, self
+        nchw = lambda rows: o.image(rows).contiguous(memory_format=o.layout)  # noqa: E731
         features = [o.x[:, :s.c0]] + [o.x[:, s.c0 + i * s.k:s.c0 + (i + 1) * s.k] for i in range(s.layers)]
-        features = [f.reshape(s.n, s.h, s.w, -1).permute(0, 3, 1, 2).contiguous().requires_grad_() for f in features]
-        gamma, beta = o.scale.clone().requires_grad_(), o.shift.clone().requires_grad_()
-        weight = o.weight.view(*o.weight.shape, 1, 1).clone().requires_grad_()
-        weight_t = o.weight_t.view(*o.weight_t.shape, 1, 1).clone().requires_grad_()
-        gamma_b, beta_b = o.scale_b.clone().requires_grad_(), o.shift_b.clone().requires_grad_()
-        nchw = lambda rows, c: rows.reshape(s.n, s.h, s.w, c).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        bottleneck = nchw(o.bottleneck, s.bottleneck).requires_grad_()
+        features = [nchw(f).requires_grad_() for f in features]
+        leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+        gamma, beta, gamma_b, beta_b = (leaf(t) for t in (o.bn.gamma, o.bn.beta, o.bn_b.gamma, o.bn_b.beta))
+        weight, weight_t = leaf(o.weight[:, :, None, None]), leaf(o.weight_t[:, :, None, None])
+        bottleneck = nchw(o.bottleneck).requires_grad_()
         block = torch.cat(features, 1).detach().requires_grad_()
-
-        def layer():
-            z = F.relu(F.batch_norm(torch.cat(features, 1), None, None, gamma, beta, training=True))
-            return F.conv2d(z, weight)
-
-        def bn_relu():
-            return F.relu(F.batch_norm(bottleneck, None, None, gamma_b, beta_b, training=True))
-
-        def transition():
-            z = F.relu(F.batch_norm(block, None, None, gamma, beta, training=True))
-            return F.avg_pool2d(F.conv2d(z, weight_t), 2)
-
-        def backward_of(forward, grad):
-            out = forward()
-            return lambda: torch.autograd.backward(out, grad, retain_graph=True)
-
         if primitive == "channel_stats":
             return lambda: torch.var_mean(block.detach(), dim=(0, 2, 3), correction=0)
-        grad_layer = nchw(o.grad_out, s.bottleneck)
-        forwards = {"bn_relu_conv1x1": (layer, grad_layer), "bn_relu": (bn_relu, grad_layer),
-                    "transition": (transition, o.grad_out_t.permute(0, 3, 1, 2).contiguous())}
+        forwards = {"bn_relu_conv1x1": (lambda: layer_unfused(torch.cat(features, 1), gamma, beta, weight),
+                                        nchw(o.grad_out)),
+                    "bn_relu": (lambda: bn_relu_unfused(bottleneck, gamma_b, beta_b), nchw(o.grad_out)),
+                    "transition": (lambda: transition_unfused(block, gamma, beta, weight_t),
+                                   o.grad_out_t.permute(0, 3, 1, 2).contiguous(memory_format=o.layout))}
         if primitive.endswith("_backward"):
-            return backward_of(*forwards[primitive[:-len("_backward")]])
+            forward, grad = forwards[primitive[:-len("_backward")]]
+            out = forward()
+            return lambda: torch.autograd.backward(out, grad, retain_graph=True)
         return torch.no_grad()(forwards[primitive][0])
+
+    def reference(self, primitive: str) -> dict[str, Tensor]:
+        """``primitive``'s outputs by name, from float32 autograd (float64 for
+        float64 data) of the unfused ops on these operands."""
+        o = self
+        precision = torch.promote_types(o.x.dtype, torch.float32)
+        leaf = lambda t: t.detach().to(precision).requires_grad_()  # noqa: E731
+        if primitive == "channel_stats":
+            var, mean = torch.var_mean(o.x.to(precision), dim=0, correction=0)
+            return {"mean": mean, "var": var}
+        rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+        if primitive.startswith("bn_relu_conv1x1"):
+            inputs = [leaf(o.image(o.x)), leaf(o.bn.gamma), leaf(o.bn.beta), leaf(o.weight[:, :, None, None])]
+            y, grad_y, as_x = layer_unfused(*inputs), o.image(o.grad_out), rows
+        elif primitive.startswith("bn_relu"):
+            inputs = [leaf(o.image(o.bottleneck)), leaf(o.bn_b.gamma), leaf(o.bn_b.beta)]
+            y, grad_y, as_x = bn_relu_unfused(*inputs), o.image(o.grad_out), rows
+        else:
+            inputs = [leaf(o.full.permute(0, 3, 1, 2)), leaf(o.bn.gamma), leaf(o.bn.beta),
+                      leaf(o.weight_t[:, :, None, None])]
+            y, grad_y = transition_unfused(*inputs), o.grad_out_t.permute(0, 3, 1, 2)
+            as_x = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731
+        if not primitive.endswith("_backward"):
+            expected = {"out": as_x(y.detach())}
+            if primitive == "bn_relu_conv1x1":  # the statistics of the output
+                var, mean = torch.var_mean(expected["out"], dim=0, correction=0)
+                expected.update(mean=mean, var=var)
+            return expected
+        grads = torch.autograd.grad(y, inputs, grad_y.to(precision))
+        expected = {"grad_x": as_x(grads[0]), "grad_gamma": grads[1], "grad_beta": grads[2]}
+        return expected | ({"grad_weight": grads[3].flatten(1)} if len(grads) == 4 else {})
+
+    def outputs(self, primitive: str, returned) -> dict[str, Tensor]:
+        """``primitive``'s outputs by name (as :meth:`reference` names them)
+        after a call of it on these operands that ``returned``."""
+        if primitive == "channel_stats":
+            return dict(zip(("mean", "var"), returned))
+        if not primitive.endswith("_backward"):
+            stats = dict(zip(("mean", "var"), returned)) if primitive == "bn_relu_conv1x1" else {}
+            return {"out": self.out_t if primitive == "transition" else self.out, **stats}
+        grad_x = {"bn_relu_conv1x1_backward": self.grad_x, "bn_relu_backward": self.out,
+                  "transition_backward": self.grad_full}[primitive]
+        names = ("grad_gamma", "grad_beta") if primitive == "bn_relu_backward" else \
+            ("grad_weight", "grad_gamma", "grad_beta")
+        return {"grad_x": grad_x, **dict(zip(names, returned))}
+
+    def max_error(self, backend, primitive: str) -> float:
+        """The largest relative error of the outputs of one call of
+        ``backend``'s ``primitive`` against :meth:`reference`."""
+        expected = self.reference(primitive)  # first: a backward may consume grad_out
+        self.grad_x.zero_()  # the dense layer's backward adds into it
+        actual = self.outputs(primitive, self.backend_call(backend, primitive)())
+        return max(relative_error(actual[name], expected[name]) for name in expected)
+
+
+def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Namespace, rates: dict) -> list[dict]:
+    """One row per implementation of ``primitive`` at ``shape``: times (the
+    implementations in turn, so that load changes hit every one alike), and
+    with ``--check`` each backend's error."""
+    dtype = DTYPES[args.dtype]
+    operands = Operands(shape, args.device, dtype, args.channels_last)
+    errors = {name: operands.max_error(b, primitive) for name, b in backends.items()} if args.check else {}
+    calls = {BASELINE: operands.unfused_call(primitive)}
+    calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    common.synchronize(args.device)
+    seconds = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            seconds[name].append(common.time_once(call, args.device))
+    nbytes, flops = cost(primitive, shape, torch.tensor([], dtype=dtype).element_size())
+    roofline_s = max(nbytes / rates["copy_bytes_per_s"], flops / rates["matmul_flops_per_s"])
+    base = common.summarize(seconds[BASELINE])["median"]
+    rows = []
+    for name, values in seconds.items():
+        t = common.summarize(values)
+        rows.append({"primitive": primitive, "shape": shape.name, "impl": name, "M": shape.rows,
+                     "C": shape.channels, "median_ms": 1e3 * t["median"], "min_ms": 1e3 * t["min"],
+                     "max_ms": 1e3 * t["max"], "GB_per_s": nbytes / t["median"] / 1e9,
+                     "GFLOP_per_s": flops / t["median"] / 1e9, "roofline_fraction": roofline_s / t["median"],
+                     "bound": "compute" if flops / rates["matmul_flops_per_s"] > nbytes / rates["copy_bytes_per_s"]
+                     else "memory", "speedup_vs_unfused": base / t["median"], "bytes": nbytes, "flops": flops})
+        if name in errors:
+            rows[-1].update(max_rel_error=errors[name], correct=errors[name] <= TOLERANCE[dtype])
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict:
     from ..backends import BackendUnavailableError, available_backends, get_backend
-    dtype = DTYPES[args.dtype]
     device = args.device
     backends = {}
     for name in args.backends or available_backends():
@@ -212,45 +374,31 @@ def run(args: argparse.Namespace) -> dict:
             if args.backends:
                 raise
     settings = common.settings_of(args)
-    shapes = layer_shapes(args.batch, args.batch_bc)
+    shapes = [layer_shapes(args.batch, args.batch_bc)[name] for name in args.shapes]
     settings.update({"backends": list(backends), "shapes": [asdict(s) for s in shapes]})
     env = common.environment(device, settings)
-    rates = machine_rates(device, dtype)
-    element_size = torch.tensor([], dtype=dtype).element_size()
+    rates = machine_rates(device, DTYPES[args.dtype])
+    print(f"{env['device_name']}: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+          f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype})", flush=True)
     rows = []
+    result = {"benchmark": "kernels", "environment": env, "machine": rates, "dtype": args.dtype, "rows": rows}
+    out = args.out or common.RESULTS_DIR / f"kernels_{device.split(':')[0]}_{args.dtype}.json"
     jobs = [(p, s) for s in shapes for p in args.primitives]
     for primitive, shape in common.progress(jobs, desc="kernels", enabled=not args.no_progress):
-        operands = Operands(shape, device, dtype)
-        calls = {BASELINE: operands.unfused_call(primitive)}
-        calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
-        for call in calls.values():
-            for _ in range(args.warmup):
-                call()
-        common.synchronize(device)
-        seconds = {name: [] for name in calls}
-        for _ in range(args.repeats):  # round-robin: load changes hit every implementation alike
-            for name, call in calls.items():
-                seconds[name].append(common.time_once(call, device))
-        nbytes, flops = cost(primitive, shape, element_size)
-        roofline_s = max(nbytes / rates["copy_bytes_per_s"], flops / rates["matmul_flops_per_s"])
-        for name, values in seconds.items():
-            t = common.summarize(values)
-            rows.append({"primitive": primitive, "shape": shape.name, "impl": name, "M": shape.rows,
-                         "C": shape.channels, "median_ms": 1e3 * t["median"], "min_ms": 1e3 * t["min"],
-                         "max_ms": 1e3 * t["max"], "GB_per_s": nbytes / t["median"] / 1e9,
-                         "GFLOP_per_s": flops / t["median"] / 1e9, "roofline_fraction": roofline_s / t["median"],
-                         "bound": "compute" if flops / rates["matmul_flops_per_s"] > nbytes / rates["copy_bytes_per_s"]
-                         else "memory", "speedup_vs_unfused": None, "bytes": nbytes, "flops": flops})
-        base = rows[-len(seconds)]["median_ms"]
-        for row in rows[-len(seconds):]:
-            row["speedup_vs_unfused"] = base / row["median_ms"]
-    result = {"benchmark": "kernels", "environment": common.finish_environment(env), "machine": rates,
-              "dtype": args.dtype, "rows": rows}
-    print(f"{env['device_name']}: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-          f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype})")
-    print(common.format_table(rows, ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s",
-                                     "roofline_fraction", "bound", "speedup_vs_unfused"]))
-    out = args.out or common.RESULTS_DIR / f"kernels_{device.split(':')[0]}_{args.dtype}.json"
+        try:
+            rows += measure(primitive, shape, backends, args, rates)
+        except Exception as exc:  # one case failing (a kernel that does not compile, say) must not stop the others
+            traceback.print_exc()
+            rows.append({"primitive": primitive, "shape": shape.name, "error": repr(exc)[-300:],
+                         "traceback": traceback.format_exc()})
+        finally:
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        common.write_json(result, out)  # after every case: a run stopped by its time limit keeps what it measured
+    common.finish_environment(env)
+    columns = ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s", "roofline_fraction", "bound",
+               "speedup_vs_unfused"] + (["max_rel_error", "correct"] if args.check else [])
+    print(common.format_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))
     common.save_result(result, out, None if args.no_plot else "plot_kernels")
     return result
 

@@ -112,7 +112,7 @@ def plot_models(result: dict, path: Path) -> Path:
 
 def plot_kernels(result: dict, path: Path) -> Path:
     """Per primitive: fraction of the roofline of every implementation, per shape."""
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "error" not in r]
     primitives = list(dict.fromkeys(r["primitive"] for r in rows))
     fig, axes = plt.subplots(len(primitives), 1, figsize=(11, 2.6 * len(primitives)), squeeze=False)
     for ax, primitive in zip(axes[:, 0], primitives):

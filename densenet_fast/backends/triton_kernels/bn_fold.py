@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher
+from .common import Launcher, custom_op
 
 BLOCK_C = 256
 
@@ -24,7 +24,7 @@ def _fold_kernel(mean_ptr, var_ptr,  # (C,) fp32: the statistics that normalise
                  coeffs_ptr,  # (4, C) fp32 out: scale, shift, mean, rstd
                  running_mean_ptr, running_var_ptr,  # (C,) any float dtype, updated in place; UPDATE only
                  batches_ptr,  # () int64 num_batches_tracked, + 1; UPDATE only
-                 C, eps, momentum, unbias,  # unbias = count / (count - 1)
+                 C, eps, momentum, unbias,  # scalars; unbias = count / (count - 1)
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
                  CUMULATIVE: tl.constexpr,  # momentum None: factor 1 / batches (one program, see fold)
                  BLOCK_C: tl.constexpr):
@@ -64,21 +64,31 @@ def _fold_kernel(mean_ptr, var_ptr,  # (C,) fp32: the statistics that normalise
 _fold = Launcher(_fold_kernel, [triton.Config({}, num_warps=4)])
 
 
+@custom_op("fold_batchnorm", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def fold_batchnorm(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                   update) -> Tensor:
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> Tensor:
     """``(4, C)`` fp32 rows ``scale, shift, mean, rstd`` for fp32 ``mean, var``
-    ``(C,)``; applies ``update`` (``interface.RunningUpdate``) if given."""
+    ``(C,)`` and the affine ``weight, bias`` (``(C,)`` or None); with
+    ``running_mean`` (and ``running_var``, ``num_batches_tracked``) the running
+    statistics' update of ``interface.RunningUpdate`` (``momentum`` None: the
+    cumulative average; ``count`` values per channel), else no update."""
     c = mean.shape[0]
     coeffs = torch.empty(4, c, device=mean.device, dtype=torch.float32)
-    cumulative = update is not None and update.momentum is None
+    update = running_mean is not None
+    cumulative = update and momentum is None
     # with momentum None every program reads num_batches_tracked before it changes: one program then
     programs = 1 if cumulative else triton.cdiv(c, BLOCK_C)
-    running = (update.mean, update.var, update.batches) if update is not None else (mean, var, mean)
+    running = (running_mean, running_var, num_batches_tracked) if update else (mean, var, mean)
     _fold[lambda meta: (programs,)](
         mean.contiguous(), var.contiguous(), weight if weight is not None else mean,
         bias if bias is not None else mean, coeffs, *running, c, eps,
-        (update.momentum or 0.0) if update is not None else 0.0,
-        update.count / (update.count - 1) if update is not None else 1.0,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update is not None,
+        (momentum or 0.0) if update else 0.0, count / (count - 1) if update else 1.0,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update,
         CUMULATIVE=cumulative, BLOCK_C=BLOCK_C)
     return coeffs
+
+
+@fold_batchnorm.register_fake
+def _(mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count):
+    return mean.new_empty(4, mean.shape[0], dtype=torch.float32)

@@ -30,7 +30,7 @@ statistics terms, as in torch (where ``0 * xhat`` is NaN for an infinite ``x``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
 from .common import (Launcher, Pixels, SharedMemory, arrival_counters, arrive_last, block_size, cell_pixel,
-                     check_data, check_pixels, dot_precision, nan_stats, num_splits, pixel_offsets, relu, relu_grad)
+                     check_data, check_pixels, custom_op, dot_precision, image, nan_stats, num_splits, pixel_offsets,
+                     relu, relu_grad, rows)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
@@ -109,21 +110,36 @@ BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
 
 
 @triton.jit
-def _load_pixels(ptr, sn, sh, sw, n, h, w, mask, channels, SPATIAL: tl.constexpr):
+def _load_pixels(ptr,  # (N, H, W, C), strides sn, sh, sw, 1
+                 sn, sh, sw,
+                 n, h, w,  # (BM,) int32 each: the pixels
+                 mask,  # (BM, BC) bool
+                 channels,  # (BC,) int32
+                 SPATIAL: tl.constexpr):
     """Channels ``channels`` of pixels ``(n, h, w)`` as fp32 ``(BM, BC)``, 0 outside ``mask``."""
     offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL)
     return tl.load(ptr + offsets[:, None] + channels[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_weight(w_ptr, swk, swc, ks, k_mask, channels, channel_mask):
+def _load_weight(w_ptr,  # (K, C), strides swk, swc
+                 swk, swc,
+                 ks, k_mask,  # (BK,) int32, bool
+                 channels, channel_mask):  # (BC,) int32, bool
     """``W[ks, channels]`` ``(BK, BC)``, 0 outside the masks."""
     return tl.load(w_ptr + ks[:, None] * swk + channels[None, :] * swc, mask=k_mask[:, None] & channel_mask[None, :],
                    other=0.0)
 
 
 @triton.jit
-def _grad_z(dout_ptr, out_offsets, out_valid, d, wt, w_ptr, swk, swc, channels, channel_mask, K,
+def _grad_z(dout_ptr,  # (N, out_h, out_w, K) (without HAS_GEMM: dZ (N, H, W, C)), channel stride 1
+            out_offsets, out_valid,  # (BM,) int64, bool: the cells' output pixels
+            d,  # (BM, BLOCK_K) dOut tile; ONE_K_BLOCK only
+            wt,  # (BLOCK_K, BC) weight tile; ONE_K_BLOCK only
+            w_ptr,  # (K, C), strides swk, swc
+            swk, swc,
+            channels, channel_mask,  # (BC,) int32, bool
+            K,
             POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dL/dz`` (fp32 ``(BM, BC)``) of each pixel of the cells whose output
@@ -160,6 +176,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                     part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), K) fp32
                     counter_ptr,  # (cdiv(K, BLOCK_K), cdiv(T, STATS_GROUP) + 1) int32, 0
                     stats_mean_ptr, stats_var_ptr,  # (K,) fp32 out: (mean, biased var) of out
+                    # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -208,6 +225,7 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    sum_part_ptr,  # (num_splits, 2, C) fp32: [sum dA, sum dA * xhat] of each split
                    sums_ptr,  # (2, C) fp32 out: [sum dA, sum dA * xhat]
                    counter_ptr,  # (cdiv(C, BLOCK_C),) int32, 0 (arrive_last)
+                   # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
@@ -290,6 +308,7 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                gx_ptr,  # (N, H, W, C), strides sgn, sgh, sgw, 1
                dw_part_ptr,  # (num_splits, K * C) fp32: pass 1's dW of each split; HAS_GEMM only
                dw_ptr,  # (K * C,) fp32 out: their sum; HAS_GEMM only
+               # scalars: sizes (cells_key, c_key: autotuning keys only) and strides in elements
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
@@ -391,48 +410,174 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     return (stats.mean, stats.var) if stats else None
 
 
-def backward(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-             grad_out: Pixels, grad_x: Pixels, pool: int,
-             batch_mean: Optional[Callable[[Tensor], Tensor]], accumulate: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
-    """Backward of :func:`forward` (``weight=None``: of BN-ReLU alone, ``grad_out``
-    being ``dL/dz``): writes, or with ``accumulate`` adds, ``dL/dx`` into
-    ``grad_x`` and returns ``(grad_weight (fp32) or None, grad_gamma, grad_beta)``.
-    ``batch_mean`` as in :mod:`densenet_fast.backends.interface`."""
-    has_gemm = weight is not None
-    check_data(x.tensor, grad_out.tensor, grad_x.tensor, *([weight] if has_gemm else []))
-    device = x.tensor.device
-    c = x.tensor.shape[-1]
-    k = weight.shape[0] if has_gemm else c
-    gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
-    block_k = block_size(k, MAX_BLOCK_K) if has_gemm else 16
-    common = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
-                  ONE_K_BLOCK=one_k_block(has_gemm, k, x.tensor.dtype, device),
-                  DOT_PRECISION=dot_precision(x.tensor.dtype), BLOCK_K=block_k)
+class BackwardGrid(NamedTuple):
+    """The cells both backward passes walk (the ceil-sized grid, so that the
+    pixels the pooling dropped take part in the statistics terms) and the row
+    splits of the reduce pass."""
+    c: int  # input channels
+    k: int  # output channels (K); C without a GEMM
+    num_cells: int
+    cells_h: int
+    cells_w: int
+    k_blocks: int  # blocks of K (BLOCK_K covers K up to MAX_BLOCK_K); 1 without a GEMM
+    splits: int
 
-    # both passes cover every pixel: the ceil-sized cell grid includes those the pooling dropped
+
+def backward_grid(x: Pixels, weight: Optional[Tensor], pool: int) -> BackwardGrid:
+    """The :class:`BackwardGrid` of the backward of ``x`` (``weight (K, C)``, or
+    None for BN-ReLU alone): shapes only, so that the fake ops size pass 1's
+    outputs with it."""
+    c = x.tensor.shape[-1]
+    k = weight.shape[0] if weight is not None else c
     cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
     check_pixels(x.n * x.h * x.w)
-    k_blocks = triton.cdiv(k, block_k) if has_gemm else 1
-    splits = num_splits(num_cells, c, k if has_gemm else 0, k_blocks, x.tensor.element_size(), device)
-    sum_part = torch.empty(splits, 2, c, device=device, dtype=torch.float32)
-    sums = torch.empty(2, c, device=device, dtype=torch.float32)
-    dw_part = torch.empty(splits, k, c, device=device, dtype=torch.float32) if has_gemm else sum_part
-    grad_weight = torch.empty(k, c, device=device, dtype=torch.float32) if has_gemm else None
-    _reduce[pool][lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), k_blocks)](
-        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, dw_part, sum_part, sums,
-        arrival_counters(device, triton.cdiv(c, 16)),
-        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,
-        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, **common, BLOCK_S=SPLITS_BLOCK)
-    # (2, C) means [mean(dA), mean(dA * xhat)] for the statistics terms; unused without batch statistics
-    grad_means = batch_mean(sums).contiguous() if batch_mean else sums
+    k_blocks = triton.cdiv(k, MAX_BLOCK_K) if weight is not None else 1
+    splits = num_splits(num_cells, c, k if weight is not None else 0, k_blocks, x.tensor.element_size(),
+                        x.tensor.device)
+    return BackwardGrid(c, k, num_cells, cells_h, cells_w, k_blocks, splits)
 
+
+class _BackwardLaunch(NamedTuple):
+    grid: BackwardGrid
+    weight: Tensor  # the weight, or (without a GEMM) a stand-in pointer
+    sizes: tuple  # the size and stride arguments both kernels take (num_cells ... sdw)
+    meta: dict  # the constexprs both kernels take
+
+
+def _backward_launch(x: Pixels, weight: Optional[Tensor], grad_out: Pixels, pool: int, *data: Tensor
+                     ) -> _BackwardLaunch:
+    """What both backward passes launch with; checks ``x``, ``grad_out``, ``data`` and ``weight``."""
+    has_gemm = weight is not None
+    check_data(x.tensor, grad_out.tensor, *data, *([weight] if has_gemm else []))
+    grid = backward_grid(x, weight, pool)
+    dtype = x.tensor.dtype
+    gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
+    meta = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
+                ONE_K_BLOCK=one_k_block(has_gemm, grid.k, dtype, x.tensor.device),
+                DOT_PRECISION=dot_precision(dtype), BLOCK_K=block_size(grid.k, MAX_BLOCK_K) if has_gemm else 16,
+                BLOCK_S=SPLITS_BLOCK)
+    sizes = (grid.num_cells, grid.c, grid.k, *tuning_key(grid.num_cells, grid.c), x.h, x.w, grid.cells_h,
+             grid.cells_w, x.h // pool, x.w // pool, grid.splits, x.sn, x.sh, x.sw, swk, swc,
+             grad_out.sn, grad_out.sh, grad_out.sw)
+    return _BackwardLaunch(grid, gemm_weight, sizes, meta)
+
+
+def sums_outputs(x: Tensor, grid: BackwardGrid, has_gemm: bool) -> tuple[Optional[Tensor], Tensor]:
+    """The (empty, or fake for a fake ``x``) outputs of :func:`backward_sums`."""
+    dw_part = x.new_empty(grid.splits, grid.k, grid.c, dtype=torch.float32) if has_gemm else None
+    return dw_part, x.new_empty(2, grid.c, dtype=torch.float32)
+
+
+def backward_sums(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                  grad_out: Pixels, pool: int) -> tuple[Optional[Tensor], Tensor]:
+    """Pass 1 of the backward of :func:`forward` (``weight=None``: of BN-ReLU
+    alone, ``grad_out`` being ``dL/dz``): returns the ``dW`` partials of its row
+    splits, ``(splits, K, C)`` fp32 (None without ``weight``), and the sums
+    ``(2, C)`` fp32 ``[sum dA, sum dA * xhat]`` that ``batch_mean`` takes."""
+    launch = _backward_launch(x, weight, grad_out, pool)
+    grid = launch.grid
+    dw_part, sums = sums_outputs(x.tensor, grid, weight is not None)
+    sum_part = x.tensor.new_empty(grid.splits, 2, grid.c, dtype=torch.float32)
+    _reduce[pool][lambda meta: (grid.splits, triton.cdiv(grid.c, meta["BLOCK_C"]), grid.k_blocks)](
+        x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor, sum_part if dw_part is None else dw_part,
+        sum_part, sums, arrival_counters(x.tensor.device, triton.cdiv(grid.c, 16)), *launch.sizes, **launch.meta)
+    return dw_part, sums
+
+
+def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                    grad_out: Pixels, dw_part: Optional[Tensor], batch_means: Optional[Tensor], grad_x: Pixels,
+                    pool: int, accumulate: bool) -> Optional[Tensor]:
+    """Pass 2: writes, or with ``accumulate`` adds, ``dL/dx`` into ``grad_x``
+    (``batch_means (2, C) = [mean(dA), mean(dA * xhat)]`` over the batch, from
+    ``batch_mean`` of pass 1's sums; None with running statistics) and returns
+    ``dW (K, C)`` fp32, pass 1's partials ``dw_part`` summed (None without ``weight``)."""
+    launch = _backward_launch(x, weight, grad_out, pool, grad_x.tensor)
+    grid = launch.grid
+    if weight is not None and (dw_part is None or dw_part.shape != (grid.splits, grid.k, grid.c)):
+        raise ValueError(f"dw_partials must be the ({grid.splits}, {grid.k}, {grid.c}) partials of pass 1, "
+                         f"not {None if dw_part is None else tuple(dw_part.shape)}")
+    grad_weight = x.tensor.new_empty(grid.k, grid.c, dtype=torch.float32) if weight is not None else None
+    unused = scale  # for the pointers the kernel variant does not read
     # at least one program: it also sums dW (zero without pixels)
-    _dx[pool][lambda meta: (max(1, triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_C"])),)](
-        x.tensor, scale, shift, mean, rstd, gemm_weight, grad_out.tensor, grad_means, grad_x.tensor,
-        dw_part, grad_weight if has_gemm else sums,
-        num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w, x.h // pool, x.w // pool, splits,
-        x.sn, x.sh, x.sw, swk, swc, grad_out.sn, grad_out.sh, grad_out.sw, grad_x.sn, grad_x.sh, grad_x.sw,
-        BATCH_STATS=batch_mean is not None, ACCUMULATE=accumulate, **common, BLOCK_S=SPLITS_BLOCK,
-        SLAB=DW_SLAB)
-    return grad_weight, sums[1], sums[0]
+    _dx[pool][lambda meta: (max(1, triton.cdiv(grid.num_cells, meta["BLOCK_M"])
+                                * triton.cdiv(grid.c, meta["BLOCK_C"])),)](
+        x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor,
+        unused if batch_means is None else batch_means.contiguous(), grad_x.tensor,
+        unused if dw_part is None else dw_part, unused if grad_weight is None else grad_weight,
+        *launch.sizes, grad_x.sn, grad_x.sh, grad_x.sw,
+        BATCH_STATS=batch_means is not None, ACCUMULATE=accumulate, **launch.meta, SLAB=DW_SLAB)
+    return grad_weight
+
+
+# -- the torch ops (docs/triton.md) ---------------------------------------------------------------------
+
+def _empty_stats(x: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    return x.new_empty(channels, dtype=torch.float32), x.new_empty(channels, dtype=torch.float32)
+
+
+@custom_op("bn_relu_conv1x1", mutates_args=("out",))
+def bn_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor, with_stats: bool
+                    ) -> tuple[Tensor, Tensor]:
+    """``out (M, K) = relu(x * scale + shift) @ weight.T`` for row views ``x (M, C)``
+    and ``out``, ``weight (K, C)``; returns ``(mean, var)`` ``(K,)`` fp32 of
+    ``out`` if ``with_stats``, else two empty tensors."""
+    stats = forward(rows(x), scale, shift, weight, rows(out), pool=1, with_stats=with_stats)
+    return stats if stats is not None else _empty_stats(x, 0)
+
+
+@bn_relu_conv1x1.register_fake
+def _(x, scale, shift, weight, out, with_stats):
+    check_data(x, weight, out)
+    return _empty_stats(x, weight.shape[0] if with_stats else 0)
+
+
+@custom_op("transition", mutates_args=("out",))
+def transition(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> None:
+    """``out (N, H // 2, W // 2, K) = avgpool2(relu(x * scale + shift)) @ weight.T``
+    for channels-last views ``x (N, H, W, C)`` and ``out``, ``weight (K, C)``."""
+    forward(image(x), scale, shift, weight, image(out), pool=2, with_stats=False)
+
+
+@transition.register_fake
+def _(x, scale, shift, weight, out):
+    check_data(x, weight, out)
+
+
+def _backward_ops(primitive: str, pixels: Callable[[Tensor], Pixels], pool: int, accumulate: bool):
+    """The backward of op ``primitive`` (its tensors seen through ``pixels``) as
+    the ops ``<primitive>_backward_sums`` and ``<primitive>_backward_finish``,
+    between which the caller turns the sums into batch means (``batch_mean``)."""
+
+    @custom_op(f"{primitive}_backward_sums")
+    def backward_sums_op(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                         grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        """Pass 1: ``(dW partials (splits, K, C), sums (2, C) = [sum dA, sum dA * xhat])``, fp32."""
+        return backward_sums(pixels(x), scale, shift, mean, rstd, weight, pixels(grad_out), pool)
+
+    @backward_sums_op.register_fake
+    def _(x, scale, shift, mean, rstd, weight, grad_out):
+        check_data(x, grad_out, weight)
+        return sums_outputs(x, backward_grid(pixels(x), weight, pool), has_gemm=True)
+
+    @custom_op(f"{primitive}_backward_finish", mutates_args=("grad_x",))
+    def backward_finish_op(x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                           grad_out: Tensor, dw_partials: Tensor, batch_means: Optional[Tensor], grad_x: Tensor
+                           ) -> Tensor:
+        """Pass 2: ``dL/dx`` into ``grad_x`` (shaped as ``x``; added with
+        ``accumulate``, else written), with ``batch_means (2, C)`` or None
+        (running statistics); returns ``dW (K, C)`` fp32."""
+        return backward_finish(pixels(x), scale, shift, mean, rstd, weight, pixels(grad_out), dw_partials,
+                               batch_means, pixels(grad_x), pool, accumulate)
+
+    @backward_finish_op.register_fake
+    def _(x, scale, shift, mean, rstd, weight, grad_out, dw_partials, batch_means, grad_x):
+        check_data(x, grad_out, grad_x, weight)
+        return x.new_empty(weight.shape[0], x.shape[-1], dtype=torch.float32)
+
+    return backward_sums_op, backward_finish_op
+
+
+# the dense layer's 1x1 convolution: row views, dL/dx added into grad_x; the transition: (N, H, W, C) views, written
+bn_relu_conv1x1_backward_sums, bn_relu_conv1x1_backward_finish = _backward_ops("bn_relu_conv1x1", rows, 1, True)
+transition_backward_sums, transition_backward_finish = _backward_ops("transition", image, 2, False)

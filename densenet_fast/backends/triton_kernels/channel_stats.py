@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, nan_stats
+from .common import (Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
+                     nan_stats)
 
 STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
@@ -30,7 +31,8 @@ MERGE_BLOCK = 32  # partials merged by the exact formula at once
 
 @triton.jit
 def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
-                    first_row, num_rows, first_index, span, rows_total, C, channels, channel_mask,
+                    first_row, num_rows, first_index, span, rows_total, C,  # scalars
+                    channels, channel_mask,  # (BC,) int32, bool: this program's channels
                     MERGE_BLOCK: tl.constexpr):
     """``(count, mean, M2)`` per channel ``(BC,)`` of partial rows
     ``[first_row, first_row + num_rows)``, row ``first_row + i`` standing for
@@ -63,7 +65,10 @@ def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
 
 
 @triton.jit
-def reduce_tile_stats(y, valid_rows, channels, channel_mask, tile, rows_total, C,
+def reduce_tile_stats(y,  # (BM, BC) fp32: the tile
+                      valid_rows,  # (BM,) bool
+                      channels, channel_mask,  # (BC,) int32, bool
+                      tile, rows_total, C,  # scalars
                       part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = tiles
                       counter_ptr,  # (cdiv(T, STATS_GROUP) + 1,) int32, 0: this channel block's arrival counters
                       out_mean_ptr, out_var_ptr,  # (C,) fp32: (mean, biased var) of all rows_total rows
@@ -99,7 +104,7 @@ def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
                        part_mean_ptr, part_m2_ptr,  # (T + cdiv(T, STATS_GROUP), C) fp32 scratch, T = cdiv(M, BLOCK_M)
                        counter_ptr,  # (cdiv(C, BLOCK_C), cdiv(T, STATS_GROUP) + 1) int32, 0
                        mean_ptr, var_ptr,  # (C,) fp32 out
-                       M, C, sx,
+                       M, C, sx,  # scalars: sizes, row stride in elements
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STATS_GROUP: tl.constexpr,
                        MERGE_BLOCK: tl.constexpr):
     tile = tl.program_id(0)
@@ -137,8 +142,9 @@ class StatsScratch:
         return self.part_mean, self.part_m2, self.counters, self.mean, self.var
 
 
+@custom_op("channel_stats")
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased var)`` (fp32) of a row view ``x (M, C)``
+    """Per-channel ``(mean, biased var)`` ``(C,)`` (fp32) of a row view ``x (M, C)``
     (NaN for ``M = 0``, as the torch backend's)."""
     check_data(x)
     m, c = x.shape
@@ -150,3 +156,9 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
         x, *scratch.args(), m, c, x.stride(0), BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     return scratch.mean, scratch.var
+
+
+@channel_stats.register_fake
+def _(x):
+    check_data(x)
+    return x.new_empty(x.shape[1], dtype=torch.float32), x.new_empty(x.shape[1], dtype=torch.float32)

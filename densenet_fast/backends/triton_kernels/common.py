@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton ops: dtype rules, tensor addressing, launching.
+"""Helpers shared by the Triton ops: dtype rules, tensor addressing, launching,
+registering the ops.
 
 Every op sees its activations as *pixels*: a channels-last tensor with ``n``
 images of ``h x w`` pixels, channel stride 1.  A row view ``(M, C)`` is the
@@ -23,8 +24,19 @@ import triton.language as tl
 from torch import Tensor
 
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NAMESPACE = "densenet_fast_triton"  # of the torch ops, torch.ops.densenet_fast_triton (docs/triton.md)
 AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
 CONFIG_LOG_ENV_VAR = "DENSENET_FAST_CONFIG_LOG"  # a file: each launcher appends its choices (JSON lines)
+
+
+def custom_op(name: str, mutates_args: Sequence[str] = ()):
+    """A decorator: the function as the torch op ``densenet_fast_triton::<name>``
+    (``torch.library.custom_op``), which writes only the arguments named in
+    ``mutates_args`` and is given its arguments with their strides as they are
+    (``needs_exact_strides``: the kernels write into strided views), as the
+    C++ ops are.  Register its fake implementation with ``.register_fake``."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args),
+                                   tags=(torch.Tag.needs_exact_strides,))
 
 
 def check_data(*tensors: Tensor) -> None:
@@ -266,7 +278,8 @@ class Launcher:
 
 
 @triton.jit
-def arrive_last(counter_ptr, arrivals):
+def arrive_last(counter_ptr,  # () int32
+                arrivals):  # scalar: how many programs arrive
     """Whether this program is the last of ``arrivals`` programs to arrive at
     ``counter_ptr`` (an int32 that is 0 before the first arrives; the last sets
     it back to 0).  The arrival is an acquire-release atomic after a barrier, so
@@ -281,20 +294,21 @@ def arrive_last(counter_ptr, arrivals):
 
 
 @triton.jit
-def relu(a):
+def relu(a):  # any shape
     """``max(a, 0)`` keeping NaN, as ``torch.relu`` does (PTX ``max`` turns NaN into 0)."""
     return tl.where(a < 0, 0.0, a)
 
 
 @triton.jit
-def relu_grad(a, grad):
+def relu_grad(a, grad):  # both of one shape
     """The gradient through ``relu(a)``: ``grad`` except where ``a <= 0``, so NaN
     lets it through, as torch's ``threshold_backward(grad, relu(a), 0)``."""
     return tl.where(a <= 0, 0.0, grad)
 
 
 @triton.jit
-def cell_pixel(cells, num_cells, cells_h, cells_w, lim_h, lim_w,
+def cell_pixel(cells,  # (BM,) int32 cell indices
+               num_cells, cells_h, cells_w, lim_h, lim_w,  # scalars
                SPATIAL: tl.constexpr, STEP: tl.constexpr, DI: tl.constexpr, DJ: tl.constexpr):
     """Pixel ``(n, STEP*i + DI, STEP*j + DJ)`` of each cell ``(n, i, j)`` of a
     ``cells_h x cells_w`` grid, and whether it exists (cell < num_cells, pixel
@@ -316,7 +330,9 @@ def cell_pixel(cells, num_cells, cells_h, cells_w, lim_h, lim_w,
 
 
 @triton.jit
-def pixel_offsets(n, h, w, sn, sh, sw, SPATIAL: tl.constexpr):
+def pixel_offsets(n, h, w,  # (BM,) int32 each: image, row, column
+                  sn, sh, sw,  # scalar strides in elements
+                  SPATIAL: tl.constexpr):
     """Element offsets (int64) of pixels ``(n, h, w)``."""
     offsets = n.to(tl.int64) * sn
     if SPATIAL:
