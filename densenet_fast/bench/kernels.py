@@ -101,7 +101,7 @@ def layer_shapes(batch_121: int, batch_bc: int) -> dict[str, LayerShape]:
     channels of their block's full buffer (``121-block3-C<C>``,
     ``121-block1-C<C>``; the widest is the transition's input), and, for smoke
     tests, ``tiny-C24`` and ``tiny-C40`` (batch 2, 5x5, a 40-channel buffer, k=4)."""
-    shapes = [LayerShape("121-block1", batch_121, 56, 56, 64, 7, 32),
+    shapes = [LayerShape("121-block1", batch_121, 56, 56, 64, 6, 32),
               LayerShape("121-block3", batch_121, 14, 14, 256, 24, 32),
               LayerShape("bc100-block1", batch_bc, 32, 32, 24, 16, 12),
               LayerShape("bc100-block3", batch_bc, 8, 8, 150, 16, 12),
