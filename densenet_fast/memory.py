@@ -77,7 +77,9 @@ def format_bytes(nbytes: float) -> str:
 # -- what is trained ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Architecture:
-    """A DenseNet as :class:`densenet_fast.DenseNet` builds it (same arguments)."""
+    """A DenseNet as :class:`densenet_fast.DenseNet` builds it (same arguments).
+    ``spatial_dims`` (MONAI's trees: 1, 2 or 3) sets the kernels' sizes in
+    :meth:`parameter_sizes`; the memory model of a step is for 2-D images."""
 
     growth_rate: int
     block_config: tuple[int, ...]
@@ -87,6 +89,7 @@ class Architecture:
     in_channels: int = 3
     stem: str = "imagenet"
     drop_rate: float = 0.0
+    spatial_dims: int = 2
 
     @staticmethod
     def of(model: torch.nn.Module) -> "Architecture":
@@ -145,16 +148,17 @@ class Architecture:
     def parameter_sizes(self) -> Iterator[int]:
         """Elements of every parameter tensor, in the model's order."""
         c0 = self.num_init_features
+        d = self.spatial_dims
         if self.stem == "imagenet":
-            yield from (c0 * self.in_channels * 49, c0, c0)
+            yield from (c0 * self.in_channels * 7**d, c0, c0)
         else:
-            yield c0 * self.in_channels * 9
+            yield c0 * self.in_channels * 3**d
         k, w = self.growth_rate, self.width
         blocks = self.block_channels()
         for i, (c_in, c_total) in enumerate(blocks):
             for layer in range(self.block_config[i]):
                 c = c_in + layer * k
-                yield from (c, c, w * c, w, w, k * w * 9)
+                yield from (c, c, w * c, w, w, k * w * 3**d)
             if i + 1 < len(blocks):
                 yield from (c_total, c_total, c_total * (c_total // 2))
         c_last = blocks[-1][1]

@@ -96,11 +96,13 @@ def constructor_arguments(spec: ModelSpec) -> dict:
 
 
 def parameter_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """Bytes of the parameters of ``spec`` in ``dtype`` (counted on the meta device)."""
-    from .. import monai as fast_monai
-    with torch.device("meta"):
-        model = getattr(fast_monai, CLASS_NAMES[_arch_and_dims(spec)[0]])(**constructor_arguments(spec))
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    """Bytes of the parameters of the DenseNet-BC-shaped ``spec`` (:func:`bc_spec`) in ``dtype``."""
+    from ..memory import Architecture
+    kwargs = constructor_arguments(spec)
+    arch = Architecture(kwargs["growth_rate"], kwargs["block_config"], kwargs["init_features"],
+                        num_classes=kwargs["out_channels"], in_channels=kwargs["in_channels"], stem="imagenet",
+                        spatial_dims=kwargs["spatial_dims"])
+    return arch.parameter_count() * dtype.itemsize
 
 
 def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
