@@ -147,18 +147,25 @@ OP_CASES = ["fold_batchnorm-momentum", "fold_batchnorm-cumulative", "fold_batchn
 SMALL = dict(m=37, c=5, k=3, image=(2, 5, 7), pooled=(2, 2, 3))  # odd sizes: the transition drops a row and column
 
 
+def small_arguments(device: str, seed: int, batch_stats: bool):
+    """``(x (M, C), x4 (N, H, W, C), bn, weight (K, C), data)`` of ``SMALL``'s
+    sizes, fp32 channel ranges of wider buffers; ``data(shape, channels)``
+    makes more of them."""
+    g = torch.Generator().manual_seed(seed)
+    m, c, k, image, _ = SMALL.values()
+    data = lambda shape, channels: channel_range(shape, channels, torch.float32, g, device)  # noqa: E731
+    x, x4 = data((m,), c), data(image, c)
+    return x, x4, make_bn(x, batch_stats, g), random_weight(k, c, torch.float32, g, device), data
+
+
 def op_arguments(device: str) -> dict[str, tuple]:
     """Small valid fp32 arguments of every op (channel ranges of wider
     buffers, odd sizes) by case of ``OP_CASES``; pass 2 of a backward gets pass
     1's outputs and the batch means (``sums / count``), or None (running
     statistics).  The same on every call."""
-    g = torch.Generator().manual_seed(5)
     m, c, k, image, pooled = SMALL.values()
-    x, x4 = channel_range((m,), c, torch.float32, g, device), channel_range(image, c, torch.float32, g, device)
-    bn = make_bn(x, True, g)
+    x, x4, bn, weight, data = small_arguments(device, seed=5, batch_stats=True)
     coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
-    weight = random_weight(k, c, torch.float32, g, device)
-    data = lambda shape, channels: channel_range(shape, channels, torch.float32, g, device)  # noqa: E731
     grad_out, grad_pooled, grad_z = data((m,), k), data(pooled, k), data((m,), c)
     dense = (x, *coefficients, weight, grad_out)
     pooling = (x4, *coefficients, weight, grad_pooled)
@@ -201,13 +208,9 @@ def primitive_calls(device: str, batch_stats: bool) -> dict[str, Callable[[], ob
     """Every primitive of the triton backend on small fp32 arguments, as a call
     (batch statistics: a running-statistics update, the forward's statistics, and
     ``batch_mean``; else none of them)."""
-    g = torch.Generator().manual_seed(6)
     m, c, k, image, pooled = SMALL.values()
-    x, x4 = channel_range((m,), c, torch.float32, g, device), channel_range(image, c, torch.float32, g, device)
-    bn = make_bn(x, batch_stats, g)
+    x, x4, bn, weight, data = small_arguments(device, seed=6, batch_stats=batch_stats)
     coefficients = (bn.scale, bn.shift, bn.mean, bn.rstd)
-    weight = random_weight(k, c, torch.float32, g, device)
-    data = lambda shape, channels: channel_range(shape, channels, torch.float32, g, device)  # noqa: E731
     update = RunningUpdate(data((), c), data((), c).abs(), torch.tensor(3, device=device), 0.1, m) if batch_stats \
         else None
     return {
