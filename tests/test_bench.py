@@ -255,3 +255,21 @@ def test_depth_subcommand_refuses_what_it_cannot_measure(fake_workers, tmp_path,
     with pytest.raises(SystemExit, match=message):
         depth.main(argv + ["--out", str(tmp_path / "x.json"), "--no-progress", "--no-plot"])
     assert fake_workers == []
+
+
+def test_depth_search_writes_every_probe_before_the_next(fake_workers, monkeypatch, tmp_path):
+    """A probe can take an hour: each one is on disk before the next starts."""
+    out = tmp_path / "d.json"
+    fake = harness.Runner.memory
+    on_disk = []
+
+    def memory(self, impl, spec, *args, **kwargs):
+        if out.exists():
+            on_disk.append(len([p for p in json.loads(out.read_text())["points"] if p["kind"] == "probe"]))
+        return fake(self, impl, spec, *args, **kwargs)
+
+    monkeypatch.setattr(harness.Runner, "memory", memory)
+    result = depth.main(["--depths", "16", "28", "40", "--batch", "8", "--budget-gib", str(600 * MIB / common.GIB),
+                         "--impls", "tv-eager", "--out", str(out), "--no-progress", "--no-plot"])
+    probes = len([p for p in result["points"] if p["kind"] == "probe"])
+    assert probes >= 2 and on_disk[-probes:] == list(range(probes))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .. import planner
 from ..memory import Architecture, OptimizerSpec, Setup
@@ -176,10 +176,11 @@ def verdict(point: dict, args) -> Optional[bool]:
     return False if point["status"] in ("over_budget", "oom", "refused") else None
 
 
-def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
+def search_budget(runner: Runner, impl: str, points: list[dict], args, probed: Callable[[], None]) -> dict:
     """Deepest depth of ``impl`` whose training step fits ``--budget-gib`` (see
     the module docstring): the prediction, then the next depth, then a walk if
-    the prediction was wrong."""
+    the prediction was wrong; ``probed()`` after each probe (written to disk:
+    one probe can take an hour)."""
     mine = [p for p in points if p["impl"] == impl]
     lo = max((p["depth"] for p in mine if verdict(p, args)), default=None)
     hi = min((p["depth"] for p in mine if verdict(p, args) is False), default=None)
@@ -197,6 +198,7 @@ def search_budget(runner: Runner, impl: str, points: list[dict], args) -> dict:
             break  # not even the shallowest depth fits
         point = probe(runner, impl, candidate, args)
         points.append(point)
+        probed()
         fits = verdict(point, args)
         if fits is None:
             limited_by = point["status"]
@@ -346,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
     searches = []
     if args.budget_gib > 0:
         for impl in common.progress(impls, desc="budget search", enabled=not args.no_progress):
-            searches.append(search_budget(runner, impl, points, args))
+            searches.append(search_budget(runner, impl, points, args, lambda: checkpoint(points, timings, searches)))
             checkpoint(points, timings, searches)
     result = {"benchmark": "depth", "environment": common.finish_environment(env), "points": points,
               "timings": {str(d): t for d, t in timings.items()}, "fits": summarize_fits(points, impls),
