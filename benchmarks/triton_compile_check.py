@@ -40,6 +40,7 @@ from densenet_fast.backends.triton_kernels import bn_fold  # noqa: E402
 from densenet_fast.backends.triton_kernels import bn_relu as bn_relu_op  # noqa: E402
 from densenet_fast.backends.triton_kernels import bn_relu_conv  # noqa: E402
 from densenet_fast.backends.triton_kernels import channel_stats as stats_op  # noqa: E402
+from densenet_fast.backends.triton_kernels.common import vector_alignment  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PRECISIONS = {"fp32": ("ieee", "tf32"), "fp16": ("ieee",), "bf16": ("ieee",)}
@@ -88,6 +89,13 @@ def access_widths(ptx: str) -> str:
                      for kind, counts in widths.items())
 
 
+def with_alignment(sizes: dict, element_size: int) -> dict:
+    """``sizes`` and the ``ALIGN`` the launchers give them (channel counts and row strides)."""
+    aligned = [value for name, value in sizes.items() if name in ("C", "K", "swk", "sx", "so") or
+               name[:2] in ("sx", "so", "sd", "sg")]
+    return dict(sizes, ALIGN=vector_alignment(element_size, *aligned))
+
+
 def shapes(channels: int) -> dict[int, dict]:
     """The integer arguments per ``POOL``: a dense layer (row views, ``K = 128``)
     and a transition (28x28 images), ``channels`` input channels each."""
@@ -109,6 +117,7 @@ def variants(dtype: str, precision: str, channels: int):
     data = "*" + dtype
     fp32 = "*fp32"
     sizes = shapes(channels)
+    element_size = 4 if dtype == "fp32" else 2
     common = dict(x_ptr=data, scale_ptr=fp32, shift_ptr=fp32, mean_ptr=fp32, rstd_ptr=fp32, w_ptr=data,
                   dout_ptr=data, out_ptr=data, gx_ptr=data, part_mean_ptr=fp32, part_m2_ptr=fp32,
                   stats_mean_ptr=fp32, stats_var_ptr=fp32, var_ptr=fp32, dw_part_ptr=fp32,
@@ -116,7 +125,7 @@ def variants(dtype: str, precision: str, channels: int):
                   DOT_PRECISION=precision, BLOCK_K=128, BLOCK_C=64, BLOCK_S=bn_relu_conv.SPLITS_BLOCK,
                   SLAB=bn_relu_conv.DW_SLAB, STATS_GROUP=stats_op.STATS_GROUP, MERGE_BLOCK=stats_op.MERGE_BLOCK)
     for pool in (1, 2):
-        shape = dict(common, **sizes[pool], SPATIAL=pool == 2, POOL=pool)
+        shape = dict(common, **with_alignment(sizes[pool], element_size), SPATIAL=pool == 2, POOL=pool)
         for with_stats in ((True, False) if pool == 1 else (False,)):
             yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
                    dict(shape, WITH_STATS=with_stats))
@@ -125,13 +134,16 @@ def variants(dtype: str, precision: str, channels: int):
         for has_gemm, one_k_block in ((True, True), (True, False), (False, True)) if pool == 1 else \
                 ((True, True), (True, False)):
             gemm = dict(shape, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128) if has_gemm else \
-                dict(shape, HAS_GEMM=False, ONE_K_BLOCK=True, BLOCK_K=16, K=shape["C"], sdn=shape["sxn"])  # dZ as x
+                with_alignment(dict(shape, HAS_GEMM=False, ONE_K_BLOCK=True, BLOCK_K=16, K=shape["C"],
+                                    sdn=shape["sxn"], swk=0), element_size)  # dZ in place of dOut
             yield f"reduce pool={pool} gemm={has_gemm} one_k={one_k_block}", bn_relu_conv._reduce[pool], gemm
             for batch_stats in (True, False):
                 yield (f"dx pool={pool} gemm={has_gemm} one_k={one_k_block} batch_stats={batch_stats}",
                        bn_relu_conv._dx[pool], dict(gemm, BATCH_STATS=batch_stats, ACCUMULATE=pool == 1 and has_gemm))
-    yield "tile stats", stats_op._tile_stats, dict(common, **sizes[1])
-    yield "bn_relu", bn_relu_op._bn_relu, dict(common, M=50176, C=128, sx=128, so=128)  # the bottleneck, 4k wide
+    yield "tile stats", stats_op._tile_stats, with_alignment(dict(common, M=50176, C=channels, sx=channels),
+                                                               element_size)
+    yield "bn_relu", bn_relu_op._bn_relu, with_alignment(dict(common, M=50176, C=128, sx=128, so=128),
+                                                         element_size)  # the bottleneck, 4k wide
     for update in (True, False):
         yield (f"fold update={update}", bn_fold._fold, dict(
             common, C=channels, var_ptr=fp32, weight_ptr=fp32, bias_ptr=fp32, coeffs_ptr=fp32, running_mean_ptr=fp32,

@@ -701,6 +701,25 @@ def layer_and_transition(device: str) -> list[Tensor]:
     return run(TRITON), run(TORCH)
 
 
+def test_vector_alignment(monkeypatch, device):
+    """``ALIGN`` is the largest power of two up to a 16-byte vector that divides
+    every channel count and row stride (growth rate 12: 124 channels still
+    move 16 bytes of fp32 per instruction), and the kernels, told so, give the
+    torch backend's results (C = 40, K = 20: ALIGN 4 in fp32)."""
+    assert common.vector_alignment(4, 124, 124 * 28, 0) == 4
+    assert common.vector_alignment(2, 124, 128) == 4
+    assert common.vector_alignment(2, 256, 512, 0) == 8
+    assert common.vector_alignment(4, 40, 17) == 1
+    aligns = []
+    spy = lambda *counts: aligns.append(common.vector_alignment(*counts)) or aligns[-1]  # noqa: E731
+    for module in (bn_relu_conv, channel_stats):
+        monkeypatch.setattr(module, "vector_alignment", spy)
+    ours, expected = layer_and_transition(device)
+    assert set(aligns) == {4}
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
+        assert_close(actual, reference, 1e-4, f"output {i}")
+
+
 @needs_gpu
 def test_kernels_launch_on_their_tensors_device():
     """Tensors on ``cuda:1`` while ``cuda:0`` is current: every launch goes to the tensors' device."""

@@ -38,9 +38,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
-from .common import (Launcher, Pixels, SharedMemory, arrival_counters, arrive_last, block_size, cell_pixel,
+from .common import (Launcher, Pixels, SharedMemory, aligned, arrival_counters, arrive_last, block_size, cell_pixel,
                      check_data, check_pixels, custom_op, dot_precision, image, nan_stats, num_splits, pixel_offsets,
-                     relu, relu_grad, rows)
+                     relu, relu_grad, rows, vector_alignment)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
@@ -103,7 +103,7 @@ DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # dozens of channel counts of a network share a few tunings, and every constexpr
 # that selects a kernel variant (BLOCK_K follows K; the other constexprs are
 # module constants or the configurations' own)
-COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION"]
+COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION", "ALIGN"]
 FORWARD_KEY = COMMON_KEY + ["WITH_STATS"]
 # (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
 BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
@@ -115,9 +115,9 @@ def _load_pixels(ptr,  # (N, H, W, C), strides sn, sh, sw, 1
                  n, h, w,  # (BM,) int32 each: the pixels
                  mask,  # (BM, BC) bool
                  channels,  # (BC,) int32
-                 SPATIAL: tl.constexpr):
+                 SPATIAL: tl.constexpr, ALIGN: tl.constexpr):
     """Channels ``channels`` of pixels ``(n, h, w)`` as fp32 ``(BM, BC)``, 0 outside ``mask``."""
-    offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL)
+    offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL, ALIGN)
     return tl.load(ptr + offsets[:, None] + channels[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
@@ -180,8 +180,10 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ALIGN: tl.constexpr,  # divides C, K and the row strides (common.vector_alignment)
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                     STATS_GROUP: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     # one dimension, output-channel blocks fastest: the programs that share a cell tile (and its x) run together
     k_blocks = tl.cdiv(K, BLOCK_K)
     pid_m = tl.program_id(0) // k_blocks
@@ -199,7 +201,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
-            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
             z += tl.where(mask, relu(x * scale + shift), 0.0)
         if POOL > 1:
             z = z * (1.0 / (POOL * POOL))
@@ -208,7 +210,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         acc = tl.dot(z.to(w_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
     n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, cells_h, cells_w, SPATIAL, 1, 0, 0)
     out = acc.to(out_ptr.dtype.element_ty)
-    out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL)
+    out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL, ALIGN)
     tl.store(out_ptr + out_offsets[:, None] + ks[None, :], out, mask=valid[:, None] & k_mask[None, :])
     if WITH_STATS:  # statistics of the stored (rounded) values
         counters = counter_ptr + pid_k * (tl.cdiv(tl.cdiv(num_cells, BLOCK_M), STATS_GROUP) + 1)
@@ -229,8 +231,9 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -251,7 +254,7 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
         cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL, ALIGN)
         d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
                         mask=out_valid[:, None] & own_k_mask[None, :], other=0.0) if HAS_GEMM else 0.0
         if ONE_K_BLOCK:
@@ -267,7 +270,7 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
-            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
             a = x * scale + shift
             grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
             dbeta += tl.sum(grad_a, 0)
@@ -312,9 +315,10 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
-               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
                SLAB: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     if HAS_GEMM:  # first (while pass 1's partials are likely in L2): dW, the splits' partials summed in split
         # order, SLAB elements per program
         dw_numel = K * C
@@ -340,7 +344,7 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
     on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL, ALIGN)
     ks = tl.arange(0, BLOCK_K)
     d = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & (ks < K)[None, :],
                 other=0.0) if HAS_GEMM and ONE_K_BLOCK else 0.0
@@ -350,12 +354,12 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     for q in tl.static_range(POOL * POOL):
         n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
         mask = valid[:, None] & channel_mask[None, :]
-        x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+        x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
         grad_a = relu_grad(x * scale + shift, grad_z)
         if BATCH_STATS:
             grad_a = grad_a - mean_grad_a - (x - mean) * rstd * mean_grad_a_xhat
         dx = grad_a * scale
-        gx_ptrs = gx_ptr + pixel_offsets(n, h, w, sgn, sgh, sgw, SPATIAL)[:, None] + channels[None, :]
+        gx_ptrs = gx_ptr + pixel_offsets(n, h, w, sgn, sgh, sgw, SPATIAL, ALIGN)[:, None] + channels[None, :]
         if ACCUMULATE:
             dx += tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -397,8 +401,9 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     if num_cells == 0:  # no output; an empty grid would leave the statistics unwritten
         return nan_stats(k, x.tensor.device) if with_stats else None
     block_k = block_size(k, MAX_BLOCK_K)
+    align = vector_alignment(x.tensor.element_size(), c, k, *x.strides, weight.stride(0), *out.strides)
     meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
-                BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+                ALIGN=align, BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(k, block_k),)  # noqa: E731
     stats = None
     if with_stats:  # partials for every row tile of the configuration that runs (the smallest, when autotuning)
@@ -406,7 +411,7 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
         stats = StatsScratch(num_cells, block_m, k, triton.cdiv(k, block_k), x.tensor.device)
     _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *(stats.args() if stats else (out.tensor,) * 5),
                          num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
-                         x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw, **meta)
+                         *x.strides, *weight.stride(), *out.strides, **meta)
     return (stats.mean, stats.var) if stats else None
 
 
@@ -445,21 +450,22 @@ class _BackwardLaunch(NamedTuple):
     meta: dict  # the constexprs both kernels take
 
 
-def _backward_launch(x: Pixels, weight: Optional[Tensor], grad_out: Pixels, pool: int, *data: Tensor
-                     ) -> _BackwardLaunch:
-    """What both backward passes launch with; checks ``x``, ``grad_out``, ``data`` and ``weight``."""
+def _backward_launch(x: Pixels, weight: Optional[Tensor], grad_out: Pixels, pool: int,
+                     grad_x: Optional[Pixels] = None) -> _BackwardLaunch:
+    """What a backward pass launches with (pass 2 also writes ``grad_x``); checks the tensors."""
     has_gemm = weight is not None
-    check_data(x.tensor, grad_out.tensor, *data, *([weight] if has_gemm else []))
+    check_data(x.tensor, grad_out.tensor, *([grad_x.tensor] if grad_x else []), *([weight] if has_gemm else []))
     grid = backward_grid(x, weight, pool)
     dtype = x.tensor.dtype
     gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
+    align = vector_alignment(x.tensor.element_size(), grid.c, grid.k, *x.strides, swk, *grad_out.strides,
+                             *(grad_x.strides if grad_x else ()))
     meta = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
                 ONE_K_BLOCK=one_k_block(has_gemm, grid.k, dtype, x.tensor.device),
-                DOT_PRECISION=dot_precision(dtype), BLOCK_K=block_size(grid.k, MAX_BLOCK_K) if has_gemm else 16,
-                BLOCK_S=SPLITS_BLOCK)
+                DOT_PRECISION=dot_precision(dtype), ALIGN=align,
+                BLOCK_K=block_size(grid.k, MAX_BLOCK_K) if has_gemm else 16, BLOCK_S=SPLITS_BLOCK)
     sizes = (grid.num_cells, grid.c, grid.k, *tuning_key(grid.num_cells, grid.c), x.h, x.w, grid.cells_h,
-             grid.cells_w, x.h // pool, x.w // pool, grid.splits, x.sn, x.sh, x.sw, swk, swc,
-             grad_out.sn, grad_out.sh, grad_out.sw)
+             grid.cells_w, x.h // pool, x.w // pool, grid.splits, *x.strides, swk, swc, *grad_out.strides)
     return _BackwardLaunch(grid, gemm_weight, sizes, meta)
 
 
@@ -492,7 +498,7 @@ def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd:
     (``batch_means (2, C) = [mean(dA), mean(dA * xhat)]`` over the batch, from
     ``batch_mean`` of pass 1's sums; None with running statistics) and returns
     ``dW (K, C)`` fp32, pass 1's partials ``dw_part`` summed (None without ``weight``)."""
-    launch = _backward_launch(x, weight, grad_out, pool, grad_x.tensor)
+    launch = _backward_launch(x, weight, grad_out, pool, grad_x)
     grid = launch.grid
     if weight is not None and (dw_part is None or dw_part.shape != (grid.splits, grid.k, grid.c)):
         raise ValueError(f"dw_partials must be the ({grid.splits}, {grid.k}, {grid.c}) partials of pass 1, "
@@ -505,7 +511,7 @@ def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd:
         x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor,
         unused if batch_means is None else batch_means.contiguous(), grad_x.tensor,
         unused if dw_part is None else dw_part, unused if grad_weight is None else grad_weight,
-        *launch.sizes, grad_x.sn, grad_x.sh, grad_x.sw,
+        *launch.sizes, *grad_x.strides,
         BATCH_STATS=batch_means is not None, ACCUMULATE=accumulate, **launch.meta, SLAB=DW_SLAB)
     return grad_weight
 

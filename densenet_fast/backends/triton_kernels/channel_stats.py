@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
-                     nan_stats)
+from .common import (Launcher, aligned, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
+                     nan_stats, vector_alignment)
 
 STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
@@ -105,8 +105,10 @@ def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
                        counter_ptr,  # (cdiv(C, BLOCK_C), cdiv(T, STATS_GROUP) + 1) int32, 0
                        mean_ptr, var_ptr,  # (C,) fp32 out
                        M, C, sx,  # scalars: sizes, row stride in elements
+                       ALIGN: tl.constexpr,  # divides C and sx (common.vector_alignment)
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STATS_GROUP: tl.constexpr,
                        MERGE_BLOCK: tl.constexpr):
+    C, sx = aligned(C, ALIGN), aligned(sx, ALIGN)
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,7 +156,8 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     block_c = block_size(c, 64)
     scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, triton.cdiv(c, block_c), x.device)
     _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
-        x, *scratch.args(), m, c, x.stride(0), BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+        x, *scratch.args(), m, c, x.stride(0), ALIGN=vector_alignment(x.element_size(), c, x.stride(0)),
+        BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     return scratch.mean, scratch.var
 
 

@@ -88,6 +88,10 @@ class Pixels(NamedTuple):
     sw: int
     spatial: bool
 
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        return self.sn, self.sh, self.sw
+
 
 def rows(t: Tensor) -> Pixels:
     """A row view ``(M, C)``: ``M`` one-pixel images."""
@@ -114,6 +118,16 @@ def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: i
     partials_cap = read // (16 * k * channels) if k else 2 * sms
     return max(1, min(max(triton.cdiv(sms, blocks), min(triton.cdiv(2 * sms, blocks), partials_cap)),
                       triton.cdiv(cells, 64)))
+
+
+def vector_alignment(element_size: int, *counts: int) -> int:
+    """The kernels' ``ALIGN``: the largest power of two, at most a 16-byte
+    vector (``16 // element_size`` elements), that divides every channel count
+    and element stride in ``counts``."""
+    align = 16 // element_size
+    while any(count % align for count in counts):
+        align //= 2
+    return align
 
 
 def block_size(n: int, cap: int) -> int:
@@ -307,6 +321,15 @@ def relu_grad(a, grad):  # both of one shape
 
 
 @triton.jit
+def aligned(value, ALIGN: tl.constexpr):
+    """``value``, a multiple of ALIGN (:func:`vector_alignment`), written so
+    that the compiler knows it, and so loads and stores up to ALIGN channels
+    per instruction.  (Triton marks only arguments divisible by 16 and ignores
+    ``tl.multiple_of`` on scalar arguments.)"""
+    return value // ALIGN * ALIGN
+
+
+@triton.jit
 def cell_pixel(cells,  # (BM,) int32 cell indices
                num_cells, cells_h, cells_w, lim_h, lim_w,  # scalars
                SPATIAL: tl.constexpr, STEP: tl.constexpr, DI: tl.constexpr, DJ: tl.constexpr):
@@ -332,9 +355,9 @@ def cell_pixel(cells,  # (BM,) int32 cell indices
 @triton.jit
 def pixel_offsets(n, h, w,  # (BM,) int32 each: image, row, column
                   sn, sh, sw,  # scalar strides in elements
-                  SPATIAL: tl.constexpr):
-    """Element offsets (int64) of pixels ``(n, h, w)``."""
-    offsets = n.to(tl.int64) * sn
+                  SPATIAL: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets (int64, multiples of ALIGN) of pixels ``(n, h, w)``."""
+    offsets = n.to(tl.int64) * aligned(sn, ALIGN)
     if SPATIAL:
-        offsets += h.to(tl.int64) * sh + w.to(tl.int64) * sw
+        offsets += h.to(tl.int64) * aligned(sh, ALIGN) + w.to(tl.int64) * aligned(sw, ALIGN)
     return offsets
