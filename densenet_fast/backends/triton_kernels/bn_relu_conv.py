@@ -243,7 +243,10 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     # dbeta and dgamma (which need all of dZ) come from the first K block's programs; each program owns
     # rows own_ks of dW, for which it needs only dOut[:, own_ks] and z
-    stats_program = tl.program_id(2) == 0
+    if ONE_K_BLOCK:
+        stats_program = True  # the only K block (a constant: no branches below)
+    else:
+        stats_program = tl.program_id(2) == 0
     own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     own_k_mask = own_ks < K
     w_all = _load_weight(w_ptr, swk, swc, own_ks, own_k_mask, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK \
@@ -257,24 +260,20 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL, ALIGN)
         d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
                         mask=out_valid[:, None] & own_k_mask[None, :], other=0.0) if HAS_GEMM else 0.0
-        if ONE_K_BLOCK:
+        grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # (never read by the other K blocks' programs)
+        if stats_program:
             grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels, channel_mask,
                              K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
-        else:
-            grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # the other K blocks' programs sum zeros, unused
-            if stats_program:
-                grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels,
-                                 channel_mask, K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C,
-                                 BLOCK_K)
         z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
             x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
             a = x * scale + shift
-            grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
-            dbeta += tl.sum(grad_a, 0)
-            dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
+            if stats_program:
+                grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
+                dbeta += tl.sum(grad_a, 0)
+                dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
             z += tl.where(mask, relu(a), 0.0)
         if HAS_GEMM:
             z = tl.where(out_valid[:, None], z, 0.0)  # cells the pooling drops have no output

@@ -5,14 +5,14 @@ passes over the tile held in registers (exact, no cancellation), and the
 kernel that made the tiles merges them itself, in two levels and in a fixed
 order: the last tile of each group of ``STATS_GROUP`` tiles to finish merges
 its group (an arrival counter, :func:`.common.arrive_last`), and the last
-group to finish merges the groups, so no program merges more than
-``STATS_GROUP`` tiles or groups' worth of rows at a time and no second launch
-is needed.  Merging: the exact parallel formula around the mean of a chunk of
-``MERGE_BLOCK`` partials, chunks combined by Chan's update.  No
-``E[x^2] - E[x]^2`` anywhere.  A tile's count is known from its index (rows
-``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of ``rows_total``), so only means and
-``M2`` are stored.  The fused forward (:mod:`.bn_relu_conv`) produces and
-merges the same partials for its output in its epilogue.
+group to finish merges the groups (a single group's merge is the result), so
+no program merges more than ``STATS_GROUP`` tiles or groups' worth of rows at
+a time and no second launch is needed.  Merging: the exact parallel formula
+around the mean of a chunk of ``MERGE_BLOCK`` partials, chunks combined by
+Chan's update.  No ``E[x^2] - E[x]^2`` anywhere.  A tile's count is known from
+its index (rows ``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of ``rows_total``), so
+only means and ``M2`` are stored.  The fused forward (:mod:`.bn_relu_conv`)
+produces and merges the same partials for its output in its epilogue.
 """
 
 from __future__ import annotations
@@ -87,14 +87,19 @@ def reduce_tile_stats(y,  # (BM, BC) fp32: the tile
     group = tile // STATS_GROUP
     first = group * STATS_GROUP
     if arrive_last(counter_ptr + group, tl.minimum(STATS_GROUP, tiles - first)):
-        _, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, first, tl.minimum(STATS_GROUP, tiles - first),
-                                      first, BLOCK_M, rows_total, C, channels, channel_mask, MERGE_BLOCK)
-        base = (tiles + group).to(tl.int64) * C + channels
-        tl.store(part_mean_ptr + base, mean, mask=channel_mask)
-        tl.store(part_m2_ptr + base, m2, mask=channel_mask)
-        if arrive_last(counter_ptr + groups, groups):
-            total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, tiles, groups, 0, STATS_GROUP * BLOCK_M,
-                                              rows_total, C, channels, channel_mask, MERGE_BLOCK)
+        total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, first, tl.minimum(STATS_GROUP, tiles - first),
+                                          first, BLOCK_M, rows_total, C, channels, channel_mask, MERGE_BLOCK)
+        last = groups == 1  # one group: its merge is the result
+        if not last:
+            base = (tiles + group).to(tl.int64) * C + channels
+            tl.store(part_mean_ptr + base, mean, mask=channel_mask)
+            tl.store(part_m2_ptr + base, m2, mask=channel_mask)
+            last = arrive_last(counter_ptr + groups, groups)
+            if last:
+                total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, tiles, groups, 0,
+                                                  STATS_GROUP * BLOCK_M, rows_total, C, channels, channel_mask,
+                                                  MERGE_BLOCK)
+        if last:
             tl.store(out_mean_ptr + channels, mean, mask=channel_mask)
             tl.store(out_var_ptr + channels, m2 / total, mask=channel_mask)
 
