@@ -32,6 +32,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -44,6 +45,7 @@ from densenet_fast.backends.triton_kernels.common import vector_alignment  # noq
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PRECISIONS = {"fp32": ("ieee", "tf32"), "fp16": ("ieee",), "bf16": ("ieee",)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_variant(fn, args: dict, config: triton.Config, arch: int):
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
             for name, launcher, kernel_args in variants(dtype, precision, args.channels):
                 if args.only not in name:
                     continue
-                for config in launcher.candidates:
+                for config in launcher.candidates_for(DTYPES[dtype], kernel_args):
                     label = f"{dtype:4} {precision:4} {name:42} {config.kwargs} warps={config.num_warps} " \
                             f"stages={config.num_stages}"
                     meta = {**kernel_args, **config.kwargs}

@@ -87,7 +87,7 @@ FORWARD_CONFIGS = {
     2: [_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2),
         _config(32, 32, 4, 2)],
 }
-REDUCE_CONFIGS = {  # the unpipelined last ones: exact fp32 with several K blocks on an sm_86/sm_89
+REDUCE_CONFIGS = {  # the unpipelined last ones: TF32 with several K blocks on an sm_86/sm_89
     1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2),
         _config(32, 32, 4, 1)],
     2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1)],
@@ -96,6 +96,13 @@ DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
     2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
 }
+# Exact fp32 (TF32 off; common.Launcher.candidates_for): these compile without spilling registers on
+# Triton 3.6 and 3.8 for sm_90, where the dense forward's and the reduce pass's candidates above spill
+# (docs/triton.md); the transition forward's and the dx pass's do not, and serve exact fp32 too.
+EXACT_FP32_FORWARD_CONFIGS = [_config(64, 64, 8, 3), _config(64, 64, 8, 2), _config(64, 32, 8, 2),
+                              _config(32, 64, 8, 2)]  # dense layers
+EXACT_FP32_REDUCE_CONFIGS = [_config(16, 64, 8, 2), _config(32, 32, 8, 1), _config(16, 32, 8, 2),
+                             _config(16, 32, 4, 1)]  # both pools
 MAX_BLOCK_K = 128
 SPLITS_BLOCK = 16  # rows of split partials summed per step
 DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
@@ -378,9 +385,11 @@ def tuning_key(cells: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
 
 
-_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY)
+_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY,
+                          exact_fp32=EXACT_FP32_FORWARD_CONFIGS if pool == 1 else None)
             for pool in (1, 2)}
-_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY,
+                          exact_fp32=EXACT_FP32_REDUCE_CONFIGS)
            for pool in (1, 2)}
 _dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["BATCH_STATS", "ACCUMULATE"],
                       restore_value=["gx_ptr"])

@@ -206,10 +206,10 @@ SharedMemory = Callable[[dict, int, int], int]  # (meta-parameters, num_stages, 
 
 class Launcher:
     """Launches a kernel on its tensors' device with a configuration chosen
-    without timing anything: the first of ``candidates`` whose shared memory
-    (``shared_memory``, an upper bound; ``None``: negligible) fits the device
-    and whose grid has a program for every multiprocessor, else the fitting one
-    with the most programs.  The choice depends only on the shapes, the dtype and
+    without timing anything: the first of its candidates (:meth:`candidates_for`)
+    whose shared memory (``shared_memory``, an upper bound; ``None``:
+    negligible) fits the device and whose grid has a program for every
+    multiprocessor, else the fitting one with the most programs.  The choice depends only on the shapes, the dtype and
     the device, so results are reproducible.  With ``DENSENET_FAST_AUTOTUNE=1``
     it autotunes over the fitting candidates instead (``triton.autotune`` with
     ``key`` and ``autotune_kwargs``).  The first argument of every kernel is
@@ -218,9 +218,10 @@ class Launcher:
     values and grid (one JSON object per line)."""
 
     def __init__(self, fn, candidates: list[triton.Config], shared_memory: Optional[SharedMemory] = None,
-                 key: Sequence[str] = (), **autotune_kwargs):
+                 key: Sequence[str] = (), exact_fp32: Optional[list[triton.Config]] = None, **autotune_kwargs):
         self.fn = fn
         self.candidates = candidates
+        self.exact_fp32 = exact_fp32 or candidates
         self.shared_memory = shared_memory
         self.tuned = triton.autotune(
             candidates, key=list(key), **autotune_kwargs,
@@ -229,15 +230,25 @@ class Launcher:
         self._fitting: dict[tuple, list[triton.Config]] = {}
         self._logged: set[tuple] = set()
 
+    def candidates_for(self, dtype: torch.dtype, meta: dict) -> list[triton.Config]:
+        """``exact_fp32`` where the kernel's dots are exact fp32 (fp32 data,
+        ``DOT_PRECISION="ieee"``, and a GEMM where ``HAS_GEMM`` is given):
+        Triton builds those from FMAs that hold their operands in registers,
+        where the tiles made for tensor cores spill (docs/triton.md); else
+        ``candidates``."""
+        exact = dtype == torch.float32 and meta.get("DOT_PRECISION") == "ieee" and meta.get("HAS_GEMM", True)
+        return self.exact_fp32 if exact else self.candidates
+
     def fitting(self, data: Tensor, meta: dict) -> list[triton.Config]:
         """The candidates whose shared memory fits ``data``'s device (or, if none, the smallest)."""
         limit = gpu_limits(data.device).shared_memory
-        key = (data.element_size(), limit, *meta.items())
+        key = (data.dtype, limit, *meta.items())
         if key not in self._fitting:
+            candidates = self.candidates_for(data.dtype, meta)
             need = [self.shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
-                    if self.shared_memory else 0 for config in self.candidates]
-            self._fitting[key] = ([config for config, bytes in zip(self.candidates, need) if bytes <= limit]
-                                  or [self.candidates[need.index(min(need))]])
+                    if self.shared_memory else 0 for config in candidates]
+            self._fitting[key] = ([config for config, bytes in zip(candidates, need) if bytes <= limit]
+                                  or [candidates[need.index(min(need))]])
         return self._fitting[key]
 
     def usable(self, grid: Callable[[dict], tuple[int, ...]], data: Tensor, meta: dict) -> list[triton.Config]:
