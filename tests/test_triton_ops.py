@@ -399,7 +399,7 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, exact, 
     has_gemm = k is not None
     k = k or c
     one_k = bn_relu_conv.one_k_block(has_gemm, k, torch.float32, torch.device(device))
-    dtype = fitting_dtype(device, dict(HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
+    dtype = fitting_dtype(device, dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
                           (bn_relu_conv.REDUCE_SHARED_MEMORY, configs[0]), (bn_relu_conv.DX_SHARED_MEMORY, configs[1]))
     g = torch.Generator().manual_seed(8)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
@@ -459,7 +459,7 @@ def test_candidates_are_pruned_by_shared_memory(monkeypatch, limits, dtype):
     # the TF32 forward's first candidate needs more than any of these GPUs offers (it compiles to 225 KiB on sm_90)
     first = bn_relu_conv.FORWARD_CONFIGS[1][0]
     meta = dict(POOL=1, BLOCK_K=128, DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
-    assert (first in bn_relu_conv._forward[1].fitting(data, meta)) == (dtype != torch.float32 and limits != RTX_4090)
+    assert (first in bn_relu_conv._forward[1].fitting(data, meta)) == (dtype != torch.float32 and limits == H200)
 
 
 def test_configuration_follows_the_shapes(monkeypatch):

@@ -47,36 +47,40 @@ def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
 
 
-def _shared_memory(pipelined_elements: Callable[[dict], int], once: Callable[[dict], int] = lambda meta: 0
-                   ) -> SharedMemory:
-    """An upper bound of a kernel's shared memory: ``num_stages`` buffers of the
-    tiles its loops load (``pipelined_elements(meta)`` elements of the data
-    dtype), the tiles it loads once (``once(meta)`` elements) and one fp32
-    ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for layout conversions.
+def _shared_memory(per_stage: Callable[[dict, int], int], once: Callable[[dict, int], int]) -> SharedMemory:
+    """An upper bound of a kernel's shared memory: every buffer its TTGIR shows
+    (Triton 3.6 and 3.8), counted as if none reused another's memory.
+    ``num_stages`` copies of what its loops load (``per_stage(meta, size)``
+    bytes, for data of ``size`` bytes per element; Triton keeps ``num_stages -
+    1`` or ``num_stages`` of each) and what it stages once (``once``: the
+    operands a dot takes from registers, tiles kept for all row tiles, the
+    largest fp32 tile converted between layouts).
     benchmarks/triton_compile_check.py checks it against the compiled kernels."""
-    def estimate(meta: dict, num_stages: int, element_size: int) -> int:
-        return ((num_stages * pipelined_elements(meta) + once(meta)) * element_size
-                + 4 * meta["BLOCK_M"] * max(meta["BLOCK_C"], meta["BLOCK_K"]))
-    return estimate
+    return lambda meta, num_stages, size: num_stages * per_stage(meta, size) + once(meta, size)
 
 
-# forward: per input-channel block, POOL^2 x tiles (BLOCK_M, BLOCK_C) and a weight tile (BLOCK_C, BLOCK_K)
+# forward, per input-channel block: POOL^2 x tiles (BM, BC), a weight tile (BC, BK), scale and shift (BC,) fp32;
+# once: z (BM, BC), the dot's operand from registers, and the fp32 accumulator (BM, BK) converted for the store
 FORWARD_SHARED_MEMORY = _shared_memory(
-    lambda meta: meta["POOL"] ** 2 * meta["BLOCK_M"] * meta["BLOCK_C"] + meta["BLOCK_C"] * meta["BLOCK_K"])
-# reduce: per row tile the program's dOut columns (BLOCK_M, BLOCK_K); with ONE_K_BLOCK the weight tile
-# (BLOCK_K, BLOCK_C), loaded once, else per step of the dZ loop a dOut and a weight tile; and the z operand
-# (BLOCK_M, BLOCK_C) of the dW dot (the transition's 32x64 fp32 candidate compiles to 8 KiB more than the
-# estimate without it)
+    lambda m, size: (m["POOL"] ** 2 * m["BLOCK_M"] + m["BLOCK_K"]) * m["BLOCK_C"] * size + 8 * m["BLOCK_C"],
+    lambda m, size: m["BLOCK_M"] * m["BLOCK_C"] * size + 4 * m["BLOCK_M"] * max(m["BLOCK_K"], m["BLOCK_C"]))
+# reduce, per row tile: POOL^2 x tiles (BM, BC) and the dOut columns (BM, BK) (without HAS_GEMM the dZ tile
+# (BM, BC)), and per step of the dZ loop (not ONE_K_BLOCK) a dOut tile and a weight tile (BK, BC); once: z (BM, BC)
+# and dOut^T (BK, BM), the dW dot's operands from registers, the weight tile that ONE_K_BLOCK keeps, and the fp32
+# dW (BK, BC) or dZ (BM, BC) converted
 REDUCE_SHARED_MEMORY = _shared_memory(
-    lambda meta: 0 if not meta["HAS_GEMM"] else
-    meta["BLOCK_M"] * meta["BLOCK_K"]
-    + (0 if meta["ONE_K_BLOCK"] else (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"]),
-    once=lambda meta: 0 if not meta["HAS_GEMM"] else
-    meta["BLOCK_M"] * meta["BLOCK_C"] + (meta["BLOCK_K"] * meta["BLOCK_C"] if meta["ONE_K_BLOCK"] else 0))
-# dx: per step of the dZ loop (one step, unpipelined, with ONE_K_BLOCK) a dOut tile (BLOCK_M, BLOCK_K) and a
-# weight tile (BLOCK_K, BLOCK_C)
+    lambda m, size: (m["POOL"] ** 2 * m["BLOCK_M"] * m["BLOCK_C"] + (
+        m["BLOCK_M"] * m["BLOCK_K"] + (0 if m["ONE_K_BLOCK"] else (m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"])
+        if m["HAS_GEMM"] else m["BLOCK_M"] * m["BLOCK_C"])) * size,
+    lambda m, size: (m["BLOCK_M"] * (m["BLOCK_C"] + m["BLOCK_K"]) + (m["BLOCK_K"] * m["BLOCK_C"] if m["ONE_K_BLOCK"] else 0)
+                     if m["HAS_GEMM"] else 0) * size + 4 * max(m["BLOCK_M"], m["BLOCK_K"]) * m["BLOCK_C"])
+# dx: a dOut tile (BM, BK) and a weight tile (BK, BC), per step of the dZ loop or, with ONE_K_BLOCK, once; and the
+# fp32 dZ (BM, BC) converted
 DX_SHARED_MEMORY = _shared_memory(
-    lambda meta: (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"] if meta["HAS_GEMM"] else 0)
+    lambda m, size: (m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"] * size if m["HAS_GEMM"] and not m["ONE_K_BLOCK"]
+    else 0,
+    lambda m, size: ((m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"] * size if m["HAS_GEMM"] and m["ONE_K_BLOCK"] else 0)
+    + 4 * m["BLOCK_M"] * max(m["BLOCK_C"], m["BLOCK_K"]))
 
 # Candidates per POOL (1: dense layer, 2: transition, four pixels per cell), in
 # order of preference; each list has one that fits 99 KiB of shared memory in
@@ -90,7 +94,8 @@ FORWARD_CONFIGS = {
 REDUCE_CONFIGS = {  # the unpipelined last ones: TF32 with several K blocks on an sm_86/sm_89
     1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2),
         _config(32, 32, 4, 1)],
-    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1),
+        _config(16, 32, 4, 1)],
 }
 DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
