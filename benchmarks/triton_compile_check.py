@@ -131,10 +131,12 @@ def variants(dtype: str, precision: str, channels: int):
         for with_stats in ((True, False) if pool == 1 else (False,)):
             yield (f"forward pool={pool} stats={with_stats}", bn_relu_conv._forward[pool],
                    dict(shape, WITH_STATS=with_stats))
-        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block; the K loop for exact fp32, see
-        # bn_relu_conv.one_k_block), transitions K up to 128 or beyond
+        # (HAS_GEMM, ONE_K_BLOCK): dense layers K = 128 (one block), transitions K up to 128 or beyond; exact
+        # fp32 always takes the K loop (bn_relu_conv.one_k_block)
         for has_gemm, one_k_block in ((True, True), (True, False), (False, True)) if pool == 1 else \
                 ((True, True), (True, False)):
+            if has_gemm and one_k_block and dtype == "fp32" and precision == "ieee":
+                continue
             gemm = dict(shape, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128) if has_gemm else \
                 with_alignment(dict(shape, HAS_GEMM=False, ONE_K_BLOCK=True, BLOCK_K=16, K=shape["C"],
                                     sdn=shape["sxn"], swk=0), element_size)  # dZ in place of dOut

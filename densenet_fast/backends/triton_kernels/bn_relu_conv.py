@@ -106,8 +106,10 @@ DX_CONFIGS = {
 # (docs/triton.md); the transition forward's and the dx pass's do not, and serve exact fp32 too.
 EXACT_FP32_FORWARD_CONFIGS = [_config(64, 64, 8, 3), _config(64, 64, 8, 2), _config(64, 32, 8, 2),
                               _config(32, 64, 8, 2)]  # dense layers
-EXACT_FP32_REDUCE_CONFIGS = [_config(16, 64, 8, 2), _config(32, 32, 8, 1), _config(16, 32, 8, 2),
-                             _config(16, 32, 4, 1)]  # both pools
+EXACT_FP32_REDUCE_CONFIGS = {
+    1: [_config(16, 64, 8, 2), _config(32, 32, 8, 1), _config(16, 32, 8, 2), _config(16, 32, 4, 1)],
+    2: [_config(32, 32, 8, 1), _config(16, 32, 8, 2), _config(16, 64, 8, 2), _config(16, 32, 4, 1)],
+}
 MAX_BLOCK_K = 128
 SPLITS_BLOCK = 16  # rows of split partials summed per step
 DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
@@ -394,7 +396,7 @@ _forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARE
                           exact_fp32=EXACT_FP32_FORWARD_CONFIGS if pool == 1 else None)
             for pool in (1, 2)}
 _reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY,
-                          exact_fp32=EXACT_FP32_REDUCE_CONFIGS)
+                          exact_fp32=EXACT_FP32_REDUCE_CONFIGS[pool])
            for pool in (1, 2)}
 _dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["BATCH_STATS", "ACCUMULATE"],
                       restore_value=["gx_ptr"])
