@@ -72,8 +72,9 @@ REDUCE_SHARED_MEMORY = _shared_memory(
     lambda m, size: (m["POOL"] ** 2 * m["BLOCK_M"] * m["BLOCK_C"] + (
         m["BLOCK_M"] * m["BLOCK_K"] + (0 if m["ONE_K_BLOCK"] else (m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"])
         if m["HAS_GEMM"] else m["BLOCK_M"] * m["BLOCK_C"])) * size,
-    lambda m, size: (m["BLOCK_M"] * (m["BLOCK_C"] + m["BLOCK_K"]) + (m["BLOCK_K"] * m["BLOCK_C"] if m["ONE_K_BLOCK"] else 0)
-                     if m["HAS_GEMM"] else 0) * size + 4 * max(m["BLOCK_M"], m["BLOCK_K"]) * m["BLOCK_C"])
+    lambda m, size: (m["BLOCK_M"] * (m["BLOCK_C"] + m["BLOCK_K"])
+                     + (m["BLOCK_K"] * m["BLOCK_C"] if m["ONE_K_BLOCK"] else 0) if m["HAS_GEMM"] else 0) * size
+    + 4 * max(m["BLOCK_M"], m["BLOCK_K"]) * m["BLOCK_C"])
 # dx: a dOut tile (BM, BK) and a weight tile (BK, BC), per step of the dZ loop or, with ONE_K_BLOCK, once; and the
 # fp32 dZ (BM, BC) converted
 DX_SHARED_MEMORY = _shared_memory(
@@ -101,9 +102,10 @@ DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
     2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
 }
-# Exact fp32 (TF32 off; common.Launcher.candidates_for): these compile without spilling registers on
-# Triton 3.6 and 3.8 for sm_90, where the dense forward's and the reduce pass's candidates above spill
-# (docs/triton.md); the transition forward's and the dx pass's do not, and serve exact fp32 too.
+# Exact fp32 (TF32 off; common.Launcher.candidates_for): FMA dots hold their operands in registers, where the
+# dense forward's and the reduce pass's candidates above spill (sm_90, Triton 3.6 and 3.8); the first of
+# each list here does not, the others at most 64 B (docs/performance.md). The transition forward's and the
+# dx pass's candidates do not spill and serve exact fp32 too.
 EXACT_FP32_FORWARD_CONFIGS = [_config(64, 64, 8, 3), _config(64, 64, 8, 2), _config(64, 32, 8, 2),
                               _config(32, 64, 8, 2)]  # dense layers
 EXACT_FP32_REDUCE_CONFIGS = {
