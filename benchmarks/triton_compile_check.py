@@ -92,7 +92,9 @@ def access_widths(ptx: str) -> str:
 
 
 def with_alignment(sizes: dict, element_size: int) -> dict:
-    """``sizes`` and the ``ALIGN`` the launchers give them (channel counts and row strides)."""
+    """``sizes`` and the ``ALIGN`` of all their channel counts and row strides: what
+    the launchers give them (the backward's first pass does not count ``grad_x``'s
+    strides, equal to ``x``'s in :func:`shapes`)."""
     aligned = [value for name, value in sizes.items() if name in ("C", "K", "swk", "sx", "so") or
                name[:2] in ("sx", "so", "sd", "sg")]
     return dict(sizes, ALIGN=vector_alignment(element_size, *aligned))

@@ -686,15 +686,17 @@ def needs_gpu(test):
 
 
 def layer_and_transition(device: str) -> list[Tensor]:
-    """A dense layer's forward (with statistics) and backward (accumulating)
-    and a transition's forward and backward, on the triton and the torch
-    backend: ``(ours, torch's)``."""
+    """A dense layer's forward (with statistics) and backward (accumulating),
+    BN-ReLU and its backward (into a view of row stride 42), and a
+    transition's forward and backward, on the triton and the torch backend:
+    ``(ours, torch's)``."""
     g = torch.Generator().manual_seed(10)
     x = channel_range((2, 6, 5), 40, torch.float32, g, device, left=0, right=0)
     bn = make_bn(x, True, g)
     weight = torch.randn(20, 40, generator=g).to(device)
     grad_out = torch.randn(60, 20, generator=g).to(device)
     grad_pooled = torch.randn(2, 3, 2, 20, generator=g).to(device)
+    grad_relu = torch.randn(60, 40, generator=g).to(device)
     rows = x.reshape(-1, 40)
 
     def run(backend) -> list[Tensor]:
@@ -703,12 +705,19 @@ def layer_and_transition(device: str) -> list[Tensor]:
         grad_rows = torch.ones_like(rows)
         grads = backend.bn_relu_conv1x1_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
                                                  grad_rows, bn.batch_mean())
+        z = torch.empty_like(rows)
+        backend.bn_relu(rows, bn.scale, bn.shift, z)
+        grad_z = grad_relu.clone()  # (consumed)
+        grad_bn = torch.zeros(60, 42, device=device)[:, 2:]
+        bn_grads = backend.bn_relu_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_bn,
+                                            bn.batch_mean())
         pooled = torch.empty(2, 3, 2, 20, device=device)
         backend.transition(x, bn.scale, bn.shift, weight, pooled)
         grad_x = torch.empty_like(x)
         transition_grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_pooled,
                                                        grad_x, bn.batch_mean())
-        return [out, *stats, grad_rows, *grads, pooled, grad_x, *transition_grads, *backend.channel_stats(rows)]
+        return [out, *stats, grad_rows, *grads, z, grad_bn, *bn_grads, pooled, grad_x, *transition_grads,
+                *backend.channel_stats(rows)]
 
     return run(TRITON), run(TORCH)
 
@@ -717,17 +726,18 @@ def test_vector_alignment(monkeypatch, device):
     """``ALIGN`` is the largest power of two up to a 16-byte vector that divides
     every channel count and row stride (growth rate 12: 124 channels still
     move 16 bytes of fp32 per instruction), and the kernels, told so, give the
-    torch backend's results (C = 40, K = 20: ALIGN 4 in fp32)."""
+    torch backend's results (C = 40, K = 20: ALIGN 4 in fp32; 2 for the
+    BN-ReLU backward's second pass, whose ``grad_x`` has row stride 42)."""
     assert common.vector_alignment(4, 124, 124 * 28, 0) == 4
     assert common.vector_alignment(2, 124, 128) == 4
     assert common.vector_alignment(2, 256, 512, 0) == 8
     assert common.vector_alignment(4, 40, 17) == 1
     aligns = []
     spy = lambda *counts: aligns.append(common.vector_alignment(*counts)) or aligns[-1]  # noqa: E731
-    for module in (bn_relu_conv, channel_stats):
+    for module in (bn_relu, bn_relu_conv, channel_stats):
         monkeypatch.setattr(module, "vector_alignment", spy)
     ours, expected = layer_and_transition(device)
-    assert set(aligns) == {4}
+    assert sorted(aligns).count(2) == 1 and set(aligns) == {2, 4}
     for i, (actual, reference) in enumerate(zip(ours, expected)):
         assert_close(actual, reference, 1e-4, f"output {i}")
 
