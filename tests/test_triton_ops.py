@@ -324,9 +324,14 @@ def assert_matches_torch(actual: list[Tensor], run_torch, dtype: torch.dtype, wh
         assert_close(result, exact, vs_float64, f"{what} output {i} vs float64")
 
 
+def every_candidate(launcher: common.Launcher) -> list[triton.Config]:
+    """The candidates and, where they differ, the exact-fp32 ones."""
+    return list({config_id(config): config for config in launcher.candidates + launcher.exact_fp32}.values())
+
+
 @pytest.mark.parametrize("pool, config", [pytest.param(pool, config, id=f"pool{pool}-{config_id(config)}")
-                                          for pool, configs in bn_relu_conv.FORWARD_CONFIGS.items()
-                                          for config in configs])
+                                          for pool, launcher in bn_relu_conv._forward.items()
+                                          for config in every_candidate(launcher)])
 def test_forward_with_every_configuration(monkeypatch, device, pool, config):
     """Cells just past two row tiles (pool 1) or one (pool 2), input channels
     just past one channel block, K = 136: two output-channel blocks."""
@@ -358,30 +363,43 @@ def test_forward_with_every_configuration(monkeypatch, device, pool, config):
         assert_close(result[2], var64, 1e-4, "output var")
 
 
-# (pool, K): with the GEMM, K = 120 (one K block: dOut and W tiles loaded once per tile and program) and
-# K = 136 (two blocks of dW, two steps of the dZ loop); without it (BN-ReLU), K is C
-BACKWARD_CASES = [(pool, k, index) for pool, k in ((1, 120), (1, 136), (1, None), (2, 120), (2, 136))
-                  for index in range(max(len(bn_relu_conv.REDUCE_CONFIGS[pool]), len(bn_relu_conv.DX_CONFIGS[pool])))]
+def backward_configs(pool: int, exact: bool, index: int) -> list[triton.Config]:
+    """The ``index``-th (reduce, dx) candidates (cycling through the shorter
+    list): exact fp32's or the others'."""
+    lists = [launcher[pool].exact_fp32 if exact else launcher[pool].candidates
+             for launcher in (bn_relu_conv._reduce, bn_relu_conv._dx)]
+    return [configs[index % len(configs)] for configs in lists]
 
 
-@pytest.mark.parametrize("pool, k, index", [
-    pytest.param(pool, k, index, id=f"pool{pool}-{f'k{k}' if k else 'bn_relu'}-"
-                 f"{config_id(bn_relu_conv.REDUCE_CONFIGS[pool][index % len(bn_relu_conv.REDUCE_CONFIGS[pool])])}-"
-                 f"{config_id(bn_relu_conv.DX_CONFIGS[pool][index % len(bn_relu_conv.DX_CONFIGS[pool])])}")
-    for pool, k, index in BACKWARD_CASES])
-def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
-    """Both passes, each with its ``index``-th configuration (cycling through
-    the shorter list), batch statistics, at shapes just past the tiles."""
-    configs = [launchers[pool][index % len(launchers[pool])]
-               for launchers in (bn_relu_conv.REDUCE_CONFIGS, bn_relu_conv.DX_CONFIGS)]
+# (pool, K, exact): with the GEMM, K = 120 (one K block: dOut and W tiles loaded once per tile and program,
+# except for exact fp32, which takes the K loop as on a GPU) and K = 136 (two blocks of dW, two steps of the
+# dZ loop); without it (BN-ReLU), K is C
+BACKWARD_CASES = [(pool, k, exact, index)
+                  for pool, k, exact in ((1, 120, False), (1, 136, False), (1, None, False), (2, 120, False),
+                                         (2, 136, False), (1, 120, True), (1, 136, True), (2, 120, True),
+                                         (2, 136, True))
+                  for index in range(max(len(launcher[pool].exact_fp32 if exact else launcher[pool].candidates)
+                                         for launcher in (bn_relu_conv._reduce, bn_relu_conv._dx)))]
+
+
+@pytest.mark.parametrize("pool, k, exact, index", [
+    pytest.param(pool, k, exact, index, id=f"pool{pool}-{f'k{k}' if k else 'bn_relu'}-{'exact-' if exact else ''}"
+                 + "-".join(config_id(config) for config in backward_configs(pool, exact, index)))
+    for pool, k, exact, index in BACKWARD_CASES])
+def test_backward_with_every_configuration(monkeypatch, device, pool, k, exact, index):
+    """Both passes, each with its ``index``-th configuration, batch statistics,
+    at shapes just past the tiles."""
+    configs = backward_configs(pool, exact, index)
     force(monkeypatch, bn_relu_conv._reduce[pool], configs[0])
     force(monkeypatch, bn_relu_conv._dx[pool], configs[1])
+    if exact:  # the K loop, as for exact fp32 on a GPU (bn_relu_conv.one_k_block)
+        monkeypatch.setattr(bn_relu_conv, "one_k_block", lambda has_gemm, k, dtype, device: not has_gemm)
     block_m = max(config.kwargs["BLOCK_M"] for config in configs)
     c = max(config.kwargs["BLOCK_C"] for config in configs) + 7
     has_gemm = k is not None
     k = k or c
     one_k = bn_relu_conv.one_k_block(has_gemm, k, torch.float32, torch.device(device))
-    dtype = fitting_dtype(device, dict(HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
+    dtype = fitting_dtype(device, dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k, BLOCK_K=128),
                           (bn_relu_conv.REDUCE_SHARED_MEMORY, configs[0]), (bn_relu_conv.DX_SHARED_MEMORY, configs[1]))
     g = torch.Generator().manual_seed(8)
     shape = (2 * block_m + 5,) if pool == 1 else image_batch(block_m + 3)
@@ -407,19 +425,6 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, index):
     assert_matches_torch(run(TRITON, dtype), lambda d: run(TORCH, d), dtype, "backward")
 
 
-@pytest.mark.parametrize("pool", [1, 2])
-def test_backward_k_loop_when_k_fits_one_block(monkeypatch, device, pool):
-    """Exact fp32 on a GPU (``one_k_block`` off) takes the K loop even where K
-    fits one block, with the unpipelined reduce configuration on small-shared-memory
-    parts: that path, forced, at K = 120."""
-    calls = []
-    monkeypatch.setattr(bn_relu_conv, "one_k_block", lambda has_gemm, k, dtype, device: calls.append(k) or not has_gemm)
-    unpipelined = len(bn_relu_conv.REDUCE_CONFIGS[pool]) - 1
-    assert bn_relu_conv.REDUCE_CONFIGS[pool][unpipelined].num_stages == 1
-    test_backward_with_every_configuration(monkeypatch, device, pool, 120, unpipelined)
-    assert 120 in calls
-
-
 # -- NaN and Inf ------------------------------------------------------------------------
 
 # -- choosing configurations ------------------------------------------------------------
@@ -443,16 +448,18 @@ def test_candidates_are_pruned_by_shared_memory(monkeypatch, limits, dtype):
     for name, (launchers, shared_memory) in GEMM_LAUNCHERS.items():
         for pool, launcher in launchers.items():
             for has_gemm, one_k_block in ((True, True), (True, False), (False, True)):
-                meta = dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128)
-                fitting = launcher.fitting(data, meta)
-                assert fitting, (name, pool)
-                for config in fitting:
-                    need = shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
-                    assert need <= limits.shared_memory, (name, pool, config)
-    # the fp32 forward's first candidate needs more than any of these GPUs offers (it compiles to 225 KiB on sm_90)
+                for precision in ("ieee", "tf32") if dtype == torch.float32 else ("ieee",):  # exact fp32 or not
+                    meta = dict(POOL=pool, HAS_GEMM=has_gemm, ONE_K_BLOCK=one_k_block, BLOCK_K=128,
+                                DOT_PRECISION=precision)
+                    fitting = launcher.fitting(data, meta)
+                    assert fitting, (name, pool, precision)
+                    for config in fitting:
+                        need = shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
+                        assert need <= limits.shared_memory, (name, pool, precision, config)
+    # the TF32 forward's first candidate needs more than any of these GPUs offers (it compiles to 225 KiB on sm_90)
     first = bn_relu_conv.FORWARD_CONFIGS[1][0]
-    assert (first in bn_relu_conv._forward[1].fitting(data, dict(POOL=1, BLOCK_K=128))) == (dtype != torch.float32
-                                                                                             and limits != RTX_4090)
+    meta = dict(POOL=1, BLOCK_K=128, DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    assert (first in bn_relu_conv._forward[1].fitting(data, meta)) == (dtype != torch.float32 and limits == H200)
 
 
 def test_configuration_follows_the_shapes(monkeypatch):
@@ -461,17 +468,22 @@ def test_configuration_follows_the_shapes(monkeypatch):
     autotuning (opt-in) considers every fitting candidate, never in deterministic mode."""
     monkeypatch.setattr(common, "INTERPRETER_LIMITS", H200)
     launcher = bn_relu_conv._forward[1]
-    meta = dict(POOL=1, BLOCK_K=128)
+    meta = dict(POOL=1, BLOCK_K=128, DOT_PRECISION="ieee")
     bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
 
-    def block_m(data: Tensor, rows: int) -> list[int]:
+    def usable(data: Tensor, rows: int, precision: str = "ieee") -> list[triton.Config]:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1)  # noqa: E731
-        return [config.kwargs["BLOCK_M"] for config in launcher.usable(grid, data, meta)]
+        return launcher.usable(grid, data, {**meta, "DOT_PRECISION": precision})
+
+    def block_m(data: Tensor, rows: int, precision: str = "ieee") -> list[int]:
+        return [config.kwargs["BLOCK_M"] for config in usable(data, rows, precision)]
 
     assert block_m(bf16, 256 * 14 * 14) == [128]  # DenseNet-121 block 3, batch 256: 392 programs
     assert block_m(bf16, 256 * 7 * 7) == [64]  # block 4: 98 programs of 128 rows would leave SMs idle
     assert block_m(bf16, 100) == [64]  # too few rows for any: the most programs
-    assert block_m(fp32, 256 * 14 * 14) == [64]  # the 128-row candidate does not fit in fp32
+    assert block_m(fp32, 256 * 14 * 14, "tf32") == [64]  # the 128-row candidate does not fit in fp32
+    assert usable(fp32, 256 * 14 * 14) == bn_relu_conv.EXACT_FP32_FORWARD_CONFIGS[:1]  # exact fp32: its own list
+    assert usable(fp32, 100) == bn_relu_conv.EXACT_FP32_FORWARD_CONFIGS[-1:]
     monkeypatch.setenv(common.AUTOTUNE_ENV_VAR, "1")
     assert block_m(bf16, 256 * 14 * 14) == [128]  # deterministic mode (this file's fixture): no autotuning
     torch.use_deterministic_algorithms(False)
@@ -674,15 +686,17 @@ def needs_gpu(test):
 
 
 def layer_and_transition(device: str) -> list[Tensor]:
-    """A dense layer's forward (with statistics) and backward (accumulating)
-    and a transition's forward and backward, on the triton and the torch
-    backend: ``(ours, torch's)``."""
+    """A dense layer's forward (with statistics) and backward (accumulating),
+    BN-ReLU and its backward (into a view of row stride 42), and a
+    transition's forward and backward, on the triton and the torch backend:
+    ``(ours, torch's)``."""
     g = torch.Generator().manual_seed(10)
     x = channel_range((2, 6, 5), 40, torch.float32, g, device, left=0, right=0)
     bn = make_bn(x, True, g)
     weight = torch.randn(20, 40, generator=g).to(device)
     grad_out = torch.randn(60, 20, generator=g).to(device)
     grad_pooled = torch.randn(2, 3, 2, 20, generator=g).to(device)
+    grad_relu = torch.randn(60, 40, generator=g).to(device)
     rows = x.reshape(-1, 40)
 
     def run(backend) -> list[Tensor]:
@@ -691,14 +705,41 @@ def layer_and_transition(device: str) -> list[Tensor]:
         grad_rows = torch.ones_like(rows)
         grads = backend.bn_relu_conv1x1_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
                                                  grad_rows, bn.batch_mean())
+        z = torch.empty_like(rows)
+        backend.bn_relu(rows, bn.scale, bn.shift, z)
+        grad_z = grad_relu.clone()  # (consumed)
+        grad_bn = torch.zeros(60, 42, device=device)[:, 2:]
+        bn_grads = backend.bn_relu_backward(rows, bn.scale, bn.shift, bn.mean, bn.rstd, grad_z, grad_bn,
+                                            bn.batch_mean())
         pooled = torch.empty(2, 3, 2, 20, device=device)
         backend.transition(x, bn.scale, bn.shift, weight, pooled)
         grad_x = torch.empty_like(x)
         transition_grads = backend.transition_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_pooled,
                                                        grad_x, bn.batch_mean())
-        return [out, *stats, grad_rows, *grads, pooled, grad_x, *transition_grads, *backend.channel_stats(rows)]
+        return [out, *stats, grad_rows, *grads, z, grad_bn, *bn_grads, pooled, grad_x, *transition_grads,
+                *backend.channel_stats(rows)]
 
     return run(TRITON), run(TORCH)
+
+
+def test_vector_alignment(monkeypatch, device):
+    """``ALIGN`` is the largest power of two up to a 16-byte vector that divides
+    every channel count and row stride (growth rate 12: 124 channels still
+    move 16 bytes of fp32 per instruction), and the kernels, told so, give the
+    torch backend's results (C = 40, K = 20: ALIGN 4 in fp32; 2 for the
+    BN-ReLU backward's second pass, whose ``grad_x`` has row stride 42)."""
+    assert common.vector_alignment(4, 124, 124 * 28, 0) == 4
+    assert common.vector_alignment(2, 124, 128) == 4
+    assert common.vector_alignment(2, 256, 512, 0) == 8
+    assert common.vector_alignment(4, 40, 17) == 1
+    aligns = []
+    spy = lambda *counts: aligns.append(common.vector_alignment(*counts)) or aligns[-1]  # noqa: E731
+    for module in (bn_relu, bn_relu_conv, channel_stats):
+        monkeypatch.setattr(module, "vector_alignment", spy)
+    ours, expected = layer_and_transition(device)
+    assert sorted(aligns).count(2) == 1 and set(aligns) == {2, 4}
+    for i, (actual, reference) in enumerate(zip(ours, expected)):
+        assert_close(actual, reference, 1e-4, f"output {i}")
 
 
 @needs_gpu

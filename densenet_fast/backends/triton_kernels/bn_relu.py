@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import bn_relu_conv
-from .common import Launcher, block_size, check_data, check_pixels, custom_op, relu, rows
+from .common import Launcher, aligned, block_size, check_data, check_pixels, custom_op, relu, rows, vector_alignment
 
 
 @triton.jit
@@ -19,7 +19,9 @@ def _bn_relu_kernel(x_ptr,  # (M, C), row stride sx
                     scale_ptr, shift_ptr,  # (C,) fp32
                     out_ptr,  # (M, C), row stride so
                     M, C, sx, so,  # scalars: sizes, row strides in elements
+                    ALIGN: tl.constexpr,  # divides C, sx and so (common.vector_alignment)
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    C, sx, so = aligned(C, ALIGN), aligned(sx, ALIGN), aligned(so, ALIGN)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -42,7 +44,8 @@ def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     check_pixels(m)
     block_c = block_size(c, 64)
     _bn_relu[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, block_c))](
-        x, scale, shift, out, m, c, x.stride(0), out.stride(0), BLOCK_C=block_c)
+        x, scale, shift, out, m, c, x.stride(0), out.stride(0),
+        ALIGN=vector_alignment(x.element_size(), c, x.stride(0), out.stride(0)), BLOCK_C=block_c)
 
 
 @bn_relu.register_fake

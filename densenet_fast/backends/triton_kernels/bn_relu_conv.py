@@ -38,45 +38,50 @@ import triton.language as tl
 from torch import Tensor
 
 from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
-from .common import (Launcher, Pixels, SharedMemory, arrival_counters, arrive_last, block_size, cell_pixel,
+from .common import (Launcher, Pixels, SharedMemory, aligned, arrival_counters, arrive_last, block_size, cell_pixel,
                      check_data, check_pixels, custom_op, dot_precision, image, nan_stats, num_splits, pixel_offsets,
-                     relu, relu_grad, rows)
+                     relu, relu_grad, rows, vector_alignment)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps, num_stages=stages)
 
 
-def _shared_memory(pipelined_elements: Callable[[dict], int], once: Callable[[dict], int] = lambda meta: 0
-                   ) -> SharedMemory:
-    """An upper bound of a kernel's shared memory: ``num_stages`` buffers of the
-    tiles its loops load (``pipelined_elements(meta)`` elements of the data
-    dtype), the tiles it loads once (``once(meta)`` elements) and one fp32
-    ``(BLOCK_M, max(BLOCK_C, BLOCK_K))`` tile for layout conversions.
+def _shared_memory(per_stage: Callable[[dict, int], int], once: Callable[[dict, int], int]) -> SharedMemory:
+    """An upper bound of a kernel's shared memory: every buffer its TTGIR shows
+    (Triton 3.6 and 3.8), counted as if none reused another's memory.
+    ``num_stages`` copies of what its loops load (``per_stage(meta, size)``
+    bytes, for data of ``size`` bytes per element; Triton keeps ``num_stages -
+    1`` or ``num_stages`` of each) and what it stages once (``once``: the
+    operands a dot takes from registers, tiles kept for all row tiles, the
+    largest fp32 tile converted between layouts).
     benchmarks/triton_compile_check.py checks it against the compiled kernels."""
-    def estimate(meta: dict, num_stages: int, element_size: int) -> int:
-        return ((num_stages * pipelined_elements(meta) + once(meta)) * element_size
-                + 4 * meta["BLOCK_M"] * max(meta["BLOCK_C"], meta["BLOCK_K"]))
-    return estimate
+    return lambda meta, num_stages, size: num_stages * per_stage(meta, size) + once(meta, size)
 
 
-# forward: per input-channel block, POOL^2 x tiles (BLOCK_M, BLOCK_C) and a weight tile (BLOCK_C, BLOCK_K)
+# forward, per input-channel block: POOL^2 x tiles (BM, BC), a weight tile (BC, BK), scale and shift (BC,) fp32;
+# once: z (BM, BC), the dot's operand from registers, and the fp32 accumulator (BM, BK) converted for the store
 FORWARD_SHARED_MEMORY = _shared_memory(
-    lambda meta: meta["POOL"] ** 2 * meta["BLOCK_M"] * meta["BLOCK_C"] + meta["BLOCK_C"] * meta["BLOCK_K"])
-# reduce: per row tile the program's dOut columns (BLOCK_M, BLOCK_K); with ONE_K_BLOCK the weight tile
-# (BLOCK_K, BLOCK_C), loaded once, else per step of the dZ loop a dOut and a weight tile; and the z operand
-# (BLOCK_M, BLOCK_C) of the dW dot (the transition's 32x64 fp32 candidate compiles to 8 KiB more than the
-# estimate without it)
+    lambda m, size: (m["POOL"] ** 2 * m["BLOCK_M"] + m["BLOCK_K"]) * m["BLOCK_C"] * size + 8 * m["BLOCK_C"],
+    lambda m, size: m["BLOCK_M"] * m["BLOCK_C"] * size + 4 * m["BLOCK_M"] * max(m["BLOCK_K"], m["BLOCK_C"]))
+# reduce, per row tile: POOL^2 x tiles (BM, BC) and the dOut columns (BM, BK) (without HAS_GEMM the dZ tile
+# (BM, BC)), and per step of the dZ loop (not ONE_K_BLOCK) a dOut tile and a weight tile (BK, BC); once: z (BM, BC)
+# and dOut^T (BK, BM), the dW dot's operands from registers, the weight tile that ONE_K_BLOCK keeps, and the fp32
+# dW (BK, BC) or dZ (BM, BC) converted
 REDUCE_SHARED_MEMORY = _shared_memory(
-    lambda meta: 0 if not meta["HAS_GEMM"] else
-    meta["BLOCK_M"] * meta["BLOCK_K"]
-    + (0 if meta["ONE_K_BLOCK"] else (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"]),
-    once=lambda meta: 0 if not meta["HAS_GEMM"] else
-    meta["BLOCK_M"] * meta["BLOCK_C"] + (meta["BLOCK_K"] * meta["BLOCK_C"] if meta["ONE_K_BLOCK"] else 0))
-# dx: per step of the dZ loop (one step, unpipelined, with ONE_K_BLOCK) a dOut tile (BLOCK_M, BLOCK_K) and a
-# weight tile (BLOCK_K, BLOCK_C)
+    lambda m, size: (m["POOL"] ** 2 * m["BLOCK_M"] * m["BLOCK_C"] + (
+        m["BLOCK_M"] * m["BLOCK_K"] + (0 if m["ONE_K_BLOCK"] else (m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"])
+        if m["HAS_GEMM"] else m["BLOCK_M"] * m["BLOCK_C"])) * size,
+    lambda m, size: (m["BLOCK_M"] * (m["BLOCK_C"] + m["BLOCK_K"])
+                     + (m["BLOCK_K"] * m["BLOCK_C"] if m["ONE_K_BLOCK"] else 0) if m["HAS_GEMM"] else 0) * size
+    + 4 * max(m["BLOCK_M"], m["BLOCK_K"]) * m["BLOCK_C"])
+# dx: a dOut tile (BM, BK) and a weight tile (BK, BC), per step of the dZ loop or, with ONE_K_BLOCK, once; and the
+# fp32 dZ (BM, BC) converted
 DX_SHARED_MEMORY = _shared_memory(
-    lambda meta: (meta["BLOCK_M"] + meta["BLOCK_C"]) * meta["BLOCK_K"] if meta["HAS_GEMM"] else 0)
+    lambda m, size: (m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"] * size if m["HAS_GEMM"] and not m["ONE_K_BLOCK"]
+    else 0,
+    lambda m, size: ((m["BLOCK_M"] + m["BLOCK_C"]) * m["BLOCK_K"] * size if m["HAS_GEMM"] and m["ONE_K_BLOCK"] else 0)
+    + 4 * m["BLOCK_M"] * max(m["BLOCK_C"], m["BLOCK_K"]))
 
 # Candidates per POOL (1: dense layer, 2: transition, four pixels per cell), in
 # order of preference; each list has one that fits 99 KiB of shared memory in
@@ -87,14 +92,25 @@ FORWARD_CONFIGS = {
     2: [_config(32, 64, 4, 2), _config(64, 32, 8, 3), _config(32, 32, 4, 3), _config(64, 64, 8, 2),
         _config(32, 32, 4, 2)],
 }
-REDUCE_CONFIGS = {  # the unpipelined last ones: exact fp32 with several K blocks on an sm_86/sm_89
+REDUCE_CONFIGS = {  # the unpipelined last ones: TF32 with several K blocks on an sm_86/sm_89
     1: [_config(64, 64, 8, 2), _config(64, 64, 8, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 2),
         _config(32, 32, 4, 1)],
-    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1)],
+    2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(32, 32, 4, 1),
+        _config(16, 32, 4, 1)],
 }
 DX_CONFIGS = {
     1: [_config(64, 64, 8, 3), _config(32, 64, 4, 3), _config(64, 32, 4, 3), _config(32, 32, 4, 2)],
     2: [_config(32, 32, 4, 2), _config(32, 64, 8, 2), _config(64, 32, 8, 2), _config(16, 64, 4, 2)],
+}
+# Exact fp32 (TF32 off; common.Launcher.candidates_for): FMA dots hold their operands in registers, where the
+# dense forward's and the reduce pass's candidates above spill (sm_90, Triton 3.6 and 3.8); the first of
+# each list here does not, the others at most 64 B (docs/performance.md). The transition forward's and the
+# dx pass's candidates do not spill and serve exact fp32 too.
+EXACT_FP32_FORWARD_CONFIGS = [_config(64, 64, 8, 3), _config(64, 64, 8, 2), _config(64, 32, 8, 2),
+                              _config(32, 64, 8, 2)]  # dense layers
+EXACT_FP32_REDUCE_CONFIGS = {
+    1: [_config(16, 64, 8, 2), _config(32, 32, 8, 1), _config(16, 32, 8, 2), _config(16, 32, 4, 1)],
+    2: [_config(32, 32, 8, 1), _config(16, 32, 8, 2), _config(16, 64, 8, 2), _config(16, 32, 4, 1)],
 }
 MAX_BLOCK_K = 128
 SPLITS_BLOCK = 16  # rows of split partials summed per step
@@ -103,7 +119,7 @@ DW_SLAB = 256  # dW elements each program of pass 2 sums over the splits
 # dozens of channel counts of a network share a few tunings, and every constexpr
 # that selects a kernel variant (BLOCK_K follows K; the other constexprs are
 # module constants or the configurations' own)
-COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION"]
+COMMON_KEY = ["cells_key", "c_key", "K", "POOL", "SPATIAL", "DOT_PRECISION", "ALIGN"]
 FORWARD_KEY = COMMON_KEY + ["WITH_STATS"]
 # (ONE_K_BLOCK changes what the backward kernels hold in shared memory, and it follows the TF32 switch)
 BACKWARD_KEY = COMMON_KEY + ["HAS_GEMM", "ONE_K_BLOCK"]
@@ -115,9 +131,9 @@ def _load_pixels(ptr,  # (N, H, W, C), strides sn, sh, sw, 1
                  n, h, w,  # (BM,) int32 each: the pixels
                  mask,  # (BM, BC) bool
                  channels,  # (BC,) int32
-                 SPATIAL: tl.constexpr):
+                 SPATIAL: tl.constexpr, ALIGN: tl.constexpr):
     """Channels ``channels`` of pixels ``(n, h, w)`` as fp32 ``(BM, BC)``, 0 outside ``mask``."""
-    offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL)
+    offsets = pixel_offsets(n, h, w, sn, sh, sw, SPATIAL, ALIGN)
     return tl.load(ptr + offsets[:, None] + channels[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
@@ -180,8 +196,10 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                     num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w,
                     sxn, sxh, sxw, swk, swc, son, soh, sow,
                     SPATIAL: tl.constexpr, POOL: tl.constexpr, WITH_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    ALIGN: tl.constexpr,  # divides C, K and the row strides (common.vector_alignment)
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                     STATS_GROUP: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     # one dimension, output-channel blocks fastest: the programs that share a cell tile (and its x) run together
     k_blocks = tl.cdiv(K, BLOCK_K)
     pid_m = tl.program_id(0) // k_blocks
@@ -199,7 +217,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
-            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
             z += tl.where(mask, relu(x * scale + shift), 0.0)
         if POOL > 1:
             z = z * (1.0 / (POOL * POOL))
@@ -208,7 +226,7 @@ def _forward_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         acc = tl.dot(z.to(w_ptr.dtype.element_ty), wt, acc, input_precision=DOT_PRECISION)
     n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, cells_h, cells_w, SPATIAL, 1, 0, 0)
     out = acc.to(out_ptr.dtype.element_ty)
-    out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL)
+    out_offsets = pixel_offsets(n, h, w, son, soh, sow, SPATIAL, ALIGN)
     tl.store(out_ptr + out_offsets[:, None] + ks[None, :], out, mask=valid[:, None] & k_mask[None, :])
     if WITH_STATS:  # statistics of the stored (rounded) values
         counters = counter_ptr + pid_k * (tl.cdiv(tl.cdiv(num_cells, BLOCK_M), STATS_GROUP) + 1)
@@ -229,8 +247,9 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                    num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                    sxn, sxh, sxw, swk, swc, sdn, sdh, sdw,
                    SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -240,7 +259,10 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     # dbeta and dgamma (which need all of dZ) come from the first K block's programs; each program owns
     # rows own_ks of dW, for which it needs only dOut[:, own_ks] and z
-    stats_program = tl.program_id(2) == 0
+    if ONE_K_BLOCK:
+        stats_program = True  # the only K block (a constant: no branches below)
+    else:
+        stats_program = tl.program_id(2) == 0
     own_ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     own_k_mask = own_ks < K
     w_all = _load_weight(w_ptr, swk, swc, own_ks, own_k_mask, channels, channel_mask) if HAS_GEMM and ONE_K_BLOCK \
@@ -251,27 +273,23 @@ def _reduce_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     for tile in range(split, tl.cdiv(num_cells, BLOCK_M), num_splits):
         cells = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+        out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL, ALIGN)
         d_own = tl.load(dout_ptr + out_offsets[:, None] + own_ks[None, :],
                         mask=out_valid[:, None] & own_k_mask[None, :], other=0.0) if HAS_GEMM else 0.0
-        if ONE_K_BLOCK:
+        grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # (never read by the other K blocks' programs)
+        if stats_program:
             grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels, channel_mask,
                              K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K)
-        else:
-            grad_z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # the other K blocks' programs sum zeros, unused
-            if stats_program:
-                grad_z = _grad_z(dout_ptr, out_offsets, out_valid, d_own, w_all, w_ptr, swk, swc, channels,
-                                 channel_mask, K, POOL, HAS_GEMM, ONE_K_BLOCK, DOT_PRECISION, BLOCK_M, BLOCK_C,
-                                 BLOCK_K)
         z = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for q in tl.static_range(POOL * POOL):
             n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
             mask = valid[:, None] & channel_mask[None, :]
-            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+            x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
             a = x * scale + shift
-            grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
-            dbeta += tl.sum(grad_a, 0)
-            dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
+            if stats_program:
+                grad_a = tl.where(mask, relu_grad(a, grad_z), 0.0)
+                dbeta += tl.sum(grad_a, 0)
+                dgamma += tl.sum(grad_a * ((x - mean) * rstd), 0)
             z += tl.where(mask, relu(a), 0.0)
         if HAS_GEMM:
             z = tl.where(out_valid[:, None], z, 0.0)  # cells the pooling drops have no output
@@ -312,9 +330,10 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
                num_cells, C, K, cells_key, c_key, H, W, cells_h, cells_w, out_h, out_w, num_splits,
                sxn, sxh, sxw, swk, swc, sdn, sdh, sdw, sgn, sgh, sgw,
                SPATIAL: tl.constexpr, POOL: tl.constexpr, HAS_GEMM: tl.constexpr, ONE_K_BLOCK: tl.constexpr,
-               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
                SLAB: tl.constexpr):
+    C, K, swk = aligned(C, ALIGN), aligned(K, ALIGN), aligned(swk, ALIGN)
     if HAS_GEMM:  # first (while pass 1's partials are likely in L2): dW, the splits' partials summed in split
         # order, SLAB elements per program
         dw_numel = K * C
@@ -340,7 +359,7 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
         mean_grad_a = tl.load(grad_means_ptr + channels, mask=channel_mask, other=0.0)[None, :]
         mean_grad_a_xhat = tl.load(grad_means_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
     on, oh, ow, out_valid = cell_pixel(cells, num_cells, cells_h, cells_w, out_h, out_w, SPATIAL, 1, 0, 0)
-    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL)
+    out_offsets = pixel_offsets(on, oh, ow, sdn, sdh, sdw, SPATIAL, ALIGN)
     ks = tl.arange(0, BLOCK_K)
     d = tl.load(dout_ptr + out_offsets[:, None] + ks[None, :], mask=out_valid[:, None] & (ks < K)[None, :],
                 other=0.0) if HAS_GEMM and ONE_K_BLOCK else 0.0
@@ -350,12 +369,12 @@ def _dx_kernel(x_ptr,  # (N, H, W, C), strides sxn, sxh, sxw, 1
     for q in tl.static_range(POOL * POOL):
         n, h, w, valid = cell_pixel(cells, num_cells, cells_h, cells_w, H, W, SPATIAL, POOL, q // POOL, q % POOL)
         mask = valid[:, None] & channel_mask[None, :]
-        x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL)
+        x = _load_pixels(x_ptr, sxn, sxh, sxw, n, h, w, mask, channels, SPATIAL, ALIGN)
         grad_a = relu_grad(x * scale + shift, grad_z)
         if BATCH_STATS:
             grad_a = grad_a - mean_grad_a - (x - mean) * rstd * mean_grad_a_xhat
         dx = grad_a * scale
-        gx_ptrs = gx_ptr + pixel_offsets(n, h, w, sgn, sgh, sgw, SPATIAL)[:, None] + channels[None, :]
+        gx_ptrs = gx_ptr + pixel_offsets(n, h, w, sgn, sgh, sgw, SPATIAL, ALIGN)[:, None] + channels[None, :]
         if ACCUMULATE:
             dx += tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, dx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -375,9 +394,11 @@ def tuning_key(cells: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
 
 
-_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY)
+_forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY,
+                          exact_fp32=EXACT_FP32_FORWARD_CONFIGS if pool == 1 else None)
             for pool in (1, 2)}
-_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY)
+_reduce = {pool: Launcher(_reduce_kernel, REDUCE_CONFIGS[pool], REDUCE_SHARED_MEMORY, BACKWARD_KEY,
+                          exact_fp32=EXACT_FP32_REDUCE_CONFIGS[pool])
            for pool in (1, 2)}
 _dx = {pool: Launcher(_dx_kernel, DX_CONFIGS[pool], DX_SHARED_MEMORY, BACKWARD_KEY + ["BATCH_STATS", "ACCUMULATE"],
                       restore_value=["gx_ptr"])
@@ -397,8 +418,9 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     if num_cells == 0:  # no output; an empty grid would leave the statistics unwritten
         return nan_stats(k, x.tensor.device) if with_stats else None
     block_k = block_size(k, MAX_BLOCK_K)
+    align = vector_alignment(x.tensor.element_size(), c, k, *x.strides, weight.stride(0), *out.strides)
     meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
-                BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+                ALIGN=align, BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(k, block_k),)  # noqa: E731
     stats = None
     if with_stats:  # partials for every row tile of the configuration that runs (the smallest, when autotuning)
@@ -406,7 +428,7 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
         stats = StatsScratch(num_cells, block_m, k, triton.cdiv(k, block_k), x.tensor.device)
     _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *(stats.args() if stats else (out.tensor,) * 5),
                          num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
-                         x.sn, x.sh, x.sw, weight.stride(0), weight.stride(1), out.sn, out.sh, out.sw, **meta)
+                         *x.strides, *weight.stride(), *out.strides, **meta)
     return (stats.mean, stats.var) if stats else None
 
 
@@ -445,21 +467,22 @@ class _BackwardLaunch(NamedTuple):
     meta: dict  # the constexprs both kernels take
 
 
-def _backward_launch(x: Pixels, weight: Optional[Tensor], grad_out: Pixels, pool: int, *data: Tensor
-                     ) -> _BackwardLaunch:
-    """What both backward passes launch with; checks ``x``, ``grad_out``, ``data`` and ``weight``."""
+def _backward_launch(x: Pixels, weight: Optional[Tensor], grad_out: Pixels, pool: int,
+                     grad_x: Optional[Pixels] = None) -> _BackwardLaunch:
+    """What a backward pass launches with (pass 2 also writes ``grad_x``); checks the tensors."""
     has_gemm = weight is not None
-    check_data(x.tensor, grad_out.tensor, *data, *([weight] if has_gemm else []))
+    check_data(x.tensor, grad_out.tensor, *([grad_x.tensor] if grad_x else []), *([weight] if has_gemm else []))
     grid = backward_grid(x, weight, pool)
     dtype = x.tensor.dtype
     gemm_weight, swk, swc = (weight, *weight.stride()) if has_gemm else (grad_out.tensor, 0, 0)
+    align = vector_alignment(x.tensor.element_size(), grid.c, grid.k, *x.strides, swk, *grad_out.strides,
+                             *(grad_x.strides if grad_x else ()))
     meta = dict(SPATIAL=x.spatial, POOL=pool, HAS_GEMM=has_gemm,
                 ONE_K_BLOCK=one_k_block(has_gemm, grid.k, dtype, x.tensor.device),
-                DOT_PRECISION=dot_precision(dtype), BLOCK_K=block_size(grid.k, MAX_BLOCK_K) if has_gemm else 16,
-                BLOCK_S=SPLITS_BLOCK)
+                DOT_PRECISION=dot_precision(dtype), ALIGN=align,
+                BLOCK_K=block_size(grid.k, MAX_BLOCK_K) if has_gemm else 16, BLOCK_S=SPLITS_BLOCK)
     sizes = (grid.num_cells, grid.c, grid.k, *tuning_key(grid.num_cells, grid.c), x.h, x.w, grid.cells_h,
-             grid.cells_w, x.h // pool, x.w // pool, grid.splits, x.sn, x.sh, x.sw, swk, swc,
-             grad_out.sn, grad_out.sh, grad_out.sw)
+             grid.cells_w, x.h // pool, x.w // pool, grid.splits, *x.strides, swk, swc, *grad_out.strides)
     return _BackwardLaunch(grid, gemm_weight, sizes, meta)
 
 
@@ -492,7 +515,7 @@ def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd:
     (``batch_means (2, C) = [mean(dA), mean(dA * xhat)]`` over the batch, from
     ``batch_mean`` of pass 1's sums; None with running statistics) and returns
     ``dW (K, C)`` fp32, pass 1's partials ``dw_part`` summed (None without ``weight``)."""
-    launch = _backward_launch(x, weight, grad_out, pool, grad_x.tensor)
+    launch = _backward_launch(x, weight, grad_out, pool, grad_x)
     grid = launch.grid
     if weight is not None and (dw_part is None or dw_part.shape != (grid.splits, grid.k, grid.c)):
         raise ValueError(f"dw_partials must be the ({grid.splits}, {grid.k}, {grid.c}) partials of pass 1, "
@@ -505,7 +528,7 @@ def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd:
         x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor,
         unused if batch_means is None else batch_means.contiguous(), grad_x.tensor,
         unused if dw_part is None else dw_part, unused if grad_weight is None else grad_weight,
-        *launch.sizes, grad_x.sn, grad_x.sh, grad_x.sw,
+        *launch.sizes, *grad_x.strides,
         BATCH_STATS=batch_means is not None, ACCUMULATE=accumulate, **launch.meta, SLAB=DW_SLAB)
     return grad_weight
 

@@ -5,14 +5,14 @@ passes over the tile held in registers (exact, no cancellation), and the
 kernel that made the tiles merges them itself, in two levels and in a fixed
 order: the last tile of each group of ``STATS_GROUP`` tiles to finish merges
 its group (an arrival counter, :func:`.common.arrive_last`), and the last
-group to finish merges the groups, so no program merges more than
-``STATS_GROUP`` tiles or groups' worth of rows at a time and no second launch
-is needed.  Merging: the exact parallel formula around the mean of a chunk of
-``MERGE_BLOCK`` partials, chunks combined by Chan's update.  No
-``E[x^2] - E[x]^2`` anywhere.  A tile's count is known from its index (rows
-``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of ``rows_total``), so only means and
-``M2`` are stored.  The fused forward (:mod:`.bn_relu_conv`) produces and
-merges the same partials for its output in its epilogue.
+group to finish merges the groups (a single group's merge is the result), so
+no program merges more than ``STATS_GROUP`` tiles or groups' worth of rows at
+a time and no second launch is needed.  Merging: the exact parallel formula
+around the mean of a chunk of ``MERGE_BLOCK`` partials, chunks combined by
+Chan's update.  No ``E[x^2] - E[x]^2`` anywhere.  A tile's count is known from
+its index (rows ``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of ``rows_total``), so
+only means and ``M2`` are stored.  The fused forward (:mod:`.bn_relu_conv`)
+produces and merges the same partials for its output in its epilogue.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (Launcher, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
-                     nan_stats)
+from .common import (Launcher, aligned, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
+                     nan_stats, vector_alignment)
 
 STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
@@ -87,14 +87,19 @@ def reduce_tile_stats(y,  # (BM, BC) fp32: the tile
     group = tile // STATS_GROUP
     first = group * STATS_GROUP
     if arrive_last(counter_ptr + group, tl.minimum(STATS_GROUP, tiles - first)):
-        _, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, first, tl.minimum(STATS_GROUP, tiles - first),
-                                      first, BLOCK_M, rows_total, C, channels, channel_mask, MERGE_BLOCK)
-        base = (tiles + group).to(tl.int64) * C + channels
-        tl.store(part_mean_ptr + base, mean, mask=channel_mask)
-        tl.store(part_m2_ptr + base, m2, mask=channel_mask)
-        if arrive_last(counter_ptr + groups, groups):
-            total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, tiles, groups, 0, STATS_GROUP * BLOCK_M,
-                                              rows_total, C, channels, channel_mask, MERGE_BLOCK)
+        total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, first, tl.minimum(STATS_GROUP, tiles - first),
+                                          first, BLOCK_M, rows_total, C, channels, channel_mask, MERGE_BLOCK)
+        last = groups == 1  # one group: its merge is the result
+        if not last:
+            base = (tiles + group).to(tl.int64) * C + channels
+            tl.store(part_mean_ptr + base, mean, mask=channel_mask)
+            tl.store(part_m2_ptr + base, m2, mask=channel_mask)
+            last = arrive_last(counter_ptr + groups, groups)
+            if last:
+                total, mean, m2 = _merge_partials(part_mean_ptr, part_m2_ptr, tiles, groups, 0,
+                                                  STATS_GROUP * BLOCK_M, rows_total, C, channels, channel_mask,
+                                                  MERGE_BLOCK)
+        if last:
             tl.store(out_mean_ptr + channels, mean, mask=channel_mask)
             tl.store(out_var_ptr + channels, m2 / total, mask=channel_mask)
 
@@ -105,8 +110,10 @@ def _tile_stats_kernel(x_ptr,  # (M, C), row stride sx
                        counter_ptr,  # (cdiv(C, BLOCK_C), cdiv(T, STATS_GROUP) + 1) int32, 0
                        mean_ptr, var_ptr,  # (C,) fp32 out
                        M, C, sx,  # scalars: sizes, row stride in elements
+                       ALIGN: tl.constexpr,  # divides C and sx (common.vector_alignment)
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STATS_GROUP: tl.constexpr,
                        MERGE_BLOCK: tl.constexpr):
+    C, sx = aligned(C, ALIGN), aligned(sx, ALIGN)
     tile = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,7 +161,8 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     block_c = block_size(c, 64)
     scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, triton.cdiv(c, block_c), x.device)
     _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
-        x, *scratch.args(), m, c, x.stride(0), BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
+        x, *scratch.args(), m, c, x.stride(0), ALIGN=vector_alignment(x.element_size(), c, x.stride(0)),
+        BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     return scratch.mean, scratch.var
 
 

@@ -88,6 +88,10 @@ class Pixels(NamedTuple):
     sw: int
     spatial: bool
 
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        return self.sn, self.sh, self.sw
+
 
 def rows(t: Tensor) -> Pixels:
     """A row view ``(M, C)``: ``M`` one-pixel images."""
@@ -114,6 +118,16 @@ def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: i
     partials_cap = read // (16 * k * channels) if k else 2 * sms
     return max(1, min(max(triton.cdiv(sms, blocks), min(triton.cdiv(2 * sms, blocks), partials_cap)),
                       triton.cdiv(cells, 64)))
+
+
+def vector_alignment(element_size: int, *counts: int) -> int:
+    """The kernels' ``ALIGN``: the largest power of two, at most a 16-byte
+    vector (``16 // element_size`` elements), that divides every channel count
+    and element stride in ``counts``."""
+    align = 16 // element_size
+    while any(count % align for count in counts):
+        align //= 2
+    return align
 
 
 def block_size(n: int, cap: int) -> int:
@@ -192,10 +206,10 @@ SharedMemory = Callable[[dict, int, int], int]  # (meta-parameters, num_stages, 
 
 class Launcher:
     """Launches a kernel on its tensors' device with a configuration chosen
-    without timing anything: the first of ``candidates`` whose shared memory
-    (``shared_memory``, an upper bound; ``None``: negligible) fits the device
-    and whose grid has a program for every multiprocessor, else the fitting one
-    with the most programs.  The choice depends only on the shapes, the dtype and
+    without timing anything: the first of its candidates (:meth:`candidates_for`)
+    whose shared memory (``shared_memory``, an upper bound; ``None``:
+    negligible) fits the device and whose grid has a program for every
+    multiprocessor, else the fitting one with the most programs.  The choice depends only on the shapes, the dtype and
     the device, so results are reproducible.  With ``DENSENET_FAST_AUTOTUNE=1``
     it autotunes over the fitting candidates instead (``triton.autotune`` with
     ``key`` and ``autotune_kwargs``).  The first argument of every kernel is
@@ -204,9 +218,10 @@ class Launcher:
     values and grid (one JSON object per line)."""
 
     def __init__(self, fn, candidates: list[triton.Config], shared_memory: Optional[SharedMemory] = None,
-                 key: Sequence[str] = (), **autotune_kwargs):
+                 key: Sequence[str] = (), exact_fp32: Optional[list[triton.Config]] = None, **autotune_kwargs):
         self.fn = fn
         self.candidates = candidates
+        self.exact_fp32 = exact_fp32 or candidates
         self.shared_memory = shared_memory
         self.tuned = triton.autotune(
             candidates, key=list(key), **autotune_kwargs,
@@ -215,15 +230,25 @@ class Launcher:
         self._fitting: dict[tuple, list[triton.Config]] = {}
         self._logged: set[tuple] = set()
 
+    def candidates_for(self, dtype: torch.dtype, meta: dict) -> list[triton.Config]:
+        """``exact_fp32`` where the kernel's dots are exact fp32 (fp32 data,
+        ``DOT_PRECISION="ieee"``, and a GEMM where ``HAS_GEMM`` is given):
+        Triton builds those from FMAs that hold their operands in registers,
+        where the tiles made for tensor cores spill (docs/triton.md); else
+        ``candidates``."""
+        exact = dtype == torch.float32 and meta.get("DOT_PRECISION") == "ieee" and meta.get("HAS_GEMM", True)
+        return self.exact_fp32 if exact else self.candidates
+
     def fitting(self, data: Tensor, meta: dict) -> list[triton.Config]:
         """The candidates whose shared memory fits ``data``'s device (or, if none, the smallest)."""
         limit = gpu_limits(data.device).shared_memory
-        key = (data.element_size(), limit, *meta.items())
+        key = (data.dtype, limit, *meta.items())
         if key not in self._fitting:
+            candidates = self.candidates_for(data.dtype, meta)
             need = [self.shared_memory({**meta, **config.kwargs}, config.num_stages, data.element_size())
-                    if self.shared_memory else 0 for config in self.candidates]
-            self._fitting[key] = ([config for config, bytes in zip(self.candidates, need) if bytes <= limit]
-                                  or [self.candidates[need.index(min(need))]])
+                    if self.shared_memory else 0 for config in candidates]
+            self._fitting[key] = ([config for config, bytes in zip(candidates, need) if bytes <= limit]
+                                  or [candidates[need.index(min(need))]])
         return self._fitting[key]
 
     def usable(self, grid: Callable[[dict], tuple[int, ...]], data: Tensor, meta: dict) -> list[triton.Config]:
@@ -307,6 +332,15 @@ def relu_grad(a, grad):  # both of one shape
 
 
 @triton.jit
+def aligned(value, ALIGN: tl.constexpr):
+    """``value``, a multiple of ALIGN (:func:`vector_alignment`), written so
+    that the compiler knows it, and so loads and stores up to ALIGN channels
+    per instruction.  (Triton marks only arguments divisible by 16 and ignores
+    ``tl.multiple_of`` on scalar arguments.)"""
+    return value // ALIGN * ALIGN
+
+
+@triton.jit
 def cell_pixel(cells,  # (BM,) int32 cell indices
                num_cells, cells_h, cells_w, lim_h, lim_w,  # scalars
                SPATIAL: tl.constexpr, STEP: tl.constexpr, DI: tl.constexpr, DJ: tl.constexpr):
@@ -332,9 +366,9 @@ def cell_pixel(cells,  # (BM,) int32 cell indices
 @triton.jit
 def pixel_offsets(n, h, w,  # (BM,) int32 each: image, row, column
                   sn, sh, sw,  # scalar strides in elements
-                  SPATIAL: tl.constexpr):
-    """Element offsets (int64) of pixels ``(n, h, w)``."""
-    offsets = n.to(tl.int64) * sn
+                  SPATIAL: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets (int64, multiples of ALIGN) of pixels ``(n, h, w)``."""
+    offsets = n.to(tl.int64) * aligned(sn, ALIGN)
     if SPATIAL:
-        offsets += h.to(tl.int64) * sh + w.to(tl.int64) * sw
+        offsets += h.to(tl.int64) * aligned(sh, ALIGN) + w.to(tl.int64) * aligned(sw, ALIGN)
     return offsets
