@@ -420,8 +420,6 @@ def test_backward_k_loop_when_k_fits_one_block(monkeypatch, device, pool):
     assert 120 in calls
 
 
-# -- NaN and Inf ------------------------------------------------------------------------
-
 # -- choosing configurations ------------------------------------------------------------
 
 H200 = GpuLimits(shared_memory=232448, multiprocessors=132)
