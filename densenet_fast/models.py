@@ -58,7 +58,7 @@ class InputError(ValueError, RuntimeError):
     ``RuntimeError`` too, as torchvision's convolution raises for a wrong channel count."""
 
 STEMS = ("imagenet", "cifar")
-CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # memory format by weight dimensions
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # memory format by tensor dimensions
 
 
 class _DenseLayer(nn.Module):

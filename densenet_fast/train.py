@@ -329,7 +329,7 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     model = (build_volume_model(options) if data.spatial_dims == 3 else build_model(options)).to(device)
     check_input_size(model, data)
     if options["channels_last"]:
-        model = model.to(memory_format=channels_last_format(data.spatial_dims))
+        model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
 
     per_process_batch = options["batch_size"] // procs.world_size
@@ -707,10 +707,6 @@ def check_input_size(model: nn.Module, data: ImageData) -> None:
                             f"model or resize them with {option}")
 
 
-def channels_last_format(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
-
-
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the initial learning rate for optimiser step ``step`` (from 0).
 
@@ -782,7 +778,7 @@ def autocast(device: torch.device, amp: str):
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=channels_last_format(images.dim() - 2)) if channels_last else images
+    return images.contiguous(memory_format=models.CHANNELS_LAST[images.dim()]) if channels_last else images
 
 
 @torch.no_grad()

@@ -425,8 +425,6 @@ def test_backward_with_every_configuration(monkeypatch, device, pool, k, exact, 
     assert_matches_torch(run(TRITON, dtype), lambda d: run(TORCH, d), dtype, "backward")
 
 
-# -- NaN and Inf ------------------------------------------------------------------------
-
 # -- choosing configurations ------------------------------------------------------------
 
 H200 = GpuLimits(shared_memory=232448, multiprocessors=132)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models import CHANNELS_LAST
 from .impls import POLICIES, ModelSpec
 
 PREFIX = "monai-"
@@ -124,7 +125,7 @@ def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: in
         raise ValueError(f"unknown implementation {impl!r} of {spec.name}")
     model = model.to(device)
     if channels_last and dims > 1:
-        model = model.to(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
+        model = model.to(memory_format=CHANNELS_LAST[dims + 2])
     if impl == "monai-compile":
         model = torch.compile(model)
     return model
@@ -139,5 +140,5 @@ def make_inputs(spec: ModelSpec, batch: int, image_size, device: str, channels_l
     x = torch.randn(batch, 1, *size, generator=generator)
     y = torch.randint(spec.num_classes, (batch,), generator=generator)
     if channels_last and dims > 1:
-        x = x.contiguous(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
+        x = x.contiguous(memory_format=CHANNELS_LAST[dims + 2])
     return x.to(device), y.to(device)
