@@ -250,6 +250,7 @@ def test_depth_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path)
     (["--family", "monai", "--image-size", "8x16x16"], "sides of at least 16"),
     (["--image-size", "16x16x16"], "several sides are for --family monai"),
     (["--family", "monai", "--image-size", "16x16x16", "--impls", "fast-torch-auto"], "recompute='auto'"),
+    (["--budget-gib", "1", "--steps", "1"], "--steps 2 or more"),
 ])
 def test_depth_subcommand_refuses_what_it_cannot_measure(fake_workers, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):

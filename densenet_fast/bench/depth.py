@@ -39,7 +39,7 @@ from .. import planner
 from ..memory import Architecture, OptimizerSpec, Setup
 from . import common, monai_impls
 from .common import evaluate, fit
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, image_size, resolve_impls
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, resolve_impls
 from .impls import ModelSpec
 from .worker import DTYPES
 
@@ -308,6 +308,7 @@ def policy_costs(timings: dict, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_budget_steps(args)
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
             raise SystemExit(f"depth {d} is not of the form 6n + 4")

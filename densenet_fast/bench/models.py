@@ -31,7 +31,7 @@ import importlib.util
 from . import common
 from .common import fit
 from . import monai_impls
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, image_size, resolve_impls
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, resolve_impls
 from .impls import TORCHVISION_IMPLS, ModelSpec
 
 
@@ -73,6 +73,7 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_budget_steps(args)
     monai = args.model.startswith(monai_impls.PREFIX)
     if isinstance(args.image_size, list) and not monai:
         raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
