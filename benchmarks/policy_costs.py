@@ -11,6 +11,11 @@ depths is what ``densenet_fast/policy_costs.json`` holds for the device.
 
     python benchmarks/policy_costs.py --depths 40 76 --batch 16 --repeats 5 \\
         --out benchmarks/results/policy_costs_cpu.json
+
+``--policies recompute auto --budget-gib B`` times ``recompute="auto"`` (the
+model built with budget ``B``, which plans itself) against the fixed
+policies instead, the same way, beside the planner's predicted ratio: whether
+``auto`` is no slower than the fixed policy at the same depth.
 """
 
 import argparse
@@ -35,35 +40,61 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute", "auto"])
+    parser.add_argument("--budget-gib", type=float, default=None, help="the budget auto plans under")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/policy_costs_cpu.json"))
     args = parser.parse_args(argv)
+    if ("auto" in args.policies) != (args.budget_gib is not None) or len(set(args.policies)) < 2:
+        parser.error("two or more policies; auto with --budget-gib, and --budget-gib only with auto")
+    budget = args.budget_gib * common.GIB if args.budget_gib else None
     env = common.environment(args.device, common.settings_of(args))
-    keep, recompute = f"fast-{args.backend}-keep", f"fast-{args.backend}-recompute"
+    impls = {policy: f"fast-{args.backend}-{policy}" for policy in args.policies}
     rows = []
     for depth in args.depths:
-        medians = {keep: [], recompute: []}
-        for order in ([keep, recompute], [recompute, keep]):
-            spec = {"mode": "time", "impls": order, "model": ModelSpec("densenet_bc", depth, args.growth_rate).to_dict(),
+        medians = {policy: [] for policy in args.policies}
+        for order in (args.policies, args.policies[::-1]):
+            spec = {"mode": "time", "impls": [impls[p] for p in order],
+                    "model": ModelSpec("densenet_bc", depth, args.growth_rate).to_dict(),
                     "batch": args.batch, "image_size": args.image_size, "device": args.device, "dtype": "float32",
-                    "optimizer": "sgd", "warmup": 1, "repeats": args.repeats}
-            result = common.run_worker(spec, timeout_s=3600)
-            for impl in order:
-                medians[impl].append(result["impls"][impl]["seconds"]["median"])
-        arch = Architecture.named("densenet_bc", depth, args.growth_rate)
-        setup = Setup(args.batch, args.image_size, torch.float32, None, args.device, args.backend)
-        ratio = statistics.mean(medians[recompute]) / statistics.mean(medians[keep])
-        flops = planner.training_flops(arch, setup)
-        recomputed = planner.recompute_flops(arch, setup, ("recompute",) * 3)
-        rows.append({"depth": depth, "keep_s_by_order": medians[keep], "recompute_s_by_order": medians[recompute],
-                     "recompute_over_keep": ratio, "recompute_flops_fraction": recomputed / flops,
-                     "recompute_cost_per_flop": (ratio - 1) * flops / recomputed})
+                    "optimizer": "sgd", "warmup": 1, "repeats": args.repeats, "memory_budget": budget}
+            result = common.run_worker(spec, timeout_s=3 * 3600)
+            for policy in order:
+                medians[policy].append(result["impls"][impls[policy]]["seconds"]["median"])
+        rows.append(cost_row(depth, medians, args, budget))
         print(rows[-1], flush=True)
-    result = {"benchmark": "policy_costs", "environment": common.finish_environment(env), "rows": rows,
-              "recompute_cost_per_flop_median": statistics.median(r["recompute_cost_per_flop"] for r in rows)}
+    result = {"benchmark": "policy_costs", "environment": common.finish_environment(env), "rows": rows}
+    costs = [r["recompute_cost_per_flop"] for r in rows if "recompute_cost_per_flop" in r]
+    if costs:
+        result["recompute_cost_per_flop_median"] = statistics.median(costs)
+        print(f"recompute cost per FLOP (median over depths): {result['recompute_cost_per_flop_median']:.3f}")
     common.write_json(result, args.out)
-    print(f"recompute cost per FLOP (median over depths): {result['recompute_cost_per_flop_median']:.3f}; "
-          f"wrote {args.out}")
+    print(f"wrote {args.out}")
     return result
+
+
+def cost_row(depth: int, medians: dict, args, budget) -> dict:
+    """One depth's medians (per policy, one per order) and what they give: the
+    cost of a recomputed FLOP (keep and recompute timed), auto's time over each
+    fixed policy's beside the planner's prediction (auto timed)."""
+    arch = Architecture.named("densenet_bc", depth, args.growth_rate)
+    setup = Setup(args.batch, args.image_size, torch.float32, None, args.device, args.backend)
+    seconds = {policy: statistics.mean(values) for policy, values in medians.items()}
+    row = {"depth": depth, **{f"{policy}_s_by_order": values for policy, values in medians.items()}}
+    flops = planner.training_flops(arch, setup)
+    if "keep" in seconds and "recompute" in seconds:
+        ratio = seconds["recompute"] / seconds["keep"]
+        recomputed = planner.recompute_flops(arch, setup, ("recompute",) * 3)
+        row.update(recompute_over_keep=ratio, recompute_flops_fraction=recomputed / flops,
+                   recompute_cost_per_flop=(ratio - 1) * flops / recomputed)
+    if "auto" in seconds:
+        choice = planner.best_fitting(arch, setup, budget, "auto")
+        row["auto_policies"] = list(choice.policies) if choice else None
+        for policy in seconds.keys() - {"auto"}:
+            row[f"auto_over_{policy}"] = seconds["auto"] / seconds[policy]
+            if choice:
+                row[f"auto_over_{policy}_predicted"] = (planner.step_time_ratio(arch, setup, choice.policies)[0]
+                                                         / planner.step_time_ratio(arch, setup, (policy,) * 3)[0])
+    return row
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ real worker process.
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +277,17 @@ def test_depth_search_writes_every_probe_before_the_next(fake_workers, monkeypat
                          "--impls", "tv-eager", "--out", str(out), "--no-progress", "--no-plot"])
     probes = len([p for p in result["points"] if p["kind"] == "probe"])
     assert probes >= 2 and on_disk[-probes:] == list(range(probes))
+
+
+def test_policy_costs_times_auto_against_a_fixed_policy(tmp_path):
+    """benchmarks/policy_costs.py with auto: both orders timed, auto's ratio over
+    recompute beside the planner's, and the assignment auto chose."""
+    out = tmp_path / "costs.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "policy_costs.py"
+    subprocess.run([sys.executable, str(script), "--depths", "16", "--batch", "2", "--repeats", "1",
+                    "--policies", "recompute", "auto", "--budget-gib", "0.25", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    row, = json.loads(out.read_text())["rows"]
+    assert len(row["auto_s_by_order"]) == len(row["recompute_s_by_order"]) == 2
+    assert row["auto_policies"] == ["keep", "keep", "keep"]  # everything fits 256 MiB at depth 16
+    assert row["auto_over_recompute"] > 0 and row["auto_over_recompute_predicted"] < 1
