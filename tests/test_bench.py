@@ -104,6 +104,16 @@ def test_models_subcommand_largest_batch(fake_workers, tmp_path):
     assert (tmp_path / "m.png").exists()
 
 
+def test_models_subcommand_needs_two_steps_for_its_budget_search(fake_workers, tmp_path):
+    argv = ["--model", "densenet_bc-40", "--batch", "2", "--steps", "1", "--impls", "tv-eager",
+            "--out", str(tmp_path / "m.json"), "--no-progress", "--no-plot"]
+    with pytest.raises(SystemExit, match="--steps 2 or more"):
+        models.main(argv)
+    assert fake_workers == []
+    models.main(argv + ["--train-only"])  # no search: one step is enough
+    assert fake_workers
+
+
 def test_kernels_subcommand(tmp_path):
     result = kernels.main(["--batch", "1", "--batch-bc", "1", "--repeats", "1", "--warmup", "0", "--backends", "torch",
                            "--check", "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])

@@ -73,7 +73,8 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_budget_steps(args)
+    if not args.train_only:  # (the largest-batch search is skipped)
+        check_budget_steps(args)
     monai = args.model.startswith(monai_impls.PREFIX)
     if isinstance(args.image_size, list) and not monai:
         raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
