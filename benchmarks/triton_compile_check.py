@@ -121,7 +121,7 @@ def variants(dtype: str, precision: str, channels: int):
     data = "*" + dtype
     fp32 = "*fp32"
     sizes = shapes(channels)
-    element_size = 4 if dtype == "fp32" else 2
+    element_size = DTYPES[dtype].itemsize
     common = dict(x_ptr=data, scale_ptr=fp32, shift_ptr=fp32, mean_ptr=fp32, rstd_ptr=fp32, w_ptr=data,
                   dout_ptr=data, out_ptr=data, gx_ptr=data, part_mean_ptr=fp32, part_m2_ptr=fp32,
                   stats_mean_ptr=fp32, stats_var_ptr=fp32, var_ptr=fp32, dw_part_ptr=fp32,
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: this compiles real GPU code")
     failures = 0
     for dtype in args.dtypes:
-        element_size = 4 if dtype == "fp32" else 2
+        element_size = DTYPES[dtype].itemsize
         for precision in PRECISIONS[dtype]:
             for name, launcher, kernel_args in variants(dtype, precision, args.channels):
                 if args.only not in name:
