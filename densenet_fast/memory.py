@@ -38,8 +38,10 @@ NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem cha
 }
 ELEMENT_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/bn_relu_conv_kernel.cpp)
-CPP_MIN_CHUNKS = 16
 CPP_TILE_ROWS = (32, 1024)
+CPP_MAX_GROUPS = 16  # the weight-gradient pass's row groups (kMinChunks), at most
+CPP_MAX_BLOCK_COLUMNS = 256  # its column blocks (kMaxBlockColumns)
+CPP_PARTIAL_BYTES = 4 * 1024 * 1024  # its row groups' copies of dW, at most (kPartialBytes)
 TRITON_STATS_ROWS = 128  # rows per partial statistics triple (ops/channel_stats.py)
 TRITON_MIN_BLOCK_M = 64  # smallest forward tile (ops/bn_relu_conv.py)
 TRITON_MAX_SPLITS = 64  # row ranges of the backward's partial sums (ops/common.py)
@@ -739,7 +741,7 @@ class TorchWorkspace(Workspace):
 
 
 class CppWorkspace(Workspace):
-    """The C++ CPU kernels: per-thread row tiles, per-chunk weight-gradient partials."""
+    """The C++ CPU kernels: per-thread row tiles; the backward's weight-gradient pass."""
 
     def tile_rows(self, c: int, buffers: int) -> int:
         return min(max(CPP_TILE_BYTES // max(1, buffers * c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])
@@ -751,21 +753,32 @@ class CppWorkspace(Workspace):
         together at most ``rows``."""
         return min(rows, self.threads * self.tile_rows(c, buffers)) * buffers * c * self.e
 
-    def chunks(self, rows: int, c: int) -> int:
-        return max(1, min(math.ceil(rows / self.tile_rows(c, 2)), max(CPP_MIN_CHUNKS, self.threads)))
+    def weight_gradient(self, rows: int, c: int, k: int) -> float:
+        """``weight_gradient`` in csrc/ops/cpu/bn_relu_conv_kernel.cpp: one copy of
+        dW (K, C) in the statistics dtype per row group (dW itself when there is
+        one group), with a z tile of one column block per thread; then the copies'
+        sum and, for bfloat16 data, dW cast to the data dtype."""
+        copy = k * c * self.s
+        blocks = math.ceil(c / CPP_MAX_BLOCK_COLUMNS)
+        columns = math.ceil(c / blocks)
+        rows_per_tile = self.tile_rows(columns, 1)
+        groups = min(max(min(CPP_PARTIAL_BYTES // copy, math.ceil(rows / rows_per_tile)), 1), CPP_MAX_GROUPS)
+        z = min(rows, self.threads * rows_per_tile) * columns * self.e
+        cast = k * c * self.e if self.e != self.s else 0
+        products = self.threads * k * columns * self.e if cast else 0  # bfloat16: each tile's product
+        return max(groups * copy + z + products, groups * copy + (copy if groups > 1 else 0), copy + cast)
 
     def bn_relu_conv1x1(self, m, c, k, with_stats):
         return self.tiles(m, c, 1)
 
     def bn_relu_conv1x1_backward(self, m, c, k):
-        partials = self.chunks(m, c) * k * c * self.s
-        return partials + max(self.tiles(m, c, 2), k * c * self.s)  # then their sum, grad_weight
+        return max(self.tiles(m, c, 1), self.weight_gradient(m, c, k))
 
     def transition(self, m, c, k):
         return self.tiles(m // 4, c, 1)
 
     def transition_backward(self, m, c, k):
-        return self.chunks(m // 4, c) * k * c * self.s + max(self.tiles(m // 4, c, 2), k * c * self.s)
+        return max(self.tiles(m // 4, c, 1), self.weight_gradient(m // 4, c, k))
 
 
 class CudaWorkspace(TorchWorkspace):

@@ -106,6 +106,43 @@ def test_results_do_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("op, c, k, spatial", [
+    ("bn_relu_conv1x1_backward_sums", 300, 48, (5000,)),  # 6 row groups x 2 column blocks
+    ("transition_backward_sums", 600, 300, (2, 40, 39)),  # 2 row groups x 3 column blocks, odd width
+    ("transition_backward_sums", 1100, 550, (2, 6, 6)),  # 1 row group (dW itself) x 5 column blocks
+])
+def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spatial):
+    """The weight-gradient pass (csrc/ops/cpu/bn_relu_conv_kernel.cpp, weight_gradient) where
+    its rows are cut into groups and dW's columns into blocks: equal to
+    grad_out.T @ relu(x * scale + shift) (pooled for a transition) in float64,
+    and bitwise the same on 1, 2 and 3 threads."""
+    g = torch.Generator().manual_seed(14)
+    x = channel_range(spatial, c, torch.float32, g)
+    bn = make_bn(x, True, g)
+    weight = random_buffer((k,), c, torch.float32, g)
+    transition = op.startswith("transition")
+    pooled = (spatial[0], *(size // 2 for size in spatial[1:])) if transition else spatial
+    grad_out = random_buffer(pooled, k, torch.float32, g)
+    z = (x.double() * bn.scale.double() + bn.shift.double()).relu()
+    if transition:
+        z = torch.nn.functional.avg_pool2d(z.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    expected = grad_out.double().reshape(-1, k).t() @ z.reshape(-1, c)
+
+    def grad_weight(threads: int) -> Tensor:
+        torch.set_num_threads(threads)
+        grad_x = random_buffer(spatial, c, torch.float32, torch.Generator().manual_seed(15))
+        return getattr(torch.ops.densenet_fast, op)(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
+                                                    grad_x)[0]
+
+    threads = torch.get_num_threads()
+    try:
+        results = [grad_weight(n) for n in (1, 2, 3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_numbers(results[0], expected, TOLERANCE[torch.float32], "grad_weight")
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 @pytest.mark.parametrize("op, position, bad, message", [
     ("bn_relu_conv1x1", 0, torch.zeros(5, 37).t(), "channel stride 1"),
     ("bn_relu_conv1x1", 3, torch.zeros(3, 4), r"weight must be \(K, 5\)"),

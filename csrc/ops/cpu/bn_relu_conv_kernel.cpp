@@ -4,8 +4,10 @@
 // (tiling.h).  For each tile the normalised input z = relu(x * scale + shift)
 // is formed in a thread-local buffer of cache size (bn_relu_rows.h) and fed to
 // ATen's BLAS (at::mm_out on tile views); z is never written whole.  Every chunk
-// keeps its own partial sums (float64 channel sums, the weight gradient), added
-// in chunk order, so results do not depend on the scheduling.
+// keeps its own float64 channel sums, added in chunk order, so results do not
+// depend on the scheduling.  The weight gradient is a pass of its own
+// (weight_gradient): column blocks of dW in parallel, each summing its rows in
+// order, so it needs no per-chunk copies of dW.
 #include "../bn_relu_conv.h"
 #include "../common.h"
 #include "bn_relu_rows.h"
@@ -38,16 +40,14 @@ int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
                              kMaxTileRows);
 }
 
-// A chunk of a GEMM op's backward: BackwardChunk (bn_relu_rows.h) with the tile
-// buffers for z and dZ (rows_per_tile, C) in x's dtype.
+// A chunk of pass 1 of a GEMM op's backward: BackwardChunk (bn_relu_rows.h) with
+// the tile buffer for dZ (rows_per_tile, C) in x's dtype.
 template <typename A>
 struct GemmBackwardChunk : BackwardChunk<A> {
-  at::Tensor z, grad_z;
+  at::Tensor grad_z;
 
   GemmBackwardChunk(int64_t chunk, int64_t rows_per_tile, const at::Tensor& x)
-      : BackwardChunk<A>(chunk, x.size(-1)),
-        z(at::empty({rows_per_tile, x.size(-1)}, x.options())),
-        grad_z(at::empty({rows_per_tile, x.size(-1)}, x.options())) {}
+      : BackwardChunk<A>(chunk, x.size(-1)), grad_z(at::empty({rows_per_tile, x.size(-1)}, x.options())) {}
 };
 
 // out = a @ b through ATen's BLAS (out may be a strided view).
@@ -63,6 +63,54 @@ void add_weight_gradient(at::Tensor partial, const at::Tensor& grad_out_tile, co
   } else {
     partial.add_(at::mm(grad_out_tile.t(), z_tile));
   }
+}
+
+// ---- the weight gradient of both ops -----------------------------------------------------
+
+constexpr int64_t kMaxBlockColumns = 256;        // columns of dW per work item
+constexpr int64_t kPartialBytes = 4 * 1024 * 1024;  // per-row-group copies of dW, at most
+
+// dW (K, C) = grad_rows.T @ z in the statistics dtype, z (R, C) being formed by
+// make_z(tile, first_column, columns, z): the tile's rows of z's columns
+// [first_column, first_column + columns), contiguous.
+//
+// Work items are (row group, column block): the rows are cut into G groups,
+// G = kPartialBytes / (K * C) clamped to [1, kMinChunks], and dW's columns into
+// blocks of at most kMaxBlockColumns.  An item walks its group's row tiles in
+// order and adds into its group's copy of its columns of dW; the G copies are
+// added in group order.  G and the blocks depend on the shapes only, so every
+// element of dW is summed in the same order whatever the thread count.  A
+// transition (K = C / 2) has G = 1 once C is past ~700: dW itself, with no copies
+// (16 fp32 copies of a deep DenseNet's transition weight were a quarter of its
+// training step's memory).
+template <typename T, typename MakeZ>
+at::Tensor weight_gradient(const at::Tensor& grad_rows, int64_t channels, const at::Tensor& x, const MakeZ& make_z) {
+  const int64_t rows = grad_rows.size(0), out_channels = grad_rows.size(1);
+  const auto stats = stats_dtype(x);
+  const int64_t copy_bytes = out_channels * channels * static_cast<int64_t>(c10::elementSize(stats));
+  const int64_t blocks = ceil_div(channels, kMaxBlockColumns);
+  const int64_t block_columns = ceil_div(channels, blocks);
+  const int64_t rows_per_tile = tile_rows(block_columns, sizeof(T), 1);
+  const int64_t groups = std::clamp<int64_t>(
+      std::min(kPartialBytes / std::max<int64_t>(1, copy_bytes), ceil_div(rows, rows_per_tile)), 1, kMinChunks);
+  auto partials = at::zeros({groups, out_channels, channels}, x.options().dtype(stats));
+  at::parallel_for(0, groups * blocks, 1, [&](int64_t item_begin, int64_t item_end) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // thread-local: set in each worker
+    auto z = at::empty({rows_per_tile * block_columns}, x.options());
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      const int64_t group = item / blocks, first_column = item % blocks * block_columns;
+      const int64_t columns = std::min(block_columns, channels - first_column);
+      const int64_t row_end = rows * (group + 1) / groups;
+      auto partial = partials[group].narrow(1, first_column, columns);
+      for (int64_t begin = rows * group / groups; begin < row_end; begin += rows_per_tile) {
+        const Tile tile{begin, std::min(rows_per_tile, row_end - begin)};
+        auto z_tile = z.narrow(0, 0, tile.size * columns).view({tile.size, columns});
+        make_z(tile, first_column, columns, mutable_ptr<T>(z_tile));
+        add_weight_gradient(partial, grad_rows.narrow(0, tile.begin, tile.size), z_tile);
+      }
+    }
+  });
+  return groups == 1 ? partials[0] : partials.sum(0);
 }
 
 // ---- bn_relu_conv1x1 ---------------------------------------------------------------------
@@ -121,28 +169,26 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
     const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   using A = at::opmath_type<T>;
-  const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
+  const int64_t rows = x.size(0), channels = x.size(1);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
   const int64_t chunks = chunks_for(rows, rows_per_tile);
-  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChunkSums sums(chunks, 2 * channels);
   for_each_tile(
       rows, rows_per_tile, chunks, [&](int64_t chunk) { return GemmBackwardChunk<A>(chunk, rows_per_tile, x); },
       [&](GemmBackwardChunk<A>& s, Tile tile) {
-        const T* x_tile = ptr<T>(x) + tile.begin * x.stride(0);
-        bn_relu_rows(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), tile.size, channels, mutable_ptr<T>(s.z),
-                     channels);
-        const auto grad_out_tile = grad_out.narrow(0, tile.begin, tile.size);
-        const auto z_tile = s.z.narrow(0, 0, tile.size);
-        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
-        add_weight_gradient(weight_partials[s.chunk], grad_out_tile, z_tile);
+        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out.narrow(0, tile.begin, tile.size), weight);
         s.start_tile();
-        bn_backward_rows<T, A, true>(x_tile, x.stride(0), ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), ptr<T>(s.grad_z),
-                                  channels, A(1), tile.size, channels, s.tile_sums.data(),
-                                  mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0), grad_x.stride(0));
+        bn_backward_rows<T, A, true>(ptr<T>(x) + tile.begin * x.stride(0), x.stride(0), ptr<A>(scale), ptr<A>(shift),
+                                     ptr<A>(mean), ptr<T>(s.grad_z), channels, A(1), tile.size, channels,
+                                     s.tile_sums.data(), mutable_ptr<T>(grad_x) + tile.begin * grad_x.stride(0),
+                                     grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
+  const auto grad_weight = weight_gradient<T>(grad_out, channels, x, [&](Tile tile, int64_t first, int64_t columns, T* z) {
+    bn_relu_rows(ptr<T>(x) + tile.begin * x.stride(0) + first, x.stride(0), ptr<A>(scale) + first,
+                 ptr<A>(shift) + first, tile.size, columns, z, columns);
+  });
+  return {grad_weight.to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 // ---- transition --------------------------------------------------------------------------
@@ -227,13 +273,14 @@ DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ first, 
   }
 }
 
-// Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel begin + r.
+// Pooled z rows: z[r] = mean of relu(x * scale + shift) over the window of pooled pixel
+// begin + r, for `columns` channels from `first` (scale and shift start there too).
 template <typename T, typename A, int kWindow>
-void pooled_bn_relu(const at::Tensor& x, const Pooling& pooling, const A* scale, const A* shift, Tile tile, T* z) {
-  const int64_t channels = x.size(-1);
+void pooled_bn_relu(const at::Tensor& x, const Pooling& pooling, const A* scale, const A* shift, Tile tile,
+                    int64_t first, int64_t columns, T* z) {
   for (int64_t r = 0; r < tile.size; ++r) {
-    window_bn_relu_mean<T, A, kWindow>(ptr<T>(x) + pooling.offset(tile.begin + r), pooling.offsets.data(), scale,
-                                       shift, channels, z + r * channels);
+    window_bn_relu_mean<T, A, kWindow>(ptr<T>(x) + pooling.offset(tile.begin + r) + first, pooling.offsets.data(),
+                                       scale, shift, columns, z + r * columns);
   }
 }
 
@@ -253,7 +300,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
       out_rows.size(0), rows_per_tile, chunks_for(out_rows.size(0), rows_per_tile),
       [&](int64_t) { return State{at::empty({rows_per_tile, channels}, x.options())}; },
       [&](State& s, Tile tile) {
-        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
+        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, 0, channels, mutable_ptr<T>(s.z));
         auto out_tile = out_rows.narrow(0, tile.begin, tile.size);
         mm_into(out_tile, s.z.narrow(0, 0, tile.size), weight_t);
       });
@@ -312,21 +359,17 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
                                                              const at::Tensor& rstd, const at::Tensor& weight,
                                                              const at::Tensor& grad_out, const at::Tensor& grad_x) {
   using A = at::opmath_type<T>;
-  const int64_t channels = x.size(-1), out_channels = weight.size(0);
+  const int64_t channels = x.size(-1);
   const Pooling pooling(x), grad_pooling(grad_x);
   const auto grad_rows = pooled_rows(grad_out);
   const int64_t pooled = grad_rows.size(0);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 2);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
-  auto weight_partials = at::zeros({chunks, out_channels, channels}, weight.options().dtype(stats_dtype(x)));
   ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
   for_each_tile(
       pooled, rows_per_tile, chunks, [&](int64_t chunk) { return GemmBackwardChunk<A>(chunk, rows_per_tile, x); },
       [&](GemmBackwardChunk<A>& s, Tile tile) {
-        pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale), ptr<A>(shift), tile, mutable_ptr<T>(s.z));
-        const auto grad_out_tile = grad_rows.narrow(0, tile.begin, tile.size);
-        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_out_tile, weight);
-        add_weight_gradient(weight_partials[s.chunk], grad_out_tile, s.z.narrow(0, 0, tile.size));
+        mm_into(s.grad_z.narrow(0, 0, tile.size), grad_rows.narrow(0, tile.begin, tile.size), weight);
         s.start_tile();
         for (int64_t r = 0; r < tile.size; ++r) {
           const T* x_first = ptr<T>(x) + pooling.offset(tile.begin + r);
@@ -346,7 +389,10 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   std::vector<A> dropped_sums(2 * channels, A(0));
   dropped_pixels_backward<T, A>(x, ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), grad_x, dropped_sums);
   sums.add(chunks, dropped_sums);
-  return {weight_partials.sum(0).to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
+  const auto grad_weight = weight_gradient<T>(grad_rows, channels, x, [&](Tile tile, int64_t first, int64_t columns, T* z) {
+    pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale) + first, ptr<A>(shift) + first, tile, first, columns, z);
+  });
+  return {grad_weight.to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
 // ---- pass 1 of the backward of both ops -------------------------------------------------
