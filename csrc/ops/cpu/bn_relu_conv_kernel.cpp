@@ -88,7 +88,7 @@ at::Tensor weight_gradient(const at::Tensor& grad_rows, int64_t channels, const 
   const int64_t rows = grad_rows.size(0), out_channels = grad_rows.size(1);
   const auto stats = stats_dtype(x);
   const int64_t copy_bytes = out_channels * channels * static_cast<int64_t>(c10::elementSize(stats));
-  const int64_t blocks = ceil_div(channels, kMaxBlockColumns);
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(channels, kMaxBlockColumns));
   const int64_t block_columns = ceil_div(channels, blocks);
   const int64_t rows_per_tile = tile_rows(block_columns, sizeof(T), 1);
   const int64_t groups = std::clamp<int64_t>(
