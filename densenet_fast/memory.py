@@ -759,13 +759,14 @@ class CppWorkspace(Workspace):
         one group), with a z tile of one column block per thread; then the copies'
         sum and, for bfloat16 data, dW cast to the data dtype."""
         copy = k * c * self.s
-        blocks = math.ceil(c / CPP_MAX_BLOCK_COLUMNS)
+        blocks = max(1, math.ceil(c / CPP_MAX_BLOCK_COLUMNS))
         columns = math.ceil(c / blocks)
         rows_per_tile = self.tile_rows(columns, 1)
-        groups = min(max(min(CPP_PARTIAL_BYTES // copy, math.ceil(rows / rows_per_tile)), 1), CPP_MAX_GROUPS)
+        groups = min(max(min(CPP_PARTIAL_BYTES // max(1, copy), math.ceil(rows / rows_per_tile)), 1), CPP_MAX_GROUPS)
         z = min(rows, self.threads * rows_per_tile) * columns * self.e
         cast = k * c * self.e if self.e != self.s else 0
-        products = self.threads * k * columns * self.e if cast else 0  # bfloat16: each tile's product
+        # bfloat16: each tile's product, and its copy in the statistics dtype that add_ makes
+        products = self.threads * k * columns * (self.e + self.s) if cast else 0
         return max(groups * copy + z + products, groups * copy + (copy if groups > 1 else 0), copy + cast)
 
     def bn_relu_conv1x1(self, m, c, k, with_stats):

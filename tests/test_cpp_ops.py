@@ -108,21 +108,22 @@ def test_results_do_not_depend_on_the_thread_count():
 
 @pytest.mark.parametrize("op, c, k, spatial", [
     ("bn_relu_conv1x1_backward_sums", 300, 48, (5000,)),  # 6 row groups x 2 column blocks
+    ("bn_relu_conv1x1_backward_sums", 128, 48, (1000,)),  # a single work item (the calling thread)
     ("transition_backward_sums", 600, 300, (2, 40, 39)),  # 2 row groups x 3 column blocks, odd width
     ("transition_backward_sums", 1100, 550, (2, 6, 6)),  # 1 row group (dW itself) x 5 column blocks
 ])
-def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spatial):
+def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spatial, dtype):
     """The weight-gradient pass (csrc/ops/cpu/bn_relu_conv_kernel.cpp, weight_gradient) where
-    its rows are cut into groups and dW's columns into blocks: equal to
-    grad_out.T @ relu(x * scale + shift) (pooled for a transition) in float64,
+    its rows are cut into groups and dW's columns into blocks, dOut a channel range:
+    equal to dOut.T @ relu(x * scale + shift) (pooled for a transition) in float64,
     and bitwise the same on 1, 2 and 3 threads."""
     g = torch.Generator().manual_seed(14)
-    x = channel_range(spatial, c, torch.float32, g)
+    x = channel_range(spatial, c, dtype, g)
     bn = make_bn(x, True, g)
-    weight = random_buffer((k,), c, torch.float32, g)
+    weight = random_buffer((k,), c, dtype, g)
     transition = op.startswith("transition")
     pooled = (spatial[0], *(size // 2 for size in spatial[1:])) if transition else spatial
-    grad_out = random_buffer(pooled, k, torch.float32, g)
+    grad_out = channel_range(pooled, k, dtype, g)
     z = (x.double() * bn.scale.double() + bn.shift.double()).relu()
     if transition:
         z = torch.nn.functional.avg_pool2d(z.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
@@ -130,7 +131,7 @@ def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spati
 
     def grad_weight(threads: int) -> Tensor:
         torch.set_num_threads(threads)
-        grad_x = random_buffer(spatial, c, torch.float32, torch.Generator().manual_seed(15))
+        grad_x = random_buffer(spatial, c, dtype, torch.Generator().manual_seed(15))
         return getattr(torch.ops.densenet_fast, op)(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
                                                     grad_x)[0]
 
@@ -139,7 +140,7 @@ def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spati
         results = [grad_weight(n) for n in (1, 2, 3)]
     finally:
         torch.set_num_threads(threads)
-    assert_same_numbers(results[0], expected, TOLERANCE[torch.float32], "grad_weight")
+    assert_same_numbers(results[0], expected, TOLERANCE[dtype], "grad_weight")
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 

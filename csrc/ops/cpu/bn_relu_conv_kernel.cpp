@@ -30,7 +30,7 @@ namespace {
 
 using namespace cpu;
 
-constexpr int64_t kTileBytes = 512 * 1024;  // a tile's z and dZ (per thread; stay in L2)
+constexpr int64_t kTileBytes = 512 * 1024;  // a tile of z or dZ (per thread; stays in L2)
 constexpr int64_t kMinTileRows = 32;
 constexpr int64_t kMaxTileRows = 1024;
 
@@ -75,14 +75,18 @@ constexpr int64_t kPartialBytes = 4 * 1024 * 1024;  // per-row-group copies of d
 // [first_column, first_column + columns), contiguous.
 //
 // Work items are (row group, column block): the rows are cut into G groups,
-// G = kPartialBytes / (K * C) clamped to [1, kMinChunks], and dW's columns into
+// G = kPartialBytes / (K * C * element size of the statistics dtype), clamped to
+// [1, kMinChunks] and to at most one group per row tile, and dW's columns into
 // blocks of at most kMaxBlockColumns.  An item walks its group's row tiles in
 // order and adds into its group's copy of its columns of dW; the G copies are
 // added in group order.  G and the blocks depend on the shapes only, so every
-// element of dW is summed in the same order whatever the thread count.  A
-// transition (K = C / 2) has G = 1 once C is past ~700: dW itself, with no copies
-// (16 fp32 copies of a deep DenseNet's transition weight were a quarter of its
-// training step's memory).
+// element of dW is summed in the same order whatever the thread count (as
+// everywhere in these kernels, this assumes that a BLAS call's result does not
+// depend on its thread count: it runs single-threaded inside at::parallel_for,
+// but with the thread count when an op has a single work item).  A transition
+// (K = C / 2) has G = 1 once C passes 1024 (724 for float64): dW itself, no
+// copies (16 copies of a deep DenseNet's transition weight were a quarter of
+// its training step's memory).
 template <typename T, typename MakeZ>
 at::Tensor weight_gradient(const at::Tensor& grad_rows, int64_t channels, const at::Tensor& x, const MakeZ& make_z) {
   const int64_t rows = grad_rows.size(0), out_channels = grad_rows.size(1);

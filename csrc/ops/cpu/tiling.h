@@ -2,9 +2,10 @@
 //
 // An op's rows (pixels) are cut into tiles, and the tiles into a fixed number
 // of contiguous chunks run by at::parallel_for.  Every chunk keeps its own
-// partial results (float64 sums, moments, weight-gradient partials) and the
-// partials are added in chunk order, so results do not depend on the
-// scheduling, nor, up to kMinChunks threads, on the thread count.
+// partial results (float64 sums, moments) and the partials are added in chunk
+// order, so results do not depend on the scheduling, nor, up to kMinChunks
+// threads, on the thread count.  (The weight gradient has its own split:
+// weight_gradient in bn_relu_conv_kernel.cpp.)
 #pragma once
 
 #include <ATen/ATen.h>
