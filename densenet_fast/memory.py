@@ -39,6 +39,7 @@ NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem cha
 ELEMENT_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/bn_relu_conv_kernel.cpp)
 CPP_TILE_ROWS = (32, 1024)
+ATEN_SMALL_CONVOLUTION = 20480  # input values up to which ATen convolves batch 1 by im2col, not oneDNN
 CPP_MAX_GROUPS = 16  # the weight-gradient pass's row groups (kMinChunks), at most
 CPP_MAX_BLOCK_COLUMNS = 256  # its column blocks (kMaxBlockColumns)
 CPP_PARTIAL_BYTES = 4 * 1024 * 1024  # its row groups' copies of dW, at most (kPartialBytes)
@@ -500,8 +501,14 @@ class StepSimulation:
 
     def columns(self, m: int, c: int, taps: int) -> float:
         """ATen's im2col buffer of a convolution over ``m`` pixels of ``c`` channels
-        (its CPU path where oneDNN does not take the dtype), else none."""
-        return m * c * taps * self.e if self.im2col else 0.0
+        with ``taps`` weights per channel, where ATen's CPU convolution takes its
+        im2col path: where oneDNN does not take the dtype, and, as ATen's
+        ``use_mkldnn`` decides, at batch 1 for kernels up to 3x3 over at most
+        20480 input values."""
+        if self.setup.device != "cpu":
+            return 0.0
+        small = self.setup.batch == 1 and taps <= 9 and m * c <= ATEN_SMALL_CONVOLUTION
+        return m * c * taps * self.e if self.im2col or small else 0.0
 
     # -- the step ----------------------------------------------------------------------------
     def run(self) -> Timeline:
@@ -743,15 +750,15 @@ class TorchWorkspace(Workspace):
 class CppWorkspace(Workspace):
     """The C++ CPU kernels: per-thread row tiles; the backward's weight-gradient pass."""
 
-    def tile_rows(self, c: int, buffers: int) -> int:
-        return min(max(CPP_TILE_BYTES // max(1, buffers * c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])
+    def tile_rows(self, c: int) -> int:
+        return min(max(CPP_TILE_BYTES // max(1, c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])
 
-    def tiles(self, rows: int, c: int, buffers: int) -> float:
+    def tiles(self, rows: int, c: int) -> float:
         """The row tiles the running threads hold: each thread's chunk allocates
-        ``buffers`` tiles of ``tile_rows`` rows, but only the rows it writes
-        become resident (a tile above the mmap threshold is fresh pages), so
-        together at most ``rows``."""
-        return min(rows, self.threads * self.tile_rows(c, buffers)) * buffers * c * self.e
+        a tile of ``tile_rows`` rows, but only the rows it writes become
+        resident (a tile above the mmap threshold is fresh pages), so together
+        at most ``rows``."""
+        return min(rows, self.threads * self.tile_rows(c)) * c * self.e
 
     def weight_gradient(self, rows: int, c: int, k: int) -> float:
         """``weight_gradient`` in csrc/ops/cpu/bn_relu_conv_kernel.cpp: one copy of
@@ -761,7 +768,7 @@ class CppWorkspace(Workspace):
         copy = k * c * self.s
         blocks = max(1, math.ceil(c / CPP_MAX_BLOCK_COLUMNS))
         columns = math.ceil(c / blocks)
-        rows_per_tile = self.tile_rows(columns, 1)
+        rows_per_tile = self.tile_rows(columns)
         groups = min(max(min(CPP_PARTIAL_BYTES // max(1, copy), math.ceil(rows / rows_per_tile)), 1), CPP_MAX_GROUPS)
         z = min(rows, self.threads * rows_per_tile) * columns * self.e
         cast = k * c * self.e if self.e != self.s else 0
@@ -770,16 +777,16 @@ class CppWorkspace(Workspace):
         return max(groups * copy + z + products, groups * copy + (copy if groups > 1 else 0), copy + cast)
 
     def bn_relu_conv1x1(self, m, c, k, with_stats):
-        return self.tiles(m, c, 1)
+        return self.tiles(m, c)
 
     def bn_relu_conv1x1_backward(self, m, c, k):
-        return max(self.tiles(m, c, 1), self.weight_gradient(m, c, k))
+        return max(self.tiles(m, c), self.weight_gradient(m, c, k))
 
     def transition(self, m, c, k):
-        return self.tiles(m // 4, c, 1)
+        return self.tiles(m // 4, c)
 
     def transition_backward(self, m, c, k):
-        return max(self.tiles(m // 4, c, 1), self.weight_gradient(m // 4, c, k))
+        return max(self.tiles(m // 4, c), self.weight_gradient(m // 4, c, k))
 
 
 class CudaWorkspace(TorchWorkspace):

@@ -34,10 +34,9 @@ constexpr int64_t kTileBytes = 512 * 1024;  // a tile of z or dZ (per thread; st
 constexpr int64_t kMinTileRows = 32;
 constexpr int64_t kMaxTileRows = 1024;
 
-// Rows per tile so that `buffers` tiles of `channels` values of `element_size` bytes fit kTileBytes.
-int64_t tile_rows(int64_t channels, int64_t element_size, int64_t buffers) {
-  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, buffers * channels * element_size), kMinTileRows,
-                             kMaxTileRows);
+// Rows per tile so that a tile of `channels` values of `element_size` bytes fills kTileBytes.
+int64_t tile_rows(int64_t channels, int64_t element_size) {
+  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, channels * element_size), kMinTileRows, kMaxTileRows);
 }
 
 // A chunk of pass 1 of a GEMM op's backward: BackwardChunk (bn_relu_rows.h) with
@@ -94,7 +93,7 @@ at::Tensor weight_gradient(const at::Tensor& grad_rows, int64_t channels, const 
   const int64_t copy_bytes = out_channels * channels * static_cast<int64_t>(c10::elementSize(stats));
   const int64_t blocks = std::max<int64_t>(1, ceil_div(channels, kMaxBlockColumns));
   const int64_t block_columns = ceil_div(channels, blocks);
-  const int64_t rows_per_tile = tile_rows(block_columns, sizeof(T), 1);
+  const int64_t rows_per_tile = tile_rows(block_columns, sizeof(T));
   const int64_t groups = std::clamp<int64_t>(
       std::min(kPartialBytes / std::max<int64_t>(1, copy_bytes), ceil_div(rows, rows_per_tile)), 1, kMinChunks);
   auto partials = at::zeros({groups, out_channels, channels}, x.options().dtype(stats));
@@ -125,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_typed(const at::Tensor& x, co
                                                          const at::Tensor& out, bool with_stats) {
   using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1), out_channels = weight.size(0);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T));
   const int64_t chunks = chunks_for(rows, rows_per_tile);
   const auto weight_t = weight.t();
   Moments moments(with_stats ? chunks : 0, out_channels);
@@ -174,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_out, const at::Tensor& grad_x) {
   using A = at::opmath_type<T>;
   const int64_t rows = x.size(0), channels = x.size(1);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T));
   const int64_t chunks = chunks_for(rows, rows_per_tile);
   ChunkSums sums(chunks, 2 * channels);
   for_each_tile(
@@ -295,7 +294,7 @@ void transition_typed(const at::Tensor& x, const at::Tensor& scale, const at::Te
   const int64_t channels = x.size(-1);
   const auto out_rows = pooled_rows(out);
   const Pooling pooling(x);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T));
   const auto weight_t = weight.t();
   struct State {
     at::Tensor z;
@@ -367,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   const Pooling pooling(x), grad_pooling(grad_x);
   const auto grad_rows = pooled_rows(grad_out);
   const int64_t pooled = grad_rows.size(0);
-  const int64_t rows_per_tile = tile_rows(channels, sizeof(T), 1);
+  const int64_t rows_per_tile = tile_rows(channels, sizeof(T));
   const int64_t chunks = chunks_for(pooled, rows_per_tile);
   ChunkSums sums(chunks + 1, 2 * channels);  // the last: the pixels that pooling drops
   for_each_tile(
