@@ -187,10 +187,11 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_backward_typed(
                                      grad_x.stride(0));
         sums.add(s.chunk, s.tile_sums);
       });
-  const auto grad_weight = weight_gradient<T>(grad_out, channels, x, [&](Tile tile, int64_t first, int64_t columns, T* z) {
+  const auto z_columns = [&](Tile tile, int64_t first, int64_t columns, T* z) {
     bn_relu_rows(ptr<T>(x) + tile.begin * x.stride(0) + first, x.stride(0), ptr<A>(scale) + first,
                  ptr<A>(shift) + first, tile.size, columns, z, columns);
-  });
+  };
+  const auto grad_weight = weight_gradient<T>(grad_out, channels, x, z_columns);
   return {grad_weight.to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
@@ -392,9 +393,10 @@ std::tuple<at::Tensor, at::Tensor> transition_backward_typed(const at::Tensor& x
   std::vector<A> dropped_sums(2 * channels, A(0));
   dropped_pixels_backward<T, A>(x, ptr<A>(scale), ptr<A>(shift), ptr<A>(mean), grad_x, dropped_sums);
   sums.add(chunks, dropped_sums);
-  const auto grad_weight = weight_gradient<T>(grad_rows, channels, x, [&](Tile tile, int64_t first, int64_t columns, T* z) {
+  const auto z_columns = [&](Tile tile, int64_t first, int64_t columns, T* z) {
     pooled_bn_relu<T, A, kWindow>(x, pooling, ptr<A>(scale) + first, ptr<A>(shift) + first, tile, first, columns, z);
-  });
+  };
+  const auto grad_weight = weight_gradient<T>(grad_rows, channels, x, z_columns);
   return {grad_weight.to(weight.scalar_type()), total_bn_backward_sums(sums, rstd)};
 }
 
