@@ -145,15 +145,17 @@ def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spati
 
 
 @pytest.mark.parametrize("op", ["bn_relu_conv1x1_backward_sums", "transition_backward_sums"])
-@pytest.mark.parametrize("batch, c", [(0, 5), (2, 0)], ids=["no_rows", "no_channels"])
-def test_backward_of_no_rows_or_no_channels(op, batch, c):
-    """A zero weight gradient of the right shape (no channels used to divide by zero)."""
+@pytest.mark.parametrize("batch, c, k", [(0, 5, 3), (2, 0, 3), (2, 5, 0)],
+                         ids=["no_rows", "no_channels", "no_outputs"])
+def test_backward_of_no_rows_channels_or_outputs(op, batch, c, k):
+    """A zero weight gradient of the right shape (no channels used to divide by
+    zero; a transition without outputs failed to view its pooled rows)."""
     spatial = (batch, 4, 4) if op.startswith("transition") else (batch * 7,)
     pooled = (batch, 2, 2) if op.startswith("transition") else spatial
     x, grad_x = torch.randn(*spatial, c), torch.randn(*spatial, c)
     coefficients = [torch.rand(c) + 0.5 for _ in range(4)]
-    out = getattr(torch.ops.densenet_fast, op)(x, *coefficients, torch.randn(3, c), torch.randn(*pooled, 3), grad_x)
-    assert torch.equal(out[0], torch.zeros(3, c))
+    out = getattr(torch.ops.densenet_fast, op)(x, *coefficients, torch.randn(k, c), torch.randn(*pooled, k), grad_x)
+    assert torch.equal(out[0], torch.zeros(k, c))
 
 
 @pytest.mark.parametrize("op, position, bad, message", [

@@ -255,7 +255,7 @@ auto with_window(int window, const F& f) {
 
 // The rows view (N * prod(spatial / 2), K) of a pooled tensor whose pixels have one row stride.
 at::Tensor pooled_rows(const at::Tensor& t) {
-  return t.view({-1, t.size(-1)});
+  return t.view({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
 }
 
 // z[c] = mean of relu(x * scale + shift) over the kWindow pixels at first + offsets[i].
