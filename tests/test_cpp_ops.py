@@ -48,11 +48,12 @@ def test_bn_backward_finish_nan_and_inf_as_torch(dtype):
 
 # -- op contracts --------------------------------------------------------------------------
 
-def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3)) -> dict[str, tuple]:
+def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3), m: int = 37) -> dict[str, tuple]:
     """Small valid arguments of every fused op (channel-range views, odd sizes;
-    ``spatial``: of the transition's input), the same on every call."""
+    ``spatial``: of the transition's input, ``m``: rows of the others), the same
+    on every call."""
     g = torch.Generator().manual_seed(5)
-    m, c, k = 37, 5, 3
+    c, k = 5, 3
     pooled = tuple(size // 2 for size in spatial)
     x = channel_range((m,), c, dtype, g)
     x4 = channel_range((2, *spatial), c, dtype, g)
@@ -84,11 +85,12 @@ def test_transition_passes_opcheck_in_1d_and_3d(op, spatial):
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments(spatial=spatial)[op])
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("m, spatial", [(37, (5, 3)), (5003, (61, 47))], ids=["one_tile", "many_tiles"])
+def test_results_do_not_depend_on_the_thread_count(m, spatial):
     """Fixed chunks, partial sums added in chunk order: bitwise equal on 1 and 2 threads."""
     def run() -> list[Tensor]:
         results = []
-        for name, args in op_arguments().items():
+        for name, args in op_arguments(m=m, spatial=spatial).items():
             args = [a.clone() if isinstance(a, Tensor) else a for a in args]
             out = getattr(torch.ops.densenet_fast, name)(*args)
             outputs = out if isinstance(out, tuple) else () if out is None else (out,)
