@@ -100,8 +100,9 @@ def layer_shapes(batch_121: int, batch_bc: int) -> dict[str, LayerShape]:
     last layer reads; the default), single DenseNet-121 layers reading ``C``
     channels of their block's full buffer (``121-block3-C<C>``,
     ``121-block1-C<C>``; the widest is the transition's input), block 2 of
-    DenseNet-BC-1402 (32x32 input, k=12: 1410 + 233 x 12 = 4206 channels, the
-    2 GiB depth benchmark's deep transition), and, for smoke tests, ``tiny-C24`` and ``tiny-C40`` (batch 2, 5x5, a 40-channel buffer, k=4)."""
+    DenseNet-BC-1402 (``bc1402-block2``: 32x32 input, k=12, 1410 + 233 x 12 =
+    4206 channels, the 2 GiB depth benchmark's deep transition), and, for smoke
+    tests, ``tiny-C24`` and ``tiny-C40`` (batch 2, 5x5, a 40-channel buffer, k=4)."""
     shapes = [LayerShape("121-block1", batch_121, 56, 56, 64, 6, 32),
               LayerShape("121-block3", batch_121, 14, 14, 256, 24, 32),
               LayerShape("bc100-block1", batch_bc, 32, 32, 24, 16, 12),
