@@ -463,6 +463,12 @@ class StepSimulation:
                 "grad_buffer": max(m * c for m, (_, c) in zip(self.pixels, self.channels)) * e,
                 "head": self.pixels[-1] * self.channels[-1][1] * e}
 
+    def coefficient_bytes(self, b: int) -> float:
+        """Stage ``b``'s coefficient store: every folded BatchNorm its forward saves,
+        ``(4, C)`` each (norm1 and norm2 of each layer, the tail's)."""
+        (c0, c_total), k = self.channels[b], self.k
+        return 4 * self.s * (sum(c0 + i * k + self.w for i in range(self.arch.block_config[b])) + c_total)
+
     def parameter_bytes(self) -> int:
         return self.arch.parameter_count() * self.p
 
@@ -569,14 +575,15 @@ class StepSimulation:
         statistics = [c_total * s, c_total * s]  # per-channel mean and variance of the buffer
         t.alloc("bn_coefficients", *statistics)
         t.transient("layer_transients", ws.channel_stats(m, c0))
+        t.alloc("bn_coefficients", self.coefficient_bytes(b))
         for layer in range(self.arch.block_config[b]):
             c = c0 + layer * k
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
-            t.alloc("bn_coefficients", 4 * c * s)  # folded norm1 (scale, shift, mean, rstd)
+            t.transient("layer_transients", 4 * c * s)  # folded norm1, then copied into the store
             if keep:
                 t.alloc("kept_bottlenecks", m * w * e)
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
-            t.alloc("bn_coefficients", 4 * w * s)  # folded norm2
+            t.transient("layer_transients", 4 * w * s)  # folded norm2
             t.transient("layer_transients", ws.bn_relu(m, w))
             new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])  # the 3x3 output (dropout: its mask)
             t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
@@ -585,7 +592,7 @@ class StepSimulation:
             t.alloc("layer_transients", *new[1:])
             t.transient("layer_transients", ws.channel_stats(m, k))
             t.free("layer_transients", *new)
-        t.alloc("bn_coefficients", 4 * c_total * s)  # the tail's folded BN
+        t.transient("layer_transients", 4 * c_total * s)  # the tail's folded BN
         t.where = f"forward, block {b + 1}, {'transition' if b + 1 < len(self.pixels) else 'head'}"
         if b + 1 < len(self.pixels):
             m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]
@@ -652,8 +659,7 @@ class StepSimulation:
         t.free("block_buffers", m * c_total * e)
         if keep:
             t.free("kept_bottlenecks", *[m * w * e] * n_layers)
-        t.free("bn_coefficients", *[4 * (c0 + i * k) * s for i in range(n_layers)], *[4 * w * s] * n_layers,
-               4 * c_total * s)
+        t.free("bn_coefficients", self.coefficient_bytes(b))
         t.free("stage_gradient", grad_in)
         return grad_in
 

@@ -149,7 +149,8 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
     """Everything a stage keeps for backward goes through save_for_backward (so
     saved-tensor hooks see it): the input (a view of the buffer, no copy), the
     buffer, the parameters, and per layer its BN coefficients and, when kept, its
-    bottleneck output."""
+    bottleneck output.  The coefficients are consecutive blocks of one tensor
+    (one allocation per stage, as the memory model counts them)."""
     stage = TinyStage("none", recompute=recompute)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     packed = []
@@ -173,6 +174,12 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
                                                                           (4, 8), (4, 6), (2 * 6 * 7, 6)]
     else:
         assert [tuple(t.shape) for t in coefficients_and_bottlenecks] == [(4, 5), (4, 6), (4, 8), (4, 6)]
+    coefficients = [t for t in coefficients_and_bottlenecks if t.shape[0] == 4]
+    store = coefficients[0].untyped_storage()
+    assert all(t.untyped_storage().data_ptr() == store.data_ptr() for t in coefficients)
+    offsets = [t.storage_offset() for t in coefficients]
+    assert offsets == [sum(t.numel() for t in coefficients[:i]) for i in range(len(coefficients))]
+    assert store.nbytes() == sum(t.numel() for t in coefficients) * 8
     saved = {(t.data_ptr(), t.shape) for t in out.grad_fn.saved_tensors}
     assert {(t.data_ptr(), t.shape) for t in packed} >= saved  # every one of them went through the hooks
 

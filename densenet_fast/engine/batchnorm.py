@@ -101,11 +101,12 @@ class BatchStatistics:
 
 def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
          statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...],
-         backend: Backend) -> Folded:
+         backend: Backend, out: Optional[Tensor] = None) -> Folded:
     """Fold ``bn`` (affine parameters ``weight``/``bias`` as the caller passed them)
     for one forward of input ``input_shape`` with ``backend``; with batch
     statistics, ``batch`` is their ``(mean, biased var)`` (already merged) and
-    the running statistics are updated once, as torch's BatchNorm would."""
+    the running statistics are updated once, as torch's BatchNorm would.
+    ``out``: a ``(4, C)`` tensor (statistics dtype) to hold the coefficients."""
     if uses_batch_stats(bn):
         check_values_per_channel(statistics.global_count(), input_shape)
         mean, var = batch
@@ -116,4 +117,5 @@ def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch
         dtype = stats_dtype(data_dtype)
         mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
         update = batch_mean = None
-    return Folded(backend.fold_batchnorm(mean, var, weight, bias, bn.eps, update), batch_mean, bn.eps)
+    coeffs = backend.fold_batchnorm(mean, var, weight, bias, bn.eps, update)
+    return Folded(coeffs if out is None else out.copy_(coeffs), batch_mean, bn.eps)

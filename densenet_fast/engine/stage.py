@@ -21,7 +21,8 @@ Forward: the block input occupies channels ``[0, C0)`` of the buffer and layer
 concatenation is free.  Per-channel batch statistics are computed once, when a
 channel is written, and reused by every later BatchNorm.  Saved for backward
 (all through ``save_for_backward``, so saved-tensor hooks see them): the input,
-the buffer, the parameters forward used, each BatchNorm's folded coefficients
+the buffer, the parameters forward used, each BatchNorm's folded coefficients (views
+of one tensor per stage forward, :class:`CoefficientStore`)
 and, with the ``keep`` policy, each layer's bottleneck output.  Backward uses
 only what forward saved: it walks the layers in reverse, recomputes BN-ReLU
 outputs from the buffer and accumulates ``dL/dX`` into one gradient buffer.
@@ -254,9 +255,28 @@ class ChannelStatistics:
         return (self.mean[:channels], self.var[:channels]) if self.needed else None
 
 
-def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStatistics, keep: bool
-                  ) -> LayerRecord:
-    """Dense layer ``i``: reads channels ``[0, C_i)`` of the buffer, writes its ``k`` new ones."""
+class CoefficientStore:
+    """One tensor for every folded BatchNorm a stage's forward saves for backward
+    (each layer's norm1 and norm2, the tail's), so that they are one allocation
+    instead of two per layer: exact to account for, and no small blocks left on
+    the C heap.  :meth:`take` hands out the next ``(4, C)`` block, in order."""
+
+    def __init__(self, stage: Stage, c0: int, like: Tensor) -> None:
+        channels = sum(c0 + i * stage.growth + stage.width for i in range(len(stage.layers)))
+        channels += c0 + len(stage.layers) * stage.growth if stage.tail.bn is not None else 0
+        self.values = torch.empty(4 * channels, dtype=stats_dtype(like.dtype), device=like.device)
+        self.offset = 0
+
+    def take(self, channels: int) -> Tensor:
+        block = self.values[self.offset:self.offset + 4 * channels].view(4, channels)
+        self.offset += 4 * channels
+        return block
+
+
+def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStatistics, keep: bool,
+                  store: Optional[CoefficientStore]) -> LayerRecord:
+    """Dense layer ``i``: reads channels ``[0, C_i)`` of the buffer, writes its ``k`` new ones.
+    ``store``: where its folded BatchNorms go when backward needs them."""
     backend, arena, buffer = stage.backend, stage.arena, stage.buffer
     layer, statistics = stage.layers[i], cache.statistics
     gamma1, beta1, w1, gamma2, beta2, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
@@ -264,14 +284,15 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
     k, width, m = stage.growth, stage.width, statistics.count
     c = c_total - (len(stage.layers) - i) * k
     features = rows(buffer)
-    bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial), backend)
+    bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial), backend,
+               store.take(c) if store else None)
     bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
         arena.get("bottleneck", (m, width), buffer)
     batch2 = uses_batch_stats(layer.norm2)
     local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
                                      bottleneck, with_stats=batch2)
     bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics, buffer.dtype,
-               (n, width, *spatial), backend)
+               (n, width, *spatial), backend, store.take(width) if store else None)
     activated = arena.get("bn2_out", (n, *spatial, width), buffer)
     backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
     new = reference.convolution(activated.movedim(-1, 1), w2, padding=1)
@@ -294,14 +315,16 @@ def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tup
     cache = ChannelStatistics(stage, statistics, c_total)
     cache.add(rows(buffer), 0, c0)
     records = Records(for_backward and stage.keep)
+    # a compiled graph plans its own memory (and refuses saved views of one tensor made inside it)
+    store = CoefficientStore(stage, c0, buffer) if for_backward and not torch.compiler.is_compiling() else None
     for i in range(len(stage.layers)):
-        record = layer_forward(stage, i, params, cache, records.keep)
+        record = layer_forward(stage, i, params, cache, records.keep, store)
         if for_backward:
             records.layers.append(record)
     tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
     if stage.tail.bn is not None:
         records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
-                            buffer.dtype, tuple(buffer.shape), stage.backend)
+                            buffer.dtype, tuple(buffer.shape), stage.backend, store.take(c_total) if store else None)
     return stage.tail.forward(stage, buffer, records.tail, tail_params), records
 
 
