@@ -330,8 +330,11 @@ def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str,
 # -- the timeline ---------------------------------------------------------------------------------
 PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
-         "small_allocations")
+         "small_allocations", "heap_fragmentation")
 CPU_HEAP_BELOW = 65536  # glibc serves smaller allocations from its heap (the benchmarks' mmap threshold)
+# Resident C heap in holes, per byte of the small gradients zero_grad frees and backward makes again:
+# measured 0.11-0.45 on this CPU; 0.19-0.42 puts every 2 GiB depth boundary right (docs/memory.md)
+CPU_HEAP_FRAGMENTATION = 0.25
 
 
 class Timeline:
@@ -505,6 +508,14 @@ class StepSimulation:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""
         return elements * self.e if self.e != self.p else 0.0
 
+    def heap_fragmentation(self, gradients: list[float]) -> float:
+        """On the CPU, C heap left in holes between the small gradients that
+        backward makes again (an allowance measured on glibc, present throughout
+        the step): :data:`CPU_HEAP_FRAGMENTATION` of their bytes."""
+        if self.setup.device != "cpu":
+            return 0.0
+        return CPU_HEAP_FRAGMENTATION * sum(g for g in gradients if g < CPU_HEAP_BELOW)
+
     def columns(self, m: int, c: int, taps: int) -> float:
         """ATen's im2col buffer of a convolution over ``m`` pixels of ``c`` channels
         with ``taps`` weights per channel, where ATen's CPU convolution takes its
@@ -522,10 +533,11 @@ class StepSimulation:
         slots = self.arena_slots()
         t.alloc("gradient_buffer", slots.pop("grad_buffer"))
         t.alloc("scratch_arena", *slots.values())
-        t.where = "zero_grad"
         gradients = self.stem_gradients() + self.classifier_gradients()
         for b in range(len(self.pixels)):
             gradients += self.stage_gradients(b)
+        t.alloc("heap_fragmentation", self.heap_fragmentation(gradients))
+        t.where = "zero_grad"
         t.free("gradients_released", *gradients)
         stem_saved, stem_out = self.stem_forward()
         for b in range(len(self.pixels)):
