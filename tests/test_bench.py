@@ -157,12 +157,24 @@ def test_cli_runs_bench(fake_workers, tmp_path):
 
 def test_worker_process_measures_a_step():
     spec = {"mode": "memory", "impls": ["fast-torch-recompute"], "model": ModelSpec("densenet_bc", 10).to_dict(),
-            "batch": 4, "image_size": 8, "device": "cpu", "steps": 1, "warmup_batch": 2,
+            "batch": 4, "image_size": 8, "device": "cpu", "steps": 3, "warmup_batch": 2,
             "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
     result = common.run_worker(spec, timeout_s=120)
     assert result["status"] == "ok", result
     assert 0 < result["peak_bytes"] < 200 * MIB and result["baseline_bytes"] > 0
-    assert len(result["step_seconds"]) == 1
+    assert len(result["step_seconds"]) == len(result["step_peak_bytes"]) == 3
+    assert result["peak_bytes"] == max(result["step_peak_bytes"]) and min(result["step_peak_bytes"]) > 0
+
+
+def test_peak_sampler_windows():
+    """Each restart() returns the peak of its own window, not an earlier one's."""
+    with common.AnonPeakSampler() as sampler:
+        block = torch.ones(64 * MIB // 4)  # touched: resident (and mapped on its own: returned when freed)
+        with_block = sampler.restart()
+        del block
+        sampler.restart()  # the window that ends here began with the block still there
+        without_block = sampler.restart()
+    assert with_block - without_block > 32 * MIB
 
 
 def test_implementations_share_weights_and_agree():

@@ -125,16 +125,29 @@ def current_anon_bytes() -> int:
 
 class AnonPeakSampler:
     """Samples :func:`current_anon_bytes` every ``interval_s`` in a thread and keeps the maximum
-    (code pages of libraries mapped during a step count in RSS but not here)."""
+    of the window that :meth:`restart` ends (code pages of libraries mapped during a step count
+    in RSS but not here)."""
 
     def __init__(self, interval_s: float = 0.001) -> None:
-        self.interval_s, self.peak, self._stop = interval_s, current_anon_bytes(), threading.Event()
+        self.interval_s, self._stop, self._lock = interval_s, threading.Event(), threading.Lock()
+        self._peak = current_anon_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _observe(self) -> None:
+        with self._lock:
+            self._peak = max(self._peak, current_anon_bytes())
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, current_anon_bytes())
+            self._observe()
             time.sleep(self.interval_s)
+
+    def restart(self) -> int:
+        """The peak since the previous restart (or the start); a new window begins."""
+        self._observe()
+        with self._lock:
+            peak, self._peak = self._peak, current_anon_bytes()
+        return peak
 
     def __enter__(self) -> "AnonPeakSampler":
         sys.setswitchinterval(self.interval_s / 2)  # let the sampler run between Python-level ops
@@ -144,7 +157,6 @@ class AnonPeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, current_anon_bytes())
 
 
 def process_rss_bytes(pid: int) -> Optional[int]:

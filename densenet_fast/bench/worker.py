@@ -9,8 +9,8 @@ watches its memory.  Modes:
   (parameters, gradients and optimizer state now exist), runs ``steps`` steps
   (the second is a steady-state one: the arena sized by the first), and
   reports the peak above that baseline (resident memory on the CPU, allocated
-  memory on a GPU), the bytes of the parameters, gradients and optimizer
-  state, and the seconds of each step;
+  memory on a GPU), each step's peak, the bytes of the parameters, gradients
+  and optimizer state, and the seconds of each step;
 - ``time``: several implementations on the same inputs, ``warmup`` steps
   each, then ``repeats`` rounds that time one step of each in turn (so load
   changes hit all of them alike).
@@ -88,8 +88,8 @@ def measure_memory(spec: dict) -> dict:
         # resident): give them back so that the measured steps' heap counts in full too.
         trim_heap()
     common.synchronize(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    cuda = device.startswith("cuda")
+    if cuda:
         baseline = torch.cuda.memory_allocated()
     else:
         if warmup_batch:
@@ -97,13 +97,17 @@ def measure_memory(spec: dict) -> dict:
         baseline = common.current_rss_bytes()
     baseline_anon = common.current_anon_bytes()
     print(common.BASELINE_PREFIX + str(baseline), flush=True)
+    seconds, step_peaks = [], []
     with common.AnonPeakSampler() as sampler:
-        seconds = [common.time_once(step, device) for _ in range(spec.get("steps", 2))]
+        for _ in range(spec.get("steps", 2)):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds.append(common.time_once(step, device))
+            step_peaks.append(torch.cuda.max_memory_allocated() - baseline if cuda
+                              else sampler.restart() - baseline_anon)
     result = {"status": "ok", "baseline_bytes": baseline, "persistent_bytes": persistent_bytes(step),
-              "step_seconds": seconds}
-    if device.startswith("cuda"):
-        return {**result, "peak_bytes": torch.cuda.max_memory_allocated() - baseline}
-    return {**result, "peak_bytes": sampler.peak - baseline_anon, "peak_rss_bytes": common.peak_rss_bytes() - baseline}
+              "step_seconds": seconds, "step_peak_bytes": step_peaks, "peak_bytes": max(step_peaks)}
+    return result if cuda else {**result, "peak_rss_bytes": common.peak_rss_bytes() - baseline}
 
 
 def measure_time(spec: dict) -> dict:
