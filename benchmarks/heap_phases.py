@@ -1,0 +1,71 @@
+"""Where a CPU training step's C heap goes: glibc's main-arena counters at each
+phase of several steps, set up as the memory worker sets up its measurement.
+
+    python benchmarks/heap_phases.py fast-cpp-recompute 1000 1 --steps 4
+
+DenseNet-BC of the given depth (k=12, 32x32, the SGD recipe, 2 threads) at the
+given batch.  After the worker's warm-up, arena release and heap trim, prints
+per step and phase (after zero_grad, after forward, after backward, after the
+optimizer) the anonymous resident memory and its peak in that phase above the
+baseline, and ``mallinfo2``'s heap extent (``arena``), bytes in use
+(``uordblks``) and free (``fordblks``), in MiB (docs/memory.md, "The
+coefficient store, and what it showed").
+"""
+
+import argparse
+import ctypes
+
+import torch
+
+from densenet_fast.bench import common, harness, worker
+
+MIB = 2**20
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("impl", help="fast-cpp-keep, fast-cpp-recompute, ...")
+    parser.add_argument("depth", type=int)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    spec = {"impls": [args.impl], "model": {"name": "densenet_bc", "depth": args.depth, "growth_rate": 12},
+            "batch": args.batch, "image_size": 32, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
+            "warmup_batch": min(2, args.batch)}
+    worker.set_mmap_threshold(harness.MMAP_THRESHOLD)
+    torch.set_num_threads(2)
+    worker.warm_up_shapes(args.impl, spec)
+    step = worker.make_step(args.impl, spec)
+    x, y = step.x, step.y
+    step.x, step.y = x[:spec["warmup_batch"]].clone(), y[:spec["warmup_batch"]].clone()
+    step()
+    step.x, step.y = x, y
+    step.model.arena.release()
+    worker.trim_heap()
+    baseline = common.current_anon_bytes()
+
+    def report(phase: str) -> None:
+        info = libc.mallinfo2()
+        print(f"{phase:<16} anon {(common.current_anon_bytes() - baseline) / MIB:+8.2f}  "
+              f"peak {(sampler.restart() - baseline) / MIB:+8.2f}  heap {info.arena / MIB:8.2f}  "
+              f"in use {info.uordblks / MIB:8.2f}  free {info.fordblks / MIB:7.2f}", flush=True)
+
+    step.model.register_forward_pre_hook(lambda *_: report("after zero_grad"))
+    step.model.register_forward_hook(lambda *_: report("after forward"))
+    step.optimizer.register_step_pre_hook(lambda *_: report("after backward"))
+    step.optimizer.register_step_post_hook(lambda *_: report("after optimizer"))
+    with common.AnonPeakSampler() as sampler:
+        report("baseline")
+        for _ in range(args.steps):
+            step()
+
+
+if __name__ == "__main__":
+    main()
