@@ -587,15 +587,13 @@ class StepSimulation:
         statistics = [c_total * s, c_total * s]  # per-channel mean and variance of the buffer
         t.alloc("bn_coefficients", *statistics)
         t.transient("layer_transients", ws.channel_stats(m, c0))
-        t.alloc("bn_coefficients", self.coefficient_bytes(b))
+        t.alloc("bn_coefficients", self.coefficient_bytes(b))  # the backend folds each BN into it
         for layer in range(self.arch.block_config[b]):
             c = c0 + layer * k
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
-            t.transient("layer_transients", 4 * c * s)  # folded norm1, then copied into the store
             if keep:
                 t.alloc("kept_bottlenecks", m * w * e)
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
-            t.transient("layer_transients", 4 * w * s)  # folded norm2
             t.transient("layer_transients", ws.bn_relu(m, w))
             new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])  # the 3x3 output (dropout: its mask)
             t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
@@ -604,7 +602,6 @@ class StepSimulation:
             t.alloc("layer_transients", *new[1:])
             t.transient("layer_transients", ws.channel_stats(m, k))
             t.free("layer_transients", *new)
-        t.transient("layer_transients", 4 * c_total * s)  # the tail's folded BN
         t.where = f"forward, block {b + 1}, {'transition' if b + 1 < len(self.pixels) else 'head'}"
         if b + 1 < len(self.pixels):
             m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]

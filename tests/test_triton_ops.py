@@ -85,7 +85,8 @@ def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> Non
 def test_fold_batchnorm_matches_torch(device, momentum, affine, running_dtype):
     """Coefficients and the running statistics' update (momentum or
     cumulative average; 600 channels: three programs of 256), against the
-    torch backend, twice in a row (num_batches_tracked counts)."""
+    torch backend, twice in a row (num_batches_tracked counts), and folded
+    into a block of a wider tensor."""
     g = torch.Generator().manual_seed(3)
     c = 600
     mean, var = torch.randn(c, generator=g).to(device), (torch.rand(c, generator=g) + 0.1).to(device)
@@ -97,7 +98,11 @@ def test_fold_batchnorm_matches_torch(device, momentum, affine, running_dtype):
         buffers = [t.clone() for t in running]
         update = RunningUpdate(*buffers, momentum, 37)
         coeffs = [backend.fold_batchnorm(mean, var, weight, bias, 1e-5, update) for _ in range(2)]
-        return [*coeffs, *buffers, backend.fold_batchnorm(mean, var, weight, bias, 1e-3, None)]
+        # into a block of a wider store (the engine's coefficient store), which it returns
+        store = torch.full((4 * c + 8,), float("nan"), device=device)
+        into = backend.fold_batchnorm(mean, var, weight, bias, 1e-3, None, out=store[4:4 + 4 * c].view(4, c))
+        assert into.data_ptr() == store[4:].data_ptr() and store[:4].isnan().all() and store[-4:].isnan().all()
+        return [*coeffs, *buffers, backend.fold_batchnorm(mean, var, weight, bias, 1e-3, None), into]
 
     for i, (ours, theirs) in enumerate(zip(fold(TRITON), fold(TORCH))):
         assert ours.dtype == theirs.dtype, i
@@ -126,9 +131,10 @@ def test_forward_statistics_over_many_tiles(device):
 # -- the torch ops ----------------------------------------------------------------------
 
 OPS = torch.ops.densenet_fast_triton
-# the ops each primitive of the backend calls, in order (the BN backward: pass 1, batch_mean, pass 2)
+# the ops each primitive of the backend calls, in order (the BN backward: pass 1, batch_mean, pass 2;
+# folding: into a new tensor, then into the engine's store, primitive_calls calls it both ways)
 PRIMITIVE_OPS = {
-    "fold_batchnorm": ["fold_batchnorm"],
+    "fold_batchnorm": ["fold_batchnorm", "fold_batchnorm_into"],
     "channel_stats": ["channel_stats"],
     "bn_relu_conv1x1": ["bn_relu_conv1x1"],
     "bn_relu_conv1x1_backward": ["bn_relu_conv1x1_backward_sums", "bn_relu_conv1x1_backward_finish"],
@@ -138,7 +144,8 @@ PRIMITIVE_OPS = {
     "transition_backward": ["transition_backward_sums", "transition_backward_finish"],
 }
 # opcheck cases: "<op>" or "<op>-<variant>"
-OP_CASES = ["fold_batchnorm-momentum", "fold_batchnorm-cumulative", "fold_batchnorm-no_update", "channel_stats",
+OP_CASES = ["fold_batchnorm-momentum", "fold_batchnorm-cumulative", "fold_batchnorm-no_update",
+            "fold_batchnorm_into-momentum", "fold_batchnorm_into-no_update", "channel_stats",
             "bn_relu_conv1x1-stats", "bn_relu_conv1x1-no_stats", "bn_relu_conv1x1_backward_sums",
             "bn_relu_conv1x1_backward_finish-batch", "bn_relu_conv1x1_backward_finish-running", "bn_relu",
             "bn_relu_backward_sums", "bn_relu_backward_finish-batch", "bn_relu_backward_finish-running",
@@ -179,6 +186,9 @@ def op_arguments(device: str) -> dict[str, tuple]:
         "fold_batchnorm-momentum": (*fold, *running(), 0.1, m),
         "fold_batchnorm-cumulative": (*fold, *running(), None, m),
         "fold_batchnorm-no_update": (*fold[:2], None, None, 1e-5, None, None, None, None, 0),
+        "fold_batchnorm_into-momentum": (torch.empty(4, c, device=device), *fold, *running(), 0.1, m),
+        "fold_batchnorm_into-no_update": (torch.empty(4, c, device=device), *fold[:2], None, None, 1e-5, None, None,
+                                          None, None, 0),
         "channel_stats": (x,),
         "bn_relu_conv1x1-stats": (x, bn.scale, bn.shift, weight, data((m,), k), True),
         "bn_relu_conv1x1-no_stats": (x, bn.scale, bn.shift, weight, data((m,), k), False),
@@ -214,7 +224,8 @@ def primitive_calls(device: str, batch_stats: bool) -> dict[str, Callable[[], ob
     update = RunningUpdate(data((), c), data((), c).abs(), torch.tensor(3, device=device), 0.1, m) if batch_stats \
         else None
     return {
-        "fold_batchnorm": lambda: TRITON.fold_batchnorm(bn.mean, bn.rstd ** -2, None, None, 1e-5, update),
+        "fold_batchnorm": lambda: [TRITON.fold_batchnorm(bn.mean, bn.rstd ** -2, None, None, 1e-5, update, out)
+                                   for out in (None, torch.empty(4, c, device=device))],
         "channel_stats": lambda: TRITON.channel_stats(x),
         "bn_relu_conv1x1": lambda: TRITON.bn_relu_conv1x1(x, bn.scale, bn.shift, weight, data((m,), k), batch_stats),
         "bn_relu_conv1x1_backward": lambda: TRITON.bn_relu_conv1x1_backward(

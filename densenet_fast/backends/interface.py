@@ -67,12 +67,13 @@ class Backend:
     name = "abstract"
 
     def fold_batchnorm(self, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       eps: float, update: Optional[RunningUpdate]) -> Tensor:
+                       eps: float, update: Optional[RunningUpdate], out: Optional[Tensor] = None) -> Tensor:
         """A BatchNorm that normalises with ``(mean, var)`` (``(C,)``,
         statistics dtype) and has the affine ``weight``, ``bias`` (``None``: 1
-        and 0), folded: ``(4, C)`` rows ``scale, shift, mean, rstd`` (a new
-        tensor, statistics dtype).  Applies ``update`` to the running statistics
-        (with the batch's ``mean, var``) if given."""
+        and 0), folded: ``(4, C)`` rows ``scale, shift, mean, rstd`` (statistics
+        dtype), written into ``out`` (contiguous) if given, else a new tensor.
+        Applies ``update`` to the running statistics (with the batch's
+        ``mean, var``) if given."""
         raise NotImplementedError
 
     def channel_stats(self, x: Tensor) -> Stats:

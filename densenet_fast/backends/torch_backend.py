@@ -23,7 +23,8 @@ def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
 class TorchBackend(Backend):
     name = "torch"
 
-    def fold_batchnorm(self, mean, var, weight, bias, eps, update: Optional[RunningUpdate]) -> Tensor:
+    def fold_batchnorm(self, mean, var, weight, bias, eps, update: Optional[RunningUpdate],
+                       out: Optional[Tensor] = None) -> Tensor:
         if update is not None:
             update.batches.add_(1)
             factor = 1.0 / float(update.batches) if update.momentum is None else update.momentum
@@ -33,7 +34,7 @@ class TorchBackend(Backend):
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else weight.to(var.dtype) * rstd
         shift = -mean * scale if bias is None else bias.to(var.dtype) - mean * scale
-        return torch.stack([scale, shift, mean, rstd])
+        return torch.stack([scale, shift, mean, rstd], out=out)
 
     def channel_stats(self, x: Tensor) -> Stats:
         # Two passes (mean, then mean of squared deviations): stable, and on the

@@ -55,8 +55,12 @@ class TritonBackend(TorchBackend):
     native_dtypes = DATA_DTYPES
 
     @native_dtypes_only
-    def fold_batchnorm(self, mean, var, weight, bias, eps, update):
-        return ops.fold_batchnorm(mean, var, weight, bias, eps, *(update if update is not None else NO_UPDATE))
+    def fold_batchnorm(self, mean, var, weight, bias, eps, update, out=None):
+        args = (mean, var, weight, bias, eps, *(update if update is not None else NO_UPDATE))
+        if out is None:
+            return ops.fold_batchnorm(*args)
+        ops.fold_batchnorm_into(out, *args)
+        return out
 
     @native_dtypes_only
     def channel_stats(self, x: Tensor) -> Stats:

@@ -117,5 +117,4 @@ def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch
         dtype = stats_dtype(data_dtype)
         mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
         update = batch_mean = None
-    coeffs = backend.fold_batchnorm(mean, var, weight, bias, bn.eps, update)
-    return Folded(coeffs if out is None else out.copy_(coeffs), batch_mean, bn.eps)
+    return Folded(backend.fold_batchnorm(mean, var, weight, bias, bn.eps, update, out), batch_mean, bn.eps)

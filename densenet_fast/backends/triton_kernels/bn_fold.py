@@ -64,17 +64,14 @@ def _fold_kernel(mean_ptr, var_ptr,  # (C,) fp32: the statistics that normalise
 _fold = Launcher(_fold_kernel, [triton.Config({}, num_warps=4)])
 
 
-@custom_op("fold_batchnorm", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def fold_batchnorm(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> Tensor:
-    """``(4, C)`` fp32 rows ``scale, shift, mean, rstd`` for fp32 ``mean, var``
-    ``(C,)`` and the affine ``weight, bias`` (``(C,)`` or None); with
-    ``running_mean`` (and ``running_var``, ``num_batches_tracked``) the running
-    statistics' update of ``interface.RunningUpdate`` (``momentum`` None: the
-    cumulative average; ``count`` values per channel), else no update."""
+def _launch_fold(coeffs: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> None:
+    """Fill ``coeffs`` ``(4, C)`` (fp32, contiguous); the arguments as :func:`fold_batchnorm`'s."""
+    if coeffs.dtype != torch.float32 or not coeffs.is_contiguous() or coeffs.shape != (4, mean.shape[0]):
+        raise ValueError(f"coeffs must be a contiguous fp32 (4, {mean.shape[0]}) tensor, got {coeffs.dtype} "
+                         f"{tuple(coeffs.shape)} with strides {coeffs.stride()}")
     c = mean.shape[0]
-    coeffs = torch.empty(4, c, device=mean.device, dtype=torch.float32)
     update = running_mean is not None
     cumulative = update and momentum is None
     # with momentum None every program reads num_batches_tracked before it changes: one program then
@@ -86,9 +83,38 @@ def fold_batchnorm(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Op
         (momentum or 0.0) if update else 0.0, count / (count - 1) if update else 1.0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update,
         CUMULATIVE=cumulative, BLOCK_C=BLOCK_C)
+
+
+@custom_op("fold_batchnorm", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def fold_batchnorm(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> Tensor:
+    """``(4, C)`` fp32 rows ``scale, shift, mean, rstd`` for fp32 ``mean, var``
+    ``(C,)`` and the affine ``weight, bias`` (``(C,)`` or None); with
+    ``running_mean`` (and ``running_var``, ``num_batches_tracked``) the running
+    statistics' update of ``interface.RunningUpdate`` (``momentum`` None: the
+    cumulative average; ``count`` values per channel), else no update."""
+    coeffs = torch.empty(4, mean.shape[0], device=mean.device, dtype=torch.float32)
+    _launch_fold(coeffs, mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum,
+                 count)
     return coeffs
 
 
 @fold_batchnorm.register_fake
 def _(mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count):
     return mean.new_empty(4, mean.shape[0], dtype=torch.float32)
+
+
+@custom_op("fold_batchnorm_into", mutates_args=("coeffs", "running_mean", "running_var", "num_batches_tracked"))
+def fold_batchnorm_into(coeffs: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> None:
+    """:func:`fold_batchnorm` into ``coeffs`` (``(4, C)`` fp32, contiguous; a
+    block of the engine's coefficient store)."""
+    _launch_fold(coeffs, mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum,
+                 count)
+
+
+@fold_batchnorm_into.register_fake
+def _(coeffs, mean, var, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, count):
+    return None
