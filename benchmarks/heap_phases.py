@@ -38,17 +38,10 @@ def main() -> None:
     libc.mallinfo2.restype = MallInfo2
     spec = {"impls": [args.impl], "model": {"name": "densenet_bc", "depth": args.depth, "growth_rate": 12},
             "batch": args.batch, "image_size": 32, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
-            "warmup_batch": min(2, args.batch)}
-    worker.set_mmap_threshold(harness.MMAP_THRESHOLD)
+            "warmup_batch": min(2, args.batch), "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
+    worker.set_mmap_threshold(spec["malloc_mmap_threshold"])
     torch.set_num_threads(2)
-    worker.warm_up_shapes(args.impl, spec)
-    step = worker.make_step(args.impl, spec)
-    x, y = step.x, step.y
-    step.x, step.y = x[:spec["warmup_batch"]].clone(), y[:spec["warmup_batch"]].clone()
-    step()
-    step.x, step.y = x, y
-    step.model.arena.release()
-    worker.trim_heap()
+    step = worker.warmed_up_step(spec)
     baseline = common.current_anon_bytes()
 
     def report(phase: str) -> None:

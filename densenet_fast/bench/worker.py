@@ -69,8 +69,10 @@ def warm_up_shapes(impl: str, spec: dict) -> None:
     make_step(impl, {**spec, "model": {**spec["model"], "depth": 10}})()
 
 
-def measure_memory(spec: dict) -> dict:
-    device = spec["device"]
+def warmed_up_step(spec: dict) -> Step:
+    """The step of ``spec["impls"][0]``, warmed up for a memory measurement: the
+    warm-up step on ``warmup_batch`` images done, the scratch arena freed and
+    (with ``malloc_mmap_threshold``) the C heap trimmed."""
     if "densenet_bc" in spec["model"]["name"] and spec.get("warmup_batch"):
         warm_up_shapes(spec["impls"][0], spec)
     step = make_step(spec["impls"][0], spec)
@@ -87,6 +89,13 @@ def measure_memory(spec: dict) -> dict:
         # The warm-up step left the C heap at its high-water mark (freed small blocks stay
         # resident): give them back so that the measured steps' heap counts in full too.
         trim_heap()
+    return step
+
+
+def measure_memory(spec: dict) -> dict:
+    device = spec["device"]
+    step = warmed_up_step(spec)
+    warmup_batch = spec.get("warmup_batch", 0)
     common.synchronize(device)
     cuda = device.startswith("cuda")
     if cuda:
