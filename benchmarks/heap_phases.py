@@ -9,7 +9,11 @@ per step and phase (after zero_grad, after forward, after backward, after the
 optimizer) the anonymous resident memory and its peak in that phase above the
 baseline, and ``mallinfo2``'s heap extent (``arena``), bytes in use
 (``uordblks``) and free (``fordblks``), in MiB (docs/memory.md, "The
-coefficient store, and what it showed").
+coefficient store, and what it showed", "Over twelve steps").
+
+``--flat-gradients``: every gradient is a view of one buffer made before the
+baseline and zeroed in place (``zero_grad(set_to_none=False)``), so that no
+gradient is freed or made again on the heap.
 """
 
 import argparse
@@ -27,12 +31,26 @@ class MallInfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+def use_flat_gradients(step) -> None:
+    """Make every parameter's gradient a zeroed view of one flat buffer that the
+    optimizer's ``zero_grad`` keeps (backward then accumulates into it in place)."""
+    params = list(step.model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].as_strided(p.shape, p.stride())  # p's layout
+        offset += p.numel()
+    zero_grad = step.optimizer.zero_grad
+    step.optimizer.zero_grad = lambda set_to_none=True: zero_grad(set_to_none=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("impl", help="fast-cpp-keep, fast-cpp-recompute, ...")
     parser.add_argument("depth", type=int)
     parser.add_argument("batch", type=int)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--flat-gradients", action="store_true")
     args = parser.parse_args()
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
@@ -42,6 +60,9 @@ def main() -> None:
     worker.set_mmap_threshold(spec["malloc_mmap_threshold"])
     torch.set_num_threads(2)
     step = worker.warmed_up_step(spec)
+    if args.flat_gradients:
+        use_flat_gradients(step)
+        worker.trim_heap()
     baseline = common.current_anon_bytes()
 
     def report(phase: str) -> None:

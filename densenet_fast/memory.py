@@ -332,8 +332,9 @@ PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_bu
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
          "small_allocations", "heap_fragmentation")
 CPU_HEAP_BELOW = 65536  # glibc serves smaller allocations from its heap (the benchmarks' mmap threshold)
-# Resident C heap in holes, per byte of the small gradients zero_grad frees and backward makes again:
-# measured 0.11-0.45 on this CPU; 0.19-0.42 puts every 2 GiB depth boundary right (docs/memory.md)
+# Resident C heap in holes, per byte of the small gradients (the step's small tensors leave them):
+# measured 0.11-0.45 on this CPU over two steps, 0-1.9 over twelve at batch 1 (no constant fits
+# there); 0.19-0.42 puts every 2 GiB depth boundary right (docs/memory.md, "Over twelve steps")
 CPU_HEAP_FRAGMENTATION = 0.25
 
 

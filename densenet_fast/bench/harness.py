@@ -31,7 +31,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: the trainer's recipe (momentum 0.9, Nesterov, weight decay 1e-4)")
     parser.add_argument("--steps", type=int, default=2,
-                        help="measured training steps per memory process (the second is a steady-state one)")
+                        help="measured training steps per memory process; the peak is the highest (the first step grows "
+                             "the scratch arena; on the CPU the C heap's holes grow for about ten steps more)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
@@ -85,8 +86,9 @@ MMAP_THRESHOLD = 65536  # bytes: tensors above it are mmapped and returned to th
 
 
 def check_budget_steps(args: argparse.Namespace) -> None:
-    """A budget is about training, whose every step after the first peaks the
-    same: refuse to judge it from one measured step.  The first full-size step
+    """A budget is about training: refuse to judge it from one measured step
+    (later ones can peak higher still on the CPU: by up to 3.9 MiB at batch 16
+    in docs/memory.md, "Over twelve steps").  The first full-size step
     peaks lower: the model's scratch arena (released after the warm-up on a
     few images) grows during it, block by block, so block 1's gradient buffer
     is not yet allocated when a deep network peaks in a later block's backward

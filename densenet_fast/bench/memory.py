@@ -1,16 +1,17 @@
 """``bench memory``: the memory model against fresh-process measurements.
 
 For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
-``densenet121:8``) and recompute policy, one fresh worker measures the peak of
-a steady-state training step above the parameters, gradients and optimizer
-state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
+``densenet121:8``) and recompute policy, one fresh worker measures the highest
+peak of 12 training steps (``--steps``; the model predicts the steady state,
+and on the CPU the C heap grows for about ten steps) above the parameters,
+gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
 it.  Reported per point: predicted and measured step bytes and the relative
 error, the persistent bytes (counted in the worker, and predicted), the error
 of the total (persistent + step), where the predicted peak is; then the worst
 errors.  ``--repredict FILE`` predicts a result file's measurements again with
 the memory model as it is now (measuring is slow, predicting is not).  The default grid spans depths 40 to
 1000 and batches 1 to 256, with large batches only at small depths and large
-depths only at small batches, so that it runs in about an hour on 2 cores.
+depths only at small batches, so that it runs in a few hours on 2 cores.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DEFAULT_POINTS = ("densenet_bc-40:1", "densenet_bc-40:4", "densenet_bc-40:16", "
                   "densenet_bc-100:128", "densenet_bc-250:1", "densenet_bc-250:4", "densenet_bc-250:16",
                   "densenet_bc-502:1", "densenet_bc-502:4", "densenet_bc-1000:1", "densenet_bc-1000:4")
 TOLERANCE = 0.10
+STEADY_STEPS = 12  # measured steps per point: the CPU's step stops growing by about the tenth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
     add_common_arguments(parser)
+    parser.set_defaults(steps=STEADY_STEPS)
 
 
 def parse_point(text: str, growth_rate: int) -> tuple[ModelSpec, int]:
