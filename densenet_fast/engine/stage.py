@@ -273,9 +273,50 @@ class CoefficientStore:
         return block
 
 
-def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStatistics, keep: bool,
-                  store: Optional[CoefficientStore]) -> LayerRecord:
+class GradientStore:
+    """One tensor for the gradients of a stage's parameters, which its backward
+    returns as views of it, each in its parameter's dtype and layout: one
+    allocation per stage instead of six per layer, so that the gradients backward
+    keeps leave no small blocks between its temporaries on the C heap.  Autograd
+    keeps the views as the parameters' ``.grad``; the tensor is freed when the
+    last of them is."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.values = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.views, offset = [], 0
+        for p in params:  # empty_like keeps a dense layout's strides (channels-last weights too)
+            stride = p.stride() if p.is_contiguous() else torch.empty_like(p, device="meta").stride()
+            self.views.append(self.values.as_strided(p.shape, stride, offset))
+            offset += p.numel()
+
+    @staticmethod
+    def usable(params: list[Tensor]) -> bool:
+        """Whether one tensor can hold them: one dtype and device, and not while compiling
+        (a compiled graph plans its own memory)."""
+        return (bool(params) and not torch.compiler.is_compiling()
+                and len({(p.dtype, p.device) for p in params}) == 1)
+
+    def put(self, start: int, grads: list[Tensor]) -> list[Tensor]:
+        """``grads`` of parameters ``start, start + 1, ...`` copied into their views; returns the views."""
+        views = self.views[start:start + len(grads)]
+        torch._foreach_copy_(views, grads)
+        return views
+
+
+def kept_bottlenecks(stage: Stage, m: int, like: Tensor, one_tensor: bool) -> list[Tensor]:
+    """Where each layer's bottleneck output goes with the ``keep`` policy, ``(M, 4k)``
+    each: views of one ``(L, M, 4k)`` tensor (one allocation, as :class:`CoefficientStore`),
+    or, with ``one_tensor`` false, one tensor each."""
+    shape = (len(stage.layers), m, stage.width)
+    if one_tensor:
+        return list(torch.empty(shape, dtype=like.dtype, device=like.device).unbind(0))
+    return [torch.empty(shape[1:], dtype=like.dtype, device=like.device) for _ in range(shape[0])]
+
+
+def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStatistics,
+                  kept: Optional[Tensor], store: Optional[CoefficientStore]) -> LayerRecord:
     """Dense layer ``i``: reads channels ``[0, C_i)`` of the buffer, writes its ``k`` new ones.
+    ``kept``: ``(M, 4k)``, where its bottleneck output goes with the ``keep`` policy;
     ``store``: where its folded BatchNorms go when backward needs them."""
     backend, arena, buffer = stage.backend, stage.arena, stage.buffer
     layer, statistics = stage.layers[i], cache.statistics
@@ -286,8 +327,7 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
     features = rows(buffer)
     bn1 = fold(layer.norm1, gamma1, beta1, cache.of_first(c), statistics, buffer.dtype, (n, c, *spatial), backend,
                store.take(c) if store else None)
-    bottleneck = torch.empty((m, width), dtype=buffer.dtype, device=buffer.device) if keep else \
-        arena.get("bottleneck", (m, width), buffer)
+    bottleneck = kept if kept is not None else arena.get("bottleneck", (m, width), buffer)
     batch2 = uses_batch_stats(layer.norm2)
     local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
                                      bottleneck, with_stats=batch2)
@@ -303,7 +343,7 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
     buffer[:, c:c + k].copy_(new)
     del new
     cache.add(features, c, c + k)
-    return LayerRecord(bn1, bn2, bottleneck if keep else None, seed)
+    return LayerRecord(bn1, bn2, kept, seed)
 
 
 def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tuple[Tensor, Records]:
@@ -316,9 +356,11 @@ def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tup
     cache.add(rows(buffer), 0, c0)
     records = Records(for_backward and stage.keep)
     # a compiled graph plans its own memory (and refuses saved views of one tensor made inside it)
-    store = CoefficientStore(stage, c0, buffer) if for_backward and not torch.compiler.is_compiling() else None
+    one_tensor = for_backward and not torch.compiler.is_compiling()
+    store = CoefficientStore(stage, c0, buffer) if one_tensor else None
+    kept = kept_bottlenecks(stage, statistics.count, buffer, one_tensor) if records.keep else None
     for i in range(len(stage.layers)):
-        record = layer_forward(stage, i, params, cache, records.keep, store)
+        record = layer_forward(stage, i, params, cache, kept[i] if kept else None, store)
         if for_backward:
             records.layers.append(record)
     tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
@@ -366,16 +408,23 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
 
 def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[Tensor], grad_out: Tensor
                    ) -> tuple[Tensor, list[Tensor]]:
-    """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``."""
+    """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``, each gradient in
+    its parameter's dtype (views of one :class:`GradientStore` where they can be)."""
     n, c_total, *spatial = buffer.shape
     if torch.compiler.is_compiling():
         # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
         # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
         buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
     grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
+    store = GradientStore(params) if GradientStore.usable(params) else None
+
+    def stored(start: int, grads: list[Tensor]) -> list[Tensor]:  # in the store as soon as they are made
+        return store.put(start, grads) if store else [g.to(p.dtype) for g, p in zip(grads, params[start:])]
+
     layer_params = len(stage.layers) * PARAMS_PER_LAYER
-    tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
-    layer_grads = [layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params)
+    tail_grads = stored(layer_params, stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out,
+                                                        grad_buffer))
+    layer_grads = [stored(i * PARAMS_PER_LAYER, layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params))
                    for i in reversed(range(len(stage.layers)))]
     grads = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
     c0 = c_total - len(stage.layers) * stage.growth
@@ -404,7 +453,6 @@ class StageFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
             return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
         grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out)
-        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return (grad_x.to(buffer.dtype), None, *grads)
 
 
