@@ -14,7 +14,8 @@ Every size is what the code allocates: block buffers (``N*H*W*C_total``),
 bottleneck outputs (``N*H*W*4k``), the scratch arena's slots (their largest
 request), folded BN coefficients (``4*C``), the 3x3 convolution's output and
 input gradient, the gradient passed between stages, the backends' workspaces
-and each parameter's gradient as backward produces it.  The arena is in its
+and the parameters' gradients: one tensor per stage that its backward copies
+each layer's gradients into as soon as they are made (``GradientStore``).  The arena is in its
 steady state: its slots were sized by an earlier step and stay allocated.
 """
 
@@ -330,12 +331,8 @@ def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str,
 # -- the timeline ---------------------------------------------------------------------------------
 PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
-         "small_allocations", "heap_fragmentation")
+         "small_allocations")
 CPU_HEAP_BELOW = 65536  # glibc serves smaller allocations from its heap (the benchmarks' mmap threshold)
-# Resident C heap in holes, per byte of the small gradients (the step's small tensors leave them):
-# measured 0.11-0.45 on this CPU over two steps, 0-1.9 over twelve at batch 1 (no constant fits
-# there); 0.19-0.42 puts every 2 GiB depth boundary right (docs/memory.md, "Over twelve steps")
-CPU_HEAP_FRAGMENTATION = 0.25
 
 
 class Timeline:
@@ -487,19 +484,15 @@ class StepSimulation:
             return [c0 * self.arch.in_channels * 49 * p, c0 * p, c0 * p]
         return [c0 * self.arch.in_channels * 9 * p]
 
-    def bn_gradient(self, c: int) -> list[float]:
-        """A BN's weight and bias gradients: one ``(2, C)`` tensor in the statistics
-        dtype, or two in the parameters' dtype once converted."""
-        return [2 * c * self.s] if self.s == self.p else [c * self.p, c * self.p]
-
-    def stage_gradients(self, b: int) -> list[float]:
-        """Stage ``b``'s parameter gradients as autograd receives them."""
+    def stage_gradient_bytes(self, b: int) -> float:
+        """Stage ``b``'s gradient store: the gradients of its layers' and its tail's
+        parameters, in the parameters' dtype."""
         c0, c_total = self.channels[b]
-        out = self.bn_gradient(c_total) + ([] if b + 1 == len(self.pixels) else [c_total * (c_total // 2) * self.p])
+        elements = 2 * c_total + (0 if b + 1 == len(self.pixels) else c_total * (c_total // 2))
         for layer in range(self.arch.block_config[b]):
             c = c0 + layer * self.k
-            out += [self.k * self.w * 9 * self.p, self.w * c * self.p] + self.bn_gradient(self.w) + self.bn_gradient(c)
-        return out
+            elements += self.k * self.w * 9 + self.w * c + 2 * self.w + 2 * c
+        return elements * self.p
 
     def classifier_gradients(self) -> list[float]:
         classes = self.arch.num_classes
@@ -508,14 +501,6 @@ class StepSimulation:
     def cast(self, elements: int) -> float:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""
         return elements * self.e if self.e != self.p else 0.0
-
-    def heap_fragmentation(self, gradients: list[float]) -> float:
-        """On the CPU, C heap left in holes between the small gradients that
-        backward makes again (an allowance measured on glibc, present throughout
-        the step): :data:`CPU_HEAP_FRAGMENTATION` of their bytes."""
-        if self.setup.device != "cpu":
-            return 0.0
-        return CPU_HEAP_FRAGMENTATION * sum(g for g in gradients if g < CPU_HEAP_BELOW)
 
     def columns(self, m: int, c: int, taps: int) -> float:
         """ATen's im2col buffer of a convolution over ``m`` pixels of ``c`` channels
@@ -535,9 +520,7 @@ class StepSimulation:
         t.alloc("gradient_buffer", slots.pop("grad_buffer"))
         t.alloc("scratch_arena", *slots.values())
         gradients = self.stem_gradients() + self.classifier_gradients()
-        for b in range(len(self.pixels)):
-            gradients += self.stage_gradients(b)
-        t.alloc("heap_fragmentation", self.heap_fragmentation(gradients))
+        gradients += [self.stage_gradient_bytes(b) for b in range(len(self.pixels))]
         t.where = "zero_grad"
         t.free("gradients_released", *gradients)
         stem_saved, stem_out = self.stem_forward()
@@ -589,11 +572,11 @@ class StepSimulation:
         t.alloc("bn_coefficients", *statistics)
         t.transient("layer_transients", ws.channel_stats(m, c0))
         t.alloc("bn_coefficients", self.coefficient_bytes(b))  # the backend folds each BN into it
+        if keep:  # every layer's bottleneck output, one (L, M, 4k) tensor
+            t.alloc("kept_bottlenecks", self.arch.block_config[b] * m * w * e)
         for layer in range(self.arch.block_config[b]):
             c = c0 + layer * k
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
-            if keep:
-                t.alloc("kept_bottlenecks", m * w * e)
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
             t.transient("layer_transients", ws.bn_relu(m, w))
             new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])  # the 3x3 output (dropout: its mask)
@@ -623,17 +606,18 @@ class StepSimulation:
         ws = self.workspace
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
+        t.alloc("gradients_released", self.stage_gradient_bytes(b))
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
-        # gradients the stage holds until it returns: convolution weights in the data dtype,
-        # BN weights and biases as (2, C) tensors in the statistics dtype
-        conv_grads, bn_grads = [], [2 * c_total * s]
+        # each primitive's parameter gradients (convolution weights in the data dtype, a BN's
+        # weight and bias as one (2, C) tensor in the statistics dtype) live until they are copied
+        # into the stage's store
         if last:
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
+            t.transient("layer_transients", 2 * c_total * s)
         else:
-            conv_grads.append(c_total * (c_total // 2) * e)
             t.transient("layer_transients", ws.transition_backward(m, c_total, c_total // 2),
                         self.cast(c_total * (c_total // 2)))
-        t.alloc("gradients_released", *conv_grads, *bn_grads)
+            t.transient("layer_transients", c_total * (c_total // 2) * e, 2 * c_total * s)
         for layer in reversed(range(n_layers)):
             c = c0 + layer * k
             t.where = f"backward, block {b + 1}, layer {layer + 1}"
@@ -642,7 +626,8 @@ class StepSimulation:
             if not keep:
                 t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=False))
             t.transient("layer_transients", ws.bn_relu(m, w))
-            t.alloc("gradients_released", k * w * 9 * e)  # conv2's weight gradient
+            conv2_grad = k * w * 9 * e
+            t.alloc("layer_transients", conv2_grad)
             # the copy of dL/dnew (and the dropout mask), the convolution's input gradient (M, 4k)
             grad_new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])
             t.alloc("layer_transients", *grad_new)
@@ -650,25 +635,17 @@ class StepSimulation:
             t.free("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9), *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))
-            t.alloc("gradients_released", w * c * e, 2 * w * s, 2 * c * s)  # conv1's, norm2's, norm1's
-            t.free("layer_transients", m * w * e, cast_w1)
-            conv_grads += [k * w * 9 * e, w * c * e]
-            bn_grads += [2 * w * s, 2 * c * s]
+            others = [w * c * e, 2 * w * s, 2 * c * s]  # conv1's, norm2's, norm1's
+            t.alloc("layer_transients", *others)
+            t.free("layer_transients", m * w * e, cast_w1, conv2_grad, *others)
         t.where = f"backward, block {b + 1}, end"
-        # gradients computed in another dtype than the parameters' are converted
-        if e != self.p:
-            t.alloc("gradients_released", *(g // e * self.p for g in conv_grads))
-            t.free("gradients_released", *conv_grads)
-        if s != self.p:
-            t.alloc("gradients_released", *(g // (2 * s) * self.p for g in bn_grads for _ in range(2)))
-            t.free("gradients_released", *bn_grads)
         grad_in = m * c0 * e
         t.alloc("stage_gradient", grad_in)
         # autograd releases what the stage saved, and its incoming gradient
         t.free("stage_gradient", grad_out)
         t.free("block_buffers", m * c_total * e)
         if keep:
-            t.free("kept_bottlenecks", *[m * w * e] * n_layers)
+            t.free("kept_bottlenecks", n_layers * m * w * e)
         t.free("bn_coefficients", self.coefficient_bytes(b))
         t.free("stage_gradient", grad_in)
         return grad_in

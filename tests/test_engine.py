@@ -149,8 +149,9 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
     """Everything a stage keeps for backward goes through save_for_backward (so
     saved-tensor hooks see it): the input (a view of the buffer, no copy), the
     buffer, the parameters, and per layer its BN coefficients and, when kept, its
-    bottleneck output.  The coefficients are consecutive blocks of one tensor
-    (one allocation per stage, as the memory model counts them)."""
+    bottleneck output.  The coefficients are consecutive blocks of one tensor, and
+    so are the kept bottlenecks (one allocation per stage each, as the memory
+    model counts them)."""
     stage = TinyStage("none", recompute=recompute)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     packed = []
@@ -174,6 +175,11 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
                                                                           (4, 8), (4, 6), (2 * 6 * 7, 6)]
     else:
         assert [tuple(t.shape) for t in coefficients_and_bottlenecks] == [(4, 5), (4, 6), (4, 8), (4, 6)]
+    kept = [t for t in coefficients_and_bottlenecks if t.shape[0] != 4]
+    if kept:  # views of one (L, M, 4k) tensor, one after the other
+        assert {t.untyped_storage().data_ptr() for t in kept} == {kept[0].untyped_storage().data_ptr()}
+        assert [t.storage_offset() for t in kept] == [0, kept[0].numel()]
+        assert kept[0].untyped_storage().nbytes() == 2 * kept[0].numel() * 8
     coefficients = [t for t in coefficients_and_bottlenecks if t.shape[0] == 4]
     store = coefficients[0].untyped_storage()
     assert all(t.untyped_storage().data_ptr() == store.data_ptr() for t in coefficients)
@@ -182,6 +188,34 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
     assert store.nbytes() == sum(t.numel() for t in coefficients) * 8
     saved = {(t.data_ptr(), t.shape) for t in out.grad_fn.saved_tensors}
     assert {(t.data_ptr(), t.shape) for t in packed} >= saved  # every one of them went through the hooks
+
+
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_stage_gradients_are_views_of_one_tensor_kept_as_grad(recompute):
+    """A stage's backward copies its parameters' gradients into one tensor as
+    they are made; autograd keeps the views, each in its parameter's layout (the
+    3x3 weights are channels-last), as ``.grad`` without copying them."""
+    stage = TinyStage("transition", recompute=recompute)
+    stage(torch.randn(2, 5, 6, 7, dtype=torch.float64)).sum().backward()
+    params = list(stage.parameters())
+    store = params[0].grad.untyped_storage()
+    assert all(p.grad.untyped_storage().data_ptr() == store.data_ptr() for p in params)
+    assert store.nbytes() == sum(p.numel() for p in params) * 8
+    assert all(p.grad.stride() == p.stride() for p in params)
+    assert any(not p.is_contiguous() for p in params)
+
+
+def test_stage_parameters_of_mixed_dtypes_get_gradients_of_their_own():
+    """Parameters of different dtypes cannot share one tensor: each gets its own
+    gradient in its dtype, equal to the float64 stage's."""
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    reference, mixed = TinyStage("transition"), TinyStage("transition")
+    mixed.tail.float()
+    for stage in (reference, mixed):
+        stage(x).sum().backward()
+    for p, q in zip(reference.parameters(), mixed.parameters()):
+        assert q.grad.dtype == q.dtype
+        torch.testing.assert_close(q.grad.double(), p.grad, rtol=1e-5, atol=1e-6)
 
 
 # -- running statistics --------------------------------------------------------------------

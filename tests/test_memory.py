@@ -14,8 +14,8 @@ from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_b
 from densenet_fast.bench import common, harness
 from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
-from densenet_fast.memory import (CPU_HEAP_BELOW, CPU_HEAP_FRAGMENTATION, Architecture, OptimizerSpec, Setup,
-                                  format_bytes, parse_bytes, predict)
+from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
+                                  predict)
 from densenet_fast.models import MemoryPlanNotice
 from helpers import check_training_float64, make_pair
 from helpers import one_thread  # noqa: F401  (fixture)
@@ -49,16 +49,17 @@ def test_recompute_is_leaner_and_memory_grows_with_batch_and_depth():
     assert predict(BC40.with_depth(100), setup, "keep").step_bytes > keep.step_bytes
 
 
-@pytest.mark.parametrize("depth", [40, 250])
-def test_cpu_heap_allowance_follows_the_small_gradients(depth):
-    """On the CPU the whole step carries CPU_HEAP_FRAGMENTATION of the bytes of
-    the gradients glibc serves from its heap; a GPU has no such heap."""
-    small = sum(p.numel() * 4 for p in densenet_bc(depth).parameters() if p.numel() * 4 < CPU_HEAP_BELOW)
-    arch = BC40.with_depth(depth)
-    for policy in ("keep", "recompute"):
-        cpu = predict(arch, Setup(4, 32, backend="torch"), policy)
-        assert cpu.step["heap_fragmentation"] == round(CPU_HEAP_FRAGMENTATION * small)
-        assert "heap_fragmentation" not in predict(arch, Setup(4, 32, device="cuda"), policy).step
+def test_gradients_are_the_tensors_the_model_counts():
+    """After backward each stage's gradients are one tensor of the bytes the
+    model counts for its store; the stem's and the classifier's are their own."""
+    model = densenet_bc(40)
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    torch.nn.functional.cross_entropy(model(x), target).backward()
+    storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
+    simulation = StepSimulation(BC40, Setup(2, 32), ("keep",) * 3)
+    counted = [simulation.stage_gradient_bytes(b) for b in range(3)]
+    counted += simulation.stem_gradients() + simulation.classifier_gradients()
+    assert sorted(storages.values()) == sorted(counted)
 
 
 @pytest.mark.parametrize("budget_mib", [14, 18, 22, 26, 30, 40])
