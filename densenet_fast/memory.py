@@ -606,18 +606,19 @@ class StepSimulation:
         ws = self.workspace
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
-        t.alloc("gradients_released", self.stage_gradient_bytes(b))
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
         # each primitive's parameter gradients (convolution weights in the data dtype, a BN's
         # weight and bias as one (2, C) tensor in the statistics dtype) live until they are copied
-        # into the stage's store
+        # into the stage's gradient store, which is made after the tail's backward
+        tail_grads = [2 * c_total * s] + ([] if last else [c_total * (c_total // 2) * e])
         if last:
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
-            t.transient("layer_transients", 2 * c_total * s)
         else:
             t.transient("layer_transients", ws.transition_backward(m, c_total, c_total // 2),
                         self.cast(c_total * (c_total // 2)))
-            t.transient("layer_transients", c_total * (c_total // 2) * e, 2 * c_total * s)
+        t.alloc("layer_transients", *tail_grads)
+        t.alloc("gradients_released", self.stage_gradient_bytes(b))
+        t.free("layer_transients", *tail_grads)
         for layer in reversed(range(n_layers)):
             c = c0 + layer * k
             t.where = f"backward, block {b + 1}, layer {layer + 1}"

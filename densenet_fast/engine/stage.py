@@ -299,7 +299,8 @@ class GradientStore:
     def put(self, start: int, grads: list[Tensor]) -> list[Tensor]:
         """``grads`` of parameters ``start, start + 1, ...`` copied into their views; returns the views."""
         views = self.views[start:start + len(grads)]
-        torch._foreach_copy_(views, grads)
+        if grads:  # a tail without parameters has none
+            torch._foreach_copy_(views, grads)
         return views
 
 
@@ -416,14 +417,15 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
         # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
         buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
     grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
+    layer_params = len(stage.layers) * PARAMS_PER_LAYER
+    tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
+    # made once the tail's workspace (a transition's: its weight gradient's partials) is freed
     store = GradientStore(params) if GradientStore.usable(params) else None
 
     def stored(start: int, grads: list[Tensor]) -> list[Tensor]:  # in the store as soon as they are made
         return store.put(start, grads) if store else [g.to(p.dtype) for g, p in zip(grads, params[start:])]
 
-    layer_params = len(stage.layers) * PARAMS_PER_LAYER
-    tail_grads = stored(layer_params, stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out,
-                                                        grad_buffer))
+    tail_grads = stored(layer_params, tail_grads)
     layer_grads = [stored(i * PARAMS_PER_LAYER, layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params))
                    for i in reversed(range(len(stage.layers)))]
     grads = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
