@@ -599,8 +599,9 @@ def test_launches_per_layer():
     densenet121 = {kind: rest[kind] + 58 * layer[kind] + 3 * transition[kind] for kind in ("triton", "small", "gemm")}
     print(f"per layer {dict(layer)}, per transition {dict(transition)}, DenseNet-121 {densenet121}")
     assert layer["gemm"] == 2  # the 3x3 convolution, forward and backward
-    assert layer["triton"] <= 10 and layer["small"] <= 12, layer
-    assert transition["triton"] <= 5 and transition["small"] <= 6, transition
+    assert layer["triton"] <= 10 and layer["small"] <= 11, layer
+    # a transition's gradients are copied into the stage's gradient store: one copy launch
+    assert transition["triton"] <= 5 and transition["small"] <= 7, transition
 
 
 # -- modes and refusals -----------------------------------------------------------------

@@ -32,7 +32,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sgd: the trainer's recipe (momentum 0.9, Nesterov, weight decay 1e-4)")
     parser.add_argument("--steps", type=int, default=2,
                         help="measured training steps per memory process; the peak is the highest (the first step grows "
-                             "the scratch arena; on the CPU the C heap's holes grow for about ten steps more)")
+                             "the scratch arena)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")

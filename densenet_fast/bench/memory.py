@@ -3,7 +3,7 @@
 For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
 ``densenet121:8``) and recompute policy, one fresh worker measures the highest
 peak of 12 training steps (``--steps``; the model predicts the steady state,
-and on the CPU the C heap grows for about ten steps) above the parameters,
+which the CPU's step now reaches by the third) above the parameters,
 gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
 it.  Reported per point: predicted and measured step bytes and the relative
 error, the persistent bytes (counted in the worker, and predicted), the error
@@ -33,7 +33,7 @@ DEFAULT_POINTS = ("densenet_bc-40:1", "densenet_bc-40:4", "densenet_bc-40:16", "
                   "densenet_bc-100:128", "densenet_bc-250:1", "densenet_bc-250:4", "densenet_bc-250:16",
                   "densenet_bc-502:1", "densenet_bc-502:4", "densenet_bc-1000:1", "densenet_bc-1000:4")
 TOLERANCE = 0.10
-STEADY_STEPS = 12  # measured steps per point: the CPU's step stops growing by about the tenth
+STEADY_STEPS = 12  # measured steps per point: with per-layer gradients the CPU's step grew until about the tenth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
