@@ -2,8 +2,8 @@
 
 For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
 ``densenet121:8``) and recompute policy, one fresh worker measures the highest
-peak of 12 training steps (``--steps``; the model predicts the steady state,
-which the CPU's step now reaches by the third) above the parameters,
+peak of 12 training steps (``--steps``; the model predicts the steady state:
+the first step grows the scratch arena, and the CPU's steps vary a little) above the parameters,
 gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
 it.  Reported per point: predicted and measured step bytes and the relative
 error, the persistent bytes (counted in the worker, and predicted), the error
