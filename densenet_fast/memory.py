@@ -157,16 +157,22 @@ class Architecture:
             yield from (c0 * self.in_channels * 7**d, c0, c0)
         else:
             yield c0 * self.in_channels * 3**d
-        k, w = self.growth_rate, self.width
-        blocks = self.block_channels()
-        for i, (c_in, c_total) in enumerate(blocks):
-            for layer in range(self.block_config[i]):
-                c = c_in + layer * k
-                yield from (c, c, w * c, w, w, k * w * 3**d)
-            if i + 1 < len(blocks):
-                yield from (c_total, c_total, c_total * (c_total // 2))
-        c_last = blocks[-1][1]
-        yield from (c_last, c_last, self.num_classes * c_last, self.num_classes)
+        for b in range(len(self.block_config)):
+            yield from self.stage_parameter_sizes(b)
+        c_last = self.block_channels()[-1][1]
+        yield from (self.num_classes * c_last, self.num_classes)
+
+    def stage_parameter_sizes(self, b: int) -> list[int]:
+        """Elements of dense stage ``b``'s parameters, as its Function receives
+        them: each layer's six, then its tail's (a transition's BN and
+        convolution, or the final BN)."""
+        k, w, d = self.growth_rate, self.width, self.spatial_dims
+        c_in, c_total = self.block_channels()[b]
+        out = []
+        for layer in range(self.block_config[b]):
+            c = c_in + layer * k
+            out += [c, c, w * c, w, w, k * w * 3**d]
+        return out + [c_total, c_total] + ([c_total * (c_total // 2)] if b + 1 < len(self.block_config) else [])
 
     def parameter_count(self) -> int:
         return sum(self.parameter_sizes())
@@ -487,12 +493,7 @@ class StepSimulation:
     def stage_gradient_bytes(self, b: int) -> float:
         """Stage ``b``'s gradient store: the gradients of its layers' and its tail's
         parameters, in the parameters' dtype."""
-        c0, c_total = self.channels[b]
-        elements = 2 * c_total + (0 if b + 1 == len(self.pixels) else c_total * (c_total // 2))
-        for layer in range(self.arch.block_config[b]):
-            c = c0 + layer * self.k
-            elements += self.k * self.w * 9 + self.w * c + 2 * self.w + 2 * c
-        return elements * self.p
+        return sum(self.arch.stage_parameter_sizes(b)) * self.p
 
     def classifier_gradients(self) -> list[float]:
         classes = self.arch.num_classes
