@@ -7,9 +7,10 @@ DenseNet-BC of the given depth (k=12, 32x32, the SGD recipe, 2 threads) at the
 given batch.  After the worker's warm-up, arena release and heap trim, prints
 per step and phase (after zero_grad, after forward, after backward, after the
 optimizer) the anonymous resident memory and its peak in that phase above the
-baseline, and ``mallinfo2``'s heap extent (``arena``), bytes in use
-(``uordblks``) and free (``fordblks``), in MiB (docs/memory.md, "The
-coefficient store, and what it showed", "Over twelve steps").
+baseline, ``mallinfo2``'s heap extent (``arena``), bytes in use
+(``uordblks``) and free (``fordblks``), and the heap's resident pages (the
+``[heap]`` mapping's ``Rss``), in MiB (docs/memory.md, "The CPU allocator",
+"What the heap adds").
 
 ``--flat-gradients``: every gradient is a view of one buffer made before the
 baseline and zeroed in place (``zero_grad(set_to_none=False)``), so that no
@@ -29,6 +30,18 @@ MIB = 2**20
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_resident_bytes() -> int:
+    """Resident bytes of the main arena's heap (the ``[heap]`` mapping in /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        in_heap = False
+        for line in f:
+            if line.split()[-1] == "[heap]":
+                in_heap = True
+            elif in_heap and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def use_flat_gradients(step) -> None:
@@ -69,7 +82,8 @@ def main() -> None:
         info = libc.mallinfo2()
         print(f"{phase:<16} anon {(common.current_anon_bytes() - baseline) / MIB:+8.2f}  "
               f"peak {(sampler.restart() - baseline) / MIB:+8.2f}  heap {info.arena / MIB:8.2f}  "
-              f"in use {info.uordblks / MIB:8.2f}  free {info.fordblks / MIB:7.2f}", flush=True)
+              f"in use {info.uordblks / MIB:8.2f}  free {info.fordblks / MIB:7.2f}  "
+              f"resident {heap_resident_bytes() / MIB:8.2f}", flush=True)
 
     step.model.register_forward_pre_hook(lambda *_: report("after zero_grad"))
     step.model.register_forward_hook(lambda *_: report("after forward"))
