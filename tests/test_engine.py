@@ -4,6 +4,7 @@ concatenation, running statistics updated once per forward, a bounded scratch
 arena, nothing stored without autograd, dropout, autocast and input memory
 layouts, torch.compile on the backends whose primitives are torch ops."""
 
+import copy
 import time
 from typing import Optional
 
@@ -203,6 +204,30 @@ def test_stage_gradients_are_views_of_one_tensor_kept_as_grad(recompute):
     assert store.nbytes() == sum(p.numel() for p in params) * 8
     assert all(p.grad.stride() == p.stride() for p in params)
     assert any(not p.is_contiguous() for p in params)
+
+
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_frozen_parameters_of_a_stage_get_no_gradient_and_no_room(recompute):
+    """With the BatchNorms' affine parameters frozen (fine-tuning), the others'
+    gradients equal torchvision's modules' and their store holds only them."""
+    stage = TinyStage("transition", recompute=recompute)
+    reference = copy.deepcopy(stage)
+    for model in (stage, reference):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out = stage(xs[0])
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (reference.tail(reference.block(xs[1])) * weights).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=FLOAT64_RTOL, atol=1e-12)
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    assert len(trainable) == 5 and all(p.grad is None for p in stage.parameters() if not p.requires_grad)
+    for p, q in zip(trainable, [q for q in reference.parameters() if q.requires_grad]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=FLOAT64_RTOL, atol=1e-12)
+    assert trainable[0].grad.untyped_storage().nbytes() == sum(p.numel() for p in trainable) * 8
 
 
 def test_stage_parameters_of_mixed_dtypes_get_gradients_of_their_own():

@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -279,28 +279,35 @@ class GradientStore:
     allocation per stage instead of six per layer, so that the gradients backward
     keeps leave no small blocks between its temporaries on the C heap.  Autograd
     keeps the views as the parameters' ``.grad``; the tensor is freed when the
-    last of them is."""
+    last of them is.  ``None`` in ``params`` (a frozen parameter) gets no room
+    and no gradient."""
 
-    def __init__(self, params: list[Tensor]) -> None:
-        self.values = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    def __init__(self, params: list[Optional[Tensor]]) -> None:
+        wanted = [p for p in params if p is not None]
+        self.values = torch.empty(sum(p.numel() for p in wanted), dtype=wanted[0].dtype, device=wanted[0].device)
         self.views, offset = [], 0
         for p in params:  # empty_like keeps a dense layout's strides (channels-last weights too)
+            if p is None:
+                self.views.append(None)
+                continue
             stride = p.stride() if p.is_contiguous() else torch.empty_like(p, device="meta").stride()
             self.views.append(self.values.as_strided(p.shape, stride, offset))
             offset += p.numel()
 
     @staticmethod
-    def usable(params: list[Tensor]) -> bool:
-        """Whether one tensor can hold them: one dtype and device, and not while compiling
-        (a compiled graph plans its own memory)."""
-        return (bool(params) and not torch.compiler.is_compiling()
-                and len({(p.dtype, p.device) for p in params}) == 1)
+    def usable(params: list[Optional[Tensor]]) -> bool:
+        """Whether one tensor can hold them: at least one, of one dtype and device, and
+        not while compiling (a compiled graph plans its own memory)."""
+        kinds = {(p.dtype, p.device) for p in params if p is not None}
+        return len(kinds) == 1 and not torch.compiler.is_compiling()
 
-    def put(self, start: int, grads: list[Tensor]) -> list[Tensor]:
-        """``grads`` of parameters ``start, start + 1, ...`` copied into their views; returns the views."""
+    def put(self, start: int, grads: list[Tensor]) -> list[Optional[Tensor]]:
+        """``grads`` of parameters ``start, start + 1, ...`` copied into their views;
+        returns the views (``None`` for a frozen parameter)."""
         views = self.views[start:start + len(grads)]
-        if grads:  # a tail without parameters has none
-            torch._foreach_copy_(views, grads)
+        pairs = [(view, grad) for view, grad in zip(views, grads) if view is not None]
+        if pairs:  # a tail without parameters has none
+            torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
         return views
 
 
@@ -407,10 +414,11 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
     return [grad_gamma1, grad_beta1, grad_w1.view_as(w1), grad_gamma2, grad_beta2, grad_w2]
 
 
-def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[Tensor], grad_out: Tensor
-                   ) -> tuple[Tensor, list[Tensor]]:
+def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[Tensor], grad_out: Tensor,
+                   needs_grad: Sequence[bool]) -> tuple[Tensor, list[Optional[Tensor]]]:
     """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``, each gradient in
-    its parameter's dtype (views of one :class:`GradientStore` where they can be)."""
+    its parameter's dtype (views of one :class:`GradientStore` where they can be),
+    ``None`` where ``needs_grad`` (one per parameter) is false."""
     n, c_total, *spatial = buffer.shape
     if torch.compiler.is_compiling():
         # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
@@ -420,10 +428,13 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
     layer_params = len(stage.layers) * PARAMS_PER_LAYER
     tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
     # made once the tail's workspace (a transition's: its weight gradient's partials) is freed
-    store = GradientStore(params) if GradientStore.usable(params) else None
+    wanted = [p if needed else None for p, needed in zip(params, needs_grad)]
+    store = GradientStore(wanted) if GradientStore.usable(wanted) else None
 
-    def stored(start: int, grads: list[Tensor]) -> list[Tensor]:  # in the store as soon as they are made
-        return store.put(start, grads) if store else [g.to(p.dtype) for g, p in zip(grads, params[start:])]
+    def stored(start: int, grads: list[Tensor]) -> list[Optional[Tensor]]:  # in the store once they are made
+        if store:
+            return store.put(start, grads)
+        return [None if p is None else g.to(p.dtype) for g, p in zip(grads, wanted[start:])]
 
     tail_grads = stored(layer_params, tail_grads)
     layer_grads = [stored(i * PARAMS_PER_LAYER, layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params))
@@ -454,7 +465,7 @@ class StageFunction(torch.autograd.Function):
         params, records = rest[:ctx.num_params], ctx.records.filled(rest[ctx.num_params:])
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
             return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
-        grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out)
+        grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out, ctx.needs_input_grad[2:])
         return (grad_x.to(buffer.dtype), None, *grads)
 
 
