@@ -151,16 +151,21 @@ class Architecture:
 
     def parameter_sizes(self) -> Iterator[int]:
         """Elements of every parameter tensor, in the model's order."""
-        c0 = self.num_init_features
-        d = self.spatial_dims
-        if self.stem == "imagenet":
-            yield from (c0 * self.in_channels * 7**d, c0, c0)
-        else:
-            yield c0 * self.in_channels * 3**d
+        yield from self.stem_parameter_sizes()
         for b in range(len(self.block_config)):
             yield from self.stage_parameter_sizes(b)
-        c_last = self.block_channels()[-1][1]
-        yield from (self.num_classes * c_last, self.num_classes)
+        yield from self.classifier_parameter_sizes()
+
+    def stem_parameter_sizes(self) -> list[int]:
+        """Elements of the stem's parameters: its convolution (and, ImageNet's, its BN)."""
+        c0, d = self.num_init_features, self.spatial_dims
+        if self.stem == "imagenet":
+            return [c0 * self.in_channels * 7**d, c0, c0]
+        return [c0 * self.in_channels * 3**d]
+
+    def classifier_parameter_sizes(self) -> list[int]:
+        """Elements of the classifier's weight and bias."""
+        return [self.num_classes * self.block_channels()[-1][1], self.num_classes]
 
     def stage_parameter_sizes(self, b: int) -> list[int]:
         """Elements of dense stage ``b``'s parameters, as its Function receives
@@ -485,10 +490,7 @@ class StepSimulation:
                 "optimizer_state": self.setup.optimizer.state_tensors() * params}
 
     def stem_gradients(self) -> list[float]:
-        c0, p = self.arch.num_init_features, self.p
-        if self.arch.stem == "imagenet":
-            return [c0 * self.arch.in_channels * 49 * p, c0 * p, c0 * p]
-        return [c0 * self.arch.in_channels * 9 * p]
+        return [n * self.p for n in self.arch.stem_parameter_sizes()]
 
     def stage_gradient_bytes(self, b: int) -> float:
         """Stage ``b``'s gradient store: the gradients of its layers' and its tail's
@@ -496,8 +498,7 @@ class StepSimulation:
         return sum(self.arch.stage_parameter_sizes(b)) * self.p
 
     def classifier_gradients(self) -> list[float]:
-        classes = self.arch.num_classes
-        return [classes * self.channels[-1][1] * self.p, classes * self.p]
+        return [n * self.p for n in self.arch.classifier_parameter_sizes()]
 
     def cast(self, elements: int) -> float:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""

@@ -17,6 +17,7 @@ from densenet_fast.bench.impls import ModelSpec
 from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
                                   predict)
 from densenet_fast.models import MemoryPlanNotice
+from densenet_fast.monai import DenseNet as MonaiDenseNet
 from helpers import check_training_float64, make_pair
 from helpers import one_thread  # noqa: F401  (fixture)
 
@@ -49,15 +50,21 @@ def test_recompute_is_leaner_and_memory_grows_with_batch_and_depth():
     assert predict(BC40.with_depth(100), setup, "keep").step_bytes > keep.step_bytes
 
 
-def test_gradients_are_the_tensors_the_model_counts():
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gradients_are_the_tensors_the_model_counts(dims):
     """After backward each stage's gradients are one tensor of the bytes the
-    model counts for its store; the stem's and the classifier's are their own."""
-    model = densenet_bc(40)
-    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
-    torch.nn.functional.cross_entropy(model(x), target).backward()
+    model counts for its store; the stem's and the classifier's are their own
+    (DenseNet-BC-40; in 3-D a small MONAI DenseNet, whose stem is ImageNet's)."""
+    if dims == 2:
+        model, arch, x = densenet_bc(40), BC40, torch.randn(2, 3, 32, 32)
+    else:
+        model = MonaiDenseNet(3, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3))
+        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=3)
+        x = torch.randn(2, 1, 16, 16, 16)
+    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (2,))).backward()
     storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
-    simulation = StepSimulation(BC40, Setup(2, 32), ("keep",) * 3)
-    counted = [simulation.stage_gradient_bytes(b) for b in range(3)]
+    simulation = StepSimulation(arch, Setup(2, 16), ("keep",) * len(arch.block_config))
+    counted = [simulation.stage_gradient_bytes(b) for b in range(len(arch.block_config))]
     counted += simulation.stem_gradients() + simulation.classifier_gradients()
     assert sorted(storages.values()) == sorted(counted)
 
