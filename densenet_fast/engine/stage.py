@@ -306,7 +306,7 @@ class GradientStore:
         returns the views (``None`` for a frozen parameter)."""
         views = self.views[start:start + len(grads)]
         pairs = [(view, grad) for view, grad in zip(views, grads) if view is not None]
-        if pairs:  # a tail without parameters has none
+        if pairs:  # none for a tail without parameters, or where all are frozen
             torch._foreach_copy_([view for view, _ in pairs], [grad for _, grad in pairs])
         return views
 
