@@ -104,6 +104,31 @@ def test_models_subcommand_largest_batch(fake_workers, tmp_path):
     assert (tmp_path / "m.png").exists()
 
 
+@pytest.mark.parametrize("curvature", [0.0, 1e-4, -1e-4], ids=["linear", "convex", "concave"])
+def test_models_largest_batch_is_pinned_where_the_linear_fit_misses(fake_workers, monkeypatch, curvature, tmp_path):
+    """Peaks that curve away from the fit over batches 4 and 8: the search still
+    finds the largest batch under the budget and measures the next one over it."""
+    linear = harness.Runner.memory
+
+    def curved(self, impl, spec, batch, limit_bytes, timeout_s, train=True, memory_budget=None):
+        result = linear(self, impl, spec, batch, None, timeout_s, train)
+        peak = result["peak_bytes"] + curvature * (batch - 4) * (batch - 8) * MIB
+        over = limit_bytes is not None and peak > limit_bytes
+        return {"status": "over_budget"} if over else {**result, "peak_bytes": peak}
+
+    monkeypatch.setattr(harness.Runner, "memory", curved)
+    budget = 100 * MIB
+    result = models.main(["--model", "densenet_bc-40", "--batch", "8", "--budget-gib", str(budget / common.GIB),
+                          "--impls", "fast-torch-keep", "--out", str(tmp_path / "m.json"), "--no-progress",
+                          "--no-plot"])
+    spec = ModelSpec("densenet_bc", 40)
+    truth = max(b for b in range(1, 1000)
+                if fake_peak("fast-torch-keep", spec, b) + curvature * (b - 4) * (b - 8) * MIB <= budget)
+    search = result["details"]["fast-torch-keep"]["largest_batch"]
+    assert result["rows"][0]["largest_batch"] == truth and search["boundary_pinned"]
+    assert [p["batch"] for p in search["probes"]][-1] in (truth, truth + 1)
+
+
 def test_models_subcommand_needs_two_steps_for_its_budget_search(fake_workers, tmp_path):
     argv = ["--model", "densenet_bc-40", "--batch", "2", "--steps", "1", "--impls", "tv-eager",
             "--out", str(tmp_path / "m.json"), "--no-progress", "--no-plot"]

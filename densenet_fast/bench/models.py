@@ -4,8 +4,9 @@ Training step and inference: images/s (all implementations timed round-robin
 in one process on the same inputs and weights), peak memory (a fresh process
 per implementation and mode), and the largest training batch under
 ``--budget-gib`` (peak memory at ``--batch`` and ``--batch // 2`` fitted
-linearly in the batch, then verified once in a fresh process stopped above the
-budget).
+linearly in the batch, then that batch and the next verified in fresh
+processes stopped above the budget, bisecting where the fit was too
+optimistic).
 
 GPU sizes: ``--device cuda --model densenet121 --batch 256 --image-size 224
 --autocast bfloat16 --channels-last --compile``.
@@ -52,9 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
 
+MAX_BATCH_PROBES = 12  # fresh processes per largest-batch search, the first verification included
+
+
 def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, args) -> dict:
-    """Largest training batch under the budget: linear fit over the measured
-    batches, then one verifying run at the prediction."""
+    """Largest training batch whose step peak fits the budget: a linear fit over
+    the measured batches predicts it; fresh processes then measure from there,
+    in steps of 1, 2, 4, ... batches up (or down, where the prediction does not
+    fit) and then by bisection, until a batch that fits and the next, over the
+    budget, are both measured (``boundary_pinned``), or after
+    :data:`MAX_BATCH_PROBES` processes."""
     budget = args.budget_gib * common.GIB
     ok = {b: r["peak_bytes"] for b, r in measured.items() if r.get("status") == "ok"}
     line = fit(list(ok), list(ok.values()), 1)
@@ -64,12 +72,33 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
     predicted = int((budget - intercept) // per_image)
     if predicted < 1:
         return {"largest_batch": None, "predicted": predicted, "why": "not even one image fits"}
-    check = runner.memory(impl, spec, predicted, budget, runner.seconds_left())
-    fits = check["status"] == "ok" and check["peak_bytes"] <= budget
-    known = max((b for b, peak in ok.items() if peak <= budget), default=None)
-    return {"largest_batch": predicted if fits else known, "predicted": predicted, "verified": fits,
-            "verify_status": check["status"], "verify_peak_bytes": check.get("peak_bytes"),
-            "per_image_MiB": per_image / common.MIB, "intercept_MiB": intercept / common.MIB}
+    probes = []
+
+    def fits(batch: int) -> bool:
+        check = runner.memory(impl, spec, batch, budget, runner.seconds_left())
+        probes.append({"batch": batch, "status": check["status"], "peak_bytes": check.get("peak_bytes")})
+        return check["status"] == "ok" and check["peak_bytes"] <= budget
+
+    fitting = max((b for b, peak in ok.items() if peak <= budget), default=0)  # the largest batch known to fit
+    exceeding = min((b for b, peak in ok.items() if peak > budget), default=None)  # the smallest known not to
+    batch = min(max(predicted, fitting + 1), exceeding - 1 if exceeding else predicted)
+    step, outcomes = 1, set()  # from the prediction, steps of 1, 2, 4, ... the way it was off, then bisection
+    while len(probes) < MAX_BATCH_PROBES and (exceeding is None or exceeding - fitting > 1):
+        if fits(batch):
+            fitting = batch
+            outcomes.add(True)
+        else:
+            exceeding = batch
+            outcomes.add(False)
+        if outcomes == {True}:
+            batch = fitting + step
+        elif outcomes == {False} and exceeding - step > fitting:
+            batch = exceeding - step
+        else:
+            batch = (fitting + exceeding) // 2
+        step *= 2
+    return {"largest_batch": fitting or None, "predicted": predicted, "boundary_pinned": exceeding == fitting + 1,
+            "probes": probes, "per_image_MiB": per_image / common.MIB, "intercept_MiB": intercept / common.MIB}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -110,11 +139,12 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             row[f"{mode}_peak_MiB"] = result["peak_bytes"] / common.MIB if result["status"] == "ok" else None
         row["largest_batch"] = search.get("largest_batch")
+        row["largest_batch_pinned"] = search.get("boundary_pinned")
         rows.append(row)
     result = {"benchmark": "models", "model": spec.to_dict(), "model_label": spec.label(),
               "environment": common.finish_environment(env), "rows": rows, "details": details}
     columns = ["impl", "train_step_s", "train_images_per_s", "infer_images_per_s", "train_peak_MiB",
-               "infer_peak_MiB", "largest_batch"]
+               "infer_peak_MiB", "largest_batch", "largest_batch_pinned"]
     size = "x".join(map(str, args.image_size)) if isinstance(args.image_size, list) else \
         f"{args.image_size}x{args.image_size}"
     if monai:
