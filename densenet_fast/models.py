@@ -25,7 +25,9 @@ from . import engine, memory, planner
 from .backends import resolve_backend_name
 from .engine import fastpath
 
-try:  # torchvision is optional: without it, weights load from local files and state_dicts only
+# torchvision is optional: without it, weights load from local files and state_dicts only.  It is imported
+# here, not lazily (about 3 s): torchvision's get_model_weights finds the enums in the builders' annotations.
+try:
     from torchvision.models import DenseNet121_Weights, DenseNet161_Weights, DenseNet169_Weights, DenseNet201_Weights
     from torchvision.models import WeightsEnum
 except ImportError:
