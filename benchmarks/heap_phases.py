@@ -1,4 +1,4 @@
-"""Where a CPU training step's C heap goes: glibc's main-arena counters at each
+"""Where a CPU training step's C heap goes: glibc's malloc counters at each
 phase of several steps, set up as the memory worker sets up its measurement.
 
     python benchmarks/heap_phases.py fast-cpp-recompute 1000 1 --steps 4
@@ -8,8 +8,9 @@ given batch.  After the worker's warm-up, arena release and heap trim, prints
 per step and phase (after zero_grad, after forward, after backward, after the
 optimizer) the anonymous resident memory and its peak in that phase above the
 baseline, ``mallinfo2``'s heap extent (``arena``), bytes in use
-(``uordblks``) and free (``fordblks``), and the heap's resident pages (the
-``[heap]`` mapping's ``Rss``), in MiB (docs/memory.md, "The CPU allocator",
+(``uordblks``) and free (``fordblks``), summed over glibc's arenas, and the
+main arena's resident pages (the ``[heap]`` mapping's ``Rss``; other threads'
+arenas are mappings of their own), in MiB (docs/memory.md, "The CPU allocator",
 "What the heap adds").
 
 ``--flat-gradients``: every gradient is a view of one buffer made before the
@@ -37,7 +38,7 @@ def heap_resident_bytes() -> int:
     with open("/proc/self/smaps") as f:
         in_heap = False
         for line in f:
-            if line.split()[-1] == "[heap]":
+            if line.rstrip().endswith(" [heap]"):
                 in_heap = True
             elif in_heap and line.startswith("Rss:"):
                 return int(line.split()[1]) * 1024

@@ -129,6 +129,50 @@ def test_models_largest_batch_is_pinned_where_the_linear_fit_misses(fake_workers
     assert [p["batch"] for p in search["probes"]][-1] in (truth, truth + 1)
 
 
+class CurvedPeaks:
+    """A fake runner for :func:`models.largest_batch`: step peaks of ``1 + 0.4 b + c b^2`` MiB,
+    an error above ``fails_above`` images."""
+
+    def __init__(self, curvature: float, fails_above: float = float("inf")) -> None:
+        self.curvature, self.fails_above = curvature, fails_above
+
+    def peak(self, batch: int) -> float:
+        return (1 + 0.4 * batch + self.curvature * batch * batch) * MIB
+
+    def memory(self, impl, spec, batch, limit_bytes, timeout_s):
+        if batch > self.fails_above:
+            return {"status": "error"}
+        peak = self.peak(batch)
+        return {"status": "over_budget"} if peak > limit_bytes else {"status": "ok", "peak_bytes": peak}
+
+    def seconds_left(self) -> float:
+        return 1e9
+
+
+@pytest.mark.parametrize("measured", [(4, 8), (150, 250)], ids=["both_fit", "one_over"])
+def test_largest_batch_search_probes_each_batch_once_between_what_is_known(measured):
+    runner, budget = CurvedPeaks(5e-4), 100 * MIB
+    result = models.largest_batch(runner, "fast-torch-keep", ModelSpec("densenet_bc", 40),
+                                  {b: {"status": "ok", "peak_bytes": runner.peak(b)} for b in measured},
+                                  argparse.Namespace(budget_gib=budget / common.GIB))
+    probed = [p["batch"] for p in result["probes"]]
+    known_fit = max(b for b in measured if runner.peak(b) <= budget)
+    known_over = min((b for b in measured if runner.peak(b) > budget), default=float("inf"))
+    assert len(set(probed)) == len(probed) and all(known_fit < b < known_over for b in probed)
+    assert result["largest_batch"] == max(b for b in range(1, 300) if runner.peak(b) <= budget)
+    assert result["boundary_pinned"]
+
+
+def test_largest_batch_search_stops_at_a_failed_process():
+    """An error is not a measurement over the budget: the search stops there, unpinned."""
+    runner = CurvedPeaks(0.0, fails_above=150)
+    result = models.largest_batch(runner, "fast-torch-keep", ModelSpec("densenet_bc", 40),
+                                  {b: {"status": "ok", "peak_bytes": runner.peak(b)} for b in (4, 8)},
+                                  argparse.Namespace(budget_gib=100 * MIB / common.GIB))
+    assert result["probes"][-1]["status"] == "error" and not result["boundary_pinned"]
+    assert runner.peak(result["largest_batch"]) <= 100 * MIB and result["largest_batch"] <= 150
+
+
 def test_models_subcommand_needs_two_steps_for_its_budget_search(fake_workers, tmp_path):
     argv = ["--model", "densenet_bc-40", "--batch", "2", "--steps", "1", "--impls", "tv-eager",
             "--out", str(tmp_path / "m.json"), "--no-progress", "--no-plot"]

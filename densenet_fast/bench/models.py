@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from typing import Optional
 
 from . import common
 from .common import fit
@@ -61,8 +62,9 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
     the measured batches predicts it; fresh processes then measure from there,
     in steps of 1, 2, 4, ... batches up (or down, where the prediction does not
     fit) and then by bisection, until a batch that fits and the next, over the
-    budget, are both measured (``boundary_pinned``), or after
-    :data:`MAX_BATCH_PROBES` processes."""
+    budget, are both measured (``boundary_pinned``), after
+    :data:`MAX_BATCH_PROBES` processes, or at a process that neither finished
+    nor exceeded the budget (a timeout, an error)."""
     budget = args.budget_gib * common.GIB
     ok = {b: r["peak_bytes"] for b, r in measured.items() if r.get("status") == "ok"}
     line = fit(list(ok), list(ok.values()), 1)
@@ -74,24 +76,34 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
         return {"largest_batch": None, "predicted": predicted, "why": "not even one image fits"}
     probes = []
 
-    def fits(batch: int) -> bool:
+    def fits(batch: int) -> Optional[bool]:
+        """Whether ``batch``'s step peak fits, in a fresh process; ``None`` where it
+        neither finished nor exceeded the budget (a timeout, an error)."""
         check = runner.memory(impl, spec, batch, budget, runner.seconds_left())
         probes.append({"batch": batch, "status": check["status"], "peak_bytes": check.get("peak_bytes")})
-        return check["status"] == "ok" and check["peak_bytes"] <= budget
+        if check["status"] == "ok":
+            return check["peak_bytes"] <= budget
+        return False if check["status"] in ("over_budget", "oom") else None
 
     fitting = max((b for b, peak in ok.items() if peak <= budget), default=0)  # the largest batch known to fit
     exceeding = min((b for b, peak in ok.items() if peak > budget), default=None)  # the smallest known not to
-    batch = min(max(predicted, fitting + 1), exceeding - 1 if exceeding else predicted)
+
+    def below_exceeding(batch: int) -> int:
+        return batch if exceeding is None else min(batch, exceeding - 1)
+
+    batch = below_exceeding(max(predicted, fitting + 1))
     step, outcomes = 1, set()  # from the prediction, steps of 1, 2, 4, ... the way it was off, then bisection
     while len(probes) < MAX_BATCH_PROBES and (exceeding is None or exceeding - fitting > 1):
-        if fits(batch):
+        verdict = fits(batch)
+        if verdict is None:
+            break
+        if verdict:
             fitting = batch
-            outcomes.add(True)
         else:
             exceeding = batch
-            outcomes.add(False)
+        outcomes.add(verdict)
         if outcomes == {True}:
-            batch = fitting + step
+            batch = below_exceeding(fitting + step)
         elif outcomes == {False} and exceeding - step > fitting:
             batch = exceeding - step
         else:
