@@ -50,17 +50,18 @@ def test_recompute_is_leaner_and_memory_grows_with_batch_and_depth():
     assert predict(BC40.with_depth(100), setup, "keep").step_bytes > keep.step_bytes
 
 
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dims", [1, 2, 3])
 def test_gradients_are_the_tensors_the_model_counts(dims):
     """After backward each stage's gradients are one tensor of the bytes the
     model counts for its store; the stem's and the classifier's are their own
-    (DenseNet-BC-40; in 3-D a small MONAI DenseNet, whose stem is ImageNet's)."""
+    (DenseNet-BC-40 on images; in 1-D and 3-D a small MONAI DenseNet, whose stem
+    is ImageNet's)."""
     if dims == 2:
         model, arch, x = densenet_bc(40), BC40, torch.randn(2, 3, 32, 32)
     else:
-        model = MonaiDenseNet(3, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3))
-        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=3)
-        x = torch.randn(2, 1, 16, 16, 16)
+        model = MonaiDenseNet(dims, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3))
+        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=dims)
+        x = torch.randn(2, 1, *(16,) * dims)
     torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (2,))).backward()
     storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
     simulation = StepSimulation(arch, Setup(2, 16), ("keep",) * len(arch.block_config))
