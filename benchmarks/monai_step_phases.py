@@ -15,9 +15,8 @@ output), backward ends, the optimizer's update ends (docs/performance.md,
 
 import argparse
 
-from densenet_fast.bench import common, monai_impls, worker
-
-MIB = 2**20
+from densenet_fast.bench import common, harness, monai_impls, worker
+from densenet_fast.bench.common import MIB
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     size = [int(side) for side in args.size.split("x")]
     spec = {"impls": [f"fast-cpp-{args.policy}"], "model": monai_impls.parse("monai-densenet121", size).to_dict(),
             "batch": 2, "image_size": size, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
-            "warmup_batch": 2, "malloc_mmap_threshold": 65536}
+            "warmup_batch": 2, "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
     worker.set_mmap_threshold(spec["malloc_mmap_threshold"])
     step = worker.warmed_up_step(spec)
     baseline = common.current_anon_bytes()
