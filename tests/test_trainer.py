@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -738,13 +739,37 @@ def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess
     return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def gloo_threads() -> list[str]:
-    """Names of this process's gloo threads (Linux): none once its process groups are destroyed."""
+# A thread that has been joined can still be listed for a moment (see gloo_threads).
+THREAD_EXIT_WAIT = 10.0  # seconds
+
+
+def listed_gloo_threads() -> list[str]:
+    """Names of the gloo threads listed in /proc/self/task now (Linux), exiting ones included."""
     names = []
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/comm") as f:
-            names.append(f.read().strip())
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except (FileNotFoundError, ProcessLookupError):  # the thread finished exiting meanwhile
+            pass
     return sorted(name for name in names if "gloo" in name)
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads: none once its process groups are destroyed.
+
+    Destroying a group joins its threads, but ``pthread_join`` returns when the kernel
+    wakes it from the exiting thread's ``exit_mm``, before ``release_task`` removes the
+    thread from /proc (docs/training.md, "Clean shutdown under torchrun"). So a thread
+    that has finished can still be listed; the list is read until it is empty or
+    THREAD_EXIT_WAIT has passed, and a thread that is really left is still reported.
+    """
+    deadline = time.monotonic() + THREAD_EXIT_WAIT
+    names = listed_gloo_threads()
+    while names and time.monotonic() < deadline:
+        time.sleep(0.01)
+        names = listed_gloo_threads()
+    return names
 
 
 def gloo_threads_left(stdout: str) -> dict[str, str]:
