@@ -8,6 +8,7 @@ real worker process.
 
 import argparse
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -238,9 +239,13 @@ def test_worker_process_measures_a_step():
 def test_peak_sampler_windows():
     """Each restart() returns the peak of its own window, not an earlier one's."""
     with common.AnonPeakSampler() as sampler:
-        block = torch.ones(64 * MIB // 4)  # touched: resident (and mapped on its own: returned when freed)
+        # A private anonymous mapping of its own, returned by close(). (A 64 MiB tensor is not always:
+        # glibc serves it from a free heap chunk, resident before and after, if earlier tests left one.)
+        block = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for offset in range(0, 64 * MIB, mmap.PAGESIZE):  # touched: resident
+            block[offset] = 1
         with_block = sampler.restart()
-        del block
+        block.close()
         sampler.restart()  # the window that ends here began with the block still there
         without_block = sampler.restart()
     assert with_block - without_block > 32 * MIB
