@@ -82,6 +82,20 @@ def test_equals_monai_float64(spatial_dims, backend, recompute):
     assert concatenations(ours, x, target) == 0 and concatenations(theirs, x, target) == 5
 
 
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+@pytest.mark.parametrize("spatial_dims, size", [(1, (57,)), (2, (21, 19)), (3, (17, 19, 18))])
+def test_a_batch_of_one_equals_monai_float64(spatial_dims, size, recompute):
+    """One input, the automatic backend: in 1-D and 3-D ATen's im2col convolution
+    (its path for one small input) gives the 3x3 convolution's input gradient
+    channels-first, which the engine must turn into channel-contiguous rows."""
+    ours, theirs = make_pair(spatial_dims, recompute=recompute)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, SHAPES[spatial_dims][1], *size, generator=generator, dtype=torch.float64)
+    target = torch.randint(TINY["out_channels"], (1,), generator=generator)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                         atol=ZERO_NOISE)
+
+
 def test_fp32_close_to_monai():
     """fp32, 3-D: outputs and running statistics to 1e-4 after two steps (the
     gradients' fp32 error is judged against float64 in the torchvision tests,

@@ -405,7 +405,10 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
         channels_last_copy(grad_new), activated.movedim(-1, 1), w2.to(buffer.dtype), None,
         [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False])
     del grad_new
-    grad_bottleneck = grad_activated.movedim(1, -1).reshape(m, width)
+    # rows with channel stride 1: ATen's 1-D and 3-D im2col convolutions (slow_conv3d; batch 1, small
+    # inputs) give it channels-first, which at batch 1 would otherwise view as (M, 4k) with strides (1, M)
+    grad_bottleneck = grad_activated.movedim(1, -1).contiguous().view(m, width)
+    del grad_activated
     grad_gamma2, grad_beta2 = backend.bn_relu_backward(bottleneck, bn2.scale, bn2.shift, bn2.mean, bn2.rstd,
                                                        grad_bottleneck, grad_bottleneck, bn2.batch_mean)
     grad_w1, grad_gamma1, grad_beta1 = backend.bn_relu_conv1x1_backward(
