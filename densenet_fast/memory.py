@@ -82,8 +82,8 @@ def format_bytes(nbytes: float) -> str:
 @dataclass(frozen=True)
 class Architecture:
     """A DenseNet as :class:`densenet_fast.DenseNet` builds it (same arguments).
-    ``spatial_dims`` (MONAI's trees: 1, 2 or 3) sets the kernels' sizes in
-    :meth:`parameter_sizes`; the memory model of a step is for 2-D images."""
+    ``spatial_dims``: 2 for images; MONAI's trees (:class:`densenet_fast.monai.DenseNet`,
+    ImageNet's stem) take 1, 2 or 3 (volumes)."""
 
     growth_rate: int
     block_config: tuple[int, ...]
@@ -94,46 +94,66 @@ class Architecture:
     stem: str = "imagenet"
     drop_rate: float = 0.0
     spatial_dims: int = 2
+    channel_dropout: bool = False  # MONAI's Dropout2d/3d: a mask of (N, k), not of every value
 
     @staticmethod
     def of(model: torch.nn.Module) -> "Architecture":
-        """The architecture of a :class:`densenet_fast.DenseNet`."""
+        """The architecture of a :class:`densenet_fast.DenseNet` or a
+        :class:`densenet_fast.monai.DenseNet`."""
         blocks = model.blocks()
-        first = blocks[0].denselayer1
-        k = first.conv2.out_channels
+        layer = blocks[0].denselayer1
+        monai = getattr(layer, "layers", None)  # MONAI's layer: a Sequential, dropout a module in it
+        conv1, conv2 = (monai.conv1, monai.conv2) if monai is not None else (layer.conv1, layer.conv2)
+        dropout = monai._modules.get("dropout") if monai is not None else None
+        drop_rate = dropout.p if dropout is not None else getattr(layer, "drop_rate", 0.0)
+        k = conv2.out_channels
         return Architecture(k, tuple(len(b) for b in blocks), model.features.conv0.out_channels,
-                            first.conv1.out_channels // k, model.classifier.out_features, model.in_channels,
-                            model.stem, first.drop_rate)
+                            conv1.out_channels // k, model.classifier_layer().out_features, model.in_channels,
+                            model.stem, float(drop_rate), model.spatial_dims,
+                            isinstance(dropout, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)))
 
     @staticmethod
     def named(name: str, depth: Optional[int] = None, growth_rate: Optional[int] = None,
-              num_classes: Optional[int] = None) -> "Architecture":
+              num_classes: Optional[int] = None, in_channels: Optional[int] = None,
+              spatial_dims: int = 2) -> "Architecture":
         """``densenet121`` (161, 169, 201, 264) or ``densenet_bc`` with ``depth``
-        (``6n + 4``) and ``growth_rate`` (12), as the constructors of the same name build them."""
+        (``6n + 4``) and ``growth_rate`` (12), as the constructors of the same name
+        build them; for inputs of ``spatial_dims`` other than 2, MONAI's trees of
+        that shape (:mod:`densenet_fast.monai`; DenseNet-BC with ImageNet's stem)."""
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
         if name == "densenet_bc":
             depth = 100 if depth is None else depth
             if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
                 raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), "
                                  f"got {depth!r}")
             k, n = growth_rate or 12, (depth - 4) // 6
-            return Architecture(k, (n, n, n), 2 * k, num_classes=num_classes or 10, stem="cifar")
-        if name not in NAMED_MODELS:
+            arch = Architecture(k, (n, n, n), 2 * k, num_classes=num_classes or 10, stem="cifar")
+        elif name not in NAMED_MODELS:
             raise ValueError(f"unknown model {name!r}: use densenet_bc or one of {tuple(NAMED_MODELS)}")
-        if depth is not None:
+        elif depth is not None:
             raise ValueError(f"{name} has a fixed depth; --depth is for densenet_bc")
-        k, blocks, init = NAMED_MODELS[name]
-        return Architecture(growth_rate or k, blocks, init, num_classes=num_classes or 1000)
+        else:
+            k, blocks, init = NAMED_MODELS[name]
+            arch = Architecture(growth_rate or k, blocks, init, num_classes=num_classes or 1000)
+        if in_channels is not None:
+            arch = replace(arch, in_channels=in_channels)
+        return arch if spatial_dims == 2 else replace(arch, stem="imagenet", spatial_dims=spatial_dims)
 
     def with_depth(self, depth: int) -> "Architecture":
-        """The DenseNet-BC of ``depth`` with this growth rate and head."""
-        return replace(Architecture.named("densenet_bc", depth, self.growth_rate), num_classes=self.num_classes,
-                       in_channels=self.in_channels, drop_rate=self.drop_rate)
+        """The DenseNet-BC of ``depth`` with this growth rate, head and input: on
+        images the paper's (CIFAR stem); otherwise MONAI's ``DenseNet`` shaped so
+        (ImageNet's stem, ``init_features=2k``)."""
+        bc = Architecture.named("densenet_bc", depth, self.growth_rate, self.num_classes, self.in_channels,
+                                self.spatial_dims)
+        return replace(bc, drop_rate=self.drop_rate, channel_dropout=self.channel_dropout)
 
     @property
     def depth(self) -> Optional[int]:
         """DenseNet-BC's depth ``6n + 4``, when this is one (3 equal CIFAR blocks)."""
         n = self.block_config[0]
-        bc = self.stem == "cifar" and len(self.block_config) == 3 and set(self.block_config) == {n}
+        stem = "cifar" if self.spatial_dims == 2 else "imagenet"  # see with_depth
+        bc = self.stem == stem and len(self.block_config) == 3 and set(self.block_config) == {n}
         return 6 * n + 4 if bc and self.num_init_features == 2 * self.growth_rate else None
 
     @property
@@ -182,19 +202,27 @@ class Architecture:
     def parameter_count(self) -> int:
         return sum(self.parameter_sizes())
 
-    def spatial_sizes(self, height: int, width: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-        """``(stem convolution output (h, w), [(h, w) of every block])``."""
-        h, w = height, width
+    def spatial_sizes(self, size: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+        """``(stem convolution output, [every block's input])`` for an input of
+        ``size``; each is one side per spatial dimension (``(H, W)``, ``(D, H, W)``)."""
+        if len(size) != self.spatial_dims:
+            raise ValueError(f"an input of {self.spatial_dims} spatial dimension(s) for this model, got size "
+                             f"{tuple(size)}")
+        sides = tuple(size)
         if self.stem == "imagenet":
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
-        stem = (h, w)
+            sides = tuple((s - 1) // 2 + 1 for s in sides)  # conv0: 7, stride 2, padding 3
+        stem = sides
         if self.stem == "imagenet":
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
+            sides = tuple((s - 1) // 2 + 1 for s in sides)  # pool0: 3, stride 2, padding 1
         blocks = []
         for _ in self.block_config:
-            blocks.append((h, w))
-            h, w = h // 2, w // 2
+            blocks.append(sides)
+            sides = tuple(s // 2 for s in sides)  # a transition's 2-wide average pool
         return stem, blocks
+
+    def kernel_taps(self, side: int) -> int:
+        """Weights per input channel of a convolution ``side`` wide in every spatial dimension."""
+        return side ** self.spatial_dims
 
 
 @dataclass(frozen=True)
@@ -258,14 +286,15 @@ OPTIMIZER_PRESETS = {
 
 @dataclass(frozen=True)
 class Setup:
-    """How a training step runs: ``batch`` images of ``image_size`` (``(H, W)``),
+    """How a training step runs: ``batch`` images of ``image_size`` (``(H, W)``;
+    one side per spatial dimension: ``(D, H, W)`` for volumes; an int: a square),
     parameters in ``dtype``, optionally under ``autocast`` (the dtype the blocks
     compute in), on ``device`` (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``:
     the automatic choice for that device), ``optimizer``, and ``threads`` CPU
     threads (the C++ kernels' per-thread tiles)."""
 
     batch: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     autocast: Optional[torch.dtype] = None
     device: str = "cpu"
@@ -280,6 +309,9 @@ class Setup:
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
+        if not 1 <= len(self.image_size) <= 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                                                    for s in self.image_size):
+            raise ValueError(f"image_size must be 1 to 3 positive integer sides, got {size!r}")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -457,9 +489,10 @@ class StepSimulation:
         self.p = ELEMENT_BYTES[setup.dtype]  # parameters
         self.k, self.w = arch.growth_rate, arch.width
         n = setup.batch
-        (sh, sw), sizes = arch.spatial_sizes(*setup.image_size)
-        self.stem_pixels = n * sh * sw
-        self.pixels = [n * h * w for h, w in sizes]
+        stem_sides, self.block_sides = arch.spatial_sizes(setup.image_size)
+        self.stem_sides = stem_sides
+        self.stem_pixels = n * math.prod(stem_sides)
+        self.pixels = [n * math.prod(sides) for sides in self.block_sides]
         self.channels = arch.block_channels()
         self.workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)](self)
         self.timeline = Timeline(CPU_HEAP_BELOW if setup.device == "cpu" else None)
@@ -500,20 +533,31 @@ class StepSimulation:
     def classifier_gradients(self) -> list[float]:
         return [n * self.p for n in self.arch.classifier_parameter_sizes()]
 
+    def dropout_mask(self, b: int) -> list[float]:
+        """The dropout mask of a layer of stage ``b`` (none without dropout): one value
+        per output value, or per image and channel (channel dropout)."""
+        if not self.arch.drop_rate:
+            return []
+        values = self.setup.batch if self.arch.channel_dropout else self.pixels[b]
+        return [values * self.k * self.e]
+
     def cast(self, elements: int) -> float:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""
         return elements * self.e if self.e != self.p else 0.0
 
-    def columns(self, m: int, c: int, taps: int) -> float:
-        """ATen's im2col buffer of a convolution over ``m`` pixels of ``c`` channels
-        with ``taps`` weights per channel, where ATen's CPU convolution takes its
-        im2col path: where oneDNN does not take the dtype, and, as ATen's
-        ``use_mkldnn`` decides, at batch 1 for kernels up to 3x3 over at most
-        20480 input values."""
+    def columns(self, m: int, c: int, kernel: int, input_sides: tuple[int, ...]) -> float:
+        """ATen's im2col (vol2col) buffer of a ``kernel``-wide convolution with
+        ``m`` output pixels over ``c`` channels of ``input_sides``, where ATen's
+        CPU convolution takes that path: where oneDNN does not take the dtype,
+        and, as ATen's ``use_mkldnn`` decides, at batch 1 for kernels up to 3
+        wide (a 1-D one is seen as 1 x kernel: any) over at most 20480 values in
+        the channels and the input's first two spatial dimensions (a 1-D input
+        is seen as 1 x L)."""
         if self.setup.device != "cpu":
             return 0.0
-        small = self.setup.batch == 1 and taps <= 9 and m * c <= ATEN_SMALL_CONVOLUTION
-        return m * c * taps * self.e if self.im2col or small else 0.0
+        narrow = kernel <= 3 or self.arch.spatial_dims == 1
+        small = self.setup.batch == 1 and narrow and c * math.prod(input_sides[:2]) <= ATEN_SMALL_CONVOLUTION
+        return m * c * self.arch.kernel_taps(kernel) * self.e if self.im2col or small else 0.0
 
     # -- the step ----------------------------------------------------------------------------
     def run(self) -> Timeline:
@@ -558,8 +602,9 @@ class StepSimulation:
             saved += [self.stem_pixels * c0 * e, self.stem_pixels * c0 * e, self.pixels[0] * c0 * 8]
         t.alloc("stem", *saved)
         stem_out = self.pixels[0] * c0 * e
-        taps = 49 if self.arch.stem == "imagenet" else 9
-        t.transient("stem", self.columns(self.stem_pixels, self.arch.in_channels, taps), self.stem_pixels * c0 * e)
+        kernel = 7 if self.arch.stem == "imagenet" else 3
+        columns = self.columns(self.stem_pixels, self.arch.in_channels, kernel, self.setup.image_size)
+        t.transient("stem", columns, self.stem_pixels * c0 * e)
         t.alloc("stem", stem_out)
         t.alloc("block_buffers", self.pixels[0] * self.channels[0][1] * e)  # IntoBuffer
         return saved, stem_out
@@ -569,6 +614,7 @@ class StepSimulation:
         m, (c0, c_total) = self.pixels[b], self.channels[b]
         keep = self.policies[b] == "keep"
         ws = self.workspace
+        taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, self.block_sides[b])
         t.where = f"forward, block {b + 1}"
         statistics = [c_total * s, c_total * s]  # per-channel mean and variance of the buffer
         t.alloc("bn_coefficients", *statistics)
@@ -581,10 +627,10 @@ class StepSimulation:
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
             t.transient("layer_transients", ws.bn_relu(m, w))
-            new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])  # the 3x3 output (dropout: its mask)
-            t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
+            new = [m * k * e] + self.dropout_mask(b)  # the 3x3 output (and the dropout mask)
+            t.alloc("layer_transients", self.cast(k * w * taps), columns)
             t.alloc("layer_transients", new[0])
-            t.free("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9))
+            t.free("layer_transients", self.cast(k * w * taps), columns)
             t.alloc("layer_transients", *new[1:])
             t.transient("layer_transients", ws.channel_stats(m, k))
             t.free("layer_transients", *new)
@@ -592,7 +638,7 @@ class StepSimulation:
         if b + 1 < len(self.pixels):
             m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]
             t.alloc("block_buffers", m_next * c_next * e)
-            t.transient("layer_transients", ws.transition(m, c_total, c_total // 2),
+            t.transient("layer_transients", ws.transition(m, m_next, c_total, c_total // 2),
                         self.cast(c_total * (c_total // 2)))
         else:
             t.transient("layer_transients", ws.bn_relu(m, c_total))
@@ -606,6 +652,7 @@ class StepSimulation:
         n_layers = self.arch.block_config[b]
         keep = self.policies[b] == "keep"
         ws = self.workspace
+        taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, self.block_sides[b])
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
@@ -616,7 +663,7 @@ class StepSimulation:
         if last:
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
         else:
-            t.transient("layer_transients", ws.transition_backward(m, c_total, c_total // 2),
+            t.transient("layer_transients", ws.transition_backward(m, self.pixels[b + 1], c_total, c_total // 2),
                         self.cast(c_total * (c_total // 2)))
         t.alloc("layer_transients", *tail_grads)
         t.alloc("gradients_released", self.stage_gradient_bytes(b))
@@ -629,13 +676,13 @@ class StepSimulation:
             if not keep:
                 t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=False))
             t.transient("layer_transients", ws.bn_relu(m, w))
-            conv2_grad = k * w * 9 * e
+            conv2_grad = k * w * taps * e
             t.alloc("layer_transients", conv2_grad)
             # the copy of dL/dnew (and the dropout mask), the convolution's input gradient (M, 4k)
-            grad_new = [m * k * e] + ([m * k * e] if self.arch.drop_rate else [])
+            grad_new = [m * k * e] + self.dropout_mask(b)
             t.alloc("layer_transients", *grad_new)
-            t.alloc("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9), m * w * e)
-            t.free("layer_transients", self.cast(k * w * 9), self.columns(m, w, 9), *grad_new)
+            t.alloc("layer_transients", self.cast(k * w * taps), columns, m * w * e)
+            t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))
             others = [w * c * e, 2 * w * s, 2 * c * s]  # conv1's, norm2's, norm1's
@@ -704,10 +751,11 @@ class Workspace:
     def bn_relu_conv1x1_backward(self, m: int, c: int, k: int) -> float:
         return 0.0
 
-    def transition(self, m: int, c: int, k: int) -> float:
+    def transition(self, m: int, pooled: int, c: int, k: int) -> float:
+        """A transition over ``m`` pixels whose average pool leaves ``pooled``."""
         return 0.0
 
-    def transition_backward(self, m: int, c: int, k: int) -> float:
+    def transition_backward(self, m: int, pooled: int, c: int, k: int) -> float:
         return 0.0
 
 
@@ -735,12 +783,12 @@ class TorchWorkspace(Workspace):
         # z, dL/dz and dA together; then dA, x - mean and their product; grad_weight
         return max(2 * m * c * self.s + m * c * self.e, 3 * m * c * self.s) + k * c * self.e
 
-    def transition(self, m, c, k):
-        return m * c * self.s + m // 4 * c * self.s
+    def transition(self, m, pooled, c, k):
+        return m * c * self.s + pooled * c * self.s
 
-    def transition_backward(self, m, c, k):
+    def transition_backward(self, m, pooled, c, k):
         # z, its pooled rows and their gradient, the unpooled gradient, then dA
-        return m * c * self.s * 3 + 2 * (m // 4) * c * self.s + k * c * self.e
+        return m * c * self.s * 3 + 2 * pooled * c * self.s + k * c * self.e
 
 
 class CppWorkspace(Workspace):
@@ -778,11 +826,11 @@ class CppWorkspace(Workspace):
     def bn_relu_conv1x1_backward(self, m, c, k):
         return max(self.tiles(m, c), self.weight_gradient(m, c, k))
 
-    def transition(self, m, c, k):
-        return self.tiles(m // 4, c)
+    def transition(self, m, pooled, c, k):
+        return self.tiles(pooled, c)
 
-    def transition_backward(self, m, c, k):
-        return max(self.tiles(m // 4, c), self.weight_gradient(m // 4, c, k))
+    def transition_backward(self, m, pooled, c, k):
+        return max(self.tiles(pooled, c), self.weight_gradient(pooled, c, k))
 
 
 class CudaWorkspace(TorchWorkspace):
@@ -814,8 +862,8 @@ class TritonWorkspace(Workspace):
     def bn_relu_conv1x1_backward(self, m, c, k):
         return TRITON_MAX_SPLITS * (k + 2) * c * 4 + k * c * self.e
 
-    def transition_backward(self, m, c, k):
-        return self.bn_relu_conv1x1_backward(m // 4, c, k)
+    def transition_backward(self, m, pooled, c, k):
+        return self.bn_relu_conv1x1_backward(pooled, c, k)
 
 
 WORKSPACES = {"torch": TorchWorkspace, "cpp": CppWorkspace, "cuda": CudaWorkspace, "triton": TritonWorkspace}

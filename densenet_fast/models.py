@@ -283,9 +283,13 @@ def global_average_pool(x: Tensor) -> Tensor:
 class _EngineModel(nn.Module):
     """What every DenseNet here shares (torchvision's tree, MONAI's): the engine's
     settings (backend, scratch arena, synchronised statistics), shared by every
-    block and transition of ``features``, and the recompute policy of each block."""
+    block and transition of ``features``, the recompute policy of each block,
+    and the memory budget its training steps are planned to fit."""
 
-    __jit_unused_properties__ = ["arena", "backend", "recompute"]  # engine settings: not part of a scripted model
+    # engine settings and the memory plan: not part of a scripted model
+    __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]
+    _memory_budget: Optional[int] = None
+    _auto_recompute = False
 
     def _initialise(self, conv_type: type) -> None:
         """torchvision's and MONAI's initialisation (the same rules): Kaiming-normal
@@ -328,22 +332,101 @@ class _EngineModel(nn.Module):
             if hasattr(module, "engine"):
                 module.engine = self.engine
 
+    # -- recompute policy and memory budget --------------------------------------------
     def set_recompute(self, recompute: Union[str, Sequence[str]]) -> None:
-        """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), or one of
-        them per dense block."""
+        """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
+        them per dense block, or ``"auto"`` (chosen per input shape to fit the
+        memory budget)."""
+        self._memory_plans = {}
+        if recompute == AUTO:
+            if self._memory_budget is None:
+                raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
+                                 'like "8GiB") to the constructor, or call set_memory_budget() first')
+            self._auto_recompute = True
+            return
         blocks = self.blocks()
         policies = [recompute] * len(blocks) if isinstance(recompute, str) else list(recompute)
         if len(policies) != len(blocks) or any(p not in RECOMPUTE_POLICIES for p in policies):
-            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES} or a sequence of {len(blocks)} of them "
-                             f"(one per dense block), got {recompute!r}")
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
+                             f"{len(blocks)} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}")
         for block, policy in zip(blocks, policies):
             block.recompute = policy
+        self._auto_recompute = False
 
     @property
     def recompute(self) -> Union[str, tuple[str, ...]]:
-        """The policy of every block, or one per block where they differ."""
+        """``"auto"``, or the policy of every block, or one per block where they differ."""
+        if self._auto_recompute:
+            return AUTO
         policies = tuple(block.recompute for block in self.blocks())
         return policies[0] if len(set(policies)) == 1 else policies
+
+    @property
+    def memory_budget(self) -> Optional[int]:
+        """Bytes a training step may use, or ``None`` (no planning)."""
+        return self._memory_budget
+
+    def set_memory_budget(self, budget: Union[None, int, str],
+                          optimizer: Optional["memory.OptimizerSpec"] = None) -> None:
+        """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
+        stop planning), with ``optimizer``'s state and update (default: SGD
+        with momentum, as the trainer's recipe)."""
+        if budget is None and self._auto_recompute:
+            raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
+        self._memory_budget = None if budget is None else memory.parse_bytes(budget)
+        self.memory_optimizer = optimizer or memory.OptimizerSpec()
+        self._memory_plans = {}
+
+    @torch.jit.unused
+    def plan_for(self, batch: int, image_size: Union[int, tuple[int, ...]], *, dtype: Optional[torch.dtype] = None,
+                 autocast: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None
+                 ) -> "planner.Choice":
+        """Plan the training step of ``batch`` inputs of ``image_size`` (one side per
+        spatial dimension; an int: that side in each) under the memory budget: returns the chosen policies with their predicted peak
+        memory and step time, and uses them from now on for that input shape
+        (``"auto"``).  ``dtype``/``device`` default to the model's; ``autocast``:
+        the dtype autocast computes in, if any.  Raises
+        :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
+        if self._memory_budget is None:
+            raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
+        weight = self.features.conv0.weight
+        if isinstance(image_size, int):
+            image_size = (image_size,) * self.spatial_dims
+        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, torch.device(device or weight.device),
+                             self.backend, self.memory_optimizer)
+        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
+        choice = self._memory_plans.get(key)
+        if choice is None:
+            arch = memory.Architecture.of(self)
+            recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
+            choice = self._memory_plans[key] = planner.choose(arch, setup, self._memory_budget, recompute)
+            if self._auto_recompute:
+                size = planner.size_text(setup.image_size)
+                warnings.warn(f"densenet_fast: for batch {batch} of {size} {str(setup.compute_dtype)[6:]} on "
+                              f"{setup.device}: {choice.describe(self._memory_budget)}", MemoryPlanNotice,
+                              stacklevel=2)
+        if self._auto_recompute:
+            for block, policy in zip(self.blocks(), choice.policies):
+                block.recompute = policy
+        return choice
+
+    def classifier_layer(self) -> nn.Linear:
+        """The final Linear layer (torchvision's ``classifier``, MONAI's ``class_layers.out``)."""
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _check_and_plan(self, x: Tensor) -> None:
+        """Check ``x``; in a training forward under a memory budget, plan its step."""
+        self.check_input(x)
+        if self._memory_budget is not None and self.training and torch.is_grad_enabled():
+            self._plan_memory(x)
+
+    @torch.jit.unused
+    def _plan_memory(self, x: Tensor) -> None:
+        """Plan a training step on ``x`` under the memory budget (cached per input shape)."""
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
+                      autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
 
     def set_sync_group(self, group) -> None:
         """Synchronise batch statistics over the processes of ``group`` (a
@@ -441,10 +524,6 @@ class DenseNet(_EngineModel):
             does (the largest batch, the deepest DenseNet-BC).
     """
 
-    __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]  # not part of a scripted model
-    _memory_budget: Optional[int] = None
-    _auto_recompute = False
-
     def __init__(
         self,
         growth_rate: int = 32,
@@ -511,87 +590,8 @@ class DenseNet(_EngineModel):
         self.set_memory_budget(memory_budget)
         self.set_recompute(recompute)
 
-    # -- recompute policy and memory budget --------------------------------------------
-    def set_recompute(self, recompute: Union[str, Sequence[str]]) -> None:
-        """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
-        them per dense block, or ``"auto"`` (chosen per input shape to fit the
-        memory budget)."""
-        self._memory_plans = {}
-        if recompute == AUTO:
-            if self._memory_budget is None:
-                raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
-                                 'like "8GiB") to the constructor, or call set_memory_budget() first')
-            self._auto_recompute = True
-            return
-        try:
-            super().set_recompute(recompute)
-        except ValueError:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
-                             f"{len(self.blocks())} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}"
-                             ) from None
-        self._auto_recompute = False
-
-    @property
-    def recompute(self) -> Union[str, tuple[str, ...]]:
-        """``"auto"``, or the policy of every block, or one per block where they differ."""
-        if self._auto_recompute:
-            return AUTO
-        policies = tuple(block.recompute for block in self.blocks())
-        return policies[0] if len(set(policies)) == 1 else policies
-
-    @property
-    def memory_budget(self) -> Optional[int]:
-        """Bytes a training step may use, or ``None`` (no planning)."""
-        return self._memory_budget
-
-    def set_memory_budget(self, budget: Union[None, int, str],
-                          optimizer: Optional["memory.OptimizerSpec"] = None) -> None:
-        """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
-        stop planning), with ``optimizer``'s state and update (default: SGD
-        with momentum, as the trainer's recipe)."""
-        if budget is None and self._auto_recompute:
-            raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
-        self._memory_budget = None if budget is None else memory.parse_bytes(budget)
-        self.memory_optimizer = optimizer or memory.OptimizerSpec()
-        self._memory_plans = {}
-
-    @torch.jit.unused
-    def plan_for(self, batch: int, image_size: Union[int, tuple[int, int]], *, dtype: Optional[torch.dtype] = None,
-                 autocast: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None
-                 ) -> "planner.Choice":
-        """Plan the training step of ``batch`` images of ``image_size`` under the
-        memory budget: returns the chosen policies with their predicted peak
-        memory and step time, and uses them from now on for that input shape
-        (``"auto"``).  ``dtype``/``device`` default to the model's; ``autocast``:
-        the dtype autocast computes in, if any.  Raises
-        :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
-        if self._memory_budget is None:
-            raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
-        weight = self.features.conv0.weight
-        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, torch.device(device or weight.device),
-                             self.backend, self.memory_optimizer)
-        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
-        choice = self._memory_plans.get(key)
-        if choice is None:
-            arch = memory.Architecture.of(self)
-            recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
-            choice = self._memory_plans[key] = planner.choose(arch, setup, self._memory_budget, recompute)
-            if self._auto_recompute:
-                h, w = setup.image_size
-                warnings.warn(f"densenet_fast: for batch {batch} of {h}x{w} {str(setup.compute_dtype)[6:]} on "
-                              f"{setup.device}: {choice.describe(self._memory_budget)}", MemoryPlanNotice,
-                              stacklevel=2)
-        if self._auto_recompute:
-            for block, policy in zip(self.blocks(), choice.policies):
-                block.recompute = policy
-        return choice
-
-    @torch.jit.unused
-    def _plan_memory(self, x: Tensor) -> None:
-        """Plan a training step on ``x`` under the memory budget (cached per input shape)."""
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
-                      autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
+    def classifier_layer(self) -> nn.Linear:
+        return self.classifier
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -611,9 +611,7 @@ class DenseNet(_EngineModel):
         stages (nobody observes ``features`` or ``norm5``)."""
         if isinstance(x, torch.fx.Proxy):
             return False
-        self.check_input(x)
-        if self._memory_budget is not None and self.training and torch.is_grad_enabled():
-            self._plan_memory(x)
+        self._check_and_plan(x)
         norm5 = list(self.features.children())[-1]
         return (fastpath.engine_takes(x) and not fastpath.global_hooks() and not fastpath.has_hooks(self.features)
                 and fastpath.head_norm_is_standard(norm5))

@@ -157,7 +157,11 @@ class DenseNet(models._EngineModel):
         backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``; ``None``
             chooses per device.
         recompute: ``"keep"`` (default, faster) or ``"recompute"`` (leanest)
-            for the bottleneck outputs, or one of them per dense block.
+            for the bottleneck outputs, one of them per dense block, or
+            ``"auto"`` (needs ``memory_budget``).
+        memory_budget: bytes, or a string like ``"8GiB"``, that a training step
+            may use; planned per input shape at its first training forward
+            (see :class:`densenet_fast.DenseNet`).
     """
 
     def __init__(
@@ -175,6 +179,7 @@ class DenseNet(models._EngineModel):
         *,
         backend: Optional[str] = None,
         recompute: Union[None, str, Sequence[str]] = None,
+        memory_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
         block_config = tuple(block_config)
@@ -223,6 +228,7 @@ class DenseNet(models._EngineModel):
         self._initialise(conv_type)
         self.engine = engine.Settings()
         self.set_backend(backend)
+        self.set_memory_budget(memory_budget)
         self.set_recompute("keep" if recompute is None else recompute)
         self._check_act_norm()
 
@@ -240,6 +246,9 @@ class DenseNet(models._EngineModel):
                           f"memory-efficient engine runs ReLU with affine BatchNorm); its memory savings are lost",
                           RuntimeWarning, stacklevel=3)
 
+    def classifier_layer(self) -> nn.Linear:
+        return self.class_layers.out
+
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and self._runs_fused_head(x):
@@ -255,7 +264,7 @@ class DenseNet(models._EngineModel):
         ``class_layers`` before ``out``)."""
         if isinstance(x, torch.fx.Proxy):
             return False
-        self.check_input(x)
+        self._check_and_plan(x)
         norm5 = list(self.features.children())[-1]
         head = self.class_layers._modules
         return (self.engine.plain_reason is None and fastpath.engine_takes(x) and not fastpath.global_hooks()
@@ -342,7 +351,7 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
     """A densenet_fast copy of a MONAI ``DenseNet``: the same tree of module names,
     with copies of MONAI's modules (convolutions, norms, activations, pooling,
     dropout, the classifier: weights, buffers, device, dtype and train/eval
-    mode included).  ``kwargs``: ``backend``, ``recompute``."""
+    mode included).  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
     features = getattr(monai_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []

@@ -23,6 +23,7 @@ import argparse
 import functools
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
@@ -52,15 +53,14 @@ def policy_costs() -> dict:
 def training_flops(arch: Architecture, setup: Setup) -> float:
     """FLOPs of one training step: 3x the forward's convolutions and classifier
     (backward costs two forwards), 2 FLOPs per multiply-add."""
-    (stem_h, stem_w), sizes = arch.spatial_sizes(*setup.image_size)
-    kernel = 49 if arch.stem == "imagenet" else 9
-    forward = 2.0 * setup.batch * stem_h * stem_w * arch.in_channels * arch.num_init_features * kernel
-    k, w = arch.growth_rate, arch.width
-    for b, ((c0, c_total), (h, wd)) in enumerate(zip(arch.block_channels(), sizes)):
-        m = setup.batch * h * wd
-        forward += sum(2.0 * m * ((c0 + i * k) * w + w * k * 9) for i in range(arch.block_config[b]))
-        if b + 1 < len(sizes):
-            forward += 2.0 * (m // 4) * c_total * (c_total // 2)  # pooled before the 1x1 convolution
+    stem, pixels = pixel_counts(arch, setup)
+    taps = arch.kernel_taps(7 if arch.stem == "imagenet" else 3)
+    forward = 2.0 * stem * arch.in_channels * arch.num_init_features * taps
+    k, w, taps = arch.growth_rate, arch.width, arch.kernel_taps(3)
+    for b, ((c0, c_total), m) in enumerate(zip(arch.block_channels(), pixels)):
+        forward += sum(2.0 * m * ((c0 + i * k) * w + w * k * taps) for i in range(arch.block_config[b]))
+        if b + 1 < len(pixels):
+            forward += 2.0 * pixels[b + 1] * c_total * (c_total // 2)  # pooled before the 1x1 convolution
     forward += 2.0 * setup.batch * arch.block_channels()[-1][1] * arch.num_classes
     return 3 * forward
 
@@ -68,13 +68,18 @@ def training_flops(arch: Architecture, setup: Setup) -> float:
 def recompute_flops(arch: Architecture, setup: Setup, policies: Sequence[str]) -> float:
     """FLOPs backward adds by recomputing bottleneck outputs: each recomputed
     block's BN-ReLU-Conv1x1 forward once more."""
-    _, sizes = arch.spatial_sizes(*setup.image_size)
+    _, pixels = pixel_counts(arch, setup)
     total = 0.0
-    for b, ((c0, _), (h, w), policy) in enumerate(zip(arch.block_channels(), sizes, policies)):
+    for b, ((c0, _), m, policy) in enumerate(zip(arch.block_channels(), pixels, policies)):
         if policy == "recompute":
-            total += sum(2.0 * setup.batch * h * w * (c0 + i * arch.growth_rate) * arch.width
-                         for i in range(arch.block_config[b]))
+            total += sum(2.0 * m * (c0 + i * arch.growth_rate) * arch.width for i in range(arch.block_config[b]))
     return total
+
+
+def pixel_counts(arch: Architecture, setup: Setup) -> tuple[int, list[int]]:
+    """Pixels (voxels) of the batch at the stem convolution's output and at every block."""
+    stem, blocks = arch.spatial_sizes(setup.image_size)
+    return setup.batch * math.prod(stem), [setup.batch * math.prod(sides) for sides in blocks]
 
 
 def step_time_ratio(arch: Architecture, setup: Setup, policies: Sequence[str]) -> tuple[float, str]:
@@ -142,9 +147,9 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
     """Why nothing fits ``budget``, and what would at that budget."""
     leanest = min(candidates(arch, setup, recompute), key=lambda c: c.prediction.total_bytes)
     p = leanest.prediction
-    h, w = setup.image_size
     what = f"recompute={leanest.policies}" if recompute == "auto" else f"recompute={recompute!r}"
-    lines = [f"{describe_model(arch)} at batch {setup.batch} of {h}x{w} {str(setup.compute_dtype)[6:]} on "
+    lines = [f"{describe_model(arch)} at batch {setup.batch} of {size_text(setup.image_size)} "
+             f"{str(setup.compute_dtype)[6:]} on "
              f"{setup.device} needs {format_bytes(p.total_bytes)} per training step even with {what} "
              f"({format_bytes(p.persistent_bytes)} parameters, gradients and optimizer state + "
              f"{format_bytes(p.step_bytes)} step), more than the memory budget of {format_bytes(budget)}."]
@@ -153,15 +158,25 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
                  "At this budget not even a batch of 1 fits.")
     if arch.depth is not None:
         depth = deepest_depth(arch, setup, budget, recompute)
-        lines.append(f"The deepest DenseNet-BC (k={arch.growth_rate}) that fits at batch {setup.batch} is depth "
-                     f"{depth}." if depth else f"No DenseNet-BC (k={arch.growth_rate}) fits at batch {setup.batch}.")
+        bc = f"{dims_text(arch)}DenseNet-BC (k={arch.growth_rate})"
+        lines.append(f"The deepest {bc} that fits at batch {setup.batch} is depth {depth}." if depth else
+                     f"No {bc} fits at batch {setup.batch}.")
     return " ".join(lines)
 
 
 def describe_model(arch: Architecture) -> str:
     if arch.depth is not None:
-        return f"DenseNet-BC-{arch.depth} (k={arch.growth_rate})"
-    return f"DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem)"
+        return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate})"
+    return f"{dims_text(arch)}DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem)"
+
+
+def dims_text(arch: Architecture) -> str:
+    """``"3-D "`` for a model of volumes (MONAI's tree), nothing for images."""
+    return "" if arch.spatial_dims == 2 else f"{arch.spatial_dims}-D "
+
+
+def size_text(image_size: Sequence[int]) -> str:
+    return "x".join(map(str, image_size))
 
 
 # -- searches ----------------------------------------------------------------------------------------
@@ -199,15 +214,18 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
 
 # -- plan ----------------------------------------------------------------------------------------------
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
-         growth_rate: Optional[int] = None, num_classes: Optional[int] = None, batch: int = 64,
-         image_size: Union[int, tuple[int, int]] = 32, dtype: Union[str, torch.dtype] = "float32",
+         growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
+         batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[str, torch.dtype] = "float32",
          autocast: Union[None, str, torch.dtype] = None, device: str = "cpu", backend: Optional[str] = None,
          optimizer: Union[str, OptimizerSpec] = "sgd", budget: Union[None, int, str] = None) -> dict:
     """The memory plan of a training step as plain data (see the module docstring).
 
     ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
-    ``densenet121`` ...), an :class:`~densenet_fast.memory.Architecture` or a
-    :class:`densenet_fast.DenseNet`.  Returns ``{"policies": {"keep", "recompute",
+    ``densenet121`` ...; with an ``image_size`` of three sides, ``(D, H, W)``,
+    MONAI's tree of that shape for volumes), an
+    :class:`~densenet_fast.memory.Architecture`, a :class:`densenet_fast.DenseNet`
+    or a :class:`densenet_fast.monai.DenseNet`; an ``image_size`` of one int is
+    that side in every spatial dimension.  Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` needs a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; with a budget also
@@ -217,7 +235,10 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     elif isinstance(model, torch.nn.Module):
         arch = Architecture.of(model)
     else:
-        arch = Architecture.named(model, depth, growth_rate, num_classes)
+        dims = 2 if isinstance(image_size, int) else len(image_size)
+        arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
+    if isinstance(image_size, int):
+        image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, as_dtype(dtype), as_dtype(autocast) if autocast else None, device, backend,
                   optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer))
     budget = None if budget is None else parse_bytes(budget)
@@ -232,12 +253,11 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         else:
             leanest = min(candidates(arch, setup, "auto"), key=lambda c: c.prediction.total_bytes)
             policies["auto"] = {**entry(leanest, budget), "error": refusal(arch, setup, budget, "auto")}
-    h, w = setup.image_size
     out = {"model": {"description": describe_model(arch), "depth": arch.depth, "growth_rate": arch.growth_rate,
                      "block_config": list(arch.block_config), "num_init_features": arch.num_init_features,
-                     "bn_size": arch.bn_size, "num_classes": arch.num_classes, "stem": arch.stem,
-                     "parameters": arch.parameter_count()},
-           "setup": {"batch": setup.batch, "image_size": [h, w], "dtype": str(setup.dtype)[6:],
+                     "bn_size": arch.bn_size, "num_classes": arch.num_classes, "in_channels": arch.in_channels,
+                     "stem": arch.stem, "spatial_dims": arch.spatial_dims, "parameters": arch.parameter_count()},
+           "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
                      "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
                      "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads},
            "budget_bytes": budget, "policies": policies,
@@ -271,8 +291,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="DenseNet-BC depth 6n+4 (default 100)")
     parser.add_argument("--growth-rate", type=int, default=None, help="k (default: the model's; 12 for densenet_bc)")
     parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--in-channels", type=int, default=None, help="channels of the input (default 3; 1 for "
+                        "volumes, as MONAI's CT and MRI)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--image-size", type=int, nargs="+", default=[32], help="H [W]")
+    parser.add_argument("--image-size", type=int, nargs="+", default=[32],
+                        help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the parameters' dtype")
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -284,9 +307,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
+    if not 1 <= len(args.image_size) <= 3:
+        raise SystemExit(f"--image-size takes 1 to 3 sides, got {len(args.image_size)}")
+    image_size = tuple(args.image_size) if len(args.image_size) > 1 else args.image_size[0]
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
-                  batch=args.batch, image_size=image_size, dtype=args.dtype, autocast=args.autocast,
+                  in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype, autocast=args.autocast,
                   device=args.device, backend=args.backend, optimizer=args.optimizer, budget=args.budget)
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
@@ -295,10 +320,9 @@ def run(args: argparse.Namespace) -> int:
 def report(result: dict) -> str:
     """The plan as text: per policy the peak, its breakdown and the step-time ratio, then the searches."""
     setup, budget = result["setup"], result["budget_bytes"]
-    h, w = setup["image_size"]
     dtype = setup["dtype"] + (f", autocast {setup['autocast']}" if setup["autocast"] else "")
     lines = [f"{result['model']['description']}, {result['model']['parameters']:,} parameters; batch "
-             f"{setup['batch']} of {h}x{w}, {dtype}, {setup['device']} ({setup['backend']} backend), optimizer "
+             f"{setup['batch']} of {size_text(setup['image_size'])}, {dtype}, {setup['device']} ({setup['backend']} backend), optimizer "
              f"{setup['optimizer']['name']}" + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
     for name, entry_ in result["policies"].items():
         if entry_ is None:

@@ -326,7 +326,9 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     random.seed(options["seed"] + procs.rank)
     np.random.seed(options["seed"] + procs.rank)
     torch.manual_seed(options["seed"])  # the same initial weights in every process
-    model = (build_volume_model(options) if data.spatial_dims == 3 else build_model(options)).to(device)
+    model = build_volume_model(options) if data.spatial_dims == 3 else build_model(options)
+    set_memory_plan(model, options)
+    model = model.to(device)
     check_input_size(model, data)
     if options["channels_last"]:
         model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
@@ -395,9 +397,6 @@ def plan_memory(run: Run) -> str:
     (densenet_fast.planner through the model: recompute="auto" chooses the
     policies, a fixed policy is checked); what was chosen, as a log line."""
     options = run.options
-    if not hasattr(run.model, "plan_for"):
-        raise TrainingError(f"--memory-budget: the memory model describes densenet_fast's DenseNet only, "
-                            f"not {type(run.model).__name__}")
     images = run.data.train[0][0]
     batch = options["batch_size"] // run.procs.world_size
     try:
@@ -661,22 +660,26 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
 
 
 def build_model(options: dict) -> nn.Module:
-    budget = options["memory_budget"]
-    recompute = options["recompute"] or (models.AUTO if budget is not None else "keep")
+    """A DenseNet of densenet_fast (torchvision's module tree) for images."""
     kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
-                  backend=options["backend"], recompute="keep")
+                  backend=options["backend"])
     if options["model"] == "densenet_bc":
-        model = models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
-    else:
-        model = MODELS[options["model"]](**kwargs)
-    if budget is not None:  # the recipe's optimizer: its state and update are part of the step
+        return models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
+    return MODELS[options["model"]](**kwargs)
+
+
+def set_memory_plan(model: nn.Module, options: dict) -> None:
+    """The recompute policy, planned under ``--memory-budget`` when one is given
+    (``--recompute auto`` then by default), for the recipe's optimizer: its
+    state and update are part of the step."""
+    budget = options["memory_budget"]
+    if budget is not None:
         optimizer = OptimizerSpec("sgd", options["momentum"], options["weight_decay"], options["nesterov"])
         try:
             model.set_memory_budget(budget, optimizer)
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"--memory-budget: {exc}") from None
-    model.set_recompute(recompute)
-    return model
+    model.set_recompute(options["recompute"] or (models.AUTO if budget is not None else "keep"))
 
 
 def build_volume_model(options: dict) -> nn.Module:
@@ -685,7 +688,7 @@ def build_volume_model(options: dict) -> nn.Module:
     ``(depth - 4) / 6`` layers, ``2 * growth_rate`` stem channels and MONAI's stem
     (7x7x7 convolution and max pooling, each of stride 2)."""
     kwargs = dict(spatial_dims=3, in_channels=options["in_channels"], out_channels=options["num_classes"],
-                  backend=options["backend"], recompute=options["recompute"])
+                  backend=options["backend"])
     if options["model"] != "densenet_bc":
         return MONAI_MODELS[options["model"]](**kwargs)
     depth, k = options["depth"], options["growth_rate"]

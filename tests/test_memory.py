@@ -6,6 +6,7 @@ included) against torchvision in float64."""
 import itertools
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimula
                                   predict)
 from densenet_fast.models import MemoryPlanNotice
 from densenet_fast.monai import DenseNet as MonaiDenseNet
+from densenet_fast.monai import DenseNet121 as MonaiDenseNet121
 from helpers import check_training_float64, make_pair
 from helpers import one_thread  # noqa: F401  (fixture)
 
@@ -64,7 +66,7 @@ def test_gradients_are_the_tensors_the_model_counts(dims):
         x = torch.randn(2, 1, *(16,) * dims)
     torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (2,))).backward()
     storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
-    simulation = StepSimulation(arch, Setup(2, 16), ("keep",) * len(arch.block_config))
+    simulation = StepSimulation(arch, Setup(2, (16,) * dims), ("keep",) * len(arch.block_config))
     counted = [simulation.stage_gradient_bytes(b) for b in range(len(arch.block_config))]
     counted += simulation.stem_gradients() + simulation.classifier_gradients()
     assert sorted(storages.values()) == sorted(counted)
@@ -129,6 +131,34 @@ def test_plan_command_json(capsys):
     assert set(result["deepest_depth"]) == set(result["largest_batch"]) == {"keep", "recompute", "auto"}
     assert cli.main(["plan", "--model", "densenet121", "--batch", "8", "--image-size", "224"]) == 0
     assert "keep:" in capsys.readouterr().out
+
+
+def test_plan_command_for_volumes(capsys):
+    """Three sides are a volume: MONAI's tree of the named model, which is the
+    architecture of densenet_fast.monai's model of that name."""
+    assert cli.main(["plan", "--model", "densenet121", "--batch", "2", "--image-size", "64", "128", "128",
+                     "--in-channels", "1", "--num-classes", "2", "--budget", "1GiB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["image_size"] == [64, 128, 128] and result["model"]["spatial_dims"] == 3
+    assert result["model"]["description"].startswith("3-D DenseNet")
+    model = MonaiDenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
+    assert result["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["policies"] == plan(model, batch=2, image_size=(64, 128, 128), budget="1GiB")["policies"]
+    assert result["largest_batch"]["recompute"] >= 2 and "deepest_depth" not in result
+    assert plan(model, batch=2, image_size=64)["setup"]["image_size"] == [64, 64, 64]  # one side: a cube
+    with pytest.raises(ValueError, match="3 spatial dimension"):
+        plan(model, batch=2, image_size=(64, 128))
+
+
+def test_depth_search_keeps_the_volume_and_monais_stem():
+    """The deepest-depth answer for a 3-D MONAI DenseNet-BC is a 3-D MONAI DenseNet-BC."""
+    arch = Architecture.of(MonaiDenseNet(3, 1, 2, init_features=24, growth_rate=12, block_config=(6, 6, 6)))
+    assert arch == Architecture.named("densenet_bc", 40, 12, num_classes=2, in_channels=1, spatial_dims=3)
+    assert arch.depth == 40 and arch.with_depth(100) == replace(arch, block_config=(16, 16, 16))
+    setup, budget = Setup(2, (32, 32, 32)), parse_bytes("64MiB")
+    depth = planner.deepest_depth(arch, setup, budget, "recompute")
+    assert predict(arch.with_depth(depth), setup, "recompute").total_bytes <= budget
+    assert predict(arch.with_depth(depth + 6), setup, "recompute").total_bytes > budget
 
 
 @pytest.mark.usefixtures("one_thread")

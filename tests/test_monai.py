@@ -15,7 +15,8 @@ import torch.nn as nn
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 from densenet_fast import monai as fast_monai  # noqa: E402
-from densenet_fast.models import InputError  # noqa: E402
+from densenet_fast.memory import Architecture, Setup, predict  # noqa: E402
+from densenet_fast.models import InputError, MemoryPlanNotice  # noqa: E402
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal,  # noqa: E402
                      forward_backward, global_relative_error, randomize_batchnorm, sgd)
 from helpers import one_thread  # noqa: E402, F401  (fixture)
@@ -94,6 +95,31 @@ def test_a_batch_of_one_equals_monai_float64(spatial_dims, size, recompute):
     target = torch.randint(TINY["out_channels"], (1,), generator=generator)
     assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
                          atol=ZERO_NOISE)
+
+
+def test_auto_recompute_plans_a_volume_and_equals_monai_float64():
+    """``recompute="auto"`` under a budget between keep's and recompute's predicted
+    peaks: the 3-D step is planned per block (a mixed assignment, said once per
+    input shape) and trains as MONAI's model does."""
+    ours, theirs = make_pair(3, **{**TINY, "block_config": (6, 3)})
+    size = (16, 17, 15)
+    arch, setup = Architecture.of(ours), Setup(2, size, torch.float64)
+    low, high = (predict(arch, setup, policy).total_bytes for policy in ("recompute", "keep"))
+    ours.set_memory_budget((low + high) // 2)
+    ours.set_recompute("auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(2):
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(2, 1, *size, generator=generator, dtype=torch.float64)
+            target = torch.randint(TINY["out_channels"], (2,), generator=generator)
+            # norm0's bias gradient, zero in exact arithmetic (see ZERO_NOISE), sums more rounding here
+            assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target),
+                                 FLOAT64_RTOL, atol=10 * ZERO_NOISE)
+    notices = [w for w in caught if issubclass(w.category, MemoryPlanNotice)]
+    chosen = tuple(block.recompute for block in ours.blocks())
+    assert len(notices) == 1 and len(set(chosen)) == 2 and ours.recompute == "auto", (notices, chosen)
+    assert f"recompute={chosen}" in str(notices[0].message) and "16x17x15" in str(notices[0].message)
 
 
 def test_fp32_close_to_monai():

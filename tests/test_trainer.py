@@ -529,6 +529,26 @@ def test_trains_a_monai_densenet_on_synthetic3d(tmp_path, capsys):
     reference.load_state_dict(state, strict=True)  # MONAI's own model takes the trained weights
 
 
+def test_memory_budget_plans_volumes(tmp_path, capsys):
+    """A budget between recompute's and keep's predicted peaks on synthetic3d (16^3
+    volumes, one channel, batch 8, MONAI's DenseNet-BC-40 k=8): the trainer plans
+    the 3-D step per block and trains; below recompute's peak it refuses in one line."""
+    from densenet_fast import plan
+    from densenet_fast.memory import Architecture
+    arch = Architecture.named("densenet_bc", 40, 8, num_classes=3, in_channels=1, spatial_dims=3)
+    keep, recompute = (plan(arch, batch=8, image_size=16)["policies"][p]["total_bytes"] for p in ("keep", "recompute"))
+    assert recompute < keep
+    expected = plan(arch, batch=8, image_size=16, budget=(keep + recompute) // 2)["policies"]["auto"]
+    assert "recompute" in expected["policies"] and "keep" in expected["policies"]
+    options = ["--data", "synthetic3d", "--train-limit", "16", "--test-limit", "8", "--depth", "40", "--growth-rate", "8"]
+    assert train_volumes(tmp_path / "a", *options, "--memory-budget", str((keep + recompute) // 2)) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory plan"))
+    assert f"recompute={tuple(expected['policies'])}" in line
+    assert train_volumes(tmp_path / "b", *options, "--memory-budget", str(recompute - 1)) == 2
+    err = capsys.readouterr().err
+    assert "3-D DenseNet-BC-40 (k=8) at batch 8 of 16x16x16" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_synthetic3d_resumes_exactly_with_channels_last(tmp_path):
     options = ["--data", "synthetic3d", "--train-limit", "24", "--test-limit", "8", "--channels-last"]
     assert train_volumes(tmp_path / "whole", *options, "--epochs", "2") == 0

@@ -23,9 +23,8 @@ memory budget.
 
 ``--family monai`` measures MONAI's ``DenseNet`` shaped as DenseNet-BC
 (:mod:`.monai_impls`), on images or volumes (``--image-size 16x16x16``):
-MONAI eager and checkpointed against densenet_fast.monai.  The planner models
-torchvision's tree on images only, so there every prediction, densenet_fast's
-too, comes from the fit of the sweep, and there is no ``-auto``.
+MONAI eager and checkpointed against densenet_fast.monai, whose depths the
+planner predicts for MONAI's tree as for torchvision's.
 """
 
 from __future__ import annotations
@@ -84,9 +83,9 @@ def bc_spec(args: argparse.Namespace, depth: int) -> ModelSpec:
     return ModelSpec("densenet_bc", depth, args.growth_rate, 10)
 
 
-def planned(impl: str, args: argparse.Namespace) -> bool:
-    """Whether the planner predicts ``impl``'s memory (densenet_fast's torchvision tree)."""
-    return impl.startswith("fast-") and args.family == "torchvision"
+def planned(impl: str) -> bool:
+    """Whether the planner predicts ``impl``'s memory (densenet_fast's, either tree)."""
+    return impl.startswith("fast-")
 
 
 def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup:
@@ -103,17 +102,17 @@ def model_budget(impl: str, args) -> Optional[float]:
 
 
 def bc_architecture(args: argparse.Namespace, depth: int) -> Architecture:
+    if args.family == "monai":
+        return monai_impls.architecture(bc_spec(args, depth))
     return Architecture.named("densenet_bc", depth, args.growth_rate)
 
 
 def persistent_bytes(args: argparse.Namespace, depth: int) -> int:
     """Parameters, gradients and optimizer state of depth ``depth``: the same
-    for every implementation (torchvision's tree is the same network)."""
+    for every implementation (torchvision's or MONAI's tree is the same network)."""
     optimizer = OptimizerSpec.parse(args.optimizer)
     dtype = DTYPES[args.dtype]
-    parameters = monai_impls.parameter_bytes(bc_spec(args, depth), dtype) if args.family == "monai" else \
-        bc_architecture(args, depth).parameter_count() * dtype.itemsize
-    return parameters * (2 + optimizer.state_tensors())
+    return bc_architecture(args, depth).parameter_count() * dtype.itemsize * (2 + optimizer.state_tensors())
 
 
 # -- fits ----------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def predicted_deepest(impl: str, points: list[dict], args) -> Optional[int]:
     """The deepest depth predicted to fit the budget: the planner's for densenet_fast,
     the fit of the sweep's measured peaks for the others."""
     budget = args.budget_gib * common.GIB
-    if planned(impl, args):
+    if planned(impl):
         _, backend, policy = impl.split("-")
         setup = step_setup(args, None if backend == "auto" else backend)
         return planner.deepest_depth(bc_architecture(args, 10), setup, budget, policy)
@@ -229,7 +228,7 @@ def probe(runner: Runner, impl: str, depth: int, args) -> dict:
     point = {"impl": impl, "depth": depth, "kind": "probe", **result, "persistent_bytes": persistent}
     if result["status"] == "ok":
         point["total_bytes"] = persistent + result["peak_bytes"]
-    if planned(impl, args):
+    if planned(impl):
         _, backend, policy = impl.split("-")
         setup = step_setup(args, None if backend == "auto" else backend)
         choice = planner.best_fitting(bc_architecture(args, depth), setup, budget, policy) if policy == "auto" \
@@ -277,11 +276,8 @@ def policy_costs(timings: dict, args) -> dict:
     time of ``recompute`` over ``keep`` (same process, round-robin), and the cost of
     a recomputed FLOP relative to an average FLOP of the step,
     ``a = (ratio - 1) * F / R`` (:func:`densenet_fast.planner.step_time_ratio`);
-    with ``auto`` timed too, its measured ratio beside the planner's.  Only for
-    the torchvision family, whose FLOPs the planner counts."""
+    with ``auto`` timed too, its measured ratio beside the planner's."""
     out: dict = {}
-    if args.family != "torchvision":
-        return out
     for depth, results in sorted(timings.items(), key=lambda item: int(item[0])):
         median = {impl: r["seconds"]["median"] for impl, r in results.items() if r["status"] == "ok"}
         for impl in median:
@@ -318,13 +314,11 @@ def run(args: argparse.Namespace) -> dict:
         if min(sides) < 16:  # stem /4 and two transitions /2 each
             raise SystemExit(f"--image-size {args.image_size}: MONAI's DenseNet-BC needs sides of at least 16")
         impls = args.impls or monai_impls.default_impls(args.device, args.compile)
-        if any(impl.endswith("-auto") for impl in impls):
-            raise SystemExit("--family monai: recompute='auto' is planned for torchvision's tree on images only")
     elif isinstance(args.image_size, list):
         raise SystemExit(f"--image-size {args.image_size}: several sides are for --family monai")
     else:
         impls = resolve_impls(args)
-    if args.impls is None and args.budget_gib > 0 and args.family == "torchvision":  # and recompute="auto" under the budget
+    if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
     runner = Runner(args)
     settings = common.settings_of(args)

@@ -52,7 +52,11 @@ class ModelSpec:
         raise ValueError(f"unknown model {text!r}: use one of {IMAGENET_MODELS} or densenet_bc-<depth>")
 
     def label(self) -> str:
-        return f"DenseNet-BC-{self.depth} (k={self.growth_rate})" if self.name == "densenet_bc" else self.name
+        if self.name == "densenet_bc":
+            return f"DenseNet-BC-{self.depth} (k={self.growth_rate})"
+        if self.name.startswith("monai-densenet_bc-"):  # MONAI's DenseNet shaped as DenseNet-BC, in <d>d
+            return f"MONAI DenseNet-BC-{self.depth} (k={self.growth_rate}, {self.name.rsplit('-', 1)[1][:-1]}-D)"
+        return self.name
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +112,7 @@ def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: in
     torch.manual_seed(seed)
     if spec.name.startswith("monai-"):  # MONAI's DenseNets: densenet_fast/bench/monai_impls.py
         from . import monai_impls
-        return monai_impls.build(impl, spec, device, channels_last, seed)
+        return monai_impls.build(impl, spec, device, channels_last, seed, memory_budget)
     if impl in TORCHVISION_IMPLS:
         model = torchvision_model(spec, memory_efficient=impl == "tv-memeff")
     elif impl.startswith("fast-"):

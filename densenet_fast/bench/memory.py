@@ -1,7 +1,8 @@
 """``bench memory``: the memory model against fresh-process measurements.
 
 For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
-``densenet121:8``) and recompute policy, one fresh worker measures the highest
+``densenet121:8``; MONAI's trees as ``monai-densenet_bc-40:2`` or
+``monai-densenet121:1``, on volumes with ``--image-size 32x32x32``) and recompute policy, one fresh worker measures the highest
 peak of 12 training steps (``--steps``; the model predicts the steady state:
 the first step grows the scratch arena, and the CPU's steps vary a little) above the parameters,
 gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..memory import Architecture, OptimizerSpec, Setup, predict
-from . import common
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments
+from . import common, monai_impls
+from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, image_size
 from .impls import ModelSpec
 from .worker import DTYPES
 
@@ -38,42 +39,55 @@ STEADY_STEPS = 12  # measured steps per point: with per-layer gradients the CPU'
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS),
-                        help="MODEL:BATCH, MODEL densenet_bc-<depth> or densenet121 (161, 169, 201, 264)")
+                        help="MODEL:BATCH, MODEL densenet_bc-<depth> or densenet121 (161, 169, 201, 264); "
+                             "with a monai- prefix MONAI's tree (one input channel, two classes)")
     parser.add_argument("--repredict", type=Path, default=None,
                         help="measure nothing: predict again the measurements of this result file (with its "
                              "settings) and write the result to --out (default: the same file)")
     parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute"])
     parser.add_argument("--backend", default="auto", help="densenet_fast's backend (auto: the device's choice)")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=image_size, default=32,
+                        help="side of square images, or DxHxW (volumes, MONAI's trees)")
     parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
     add_common_arguments(parser)
     parser.set_defaults(steps=STEADY_STEPS)
 
 
-def parse_point(text: str, growth_rate: int) -> tuple[ModelSpec, int]:
+def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
     model, _, batch = text.rpartition(":")
     if not model or not batch.isdigit():
         raise SystemExit(f"a point is MODEL:BATCH, got {text!r}")
-    return ModelSpec.parse(model, growth_rate), int(batch)
+    if model.startswith(monai_impls.PREFIX + "densenet_bc-"):
+        depth = int(model.rsplit("-", 1)[1])
+        return monai_impls.bc_spec(ModelSpec.parse(f"densenet_bc-{depth}").depth, args.growth_rate,
+                                   args.image_size), int(batch)
+    if model.startswith(monai_impls.PREFIX):
+        return monai_impls.parse(model, args.image_size), int(batch)
+    if isinstance(args.image_size, list):
+        raise SystemExit(f"--image-size {args.image_size}: several sides are for MONAI's trees (monai-...)")
+    return ModelSpec.parse(model, args.growth_rate), int(batch)
 
 
 def architecture(spec: ModelSpec) -> Architecture:
+    if monai_impls.is_monai(spec):
+        return monai_impls.architecture(spec)
     depth = spec.depth if spec.name == "densenet_bc" else None
     return Architecture.named(spec.name, depth, spec.growth_rate if depth else None, spec.num_classes)
 
 
 def setup_of(args: argparse.Namespace, batch: int) -> Setup:
-    return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
+    size = tuple(args.image_size) if isinstance(args.image_size, list) else args.image_size
+    return Setup(batch, size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
                  args.threads or torch.get_num_threads())
 
 
 def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> dict:
     """One point: the prediction beside the measurement."""
-    spec, batch = parse_point(point, args.growth_rate)
+    spec, batch = parse_point(point, args)
     setup = setup_of(args, batch)
     prediction = predict(architecture(spec), setup, policy)
-    out = {"point": point, "model": spec.label(), "depth": spec.depth if spec.name == "densenet_bc" else None,
+    out = {"point": point, "model": spec.label(), "depth": spec.depth if "densenet_bc" in spec.name else None,
            "batch": batch, "policy": policy, "impl": f"fast-{setup.backend}-{policy}", "status": measured["status"],
            "predicted_step_bytes": prediction.step_bytes, "predicted_persistent_bytes": prediction.persistent_bytes,
            "predicted_peak_at": prediction.peak_at, "predicted_step": prediction.step, "measured": measured}
@@ -96,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     out = args.out or common.RESULTS_DIR / f"memory_model_{args.device.split(':')[0]}.json"
     rows = []
     for point, policy in common.progress(points, desc="memory model", enabled=not args.no_progress):
-        spec, batch = parse_point(point, args.growth_rate)
+        spec, batch = parse_point(point, args)
         impl = f"fast-{setup_of(args, batch).backend}-{policy}"
         rows.append(row(args, point, policy, runner.memory(impl, spec, batch, None, runner.seconds_left())))
         common.write_json({"benchmark": "memory", "partial": True, "environment": env, "rows": rows}, out)

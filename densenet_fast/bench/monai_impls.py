@@ -13,7 +13,8 @@ Implementations, all on the same weights (the ``state_dict`` keys are MONAI's):
   under ``torch.utils.checkpoint`` (``use_reentrant=False``), what a user
   would try first: each layer's concatenated input is still stored;
 - ``monai-compile``: ``torch.compile`` of ``monai-eager``;
-- ``fast-<backend>-<policy>``: :mod:`densenet_fast.monai`'s model.
+- ``fast-<backend>-<policy>``: :mod:`densenet_fast.monai`'s model
+  (``fast-<backend>-auto``: ``recompute="auto"`` under a memory budget).
 
 Inputs: ``(batch, 1, *size)`` standard normal volumes (one channel, as CT or
 MRI) and labels of ``num_classes`` (2) classes.
@@ -96,18 +97,18 @@ def constructor_arguments(spec: ModelSpec) -> dict:
     return kwargs
 
 
-def parameter_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """Bytes of the parameters of the DenseNet-BC-shaped ``spec`` (:func:`bc_spec`) in ``dtype``."""
+def architecture(spec: ModelSpec) -> "Architecture":
+    """``spec``'s network as the memory model describes it."""
     from ..memory import Architecture
-    kwargs = constructor_arguments(spec)
-    arch = Architecture(kwargs["growth_rate"], kwargs["block_config"], kwargs["init_features"],
-                        num_classes=kwargs["out_channels"], in_channels=kwargs["in_channels"], stem="imagenet",
-                        spatial_dims=kwargs["spatial_dims"])
-    return arch.parameter_count() * dtype.itemsize
+    arch, dims = _arch_and_dims(spec)
+    depth, growth_rate = (spec.depth, spec.growth_rate) if arch == "densenet_bc" else (None, None)
+    return Architecture.named(arch, depth, growth_rate, spec.num_classes, in_channels=1, spatial_dims=dims)
 
 
-def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0) -> nn.Module:
-    """Implementation ``impl`` of the MONAI model ``spec`` on ``device``."""
+def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0,
+          memory_budget: float | None = None) -> nn.Module:
+    """Implementation ``impl`` of the MONAI model ``spec`` on ``device`` (``memory_budget``:
+    for ``fast-<backend>-auto``)."""
     arch, dims = _arch_and_dims(spec)
     torch.manual_seed(seed)
     kwargs = constructor_arguments(spec)
@@ -116,11 +117,11 @@ def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: in
         model = getattr(nets, CLASS_NAMES[arch])(**kwargs)
         if impl == "monai-ckpt":
             checkpoint_dense_layers(model)
-    elif impl.startswith("fast-") and impl.split("-")[2] in POLICIES:
+    elif impl.startswith("fast-") and impl.split("-")[2] in (*POLICIES, "auto"):
         from .. import monai as fast_monai
         _, backend, policy = impl.split("-")
         model = getattr(fast_monai, CLASS_NAMES[arch])(**kwargs, backend=None if backend == "auto" else backend,
-                                                       recompute=policy)
+                                                       recompute=policy, memory_budget=memory_budget)
     else:
         raise ValueError(f"unknown implementation {impl!r} of {spec.name}")
     model = model.to(device)
