@@ -47,6 +47,7 @@ CPP_PARTIAL_BYTES = 4 * 1024 * 1024  # its row groups' copies of dW, at most (kP
 TRITON_STATS_ROWS = 128  # rows per partial statistics triple (ops/channel_stats.py)
 TRITON_MIN_BLOCK_M = 64  # smallest forward tile (ops/bn_relu_conv.py)
 TRITON_MAX_SPLITS = 64  # row ranges of the backward's partial sums (ops/common.py)
+ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread, every thread takes images
 
 
 def parse_bytes(value: Union[int, float, str]) -> int:
@@ -545,19 +546,42 @@ class StepSimulation:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""
         return elements * self.e if self.e != self.p else 0.0
 
-    def columns(self, m: int, c: int, kernel: int, input_sides: tuple[int, ...]) -> float:
-        """ATen's im2col (vol2col) buffer of a ``kernel``-wide convolution with
-        ``m`` output pixels over ``c`` channels of ``input_sides``, where ATen's
-        CPU convolution takes that path: where oneDNN does not take the dtype,
-        and, as ATen's ``use_mkldnn`` decides, at batch 1 for kernels up to 3
-        wide (a 1-D one is seen as 1 x kernel: any) over at most 20480 values in
-        the channels and the input's first two spatial dimensions (a 1-D input
-        is seen as 1 x L)."""
+    def aten_im2col(self, c: int, kernel: int, input_sides: tuple[int, ...]) -> bool:
+        """Whether ATen's CPU convolution of a ``kernel``-wide kernel over ``c``
+        channels of ``input_sides`` takes its im2col (vol2col) path instead of
+        oneDNN: where oneDNN does not take the dtype, and, as ATen's
+        ``use_mkldnn`` decides, at batch 1 for kernels up to 3 wide (a 1-D one
+        is seen as 1 x kernel: any) over at most 20480 values in the channels
+        and the input's first two spatial dimensions (a 1-D input is seen as 1 x L)."""
         if self.setup.device != "cpu":
-            return 0.0
+            return False
         narrow = kernel <= 3 or self.arch.spatial_dims == 1
-        small = self.setup.batch == 1 and narrow and c * math.prod(input_sides[:2]) <= ATEN_SMALL_CONVOLUTION
-        return m * c * self.arch.kernel_taps(kernel) * self.e if self.im2col or small else 0.0
+        return self.im2col or (self.setup.batch == 1 and narrow
+                               and c * math.prod(input_sides[:2]) <= ATEN_SMALL_CONVOLUTION)
+
+    def columns(self, m: int, c: int, kernel: int, input_sides: tuple[int, ...]) -> float:
+        """ATen's im2col buffer of that convolution with ``m`` output pixels, where it takes that path."""
+        return m * c * self.arch.kernel_taps(kernel) * self.e if self.aten_im2col(c, kernel, input_sides) else 0.0
+
+    def onednn_weight_gradient(self, c: int, k: int, kernel: int, input_sides: tuple[int, ...],
+                               output_sides: tuple[int, ...], channels_last: bool) -> float:
+        """oneDNN's scratch for a 3-D convolution's weight gradient (``c`` input and
+        ``k`` output channels) on the CPU in float32: its direct kernels refuse
+        padding in depth, so its gemm convolution computes it.  Per thread, the
+        im2col columns of one output depth slice (``c * kernel^3 * OH * OW``) and,
+        from a channels-last input, a transposed copy of one input (``c * D * H * W``);
+        every thread works (on its own images, with its own copy of the weight
+        gradient) when the batch is over 1 and a slice has fewer than 256 pixels
+        per thread, else one (oneDNN's ``gemm_convolution_utils.cpp``, ``init_conf``)."""
+        if (self.arch.spatial_dims != 3 or self.setup.compute_dtype != torch.float32
+                or not onednn_convolves(torch.float32) or self.aten_im2col(c, kernel, input_sides)):
+            return 0.0
+        slice_pixels, taps, threads = math.prod(output_sides[1:]), kernel ** 3, self.setup.threads
+        if self.setup.batch == 1 or slice_pixels >= ONEDNN_SLICE_PIXELS_PER_THREAD * threads:
+            threads = 1
+        columns = c * taps * slice_pixels * 4
+        transposed = c * math.prod(input_sides) * 4 if channels_last else 0
+        return threads * (columns + transposed) + (threads * k * c * taps * 4 if threads > 1 else 0)
 
     # -- the step ----------------------------------------------------------------------------
     def run(self) -> Timeline:
@@ -653,6 +677,8 @@ class StepSimulation:
         keep = self.policies[b] == "keep"
         ws = self.workspace
         taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, self.block_sides[b])
+        sides = self.block_sides[b]
+        weight_scratch = self.onednn_weight_gradient(w, k, 3, sides, sides, channels_last=True)
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
@@ -682,6 +708,7 @@ class StepSimulation:
             grad_new = [m * k * e] + self.dropout_mask(b)
             t.alloc("layer_transients", *grad_new)
             t.alloc("layer_transients", self.cast(k * w * taps), columns, m * w * e)
+            t.transient("layer_transients", weight_scratch)
             t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))
@@ -715,6 +742,9 @@ class StepSimulation:
             t.free("stem", full)
             t.transient("stem", full)  # norm0's
             grad_in = full
+        kernel = 7 if self.arch.stem == "imagenet" else 3  # conv0's weight gradient (its input is the user's)
+        t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, kernel, self.setup.image_size,
+                                                        self.stem_sides, channels_last=False))
         t.alloc("gradients_released", *self.stem_gradients())
         t.free("stem", grad_in, *saved)
 

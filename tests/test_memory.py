@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, plan, planner
-from densenet_fast.bench import common, harness
+from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
 from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
@@ -185,16 +185,24 @@ def test_per_block_policies_equal_torchvision_float64(recompute):
 
 
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
-def test_prediction_matches_a_fresh_process(policy):
-    """DenseNet-BC-40 at batch 16 (cpp backend where built): the predicted step
-    within 10% of a fresh process's highest over the steps ``bench memory``
-    measures (the steady state); the persistent bytes exact."""
+@pytest.mark.parametrize("volume", [False, True], ids=["images", "volumes"])
+def test_prediction_matches_a_fresh_process(policy, volume):
+    """The predicted step within 10% of a fresh process's highest over the steps
+    ``bench memory`` measures (the steady state), the persistent bytes exact
+    (cpp backend where built): DenseNet-BC-40 at batch 16 on 32x32 images, and
+    MONAI's DenseNet-BC-40 at batch 4 on 64^3 volumes (one channel, 2 classes)."""
     backend = "cpp" if "cpp" in available_backends() else "torch"
-    spec = {"mode": "memory", "impls": [f"fast-{backend}-{policy}"], "model": ModelSpec("densenet_bc", 40).to_dict(),
-            "batch": 16, "image_size": 32, "device": "cpu", "steps": STEADY_STEPS, "warmup_batch": 2, "threads": 2,
+    if volume:
+        model, arch = monai_impls.bc_spec(40, 12, [64, 64, 64]), Architecture.named(
+            "densenet_bc", 40, 12, num_classes=2, in_channels=1, spatial_dims=3)
+        batch, size = 4, [64, 64, 64]
+    else:
+        model, arch, batch, size = ModelSpec("densenet_bc", 40), BC40, 16, 32
+    spec = {"mode": "memory", "impls": [f"fast-{backend}-{policy}"], "model": model.to_dict(), "batch": batch,
+            "image_size": size, "device": "cpu", "steps": STEADY_STEPS, "warmup_batch": 2, "threads": 2,
             "malloc_mmap_threshold": harness.MMAP_THRESHOLD, "optimizer": "sgd"}
     measured = common.run_worker(spec, timeout_s=300)
     assert measured["status"] == "ok", measured
-    predicted = predict(BC40, Setup(16, 32, backend=backend, threads=2), policy)
+    predicted = predict(arch, Setup(batch, tuple(size) if volume else size, backend=backend, threads=2), policy)
     assert measured["persistent_bytes"] == predicted.persistent_bytes
     assert abs(predicted.step_bytes / measured["peak_bytes"] - 1) < 0.10, (predicted.step, measured)
