@@ -734,13 +734,15 @@ class StepSimulation:
         t.alloc("stage_gradient", grad_in)
         t.alloc("stem", grad_in)  # IntoBuffer's gradient in the stem output's layout
         t.free("stage_gradient", grad_in)
-        if self.arch.stem == "imagenet":
+        if self.arch.stem == "imagenet":  # autograd releases what each node saved once it has run
+            saved, (conv_out, activated, indices) = saved[:-3], saved[-3:]
             full = self.stem_pixels * c0 * e
             t.alloc("stem", full)  # the max-pool's input gradient
-            t.free("stem", grad_in)
+            t.free("stem", grad_in, indices)
             t.alloc("stem", full)  # ReLU's
-            t.free("stem", full)
-            t.transient("stem", full)  # norm0's
+            t.free("stem", full, activated)  # the max-pool's gradient; norm0's output (ReLU's and the pool's)
+            t.alloc("stem", full)  # norm0's
+            t.free("stem", full, conv_out)  # ReLU's gradient; conv0's output (norm0's)
             grad_in = full
         kernel = 7 if self.arch.stem == "imagenet" else 3  # conv0's weight gradient (its input is the user's)
         t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, kernel, self.setup.image_size,
