@@ -389,6 +389,10 @@ class _EngineModel(nn.Module):
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
             raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
+        if self.engine.plain_reason is not None:
+            raise ValueError(f"memory_budget: the memory model describes the memory-efficient engine, and this "
+                             f"model runs the plain per-layer path ({self.engine.plain_reason}); plan without "
+                             f"a budget, or use ReLU with affine BatchNorm")
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims

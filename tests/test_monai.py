@@ -201,6 +201,10 @@ def test_other_act_and_norm_equal_monai_with_one_warning(spatial_dims, act, norm
             warnings.simplefilter("error")  # said once, when built
             result = forward_backward(ours, x, target)
         assert_results_equal(result, forward_backward(theirs, x, target), FLOAT64_RTOL, atol=ZERO_NOISE)
+    ours.train()
+    ours.set_memory_budget("1GiB")  # the memory model describes the engine, not the plain path
+    with pytest.raises(ValueError, match="plain per-layer path"):
+        ours(random_batch(spatial_dims, seed=2)[0])
 
 
 # -- module tree, checkpoints, conversion ---------------------------------------------------------
