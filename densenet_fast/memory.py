@@ -10,8 +10,8 @@ bytes that live between steps (``persistent``: parameters, gradients,
 optimizer state) and the peak of the step above them (``step``), broken down
 into what was alive at that peak.
 
-Every size is what the code allocates: block buffers (``N*H*W*C_total``),
-bottleneck outputs (``N*H*W*4k``), the scratch arena's slots (their largest
+Every size is what the code allocates: block buffers (``M*C_total``, ``M`` the
+batch's pixels, ``N*H*W``, or voxels, ``N*D*H*W``), bottleneck outputs (``M*4k``), the scratch arena's slots (their largest
 request), folded BN coefficients (``4*C``), the 3x3 convolution's output and
 input gradient, the gradient passed between stages, the backends' workspaces
 and the parameters' gradients: one tensor per stage that its backward copies
@@ -22,6 +22,7 @@ steady state: its slots were sized by an earlier step and stay allocated.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
@@ -29,6 +30,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 POLICIES = ("keep", "recompute")
+TREES = ("torchvision", "monai")  # the module trees: densenet_fast.DenseNet's, densenet_fast.monai's
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem channels
     "densenet121": (32, (6, 12, 24, 16), 64),
@@ -82,9 +84,9 @@ def format_bytes(nbytes: float) -> str:
 # -- what is trained ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Architecture:
-    """A DenseNet as :class:`densenet_fast.DenseNet` builds it (same arguments).
-    ``spatial_dims``: 2 for images; MONAI's trees (:class:`densenet_fast.monai.DenseNet`,
-    ImageNet's stem) take 1, 2 or 3 (volumes)."""
+    """A DenseNet as :class:`densenet_fast.DenseNet` (``tree="torchvision"``, images)
+    or :class:`densenet_fast.monai.DenseNet` (``tree="monai"``: ImageNet's stem,
+    ``spatial_dims`` 1, 2 or 3) builds it."""
 
     growth_rate: int
     block_config: tuple[int, ...]
@@ -96,6 +98,16 @@ class Architecture:
     drop_rate: float = 0.0
     spatial_dims: int = 2
     channel_dropout: bool = False  # MONAI's Dropout2d/3d: a mask of (N, k), not of every value
+    tree: str = "torchvision"
+
+    def __post_init__(self) -> None:
+        if self.tree not in TREES:
+            raise ValueError(f"tree must be one of {TREES}, got {self.tree!r}")
+        if self.spatial_dims not in (1, 2, 3) or (self.tree == "torchvision" and self.spatial_dims != 2):
+            raise ValueError(f"spatial_dims must be 2 for torchvision's tree and 1, 2 or 3 for MONAI's, got "
+                             f"{self.spatial_dims!r}")
+        if self.tree == "monai" and self.stem != "imagenet":
+            raise ValueError("MONAI's tree has ImageNet's stem")
 
     @staticmethod
     def of(model: torch.nn.Module) -> "Architecture":
@@ -111,18 +123,20 @@ class Architecture:
         return Architecture(k, tuple(len(b) for b in blocks), model.features.conv0.out_channels,
                             conv1.out_channels // k, model.classifier_layer().out_features, model.in_channels,
                             model.stem, float(drop_rate), model.spatial_dims,
-                            isinstance(dropout, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)))
+                            isinstance(dropout, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)),
+                            "torchvision" if monai is None else "monai")
 
     @staticmethod
     def named(name: str, depth: Optional[int] = None, growth_rate: Optional[int] = None,
               num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-              spatial_dims: int = 2) -> "Architecture":
+              spatial_dims: int = 2, tree: Optional[str] = None) -> "Architecture":
         """``densenet121`` (161, 169, 201, 264) or ``densenet_bc`` with ``depth``
         (``6n + 4``) and ``growth_rate`` (12), as the constructors of the same name
-        build them; for inputs of ``spatial_dims`` other than 2, MONAI's trees of
-        that shape (:mod:`densenet_fast.monai`; DenseNet-BC with ImageNet's stem)."""
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        build them in ``tree``: torchvision's for images (the default for
+        ``spatial_dims`` 2), MONAI's (:mod:`densenet_fast.monai`; the default
+        otherwise; DenseNet-BC as MONAI's ``DenseNet`` with ImageNet's stem and
+        ``init_features=2k``)."""
+        tree = tree or ("torchvision" if spatial_dims == 2 else "monai")
         if name == "densenet_bc":
             depth = 100 if depth is None else depth
             if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
@@ -137,23 +151,23 @@ class Architecture:
         else:
             k, blocks, init = NAMED_MODELS[name]
             arch = Architecture(growth_rate or k, blocks, init, num_classes=num_classes or 1000)
-        if in_channels is not None:
-            arch = replace(arch, in_channels=in_channels)
-        return arch if spatial_dims == 2 else replace(arch, stem="imagenet", spatial_dims=spatial_dims)
+        stem = "imagenet" if tree == "monai" else arch.stem
+        return replace(arch, in_channels=in_channels or arch.in_channels, stem=stem, spatial_dims=spatial_dims,
+                       tree=tree)
 
     def with_depth(self, depth: int) -> "Architecture":
-        """The DenseNet-BC of ``depth`` with this growth rate, head and input: on
-        images the paper's (CIFAR stem); otherwise MONAI's ``DenseNet`` shaped so
-        (ImageNet's stem, ``init_features=2k``)."""
+        """The DenseNet-BC of ``depth`` in this tree, with this growth rate, head and
+        input: torchvision's the paper's (CIFAR stem), MONAI's its ``DenseNet`` shaped
+        so (ImageNet's stem, ``init_features=2k``)."""
         bc = Architecture.named("densenet_bc", depth, self.growth_rate, self.num_classes, self.in_channels,
-                                self.spatial_dims)
+                                self.spatial_dims, self.tree)
         return replace(bc, drop_rate=self.drop_rate, channel_dropout=self.channel_dropout)
 
     @property
     def depth(self) -> Optional[int]:
-        """DenseNet-BC's depth ``6n + 4``, when this is one (3 equal CIFAR blocks)."""
+        """DenseNet-BC's depth ``6n + 4``, when this is one (as :meth:`with_depth` builds it)."""
         n = self.block_config[0]
-        stem = "cifar" if self.spatial_dims == 2 else "imagenet"  # see with_depth
+        stem = "cifar" if self.tree == "torchvision" else "imagenet"
         bc = self.stem == stem and len(self.block_config) == 3 and set(self.block_config) == {n}
         return 6 * n + 4 if bc and self.num_init_features == 2 * self.growth_rate else None
 
@@ -219,6 +233,9 @@ class Architecture:
         for _ in self.block_config:
             blocks.append(sides)
             sides = tuple(s // 2 for s in sides)  # a transition's 2-wide average pool
+        if min(blocks[-1]) < 1:
+            raise ValueError(f"an input of {'x'.join(map(str, size))} is too small for this model: the last "
+                             f"dense block would have no pixels")
         return stem, blocks
 
     def kernel_taps(self, side: int) -> int:
@@ -304,15 +321,11 @@ class Setup:
     threads: int = field(default_factory=torch.get_num_threads)
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        object.__setattr__(self, "image_size", (size, size) if isinstance(size, int) else tuple(size))
+        object.__setattr__(self, "image_size", image_sides(self.image_size))
         object.__setattr__(self, "device", torch.device(self.device).type)
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
-        if not 1 <= len(self.image_size) <= 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                                                    for s in self.image_size):
-            raise ValueError(f"image_size must be 1 to 3 positive integer sides, got {size!r}")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -320,6 +333,18 @@ class Setup:
 
     def with_batch(self, batch: int) -> "Setup":
         return replace(self, batch=batch)
+
+
+def image_sides(size) -> tuple[int, ...]:
+    """``size`` as a tuple of 1 to 3 positive sides (an integer: a square image)."""
+    try:
+        sides = (operator.index(size),) * 2 if not isinstance(size, (tuple, list)) else tuple(map(operator.index, size))
+    except TypeError:
+        sides = ()
+    if not 1 <= len(sides) <= 3 or min(sides) < 1 or any(isinstance(s, bool) for s in (size, *sides)):
+        raise ValueError(f"image_size must be a positive integer or 1 to 3 of them (one per spatial dimension), "
+                         f"got {size!r}")
+    return sides
 
 
 def onednn_convolves(dtype: torch.dtype) -> bool:
@@ -534,13 +559,14 @@ class StepSimulation:
     def classifier_gradients(self) -> list[float]:
         return [n * self.p for n in self.arch.classifier_parameter_sizes()]
 
-    def dropout_mask(self, b: int) -> list[float]:
-        """The dropout mask of a layer of stage ``b`` (none without dropout): one value
-        per output value, or per image and channel (channel dropout)."""
+    def dropout(self, b: int) -> tuple[list[float], list[float]]:
+        """A dropout of a layer's new channels in stage ``b``: ``(its mask, the product)``
+        (none without dropout). The mask has one value per output value, or per image
+        and channel (channel dropout)."""
         if not self.arch.drop_rate:
-            return []
+            return [], []
         values = self.setup.batch if self.arch.channel_dropout else self.pixels[b]
-        return [values * self.k * self.e]
+        return [values * self.k * self.e], [self.pixels[b] * self.k * self.e]
 
     def cast(self, elements: int) -> float:
         """Bytes of a parameter's copy in the data dtype (none when they share it)."""
@@ -573,7 +599,7 @@ class StepSimulation:
         every thread works (on its own images, with its own copy of the weight
         gradient) when the batch is over 1 and a slice has fewer than 256 pixels
         per thread, else one (oneDNN's ``gemm_convolution_utils.cpp``, ``init_conf``)."""
-        if (self.arch.spatial_dims != 3 or self.setup.compute_dtype != torch.float32
+        if (self.setup.device != "cpu" or self.arch.spatial_dims != 3 or self.setup.compute_dtype != torch.float32
                 or not onednn_convolves(torch.float32) or self.aten_im2col(c, kernel, input_sides)):
             return 0.0
         slice_pixels, taps, threads = math.prod(output_sides[1:]), kernel ** 3, self.setup.threads
@@ -651,13 +677,14 @@ class StepSimulation:
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
             t.transient("layer_transients", ws.bn_relu(m, w))
-            new = [m * k * e] + self.dropout_mask(b)  # the 3x3 output (and the dropout mask)
             t.alloc("layer_transients", self.cast(k * w * taps), columns)
-            t.alloc("layer_transients", new[0])
+            t.alloc("layer_transients", m * k * e)  # the 3x3 output
             t.free("layer_transients", self.cast(k * w * taps), columns)
-            t.alloc("layer_transients", *new[1:])
+            mask, masked = self.dropout(b)  # the output times the mask replaces it
+            t.alloc("layer_transients", *mask, *masked)
+            t.free("layer_transients", *mask, *([m * k * e] if masked else []))
             t.transient("layer_transients", ws.channel_stats(m, k))
-            t.free("layer_transients", *new)
+            t.free("layer_transients", m * k * e)
         t.where = f"forward, block {b + 1}, {'transition' if b + 1 < len(self.pixels) else 'head'}"
         if b + 1 < len(self.pixels):
             m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]
@@ -704,9 +731,13 @@ class StepSimulation:
             t.transient("layer_transients", ws.bn_relu(m, w))
             conv2_grad = k * w * taps * e
             t.alloc("layer_transients", conv2_grad)
-            # the copy of dL/dnew (and the dropout mask), the convolution's input gradient (M, 4k)
-            grad_new = [m * k * e] + self.dropout_mask(b)
-            t.alloc("layer_transients", *grad_new)
+            # dL/dnew times the dropout mask (the mask for the product only), its channels-last copy,
+            # then the convolution's input gradient (M, 4k)
+            mask, masked = self.dropout(b)
+            t.alloc("layer_transients", *mask, *masked)
+            t.free("layer_transients", *mask)
+            grad_new = [m * k * e] + masked
+            t.alloc("layer_transients", m * k * e)
             t.alloc("layer_transients", self.cast(k * w * taps), columns, m * w * e)
             t.transient("layer_transients", weight_scratch)
             t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)

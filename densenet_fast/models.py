@@ -389,10 +389,10 @@ class _EngineModel(nn.Module):
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
             raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
-        if self.engine.plain_reason is not None:
+        blocker = self.memory_model_blocker()
+        if blocker is not None:
             raise ValueError(f"memory_budget: the memory model describes the memory-efficient engine, and this "
-                             f"model runs the plain per-layer path ({self.engine.plain_reason}); plan without "
-                             f"a budget, or use ReLU with affine BatchNorm")
+                             f"model runs the plain per-layer path ({blocker}); train it without a budget")
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
@@ -417,6 +417,24 @@ class _EngineModel(nn.Module):
     def classifier_layer(self) -> nn.Linear:
         """The final Linear layer (torchvision's ``classifier``, MONAI's ``class_layers.out``)."""
         raise NotImplementedError
+
+    @torch.jit.unused
+    def memory_model_blocker(self) -> Optional[str]:
+        """Why the memory model does not describe this model's training step (it
+        describes the engine; a block or transition the engine cannot run takes
+        the plain per-layer path), or ``None``."""
+        if self.engine.plain_reason is not None:
+            return self.engine.plain_reason
+        for module in self.features.children():
+            if isinstance(module, _EngineBlock):
+                reason = fastpath.block_blocker(list(module.children()))
+            elif isinstance(module, _EngineTransition):
+                reason = fastpath.transition_blocker(module)
+            else:
+                continue
+            if reason is not None:
+                return reason
+        return None
 
     @torch.jit.unused
     def _check_and_plan(self, x: Tensor) -> None:

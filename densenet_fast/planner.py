@@ -171,8 +171,10 @@ def describe_model(arch: Architecture) -> str:
 
 
 def dims_text(arch: Architecture) -> str:
-    """``"3-D "`` for a model of volumes (MONAI's tree), nothing for images."""
-    return "" if arch.spatial_dims == 2 else f"{arch.spatial_dims}-D "
+    """``"3-D "`` for a model of volumes, ``"MONAI "`` for MONAI's tree on images, nothing for torchvision's."""
+    if arch.spatial_dims != 2:
+        return f"{arch.spatial_dims}-D "
+    return "MONAI " if arch.tree == "monai" else ""
 
 
 def size_text(image_size: Sequence[int]) -> str:
@@ -230,9 +232,16 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; with a budget also
     ``deepest_depth`` (DenseNet-BC) and ``largest_batch`` per policy."""
+    if not isinstance(model, str) and any(v is not None for v in (depth, growth_rate, num_classes, in_channels)):
+        raise ValueError("depth, growth_rate, num_classes and in_channels shape a named model; this model is given "
+                         "whole")
     if isinstance(model, Architecture):
         arch = model
     elif isinstance(model, torch.nn.Module):
+        blocker = model.memory_model_blocker() if hasattr(model, "memory_model_blocker") else None
+        if blocker is not None:
+            raise ValueError(f"the memory model describes the memory-efficient engine, which this model does not "
+                             f"run ({blocker})")
         arch = Architecture.of(model)
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)
@@ -256,7 +265,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     out = {"model": {"description": describe_model(arch), "depth": arch.depth, "growth_rate": arch.growth_rate,
                      "block_config": list(arch.block_config), "num_init_features": arch.num_init_features,
                      "bn_size": arch.bn_size, "num_classes": arch.num_classes, "in_channels": arch.in_channels,
-                     "stem": arch.stem, "spatial_dims": arch.spatial_dims, "parameters": arch.parameter_count()},
+                     "stem": arch.stem, "spatial_dims": arch.spatial_dims, "tree": arch.tree,
+                     "parameters": arch.parameter_count()},
            "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
                      "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
                      "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads},
@@ -291,8 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="DenseNet-BC depth 6n+4 (default 100)")
     parser.add_argument("--growth-rate", type=int, default=None, help="k (default: the model's; 12 for densenet_bc)")
     parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument("--in-channels", type=int, default=None, help="channels of the input (default 3; 1 for "
-                        "volumes, as MONAI's CT and MRI)")
+    parser.add_argument("--in-channels", type=int, default=None,
+                        help="channels of the input (default 3; CT and MRI volumes have 1)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, nargs="+", default=[32],
                         help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model)")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, plan, planner
+from densenet_fast import train as trainer
 from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
@@ -62,7 +63,8 @@ def test_gradients_are_the_tensors_the_model_counts(dims):
         model, arch, x = densenet_bc(40), BC40, torch.randn(2, 3, 32, 32)
     else:
         model = MonaiDenseNet(dims, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3))
-        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=dims)
+        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=dims,
+                            tree="monai")
         x = torch.randn(2, 1, *(16,) * dims)
     torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (2,))).backward()
     storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
@@ -148,6 +150,49 @@ def test_plan_command_for_volumes(capsys):
     assert plan(model, batch=2, image_size=64)["setup"]["image_size"] == [64, 64, 64]  # one side: a cube
     with pytest.raises(ValueError, match="3 spatial dimension"):
         plan(model, batch=2, image_size=(64, 128))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_monais_tree_is_the_model_the_benchmarks_and_the_trainer_build(dims):
+    """The architecture the planner predicts for MONAI's tree is the module the
+    benchmarks build (and, in 3-D, the trainer), in every dimension: 2-D too,
+    where the name alone would mean torchvision's tree (CIFAR stem)."""
+    spec = monai_impls.bc_spec(40, 12, [32] * dims)
+    built = monai_impls.build("fast-torch-keep", spec, "cpu", False)
+    arch = Architecture.of(built)
+    assert arch == monai_impls.architecture(spec) == Architecture.named("densenet_bc", 40, 12, 2, 1, dims, "monai")
+    assert arch.parameter_count() == sum(p.numel() for p in built.parameters())
+    assert arch.with_depth(40) == arch and arch.tree == "monai" and arch.stem == "imagenet"
+    if dims == 3:
+        options = dict(model="densenet_bc", depth=40, growth_rate=12, in_channels=1, num_classes=2, backend=None)
+        assert Architecture.of(trainer.build_volume_model(options)) == arch
+    with pytest.raises(ValueError, match="torchvision's tree"):
+        Architecture.named("densenet_bc", 40, spatial_dims=3, tree="torchvision")
+
+
+def test_the_cpus_convolution_scratch_is_not_predicted_on_a_gpu():
+    """oneDNN's weight-gradient scratch is the CPU's: a 3-D step on CUDA does not
+    depend on the host's threads, and on the CPU it does."""
+    arch = Architecture.named("densenet_bc", 40, 12, 2, 1, spatial_dims=3)
+    for device, depends in (("cuda", False), ("cpu", True)):
+        steps = {predict(arch, Setup(4, (32, 32, 32), device=device, backend="torch", threads=t), "keep").step_bytes
+                 for t in (1, 16)}
+        assert (len(steps) == 2) == depends, (device, steps)
+
+
+def test_bad_sizes_and_arguments_are_refused():
+    for bad in (32.0, (3.5, 2), [0, 3], True, "32", (1, 2, 3, 4)):
+        with pytest.raises(ValueError, match="image_size must be"):
+            Setup(1, bad)
+    with pytest.raises(ValueError, match="too small for this model"):
+        plan("densenet_bc", depth=40, image_size=(8, 8, 8), batch=2)
+    with pytest.raises(ValueError, match="shape a named model"):
+        plan(BC40, batch=2, image_size=32, in_channels=5)
+    model = densenet_bc(40, memory_budget="1GiB")
+    model.features.denseblock2.denselayer3.relu1 = torch.nn.GELU()  # that block runs the plain path
+    for plans in (lambda: model(torch.randn(2, 3, 32, 32)), lambda: plan(model, batch=2, image_size=32)):
+        with pytest.raises(ValueError, match="denselayer3"):
+            plans()
 
 
 def test_depth_search_keeps_the_volume_and_monais_stem():

@@ -102,7 +102,8 @@ def architecture(spec: ModelSpec) -> "Architecture":
     from ..memory import Architecture
     arch, dims = _arch_and_dims(spec)
     depth, growth_rate = (spec.depth, spec.growth_rate) if arch == "densenet_bc" else (None, None)
-    return Architecture.named(arch, depth, growth_rate, spec.num_classes, in_channels=1, spatial_dims=dims)
+    return Architecture.named(arch, depth, growth_rate, spec.num_classes, in_channels=1, spatial_dims=dims,
+                              tree="monai")
 
 
 def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0,
