@@ -24,8 +24,8 @@ import ctypes
 import torch
 
 from densenet_fast.bench import common, harness, worker
+from densenet_fast.bench.common import MIB
 
-MIB = 2**20
 
 
 class MallInfo2(ctypes.Structure):
