@@ -11,7 +11,8 @@ optimizer state) and the peak of the step above them (``step``), broken down
 into what was alive at that peak.
 
 Every size is what the code allocates: block buffers (``M*C_total``, ``M`` the
-batch's pixels, ``N*H*W``, or voxels, ``N*D*H*W``), bottleneck outputs (``M*4k``), the scratch arena's slots (their largest
+batch's pixels, ``N*H*W``, or voxels, ``N*D*H*W``), bottleneck outputs
+(``M*4k``), the scratch arena's slots (their largest
 request), folded BN coefficients (``4*C``), the 3x3 convolution's output and
 input gradient, the gradient passed between stages, the backends' workspaces
 and the parameters' gradients: one tensor per stage that its backward copies

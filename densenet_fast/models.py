@@ -382,10 +382,11 @@ class _EngineModel(nn.Module):
                  autocast: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None
                  ) -> "planner.Choice":
         """Plan the training step of ``batch`` inputs of ``image_size`` (one side per
-        spatial dimension; an int: that side in each) under the memory budget: returns the chosen policies with their predicted peak
-        memory and step time, and uses them from now on for that input shape
-        (``"auto"``).  ``dtype``/``device`` default to the model's; ``autocast``:
-        the dtype autocast computes in, if any.  Raises
+        spatial dimension; an int: that side in each) under the memory budget:
+        returns the chosen policies with their predicted peak memory and step
+        time, and uses them from now on for that input shape (``"auto"``).
+        ``dtype``/``device`` default to the model's; ``autocast``: the dtype
+        autocast computes in, if any.  Raises
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
             raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")

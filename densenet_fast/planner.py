@@ -30,8 +30,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .memory import (OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec, Prediction, Setup, format_bytes,
-                     parse_bytes, predict)
+from .memory import (NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec, Prediction, Setup,
+                     format_bytes, parse_bytes, predict)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
@@ -167,6 +167,11 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
 def describe_model(arch: Architecture) -> str:
     if arch.depth is not None:
         return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate})"
+    shape = (arch.growth_rate, arch.block_config, arch.num_init_features)
+    name = next((n for n, named in NAMED_MODELS.items() if named == shape and arch.stem == "imagenet"
+                 and arch.bn_size == 4), None)
+    if name is not None:  # densenet121 -> DenseNet-121
+        return f"{dims_text(arch)}DenseNet-{name[len('densenet'):]}"
     return f"{dims_text(arch)}DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem)"
 
 

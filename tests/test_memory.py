@@ -142,7 +142,7 @@ def test_plan_command_for_volumes(capsys):
                      "--in-channels", "1", "--num-classes", "2", "--budget", "1GiB", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["setup"]["image_size"] == [64, 128, 128] and result["model"]["spatial_dims"] == 3
-    assert result["model"]["description"].startswith("3-D DenseNet")
+    assert result["model"]["description"] == "3-D DenseNet-121"
     model = MonaiDenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     assert result["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert result["policies"] == plan(model, batch=2, image_size=(64, 128, 128), budget="1GiB")["policies"]
