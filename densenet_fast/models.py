@@ -373,6 +373,8 @@ class _EngineModel(nn.Module):
         with momentum, as the trainer's recipe)."""
         if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
+        if budget is not None:
+            self._refuse_unplannable()
         self._memory_budget = None if budget is None else memory.parse_bytes(budget)
         self.memory_optimizer = optimizer or memory.OptimizerSpec()
         self._memory_plans = {}
@@ -390,10 +392,7 @@ class _EngineModel(nn.Module):
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
             raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
-        blocker = self.memory_model_blocker()
-        if blocker is not None:
-            raise ValueError(f"memory_budget: the memory model describes the memory-efficient engine, and this "
-                             f"model runs the plain per-layer path ({blocker}); train it without a budget")
+        self._refuse_unplannable()
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
@@ -418,6 +417,13 @@ class _EngineModel(nn.Module):
     def classifier_layer(self) -> nn.Linear:
         """The final Linear layer (torchvision's ``classifier``, MONAI's ``class_layers.out``)."""
         raise NotImplementedError
+
+    @torch.jit.unused
+    def _refuse_unplannable(self) -> None:
+        blocker = self.memory_model_blocker()
+        if blocker is not None:
+            raise ValueError(f"memory_budget: the memory model describes the memory-efficient engine, and this "
+                             f"model runs the plain per-layer path ({blocker}); train it without a budget")
 
     @torch.jit.unused
     def memory_model_blocker(self) -> Optional[str]:

@@ -228,9 +228,9 @@ class DenseNet(models._EngineModel):
         self._initialise(conv_type)
         self.engine = engine.Settings()
         self.set_backend(backend)
+        self._check_act_norm()  # before the budget: the memory model does not describe the plain path
         self.set_memory_budget(memory_budget)
         self.set_recompute("keep" if recompute is None else recompute)
-        self._check_act_norm()
 
     def _check_act_norm(self) -> None:
         """Where act or norm are not ReLU and affine BatchNorm (MONAI's ``act``/``norm``
