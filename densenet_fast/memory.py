@@ -30,6 +30,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .engine.fastpath import CHANNEL_DROPOUTS
+
 POLICIES = ("keep", "recompute")
 TREES = ("torchvision", "monai")  # the module trees: densenet_fast.DenseNet's, densenet_fast.monai's
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -124,7 +126,7 @@ class Architecture:
         return Architecture(k, tuple(len(b) for b in blocks), model.features.conv0.out_channels,
                             conv1.out_channels // k, model.classifier_layer().out_features, model.in_channels,
                             model.stem, float(drop_rate), model.spatial_dims,
-                            isinstance(dropout, (torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)),
+                            isinstance(dropout, CHANNEL_DROPOUTS),
                             "torchvision" if monai is None else "monai")
 
     @staticmethod
@@ -192,12 +194,15 @@ class Architecture:
             yield from self.stage_parameter_sizes(b)
         yield from self.classifier_parameter_sizes()
 
+    @property
+    def stem_kernel(self) -> int:
+        """Width of the stem's convolution: 7 (ImageNet's stem) or 3 (CIFAR's)."""
+        return 7 if self.stem == "imagenet" else 3
+
     def stem_parameter_sizes(self) -> list[int]:
         """Elements of the stem's parameters: its convolution (and, ImageNet's, its BN)."""
-        c0, d = self.num_init_features, self.spatial_dims
-        if self.stem == "imagenet":
-            return [c0 * self.in_channels * 7**d, c0, c0]
-        return [c0 * self.in_channels * 3**d]
+        conv = self.num_init_features * self.in_channels * self.kernel_taps(self.stem_kernel)
+        return [conv, self.num_init_features, self.num_init_features] if self.stem == "imagenet" else [conv]
 
     def classifier_parameter_sizes(self) -> list[int]:
         """Elements of the classifier's weight and bias."""
@@ -516,9 +521,8 @@ class StepSimulation:
         self.p = ELEMENT_BYTES[setup.dtype]  # parameters
         self.k, self.w = arch.growth_rate, arch.width
         n = setup.batch
-        stem_sides, self.block_sides = arch.spatial_sizes(setup.image_size)
-        self.stem_sides = stem_sides
-        self.stem_pixels = n * math.prod(stem_sides)
+        self.stem_sides, self.block_sides = arch.spatial_sizes(setup.image_size)
+        self.stem_pixels = n * math.prod(self.stem_sides)
         self.pixels = [n * math.prod(sides) for sides in self.block_sides]
         self.channels = arch.block_channels()
         self.workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)](self)
@@ -653,8 +657,7 @@ class StepSimulation:
             saved += [self.stem_pixels * c0 * e, self.stem_pixels * c0 * e, self.pixels[0] * c0 * 8]
         t.alloc("stem", *saved)
         stem_out = self.pixels[0] * c0 * e
-        kernel = 7 if self.arch.stem == "imagenet" else 3
-        columns = self.columns(self.stem_pixels, self.arch.in_channels, kernel, self.setup.image_size)
+        columns = self.columns(self.stem_pixels, self.arch.in_channels, self.arch.stem_kernel, self.setup.image_size)
         t.transient("stem", columns, self.stem_pixels * c0 * e)
         t.alloc("stem", stem_out)
         t.alloc("block_buffers", self.pixels[0] * self.channels[0][1] * e)  # IntoBuffer
@@ -704,8 +707,8 @@ class StepSimulation:
         n_layers = self.arch.block_config[b]
         keep = self.policies[b] == "keep"
         ws = self.workspace
-        taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, self.block_sides[b])
         sides = self.block_sides[b]
+        taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, sides)
         weight_scratch = self.onednn_weight_gradient(w, k, 3, sides, sides, channels_last=True)
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
@@ -776,9 +779,9 @@ class StepSimulation:
             t.alloc("stem", full)  # norm0's
             t.free("stem", full, conv_out)  # ReLU's gradient; conv0's output (norm0's)
             grad_in = full
-        kernel = 7 if self.arch.stem == "imagenet" else 3  # conv0's weight gradient (its input is the user's)
-        t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, kernel, self.setup.image_size,
-                                                        self.stem_sides, channels_last=False))
+        # conv0's weight gradient (its input is the user's)
+        t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, self.arch.stem_kernel,
+                                                        self.setup.image_size, self.stem_sides, channels_last=False))
         t.alloc("gradients_released", *self.stem_gradients())
         t.free("stem", grad_in, *saved)
 

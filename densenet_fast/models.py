@@ -115,13 +115,18 @@ class _EngineBlock:
         if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
-        layers = list(self.children())
-        reason = fastpath.block_blocker(layers)
+        reason = self.engine_blocker()
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
             fastpath.warn_plain_path(self, reason)
             return False
-        return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(layers[0]).conv1))
+        first = next(iter(self.children()))
+        return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(first).conv1))
+
+    @torch.jit.unused
+    def engine_blocker(self) -> Optional[str]:
+        """Why the engine cannot run this block, or ``None``."""
+        return fastpath.block_blocker(list(self.children()))
 
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
@@ -191,12 +196,17 @@ class _EngineTransition:
         if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
-        reason = fastpath.transition_blocker(self)
+        reason = self.engine_blocker()
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this transition has {reason}")
             fastpath.warn_plain_path(self, reason)
             return False
         return fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True)
+
+    @torch.jit.unused
+    def engine_blocker(self) -> Optional[str]:
+        """Why the engine cannot run this transition, or ``None``."""
+        return fastpath.transition_blocker(self)
 
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
@@ -432,16 +442,8 @@ class _EngineModel(nn.Module):
         the plain per-layer path), or ``None``."""
         if self.engine.plain_reason is not None:
             return self.engine.plain_reason
-        for module in self.features.children():
-            if isinstance(module, _EngineBlock):
-                reason = fastpath.block_blocker(list(module.children()))
-            elif isinstance(module, _EngineTransition):
-                reason = fastpath.transition_blocker(module)
-            else:
-                continue
-            if reason is not None:
-                return reason
-        return None
+        stages = [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
+        return next((reason for reason in (m.engine_blocker() for m in stages) if reason is not None), None)
 
     @torch.jit.unused
     def _check_and_plan(self, x: Tensor) -> None:

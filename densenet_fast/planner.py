@@ -54,8 +54,7 @@ def training_flops(arch: Architecture, setup: Setup) -> float:
     """FLOPs of one training step: 3x the forward's convolutions and classifier
     (backward costs two forwards), 2 FLOPs per multiply-add."""
     stem, pixels = pixel_counts(arch, setup)
-    taps = arch.kernel_taps(7 if arch.stem == "imagenet" else 3)
-    forward = 2.0 * stem * arch.in_channels * arch.num_init_features * taps
+    forward = 2.0 * stem * arch.in_channels * arch.num_init_features * arch.kernel_taps(arch.stem_kernel)
     k, w, taps = arch.growth_rate, arch.width, arch.kernel_taps(3)
     for b, ((c0, c_total), m) in enumerate(zip(arch.block_channels(), pixels)):
         forward += sum(2.0 * m * ((c0 + i * k) * w + w * k * taps) for i in range(arch.block_config[b]))
@@ -326,8 +325,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--image-size takes 1 to 3 sides, got {len(args.image_size)}")
     image_size = tuple(args.image_size) if len(args.image_size) > 1 else args.image_size[0]
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
-                  in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype, autocast=args.autocast,
-                  device=args.device, backend=args.backend, optimizer=args.optimizer, budget=args.budget)
+                  in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype,
+                  autocast=args.autocast, device=args.device, backend=args.backend, optimizer=args.optimizer,
+                  budget=args.budget)
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
@@ -337,7 +337,8 @@ def report(result: dict) -> str:
     setup, budget = result["setup"], result["budget_bytes"]
     dtype = setup["dtype"] + (f", autocast {setup['autocast']}" if setup["autocast"] else "")
     lines = [f"{result['model']['description']}, {result['model']['parameters']:,} parameters; batch "
-             f"{setup['batch']} of {size_text(setup['image_size'])}, {dtype}, {setup['device']} ({setup['backend']} backend), optimizer "
+             f"{setup['batch']} of {size_text(setup['image_size'])}, {dtype}, {setup['device']} "
+             f"({setup['backend']} backend), optimizer "
              f"{setup['optimizer']['name']}" + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
     for name, entry_ in result["policies"].items():
         if entry_ is None:

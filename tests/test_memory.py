@@ -248,6 +248,6 @@ def test_prediction_matches_a_fresh_process(policy, volume):
             "malloc_mmap_threshold": harness.MMAP_THRESHOLD, "optimizer": "sgd"}
     measured = common.run_worker(spec, timeout_s=300)
     assert measured["status"] == "ok", measured
-    predicted = predict(arch, Setup(batch, tuple(size) if volume else size, backend=backend, threads=2), policy)
+    predicted = predict(arch, Setup(batch, size, backend=backend, threads=2), policy)
     assert measured["persistent_bytes"] == predicted.persistent_bytes
     assert abs(predicted.step_bytes / measured["peak_bytes"] - 1) < 0.10, (predicted.step, measured)

@@ -540,7 +540,8 @@ def test_memory_budget_plans_volumes(tmp_path, capsys):
     assert recompute < keep
     expected = plan(arch, batch=8, image_size=16, budget=(keep + recompute) // 2)["policies"]["auto"]
     assert "recompute" in expected["policies"] and "keep" in expected["policies"]
-    options = ["--data", "synthetic3d", "--train-limit", "16", "--test-limit", "8", "--depth", "40", "--growth-rate", "8"]
+    options = ["--data", "synthetic3d", "--train-limit", "16", "--test-limit", "8", "--depth", "40",
+               "--growth-rate", "8"]
     assert train_volumes(tmp_path / "a", *options, "--memory-budget", str((keep + recompute) // 2)) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory plan"))
     assert f"recompute={tuple(expected['policies'])}" in line

@@ -2,7 +2,8 @@
 
 For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
 ``densenet121:8``; MONAI's trees as ``monai-densenet_bc-40:2`` or
-``monai-densenet121:1``, on volumes with ``--image-size 32x32x32``) and recompute policy, one fresh worker measures the highest
+``monai-densenet121:1``, on volumes with ``--image-size 32x32x32``) and
+recompute policy, one fresh worker measures the highest
 peak of 12 training steps (``--steps``; the model predicts the steady state:
 the first step grows the scratch arena, and the CPU's steps vary a little) above the parameters,
 gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
@@ -58,9 +59,8 @@ def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
     if not model or not batch.isdigit():
         raise SystemExit(f"a point is MODEL:BATCH, got {text!r}")
     if model.startswith(monai_impls.PREFIX + "densenet_bc-"):
-        depth = int(model.rsplit("-", 1)[1])
-        return monai_impls.bc_spec(ModelSpec.parse(f"densenet_bc-{depth}").depth, args.growth_rate,
-                                   args.image_size), int(batch)
+        bc = ModelSpec.parse(model[len(monai_impls.PREFIX):], args.growth_rate)
+        return monai_impls.bc_spec(bc.depth, bc.growth_rate, args.image_size), int(batch)
     if model.startswith(monai_impls.PREFIX):
         return monai_impls.parse(model, args.image_size), int(batch)
     if isinstance(args.image_size, list):
@@ -76,8 +76,7 @@ def architecture(spec: ModelSpec) -> Architecture:
 
 
 def setup_of(args: argparse.Namespace, batch: int) -> Setup:
-    size = tuple(args.image_size) if isinstance(args.image_size, list) else args.image_size
-    return Setup(batch, size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
+    return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
                  args.threads or torch.get_num_threads())
 
