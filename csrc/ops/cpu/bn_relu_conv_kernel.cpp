@@ -7,7 +7,8 @@
 // keeps its own float64 channel sums, added in chunk order, so results do not
 // depend on the scheduling.  The weight gradient is a pass of its own
 // (weight_gradient): column blocks of dW in parallel, each summing its rows in
-// order, so it needs no per-chunk copies of dW.
+// order, so it needs no per-chunk copies of dW.  BLAS calls run on the worker's
+// thread alone (SingleThreadedBlas, tiling.h).
 #include "../bn_relu_conv.h"
 #include "../common.h"
 #include "bn_relu_rows.h"
@@ -80,9 +81,8 @@ constexpr int64_t kPartialBytes = 4 * 1024 * 1024;  // per-row-group copies of d
 // order and adds into its group's copy of its columns of dW; the G copies are
 // added in group order.  G and the blocks depend on the shapes only, so every
 // element of dW is summed in the same order whatever the thread count (as
-// everywhere in these kernels, this assumes that a BLAS call's result does not
-// depend on its thread count: it runs single-threaded inside at::parallel_for,
-// but with the thread count when an op has a single work item).  A transition
+// everywhere in these kernels, every BLAS call runs single-threaded:
+// SingleThreadedBlas in each worker, the calling thread's included).  A transition
 // (K = C / 2) has G = 1 once C passes 1024 (724 for float64): dW itself, no
 // copies (16 copies of a deep DenseNet's transition weight were a quarter of
 // its training step's memory).
@@ -99,6 +99,7 @@ at::Tensor weight_gradient(const at::Tensor& grad_rows, int64_t channels, const 
   auto partials = at::zeros({groups, out_channels, channels}, x.options().dtype(stats));
   at::parallel_for(0, groups * blocks, 1, [&](int64_t item_begin, int64_t item_end) {
     at::AutoDispatchBelowADInplaceOrView guard;  // thread-local: set in each worker
+    SingleThreadedBlas single_threaded_blas;
     auto z = at::empty({rows_per_tile * block_columns}, x.options());
     for (int64_t item = item_begin; item < item_end; ++item) {
       const int64_t group = item / blocks, first_column = item % blocks * block_columns;

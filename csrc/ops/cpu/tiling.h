@@ -15,7 +15,36 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__GNUC__)
+// MKL's thread-local thread count (C interface; absent where torch has no MKL,
+// so weak: then null).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
 namespace densenet_fast::cpu {
+
+// Makes the BLAS calls of this thread single-threaded while it lives.  Each
+// at::parallel_for worker of these kernels runs its BLAS calls alone: ATen
+// turns MKL's dynamic threading off, so MKL would start threads of its own
+// inside a worker (or in the calling thread when an op has one work item), and
+// its summation order, so the result's last bits, would depend on the thread
+// count (seen with MKL 2024.2 on AVX-512: dW differed between 1 and 2 threads).
+class SingleThreadedBlas {
+ public:
+#if defined(__GNUC__)
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+  }
+#endif
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 // The elementwise loops of the CPU kernels are compiled for AVX-512, AVX2 and
 // baseline x86-64 and chosen at load time (GCC function multi-versioning): the
@@ -51,8 +80,10 @@ template <typename Start, typename F>
 void for_each_tile(int64_t rows, int64_t rows_per_tile, int64_t chunks, const Start& start, const F& fn) {
   const int64_t tiles = ceil_div(rows, rows_per_tile);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    // The tiles' ATen calls skip autograd (the guard is thread-local: set it in each worker).
+    // The tiles' ATen calls skip autograd and run their BLAS on this thread (both thread-local:
+    // set in each worker).
     at::AutoDispatchBelowADInplaceOrView guard;
+    SingleThreadedBlas single_threaded_blas;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       auto state = start(chunk);
       for (int64_t t = tiles * chunk / chunks; t < tiles * (chunk + 1) / chunks; ++t) {
