@@ -651,15 +651,22 @@ class StepSimulation:
         saved = []
         if self.setup.autocast is not None:  # the input cast to the compute dtype, saved by conv0
             saved.append(self.setup.batch * self.arch.in_channels * math.prod(self.setup.image_size) * e)
-        if self.arch.stem == "imagenet":
-            # conv0's output (saved by norm0), norm0's output (ReLU in place; saved by ReLU and the
-            # max-pool), the max-pool's int64 indices
-            saved += [self.stem_pixels * c0 * e, self.stem_pixels * c0 * e, self.pixels[0] * c0 * 8]
         t.alloc("stem", *saved)
-        stem_out = self.pixels[0] * c0 * e
-        columns = self.columns(self.stem_pixels, self.arch.in_channels, self.arch.stem_kernel, self.setup.image_size)
-        t.transient("stem", columns, self.stem_pixels * c0 * e)
-        t.alloc("stem", stem_out)
+        conv_out = self.stem_pixels * c0 * e
+        t.alloc("stem", conv_out)
+        t.transient("stem", self.columns(self.stem_pixels, self.arch.in_channels, self.arch.stem_kernel,
+                                         self.setup.image_size))
+        stem_out = conv_out
+        if self.arch.stem == "imagenet":  # norm0-relu0-pool0 as one Function (engine/stem.py)
+            pooled = self.pixels[0] * c0
+            t.alloc("stem", conv_out)  # norm0's output, ReLU in place
+            t.alloc("stem", pooled * e, pooled * 8)  # the max-pool's output and int64 indices
+            t.transient("stem", pooled)  # pooled <= 0 (bool)
+            t.alloc("stem", pooled)  # where ReLU passes the gradient, its negation
+            t.free("stem", conv_out)  # norm0's output
+            # saved: conv0's output (norm0's input), the indices, the mask
+            saved += [conv_out, pooled * 8, pooled]
+            stem_out = pooled * e
         t.alloc("block_buffers", self.pixels[0] * self.channels[0][1] * e)  # IntoBuffer
         return saved, stem_out
 
@@ -769,16 +776,13 @@ class StepSimulation:
         t.alloc("stage_gradient", grad_in)
         t.alloc("stem", grad_in)  # IntoBuffer's gradient in the stem output's layout
         t.free("stage_gradient", grad_in)
-        if self.arch.stem == "imagenet":  # autograd releases what each node saved once it has run
-            saved, (conv_out, activated, indices) = saved[:-3], saved[-3:]
-            full = self.stem_pixels * c0 * e
-            t.alloc("stem", full)  # the max-pool's input gradient
-            t.free("stem", grad_in, indices)
-            t.alloc("stem", full)  # ReLU's
-            t.free("stem", full, activated)  # the max-pool's gradient; norm0's output (ReLU's and the pool's)
-            t.alloc("stem", full)  # norm0's
-            t.free("stem", full, conv_out)  # ReLU's gradient; conv0's output (norm0's)
-            grad_in = full
+        if self.arch.stem == "imagenet":  # NormReluMaxPool's backward
+            saved, (conv_out, indices, passes) = saved[:-3], saved[-3:]
+            t.alloc("stem", grad_in)  # the pooled gradient where ReLU passes it
+            t.alloc("stem", conv_out)  # the max-pool's input gradient, then BN's in place
+            t.free("stem", grad_in)
+            t.free("stem", grad_in, conv_out, indices, passes)  # autograd releases the node's input and saved tensors
+            grad_in = conv_out
         # conv0's weight gradient (its input is the user's)
         t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, self.arch.stem_kernel,
                                                         self.setup.image_size, self.stem_sides, channels_last=False))

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from . import engine, memory, planner
 from .backends import resolve_backend_name
-from .engine import fastpath
+from .engine import fastpath, stem
+from .engine.batchnorm import uses_batch_stats
 
 # torchvision is optional: without it, weights load from local files and state_dicts only.  It is imported
 # here, not lazily (about 3 s): torchvision's get_model_weights finds the enums in the builders' annotations.
@@ -276,12 +277,33 @@ class _Features(nn.Sequential):
             elif fusable:
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
                 i += 1
+            elif not hooks_everywhere and self._runs_fused_stem(modules[i:i + 3]):
+                x, buffer = stem.norm_relu_max_pool(module, x), None
+                i += 3
             else:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     fastpath.refuse_unsynchronised(self.engine.sync_group, f"{type(module).__name__} runs on its own")
                 x, buffer = module(x), None
                 i += 1
         return global_average_pool(F.relu(x)) if pooled else x
+
+
+    @torch.jit.unused
+    def _runs_fused_stem(self, modules: list[nn.Module]) -> bool:
+        """Whether ``modules`` are the ImageNet stem's BN-ReLU-max-pool in a forward
+        that trains them on batch statistics (see :mod:`.engine.stem`)."""
+        return (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
+                and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None
+                and stem.stem_blocker(*modules) is None)
+
+    @torch.jit.unused
+    def stem_blocker(self) -> Optional[str]:
+        """Why the ImageNet stem's BN-ReLU-max-pool runs as three modules in
+        training, or ``None`` (also where there is no such stem)."""
+        if "norm0" not in self._modules:
+            return None
+        modules = [self._modules.get(name) for name in ("norm0", "relu0", "pool0")]
+        return "a stem without relu0 or pool0" if None in modules else stem.stem_blocker(*modules)
 
 
 def global_average_pool(x: Tensor) -> Tensor:
@@ -443,7 +465,8 @@ class _EngineModel(nn.Module):
         if self.engine.plain_reason is not None:
             return self.engine.plain_reason
         stages = [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
-        return next((reason for reason in (m.engine_blocker() for m in stages) if reason is not None), None)
+        reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
+        return next((reason for reason in reasons if reason is not None), None)
 
     @torch.jit.unused
     def _check_and_plan(self, x: Tensor) -> None:
