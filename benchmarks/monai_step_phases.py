@@ -11,11 +11,14 @@ Two volumes, one input channel, 2 classes, C++ backend, the SGD recipe, as
 the stem's backward starts (the gradient of ``pool0``'s output), its
 ``norm0``, ``relu0`` and ``pool0`` backward ends (the gradient of ``conv0``'s
 output), backward ends, the optimizer's update ends (docs/performance.md,
-"MONAI volumes")."""
+"MONAI volumes").  The stem's marks wrap the fused BN-ReLU-max-pool
+(``engine.stem``): a hook on ``norm0``, ``relu0`` or ``pool0`` would make the
+three run as modules."""
 
 import argparse
 
 from densenet_fast.bench import common, harness, monai_impls, worker
+from densenet_fast.engine import stem
 from densenet_fast.bench.common import MIB
 
 
@@ -45,9 +48,16 @@ def main() -> None:
 
     features = step.model.features
     features.conv0.register_forward_pre_hook(mark("forward starts"))
-    features.pool0.register_forward_hook(mark("stem forward ends"))
+    fused_stem = stem.norm_relu_max_pool
+
+    def marked_stem(norm, x):
+        out = fused_stem(norm, x)
+        mark("stem forward ends")()
+        on_gradient("stem backward starts")(None, None, out)
+        return out
+
+    stem.norm_relu_max_pool = marked_stem
     step.model.register_forward_hook(mark("forward ends"))
-    features.pool0.register_forward_hook(on_gradient("stem backward starts"))
     features.conv0.register_forward_hook(on_gradient("pool0-norm0 backward ends"))
     step.optimizer.register_step_pre_hook(mark("backward ends"))
     step.optimizer.register_step_post_hook(mark("optimizer ends"))

@@ -597,15 +597,18 @@ class StepSimulation:
     def onednn_weight_gradient(self, c: int, k: int, kernel: int, input_sides: tuple[int, ...],
                                output_sides: tuple[int, ...], channels_last: bool) -> float:
         """oneDNN's scratch for a 3-D convolution's weight gradient (``c`` input and
-        ``k`` output channels) on the CPU in float32: its direct kernels refuse
-        padding in depth, so its gemm convolution computes it.  Per thread, the
+        ``k`` output channels) on the CPU in float32.  On AVX-512 its direct kernel
+        (``jit:avx512_core``) computes it, with no scratch of this size; on AVX2 the
+        direct kernels refuse padding in depth and its gemm convolution computes
+        it (both seen with ``ONEDNN_VERBOSE=1``).  Per thread, the
         im2col columns of one output depth slice (``c * kernel^3 * OH * OW``) and,
         from a channels-last input, a transposed copy of one input (``c * D * H * W``);
         every thread works (on its own images, with its own copy of the weight
         gradient) when the batch is over 1 and a slice has fewer than 256 pixels
         per thread, else one (oneDNN's ``gemm_convolution_utils.cpp``, ``init_conf``)."""
         if (self.setup.device != "cpu" or self.arch.spatial_dims != 3 or self.setup.compute_dtype != torch.float32
-                or not onednn_convolves(torch.float32) or self.aten_im2col(c, kernel, input_sides)):
+                or not onednn_convolves(torch.float32) or self.aten_im2col(c, kernel, input_sides)
+                or torch.backends.cpu.get_cpu_capability() == "AVX512"):
             return 0.0
         slice_pixels, taps, threads = math.prod(output_sides[1:]), kernel ** 3, self.setup.threads
         if self.setup.batch == 1 or slice_pixels >= ONEDNN_SLICE_PIXELS_PER_THREAD * threads:
