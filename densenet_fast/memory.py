@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .engine import stem
 from .engine.fastpath import CHANNEL_DROPOUTS
 
 POLICIES = ("keep", "recompute")
@@ -784,6 +785,11 @@ class StepSimulation:
             t.alloc("stem", grad_in)  # the pooled gradient where ReLU passes it
             t.alloc("stem", conv_out)  # the max-pool's input gradient, then BN's in place
             t.free("stem", grad_in)
+            if self.e < 4:  # finished in float32 a slice at a time (and on the CPU the gradient's cast too)
+                side = self.stem_sides[0]
+                rows = -(-side // min(side, stem.REDUCED_PRECISION_SLICES))
+                temporaries = 2 if self.setup.device == "cpu" else 1
+                t.transient("stem", *[self.stem_pixels * c0 * 4 * rows / side] * temporaries)
             t.free("stem", grad_in, conv_out, indices, passes)  # autograd releases the node's input and saved tensors
             grad_in = conv_out
         # conv0's weight gradient (its input is the user's)

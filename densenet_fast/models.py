@@ -277,7 +277,7 @@ class _Features(nn.Sequential):
             elif fusable:
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
                 i += 1
-            elif not hooks_everywhere and self._runs_fused_stem(modules[i:i + 3]):
+            elif not hooks_everywhere and self._runs_fused_stem(modules[i:i + 3], x):
                 x, buffer = stem.norm_relu_max_pool(module, x), None
                 i += 3
             else:
@@ -289,12 +289,15 @@ class _Features(nn.Sequential):
 
 
     @torch.jit.unused
-    def _runs_fused_stem(self, modules: list[nn.Module]) -> bool:
+    def _runs_fused_stem(self, modules: list[nn.Module], x: Tensor) -> bool:
         """Whether ``modules`` are the ImageNet stem's BN-ReLU-max-pool in a forward
-        that trains them on batch statistics (see :mod:`.engine.stem`)."""
+        that trains them on batch statistics, on a batch they take (else the
+        modules run, and raise their own errors; see :mod:`.engine.stem`)."""
         return (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
                 and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None
-                and stem.stem_blocker(*modules) is None)
+                and stem.stem_blocker(*modules) is None
+                and fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1)
+                and x.shape[1] == modules[0].num_features)
 
     @torch.jit.unused
     def stem_blocker(self) -> Optional[str]:

@@ -141,3 +141,45 @@ def test_a_hooked_stem_runs_the_modules_and_the_budget_refuses_it():
     assert "hook on ReLU" in model.memory_model_blocker()
     with pytest.raises(ValueError, match="hook on ReLU"):
         model.set_memory_budget("1GiB")
+
+
+def test_an_input_the_modules_refuse_runs_the_modules():
+    """An unbatched image reaches norm0 as (C, H, W) (conv0 takes it): BatchNorm2d's
+    own error, not the Function on a misread shape."""
+    model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        model.features(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_bfloat16_gradient_as_accurate_as_torchs(dims):
+    """bfloat16 input, float32 parameters (autocast's BN): the input gradient's
+    error against float64 is no worse than torch's modules', where the input's
+    mean is six standard deviations (``x b`` and ``mean b`` cancel in ``dx``)."""
+    reference = modules(dims, SHAPES[dims][1]).float()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(SHAPES[dims], generator=g) + 6).bfloat16()
+    grad = torch.randn(pooled_shape(x.shape), generator=g).bfloat16()
+    exact = step(copy.deepcopy(reference).double(), False, x.double(), grad.double())["grad_x"]
+    errors = {}
+    for fused in (False, True):
+        result = step(copy.deepcopy(reference), fused, x, grad)["grad_x"]
+        assert result.dtype == torch.bfloat16
+        errors[fused] = ((result.double() - exact).norm() / exact.norm()).item()
+    assert errors[True] <= 1.1 * errors[False], errors  # rounded apart: 1.5x-1.8x here
+
+
+def test_compiles_whole():
+    """torch.compile (fullgraph, aot_eager) of the stem: the forward and the fused backward as eager."""
+    reference = modules(2, 4)
+    compiled_net = copy.deepcopy(reference)
+    compiled = torch.compile(lambda t: stem.norm_relu_max_pool(compiled_net[0], t), backend="aot_eager",
+                             fullgraph=True)
+    x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
+    grad = torch.randn(pooled_shape(x.shape), dtype=torch.float64)
+    expected = step(reference, True, x, grad)
+    inputs = x.clone().requires_grad_()
+    compiled(inputs).backward(grad)
+    torch.testing.assert_close(inputs.grad, expected["grad_x"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled_net[0].weight.grad, expected["grad_weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled_net[0].running_var, expected["running_var"], rtol=1e-12, atol=1e-12)

@@ -18,9 +18,9 @@ maximum) and ``x^ = (x - mean) * rstd``:
   applied to the pooled gradient, before the scatter;
 - ``db = sum g``, ``dw = sum g x^`` per channel (``native_batch_norm_backward``
   without the input gradient, so exactly torch's parameter gradients);
-- ``dx = w rstd (g - db/M - x^ dw/M) = g a + x b + c`` per channel, with
-  ``a = w rstd``, ``b = -a rstd dw/M``, ``c = -a db/M - b mean``: two in-place
-  passes over ``g`` (``M``: values per channel).
+- ``dx = w rstd (g - db/M - x^ dw/M) = g a + (x - mean) b + c`` per channel,
+  with ``a = w rstd``, ``b = -a rstd dw/M``, ``c = -a db/M``, written over
+  ``g`` (``M``: values per channel; :func:`_input_gradient_over`).
 
 Only the configuration of torchvision's and MONAI's stem (affine BatchNorm of
 the batch statistics, ReLU, 3x3 max-pool with stride 2 and padding 1) runs here;
@@ -112,12 +112,32 @@ class NormReluMaxPool(torch.autograd.Function):
                                                               [False, True, True])
         grad_x = None
         if wanted[0]:
-            shape, count = (1, -1) + (1,) * dims, x.numel() // x.shape[1]
+            count = x.numel() // x.shape[1]
             a = weight.to(rstd.dtype) * rstd
             b = -a * rstd * dw.to(rstd.dtype) / count
-            c = -a * db.to(rstd.dtype) / count - b * mean
-            grad_x = g.mul_(a.view(shape)).addcmul_(x, b.view(shape)).add_(c.view(shape))
+            grad_x = _input_gradient_over(g, x, a, b, -a * db.to(rstd.dtype) / count, mean)
         return grad_x, dw if wanted[1] else None, db if wanted[2] else None, None, None, None, None
+
+
+REDUCED_PRECISION_SLICES = 16  # a bfloat16/float16 gradient is finished in float32 this many slices at a time
+
+
+def _input_gradient_over(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, mean: Tensor) -> Tensor:
+    """``g`` overwritten by ``g a + (x - mean) b + c`` (per channel ``(C,)``
+    coefficients in the statistics dtype).  In that dtype each value is
+    rounded once; a bfloat16 or float16 ``g`` is finished in float32 along
+    its first spatial dimension in :data:`REDUCED_PRECISION_SLICES` slices, so
+    that ``x b`` and ``mean b``, which cancel, are not rounded apart, and the
+    float32 temporaries are a slice's."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    a, b, mean = a.view(shape), b.view(shape), mean.view(shape)
+    if g.dtype == a.dtype:
+        return g.mul_(a).addcmul_(x, b).add_((c.view(shape) - mean * b))
+    step = -(-g.shape[2] // min(g.shape[2], REDUCED_PRECISION_SLICES))
+    for g_slice, x_slice in zip(g.split(step, 2), x.split(step, 2)):
+        exact = x_slice.to(a.dtype).sub_(mean).mul_(b).add_(c.view(shape)).addcmul_(g_slice, a)
+        g_slice.copy_(exact)
+    return g
 
 
 def _reference_gradients(x: Tensor, weight: Tensor, bias: Tensor, eps: float, grad: Tensor,
