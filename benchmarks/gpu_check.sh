@@ -15,10 +15,13 @@
 #   gpu_tests         55   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
 #   triton_kernels    75   benchmarks/triton_kernels.py (bench kernels preset):     triton_kernels.json
 #                          block-3 and block-1 layers and transitions, with errors
-#   model_bench      170   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
+#   memory_model      60   the memory model against torch.cuda.max_memory_allocated: memory.json
+#                          DenseNet-BC-250, batch 64, 32x32, keep and recompute,
+#                          two steps each in a fresh process (docs/memory.md)
+#   model_bench      140   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
 #                          tv-eager, fast-triton-keep, tv-memeff, tv-compile, one
 #                          process each (step time and peak memory)
-#   total            450   + at most 5 s per step after SIGINT = 475 s < 8 minutes
+#   total            480   + at most 5 s per step after SIGINT = 510 s < 8.5 minutes
 #
 # Every step appends {"step", "status" (ok, failed, timeout, skipped), "rc",
 # "seconds", "limit", "why"} to OUTDIR/steps.jsonl when it ends, and a failing
@@ -60,17 +63,18 @@ GRACE=5  # seconds between SIGINT and SIGKILL
 if [ "$DRY_RUN" = 1 ]; then
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     SHARDS=2
-    LIMIT_ENV=60 LIMIT_TRITON_TESTS=120 LIMIT_GPU_TESTS=60 LIMIT_KERNELS=120 LIMIT_MODELS=120
+    LIMIT_ENV=60 LIMIT_TRITON_TESTS=120 LIMIT_GPU_TESTS=60 LIMIT_KERNELS=120 LIMIT_MEMORY=60 LIMIT_MODELS=120
     TRITON_TESTS=(tests/test_triton_ops.py tests/test_backends.py
                   -k "test_bn_relu and triton-cpu-fp32 or configuration_follows_the_shapes")
     GPU_TESTS=(tests/test_extension.py -k "has_cuda_is_a_bool")
     BUILD=(setup.py --version)  # loads setup.py; compiling takes minutes on a CPU
     KERNELS=(--tiny)
+    MEMORY=(--device cpu --points densenet_bc-10:2 --image-size 8 --steps 1 --threads 1)
     MODELS=(--device cpu --model densenet_bc-10 --batch 2 --image-size 8 --channels-last
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
 else
     SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
-    LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MODELS=170
+    LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MEMORY=60 LIMIT_MODELS=140
     # the conformance suite's torch and triton runs go with the Triton tests, its cuda-backend runs after the build
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py tests/test_backends.py -k "not cuda-cuda")
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py
@@ -78,6 +82,7 @@ else
     BUILD_LIB=$(mktemp -d)  # not under OUTDIR: the module is large and need not come back
     BUILD=(setup.py build_ext --build-lib "$BUILD_LIB")
     KERNELS=()
+    MEMORY=(--device cuda --points densenet_bc-250:64 --image-size 32 --steps 2)
     MODELS=(--device cuda --model densenet121 --batch 256 --image-size 224 --autocast bfloat16 --channels-last
             --impls tv-eager fast-triton-keep tv-memeff tv-compile --warmup 2 --repeats 5)
 fi
@@ -212,6 +217,7 @@ pytest_step triton_tests "$LIMIT_TRITON_TESTS" "${TRITON_TESTS[@]}"
 wait $BUILD_PID
 pytest_step gpu_tests "$LIMIT_GPU_TESTS" "${GPU_TESTS[@]}"
 step triton_kernels "$LIMIT_KERNELS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}"
+step memory_model "$LIMIT_MEMORY" "$PY" -m densenet_fast bench memory "${MEMORY[@]}" --no-plot --out "$OUT/memory.json"
 # the benchmark stops starting workers 10 s before its limit, so that it ends on its own
 step model_bench "$LIMIT_MODELS" "$PY" benchmarks/bench_models.py --quick "${MODELS[@]}" --budget-gib 0 \
     --max-minutes "$(awk "BEGIN { print ($LIMIT_MODELS - 10) / 60 }")" --no-plot --no-progress \

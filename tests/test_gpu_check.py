@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["environment", "build", "triton_tests", "gpu_tests", "triton_kernels", "model_bench"]
+STEPS = ["environment", "build", "triton_tests", "gpu_tests", "triton_kernels", "memory_model", "model_bench"]
 SHARDS = 2  # the dry run's
 
 
@@ -59,6 +59,9 @@ def test_benchmarks_write_json_and_log_configurations(evidence):
     triton = [row for row in kernels["rows"] if row.get("impl") == "triton"]  # 4 primitives at 2 tiny shapes
     assert len(triton) == 8 and all(row["correct"] for row in triton)
     assert not any("error" in row for row in kernels["rows"])
+    memory = json.loads((evidence / "memory.json").read_text())
+    assert [(row["policy"], row["status"]) for row in memory["rows"]] == [("keep", "ok"), ("recompute", "ok")]
+    assert all(row["measured_step_bytes"] > 0 and row["predicted_step_bytes"] > 0 for row in memory["rows"])
     models = json.loads((evidence / "models.json").read_text())
     assert [row["impl"] for row in models["rows"]] == ["tv-eager", "fast-triton-keep"]
     assert all(row["status"] == "ok" and row["train_peak_MiB"] > 0 and row["train_step_s"] > 0
