@@ -248,7 +248,7 @@ class _Features(nn.Sequential):
 
     @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
-        return fastpath.engine_takes(x)
+        return fastpath.engine_takes(x) and self.engine.plain_reason is None
 
     @torch.jit.unused
     def fused(self, x: Tensor, pooled: bool) -> Tensor:
@@ -293,10 +293,14 @@ class _Features(nn.Sequential):
         """Whether ``modules`` are the ImageNet stem's BN-ReLU-max-pool in a forward
         that trains them on batch statistics, on a batch they take (else the
         modules run, and raise their own errors; see :mod:`.engine.stem`)."""
-        return (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
-                and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None
-                and stem.stem_blocker(*modules) is None
-                and fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1)
+        if not (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
+                and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None):
+            return False
+        reason = stem.stem_blocker(*modules)
+        if reason is not None:
+            fastpath.warn_plain_path(self, f"{reason} (the stem's BN, ReLU and max-pool run as modules)")
+            return False
+        return (fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1)
                 and x.shape[1] == modules[0].num_features)
 
     @torch.jit.unused
