@@ -287,7 +287,6 @@ class _Features(nn.Sequential):
                 i += 1
         return global_average_pool(F.relu(x)) if pooled else x
 
-
     @torch.jit.unused
     def _runs_fused_stem(self, modules: list[nn.Module], x: Tensor) -> bool:
         """Whether ``modules`` are the ImageNet stem's BN-ReLU-max-pool in a forward
