@@ -18,8 +18,8 @@ three run as modules."""
 import argparse
 
 from densenet_fast.bench import common, harness, monai_impls, worker
-from densenet_fast.engine import stem
 from densenet_fast.bench.common import MIB
+from densenet_fast.engine import stem
 
 
 def main() -> None:

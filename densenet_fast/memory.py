@@ -787,7 +787,7 @@ class StepSimulation:
             t.free("stem", grad_in)
             if self.e < 4:  # finished in float32 a slice at a time (and on the CPU the gradient's cast too)
                 side = self.stem_sides[0]
-                rows = -(-side // min(side, stem.REDUCED_PRECISION_SLICES))
+                rows = stem.reduced_precision_rows(side)
                 temporaries = 2 if self.setup.device == "cpu" else 1
                 t.transient("stem", *[self.stem_pixels * c0 * 4 * rows / side] * temporaries)
             t.free("stem", grad_in, conv_out, indices, passes)  # autograd releases the node's input and saved tensors

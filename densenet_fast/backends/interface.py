@@ -56,6 +56,13 @@ class RunningUpdate(NamedTuple):
     count: int
 
 
+def count_batch(batches: Tensor, momentum: Optional[float]) -> float:
+    """``batches += 1`` (num_batches_tracked, in place); the running statistics'
+    update factor for this batch: ``momentum``, or ``1 / batches`` when it is None."""
+    batches.add_(1)
+    return 1.0 / float(batches) if momentum is None else momentum
+
+
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of statistics and BN coefficients for data of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32

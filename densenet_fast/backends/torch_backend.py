@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .interface import Backend, RunningUpdate, Stats, stats_dtype
+from .interface import Backend, RunningUpdate, Stats, count_batch, stats_dtype
 
 
 def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
@@ -26,8 +26,7 @@ class TorchBackend(Backend):
     def fold_batchnorm(self, mean, var, weight, bias, eps, update: Optional[RunningUpdate],
                        out: Optional[Tensor] = None) -> Tensor:
         if update is not None:
-            update.batches.add_(1)
-            factor = 1.0 / float(update.batches) if update.momentum is None else update.momentum
+            factor = count_batch(update.batches, update.momentum)
             unbiased = var * (update.count / (update.count - 1))
             update.mean.mul_(1 - factor).add_(mean.to(update.mean.dtype), alpha=factor)
             update.var.mul_(1 - factor).add_(unbiased.to(update.var.dtype), alpha=factor)

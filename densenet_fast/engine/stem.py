@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends.interface import count_batch
 from .batchnorm import check_values_per_channel
 from .fastpath import BATCH_NORMS, _as_tuple, _observed
 
@@ -61,8 +62,7 @@ def momentum_factor(norm: nn.modules.batchnorm._BatchNorm) -> float:
     the batch as ``nn.BatchNorm*d.forward`` does."""
     if not (norm.training and norm.track_running_stats and norm.num_batches_tracked is not None):
         return 0.0 if norm.momentum is None else norm.momentum
-    norm.num_batches_tracked.add_(1)
-    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return count_batch(norm.num_batches_tracked, norm.momentum)
 
 
 def _pool_ops(dims: int):
@@ -122,6 +122,11 @@ class NormReluMaxPool(torch.autograd.Function):
 REDUCED_PRECISION_SLICES = 16  # a bfloat16/float16 gradient is finished in float32 this many slices at a time
 
 
+def reduced_precision_rows(side: int) -> int:
+    """Rows of the first spatial dimension (of ``side``) in each float32 slice."""
+    return -(-side // min(side, REDUCED_PRECISION_SLICES))
+
+
 def _input_gradient_over(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, mean: Tensor) -> Tensor:
     """``g`` overwritten by ``g a + (x - mean) b + c`` (per channel ``(C,)``
     coefficients in the statistics dtype).  In that dtype each value is
@@ -133,7 +138,7 @@ def _input_gradient_over(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, 
     a, b, mean = a.view(shape), b.view(shape), mean.view(shape)
     if g.dtype == a.dtype:
         return g.mul_(a).addcmul_(x, b).add_((c.view(shape) - mean * b))
-    step = -(-g.shape[2] // min(g.shape[2], REDUCED_PRECISION_SLICES))
+    step = reduced_precision_rows(g.shape[2])
     for g_slice, x_slice in zip(g.split(step, 2), x.split(step, 2)):
         exact = x_slice.to(a.dtype).sub_(mean).mul_(b).add_(c.view(shape)).addcmul_(g_slice, a)
         g_slice.copy_(exact)
