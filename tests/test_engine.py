@@ -290,6 +290,8 @@ def test_scratch_arena_stops_growing_and_is_released():
     after = forward_backward(model, *batch)  # works again, re-creating the same scratch
     assert model.arena.nbytes() == sizes[0]
     assert_results_equal(after, before, 0.0, with_buffers=False)
+    with pytest.raises(RuntimeError, match="outside a turn"):  # a pass holds its set for its whole length
+        model.arena.get("bn2_out", (4, 4), batch[0])
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ included) against torchvision in float64."""
 
 import itertools
 import json
+import threading
 import warnings
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from densenet_fast import train as trainer
 from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
+from densenet_fast.engine import ScratchArena
 from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
                                   predict)
 from densenet_fast.models import MemoryPlanNotice
@@ -181,6 +183,37 @@ def test_the_cpus_convolution_scratch_is_not_predicted_on_a_gpu(capability, monk
         steps = {predict(arch, Setup(4, (32, 32, 32), device=device, backend="torch", threads=t), "keep").step_bytes
                  for t in (1, 16)}
         assert (len(steps) == 2) == depends, (device, steps)
+
+
+@pytest.mark.parametrize("queue", ["thread", "stream"])
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_a_backward_on_another_thread(policy, queue, monkeypatch):
+    """Autograd runs CUDA backward passes on its device thread, not the
+    caller's.  Here the forward runs on one thread and its backward on another,
+    on the CPU.  Scratch that belongs to a stream (CUDA's rule, patched in) is
+    one set, the forward's and the backward's, the bytes the model counts;
+    scratch that belongs to a thread (the CPU's rule) is a set per thread."""
+    if queue == "stream":
+        monkeypatch.setattr(ScratchArena, "_queue", staticmethod(lambda like: ("one stream",)))
+    model, x = densenet_bc(40, recompute=policy), torch.randn(3, 3, 32, 32)
+    forward_thread = {}
+
+    def forward():
+        forward_thread["out"] = model(x)
+        forward_thread["scratch"] = model.arena.nbytes()
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    thread.join()
+    slots = StepSimulation(BC40, Setup(3, 32), (policy,) * 3).arena_slots()
+    forward_roles = sum(slots.values()) - slots["grad_buffer"]
+    assert forward_thread["scratch"] == forward_roles
+    assert model.arena.nbytes() == (forward_roles if queue == "stream" else 0)  # before this thread's backward
+    torch.nn.functional.cross_entropy(forward_thread["out"], torch.randint(0, 10, (3,))).backward()
+    assert model.arena.nbytes() == sum(slots.values())
+    if queue == "stream":
+        step = predict(BC40, Setup(3, 32, device="cuda", backend="torch"), policy).step
+        assert (step["scratch_arena"], step["gradient_buffer"]) == (forward_roles, slots["grad_buffer"])
 
 
 def test_bad_sizes_and_arguments_are_refused():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -54,41 +55,90 @@ class ScratchArena:
     allocates no temporaries once warmed up.  A name stands for one role (for
     example the bottleneck output): two requests under one name alias each other.
 
-    Slots belong to the calling thread and to the inference mode they were made
-    in: threads that run a model concurrently never share scratch (each holds
-    its own, so every such thread costs one more set of slots), and inference
-    tensors made under ``torch.inference_mode()`` are never handed to code running
-    outside it.  Copies of a model (``copy.deepcopy``, pickling) start empty.
+    A set of slots serves one queue of work, and a pass (a stage's forward or
+    backward) holds it for its whole length: ``with arena.turn(like):``, inside
+    which every ``get`` uses that set.  On the CPU the queue is the calling
+    thread: threads that run a model concurrently never share scratch (each
+    holds a set of its own).  On CUDA it is the current stream, on which work
+    runs in order, so the next pass may reuse the memory as soon as it is
+    queued (as the caching allocator reuses blocks); passes from several
+    threads on one stream take turns, and autograd's device thread, which runs
+    CUDA backward passes on their forward's stream, uses the forward's set
+    instead of holding a second one.  Sets are kept apart by inference mode too:
+    inference tensors made under ``torch.inference_mode()`` are never handed to
+    code running outside it.  Copies of a model (``copy.deepcopy``, pickling)
+    start empty.
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._local = threading.local()  # per thread: its CPU sets and the set of the turn it is in
+        self._streams: dict[tuple, tuple[threading.RLock, dict[str, Tensor]]] = {}  # per CUDA stream and mode
+        self._streams_lock = threading.Lock()
 
-    def _slots(self) -> dict[str, Tensor]:
+    def _thread_sets(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         per_mode = getattr(self._local, "per_mode", None)
         if per_mode is None:
             per_mode = self._local.per_mode = ({}, {})
-        return per_mode[torch.is_inference_mode_enabled()]
+        return per_mode
+
+    @staticmethod
+    def _queue(like: Tensor):
+        """The stream ``like``'s work is queued on (a hashable key), or ``None``:
+        the calling thread."""
+        if like.device.type != "cuda":
+            return None
+        stream = torch.cuda.current_stream(like.device)
+        return stream.device_index, stream.stream_id
+
+    def turn(self, like: Tensor) -> contextlib.AbstractContextManager:
+        """Hold the set of ``like``'s queue while a pass runs (a context manager)."""
+        if torch.compiler.is_compiling():  # a compiled graph plans its own memory
+            return contextlib.nullcontext()
+        mode = torch.is_inference_mode_enabled()
+        queue = self._queue(like)
+        if queue is None:
+            return self._holding(contextlib.nullcontext(), self._thread_sets()[mode])
+        with self._streams_lock:
+            lock, slots = self._streams.setdefault((queue, mode), (threading.RLock(), {}))
+        return self._holding(lock, slots)
+
+    @contextlib.contextmanager
+    def _holding(self, lock, slots: dict[str, Tensor]):
+        with lock:
+            outer = getattr(self._local, "turn", None)
+            self._local.turn = slots
+            try:
+                yield
+            finally:
+                self._local.turn = outer
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # a compiled graph plans its own memory
             return torch.empty(shape, dtype=like.dtype, device=like.device)
+        slots = getattr(self._local, "turn", None)
+        if slots is None:
+            raise RuntimeError("ScratchArena.get outside a turn: run the pass inside `with arena.turn(like):`")
         numel = math.prod(shape)
-        slots = self._slots()
         slot = slots.get(name)
         if slot is None or slot.numel() < numel or slot.dtype != like.dtype or slot.device != like.device:
             slots.pop(name, None)  # free the old storage before allocating the new one
             slot = slots[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return slot[:numel].view(shape)
 
+    def _reachable_sets(self) -> list[dict[str, Tensor]]:
+        with self._streams_lock:
+            return [*self._thread_sets(), *(slots for _, slots in self._streams.values())]
+
     def nbytes(self) -> int:
-        """Bytes held for the calling thread (both modes)."""
-        per_mode = getattr(self._local, "per_mode", ({}, {}))
-        return sum(t.numel() * t.element_size() for slots in per_mode for t in slots.values())
+        """Bytes held for the calling thread: its own sets and every CUDA stream's (both modes)."""
+        return sum(t.numel() * t.element_size() for slots in self._reachable_sets() for t in slots.values())
 
     def release(self) -> None:
-        """Free the calling thread's temporaries (they are re-created on next use)."""
+        """Free the calling thread's sets and every CUDA stream's (they are re-created
+        on next use; a pass in progress keeps what it holds until it ends)."""
         self._local.per_mode = ({}, {})
+        with self._streams_lock:
+            self._streams = {}
 
     def __deepcopy__(self, memo) -> "ScratchArena":
         return ScratchArena()

@@ -356,26 +356,28 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
 
 def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tuple[Tensor, Records]:
     """The stage's output, and what its backward needs."""
-    buffer = stage.buffer
-    c_total = buffer.shape[1]
-    c0 = c_total - len(stage.layers) * stage.growth
-    statistics = BatchStatistics(stage.group, buffer.shape[0] * buffer[0, 0].numel())
-    cache = ChannelStatistics(stage, statistics, c_total)
-    cache.add(rows(buffer), 0, c0)
-    records = Records(for_backward and stage.keep)
-    # a compiled graph plans its own memory (and refuses saved views of one tensor made inside it)
-    one_tensor = for_backward and not torch.compiler.is_compiling()
-    store = CoefficientStore(stage, c0, buffer) if one_tensor else None
-    kept = kept_bottlenecks(stage, statistics.count, buffer, one_tensor) if records.keep else None
-    for i in range(len(stage.layers)):
-        record = layer_forward(stage, i, params, cache, kept[i] if kept else None, store)
-        if for_backward:
-            records.layers.append(record)
-    tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
-    if stage.tail.bn is not None:
-        records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
-                            buffer.dtype, tuple(buffer.shape), stage.backend, store.take(c_total) if store else None)
-    return stage.tail.forward(stage, buffer, records.tail, tail_params), records
+    with stage.arena.turn(stage.buffer):  # its slots, for the whole pass
+        buffer = stage.buffer
+        c_total = buffer.shape[1]
+        c0 = c_total - len(stage.layers) * stage.growth
+        statistics = BatchStatistics(stage.group, buffer.shape[0] * buffer[0, 0].numel())
+        cache = ChannelStatistics(stage, statistics, c_total)
+        cache.add(rows(buffer), 0, c0)
+        records = Records(for_backward and stage.keep)
+        # a compiled graph plans its own memory (and refuses saved views of one tensor made inside it)
+        one_tensor = for_backward and not torch.compiler.is_compiling()
+        store = CoefficientStore(stage, c0, buffer) if one_tensor else None
+        kept = kept_bottlenecks(stage, statistics.count, buffer, one_tensor) if records.keep else None
+        for i in range(len(stage.layers)):
+            record = layer_forward(stage, i, params, cache, kept[i] if kept else None, store)
+            if for_backward:
+                records.layers.append(record)
+        tail_params = params[len(stage.layers) * PARAMS_PER_LAYER:]
+        if stage.tail.bn is not None:
+            records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
+                                buffer.dtype, tuple(buffer.shape), stage.backend,
+                                store.take(c_total) if store else None)
+        return stage.tail.forward(stage, buffer, records.tail, tail_params), records
 
 
 def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, grad_buffer: Tensor,
@@ -422,29 +424,31 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
     """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``, each gradient in
     its parameter's dtype (views of one :class:`GradientStore` where they can be),
     ``None`` where ``needs_grad`` (one per parameter) is false."""
-    n, c_total, *spatial = buffer.shape
-    if torch.compiler.is_compiling():
-        # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
-        # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
-        buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
-    grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
-    layer_params = len(stage.layers) * PARAMS_PER_LAYER
-    tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
-    # made once the tail's workspace (a transition's: its weight gradient's partials) is freed
-    wanted = [p if needed else None for p, needed in zip(params, needs_grad)]
-    store = GradientStore(wanted) if GradientStore.usable(wanted) else None
+    with stage.arena.turn(buffer):  # its slots, for the whole pass
+        n, c_total, *spatial = buffer.shape
+        if torch.compiler.is_compiling():
+            # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
+            # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
+            buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
+        grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
+        layer_params = len(stage.layers) * PARAMS_PER_LAYER
+        tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
+        # made once the tail's workspace (a transition's: its weight gradient's partials) is freed
+        wanted = [p if needed else None for p, needed in zip(params, needs_grad)]
+        store = GradientStore(wanted) if GradientStore.usable(wanted) else None
 
-    def stored(start: int, grads: list[Tensor]) -> list[Optional[Tensor]]:  # in the store once they are made
-        if store:
-            return store.put(start, grads)
-        return [None if p is None else g.to(p.dtype) for g, p in zip(grads, wanted[start:])]
+        def stored(start: int, grads: list[Tensor]) -> list[Optional[Tensor]]:  # in the store once they are made
+            if store:
+                return store.put(start, grads)
+            return [None if p is None else g.to(p.dtype) for g, p in zip(grads, wanted[start:])]
 
-    tail_grads = stored(layer_params, tail_grads)
-    layer_grads = [stored(i * PARAMS_PER_LAYER, layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params))
-                   for i in reversed(range(len(stage.layers)))]
-    grads = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
-    c0 = c_total - len(stage.layers) * stage.growth
-    return channels_last_copy(grad_buffer[:, :c0]), grads
+        tail_grads = stored(layer_params, tail_grads)
+        layer_grads = [stored(i * PARAMS_PER_LAYER,
+                              layer_backward(stage, i, records.layers[i], buffer, grad_buffer, params))
+                       for i in reversed(range(len(stage.layers)))]
+        grads = [g for grads in reversed(layer_grads) for g in grads] + tail_grads
+        c0 = c_total - len(stage.layers) * stage.growth
+        return channels_last_copy(grad_buffer[:, :c0]), grads
 
 
 class StageFunction(torch.autograd.Function):
