@@ -412,7 +412,7 @@ class _EngineModel(nn.Module):
         if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
         if budget is not None:
-            self._refuse_unplannable()
+            planner.refuse_unplannable(self, "memory_budget")
         self._memory_budget = None if budget is None else memory.parse_bytes(budget)
         self.memory_optimizer = optimizer or memory.OptimizerSpec()
         self._memory_plans = {}
@@ -430,7 +430,7 @@ class _EngineModel(nn.Module):
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
             raise ValueError("plan_for needs a memory budget: pass memory_budget= or call set_memory_budget()")
-        self._refuse_unplannable()
+        planner.refuse_unplannable(self, "plan_for")
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
@@ -457,12 +457,6 @@ class _EngineModel(nn.Module):
         raise NotImplementedError
 
     @torch.jit.unused
-    def _refuse_unplannable(self) -> None:
-        blocker = self.memory_model_blocker()
-        if blocker is not None:
-            raise ValueError(f"memory_budget: the memory model describes the memory-efficient engine, and this "
-                             f"model runs the plain per-layer path ({blocker}); train it without a budget")
-
     @torch.jit.unused
     def memory_model_blocker(self) -> Optional[str]:
         """Why the memory model does not describe this model's training step (it

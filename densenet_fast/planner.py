@@ -219,6 +219,15 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
 
 
 # -- plan ----------------------------------------------------------------------------------------------
+def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
+    """Raise where the memory model does not describe ``model``'s training step:
+    where a block, transition or stem takes the plain per-layer path."""
+    blocker = model.memory_model_blocker() if hasattr(model, "memory_model_blocker") else None
+    if blocker is not None:
+        raise ValueError(f"{caller}: the memory model describes the memory-efficient engine, and this model runs "
+                         f"the plain per-layer path ({blocker}); plan and train it without a budget")
+
+
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
          batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[str, torch.dtype] = "float32",
@@ -242,10 +251,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     if isinstance(model, Architecture):
         arch = model
     elif isinstance(model, torch.nn.Module):
-        blocker = model.memory_model_blocker() if hasattr(model, "memory_model_blocker") else None
-        if blocker is not None:
-            raise ValueError(f"the memory model describes the memory-efficient engine, which this model does not "
-                             f"run ({blocker})")
+        refuse_unplannable(model, "plan")
         arch = Architecture.of(model)
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)

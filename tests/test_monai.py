@@ -15,6 +15,7 @@ import torch.nn as nn
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 from densenet_fast import monai as fast_monai  # noqa: E402
+from densenet_fast import plan  # noqa: E402
 from densenet_fast.memory import Architecture, Setup, predict  # noqa: E402
 from densenet_fast.models import InputError, MemoryPlanNotice  # noqa: E402
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal,  # noqa: E402
@@ -201,8 +202,10 @@ def test_other_act_and_norm_equal_monai_with_one_warning(spatial_dims, act, norm
             warnings.simplefilter("error")  # said once, when built
             result = forward_backward(ours, x, target)
         assert_results_equal(result, forward_backward(theirs, x, target), FLOAT64_RTOL, atol=ZERO_NOISE)
-    with pytest.raises(ValueError, match="plain per-layer path"):  # the memory model describes the engine
+    with pytest.raises(ValueError, match="memory_budget: .*plain per-layer path"):  # the model describes the engine
         ours.set_memory_budget("1GiB")
+    with pytest.raises(ValueError, match="plan: .*plain per-layer path"):
+        plan(ours, batch=2, image_size=8)
     with warnings.catch_warnings(), pytest.raises(ValueError, match="plain per-layer path"):
         warnings.simplefilter("ignore", RuntimeWarning)
         fast_monai.DenseNet(spatial_dims, SHAPES[spatial_dims][1], act=act, norm=norm, **TINY, memory_budget="1GiB")
