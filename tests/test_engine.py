@@ -290,8 +290,12 @@ def test_scratch_arena_stops_growing_and_is_released():
     after = forward_backward(model, *batch)  # works again, re-creating the same scratch
     assert model.arena.nbytes() == sizes[0]
     assert_results_equal(after, before, 0.0, with_buffers=False)
-    with pytest.raises(RuntimeError, match="outside a turn"):  # a pass holds its set for its whole length
-        model.arena.get("bn2_out", (4, 4), batch[0])
+    # outside a pass nothing is shared; a pass inside a pass on one set is refused
+    loose = model.arena.get("bn2_out", (4, 4), batch[0])
+    with model.arena.turn(batch[0]):
+        assert model.arena.get("bn2_out", (4, 4), batch[0]).data_ptr() != loose.data_ptr()
+        with pytest.raises(RuntimeError, match="inside a turn"), model.arena.turn(batch[0]):
+            pass
 
 
 @pytest.fixture

@@ -216,6 +216,19 @@ def test_a_backward_on_another_thread(policy, queue, monkeypatch):
         assert (step["scratch_arena"], step["gradient_buffer"]) == (forward_roles, slots["grad_buffer"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_cuda_backward_uses_the_forwards_scratch(policy):
+    """On CUDA autograd's device thread runs the backward on the forward's
+    stream, which holds the scratch: one set for both, the model's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, x = densenet_bc(40, recompute=policy).cuda(), torch.randn(3, 3, 32, 32, device="cuda")
+    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (3,), device="cuda")).backward()
+    slots = StepSimulation(BC40, Setup(3, 32, device="cuda"), (policy,) * 3).arena_slots()
+    assert model.arena.nbytes() == sum(slots.values())
+
+
 def test_bad_sizes_and_arguments_are_refused():
     for bad in (32.0, (3.5, 2), [0, 3], True, "32", (1, 2, 3, 4)):
         with pytest.raises(ValueError, match="image_size must be"):

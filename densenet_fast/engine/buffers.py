@@ -57,7 +57,8 @@ class ScratchArena:
 
     A set of slots serves one queue of work, and a pass (a stage's forward or
     backward) holds it for its whole length: ``with arena.turn(like):``, inside
-    which every ``get`` uses that set.  On the CPU the queue is the calling
+    which every ``get`` uses that set (outside any turn, ``get`` returns a
+    tensor of its own).  On the CPU the queue is the calling
     thread: threads that run a model concurrently never share scratch (each
     holds a set of its own).  On CUDA it is the current stream, on which work
     runs in order, so the next pass may reuse the memory as soon as it is
@@ -106,6 +107,8 @@ class ScratchArena:
     def _holding(self, lock, slots: dict[str, Tensor]):
         with lock:
             outer = getattr(self._local, "turn", None)
+            if outer is slots:  # a pass inside a pass would overwrite the outer one's temporaries
+                raise RuntimeError("ScratchArena.turn inside a turn on the same set of slots")
             self._local.turn = slots
             try:
                 yield
@@ -113,11 +116,11 @@ class ScratchArena:
                 self._local.turn = outer
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # a compiled graph plans its own memory
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
         slots = getattr(self._local, "turn", None)
-        if slots is None:
-            raise RuntimeError("ScratchArena.get outside a turn: run the pass inside `with arena.turn(like):`")
+        # a compiled graph plans its own memory; outside a turn (code that torch.compile traced with no
+        # turn, run eagerly after all) nothing may be shared: a tensor of its own
+        if slots is None or torch.compiler.is_compiling():
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
         numel = math.prod(shape)
         slot = slots.get(name)
         if slot is None or slot.numel() < numel or slot.dtype != like.dtype or slot.device != like.device:
@@ -131,7 +134,8 @@ class ScratchArena:
 
     def nbytes(self) -> int:
         """Bytes held for the calling thread: its own sets and every CUDA stream's (both modes)."""
-        return sum(t.numel() * t.element_size() for slots in self._reachable_sets() for t in slots.values())
+        # list(): one step, so that a pass on another thread adding a slot meanwhile does not break the iteration
+        return sum(t.numel() * t.element_size() for slots in self._reachable_sets() for t in list(slots.values()))
 
     def release(self) -> None:
         """Free the calling thread's sets and every CUDA stream's (they are re-created
