@@ -12,12 +12,11 @@ into what was alive at that peak.
 
 Every size is what the code allocates: block buffers (``M*C_total``, ``M`` the
 batch's pixels, ``N*H*W``, or voxels, ``N*D*H*W``), bottleneck outputs
-(``M*4k``), the scratch arena's slots (their largest
-request), folded BN coefficients (``4*C``), the 3x3 convolution's output and
+(``M*4k``), each stage pass's scratch slots (their largest
+request in the pass, freed when it ends), folded BN coefficients (``4*C``), the 3x3 convolution's output and
 input gradient, the gradient passed between stages, the backends' workspaces
 and the parameters' gradients: one tensor per stage that its backward copies
-each layer's gradients into as soon as they are made (``GradientStore``).  The arena is in its
-steady state: its slots were sized by an earlier step and stay allocated.
+each layer's gradients into as soon as they are made (``GradientStore``).
 """
 
 from __future__ import annotations
@@ -531,14 +530,27 @@ class StepSimulation:
         self.im2col = setup.device == "cpu" and not onednn_convolves(setup.compute_dtype)
 
     # -- sizes -------------------------------------------------------------------------------
-    def arena_slots(self) -> dict[str, float]:
-        """Bytes of each scratch slot: its largest request in a step."""
-        e, w = self.e, self.w
-        recomputed = [m for m, policy in zip(self.pixels, self.policies) if policy == "recompute"]
-        return {"bottleneck": max(recomputed, default=0) * w * e,
-                "bn2_out": max(self.pixels) * w * e,
-                "grad_buffer": max(m * c for m, (_, c) in zip(self.pixels, self.channels)) * e,
-                "head": self.pixels[-1] * self.channels[-1][1] * e}
+    def scratch_slots(self, b: int, backward: bool) -> dict[str, float]:
+        """Bytes of each scratch slot of stage ``b``'s forward or backward pass
+        (``ScratchArena``): the pass's largest request under each name."""
+        m, c_total, e = self.pixels[b], self.channels[b][1], self.e
+        slots = {"grad_buffer": m * c_total * e} if backward else {}
+        if b + 1 == len(self.pixels):
+            slots["head"] = m * c_total * e
+        if self.policies[b] == "recompute":
+            slots["bottleneck"] = m * self.w * e
+        slots["bn2_out"] = m * self.w * e
+        return slots
+
+    def take_scratch(self, b: int, backward: bool, name: str) -> None:
+        """The pass's first request under ``name``: its slot is made."""
+        part = "gradient_buffer" if name == "grad_buffer" else "scratch_arena"
+        self.timeline.alloc(part, self.scratch_slots(b, backward)[name])
+
+    def end_pass(self, b: int, backward: bool) -> None:
+        """The pass ends: its scratch is freed."""
+        for name, nbytes in self.scratch_slots(b, backward).items():
+            self.timeline.free("gradient_buffer" if name == "grad_buffer" else "scratch_arena", nbytes)
 
     def coefficient_bytes(self, b: int) -> float:
         """Stage ``b``'s coefficient store: every folded BatchNorm its forward saves,
@@ -621,9 +633,6 @@ class StepSimulation:
     # -- the step ----------------------------------------------------------------------------
     def run(self) -> Timeline:
         t = self.timeline
-        slots = self.arena_slots()
-        t.alloc("gradient_buffer", slots.pop("grad_buffer"))
-        t.alloc("scratch_arena", *slots.values())
         gradients = self.stem_gradients() + self.classifier_gradients()
         gradients += [self.stage_gradient_bytes(b) for b in range(len(self.pixels))]
         t.where = "zero_grad"
@@ -690,7 +699,11 @@ class StepSimulation:
         for layer in range(self.arch.block_config[b]):
             c = c0 + layer * k
             t.where = f"forward, block {b + 1}, layer {layer + 1}"
+            if layer == 0 and not keep:
+                self.take_scratch(b, False, "bottleneck")
             t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=True), self.cast(w * c))
+            if layer == 0:
+                self.take_scratch(b, False, "bn2_out")
             t.transient("layer_transients", ws.bn_relu(m, w))
             t.alloc("layer_transients", self.cast(k * w * taps), columns)
             t.alloc("layer_transients", m * k * e)  # the 3x3 output
@@ -707,8 +720,10 @@ class StepSimulation:
             t.transient("layer_transients", ws.transition(m, m_next, c_total, c_total // 2),
                         self.cast(c_total * (c_total // 2)))
         else:
+            self.take_scratch(b, False, "head")
             t.transient("layer_transients", ws.bn_relu(m, c_total))
         t.free("bn_coefficients", *statistics)
+        self.end_pass(b, False)
 
     def stage_backward(self, b: int, grad_out: float) -> float:
         """Stage ``b``'s backward with ``grad_out`` bytes of incoming gradient; returns
@@ -724,11 +739,13 @@ class StepSimulation:
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
+        self.take_scratch(b, True, "grad_buffer")
         # each primitive's parameter gradients (convolution weights in the data dtype, a BN's
         # weight and bias as one (2, C) tensor in the statistics dtype) live until they are copied
         # into the stage's gradient store, which is made after the tail's backward
         tail_grads = [2 * c_total * s] + ([] if last else [c_total * (c_total // 2) * e])
         if last:
+            self.take_scratch(b, True, "head")
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
         else:
             t.transient("layer_transients", ws.transition_backward(m, self.pixels[b + 1], c_total, c_total // 2),
@@ -741,8 +758,13 @@ class StepSimulation:
             t.where = f"backward, block {b + 1}, layer {layer + 1}"
             cast_w1 = self.cast(w * c)  # conv1's weight in the data dtype, for the whole layer
             t.alloc("layer_transients", cast_w1)
+            first = layer == n_layers - 1
             if not keep:
+                if first:
+                    self.take_scratch(b, True, "bottleneck")
                 t.transient("layer_transients", ws.bn_relu_conv1x1(m, c, w, with_stats=False))
+            if first:
+                self.take_scratch(b, True, "bn2_out")
             t.transient("layer_transients", ws.bn_relu(m, w))
             conv2_grad = k * w * taps * e
             t.alloc("layer_transients", conv2_grad)
@@ -764,6 +786,7 @@ class StepSimulation:
         t.where = f"backward, block {b + 1}, end"
         grad_in = m * c0 * e
         t.alloc("stage_gradient", grad_in)
+        self.end_pass(b, True)
         # autograd releases what the stage saved, and its incoming gradient
         t.free("stage_gradient", grad_out)
         t.free("block_buffers", m * c_total * e)

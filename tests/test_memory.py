@@ -3,9 +3,9 @@ measured step, the planner's choice against brute force, the error when nothing
 fits, the ``plan`` command's JSON, and per-block policies (recompute="auto"
 included) against torchvision in float64."""
 
+import contextlib
 import itertools
 import json
-import threading
 import warnings
 from dataclasses import replace
 
@@ -19,7 +19,7 @@ from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
 from densenet_fast.engine import ScratchArena
 from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
-                                  predict)
+                                  policies_of, predict)
 from densenet_fast.models import MemoryPlanNotice
 from densenet_fast.monai import DenseNet as MonaiDenseNet
 from densenet_fast.monai import DenseNet121 as MonaiDenseNet121
@@ -185,48 +185,29 @@ def test_the_cpus_convolution_scratch_is_not_predicted_on_a_gpu(capability, monk
         assert (len(steps) == 2) == depends, (device, steps)
 
 
-@pytest.mark.parametrize("queue", ["thread", "stream"])
-@pytest.mark.parametrize("policy", ["keep", "recompute"])
-def test_a_backward_on_another_thread(policy, queue, monkeypatch):
-    """Autograd runs CUDA backward passes on its device thread, not the
-    caller's.  Here the forward runs on one thread and its backward on another,
-    on the CPU.  Scratch that belongs to a stream (CUDA's rule, patched in) is
-    one set, the forward's and the backward's, the bytes the model counts;
-    scratch that belongs to a thread (the CPU's rule) is a set per thread."""
-    if queue == "stream":
-        monkeypatch.setattr(ScratchArena, "_queue", staticmethod(lambda like: ("one stream",)))
-    model, x = densenet_bc(40, recompute=policy), torch.randn(3, 3, 32, 32)
-    forward_thread = {}
+@pytest.mark.parametrize("recompute", ["keep", "recompute", ("recompute", "keep", "recompute")])
+def test_each_pass_holds_the_scratch_the_model_counts(recompute, device, monkeypatch):
+    """Every stage's forward and backward makes the scratch slots the model
+    counts for that pass (with autograd's CUDA device thread running the
+    backward on a GPU), and nothing is held between passes."""
+    passes = []
+    make_set = ScratchArena._pass
 
-    def forward():
-        forward_thread["out"] = model(x)
-        forward_thread["scratch"] = model.arena.nbytes()
+    @contextlib.contextmanager
+    def recorded(self):
+        with make_set(self):
+            yield
+            passes.append({name: t.numel() * t.element_size() for name, t in self._local.slots.items()})
 
-    thread = threading.Thread(target=forward)
-    thread.start()
-    thread.join()
-    slots = StepSimulation(BC40, Setup(3, 32), (policy,) * 3).arena_slots()
-    forward_roles = sum(slots.values()) - slots["grad_buffer"]
-    assert forward_thread["scratch"] == forward_roles
-    assert model.arena.nbytes() == (forward_roles if queue == "stream" else 0)  # before this thread's backward
-    torch.nn.functional.cross_entropy(forward_thread["out"], torch.randint(0, 10, (3,))).backward()
-    assert model.arena.nbytes() == sum(slots.values())
-    if queue == "stream":
-        step = predict(BC40, Setup(3, 32, device="cuda", backend="torch"), policy).step
-        assert (step["scratch_arena"], step["gradient_buffer"]) == (forward_roles, slots["grad_buffer"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["keep", "recompute"])
-def test_cuda_backward_uses_the_forwards_scratch(policy):
-    """On CUDA autograd's device thread runs the backward on the forward's
-    stream, which holds the scratch: one set for both, the model's."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    model, x = densenet_bc(40, recompute=policy).cuda(), torch.randn(3, 3, 32, 32, device="cuda")
-    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (3,), device="cuda")).backward()
-    slots = StepSimulation(BC40, Setup(3, 32, device="cuda"), (policy,) * 3).arena_slots()
-    assert model.arena.nbytes() == sum(slots.values())
+    monkeypatch.setattr(ScratchArena, "_pass", recorded)
+    model = densenet_bc(40, recompute=recompute).to(device)
+    x, target = torch.randn(3, 3, 32, 32, device=device), torch.randint(0, 10, (3,), device=device)
+    torch.nn.functional.cross_entropy(model(x), target).backward()
+    simulation = StepSimulation(BC40, Setup(3, 32, device=device), policies_of(recompute, 3))
+    expected = [simulation.scratch_slots(b, backward) for backward in (False, True)
+                for b in (range(3) if not backward else reversed(range(3)))]
+    assert passes == expected
+    assert model.arena.nbytes() == 0
 
 
 def test_bad_sizes_and_arguments_are_refused():

@@ -31,8 +31,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: the trainer's recipe (momentum 0.9, Nesterov, weight decay 1e-4)")
     parser.add_argument("--steps", type=int, default=2,
-                        help="measured training steps per memory process; the peak is the highest (the first step grows "
-                             "the scratch arena)")
+                        help="measured training steps per memory process; the peak is the highest (on the CPU the "
+                             "steps vary a little)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
@@ -88,14 +88,10 @@ MMAP_THRESHOLD = 65536  # bytes: tensors above it are mmapped and returned to th
 def check_budget_steps(args: argparse.Namespace) -> None:
     """A budget is about training: refuse to judge it from one measured step
     (later ones can peak higher still on the CPU: by up to 3.9 MiB at batch 16
-    in docs/memory.md, "Over twelve steps").  The first full-size step
-    peaks lower: the model's scratch arena (released after the warm-up on a
-    few images) grows during it, block by block, so block 1's gradient buffer
-    is not yet allocated when a deep network peaks in a later block's backward
-    (112 MiB, 5.5% of the total, measured for DenseNet-BC-1402 at batch 16)."""
+    in docs/memory.md, "Over twelve steps")."""
     if args.budget_gib > 0 and args.steps < 2:
-        raise SystemExit(f"--budget-gib needs --steps 2 or more (got {args.steps}): the first measured step grows "
-                         "the scratch arena as it goes and peaks lower than the steps after it")
+        raise SystemExit(f"--budget-gib needs --steps 2 or more (got {args.steps}): on the CPU a later step can "
+                         "peak higher than the first")
 
 
 def resolve_impls(args: argparse.Namespace) -> list[str]:

@@ -4,8 +4,7 @@ For every point (``MODEL:BATCH``, e.g. ``densenet_bc-1000:1`` or
 ``densenet121:8``; MONAI's trees as ``monai-densenet_bc-40:2`` or
 ``monai-densenet121:1``, on volumes with ``--image-size 32x32x32``) and
 recompute policy, one fresh worker measures the highest
-peak of 12 training steps (``--steps``; the model predicts the steady state:
-the first step grows the scratch arena, and the CPU's steps vary a little) above the parameters,
+peak of 12 training steps (``--steps``; the CPU's steps vary a little) above the parameters,
 gradients and optimizer state (see :mod:`.worker`), and :func:`densenet_fast.memory.predict` predicts
 it.  Reported per point: predicted and measured step bytes and the relative
 error, the persistent bytes (counted in the worker, and predicted), the error

@@ -5,10 +5,8 @@
 watches its memory.  Modes:
 
 - ``memory``: one implementation; runs a warm-up step on ``warmup_batch``
-  images, frees densenet_fast's scratch arena, prints ``BASELINE <bytes>``
-  (parameters, gradients and optimizer state now exist), runs ``steps`` steps
-  (the second is a steady-state one: the arena sized by the first), and
-  reports the peak above that baseline (resident memory on the CPU, allocated
+  images, prints ``BASELINE <bytes>`` (parameters, gradients and optimizer
+  state now exist), runs ``steps`` steps, and reports the peak above that baseline (resident memory on the CPU, allocated
   memory on a GPU), each step's peak, the bytes of the parameters, gradients
   and optimizer state, and the seconds of each step;
 - ``time``: several implementations on the same inputs, ``warmup`` steps
@@ -71,8 +69,8 @@ def warm_up_shapes(impl: str, spec: dict) -> None:
 
 def warmed_up_step(spec: dict) -> Step:
     """The step of ``spec["impls"][0]``, warmed up for a memory measurement: the
-    warm-up step on ``warmup_batch`` images done, the scratch arena freed and
-    (with ``malloc_mmap_threshold``) the C heap trimmed."""
+    warm-up step on ``warmup_batch`` images done and (with
+    ``malloc_mmap_threshold``) the C heap trimmed."""
     if "densenet_bc" in spec["model"]["name"] and spec.get("warmup_batch"):
         warm_up_shapes(spec["impls"][0], spec)
     step = make_step(spec["impls"][0], spec)
@@ -82,9 +80,6 @@ def warmed_up_step(spec: dict) -> Step:
         step.x, step.y = real_x[:warmup_batch].clone(), real_y[:warmup_batch].clone()
         step()
         step.x, step.y = real_x, real_y
-    arena = getattr(step.model, "arena", None)
-    if arena is not None:  # the measured steps' scratch counts in full, not above the warm-up's
-        arena.release()
     if spec.get("malloc_mmap_threshold") and spec.get("trim_heap", True):
         # The warm-up step left the C heap at its high-water mark (freed small blocks stay
         # resident): give them back so that the measured steps' heap counts in full too.

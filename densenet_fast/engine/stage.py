@@ -356,7 +356,7 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
 
 def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tuple[Tensor, Records]:
     """The stage's output, and what its backward needs."""
-    with stage.arena.turn(stage.buffer):  # its slots, for the whole pass
+    with stage.arena.scope():  # the pass's scratch, freed when it ends
         buffer = stage.buffer
         c_total = buffer.shape[1]
         c0 = c_total - len(stage.layers) * stage.growth
@@ -424,7 +424,7 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
     """Returns ``(dL/dx (N, C0, *spatial), gradients of params)``, each gradient in
     its parameter's dtype (views of one :class:`GradientStore` where they can be),
     ``None`` where ``needs_grad`` (one per parameter) is false."""
-    with stage.arena.turn(buffer):  # its slots, for the whole pass
+    with stage.arena.scope():  # the pass's scratch, freed when it ends
         n, c_total, *spatial = buffer.shape
         if torch.compiler.is_compiling():
             # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
