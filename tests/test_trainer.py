@@ -421,24 +421,27 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
 
 
 # -- memory budget ----------------------------------------------------------------------------------
-def tiny_plan(budget=None) -> dict:
+def tiny_plan(budget=None, depth: int = 10) -> dict:
     """The planner on the TINY run's model and step (digits: 8x8, one channel, batch 32)."""
     from densenet_fast import plan
     from densenet_fast.memory import Architecture
-    arch = Architecture(4, (1, 1, 1), 8, num_classes=10, in_channels=1, stem="cifar")
+    layers = (depth - 4) // 6
+    arch = Architecture(4, (layers,) * 3, 8, num_classes=10, in_channels=1, stem="cifar")
     return plan(arch, batch=32, image_size=8, budget=budget)
 
 
 def test_memory_budget_chooses_per_block_and_says_so(tmp_path, capsys):
     """A budget between recompute's and keep's predicted peaks: the trainer plans
-    before the first step, prints the planner's choice, and trains with it."""
-    keep, recompute = (tiny_plan()["policies"][p]["total_bytes"] for p in ("keep", "recompute"))
+    before the first step, prints the planner's choice, and trains with it
+    (depth 16: with one layer per block, recomputing saves nothing, as the
+    layer's bottleneck needs a tensor of the same size in its backward)."""
+    keep, recompute = (tiny_plan(depth=16)["policies"][p]["total_bytes"] for p in ("keep", "recompute"))
     assert recompute < keep
     budget = (keep + recompute) // 2
-    expected = tiny_plan(budget)["policies"]["auto"]
+    expected = tiny_plan(budget, depth=16)["policies"]["auto"]
     assert expected["fits"] and "recompute" in expected["policies"] and "keep" in expected["policies"]
     out = tmp_path / "run"
-    assert train(out, "--epochs", "1", "--memory-budget", str(budget)) == 0
+    assert train(out, "--depth", "16", "--epochs", "1", "--memory-budget", str(budget)) == 0
     log = capsys.readouterr().out
     line = next(line for line in log.splitlines() if line.startswith("memory plan"))
     assert f"recompute={tuple(expected['policies'])}" in line and "of the" in line and "step time" in line
