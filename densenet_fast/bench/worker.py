@@ -6,9 +6,10 @@ watches its memory.  Modes:
 
 - ``memory``: one implementation; runs a warm-up step on ``warmup_batch``
   images, prints ``BASELINE <bytes>`` (parameters, gradients and optimizer
-  state now exist), runs ``steps`` steps, and reports the peak above that baseline (resident memory on the CPU, allocated
-  memory on a GPU), each step's peak, the bytes of the parameters, gradients
-  and optimizer state, and the seconds of each step;
+  state now exist), runs ``steps`` steps, and reports the peak above that
+  baseline (resident memory on the CPU, allocated memory on a GPU), each
+  step's peak, the bytes of the parameters, gradients and optimizer state,
+  and the seconds of each step;
 - ``time``: several implementations on the same inputs, ``warmup`` steps
   each, then ``repeats`` rounds that time one step of each in turn (so load
   changes hit all of them alike).
