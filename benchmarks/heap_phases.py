@@ -4,7 +4,7 @@ phase of several steps, set up as the memory worker sets up its measurement.
     python benchmarks/heap_phases.py fast-cpp-recompute 1000 1 --steps 4
 
 DenseNet-BC of the given depth (k=12, 32x32, the SGD recipe, 2 threads) at the
-given batch.  After the worker's warm-up, arena release and heap trim, prints
+given batch.  After the worker's warm-up and heap trim, prints
 per step and phase (after zero_grad, after forward, after backward, after the
 optimizer) the anonymous resident memory and its peak in that phase above the
 baseline, ``mallinfo2``'s heap extent (``arena``), bytes in use

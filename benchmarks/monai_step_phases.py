@@ -1,7 +1,7 @@
 """Where a training step of densenet_fast.monai's 3-D DenseNet-121 peaks: the
 anonymous resident memory now and the peak of each phase since the previous
-mark, above the memory worker's baseline (warm-up step, arena released, heap
-trimmed), MiB, for two steps.
+mark, above the memory worker's baseline (warm-up step, heap trimmed),
+MiB, for two steps.
 
     python benchmarks/monai_step_phases.py [--size 64x128x128] [--policy recompute]
 

@@ -537,9 +537,10 @@ class StepSimulation:
         slots = {"grad_buffer": m * c_total * e} if backward else {}
         if b + 1 == len(self.pixels):
             slots["head"] = m * c_total * e
-        if self.policies[b] == "recompute":
-            slots["bottleneck"] = m * self.w * e
-        slots["bn2_out"] = m * self.w * e
+        if self.arch.block_config[b]:  # the layers' roles
+            if self.policies[b] == "recompute":
+                slots["bottleneck"] = m * self.w * e
+            slots["bn2_out"] = m * self.w * e
         return slots
 
     def take_scratch(self, b: int, backward: bool, name: str) -> None:

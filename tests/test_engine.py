@@ -284,13 +284,15 @@ def test_scratch_is_one_tensor_per_role_per_pass(monkeypatch):
 
     def recorded(self, name, shape, like):
         out = get(self, name, shape, like)
-        requests.append((self._local.slots, name, out.untyped_storage().data_ptr()))
+        requests.append((getattr(self._local, "slots", None), name, out.untyped_storage().data_ptr()))
         return out
 
     monkeypatch.setattr(engine.ScratchArena, "get", recorded)
     batch = random_batch(model, 2, 8, 8, seed=0)
     before = forward_backward(model, *batch)
     assert model.arena.nbytes() == 0
+    assert all(pass_set is not None for pass_set, _, _ in requests)  # every request inside a pass
+    assert len({id(pass_set) for pass_set, _, _ in requests}) == 2 * len(model.blocks())  # a set per stage pass
     by_role = {}
     for pass_set, name, storage in requests:
         by_role.setdefault((id(pass_set), name), set()).add(storage)

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, plan, planner
 from densenet_fast import train as trainer
@@ -188,26 +189,44 @@ def test_the_cpus_convolution_scratch_is_not_predicted_on_a_gpu(capability, monk
 @pytest.mark.parametrize("recompute", ["keep", "recompute", ("recompute", "keep", "recompute")])
 def test_each_pass_holds_the_scratch_the_model_counts(recompute, device, monkeypatch):
     """Every stage's forward and backward makes the scratch slots the model
-    counts for that pass (with autograd's CUDA device thread running the
-    backward on a GPU), and nothing is held between passes."""
-    passes = []
-    make_set = ScratchArena._pass
+    counts for that pass, in the model's order (with autograd's CUDA device
+    thread running the backward on a GPU), and frees them when it ends."""
+    passes, first_requests, slot_storages = [], [], []
+    make_set, get = ScratchArena._pass, ScratchArena.get
 
     @contextlib.contextmanager
-    def recorded(self):
+    def recorded_pass(self):
         with make_set(self):
+            first_requests.append([])
             yield
-            passes.append({name: t.numel() * t.element_size() for name, t in self._local.slots.items()})
+            slots = self._local.slots
+            passes.append({name: t.numel() * t.element_size() for name, t in slots.items()})
+            slot_storages.extend(StorageWeakRef(t.untyped_storage()) for t in slots.values())
 
-    monkeypatch.setattr(ScratchArena, "_pass", recorded)
+    def recorded_get(self, name, shape, like):
+        assert getattr(self._local, "slots", None) is not None, f"{name} requested outside a pass"
+        if name not in self._local.slots:
+            first_requests[-1].append(name)
+        return get(self, name, shape, like)
+
+    monkeypatch.setattr(ScratchArena, "_pass", recorded_pass)
+    monkeypatch.setattr(ScratchArena, "get", recorded_get)
     model = densenet_bc(40, recompute=recompute, backend="torch").to(device)  # no Triton compiling on a GPU
     x, target = torch.randn(3, 3, 32, 32, device=device), torch.randint(0, 10, (3,), device=device)
-    torch.nn.functional.cross_entropy(model(x), target).backward()
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    assert len(passes) == 3 and all(ref.expired() for ref in slot_storages)  # freed with the graph alive
+    loss.backward()
+    assert len(passes) == 6 and all(ref.expired() for ref in slot_storages)
+
     simulation = StepSimulation(BC40, Setup(3, 32, device=device), policies_of(recompute, 3))
-    expected = [simulation.scratch_slots(b, backward) for backward in (False, True)
-                for b in (range(3) if not backward else reversed(range(3)))]
-    assert passes == expected
-    assert model.arena.nbytes() == 0
+    order = [(b, backward) for backward in (False, True) for b in (range(3) if not backward else reversed(range(3)))]
+    assert passes == [simulation.scratch_slots(b, backward) for b, backward in order]
+    taken = {key: [] for key in order}
+    take = StepSimulation.take_scratch
+    monkeypatch.setattr(StepSimulation, "take_scratch",
+                        lambda self, b, backward, name: (taken[b, backward].append(name), take(self, b, backward, name)))
+    simulation.run()
+    assert first_requests == [taken[key] for key in order]
 
 
 def test_bad_sizes_and_arguments_are_refused():

@@ -77,8 +77,8 @@ class ScratchArena:
     @contextlib.contextmanager
     def _pass(self):
         outer = getattr(self._local, "slots", None)
-        self._local.slots = {}
         try:
+            self._local.slots = {}
             yield
         finally:
             self._local.slots = outer
