@@ -12,9 +12,9 @@ into what was alive at that peak.
 
 Every size is what the code allocates: block buffers (``M*C_total``, ``M`` the
 batch's pixels, ``N*H*W``, or voxels, ``N*D*H*W``), bottleneck outputs
-(``M*4k``), each stage pass's scratch slots (their largest
-request in the pass, freed when it ends), folded BN coefficients (``4*C``), the 3x3 convolution's output and
-input gradient, the gradient passed between stages, the backends' workspaces
+(``M*4k``), each stage pass's scratch slots (their largest request in the
+pass, freed when it ends), folded BN coefficients (``4*C``), the 3x3
+convolution's output and input gradient, the gradient passed between stages, the backends' workspaces
 and the parameters' gradients: one tensor per stage that its backward copies
 each layer's gradients into as soon as they are made (``GradientStore``).
 """
@@ -543,15 +543,19 @@ class StepSimulation:
             slots["bn2_out"] = m * self.w * e
         return slots
 
+    @staticmethod
+    def scratch_part(name: str) -> str:
+        """The breakdown's part for the scratch slot ``name``."""
+        return "gradient_buffer" if name == "grad_buffer" else "scratch_arena"
+
     def take_scratch(self, b: int, backward: bool, name: str) -> None:
         """The pass's first request under ``name``: its slot is made."""
-        part = "gradient_buffer" if name == "grad_buffer" else "scratch_arena"
-        self.timeline.alloc(part, self.scratch_slots(b, backward)[name])
+        self.timeline.alloc(self.scratch_part(name), self.scratch_slots(b, backward)[name])
 
     def end_pass(self, b: int, backward: bool) -> None:
         """The pass ends: its scratch is freed."""
         for name, nbytes in self.scratch_slots(b, backward).items():
-            self.timeline.free("gradient_buffer" if name == "grad_buffer" else "scratch_arena", nbytes)
+            self.timeline.free(self.scratch_part(name), nbytes)
 
     def coefficient_bytes(self, b: int) -> float:
         """Stage ``b``'s coefficient store: every folded BatchNorm its forward saves,

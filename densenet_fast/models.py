@@ -457,7 +457,6 @@ class _EngineModel(nn.Module):
         raise NotImplementedError
 
     @torch.jit.unused
-    @torch.jit.unused
     def memory_model_blocker(self) -> Optional[str]:
         """Why the memory model does not describe this model's training step (it
         describes the engine; a block or transition the engine cannot run takes

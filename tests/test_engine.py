@@ -16,7 +16,7 @@ from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
                      check_eval_float64, check_training_float64, check_training_fp32, forward_backward,
-                     global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm, sgd)
+                     global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm)
 from helpers import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
