@@ -21,10 +21,10 @@ from torch import Tensor
 
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from densenet_fast.backends.interface import stats_dtype
-from densenet_fast.backends.torch_backend import TorchBackend
+from densenet_fast.backends.torch_backend import TorchBackend, mm as torch_backend_mm
 from helpers import max_relative_error
 from helpers import one_thread  # noqa: F401  (fixture)
-from primitives import (BN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64, channel_range,
+from primitives import (BN, INF, NAN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64, channel_range,
                         float64_grads, float64_leaf, make_bn, output_range, poisoned_bn, random_rows, random_weight)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "nan_filled_fresh_memory", "no_tf32")
@@ -228,17 +228,6 @@ def check_as_torch(backend, primitive: str, args: tuple, target: Tensor, after: 
     assert_as_torch([target, *returned(result)], [expected_target, *returned(expected)], dtype, names)
 
 
-@pytest.fixture
-def exact_cpu_gemm():
-    """ATen's own CPU gemm instead of oneDNN's: on CPUs with AVX512-FP16 or AMX,
-    oneDNN's float16 and bfloat16 gemm (torch 2.14.1) spreads a NaN in row ``r``
-    of its left operand into row ``r - 1`` of the product, in torch's backend
-    and wherever the others call ATen's gemm (docs/cpp.md, "A NaN one row early")."""
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
-@pytest.mark.usefixtures("exact_cpu_gemm")
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_bn_relu_conv1x1_nan_and_inf(other_backend, dtype, batch_stats):
     backend, device = other_backend
@@ -265,7 +254,6 @@ def test_bn_relu_nan_and_inf(other_backend, dtype, batch_stats):
                    (bn.batch_mean(),), dtype, ["grad_x", "grad_gamma", "grad_beta"])
 
 
-@pytest.mark.usefixtures("exact_cpu_gemm")
 @pytest.mark.parametrize("spatial", [(7, 9), (5, 6, 7)], ids=["2d", "3d"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
 def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
@@ -282,3 +270,47 @@ def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
     check_as_torch(backend, "transition_backward", (x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out),
                    output_range((n, *spatial), c, dtype, device)[1], (bn.batch_mean(),), dtype,
                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
+
+
+def test_a_non_finite_pixel_stays_in_its_row(backend, dtype):
+    """A NaN or Inf pixel (row) reaches only its own rows of the products, as in
+    float64, also where it sits in channel 0 and K is odd: torch 2.14.1's oneDNN
+    gemm in float16/bfloat16 makes the row before it NaN on CPUs with AMX or
+    AVX512-FP16 (docs/cpp.md, "A NaN one row early"), which the backends redo.
+    Running statistics, so the poison travels pixel by pixel."""
+    backend, device = backend
+    m, c, k = 1031, 17, 23
+    g = torch.Generator().manual_seed(13)
+    x, grad_out = random_rows((m, c), dtype, device, g), random_rows((m, k), dtype, device, g)
+    bn = make_bn(x, False, g)
+    weight = random_weight(k, c, dtype, g, device)
+    for row, value in [(m // 5, NAN), (m // 3, INF), (m // 2 + 1, NAN)]:
+        x[row, 0] = value
+        grad_out[row + 7, 0] = value
+    cases = [("bn_relu_conv1x1", (x, bn.scale, bn.shift, weight), torch.empty(m, k, dtype=dtype, device=device),
+              (False,), ["out"]),
+             ("bn_relu_conv1x1_backward", (x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out),
+              torch.zeros(m, c, dtype=dtype, device=device), (None,), ["grad_x", "grad_weight"])]
+    for primitive, args, target, after, names in cases:
+        in_float64 = [a.double() if isinstance(a, Tensor) else a for a in (*args, target)]
+        expected = getattr(TORCH, primitive)(*in_float64, *after)
+        result = getattr(backend, primitive)(*args, target, *after)
+        returned = [] if result is None else list(result)[:len(names) - 1]
+        expected = [] if expected is None else list(expected)[:len(names) - 1]
+        for name, got, reference in zip(names, [target, *returned], [in_float64[-1], *expected]):
+            assert torch.equal(got.isnan(), reference.isnan()), f"{primitive} {name}: NaN elsewhere than in float64"
+            assert torch.equal(got.isinf(), reference.isinf()), f"{primitive} {name}: Inf elsewhere than in float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_torch_backend_mm_compiles_to_one_graph(dtype):
+    """The torch backend's CPU gemm check branches on data in eager mode only: a
+    compiled graph (fullgraph) multiplies in float32, with the NaN in its row."""
+    g = torch.Generator().manual_seed(14)
+    a, b = random_rows((64, 17), dtype, "cpu", g), random_rows((17, 23), dtype, "cpu", g)
+    a[5, 0] = NAN
+    compiled = torch.compile(torch_backend_mm, fullgraph=True, backend="eager")
+    product = compiled(a, b)
+    assert product.dtype == dtype
+    assert product.isnan().any(1).nonzero().flatten().tolist() == [5]
+    assert_same_numbers(product, a.double() @ b.double(), TOLERANCE[dtype], "compiled mm")

@@ -90,6 +90,25 @@ def test_nan_and_inf_propagate_as_in_torchvision(backend, bad, training):
         torch.testing.assert_close(ours_buffers[name], value, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_nan_image_leaves_its_batch_mates_finite(backend, dtype):
+    """Evaluation in float16/bfloat16 on the CPU, odd channel counts: a NaN
+    pixel makes its own image's output NaN and no other's, as in torchvision
+    (oneDNN's gemm in these dtypes leaks a NaN row into the row before it, here
+    the previous image's last pixel: docs/cpp.md, "A NaN one row early")."""
+    config = {**CONFIG, "growth_rate": 5, "num_init_features": 7}
+    ours, tv = make_pair(dtype=dtype, backend=backend, **config)
+    ours.eval(), tv.eval()
+    x, _ = random_batch(ours, 3, 8, 8, seed=0)
+    x[1, :, 0, 0] = float("nan")
+    with torch.no_grad():
+        outputs = [model(x) for model in (ours, tv)]
+    assert outputs[1].isnan().any(1).tolist() == [False, True, False]
+    assert outputs[0].isnan().any(1).tolist() == [False, True, False]
+    torch.testing.assert_close(outputs[0][[0, 2]], outputs[1][[0, 2]], rtol=0.05, atol=0.05)
+
+
 # -- inference mode ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_model_trains_after_inference_mode(backend):

@@ -1,7 +1,7 @@
 """The plain-PyTorch backend: the reference implementation of every primitive.
 
 Runs on any device and dtype.  Elementwise work is done in the statistics
-dtype (fp32, or fp64 for fp64 data); GEMMs run in the data dtype.
+dtype (fp32, or fp64 for fp64 data); GEMMs run in the data dtype (``mm``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .interface import Backend, RunningUpdate, Stats, count_batch, stats_dtype
+
+
+def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` (into ``out``).  On the CPU, torch's float16 and bfloat16 gemm is
+    oneDNN's, which (torch 2.14.1, CPUs with AMX or AVX512-FP16) can also make the
+    row before a NaN or Inf row of ``a`` NaN (docs/cpp.md, "A NaN one row early"):
+    such a product that is not all finite is made again in float32.  The check is
+    its float32 sum (one pass; an overflowing sum only costs a needless redo).  A
+    compiled graph cannot branch on data, so there the product is float32's."""
+    if a.device.type != "cpu" or a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out=out)
+    if torch.compiler.is_compiling():
+        product = torch.mm(a.float(), b.float())
+        return product.to(a.dtype) if out is None else out.copy_(product)
+    product = torch.mm(a, b, out=out)
+    if not product.sum(dtype=torch.float32).isfinite():
+        product.copy_(torch.mm(a.float(), b.float()))
+    return product
 
 
 def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:
@@ -48,7 +66,7 @@ class TorchBackend(Backend):
     def bn_relu_conv1x1(self, x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
                         with_stats: bool) -> Optional[Stats]:
         z = self._bn_relu(x, scale, shift).to(x.dtype)
-        torch.mm(z, weight.t(), out=out)
+        mm(z, weight.t(), out=out)
         return self.channel_stats(out) if with_stats else None
 
     def _bn_backward(self, x: Tensor, grad_a: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
@@ -67,8 +85,8 @@ class TorchBackend(Backend):
 
     def bn_relu_conv1x1_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
         z = self._bn_relu(x, scale, shift)
-        grad_weight = grad_out.t().mm(z.to(grad_out.dtype))
-        grad_a = relu_backward(grad_out.mm(weight).to(scale.dtype), z)
+        grad_weight = mm(grad_out.t(), z.to(grad_out.dtype))
+        grad_a = relu_backward(mm(grad_out, weight).to(scale.dtype), z)
         del z
         dx, grad_gamma, grad_beta = self._bn_backward(x, grad_a, scale, mean, rstd, batch_mean)
         grad_x.add_(dx)
@@ -91,14 +109,14 @@ class TorchBackend(Backend):
 
     def transition(self, x, scale, shift, weight, out):
         _, pooled = self._pooled(x, scale, shift)
-        torch.mm(pooled, weight.t(), out=out.view(-1, weight.shape[0]))
+        mm(pooled, weight.t(), out=out.view(-1, weight.shape[0]))
 
     def transition_backward(self, x, scale, shift, mean, rstd, weight, grad_out, grad_x, batch_mean):
         c = x.shape[-1]
         z, pooled = self._pooled(x, scale, shift)
         grad_rows = grad_out.reshape(-1, weight.shape[0])
-        grad_weight = grad_rows.t().mm(pooled)
-        grad_pooled = grad_rows.mm(weight).to(scale.dtype).view(*grad_out.shape[:-1], c)
+        grad_weight = mm(grad_rows.t(), pooled)
+        grad_pooled = mm(grad_rows, weight).to(scale.dtype).view(*grad_out.shape[:-1], c)
         grad_a = relu_backward(avg_pool2_backward(grad_pooled, x.shape).view(-1, c), z.view(-1, c))
         del z
         dx, grad_gamma, grad_beta = self._bn_backward(x.reshape(-1, c), grad_a, scale, mean, rstd, batch_mean)

@@ -50,9 +50,36 @@ struct GemmBackwardChunk : BackwardChunk<A> {
       : BackwardChunk<A>(chunk, x.size(-1)), grad_z(at::empty({rows_per_tile, x.size(-1)}, x.options())) {}
 };
 
+// Whether every value of the bfloat16 matrix m (row stride ld, channel stride 1
+// as the ops' checks require) is finite: no exponent of all ones (Inf, NaN).
+DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64_t columns, int64_t ld) {
+  uint16_t non_finite = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* __restrict__ row = m + r * ld;
+#pragma omp simd reduction(| : non_finite)
+    for (int64_t c = 0; c < columns; ++c) {
+      non_finite |= static_cast<uint16_t>((row[c] & 0x7f80) == 0x7f80);
+    }
+  }
+  return non_finite == 0;
+}
+
+// For bfloat16, ATen's gemm is oneDNN's, whose AMX kernel (torch 2.14.1) can also
+// make the row before a NaN or Inf row of `a` NaN (docs/cpp.md, "A NaN one row
+// early"): a bfloat16 product of a and b that is not all finite is made again
+// from float32 copies, which MKL multiplies as it does float32 data.
+void redo_if_not_finite(const at::Tensor& product, const at::Tensor& a, const at::Tensor& b) {
+  if (product.scalar_type() == at::kBFloat16 &&
+      !all_finite(reinterpret_cast<const uint16_t*>(product.const_data_ptr<at::BFloat16>()), product.size(0),
+                  product.size(1), product.stride(0))) {
+    product.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
+  }
+}
+
 // out = a @ b through ATen's BLAS (out may be a strided view).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b);
+  redo_if_not_finite(out, a, b);
 }
 
 // partial (K, C) += grad_out_tile.T @ z_tile: in place when partial has the data
@@ -61,7 +88,9 @@ void add_weight_gradient(at::Tensor partial, const at::Tensor& grad_out_tile, co
   if (partial.scalar_type() == z_tile.scalar_type()) {
     partial.addmm_(grad_out_tile.t(), z_tile);
   } else {
-    partial.add_(at::mm(grad_out_tile.t(), z_tile));
+    auto product = at::mm(grad_out_tile.t(), z_tile);
+    redo_if_not_finite(product, grad_out_tile.t(), z_tile);
+    partial.add_(product);
   }
 }
 
