@@ -299,11 +299,11 @@ DENSENET_FAST_SIMD_CLONES void window_bn_relu_mean(const T* __restrict__ first, 
   }
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    A sum = relu(static_cast<A>(first[c]) * scale[c] + shift[c]);
+    A sum = relu(load<A>(first[c]) * scale[c] + shift[c]);
     for (int i = 1; i < kWindow; ++i) {
-      sum += relu(static_cast<A>(first[o[i] + c]) * scale[c] + shift[c]);
+      sum += relu(load<A>(first[o[i] + c]) * scale[c] + shift[c]);
     }
-    z[c] = static_cast<T>(A(1.0 / kWindow) * sum);
+    z[c] = store<T>(A(1.0 / kWindow) * sum);
   }
 }
 

@@ -31,8 +31,7 @@ DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A*
     T* __restrict__ gx_row = grad_x + r * ldgx;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      gx_row[c] = static_cast<T>(static_cast<A>(gx_row[c]) + offset[c] +
-                                 slope[c] * (static_cast<A>(x_row[c]) - mean[c]));
+      gx_row[c] = store<T>(load<A>(gx_row[c]) + offset[c] + slope[c] * (load<A>(x_row[c]) - mean[c]));
     }
   }
 }
