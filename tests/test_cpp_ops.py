@@ -73,6 +73,27 @@ def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3), m: int 
     }
 
 
+def test_bfloat16_stores_round_to_nearest_even():
+    """The bfloat16 loops store with c10's rounding (bn_relu_rows.h).  z =
+    relu(x + shift) for bfloat16 x, with shifts of half a bfloat16 unit at 1
+    (ties for x in [1, 2), both parities), more and less than half: every
+    stored value (ties, NaN, Inf, zeros, subnormals) must be torch's own
+    conversion of the same float, bit for bit."""
+    m, c = 4099, 36
+    g = torch.Generator().manual_seed(15)
+    x = (torch.rand(m, c, generator=g, dtype=torch.float64) + 1).to(torch.bfloat16)
+    x[:m // 2] *= 3  # other binades too
+    x[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-39, 3e38, -3e38])
+    scale = torch.ones(c)
+    shift = torch.tensor([2**-8, 3 * 2**-9, 2**-9, 0.0, -(2**-8), 3 * 2**-8]).repeat(c // 6)
+    z = torch.empty_like(x)
+    CPP.bn_relu(x, scale, shift, z)
+    expected = (x.float() * scale + shift).relu().to(torch.bfloat16)
+    assert torch.equal(z.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(z.view(torch.int16)[finite], expected.view(torch.int16)[finite])
+
+
 @pytest.mark.parametrize("op", list(op_arguments()))
 def test_op_passes_opcheck(op):
     """Schema (mutated arguments), Meta/fake kernel and dispatch agree, as torch.compile needs."""
