@@ -272,13 +272,31 @@ def test_transition_nan_and_inf(other_backend, dtype, spatial, batch_stats):
                    ["grad_x", "grad_weight", "grad_gamma", "grad_beta"])
 
 
-def test_a_non_finite_pixel_stays_in_its_row(backend, dtype):
+def test_this_cpus_gemm_leaks_nan_rows():
+    """Not a check of this package: whether this CPU's float16 gemm (oneDNN's)
+    leaks a NaN row into the row before it.  Where it does not, the NaN-row tests
+    below and in tests/test_reliability.py pass without exercising the redo, and
+    this test says so by skipping."""
+    z, w = torch.randn(64, 17).half(), torch.randn(17, 23).half()
+    z[5, 0] = NAN
+    rows = torch.mm(z, w).isnan().any(1).nonzero().flatten().tolist()
+    if rows == [5]:
+        pytest.skip("this CPU's float16 gemm keeps NaN rows apart: the NaN-row tests cannot fail here")
+    assert rows == [4, 5]
+
+
+@pytest.mark.parametrize("under_autocast", [False, True], ids=["direct", "autocast"])
+def test_a_non_finite_pixel_stays_in_its_row(backend, dtype, under_autocast):
     """A NaN or Inf pixel (row) reaches only its own rows of the products, as in
     float64, also where it sits in channel 0 and K is odd: torch 2.14.1's oneDNN
     gemm in float16/bfloat16 makes the row before it NaN on CPUs with AMX or
-    AVX512-FP16 (docs/cpp.md, "A NaN one row early"), which the backends redo.
-    Running statistics, so the poison travels pixel by pixel."""
+    AVX512-FP16 (docs/cpp.md, "A NaN one row early"), which the backends redo in
+    float32, also when called under autocast (which must not make that product
+    float16/bfloat16 again).  Running statistics, so the poison travels pixel by
+    pixel."""
     backend, device = backend
+    if under_autocast and (device != "cpu" or dtype not in (torch.float16, torch.bfloat16)):
+        pytest.skip("CPU autocast to the data's own float16/bfloat16")
     m, c, k = 1031, 17, 23
     g = torch.Generator().manual_seed(13)
     x, grad_out = random_rows((m, c), dtype, device, g), random_rows((m, k), dtype, device, g)
@@ -294,7 +312,8 @@ def test_a_non_finite_pixel_stays_in_its_row(backend, dtype):
     for primitive, args, target, after, names in cases:
         in_float64 = [a.double() if isinstance(a, Tensor) else a for a in (*args, target)]
         expected = getattr(TORCH, primitive)(*in_float64, *after)
-        result = getattr(backend, primitive)(*args, target, *after)
+        with torch.autocast("cpu", dtype=dtype, enabled=under_autocast):
+            result = getattr(backend, primitive)(*args, target, *after)
         returned = [] if result is None else list(result)[:len(names) - 1]
         expected = [] if expected is None else list(expected)[:len(names) - 1]
         for name, got, reference in zip(names, [target, *returned], [in_float64[-1], *expected]):

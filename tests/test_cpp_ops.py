@@ -76,9 +76,10 @@ def op_arguments(dtype=torch.float32, spatial: tuple[int, ...] = (5, 3), m: int 
 def test_bfloat16_stores_round_to_nearest_even():
     """The bfloat16 loops store with c10's rounding (bn_relu_rows.h).  z =
     relu(x + shift) for bfloat16 x, with shifts of half a bfloat16 unit at 1
-    (ties for x in [1, 2), both parities), more and less than half: every
-    stored value (ties, NaN, Inf, zeros, subnormals) must be torch's own
-    conversion of the same float, bit for bit."""
+    (ties for x in [1, 2), both parities), more and less than half, in two
+    binades, and NaN, Inf and zeros: every stored value must be torch's own
+    conversion of the same float, bit for bit.  (ReLU stores no negative
+    value; the formula passes the sign bit through.)"""
     m, c = 4099, 36
     g = torch.Generator().manual_seed(15)
     x = (torch.rand(m, c, generator=g, dtype=torch.float64) + 1).to(torch.bfloat16)

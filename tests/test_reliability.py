@@ -92,17 +92,19 @@ def test_nan_and_inf_propagate_as_in_torchvision(backend, bad, training):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_a_nan_image_leaves_its_batch_mates_finite(backend, dtype):
-    """Evaluation in float16/bfloat16 on the CPU, odd channel counts: a NaN
-    pixel makes its own image's output NaN and no other's, as in torchvision
-    (oneDNN's gemm in these dtypes leaks a NaN row into the row before it, here
-    the previous image's last pixel: docs/cpp.md, "A NaN one row early")."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["model_dtype", "autocast"])
+def test_a_nan_image_leaves_its_batch_mates_finite(backend, dtype, autocast):
+    """Evaluation in float16/bfloat16 on the CPU (the model in that dtype, or
+    float32 under autocast), odd channel counts: a NaN pixel makes its own
+    image's output NaN and no other's, as in torchvision (oneDNN's gemm in these
+    dtypes leaks a NaN row into the row before it, here the previous image's
+    last pixel: docs/cpp.md, "A NaN one row early")."""
     config = {**CONFIG, "growth_rate": 5, "num_init_features": 7}
-    ours, tv = make_pair(dtype=dtype, backend=backend, **config)
+    ours, tv = make_pair(dtype=torch.float32 if autocast else dtype, backend=backend, **config)
     ours.eval(), tv.eval()
     x, _ = random_batch(ours, 3, 8, 8, seed=0)
     x[1, :, 0, 0] = float("nan")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
         outputs = [model(x) for model in (ours, tv)]
     assert outputs[1].isnan().any(1).tolist() == [False, True, False]
     assert outputs[0].isnan().any(1).tolist() == [False, True, False]

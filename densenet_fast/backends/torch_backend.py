@@ -19,18 +19,25 @@ def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``a @ b`` (into ``out``).  On the CPU, torch's float16 and bfloat16 gemm is
     oneDNN's, which (torch 2.14.1, CPUs with AMX or AVX512-FP16) can also make the
     row before a NaN or Inf row of ``a`` NaN (docs/cpp.md, "A NaN one row early"):
-    such a product that is not all finite is made again in float32.  The check is
-    its float32 sum (one pass; an overflowing sum only costs a needless redo).  A
-    compiled graph cannot branch on data, so there the product is float32's."""
+    such a product that is not all finite is made again in float32 (with autocast
+    off, which would make it bfloat16 again).  The check is its float32 sum (one
+    pass; an overflowing sum only costs a needless redo).  A compiled graph cannot
+    branch on data, so there the product is float32's."""
     if a.device.type != "cpu" or a.dtype not in (torch.float16, torch.bfloat16):
         return torch.mm(a, b, out=out)
     if torch.compiler.is_compiling():
-        product = torch.mm(a.float(), b.float())
+        product = float32_mm(a, b)
         return product.to(a.dtype) if out is None else out.copy_(product)
     product = torch.mm(a, b, out=out)
     if not product.sum(dtype=torch.float32).isfinite():
-        product.copy_(torch.mm(a.float(), b.float()))
+        product.copy_(float32_mm(a, b))
     return product
+
+
+def float32_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32 on the CPU, whatever autocast says."""
+    with torch.autocast("cpu", enabled=False):
+        return torch.mm(a.float(), b.float())
 
 
 def relu_backward(grad_z: Tensor, z: Tensor) -> Tensor:

@@ -470,9 +470,10 @@ class StageFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, buffer, *rest = ctx.saved_tensors
         params, records = rest[:ctx.num_params], ctx.records.filled(rest[ctx.num_params:])
-        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
-            return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
-        grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out, ctx.needs_input_grad[2:])
+        with autocast_off(buffer.device.type):  # backward() may be called inside autocast
+            if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
+                return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
+            grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out, ctx.needs_input_grad[2:])
         return (grad_x.to(buffer.dtype), None, *grads)
 
 
@@ -512,6 +513,15 @@ class Settings:
     plain_reason: Optional[str] = None
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off for ``device_type``: a stage casts its input to the
+    compute dtype itself, and autocast would turn the float32 products that the
+    backends make on purpose (``torch_backend.mm``) back into bfloat16."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the stage computes in: autocast's for ``x``'s device when enabled."""
     device_type = x.device.type
@@ -537,7 +547,7 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     dtype = compute_dtype(x)
     backend = get_backend(settings.backend, x.device)
     device_type = x.device.type
-    with torch.autocast(device_type, enabled=False) if dtype != x.dtype else contextlib.nullcontext():
+    with autocast_off(device_type):
         x = x.to(dtype)
         stage = Stage(layers, tail, backend, keep, settings.arena, settings.sync_group, next_channels)
         params = stage.params()

@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,11 +68,12 @@ DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64
 // For bfloat16, ATen's gemm is oneDNN's, whose AMX kernel (torch 2.14.1) can also
 // make the row before a NaN or Inf row of `a` NaN (docs/cpp.md, "A NaN one row
 // early"): a bfloat16 product of a and b that is not all finite is made again
-// from float32 copies, which MKL multiplies as it does float32 data.
+// from float32 copies, which MKL multiplies as it does float32 data (autocast
+// excluded: it would make the product bfloat16 again).
 void redo_if_not_finite(const at::Tensor& product, const at::Tensor& a, const at::Tensor& b) {
   if (product.scalar_type() == at::kBFloat16 &&
-      !all_finite(reinterpret_cast<const uint16_t*>(product.const_data_ptr<at::BFloat16>()), product.size(0),
-                  product.size(1), product.stride(0))) {
+      !all_finite(&product.const_data_ptr<at::BFloat16>()->x, product.size(0), product.size(1), product.stride(0))) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     product.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
   }
 }

@@ -52,8 +52,8 @@ template <>
 inline c10::BFloat16 store<c10::BFloat16, float>(float value) {
   const uint32_t bits = c10::bit_cast<uint32_t>(value);
   const uint32_t rounded = (bits + UINT32_C(0x7fff) + ((bits >> 16) & 1)) >> 16;
-  return c10::BFloat16(value != value ? UINT16_C(0x7fc0) : static_cast<uint16_t>(rounded),
-                       c10::BFloat16::from_bits());
+  const bool nan = (bits & UINT32_C(0x7fffffff)) > UINT32_C(0x7f800000);  // on the bits: safe under -ffast-math
+  return c10::BFloat16(nan ? UINT16_C(0x7fc0) : static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
 }
 
 // z[r, c] = relu(x[r, c] * scale[c] + shift[c]) for `rows` rows (row strides ldx, ldz).
