@@ -803,7 +803,7 @@ class StepSimulation:
 
     def stem_backward(self, saved: list[float], grad_in: float) -> None:
         """IntoBuffer's copy of the first block's input gradient, then the stem's backward."""
-        t, e, c0 = self.timeline, self.e, self.arch.num_init_features
+        t, c0 = self.timeline, self.arch.num_init_features
         t.where = "backward, stem"
         t.alloc("stage_gradient", grad_in)
         t.alloc("stem", grad_in)  # IntoBuffer's gradient in the stem output's layout

@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from densenet_fast import DenseNet, available_backends
-from helpers import (FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_pair, random_batch,
-                     torchvision_twin)
+from helpers import FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_pair, random_batch
 
 CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, stem="cifar")
 BACKENDS = [b for b in ("torch", "cpp", "triton") if b in available_backends()]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..memory import Architecture
 from ..models import CHANNELS_LAST
 from .impls import POLICIES, ModelSpec
 
@@ -97,9 +98,8 @@ def constructor_arguments(spec: ModelSpec) -> dict:
     return kwargs
 
 
-def architecture(spec: ModelSpec) -> "Architecture":
+def architecture(spec: ModelSpec) -> Architecture:
     """``spec``'s network as the memory model describes it."""
-    from ..memory import Architecture
     arch, dims = _arch_and_dims(spec)
     depth, growth_rate = (spec.depth, spec.growth_rate) if arch == "densenet_bc" else (None, None)
     return Architecture.named(arch, depth, growth_rate, spec.num_classes, in_channels=1, spatial_dims=dims,
