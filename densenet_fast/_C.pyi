@@ -18,7 +18,7 @@ The fused BatchNorm-ReLU ops: ``bn_relu``, ``bn_relu_backward_sums`` and
 (csrc/ops/bn_relu_conv.h; CPU kernels only).  ``x`` is a
 channel range ``(M, C)`` of a channels-last buffer (channel stride 1), or
 ``(N, *spatial, C)`` with 1 to 3 spatial dimensions for the transition;
-float32, float64 or bfloat16 (other dtypes raise).  ``scale``, ``shift``,
+float32, float64 or bfloat16, and on the CPU float16 (other dtypes raise).  ``scale``, ``shift``,
 ``mean``, ``rstd`` are ``(C,)`` in the statistics dtype (float64 for float64
 data, else float32): ``a = x * scale + shift``, ``z = relu(a)``,
 ``xhat = (x - mean) * rstd``, ``dA = dL/da``.  Arguments marked ``!`` are

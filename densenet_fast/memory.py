@@ -382,7 +382,7 @@ def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str
 
 
 NATIVE_DTYPES = {  # the dtypes each backend's kernels take (backends/extension_backend.py, triton_backend.py)
-    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "cpp": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.float64, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
@@ -916,7 +916,7 @@ class CppWorkspace(Workspace):
         """``weight_gradient`` in csrc/ops/cpu/bn_relu_conv_kernel.cpp: one copy of
         dW (K, C) in the statistics dtype per row group (dW itself when there is
         one group), with a z tile of one column block per thread; then the copies'
-        sum and, for bfloat16 data, dW cast to the data dtype."""
+        sum and, for 16-bit data, dW cast to the data dtype."""
         copy = k * c * self.s
         blocks = max(1, math.ceil(c / CPP_MAX_BLOCK_COLUMNS))
         columns = math.ceil(c / blocks)
@@ -924,7 +924,7 @@ class CppWorkspace(Workspace):
         groups = min(max(min(CPP_PARTIAL_BYTES // max(1, copy), math.ceil(rows / rows_per_tile)), 1), CPP_MAX_GROUPS)
         z = min(rows, self.threads * rows_per_tile) * columns * self.e
         cast = k * c * self.e if self.e != self.s else 0
-        # bfloat16: each tile's product, and its copy in the statistics dtype that add_ makes
+        # 16-bit data: each tile's product, and its copy in the statistics dtype that add_ makes
         products = self.threads * k * columns * (self.e + self.s) if cast else 0
         return max(groups * copy + z + products, groups * copy + (copy if groups > 1 else 0), copy + cast)
 

@@ -5,7 +5,7 @@
 //
 // Data: x is a channel range of a channels-last buffer, (M, C) rows with channel
 // stride 1 ((N, *spatial, C) for the transition, 1 to 3 spatial dimensions);
-// float32, float64 or bfloat16.  BN coefficients scale/shift/mean/rstd are (C,)
+// float32, float64 or bfloat16, and on the CPU float16.  BN coefficients scale/shift/mean/rstd are (C,)
 // in the statistics dtype (float64 for float64 data, else float32; common.h).
 // a = x * scale + shift, z = relu(a), xhat = (x - mean) * rstd, dA = dL/da;
 // NaN and Inf propagate as in torch (relu.h).

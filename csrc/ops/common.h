@@ -29,7 +29,7 @@ inline const std::vector<at::Tag>& exact_strides() {
 // The dtype of statistics and BN coefficients for data x: float64 for float64, else float32.
 at::ScalarType stats_dtype(const at::Tensor& x);
 
-// t is data of the fused ops (float32, float64 or bfloat16) of x's dtype, on x's device.
+// t is data of the fused ops (float32, float64, bfloat16; float16 but on CUDA) of x's dtype, on x's device.
 void check_data(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name);
 
 // t is rows: 2-D (rows, channels), channel stride 1, rows that do not overlap.

@@ -7,8 +7,8 @@ writes or adds ``scale * dA`` into ``grad_x`` and returns the local sums
 statistics terms ``-scale * (mean(dA) + xhat * mean(dA * xhat))``.  In eval
 mode (``batch_mean is None``) there is no pass 2.
 
-The fused ops take float32, float64 and bfloat16 data (CPU and CUDA kernels
-alike); other dtypes run the torch backend's implementation.
+The fused ops take float32, float64 and bfloat16 data, and on the CPU float16
+too; other dtypes run the torch backend's implementation.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class CppBackend(ExtensionStatsBackend):
     """The C++ CPU kernels (tiled over pixels, ATen BLAS, ATen parallel_for)."""
 
     name = "cpp"
-    native_dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    native_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
     @native_dtypes_only
     def bn_relu_conv1x1(self, x, scale, shift, weight, out, with_stats):
@@ -113,6 +113,6 @@ class CudaBackend(ExtensionStatsBackend):
     backward; the GEMM primitives are the torch backend's."""
 
     name = "cuda"
-    native_dtypes = CppBackend.native_dtypes
+    native_dtypes = (torch.float32, torch.float64, torch.bfloat16)
     bn_relu = CppBackend.bn_relu
     bn_relu_backward = CppBackend.bn_relu_backward

@@ -51,28 +51,34 @@ struct GemmBackwardChunk : BackwardChunk<A> {
       : BackwardChunk<A>(chunk, x.size(-1)), grad_z(at::empty({rows_per_tile, x.size(-1)}, x.options())) {}
 };
 
-// Whether every value of the bfloat16 matrix m (row stride ld, channel stride 1
-// as the ops' checks require) is finite: no exponent of all ones (Inf, NaN).
-DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64_t columns, int64_t ld) {
+// Whether every value of the 16-bit float matrix m (row stride ld, channel
+// stride 1 as the ops' checks require) is finite: no exponent of all ones (Inf,
+// NaN) among its bits (exponent: 0x7f80 for bfloat16, 0x7c00 for float16).
+DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64_t columns, int64_t ld,
+                                          uint16_t exponent) {
   uint16_t non_finite = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* __restrict__ row = m + r * ld;
 #pragma omp simd reduction(| : non_finite)
     for (int64_t c = 0; c < columns; ++c) {
-      non_finite |= static_cast<uint16_t>((row[c] & 0x7f80) == 0x7f80);
+      non_finite |= static_cast<uint16_t>((row[c] & exponent) == exponent);
     }
   }
   return non_finite == 0;
 }
 
-// For bfloat16, ATen's gemm is oneDNN's, whose AMX kernel (torch 2.14.1) can also
-// make the row before a NaN or Inf row of `a` NaN (docs/cpp.md, "A NaN one row
-// early"): a bfloat16 product of a and b that is not all finite is made again
-// from float32 copies, which MKL multiplies as it does float32 data (autocast
-// excluded: it would make the product bfloat16 again).
+// For bfloat16 and float16, ATen's gemm is oneDNN's, whose AMX and AVX512-FP16
+// kernels (torch 2.14.1) can also make the row before a NaN or Inf row of `a`
+// NaN (docs/cpp.md, "A NaN one row early"): such a product that is not all
+// finite is made again from float32 copies, which MKL multiplies as it does
+// float32 data (autocast excluded: it would make the product 16-bit again).
 void redo_if_not_finite(const at::Tensor& product, const at::Tensor& a, const at::Tensor& b) {
-  if (product.scalar_type() == at::kBFloat16 &&
-      !all_finite(&product.const_data_ptr<at::BFloat16>()->x, product.size(0), product.size(1), product.stride(0))) {
+  const auto type = product.scalar_type();
+  if (type != at::kBFloat16 && type != at::kHalf) {
+    return;
+  }
+  const auto* bits = static_cast<const uint16_t*>(product.const_data_ptr());
+  if (!all_finite(bits, product.size(0), product.size(1), product.stride(0), type == at::kHalf ? 0x7c00 : 0x7f80)) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     product.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
   }
@@ -85,7 +91,7 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 // partial (K, C) += grad_out_tile.T @ z_tile: in place when partial has the data
-// dtype, through a product in the data dtype for bfloat16 data (float partials).
+// dtype, through a product in the data dtype for 16-bit data (float partials).
 void add_weight_gradient(at::Tensor partial, const at::Tensor& grad_out_tile, const at::Tensor& z_tile) {
   if (partial.scalar_type() == z_tile.scalar_type()) {
     partial.addmm_(grad_out_tile.t(), z_tile);
@@ -192,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_conv1x1_cpu(const at::Tensor& x, cons
                                                        const at::Tensor& out, bool with_stats) {
   check_bn_relu_conv(BnReluConvOp::kConv1x1, x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     return bn_relu_conv1x1_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), weight, out, with_stats);
   });
 }
@@ -346,7 +352,7 @@ void transition_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tens
                     const at::Tensor& out) {
   check_bn_relu_conv(BnReluConvOp::kTransition, x, scale, shift, weight, out);
   at::AutoDispatchBelowADInplaceOrView guard;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "transition_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "transition_cpu", [&] {
     with_window(Pooling(x).window, [&](auto window) {
       transition_typed<scalar_t, decltype(window)::value>(x, scale.contiguous(), shift.contiguous(), weight, out);
     });
@@ -444,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> backward_sums_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   constexpr bool kConv1x1 = kOp == BnReluConvOp::kConv1x1;
   constexpr const char* name = kConv1x1 ? "bn_relu_conv1x1_backward_sums_cpu" : "transition_backward_sums_cpu";
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), name, [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), name, [&] {
     const auto scale_c = scale.contiguous(), shift_c = shift.contiguous(), mean_c = mean.contiguous();
     if constexpr (kConv1x1) {
       return bn_relu_conv1x1_backward_typed<scalar_t>(x, scale_c, shift_c, mean_c, rstd, weight, grad_out, grad_x);

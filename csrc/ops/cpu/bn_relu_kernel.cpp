@@ -41,7 +41,7 @@ DENSENET_FAST_SIMD_CLONES void affine_add_rows(const T* x, int64_t ldx, const A*
 void bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu(x, scale, shift, out);
   const auto scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_cpu", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
     T* out_data = out.data_ptr<T>();
@@ -78,7 +78,7 @@ at::Tensor bn_relu_backward_sums_cpu(const at::Tensor& x, const at::Tensor& scal
                                      const at::Tensor& grad_x) {
   check_bn_relu_backward(x, scale, shift, mean, rstd, grad_z, grad_x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
     return bn_relu_backward_typed<scalar_t>(x, scale.contiguous(), shift.contiguous(), mean.contiguous(), rstd,
                                             grad_z, grad_x);
   });
@@ -93,7 +93,7 @@ void bn_backward_finish_cpu(const at::Tensor& x, const at::Tensor& scale, const 
   at::Tensor offset, slope;
   std::tie(offset, slope) = finish_coefficients(scale, rstd, batch_means);
   const auto mean_c = mean.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bn_backward_finish_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_backward_finish_cpu", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
     const int64_t channels = x.size(1);
