@@ -102,9 +102,10 @@ class Choice:
     def describe(self, budget: Optional[int] = None) -> str:
         p = self.prediction
         of_budget = f" of the {format_bytes(budget)} budget" if budget is not None else ""
+        not_counted = "".join(f"; not counted: {text}" for text in p.not_counted)
         return (f"recompute={self.policies}: predicted peak {format_bytes(p.total_bytes)}{of_budget} "
                 f"({format_bytes(p.persistent_bytes)} parameters, gradients and optimizer state + "
-                f"{format_bytes(p.step_bytes)} step), step time {self.step_time_ratio:.3f}x keep")
+                f"{format_bytes(p.step_bytes)} step), step time {self.step_time_ratio:.3f}x keep{not_counted}")
 
 
 def assignments(blocks: int) -> list[tuple[str, ...]]:
@@ -359,6 +360,8 @@ def report(result: dict) -> str:
         lines.append(f"    peak: {entry_['peak_at']}")
         if "error" in entry_:
             lines.append(f"    {entry_['error']}")
+    counted = next((e for e in result["policies"].values() if e is not None), {})
+    lines += [f"not counted: {text}" for text in counted.get("not_counted", [])]
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
     if "deepest_depth" in result:
         lines.append("deepest depth at this batch: " +

@@ -138,6 +138,23 @@ def test_plan_command_json(capsys):
     assert "keep:" in capsys.readouterr().out
 
 
+def test_plan_says_what_it_leaves_out(capsys):
+    """On the CPU in float16/bfloat16 the plan (data, text and the model's
+    notice) says that oneDNN's cached GEMM primitives are not counted; in
+    float32 nothing is said."""
+    assert all(entry["not_counted"] == [] for entry in plan("densenet_bc", depth=40, batch=4)["policies"].values()
+               if entry is not None)
+    for dtype in ("bfloat16", "float16"):
+        result = plan("densenet_bc", depth=40, batch=4, autocast=dtype)
+        assert all("oneDNN's cached primitives" in entry["not_counted"][0]
+                   for entry in result["policies"].values() if entry is not None)
+    assert cli.main(["plan", "--model", "densenet_bc", "--depth", "40", "--batch", "4", "--autocast", "bfloat16"]) == 0
+    assert "not counted: oneDNN's cached primitives" in capsys.readouterr().out
+    model = densenet_bc(40, recompute="auto", memory_budget="1GiB")
+    with pytest.warns(MemoryPlanNotice, match="not counted: oneDNN's cached primitives"):
+        model.plan_for(4, 32, autocast=torch.bfloat16)
+
+
 def test_plan_command_for_volumes(capsys):
     """Three sides are a volume: MONAI's tree of the named model, which is the
     architecture of densenet_fast.monai's model of that name."""
