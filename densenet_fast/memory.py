@@ -513,8 +513,10 @@ def predict(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str
 
 
 def not_counted(setup: Setup) -> tuple[str, ...]:
-    """What the model leaves out that can matter for ``setup``, in words."""
-    if setup.device == "cpu" and setup.compute_dtype in (torch.float16, torch.bfloat16):
+    """What the model leaves out that can matter for ``setup``, in words (on this
+    machine: float16/bfloat16 GEMMs run in oneDNN only where the CPU supports them)."""
+    if setup.device == "cpu" and setup.compute_dtype in (torch.float16, torch.bfloat16) \
+            and onednn_convolves(setup.compute_dtype):  # the same support checks as torch's oneDNN matmul
         return ("oneDNN's cached primitives for float16/bfloat16 GEMMs, which stay for the process (measured on an "
                 "AMX Xeon at batch 16: about 11 MiB at DenseNet-BC-40 and 70 MiB at DenseNet-BC-100 with the cpp "
                 "backend, 95 MiB with the torch backend; docs/memory.md)",)

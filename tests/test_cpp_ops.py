@@ -214,6 +214,12 @@ def test_ops_reject_bad_arguments(op, position, bad, message):
 
 # -- CUDA kernels --------------------------------------------------------------------------
 
+@pytest.fixture(params=[torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def cuda_dtype(request) -> torch.dtype:
+    """The dtypes of the CUDA kernels (float16 on CUDA runs the torch backend)."""
+    return request.param
+
+
 def skip_without_cuda_kernels() -> None:
     if not torch.cuda.is_available() or not _extension.has_cuda():
         pytest.skip("needs a CUDA device and the extension's CUDA kernels")
@@ -233,13 +239,14 @@ def cpu_and_cuda_range(m: int, c: int, left: int, dtype, generator) -> tuple[Ten
 @pytest.mark.parametrize("m, c", [(1031, 17), (70_001, 45), (3, 2)])
 @pytest.mark.parametrize("left", [3, 8], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan_inf"])
-def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats, left, nonfinite):
+def test_cuda_bn_relu_and_backward_match_cpu(cuda_dtype, m, c, batch_stats, left, nonfinite):
     """The CUDA backend's BN-ReLU ops against the cpp backend's (both tested
     against float64 in test_backends.py), grad_x in place of grad_z, NaN and
     Inf in the same places."""
     skip_without_cuda_kernels()
     from densenet_fast.backends.extension_backend import CudaBackend
 
+    dtype = cuda_dtype
     cuda = CudaBackend()
     g = torch.Generator().manual_seed(7)
     x, x_gpu = cpu_and_cuda_range(m, c, left, dtype, g)
@@ -262,12 +269,13 @@ def test_cuda_bn_relu_and_backward_match_cpu(dtype, m, c, batch_stats, left, non
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("left", [3, 8], ids=["unaligned", "aligned"])
-def test_cuda_bn_relu_backward_is_deterministic(dtype, left):
+def test_cuda_bn_relu_backward_is_deterministic(cuda_dtype, left):
     """Per-block partial sums added in a fixed order, no atomics: bitwise the same
     on every call, and allowed under torch.use_deterministic_algorithms."""
     skip_without_cuda_kernels()
     from densenet_fast.backends.extension_backend import CudaBackend
 
+    dtype = cuda_dtype
     g = torch.Generator().manual_seed(8)
     x, x_gpu = cpu_and_cuda_range(300_001, 45, left, dtype, g)
     bn = make_bn(x, True, g)
@@ -286,3 +294,30 @@ def test_cuda_bn_relu_backward_is_deterministic(dtype, left):
             assert all(torch.equal(a, b) for a, b in zip(backward(), first))
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_reject_float16():
+    """The CUDA kernels lack float16 (the CPU ones take it): the ops say so."""
+    skip_without_cuda_kernels()
+    x = torch.randn(37, 5, device="cuda", dtype=torch.float16)
+    scale = torch.ones(5, device="cuda")
+    with pytest.raises(RuntimeError, match="unsupported dtype Half"):
+        torch.ops.densenet_fast.bn_relu(x, scale, scale, torch.empty_like(x))
+
+
+def test_float16_weight_gradient_where_a_tile_overflows():
+    """dW of float16 data is summed in float over tiles of 1024 rows: a tile's
+    float16 product of 1024 * 100 overflows (> 65504) while the sum of the two
+    tiles is 0, as the torch backend's single product gives."""
+    m, c, k = 2048, 5, 3
+    x = torch.ones(m, c, dtype=torch.float16)
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    grad_out = torch.full((m, k), 100.0, dtype=torch.float16)
+    grad_out[m // 2:] = -100.0
+    weight = torch.full((k, c), 0.5, dtype=torch.float16)
+    grads = [backend.bn_relu_conv1x1_backward(x, ones, zeros, zeros, ones, weight, grad_out,
+                                              torch.zeros(m, c, dtype=torch.float16), None)
+             for backend in (CPP, TORCH)]
+    assert torch.equal(grads[1][0], torch.zeros(k, c, dtype=torch.float16))
+    assert torch.equal(grads[0][0], grads[1][0])

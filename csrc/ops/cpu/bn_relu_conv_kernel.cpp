@@ -69,37 +69,42 @@ DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64
 
 // For bfloat16 and float16, ATen's gemm is oneDNN's, whose AMX and AVX512-FP16
 // kernels (torch 2.14.1) can also make the row before a NaN or Inf row of `a`
-// NaN (docs/cpp.md, "A NaN one row early"): such a product that is not all
-// finite is made again from float32 copies, which MKL multiplies as it does
-// float32 data (autocast excluded: it would make the product 16-bit again).
-void redo_if_not_finite(const at::Tensor& product, const at::Tensor& a, const at::Tensor& b) {
+// NaN (docs/cpp.md, "A NaN one row early").  Whether the 16-bit `product` of a
+// and b holds NaN or Inf; the float32 product that replaces it then is made
+// from float32 copies by MKL, as for float32 data (with autocast excluded: it
+// would make it 16-bit again).
+bool all_finite(const at::Tensor& product) {
   const auto type = product.scalar_type();
-  if (type != at::kBFloat16 && type != at::kHalf) {
-    return;
-  }
-  const auto* bits = static_cast<const uint16_t*>(product.const_data_ptr());
-  if (!all_finite(bits, product.size(0), product.size(1), product.stride(0), type == at::kHalf ? 0x7c00 : 0x7f80)) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    product.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
-  }
+  return (type != at::kBFloat16 && type != at::kHalf) ||
+         all_finite(static_cast<const uint16_t*>(product.const_data_ptr()), product.size(0), product.size(1),
+                    product.stride(0), type == at::kHalf ? 0x7c00 : 0x7f80);
 }
 
-// out = a @ b through ATen's BLAS (out may be a strided view).
+at::Tensor float32_product(const at::Tensor& a, const at::Tensor& b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+// out = a @ b through ATen's BLAS (out may be a strided view); a 16-bit product
+// that is not all finite is made again in float32 and rounded into out.
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::mm_out(out, a, b);
-  redo_if_not_finite(out, a, b);
+  if (!all_finite(out)) {
+    out.copy_(float32_product(a, b));
+  }
 }
 
 // partial (K, C) += grad_out_tile.T @ z_tile: in place when partial has the data
-// dtype, through a product in the data dtype for 16-bit data (float partials).
+// dtype; for 16-bit data (float partials) through a product in the data dtype,
+// or, where that is not all finite, in float32 added as it is (a float16 tile
+// product can overflow where the float sum of the tiles does not).
 void add_weight_gradient(at::Tensor partial, const at::Tensor& grad_out_tile, const at::Tensor& z_tile) {
   if (partial.scalar_type() == z_tile.scalar_type()) {
     partial.addmm_(grad_out_tile.t(), z_tile);
-  } else {
-    auto product = at::mm(grad_out_tile.t(), z_tile);
-    redo_if_not_finite(product, grad_out_tile.t(), z_tile);
-    partial.add_(product);
+    return;
   }
+  const auto product = at::mm(grad_out_tile.t(), z_tile);
+  partial.add_(all_finite(product) ? product : float32_product(grad_out_tile.t(), z_tile));
 }
 
 // ---- the weight gradient of both ops -----------------------------------------------------

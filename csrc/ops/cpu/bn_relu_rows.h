@@ -1,7 +1,7 @@
 // The BN-ReLU row loops of the CPU kernels: bn_relu_kernel.cpp runs them over
 // rows, bn_relu_conv_kernel.cpp over the tiles it feeds to its GEMMs.  T is the
 // data type, A = at::opmath_type<T> the type of the BN coefficients and of the
-// arithmetic (float for bfloat16 data).  Each loop is compiled for several
+// arithmetic (float for bfloat16 and float16 data).  Each loop is compiled for several
 // instruction sets (DENSENET_FAST_SIMD_CLONES, tiling.h).
 #pragma once
 
