@@ -518,7 +518,7 @@ def not_counted(setup: Setup) -> tuple[str, ...]:
     if setup.device == "cpu" and setup.compute_dtype in (torch.float16, torch.bfloat16) \
             and onednn_convolves(setup.compute_dtype):  # the same support checks as torch's oneDNN matmul
         return ("oneDNN's cached primitives for float16/bfloat16 GEMMs, which stay for the process (measured on an "
-                "AMX Xeon at batch 16: about 11 MiB at DenseNet-BC-40 and 70 MiB at DenseNet-BC-100 with the cpp "
+                "AMX Xeon at batch 16: about 10 MiB at DenseNet-BC-40 and 69 MiB at DenseNet-BC-100 with the cpp "
                 "backend, 95 MiB with the torch backend; docs/memory.md)",)
     return ()
 

@@ -360,8 +360,8 @@ def report(result: dict) -> str:
         lines.append(f"    peak: {entry_['peak_at']}")
         if "error" in entry_:
             lines.append(f"    {entry_['error']}")
-    counted = next((e for e in result["policies"].values() if e is not None), {})
-    lines += [f"not counted: {text}" for text in counted.get("not_counted", [])]
+    first = next((e for e in result["policies"].values() if e is not None), {})  # the same for every policy
+    lines += [f"not counted: {text}" for text in first.get("not_counted", [])]
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
     if "deepest_depth" in result:
         lines.append("deepest depth at this batch: " +

@@ -78,19 +78,22 @@ def test_16_bit_stores_round_to_nearest_even(dtype):
     """The 16-bit loops store with c10's rounding (bn_relu_rows.h).  z =
     relu(x + shift) for x in that dtype, with shifts of half a unit at 1 (ties
     for x in [1, 2), both parities), more and less than half, in two binades,
-    a shift of 16 that takes float16's largest value to the tie with Inf, and
-    NaN, Inf and zeros: every stored value must be torch's own conversion of the
-    same float, bit for bit.  (ReLU stores no negative value; the formulas pass
+    a shift of 16 that takes float16's largest value to the tie with Inf, half
+    of float16's smallest subnormal (ties between its subnormals), and NaN, Inf
+    and zeros: every stored value must be torch's own conversion of the same
+    float, bit for bit.  (ReLU stores no negative value; the formulas pass
     the sign bit through.)"""
-    m, c = 4099, 35
+    m, c = 4099, 40
     half_unit = torch.finfo(dtype).eps / 2
     g = torch.Generator().manual_seed(15)
     x = (torch.rand(m, c, generator=g, dtype=torch.float64) + 1).to(dtype)
     x[:m // 2] *= 3  # another binade
     x[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-6, 1.0, 2.0])
     x[1] = torch.finfo(dtype).max
+    x[2:6] = torch.arange(4 * c, dtype=torch.float64).view(4, c).mul(2.0**-24).to(dtype)  # float16's subnormals
     scale = torch.ones(c)
-    shift = torch.tensor([half_unit, 1.5 * half_unit, 0.5 * half_unit, 0.0, -half_unit, 3 * half_unit, 16.0]).repeat(5)
+    shifts = [half_unit, 1.5 * half_unit, 0.5 * half_unit, 0.0, -half_unit, 3 * half_unit, 16.0, 2.0**-25]
+    shift = torch.tensor(shifts).repeat(c // len(shifts))  # the last: ties between float16's subnormals
     z = torch.empty_like(x)
     CPP.bn_relu(x, scale, shift, z)
     expected = (x.float() * scale + shift).relu().to(dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, plan, planner
+from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, memory, plan, planner
 from densenet_fast import train as trainer
 from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
@@ -138,21 +138,35 @@ def test_plan_command_json(capsys):
     assert "keep:" in capsys.readouterr().out
 
 
-def test_plan_says_what_it_leaves_out(capsys):
-    """On the CPU in float16/bfloat16 the plan (data, text and the model's
-    notice) says that oneDNN's cached GEMM primitives are not counted; in
-    float32 nothing is said."""
-    assert all(entry["not_counted"] == [] for entry in plan("densenet_bc", depth=40, batch=4)["policies"].values()
-               if entry is not None)
+def test_plan_says_what_it_leaves_out(capsys, monkeypatch):
+    """On the CPU in float16/bfloat16, where the CPU runs those GEMMs in oneDNN,
+    the plan (data, text and the model's notice) says that oneDNN's cached GEMM
+    primitives are not counted; in float32, or where oneDNN lacks the dtype,
+    nothing is said."""
+    def notes(result):
+        return [entry["not_counted"] for entry in result["policies"].values() if entry is not None]
+
+    assert notes(plan("densenet_bc", depth=40, batch=4)) == [[], []]
+    monkeypatch.setattr(memory, "onednn_convolves", lambda dtype: False)
+    assert notes(plan("densenet_bc", depth=40, batch=4, autocast="bfloat16")) == [[], []]
+    monkeypatch.setattr(memory, "onednn_convolves", lambda dtype: True)
     for dtype in ("bfloat16", "float16"):
-        result = plan("densenet_bc", depth=40, batch=4, autocast=dtype)
-        assert all("oneDNN's cached primitives" in entry["not_counted"][0]
-                   for entry in result["policies"].values() if entry is not None)
+        assert all(len(n) == 1 and "oneDNN's cached primitives" in n[0]
+                   for n in notes(plan("densenet_bc", depth=40, batch=4, autocast=dtype)))
     assert cli.main(["plan", "--model", "densenet_bc", "--depth", "40", "--batch", "4", "--autocast", "bfloat16"]) == 0
     assert "not counted: oneDNN's cached primitives" in capsys.readouterr().out
     model = densenet_bc(40, recompute="auto", memory_budget="1GiB")
     with pytest.warns(MemoryPlanNotice, match="not counted: oneDNN's cached primitives"):
         model.plan_for(4, 32, autocast=torch.bfloat16)
+
+
+def test_the_memory_model_knows_each_backends_dtypes():
+    """memory.NATIVE_DTYPES (which backend's kernels run for a dtype) is what the backends say."""
+    from densenet_fast.backends.extension_backend import CppBackend, CudaBackend
+    from densenet_fast.backends.triton_kernels.common import DATA_DTYPES
+    assert set(memory.NATIVE_DTYPES["cpp"]) == set(CppBackend.native_dtypes)
+    assert set(memory.NATIVE_DTYPES["cuda"]) == set(CudaBackend.native_dtypes)
+    assert set(memory.NATIVE_DTYPES["triton"]) == set(DATA_DTYPES)
 
 
 def test_plan_command_for_volumes(capsys):

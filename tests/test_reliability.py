@@ -110,6 +110,29 @@ def test_a_nan_image_leaves_its_batch_mates_finite(backend, dtype, autocast):
     torch.testing.assert_close(outputs[0][[0, 2]], outputs[1][[0, 2]], rtol=0.05, atol=0.05)
 
 
+def test_stages_run_with_autocast_off(monkeypatch):
+    """Under autocast a stage casts its input itself and runs its primitives with
+    autocast off, forward and backward (else CPU autocast would make the float32
+    products of the NaN redo 16-bit again)."""
+    from densenet_fast.backends.torch_backend import TorchBackend
+    seen = []
+    for name in ("bn_relu_conv1x1", "bn_relu_conv1x1_backward", "transition", "transition_backward"):
+        primitive = getattr(TorchBackend, name)
+
+        def spy(self, *args, _primitive=primitive, _name=name, **kwargs):
+            seen.append((_name, torch.is_autocast_enabled("cpu")))
+            return _primitive(self, *args, **kwargs)
+        monkeypatch.setattr(TorchBackend, name, spy)
+    ours, _ = make_pair(dtype=torch.float32, backend="torch", **CONFIG)
+    x, target = random_batch(ours, 3, 8, 8, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(ours(x), target)
+        loss.backward()  # inside autocast too
+    assert {name for name, _ in seen} == {"bn_relu_conv1x1", "bn_relu_conv1x1_backward", "transition",
+                                          "transition_backward"}
+    assert not any(enabled for _, enabled in seen), seen
+
+
 # -- inference mode ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_model_trains_after_inference_mode(backend):

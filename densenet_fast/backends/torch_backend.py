@@ -1,7 +1,8 @@
 """The plain-PyTorch backend: the reference implementation of every primitive.
 
 Runs on any device and dtype.  Elementwise work is done in the statistics
-dtype (fp32, or fp64 for fp64 data); GEMMs run in the data dtype (``mm``).
+dtype (fp32, or fp64 for fp64 data); GEMMs run in the data dtype (``mm``: on
+the CPU some float16/bfloat16 ones in float32).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     oneDNN's, which (torch 2.14.1, CPUs with AMX or AVX512-FP16) can also make the
     row before a NaN or Inf row of ``a`` NaN (docs/cpp.md, "A NaN one row early"):
     such a product that is not all finite is made again in float32 (with autocast
-    off, which would make it bfloat16 again).  The check is its float32 sum (one
+    off, which would make it float16/bfloat16 again).  The check is its float32 sum (one
     pass; an overflowing sum only costs a needless redo).  A compiled graph cannot
     branch on data, so there the product is float32's."""
     if a.device.type != "cpu" or a.dtype not in (torch.float16, torch.bfloat16):

@@ -516,7 +516,7 @@ class Settings:
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast turned off for ``device_type``: a stage casts its input to the
     compute dtype itself, and autocast would turn the float32 products that the
-    backends make on purpose (``torch_backend.mm``) back into bfloat16."""
+    CPU backends make on purpose (``torch_backend.mm``) back into float16/bfloat16."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

@@ -53,15 +53,15 @@ struct GemmBackwardChunk : BackwardChunk<A> {
 
 // Whether every value of the 16-bit float matrix m (row stride ld, channel
 // stride 1 as the ops' checks require) is finite: no exponent of all ones (Inf,
-// NaN) among its bits (exponent: 0x7f80 for bfloat16, 0x7c00 for float16).
+// NaN) among its bits (exponent_mask: 0x7f80 for bfloat16, 0x7c00 for float16).
 DENSENET_FAST_SIMD_CLONES bool all_finite(const uint16_t* m, int64_t rows, int64_t columns, int64_t ld,
-                                          uint16_t exponent) {
+                                          uint16_t exponent_mask) {
   uint16_t non_finite = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* __restrict__ row = m + r * ld;
 #pragma omp simd reduction(| : non_finite)
     for (int64_t c = 0; c < columns; ++c) {
-      non_finite |= static_cast<uint16_t>((row[c] & exponent) == exponent);
+      non_finite |= static_cast<uint16_t>((row[c] & exponent_mask) == exponent_mask);
     }
   }
   return non_finite == 0;
