@@ -11,13 +11,11 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
 
 void check_data(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   const auto type = t.scalar_type();
-  if (t.is_cuda()) {  // the CUDA kernels lack float16; the CPU and Meta kernels take it
-    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16, op, ": unsupported dtype ", type,
-                " of ", name, " on CUDA; expected float32, float64 or bfloat16");
-  } else {
-    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf, op,
-                ": unsupported dtype ", type, " of ", name, "; expected float32, float64, bfloat16 or float16");
-  }
+  const bool cuda = t.is_cuda();  // the CUDA kernels lack float16; the CPU and Meta kernels take it
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || (type == at::kHalf && !cuda), op,
+              ": unsupported dtype ", type, " of ", name,
+              cuda ? " on CUDA; expected float32, float64 or bfloat16"
+                   : "; expected float32, float64, bfloat16 or float16");
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name, " must be ",
               x.scalar_type(), " on ", x.device(), " like x, got ", t.scalar_type(), " on ", t.device());
 }

@@ -77,7 +77,8 @@ inline c10::Half store<c10::Half, float>(float value) {
                      std::fabs(value) * scale_to_inf * scale_to_zero;
   const uint32_t base_bits = c10::bit_cast<uint32_t>(base);
   const uint32_t nonsign = ((base_bits >> 13) & UINT32_C(0x7c00)) + (base_bits & UINT32_C(0x0fff));
-  const uint32_t half = ((bits & UINT32_C(0x80000000)) >> 16) | (shl1 > UINT32_C(0xff000000) ? UINT32_C(0x7e00) : nonsign);
+  const uint32_t sign = (bits & UINT32_C(0x80000000)) >> 16;
+  const uint32_t half = sign | (shl1 > UINT32_C(0xff000000) ? UINT32_C(0x7e00) : nonsign);  // NaN: 0x7e00
   return c10::Half(static_cast<uint16_t>(half), c10::Half::from_bits());
 }
 
