@@ -23,6 +23,7 @@ import ctypes
 
 import torch
 
+from densenet_fast import memory
 from densenet_fast.bench import common, harness, worker
 from densenet_fast.bench.common import MIB
 
@@ -71,7 +72,7 @@ def main() -> None:
     spec = {"impls": [args.impl], "model": {"name": "densenet_bc", "depth": args.depth, "growth_rate": 12},
             "batch": args.batch, "image_size": 32, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
             "warmup_batch": min(2, args.batch), "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
-    worker.set_mmap_threshold(spec["malloc_mmap_threshold"])
+    memory.set_mmap_threshold(spec["malloc_mmap_threshold"])
     torch.set_num_threads(2)
     step = worker.warmed_up_step(spec)
     if args.flat_gradients:

@@ -17,6 +17,7 @@ three run as modules."""
 
 import argparse
 
+from densenet_fast import memory
 from densenet_fast.bench import common, harness, monai_impls, worker
 from densenet_fast.bench.common import MIB
 from densenet_fast.engine import stem
@@ -31,7 +32,7 @@ def main() -> None:
     spec = {"impls": [f"fast-cpp-{args.policy}"], "model": monai_impls.parse("monai-densenet121", size).to_dict(),
             "batch": 2, "image_size": size, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
             "warmup_batch": 2, "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
-    worker.set_mmap_threshold(spec["malloc_mmap_threshold"])
+    memory.set_mmap_threshold(spec["malloc_mmap_threshold"])
     step = worker.warmed_up_step(spec)
     baseline = common.current_anon_bytes()
 

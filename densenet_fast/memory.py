@@ -21,8 +21,10 @@ each layer's gradients into as soon as they are made (``GradientStore``).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import operator
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
@@ -407,7 +409,50 @@ def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str,
 PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
          "small_allocations")
-CPU_HEAP_BELOW = 65536  # glibc serves smaller allocations from its heap (the benchmarks' mmap threshold)
+CPU_HEAP_BELOW = 65536  # glibc's mmap threshold the model assumes on the CPU: smaller allocations come from its heap
+GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default: free top of the heap above it goes back to the system
+_mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this process
+
+
+def set_mmap_threshold(nbytes: int = CPU_HEAP_BELOW) -> bool:
+    """Make glibc map every allocation of ``nbytes`` or more on its own and
+    return it to the system when freed, for the rest of this process (by
+    default the threshold the memory model assumes on the CPU: glibc's own
+    threshold adapts up to 32 MiB and keeps freed tensors below it resident,
+    docs/memory.md, "The training process's allocator").  glibc maps a
+    request only where no free block of its heap fits it, so the heap top's
+    trim threshold goes back to glibc's default (the adaptive threshold raises
+    it too) and the top is trimmed now; large free blocks inside the heap stay,
+    so call it before anything large is allocated and freed.  False where the C
+    library is not glibc's (nothing set)."""
+    global _mmap_threshold
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    if not (mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD, nbytes)):
+        return False
+    malloc_trim(0)
+    _mmap_threshold = nbytes
+    return True
+
+
+def cpu_heap_as_modelled() -> bool:
+    """Whether this process allocates on the CPU as the memory model assumes:
+    glibc's mmap threshold at :data:`CPU_HEAP_BELOW`, set by
+    :func:`set_mmap_threshold` or by ``MALLOC_MMAP_THRESHOLD_`` at start."""
+    if _mmap_threshold is not None:
+        return _mmap_threshold == CPU_HEAP_BELOW
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_", "").strip() == str(CPU_HEAP_BELOW)
+
+
+CPU_HEAP_NOTE = (f"the memory model assumes glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB on the CPU, and "
+                 "this process has not set it: with glibc's adaptive threshold, steps measured up to 1.6x their "
+                 "prediction and totals up to 1.17x (docs/memory.md, \"The training process's allocator\"); call "
+                 "densenet_fast.memory.set_mmap_threshold() before training (the trainer does under --memory-budget) "
+                 f"or start Python with MALLOC_MMAP_THRESHOLD_={CPU_HEAP_BELOW}")
 
 
 class Timeline:

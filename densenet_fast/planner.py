@@ -30,8 +30,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .memory import (NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec, Prediction, Setup,
-                     format_bytes, parse_bytes, predict)
+from .memory import (CPU_HEAP_BELOW, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
+                     Prediction, Setup, format_bytes, parse_bytes, predict)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
@@ -362,6 +362,9 @@ def report(result: dict) -> str:
             lines.append(f"    {entry_['error']}")
     first = next((e for e in result["policies"].values() if e is not None), {})  # the same for every policy
     lines += [f"not counted: {text}" for text in first.get("not_counted", [])]
+    if setup["device"] == "cpu":
+        lines.append(f"assumes: glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB in the training process "
+                     "(the trainer sets it under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())")
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
     if "deepest_depth" in result:
         lines.append("deepest depth at this batch: " +

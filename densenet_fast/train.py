@@ -43,7 +43,7 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .memory import OptimizerSpec, parse_bytes
+from .memory import CPU_HEAP_BELOW, OptimizerSpec, cpu_heap_as_modelled, parse_bytes, set_mmap_threshold
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
@@ -240,6 +240,8 @@ def train(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
     """The steps of a run, in order."""
+    if device.type == "cpu" and args.memory_budget is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        set_mmap_threshold()  # first, so that the heap holds no large free blocks that would serve tensors
     options, data = prepare(args, procs)
     run = build_run(options, data, procs, device)
     position = resume(run) if options["resume"] else Position()
@@ -399,6 +401,10 @@ def plan_memory(run: Run) -> str:
     options = run.options
     images = run.data.train[0][0]
     batch = options["batch_size"] // run.procs.world_size
+    heap = ""
+    if run.device.type == "cpu" and cpu_heap_as_modelled():
+        heap = (f"; glibc's mmap threshold is {CPU_HEAP_BELOW // 1024} KiB for this run, as the memory model "
+                f"assumes (steps are slower: docs/memory.md, \"The training process's allocator\")")
     try:
         with warnings.catch_warnings():  # the model's MemoryPlanNotice: said here instead
             warnings.simplefilter("ignore", models.MemoryPlanNotice)
@@ -407,7 +413,7 @@ def plan_memory(run: Run) -> str:
     except MemoryBudgetError as exc:
         raise TrainingError(f"--memory-budget: {exc}") from None
     ddp = " (not counted: DistributedDataParallel's gradient buckets)" if run.procs.distributed else ""
-    return f"memory plan for batch {batch} per process{ddp}: {choice.describe(run.model.memory_budget)}"
+    return f"memory plan for batch {batch} per process{ddp}: {choice.describe(run.model.memory_budget)}{heap}"
 
 
 def describe(run: Run) -> str:

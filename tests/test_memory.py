@@ -6,6 +6,9 @@ included) against torchvision in float64."""
 import contextlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 
@@ -158,6 +161,66 @@ def test_plan_says_what_it_leaves_out(capsys, monkeypatch):
     model = densenet_bc(40, recompute="auto", memory_budget="1GiB")
     with pytest.warns(MemoryPlanNotice, match="not counted: oneDNN's cached primitives"):
         model.plan_for(4, 32, autocast=torch.bfloat16)
+
+
+def test_a_cpu_plan_warns_where_the_process_allocates_otherwise(monkeypatch, capsys):
+    """The model on the CPU assumes glibc's mmap threshold at CPU_HEAP_BELOW: a
+    plan made in a process that did not set it (nor MALLOC_MMAP_THRESHOLD_ to
+    it) warns, once per input shape; the plan command says what it assumes."""
+    def heap_warnings(batch):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.plan_for(batch, 32)
+        return [str(w.message) for w in caught if "mmap threshold" in str(w.message)]
+
+    model = densenet_bc(40, recompute="auto", memory_budget="1GiB")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(memory, "_mmap_threshold", None)
+    assert not memory.cpu_heap_as_modelled()
+    warned = heap_warnings(2)
+    assert len(warned) == 1 and "set_mmap_threshold()" in warned[0] and "MALLOC_MMAP_THRESHOLD_=65536" in warned[0]
+    assert heap_warnings(2) == []  # a planned shape is not planned again
+    monkeypatch.setattr(memory, "_mmap_threshold", 2 * memory.CPU_HEAP_BELOW)
+    assert len(heap_warnings(3)) == 1
+    monkeypatch.setattr(memory, "_mmap_threshold", memory.CPU_HEAP_BELOW)
+    assert heap_warnings(4) == []
+    monkeypatch.setattr(memory, "_mmap_threshold", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(memory.CPU_HEAP_BELOW))
+    assert heap_warnings(5) == []
+    assert cli.main(["plan", "--model", "densenet_bc", "--depth", "40", "--batch", "4"]) == 0
+    assert "assumes: glibc's mmap threshold of 64 KiB in the training process" in capsys.readouterr().out
+
+
+def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
+    """In a fresh process (it changes the process's allocator for good): once
+    glibc's adaptive threshold has risen to 8 MiB, a 512 KiB tensor comes from
+    the heap; after set_mmap_threshold() a 1 MiB tensor is mapped on its own
+    (glibc's count of mapped blocks rises) and one just below CPU_HEAP_BELOW
+    comes from the heap.  (glibc serves a request of any size from a free
+    block of its heap that fits it, so the trainer sets the threshold before
+    it allocates anything large.)"""
+    script = tmp_path / "probe.py"
+    script.write_text("""
+import ctypes, torch
+from densenet_fast import memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+big = torch.empty(8 << 20, dtype=torch.uint8)
+del big  # freeing a mapped 8 MiB raises glibc's adaptive threshold to 8 MiB
+def mapped(nbytes):
+    before = libc.mallinfo2().hblks
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    return libc.mallinfo2().hblks - before
+print(memory.cpu_heap_as_modelled(), mapped(512 << 10), memory.set_mmap_threshold(), memory.cpu_heap_as_modelled(),
+      mapped(1 << 20), mapped(memory.CPU_HEAP_BELOW - 4096))
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "0", "True", "True", "1", "0"]
 
 
 def test_the_memory_model_knows_each_backends_dtypes():

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenet_fast import DenseNet, cli, densenet_bc
+from densenet_fast import DenseNet, cli, densenet_bc, memory
 from densenet_fast import train as trainer
 from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
 
@@ -38,6 +38,24 @@ LOSS_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "tes
 
 def train(out, *options: str) -> int:
     return cli.main(["train", *TINY, "--out", str(out), *options])
+
+
+@pytest.fixture(autouse=True)
+def mmap_threshold_calls(monkeypatch) -> list[int]:
+    """The in-process trainer's calls of set_mmap_threshold (under --memory-budget
+    on the CPU), recorded and taken as made, instead of changing this test
+    process's allocator for good (tests/test_memory.py checks the real one)."""
+    calls = []
+
+    def record(nbytes: int = memory.CPU_HEAP_BELOW) -> bool:
+        calls.append(nbytes)
+        monkeypatch.setattr(memory, "_mmap_threshold", nbytes)
+        return True
+
+    monkeypatch.setattr(trainer, "set_mmap_threshold", record)
+    monkeypatch.setattr(memory, "_mmap_threshold", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    return calls
 
 
 def metrics(out) -> list[dict]:
@@ -430,11 +448,15 @@ def tiny_plan(budget=None, depth: int = 10) -> dict:
     return plan(arch, batch=32, image_size=8, budget=budget)
 
 
-def test_memory_budget_chooses_per_block_and_says_so(tmp_path, capsys):
+def test_memory_budget_chooses_per_block_and_says_so(tmp_path, capsys, mmap_threshold_calls):
     """A budget between recompute's and keep's predicted peaks: the trainer plans
     before the first step, prints the planner's choice, and trains with it
     (depth 16: with one layer per block, recomputing saves nothing, as the
-    layer's bottleneck needs a tensor of the same size in its backward)."""
+    layer's bottleneck needs a tensor of the same size in its backward).  On
+    the CPU it first sets glibc's mmap threshold that the memory model assumes,
+    and says so; without a budget it leaves the allocator alone."""
+    assert train(tmp_path / "unplanned", "--epochs", "1") == 0
+    assert mmap_threshold_calls == []
     keep, recompute = (tiny_plan(depth=16)["policies"][p]["total_bytes"] for p in ("keep", "recompute"))
     assert recompute < keep
     budget = (keep + recompute) // 2
@@ -445,7 +467,20 @@ def test_memory_budget_chooses_per_block_and_says_so(tmp_path, capsys):
     log = capsys.readouterr().out
     line = next(line for line in log.splitlines() if line.startswith("memory plan"))
     assert f"recompute={tuple(expected['policies'])}" in line and "of the" in line and "step time" in line
+    assert mmap_threshold_calls == [memory.CPU_HEAP_BELOW] and "glibc's mmap threshold is 64 KiB" in line
     assert torch.load(out / trainer.CHECKPOINT, weights_only=True)["options"]["memory_budget"] == str(budget)
+
+
+def test_memory_budget_leaves_an_allocator_the_user_chose(tmp_path, capsys, monkeypatch, mmap_threshold_calls):
+    """MALLOC_MMAP_THRESHOLD_ in the environment (glibc read it at start) is the
+    user's choice: the trainer keeps it, and where it is not the threshold the
+    memory model assumes, the model's warning says so."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2 * memory.CPU_HEAP_BELOW))
+    budget = tiny_plan(depth=16)["policies"]["keep"]["total_bytes"] * 2
+    with pytest.warns(RuntimeWarning, match="assumes glibc's mmap threshold of 64 KiB"):
+        assert train(tmp_path / "run", "--depth", "16", "--epochs", "1", "--memory-budget", str(budget)) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory plan"))
+    assert mmap_threshold_calls == [] and "mmap threshold" not in line
 
 
 def test_memory_budget_checks_a_fixed_policy_and_refuses_what_does_not_fit(tmp_path, capsys):

@@ -284,6 +284,7 @@ def environment(device: str, settings: dict) -> dict:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", "-m", "densenet_fast"] + sys.argv[1:])
         if Path(sys.argv[0]).name == "__main__.py" else " ".join(["python"] + sys.argv),
+        "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # glibc's, at start
         "settings": settings,
     }
 

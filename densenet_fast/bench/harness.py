@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..memory import OPTIMIZER_PRESETS
+from ..memory import CPU_HEAP_BELOW, OPTIMIZER_PRESETS
 from . import common
 from .impls import ModelSpec, default_impls
 
@@ -82,7 +82,7 @@ class Runner:
         return max(0.0, self.deadline - time.monotonic())
 
 
-MMAP_THRESHOLD = 65536  # bytes: tensors above it are mmapped and returned to the OS when freed
+MMAP_THRESHOLD = CPU_HEAP_BELOW  # bytes: tensors of this size and more are mmapped and returned to the OS when freed
 
 
 def check_budget_steps(args: argparse.Namespace) -> None:

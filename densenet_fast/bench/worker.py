@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-from ..memory import OptimizerSpec
+from ..memory import OptimizerSpec, set_mmap_threshold
 from ..planner import MemoryBudgetError
 from . import common
 from .impls import ModelSpec, Step, build, make_inputs, share_weights
@@ -144,17 +144,9 @@ def trim_heap() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def set_mmap_threshold(nbytes: int) -> None:
-    """Make glibc mmap (and return to the OS on free) every allocation above
-    ``nbytes``, so that resident memory follows the live tensors."""
-    import ctypes
-    M_MMAP_THRESHOLD = -3
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
-
-
 def run(spec: dict) -> dict:
     if spec.get("malloc_mmap_threshold"):
-        set_mmap_threshold(spec["malloc_mmap_threshold"])
+        set_mmap_threshold(spec["malloc_mmap_threshold"])  # resident memory then follows the live tensors
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     try:
