@@ -194,9 +194,9 @@ def test_a_cpu_plan_warns_where_the_process_allocates_otherwise(monkeypatch, cap
 def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
     """In a fresh process (it changes the process's allocator for good): once
     glibc's adaptive threshold has risen to 8 MiB, a 512 KiB tensor comes from
-    the heap; after set_mmap_threshold() a 1 MiB tensor is mapped on its own
-    (glibc's count of mapped blocks rises) and one just below CPU_HEAP_BELOW
-    comes from the heap.  (glibc serves a request of any size from a free
+    the heap; after set_mmap_threshold() a 4 MiB tensor (larger than the
+    heap's free blocks) is mapped on its own (glibc's count of mapped blocks
+    rises) and one just below CPU_HEAP_BELOW comes from the heap.  (glibc serves a request of any size from a free
     block of its heap that fits it, so the trainer sets the threshold before
     it allocates anything large.)"""
     script = tmp_path / "probe.py"
@@ -215,7 +215,7 @@ def mapped(nbytes):
     t = torch.empty(nbytes, dtype=torch.uint8)
     return libc.mallinfo2().hblks - before
 print(memory.cpu_heap_as_modelled(), mapped(512 << 10), memory.set_mmap_threshold(), memory.cpu_heap_as_modelled(),
-      mapped(1 << 20), mapped(memory.CPU_HEAP_BELOW - 4096))
+      mapped(4 << 20), mapped(memory.CPU_HEAP_BELOW - 4096))
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
