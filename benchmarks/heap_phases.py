@@ -77,7 +77,7 @@ def main() -> None:
     step = worker.warmed_up_step(spec)
     if args.flat_gradients:
         use_flat_gradients(step)
-        worker.trim_heap()
+        memory.trim_heap()
     baseline = common.current_anon_bytes()
 
     def report(phase: str) -> None:

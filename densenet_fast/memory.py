@@ -410,8 +410,19 @@ PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_bu
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
          "small_allocations")
 CPU_HEAP_BELOW = 65536  # glibc's mmap threshold the model assumes on the CPU: smaller allocations come from its heap
-GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default: free top of the heap above it goes back to the system
+GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # free top of glibc's heap above it goes back to the system
 _mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this process
+
+
+def glibc_malloc() -> Optional[ctypes.CDLL]:
+    """glibc, where it is the C library and its ``malloc`` is the one this
+    process calls (``None`` under musl, or where jemalloc or tcmalloc is preloaded)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        called = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+        return libc if called == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
+    except (OSError, AttributeError):
+        return None
 
 
 def set_mmap_threshold(nbytes: int = CPU_HEAP_BELOW) -> bool:
@@ -422,21 +433,26 @@ def set_mmap_threshold(nbytes: int = CPU_HEAP_BELOW) -> bool:
     docs/memory.md, "The training process's allocator").  glibc maps a
     request only where no free block of its heap fits it, so the heap top's
     trim threshold goes back to glibc's default (the adaptive threshold raises
-    it too) and the top is trimmed now; large free blocks inside the heap stay,
-    so call it before anything large is allocated and freed.  False where the C
-    library is not glibc's (nothing set)."""
+    it to twice its mmap threshold) and the heap is trimmed now; large free
+    blocks inside the heap stay, so call it before anything large is allocated
+    and freed.  False where glibc's malloc is not this process's (nothing set)."""
     global _mmap_threshold
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = glibc_malloc()
+    if libc is None or not (libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_TRIM_THRESHOLD)
+                            and libc.mallopt(M_MMAP_THRESHOLD, nbytes)):
         return False
-    if not (mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD, nbytes)):
-        return False
-    malloc_trim(0)
+    trim_heap()
     _mmap_threshold = nbytes
     return True
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim(0)``: the free top of its heap, and the free pages
+    inside every arena, go back to the system (nothing where it is not glibc's)."""
+    libc = glibc_malloc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def cpu_heap_as_modelled() -> bool:
@@ -445,14 +461,24 @@ def cpu_heap_as_modelled() -> bool:
     :func:`set_mmap_threshold` or by ``MALLOC_MMAP_THRESHOLD_`` at start."""
     if _mmap_threshold is not None:
         return _mmap_threshold == CPU_HEAP_BELOW
-    return os.environ.get("MALLOC_MMAP_THRESHOLD_", "").strip() == str(CPU_HEAP_BELOW)
+    return glibc_malloc() is not None and \
+        os.environ.get("MALLOC_MMAP_THRESHOLD_", "").strip() == str(CPU_HEAP_BELOW)
 
 
-CPU_HEAP_NOTE = (f"the memory model assumes glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB on the CPU, and "
-                 "this process has not set it: with glibc's adaptive threshold, steps measured up to 1.6x their "
-                 "prediction and totals up to 1.17x (docs/memory.md, \"The training process's allocator\"); call "
-                 "densenet_fast.memory.set_mmap_threshold() before training (the trainer does under --memory-budget) "
-                 f"or start Python with MALLOC_MMAP_THRESHOLD_={CPU_HEAP_BELOW}")
+def cpu_heap_note() -> str:
+    """Why a plan on the CPU may not hold in this process (:func:`cpu_heap_as_modelled` false)."""
+    if glibc_malloc() is None:
+        why = "this process does not allocate with glibc's malloc (another C library, or a preloaded allocator)"
+    elif "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        why = (f"this process started with MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']!r} "
+               f"(glibc takes a plain byte count: {CPU_HEAP_BELOW})")
+    else:
+        why = "this process has not set it"
+    return (f"the memory model assumes glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB on the CPU, and {why}: "
+            "with glibc's adaptive threshold, steps measured up to 1.6x their prediction and totals up to 1.17x "
+            "(docs/memory.md, \"The training process's allocator\"); call densenet_fast.memory.set_mmap_threshold() "
+            "before training (the trainer does under --memory-budget) or start Python with "
+            f"MALLOC_MMAP_THRESHOLD_={CPU_HEAP_BELOW}")
 
 
 class Timeline:

@@ -443,7 +443,7 @@ class _EngineModel(nn.Module):
             recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
             choice = self._memory_plans[key] = planner.choose(arch, setup, self._memory_budget, recompute)
             if setup.device == "cpu" and not memory.cpu_heap_as_modelled():
-                warnings.warn(f"densenet_fast: {memory.CPU_HEAP_NOTE}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"densenet_fast: {memory.cpu_heap_note()}", RuntimeWarning, stacklevel=2)
             if self._auto_recompute:
                 size = planner.size_text(setup.image_size)
                 warnings.warn(f"densenet_fast: for batch {batch} of {size} {str(setup.compute_dtype)[6:]} on "

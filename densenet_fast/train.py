@@ -241,7 +241,9 @@ def train(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> dict:
     """The steps of a run, in order."""
     if device.type == "cpu" and args.memory_budget is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        set_mmap_threshold()  # first, so that the heap holds no large free blocks that would serve tensors
+        # before the data and the model, so that the heap holds no large free blocks that would serve tensors
+        # (without glibc's malloc it sets nothing, and the model's plan warns)
+        set_mmap_threshold()
     options, data = prepare(args, procs)
     run = build_run(options, data, procs, device)
     position = resume(run) if options["resume"] else Position()

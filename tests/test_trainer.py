@@ -45,14 +45,25 @@ def mmap_threshold_calls(monkeypatch) -> list[int]:
     """The in-process trainer's calls of set_mmap_threshold (under --memory-budget
     on the CPU), recorded and taken as made, instead of changing this test
     process's allocator for good (tests/test_memory.py checks the real one)."""
-    calls = []
+    calls, prepared = [], []
 
     def record(nbytes: int = memory.CPU_HEAP_BELOW) -> bool:
+        assert not prepared, "set before the data and the model exist"
         calls.append(nbytes)
         monkeypatch.setattr(memory, "_mmap_threshold", nbytes)
         return True
 
+    def prepare(*args, _prepare=trainer.prepare):
+        prepared.append(True)
+        return _prepare(*args)
+
+    def run(*args, _train=trainer._train):  # a run starts with nothing prepared
+        prepared.clear()
+        return _train(*args)
+
     monkeypatch.setattr(trainer, "set_mmap_threshold", record)
+    monkeypatch.setattr(trainer, "prepare", prepare)
+    monkeypatch.setattr(trainer, "_train", run)
     monkeypatch.setattr(memory, "_mmap_threshold", None)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     return calls
@@ -477,7 +488,8 @@ def test_memory_budget_leaves_an_allocator_the_user_chose(tmp_path, capsys, monk
     memory model assumes, the model's warning says so."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2 * memory.CPU_HEAP_BELOW))
     budget = tiny_plan(depth=16)["policies"]["keep"]["total_bytes"] * 2
-    with pytest.warns(RuntimeWarning, match="assumes glibc's mmap threshold of 64 KiB"):
+    with pytest.warns(RuntimeWarning, match="assumes glibc's mmap threshold of 64 KiB.*started with "
+                      "MALLOC_MMAP_THRESHOLD_='131072'"):
         assert train(tmp_path / "run", "--depth", "16", "--epochs", "1", "--memory-budget", str(budget)) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory plan"))
     assert mmap_threshold_calls == [] and "mmap threshold" not in line

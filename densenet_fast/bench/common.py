@@ -284,7 +284,8 @@ def environment(device: str, settings: dict) -> dict:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", "-m", "densenet_fast"] + sys.argv[1:])
         if Path(sys.argv[0]).name == "__main__.py" else " ".join(["python"] + sys.argv),
-        "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # glibc's, at start
+        "malloc_environment": {k: v for k, v in os.environ.items()  # what chose this process's allocator
+                               if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")},
         "settings": settings,
     }
 

@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-from ..memory import OptimizerSpec, set_mmap_threshold
+from ..memory import OptimizerSpec, set_mmap_threshold, trim_heap
 from ..planner import MemoryBudgetError
 from . import common
 from .impls import ModelSpec, Step, build, make_inputs, share_weights
@@ -136,12 +136,6 @@ def measure_time(spec: dict) -> dict:
     for impl, values in seconds.items():
         results[impl] = {"status": "ok", "seconds": common.summarize(values)}
     return {"status": "ok", "impls": results}
-
-
-def trim_heap() -> None:
-    """glibc's malloc_trim(0): free heap memory back to the system, in every arena."""
-    import ctypes
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def run(spec: dict) -> dict:
