@@ -281,7 +281,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
            "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
                      "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
                      "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads},
-           "budget_bytes": budget, "policies": policies,
+           "budget_bytes": budget, "policies": policies, "assumes": assumptions(setup),
            "step_time_ratio_source": step_time_ratio(arch, setup, ("keep",) * len(arch.block_config))[1]}
     if budget is not None:
         modes = list(POLICIES) + ["auto"]
@@ -289,6 +289,14 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         if arch.depth is not None:
             out["deepest_depth"] = {m: deepest_depth(arch, setup, budget, m) for m in modes}
     return out
+
+
+def assumptions(setup: Setup) -> list[str]:
+    """What the plan assumes of the process that trains, in words."""
+    if setup.device != "cpu":
+        return []
+    return [f"glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB in the training process (the trainer sets it "
+            "under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())"]
 
 
 def entry(choice: Choice, budget: Optional[int]) -> dict:
@@ -362,9 +370,7 @@ def report(result: dict) -> str:
             lines.append(f"    {entry_['error']}")
     first = next((e for e in result["policies"].values() if e is not None), {})  # the same for every policy
     lines += [f"not counted: {text}" for text in first.get("not_counted", [])]
-    if setup["device"] == "cpu":
-        lines.append(f"assumes: glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB in the training process "
-                     "(the trainer sets it under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())")
+    lines += [f"assumes: {text}" for text in result["assumes"]]
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
     if "deepest_depth" in result:
         lines.append("deepest depth at this batch: " +

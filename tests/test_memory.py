@@ -194,6 +194,8 @@ def test_a_cpu_plan_warns_where_the_process_allocates_otherwise(monkeypatch, cap
     assert len(warned) == 1 and "does not allocate with glibc's malloc" in warned[0]
     assert cli.main(["plan", "--model", "densenet_bc", "--depth", "40", "--batch", "4"]) == 0
     assert "assumes: glibc's mmap threshold of 64 KiB in the training process" in capsys.readouterr().out
+    assert "mmap threshold" in plan("densenet_bc", depth=40, batch=4)["assumes"][0]
+    assert plan("densenet_bc", depth=40, batch=4, device="cuda")["assumes"] == []
 
 
 def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
