@@ -22,6 +22,7 @@ each layer's gradients into as soon as they are made (``GradientStore``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import operator
 import os
@@ -414,6 +415,7 @@ GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # free top of glibc's heap above it g
 _mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this process
 
 
+@functools.cache  # a process keeps its malloc
 def glibc_malloc() -> Optional[ctypes.CDLL]:
     """glibc, where it is the C library and its ``malloc`` is the one this
     process calls (``None`` under musl, or where jemalloc or tcmalloc is preloaded)."""
@@ -474,7 +476,7 @@ def cpu_heap_note() -> str:
                f"(glibc takes a plain byte count: {CPU_HEAP_BELOW})")
     else:
         why = "this process has not set it"
-    return (f"the memory model assumes glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB on the CPU, and {why}: "
+    return (f"the memory model assumes glibc's mmap threshold of {format_bytes(CPU_HEAP_BELOW)} on the CPU, and {why}: "
             "with glibc's adaptive threshold, steps measured up to 1.6x their prediction and totals up to 1.17x "
             "(docs/memory.md, \"The training process's allocator\"); call densenet_fast.memory.set_mmap_threshold() "
             "before training (the trainer does under --memory-budget) or start Python with "

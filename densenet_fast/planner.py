@@ -295,7 +295,7 @@ def assumptions(setup: Setup) -> list[str]:
     """What the plan assumes of the process that trains, in words."""
     if setup.device != "cpu":
         return []
-    return [f"glibc's mmap threshold of {CPU_HEAP_BELOW // 1024} KiB in the training process (the trainer sets it "
+    return [f"glibc's mmap threshold of {format_bytes(CPU_HEAP_BELOW)} in the training process (the trainer sets it "
             "under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())"]
 
 

@@ -43,7 +43,7 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .memory import CPU_HEAP_BELOW, OptimizerSpec, cpu_heap_as_modelled, parse_bytes, set_mmap_threshold
+from .memory import CPU_HEAP_BELOW, OptimizerSpec, cpu_heap_as_modelled, format_bytes, parse_bytes, set_mmap_threshold
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
@@ -405,7 +405,7 @@ def plan_memory(run: Run) -> str:
     batch = options["batch_size"] // run.procs.world_size
     heap = ""
     if run.device.type == "cpu" and cpu_heap_as_modelled():
-        heap = (f"; glibc's mmap threshold is {CPU_HEAP_BELOW // 1024} KiB for this run, as the memory model "
+        heap = (f"; glibc's mmap threshold is {format_bytes(CPU_HEAP_BELOW)} for this run, as the memory model "
                 f"assumes (steps are slower: docs/memory.md, \"The training process's allocator\")")
     try:
         with warnings.catch_warnings():  # the model's MemoryPlanNotice: said here instead
