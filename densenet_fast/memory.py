@@ -409,8 +409,9 @@ def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str,
 # -- the timeline ---------------------------------------------------------------------------------
 PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
-         "small_allocations")
+         "small_allocations", "heap_pages")
 CPU_HEAP_BELOW = 65536  # glibc's mmap threshold the model assumes on the CPU: smaller allocations come from its heap
+CPU_HEAP_PAGES = 400 * 1024  # C heap pages a step touches beyond its small tensors, measured (docs/memory.md)
 GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # free top of glibc's heap above it goes back to the system
 _mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this process
 
@@ -490,7 +491,9 @@ class Timeline:
     Every allocation is one tensor.  With ``heap_below`` (the CPU), tensors
     smaller than that come from the C heap, which keeps freed blocks resident:
     they add the heap's high-water mark over the step (reached in the previous
-    step already, so present throughout) instead of following what is alive.
+    step already, so present throughout) instead of following what is alive,
+    and the heap's pages that the step touches beyond them (allocator and
+    autograd metadata, partly used pages) add a measured constant.
     A small gradient that ``zero_grad`` frees leaves its block to the same-size
     gradient backward makes again, so those count neither when freed nor when
     made again.
@@ -536,8 +539,9 @@ class Timeline:
             self.peak, self.peak_parts, self.peak_where = self.total, dict(self.live), self.where
 
     def peak_breakdown(self) -> dict[str, float]:
-        """What was alive at the peak, by part, the heap's high-water mark included."""
-        return {**self.peak_parts, "small_allocations": self.heap_high}
+        """What was alive at the peak, by part, the heap's included."""
+        heap = {"small_allocations": self.heap_high, "heap_pages": CPU_HEAP_PAGES} if self.heap_below else {}
+        return {**self.peak_parts, **heap}
 
 
 # -- the prediction ---------------------------------------------------------------------------------
