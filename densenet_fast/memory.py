@@ -17,6 +17,9 @@ pass, freed when it ends), folded BN coefficients (``4*C``), the 3x3
 convolution's output and input gradient, the gradient passed between stages, the backends' workspaces
 and the parameters' gradients: one tensor per stage that its backward copies
 each layer's gradients into as soon as they are made (``GradientStore``).
+On the CPU, tensors below glibc's mmap threshold count at the C heap's
+high-water mark, and the heap's pages beyond them at a measured constant
+(:class:`Timeline`).
 """
 
 from __future__ import annotations

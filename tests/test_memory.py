@@ -429,10 +429,12 @@ def test_prediction_matches_a_fresh_process(policy, volume):
 
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
 def test_the_smallest_networks_peak_counts_the_c_heap(policy):
-    """DenseNet-BC-40 at batch 1, a 4-5 MiB peak: the predicted total (persistent
-    and step) within 10% of a fresh process's; the C heap's pages beyond the
-    step's small tensors (``heap_pages``, 0.4 MiB) are a tenth of it (without
-    them every prediction here was short, by 5% to 14% of the total)."""
+    """DenseNet-BC-40 at batch 1, the smallest network the issue's 10% target
+    covers (a total of 4-5.5 MiB): the predicted total (persistent and step)
+    within 10% of a fresh process's, with the C heap's pages beyond the step's
+    small tensors counted on the CPU (``heap_pages``, 400 KiB, 7-9% of the
+    total; without it the predictions were 5-14% short and outside 10% in
+    about half the runs, so this bound alone does not pin the constant)."""
     backend = cpu_backend()
     measured = measure_in_a_fresh_process(ModelSpec("densenet_bc", 40), 1, 32, policy, backend)
     predicted = predict(BC40, Setup(1, 32, backend=backend, threads=2), policy)
