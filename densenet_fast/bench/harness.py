@@ -88,7 +88,7 @@ MMAP_THRESHOLD = CPU_HEAP_BELOW  # bytes: tensors of this size and more are mmap
 def check_budget_steps(args: argparse.Namespace) -> None:
     """A budget is about training: refuse to judge it from one measured step
     (later ones can peak higher still on the CPU: by up to 3.9 MiB at batch 16
-    in docs/memory.md, "Over twelve steps")."""
+    in docs/memory_history.md, "Over twelve steps")."""
     if args.budget_gib > 0 and args.steps < 2:
         raise SystemExit(f"--budget-gib needs --steps 2 or more (got {args.steps}): on the CPU a later step can "
                          "peak higher than the first")
