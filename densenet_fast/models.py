@@ -10,6 +10,7 @@ reads the modules' parameters and updates their running statistics.
 """
 
 
+import itertools
 import os
 import re
 import warnings
@@ -62,6 +63,11 @@ class InputError(ValueError, RuntimeError):
 
 STEMS = ("imagenet", "cifar")
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # memory format by tensor dimensions
+ACTIVATIONS = tuple(c for c in vars(nn.modules.activation).values() if isinstance(c, type)
+                    and c.__module__ == nn.modules.activation.__name__ and c not in (nn.GLU, nn.MultiheadAttention))
+# modules a stem may hold that keep the spatial size (others are convolutions, max pooling, or unknown)
+SIZE_PRESERVING = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.modules.dropout._DropoutNd, nn.Identity,
+                   *ACTIVATIONS)
 
 
 class _DenseLayer(nn.Module):
@@ -150,7 +156,7 @@ class _EngineBlock:
 class _DenseBlock(_EngineBlock, nn.ModuleDict):
     """``num_layers`` dense layers; forward returns the concatenated features
     ``(N, num_input_features + num_layers * growth_rate, H, W)`` (channels-last
-    on the fused path, where they are the block's buffer)."""
+    on the fused path: the block's buffer, or a copy of it where backward reads it)."""
 
     _version = 2
 
@@ -327,14 +333,16 @@ class _EngineModel(nn.Module):
     # engine settings and the memory plan: not part of a scripted model
     __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]
     _memory_budget: Optional[int] = None
+    __jit_ignored_attributes__ = ["_built_stem"]
+    _built_stem = None  # stem_geometry() when built (None in older pickles: unknown)
     _auto_recompute = False
 
     def _initialise(self, conv_type: type) -> None:
         """torchvision's and MONAI's initialisation (the same rules): Kaiming-normal
-        ``conv_type`` weights, affine BatchNorm weight 1 and bias 0, Linear bias 0.
-        The dense layers' 3x3 (3x3x3) weights are then stored channels-last, as
-        the buffers they convolve are: ATen would otherwise copy each one into
-        that layout on every call (same values, same ``state_dict``)."""
+        ``conv_type`` weights, affine BatchNorm weight 1 and bias 0, Linear bias 0;
+        then :meth:`_volume_weights_channels_last`.  Records the stem as built,
+        which the memory model describes."""
+        self._built_stem = self.stem_geometry()
         for m in self.modules():
             if isinstance(m, conv_type):
                 nn.init.kaiming_normal_(m.weight)
@@ -343,11 +351,20 @@ class _EngineModel(nn.Module):
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
+        self._volume_weights_channels_last()
+
+    def _volume_weights_channels_last(self) -> None:
+        """Store the dense layers' 3x3x3 weights channels-last, as the buffers they
+        convolve are: ATen would otherwise copy each one into that layout on every
+        call (same values, same ``state_dict``; contiguous ones made a CPU step at
+        64^3 11-38% slower, docs/performance.md, "Weight layout").  2-D and 1-D
+        weights stay contiguous, as torchvision's are: there the copies cost no
+        measurable time (CPU), and code that flattens parameters with ``view`` works."""
         for block in self.blocks():
             for layer in block.children():
                 weight = fastpath.dense_layer_parts(layer).conv2.weight
-                if weight.dim() in CHANNELS_LAST:  # the engine convolves channels-last buffers with it
-                    weight.data = weight.data.contiguous(memory_format=CHANNELS_LAST[weight.dim()])
+                if weight.dim() == 5:
+                    weight.data = weight.data.contiguous(memory_format=torch.channels_last_3d)
 
     # -- configuration -----------------------------------------------------------------
     def blocks(self) -> list[_EngineBlock]:
@@ -461,12 +478,17 @@ class _EngineModel(nn.Module):
     @torch.jit.unused
     def memory_model_blocker(self) -> Optional[str]:
         """Why the memory model does not describe this model's training step (it
-        describes the engine; a block or transition the engine cannot run takes
-        the plain per-layer path), or ``None``."""
+        describes the engine on the network as built; a block or transition the
+        engine cannot run takes the plain per-layer path), or ``None``."""
         if self.engine.plain_reason is not None:
             return self.engine.plain_reason
         stages = [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
         reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
+        if self._built_stem is not None and self.stem_geometry() != self._built_stem:
+            reasons.append("a stem changed since construction; the memory model describes the one built")
+        norm5 = list(self.features.children())[-1]
+        if not fastpath.head_norm_is_standard(norm5):
+            reasons.append(f"a norm5 ({type(norm5).__name__}) the engine does not fuse with the head")
         return next((reason for reason in reasons if reason is not None), None)
 
     @torch.jit.unused
@@ -495,30 +517,66 @@ class _EngineModel(nn.Module):
 
     # -- shapes ------------------------------------------------------------------------
     # (``in_channels``, ``stem``, ``num_transitions`` and ``spatial_dims`` are set by the subclass)
-    def feature_size(self, *sizes: int) -> tuple[int, ...]:
-        """Spatial size of the last dense block for an input of spatial size
-        ``sizes`` (height and width, or one size per spatial dimension); a
-        value below 1 means the input is too small."""
-        def shrink(n: int) -> int:
-            if self.stem == "imagenet":
-                n = (n - 1) // 2 + 1  # conv0: 7x7, stride 2, padding 3
-                n = (n - 1) // 2 + 1  # pool0: 3x3, stride 2, padding 1
-            for _ in range(self.num_transitions):
-                n //= 2  # average pooling by 2
-            return n
+    def stem_modules(self) -> list[nn.Module]:
+        """``features``' modules before the first dense block, as they are now."""
+        return list(itertools.takewhile(lambda m: not isinstance(m, _EngineBlock), self.features.children()))
 
-        return tuple(shrink(n) for n in sizes)
+    def stem_geometry(self) -> list[tuple]:
+        """Each stem module's type and the settings that size its output (what the
+        memory model assumes; compared with the stem the model was built with)."""
+        sizing = ("in_channels", "out_channels", "num_features", "kernel_size", "stride", "padding", "dilation",
+                  "ceil_mode")
+        return [(type(m), *(getattr(m, name, None) for name in sizing)) for m in self.stem_modules()]
 
-    def min_input_size(self) -> int:
-        """Smallest size along each spatial dimension this network accepts."""
-        n = 1
-        while self.feature_size(n)[0] < 1:
-            n += 1
+    def _sizing_stem(self) -> Optional[list[nn.Module]]:
+        """The stem's convolutions and max-poolings, or ``None`` where it holds a
+        module whose output size is not known here (one that raises its own errors)."""
+        sizing = [m for m in self.stem_modules() if not isinstance(m, SIZE_PRESERVING)]
+        known = all(isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd))
+                    and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+                    and not isinstance(m.padding, str) and not getattr(m, "ceil_mode", False) for m in sizing)
+        return sizing if known else None
+
+    def _feature_side(self, sizing: list[nn.Module], n: int, dim: int) -> int:
+        """The last block's side along spatial dimension ``dim`` for an input side
+        ``n``, through ``sizing`` and the transitions' pooling by 2 (below 1: too small)."""
+        for m in sizing:
+            if n < 1:
+                return n
+            kernel, stride, padding, dilation = (v if isinstance(v, int) else v[dim]
+                                                 for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            n = (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1  # PyTorch's output size
+        for _ in range(self.num_transitions):
+            n //= 2  # average pooling by 2
         return n
+
+    def feature_size(self, *sizes: int) -> Optional[tuple[int, ...]]:
+        """Spatial size of the last dense block for an input of spatial size
+        ``sizes`` (one per spatial dimension), through the stem's modules as they
+        are now and the transitions' pooling by 2; a value below 1 means the
+        input is too small.  ``None`` where the stem holds a module whose output
+        size is not known here (a replaced one: it raises its own errors)."""
+        sizing = self._sizing_stem()
+        return None if sizing is None else tuple(self._feature_side(sizing, n, d) for d, n in enumerate(sizes))
+
+    def min_input_size(self) -> Optional[tuple[int, ...]]:
+        """Smallest size along each spatial dimension this network accepts
+        (``None``: its stem's modules are not ones :meth:`feature_size` knows)."""
+        sizing = self._sizing_stem()
+        if sizing is None:
+            return None
+        least = []
+        for dim in range(self.spatial_dims):
+            n = 1
+            while self._feature_side(sizing, n, dim) < 1:
+                n += 1
+            least.append(n)
+        return tuple(least)
 
     @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
-        """Raise a clear error for input this network cannot take."""
+        """Raise a clear error for input this network cannot take (as its
+        modules are now: a replaced stem is checked by what it is)."""
         dims = self.spatial_dims
         if not isinstance(x, Tensor):
             raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
@@ -527,23 +585,26 @@ class _EngineModel(nn.Module):
             raise ValueError(f"DenseNet expects a {dims + 2}-D input {layout}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
-        if x.shape[1] != self.in_channels:
-            raise InputError(
-                f"DenseNet was built for {self.in_channels} input channels, got {x.shape[1]} (input shape "
-                f"{tuple(x.shape)}); pass in_channels={x.shape[1]} to the constructor for such images")
-        weight = self.features.conv0.weight
-        if x.device != weight.device:
+        conv0 = getattr(self.features, "conv0", None)
+        lazy = isinstance(getattr(conv0, "weight", None), nn.parameter.UninitializedParameter)
+        if isinstance(conv0, nn.modules.conv._ConvNd) and not lazy and x.shape[1] != conv0.in_channels:
+            advice = (f"pass in_channels={x.shape[1]} to the constructor for such images"
+                      if conv0.in_channels == self.in_channels else "features.conv0 was replaced after construction")
+            raise InputError(f"DenseNet's conv0 takes {conv0.in_channels} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)}); {advice}")
+        weight = next(self.features.parameters(), None)
+        if weight is not None and x.device != weight.device:
             raise InputError(f"input is on {x.device} but the model is on {weight.device}")
         autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:
+        if weight is not None and x.dtype != weight.dtype and not autocast:
             raise TypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
                             f"convert one of them or use torch.autocast")
-        if min(self.feature_size(*x.shape[2:])) < 1:
-            m = self.min_input_size()
+        size = self.feature_size(*x.shape[2:])
+        if size is not None and min(size) < 1:
             raise InputError(
                 f"input images of {'x'.join(map(str, x.shape[2:]))} are too small for this DenseNet "
-                f"({self.num_transitions} transitions, {self.stem} stem): it needs at least "
-                f"{'x'.join([str(m)] * dims)}")
+                f"(its stem and {self.num_transitions} transitions): it needs at least "
+                f"{'x'.join(map(str, self.min_input_size()))}")
 
 
 class DenseNet(_EngineModel):
@@ -801,5 +862,6 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
         stem="imagenet" if hasattr(features, "norm0") else "cifar",
         **kwargs,
     )
+    model.to(device=conv0.weight.device, dtype=conv0.weight.dtype)  # first: loading keeps every digit
     model.load_state_dict(tv_model.state_dict(), strict=True)
-    return model.to(device=conv0.weight.device, dtype=conv0.weight.dtype).train(tv_model.training)
+    return model.train(tv_model.training)

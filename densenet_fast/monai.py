@@ -108,7 +108,8 @@ class _DenseLayer(nn.Module):
 
 class _DenseBlock(models._EngineBlock, nn.Sequential):
     """MONAI's dense block: ``layers`` dense layers called in turn (each returns
-    its input and its new features); fused, the block's output is its buffer."""
+    its input and its new features); fused, the block's output is its buffer
+    (a copy of it where backward reads it)."""
 
     def __init__(self, spatial_dims: int, layers: int, in_channels: int, bn_size: int, growth_rate: int,
                  dropout_prob: float, act: LayerSpec = DEFAULT_ACT, norm: LayerSpec = "batch") -> None:
@@ -351,7 +352,8 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
     """A densenet_fast copy of a MONAI ``DenseNet``: the same tree of module names,
     with copies of MONAI's modules (convolutions, norms, activations, pooling,
     dropout, the classifier: weights, buffers, device, dtype and train/eval
-    mode included).  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
+    mode included; 3-D dense layers' 3x3x3 weights then stored channels-last,
+    as :class:`DenseNet`'s are).  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
     features = getattr(monai_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []
@@ -376,5 +378,6 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
             ours[parent].add_module(child, copy.deepcopy(module))
         else:
             ours[name].training = module.training
+    model._volume_weights_channels_last()  # the copies are in MONAI's (contiguous) layout
     model._check_act_norm()
     return model

@@ -222,11 +222,13 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
 # -- plan ----------------------------------------------------------------------------------------------
 def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
     """Raise where the memory model does not describe ``model``'s training step:
-    where a block, transition or stem takes the plain per-layer path."""
+    where a block, transition or stem takes the plain per-layer path, or the
+    stem or ``norm5`` was replaced."""
     blocker = model.memory_model_blocker() if hasattr(model, "memory_model_blocker") else None
     if blocker is not None:
-        raise ValueError(f"{caller}: the memory model describes the memory-efficient engine, and this model runs "
-                         f"the plain per-layer path ({blocker}); plan and train it without a budget")
+        raise ValueError(f"{caller}: the memory model describes the memory-efficient engine on the network as "
+                         f"built, and this model runs the plain per-layer path or other modules ({blocker}); plan "
+                         f"and train it without a budget")
 
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,

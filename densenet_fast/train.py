@@ -708,13 +708,11 @@ def build_volume_model(options: dict) -> nn.Module:
 
 def check_input_size(model: nn.Module, data: ImageData) -> None:
     """The data's images or volumes are not too small for ``model`` (said before any work)."""
-    if data.size is None or not hasattr(model, "feature_size"):
-        return
-    if min(model.feature_size(*data.size)) < 1:
-        least = model.min_input_size()
+    size = model.feature_size(*data.size) if data.size is not None and hasattr(model, "feature_size") else None
+    if size is not None and min(size) < 1:
         option = "--volume-size" if data.spatial_dims == 3 else "--image-size"
         raise TrainingError(f"{data.unit} of {'x'.join(map(str, data.size))} are too small for {type(model).__name__}"
-                            f" (it needs at least {'x'.join([str(least)] * data.spatial_dims)}); choose a smaller "
+                            f" (it needs at least {'x'.join(map(str, model.min_input_size()))}); choose a smaller "
                             f"model or resize them with {option}")
 
 

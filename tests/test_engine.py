@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
+from densenet_fast.engine import fastpath
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
                      check_eval_float64, check_training_float64, check_training_fp32, forward_backward,
                      global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm)
@@ -165,7 +166,8 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
         out = stage(x)
     stage_input, buffer, *rest = out.grad_fn.saved_tensors
     assert buffer.shape == (2, 11, 6, 7) and buffer.movedim(1, -1).is_contiguous()  # channels-last
-    assert buffer.data_ptr() == out.data_ptr()  # the block output is the buffer itself
+    assert buffer.data_ptr() != out.data_ptr() and torch.equal(buffer, out)  # no tail: a copy of the buffer
+    assert out.stride() == buffer.stride()
     assert stage_input.data_ptr() == buffer.data_ptr() and stage_input.shape == (2, 5, 6, 7)
     params = list(stage.block.parameters())
     assert len(rest) == len(params) + (3 if recompute == "keep" else 2) * 2
@@ -191,19 +193,37 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
     assert {(t.data_ptr(), t.shape) for t in packed} >= saved  # every one of them went through the hooks
 
 
+def test_a_block_without_gradients_returns_its_buffer_uncopied():
+    """Without backward nothing reads the buffer afterwards: no copy of it."""
+    from torch.profiler import profile
+    stage = TinyStage("none")
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    with torch.no_grad(), profile(record_shapes=True) as trace:
+        out = stage(x)
+    assert out.shape == (2, 11, 6, 7) and out.movedim(1, -1).is_contiguous()
+    copies = [e for e in trace.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")
+              and e.input_shapes and e.input_shapes[0] == [2, 11, 6, 7]]
+    assert copies == []
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("recompute", ["keep", "recompute"])
-def test_stage_gradients_are_views_of_one_tensor_kept_as_grad(recompute):
+def test_stage_gradients_are_views_of_one_tensor_kept_as_grad(recompute, layout):
     """A stage's backward copies its parameters' gradients into one tensor as
     they are made; autograd keeps the views, each in its parameter's layout (the
-    3x3 weights are channels-last), as ``.grad`` without copying them."""
+    3x3 weights contiguous as built, or channels-last as
+    ``model.to(memory_format=torch.channels_last)`` leaves them), as ``.grad``
+    without copying them."""
     stage = TinyStage("transition", recompute=recompute)
+    if layout == "channels_last":
+        stage.to(memory_format=torch.channels_last)
     stage(torch.randn(2, 5, 6, 7, dtype=torch.float64)).sum().backward()
     params = list(stage.parameters())
     store = params[0].grad.untyped_storage()
     assert all(p.grad.untyped_storage().data_ptr() == store.data_ptr() for p in params)
     assert store.nbytes() == sum(p.numel() for p in params) * 8
     assert all(p.grad.stride() == p.stride() for p in params)
-    assert any(not p.is_contiguous() for p in params)
+    assert all(p.is_contiguous() for p in params) == (layout == "contiguous")
 
 
 @pytest.mark.parametrize("recompute", ["keep", "recompute"])
@@ -415,32 +435,42 @@ def test_input_memory_layout_does_not_matter(config, layout):
     assert_results_equal(forward_backward(ours, x_other, target), expected, 1e-10, with_buffers=False)
 
 
-@pytest.mark.parametrize("spatial", [2, 3])
-def test_dense_layer_weights_are_channels_last_and_not_copied_in_forward(spatial):
-    """The 3x3 (3x3x3) convolutions see channels-last buffers, so their weights
-    are stored channels-last: ATen uses them as they are instead of copying
-    each one into that layout on every call."""
+def test_volume_weights_are_channels_last_and_not_copied_in_forward():
+    """The 3x3x3 convolutions see channels-last buffers, so their weights are
+    stored channels-last: ATen uses them as they are instead of copying each
+    one into that layout on every call."""
     from torch.profiler import profile
 
     from densenet_fast import monai
-    from densenet_fast.engine import fastpath
     torch.manual_seed(0)
-    if spatial == 2:
-        model, x = densenet_bc(10, 4, backend="torch"), torch.randn(2, 3, 8, 8)
-    else:
-        model = monai.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
-                               block_config=(2, 2), backend="torch")
-        x = torch.randn(2, 1, 16, 12, 16)
-    layout = torch.channels_last if spatial == 2 else torch.channels_last_3d
-    weights = [fastpath.dense_layer_parts(layer).conv2.weight for block in model.blocks() for layer in block.children()]
-    assert weights and all(w.is_contiguous(memory_format=layout) and not w.is_contiguous() for w in weights)
+    model = monai.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
+                           block_config=(2, 2), backend="torch")
+    weights = dense_layer_weights(model)
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+                           for w in weights)
     shapes = {tuple(w.shape) for w in weights}
     model.train()
     with profile(record_shapes=True) as trace:
-        model(x)
+        model(torch.randn(2, 1, 16, 12, 16))
     copies = [e for e in trace.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::clone")
               and e.input_shapes and tuple(e.input_shapes[0]) in shapes]
     assert copies == []
+
+
+def test_image_weights_and_gradients_are_contiguous_as_torchvisions():
+    """2-D models keep every parameter and gradient contiguous, as torchvision's,
+    so code that flattens them with ``view`` works."""
+    torch.manual_seed(0)
+    model = densenet_bc(10, 4, backend="torch")
+    assert all(p.is_contiguous() for p in model.parameters()) and dense_layer_weights(model)
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    flat = torch.nn.utils.parameters_to_vector(model.parameters())
+    grads = torch.cat([p.grad.view(-1) for p in model.parameters()])
+    assert flat.shape == grads.shape == (sum(p.numel() for p in model.parameters()),)
+
+
+def dense_layer_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [fastpath.dense_layer_parts(layer).conv2.weight for block in model.blocks() for layer in block.children()]
 
 
 # -- torch.compile -------------------------------------------------------------------------

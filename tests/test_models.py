@@ -172,6 +172,118 @@ def test_small_configs_equal_torchvision(config):
     check_training_fp32(ours, (3, 45, 51), steps=3)
 
 
+# -- modules changed after construction, as users of torchvision's do --------------------------
+def test_a_replaced_norm5_leaves_the_features_to_change_in_place():
+    """With ``norm5`` replaced, the last block's output meets the head's in-place
+    ReLU: a copy, so backward is intact (the block's buffer is saved for it)."""
+    ours, tv = make_pair(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, stem="cifar")
+    for model in (ours, tv):
+        model.features.norm5 = nn.Identity()
+    check_training_float64(ours, tv, (2, 19, 17), steps=2)
+    block = ours.blocks()[0]
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64, requires_grad=True)
+    out = block(x)
+    out.relu_()
+    grad_ours, = torch.autograd.grad(out.sum(), x)
+    grad_tv, = torch.autograd.grad(tv.features.denseblock1(x).relu().sum(), x)
+    assert_all_close({"grad_x": grad_ours}, {"grad_x": grad_tv}, 1e-12, "a block's output changed in place")
+
+
+@pytest.mark.filterwarnings("ignore:densenet_fast.*in the stem:RuntimeWarning")  # the stem runs as modules
+@pytest.mark.parametrize("change", ["one_channel_conv0", "cifar_conv0_no_pool0"])
+def test_a_replaced_stem_takes_what_its_modules_take(change):
+    """Inputs are checked against the stem as it is now: a one-channel ``conv0``
+    (grayscale), or a 3x3 ``conv0`` without ``pool0`` (small images)."""
+    ours, tv = make_pair(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, num_classes=3)
+    for model in (ours, tv):
+        torch.manual_seed(1)
+        if change == "one_channel_conv0":
+            model.features.conv0 = nn.Conv2d(1, 8, 7, 2, 3, bias=False).double()
+        else:
+            model.features.conv0 = nn.Conv2d(3, 8, 3, 1, 1, bias=False).double()
+            model.features.pool0 = nn.Identity()
+    channels, side = (1, 32) if change == "one_channel_conv0" else (3, 8)
+    x = torch.randn(2, channels, side, side, dtype=torch.float64)
+    assert_all_close({"out": ours(x)}, {"out": tv(x)}, 1e-10, "output")
+    with pytest.raises(ValueError, match=f"conv0 takes {channels} input channels, got 2"):
+        ours(torch.randn(2, 2, side, side, dtype=torch.float64))
+    least = 13 if change == "one_channel_conv0" else 4  # stride 4 in the stem, two transitions
+    assert ours.min_input_size() == (least, least)
+    with pytest.raises(ValueError, match=f"too small .* at least {least}x{least}"):
+        ours(torch.randn(2, channels, least - 1, least, dtype=torch.float64))
+    ours.features.pool0 = nn.AdaptiveAvgPool2d(4)  # a module whose output size the check does not know
+    assert ours.min_input_size() is None and ours(torch.randn(2, channels, 5, 5, dtype=torch.float64)).shape == (2, 3)
+
+
+@pytest.mark.filterwarnings("ignore:densenet_fast.*in the stem:RuntimeWarning")
+def test_smallest_input_follows_pytorchs_output_sizes_per_dimension():
+    """A stem with a different kernel, stride, padding and dilation along each
+    dimension: every input from 1x1 to 14x14 is refused exactly when the modules
+    would leave the last block empty, and otherwise gives the size predicted."""
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3).eval()
+    model.features.conv0 = nn.Conv2d(3, 8, (3, 5), stride=(1, 2), padding=(0, 2), dilation=(2, 1), bias=False)
+    model.features.pool0 = nn.MaxPool2d((2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    stem = nn.Sequential(*model.stem_modules())
+    least = model.min_input_size()
+    for h in range(1, 15):
+        for w in range(1, 15):
+            try:
+                side = stem(torch.randn(1, 3, h, w)).shape[2:]
+                expected = tuple(n // 2 for n in side)  # one transition
+            except RuntimeError:  # a stem module refuses it
+                expected = (0, 0)
+            assert (min(expected) < 1) == (h < least[0] or w < least[1])
+            if min(expected) >= 1:
+                assert model.feature_size(h, w) == expected
+                assert model.features(torch.randn(2, 3, h, w)).shape[2:] == expected
+            else:
+                with pytest.raises(ValueError, match=f"{h}x{w} are too small .* at least {least[0]}x{least[1]}"):
+                    model(torch.randn(2, 3, h, w))
+    assert least[0] != least[1]
+
+
+@pytest.mark.filterwarnings("ignore:densenet_fast.*in the stem:RuntimeWarning")
+def test_a_stem_of_unknown_output_size_is_left_to_its_modules():
+    """An unknown module after a shrinking convolution, and a lazy ``conv0``:
+    no check of size or channels, the modules raise their own errors."""
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3).eval()
+    model.features.conv0 = nn.Conv2d(3, 8, 3, padding=0, bias=False)
+    model.features.pool0 = nn.AdaptiveAvgPool2d(4)
+    assert model.min_input_size() is None and model.feature_size(2, 2) is None
+    with pytest.raises(RuntimeError, match="(?i)kernel size"):  # conv0's own error
+        model(torch.randn(2, 3, 2, 2))
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 3)
+    model.features.conv0 = nn.LazyConv2d(8, 3, padding=1, bias=False)
+    assert model(torch.randn(2, 5, 6, 6)).shape == (2, 3)  # five channels: the lazy conv takes them
+
+
+def test_replaced_modules_are_named_in_errors_and_refused_by_the_planner():
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, stem="cifar")
+    assert model.memory_model_blocker() is None
+    model.features.conv0 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+    with pytest.raises(ValueError, match="conv0 takes 1 input channels, got 3 .*conv0 was replaced after construction"):
+        model(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="plan: .*a stem changed since construction"):
+        densenet_fast.plan(model, batch=2, image_size=8)
+    model.features.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # as built again
+    model.features.norm5 = nn.Identity()
+    with pytest.raises(ValueError, match="memory_budget: .*a norm5 \\(Identity\\)"):
+        model.set_memory_budget("1GiB")
+
+
+def test_from_torchvision_keeps_float64_weights_exactly():
+    """A float64 model's weights and buffers copied to the last digit (not
+    through a float32 model)."""
+    tv = torchvision.models.DenseNet(4, (2, 2), 8, num_classes=3).double()
+    randomize_batchnorm(tv, seed=3)
+    with torch.no_grad():
+        for tensor in tv.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand_like(tensor) * 1e-12)  # digits float32 cannot hold
+    ours = from_torchvision(tv)
+    assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "state_dict")
+
+
 # -- bad input -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model121():
@@ -180,7 +292,7 @@ def model121():
 
 
 @pytest.mark.parametrize("x, error, message", [
-    (torch.randn(2, 1, 64, 64), ValueError, "built for 3 input channels, got 1"),
+    (torch.randn(2, 1, 64, 64), ValueError, "conv0 takes 3 input channels, got 1"),
     (torch.randn(3, 64, 64), ValueError, "4-D input"),
     (torch.randn(1, 2, 3, 64, 64), ValueError, "4-D input"),
     (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), TypeError, "floating-point"),
@@ -193,7 +305,8 @@ def test_bad_input_is_named(model121, x, error, message):
 
 
 def test_smallest_input_size_agrees_with_torchvision(model121):
-    size = model121.min_input_size()
+    size, width = model121.min_input_size()
+    assert size == width
     tv = torchvision_twin(model121).eval()
     model121.eval()
     x = torch.randn(2, 3, size, size)

@@ -263,6 +263,8 @@ def test_from_monai_copies_modules_weights_and_mode():
         warnings.simplefilter("error")
         converted = fast_monai.from_monai(standard)
     assert not converted.training
+    weights = [m.weight for name, m in converted.named_modules() if name.endswith("layers.conv2")]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
     assert_results_equal(forward_backward(converted, x, target), forward_backward(standard, x, target),
                          FLOAT64_RTOL, atol=ZERO_NOISE)
     assert concatenations(converted, x, target) == 0
@@ -283,13 +285,22 @@ def test_hook_on_a_dense_layer_gives_monais_plain_path_for_that_block():
 
 @pytest.mark.parametrize("x, error, message", [
     (torch.randn(2, 1, 40, 40), ValueError, r"5-D input \(N, C, D, H, W\)"),
-    (torch.randn(2, 2, 40, 40, 40), InputError, "built for 1 input channels"),
+    (torch.randn(2, 2, 40, 40, 40), InputError, "conv0 takes 1 input channels"),
     (torch.randn(2, 1, 40, 4, 40), InputError, "40x4x40 are too small .* at least 5x5x5"),
 ])
 def test_bad_input_is_refused_clearly(x, error, message):
     model = fast_monai.DenseNet(3, 1, **TINY)
     with pytest.raises(error, match=message):
         model(x)
+
+
+@pytest.mark.filterwarnings("ignore:densenet_fast.*:RuntimeWarning")  # PReLU and instance norm run as modules
+def test_too_small_input_is_refused_with_other_norms_and_activations():
+    """The size check knows MONAI's other stems' norms and activations keep the size."""
+    model = fast_monai.DenseNet(3, 1, norm="instance", act="prelu", **TINY)
+    assert model.min_input_size() == (5, 5, 5)
+    with pytest.raises(InputError, match="4x5x5 are too small .* at least 5x5x5"):
+        model(torch.randn(2, 1, 4, 5, 5))
 
 
 def test_invalid_arguments():

@@ -46,12 +46,16 @@ def step(net: nn.Sequential, fused: bool, x: torch.Tensor, grad: torch.Tensor) -
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("momentum, track", [(0.1, True), (None, True), (0.1, False)],
-                         ids=["momentum", "cumulative", "no_running_stats"])
+@pytest.mark.parametrize("momentum, track", [(0.1, True), (None, True), (0.1, False), (0.1, "turned_off")],
+                         ids=["momentum", "cumulative", "no_running_stats", "running_stats_not_tracked"])
 def test_equals_torchs_modules_in_float64(dims, layout, momentum, track):
+    """``turned_off``: the BN has running statistics but ``track_running_stats``
+    was set to False after construction; in training torch then neither uses nor
+    updates them (in eval it uses them)."""
     if layout == "channels_last" and dims == 1:
         pytest.skip("no channels-last layout in 1-D")
-    reference = modules(dims, SHAPES[dims][1], momentum, track)
+    reference = modules(dims, SHAPES[dims][1], momentum, track is not False)
+    reference[0].track_running_stats = track is True
     fused = copy.deepcopy(reference)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):  # two steps: the running statistics' second update (cumulative: factor 1/2)

@@ -3,7 +3,9 @@ the block's channels-last buffer and then the tail that follows them.
 
 A stage is ``L >= 0`` dense layers and a tail:
 
-- :class:`NoTail`: the output is the block's features, the buffer itself;
+- :class:`NoTail`: the output is the block's features: the buffer, or, where
+  backward will read the buffer, a copy of it (a caller may change the output
+  in place, as it may torchvision's concatenation);
 - :class:`TransitionTail`: BN-ReLU, average pooling by 2 along each spatial
   dimension, 1x1 convolution (pooling first: both are linear, so this is exact
   and 2, 4 or 8 times cheaper); its output can be written straight into the
@@ -143,7 +145,8 @@ class Stage:
 # -- tails ------------------------------------------------------------------------------------------
 class Tail:
     """What follows the layers; this base class is the empty tail: the output is
-    the block's features, ``(N, C_total, *spatial)``, the buffer itself."""
+    the block's features, ``(N, C_total, *spatial)``, the buffer itself
+    (:func:`stage_forward` copies it where backward will read it)."""
 
     bn: Optional[nn.Module] = None  # the tail's BatchNorm
 
@@ -377,7 +380,10 @@ def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tup
             records.tail = fold(stage.tail.bn, tail_params[0], tail_params[1], cache.of_first(c_total), statistics,
                                 buffer.dtype, tuple(buffer.shape), stage.backend,
                                 store.take(c_total) if store else None)
-        return stage.tail.forward(stage, buffer, records.tail, tail_params), records
+        out = stage.tail.forward(stage, buffer, records.tail, tail_params)
+        if for_backward and out is buffer:  # backward reads the buffer; the caller may change out in place
+            out = buffer.clone()
+        return out, records
 
 
 def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, grad_buffer: Tensor,

@@ -162,5 +162,6 @@ def norm_relu_max_pool(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tens
     """``norm``, ReLU and the stem's max-pool on ``x (N, C, *spatial)`` in a
     forward where ``norm`` uses batch statistics."""
     check_values_per_channel(x.numel() // x.shape[1], tuple(x.shape))
-    return NormReluMaxPool.apply(x, norm.weight, norm.bias, norm.running_mean if norm.training else None,
-                                 norm.running_var if norm.training else None, momentum_factor(norm), norm.eps)
+    updates = norm.training and norm.track_running_stats  # as nn.BatchNorm*d.forward decides
+    return NormReluMaxPool.apply(x, norm.weight, norm.bias, norm.running_mean if updates else None,
+                                 norm.running_var if updates else None, momentum_factor(norm), norm.eps)
