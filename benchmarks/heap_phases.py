@@ -19,7 +19,6 @@ gradient is freed or made again on the heap.
 """
 
 import argparse
-import ctypes
 
 import torch
 
@@ -27,11 +26,6 @@ from densenet_fast import memory
 from densenet_fast.bench import common, harness, worker
 from densenet_fast.bench.common import MIB
 
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def heap_resident_bytes() -> int:
@@ -67,8 +61,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--flat-gradients", action="store_true")
     args = parser.parse_args()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
     spec = {"impls": [args.impl], "model": {"name": "densenet_bc", "depth": args.depth, "growth_rate": 12},
             "batch": args.batch, "image_size": 32, "device": "cpu", "dtype": "float32", "optimizer": "sgd",
             "warmup_batch": min(2, args.batch), "malloc_mmap_threshold": harness.MMAP_THRESHOLD}
@@ -81,7 +73,7 @@ def main() -> None:
     baseline = common.current_anon_bytes()
 
     def report(phase: str) -> None:
-        info = libc.mallinfo2()
+        info = memory.heap_info()
         print(f"{phase:<16} anon {(common.current_anon_bytes() - baseline) / MIB:+8.2f}  "
               f"peak {(sampler.restart() - baseline) / MIB:+8.2f}  heap {info.arena / MIB:8.2f}  "
               f"in use {info.uordblks / MIB:8.2f}  free {info.fordblks / MIB:7.2f}  "

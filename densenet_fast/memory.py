@@ -461,6 +461,22 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: its heap's extent (``arena``), blocks and bytes."""
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_info() -> Optional[MallInfo2]:
+    """glibc's ``mallinfo2()`` now (``None`` where glibc's malloc is not this
+    process's, or is older than 2.33): for measurements and tests."""
+    libc = glibc_malloc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2()
+
+
 def cpu_heap_as_modelled() -> bool:
     """Whether this process allocates on the CPU as the memory model assumes:
     glibc's mmap threshold at :data:`CPU_HEAP_BELOW`, set by

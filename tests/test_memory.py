@@ -210,21 +210,17 @@ def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
     script.write_text("""
 import ctypes, torch
 from densenet_fast import memory
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = memory.glibc_malloc()
-if libc is None or not hasattr(libc, "mallinfo2"):
+info = memory.heap_info()
+if info is None:
     raise SystemExit("skip: needs glibc 2.33 or later as this process's malloc")
-libc.mallinfo2.restype = MallInfo2
+libc = memory.glibc_malloc()
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-info = libc.mallinfo2()
 if info.fordblks - info.keepcost >= 2 << 20:
     raise SystemExit("skip: free blocks inside the heap could serve the probes")
 def mapped(nbytes):
-    before = libc.mallinfo2().hblks
+    before = memory.heap_info().hblks
     t = torch.empty(nbytes, dtype=torch.uint8)
-    return libc.mallinfo2().hblks - before
+    return memory.heap_info().hblks - before
 big = torch.empty(8 << 20, dtype=torch.uint8)
 del big  # freeing a mapped 8 MiB raises glibc's threshold to 8 MiB and its trim threshold to 16 MiB
 libc.free(libc.malloc(6 << 20))  # from the heap's top, which keeps it
