@@ -62,31 +62,34 @@ ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread,
 
 
 def parse_bytes(value: Union[int, float, str]) -> int:
-    """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"`` or ``"1.5e9"`` as bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"a memory budget must be positive, got {value!r}")
-        return int(value)
-    if not isinstance(value, str):
+    """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"``, ``"8gb"`` or ``"1.5e9"``
+    as bytes (rounded down; at least 1)."""
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
+                 "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        number = text.rstrip("KMGTkmgtIiBb")
+        try:
+            nbytes = float(number) * units[text[len(number):].upper()]
+        except (ValueError, KeyError):
+            raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '8GiB', '512MiB', '2GB' or "
+                             f"bytes") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        nbytes = value
+    else:
         raise TypeError(f"a memory budget is a number of bytes or a string like '8GiB', got {type(value).__name__}")
-    text = value.strip().replace(" ", "")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    number = text.rstrip("KMGTiIbB")
-    unit = text[len(number):].upper()
-    try:
-        nbytes = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '8GiB', '512MiB', '2GB' or bytes") \
-            from None
-    return parse_bytes(nbytes)
+    if (isinstance(nbytes, float) and not math.isfinite(nbytes)) or nbytes < 1:
+        raise ValueError(f"a memory budget must be a finite number of bytes, at least 1, got {value!r}")
+    return int(nbytes)
 
 
 def format_bytes(nbytes: float) -> str:
-    """``1.50 GiB``, ``12.3 MiB``: binary units, three significant digits."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """``1.5 GiB``, ``12.3 MiB``, ``1000 MiB``: binary units, three significant
+    digits (more where the number has more before the point)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(nbytes) >= size:
-            return f"{nbytes / size:.3g} {unit}"
+            value = nbytes / size
+            return f"{value:.3g} {unit}" if abs(value) < 1000 else f"{value:.0f} {unit}"
     return f"{nbytes:.0f} B"
 
 
@@ -110,6 +113,14 @@ class Architecture:
     tree: str = "torchvision"
 
     def __post_init__(self) -> None:
+        sizes = {"growth_rate": self.growth_rate, "num_init_features": self.num_init_features,
+                 "bn_size": self.bn_size, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                 **{f"block_config[{i}]": n for i, n in enumerate(self.block_config)}}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.block_config:
+            raise ValueError("block_config must name at least one dense block")
         if self.tree not in TREES:
             raise ValueError(f"tree must be one of {TREES}, got {self.tree!r}")
         if self.spatial_dims not in (1, 2, 3) or (self.tree == "torchvision" and self.spatial_dims != 2):
@@ -151,26 +162,28 @@ class Architecture:
             if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
                 raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), "
                                  f"got {depth!r}")
-            k, n = growth_rate or 12, (depth - 4) // 6
-            arch = Architecture(k, (n, n, n), 2 * k, num_classes=num_classes or 10, stem="cifar")
+            k, n = 12 if growth_rate is None else growth_rate, (depth - 4) // 6
+            arch = Architecture(k, (n, n, n), 2 * k, num_classes=10 if num_classes is None else num_classes,
+                                stem="cifar")  # a bad k is named first: growth_rate is checked first
         elif name not in NAMED_MODELS:
             raise ValueError(f"unknown model {name!r}: use densenet_bc or one of {tuple(NAMED_MODELS)}")
         elif depth is not None:
             raise ValueError(f"{name} has a fixed depth; --depth is for densenet_bc")
         else:
             k, blocks, init = NAMED_MODELS[name]
-            arch = Architecture(growth_rate or k, blocks, init, num_classes=num_classes or 1000)
+            arch = Architecture(k if growth_rate is None else growth_rate, blocks, init,
+                                num_classes=1000 if num_classes is None else num_classes)
         stem = "imagenet" if tree == "monai" else arch.stem
-        return replace(arch, in_channels=in_channels or arch.in_channels, stem=stem, spatial_dims=spatial_dims,
-                       tree=tree)
+        return replace(arch, in_channels=arch.in_channels if in_channels is None else in_channels, stem=stem,
+                       spatial_dims=spatial_dims, tree=tree)
 
     def with_depth(self, depth: int) -> "Architecture":
-        """The DenseNet-BC of ``depth`` in this tree, with this growth rate, head and
-        input: torchvision's the paper's (CIFAR stem), MONAI's its ``DenseNet`` shaped
-        so (ImageNet's stem, ``init_features=2k``)."""
+        """The DenseNet-BC of ``depth`` in this tree, with this growth rate,
+        bottleneck width, dropout, head and input: torchvision's the paper's (CIFAR
+        stem), MONAI's its ``DenseNet`` shaped so (ImageNet's stem, ``init_features=2k``)."""
         bc = Architecture.named("densenet_bc", depth, self.growth_rate, self.num_classes, self.in_channels,
                                 self.spatial_dims, self.tree)
-        return replace(bc, drop_rate=self.drop_rate, channel_dropout=self.channel_dropout)
+        return replace(bc, bn_size=self.bn_size, drop_rate=self.drop_rate, channel_dropout=self.channel_dropout)
 
     @property
     def depth(self) -> Optional[int]:
@@ -334,7 +347,13 @@ class Setup:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", image_sides(self.image_size))
-        object.__setattr__(self, "device", torch.device(self.device).type)
+        try:
+            device = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            device = None
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"the memory model describes training on 'cpu' or 'cuda', got device {self.device!r}")
+        object.__setattr__(self, "device", device)
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
@@ -381,6 +400,8 @@ def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str
     if name is not None:
         if name not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
+        if not next(spec for spec in BACKENDS if spec.name == name).runs_on(torch.device(device)):
+            raise ValueError(f"the {name} backend does not run on {device}")
         return name
     if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):
         return get_backend(None, torch.device(device)).name

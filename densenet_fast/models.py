@@ -435,9 +435,9 @@ class _EngineModel(nn.Module):
         self._memory_plans = {}
 
     @torch.jit.unused
-    def plan_for(self, batch: int, image_size: Union[int, tuple[int, ...]], *, dtype: Optional[torch.dtype] = None,
-                 autocast: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None
-                 ) -> "planner.Choice":
+    def plan_for(self, batch: int, image_size: Union[int, tuple[int, ...]], *,
+                 dtype: Union[None, str, torch.dtype] = None, autocast: Union[None, str, torch.dtype] = None,
+                 device: Union[None, str, torch.device] = None) -> "planner.Choice":
         """Plan the training step of ``batch`` inputs of ``image_size`` (one side per
         spatial dimension; an int: that side in each) under the memory budget:
         returns the chosen policies with their predicted peak memory and step
@@ -451,8 +451,8 @@ class _EngineModel(nn.Module):
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
-        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, torch.device(device or weight.device),
-                             self.backend, self.memory_optimizer)
+        setup = memory.Setup(batch, image_size, planner.as_dtype(dtype or weight.dtype), planner.as_autocast(autocast),
+                             device or weight.device, self.backend, self.memory_optimizer)
         key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
         choice = self._memory_plans.get(key)
         if choice is None:

@@ -36,6 +36,8 @@ from .memory import (CPU_HEAP_BELOW, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
 MAX_BATCH = 2**24
+SCANNED_BATCHES = 64  # largest_batch tries each batch up to this one,
+BATCH_DIP_WINDOW = 8  # and this many past each boundary above it
 
 
 class MemoryBudgetError(ValueError):
@@ -148,14 +150,17 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
     leanest = min(candidates(arch, setup, recompute), key=lambda c: c.prediction.total_bytes)
     p = leanest.prediction
     what = f"recompute={leanest.policies}" if recompute == "auto" else f"recompute={recompute!r}"
+    needed, allowed = format_bytes(p.total_bytes), format_bytes(budget)
+    if needed == allowed:  # within the rounding: the bytes
+        needed, allowed = f"{p.total_bytes:,.0f} bytes", f"{budget:,} bytes"
     lines = [f"{describe_model(arch)} at batch {setup.batch} of {size_text(setup.image_size)} "
              f"{str(setup.compute_dtype)[6:]} on "
-             f"{setup.device} needs {format_bytes(p.total_bytes)} per training step even with {what} "
+             f"{setup.device} needs {needed} per training step even with {what} "
              f"({format_bytes(p.persistent_bytes)} parameters, gradients and optimizer state + "
-             f"{format_bytes(p.step_bytes)} step), more than the memory budget of {format_bytes(budget)}."]
+             f"{format_bytes(p.step_bytes)} step), more than the memory budget of {allowed}."]
     batch = largest_batch(arch, setup, budget, recompute)
     lines.append(f"At this budget the largest batch that fits is {batch}." if batch else
-                 "At this budget not even a batch of 1 fits.")
+                 f"At this budget no batch of 1 to {SCANNED_BATCHES} fits.")
     if arch.depth is not None:
         depth = deepest_depth(arch, setup, budget, recompute)
         bc = f"{dims_text(arch)}DenseNet-BC (k={arch.growth_rate})"
@@ -166,7 +171,8 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
 
 def describe_model(arch: Architecture) -> str:
     if arch.depth is not None:
-        return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate})"
+        width = f", bn_size {arch.bn_size}" if arch.bn_size != 4 else ""
+        return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate}{width})"
     shape = (arch.growth_rate, arch.block_config, arch.num_init_features)
     name = next((n for n, named in NAMED_MODELS.items() if named == shape and arch.stem == "imagenet"
                  and arch.bn_size == 4), None)
@@ -214,9 +220,24 @@ def deepest_depth(arch: Architecture, setup: Setup, budget: int, recompute: Unio
 
 def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
                   ) -> Optional[int]:
-    """The largest batch whose training step is predicted to fit ``budget``."""
-    return largest_true(lambda b: best_fitting(arch, setup.with_batch(b), budget, recompute) is not None,
-                        1, MAX_BATCH)
+    """The largest batch whose training step is predicted to fit ``budget``
+    (searched up to ``MAX_BATCH``).  The predicted peak does not always grow
+    with the batch: it drops from batch 1 (ATen's CPU im2col path, up to several
+    MiB), and wanders by a few hundred KiB where the step's peak hardly depends
+    on the batch (as it grows, small tensors cross glibc's mmap threshold and
+    leave the heap).  So every batch up to ``SCANNED_BATCHES`` is tried; above,
+    doubling and bisection find a boundary, past which ``BATCH_DIP_WINDOW``
+    more are tried before the search stops."""
+    @functools.cache
+    def fits(b: int) -> bool:
+        return best_fitting(arch, setup.with_batch(b), budget, recompute) is not None
+    good = next((b for b in range(SCANNED_BATCHES, 0, -1) if fits(b)), None)
+    while good is not None:
+        ahead = next((b for b in range(good + 1, min(good + BATCH_DIP_WINDOW, MAX_BATCH) + 1) if fits(b)), None)
+        if ahead is None:
+            return good
+        good = largest_true(fits, ahead, MAX_BATCH)
+    return None
 
 
 # -- plan ----------------------------------------------------------------------------------------------
@@ -233,8 +254,8 @@ def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-         batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[str, torch.dtype] = "float32",
-         autocast: Union[None, str, torch.dtype] = None, device: str = "cpu", backend: Optional[str] = None,
+         batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,
+         autocast: Union[None, str, torch.dtype] = None, device: Optional[str] = None, backend: Optional[str] = None,
          optimizer: Union[str, OptimizerSpec] = "sgd", budget: Union[None, int, str] = None) -> dict:
     """The memory plan of a training step as plain data (see the module docstring).
 
@@ -243,7 +264,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     MONAI's tree of that shape for volumes), an
     :class:`~densenet_fast.memory.Architecture`, a :class:`densenet_fast.DenseNet`
     or a :class:`densenet_fast.monai.DenseNet`; an ``image_size`` of one int is
-    that side in every spatial dimension.  Returns ``{"policies": {"keep", "recompute",
+    that side in every spatial dimension.  ``dtype`` and ``device`` default to a
+    model's (its first parameter's), else float32 on the CPU.  Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` needs a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; with a budget also
@@ -256,12 +278,14 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     elif isinstance(model, torch.nn.Module):
         refuse_unplannable(model, "plan")
         arch = Architecture.of(model)
+        weight = next(model.parameters())
+        dtype, device = dtype or weight.dtype, device or weight.device.type
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)
         arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
-    setup = Setup(batch, image_size, as_dtype(dtype), as_dtype(autocast) if autocast else None, device, backend,
+    setup = Setup(batch, image_size, as_dtype(dtype or "float32"), as_autocast(autocast), device or "cpu", backend,
                   optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer))
     budget = None if budget is None else parse_bytes(budget)
     policies: dict[str, Optional[dict]] = {}
@@ -308,11 +332,21 @@ def entry(choice: Choice, budget: Optional[int]) -> dict:
 
 
 def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; choose one of {tuple(DTYPES)}")
-    return DTYPES[value]
+    """A dtype the memory model describes, from its name or itself."""
+    dtype = DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in DTYPES.values():
+        raise ValueError(f"the memory model describes the dtypes {tuple(DTYPES)}, got {value!r}")
+    return dtype
+
+
+def as_autocast(value: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype autocast computes in (``None``: no autocast)."""
+    if value is None:
+        return None
+    dtype = as_dtype(value)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast computes in bfloat16 or float16, got {value!r}")
+    return dtype
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -374,10 +408,10 @@ def report(result: dict) -> str:
     lines += [f"not counted: {text}" for text in first.get("not_counted", [])]
     lines += [f"assumes: {text}" for text in result["assumes"]]
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
-    if "deepest_depth" in result:
-        lines.append("deepest depth at this batch: " +
-                     ", ".join(f"{k} {v}" for k, v in result["deepest_depth"].items()))
-    if "largest_batch" in result:
-        lines.append("largest batch for this model: " +
-                     ", ".join(f"{k} {v}" for k, v in result["largest_batch"].items()))
+    searches = {"deepest_depth": ("deepest depth at this batch", 6 * MAX_DEPTH_LAYERS + 4),
+                "largest_batch": ("largest batch for this model", MAX_BATCH)}
+    for key, (label, limit) in searches.items():
+        if key in result:
+            lines.append(f"{label}: " + ", ".join(f"{k} {v}" + (" or more (the search stops there)" if v == limit else "")
+                                                  for k, v in result[key].items()))
     return "\n".join(lines)

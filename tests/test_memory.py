@@ -36,10 +36,12 @@ BC40 = Architecture.named("densenet_bc", 40)
 def test_parse_and_format_bytes():
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes(512) == 512
     assert parse_bytes("1.5MiB") == 3 * 2**19
-    for bad in ("lots", "-1GiB", 0):
-        with pytest.raises(ValueError):
+    assert parse_bytes("8gb") == 8 * 10**9 and parse_bytes("512mib") == 2**29 and parse_bytes("1k") == 1024
+    for bad in ("lots", "-1GiB", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan")):
+        with pytest.raises(ValueError, match="memory"):
             parse_bytes(bad)
-    assert format_bytes(3 * 2**29) == "1.5 GiB"
+    assert format_bytes(3 * 2**29) == "1.5 GiB" and format_bytes(1000 * 2**20) == "1000 MiB"
+    assert format_bytes(3 * 2**40) == "3 TiB"
 
 
 def test_persistent_bytes_are_parameters_gradients_and_optimizer_state():
@@ -108,6 +110,22 @@ def test_searches_agree_with_the_predictions():
         assert planner.best_fitting(BC40, setup.with_batch(batch + 1), budget, policy) is None
     depths = {p: planner.deepest_depth(BC40, setup, budget, p) for p in ("keep", "recompute", "auto")}
     assert depths["keep"] < depths["recompute"] <= depths["auto"]
+
+
+@pytest.mark.parametrize("name, size, policy, autocast", [
+    ("densenet121", (32, 32), "recompute", torch.bfloat16),  # the peak at the optimizer update: flat in batch
+    ("densenet_bc", (32, 32, 32), "keep", None),  # batch 1 takes ATen's im2col path: more than batch 2
+])
+def test_the_largest_batch_is_the_largest_that_fits(name, size, policy, autocast):
+    """Where the predicted peak dips as the batch grows, the batch search still
+    finds the largest batch that fits, against every batch tried (1 to 299)."""
+    arch = Architecture.named(name, 22 if name == "densenet_bc" else None, spatial_dims=len(size))
+    setup = Setup(1, size, autocast=autocast)
+    peaks = {b: predict(arch, setup.with_batch(b), policy).total_bytes for b in range(1, 300)}
+    assert any(peaks[b + 1] < peaks[b] for b in range(1, 40))
+    for budget in sorted(set(peaks.values()))[:100:3]:
+        expected = max(b for b, peak in peaks.items() if peak <= budget)
+        assert planner.largest_batch(arch, setup, budget, policy) == expected, budget
 
 
 def test_nothing_fits_says_what_does():
@@ -352,6 +370,37 @@ def test_bad_sizes_and_arguments_are_refused():
     for plans in (lambda: model(torch.randn(2, 3, 32, 32)), lambda: plan(model, batch=2, image_size=32)):
         with pytest.raises(ValueError, match="denselayer3"):
             plans()
+
+
+def test_bad_model_shapes_devices_and_dtypes_are_refused():
+    for bad in (dict(growth_rate=0), dict(growth_rate=-3), dict(growth_rate=1.5), dict(num_classes=0),
+                dict(in_channels=-1)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            plan("densenet_bc", depth=40, batch=2, **bad)
+    for device in ("mps", "meta", "gpu"):
+        with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+            plan("densenet_bc", depth=40, batch=2, device=device)
+    with pytest.raises(ValueError, match="cuda backend does not run on cpu"):
+        plan("densenet_bc", depth=40, batch=2, device="cpu", backend="cuda")
+    with pytest.raises(ValueError, match="autocast computes in bfloat16 or float16"):
+        plan("densenet_bc", depth=40, batch=2, autocast="float64")
+    with pytest.raises(ValueError, match="describes the dtypes"):
+        plan("densenet_bc", depth=40, batch=2, dtype=torch.int64)
+
+
+def test_a_models_plan_is_in_its_dtype_and_keeps_its_bottleneck_width():
+    """plan(model) and model.plan_for agree on a bfloat16 model; the depth search
+    builds DenseNet-BCs of the model's bn_size."""
+    model = densenet_bc(22, bn_size=2, memory_budget="64MiB").to(torch.bfloat16)
+    out = plan(model, batch=4, image_size=32, budget="64MiB")
+    choice = model.plan_for(4, 32)
+    assert out["setup"]["dtype"] == "bfloat16" and out["model"]["bn_size"] == 2
+    assert out["policies"]["auto"]["total_bytes"] == choice.prediction.total_bytes
+    assert model.plan_for(4, 32, autocast="bfloat16", dtype="float32").prediction.total_bytes > 0
+    arch = Architecture.of(model)
+    assert arch.with_depth(100).bn_size == 2 and "bn_size 2" in out["model"]["description"]
+    depth = out["deepest_depth"]["auto"]
+    assert planner.best_fitting(arch.with_depth(depth), Setup(4, 32, torch.bfloat16), 64 * 2**20) is not None
 
 
 def test_depth_search_keeps_the_volume_and_monais_stem():
