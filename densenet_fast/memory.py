@@ -88,8 +88,8 @@ def format_bytes(nbytes: float) -> str:
     digits (more where the number has more before the point)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(nbytes) >= size:
-            value = nbytes / size
-            return f"{value:.3g} {unit}" if abs(value) < 1000 else f"{value:.0f} {unit}"
+            text = f"{nbytes / size:.3g}"
+            return f"{text if 'e' not in text else f'{nbytes / size:.0f}'} {unit}"
     return f"{nbytes:.0f} B"
 
 
@@ -117,7 +117,11 @@ class Architecture:
                  "bn_size": self.bn_size, "num_classes": self.num_classes, "in_channels": self.in_channels,
                  **{f"block_config[{i}]": n for i, n in enumerate(self.block_config)}}
         for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:
+                positive = not isinstance(value, bool) and operator.index(value) >= 1
+            except TypeError:
+                positive = False
+            if not positive:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.block_config:
             raise ValueError("block_config must name at least one dense block")

@@ -256,7 +256,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
          batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,
          autocast: Union[None, str, torch.dtype] = None, device: Optional[str] = None, backend: Optional[str] = None,
-         optimizer: Union[str, OptimizerSpec] = "sgd", budget: Union[None, int, str] = None) -> dict:
+         optimizer: Union[None, str, OptimizerSpec] = None, budget: Union[None, int, str] = None) -> dict:
     """The memory plan of a training step as plain data (see the module docstring).
 
     ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
@@ -264,8 +264,10 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     MONAI's tree of that shape for volumes), an
     :class:`~densenet_fast.memory.Architecture`, a :class:`densenet_fast.DenseNet`
     or a :class:`densenet_fast.monai.DenseNet`; an ``image_size`` of one int is
-    that side in every spatial dimension.  ``dtype`` and ``device`` default to a
-    model's (its first parameter's), else float32 on the CPU.  Returns ``{"policies": {"keep", "recompute",
+    that side in every spatial dimension.  ``dtype``, ``device``, ``backend`` and
+    ``optimizer`` default to a model's (as ``plan_for`` takes them; a model on
+    another device than cpu or cuda, meta included, is planned on the CPU), else
+    float32 on the CPU, automatic, SGD with momentum.  Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` needs a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; with a budget also
@@ -279,14 +281,17 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         refuse_unplannable(model, "plan")
         arch = Architecture.of(model)
         weight = next(model.parameters())
-        dtype, device = dtype or weight.dtype, device or weight.device.type
+        dtype = dtype or weight.dtype
+        device = device or (weight.device.type if weight.device.type in ("cpu", "cuda") else None)  # meta: cpu
+        backend = backend or model.backend
+        optimizer = optimizer or getattr(model, "memory_optimizer", None)
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)
         arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, as_dtype(dtype or "float32"), as_autocast(autocast), device or "cpu", backend,
-                  optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer))
+                  optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer or "sgd"))
     budget = None if budget is None else parse_bytes(budget)
     policies: dict[str, Optional[dict]] = {}
     for policy in POLICIES:

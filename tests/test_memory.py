@@ -399,6 +399,11 @@ def test_a_models_plan_is_in_its_dtype_and_keeps_its_bottleneck_width():
     assert model.plan_for(4, 32, autocast="bfloat16", dtype="float32").prediction.total_bytes > 0
     arch = Architecture.of(model)
     assert arch.with_depth(100).bn_size == 2 and "bn_size 2" in out["model"]["description"]
+    on_torch = densenet_bc(22, backend="torch", memory_budget="64MiB")  # the backend is the model's too
+    assert plan(on_torch, batch=4, image_size=32, budget="64MiB")["policies"]["auto"]["total_bytes"] == \
+        on_torch.plan_for(4, 32).prediction.total_bytes
+    with torch.device("meta"):
+        assert plan(densenet_bc(22), batch=4, image_size=32)["setup"]["device"] == "cpu"
     depth = out["deepest_depth"]["auto"]
     assert planner.best_fitting(arch.with_depth(depth), Setup(4, 32, torch.bfloat16), 64 * 2**20) is not None
 
