@@ -400,11 +400,9 @@ def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str
     makes it where the device exists here, else the first in the automatic order).  ``dtype``
     is unused: a backend runs the torch backend's primitives for the dtypes its kernels lack
     (:func:`workspace_backend`)."""
-    from .backends import BACKEND_NAMES, BACKENDS, get_backend
+    from .backends import BACKENDS, get_backend, runs_on
     if name is not None:
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
-        if not next(spec for spec in BACKENDS if spec.name == name).runs_on(torch.device(device)):
+        if not runs_on(name, torch.device(device)):  # an unknown name raises there
             raise ValueError(f"the {name} backend does not run on {device}")
         return name
     if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):

@@ -417,6 +417,7 @@ def report(result: dict) -> str:
                 "largest_batch": ("largest batch for this model", MAX_BATCH)}
     for key, (label, limit) in searches.items():
         if key in result:
-            lines.append(f"{label}: " + ", ".join(f"{k} {v}" + (" or more (the search stops there)" if v == limit else "")
+            at_limit = " or more (the search stops there)"
+            lines.append(f"{label}: " + ", ".join(f"{k} {v}{at_limit if v == limit else ''}"
                                                   for k, v in result[key].items()))
     return "\n".join(lines)

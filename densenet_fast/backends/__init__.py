@@ -24,7 +24,7 @@ from .interface import Backend
 ENV_VAR = "DENSENET_FAST_BACKEND"
 
 __all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "BackendUnavailableError", "available_backends",
-           "get_backend", "resolve_backend_name"]
+           "get_backend", "resolve_backend_name", "runs_on"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -148,10 +148,15 @@ def _instance(name: str) -> Backend:
     return _spec(name).load()()
 
 
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` runs on tensors on ``device`` (an unknown name raises)."""
+    return _spec(name).runs_on(device)
+
+
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
     """The backend instance for tensors on ``device`` (``name=None``: automatic)."""
     if name is None:
         return _instance(next(spec.name for spec in BACKENDS if spec.chosen_automatically(device)))
-    if not _spec(name).runs_on(device):
+    if not runs_on(name, device):
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device.type} tensors")
     return _instance(name)
