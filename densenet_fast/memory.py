@@ -49,6 +49,7 @@ NAMED_MODELS = {  # torchvision's DenseNets: growth rate, block config, stem cha
     "densenet264": (32, (6, 12, 64, 48), 64),
 }
 ELEMENT_BYTES = {torch.float64: 8, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPP_TILE_BYTES = 512 * 1024  # the C++ kernels' per-thread tiles (csrc/ops/cpu/bn_relu_conv_kernel.cpp)
 CPP_TILE_ROWS = (32, 1024)
 ATEN_SMALL_CONVOLUTION = 20480  # input values up to which ATen convolves batch 1 by im2col, not oneDNN
@@ -336,7 +337,7 @@ class Setup:
     """How a training step runs: ``batch`` images of ``image_size`` (``(H, W)``;
     one side per spatial dimension: ``(D, H, W)`` for volumes; an int: a square),
     parameters in ``dtype``, optionally under ``autocast`` (the dtype the blocks
-    compute in), on ``device`` (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``:
+    compute in: bfloat16 or float16; dtypes or their names), on ``device`` (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``:
     the automatic choice for that device), ``optimizer``, and ``threads`` CPU
     threads (the C++ kernels' per-thread tiles)."""
 
@@ -351,6 +352,8 @@ class Setup:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", image_sides(self.image_size))
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        object.__setattr__(self, "autocast", as_autocast(self.autocast))
         try:
             device = torch.device(self.device).type
         except (RuntimeError, TypeError):
@@ -368,6 +371,24 @@ class Setup:
 
     def with_batch(self, batch: int) -> "Setup":
         return replace(self, batch=batch)
+
+
+def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+    """A dtype the memory model describes, from its name or itself."""
+    dtype = DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in DTYPES.values():
+        raise ValueError(f"the memory model describes the dtypes {tuple(DTYPES)}, got {value!r}")
+    return dtype
+
+
+def as_autocast(value: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """The dtype autocast computes in (``None``: no autocast)."""
+    if value is None:
+        return None
+    dtype = as_dtype(value)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast computes in bfloat16 or float16, got {value!r}")
+    return dtype
 
 
 def image_sides(size) -> tuple[int, ...]:

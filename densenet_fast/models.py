@@ -451,7 +451,7 @@ class _EngineModel(nn.Module):
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
-        setup = memory.Setup(batch, image_size, planner.as_dtype(dtype or weight.dtype), planner.as_autocast(autocast),
+        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
                              device or weight.device, self.backend, self.memory_optimizer)
         key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
         choice = self._memory_plans.get(key)

@@ -30,10 +30,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .memory import (CPU_HEAP_BELOW, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
+from .memory import (CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
                      Prediction, Setup, format_bytes, parse_bytes, predict)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
 MAX_BATCH = 2**24
 SCANNED_BATCHES = 64  # largest_batch tries each batch up to this one,
@@ -290,7 +289,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
-    setup = Setup(batch, image_size, as_dtype(dtype or "float32"), as_autocast(autocast), device or "cpu", backend,
+    setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
                   optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer or "sgd"))
     budget = None if budget is None else parse_bytes(budget)
     policies: dict[str, Optional[dict]] = {}
@@ -336,24 +335,6 @@ def entry(choice: Choice, budget: Optional[int]) -> dict:
             "step_time_ratio": choice.step_time_ratio}
 
 
-def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
-    """A dtype the memory model describes, from its name or itself."""
-    dtype = DTYPES.get(value) if isinstance(value, str) else value
-    if dtype not in DTYPES.values():
-        raise ValueError(f"the memory model describes the dtypes {tuple(DTYPES)}, got {value!r}")
-    return dtype
-
-
-def as_autocast(value: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    """The dtype autocast computes in (``None``: no autocast)."""
-    if value is None:
-        return None
-    dtype = as_dtype(value)
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast computes in bfloat16 or float16, got {value!r}")
-    return dtype
-
-
 # -- the command ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="densenet_bc", help="densenet_bc (with --depth, --growth-rate) or "
@@ -378,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not 1 <= len(args.image_size) <= 3:
-        raise SystemExit(f"--image-size takes 1 to 3 sides, got {len(args.image_size)}")
+        raise ValueError(f"--image-size takes 1 to 3 sides, got {len(args.image_size)}")
     image_size = tuple(args.image_size) if len(args.image_size) > 1 else args.image_size[0]
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
                   in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype,

@@ -281,6 +281,8 @@ def test_plan_command_for_volumes(capsys):
     assert plan(model, batch=2, image_size=64)["setup"]["image_size"] == [64, 64, 64]  # one side: a cube
     with pytest.raises(ValueError, match="3 spatial dimension"):
         plan(model, batch=2, image_size=(64, 128))
+    assert cli.main(["plan", "--image-size", "8", "8", "8", "8"]) == 2  # a user's error, as argparse's are
+    assert "--image-size takes 1 to 3 sides, got 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -386,6 +388,10 @@ def test_bad_model_shapes_devices_and_dtypes_are_refused():
         plan("densenet_bc", depth=40, batch=2, autocast="float64")
     with pytest.raises(ValueError, match="describes the dtypes"):
         plan("densenet_bc", depth=40, batch=2, dtype=torch.int64)
+    for bad in (dict(dtype=torch.int64), dict(dtype="float"), dict(autocast=torch.float64), dict(autocast="")):
+        with pytest.raises(ValueError, match="describes the dtypes|bfloat16 or float16"):
+            Setup(2, 32, **bad)  # the memory model's own entry refuses them too
+    assert Setup(2, 32, "float64", "bfloat16") == Setup(2, 32, torch.float64, torch.bfloat16)
 
 
 def test_a_models_plan_is_in_its_dtype_and_keeps_its_bottleneck_width():
