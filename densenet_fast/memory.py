@@ -31,6 +31,7 @@ import operator
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -114,16 +115,10 @@ class Architecture:
     tree: str = "torchvision"
 
     def __post_init__(self) -> None:
-        sizes = {"growth_rate": self.growth_rate, "num_init_features": self.num_init_features,
-                 "bn_size": self.bn_size, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                 **{f"block_config[{i}]": n for i, n in enumerate(self.block_config)}}
-        for name, value in sizes.items():
-            try:
-                positive = not isinstance(value, bool) and operator.index(value) >= 1
-            except TypeError:
-                positive = False
-            if not positive:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"):
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        object.__setattr__(self, "block_config", tuple(positive_int(f"block_config[{i}]", n)
+                                                       for i, n in enumerate(self.block_config)))
         if not self.block_config:
             raise ValueError("block_config must name at least one dense block")
         if self.tree not in TREES:
@@ -362,8 +357,7 @@ class Setup:
             raise ValueError(f"the memory model describes training on 'cpu' or 'cuda', got device {self.device!r}")
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
-        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
+        object.__setattr__(self, "batch", positive_int("batch", self.batch))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -371,6 +365,18 @@ class Setup:
 
     def with_batch(self, batch: int) -> "Setup":
         return replace(self, batch=batch)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an ``int`` (NumPy's integers too, not ``bool``), or a
+    ``ValueError`` naming ``name`` unless it is a positive integer."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
@@ -421,10 +427,11 @@ def resolve_backend(name: Optional[str], device: str, dtype: torch.dtype) -> str
     makes it where the device exists here, else the first in the automatic order).  ``dtype``
     is unused: a backend runs the torch backend's primitives for the dtypes its kernels lack
     (:func:`workspace_backend`)."""
-    from .backends import BACKENDS, get_backend, runs_on
+    from .backends import BACKENDS, get_backend, wrong_device
     if name is not None:
-        if not runs_on(name, torch.device(device)):  # an unknown name raises there
-            raise ValueError(f"the {name} backend does not run on {device}")
+        reason = wrong_device(name, torch.device(device))  # an unknown name raises there
+        if reason is not None:
+            raise ValueError(reason)
         return name
     if device == "cpu" or (device == "cuda" and torch.cuda.is_available()):
         return get_backend(None, torch.device(device)).name
@@ -572,10 +579,13 @@ class Timeline:
         self.peak_parts: dict[str, float] = {}
         self.peak_where = "between steps"
         self.where = ""
+        self.allocations: list[float] = []  # the bytes of every allocation, in program order
+
 
     def alloc(self, part: str, *sizes: float) -> None:
         """Allocate one tensor of each of ``sizes`` bytes under ``part``."""
         for nbytes in sizes:
+            self.allocations.append(nbytes)
             self._change(part, nbytes)
 
     def free(self, part: str, *sizes: float) -> None:
@@ -650,6 +660,21 @@ def predict(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str
     step = {part: int(round(nbytes)) for part, nbytes in timeline.peak_breakdown().items()}
     return Prediction(simulation.persistent(), {p: b for p, b in step.items() if b}, timeline.peak_where, policies,
                       not_counted(setup))
+
+
+def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep") -> set[int]:
+    """The batches above 2 at which one of the step's allocations on the C heap
+    (below :data:`CPU_HEAP_BELOW`, on the CPU) grows to the threshold and leaves
+    it.  Between them the predicted peak grows with the batch; at them it can
+    drop.  Every allocation's bytes are taken as ``a + m * batch`` from the
+    step at batches 2 and 4 (the same allocations in the same order: only
+    batch 1 takes other paths)."""
+    if setup.device != "cpu":
+        return set()
+    policies = policies_of(recompute, len(arch.block_config))
+    at_2, at_4 = (StepSimulation(arch, setup.with_batch(b), policies).run().allocations for b in (2, 4))
+    return {2 + math.ceil(Fraction(2 * (CPU_HEAP_BELOW - small)) / Fraction(large - small))
+            for small, large in zip(at_2, at_4) if small < CPU_HEAP_BELOW and large > small}
 
 
 def not_counted(setup: Setup) -> tuple[str, ...]:

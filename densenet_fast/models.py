@@ -657,16 +657,14 @@ class DenseNet(_EngineModel):
         memory_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
-        block_config = tuple(block_config)
-        _check_positive_int("growth_rate", growth_rate)
-        _check_positive_int("num_init_features", num_init_features)
-        _check_positive_int("bn_size", bn_size)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        growth_rate = memory.positive_int("growth_rate", growth_rate)
+        num_init_features = memory.positive_int("num_init_features", num_init_features)
+        bn_size = memory.positive_int("bn_size", bn_size)
+        num_classes = memory.positive_int("num_classes", num_classes)
+        in_channels = memory.positive_int("in_channels", in_channels)
+        block_config = tuple(memory.positive_int("every entry of block_config", n) for n in block_config)
         if not block_config:
             raise ValueError("block_config must name at least one dense block")
-        for n in block_config:
-            _check_positive_int("every entry of block_config", n)
         if not 0 <= float(drop_rate) < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if stem not in STEMS:
@@ -731,11 +729,6 @@ class DenseNet(_EngineModel):
         norm5 = list(self.features.children())[-1]
         return (fastpath.engine_takes(x) and not fastpath.global_hooks() and not fastpath.has_hooks(self.features)
                 and fastpath.head_norm_is_standard(norm5))
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # -- constructors --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import engine, models
+from . import engine, memory, models
 from .engine import fastpath
 
 __all__ = [
@@ -183,16 +183,16 @@ class DenseNet(models._EngineModel):
         memory_budget: Union[None, int, str] = None,
     ) -> None:
         super().__init__()
-        block_config = tuple(block_config)
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("init_features", init_features), ("growth_rate", growth_rate), ("bn_size", bn_size)):
-            models._check_positive_int(name, value)
+        in_channels = memory.positive_int("in_channels", in_channels)
+        out_channels = memory.positive_int("out_channels", out_channels)
+        init_features = memory.positive_int("init_features", init_features)
+        growth_rate = memory.positive_int("growth_rate", growth_rate)
+        bn_size = memory.positive_int("bn_size", bn_size)
+        block_config = tuple(memory.positive_int("every entry of block_config", n) for n in block_config)
         if not block_config:
             raise ValueError("block_config must name at least one dense block")
-        for n in block_config:
-            models._check_positive_int("every entry of block_config", n)
         if not 0 <= float(dropout_prob) < 1:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
         self.spatial_dims = spatial_dims

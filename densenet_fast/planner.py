@@ -31,12 +31,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .memory import (CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
-                     Prediction, Setup, format_bytes, parse_bytes, predict)
+                     Prediction, Setup, format_bytes, heap_exits, parse_bytes, predict)
 
-MAX_DEPTH_LAYERS = 100_000  # per block: the depth search stops there
+MAX_DEPTH_LAYERS = 10_000  # per block: the depth search stops there (DenseNet-BC-60004, k=12: 703 GiB of parameters)
 MAX_BATCH = 2**24
-SCANNED_BATCHES = 64  # largest_batch tries each batch up to this one,
-BATCH_DIP_WINDOW = 8  # and this many past each boundary above it
 
 
 class MemoryBudgetError(ValueError):
@@ -119,13 +117,18 @@ def evaluate(arch: Architecture, setup: Setup, policies: Sequence[str]) -> Choic
     return Choice(policies, predict(arch, setup, policies), step_time_ratio(arch, setup, policies)[0])
 
 
-def candidates(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]]) -> list[Choice]:
+def allowed_assignments(arch: Architecture, recompute: Union[str, Sequence[str]]) -> list[tuple[str, ...]]:
     """The assignments ``recompute`` allows: one policy everywhere, the given
     per-block ones, or every assignment for ``"auto"``."""
     blocks = len(arch.block_config)
     if recompute == "auto":
-        return [evaluate(arch, setup, a) for a in assignments(blocks)]
-    return [evaluate(arch, setup, (recompute,) * blocks if isinstance(recompute, str) else recompute)]
+        return assignments(blocks)
+    return [(recompute,) * blocks if isinstance(recompute, str) else tuple(recompute)]
+
+
+def candidates(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]]) -> list[Choice]:
+    """Each allowed assignment with its prediction and step time."""
+    return [evaluate(arch, setup, a) for a in allowed_assignments(arch, recompute)]
 
 
 def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
@@ -159,7 +162,7 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
              f"{format_bytes(p.step_bytes)} step), more than the memory budget of {allowed}."]
     batch = largest_batch(arch, setup, budget, recompute)
     lines.append(f"At this budget the largest batch that fits is {batch}." if batch else
-                 f"At this budget no batch of 1 to {SCANNED_BATCHES} fits.")
+                 "At this budget not even a batch of 1 fits.")
     if arch.depth is not None:
         depth = deepest_depth(arch, setup, budget, recompute)
         bc = f"{dims_text(arch)}DenseNet-BC (k={arch.growth_rate})"
@@ -194,13 +197,18 @@ def size_text(image_size: Sequence[int]) -> str:
 # -- searches ----------------------------------------------------------------------------------------
 def largest_true(fits: Callable[[int], bool], low: int, high: int) -> Optional[int]:
     """The largest ``x`` in ``[low, high]`` with ``fits(x)``, for ``fits`` true up
-    to some point and false after it (doubling, then bisection)."""
+    to some point and false after it (doubling, then bisection; ``high`` is
+    tried before a bisection up to it)."""
     if not fits(low):
         return None
     good, step = low, 1
     while good + step <= high and fits(good + step):
         good, step = good + step, step * 2
-    bad = min(good + step, high + 1)
+    if good + step > high:
+        if good == high or fits(high):
+            return high
+        step = high - good
+    bad = good + step
     while bad - good > 1:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
@@ -222,21 +230,18 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
     """The largest batch whose training step is predicted to fit ``budget``
     (searched up to ``MAX_BATCH``).  The predicted peak does not always grow
     with the batch: it drops from batch 1 (ATen's CPU im2col path, up to several
-    MiB), and wanders by a few hundred KiB where the step's peak hardly depends
-    on the batch (as it grows, small tensors cross glibc's mmap threshold and
-    leave the heap).  So every batch up to ``SCANNED_BATCHES`` is tried; above,
-    doubling and bisection find a boundary, past which ``BATCH_DIP_WINDOW``
-    more are tried before the search stops."""
+    MiB), and by up to a few hundred KiB wherever a small tensor grows past
+    glibc's mmap threshold and leaves the heap (:func:`memory.heap_exits`).
+    Between those batches it grows, so each stretch is searched by doubling
+    and bisection, from the last stretch down to the first whose smallest
+    batch fits."""
     @functools.cache
     def fits(b: int) -> bool:
         return best_fitting(arch, setup.with_batch(b), budget, recompute) is not None
-    good = next((b for b in range(SCANNED_BATCHES, 0, -1) if fits(b)), None)
-    while good is not None:
-        ahead = next((b for b in range(good + 1, min(good + BATCH_DIP_WINDOW, MAX_BATCH) + 1) if fits(b)), None)
-        if ahead is None:
-            return good
-        good = largest_true(fits, ahead, MAX_BATCH)
-    return None
+    exits = set().union(*(heap_exits(arch, setup, a) for a in allowed_assignments(arch, recompute)))
+    starts = sorted({1, 2} | {b for b in exits if b <= MAX_BATCH})
+    ends = [b - 1 for b in starts[1:]] + [MAX_BATCH]
+    return next((largest_true(fits, lo, hi) for lo, hi in reversed(list(zip(starts, ends))) if fits(lo)), None)
 
 
 # -- plan ----------------------------------------------------------------------------------------------

@@ -333,3 +333,13 @@ def test_torch_backend_mm_compiles_to_one_graph(dtype):
     assert product.dtype == dtype
     assert product.isnan().any(1).nonzero().flatten().tolist() == [5]
     assert_same_numbers(product, a.double() @ b.double(), TOLERANCE[dtype], "compiled mm")
+
+
+def test_a_backend_on_the_wrong_device_says_where_it_runs(monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="the cuda backend runs on CUDA tensors, not on cpu ones"):
+        get_backend("cuda", torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="CPU ones with TRITON_INTERPRET=1 set, not on cpu ones"):
+        get_backend("triton", torch.device("cpu"))
+    with pytest.raises(BackendUnavailableError, match="the cpp backend runs on CPU tensors, not on cuda ones"):
+        get_backend("cpp", torch.device("cuda"))

@@ -362,6 +362,24 @@ def test_bad_constructor_value(build, message):
         build()
 
 
+def test_sizes_are_python_ints_numpy_integers_taken_bools_refused():
+    """One check for every size, in the models and the memory model alike."""
+    import numpy as np
+    from densenet_fast import memory, monai
+    model = DenseNet(np.int64(6), (np.int32(2), 1), np.int16(8), num_classes=np.uint8(3), in_channels=np.int64(1))
+    layer = model.features.denseblock1.denselayer2
+    assert type(layer.conv2.out_channels) is int and layer.conv1.in_channels == 8 + 6
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    volume = monai.DenseNet(2, np.int64(1), np.int64(2), growth_rate=np.int64(4), block_config=(1, 1), init_features=8)
+    assert type(volume.features.denseblock1.denselayer1.layers.conv2.out_channels) is int
+    arch = memory.Architecture(np.int64(12), (np.int64(2),), 24)
+    assert type(arch.growth_rate) is type(arch.block_config[0]) is type(memory.Setup(np.int64(2), 32).batch) is int
+    for build in (lambda: DenseNet(growth_rate=True), lambda: monai.DenseNet(2, 1, 2, bn_size=False),
+                  lambda: memory.Architecture(12, (True,), 24), lambda: memory.Setup(True, 32)):
+        with pytest.raises(ValueError, match="must be a positive integer, got (True|False)"):
+            build()
+
+
 def unavailable_backend() -> str:
     missing = [name for name in densenet_fast.BACKEND_NAMES if name not in densenet_fast.available_backends()]
     if not missing:

@@ -24,7 +24,7 @@ from .interface import Backend
 ENV_VAR = "DENSENET_FAST_BACKEND"
 
 __all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "BackendUnavailableError", "available_backends",
-           "get_backend", "resolve_backend_name", "runs_on"]
+           "get_backend", "resolve_backend_name", "wrong_device"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -67,12 +67,13 @@ def _triton_missing() -> Optional[str]:
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
     """One backend: ``load()`` returns its class, which implements :class:`.interface.Backend` for
-    tensors on ``runs_on(device)``; automatic choice takes it only for the
-    device types ``chosen_for`` (``None``: any); ``missing()`` says why it
-    cannot be used in this process (``None``: it can)."""
+    tensors on ``runs_on(device)`` (in words: ``tensors``); automatic choice
+    takes it only for the device types ``chosen_for`` (``None``: any);
+    ``missing()`` says why it cannot be used in this process (``None``: it can)."""
     name: str
     load: Callable[[], type[Backend]]
     runs_on: Callable[[torch.device], bool]
+    tensors: str
     chosen_for: Optional[tuple[str, ...]]
     missing: Callable[[], Optional[str]]
 
@@ -105,12 +106,13 @@ def _torch_class() -> type[Backend]:
 BACKENDS = (  # in order of preference for automatic choice
     BackendSpec("triton", _triton_class,
                 runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and _interpreting_triton()),
-                chosen_for=("cuda",), missing=_triton_missing),
-    BackendSpec("cuda", _cuda_class, runs_on=lambda device: device.type == "cuda",
+                tensors="CUDA tensors, and CPU ones with TRITON_INTERPRET=1 set", chosen_for=("cuda",),
+                missing=_triton_missing),
+    BackendSpec("cuda", _cuda_class, runs_on=lambda device: device.type == "cuda", tensors="CUDA tensors",
                 chosen_for=("cuda",), missing=_cuda_kernels_missing),
-    BackendSpec("cpp", _cpp_class, runs_on=lambda device: device.type == "cpu",
+    BackendSpec("cpp", _cpp_class, runs_on=lambda device: device.type == "cpu", tensors="CPU tensors",
                 chosen_for=("cpu",), missing=_extension_missing),
-    BackendSpec("torch", _torch_class, runs_on=lambda device: True, chosen_for=None,
+    BackendSpec("torch", _torch_class, runs_on=lambda device: True, tensors="any tensors", chosen_for=None,
                 missing=lambda: None),
 )
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")  # reference first, as users list them
@@ -148,15 +150,18 @@ def _instance(name: str) -> Backend:
     return _spec(name).load()()
 
 
-def runs_on(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` runs on tensors on ``device`` (an unknown name raises)."""
-    return _spec(name).runs_on(device)
+def wrong_device(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run on tensors on ``device`` (``None``: it can;
+    an unknown name raises)."""
+    spec = _spec(name)
+    return None if spec.runs_on(device) else f"the {name} backend runs on {spec.tensors}, not on {device.type} ones"
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
     """The backend instance for tensors on ``device`` (``name=None``: automatic)."""
     if name is None:
         return _instance(next(spec.name for spec in BACKENDS if spec.chosen_automatically(device)))
-    if not runs_on(name, device):
-        raise BackendUnavailableError(f"backend {name!r} cannot run on {device.type} tensors")
+    reason = wrong_device(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
     return _instance(name)
