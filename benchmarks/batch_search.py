@@ -10,7 +10,10 @@ among those predictions (those no batch in the last 50 fits), compares
 ``planner.largest_batch`` with the largest batch whose prediction fits.
 Prints one line per case: the mismatches, the stretches searched
 (``memory.heap_exits``) and the time one search took on average; exits 1 on
-any mismatch.  Predictions only: nothing is trained.
+any mismatch.  Then, for the DenseNet-BCs in ``DEPTH_MODELS``, the depths
+(16 to 358) where the predicted peak dips below the one 6 layers shallower,
+which ``planner.deepest_depth`` (a bisection) may step over.  Predictions
+only: nothing is trained.
 """
 
 import argparse
@@ -29,6 +32,13 @@ MODELS = [  # name, depth, image size, tree
     ("densenet_bc", 22, (16, 16, 16), None), ("densenet_bc", 22, (32, 32, 32), None),
 ]
 SETTINGS = [{}, {"autocast": torch.bfloat16}, {"threads": 1}, {"threads": 16}, {"backend": "torch"}]
+DEPTH_MODELS = [  # growth rate, image size, tree, batches, settings: where the peak is predicted to dip with depth
+    (12, (32, 32), "torchvision", (1, 2, 16), ({}, {"autocast": torch.bfloat16})),
+    (12, (8, 8), "torchvision", (1, 2, 16), ({}, {"autocast": torch.bfloat16})),
+    (12, (16, 16), "monai", (1, 2, 16), ({}, {"autocast": torch.bfloat16})),
+    (12, (48,), "monai", (1, 2, 16), ({}, {"autocast": torch.bfloat16})),
+    (4, (4, 4), "torchvision", (16,), ({"autocast": torch.bfloat16, "threads": 16},)),
+]
 
 
 def check(arch: Architecture, setup: Setup, policy: str, batches: int) -> tuple[int, int, int, float]:
@@ -48,6 +58,13 @@ def check(arch: Architecture, setup: Setup, policy: str, batches: int) -> tuple[
     return mismatches, len(tried), len({1, 2} | heap_exits(arch, setup, policy)), seconds / len(tried)
 
 
+def depth_dips(growth_rate: int, size: tuple[int, ...], tree: str, setup: Setup, policy: str) -> list[int]:
+    """The DenseNet-BC depths 16-358 whose predicted peak is below the one 6 layers shallower."""
+    base = Architecture.named("densenet_bc", 10, growth_rate, spatial_dims=len(size), tree=tree)
+    peaks = [predict(base.with_depth(6 * n + 4), setup, policy).total_bytes for n in range(1, 60)]
+    return [6 * n + 4 for n in range(2, 60) if peaks[n - 1] < peaks[n - 2]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=700, help="brute force over batches 1 to this - 1")
@@ -62,6 +79,14 @@ def main() -> int:
                 print(f"{planner.describe_model(arch)} {planner.size_text(size)} {setting or 'float32'} {policy}: "
                       f"{mismatches} mismatches in {tried} budgets, {stretches} stretches, "
                       f"{1000 * seconds:.0f} ms per search", flush=True)
+    for growth_rate, size, tree, batches, settings in DEPTH_MODELS:
+        for batch in batches:
+            for setting in settings:
+                for policy in ("keep", "recompute"):
+                    dips = depth_dips(growth_rate, size, tree, Setup(batch, size, **setting), policy)
+                    print(f"DenseNet-BC (k={growth_rate}, {tree}) {planner.size_text(size)} batch {batch} "
+                          f"{setting or 'float32'} {policy}: the peak dips with depth at {dips or 'no depth'}",
+                          flush=True)
     return 1 if failed else 0
 
 

@@ -158,11 +158,8 @@ class Architecture:
         ``init_features=2k``)."""
         tree = tree or ("torchvision" if spatial_dims == 2 else "monai")
         if name == "densenet_bc":
-            depth = 100 if depth is None else depth
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-                raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), "
-                                 f"got {depth!r}")
-            k, n = 12 if growth_rate is None else growth_rate, (depth - 4) // 6
+            n = bc_layers_per_block(100 if depth is None else depth)
+            k = 12 if growth_rate is None else growth_rate
             arch = Architecture(k, (n, n, n), 2 * k, num_classes=10 if num_classes is None else num_classes,
                                 stem="cifar")  # a bad k is named first: growth_rate is checked first
         elif name not in NAMED_MODELS:
@@ -358,6 +355,7 @@ class Setup:
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         object.__setattr__(self, "batch", positive_int("batch", self.batch))
+        object.__setattr__(self, "threads", positive_int("threads", self.threads))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -377,6 +375,17 @@ def positive_int(name: str, value) -> int:
     if number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
+
+
+def bc_layers_per_block(depth) -> int:
+    """The layers in each of DenseNet-BC's three dense blocks at ``depth`` (``6n + 4``)."""
+    try:
+        n = None if isinstance(depth, bool) else (operator.index(depth) - 4) // 6
+    except TypeError:
+        n = None
+    if n is None or n < 1 or 6 * n + 4 != depth:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), got {depth!r}")
+    return n
 
 
 def as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
@@ -662,19 +671,53 @@ def predict(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str
                       not_counted(setup))
 
 
-def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep") -> set[int]:
-    """The batches above 2 at which one of the step's allocations on the C heap
-    (below :data:`CPU_HEAP_BELOW`, on the CPU) grows to the threshold and leaves
-    it.  Between them the predicted peak grows with the batch; at them it can
-    drop.  Every allocation's bytes are taken as ``a + m * batch`` from the
-    step at batches 2 and 4 (the same allocations in the same order: only
-    batch 1 takes other paths)."""
+def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep",
+               up_to: int = 2**24) -> frozenset[int]:
+    """The batches from 3 to ``up_to`` at which one of the step's allocations on
+    the C heap (below :data:`CPU_HEAP_BELOW`, on the CPU) grows to the
+    threshold and leaves it.  Between them the predicted peak grows with the
+    batch; at them it can drop.
+
+    From batch 2 on, the step makes the same allocations in the same order
+    (only batch 1 takes other paths), each as large or larger at a larger
+    batch, but not always in proportion (the C++ kernels' workspaces step and
+    saturate).  So a line through each allocation's bytes at batches 2 and 4
+    guesses where it leaves; the step is simulated on either side of each
+    guess and at ``up_to``, and bisection finds every exit between two
+    simulated batches whose sets of heap allocations differ."""
     if setup.device != "cpu":
-        return set()
-    policies = policies_of(recompute, len(arch.block_config))
-    at_2, at_4 = (StepSimulation(arch, setup.with_batch(b), policies).run().allocations for b in (2, 4))
-    return {2 + math.ceil(Fraction(2 * (CPU_HEAP_BELOW - small)) / Fraction(large - small))
-            for small, large in zip(at_2, at_4) if small < CPU_HEAP_BELOW and large > small}
+        return frozenset()
+    return _heap_exits(arch, setup.with_batch(2), policies_of(recompute, len(arch.block_config)), up_to)
+
+
+@functools.lru_cache(maxsize=256)  # a search asks again for each budget
+def _heap_exits(arch: Architecture, setup: Setup, policies: tuple[str, ...], up_to: int) -> frozenset[int]:
+    @functools.cache
+    def allocations(batch: int) -> list[float]:
+        return StepSimulation(arch, setup.with_batch(batch), policies).run().allocations
+
+    def on_heap(batch: int) -> list[bool]:
+        return [nbytes < CPU_HEAP_BELOW for nbytes in allocations(batch)]
+
+    guesses = {2 + math.ceil(Fraction(2 * (CPU_HEAP_BELOW - small)) / Fraction(large - small))
+               for small, large in zip(allocations(2), allocations(4)) if small < CPU_HEAP_BELOW and large > small}
+    batches = sorted({2, up_to} | {b for guess in guesses for b in (guess - 1, guess) if 2 < b < up_to})
+    exits: set[int] = set()
+
+    def search(low: int, high: int) -> None:
+        """Every exit in ``(low, high]``."""
+        if on_heap(low) == on_heap(high):
+            return
+        if high - low == 1:
+            exits.add(high)
+            return
+        middle = (low + high) // 2
+        search(low, middle)
+        search(middle, high)
+
+    for low, high in zip(batches, batches[1:]):
+        search(low, high)
+    return frozenset(exits)
 
 
 def not_counted(setup: Setup) -> tuple[str, ...]:

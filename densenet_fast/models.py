@@ -806,9 +806,7 @@ def densenet264(*, weights: Weights = None, progress: bool = True, pretrained: O
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs) -> DenseNet:
     """The paper's CIFAR DenseNet-BC of ``depth`` layers: 3 blocks of ``(depth - 4) / 6``
     bottleneck layers, a 3x3 stem with ``2 * growth_rate`` channels, compression 0.5."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), got {depth!r}")
-    n = (depth - 4) // 6
+    n = memory.bc_layers_per_block(depth)
     kwargs.setdefault("stem", "cifar")
     return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, **kwargs)
 

@@ -238,8 +238,8 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
     @functools.cache
     def fits(b: int) -> bool:
         return best_fitting(arch, setup.with_batch(b), budget, recompute) is not None
-    exits = set().union(*(heap_exits(arch, setup, a) for a in allowed_assignments(arch, recompute)))
-    starts = sorted({1, 2} | {b for b in exits if b <= MAX_BATCH})
+    exits = set().union(*(heap_exits(arch, setup, a, MAX_BATCH) for a in allowed_assignments(arch, recompute)))
+    starts = sorted({1, 2} | exits)
     ends = [b - 1 for b in starts[1:]] + [MAX_BATCH]
     return next((largest_true(fits, lo, hi) for lo, hi in reversed(list(zip(starts, ends))) if fits(lo)), None)
 

@@ -43,7 +43,8 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .memory import CPU_HEAP_BELOW, OptimizerSpec, cpu_heap_as_modelled, format_bytes, parse_bytes, set_mmap_threshold
+from .memory import (CPU_HEAP_BELOW, OptimizerSpec, bc_layers_per_block, cpu_heap_as_modelled, format_bytes, parse_bytes,
+                     set_mmap_threshold)
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
@@ -700,9 +701,10 @@ def build_volume_model(options: dict) -> nn.Module:
     if options["model"] != "densenet_bc":
         return MONAI_MODELS[options["model"]](**kwargs)
     depth, k = options["depth"], options["growth_rate"]
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise TrainingError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), got {depth!r}")
-    n = (depth - 4) // 6
+    try:
+        n = bc_layers_per_block(depth)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     return monai_models.DenseNet(init_features=2 * k, growth_rate=k, block_config=(n, n, n), **kwargs)
 
 

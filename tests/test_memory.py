@@ -125,22 +125,25 @@ def test_largest_true_tries_the_limit_before_bisecting_up_to_it():
             assert tried[-1] == high and len(tried) <= high.bit_length() + 1
 
 
-@pytest.mark.parametrize("name, size, tree, policy, autocast", [
-    ("densenet121", (32, 32), None, "recompute", torch.bfloat16),  # the peak at the optimizer update: flat in batch
-    ("densenet_bc", (32, 32, 32), None, "keep", None),  # batch 1 takes ATen's im2col path: more than batch 2
-    ("densenet121", (48,), "monai", "recompute", None),  # flat, with dips at 86 and 128
-    ("densenet_bc", (16, 16), "monai", "keep", torch.bfloat16),  # dips where a workspace with a constant part leaves the heap
-])
-def test_the_largest_batch_is_the_largest_that_fits(name, size, tree, policy, autocast):
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("model, setup, policy", [
+    (("densenet121", None), Setup(1, 32, autocast=BF16), "recompute"),  # the peak at the optimizer update: flat
+    (("densenet_bc", 22, dict(spatial_dims=3)), Setup(1, (32, 32, 32)), "keep"),  # batch 1 by im2col: above 2
+    (("densenet121", None, dict(spatial_dims=1)), Setup(1, (48,)), "recompute"),  # flat, dips at 86 and 128
+    (("densenet_bc", 22, dict(tree="monai")), Setup(1, 16, autocast=BF16), "keep"),  # a workspace with a constant part
+    (("densenet_bc", 40, dict(growth_rate=4)), Setup(1, 4, autocast=BF16, threads=16), "keep"),  # exits off the line
+], ids=["densenet121", "bc22-3d", "monai121-1d", "monai-bc22", "bc40-k4"])
+def test_the_largest_batch_is_the_largest_that_fits(model, setup, policy):
     """Where the predicted peak dips as the batch grows, the batch search still
     finds the largest batch that fits, against every batch tried (1 to 399)."""
-    arch = Architecture.named(name, 22 if name == "densenet_bc" else None, spatial_dims=len(size), tree=tree)
-    setup = Setup(1, size, autocast=autocast)
+    arch = Architecture.named(*model[:2], **(model[2] if len(model) > 2 else {}))
     peaks = {b: predict(arch, setup.with_batch(b), policy).total_bytes for b in range(1, 400)}
     dips = [b for b in range(2, 400) if peaks[b] < peaks[b - 1]]
     assert dips and set(dips) <= {1, 2} | memory.heap_exits(arch, setup, policy)
     budgets = sorted(peak for peak in set(peaks.values()) if peak < min(list(peaks.values())[-50:]))
-    for budget in budgets[::max(1, len(budgets) // 40)]:
+    for budget in [*budgets[::max(1, len(budgets) // 40)], *(peaks[b] for b in dips)]:
         expected = max(b for b, peak in peaks.items() if peak <= budget)
         assert planner.largest_batch(arch, setup, budget, policy) == expected, budget
 

@@ -372,12 +372,18 @@ def test_sizes_are_python_ints_numpy_integers_taken_bools_refused():
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
     volume = monai.DenseNet(2, np.int64(1), np.int64(2), growth_rate=np.int64(4), block_config=(1, 1), init_features=8)
     assert type(volume.features.denseblock1.denselayer1.layers.conv2.out_channels) is int
+    assert densenet_bc(np.int64(16), 4).features.denseblock3.denselayer2.conv2.out_channels == 4
+    assert memory.Architecture.named("densenet_bc", np.int32(22)).depth == 22
     arch = memory.Architecture(np.int64(12), (np.int64(2),), 24)
     assert type(arch.growth_rate) is type(arch.block_config[0]) is type(memory.Setup(np.int64(2), 32).batch) is int
     for build in (lambda: DenseNet(growth_rate=True), lambda: monai.DenseNet(2, 1, 2, bn_size=False),
-                  lambda: memory.Architecture(12, (True,), 24), lambda: memory.Setup(True, 32)):
-        with pytest.raises(ValueError, match="must be a positive integer, got (True|False)"):
+                  lambda: memory.Architecture(12, (True,), 24), lambda: memory.Setup(True, 32),
+                  lambda: memory.Setup(2, 32, threads=0), lambda: memory.Setup(2, 32, threads=2.5)):
+        with pytest.raises(ValueError, match="must be a positive integer, got (True|False|0|2.5)"):
             build()
+    for depth in (True, 16.0, 17, 4, np.int64(15)):
+        with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
+            densenet_bc(depth)
 
 
 def unavailable_backend() -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..memory import OptimizerSpec
+from ..memory import OptimizerSpec, bc_layers_per_block
 
 TORCHVISION_IMPLS = ("tv-eager", "tv-memeff", "tv-compile")
 POLICIES = ("keep", "recompute")
@@ -46,8 +46,7 @@ class ModelSpec:
             return ModelSpec(text, num_classes=num_classes or 1000)
         if text.startswith("densenet_bc-"):
             depth = int(text.split("-", 1)[1])
-            if depth < 10 or (depth - 4) % 6:
-                raise ValueError(f"DenseNet-BC depth must be 6n + 4 (n >= 1), got {depth}")
+            bc_layers_per_block(depth)
             return ModelSpec("densenet_bc", depth, growth_rate, num_classes or 10)
         raise ValueError(f"unknown model {text!r}: use one of {IMAGENET_MODELS} or densenet_bc-<depth>")
 
