@@ -486,10 +486,24 @@ class _EngineModel(nn.Module):
         reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
         if self._built_stem is not None and self.stem_geometry() != self._built_stem:
             reasons.append("a stem changed since construction; the memory model describes the one built")
-        norm5 = list(self.features.children())[-1]
-        if not fastpath.head_norm_is_standard(norm5):
-            reasons.append(f"a norm5 ({type(norm5).__name__}) the engine does not fuse with the head")
+        reasons += [f"a hook on features.{name}, which the engine then runs as a stage of its own"
+                    for name, module in self.features.named_children()
+                    if isinstance(module, (_EngineBlock, _EngineTransition)) and fastpath.has_hooks(module)]
+        reasons.append(self.head_blocker())
         return next((reason for reason in reasons if reason is not None), None)
+
+    @torch.jit.unused
+    def head_blocker(self) -> Optional[str]:
+        """Why ``features`` cannot run as fused stages up to the classifier's
+        pooled input (someone observes ``features`` or ``norm5``), or ``None``."""
+        norm5 = list(self.features.children())[-1]
+        if fastpath.global_hooks():
+            return "module hooks registered for every module"
+        if fastpath.has_hooks(self.features):
+            return "a hook on features"
+        if not fastpath.head_norm_is_standard(norm5):
+            return f"a norm5 ({type(norm5).__name__}) the engine does not fuse with the head"
+        return None
 
     @torch.jit.unused
     def _check_and_plan(self, x: Tensor) -> None:
@@ -726,9 +740,7 @@ class DenseNet(_EngineModel):
         if isinstance(x, torch.fx.Proxy):
             return False
         self._check_and_plan(x)
-        norm5 = list(self.features.children())[-1]
-        return (fastpath.engine_takes(x) and not fastpath.global_hooks() and not fastpath.has_hooks(self.features)
-                and fastpath.head_norm_is_standard(norm5))
+        return fastpath.engine_takes(x) and self.head_blocker() is None
 
 
 # -- constructors --------------------------------------------------------------------------

@@ -266,12 +266,20 @@ class DenseNet(models._EngineModel):
         if isinstance(x, torch.fx.Proxy):
             return False
         self._check_and_plan(x)
-        norm5 = list(self.features.children())[-1]
+        return self.engine.plain_reason is None and fastpath.engine_takes(x) and self.head_blocker() is None
+
+    @torch.jit.unused
+    def head_blocker(self) -> Optional[str]:
+        """Why ``features`` and ``class_layers`` up to ``out`` cannot run as fused
+        stages (someone observes them, or ``class_layers`` is not ReLU, global
+        average pooling and flattening before ``out``), or ``None``."""
         head = self.class_layers._modules
-        return (self.engine.plain_reason is None and fastpath.engine_takes(x) and not fastpath.global_hooks()
-                and not fastpath.has_hooks(self.features) and not fastpath.has_hooks(self.class_layers)
-                and list(head) == ["relu", "pool", "flatten", "out"] and fastpath.head_norm_is_standard(norm5)
-                and fastpath.global_pool_is_standard(head["relu"], head["pool"], head["flatten"]))
+        if fastpath.has_hooks(self.class_layers):
+            return "a hook on class_layers"
+        if list(head) != ["relu", "pool", "flatten", "out"] or \
+                not fastpath.global_pool_is_standard(head["relu"], head["pool"], head["flatten"]):
+            return "class_layers other than ReLU, global average pooling and flattening before out"
+        return super().head_blocker()
 
 
 # -- the named networks, with MONAI's pretrained weights ----------------------------------------

@@ -394,6 +394,42 @@ def test_bad_sizes_and_arguments_are_refused():
             plans()
 
 
+@pytest.mark.parametrize("observe", [
+    lambda model: model.features.register_forward_hook(lambda *_: None),
+    lambda model: model.features.denseblock2.register_forward_pre_hook(lambda *_: None),
+    lambda model: model.features.transition1.register_full_backward_hook(lambda *_: None),
+    lambda model: torch.nn.modules.module.register_module_forward_hook(lambda *_: None),
+    lambda model: model.class_layers.register_forward_hook(lambda *_: None),
+], ids=["features", "block", "transition", "every_module", "monai_class_layers"])
+@pytest.mark.filterwarnings("ignore:densenet_fast. the memory model assumes glibc:RuntimeWarning")
+def test_a_budget_refuses_hooks_that_unfuse_the_stages(observe):
+    """A hook on features, a block or a transition (or on every module) runs a
+    block apart from its transition or head, with a copy of its buffer: not the
+    step the memory model describes."""
+    def build():
+        if observe.__code__.co_names[-2:] == ("class_layers", "register_forward_hook"):
+            return MonaiDenseNet(2, 3, 4, init_features=8, growth_rate=4, block_config=(2, 2))
+        return densenet_bc(16, 4)
+    model = build()
+    x = torch.randn(2, 3, 16, 16)
+    model.set_memory_budget("1GiB")
+    model(x).sum().backward()  # unobserved: planned
+    handle = observe(model)
+    try:
+        with torch.no_grad():  # not a training step: not planned
+            model(x)
+        with pytest.raises(ValueError, match="hook on (features|class_layers)|every module"):
+            model(x)
+        with pytest.raises(ValueError, match="hook on (features|class_layers)|every module"):
+            plan(model, batch=2, image_size=16)
+        model.eval()  # evaluation is not planned
+        model(x)
+    finally:
+        handle.remove()
+    model.train()
+    model(x).sum().backward()
+
+
 def test_bad_model_shapes_devices_and_dtypes_are_refused():
     for bad in (dict(growth_rate=0), dict(growth_rate=-3), dict(growth_rate=1.5), dict(num_classes=0),
                 dict(in_channels=-1)):
