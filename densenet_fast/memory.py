@@ -685,13 +685,17 @@ def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[
     guesses where it leaves; the step is simulated on either side of each
     guess and at ``up_to``, and bisection finds every exit between two
     simulated batches whose sets of heap allocations differ."""
-    if setup.device != "cpu":
+    up_to = positive_int("up_to", up_to)
+    if setup.device != "cpu" or up_to < 3:
         return frozenset()
-    return _heap_exits(arch, setup.with_batch(2), policies_of(recompute, len(arch.block_config)), up_to)
+    return _heap_exits(arch, setup.with_batch(2), policies_of(recompute, len(arch.block_config)), up_to,
+                       onednn_convolves(setup.compute_dtype))
 
 
 @functools.lru_cache(maxsize=256)  # a search asks again for each budget
-def _heap_exits(arch: Architecture, setup: Setup, policies: tuple[str, ...], up_to: int) -> frozenset[int]:
+def _heap_exits(arch: Architecture, setup: Setup, policies: tuple[str, ...], up_to: int,
+                onednn: bool) -> frozenset[int]:
+    """:func:`heap_exits`; ``onednn`` keys the cache (the simulation reads whether oneDNN convolves)."""
     @functools.cache
     def allocations(batch: int) -> list[float]:
         return StepSimulation(arch, setup.with_batch(batch), policies).run().allocations

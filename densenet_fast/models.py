@@ -498,7 +498,7 @@ class _EngineModel(nn.Module):
         pooled input (someone observes ``features`` or ``norm5``), or ``None``."""
         norm5 = list(self.features.children())[-1]
         if fastpath.global_hooks():
-            return "module hooks registered for every module"
+            return "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
         if fastpath.has_hooks(self.features):
             return "a hook on features"
         if not fastpath.head_norm_is_standard(norm5):

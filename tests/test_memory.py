@@ -148,6 +148,20 @@ def test_the_largest_batch_is_the_largest_that_fits(model, setup, policy):
         assert planner.largest_batch(arch, setup, budget, policy) == expected, budget
 
 
+def test_heap_exits_follow_onednn_and_take_only_batches_above_2():
+    arch, setup = Architecture.named("densenet_bc", 22, growth_rate=24), Setup(1, 4, autocast=BF16)
+    peaks = {}
+    for onednn in (True, False):
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            peaks[onednn] = [predict(arch, setup.with_batch(b), "keep").total_bytes for b in (1, 2, 3)]
+            planner.largest_batch(arch, setup, peaks[onednn][2], "keep")  # each after the other's, cached
+    with torch.backends.mkldnn.flags(enabled=False):  # im2col: batch 3 below batch 2
+        assert peaks[False][2] < peaks[False][1] and planner.largest_batch(arch, setup, peaks[False][2], "keep") == 3
+    assert memory.heap_exits(arch, setup, "keep", up_to=2) == memory.heap_exits(arch, setup, "keep", 1) == set()
+    with pytest.raises(ValueError, match="up_to must be a positive integer"):
+        memory.heap_exits(arch, setup, "keep", up_to=10.5)
+
+
 def test_nothing_fits_says_what_does():
     x = torch.randn(16, 3, 32, 32)
     model = densenet_bc(40, recompute="auto", memory_budget="20MiB")
