@@ -117,10 +117,7 @@ class Architecture:
     def __post_init__(self) -> None:
         for name in ("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"):
             object.__setattr__(self, name, positive_int(name, getattr(self, name)))
-        object.__setattr__(self, "block_config", tuple(positive_int(f"block_config[{i}]", n)
-                                                       for i, n in enumerate(self.block_config)))
-        if not self.block_config:
-            raise ValueError("block_config must name at least one dense block")
+        object.__setattr__(self, "block_config", as_block_config(self.block_config))
         if self.tree not in TREES:
             raise ValueError(f"tree must be one of {TREES}, got {self.tree!r}")
         if self.spatial_dims not in (1, 2, 3) or (self.tree == "torchvision" and self.spatial_dims != 2):
@@ -375,6 +372,14 @@ def positive_int(name: str, value) -> int:
     if number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
+
+
+def as_block_config(block_config) -> tuple[int, ...]:
+    """The layers of each dense block, as a tuple of at least one positive ``int``."""
+    layers = tuple(positive_int("every entry of block_config", n) for n in block_config)
+    if not layers:
+        raise ValueError("block_config must name at least one dense block")
+    return layers
 
 
 def bc_layers_per_block(depth) -> int:

@@ -676,9 +676,7 @@ class DenseNet(_EngineModel):
         bn_size = memory.positive_int("bn_size", bn_size)
         num_classes = memory.positive_int("num_classes", num_classes)
         in_channels = memory.positive_int("in_channels", in_channels)
-        block_config = tuple(memory.positive_int("every entry of block_config", n) for n in block_config)
-        if not block_config:
-            raise ValueError("block_config must name at least one dense block")
+        block_config = memory.as_block_config(block_config)
         if not 0 <= float(drop_rate) < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if stem not in STEMS:

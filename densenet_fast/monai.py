@@ -190,9 +190,7 @@ class DenseNet(models._EngineModel):
         init_features = memory.positive_int("init_features", init_features)
         growth_rate = memory.positive_int("growth_rate", growth_rate)
         bn_size = memory.positive_int("bn_size", bn_size)
-        block_config = tuple(memory.positive_int("every entry of block_config", n) for n in block_config)
-        if not block_config:
-            raise ValueError("block_config must name at least one dense block")
+        block_config = memory.as_block_config(block_config)
         if not 0 <= float(dropout_prob) < 1:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
         self.spatial_dims = spatial_dims
