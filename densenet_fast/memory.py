@@ -326,9 +326,10 @@ class Setup:
     """How a training step runs: ``batch`` images of ``image_size`` (``(H, W)``;
     one side per spatial dimension: ``(D, H, W)`` for volumes; an int: a square),
     parameters in ``dtype``, optionally under ``autocast`` (the dtype the blocks
-    compute in: bfloat16 or float16; dtypes or their names), on ``device`` (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``:
-    the automatic choice for that device), ``optimizer``, and ``threads`` CPU
-    threads (the C++ kernels' per-thread tiles)."""
+    compute in: bfloat16 or float16; dtypes or their names), on ``device``
+    (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``: the automatic choice
+    for that device), ``optimizer``, and ``threads`` CPU threads (the C++
+    kernels' per-thread tiles)."""
 
     batch: int
     image_size: tuple[int, ...]
@@ -385,8 +386,8 @@ def as_block_config(block_config) -> tuple[int, ...]:
 def bc_layers_per_block(depth) -> int:
     """The layers in each of DenseNet-BC's three dense blocks at ``depth`` (``6n + 4``)."""
     try:
-        n = None if isinstance(depth, bool) else (operator.index(depth) - 4) // 6
-    except TypeError:
+        n = (positive_int("depth", depth) - 4) // 6
+    except ValueError:
         n = None
     if n is None or n < 1 or 6 * n + 4 != depth:
         raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (10, 16, 22, 40, 100, ...), got {depth!r}")
@@ -594,7 +595,6 @@ class Timeline:
         self.peak_where = "between steps"
         self.where = ""
         self.allocations: list[float] = []  # the bytes of every allocation, in program order
-
 
     def alloc(self, part: str, *sizes: float) -> None:
         """Allocate one tensor of each of ``sizes`` bytes under ``part``."""

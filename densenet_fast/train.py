@@ -43,8 +43,8 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .memory import (CPU_HEAP_BELOW, OptimizerSpec, bc_layers_per_block, cpu_heap_as_modelled, format_bytes, parse_bytes,
-                     set_mmap_threshold)
+from .memory import (CPU_HEAP_BELOW, OptimizerSpec, bc_layers_per_block, cpu_heap_as_modelled, format_bytes,
+                     parse_bytes, set_mmap_threshold)
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
