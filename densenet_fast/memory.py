@@ -676,6 +676,20 @@ def predict(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str
                       not_counted(setup))
 
 
+def peak_floor(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep") -> int:
+    """A lower bound of :func:`predict`'s ``total_bytes`` that never drops as the
+    layers per block grow: the step's tensors, each counted while it lives
+    (the C heap's too, not its high-water mark), without the workspaces that
+    can shrink as the channels grow.  The prediction itself can drop as a
+    model deepens: on the CPU where one of the step's allocations grows past
+    glibc's mmap threshold and leaves the heap, and where the C++ weight
+    gradient's row groups give way to a larger dW.  The floor does neither,
+    so once it exceeds a budget, no deeper model fits
+    (:func:`.planner.deepest_depth`)."""
+    simulation = StepSimulation(arch, setup, policies_of(recompute, len(arch.block_config)), floor=True)
+    return sum(simulation.persistent().values()) + int(simulation.run().peak)
+
+
 def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep",
                up_to: int = 2**24) -> frozenset[int]:
     """The batches from 3 to ``up_to`` at which one of the step's allocations on
@@ -745,8 +759,11 @@ class StepSimulation:
     order (:func:`densenet_fast.engine.stage.stage_forward` and
     :func:`~densenet_fast.engine.stage.stage_backward`)."""
 
-    def __init__(self, arch: Architecture, setup: Setup, policies: tuple[str, ...]) -> None:
-        self.arch, self.setup, self.policies = arch, setup, policies
+    def __init__(self, arch: Architecture, setup: Setup, policies: tuple[str, ...], floor: bool = False) -> None:
+        """``floor``: :func:`peak_floor`'s step: every tensor counts while it lives,
+        the C heap's too, and workspaces that can shrink as the channels grow
+        (the C++ kernels') are left out."""
+        self.arch, self.setup, self.policies, self.floor = arch, setup, policies, floor
         self.e = ELEMENT_BYTES[setup.compute_dtype]  # block data
         self.s = 8 if setup.compute_dtype == torch.float64 else 4  # statistics, BN coefficients
         self.p = ELEMENT_BYTES[setup.dtype]  # parameters
@@ -756,8 +773,9 @@ class StepSimulation:
         self.stem_pixels = n * math.prod(self.stem_sides)
         self.pixels = [n * math.prod(sides) for sides in self.block_sides]
         self.channels = arch.block_channels()
-        self.workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)](self)
-        self.timeline = Timeline(CPU_HEAP_BELOW if setup.device == "cpu" else None)
+        workspace = WORKSPACES[workspace_backend(setup.backend, setup.compute_dtype)]
+        self.workspace = Workspace(self) if floor and not workspace.grows else workspace(self)
+        self.timeline = Timeline(CPU_HEAP_BELOW if setup.device == "cpu" and not floor else None)
         self.im2col = setup.device == "cpu" and not onednn_convolves(setup.compute_dtype)
 
     # -- sizes -------------------------------------------------------------------------------
@@ -1070,7 +1088,10 @@ class StepSimulation:
 # -- the backends' workspaces ------------------------------------------------------------------------
 class Workspace:
     """Temporary bytes a backend allocates inside each primitive (besides its
-    outputs), for ``m`` pixels, ``c`` input and ``k`` output channels."""
+    outputs), for ``m`` pixels, ``c`` input and ``k`` output channels;
+    ``grows``: they never shrink as ``m``, ``pooled`` or ``c`` grow."""
+
+    grows = True
 
     def __init__(self, sim: StepSimulation) -> None:
         self.e, self.s, self.threads = sim.e, sim.s, sim.setup.threads
@@ -1132,6 +1153,8 @@ class TorchWorkspace(Workspace):
 
 class CppWorkspace(Workspace):
     """The C++ CPU kernels: per-thread row tiles; the backward's weight-gradient pass."""
+
+    grows = False  # tiles and column blocks divide the channels; dW's copies are capped
 
     def tile_rows(self, c: int) -> int:
         return min(max(CPP_TILE_BYTES // max(1, c * self.e), CPP_TILE_ROWS[0]), CPP_TILE_ROWS[1])

@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .memory import (CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
-                     Prediction, Setup, format_bytes, heap_exits, parse_bytes, predict)
+                     Prediction, Setup, format_bytes, heap_exits, parse_bytes, peak_floor, predict)
 
 MAX_DEPTH_LAYERS = 10_000  # per block: the depth search stops there (DenseNet-BC-60004, k=12: 703 GiB of parameters)
 MAX_BATCH = 2**24
@@ -215,13 +215,30 @@ def largest_true(fits: Callable[[int], bool], low: int, high: int) -> Optional[i
     return good
 
 
+def largest_fitting(fits: Callable[[int], bool], floor_fits: Callable[[int], bool], low: int, high: int
+                    ) -> Optional[int]:
+    """The largest ``x`` in ``[low, high]`` with ``fits(x)``, where ``fits`` can
+    turn true again after false, but implies ``floor_fits``, which cannot: the
+    last ``x`` where ``floor_fits`` holds (:func:`largest_true`), then down
+    from it to the first that fits."""
+    top = largest_true(floor_fits, low, high)
+    return None if top is None else next((x for x in range(top, low - 1, -1) if fits(x)), None)
+
+
 def deepest_depth(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
                   ) -> Optional[int]:
     """The deepest DenseNet-BC with ``arch``'s growth rate and head whose training
-    step is predicted to fit ``budget`` (``None``: not even depth 10)."""
+    step is predicted to fit ``budget`` (``None``: not even depth 10).  The
+    predicted peak can drop as the model deepens, its floor
+    (:func:`memory.peak_floor`) cannot: the search bisects on the floor, then
+    steps down from the deepest depth the floor allows to the first that fits."""
     def fits(n: int) -> bool:
         return best_fitting(arch.with_depth(6 * n + 4), setup, budget, recompute) is not None
-    n = largest_true(fits, 1, MAX_DEPTH_LAYERS)
+
+    def floor_fits(n: int) -> bool:
+        deeper = arch.with_depth(6 * n + 4)
+        return any(peak_floor(deeper, setup, a) <= budget for a in allowed_assignments(arch, recompute))
+    n = largest_fitting(fits, floor_fits, 1, MAX_DEPTH_LAYERS)
     return None if n is None else 6 * n + 4
 
 

@@ -148,6 +148,33 @@ def test_the_largest_batch_is_the_largest_that_fits(model, setup, policy):
         assert planner.largest_batch(arch, setup, budget, policy) == expected, budget
 
 
+DEPTH_CASES = [  # growth rate, image size, tree, setup, policy
+    (4, (4, 4), "torchvision", Setup(16, 4, autocast=BF16, threads=16), "keep"),  # dips at 262: dW's copies capped
+    (4, (4, 4), "torchvision", Setup(1, 4, autocast=BF16, threads=16), "recompute"),
+    (12, (48,), "monai", Setup(2, 48, threads=16), "recompute"),
+    (12, (16, 16, 16), "monai", Setup(1, 16), "keep"),
+    (12, (32, 32), "torchvision", Setup(16, 32, backend="torch"), "keep"),
+]
+
+
+@pytest.mark.parametrize("growth_rate, size, tree, setup, policy", DEPTH_CASES)
+def test_the_deepest_depth_is_the_deepest_that_fits(growth_rate, size, tree, setup, policy):
+    """Where the predicted peak dips as the model deepens, the depth search
+    still finds the deepest model that fits, against every depth from 10 to
+    358; the floor it bisects on grows and stays below the prediction."""
+    base = Architecture.named("densenet_bc", 10, growth_rate, spatial_dims=len(size), tree=tree)
+    setup = replace(setup, image_size=size)
+    depths = range(10, 359, 6)
+    peaks = {d: predict(base.with_depth(d), setup, policy).total_bytes for d in depths}
+    floors = [memory.peak_floor(base.with_depth(d), setup, policy) for d in depths]
+    assert floors == sorted(floors) and all(f <= peaks[d] for f, d in zip(floors, depths))
+    dips = [d for d in depths[1:] if peaks[d] < peaks[d - 6]]
+    budgets = sorted(peak for peak in set(peaks.values()) if peak < min(list(peaks.values())[-10:]))
+    for budget in [*budgets[::max(1, len(budgets) // 12)], *(peaks[d] for d in dips)]:
+        expected = max(d for d, peak in peaks.items() if peak <= budget)
+        assert planner.deepest_depth(base, setup, budget, policy) == expected, budget
+
+
 def test_heap_exits_follow_onednn_and_take_only_batches_above_2():
     arch, setup = Architecture.named("densenet_bc", 22, growth_rate=24), Setup(1, 4, autocast=BF16)
     peaks = {}
