@@ -263,19 +263,17 @@ class _Features(nn.Sequential):
         pooling of them, ``(N, C)``), fusing every unobserved block with what
         follows it."""
         modules = list(self._modules.values())
-        hooks_everywhere = fastpath.global_hooks()
         buffer = None
         i = 0
         while i < len(modules):
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
-            fusable = (isinstance(module, _EngineBlock) and not hooks_everywhere and not fastpath.has_hooks(module)
-                       and module._runs_fused(x))
-            if fusable and isinstance(following, _EngineTransition) and not fastpath.has_hooks(following) \
+            fusable = isinstance(module, _EngineBlock) and fastpath.watched(module) is None and module._runs_fused(x)
+            if fusable and isinstance(following, _EngineTransition) and fastpath.watched(following) is None \
                     and following._runs_fused(x):
                 after = modules[i + 2] if i + 2 < len(modules) else None
                 next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
-                    not fastpath.has_hooks(after) and not torch.compiler.is_compiling() else None
+                    fastpath.watched(after) is None and not torch.compiler.is_compiling() else None
                 x, buffer = module.run(x, engine.TransitionTail(following), buffer, next_channels)
                 i += 2
             elif fusable and pooled and i + 2 == len(modules) and fastpath.head_norm_is_standard(following):
@@ -283,7 +281,7 @@ class _Features(nn.Sequential):
             elif fusable:
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
                 i += 1
-            elif not hooks_everywhere and self._runs_fused_stem(modules[i:i + 3], x):
+            elif self._runs_fused_stem(modules[i:i + 3], x):
                 x, buffer = stem.norm_relu_max_pool(module, x), None
                 i += 3
             else:
@@ -486,9 +484,9 @@ class _EngineModel(nn.Module):
         reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
         if self._built_stem is not None and self.stem_geometry() != self._built_stem:
             reasons.append("a stem changed since construction; the memory model describes the one built")
-        reasons += [f"a hook on features.{name}, which the engine then runs as a stage of its own"
+        reasons += [f"{fastpath.watched(module)} on features.{name}, which the engine then runs as a stage of its own"
                     for name, module in self.features.named_children()
-                    if isinstance(module, (_EngineBlock, _EngineTransition)) and fastpath.has_hooks(module)]
+                    if isinstance(module, (_EngineBlock, _EngineTransition)) and fastpath.watched(module)]
         reasons.append(self.head_blocker())
         return next((reason for reason in reasons if reason is not None), None)
 
@@ -498,9 +496,9 @@ class _EngineModel(nn.Module):
         pooled input (someone observes ``features`` or ``norm5``), or ``None``."""
         norm5 = list(self.features.children())[-1]
         if fastpath.global_hooks():
-            return "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
-        if fastpath.has_hooks(self.features):
-            return "a hook on features"
+            return fastpath.GLOBAL_HOOKS
+        if fastpath.watched(self.features):
+            return f"{fastpath.watched(self.features)} on features"
         if not fastpath.head_norm_is_standard(norm5):
             return f"a norm5 ({type(norm5).__name__}) the engine does not fuse with the head"
         return None

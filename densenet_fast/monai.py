@@ -271,13 +271,16 @@ class DenseNet(models._EngineModel):
         """Why ``features`` and ``class_layers`` up to ``out`` cannot run as fused
         stages (someone observes them, or ``class_layers`` is not ReLU, global
         average pooling and flattening before ``out``), or ``None``."""
+        reason = super().head_blocker()
+        if reason is not None:
+            return reason
         head = self.class_layers._modules
-        if fastpath.has_hooks(self.class_layers):
-            return "a hook on class_layers"
+        if fastpath.watched(self.class_layers):
+            return f"{fastpath.watched(self.class_layers)} on class_layers"
         if list(head) != ["relu", "pool", "flatten", "out"] or \
                 not fastpath.global_pool_is_standard(head["relu"], head["pool"], head["flatten"]):
             return "class_layers other than ReLU, global average pooling and flattening before out"
-        return super().head_blocker()
+        return None
 
 
 # -- the named networks, with MONAI's pretrained weights ----------------------------------------

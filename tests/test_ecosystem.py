@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.prune
+import torch.utils.flop_counter
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -110,6 +111,67 @@ def test_hook_inside_a_dense_layer_gives_the_plain_path_with_one_warning():
     assert_all_close(result.grads, expected.grads, FLOAT64_RTOL, "plain path")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hooks_for_every_module_fire_inside_the_blocks_as_in_torchvision(training):
+    """A global forward hook (``register_module_forward_hook``) that scales every
+    convolution's output sees each module torchvision's model runs, and changes
+    the output as it does there: every block runs its per-layer code."""
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    results, seen = [], []
+    for model in (ours, tv):
+        model.train(training)
+        called = []
+        handles = [nn.modules.module.register_module_forward_hook(lambda m, args, out: called.append(m)),
+                   nn.modules.module.register_module_forward_hook(
+                       lambda m, args, out: 0.5 * out if isinstance(m, nn.Conv2d) else None)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the plain path, said once per block
+                results.append(forward_backward(model, x, target))
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen.append([name for m in called for name, module in model.named_modules() if module is m])
+    assert seen[0] == seen[1]
+    assert_all_close({"out": results[0].output, **results[0].grads}, {"out": results[1].output, **results[1].grads},
+                     FLOAT64_RTOL, "global hooks")
+
+
+def test_flop_counter_counts_torchvisions_flops():
+    """FlopCounterMode's module tracker hooks every module, so the blocks run
+    their per-layer code and every convolution and GEMM is counted, on the
+    default backend too (its fused kernels have no FLOP formula)."""
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    counts = []
+    for model in (ours, tv):
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            forward_backward(model, x, target)
+        counts.append(counter.get_flop_counts()["Global"])
+    assert counts[0] == counts[1] and counts[0][torch.ops.aten.convolution] > 0
+
+
+@pytest.mark.parametrize("name", ["features", "features.denseblock1", "features.transition1",
+                                  "features.denseblock2.denselayer1"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_replaced_forward_runs(name, training):
+    """A ``forward`` replaced on an instance (as accelerate's hooks do) runs
+    wherever the module is, as in torchvision."""
+    ours, tv = make_pair(**CONFIG)
+    x, target = random_batch(ours, 3, 9, 7, seed=0)
+    results = []
+    for model in (ours, tv):
+        module = model.get_submodule(name)
+        module.forward = lambda input, forward=module.forward: forward(input) * 0.5 + 0.25
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            results.append(forward_backward(model.train(training), x, target))
+    assert_all_close({"out": results[0].output, **results[0].grads}, {"out": results[1].output, **results[1].grads},
+                     FLOAT64_RTOL, f"forward replaced on {name}")
+
+
 def prune_and_parametrize(model: nn.Module) -> None:
     """Pruning (a forward pre-hook) and weight and spectral norm (parametrizations)
     on modules inside dense layers and a transition."""
@@ -181,6 +243,25 @@ def test_torch_func_grad_vjp_and_vmap():
         per_sample = torch.func.vmap(lambda image: model(image.unsqueeze(0)).squeeze(0))(x)
         results.append({**grads, "input_grad": input_grad, "vmap": per_sample})
     assert_all_close(results[0], results[1], FLOAT64_RTOL, "torch.func")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_gives_torchvisions_tangent(training, frozen):
+    """``torch.autograd.forward_ad``: the engine's Functions have no jvp, so the
+    model runs its per-layer code while a dual level is open (a frozen model's
+    tangent was dropped: None, read as zero)."""
+    ours, tv = make_pair(**CONFIG)
+    x, _ = random_batch(ours, 3, 9, 7, seed=0)
+    direction = torch.randn_like(x)
+    tangents = []
+    for model in (ours, tv):
+        model.train(training).requires_grad_(not frozen)
+        with torch.autograd.forward_ad.dual_level():
+            out = model(torch.autograd.forward_ad.make_dual(x, direction))
+            tangents.append(torch.autograd.forward_ad.unpack_dual(out).tangent)
+    assert tangents[0] is not None
+    assert_all_close({"tangent": tangents[0]}, {"tangent": tangents[1]}, FLOAT64_RTOL, "forward-mode AD")
 
 
 # -- double backward -----------------------------------------------------------------------------------

@@ -283,6 +283,20 @@ def test_hook_on_a_dense_layer_gives_monais_plain_path_for_that_block():
     assert calls[id(ours)] == calls[id(theirs)] == [torch.Size([2, 11, 1, 1, 1])]
 
 
+@pytest.mark.parametrize("name", ["class_layers", "features", "features.transition1"])
+def test_a_replaced_forward_runs_as_in_monai(name):
+    """A ``forward`` replaced on an instance (as accelerate's hooks do) runs."""
+    ours, theirs = make_pair(2)
+    for model in (ours, theirs):
+        module = model.get_submodule(name)
+        module.forward = lambda input, forward=module.forward: forward(input) * 0.5 + 0.25
+    x, target = random_batch(2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = forward_backward(ours, x, target)
+    assert_results_equal(result, forward_backward(theirs, x, target), FLOAT64_RTOL, atol=ZERO_NOISE)
+
+
 @pytest.mark.parametrize("x, error, message", [
     (torch.randn(2, 1, 40, 40), ValueError, r"5-D input \(N, C, D, H, W\)"),
     (torch.randn(2, 2, 40, 40, 40), InputError, "conv0 takes 1 input channels"),

@@ -5,9 +5,10 @@ The engine computes what a dense block, a transition or the final BatchNorm
 computes, without running their submodules.  It may do so only where nobody
 could tell the difference: no hooks or parametrizations on those submodules,
 exactly the module types and configurations of torchvision's or MONAI's
-DenseNet (1, 2 or 3 spatial dimensions, ReLU with BatchNorm), and an input the
-engine can take (not traced by ``torch.fx`` or ``torch.jit``, no
-``torch.func`` transform active, not empty).  Otherwise the module runs its
+DenseNet (1, 2 or 3 spatial dimensions, ReLU with BatchNorm), no module hooks
+registered for every module, and an input the engine can take (not traced by
+``torch.fx`` or ``torch.jit``, no ``torch.func`` transform or forward-mode AD
+level active, not empty).  Otherwise the module runs its
 own per-layer code, whose hooks fire, and a warning says once per module why
 its memory savings are lost.
 
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
@@ -40,6 +42,7 @@ AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # whole channels; nn.Dropout: single values
 LAYER_MODULES = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
+GLOBAL_HOOKS = "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,15 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def watched(module: nn.Module) -> Optional[str]:
+    """What would make calling ``module`` differ from the engine computing what
+    it computes: ``"a hook"`` on it, ``"a replaced forward"`` (as accelerate's
+    ``add_hook_to_module`` installs), or ``None``."""
+    if has_hooks(module):
+        return "a hook"
+    return "a replaced forward" if "forward" in module.__dict__ else None
+
+
 def global_hooks() -> bool:
     """Whether module hooks are registered for every module (``register_module_*_hook``)."""
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
@@ -97,10 +109,12 @@ def global_hooks() -> bool:
 
 def engine_takes(x: Tensor) -> bool:
     """Whether input ``x`` may go through the engine: not a tracer's proxy (fx,
-    TorchScript tracing), no ``torch.func`` transform active, at least one value."""
+    TorchScript tracing), no ``torch.func`` transform active, no forward-mode AD
+    level open (the engine's Functions have no ``jvp``), at least one value."""
     if isinstance(x, torch.fx.Proxy) or _fx_tracing() or torch.jit.is_tracing():
         return False
-    return not torch._C._are_functorch_transforms_active() and x.numel() > 0
+    return (not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+            and x.numel() > 0)
 
 
 def input_matches(x: Tensor, dims: Optional[int], pooled: bool = False) -> bool:
@@ -126,7 +140,10 @@ def bn_is_standard(bn: nn.Module, dims: int) -> bool:
 
 
 def _observed(module: nn.Module, children_only: bool = False) -> Optional[str]:
-    """Why the engine cannot stand in for ``module`` (and its descendants), or ``None``."""
+    """Why the engine cannot stand in for ``module``'s descendants (and
+    ``module``, unless ``children_only``), or ``None``."""
+    if global_hooks():
+        return GLOBAL_HOOKS
     for name, sub in module.named_modules():
         if children_only and sub is module:
             continue
