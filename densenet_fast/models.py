@@ -10,6 +10,7 @@ reads the modules' parameters and updates their running statistics.
 """
 
 
+import copy
 import itertools
 import os
 import re
@@ -381,8 +382,14 @@ class _EngineModel(nn.Module):
     def set_backend(self, backend: Optional[str]) -> None:
         """Choose the primitive backend (``None``: automatic per device and dtype)."""
         self.engine.backend = resolve_backend_name(backend)
-        for module in self.features.modules():  # every block and transition shares the settings
-            if hasattr(module, "engine"):
+        self.share_engine()
+
+    def share_engine(self) -> None:
+        """Make every block and transition (also one assigned since construction)
+        share the model's engine settings: backend, scratch arena, sync group
+        (each forward does, so a block put in later cannot run apart)."""
+        for module in self.features.modules():
+            if hasattr(module, "engine") and module.engine is not self.engine:
                 module.engine = self.engine
 
     # -- recompute policy and memory budget --------------------------------------------
@@ -507,6 +514,7 @@ class _EngineModel(nn.Module):
     def _check_and_plan(self, x: Tensor) -> None:
         """Check ``x``; in a training forward under a memory budget, plan its step."""
         self.check_input(x)
+        self.share_engine()
         if self._memory_budget is not None and self.training and torch.is_grad_enabled():
             self._plan_memory(x)
 
@@ -526,6 +534,7 @@ class _EngineModel(nn.Module):
             raise NotImplementedError("synchronised BN covers the dense blocks, transitions and head; the "
                                       "ImageNet stem's norm0 is not synchronised, so only stem='cifar' supports it")
         self.engine.sync_group = group
+        self.share_engine()
 
     # -- shapes ------------------------------------------------------------------------
     # (``in_channels``, ``stem``, ``num_transitions`` and ``spatial_dims`` are set by the subclass)
@@ -840,8 +849,10 @@ def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
 
 
 def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
-    """A densenet_fast copy of a torchvision ``DenseNet`` (same weights, buffers,
-    device, dtype and train/eval mode). ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
+    """A densenet_fast copy of a torchvision ``DenseNet``: the same module tree,
+    with copies of its modules (replaced ones included: a stem without
+    max-pooling, another classifier), weights, buffers, device, dtype and
+    train/eval mode.  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
     features = getattr(tv_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []
@@ -856,11 +867,36 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
         num_init_features=conv0.out_channels,
         bn_size=first_layer.conv1.out_channels // growth_rate,
         drop_rate=float(getattr(first_layer, "drop_rate", 0.0)),
-        num_classes=tv_model.classifier.out_features,
+        num_classes=getattr(tv_model.classifier, "out_features", 1000),  # a replaced classifier is copied below
         in_channels=conv0.in_channels,
         stem="imagenet" if hasattr(features, "norm0") else "cifar",
         **kwargs,
     )
-    model.to(device=conv0.weight.device, dtype=conv0.weight.dtype)  # first: loading keeps every digit
-    model.load_state_dict(tv_model.state_dict(), strict=True)
-    return model.train(tv_model.training)
+    copy_modules(model, tv_model)
+    return model
+
+
+def copy_modules(model: nn.Module, source: nn.Module) -> None:
+    """Give ``model`` copies of ``source``'s modules under the same names: each
+    module of ``source`` without children (a convolution, norm, activation,
+    pooling), and each subtree that ``model`` lacks or holds as one module (a
+    replaced classifier), replaces ``model``'s; every other module takes
+    ``source``'s train/eval flag.  ``TypeError`` where the two trees' names
+    still differ, or a hook sits on one of ``source``'s containers (it is not
+    copied: register it on the copy)."""
+    ours = dict(model.named_modules())
+    copied: list[str] = []
+    for name, module in source.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in copied):
+            continue
+        if name and (not list(module.children()) or name not in ours or not list(ours[name].children())):
+            parent, _, child = name.rpartition(".")
+            ours[parent].add_module(child, copy.deepcopy(module))
+            copied.append(name)
+        elif fastpath.watched(module):
+            raise TypeError(f"{fastpath.watched(module)} on {name or type(source).__name__} of the "
+                            f"{type(source).__name__} to convert: set it on the converted model instead")
+        else:
+            ours[name].training = module.training
+    if [name for name, _ in model.named_modules()] != [name for name, _ in source.named_modules()]:
+        raise TypeError(f"{type(source).__name__}'s module tree differs from the DenseNet it describes")

@@ -18,7 +18,6 @@ installed for them) and run MONAI's plain per-layer code, said once in a
 warning.  MONAI is not needed otherwise.
 """
 
-import copy
 import re
 import warnings
 from collections import OrderedDict
@@ -377,16 +376,7 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
                          init_features=conv0.out_channels, growth_rate=growth_rate,
                          block_config=tuple(len(b) for b in blocks), bn_size=first.conv1.out_channels // growth_rate,
                          dropout_prob=first.dropout.p if "dropout" in first._modules else 0.0, **kwargs)
-    ours = dict(model.named_modules())
-    theirs = dict(monai_model.named_modules())
-    if ours.keys() != theirs.keys():
-        raise TypeError(f"{type(monai_model).__name__}'s module tree differs from MONAI's DenseNet")
-    for name, module in theirs.items():
-        if not list(module.children()):  # a leaf: MONAI's own module
-            parent, _, child = name.rpartition(".")
-            ours[parent].add_module(child, copy.deepcopy(module))
-        else:
-            ours[name].training = module.training
+    models.copy_modules(model, monai_model)
     model._volume_weights_channels_last()  # the copies are in MONAI's (contiguous) layout
     model._check_act_norm()
     return model

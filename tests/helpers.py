@@ -102,7 +102,8 @@ def random_batch(model: nn.Module, batch: int, height: int, width: int, seed: in
     weight = next(model.parameters())
     in_channels = model.features.conv0.in_channels
     x = torch.randn(batch, in_channels, height, width, generator=generator, dtype=torch.float64)
-    target = torch.randint(model.classifier.out_features, (batch,), generator=generator)
+    classifier = model.classifier if isinstance(model.classifier, nn.Linear) else model.classifier[-1]
+    target = torch.randint(classifier.out_features, (batch,), generator=generator)
     return x.to(device=weight.device, dtype=dtype or weight.dtype), target.to(weight.device)
 
 

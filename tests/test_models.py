@@ -3,6 +3,8 @@ state_dicts and parameter counts, loading torchvision weights, the same
 outputs, gradients and running statistics as torchvision for the same weights,
 and a clear error for every bad input or argument."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -101,6 +103,25 @@ def test_from_torchvision(stem):
     check_training_float64(ours, tv, (3, 37, 35), steps=2)
     with pytest.raises(TypeError, match="no dense blocks"):
         from_torchvision(torchvision.models.resnet18())
+
+
+def test_from_torchvision_copies_replaced_modules():
+    """A stem without max-pooling, another activation and a classifier with
+    dropout are copied, not rebuilt as torchvision's defaults."""
+    _, tv = make_pair(growth_rate=6, block_config=(2, 2), num_init_features=10, num_classes=4)
+    tv.features.pool0, tv.features.relu0 = nn.Identity(), nn.LeakyReLU(0.2)
+    tv.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(tv.classifier.in_features, 7)).double()
+    ours = from_torchvision(tv.train())
+    assert type(ours.features.pool0) is nn.Identity and type(ours.features.relu0) is nn.LeakyReLU
+    assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "state_dict")
+    check_training_float64(ours, tv, (3, 17, 15), steps=2)
+    hook = tv.features.denseblock1.register_forward_hook(lambda *args: None)
+    with pytest.raises(TypeError, match="a hook on features.denseblock1 of the DenseNet to convert"):
+        from_torchvision(tv)
+    hook.remove()
+    del tv.features.norm5
+    with pytest.raises(TypeError, match="module tree differs"):
+        from_torchvision(tv)
 
 
 def old_style_keys(state_dict: dict) -> dict:
@@ -400,6 +421,22 @@ def test_backend_argument():
         densenet_bc(10, 4, backend="tensorflow")
     with pytest.raises(BackendUnavailableError, match="not available"):
         densenet_bc(10, 4, backend=unavailable_backend())
+
+
+def test_a_block_put_in_later_shares_the_models_engine_settings():
+    """A block copied in (or taken from another model) gets the model's backend,
+    arena and sync group: from set_backend, set_sync_group and every forward
+    (a block left with its own settings would not synchronise its statistics)."""
+    model, other = densenet_bc(16, 4, backend="torch"), densenet_bc(16, 4)
+    model.features.denseblock2 = copy.deepcopy(model.features.denseblock2)
+    group = object()  # stored only: no forward runs under it
+    model.set_sync_group(group)
+    assert model.features.denseblock2.engine is model.engine and model.engine.sync_group is group
+    model.set_sync_group(None)
+    model.features.denseblock1 = other.features.denseblock1
+    model(torch.randn(2, 3, 8, 8))
+    assert all(m.engine is model.engine for m in model.features.modules() if hasattr(m, "engine"))
+    assert model.features.denseblock1.engine.backend == "torch"
 
 
 def test_backend_environment_variable(monkeypatch):
