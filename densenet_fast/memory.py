@@ -357,7 +357,8 @@ class Setup:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.autocast or self.dtype
+        """The block data's dtype: autocast's, except for float64 (autocast leaves it alone)."""
+        return self.dtype if self.autocast is None or self.dtype == torch.float64 else self.autocast
 
     def with_batch(self, batch: int) -> "Setup":
         return replace(self, batch=batch)

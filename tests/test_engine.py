@@ -420,6 +420,19 @@ def test_autocast_bfloat16_training_step(config):
     assert ours_error <= 2 * tv_error + 0.05, (ours_error, tv_error)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_autocast_leaves_a_float64_model_alone(config):
+    """Autocast casts float32 (and 16-bit) tensors, not float64 ones: a float64
+    model under it computes in float64, as torchvision's does."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(**kwargs)
+    x, target = random_batch(ours, *shape, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = [forward_backward(model, x, target) for model in (ours, tv)]
+    assert results[0].output.dtype == torch.float64
+    assert_results_equal(results[0], results[1], FLOAT64_RTOL)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_input_memory_layout_does_not_matter(config, layout):

@@ -480,6 +480,7 @@ def test_bad_model_shapes_devices_and_dtypes_are_refused():
         plan("densenet_bc", depth=40, batch=2, device="cpu", backend="cuda")
     with pytest.raises(ValueError, match="autocast computes in bfloat16 or float16"):
         plan("densenet_bc", depth=40, batch=2, autocast="float64")
+    assert Setup(2, 32, torch.float64, autocast=BF16).compute_dtype == torch.float64  # autocast leaves float64 alone
     with pytest.raises(ValueError, match="describes the dtypes"):
         plan("densenet_bc", depth=40, batch=2, dtype=torch.int64)
     for bad in (dict(dtype=torch.int64), dict(dtype="float"), dict(autocast=torch.float64), dict(autocast="")):

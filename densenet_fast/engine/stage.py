@@ -529,9 +529,11 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the stage computes in: autocast's for ``x``'s device when enabled."""
+    """The dtype the stage computes in: autocast's for ``x``'s device when
+    enabled, unless ``x`` is float64, which autocast leaves alone."""
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device_type) \
+            and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
