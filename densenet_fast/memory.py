@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import numbers
 import operator
 import os
 from collections import defaultdict
@@ -63,7 +64,7 @@ TRITON_MAX_SPLITS = 64  # row ranges of the backward's partial sums (ops/common.
 ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread, every thread takes images
 
 
-def parse_bytes(value: Union[int, float, str]) -> int:
+def parse_bytes(value: Union[numbers.Real, str]) -> int:
     """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"``, ``"8gb"`` or ``"1.5e9"``
     as bytes (rounded down; at least 1)."""
     if isinstance(value, str):
@@ -76,8 +77,8 @@ def parse_bytes(value: Union[int, float, str]) -> int:
         except (ValueError, KeyError):
             raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '8GiB', '512MiB', '2GB' or "
                              f"bytes") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        nbytes = value
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # NumPy's numbers too
+        nbytes = int(value) if isinstance(value, numbers.Integral) else float(value)
     else:
         raise TypeError(f"a memory budget is a number of bytes or a string like '8GiB', got {type(value).__name__}")
     if (isinstance(nbytes, float) and not math.isfinite(nbytes)) or nbytes < 1:

@@ -62,6 +62,11 @@ class InputError(ValueError, RuntimeError):
     """Input this network cannot take (wrong channel count, device, size).  A
     ``RuntimeError`` too, as torchvision's convolution raises for a wrong channel count."""
 
+
+class InputDtypeError(TypeError, RuntimeError):
+    """Input of a dtype this network cannot take.  A ``RuntimeError`` too, as
+    torchvision's convolution raises for it."""
+
 STEMS = ("imagenet", "cifar")
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # memory format by tensor dimensions
 ACTIVATIONS = tuple(c for c in vars(nn.modules.activation).values() if isinstance(c, type)
@@ -605,7 +610,7 @@ class _EngineModel(nn.Module):
             layout = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[dims - 1]
             raise ValueError(f"DenseNet expects a {dims + 2}-D input {layout}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
+            raise InputDtypeError(f"DenseNet expects a floating-point input, got dtype {x.dtype}")
         conv0 = getattr(self.features, "conv0", None)
         lazy = isinstance(getattr(conv0, "weight", None), nn.parameter.UninitializedParameter)
         if isinstance(conv0, nn.modules.conv._ConvNd) and not lazy and x.shape[1] != conv0.in_channels:
@@ -618,7 +623,7 @@ class _EngineModel(nn.Module):
             raise InputError(f"input is on {x.device} but the model is on {weight.device}")
         autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         if weight is not None and x.dtype != weight.dtype and not autocast:
-            raise TypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
+            raise InputDtypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
                             f"convert one of them or use torch.autocast")
         size = self.feature_size(*x.shape[2:])
         if size is not None and min(size) < 1:

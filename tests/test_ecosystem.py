@@ -346,6 +346,11 @@ def test_errors_have_torchvisions_types(tmp_path):
     model = densenet_fast.densenet_bc(10, 4)
     with pytest.raises(RuntimeError, match="input channels"):  # torchvision's convolution raises RuntimeError
         model(torch.randn(2, 5, 8, 8))
+    for x, message in ((torch.randn(2, 3, 8, 8, dtype=torch.float64), "differs from the model's"),
+                       (torch.zeros(2, 3, 8, 8, dtype=torch.int64), "floating-point input")):
+        for error in (RuntimeError, TypeError):  # torchvision's and Python's
+            with pytest.raises(error, match=message):
+                model(x)
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
     with pytest.raises(TypeError, match="holds a list, not a state_dict"):

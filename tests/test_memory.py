@@ -12,6 +12,7 @@ import sys
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -37,8 +38,12 @@ def test_parse_and_format_bytes():
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("2 GB") == 2 * 10**9 and parse_bytes(512) == 512
     assert parse_bytes("1.5MiB") == 3 * 2**19
     assert parse_bytes("8gb") == 8 * 10**9 and parse_bytes("512mib") == 2**29 and parse_bytes("1k") == 1024
-    for bad in ("lots", "-1GiB", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan")):
+    assert parse_bytes(np.int64(2**40)) == 2**40 and parse_bytes(np.float32(1024.5)) == 1024  # NumPy's numbers
+    for bad in ("lots", "-1GiB", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan"), np.float64("nan")):
         with pytest.raises(ValueError, match="memory"):
+            parse_bytes(bad)
+    for bad in (True, np.bool_(True), [1], None):
+        with pytest.raises(TypeError, match="a memory budget is a number of bytes"):
             parse_bytes(bad)
     assert format_bytes(3 * 2**29) == "1.5 GiB" and format_bytes(1000 * 2**20) == "1000 MiB"
     assert format_bytes(3 * 2**40) == "3 TiB"
