@@ -123,11 +123,14 @@ class _EngineBlock:
     dense layers as children."""
 
     @torch.jit.unused
-    def _runs_fused(self, x: Tensor) -> bool:
-        """Whether the engine runs this block (else its per-layer code, said once)."""
+    def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
+        """Whether the engine runs this block (else its per-layer code, said once);
+        ``in_step``: as a stage of the model's forward (else :func:`refuse_unplanned`)."""
         if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
+        if not in_step:
+            refuse_unplanned(self)
         reason = self.engine_blocker()
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
@@ -176,7 +179,7 @@ class _DenseBlock(_EngineBlock, nn.ModuleDict):
         self.recompute = "keep"
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._runs_fused(init_features):
+        if not torch.jit.is_scripting() and self._runs_fused(init_features, False):
             return self._fused(init_features)
         features = [init_features]
         for name, layer in self.items():
@@ -185,11 +188,26 @@ class _DenseBlock(_EngineBlock, nn.ModuleDict):
         return torch.cat(features, 1)
 
 
+def refuse_unplanned(module: nn.Module) -> None:
+    """Raise where ``module`` (``features``, a dense block or a transition) is
+    called on its own in a training forward of a model with a memory budget:
+    the budget plans the model's whole training step, which this is not.
+    (Where the engine does not take the input, the model's forward calls them
+    too, as torchvision's does; then nobody asks.)"""
+    if module.engine.budgeted and module.training and torch.is_grad_enabled():
+        what = "features" if isinstance(module, _Features) else \
+            "a dense block" if isinstance(module, _EngineBlock) else "a transition"
+        raise planner.MemoryBudgetError(
+            f"the model's {what} was called on its own in a training forward, but the model's memory budget plans "
+            f"its whole training step (model(x)), not this one; train through the model, or call "
+            f"set_memory_budget(None) and choose recompute yourself")
+
+
 def sequential_forward(self, input: Tensor) -> Tensor:
     """The ``forward`` of an ``nn.Sequential`` that the engine may run: ``_fused``
     where ``_runs_fused`` says so, else each module in turn (assigned in the
     class body: TorchScript compiles it there, not from a mixin)."""
-    if not torch.jit.is_scripting() and self._runs_fused(input):
+    if not torch.jit.is_scripting() and self._runs_fused(input, False):
         return self._fused(input)
     for module in self:
         input = module(input)
@@ -205,10 +223,13 @@ class _EngineTransition:
     forward = sequential_forward
 
     @torch.jit.unused
-    def _runs_fused(self, x: Tensor) -> bool:
+    def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
+        """As :meth:`_EngineBlock._runs_fused`, for this transition."""
         if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
+        if not in_step:
+            refuse_unplanned(self)
         reason = self.engine_blocker()
         if reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, f"this transition has {reason}")
@@ -260,7 +281,12 @@ class _Features(nn.Sequential):
 
     @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
-        return fastpath.engine_takes(x) and self.engine.plain_reason is None
+        """Whether the engine runs these features, called as a module (then not
+        from the model's forward under a memory budget: :func:`refuse_unplanned`)."""
+        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+            return False
+        refuse_unplanned(self)
+        return True
 
     @torch.jit.unused
     def fused(self, x: Tensor, pooled: bool) -> Tensor:
@@ -274,9 +300,10 @@ class _Features(nn.Sequential):
         while i < len(modules):
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
-            fusable = isinstance(module, _EngineBlock) and fastpath.watched(module) is None and module._runs_fused(x)
+            fusable = (isinstance(module, _EngineBlock) and fastpath.watched(module) is None
+                       and module._runs_fused(x, in_step=True))
             if fusable and isinstance(following, _EngineTransition) and fastpath.watched(following) is None \
-                    and following._runs_fused(x):
+                    and following._runs_fused(x, in_step=True):
                 after = modules[i + 2] if i + 2 < len(modules) else None
                 next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
                     fastpath.watched(after) is None and not torch.compiler.is_compiling() else None
@@ -441,6 +468,7 @@ class _EngineModel(nn.Module):
         if budget is not None:
             planner.refuse_unplannable(self, "memory_budget")
         self._memory_budget = None if budget is None else memory.parse_bytes(budget)
+        self.engine.budgeted = budget is not None
         self.memory_optimizer = optimizer or memory.OptimizerSpec()
         self._memory_plans = {}
 

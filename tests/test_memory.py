@@ -440,6 +440,31 @@ def test_bad_sizes_and_arguments_are_refused():
             plans()
 
 
+@pytest.mark.parametrize("monai", [False, True], ids=["torchvision", "monai"])
+@pytest.mark.parametrize("name", ["features", "features.denseblock2", "features.transition1"])
+@pytest.mark.filterwarnings("ignore:densenet_fast. the memory model assumes glibc:RuntimeWarning")
+def test_a_budget_refuses_training_features_blocks_or_transitions_on_their_own(name, monai):
+    """The budget plans the model's whole step; a training forward of part of it
+    alone (a custom head on ``features``) would run unplanned policies."""
+    model = (MonaiDenseNet(2, 3, 4, init_features=8, growth_rate=4, block_config=(2, 2)) if monai
+             else densenet_bc(16, 4))
+    model.set_memory_budget("1GiB")
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()  # the whole model: planned
+    inputs = {}
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda module, args: inputs.setdefault(name, args))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    part = model.get_submodule(name)
+    with pytest.raises(MemoryBudgetError, match="called on its own in a training forward"):
+        part(*inputs[name])
+    with torch.no_grad():  # not a training step
+        part(*inputs[name])
+    model.set_memory_budget(None)
+    part(*inputs[name]).sum().backward()
+
+
 @pytest.mark.parametrize("monai, observe", [
     (False, lambda model: model.features.register_forward_hook(lambda *_: None)),
     (False, lambda model: model.features.denseblock2.register_forward_pre_hook(lambda *_: None)),

@@ -509,14 +509,16 @@ class IntoBuffer(torch.autograd.Function):
 @dataclass
 class Settings:
     """What a model's blocks and transitions share: the backend choice (``None``:
-    automatic), the scratch arena, the synchronisation group of batch statistics
-    and, where the model was built with layers the engine cannot run, why (then
-    every block and transition runs its per-layer code; the model said so once)."""
+    automatic), the scratch arena, the synchronisation group of batch statistics,
+    where the model was built with layers the engine cannot run, why (then
+    every block and transition runs its per-layer code; the model said so once),
+    and whether the model plans its training steps under a memory budget."""
 
     backend: Optional[str] = None
     arena: ScratchArena = dataclasses.field(default_factory=ScratchArena)
     sync_group: object = None
     plain_reason: Optional[str] = None
+    budgeted: bool = False
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
