@@ -295,6 +295,8 @@ class _Features(nn.Sequential):
         pooling of them, ``(N, C)``), fusing every unobserved block with what
         follows it."""
         modules = list(self._modules.values())
+        last_block = max((i for i, m in enumerate(modules) if isinstance(m, _EngineBlock)), default=None)
+        contiguous = x.is_contiguous()
         buffer = None
         i = 0
         while i < len(modules):
@@ -313,6 +315,8 @@ class _Features(nn.Sequential):
                 return module.run(x, engine.HeadTail(following), buffer)[0]
             elif fusable:
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
+                if i == last_block and contiguous and not pooled:  # norm5's output in torchvision's layout
+                    x = x.contiguous()
                 i += 1
             elif self._runs_fused_stem(modules[i:i + 3], x):
                 x, buffer = stem.norm_relu_max_pool(module, x), None

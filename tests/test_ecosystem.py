@@ -172,6 +172,19 @@ def test_a_replaced_forward_runs(name, training):
                      FLOAT64_RTOL, f"forward replaced on {name}")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_features_come_back_in_torchvisions_layout(layout, training):
+    """``model.features(x)`` has the strides torchvision's gives (so
+    ``.view(N, -1)`` works on it where it does there), with the same values."""
+    ours, tv = make_pair(**CONFIG)
+    x, _ = random_batch(ours, 3, 9, 7, seed=0)
+    x = x.contiguous(memory_format=layout)
+    features = [model.train(training).features(x) for model in (ours, tv)]
+    assert features[0].stride() == features[1].stride()
+    assert_all_close({"features": features[0]}, {"features": features[1]}, FLOAT64_RTOL, "features")
+
+
 def prune_and_parametrize(model: nn.Module) -> None:
     """Pruning (a forward pre-hook) and weight and spectral norm (parametrizations)
     on modules inside dense layers and a transition."""
