@@ -384,13 +384,16 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
                 raise DatasetError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(content.files) or 'nothing'}"
                                    f"); expected a MedMNIST-3D file")
             arrays = {k: content[k] for k in keys}
+    except DatasetError:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     splits = {}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 4:
-            kind = " (2-D images: a 2-D MedMNIST file)" if images.ndim in (3, 4) else ""
+        colour = images.ndim == 4 and images.shape[3] in (1, 3) and images.shape[3] < min(images.shape[1:3])
+        if images.ndim != 4 or colour:  # 2-D MedMNIST: (N, H, W), or (N, H, W, 3) in colour
+            kind = " (2-D images: a 2-D MedMNIST file)" if images.ndim == 3 or colour else ""
             raise DatasetError(f"{path}: {split}_images has shape {images.shape}{kind}; expected MedMNIST-3D volumes "
                                f"(N, D, H, W)")
         if labels.ndim == 2 and labels.shape[1] == 1:
@@ -522,7 +525,7 @@ def _read_labels(root: str) -> list[tuple[str, str, str]]:
     path = os.path.join(root, LABELS_FILE)
     layout = "columns file,label and optionally split (train or test)"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's CSV UTF-8) is not text
             reader = csv.reader(f)
             header = [h.strip().lower() for h in next(reader, [])]
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]

@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import warnings
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -79,9 +80,11 @@ CHECKPOINT_FORMAT = "densenet_fast.train/1"
 CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "history", "rng", "model", "optimizer",
                    "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
-# Options a resumed run must share with its checkpoint (the model's and the recipe's).
+# Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); the last two
+# are compared where the checkpoint has them (since 2026-12-03).
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
-                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit")
+                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit", "data",
+                     "sample_size")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
 MAX_SEED = 2**31 - 1  # numpy seeds each process with seed + rank, below 2**32
@@ -254,8 +257,21 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         procs.log(OFFLOAD_NOTE)
     if options["memory_budget"] is not None:
         procs.log(plan_memory(run))
-    outcome = train_epochs(run, position)
+    try:
+        outcome = train_epochs(run, position)
+    except DatasetError as exc:  # a sample that cannot be read
+        raise DatasetError(worker_error_text(exc)) from None
     return finish(run, outcome)
+
+
+def worker_error_text(exc: Exception) -> str:
+    """``exc``'s message; for one that a DataLoader worker raised, the worker's
+    own message (torch puts the worker's traceback in front of it)."""
+    text = str(exc).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]  # "densenet_fast.data.DatasetError: cannot read image ..."
+    return last.partition(": ")[2] or last
 
 
 @dataclass
@@ -660,7 +676,10 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         raise TrainingError(f"--batch-size {options['batch_size']} is not divisible by the {procs.world_size} "
                             f"processes")
     options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                   spatial_dims=data.spatial_dims, world_size=procs.world_size)
+                   spatial_dims=data.spatial_dims, world_size=procs.world_size,
+                   sample_size=list(data.size or data.train[0][0].shape[1:]))
+    if os.path.exists(options["data"]):  # a directory or file: the same one from another working directory
+        options["data"] = os.path.abspath(options["data"])
     if options["out"] is None:  # a new directory per run, named by rank 0
         shape = f"-{options['depth']}-{options['growth_rate']}" if args.model == "densenet_bc" else ""
         name = f"{data.name}-{args.model}{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -860,16 +879,31 @@ def save_atomically(obj, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def damaged_record(path: str) -> Optional[str]:
+    """The first record of the zip archive that ``torch.save`` wrote at ``path``
+    whose bytes do not match its CRC (``torch.load`` does not check them), or
+    ``None`` (also where it is no zip archive: ``torch.load`` then says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile:
+        return None
+
+
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     """The checkpoint at ``path``, after checking that it belongs to this run's
     model and recipe (every difference named) and that all shapes match."""
     try:
+        damaged = damaged_record(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
     except Exception as exc:  # torch.load's messages run over many lines
         raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
                             f"{type(exc).__name__})") from exc
+    if damaged is not None:
+        raise TrainingError(f"cannot read checkpoint {path} (damaged: its record {damaged} does not match its "
+                            f"checksum)")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not a densenet_fast training checkpoint ({CHECKPOINT_FORMAT})")
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
@@ -877,7 +911,8 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
         raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
-                   for key in RESUME_MUST_MATCH if saved.get(key) != options[key]]
+                   for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
+                   and (key in saved or key not in ("data", "sample_size"))]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

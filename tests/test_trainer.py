@@ -438,8 +438,13 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
     checkpoint = torch.load(path, weights_only=True)
     del checkpoint["optimizer"], checkpoint["rng"]
     torch.save(checkpoint, path)
+    content = path.read_bytes()
+    weight = checkpoint["model"]["features.conv0.weight"].numpy().tobytes()  # stored as is, after a zip header
+    start = content.index(weight)
+    flipped = content[:start] + bytes(b ^ 0xFF for b in weight[:16]) + content[start + 16:]
     damages = [("lacks rng, optimizer", None), ("cannot read checkpoint", b"not a checkpoint"),
-               ("cannot read checkpoint", np.random.default_rng(0).bytes(4096))]
+               ("cannot read checkpoint", np.random.default_rng(0).bytes(4096)),
+               ("does not match its checksum", flipped)]  # torch.load reads it without a word
     capsys.readouterr()
     for message, content in damages:
         if content is not None:
@@ -600,12 +605,15 @@ def test_memory_budget_plans_volumes(tmp_path, capsys):
     assert "3-D DenseNet-BC-40 (k=8) at batch 8 of 16x16x16" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_synthetic3d_resumes_exactly_with_channels_last(tmp_path):
+def test_synthetic3d_resumes_exactly_with_channels_last(tmp_path, capsys):
     options = ["--data", "synthetic3d", "--train-limit", "24", "--test-limit", "8", "--channels-last"]
     assert train_volumes(tmp_path / "whole", *options, "--epochs", "2") == 0
     assert train_volumes(tmp_path / "halves", *options, "--epochs", "1") == 0
     assert train_volumes(tmp_path / "halves", *options, "--epochs", "2", "--resume") == 0
     assert metrics(tmp_path / "halves") == metrics(tmp_path / "whole")
+    # other volumes are another dataset
+    assert train_volumes(tmp_path / "halves", *options, "--epochs", "3", "--resume", "--volume-size", "20") == 2
+    assert "sample_size is [16, 16, 16] in the checkpoint but [20, 20, 20] now" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("augmentation", [Augmentation(2, True), Augmentation(1, False)])
@@ -662,6 +670,14 @@ def test_volume_folder_with_labels_csv(tmp_path):
     assert sorted(label for _, label in data.test) == [0, 1]
 
 
+def test_labels_csv_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark."""
+    write_volume_folder(tmp_path / "vols")
+    labels = tmp_path / "vols" / "labels.csv"
+    labels.write_text("\ufeff" + labels.read_text(), encoding="utf-8")
+    assert load_dataset(str(tmp_path / "vols")).num_classes == 2
+
+
 def test_trains_on_a_volume_folder_of_mixed_sizes_when_resized(tmp_path, capsys):
     write_volume_folder(tmp_path / "vols", sizes=[(14, 16, 18), (16, 16, 16)], count=10)
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols")) == 2
@@ -669,6 +685,10 @@ def test_trains_on_a_volume_folder_of_mixed_sizes_when_resized(tmp_path, capsys)
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--volume-size", "16", "16", "16",
                          "--workers", "0") == 0
     assert "8 train / 2 test volumes of 16x16x16" in capsys.readouterr().out
+    write_volume_folder(tmp_path / "others", sizes=[(16, 16, 16)], count=10)  # the same shapes, other volumes
+    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "others"), "--workers", "0", "--resume",
+                         "--epochs", "2") == 2
+    assert f"data is '{tmp_path / 'vols'}' in the checkpoint but '{tmp_path / 'others'}' now" in capsys.readouterr().err
 
 
 def test_medmnist3d_npz(tmp_path, monkeypatch, capsys):
@@ -745,17 +765,30 @@ def test_volume_with_nan_is_named_when_read(tmp_path):
         data.test[0]
 
 
+def test_a_sample_a_loader_worker_cannot_read_is_named_in_one_line(tmp_path, capsys):
+    """torch re-raises a worker's error with the worker's traceback in front of its message."""
+    write_volume_folder(tmp_path / "vols", sizes=[(16, 16, 16)], count=10)
+    volume = next((tmp_path / "vols").rglob("*.npy"))
+    np.save(volume, np.full((16, 16, 16), np.nan, np.float32))
+    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: volume {volume} holds NaN or infinite values", err
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"train_images": np.zeros((4, 8, 8), np.uint8)}, "lacks train_labels, test_images, test_labels"),
     ({f"{s}_{k}": np.zeros((4, 8, 8) if k == "images" else (4, 1), np.uint8) for s in ("train", "test")
       for k in ("images", "labels")}, "2-D images: a 2-D MedMNIST file"),
+    ({f"{s}_{k}": np.zeros((4, 28, 28, 3) if k == "images" else (4, 1), np.uint8) for s in ("train", "test")
+      for k in ("images", "labels")}, "(4, 28, 28, 3) (2-D images: a 2-D MedMNIST file)"),  # colour, not D=28
     ({f"{s}_{k}": np.zeros((4, 8, 8, 8) if k == "images" else (4, 14), np.uint8) for s in ("train", "test")
       for k in ("images", "labels")}, "multi-label data is not supported"),
 ])
 def test_malformed_medmnist_files_are_named(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(DatasetError, match=re.escape(message)):
+    with pytest.raises(DatasetError, match=re.escape(message)) as error:
         load_dataset(str(tmp_path / "bad.npz"))
+    assert "not a readable .npz file" not in str(error.value)  # said once, not wrapped
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a readable .npz file"):
         load_dataset(str(tmp_path / "junk.npz"))
