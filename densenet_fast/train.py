@@ -96,9 +96,19 @@ class TrainingError(ValueError):
     """Bad input to the trainer (options, output directory, checkpoint)."""
 
 
+class OutputError(ValueError):
+    """A file of the run could not be written during it (a full disk).  Not a
+    :class:`TrainingError`: under torchrun the other processes may be inside a
+    collective, so the process groups are left to the end of the process."""
+
+
 # -- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d, p = DIGITS_DEFAULTS, PAPER_DEFAULTS
+    d, p, s, v = DIGITS_DEFAULTS, PAPER_DEFAULTS, SYNTHETIC_3D_DEFAULTS, VOLUME_DEFAULTS
+
+    def default(key: str) -> str:
+        return (f"default: {d[key]} on digits, {p[key]} on other images, {s[key]} on {SYNTHETIC_3D}, "
+                f"{v[key]} on other volumes")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="digits", metavar="DATA",
                       help="'digits' (scikit-learn's 8x8 handwritten digits, embedded; the default) or a directory: "
@@ -128,10 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="architecture (default: %(default)s, the paper's CIFAR DenseNet-BC); for volumes the 3-D "
                             "DenseNets of densenet_fast.monai (MONAI's module tree)")
     model.add_argument("--depth", type=int, default=None, metavar="L",
-                       help=f"DenseNet-BC depth, 6n+4 (default: {d['depth']} on digits, {p['depth']} otherwise)")
+                       help=f"DenseNet-BC depth, 6n+4 ({default('depth')})")
     model.add_argument("--growth-rate", type=int, default=None, metavar="K",
-                       help=f"DenseNet-BC growth rate (default: {d['growth_rate']} on digits, "
-                            f"{p['growth_rate']} otherwise)")
+                       help=f"DenseNet-BC growth rate ({default('growth_rate')})")
     model.add_argument("--backend", default=None, choices=BACKEND_NAMES,
                        help="primitive backend (default: automatic per device)")
     model.add_argument("--recompute", default=None, choices=(*models.RECOMPUTE_POLICIES, models.AUTO),
@@ -145,9 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     recipe = parser.add_argument_group("optimisation (the paper's recipe by default)")
     recipe.add_argument("--epochs", type=int, default=None, metavar="N",
-                        help=f"training epochs (default: {d['epochs']} on digits, {p['epochs']} otherwise)")
+                        help=f"training epochs ({default('epochs')})")
     recipe.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help=f"global batch size, split evenly over the processes (default: {d['batch_size']})")
+                        help=f"global batch size, split evenly over the processes ({default('batch_size')})")
     recipe.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: %(default)s)")
     recipe.add_argument("--schedule", default="step", choices=("step", "cosine"),
                         help="'step' divides the learning rate by 10 at 50%% and 75%% of the epochs; 'cosine' "
@@ -257,6 +266,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         procs.log(OFFLOAD_NOTE)
     if options["memory_budget"] is not None:
         procs.log(plan_memory(run))
+    if options["overwrite"] and not options["resume"] and procs.is_main:
+        remove_earlier_run(run.out)  # now that this run starts: none of its files stays beside this run's
     try:
         outcome = train_epochs(run, position)
     except DatasetError as exc:  # a sample that cannot be read
@@ -389,6 +400,13 @@ def resume(run: Run) -> Position:
     if run.procs.is_main:
         position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
+    if position.epoch >= run.options["epochs"]:
+        run.procs.log(f"the checkpoint is past --epochs {run.options['epochs']}: nothing is left to train")
+    saved_processes = checkpoint["options"].get("world_size", 1)
+    if saved_processes != run.procs.world_size:
+        run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
+                      f"{run.procs.world_size}: it continues, but no longer repeats an uninterrupted run exactly "
+                      f"(each process draws its own augmentation)")
     return position
 
 
@@ -772,6 +790,13 @@ def check_output_directory(options: dict, procs: Processes) -> None:
         raise TrainingError(f"--out {out}: cannot write there ({problem})")
 
 
+def remove_earlier_run(out: str) -> None:
+    """Remove the files an earlier run left in ``out`` (``--overwrite``)."""
+    for name in (CHECKPOINT, METRICS, CURVES):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
 def write_problem(directory: str) -> Optional[str]:
     """Why no file can be written in ``directory`` (created if missing), or ``None``.
     An actual write: permission bits do not tell (root, read-only file systems)."""
@@ -872,11 +897,16 @@ def replacing(path: str) -> Iterator[str]:
 
 
 def save_atomically(obj, path: str) -> None:
-    """``torch.save`` to ``path``, all or nothing (see :func:`replacing`)."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """``torch.save`` to ``path``, all or nothing (see :func:`replacing`);
+    :class:`OutputError` where it cannot be written (a full disk)."""
+    try:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save's zip writer raises RuntimeError on a full disk
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        raise OutputError(f"cannot write {path} ({reason}); the file there before is intact") from exc
 
 
 def damaged_record(path: str) -> Optional[str]:
@@ -974,6 +1004,7 @@ class StopRequest:
         self.previous: dict = {}
 
     def __enter__(self) -> "StopRequest":
+        self.pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -984,6 +1015,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a DataLoader worker forked from this process, which stops it
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True

@@ -377,18 +377,52 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(trainer.OutputError, match="cannot write .*checkpoint.pt \\(disk full\\); the file there"):
         trainer.save_atomically({"value": torch.arange(5)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-def test_outputs_are_never_overwritten_silently(tmp_path, capsys):
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    before = (out / trainer.CHECKPOINT).read_bytes()
+
+    def full(obj, f):  # what torch.save's zip writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 180160 vs 180048")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert train(out, "--epochs", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("unexpected pos 180160 vs 180048); the file there before is intact") and \
+        len(err.strip().splitlines()) == 1, err
+    assert (out / trainer.CHECKPOINT).read_bytes() == before
+
+
+def test_a_stop_request_is_the_main_process_s_only():
+    """A DataLoader worker forked from the trainer inherits its signal handler:
+    there it does nothing (the main process stops the workers)."""
+    with trainer.StopRequest() as stop:
+        stop.pid = os.getpid() + 1  # as in a forked worker
+        stop._handle(signal.SIGINT, None)
+        assert not stop.requested
+        stop.pid = os.getpid()
+        stop._handle(signal.SIGINT, None)
+        assert stop.requested
+
+
+def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert train(out, "--epochs", "1") == 0
     assert (out / trainer.CURVES).stat().st_size > 0
     assert train(out, "--epochs", "1") == 2
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert train(out, "--epochs", "1", "--overwrite", "--growth-rate", "0") == 2  # refused: nothing changes
+    assert sorted(os.listdir(out)) == sorted([trainer.CHECKPOINT, trainer.METRICS, trainer.CURVES])
+    with monkeypatch.context() as patch:  # a run that starts, then fails before writing anything
+        patch.setattr(trainer, "train_epochs", lambda *args: (_ for _ in ()).throw(trainer.OutputError("full")))
+        assert train(out, "--epochs", "1", "--overwrite") == 2
+    assert os.listdir(out) == []  # none of the earlier run's files stays to be taken for this one's
     assert train(out, "--epochs", "1", "--overwrite") == 0
     assert train(tmp_path / "empty", "--resume") == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
@@ -423,6 +457,8 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     assert "growth_rate is 4 in the checkpoint but 6 now" in capsys.readouterr().err
     assert train(out, "--epochs", "2", "--resume", "--lr", "0.05") == 2
     assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
+    assert train(out, "--epochs", "1", "--resume") == 0
+    assert "the checkpoint is past --epochs 1: nothing is left to train" in capsys.readouterr().out
     path = out / trainer.CHECKPOINT
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["model"]["classifier.weight"] = torch.zeros(3, 3)
