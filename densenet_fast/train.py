@@ -96,6 +96,10 @@ class TrainingError(ValueError):
     """Bad input to the trainer (options, output directory, checkpoint)."""
 
 
+class DivergedError(ValueError):
+    """The weights hold NaN or infinity after an epoch: nothing after it is saved."""
+
+
 class OutputError(ValueError):
     """A file of the run could not be written during it (a full disk).  Not a
     :class:`TrainingError`: under torchrun the other processes may be inside a
@@ -532,6 +536,11 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
+    diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
+    if diverged:  # every process holds the same weights, and stops alike
+        kept = f"the checkpoint of epoch {epoch} stays" if epoch else "no checkpoint was written"
+        raise DivergedError(f"training diverged in epoch {epoch + 1}: {diverged[0]} (and {len(diverged) - 1} more "
+                            f"parameters) hold NaN or infinity; {kept} (a lower --lr may help)")
     totals = position.partial.plus(procs.sum(sums.as_list()))
     images_per_s = sums.count * procs.world_size / seconds
     test = evaluate(run.model, run.test_loader, run.device, options, procs)

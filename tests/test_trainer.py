@@ -399,6 +399,14 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monk
     assert (out / trainer.CHECKPOINT).read_bytes() == before
 
 
+def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "2", "--lr", "1e30") == 2
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 1: " in err and "no checkpoint was written" in err, err
+    assert not (out / trainer.CHECKPOINT).exists()
+
+
 def test_a_stop_request_is_the_main_process_s_only():
     """A DataLoader worker forked from the trainer inherits its signal handler:
     there it does nothing (the main process stops the workers)."""
