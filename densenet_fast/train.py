@@ -362,7 +362,12 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     random.seed(options["seed"] + procs.rank)
     np.random.seed(options["seed"] + procs.rank)
     torch.manual_seed(options["seed"])  # the same initial weights in every process
-    model = build_volume_model(options) if data.spatial_dims == 3 else build_model(options)
+    try:
+        model = build_volume_model(options) if data.spatial_dims == 3 else build_model(options)
+    except RuntimeError as exc:  # the CPU allocator's "can't allocate memory" (CUDA's out-of-memory is one too)
+        if "allocate" not in str(exc):
+            raise
+        raise TrainingError(f"the model does not fit in memory ({str(exc).strip().splitlines()[0]})") from None
     set_memory_plan(model, options)
     model = model.to(device)
     check_input_size(model, data)

@@ -140,7 +140,7 @@ class CurvedPeaks:
     def peak(self, batch: int) -> float:
         return (1 + 0.4 * batch + self.curvature * batch * batch) * MIB
 
-    def memory(self, impl, spec, batch, limit_bytes, timeout_s):
+    def memory(self, impl, spec, batch, limit_bytes, timeout_s, memory_budget=None):
         if batch > self.fails_above:
             return {"status": "error"}
         peak = self.peak(batch)
@@ -177,7 +177,7 @@ def test_largest_batch_search_stops_at_a_failed_process():
 def test_models_subcommand_needs_two_steps_for_its_budget_search(fake_workers, tmp_path):
     argv = ["--model", "densenet_bc-40", "--batch", "2", "--steps", "1", "--impls", "tv-eager",
             "--out", str(tmp_path / "m.json"), "--no-progress", "--no-plot"]
-    with pytest.raises(SystemExit, match="--steps 2 or more"):
+    with pytest.raises(ValueError, match="--steps 2 or more"):
         models.main(argv)
     assert fake_workers == []
     models.main(argv + ["--train-only"])  # no search: one step is enough
@@ -347,13 +347,42 @@ def test_depth_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path)
     assert result["policy_costs"] == {}
 
 
+@pytest.mark.parametrize("subcommand, argv", [
+    (kernels, ["--repeats", "0"]), (kernels, ["--batch-bc", "-2"]), (kernels, ["--device", "foo"]),
+    (kernels, ["--device", "cuda"] if not torch.cuda.is_available() else ["--warmup", "-1"]),
+    (models, ["--steps", "0"]), (models, ["--batch", "0"]), (models, ["--budget-gib", "-1"]),
+    (models, ["--max-minutes", "nan"]), (depth, ["--budget-gib", "inf"]), (depth, ["--growth-rate", "0"]),
+])
+def test_bad_bench_numbers_and_devices_are_usage_errors(subcommand, argv, fake_workers, capsys, tmp_path):
+    """argparse refuses them (exit status 2) before anything is measured."""
+    with pytest.raises(SystemExit) as exit_:
+        subcommand.main(argv + ["--no-plot", "--out", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
+    assert fake_workers == []
+
+
+def test_models_checks_implementation_names_and_plans_auto_under_the_budget(fake_workers, monkeypatch, tmp_path):
+    argv = ["--model", "densenet_bc-16", "--batch", "2", "--train-only", "--no-progress", "--no-plot",
+            "--out", str(tmp_path / "m.json")]
+    with pytest.raises(ValueError, match="unknown implementation.*fast-cpp-kep, bogus"):
+        models.main(argv + ["--impls", "tv-eager", "fast-cpp-kep", "bogus"])
+    with pytest.raises(ValueError, match="give --budget-gib above 0"):
+        models.main(argv + ["--impls", "fast-torch-auto", "--budget-gib", "0"])
+    budgets = []
+    memory = harness.Runner.memory
+    monkeypatch.setattr(harness.Runner, "memory", lambda self, impl, *args, memory_budget=None, **kwargs: (
+        budgets.append((impl, memory_budget)), memory(self, impl, *args, memory_budget=memory_budget, **kwargs))[1])
+    models.main(argv + ["--impls", "fast-torch-keep", "fast-torch-auto", "--budget-gib", "0.25"])
+    assert set(budgets) == {("fast-torch-keep", None), ("fast-torch-auto", 0.25 * common.GIB)}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--family", "monai", "--image-size", "8x16x16"], "sides of at least 16"),
     (["--image-size", "16x16x16"], "several sides are for --family monai"),
     (["--budget-gib", "1", "--steps", "1"], "--steps 2 or more"),
 ])
 def test_depth_subcommand_refuses_what_it_cannot_measure(fake_workers, tmp_path, argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         depth.main(argv + ["--out", str(tmp_path / "x.json"), "--no-progress", "--no-plot"])
     assert fake_workers == []
 

@@ -407,6 +407,17 @@ def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
     assert not (out / trainer.CHECKPOINT).exists()
 
 
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    def too_large(options):  # what --growth-rate 100000 met on this machine (not allocated here: overcommit)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 320000000000 bytes.")
+
+    monkeypatch.setattr(trainer, "build_model", too_large)
+    assert train(tmp_path / "run", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "the model does not fit in memory" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_stop_request_is_the_main_process_s_only():
     """A DataLoader worker forked from the trainer inherits its signal handler:
     there it does nothing (the main process stops the workers)."""

@@ -31,6 +31,49 @@ BASELINE_PREFIX = "BASELINE "
 
 
 # -- timing --------------------------------------------------------------------------------
+# -- option types (argparse: a bad value is a usage error, exit status 2) -------------------------------
+def at_least(least: int) -> Callable[[str], int]:
+    """An option type: an integer of at least ``least``."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return integer
+
+
+def positive_number(text: str) -> float:
+    """An option type: a finite number above 0."""
+    value = non_negative_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """An option type: a finite number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
+def device_type(text: str) -> str:
+    """An option type: ``cpu``, or ``cuda`` where a GPU is present."""
+    import torch
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: no GPU is available here")
+    return text
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch

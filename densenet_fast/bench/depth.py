@@ -38,8 +38,9 @@ from .. import planner
 from ..memory import Architecture, OptimizerSpec, Setup
 from . import common, monai_impls
 from .common import evaluate, fit
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, resolve_impls
-from .impls import ModelSpec
+from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, model_budget,
+                      resolve_impls)
+from .impls import TORCHVISION_IMPLS, ModelSpec, check_impl_names
 from .worker import DTYPES
 
 DEFAULT_DEPTHS = (40, 76, 112)
@@ -55,22 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="depths (6n+4) of the sweep (default: %(default)s)")
     parser.add_argument("--time-depths", type=int, nargs="*", default=None,
                         help="depths at which all implementations are timed round-robin (default: every sweep depth)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=common.at_least(1), default=16)
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW for volumes (--family monai)")
     parser.add_argument("--family", default="torchvision", choices=["torchvision", "monai"],
                         help="torchvision's DenseNet-BC tree, or MONAI's DenseNet shaped as DenseNet-BC")
-    parser.add_argument("--growth-rate", type=int, default=12)
+    parser.add_argument("--growth-rate", type=common.at_least(1), default=12)
     parser.add_argument("--impls", nargs="+", default=None,
                         help="implementations (default: tv-eager tv-memeff and densenet_fast's automatic backend "
                              "with each recompute policy; --all-backends for every backend)")
     parser.add_argument("--all-backends", action="store_true")
-    parser.add_argument("--budget-gib", type=float, default=2.0,
+    parser.add_argument("--budget-gib", type=common.non_negative_number, default=2.0,
                         help="memory budget of a training step (parameters, gradients, optimizer state and the "
                              "step's peak above them); 0 skips the search")
     parser.add_argument("--max-depth", type=int, default=10000, help="deepest depth the search considers")
-    parser.add_argument("--probe-timeout", type=float, default=4 * 3600.0, help="seconds one probe may take")
-    parser.add_argument("--max-minutes", type=float, default=24 * 60.0, help="wall-clock limit of the whole run")
+    parser.add_argument("--probe-timeout", type=common.positive_number, default=4 * 3600.0,
+                        help="seconds one probe may take")
+    parser.add_argument("--max-minutes", type=common.positive_number, default=24 * 60.0,
+                        help="wall-clock limit of the whole run")
     parser.add_argument("--reference-depth", type=int, default=100)
     parser.add_argument("--reuse-sweep", type=Path, default=None,
                         help="take the sweep's points and timings from this result file instead of measuring them")
@@ -92,13 +95,6 @@ def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup
     """The training step of the run, as the memory model describes it."""
     return Setup(args.batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, backend, OptimizerSpec.parse(args.optimizer))
-
-
-def model_budget(impl: str, args) -> Optional[float]:
-    """The memory budget a worker builds ``impl``'s model with: ``recompute="auto"``
-    plans under it; a fixed policy gets none (with one it would check the
-    prediction and refuse, and the measurement would verify nothing)."""
-    return args.budget_gib * common.GIB if impl.endswith("-auto") and args.budget_gib > 0 else None
 
 
 def bc_architecture(args: argparse.Namespace, depth: int) -> Architecture:
@@ -307,17 +303,20 @@ def run(args: argparse.Namespace) -> dict:
     check_budget_steps(args)
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
-            raise SystemExit(f"depth {d} is not of the form 6n + 4")
+            raise ValueError(f"depth {d} is not of the form 6n + 4")
     if args.family == "monai":
         monai_impls.spatial_dims(args.image_size)
         sides = args.image_size if isinstance(args.image_size, list) else [args.image_size]
         if min(sides) < 16:  # stem /4 and two transitions /2 each
-            raise SystemExit(f"--image-size {args.image_size}: MONAI's DenseNet-BC needs sides of at least 16")
+            raise ValueError(f"--image-size {args.image_size}: MONAI's DenseNet-BC needs sides of at least 16")
         impls = args.impls or monai_impls.default_impls(args.device, args.compile)
     elif isinstance(args.image_size, list):
-        raise SystemExit(f"--image-size {args.image_size}: several sides are for --family monai")
+        raise ValueError(f"--image-size {args.image_size}: several sides are for --family monai")
     else:
         impls = resolve_impls(args)
+    check_impl_names(impls, monai_impls.MONAI_IMPLS if args.family == "monai" else TORCHVISION_IMPLS)
+    if any(impl.endswith("-auto") for impl in impls) and not args.budget_gib:
+        raise ValueError("fast-<backend>-auto plans under the memory budget: give --budget-gib above 0")
     if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
     runner = Runner(args)

@@ -23,19 +23,20 @@ def image_size(text: str):
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the model-level benchmarks (models, depth)."""
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=common.device_type)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also torch.compile(torchvision) (slow on the CPU)")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: the trainer's recipe (momentum 0.9, Nesterov, weight decay 1e-4)")
-    parser.add_argument("--steps", type=int, default=2,
+    parser.add_argument("--steps", type=common.at_least(1), default=2,
                         help="measured training steps per memory process; the peak is the highest (on the CPU the "
                              "steps vary a little)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--warmup", type=common.at_least(0), default=1)
+    parser.add_argument("--repeats", type=common.at_least(1), default=3)
+    parser.add_argument("--threads", type=common.at_least(1), default=None,
+                        help="torch threads per worker (default: torch's)")
     parser.add_argument("--full-warmup", action="store_true",
                         help="memory workers warm up on the full batch (default: on 2 images, and a DenseNet-BC's "
                              "depth-10 twin on the full batch), so that every per-shape library cache is in the "
@@ -90,8 +91,15 @@ def check_budget_steps(args: argparse.Namespace) -> None:
     (later ones can peak higher still on the CPU: by up to 3.9 MiB at batch 16
     in docs/memory_history.md, "Over twelve steps")."""
     if args.budget_gib > 0 and args.steps < 2:
-        raise SystemExit(f"--budget-gib needs --steps 2 or more (got {args.steps}): on the CPU a later step can "
+        raise ValueError(f"--budget-gib needs --steps 2 or more (got {args.steps}): on the CPU a later step can "
                          "peak higher than the first")
+
+
+def model_budget(impl: str, args) -> Optional[float]:
+    """The memory budget a worker builds ``impl``'s model with: ``recompute="auto"``
+    plans under it; a fixed policy gets none (with one it would check the
+    prediction and refuse, and the measurement would verify nothing)."""
+    return args.budget_gib * common.GIB if impl.endswith("-auto") and args.budget_gib > 0 else None
 
 
 def resolve_impls(args: argparse.Namespace) -> list[str]:

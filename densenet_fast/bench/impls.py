@@ -61,6 +61,19 @@ class ModelSpec:
         return asdict(self)
 
 
+def check_impl_names(impls: list[str], baselines: tuple[str, ...]) -> None:
+    """``ValueError`` naming each of ``impls`` that is none of ``baselines`` and no
+    ``fast-<backend>-<policy>`` (``<backend>``: one of the backends or ``auto``;
+    ``<policy>``: ``keep``, ``recompute`` or ``auto``)."""
+    from ..backends import BACKEND_NAMES
+    fast = {f"fast-{b}-{p}" for b in (*BACKEND_NAMES, "auto") for p in (*POLICIES, "auto")}
+    unknown = [impl for impl in impls if impl not in baselines and impl not in fast]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {', '.join(unknown)}: expected {', '.join(baselines)} or "
+                         f"fast-<backend>-<policy> (backend: {', '.join(BACKEND_NAMES)} or auto; policy: "
+                         f"{', '.join(POLICIES)} or auto)")
+
+
 def default_impls(device: str, compile_: bool) -> list[str]:
     """torchvision (eager, memory_efficient, compiled if asked) and densenet_fast
     with every backend that runs on ``device`` and every recompute policy."""

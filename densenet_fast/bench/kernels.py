@@ -119,18 +119,18 @@ DEFAULT_SHAPES = ["121-block1", "121-block3", "bc100-block1", "bc100-block3"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=common.device_type)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    parser.add_argument("--batch", type=int, default=4, help="batch of the DenseNet-121 shapes")
-    parser.add_argument("--batch-bc", type=int, default=16, help="batch of the DenseNet-BC shapes")
+    parser.add_argument("--batch", type=common.at_least(1), default=4, help="batch of the DenseNet-121 shapes")
+    parser.add_argument("--batch-bc", type=common.at_least(1), default=16, help="batch of the DenseNet-BC shapes")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend that runs on the device")
     parser.add_argument("--primitives", nargs="+", default=list(PRIMITIVES), choices=PRIMITIVES)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(layer_shapes(1, 1)))
     parser.add_argument("--channels-last", action="store_true", help="the unfused ops on channels-last tensors")
     parser.add_argument("--check", action="store_true",
                         help="compare every backend's outputs with float32 autograd of the unfused ops")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=common.at_least(0), default=2)
+    parser.add_argument("--repeats", type=common.at_least(1), default=7)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")

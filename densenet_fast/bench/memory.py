@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="densenet_fast's backend (auto: the device's choice)")
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW (volumes, MONAI's trees)")
-    parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
+    parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
     add_common_arguments(parser)
     parser.set_defaults(steps=STEADY_STEPS)
 
@@ -56,14 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
     model, _, batch = text.rpartition(":")
     if not model or not batch.isdigit():
-        raise SystemExit(f"a point is MODEL:BATCH, got {text!r}")
+        raise ValueError(f"a point is MODEL:BATCH, got {text!r}")
     if model.startswith(monai_impls.PREFIX + "densenet_bc-"):
         bc = ModelSpec.parse(model[len(monai_impls.PREFIX):], args.growth_rate)
         return monai_impls.bc_spec(bc.depth, bc.growth_rate, args.image_size), int(batch)
     if model.startswith(monai_impls.PREFIX):
         return monai_impls.parse(model, args.image_size), int(batch)
     if isinstance(args.image_size, list):
-        raise SystemExit(f"--image-size {args.image_size}: several sides are for MONAI's trees (monai-...)")
+        raise ValueError(f"--image-size {args.image_size}: several sides are for MONAI's trees (monai-...)")
     return ModelSpec.parse(model, args.growth_rate), int(batch)
 
 

@@ -33,24 +33,26 @@ from typing import Optional
 from . import common
 from .common import fit
 from . import monai_impls
-from .harness import MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, resolve_impls
-from .impls import TORCHVISION_IMPLS, ModelSpec
+from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, model_budget,
+                      resolve_impls)
+from .impls import TORCHVISION_IMPLS, ModelSpec, check_impl_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="densenet_bc-40", help="densenet121 (161, 169, 201, 264) or densenet_bc-<depth>; "
                         "MONAI's: monai-densenet121 (169, 201, 264) with a volume --image-size")
-    parser.add_argument("--growth-rate", type=int, default=12, help="k of densenet_bc")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
+    parser.add_argument("--batch", type=common.at_least(1), default=16)
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW for volumes (MONAI models)")
     parser.add_argument("--train-only", action="store_true",
                         help="the training step at --batch only (no inference, no half batch, no largest batch)")
     parser.add_argument("--impls", nargs="+", default=None, help="default: every implementation that runs here")
-    parser.add_argument("--budget-gib", type=float, default=0.5, help="budget of the largest-batch search (0: skip)")
+    parser.add_argument("--budget-gib", type=common.non_negative_number, default=0.5,
+                        help="budget of the largest-batch search (0: skip)")
     parser.add_argument("--quick", action="store_true",
                         help="training only: one process per implementation times its steps and their peak memory")
-    parser.add_argument("--max-minutes", type=float, default=1e9, help="no worker runs past this")
+    parser.add_argument("--max-minutes", type=common.positive_number, default=1e9, help="no worker runs past this")
     add_common_arguments(parser)
 
 
@@ -79,7 +81,7 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
     def fits(batch: int) -> Optional[bool]:
         """Whether ``batch``'s step peak fits, in a fresh process; ``None`` where it
         neither finished nor exceeded the budget (a timeout, an error)."""
-        check = runner.memory(impl, spec, batch, budget, runner.seconds_left())
+        check = runner.memory(impl, spec, batch, budget, runner.seconds_left(), memory_budget=model_budget(impl, args))
         probes.append({"batch": batch, "status": check["status"], "peak_bytes": check.get("peak_bytes")})
         if check["status"] == "ok":
             return check["peak_bytes"] <= budget
@@ -121,6 +123,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
     spec = monai_impls.parse(args.model, args.image_size) if monai else ModelSpec.parse(args.model, args.growth_rate)
     impls = (args.impls or monai_impls.default_impls(args.device, args.compile)) if monai else resolve_impls(args)
+    check_impl_names(impls, monai_impls.MONAI_IMPLS if monai else TORCHVISION_IMPLS)
+    if any(impl.endswith("-auto") for impl in impls) and not args.budget_gib:
+        raise ValueError("fast-<backend>-auto plans under the memory budget: give --budget-gib above 0")
     modes = ("train",) if args.train_only else ("train", "infer")
     runner = Runner(args)
     settings = common.settings_of(args)
@@ -128,14 +133,15 @@ def run(args: argparse.Namespace) -> dict:
     env = common.environment(args.device, settings)
     if args.quick:
         return run_quick(args, spec, impls, runner, env)
-    timings = {mode: runner.time(impls, spec, args.batch, train=mode == "train") for mode in modes}
+    timings = {mode: time_impls(runner, impls, spec, args, train=mode == "train") for mode in modes}
     rows, details = [], {}
     safety = 0.7 * common.available_memory_bytes()
     for impl in common.progress(impls, desc="memory", enabled=not args.no_progress):
         batches = {args.batch} if args.train_only else {args.batch, max(1, args.batch // 2)}
-        train = {b: runner.memory(impl, spec, b, safety, runner.seconds_left()) for b in batches}
+        train = {b: runner.memory(impl, spec, b, safety, runner.seconds_left(), memory_budget=model_budget(impl, args))
+                 for b in batches}
         infer = None if args.train_only else runner.memory(impl, spec, args.batch, safety, runner.seconds_left(),
-                                                           train=False)
+                                                           train=False, memory_budget=model_budget(impl, args))
         search = largest_batch(runner, impl, spec, train, args) if args.budget_gib > 0 and not args.train_only else {}
         details[impl] = {"train_memory": {str(b): r for b, r in train.items()}, "infer_memory": infer,
                          "largest_batch": search,
@@ -177,6 +183,19 @@ def run(args: argparse.Namespace) -> dict:
 QUICK_COLUMNS = ["impl", "status", "train_step_s", "train_images_per_s", "train_peak_MiB"]
 
 
+def time_impls(runner: Runner, impls: list[str], spec: ModelSpec, args: argparse.Namespace, train: bool) -> dict:
+    """Step times of ``impls`` at ``--batch``: one worker for those with a fixed
+    policy, one for those that plan under the budget (``fast-<backend>-auto``),
+    as ``{"impls": {impl: result}}`` (a failed worker's result for each of its own)."""
+    timed: dict = {}
+    for planned in (False, True):
+        group = [impl for impl in impls if (model_budget(impl, args) is not None) == planned]
+        if group:
+            result = runner.time(group, spec, args.batch, train=train, memory_budget=model_budget(group[0], args))
+            timed.update(result.get("impls", {impl: result for impl in group}))
+    return {"impls": timed}
+
+
 def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runner: Runner, env: dict) -> dict:
     """``--quick``: one memory worker per implementation that also times its steps."""
     args.steps = args.warmup + args.repeats  # the memory workers time every step; the first --warmup do not count
@@ -191,7 +210,7 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
             measured = {"status": "timeout", "why": "--max-minutes spent before it started"}
         else:
             measured = runner.memory(impl, spec, args.batch, 0.7 * common.available_memory_bytes(),
-                                     runner.seconds_left())
+                                     runner.seconds_left(), memory_budget=model_budget(impl, args))
         row = {"impl": impl, "status": measured["status"]}
         if measured["status"] == "ok":
             median = common.summarize(measured["step_seconds"][args.warmup:])["median"]
