@@ -918,7 +918,7 @@ class StepSimulation:
         t, e, c0 = self.timeline, self.e, self.arch.num_init_features
         t.where = "forward, stem"
         saved = []
-        if self.setup.autocast is not None:  # the input cast to the compute dtype, saved by conv0
+        if self.setup.compute_dtype != self.setup.dtype:  # the input cast to autocast's dtype, saved by conv0
             saved.append(self.setup.batch * self.arch.in_channels * math.prod(self.setup.image_size) * e)
         t.alloc("stem", *saved)
         conv_out = self.stem_pixels * c0 * e

@@ -296,7 +296,10 @@ class _Features(nn.Sequential):
         follows it."""
         modules = list(self._modules.values())
         last_block = max((i for i, m in enumerate(modules) if isinstance(m, _EngineBlock)), default=None)
-        contiguous = x.is_contiguous()
+        weight = getattr(getattr(self, "conv0", None), "weight", None)  # torchvision's output is channels-last
+        contiguous = x.is_contiguous() and (not isinstance(weight, Tensor)  # where its input or conv0's weight is
+                                            or isinstance(weight, nn.parameter.UninitializedParameter)
+                                            or weight.is_contiguous())
         buffer = None
         i = 0
         while i < len(modules):
@@ -424,7 +427,7 @@ class _EngineModel(nn.Module):
         """Make every block and transition (also one assigned since construction)
         share the model's engine settings: backend, scratch arena, sync group
         (each forward does, so a block put in later cannot run apart)."""
-        for module in self.features.modules():
+        for module in (self.features, *self.features.children()):  # where blocks and transitions are
             if hasattr(module, "engine") and module.engine is not self.engine:
                 module.engine = self.engine
 
@@ -528,6 +531,8 @@ class _EngineModel(nn.Module):
         reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
         if self._built_stem is not None and self.stem_geometry() != self._built_stem:
             reasons.append("a stem changed since construction; the memory model describes the one built")
+        if type(self.classifier_layer()) is not nn.Linear:
+            reasons.append("a classifier other than one nn.Linear; the memory model describes the one built")
         reasons += [f"{fastpath.watched(module)} on features.{name}, which the engine then runs as a stage of its own"
                     for name, module in self.features.named_children()
                     if isinstance(module, (_EngineBlock, _EngineTransition)) and fastpath.watched(module)]
@@ -907,9 +912,13 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
         num_classes=getattr(tv_model.classifier, "out_features", 1000),  # a replaced classifier is copied below
         in_channels=conv0.in_channels,
         stem="imagenet" if hasattr(features, "norm0") else "cifar",
-        **kwargs,
+        backend=kwargs.pop("backend", None),
     )
     copy_modules(model, tv_model)
+    model.set_memory_budget(kwargs.pop("memory_budget", None))  # checked on the copied modules
+    model.set_recompute(kwargs.pop("recompute", "keep"))
+    if kwargs:
+        raise TypeError(f"from_torchvision takes backend, recompute and memory_budget, got {', '.join(kwargs)}")
     return model
 
 
@@ -918,22 +927,25 @@ def copy_modules(model: nn.Module, source: nn.Module) -> None:
     module of ``source`` without children (a convolution, norm, activation,
     pooling), and each subtree that ``model`` lacks or holds as one module (a
     replaced classifier), replaces ``model``'s; every other module takes
-    ``source``'s train/eval flag.  ``TypeError`` where the two trees' names
-    still differ, or a hook sits on one of ``source``'s containers (it is not
-    copied: register it on the copy)."""
-    ours = dict(model.named_modules())
+    ``source``'s train/eval flag.  A module ``source`` holds under several
+    names is copied once.  ``TypeError`` where the two trees' names still
+    differ, or a hook or a replaced ``forward`` sits on one of ``source``'s
+    modules (the copy would call back into ``source``: set it on the copy)."""
+    ours = dict(model.named_modules(remove_duplicate=False))
     copied: list[str] = []
-    for name, module in source.named_modules():
+    memo: dict = {}  # one copy of each module, and of each parameter, however many names share it
+    for name, module in source.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in copied):
             continue
-        if name and (not list(module.children()) or name not in ours or not list(ours[name].children())):
-            parent, _, child = name.rpartition(".")
-            ours[parent].add_module(child, copy.deepcopy(module))
-            copied.append(name)
-        elif fastpath.watched(module):
+        if fastpath.watched(module):
             raise TypeError(f"{fastpath.watched(module)} on {name or type(source).__name__} of the "
                             f"{type(source).__name__} to convert: set it on the converted model instead")
+        if name and (not list(module.children()) or name not in ours or not list(ours[name].children())):
+            parent, _, child = name.rpartition(".")
+            ours[parent].add_module(child, copy.deepcopy(module, memo))
+            copied.append(name)
         else:
             ours[name].training = module.training
-    if [name for name, _ in model.named_modules()] != [name for name, _ in source.named_modules()]:
+    if [name for name, _ in model.named_modules(remove_duplicate=False)] != \
+            [name for name, _ in source.named_modules(remove_duplicate=False)]:
         raise TypeError(f"{type(source).__name__}'s module tree differs from the DenseNet it describes")

@@ -245,7 +245,7 @@ class DenseNet(models._EngineModel):
                           RuntimeWarning, stacklevel=3)
 
     def classifier_layer(self) -> nn.Linear:
-        return self.class_layers.out
+        return self.class_layers._modules.get("out")  # None where class_layers was rebuilt without one
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -237,7 +237,7 @@ def deepest_depth(arch: Architecture, setup: Setup, budget: int, recompute: Unio
 
     def floor_fits(n: int) -> bool:
         deeper = arch.with_depth(6 * n + 4)
-        return any(peak_floor(deeper, setup, a) <= budget for a in allowed_assignments(arch, recompute))
+        return any(peak_floor(deeper, setup, a) <= budget for a in allowed_assignments(deeper, recompute))
     n = largest_fitting(fits, floor_fits, 1, MAX_DEPTH_LAYERS)
     return None if n is None else 6 * n + 4
 

@@ -541,11 +541,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
-    diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
-    if diverged:  # every process holds the same weights, and stops alike
-        kept = f"the checkpoint of epoch {epoch} stays" if epoch else "no checkpoint was written"
-        raise DivergedError(f"training diverged in epoch {epoch + 1}: {diverged[0]} (and {len(diverged) - 1} more "
-                            f"parameters) hold NaN or infinity; {kept} (a lower --lr may help)")
+    refuse_diverged(run, epoch)
     totals = position.partial.plus(procs.sum(sums.as_list()))
     images_per_s = sums.count * procs.world_size / seconds
     test = evaluate(run.model, run.test_loader, run.device, options, procs)
@@ -588,8 +584,21 @@ def finish(run: Run, outcome: Outcome) -> dict:
     return summary
 
 
+def refuse_diverged(run: Run, epoch: int) -> None:
+    """:class:`DivergedError` where a weight holds NaN or infinity (every process
+    holds the same weights, and stops alike)."""
+    diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
+    if diverged:
+        more = f" (and {len(diverged) - 1} more parameters)" if len(diverged) > 1 else ""
+        raise DivergedError(f"training diverged in epoch {epoch + 1}: {diverged[0]}{more} holds NaN or infinity; "
+                            f"nothing of it was saved (a checkpoint in {run.out}, if any, is from before; a lower "
+                            f"--lr may help)")
+
+
 def save_checkpoint(run: Run, position: Position) -> None:
-    """Checkpoint at ``position`` (collective: every process calls it)."""
+    """Checkpoint at ``position`` (collective: every process calls it); never of
+    diverged weights."""
+    refuse_diverged(run, position.epoch - (position.step == 0))
     rng_states = run.procs.gather(rng_state())
     if run.procs.is_main:
         save_atomically({
@@ -905,6 +914,8 @@ def replacing(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}); the file there before is intact") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -913,14 +924,13 @@ def replacing(path: str) -> Iterator[str]:
 def save_atomically(obj, path: str) -> None:
     """``torch.save`` to ``path``, all or nothing (see :func:`replacing`);
     :class:`OutputError` where it cannot be written (a full disk)."""
-    try:
-        with replacing(path) as tmp, open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        try:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as exc:  # torch.save's zip writer raises RuntimeError on a full disk
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-        raise OutputError(f"cannot write {path} ({reason}); the file there before is intact") from exc
+        except RuntimeError as exc:  # torch.save's zip writer's, on a full disk
+            raise OSError(str(exc).strip().splitlines()[0]) from exc
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def damaged_record(path: str) -> Optional[str]:
@@ -929,9 +939,17 @@ def damaged_record(path: str) -> Optional[str]:
     ``None`` (also where it is no zip archive: ``torch.load`` then says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            for record in archive.infolist():
+                if record.CRC:  # 0: saved without checksums (torch's save.compute_crc32 = False)
+                    try:
+                        with archive.open(record) as f:
+                            while f.read(1 << 24):
+                                pass
+                    except zipfile.BadZipFile:
+                        return record.filename
     except zipfile.BadZipFile:
         return None
+    return None
 
 
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
@@ -956,7 +974,7 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
-                   and (key in saved or key not in ("data", "sample_size"))]
+                   and ("sample_size" in saved or key not in ("data", "sample_size"))]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

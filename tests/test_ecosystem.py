@@ -172,12 +172,15 @@ def test_a_replaced_forward_runs(name, training):
                      FLOAT64_RTOL, f"forward replaced on {name}")
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("layout, weights", [(torch.contiguous_format, torch.contiguous_format),
+                                             (torch.channels_last, torch.contiguous_format),
+                                             (torch.contiguous_format, torch.channels_last)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_features_come_back_in_torchvisions_layout(layout, training):
+def test_features_come_back_in_torchvisions_layout(layout, weights, training):
     """``model.features(x)`` has the strides torchvision's gives (so
     ``.view(N, -1)`` works on it where it does there), with the same values."""
     ours, tv = make_pair(**CONFIG)
+    ours.to(memory_format=weights), tv.to(memory_format=weights)
     x, _ = random_batch(ours, 3, 9, 7, seed=0)
     x = x.contiguous(memory_format=layout)
     features = [model.train(training).features(x) for model in (ours, tv)]

@@ -511,6 +511,10 @@ def test_bad_model_shapes_devices_and_dtypes_are_refused():
     with pytest.raises(ValueError, match="autocast computes in bfloat16 or float16"):
         plan("densenet_bc", depth=40, batch=2, autocast="float64")
     assert Setup(2, 32, torch.float64, autocast=BF16).compute_dtype == torch.float64  # autocast leaves float64 alone
+    assert predict(BC40, Setup(2, 32, torch.float64, autocast=BF16)).total_bytes == \
+        predict(BC40, Setup(2, 32, torch.float64)).total_bytes
+    densenet121 = Architecture.named("densenet121", None)  # four blocks; its DenseNet-BCs have three
+    assert planner.deepest_depth(densenet121, Setup(2, 32), 2**28, "auto") > 10
     with pytest.raises(ValueError, match="describes the dtypes"):
         plan("densenet_bc", depth=40, batch=2, dtype=torch.int64)
     for bad in (dict(dtype=torch.int64), dict(dtype="float"), dict(autocast=torch.float64), dict(autocast="")):

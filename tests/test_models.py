@@ -119,6 +119,21 @@ def test_from_torchvision_copies_replaced_modules():
     with pytest.raises(TypeError, match="a hook on features.denseblock1 of the DenseNet to convert"):
         from_torchvision(tv)
     hook.remove()
+    conv = tv.features.denseblock1.denselayer1.conv1
+    conv.forward = lambda input, forward=conv.forward: forward(input)  # would call back into tv's conv
+    with pytest.raises(TypeError, match="a replaced forward on features.denseblock1.denselayer1.conv1"):
+        from_torchvision(tv)
+    del conv.forward
+    _, plain = make_pair(growth_rate=6, block_config=(2, 2), num_init_features=10, num_classes=4)
+    plain.classifier = nn.Sequential(nn.Dropout(0.0), plain.classifier)
+    with pytest.raises(ValueError, match="a classifier other than one nn.Linear"):
+        from_torchvision(plain, memory_budget="1GiB")
+    assert from_torchvision(plain, recompute="recompute").recompute == "recompute"
+    shared = nn.ReLU(inplace=True)  # one module under several names: one copy, shared as in tv
+    for layer in (tv.features.denseblock1.denselayer1, tv.features.denseblock1.denselayer2):
+        layer.relu1 = shared
+    ours = from_torchvision(tv)
+    assert ours.features.denseblock1.denselayer1.relu1 is ours.features.denseblock1.denselayer2.relu1
     del tv.features.norm5
     with pytest.raises(TypeError, match="module tree differs"):
         from_torchvision(tv)

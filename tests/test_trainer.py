@@ -399,11 +399,18 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monk
     assert (out / trainer.CHECKPOINT).read_bytes() == before
 
 
+def test_a_full_disk_writing_the_metrics_is_one_line(tmp_path, monkeypatch):
+    trainer.write_metrics([], str(tmp_path))
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(trainer.OutputError, match="metrics.csv \\(No space left on device\\); the file there"):
+        trainer.write_metrics([], str(tmp_path))
+
+
 def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--epochs", "2", "--lr", "1e30") == 2
     err = capsys.readouterr().err
-    assert "training diverged in epoch 1: " in err and "no checkpoint was written" in err, err
+    assert "training diverged in epoch 1: " in err and "nothing of it was saved" in err, err
     assert not (out / trainer.CHECKPOINT).exists()
 
 
@@ -478,6 +485,11 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
     assert train(out, "--epochs", "1", "--resume") == 0
     assert "the checkpoint is past --epochs 1: nothing is left to train" in capsys.readouterr().out
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    del checkpoint["options"]["sample_size"]  # as written before the data path and size were compared
+    checkpoint["options"]["data"] = "elsewhere"
+    torch.save(checkpoint, out / trainer.CHECKPOINT)
+    assert train(out, "--epochs", "1", "--resume") == 0
     path = out / trainer.CHECKPOINT
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["model"]["classifier.weight"] = torch.zeros(3, 3)
@@ -500,6 +512,12 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
     damages = [("lacks rng, optimizer", None), ("cannot read checkpoint", b"not a checkpoint"),
                ("cannot read checkpoint", np.random.default_rng(0).bytes(4096)),
                ("does not match its checksum", flipped)]  # torch.load reads it without a word
+    torch.utils.serialization.config.save.compute_crc32 = False  # no checksums to check: read as is
+    try:
+        torch.save({"value": torch.arange(3)}, tmp_path / "no_crc.pt")
+    finally:
+        torch.utils.serialization.config.save.compute_crc32 = True
+    assert trainer.damaged_record(str(tmp_path / "no_crc.pt")) is None
     capsys.readouterr()
     for message, content in damages:
         if content is not None:
