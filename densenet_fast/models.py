@@ -915,10 +915,18 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
         backend=kwargs.pop("backend", None),
     )
     copy_modules(model, tv_model)
-    model.set_memory_budget(kwargs.pop("memory_budget", None))  # checked on the copied modules
-    model.set_recompute(kwargs.pop("recompute", "keep"))
-    if kwargs:
-        raise TypeError(f"from_torchvision takes backend, recompute and memory_budget, got {', '.join(kwargs)}")
+    return set_conversion_options(model, "from_torchvision", kwargs)
+
+
+def set_conversion_options(model: "_EngineModel", caller: str, options: dict) -> "_EngineModel":
+    """``model``, a converter's copy, with ``options`` (``recompute``,
+    ``memory_budget``; ``backend`` went to its constructor) set once it holds the
+    copied modules, so that the budget is checked against those."""
+    budget, recompute = options.pop("memory_budget", None), options.pop("recompute", None)
+    if options:
+        raise TypeError(f"{caller} takes backend, recompute and memory_budget, got {', '.join(options)}")
+    model.set_memory_budget(budget)
+    model.set_recompute("keep" if recompute is None else recompute)
     return model
 
 

@@ -372,11 +372,13 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
     growth_rate = first.conv2.out_channels
     with warnings.catch_warnings():  # said below, once, for MONAI's modules
         warnings.simplefilter("ignore", RuntimeWarning)
-        model = DenseNet(fastpath.spatial_dims(conv0), conv0.in_channels, monai_model.class_layers.out.out_features,
+        out = monai_model.class_layers._modules.get("out")  # a replaced one is copied below
+        model = DenseNet(fastpath.spatial_dims(conv0), conv0.in_channels, getattr(out, "out_features", 2),
                          init_features=conv0.out_channels, growth_rate=growth_rate,
                          block_config=tuple(len(b) for b in blocks), bn_size=first.conv1.out_channels // growth_rate,
-                         dropout_prob=first.dropout.p if "dropout" in first._modules else 0.0, **kwargs)
+                         dropout_prob=first.dropout.p if "dropout" in first._modules else 0.0,
+                         backend=kwargs.pop("backend", None))
     models.copy_modules(model, monai_model)
     model._volume_weights_channels_last()  # the copies are in MONAI's (contiguous) layout
     model._check_act_norm()
-    return model
+    return models.set_conversion_options(model, "from_monai", kwargs)

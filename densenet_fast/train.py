@@ -80,11 +80,12 @@ CHECKPOINT_FORMAT = "densenet_fast.train/1"
 CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "history", "rng", "model", "optimizer",
                    "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
-# Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); the last two
-# are compared where the checkpoint has them (since 2026-12-03).
+# Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
+# RECORDED_SINCE are compared where the checkpoint has them (checkpoints record them since 2026-12-03).
+RECORDED_SINCE = ("data", "sample_size")
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
-                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit", "data",
-                     "sample_size")
+                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
+                     *RECORDED_SINCE)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
 MAX_SEED = 2**31 - 1  # numpy seeds each process with seed + rank, below 2**32
@@ -541,7 +542,6 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
-    refuse_diverged(run, epoch)
     totals = position.partial.plus(procs.sum(sums.as_list()))
     images_per_s = sums.count * procs.world_size / seconds
     test = evaluate(run.model, run.test_loader, run.device, options, procs)
@@ -937,18 +937,16 @@ def damaged_record(path: str) -> Optional[str]:
     """The first record of the zip archive that ``torch.save`` wrote at ``path``
     whose bytes do not match its CRC (``torch.load`` does not check them), or
     ``None`` (also where it is no zip archive: ``torch.load`` then says why)."""
+    record = None
     try:
         with zipfile.ZipFile(path) as archive:
             for record in archive.infolist():
                 if record.CRC:  # 0: saved without checksums (torch's save.compute_crc32 = False)
-                    try:
-                        with archive.open(record) as f:
-                            while f.read(1 << 24):
-                                pass
-                    except zipfile.BadZipFile:
-                        return record.filename
-    except zipfile.BadZipFile:
-        return None
+                    with archive.open(record) as f:
+                        while f.read(1 << 24):
+                            pass
+    except zipfile.BadZipFile:  # before the first record: no zip archive
+        return None if record is None else record.filename
     return None
 
 
@@ -974,7 +972,7 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
-                   and ("sample_size" in saved or key not in ("data", "sample_size"))]
+                   and (key not in RECORDED_SINCE or all(k in saved for k in RECORDED_SINCE))]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

@@ -30,7 +30,6 @@ RESULT_PREFIX = "RESULT "
 BASELINE_PREFIX = "BASELINE "
 
 
-# -- timing --------------------------------------------------------------------------------
 # -- option types (argparse: a bad value is a usage error, exit status 2) -------------------------------
 def at_least(least: int) -> Callable[[str], int]:
     """An option type: an integer of at least ``least``."""
@@ -74,6 +73,7 @@ def device_type(text: str) -> str:
     return text
 
 
+# -- timing --------------------------------------------------------------------------------
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch

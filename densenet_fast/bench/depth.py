@@ -38,9 +38,9 @@ from .. import planner
 from ..memory import Architecture, OptimizerSpec, Setup
 from . import common, monai_impls
 from .common import evaluate, fit
-from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, model_budget,
-                      resolve_impls)
-from .impls import TORCHVISION_IMPLS, ModelSpec, check_impl_names
+from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, check_impls, image_size,
+                      model_budget, resolve_impls)
+from .impls import ModelSpec
 from .worker import DTYPES
 
 DEFAULT_DEPTHS = (40, 76, 112)
@@ -314,9 +314,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--image-size {args.image_size}: several sides are for --family monai")
     else:
         impls = resolve_impls(args)
-    check_impl_names(impls, monai_impls.MONAI_IMPLS if args.family == "monai" else TORCHVISION_IMPLS)
-    if any(impl.endswith("-auto") for impl in impls) and not args.budget_gib:
-        raise ValueError("fast-<backend>-auto plans under the memory budget: give --budget-gib above 0")
+    check_impls(impls, args.family == "monai", args)
     if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
     runner = Runner(args)

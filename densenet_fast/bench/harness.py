@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..memory import CPU_HEAP_BELOW, OPTIMIZER_PRESETS
 from . import common
-from .impls import ModelSpec, default_impls
+from .impls import TORCHVISION_IMPLS, ModelSpec, check_impl_names, default_impls
 
 
 def image_size(text: str):
@@ -100,6 +100,15 @@ def model_budget(impl: str, args) -> Optional[float]:
     plans under it; a fixed policy gets none (with one it would check the
     prediction and refuse, and the measurement would verify nothing)."""
     return args.budget_gib * common.GIB if impl.endswith("-auto") and args.budget_gib > 0 else None
+
+
+def check_impls(impls: list[str], monai: bool, args: argparse.Namespace) -> None:
+    """``ValueError`` for a name that is no implementation of the tree (MONAI's
+    or torchvision's), or a ``fast-<backend>-auto`` without a budget to plan under."""
+    from .monai_impls import MONAI_IMPLS
+    check_impl_names(impls, MONAI_IMPLS if monai else TORCHVISION_IMPLS)
+    if any(impl.endswith("-auto") for impl in impls) and not args.budget_gib:
+        raise ValueError("fast-<backend>-auto plans under the memory budget: give --budget-gib above 0")
 
 
 def resolve_impls(args: argparse.Namespace) -> list[str]:

@@ -33,9 +33,9 @@ from typing import Optional
 from . import common
 from .common import fit
 from . import monai_impls
-from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, image_size, model_budget,
-                      resolve_impls)
-from .impls import TORCHVISION_IMPLS, ModelSpec, check_impl_names
+from .harness import (MMAP_THRESHOLD, Runner, add_common_arguments, check_budget_steps, check_impls, image_size,
+                      model_budget, resolve_impls)
+from .impls import TORCHVISION_IMPLS, ModelSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,9 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
     spec = monai_impls.parse(args.model, args.image_size) if monai else ModelSpec.parse(args.model, args.growth_rate)
     impls = (args.impls or monai_impls.default_impls(args.device, args.compile)) if monai else resolve_impls(args)
-    check_impl_names(impls, monai_impls.MONAI_IMPLS if monai else TORCHVISION_IMPLS)
-    if any(impl.endswith("-auto") for impl in impls) and not args.budget_gib:
-        raise ValueError("fast-<backend>-auto plans under the memory budget: give --budget-gib above 0")
+    check_impls(impls, monai, args)
     modes = ("train",) if args.train_only else ("train", "infer")
     runner = Runner(args)
     settings = common.settings_of(args)
