@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute", "auto"])
     parser.add_argument("--budget-gib", type=float, default=None, help="the budget auto plans under")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/policy_costs_cpu.json"))
+    parser.add_argument("--out", type=common.output_file, default=Path("benchmarks/results/policy_costs_cpu.json"))
     args = parser.parse_args(argv)
     if ("auto" in args.policies) != (args.budget_gib is not None) or len(set(args.policies)) < 2:
         parser.error("two or more policies; auto with --budget-gib, and --budget-gib only with auto")

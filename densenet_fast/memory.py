@@ -66,7 +66,8 @@ ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread,
 
 def parse_bytes(value: Union[numbers.Real, str]) -> int:
     """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"``, ``"8gb"`` or ``"1.5e9"``
-    as bytes (rounded down; at least 1)."""
+    as bytes (rounded down; at least 1).  A string without a unit must be a
+    whole number of bytes (``"1.5"`` is refused: a unit forgotten)."""
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
@@ -83,6 +84,9 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
         raise TypeError(f"a memory budget is a number of bytes or a string like '8GiB', got {type(value).__name__}")
     if (isinstance(nbytes, float) and not math.isfinite(nbytes)) or nbytes < 1:
         raise ValueError(f"a memory budget must be a finite number of bytes, at least 1, got {value!r}")
+    if isinstance(value, str) and nbytes != int(nbytes) and units[text[len(number):].upper()] == 1:
+        raise ValueError(f"a memory budget without a unit is a whole number of bytes, got {value!r}; "
+                         f"give a unit, e.g. '{number}GiB'")
     return int(nbytes)
 
 

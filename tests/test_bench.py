@@ -18,6 +18,7 @@ import torch
 
 from densenet_fast import cli, planner
 from densenet_fast.bench import common, depth, harness, kernels, models
+from densenet_fast.bench import memory as bench_memory
 from densenet_fast.memory import Architecture, Setup
 from densenet_fast.bench.impls import ModelSpec, Step, build, make_inputs, share_weights
 
@@ -359,6 +360,38 @@ def test_bad_bench_numbers_and_devices_are_usage_errors(subcommand, argv, fake_w
         subcommand.main(argv + ["--no-plot", "--out", str(tmp_path / "x.json")])
     assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
     assert fake_workers == []
+
+
+def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys, tmp_path):
+    """Refused before anything is measured: an --out under a file or naming a
+    directory, a --repredict file that is missing, not JSON or another benchmark's."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "depth.json").write_text(json.dumps({"benchmark": "depth", "environment": {}, "rows": []}))
+    cases = [(kernels, ["--out", str(tmp_path / "file" / "x.json")], "not a writable directory"),
+             (models, ["--out", str(tmp_path)], "is a directory"),
+             (bench_memory, ["--repredict", str(tmp_path / "missing.json")], "cannot read"),
+             (bench_memory, ["--repredict", str(tmp_path / "file")], "cannot read"),
+             (bench_memory, ["--repredict", str(tmp_path / "depth.json")], "not a result of bench memory")]
+    for subcommand, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            subcommand.main(argv + ["--no-plot"])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    assert fake_workers == []
+
+
+def test_memory_repredict_predicts_a_result_again(fake_workers, monkeypatch, tmp_path):
+    """--repredict measures nothing, keeps the measurements and predicts them as
+    the model does now; --no-plot of the command line holds (the file's does not)."""
+    memory = harness.Runner.memory
+    monkeypatch.setattr(harness.Runner, "memory", lambda *args, **kwargs: {
+        **memory(*args, **kwargs), "persistent_bytes": MIB})
+    measured = bench_memory.main(["--points", "densenet_bc-16:2", "densenet_bc-22:3", "--policies", "keep",
+                                  "recompute", "--out", str(tmp_path / "m.json"), "--no-progress"])
+    calls = list(fake_workers)
+    again = bench_memory.main(["--repredict", str(tmp_path / "m.json"), "--out", str(tmp_path / "again.json"),
+                               "--no-plot"])
+    assert fake_workers == calls and (tmp_path / "m.png").exists() and not (tmp_path / "again.png").exists()
+    assert again["rows"] == measured["rows"] == json.loads((tmp_path / "again.json").read_text())["rows"]
 
 
 def test_models_checks_implementation_names_and_plans_auto_under_the_budget(fake_workers, monkeypatch, tmp_path):

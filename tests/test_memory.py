@@ -42,6 +42,10 @@ def test_parse_and_format_bytes():
     for bad in ("lots", "-1GiB", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan"), np.float64("nan")):
         with pytest.raises(ValueError, match="memory"):
             parse_bytes(bad)
+    for bad in ("1.5", "2.5B", "1.5 b"):  # a unit forgotten
+        with pytest.raises(ValueError, match="without a unit is a whole number of bytes.*'1.5GiB'|'2.5GiB'"):
+            parse_bytes(bad)
+    assert parse_bytes("1.5e9") == 1500000000 and parse_bytes("1.5 kB") == 1500
     for bad in (True, np.bool_(True), [1], None):
         with pytest.raises(TypeError, match="a memory budget is a number of bytes"):
             parse_bytes(bad)

@@ -63,6 +63,36 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+def output_file(text: str) -> Path:
+    """An option type: a file path that can be written (a JSON result, its PNG
+    beside it), checked before anything is measured."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as {path / 'result.json'}")
+    folder = path.parent
+    while not folder.exists():  # the folders write_json would create
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a writable directory")
+    return path
+
+
+def result_file(benchmark: str) -> Callable[[str], Path]:
+    """An option type: a JSON result file of ``benchmark`` (its rows and environment)."""
+    def path(text: str) -> Path:
+        try:
+            result = json.loads(Path(text).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text} as a JSON result: {exc}") from None
+        if not isinstance(result, dict) or result.get("benchmark") != benchmark \
+                or not {"environment", "rows"} <= result.keys():
+            found = result.get("benchmark") if isinstance(result, dict) else None
+            raise argparse.ArgumentTypeError(f"{text} is not a result of bench {benchmark} "
+                                             f"(its benchmark: {found})")
+        return Path(text)
+    return path
+
+
 def device_type(text: str) -> str:
     """An option type: ``cpu``, or ``cuda`` where a GPU is present."""
     import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Optional
 
 from ..memory import CPU_HEAP_BELOW, OPTIMIZER_PRESETS
@@ -43,7 +42,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "baseline (oneDNN's bf16 GEMM primitives, one per layer width, are not otherwise)")
     parser.add_argument("--malloc-default", action="store_true",
                         help="keep glibc's adaptive mmap threshold in memory workers (see docs/performance.md)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written next to it)")
+    parser.add_argument("--out", type=common.output_file, default=None, help="JSON path (a PNG is written next to it)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -131,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare every backend's outputs with float32 autograd of the unfused ops")
     parser.add_argument("--warmup", type=common.at_least(0), default=2)
     parser.add_argument("--repeats", type=common.at_least(1), default=7)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=common.output_file, default=None)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

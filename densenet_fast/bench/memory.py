@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS),
                         help="MODEL:BATCH, MODEL densenet_bc-<depth> or densenet121 (161, 169, 201, 264); "
                              "with a monai- prefix MONAI's tree (one input channel, two classes)")
-    parser.add_argument("--repredict", type=Path, default=None,
+    parser.add_argument("--repredict", type=common.result_file("memory"), default=None,
                         help="measure nothing: predict again the measurements of this result file (with its "
                              "settings) and write the result to --out (default: the same file)")
     parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute"])
@@ -121,7 +120,7 @@ def repredict(args: argparse.Namespace) -> dict:
     """The measurements of ``args.repredict``, predicted by the memory model as it is now."""
     old = json.loads(args.repredict.read_text())
     env = old["environment"]
-    settings = argparse.Namespace(**{**vars(args), **env["settings"], "repredict": None})
+    settings = argparse.Namespace(**{**vars(args), **env["settings"], "repredict": None, "no_plot": args.no_plot})
     rows = [row(settings, r["point"], r["policy"], r["measured"]) for r in old["rows"]]
     env["predicted_at_revision"] = common.git_revision()
     return finish(env, rows, settings, args.out or args.repredict)
