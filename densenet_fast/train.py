@@ -271,8 +271,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         procs.log(OFFLOAD_NOTE)
     if options["memory_budget"] is not None:
         procs.log(plan_memory(run))
-    if options["overwrite"] and not options["resume"] and procs.is_main:
-        remove_earlier_run(run.out)  # now that this run starts: none of its files stays beside this run's
+    if procs.is_main:
+        start_output(options)
     try:
         outcome = train_epochs(run, position)
     except DatasetError as exc:  # a sample that cannot be read
@@ -796,8 +796,8 @@ def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Ca
 
 
 def check_output_directory(options: dict, procs: Processes) -> None:
-    """The output directory exists (rank 0 creates it), is writable, and holds an
-    earlier run's files only with ``--resume`` or ``--overwrite``."""
+    """The output directory can be written (:func:`start_output` creates it), and
+    holds an earlier run's files only with ``--resume`` or ``--overwrite``."""
     out = options["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} is a file, not a directory")
@@ -813,19 +813,32 @@ def check_output_directory(options: dict, procs: Processes) -> None:
         raise TrainingError(f"--out {out}: cannot write there ({problem})")
 
 
-def remove_earlier_run(out: str) -> None:
-    """Remove the files an earlier run left in ``out`` (``--overwrite``)."""
-    for name in (CHECKPOINT, METRICS, CURVES):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+def start_output(options: dict) -> None:
+    """Create the output directory and, with ``--overwrite``, remove the files an
+    earlier run left there: once the run starts, so that a refused run leaves
+    nothing behind and none of the earlier files stays beside this run's."""
+    out = options["out"]
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out} ({exc.strerror or exc})") from exc
+    if options["overwrite"] and not options["resume"]:
+        for name in (CHECKPOINT, METRICS, CURVES):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
 
 
 def write_problem(directory: str) -> Optional[str]:
-    """Why no file can be written in ``directory`` (created if missing), or ``None``.
-    An actual write: permission bits do not tell (root, read-only file systems)."""
+    """Why no file can be written in ``directory`` (where it does not exist yet:
+    in the directory that would hold it), or ``None``. An actual write: permission
+    bits do not tell (root, read-only file systems)."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory"
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         return exc.strerror or str(exc)

@@ -423,6 +423,7 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys)
     assert train(tmp_path / "run", "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "the model does not fit in memory" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
 
 
 def test_a_stop_request_is_the_main_process_s_only():
@@ -458,7 +459,8 @@ def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys
     (tmp_path / "file").write_text("a regular file")
     assert train(tmp_path / "file" / "run", "--epochs", "1") == 2  # nothing can be made under a file, even by root
     captured = capsys.readouterr()
-    assert "cannot write there (Not a directory)" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert f"cannot write there ({tmp_path / 'file'} is not a directory)" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
     assert captured.out == ""
 
 
@@ -877,7 +879,7 @@ def test_bad_volume_options_give_one_line_errors_before_any_work(tmp_path, optio
     assert cli.main(["train", "--no-progress", "--data", "synthetic3d", "--out", str(tmp_path / "run"), *options]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1
-    assert captured.out == ""
+    assert captured.out == "" and not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(nibabel is not None, reason="nibabel is installed")
