@@ -126,7 +126,7 @@ class _EngineBlock:
     def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
         """Whether the engine runs this block (else its per-layer code, said once);
         ``in_step``: as a stage of the model's forward (else :func:`refuse_unplanned`)."""
-        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+        if not fastpath.engine_takes(x, self.engine.budgeted) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
         if not in_step:
@@ -225,7 +225,7 @@ class _EngineTransition:
     @torch.jit.unused
     def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
         """As :meth:`_EngineBlock._runs_fused`, for this transition."""
-        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+        if not fastpath.engine_takes(x, self.engine.budgeted) or self.engine.plain_reason is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
             return False
         if not in_step:
@@ -283,7 +283,7 @@ class _Features(nn.Sequential):
     def _runs_fused(self, x: Tensor) -> bool:
         """Whether the engine runs these features, called as a module (then not
         from the model's forward under a memory budget: :func:`refuse_unplanned`)."""
-        if not fastpath.engine_takes(x) or self.engine.plain_reason is not None:
+        if not fastpath.engine_takes(x, self.engine.budgeted) or self.engine.plain_reason is not None:
             return False
         refuse_unplanned(self)
         return True
@@ -787,7 +787,7 @@ class DenseNet(_EngineModel):
         if isinstance(x, torch.fx.Proxy):
             return False
         self._check_and_plan(x)
-        return fastpath.engine_takes(x) and self.head_blocker() is None
+        return fastpath.engine_takes(x, self.engine.budgeted) and self.head_blocker() is None
 
 
 # -- constructors --------------------------------------------------------------------------

@@ -263,7 +263,8 @@ class DenseNet(models._EngineModel):
         if isinstance(x, torch.fx.Proxy):
             return False
         self._check_and_plan(x)
-        return self.engine.plain_reason is None and fastpath.engine_takes(x) and self.head_blocker() is None
+        return (self.engine.plain_reason is None and fastpath.engine_takes(x, self.engine.budgeted)
+                and self.head_blocker() is None)
 
     @torch.jit.unused
     def head_blocker(self) -> Optional[str]:

@@ -261,6 +261,32 @@ def test_torch_func_grad_vjp_and_vmap():
     assert_all_close(results[0], results[1], FLOAT64_RTOL, "torch.func")
 
 
+def test_transforms_and_forward_ad_say_once_that_the_plain_path_runs(monkeypatch):
+    """Where a transform or forward-mode AD makes the model run its per-layer code,
+    one warning per process says so (under a memory budget: that its plan does
+    not hold); tracing, which computes nothing, says nothing."""
+    monkeypatch.setattr(engine.fastpath, "_warned_inputs", set())
+    ours, _ = make_pair(**CONFIG)
+    x, _ = random_batch(ours, 3, 9, 7, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.fx.symbolic_trace(ours)
+        ours(x)
+        ours.eval()  # vmap over BatchNorm in training mode fails, as torchvision's
+        for _ in range(2):
+            torch.func.vmap(lambda image: ours(image.unsqueeze(0)))(x)
+        with torch.autograd.forward_ad.dual_level():
+            ours(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)))
+        ours.train().set_memory_budget("1GiB")
+        with torch.autograd.forward_ad.dual_level():
+            ours(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)))
+    said = [str(w.message) for w in caught if "plain per-layer path" in str(w.message)]
+    assert said == [f"densenet_fast: DenseNet runs its plain per-layer path under {reason}; its memory savings are "
+                    f"lost{budget}" for reason, budget in (
+                        (engine.fastpath.TRANSFORM, ""), (engine.fastpath.FORWARD_AD, ""),
+                        (engine.fastpath.FORWARD_AD, "; the memory budget's plan does not hold"))], said
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_mode_ad_gives_torchvisions_tangent(training, frozen):

@@ -10,7 +10,8 @@ registered for every module, and an input the engine can take (not traced by
 ``torch.fx`` or ``torch.jit``, no ``torch.func`` transform or forward-mode AD
 level active, not empty).  Otherwise the module runs its
 own per-layer code, whose hooks fire, and a warning says once per module why
-its memory savings are lost.
+its memory savings are lost (once per process for a transform or forward-mode
+AD; not for tracing, which computes nothing, or an empty batch).
 
 :func:`dense_layer_parts` is how the engine reads a dense layer: torchvision's
 layer holds ``norm1``, ``conv1``, ... itself, MONAI's keeps them in a
@@ -34,6 +35,7 @@ from torch.nn.utils import parametrize
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                       torch.fx._symbolic_trace.is_fx_tracing)
 _warned: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+_warned_inputs: set[tuple[str, bool]] = set()  # (reason, budgeted) said by engine_takes
 
 # The module types of each number of spatial dimensions (index: dimensions - 1).
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,6 +44,8 @@ AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # whole channels; nn.Dropout: single values
 LAYER_MODULES = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
+TRANSFORM = "a torch.func transform (grad, vjp, jvp, vmap)"
+FORWARD_AD = "forward-mode AD (the engine's Functions have no jvp)"
 GLOBAL_HOOKS = "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
 
 
@@ -107,14 +111,23 @@ def global_hooks() -> bool:
                 or _module._global_backward_pre_hooks)
 
 
-def engine_takes(x: Tensor) -> bool:
+def engine_takes(x: Tensor, budgeted: bool = False) -> bool:
     """Whether input ``x`` may go through the engine: not a tracer's proxy (fx,
     TorchScript tracing), no ``torch.func`` transform active, no forward-mode AD
-    level open (the engine's Functions have no ``jvp``), at least one value."""
+    level open (the engine's Functions have no ``jvp``), at least one value.
+    A transform or forward-mode AD, which run the plain path for real, is said
+    once per process (``budgeted``: by a model with a memory budget, whose plan
+    then does not hold)."""
     if isinstance(x, torch.fx.Proxy) or _fx_tracing() or torch.jit.is_tracing():
         return False
-    return (not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
-            and x.numel() > 0)
+    reason = (TRANSFORM if torch._C._are_functorch_transforms_active()
+              else FORWARD_AD if forward_ad._current_level >= 0 else None)
+    if reason is not None and (reason, budgeted) not in _warned_inputs:
+        _warned_inputs.add((reason, budgeted))
+        warnings.warn(f"densenet_fast: DenseNet runs its plain per-layer path under {reason}; its memory savings "
+                      f"are lost" + ("; the memory budget's plan does not hold" if budgeted else ""),
+                      RuntimeWarning, stacklevel=3)
+    return reason is None and x.numel() > 0
 
 
 def input_matches(x: Tensor, dims: Optional[int], pooled: bool = False) -> bool:
