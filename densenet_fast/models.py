@@ -199,8 +199,8 @@ def refuse_unplanned(module: nn.Module) -> None:
             "a dense block" if isinstance(module, _EngineBlock) else "a transition"
         raise planner.MemoryBudgetError(
             f"the model's {what} was called on its own in a training forward, but the model's memory budget plans "
-            f"its whole training step (model(x)), not this one; train through the model, or call "
-            f"set_memory_budget(None) and choose recompute yourself")
+            f"its whole training step (model(x)), not this one; train through the model, or call the model's "
+            f"set_memory_budget(None) (for a copy of this module: before copying it) and choose recompute yourself")
 
 
 def sequential_forward(self, input: Tensor) -> Tensor:
