@@ -61,6 +61,14 @@ def channels_last_copy(t: Tensor) -> Tensor:
     return out.copy_(t)
 
 
+def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 1x1 convolution's weight ``(K, C, 1, ...)`` as the primitives take it:
+    ``(K, C)`` in ``dtype`` with stride 1 along ``C`` (a copy only where the
+    weight has other strides: one substituted by ``functional_call``, say)."""
+    rows = weight.to(dtype).reshape(weight.shape[0], -1)
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
 @dataclass
 class LayerRecord:
     """What one layer's forward leaves for its backward."""
@@ -183,7 +191,7 @@ class TransitionTail(Tail):
 
     def forward(self, stage, buffer, folded, params):
         k = self.conv.out_channels
-        weight = params[2].to(buffer.dtype).view(k, -1)
+        weight = gemm_weight(params[2], buffer.dtype)
         n, _, *spatial = buffer.shape
         pooled = tuple(size // 2 for size in spatial)
         if stage.next_channels is None:
@@ -195,7 +203,7 @@ class TransitionTail(Tail):
         return out
 
     def backward(self, stage, buffer, folded, params, grad_out, grad_buffer):
-        weight = params[2].to(buffer.dtype).view(self.conv.out_channels, -1)
+        weight = gemm_weight(params[2], buffer.dtype)
         grad_weight, grad_gamma, grad_beta = stage.backend.transition_backward(
             pixels(buffer), folded.scale, folded.shift, folded.mean, folded.rstd, weight,
             pixels(grad_out.to(buffer.dtype)).contiguous(), pixels(grad_buffer), folded.batch_mean)
@@ -340,7 +348,7 @@ def layer_forward(stage: Stage, i: int, params: list[Tensor], cache: ChannelStat
                store.take(c) if store else None)
     bottleneck = kept if kept is not None else arena.get("bottleneck", (m, width), buffer)
     batch2 = uses_batch_stats(layer.norm2)
-    local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1.to(buffer.dtype).view(width, c),
+    local2 = backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, gemm_weight(w1, buffer.dtype),
                                      bottleneck, with_stats=batch2)
     bn2 = fold(layer.norm2, gamma2, beta2, statistics.merge(local2) if batch2 else None, statistics, buffer.dtype,
                (n, width, *spatial), backend, store.take(width) if store else None)
@@ -399,7 +407,7 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
     c = c_total - (len(stage.layers) - i) * k
     bn1, bn2 = record.bn1, record.bn2
     features = rows(buffer)
-    w1_rows = w1.to(buffer.dtype).view(width, c)
+    w1_rows = gemm_weight(w1, buffer.dtype)
     grad_new = grad_buffer[:, c:c + k]
     if record.seed is not None:
         grad_new = grad_new * stage.dropout_mask(record.seed, grad_new)
