@@ -38,6 +38,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .engine import stem
+from .engine.stage import bfloat16_weight_gradient_fails
 from .engine.fastpath import CHANNEL_DROPOUTS
 
 POLICIES = ("keep", "recompute")
@@ -996,6 +997,8 @@ class StepSimulation:
         sides = self.block_sides[b]
         taps, columns = self.arch.kernel_taps(3), self.columns(m, w, 3, sides)
         weight_scratch = self.onednn_weight_gradient(w, k, 3, sides, sides, channels_last=True)
+        # conv2's weight gradient made again in float32, from float32 copies of its input and gradient
+        float_weight_gradient = bfloat16_weight_gradient_fails(self.setup.device, self.setup.compute_dtype, sides)
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
@@ -1026,7 +1029,7 @@ class StepSimulation:
             if first:
                 self.take_scratch(b, True, "bn2_out")
             t.transient("layer_transients", ws.bn_relu(m, w))
-            conv2_grad = k * w * taps * e
+            conv2_grad = k * w * taps * (4 if float_weight_gradient else e)
             t.alloc("layer_transients", conv2_grad)
             # dL/dnew times the dropout mask (the mask for the product only), its channels-last copy,
             # then the convolution's input gradient (M, 4k)
@@ -1037,6 +1040,8 @@ class StepSimulation:
             t.alloc("layer_transients", m * k * e)
             t.alloc("layer_transients", self.cast(k * w * taps), columns, m * w * e)
             t.transient("layer_transients", weight_scratch)
+            if float_weight_gradient:
+                t.transient("layer_transients", m * k * 4, m * w * 4, k * w * taps * 4)
             t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))

@@ -394,6 +394,30 @@ def stage_forward(stage: Stage, params: list[Tensor], for_backward: bool) -> tup
         return out, records
 
 
+def conv3x3_backward(grad_out: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dL/dx, dL/dweight)`` of the 3x3 convolution (padding 1) of ``x (N, 4k,
+    *spatial)`` for ``grad_out (N, k, *spatial)``.  torch 2.14.1's bfloat16 weight
+    gradient of a 3-D convolution on the CPU (oneDNN's) reads memory it did not
+    write where a spatial size is 2: NaN or any value (docs/engine.md, "A
+    bfloat16 3-D weight gradient"); there it is made in float32."""
+    d = x.dim() - 2
+    args = (None, [1] * d, [1] * d, [1] * d, False, [0] * d, 1)
+    if not bfloat16_weight_gradient_fails(x.device.type, x.dtype, tuple(x.shape[2:])):
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(grad_out, x, weight, *args, [True, True, False])
+        return grad_x, grad_weight
+    grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, *args, [True, False, False])[0]
+    grad_weight = torch.ops.aten.convolution_backward(grad_out.float(), x.float(), weight.float(), *args,
+                                                      [False, True, False])[1]
+    return grad_x, grad_weight
+
+
+def bfloat16_weight_gradient_fails(device_type: str, dtype: torch.dtype, spatial: tuple[int, ...]) -> bool:
+    """Whether torch's 3x3 convolution weight gradient on that device, dtype and
+    spatial size is the CPU's bfloat16 3-D one with a spatial size of 2
+    (:func:`conv3x3_backward`)."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and len(spatial) == 3 and 2 in spatial
+
+
 def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, grad_buffer: Tensor,
                    params: list[Tensor]) -> list[Tensor]:
     """Backward of dense layer ``i``: its new channels' gradient in ``grad_buffer``
@@ -402,7 +426,7 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
     backend, arena = stage.backend, stage.arena
     _, _, w1, _, _, w2 = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
     n, c_total, *spatial = buffer.shape
-    k, width, d = stage.growth, stage.width, len(spatial)
+    k, width = stage.growth, stage.width
     m = n * math.prod(spatial)
     c = c_total - (len(stage.layers) - i) * k
     bn1, bn2 = record.bn1, record.bn2
@@ -417,9 +441,8 @@ def layer_backward(stage: Stage, i: int, record: LayerRecord, buffer: Tensor, gr
         backend.bn_relu_conv1x1(features[:, :c], bn1.scale, bn1.shift, w1_rows, bottleneck, with_stats=False)
     activated = arena.get("bn2_out", (n, *spatial, width), buffer)
     backend.bn_relu(bottleneck, bn2.scale, bn2.shift, activated.view(m, width))
-    grad_activated, grad_w2, _ = torch.ops.aten.convolution_backward(
-        channels_last_copy(grad_new), activated.movedim(-1, 1), w2.to(buffer.dtype), None,
-        [1] * d, [1] * d, [1] * d, False, [0] * d, 1, [True, True, False])
+    grad_activated, grad_w2 = conv3x3_backward(channels_last_copy(grad_new), activated.movedim(-1, 1),
+                                               w2.to(buffer.dtype))
     del grad_new
     # rows with channel stride 1: ATen's 1-D and 3-D im2col convolutions (slow_conv3d; batch 1, small
     # inputs) give it channels-first, which at batch 1 would otherwise view as (M, 4k) with strides (1, M)
