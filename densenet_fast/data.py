@@ -12,6 +12,7 @@ generator the loop seeds per step and a resumed run draws the same crops.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import re
@@ -84,6 +85,27 @@ class ImageData:
             return torch.utils.data.Subset(dataset, range(n))
 
         return replace(self, train=head(self.train, train_images), test=head(self.test, test_images))
+
+    def fingerprint(self) -> str:
+        """A digest of what the data holds, not of where it lies: per split the
+        samples and their labels; for samples read from files, the files' names
+        relative to the folder that holds them all and their sizes in bytes
+        (their contents are not read). A moved dataset keeps its fingerprint;
+        added, removed, renamed, resized or relabelled samples change it."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.test):
+            indices = None
+            if isinstance(split, torch.utils.data.Subset):
+                split, indices = split.dataset, list(split.indices)
+            if isinstance(split, TensorDataset):
+                for tensor in split.tensors:
+                    digest.update((tensor if indices is None else tensor[indices]).contiguous().numpy().tobytes())
+            else:  # ImageFolder, VolumeFolder: (path, label) samples
+                samples = split.samples if indices is None else [split.samples[i] for i in indices]
+                common = os.path.commonpath([os.path.dirname(path) for path, _ in samples]) if samples else ""
+                digest.update(repr([(os.path.relpath(path, common), os.path.getsize(path), label)
+                                    for path, label in samples]).encode())
+        return digest.hexdigest()[:16]
 
 
 def load_dataset(spec: str, image_size: Optional[int] = None,

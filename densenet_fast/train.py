@@ -81,8 +81,9 @@ CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "histor
                    "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
-# RECORDED_SINCE are compared where the checkpoint has them (checkpoints record them since 2026-12-03).
-RECORDED_SINCE = ("data", "sample_size")
+# RECORDED_SINCE are compared where the checkpoint has them (checkpoints record them since 2026-12-03). The
+# data is compared by what it holds (data_fingerprint), not by its path: a moved dataset resumes.
+RECORDED_SINCE = ("sample_size", "data_fingerprint")
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
                      *RECORDED_SINCE)
@@ -412,6 +413,12 @@ def resume(run: Run) -> Position:
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
     if position.epoch >= run.options["epochs"]:
         run.procs.log(f"the checkpoint is past --epochs {run.options['epochs']}: nothing is left to train")
+    saved_data = checkpoint["options"].get("data")
+    if saved_data is not None and saved_data != run.options["data"]:
+        run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (it holds the "
+                      f"same samples)" if "data_fingerprint" in checkpoint["options"] else
+                      f"the data is {run.options['data']} now, {saved_data} in the checkpoint (which records no "
+                      f"fingerprint of it to compare)")
     saved_processes = checkpoint["options"].get("world_size", 1)
     if saved_processes != run.procs.world_size:
         run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
@@ -718,7 +725,7 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
                             f"processes")
     options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
                    spatial_dims=data.spatial_dims, world_size=procs.world_size,
-                   sample_size=list(data.size or data.train[0][0].shape[1:]))
+                   sample_size=list(data.size or data.train[0][0].shape[1:]), data_fingerprint=data.fingerprint())
     if os.path.exists(options["data"]):  # a directory or file: the same one from another working directory
         options["data"] = os.path.abspath(options["data"])
     if options["out"] is None:  # a new directory per run, named by rank 0
@@ -985,7 +992,7 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
-                   and (key not in RECORDED_SINCE or all(k in saved for k in RECORDED_SINCE))]
+                   and (key not in RECORDED_SINCE or key in saved)]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

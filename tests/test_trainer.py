@@ -763,7 +763,7 @@ def test_trains_on_a_volume_folder_of_mixed_sizes_when_resized(tmp_path, capsys)
     write_volume_folder(tmp_path / "others", sizes=[(16, 16, 16)], count=10)  # the same shapes, other volumes
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "others"), "--workers", "0", "--resume",
                          "--epochs", "2") == 2
-    assert f"data is '{tmp_path / 'vols'}' in the checkpoint but '{tmp_path / 'others'}' now" in capsys.readouterr().err
+    assert "data_fingerprint is " in capsys.readouterr().err  # volumes of other sizes in bytes
 
 
 def test_medmnist3d_npz(tmp_path, monkeypatch, capsys):
@@ -1043,3 +1043,30 @@ if __name__ == "__main__" and sys.argv[1:2] == ["sync-bn-worker"]:
     sync_bn_worker()
 elif __name__ == "__main__" and sys.argv[1:2] == ["train-worker"]:
     sys.exit(train_worker(sys.argv[2:]))
+
+
+def test_a_moved_dataset_resumes_and_a_changed_one_is_refused(tmp_path, capsys):
+    """Resuming compares the data by what it holds (its fingerprint), not by its path."""
+    write_volume_folder(tmp_path / "vols", sizes=[(16, 16, 16)], count=10)
+    out = tmp_path / "run"
+    assert train_volumes(out, "--data", str(tmp_path / "vols"), "--epochs", "1") == 0
+    (tmp_path / "vols").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "2", "--resume") == 0
+    assert f"the data moved: {tmp_path / 'vols'} in the checkpoint, {tmp_path / 'moved'} now" in \
+        capsys.readouterr().out
+    labels = tmp_path / "moved" / "labels.csv"
+    labels.write_text(labels.read_text().replace("case0.npy,liver", "case0.npy,lung"))  # one sample relabelled
+    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "3", "--resume") == 2
+    assert "data_fingerprint is " in capsys.readouterr().err
+
+
+def test_the_data_fingerprint_follows_the_samples_not_their_place(tmp_path):
+    write_volume_folder(tmp_path / "a", count=10)
+    write_volume_folder(tmp_path / "b", count=10)
+    write_volume_folder(tmp_path / "c", count=11)
+    a, b, c = (load_dataset(str(tmp_path / name)) for name in "abc")
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert a.limit(4, None).fingerprint() != a.fingerprint() == a.limit(100, None).fingerprint()
+    digits = load_dataset("digits")
+    assert digits.fingerprint() == load_dataset("digits").fingerprint() != digits.limit(10, None).fingerprint()
