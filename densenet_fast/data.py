@@ -94,14 +94,15 @@ class ImageData:
         added, removed, renamed, resized or relabelled samples change it."""
         digest = hashlib.sha256()
         for split in (self.train, self.test):
-            indices = None
+            indices = range(len(split))  # :meth:`limit`'s subsets are the first samples
             if isinstance(split, torch.utils.data.Subset):
-                split, indices = split.dataset, list(split.indices)
+                split, indices = split.dataset, split.indices
             if isinstance(split, TensorDataset):
-                for tensor in split.tensors:
-                    digest.update((tensor if indices is None else tensor[indices]).contiguous().numpy().tobytes())
+                for tensor in split.tensors:  # hashed in place (no copy of a large dataset)
+                    part = tensor[:len(indices)] if indices == range(len(indices)) else tensor[list(indices)]
+                    digest.update(part.contiguous().numpy())
             else:  # ImageFolder, VolumeFolder: (path, label) samples
-                samples = split.samples if indices is None else [split.samples[i] for i in indices]
+                samples = [split.samples[i] for i in indices]
                 common = os.path.commonpath([os.path.dirname(path) for path, _ in samples]) if samples else ""
                 digest.update(repr([(os.path.relpath(path, common), os.path.getsize(path), label)
                                     for path, label in samples]).encode())
