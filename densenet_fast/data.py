@@ -87,25 +87,26 @@ class ImageData:
         return replace(self, train=head(self.train, train_images), test=head(self.test, test_images))
 
     def fingerprint(self) -> str:
-        """A digest of what the data holds, not of where it lies: per split the
-        samples and their labels; for samples read from files, the files' names
-        relative to the folder that holds them all and their sizes in bytes
-        (their contents are not read). A moved dataset keeps its fingerprint;
-        added, removed, renamed, resized or relabelled samples change it."""
+        """A digest of which samples the data holds, not of where it lies: per
+        split the labels, and the shape of the samples held in memory or the
+        names (relative to the folder that holds them all) and sizes in bytes
+        of the files samples are read from.  Contents are not read: a moved
+        dataset keeps its fingerprint; added, removed, renamed, resized or
+        relabelled samples change it, other contents of the same files do not.
+        Of the data as loaded, not of :meth:`limit`'s subsets."""
         digest = hashlib.sha256()
         for split in (self.train, self.test):
-            indices = range(len(split))  # :meth:`limit`'s subsets are the first samples
-            if isinstance(split, torch.utils.data.Subset):
-                split, indices = split.dataset, split.indices
-            if isinstance(split, TensorDataset):
-                for tensor in split.tensors:  # hashed in place (no copy of a large dataset)
-                    part = tensor[:len(indices)] if indices == range(len(indices)) else tensor[list(indices)]
-                    digest.update(part.contiguous().numpy())
-            else:  # ImageFolder, VolumeFolder: (path, label) samples
-                samples = [split.samples[i] for i in indices]
-                common = os.path.commonpath([os.path.dirname(path) for path, _ in samples]) if samples else ""
-                digest.update(repr([(os.path.relpath(path, common), os.path.getsize(path), label)
-                                    for path, label in samples]).encode())
+            if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
+                samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
+                digest.update(repr((tuple(samples.shape), labels.tolist())).encode())
+                continue
+            common = os.path.commonpath([os.path.dirname(path) for path, _ in split.samples]) if split.samples \
+                else ""
+            try:
+                files = [(os.path.relpath(path, common), os.path.getsize(path), label) for path, label in split.samples]
+            except OSError as exc:
+                raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
+            digest.update(repr(files).encode())
         return digest.hexdigest()[:16]
 
 

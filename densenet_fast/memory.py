@@ -67,8 +67,8 @@ ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread,
 
 def parse_bytes(value: Union[numbers.Real, str]) -> int:
     """``8589934592``, ``"8GiB"``, ``"8 GB"``, ``"512MiB"``, ``"8gb"`` or ``"1.5e9"``
-    as bytes (rounded down; at least 1).  A string without a unit must be a
-    whole number of bytes (``"1.5"`` is refused: a unit forgotten)."""
+    as bytes (rounded down; at least 1).  A string in bytes (no unit, or ``B``)
+    must be a whole number (``"1.5"`` is refused: a unit forgotten)."""
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
@@ -86,8 +86,8 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
     if (isinstance(nbytes, float) and not math.isfinite(nbytes)) or nbytes < 1:
         raise ValueError(f"a memory budget must be a finite number of bytes, at least 1, got {value!r}")
     if isinstance(value, str) and nbytes != int(nbytes) and units[text[len(number):].upper()] == 1:
-        raise ValueError(f"a memory budget without a unit is a whole number of bytes, got {value!r}; "
-                         f"give a unit, e.g. '{number}GiB'")
+        raise ValueError(f"a memory budget in bytes is a whole number, got {value!r}; give a larger unit, "
+                         f"e.g. '{number}GiB'")
     return int(nbytes)
 
 
@@ -869,7 +869,8 @@ class StepSimulation:
         return m * c * self.arch.kernel_taps(kernel) * self.e if self.aten_im2col(c, kernel, input_sides) else 0.0
 
     def onednn_weight_gradient(self, c: int, k: int, kernel: int, input_sides: tuple[int, ...],
-                               output_sides: tuple[int, ...], channels_last: bool) -> float:
+                               output_sides: tuple[int, ...], channels_last: bool,
+                               dtype: Optional[torch.dtype] = None) -> float:
         """oneDNN's scratch for a 3-D convolution's weight gradient (``c`` input and
         ``k`` output channels) on the CPU in float32.  On AVX-512 its direct kernel
         (``jit:avx512_core``) computes it, with no scratch of this size; on AVX2 the
@@ -879,8 +880,10 @@ class StepSimulation:
         from a channels-last input, a transposed copy of one input (``c * D * H * W``);
         every thread works (on its own images, with its own copy of the weight
         gradient) when the batch is over 1 and a slice has fewer than 256 pixels
-        per thread, else one (oneDNN's ``gemm_convolution_utils.cpp``, ``init_conf``)."""
-        if (self.setup.device != "cpu" or self.arch.spatial_dims != 3 or self.setup.compute_dtype != torch.float32
+        per thread, else one (oneDNN's ``gemm_convolution_utils.cpp``, ``init_conf``).
+        ``dtype``: the convolution's (default: the compute dtype)."""
+        if (self.setup.device != "cpu" or self.arch.spatial_dims != 3
+                or (dtype or self.setup.compute_dtype) != torch.float32
                 or not onednn_convolves(torch.float32) or self.aten_im2col(c, kernel, input_sides)
                 or torch.backends.cpu.get_cpu_capability() == "AVX512"):
             return 0.0
@@ -1041,7 +1044,8 @@ class StepSimulation:
             t.alloc("layer_transients", self.cast(k * w * taps), columns, m * w * e)
             t.transient("layer_transients", weight_scratch)
             if float_weight_gradient:
-                t.transient("layer_transients", m * k * 4, m * w * 4, k * w * taps * 4)
+                t.transient("layer_transients", m * k * 4, m * w * 4, k * w * taps * 4,
+                            self.onednn_weight_gradient(w, k, 3, sides, sides, True, torch.float32))
             t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))

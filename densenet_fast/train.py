@@ -81,9 +81,10 @@ CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "histor
                    "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
-# RECORDED_SINCE are compared where the checkpoint has them (checkpoints record them since 2026-12-03). The
-# data is compared by what it holds (data_fingerprint), not by its path: a moved dataset resumes.
-RECORDED_SINCE = ("sample_size", "data_fingerprint")
+# RECORDED_SINCE are compared where the checkpoint has them (checkpoints record the data's path and the
+# samples' size since 2026-12-03, its fingerprint since 2026-12-04). The data is compared by its fingerprint
+# where the checkpoint has one, not by its path: a moved dataset resumes.
+RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
                      *RECORDED_SINCE)
@@ -349,12 +350,16 @@ class Outcome:
 
 
 def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
-    """The run's settings and data, after checking (and creating) the output directory."""
+    """The run's settings and data (its fingerprint before ``--train-limit`` and
+    ``--test-limit``, made by rank 0), after checking the output directory."""
     try:
-        data = load_dataset(args.data, args.image_size, args.volume_size).limit(args.train_limit, args.test_limit)
+        data = load_dataset(args.data, args.image_size, args.volume_size)
+        fingerprint = procs.gather(data.fingerprint() if procs.is_main else None)[0]
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
+    data = data.limit(args.train_limit, args.test_limit)
     options = resolve_options(args, data, procs)
+    options["data_fingerprint"] = fingerprint
     check_output_directory(options, procs)
     return options, data
 
@@ -414,11 +419,9 @@ def resume(run: Run) -> Position:
     if position.epoch >= run.options["epochs"]:
         run.procs.log(f"the checkpoint is past --epochs {run.options['epochs']}: nothing is left to train")
     saved_data = checkpoint["options"].get("data")
-    if saved_data is not None and saved_data != run.options["data"]:
-        run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (it holds the "
-                      f"same samples)" if "data_fingerprint" in checkpoint["options"] else
-                      f"the data is {run.options['data']} now, {saved_data} in the checkpoint (which records no "
-                      f"fingerprint of it to compare)")
+    if saved_data is not None and saved_data != run.options["data"]:  # with equal fingerprints (load_checkpoint)
+        run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (its fingerprint, "
+                      f"of the labels and the samples' shape or the files' names and sizes, is the same)")
     saved_processes = checkpoint["options"].get("world_size", 1)
     if saved_processes != run.procs.world_size:
         run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
@@ -725,7 +728,7 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
                             f"processes")
     options.update(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
                    spatial_dims=data.spatial_dims, world_size=procs.world_size,
-                   sample_size=list(data.size or data.train[0][0].shape[1:]), data_fingerprint=data.fingerprint())
+                   sample_size=list(data.size or data.train[0][0].shape[1:]))
     if os.path.exists(options["data"]):  # a directory or file: the same one from another working directory
         options["data"] = os.path.abspath(options["data"])
     if options["out"] is None:  # a new directory per run, named by rank 0
@@ -836,19 +839,28 @@ def start_output(options: dict) -> None:
 
 
 def write_problem(directory: str) -> Optional[str]:
-    """Why no file can be written in ``directory`` (where it does not exist yet:
-    in the directory that would hold it), or ``None``. An actual write: permission
-    bits do not tell (root, read-only file systems)."""
-    existing = os.path.abspath(directory)
-    while not os.path.exists(existing):
+    """Why no file can be written in ``directory``, or ``None``. An actual write:
+    permission bits do not tell (root, read-only file systems); the folders it
+    creates to write there (``directory`` and those above it that do not exist)
+    are removed again, as :func:`start_output` creates them when training starts."""
+    missing, existing = [], os.path.abspath(directory)
+    while not os.path.lexists(existing):  # a dangling link exists, and is not a directory
+        missing.append(existing)
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"{existing} is not a directory"
+    created = []
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.append(folder)
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
         return exc.strerror or str(exc)
+    finally:
+        for folder in reversed(created):
+            os.rmdir(folder)
     return None
 
 
@@ -992,7 +1004,8 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     saved = checkpoint["options"]
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
-                   and (key not in RECORDED_SINCE or key in saved)]
+                   and (key not in RECORDED_SINCE or key in saved)
+                   and not (key == "data" and "data_fingerprint" in saved)]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

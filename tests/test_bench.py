@@ -9,6 +9,7 @@ real worker process.
 import argparse
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -367,11 +368,16 @@ def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys
     directory, a --repredict file that is missing, not JSON or another benchmark's."""
     (tmp_path / "file").write_text("")
     (tmp_path / "depth.json").write_text(json.dumps({"benchmark": "depth", "environment": {}, "rows": []}))
+    (tmp_path / "read-only.json").write_text("")
+    (tmp_path / "read-only.json").chmod(0o444)
     cases = [(kernels, ["--out", str(tmp_path / "file" / "x.json")], "not a writable directory"),
              (models, ["--out", str(tmp_path)], "is a directory"),
+             (kernels, ["--out", str(tmp_path / ("x" * 300))], "File name too long"),
              (bench_memory, ["--repredict", str(tmp_path / "missing.json")], "cannot read"),
              (bench_memory, ["--repredict", str(tmp_path / "file")], "cannot read"),
              (bench_memory, ["--repredict", str(tmp_path / "depth.json")], "not a result of bench memory")]
+    if os.geteuid() != 0:  # root writes read-only files
+        cases.append((kernels, ["--out", str(tmp_path / "read-only.json")], "the file is read-only"))
     for subcommand, argv, message in cases:
         with pytest.raises(SystemExit) as exit_:
             subcommand.main(argv + ["--no-plot"])

@@ -17,6 +17,7 @@ monai_nets = pytest.importorskip("monai.networks.nets")
 
 from densenet_fast import monai as fast_monai  # noqa: E402
 from densenet_fast import plan  # noqa: E402
+from densenet_fast.engine.stage import conv3x3_backward  # noqa: E402
 from densenet_fast.memory import Architecture, Setup, predict  # noqa: E402
 from densenet_fast.models import InputError, MemoryPlanNotice  # noqa: E402
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal,  # noqa: E402
@@ -362,6 +363,10 @@ def test_bfloat16_3d_conv_weight_gradients_are_made_where_torch_reads_unwritten_
         out.double().sum().backward()
         return {name: p.grad.double() for name, p in copied.named_parameters() if "conv2" in name}
 
+    weight = torch.randn(4, 8, 3, 3, 3, dtype=torch.bfloat16)
+    for side, dtype in ((2, torch.float32), (3, torch.bfloat16)):  # float32 at a side of 2, on any CPU
+        volumes = torch.randn(2, 8, side, 3, 3, dtype=torch.bfloat16)
+        assert conv3x3_backward(torch.randn(2, 4, side, 3, 3, dtype=torch.bfloat16), volumes, weight)[1].dtype == dtype
     exact = conv2_grads(torch.float64, False)
     for _ in range(5):
         for dtype, autocast in ((torch.float32, True), (torch.bfloat16, False)):

@@ -11,6 +11,7 @@ import csv
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -457,11 +458,15 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
 
 def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("a regular file")
-    assert train(tmp_path / "file" / "run", "--epochs", "1") == 2  # nothing can be made under a file, even by root
-    captured = capsys.readouterr()
-    assert f"cannot write there ({tmp_path / 'file'} is not a directory)" in captured.err
-    assert len(captured.err.strip().splitlines()) == 1
-    assert captured.out == ""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, problem in ((tmp_path / "file" / "run", f"{tmp_path / 'file'} is not a directory"),  # even for root
+                         (tmp_path / "dangling" / "run", f"{tmp_path / 'dangling'} is not a directory"),
+                         (tmp_path / "new" / ("x" * 300), "File name too long")):
+        assert train(out, "--epochs", "1") == 2
+        captured = capsys.readouterr()
+        assert f"cannot write there ({problem})" in captured.err, captured.err
+        assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]  # the probe's folders are removed
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a directory without write permission")
@@ -1052,12 +1057,21 @@ def test_a_moved_dataset_resumes_and_a_changed_one_is_refused(tmp_path, capsys):
     assert train_volumes(out, "--data", str(tmp_path / "vols"), "--epochs", "1") == 0
     (tmp_path / "vols").rename(tmp_path / "moved")
     capsys.readouterr()
-    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "2", "--resume") == 0
+    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "2", "--resume", "--test-limit",
+                         "1") == 0  # the test limit is not compared
     assert f"the data moved: {tmp_path / 'vols'} in the checkpoint, {tmp_path / 'moved'} now" in \
         capsys.readouterr().out
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    del checkpoint["options"]["data_fingerprint"]  # as written before fingerprints: the path is compared
+    torch.save(checkpoint, out / trainer.CHECKPOINT)
+    shutil.copytree(tmp_path / "moved", tmp_path / "vols")
+    assert train_volumes(out, "--data", str(tmp_path / "vols"), "--epochs", "3", "--resume") == 2
+    assert f"data is '{tmp_path / 'moved'}' in the checkpoint but '{tmp_path / 'vols'}' now" in \
+        capsys.readouterr().err
+    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "3", "--resume") == 0
     labels = tmp_path / "moved" / "labels.csv"
     labels.write_text(labels.read_text().replace("case0.npy,liver", "case0.npy,lung"))  # one sample relabelled
-    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "3", "--resume") == 2
+    assert train_volumes(out, "--data", str(tmp_path / "moved"), "--epochs", "4", "--resume") == 2
     assert "data_fingerprint is " in capsys.readouterr().err
 
 
@@ -1067,6 +1081,12 @@ def test_the_data_fingerprint_follows_the_samples_not_their_place(tmp_path):
     write_volume_folder(tmp_path / "c", count=11)
     a, b, c = (load_dataset(str(tmp_path / name)) for name in "abc")
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
-    assert a.limit(4, None).fingerprint() != a.fingerprint() == a.limit(100, None).fingerprint()
-    digits = load_dataset("digits")
-    assert digits.fingerprint() == load_dataset("digits").fingerprint() != digits.limit(10, None).fingerprint()
+    (tmp_path / "b" / "scans" / "case3.npy").rename(tmp_path / "b" / "scans" / "case3b.npy")
+    labels = tmp_path / "b" / "labels.csv"
+    labels.write_text(labels.read_text().replace("case3.npy", "case3b.npy"))
+    assert load_dataset(str(tmp_path / "b")).fingerprint() != a.fingerprint()  # a renamed sample
+    assert load_dataset("digits").fingerprint() == load_dataset("digits").fingerprint() != \
+        load_dataset("synthetic3d").fingerprint()
+    (tmp_path / "a" / "scans" / "case3.npy").unlink()
+    with pytest.raises(DatasetError, match="cannot read .*case3.npy \\(No such file or directory\\)"):
+        a.fingerprint()

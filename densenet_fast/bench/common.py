@@ -67,11 +67,17 @@ def output_file(text: str) -> Path:
     """An option type: a file path that can be written (a JSON result, its PNG
     beside it), checked before anything is measured."""
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as {path / 'result.json'}")
-    folder = path.parent
-    while not folder.exists():  # the folders write_json would create
-        folder = folder.parent
+    try:
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as "
+                                             f"{path / 'result.json'}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {text}: the file is read-only")
+        folder = path.parent
+        while not folder.exists():  # the folders write_json would create
+            folder = folder.parent
+    except OSError as exc:  # a name too long, say
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror or exc}") from None
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a writable directory")
     return path
