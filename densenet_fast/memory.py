@@ -75,7 +75,8 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
                  "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
         number = text.rstrip("KMGTkmgtIiBb")
         try:
-            nbytes = float(number) * units[text[len(number):].upper()]
+            unit = units[text[len(number):].upper()]
+            nbytes = float(number) * unit
         except (ValueError, KeyError):
             raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '8GiB', '512MiB', '2GB' or "
                              f"bytes") from None
@@ -85,7 +86,7 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
         raise TypeError(f"a memory budget is a number of bytes or a string like '8GiB', got {type(value).__name__}")
     if (isinstance(nbytes, float) and not math.isfinite(nbytes)) or nbytes < 1:
         raise ValueError(f"a memory budget must be a finite number of bytes, at least 1, got {value!r}")
-    if isinstance(value, str) and nbytes != int(nbytes) and units[text[len(number):].upper()] == 1:
+    if isinstance(value, str) and unit == 1 and nbytes != int(nbytes):
         raise ValueError(f"a memory budget in bytes is a whole number, got {value!r}; give a larger unit, "
                          f"e.g. '{number}GiB'")
     return int(nbytes)

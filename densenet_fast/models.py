@@ -126,15 +126,7 @@ class _EngineBlock:
     def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
         """Whether the engine runs this block (else its per-layer code, said once);
         ``in_step``: as a stage of the model's forward (else :func:`refuse_unplanned`)."""
-        if not fastpath.engine_takes(x, self.engine.budgeted) or self.engine.plain_reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
-            return False
-        if not in_step:
-            refuse_unplanned(self)
-        reason = self.engine_blocker()
-        if reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this block has {reason}")
-            fastpath.warn_plain_path(self, reason)
+        if not engine_may_run(self, x, in_step, "block"):
             return False
         first = next(iter(self.children()))
         return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(first).conv1))
@@ -188,6 +180,25 @@ class _DenseBlock(_EngineBlock, nn.ModuleDict):
         return torch.cat(features, 1)
 
 
+def engine_may_run(module: nn.Module, x: Tensor, in_step: bool, kind: str) -> bool:
+    """Whether the engine may run ``module`` (a dense block or transition, the
+    ``kind`` named in errors) on ``x``, its shape aside: the engine takes ``x``
+    and the module's modules (else its per-layer code runs, said once, or, under
+    a sync group, an error); ``in_step``: as a stage of the model's forward
+    (else :func:`refuse_unplanned`)."""
+    if not fastpath.engine_takes(x, module.engine.budgeted) or module.engine.plain_reason is not None:
+        fastpath.refuse_unsynchronised(module.engine.sync_group, "this input runs the plain path")
+        return False
+    if not in_step:
+        refuse_unplanned(module)
+    reason = module.engine_blocker()
+    if reason is not None:
+        fastpath.refuse_unsynchronised(module.engine.sync_group, f"this {kind} has {reason}")
+        fastpath.warn_plain_path(module, reason)
+        return False
+    return True
+
+
 def refuse_unplanned(module: nn.Module) -> None:
     """Raise where ``module`` (``features``, a dense block or a transition) is
     called on its own in a training forward of a model with a memory budget:
@@ -225,17 +236,8 @@ class _EngineTransition:
     @torch.jit.unused
     def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
         """As :meth:`_EngineBlock._runs_fused`, for this transition."""
-        if not fastpath.engine_takes(x, self.engine.budgeted) or self.engine.plain_reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, "this input runs the plain path")
-            return False
-        if not in_step:
-            refuse_unplanned(self)
-        reason = self.engine_blocker()
-        if reason is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, f"this transition has {reason}")
-            fastpath.warn_plain_path(self, reason)
-            return False
-        return fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True)
+        return (engine_may_run(self, x, in_step, "transition")
+                and fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True))
 
     @torch.jit.unused
     def engine_blocker(self) -> Optional[str]:
