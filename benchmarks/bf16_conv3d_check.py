@@ -1,8 +1,8 @@
-"""Where torch's bfloat16 3x3 convolution (padding 1) on the CPU is wrong:
+"""Where torch's bfloat16 (or ``--dtype``) 3x3 convolution (padding 1) on the CPU is wrong:
 random shapes, NaN left on the heap before each call, each result against
 float64 (docs/engine.md, "A bfloat16 3-D weight gradient").
 
-    python benchmarks/bf16_conv3d_check.py --shapes 400
+    python benchmarks/bf16_conv3d_check.py --shapes 400 [--dtype float16]
 
 Prints, for 2-D and 3-D shapes with and without a spatial side of 2, how many
 shapes gave a wrong forward, input gradient or weight gradient (relative
@@ -18,12 +18,13 @@ import torch
 PARTS = ("forward", "grad_input", "grad_weight")
 
 
-def wrong_parts(batch: int, c_in: int, c_out: int, sides: tuple[int, ...], channels_last: bool) -> set[str]:
-    """The parts of the bfloat16 convolution of these sizes that were wrong in any of 5 calls."""
+def wrong_parts(batch: int, c_in: int, c_out: int, sides: tuple[int, ...], channels_last: bool,
+                dtype: torch.dtype) -> set[str]:
+    """The parts of the convolution of these sizes in ``dtype`` that were wrong in any of 5 calls."""
     dims = len(sides)
-    go = torch.randn(batch, c_out, *sides).bfloat16()
-    x = torch.relu(torch.randn(batch, c_in, *sides)).bfloat16()
-    w = torch.randn(c_out, c_in, *([3] * dims)).bfloat16()
+    go = torch.randn(batch, c_out, *sides).to(dtype)
+    x = torch.relu(torch.randn(batch, c_in, *sides)).to(dtype)
+    w = torch.randn(c_out, c_in, *([3] * dims)).to(dtype)
     if channels_last:
         layout = torch.channels_last_3d if dims == 3 else torch.channels_last
         go, x, w = (t.contiguous(memory_format=layout) for t in (go, x, w))
@@ -47,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -56,9 +58,10 @@ def main() -> None:
         group = (f"{len(sides)}-D", "a side of 2" if 2 in sides else "no side of 2")
         shapes[group] += 1
         for part in wrong_parts(random.choice([1, 2, 3, 4]), random.choice([4, 8, 16, 40, 96]),
-                                random.choice([4, 8, 12, 32]), sides, random.random() < 0.7):
+                                random.choice([4, 8, 12, 32]), sides, random.random() < 0.7,
+                                getattr(torch, args.dtype)):
             wrong[group + (part,)] += 1
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.dtype}")
     for group in sorted(shapes):
         print(f"{group[0]}, {group[1]}: {shapes[group]} shapes; wrong: "
               + ", ".join(f"{part} {wrong[group + (part,)]}" for part in PARTS))
