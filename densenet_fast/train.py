@@ -82,7 +82,7 @@ CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "histor
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
 # RECORDED_SINCE are compared where the checkpoint has them (checkpoints record the data's path and the
-# samples' size since 2026-12-03, its fingerprint since 2026-12-04). The data is compared by its fingerprint
+# samples' size since 2026-12-03, its fingerprint since a478a97, the same day). The data is compared by its fingerprint
 # where the checkpoint has one, not by its path: a moved dataset resumes.
 RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
