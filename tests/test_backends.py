@@ -103,6 +103,21 @@ def test_channel_stats(backend, dtype, m, c):
     assert_close(var, var64, stats_dtype(dtype), "var")
 
 
+@pytest.mark.parametrize("m, c", [(1031, 17), (3, 2)])
+def test_channel_stats_of_huge_values(backend, m, c):
+    """float32 data around 1e20, whose square overflows (variance about 1e34,
+    finite; torch's own BN sums the squared deviations and overflows only
+    above about 3e38 / M): a merge that multiplies a zero count by the square
+    of a mean (Inf) makes NaN."""
+    backend, device = backend
+    g = torch.Generator().manual_seed(1)
+    x64 = (1 + 1e-3 * torch.randn(m, c, generator=g, dtype=torch.float64)) * 1e20
+    mean, var = backend.channel_stats(x64.to(device=device, dtype=torch.float32))
+    var64, mean64 = torch.var_mean(x64.float().double(), dim=0, correction=0)
+    assert_close(mean, mean64, torch.float32, "mean")
+    assert_close(var, var64, torch.float32, "var")
+
+
 # -- fused BN-ReLU-Conv1x1 --------------------------------------------------------------------
 
 @pytest.mark.parametrize("m, c, k", ROW_SHAPES)

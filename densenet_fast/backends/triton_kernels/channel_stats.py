@@ -52,12 +52,14 @@ def _merge_partials(mean_ptr, m2_ptr,  # (R, C) fp32 partials
         # this chunk: exact parallel formula around its own mean
         chunk_count = tl.sum(counts, 0)
         chunk_mean = tl.sum(counts * part_means, 0) / tl.maximum(chunk_count, 1.0)
-        spread = part_means - chunk_mean[None, :]
+        # padding rows (count 0) and the first chunk (running count 0) add exactly 0: a mean above 1.8e19
+        # squares to Inf, and 0 * Inf is NaN
+        spread = tl.where(counts > 0, part_means - chunk_mean[None, :], 0.0)
         chunk_m2 = tl.sum(tl.load(m2_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
                           + counts * spread * spread, 0)
         # into the running triple (Chan et al.); the mean as a weighted sum keeps an infinite mean infinite, as torch's
         new_total = total + chunk_count
-        delta = chunk_mean - mean
+        delta = tl.where(total > 0, chunk_mean - mean, 0.0)
         m2 += chunk_m2 + delta * delta * total * (chunk_count / tl.maximum(new_total, 1.0))
         mean = (mean * total + chunk_mean * chunk_count) / tl.maximum(new_total, 1.0)
         total = new_total
