@@ -613,3 +613,11 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
         next_buffer = stage.next_buffer
         stage.buffer = stage.next_buffer = None  # autograd holds what backward needs
         return out, next_buffer
+
+
+# torch.compile traces a stage into its graph from torch 2.14 on; torch 2.11's dynamo fails on
+# StageFunction (an AssertionError on the shape integers a stage keeps), so before 2.14 each
+# stage runs eagerly between graphs.
+COMPILE_TRACES_STAGES = torch.__version__ >= (2, 14)
+if not COMPILE_TRACES_STAGES:
+    run_stage = torch.compiler.disable(run_stage)
