@@ -331,7 +331,9 @@ class _Features(nn.Sequential):
                     fastpath.refuse_unsynchronised(self.engine.sync_group, f"{type(module).__name__} runs on its own")
                 x, buffer = module(x), None
                 i += 1
-        return global_average_pool(F.relu(x)) if pooled else x
+        if pooled:
+            return global_average_pool(F.relu(x))
+        return x.contiguous() if contiguous else x  # a transition's output (features ending in one: a slice)
 
     @torch.jit.unused
     def _runs_fused_stem(self, modules: list[nn.Module], x: Tensor) -> bool:
@@ -527,8 +529,9 @@ class _EngineModel(nn.Module):
         """Why the memory model does not describe this model's training step (it
         describes the engine on the network as built; a block or transition the
         engine cannot run takes the plain per-layer path), or ``None``."""
-        if self.engine.plain_reason is not None:
-            return self.engine.plain_reason
+        reason = self.engine.plain_reason or self.features_blocker()
+        if reason is not None:
+            return reason
         stages = [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
         reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
         if self._built_stem is not None and self.stem_geometry() != self._built_stem:
@@ -542,9 +545,20 @@ class _EngineModel(nn.Module):
         return next((reason for reason in reasons if reason is not None), None)
 
     @torch.jit.unused
+    def features_blocker(self) -> Optional[str]:
+        """Why ``features`` is not the engine's (replaced by another container,
+        whose modules run one by one), or ``None``."""
+        if isinstance(self.features, _Features):
+            return None
+        return f"features replaced by a {type(self.features).__name__} (its modules run one by one)"
+
+    @torch.jit.unused
     def head_blocker(self) -> Optional[str]:
         """Why ``features`` cannot run as fused stages up to the classifier's
-        pooled input (someone observes ``features`` or ``norm5``), or ``None``."""
+        pooled input (``features`` replaced, someone observes ``features`` or
+        ``norm5``), or ``None``."""
+        if self.features_blocker() is not None:
+            return self.features_blocker()
         norm5 = list(self.features.children())[-1]
         if fastpath.global_hooks():
             return fastpath.GLOBAL_HOOKS
@@ -896,7 +910,8 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
     """A densenet_fast copy of a torchvision ``DenseNet``: the same module tree,
     with copies of its modules (replaced ones included: a stem without
     max-pooling, another classifier), weights, buffers, device, dtype and
-    train/eval mode.  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
+    train/eval mode.  ``kwargs``: ``backend``, ``recompute`` (default: ``"recompute"``
+    for a model built with ``memory_efficient=True``, else ``"keep"``), ``memory_budget``."""
     features = getattr(tv_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []
@@ -917,6 +932,8 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
         backend=kwargs.pop("backend", None),
     )
     copy_modules(model, tv_model)
+    if getattr(first_layer, "memory_efficient", False) is True:
+        kwargs.setdefault("recompute", "recompute")  # torchvision's checkpointed layers: the leanest policy
     return set_conversion_options(model, "from_torchvision", kwargs)
 
 
@@ -936,10 +953,12 @@ def copy_modules(model: nn.Module, source: nn.Module) -> None:
     """Give ``model`` copies of ``source``'s modules under the same names: each
     module of ``source`` without children (a convolution, norm, activation,
     pooling), and each subtree that ``model`` lacks or holds as one module (a
-    replaced classifier), replaces ``model``'s; every other module takes
-    ``source``'s train/eval flag.  A module ``source`` holds under several
-    names is copied once.  ``TypeError`` where the two trees' names still
-    differ, or a hook or a replaced ``forward`` sits on one of ``source``'s
+    replaced classifier), and each module whose class has a forward of its own
+    (a subclass's, which then runs as written: the plain path), replaces
+    ``model``'s; every other module takes ``source``'s train/eval flag.  A
+    module ``source`` holds under several names is copied once.  ``TypeError``
+    where the two trees' names still differ, ``source`` itself has a forward of
+    its own, or a hook or a replaced ``forward`` sits on one of ``source``'s
     modules (the copy would call back into ``source``: set it on the copy)."""
     ours = dict(model.named_modules(remove_duplicate=False))
     copied: list[str] = []
@@ -947,10 +966,13 @@ def copy_modules(model: nn.Module, source: nn.Module) -> None:
     for name, module in source.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in copied):
             continue
-        if fastpath.watched(module):
+        own = fastpath.own_forward(module)
+        if fastpath.watched(module) not in (None, own):
             raise TypeError(f"{fastpath.watched(module)} on {name or type(source).__name__} of the "
                             f"{type(source).__name__} to convert: set it on the converted model instead")
-        if name and (not list(module.children()) or name not in ours or not list(ours[name].children())):
+        if own and not name:
+            raise TypeError(f"{type(source).__name__} has {own}, which the converted model would not run")
+        if name and (own or not list(module.children()) or name not in ours or not list(ours[name].children())):
             parent, _, child = name.rpartition(".")
             ours[parent].add_module(child, copy.deepcopy(module, memo))
             copied.append(name)

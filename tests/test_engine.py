@@ -6,6 +6,7 @@ layouts, torch.compile on the backends whose primitives are torch ops."""
 
 import copy
 import time
+import warnings
 from typing import Optional
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn as nn
 from densenet_fast import DenseNet, available_backends, densenet_bc, engine
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from densenet_fast.engine import fastpath
-from densenet_fast.engine.stage import COMPILE_TRACES_STAGES
+from densenet_fast.engine import stage as stage_module
 from helpers import (FLOAT64_RTOL, FP32_RTOL, OpRecorder, assert_all_close, assert_results_equal, buffers,
                      check_eval_float64, check_training_float64, check_training_fp32, forward_backward,
                      global_relative_error, make_pair, max_relative_error, random_batch, randomize_batchnorm)
@@ -292,6 +293,19 @@ def test_batchnorm_momentum_rules(momentum):
     check_training_float64(ours, tv, shape, steps=3)
 
 
+@pytest.mark.parametrize("config", ["imagenet", "cifar"])
+def test_batchnorm_without_running_statistics(config):
+    """BatchNorms whose running_mean and running_var were set to None (while
+    track_running_stats stays True) normalise with batch statistics and count
+    each training batch, as nn.BatchNorm2d does (the engine raised AttributeError)."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(**kwargs)
+    for bn in batchnorms(ours) + batchnorms(tv):
+        bn.running_mean = bn.running_var = None
+    check_training_float64(ours, tv, shape, steps=2)
+    assert {int(bn.num_batches_tracked) for bn in batchnorms(ours)} == {2}
+
+
 # -- scratch arena and inference -----------------------------------------------------------
 def test_scratch_is_one_tensor_per_role_per_pass(monkeypatch):
     """Inside a pass every layer's request under one name gets the same memory
@@ -488,30 +502,43 @@ def dense_layer_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 # -- torch.compile -------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_torch_compile_matches_eager(backend):
+@pytest.mark.parametrize("backend, case", [("cpp", "plain"), ("triton", "plain"), ("cpp", "dropout"),
+                                           ("cpp", "momentum_none")])
+def test_torch_compile_matches_eager(backend, case, monkeypatch):
     """torch.compile(fullgraph=True) of a tiny DenseNet-BC (depth 10: a layer per
     block and two transitions) on a backend whose primitives are torch ops with
     fake implementations (``torch.ops.densenet_fast``, or
     ``torch.ops.densenet_fast_triton`` under the Triton interpreter): training
-    mode, one graph and no break (before torch 2.14: the stages run eagerly
-    between graphs); outputs, input and parameter gradients and running
-    statistics equal to eager."""
+    mode, one graph and no break; outputs, input and parameter gradients and
+    running statistics equal to eager.  With dropout or a BatchNorm of
+    momentum=None (a Python number read from a tensor: dynamo failed with an
+    IndexError), and before torch 2.14, the stages run eagerly between graphs,
+    said once; the dropout masks are eager's."""
     backend_on(backend, "cpu")
+    monkeypatch.setattr(stage_module, "_said_eager", set())
     torch.manual_seed(0)
-    model = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend=backend)
-    twin = densenet_bc(depth=10, growth_rate=4, num_classes=3, backend=backend)
+    drop_rate = 0.2 if case == "dropout" else 0.0
+    model, twin = (densenet_bc(depth=10, growth_rate=4, num_classes=3, backend=backend, drop_rate=drop_rate)
+                   for _ in range(2))
+    for bn in batchnorms(model) + batchnorms(twin) if case == "momentum_none" else []:
+        bn.momentum = None
     x, target = random_batch(model, 2, 9, 8, seed=0)
-    fullgraph = COMPILE_TRACES_STAGES
+    fullgraph = stage_module.COMPILE_TRACES_STAGES and case == "plain"
     if fullgraph:
         explanation = torch._dynamo.explain(twin)(x)
         assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
         torch._dynamo.reset()
     twin.load_state_dict(model.state_dict())  # model's weights (and explain ran a training forward)
+    torch.manual_seed(1)
     eager = forward_backward(model, x, target)
     start = time.perf_counter()
-    compiled = forward_backward(torch.compile(twin, fullgraph=fullgraph), x, target)
+    torch.manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = forward_backward(torch.compile(twin, fullgraph=fullgraph), x, target)
     print(f"torch.compile forward+backward: {time.perf_counter() - start:.1f} s")
+    said = [str(w.message) for w in caught if "run eagerly between graphs" in str(w.message)]
+    assert len(said) == (0 if fullgraph else 1), said
     compiled.grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled.grads.items()}
     compiled.buffers = {name.removeprefix("_orig_mod."): b for name, b in compiled.buffers.items()}
     for what in ("output", "input_grad"):

@@ -4,6 +4,7 @@ outputs, gradients and running statistics as torchvision for the same weights,
 and a clear error for every bad input or argument."""
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import densenet_fast
 from densenet_fast import (BackendUnavailableError, DenseNet, densenet121, densenet161, densenet169, densenet201,
                            densenet264, densenet_bc, from_torchvision)
 from helpers import (assert_all_close, check_eval_float64, check_training_float64,
-                     check_training_fp32, make_pair, randomize_batchnorm, torchvision_twin)
+                     check_training_fp32, make_model, make_pair, randomize_batchnorm, torchvision_twin)
 from helpers import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,12 +98,84 @@ def test_from_torchvision(stem):
     assert ours.blocks()[0].denselayer1.drop_rate == 0.1
     assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "state_dict")
     check_eval_float64(ours, tv, (3, 37, 35))
+    assert from_torchvision(tv).recompute == "keep"
+    for efficient in (True, False):  # torchvision's checkpointed layers: the leanest policy by default
+        for layer in tv.features.modules():
+            if hasattr(layer, "memory_efficient"):
+                layer.memory_efficient = efficient
+        if efficient:
+            assert [from_torchvision(tv, **kw).recompute for kw in ({}, {"recompute": "keep"})] == ["recompute",
+                                                                                                   "keep"]
     for layer in [m for m in [*ours.modules(), *tv.modules()] if hasattr(m, "drop_rate")]:
         layer.drop_rate = 0.0  # dropout masks differ; training without it must match
     ours.train(), tv.train()
     check_training_float64(ours, tv, (3, 37, 35), steps=2)
     with pytest.raises(TypeError, match="no dense blocks"):
         from_torchvision(torchvision.models.resnet18())
+
+
+class Doubled(torchvision.models.densenet._DenseLayer):
+    """A user's dense layer: torchvision's modules, a forward of its own."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+class DoubledOurs(densenet_fast.models._DenseLayer):
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+class Tagged(densenet_fast.models._DenseLayer):
+    """A subclass with the forward it inherits: the engine still runs it."""
+
+
+def with_layer(model: nn.Module, layer_class: type) -> nn.Module:
+    """``model`` with features.denseblock1.denselayer1 replaced by a ``layer_class`` of the same weights."""
+    old = model.features.denseblock1.denselayer1
+    new = layer_class(old.conv1.in_channels, old.conv2.out_channels, old.conv1.out_channels // old.conv2.out_channels,
+                      old.drop_rate).double()
+    new.load_state_dict(old.state_dict())
+    model.features.denseblock1.denselayer1 = new.train(old.training)
+    return model
+
+
+def test_a_layer_class_with_its_own_forward_runs_as_written():
+    """A dense layer whose class defines its own forward makes its block run the
+    plain path, which calls it (the engine computed torchvision's layer in its
+    place, silently); from_torchvision copies such a layer as it is, and
+    refuses a model whose own class has a forward of its own.  A subclass that
+    inherits forward is still run by the engine."""
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+    for convert in (from_torchvision, lambda tv: with_layer(make_model(**config), DoubledOurs)):
+        tv = with_layer(make_pair(**config)[1], Doubled)
+        with pytest.warns(RuntimeWarning, match=r"a forward of its own \(Doubled(Ours)?\)"):
+            check_training_float64(convert(tv), tv, (3, 17, 15), steps=2)
+    ours, tv = make_pair(**config)
+    ours = with_layer(ours, Tagged)
+    assert ours.features.denseblock1.engine_blocker() is None
+    check_training_float64(ours, tv, (3, 17, 15), steps=1)
+
+    class OwnNet(torchvision.models.DenseNet):
+        def forward(self, x):
+            return super().forward(x).flip(1)
+
+    own = OwnNet(**config).double()
+    with pytest.raises(TypeError, match=r"OwnNet has a forward of its own \(.*OwnNet\), which the converted"):
+        from_torchvision(own)
+
+
+def test_features_rebuilt_as_a_sequential_run_its_modules():
+    """``features`` replaced by a plain ``nn.Sequential`` of the same modules (to
+    edit the stem, say): the model runs them one by one, each block and
+    transition still fused, as torchvision's does (it raised AttributeError);
+    a memory budget refuses the model, whose steps its model no longer describes."""
+    ours, tv = make_pair(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+    for model in (ours, tv):
+        model.features = nn.Sequential(OrderedDict(model.features.named_children()))
+    check_training_float64(ours, tv, (3, 17, 15), steps=2)
+    with pytest.raises(ValueError, match="features replaced by a Sequential"):
+        ours.set_memory_budget("1GiB")
 
 
 def test_from_torchvision_copies_replaced_modules():

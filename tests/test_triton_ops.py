@@ -77,6 +77,16 @@ def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> Non
     assert error <= tol, f"{what}: max relative error {error:.3g} > {tol:g}"
 
 
+def test_bfloat16_is_refused_under_the_interpreter():
+    """The interpreter's bfloat16 results are wrong (relative errors near 1), so
+    CPU tensors of that dtype raise instead of computing silently."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="Triton interpreter .* wrong bfloat16 results"):
+        TRITON.channel_stats(x)
+
+
 # -- BatchNorm folding ------------------------------------------------------------------
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])

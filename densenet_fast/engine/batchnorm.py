@@ -110,8 +110,12 @@ def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch
     if uses_batch_stats(bn):
         check_values_per_channel(statistics.global_count(), input_shape)
         mean, var = batch
-        update = RunningUpdate(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                               statistics.global_count()) if bn.training and bn.track_running_stats else None
+        update = None
+        if bn.training and bn.track_running_stats and bn.running_mean is None:
+            bn.num_batches_tracked.add_(1)  # torch's BatchNorm counts the batch, and has nothing to update
+        elif bn.training and bn.track_running_stats:
+            update = RunningUpdate(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                                   statistics.global_count())
         batch_mean = statistics.batch_mean()
     else:
         dtype = stats_dtype(data_dtype)

@@ -3,7 +3,8 @@ once when it may not.
 
 The engine computes what a dense block, a transition or the final BatchNorm
 computes, without running their submodules.  It may do so only where nobody
-could tell the difference: no hooks or parametrizations on those submodules,
+could tell the difference: no hooks, parametrizations or forwards of their
+own (replaced, or a subclass's: :func:`own_forward`) on those submodules,
 exactly the module types and configurations of torchvision's or MONAI's
 DenseNet (1, 2 or 3 spatial dimensions, ReLU with BatchNorm), no module hooks
 registered for every module, and an input the engine can take (not traced by
@@ -47,6 +48,9 @@ LAYER_MODULES = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 TRANSFORM = "a torch.func transform (grad, vjp, jvp, vmap)"
 FORWARD_AD = "forward-mode AD (the engine's Functions have no jvp)"
 GLOBAL_HOOKS = "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
+# Where the classes are defined whose forwards the engine reproduces (or calls): torch.nn's, this
+# package's, torchvision's and MONAI's DenseNets.  A forward defined elsewhere runs as written.
+KNOWN_FORWARDS = ("torch.nn.modules.", "densenet_fast.", "torchvision.models.densenet", "monai.networks.nets.densenet")
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,21 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def own_forward(module: nn.Module) -> Optional[str]:
+    """``"a forward of its own (<class>)"`` where ``module``'s class defines its
+    ``forward`` outside the modules whose forwards the engine reproduces (a
+    subclass's own), else ``None``."""
+    defined_in = getattr(type(module).forward, "__module__", None) or ""
+    return None if defined_in.startswith(KNOWN_FORWARDS) else f"a forward of its own ({type(module).__qualname__})"
+
+
 def watched(module: nn.Module) -> Optional[str]:
     """What would make calling ``module`` differ from the engine computing what
     it computes: ``"a hook"`` on it, ``"a replaced forward"`` (as accelerate's
-    ``add_hook_to_module`` installs), or ``None``."""
+    ``add_hook_to_module`` installs), :func:`own_forward`'s reason, or ``None``."""
     if has_hooks(module):
         return "a hook"
-    return "a replaced forward" if "forward" in module.__dict__ else None
+    return "a replaced forward" if "forward" in module.__dict__ else own_forward(module)
 
 
 def global_hooks() -> bool:
@@ -161,12 +173,9 @@ def _observed(module: nn.Module, children_only: bool = False) -> Optional[str]:
         if children_only and sub is module:
             continue
         where = f"{name} of " if name else ""
-        if has_hooks(sub):
-            return f"a hook on {where}{type(module).__name__}"
-        if parametrize.is_parametrized(sub):
-            return f"a parametrization on {where}{type(module).__name__}"
-        if "forward" in sub.__dict__:
-            return f"a replaced forward on {where}{type(module).__name__}"
+        reason = watched(sub) or ("a parametrization" if parametrize.is_parametrized(sub) else None)
+        if reason is not None:
+            return f"{reason} on {where}{type(module).__name__}"
     return None
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -53,6 +54,9 @@ from .buffers import ScratchArena, channels_last_empty, leading_channels, pixels
 from .fastpath import dense_layer_parts
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+# torch.compile traces a stage into its graph from torch 2.14 on (:func:`untraceable`)
+COMPILE_TRACES_STAGES = torch.__version__ >= (2, 14)
+_said_eager: set[str] = set()  # the reasons _eager_stage has given
 
 
 def channels_last_copy(t: Tensor) -> Tensor:
@@ -467,6 +471,9 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
             # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
             # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
             buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
+        elif not buffer.movedim(1, -1).is_contiguous():
+            # a saved-tensor hook gave it back in another layout (save_on_cpu(pin_memory=True): contiguous)
+            buffer = channels_last_copy(buffer)
         grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
         layer_params = len(stage.layers) * PARAMS_PER_LAYER
         tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
@@ -584,7 +591,46 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     """Run ``layers`` and ``tail`` on ``x (N, C0, *spatial)``; returns ``(output,
     next block's buffer or None)``.  ``buffer``: the one ``x`` already lives in,
     if any; ``next_channels``: make a transition write into a new buffer of that
-    many channels (the next block's)."""
+    many channels (the next block's).  Under ``torch.compile``, a stage it cannot
+    trace (:func:`untraceable`) runs eagerly between graphs."""
+    if torch.compiler.is_compiling() and untraceable(layers, tail) is not None:
+        return _eager_stage(layers, tail, x, settings, keep, buffer, next_channels)
+    return _stage(layers, tail, x, settings, keep, buffer, next_channels)
+
+
+def untraceable(layers: list[nn.Module], tail: Tail) -> Optional[str]:
+    """Why ``torch.compile`` cannot trace this stage into its graph, or ``None``:
+    before torch 2.14 (its dynamo fails on :class:`StageFunction`: an
+    AssertionError on the shape integers a stage keeps), and where the stage's
+    forward reads a Python number from a tensor: a dropout seed, or the
+    cumulative factor of a BatchNorm with ``momentum=None`` (dynamo then fails
+    at a graph break inside the Function)."""
+    if not COMPILE_TRACES_STAGES:
+        return "torch before 2.14"
+    if any(dense_layer_parts(layer).drop_rate > 0 for layer in layers):
+        return "dropout (its seed)"
+    parts = [dense_layer_parts(layer) for layer in layers]
+    norms = [bn for p in parts for bn in (p.norm1, p.norm2)] + ([tail.bn] if tail.bn is not None else [])
+    if any(bn.training and bn.track_running_stats and bn.momentum is None for bn in norms):
+        return "a BatchNorm with momentum=None (its cumulative factor)"
+    return None
+
+
+@torch.compiler.disable
+def _eager_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, keep: bool,
+                 buffer: Optional[Tensor], next_channels: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`_stage` outside ``torch.compile``'s graph, said once per reason."""
+    reason = untraceable(layers, tail)
+    if reason not in _said_eager:
+        _said_eager.add(reason)
+        warnings.warn(f"densenet_fast: under torch.compile, dense stages with {reason} run eagerly between "
+                      f"graphs", RuntimeWarning, stacklevel=2)
+    return _stage(layers, tail, x, settings, keep, buffer, next_channels)
+
+
+def _stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, keep: bool,
+           buffer: Optional[Tensor], next_channels: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`run_stage`."""
     dtype = compute_dtype(x)
     backend = get_backend(settings.backend, x.device)
     device_type = x.device.type
@@ -614,10 +660,3 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
         stage.buffer = stage.next_buffer = None  # autograd holds what backward needs
         return out, next_buffer
 
-
-# torch.compile traces a stage into its graph from torch 2.14 on; torch 2.11's dynamo fails on
-# StageFunction (an AssertionError on the shape integers a stage keeps), so before 2.14 each
-# stage runs eagerly between graphs.
-COMPILE_TRACES_STAGES = torch.__version__ >= (2, 14)
-if not COMPILE_TRACES_STAGES:
-    run_stage = torch.compiler.disable(run_stage)

@@ -44,6 +44,9 @@ def check_data(*tensors: Tensor) -> None:
     dtype = tensors[0].dtype
     if dtype not in DATA_DTYPES:
         raise TypeError(f"the triton backend supports {DATA_DTYPES}, not {dtype}; use backend='torch' for it")
+    if dtype == torch.bfloat16 and tensors[0].device.type == "cpu":
+        raise TypeError("the Triton interpreter (CPU tensors) gives wrong bfloat16 results (relative errors "
+                        "near 1); use float32 or float16 there, or a GPU")
     for t in tensors:
         if t.dtype != dtype:
             raise TypeError(f"the triton backend needs one dtype for data, weights and gradients; got {dtype} "
