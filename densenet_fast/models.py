@@ -557,8 +557,9 @@ class _EngineModel(nn.Module):
         """Why ``features`` cannot run as fused stages up to the classifier's
         pooled input (``features`` replaced, someone observes ``features`` or
         ``norm5``), or ``None``."""
-        if self.features_blocker() is not None:
-            return self.features_blocker()
+        reason = self.features_blocker()
+        if reason is not None:
+            return reason
         norm5 = list(self.features.children())[-1]
         if fastpath.global_hooks():
             return fastpath.GLOBAL_HOOKS
@@ -570,8 +571,12 @@ class _EngineModel(nn.Module):
 
     @torch.jit.unused
     def _check_and_plan(self, x: Tensor) -> None:
-        """Check ``x``; in a training forward under a memory budget, plan its step."""
+        """Check ``x`` (and, under a sync group, that ``features`` is the engine's:
+        another container runs ``norm5`` unsynchronised); in a training forward
+        under a memory budget, plan its step."""
         self.check_input(x)
+        if self.features_blocker() is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, self.features_blocker())
         self.share_engine()
         if self._memory_budget is not None and self.training and torch.is_grad_enabled():
             self._plan_memory(x)
@@ -953,25 +958,29 @@ def copy_modules(model: nn.Module, source: nn.Module) -> None:
     """Give ``model`` copies of ``source``'s modules under the same names: each
     module of ``source`` without children (a convolution, norm, activation,
     pooling), and each subtree that ``model`` lacks or holds as one module (a
-    replaced classifier), and each module whose class has a forward of its own
-    (a subclass's, which then runs as written: the plain path), replaces
-    ``model``'s; every other module takes ``source``'s train/eval flag.  A
-    module ``source`` holds under several names is copied once.  ``TypeError``
-    where the two trees' names still differ, ``source`` itself has a forward of
-    its own, or a hook or a replaced ``forward`` sits on one of ``source``'s
-    modules (the copy would call back into ``source``: set it on the copy)."""
+    replaced classifier), and each dense layer or leaf whose class has code of
+    its own (a subclass's methods, which then run as written: the plain path),
+    replaces ``model``'s; every other module takes ``source``'s train/eval
+    flag.  A module ``source`` holds under several names is copied once.
+    ``TypeError`` where the two trees' names still differ, ``source``, its
+    ``features``, a block or a transition has code of its own (the converted
+    model runs its own classes there), or a hook or a replaced ``forward`` sits
+    on one of ``source``'s modules (the copy would call back into ``source``:
+    set it on the copy)."""
     ours = dict(model.named_modules(remove_duplicate=False))
     copied: list[str] = []
     memo: dict = {}  # one copy of each module, and of each parameter, however many names share it
     for name, module in source.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in copied):
             continue
-        own = fastpath.own_forward(module)
-        if fastpath.watched(module) not in (None, own):
-            raise TypeError(f"{fastpath.watched(module)} on {name or type(source).__name__} of the "
-                            f"{type(source).__name__} to convert: set it on the converted model instead")
-        if own and not name:
-            raise TypeError(f"{type(source).__name__} has {own}, which the converted model would not run")
+        reason, own = fastpath.watched(module), fastpath.own_code(module)
+        if reason not in (None, own):
+            raise TypeError(f"{reason} on {name or type(source).__name__} of the {type(source).__name__} to "
+                            f"convert: set it on the converted model instead")
+        if own and (not name or isinstance(ours.get(name), (_Features, _EngineBlock, _EngineTransition))):
+            raise TypeError(f"{name or type(source).__name__} of the {type(source).__name__} to convert has {own}, "
+                            f"which the converted model would not run (it has its own "
+                            f"{type(ours.get(name, model)).__name__} there)")
         if name and (own or not list(module.children()) or name not in ours or not list(ours[name].children())):
             parent, _, child = name.rpartition(".")
             ours[parent].add_module(child, copy.deepcopy(module, memo))

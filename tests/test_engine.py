@@ -293,17 +293,27 @@ def test_batchnorm_momentum_rules(momentum):
     check_training_float64(ours, tv, shape, steps=3)
 
 
+@pytest.mark.parametrize("missing", ["running", "running+counter", "counter", "counter-cumulative"])
 @pytest.mark.parametrize("config", ["imagenet", "cifar"])
-def test_batchnorm_without_running_statistics(config):
-    """BatchNorms whose running_mean and running_var were set to None (while
-    track_running_stats stays True) normalise with batch statistics and count
-    each training batch, as nn.BatchNorm2d does (the engine raised AttributeError)."""
+def test_batchnorm_with_buffers_set_to_none(config, missing):
+    """BatchNorms with running_mean and running_var, num_batches_tracked, or
+    both set to None (track_running_stats still True) train as nn.BatchNorm2d:
+    batch statistics and the batch counted without running statistics; with
+    running statistics but no counter, the factor is momentum (0 where it is
+    None: nothing moves).  The engine raised AttributeError."""
     kwargs, shape = CONFIGS[config]
     ours, tv = make_pair(**kwargs)
     for bn in batchnorms(ours) + batchnorms(tv):
-        bn.running_mean = bn.running_var = None
+        if missing.startswith("running"):
+            bn.running_mean = bn.running_var = None
+        if "counter" in missing:
+            bn.num_batches_tracked = None
+        if missing == "counter-cumulative":
+            bn.momentum = None
     check_training_float64(ours, tv, shape, steps=2)
-    assert {int(bn.num_batches_tracked) for bn in batchnorms(ours)} == {2}
+    assert_all_close(buffers(ours), buffers(tv), FLOAT64_RTOL, "running statistics")
+    if missing == "running":
+        assert {int(bn.num_batches_tracked) for bn in batchnorms(ours)} == {2}
 
 
 # -- scratch arena and inference -----------------------------------------------------------

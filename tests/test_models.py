@@ -99,13 +99,11 @@ def test_from_torchvision(stem):
     assert_all_close(ours.state_dict(), tv.state_dict(), 0.0, "state_dict")
     check_eval_float64(ours, tv, (3, 37, 35))
     assert from_torchvision(tv).recompute == "keep"
-    for efficient in (True, False):  # torchvision's checkpointed layers: the leanest policy by default
-        for layer in tv.features.modules():
-            if hasattr(layer, "memory_efficient"):
-                layer.memory_efficient = efficient
-        if efficient:
-            assert [from_torchvision(tv, **kw).recompute for kw in ({}, {"recompute": "keep"})] == ["recompute",
-                                                                                                   "keep"]
+    efficient = copy.deepcopy(tv)  # torchvision's checkpointed layers: the leanest policy by default
+    for layer in efficient.features.modules():
+        if hasattr(layer, "memory_efficient"):
+            layer.memory_efficient = True
+    assert [from_torchvision(efficient, **kw).recompute for kw in ({}, {"recompute": "keep"})] == ["recompute", "keep"]
     for layer in [m for m in [*ours.modules(), *tv.modules()] if hasattr(m, "drop_rate")]:
         layer.drop_rate = 0.0  # dropout masks differ; training without it must match
     ours.train(), tv.train()
@@ -126,8 +124,24 @@ class DoubledOurs(densenet_fast.models._DenseLayer):
         return 2 * super().forward(input)
 
 
+class HalvedBottleneck(torchvision.models.densenet._DenseLayer):
+    """Only a helper that torchvision's forward calls is overridden."""
+
+    def bn_function(self, inputs):
+        return 0.5 * super().bn_function(inputs)
+
+
+class HalvedBottleneckOurs(densenet_fast.models._DenseLayer):
+    def bn_function(self, inputs):
+        return 0.5 * super().bn_function(inputs)
+
+
 class Tagged(densenet_fast.models._DenseLayer):
-    """A subclass with the forward it inherits: the engine still runs it."""
+    """A subclass with nothing but its constructor: the engine still runs it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tag = "mine"
 
 
 def with_layer(model: nn.Module, layer_class: type) -> nn.Module:
@@ -140,29 +154,60 @@ def with_layer(model: nn.Module, layer_class: type) -> nn.Module:
     return model
 
 
-def test_a_layer_class_with_its_own_forward_runs_as_written():
-    """A dense layer whose class defines its own forward makes its block run the
-    plain path, which calls it (the engine computed torchvision's layer in its
-    place, silently); from_torchvision copies such a layer as it is, and
-    refuses a model whose own class has a forward of its own.  A subclass that
-    inherits forward is still run by the engine."""
+@pytest.mark.parametrize("layer_class, ours_class", [(Doubled, DoubledOurs), (HalvedBottleneck, HalvedBottleneckOurs)])
+def test_a_layer_class_with_code_of_its_own_runs_as_written(layer_class, ours_class):
+    """A dense layer whose class has methods of its own (a forward, or a helper
+    torchvision's forward calls) makes its block run the plain path, which
+    calls it (the engine computed torchvision's layer in its place, silently),
+    said once; from_torchvision copies such a layer as it is, as does putting
+    one into our model.  A subclass with only a constructor of its own is still
+    run by the engine."""
     config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
-    for convert in (from_torchvision, lambda tv: with_layer(make_model(**config), DoubledOurs)):
-        tv = with_layer(make_pair(**config)[1], Doubled)
-        with pytest.warns(RuntimeWarning, match=r"a forward of its own \(Doubled(Ours)?\)"):
+    for convert in (from_torchvision, lambda tv: with_layer(make_model(**config), ours_class)):
+        tv = with_layer(make_pair(**config)[1], layer_class)
+        with pytest.warns(RuntimeWarning, match=rf"(a forward|methods) of its own \(.*{layer_class.__name__}"):
             check_training_float64(convert(tv), tv, (3, 17, 15), steps=2)
     ours, tv = make_pair(**config)
-    ours = with_layer(ours, Tagged)
+    ours = with_layer(ours, lambda *args: Tagged(*args))
     assert ours.features.denseblock1.engine_blocker() is None
     check_training_float64(ours, tv, (3, 17, 15), steps=1)
+
+
+def test_blocks_and_models_with_code_of_their_own():
+    """A block class with a forward of its own runs as its own module call, as
+    written; from_torchvision refuses a source whose model, features, block or
+    transition has code of its own (the converted model runs its own classes
+    there), and names a TorchScript module as a replaced forward."""
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+
+    class DoubledBlock(torchvision.models.densenet._DenseBlock):
+        def forward(self, init_features):
+            return 2 * super().forward(init_features)
+
+    class DoubledBlockOurs(densenet_fast.models._DenseBlock):
+        def forward(self, init_features):
+            return 2 * super().forward(init_features)
+
+    ours, tv = make_pair(**config)
+    for model, block_class in ((ours, DoubledBlockOurs), (tv, DoubledBlock)):
+        old = model.features.denseblock2
+        model.features.denseblock2 = block_class(2, old.denselayer1.conv1.in_channels, 4, 4, 0.0).double()
+        model.features.denseblock2.load_state_dict(old.state_dict())
+    check_training_float64(ours, tv, (3, 17, 15), steps=2)
+    with pytest.raises(TypeError, match=r"features.denseblock2 of the DenseNet to convert has a forward of its own "
+                                        r"\(.*DoubledBlock\), which the converted model would not run"):
+        from_torchvision(tv)
 
     class OwnNet(torchvision.models.DenseNet):
         def forward(self, x):
             return super().forward(x).flip(1)
 
-    own = OwnNet(**config).double()
-    with pytest.raises(TypeError, match=r"OwnNet has a forward of its own \(.*OwnNet\), which the converted"):
-        from_torchvision(own)
+    with pytest.raises(TypeError, match=r"OwnNet of the OwnNet to convert has a forward of its own"):
+        from_torchvision(OwnNet(**config).double())
+    _, tv = make_pair(**config)
+    tv.classifier = torch.jit.script(tv.classifier)
+    with pytest.raises(TypeError, match="a replaced forward on classifier"):
+        from_torchvision(tv)
 
 
 def test_features_rebuilt_as_a_sequential_run_its_modules():
@@ -170,12 +215,15 @@ def test_features_rebuilt_as_a_sequential_run_its_modules():
     edit the stem, say): the model runs them one by one, each block and
     transition still fused, as torchvision's does (it raised AttributeError);
     a memory budget refuses the model, whose steps its model no longer describes."""
-    ours, tv = make_pair(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5)
+    ours, tv = make_pair(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5, stem="cifar")
     for model in (ours, tv):
         model.features = nn.Sequential(OrderedDict(model.features.named_children()))
     check_training_float64(ours, tv, (3, 17, 15), steps=2)
     with pytest.raises(ValueError, match="features replaced by a Sequential"):
         ours.set_memory_budget("1GiB")
+    ours.set_sync_group(object())  # refused before any collective: norm5 would not synchronise
+    with pytest.raises(NotImplementedError, match="synchronised batch statistics .* features replaced"):
+        ours(torch.randn(2, 3, 16, 16, dtype=torch.float64))
 
 
 def test_from_torchvision_copies_replaced_modules():

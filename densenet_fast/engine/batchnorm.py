@@ -99,6 +99,21 @@ class BatchStatistics:
         return synchronised
 
 
+def running_update(bn: _BatchNorm, count: int) -> Optional[RunningUpdate]:
+    """What a training forward on ``count`` values per channel does to ``bn``'s
+    running statistics, as torch's BatchNorm does it where some of them are
+    ``None``: without running statistics it only counts the batch; without a
+    batch counter the factor is ``momentum`` (0: nothing moves, when that is None)."""
+    if bn.running_mean is None or (bn.num_batches_tracked is None and bn.momentum is None):
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        return None
+    batches = bn.num_batches_tracked
+    if batches is None:  # a counter of its own, whose count nobody reads
+        batches = torch.zeros((), dtype=torch.long, device=bn.running_mean.device)
+    return RunningUpdate(bn.running_mean, bn.running_var, batches, bn.momentum, count)
+
+
 def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch: Optional[Stats],
          statistics: BatchStatistics, data_dtype: torch.dtype, input_shape: tuple[int, ...],
          backend: Backend, out: Optional[Tensor] = None) -> Folded:
@@ -110,12 +125,7 @@ def fold(bn: _BatchNorm, weight: Optional[Tensor], bias: Optional[Tensor], batch
     if uses_batch_stats(bn):
         check_values_per_channel(statistics.global_count(), input_shape)
         mean, var = batch
-        update = None
-        if bn.training and bn.track_running_stats and bn.running_mean is None:
-            bn.num_batches_tracked.add_(1)  # torch's BatchNorm counts the batch, and has nothing to update
-        elif bn.training and bn.track_running_stats:
-            update = RunningUpdate(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                                   statistics.global_count())
+        update = running_update(bn, statistics.global_count()) if bn.training and bn.track_running_stats else None
         batch_mean = statistics.batch_mean()
     else:
         dtype = stats_dtype(data_dtype)

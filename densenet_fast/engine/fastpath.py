@@ -3,8 +3,8 @@ once when it may not.
 
 The engine computes what a dense block, a transition or the final BatchNorm
 computes, without running their submodules.  It may do so only where nobody
-could tell the difference: no hooks, parametrizations or forwards of their
-own (replaced, or a subclass's: :func:`own_forward`) on those submodules,
+could tell the difference: no hooks, parametrizations or code of their
+own (a replaced forward, or a subclass's methods: :func:`own_code`) on those submodules,
 exactly the module types and configurations of torchvision's or MONAI's
 DenseNet (1, 2 or 3 spatial dimensions, ReLU with BatchNorm), no module hooks
 registered for every module, and an input the engine can take (not traced by
@@ -48,9 +48,9 @@ LAYER_MODULES = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 TRANSFORM = "a torch.func transform (grad, vjp, jvp, vmap)"
 FORWARD_AD = "forward-mode AD (the engine's Functions have no jvp)"
 GLOBAL_HOOKS = "module hooks registered for every module (as torch's FlopCounterMode and ModuleTracker do)"
-# Where the classes are defined whose forwards the engine reproduces (or calls): torch.nn's, this
-# package's, torchvision's and MONAI's DenseNets.  A forward defined elsewhere runs as written.
-KNOWN_FORWARDS = ("torch.nn.modules.", "densenet_fast.", "torchvision.models.densenet", "monai.networks.nets.densenet")
+# Where the classes are defined whose computation the engine reproduces (or calls): torch.nn's, this
+# package's, torchvision's and MONAI's DenseNets.  A subclass's own methods run as written.
+KNOWN_MODULES = ("torch.nn.", "densenet_fast.", "torchvision.models.densenet", "monai.networks.nets.densenet")
 
 
 @dataclass(frozen=True)
@@ -100,21 +100,31 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def own_forward(module: nn.Module) -> Optional[str]:
-    """``"a forward of its own (<class>)"`` where ``module``'s class defines its
-    ``forward`` outside the modules whose forwards the engine reproduces (a
-    subclass's own), else ``None``."""
-    defined_in = getattr(type(module).forward, "__module__", None) or ""
-    return None if defined_in.startswith(KNOWN_FORWARDS) else f"a forward of its own ({type(module).__qualname__})"
+def own_code(module: nn.Module) -> Optional[str]:
+    """``"a forward of its own (<class>)"`` or ``"methods of its own (<class>:
+    <names>)"`` where a class in ``module``'s MRO before the first one of
+    ``KNOWN_MODULES`` defines methods (``__init__`` aside: a subclass that
+    overrides ``forward``, or a helper that torchvision's ``forward`` calls),
+    else ``None``."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(KNOWN_MODULES):
+            return None
+        methods = sorted(name for name, value in vars(cls).items() if name != "__init__" and (
+            callable(value) or isinstance(value, (staticmethod, classmethod, property))))
+        if methods:
+            where = f"{cls.__module__}.{cls.__qualname__}"
+            return f"a forward of its own ({where})" if "forward" in methods else \
+                f"methods of its own ({where}: {', '.join(methods)})"
+    return None
 
 
 def watched(module: nn.Module) -> Optional[str]:
     """What would make calling ``module`` differ from the engine computing what
     it computes: ``"a hook"`` on it, ``"a replaced forward"`` (as accelerate's
-    ``add_hook_to_module`` installs), :func:`own_forward`'s reason, or ``None``."""
+    ``add_hook_to_module`` installs), :func:`own_code`'s reason, or ``None``."""
     if has_hooks(module):
         return "a hook"
-    return "a replaced forward" if "forward" in module.__dict__ else own_forward(module)
+    return "a replaced forward" if "forward" in module.__dict__ else own_code(module)
 
 
 def global_hooks() -> bool:

@@ -471,9 +471,6 @@ def stage_backward(stage: Stage, records: Records, buffer: Tensor, params: list[
             # Inductor keeps the saved buffer in a layout of its choosing; the kernels need channels-last
             # (a plain channels-last copy would be planned away: the first contiguous() pins a layout).
             buffer = buffer.contiguous().movedim(1, -1).contiguous().movedim(-1, 1)
-        elif not buffer.movedim(1, -1).is_contiguous():
-            # a saved-tensor hook gave it back in another layout (save_on_cpu(pin_memory=True): contiguous)
-            buffer = channels_last_copy(buffer)
         grad_buffer = stage.arena.get("grad_buffer", (n, *spatial, c_total), buffer).movedim(-1, 1)
         layer_params = len(stage.layers) * PARAMS_PER_LAYER
         tail_grads = stage.tail.backward(stage, buffer, records.tail, params[layer_params:], grad_out, grad_buffer)
@@ -517,6 +514,11 @@ class StageFunction(torch.autograd.Function):
         with autocast_off(buffer.device.type):  # backward() may be called inside autocast
             if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
                 return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
+            del x  # (a saved-tensor hook may have given it back as a tensor of its own)
+            if not torch.compiler.is_compiling() and not buffer.movedim(1, -1).is_contiguous():
+                # a saved-tensor hook gave it back in another layout (save_on_cpu(pin_memory=True): contiguous);
+                # the copy replaces it, so that backward holds two buffer-sized tensors, not three
+                buffer = channels_last_copy(buffer)
             grad_x, grads = stage_backward(ctx.stage, records, buffer, params, grad_out, ctx.needs_input_grad[2:])
         return (grad_x.to(buffer.dtype), None, *grads)
 
@@ -593,8 +595,9 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     if any; ``next_channels``: make a transition write into a new buffer of that
     many channels (the next block's).  Under ``torch.compile``, a stage it cannot
     trace (:func:`untraceable`) runs eagerly between graphs."""
-    if torch.compiler.is_compiling() and untraceable(layers, tail) is not None:
-        return _eager_stage(layers, tail, x, settings, keep, buffer, next_channels)
+    reason = untraceable(layers, tail) if torch.compiler.is_compiling() else None
+    if reason is not None:
+        return _eager_stage(reason, layers, tail, x, settings, keep, buffer, next_channels)
     return _stage(layers, tail, x, settings, keep, buffer, next_channels)
 
 
@@ -607,9 +610,9 @@ def untraceable(layers: list[nn.Module], tail: Tail) -> Optional[str]:
     at a graph break inside the Function)."""
     if not COMPILE_TRACES_STAGES:
         return "torch before 2.14"
-    if any(dense_layer_parts(layer).drop_rate > 0 for layer in layers):
-        return "dropout (its seed)"
     parts = [dense_layer_parts(layer) for layer in layers]
+    if any(p.drop_rate > 0 for p in parts):
+        return "dropout (its seed)"
     norms = [bn for p in parts for bn in (p.norm1, p.norm2)] + ([tail.bn] if tail.bn is not None else [])
     if any(bn.training and bn.track_running_stats and bn.momentum is None for bn in norms):
         return "a BatchNorm with momentum=None (its cumulative factor)"
@@ -617,10 +620,9 @@ def untraceable(layers: list[nn.Module], tail: Tail) -> Optional[str]:
 
 
 @torch.compiler.disable
-def _eager_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, keep: bool,
+def _eager_stage(reason: str, layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, keep: bool,
                  buffer: Optional[Tensor], next_channels: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
-    """:func:`_stage` outside ``torch.compile``'s graph, said once per reason."""
-    reason = untraceable(layers, tail)
+    """:func:`_stage` outside ``torch.compile``'s graph, said once per ``reason``."""
     if reason not in _said_eager:
         _said_eager.add(reason)
         warnings.warn(f"densenet_fast: under torch.compile, dense stages with {reason} run eagerly between "
@@ -659,4 +661,3 @@ def _stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings, k
         next_buffer = stage.next_buffer
         stage.buffer = stage.next_buffer = None  # autograd holds what backward needs
         return out, next_buffer
-
