@@ -272,6 +272,27 @@ def test_from_monai_copies_modules_weights_and_mode():
     assert concatenations(converted, x, target) == 0
 
 
+def test_from_monai_copies_a_dense_layer_with_code_of_its_own():
+    """A MONAI dense layer whose class has a forward of its own is copied as it
+    is and run as written (its block takes the plain path, said once); the
+    engine computed MONAI's layer in its place."""
+    class Halved(monai_nets.densenet._DenseLayer):
+        def forward(self, x):
+            return torch.cat([x, 0.5 * self.layers(x)], 1)
+
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(3, 1, **TINY).double()
+    old = theirs.features.denseblock1.denselayer1
+    new = Halved(3, old.layers.conv1.in_channels, TINY["growth_rate"], TINY["bn_size"], 0.0).double()
+    new.load_state_dict(old.state_dict())
+    theirs.features.denseblock1.denselayer1 = new
+    with pytest.warns(RuntimeWarning, match=r"a forward of its own \(.*Halved\)"):
+        ours = fast_monai.from_monai(theirs)
+        x, target = random_batch(3, seed=0)
+        assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                             atol=ZERO_NOISE)
+
+
 def test_hook_on_a_dense_layer_gives_monais_plain_path_for_that_block():
     ours, theirs = make_pair(3)
     calls = {id(model): [] for model in (ours, theirs)}
