@@ -4,7 +4,7 @@
 # the device tool's KINDS.md lists), so that an API of a newer torch or Triton
 # shows up here, not in the GPU machine's few minutes.
 #
-#   benchmarks/gpu_versions_check.sh [VENV [PYTEST ARGS...]]
+#   benchmarks/gpu_versions_check.sh [VENV [PYTEST ARGS...]]   (added to `pytest tests`: narrow with -k)
 #
 # Creates VENV (default /tmp/venv-gpu-versions; about 5 GB from PyPI) unless it
 # has a python, copies the committed tree (HEAD) to a temporary folder, builds
