@@ -27,6 +27,7 @@ from . import engine, memory, planner
 from .backends import resolve_backend_name
 from .engine import fastpath, stem
 from .engine.batchnorm import uses_batch_stats
+from .engine.stage import autocast_enabled
 
 # torchvision is optional: without it, weights load from local files and state_dicts only.  It is imported
 # here, not lazily (about 3 s): torchvision's get_model_weights finds the enums in the builders' annotations.
@@ -344,8 +345,7 @@ class _Features(nn.Sequential):
         if not (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
                 and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None):
             return False
-        if torch.compiler.is_compiling() and torch.amp.is_autocast_available(x.device.type) \
-                and torch.is_autocast_enabled(x.device.type):
+        if torch.compiler.is_compiling() and autocast_enabled(x.device.type):
             return False
         reason = stem.stem_blocker(*modules)
         if reason is not None:
@@ -579,8 +579,9 @@ class _EngineModel(nn.Module):
         another container runs ``norm5`` unsynchronised); in a training forward
         under a memory budget, plan its step."""
         self.check_input(x)
-        if self.features_blocker() is not None:
-            fastpath.refuse_unsynchronised(self.engine.sync_group, self.features_blocker())
+        replaced = self.features_blocker()
+        if replaced is not None:
+            fastpath.refuse_unsynchronised(self.engine.sync_group, replaced)
         self.share_engine()
         if self._memory_budget is not None and self.training and torch.is_grad_enabled():
             self._plan_memory(x)
@@ -588,7 +589,7 @@ class _EngineModel(nn.Module):
     @torch.jit.unused
     def _plan_memory(self, x: Tensor) -> None:
         """Plan a training step on ``x`` under the memory budget (cached per input shape)."""
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device.type)
         self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
                       autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
 
@@ -683,7 +684,7 @@ class _EngineModel(nn.Module):
         weight = next(self.features.parameters(), None)
         if weight is not None and x.device != weight.device:
             raise InputError(f"input is on {x.device} but the model is on {weight.device}")
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device.type)
         if weight is not None and x.dtype != weight.dtype and not autocast:
             raise InputDtypeError(f"input dtype {x.dtype} differs from the model's {weight.dtype}; "
                             f"convert one of them or use torch.autocast")

@@ -570,13 +570,16 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast exists for ``device_type`` and is on."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the stage computes in: autocast's for ``x``'s device when
     enabled, unless ``x`` is float64, which autocast leaves alone."""
-    device_type = x.device.type
-    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device_type) \
-            and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if x.dtype != torch.float64 and autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
@@ -612,8 +615,7 @@ def untraceable(layers: list[nn.Module], tail: Tail, device_type: str) -> Option
     ``momentum=None`` (dynamo then fails at a graph break inside the Function)."""
     if not COMPILE_TRACES_STAGES:
         return "torch before 2.14"
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type) \
-            and torch.is_grad_enabled():
+    if autocast_enabled(device_type) and torch.is_grad_enabled():
         return "autocast"
     parts = [dense_layer_parts(layer) for layer in layers]
     if any(p.drop_rate > 0 for p in parts):
