@@ -3,7 +3,8 @@
 #include "bn_relu.h"
 #include "common.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace densenet_fast {
@@ -15,7 +16,8 @@ at::Tensor bn_backward_sums(at::Tensor centered_sums, const at::Tensor& rstd) {
 
 std::tuple<at::Tensor, at::Tensor> finish_coefficients(const at::Tensor& scale, const at::Tensor& rstd,
                                                        const at::Tensor& batch_means) {
-  return {(-scale * batch_means[0]).contiguous(), (-scale * rstd * batch_means[1]).contiguous()};
+  const auto minus_scale = scale.neg();
+  return {minus_scale.mul(batch_means[0]).contiguous(), minus_scale.mul(rstd).mul(batch_means[1]).contiguous()};
 }
 
 void check_bn_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {

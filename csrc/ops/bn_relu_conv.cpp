@@ -3,7 +3,8 @@
 #include "bn_relu_conv.h"
 #include "common.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace densenet_fast {

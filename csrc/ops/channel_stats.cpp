@@ -2,7 +2,8 @@
 #include "channel_stats.h"
 #include "common.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace densenet_fast {

@@ -9,7 +9,8 @@
 #include "../relu.h"
 #include "tiling.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/bit_cast.h>

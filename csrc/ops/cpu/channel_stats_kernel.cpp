@@ -4,7 +4,8 @@
 #include "../channel_stats.h"
 #include "tiling.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

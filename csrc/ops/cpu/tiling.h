@@ -8,7 +8,8 @@
 // weight_gradient in bn_relu_conv_kernel.cpp.)
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
