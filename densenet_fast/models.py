@@ -139,7 +139,13 @@ class _EngineBlock:
 
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
-        return self.run(x, engine.NoTail())[0]
+        """This block as a stage of its own, in the dtype of torchvision's ``torch.cat``:
+        under autocast the new features are 16-bit and ``cat`` promotes them to a
+        wider input's dtype, the input's channels exactly (a copy of the buffer)."""
+        out = self.run(x, engine.NoTail())[0]
+        if torch.promote_types(x.dtype, out.dtype) == out.dtype:
+            return out
+        return torch.cat([x, out[:, x.shape[1]:].to(x.dtype)], 1)
 
     @torch.jit.unused
     def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,

@@ -474,6 +474,36 @@ def test_autocast_leaves_a_float64_model_alone(config):
     assert_results_equal(results[0], results[1], FLOAT64_RTOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lone_block_under_autocast_has_torchvisions_dtype(backend):
+    """A dense block called on its own, on a float32 input under bfloat16
+    autocast, returns float32 as torchvision's (its ``torch.cat`` promotes the
+    bfloat16 features to the input's dtype), the input's channels exactly; the
+    rest and all gradients as close to float32's as torchvision's."""
+    ours, tv = make_pair(dtype=torch.float32, growth_rate=6, block_config=(3, 2), num_init_features=10,
+                         backend=BACKENDS[backend])
+    x = torch.randn(3, 10, 7, 9, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(3, 28, 7, 9, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for name, block, autocast in (("ours", ours.features.denseblock1, True), ("tv", tv.features.denseblock1, True),
+                                  ("fp32", tv.features.denseblock1, False)):
+        block.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x_leaf)
+        (out * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+        results[name] = (out.detach(), x_leaf.grad, grads)
+    out, x_grad, grads = results["ours"]
+    assert out.dtype == results["tv"][0].dtype == torch.float32
+    assert torch.equal(out[:, :10], x)
+    for what, index in (("output", 0), ("input gradient", 1)):
+        error, tv_error = (max_relative_error(results[n][index], results["fp32"][index]) for n in ("ours", "tv"))
+        assert error <= 2 * tv_error + 1e-3, (what, error, tv_error)
+    assert global_relative_error(grads, results["fp32"][2]) <= 2 * global_relative_error(results["tv"][2],
+                                                                                         results["fp32"][2]) + 1e-3
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_input_memory_layout_does_not_matter(config, layout):

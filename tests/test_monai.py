@@ -137,6 +137,19 @@ def test_fp32_close_to_monai():
         assert_all_close(result.buffers, expected.buffers, FP32_RTOL, "fp32 running statistics")
 
 
+def test_a_lone_block_under_autocast_has_monais_dtype():
+    """A 3-D dense block called on its own, float32 input, bfloat16 autocast:
+    float32 out as MONAI's (its layers' ``torch.cat`` promote), the input's
+    channels exactly, the new ones as close as bfloat16 allows."""
+    ours, theirs = make_pair(3, dtype=torch.float32)
+    x = torch.randn(2, 6, 5, 7, 6, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = ours.features.denseblock1(x), theirs.features.denseblock1(x)
+    assert out.dtype == expected.dtype == torch.float32 and out.shape == expected.shape
+    assert torch.equal(out[:, :6], x)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+
+
 def test_triton_backend_runs_3d_transitions_on_the_torch_primitive():
     """The Triton backend (interpreter on the CPU) in 3-D: its row kernels and
     the torch backend's transition give the torch backend's results."""
