@@ -4,26 +4,29 @@ pure-PyTorch backend and says so once."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 from types import ModuleType
 from typing import Optional
 
+_module: Optional[ModuleType] = None
 _error: Optional[str] = None
 
 
-@functools.cache
 def load() -> Optional[ModuleType]:
-    """The extension module, or ``None`` (with one warning) if it cannot be loaded."""
-    global _error
-    try:
-        from . import _C
-    except ImportError as exc:
-        _error = str(exc) or type(exc).__name__
-        warnings.warn(f"densenet_fast: the C++ extension is not available ({_error}); "
-                      f"using the pure-PyTorch backend", RuntimeWarning, stacklevel=2)
-        return None
-    return _C
+    """The extension module, or ``None`` (with one warning) if it cannot be loaded.
+    Tried once (remembered in globals, not with ``functools.cache``, whose
+    wrapper torch.compile warns that it ignores when it traces a backend's choice)."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            from . import _C
+        except ImportError as exc:
+            _error = str(exc) or type(exc).__name__
+            warnings.warn(f"densenet_fast: the C++ extension is not available ({_error}); "
+                          f"using the pure-PyTorch backend", RuntimeWarning, stacklevel=2)
+        else:
+            _module = _C
+    return _module
 
 
 def load_error() -> Optional[str]:

@@ -607,3 +607,30 @@ def test_torch_compile_matches_eager(backend, case, monkeypatch):
         assert max_relative_error(compiled.grads[name], eager.grads[name]) <= max(rtol, 1e-4), name
     for name in eager.buffers:
         assert max_relative_error(compiled.buffers[name], eager.buffers[name]) <= rtol, name
+
+
+@pytest.mark.skipif(not stage_module.COMPILE_TRACES_STAGES, reason="stages run eagerly between graphs before 2.14")
+def test_torch_compile_fullgraph_with_a_plain_path_block():
+    """A hook on a dense layer (its block runs torchvision's per-layer code)
+    compiles into one graph with ``fullgraph=True``, as torchvision's model
+    does: the plain-path warning is said once, at trace time (dynamo cannot
+    trace ``warnings.warn``), and torch.compile itself warns of nothing; the
+    step equals eager's."""
+    torch.manual_seed(0)
+    model = densenet_bc(depth=10, growth_rate=4, num_classes=3)
+    calls = []
+    model.features.denseblock1.denselayer1.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    x, target = random_batch(model, 2, 9, 8, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = forward_backward(model, x, target)
+        fastpath._warned.clear()
+        fastpath._said_while_tracing.clear()
+        compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+        results = [forward_backward(compiled_model, x, target) for _ in range(2)]
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and all("plain per-layer path because of a hook" in m for m in said), said
+    assert len(calls) == 3  # the hook fires in every call, compiled or not
+    for result in results:
+        assert max_relative_error(result.output, eager.output) <= FP32_RTOL
+        assert max_relative_error(result.input_grad, eager.input_grad) <= FP32_RTOL

@@ -13,7 +13,6 @@ itself runs the torch backend's primitive for the dtypes its kernels lack).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Callable, Optional
 
@@ -145,9 +144,15 @@ def resolve_backend_name(name: Optional[str]) -> Optional[str]:
     return name
 
 
-@functools.cache
+_instances: dict[str, Backend] = {}
+
+
 def _instance(name: str) -> Backend:
-    return _spec(name).load()()
+    """The one instance of backend ``name`` (a dict, not ``functools.cache``,
+    whose wrapper torch.compile warns that it ignores)."""
+    if name not in _instances:
+        _instances[name] = _spec(name).load()()
+    return _instances[name]
 
 
 def wrong_device(name: str, device: torch.device) -> Optional[str]:

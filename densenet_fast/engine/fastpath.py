@@ -37,6 +37,7 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                       torch.fx._symbolic_trace.is_fx_tracing)
 _warned: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 _warned_inputs: set[tuple[str, bool]] = set()  # (reason, budgeted) said by engine_takes
+_said_while_tracing: set[str] = set()  # the messages say() gave while torch.compile traced
 
 # The module types of each number of spatial dimensions (index: dimensions - 1).
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -146,9 +147,8 @@ def engine_takes(x: Tensor, budgeted: bool = False) -> bool:
               else FORWARD_AD if forward_ad._current_level >= 0 else None)
     if reason is not None and (reason, budgeted) not in _warned_inputs:
         _warned_inputs.add((reason, budgeted))
-        warnings.warn(f"densenet_fast: DenseNet runs its plain per-layer path under {reason}; its memory savings "
-                      f"are lost" + ("; the memory budget's plan does not hold" if budgeted else ""),
-                      RuntimeWarning, stacklevel=3)
+        say(f"densenet_fast: DenseNet runs its plain per-layer path under {reason}; its memory savings are lost"
+            + ("; the memory budget's plan does not hold" if budgeted else ""), stacklevel=3)
     return reason is None and x.numel() > 0
 
 
@@ -258,8 +258,30 @@ def warn_plain_path(module: nn.Module, reason: str) -> None:
     seen = _warned.setdefault(module, set())
     if reason not in seen:
         seen.add(reason)
-        warnings.warn(f"densenet_fast: {type(module).__name__} runs the plain per-layer path because of "
-                      f"{reason}; its memory savings are lost", RuntimeWarning, stacklevel=3)
+        say(f"densenet_fast: {type(module).__name__} runs the plain per-layer path because of {reason}; its memory "
+            f"savings are lost", stacklevel=3)
+
+
+def say(message: str, stacklevel: int) -> None:
+    """``warnings.warn(message, RuntimeWarning)``; while ``torch.compile`` traces,
+    at trace time, once per message (dynamo's ``comptime``: dynamo cannot trace
+    ``warnings.warn``, which broke the graph and failed ``fullgraph=True`` where
+    torchvision's model compiles whole)."""
+    if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime  # dynamo is loaded: it is tracing
+        comptime(_say_at_trace_time)
+    else:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _say_at_trace_time(ctx) -> None:
+    """:func:`say`'s warning, run by dynamo as it traces ``say`` (``ctx``: its
+    frame).  Said once per message: the caller's "once" is a traced side effect,
+    applied only when the graph runs, and dynamo may trace a frame twice."""
+    message = ctx.get_local("message").as_python_constant()
+    if message not in _said_while_tracing:
+        _said_while_tracing.add(message)
+        warnings.warn(message, RuntimeWarning)
 
 
 def refuse_unsynchronised(sync_group, what: str) -> None:
