@@ -151,7 +151,7 @@ def main() -> None:
             self.build_temp = str(ROOT / "build" / "temp")
 
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
-    # Compile time (docs/cpp.md, "Building"): ATen's per-operator headers only (including ATen/ATen.h is then
+    # Compile time (docs/cpp.md, "Compile time"): ATen's per-operator headers only (including ATen/ATen.h is then
     # an error), and no debug information (Python's CFLAGS carry -g: 2.4x the time of a file).
     macros = [("TORCH_ASSERT_ONLY_METHOD_OPERATORS", None)]
     compile_args = {"cxx": ["-O3", "-g0", "-fopenmp"]}

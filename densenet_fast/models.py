@@ -140,12 +140,14 @@ class _EngineBlock:
     @torch.jit.unused
     def _fused(self, x: Tensor) -> Tensor:
         """This block as a stage of its own, in the dtype of torchvision's ``torch.cat``:
-        under autocast the new features are 16-bit and ``cat`` promotes them to a
-        wider input's dtype, the input's channels exactly (a copy of the buffer)."""
+        under autocast the new features are 16-bit and ``cat`` promotes them and
+        the input to their common dtype (float32 for a float32 input; then a copy,
+        the input's channels exact)."""
         out = self.run(x, engine.NoTail())[0]
-        if torch.promote_types(x.dtype, out.dtype) == out.dtype:
+        dtype = torch.promote_types(x.dtype, out.dtype)
+        if dtype == out.dtype:
             return out
-        return torch.cat([x, out[:, x.shape[1]:].to(x.dtype)], 1)
+        return torch.cat([x.to(dtype), out[:, x.shape[1]:].to(dtype)], 1)
 
     @torch.jit.unused
     def run(self, x: Tensor, tail: "engine.Tail", buffer: Optional[Tensor] = None,
