@@ -7,6 +7,7 @@ layouts, torch.compile on the backends whose primitives are torch ops."""
 import copy
 import time
 import warnings
+import weakref
 from typing import Optional
 
 import pytest
@@ -494,7 +495,7 @@ def test_a_lone_block_under_autocast_has_torchvisions_dtype(backend):
         (out * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in block.named_parameters()}
         results[name] = (out.detach(), x_leaf.grad, grads)
-    out, x_grad, grads = results["ours"]
+    out, _, grads = results["ours"]
     assert out.dtype == results["tv"][0].dtype == torch.float32
     assert torch.equal(out[:, :10], x)
     for what, index in (("output", 0), ("input gradient", 1)):
@@ -610,7 +611,7 @@ def test_torch_compile_matches_eager(backend, case, monkeypatch):
 
 
 @pytest.mark.skipif(not stage_module.COMPILE_TRACES_STAGES, reason="stages run eagerly between graphs before 2.14")
-def test_torch_compile_fullgraph_with_a_plain_path_block():
+def test_torch_compile_fullgraph_with_a_plain_path_block(monkeypatch):
     """A hook on a dense layer (its block runs torchvision's per-layer code)
     compiles into one graph with ``fullgraph=True``, as torchvision's model
     does: the plain-path warning is said once, at trace time (dynamo cannot
@@ -624,8 +625,8 @@ def test_torch_compile_fullgraph_with_a_plain_path_block():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         eager = forward_backward(model, x, target)
-        fastpath._warned.clear()
-        fastpath._said_while_tracing.clear()
+        monkeypatch.setattr(fastpath, "_warned", weakref.WeakKeyDictionary())  # to be said again, compiled
+        monkeypatch.setattr(fastpath, "_said_while_tracing", set())
         compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
         results = [forward_backward(compiled_model, x, target) for _ in range(2)]
     said = [str(w.message) for w in caught]
