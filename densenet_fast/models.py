@@ -452,21 +452,23 @@ class _EngineModel(nn.Module):
         """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
         them per dense block, or ``"auto"`` (chosen per input shape to fit the
         memory budget)."""
-        self._memory_plans = {}
         if recompute == AUTO:
             if self._memory_budget is None:
                 raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
                                  'like "8GiB") to the constructor, or call set_memory_budget() first')
             self._auto_recompute = True
+            self._memory_plans = {}
             return
         blocks = self.blocks()
-        policies = [recompute] * len(blocks) if isinstance(recompute, str) else list(recompute)
+        policies = [recompute] * len(blocks) if isinstance(recompute, str) else \
+            list(recompute) if isinstance(recompute, (list, tuple)) else []
         if len(policies) != len(blocks) or any(p not in RECOMPUTE_POLICIES for p in policies):
             raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
                              f"{len(blocks)} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}")
         for block, policy in zip(blocks, policies):
             block.recompute = policy
         self._auto_recompute = False
+        self._memory_plans = {}
 
     @property
     def recompute(self) -> Union[str, tuple[str, ...]]:
@@ -514,8 +516,8 @@ class _EngineModel(nn.Module):
             image_size = (image_size,) * self.spatial_dims
         setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
                              device or weight.device, self.backend, self.memory_optimizer)
-        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, setup.backend)
-        choice = self._memory_plans.get(key)
+        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, self.backend)
+        choice = self._memory_plans.get(key)  # the key _plan_memory makes from an input
         if choice is None:
             arch = memory.Architecture.of(self)
             recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
@@ -596,10 +598,27 @@ class _EngineModel(nn.Module):
 
     @torch.jit.unused
     def _plan_memory(self, x: Tensor) -> None:
-        """Plan a training step on ``x`` under the memory budget (cached per input shape)."""
-        autocast = autocast_enabled(x.device.type)
-        self.plan_for(x.shape[0], tuple(x.shape[2:]), dtype=self.features.conv0.weight.dtype,
-                      autocast=torch.get_autocast_dtype(x.device.type) if autocast else None, device=x.device)
+        """Plan a training step on ``x`` under the memory budget, once per input
+        shape, dtype and device: the lookup is one torch.compile traces, so a
+        compiled step plans (outside its graph) only for an input not planned
+        before, and ``fullgraph=True`` holds once it has been."""
+        planner.refuse_unplannable(self, "plan_for")  # every step: a hook may have come since the plan
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
+        key = (x.shape[0], tuple(x.shape[2:]), self.features.conv0.weight.dtype, autocast, device_type, self.backend)
+        choice = self._memory_plans.get(key)
+        if choice is None:
+            choice = self._plan_outside_graph(key)
+        if self._auto_recompute:
+            for block, policy in zip(self.blocks(), choice.policies):
+                block.recompute = policy
+
+    @torch.compiler.disable(reason="densenet_fast plans the memory of a training step on an input it has not "
+                                   "planned for: call plan_for(batch, image_size) before torch.compile(fullgraph=True)")
+    def _plan_outside_graph(self, key: tuple) -> "planner.Choice":
+        """:meth:`plan_for` the input of ``key`` (see :meth:`_plan_memory`)."""
+        batch, image_size, dtype, autocast, device_type, _ = key
+        return self.plan_for(batch, image_size, dtype=dtype, autocast=autocast, device=device_type)
 
     def set_sync_group(self, group) -> None:
         """Synchronise batch statistics over the processes of ``group`` (a

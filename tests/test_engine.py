@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from densenet_fast import DenseNet, available_backends, densenet_bc, engine
+from densenet_fast import DenseNet, MemoryBudgetError, available_backends, densenet_bc, engine
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from densenet_fast.engine import fastpath
 from densenet_fast.engine import stage as stage_module
@@ -635,3 +635,41 @@ def test_torch_compile_fullgraph_with_a_plain_path_block(monkeypatch):
     for result in results:
         assert max_relative_error(result.output, eager.output) <= FP32_RTOL
         assert max_relative_error(result.input_grad, eager.input_grad) <= FP32_RTOL
+
+
+@pytest.mark.skipif(not stage_module.COMPILE_TRACES_STAGES, reason="stages run eagerly between graphs before 2.14")
+def test_torch_compile_with_a_memory_budget():
+    """Under a memory budget a compiled training step plans outside its graph,
+    once per input shape and never traced (dynamo failed in the planner, and
+    warned of the memory model's caches): ``fullgraph=True`` holds for an
+    input planned for (``plan_for``) and says what to do for one that is not;
+    a fixed policy that does not fit raises the budget's own error; each step
+    equals eager's."""
+    torch.manual_seed(0)
+    model = densenet_bc(depth=10, growth_rate=4, num_classes=3, recompute="auto", memory_budget="1GiB")
+    twin = copy.deepcopy(model)
+    x, target = random_batch(model, 2, 9, 8, seed=0)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"call plan_for\(batch, image_size\) before"):
+        forward_backward(torch.compile(twin, fullgraph=True, backend="aot_eager"), x, target)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = forward_backward(model, x, target)
+        twin.plan_for(2, (9, 8))
+        caught.clear()
+        fullgraph = [forward_backward(torch.compile(twin, fullgraph=True, backend="aot_eager"), x, target)
+                     for _ in range(2)]
+        assert [str(w.message) for w in caught] == []  # planned before: nothing said, nothing traced
+        x_new, target_new = random_batch(model, 3, 10, 9, seed=1)
+        eager_new = forward_backward(model, x_new, target_new)
+        caught.clear()
+        compiled_new = forward_backward(torch.compile(twin, backend="aot_eager"), x_new, target_new)
+    said = [str(w.message) for w in caught if "mmap threshold" not in str(w.message)]  # not the CPU heap's note
+    assert len(said) == 1 and "for batch 3 of 10x9 float32 on cpu" in said[0], said  # the plan, said once
+    for compiled, reference in [*((result, eager) for result in fullgraph), (compiled_new, eager_new)]:
+        assert max_relative_error(compiled.output, reference.output) <= FP32_RTOL
+        assert max_relative_error(compiled.input_grad, reference.input_grad) <= FP32_RTOL
+    twin.set_recompute("keep")
+    twin.set_memory_budget("200KiB")
+    with pytest.raises(MemoryBudgetError, match="more than the memory budget of 200 KiB"):
+        forward_backward(torch.compile(twin, backend="aot_eager"), x, target)

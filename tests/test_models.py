@@ -512,8 +512,9 @@ def test_unknown_constructor_argument(build, message):
     (lambda: densenet_bc(depth=99), "depth must be 6n \\+ 4"),
     (lambda: densenet_bc(depth=4), "depth must be 6n \\+ 4"),
     (lambda: densenet121(recompute="sometimes"), "recompute must be one of"),
+    (lambda: densenet121(recompute=True), "recompute must be one of"),  # not a bool: which policy would it be?
 ], ids=["negative_growth", "float_growth", "no_blocks", "empty_block", "classes", "in_channels", "drop_rate",
-        "stem", "bc_depth", "bc_depth_small", "recompute"])
+        "stem", "bc_depth", "bc_depth_small", "recompute", "recompute_bool"])
 def test_bad_constructor_value(build, message):
     with pytest.raises(ValueError, match=message):
         build()
