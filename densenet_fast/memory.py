@@ -285,11 +285,17 @@ class OptimizerSpec:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} (the modelled ones), got {self.name!r}")
 
     @staticmethod
-    def parse(text: str) -> "OptimizerSpec":
-        """A preset of :data:`OPTIMIZER_PRESETS` by name."""
-        if text not in OPTIMIZER_PRESETS:
-            raise ValueError(f"unknown optimizer {text!r}; choose one of {tuple(OPTIMIZER_PRESETS)}")
-        return OPTIMIZER_PRESETS[text]
+    def parse(value: Union[str, "OptimizerSpec", None]) -> "OptimizerSpec":
+        """A preset of :data:`OPTIMIZER_PRESETS` by name; an ``OptimizerSpec`` as
+        it is; ``None``: the default."""
+        if value is None or isinstance(value, OptimizerSpec):
+            return value or OptimizerSpec()
+        if not isinstance(value, str):
+            raise TypeError(f"the memory model's optimizer is an OptimizerSpec or a preset's name, one of "
+                            f"{tuple(OPTIMIZER_PRESETS)}, got {value!r}")
+        if value not in OPTIMIZER_PRESETS:
+            raise ValueError(f"unknown optimizer {value!r}; choose one of {tuple(OPTIMIZER_PRESETS)}")
+        return OPTIMIZER_PRESETS[value]
 
     def build(self, params, lr: float = 1e-3) -> torch.optim.Optimizer:
         """The torch optimizer this spec describes."""

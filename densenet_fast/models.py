@@ -452,7 +452,7 @@ class _EngineModel(nn.Module):
         """``"keep"`` (store bottleneck outputs), ``"recompute"`` (leanest), one of
         them per dense block, or ``"auto"`` (chosen per input shape to fit the
         memory budget)."""
-        if recompute == AUTO:
+        if isinstance(recompute, str) and recompute == AUTO:
             if self._memory_budget is None:
                 raise ValueError('recompute="auto" needs a memory budget: pass memory_budget= (bytes or a string '
                                  'like "8GiB") to the constructor, or call set_memory_budget() first')
@@ -461,7 +461,7 @@ class _EngineModel(nn.Module):
             return
         blocks = self.blocks()
         policies = [recompute] * len(blocks) if isinstance(recompute, str) else \
-            list(recompute) if isinstance(recompute, (list, tuple)) else []
+            list(recompute) if isinstance(recompute, Sequence) else []
         if len(policies) != len(blocks) or any(p not in RECOMPUTE_POLICIES for p in policies):
             raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, {AUTO!r} or a sequence of "
                              f"{len(blocks)} of {RECOMPUTE_POLICIES} (one per dense block), got {recompute!r}")
@@ -484,17 +484,20 @@ class _EngineModel(nn.Module):
         return self._memory_budget
 
     def set_memory_budget(self, budget: Union[None, int, str],
-                          optimizer: Optional["memory.OptimizerSpec"] = None) -> None:
+                          optimizer: Union[None, str, "memory.OptimizerSpec"] = None) -> None:
         """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
-        stop planning), with ``optimizer``'s state and update (default: SGD
-        with momentum, as the trainer's recipe)."""
+        stop planning), with ``optimizer``'s state and update (an ``OptimizerSpec``
+        or a preset's name, e.g. ``"adam"``; default: SGD with momentum, as the
+        trainer's recipe)."""
         if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
+        optimizer = memory.OptimizerSpec.parse(optimizer)
         if budget is not None:
+            budget = memory.parse_bytes(budget)
             planner.refuse_unplannable(self, "memory_budget")
-        self._memory_budget = None if budget is None else memory.parse_bytes(budget)
+        self._memory_budget = budget
         self.engine.budgeted = budget is not None
-        self.memory_optimizer = optimizer or memory.OptimizerSpec()
+        self.memory_optimizer = optimizer
         self._memory_plans = {}
 
     @torch.jit.unused
@@ -505,7 +508,7 @@ class _EngineModel(nn.Module):
         spatial dimension; an int: that side in each) under the memory budget:
         returns the chosen policies with their predicted peak memory and step
         time, and uses them from now on for that input shape (``"auto"``).
-        ``dtype``/``device`` default to the model's; ``autocast``: the dtype
+        ``dtype``/``device`` default to the model's (a meta model: the CPU); ``autocast``: the dtype
         autocast computes in, if any.  Raises
         :class:`densenet_fast.MemoryBudgetError` when nothing fits."""
         if self._memory_budget is None:
@@ -515,7 +518,7 @@ class _EngineModel(nn.Module):
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
         setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
-                             device or weight.device, self.backend, self.memory_optimizer)
+                             device or planner.planned_device(weight), self.backend, self.memory_optimizer)
         key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, self.backend)
         choice = self._memory_plans.get(key)  # the key _plan_memory makes from an input
         if choice is None:
@@ -593,7 +596,8 @@ class _EngineModel(nn.Module):
         if replaced is not None:
             fastpath.refuse_unsynchronised(self.engine.sync_group, replaced)
         self.share_engine()
-        if self._memory_budget is not None and self.training and torch.is_grad_enabled():
+        if self._memory_budget is not None and self.training and torch.is_grad_enabled() and x.shape[0] > 0 \
+                and x.device.type != "meta":  # nothing to plan for an empty batch or shapes alone
             self._plan_memory(x)
 
     @torch.jit.unused
@@ -854,6 +858,8 @@ def _densenet(arch: str, growth_rate: int, block_config, num_init_features: int,
     cache), or a local weights file or state_dict; ``pretrained`` is torchvision's
     deprecated spelling of the default weights."""
     enum = _WEIGHTS.get(arch)
+    if isinstance(weights, bool) and pretrained is None:  # torchvision reads it as the deprecated pretrained
+        weights, pretrained = None, weights
     if pretrained is not None:
         warnings.warn("The parameter 'pretrained' is deprecated, please use 'weights' instead.", UserWarning,
                       stacklevel=3)
@@ -861,8 +867,11 @@ def _densenet(arch: str, growth_rate: int, block_config, num_init_features: int,
             if enum is None:
                 raise ValueError(f"No weights available for model {arch}")
             weights = enum.IMAGENET1K_V1
-    if isinstance(weights, str) and enum is not None and not os.path.exists(weights) \
-            and weights.rsplit(".", 1)[-1] in enum.__members__:
+    if isinstance(weights, str) and not os.path.exists(weights):
+        if enum is None or weights.rsplit(".", 1)[-1] not in enum.__members__:
+            names = f"one of {enum.__name__}'s names ({', '.join(enum.__members__)})" if enum is not None else \
+                f"the name of torchvision weights ({arch} has none{'' if WeightsEnum else ': torchvision is missing'})"
+            raise FileNotFoundError(f"weights={weights!r} is neither a file nor {names}")
         weights = enum.verify(weights)
     if WeightsEnum is not None and isinstance(weights, WeightsEnum):
         if enum is None:
@@ -928,16 +937,24 @@ _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:we
 
 
 def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
-    """Load torchvision DenseNet weights: a local file path or a ``state_dict``.
+    """Load torchvision DenseNet weights: a local file (a path or a file object)
+    or a ``state_dict``; the trainer's ``checkpoint.pt`` gives its model's.
 
     Accepts the old ``norm.1``-style keys of torchvision's published files.
     Never downloads anything.
     """
+    if not isinstance(weights, (Mapping, str, os.PathLike)) and not hasattr(weights, "read"):
+        raise TypeError(f"weights are a torchvision weights enum or its name, a local file or a state_dict, "
+                        f"got {weights!r}")
     state_dict = weights if isinstance(weights, Mapping) else torch.load(weights, map_location="cpu",
                                                                           weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{weights} holds a {type(state_dict).__name__}, not a state_dict (a mapping from parameter "
                         f"names to tensors)")
+    if "format" in state_dict:
+        from .train import CHECKPOINT_FORMAT
+        if state_dict["format"] == CHECKPOINT_FORMAT:
+            state_dict = state_dict["model"]
     state_dict = {(_OLD_KEY.sub(r"\1\2", k)): v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -949,6 +966,10 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
     max-pooling, another classifier), weights, buffers, device, dtype and
     train/eval mode.  ``kwargs``: ``backend``, ``recompute`` (default: ``"recompute"``
     for a model built with ``memory_efficient=True``, else ``"keep"``), ``memory_budget``."""
+    refuse_wrapper(tv_model, "from_torchvision")
+    if hasattr(tv_model, "class_layers"):
+        raise TypeError(f"{type(tv_model).__name__} has MONAI's tree (class_layers): convert it with "
+                        f"densenet_fast.monai.from_monai")
     features = getattr(tv_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []
@@ -972,6 +993,16 @@ def from_torchvision(tv_model: nn.Module, **kwargs) -> DenseNet:
     if getattr(first_layer, "memory_efficient", False) is True:
         kwargs.setdefault("recompute", "recompute")  # torchvision's checkpointed layers: the leanest policy
     return set_conversion_options(model, "from_torchvision", kwargs)
+
+
+def refuse_wrapper(model: nn.Module, caller: str) -> None:
+    """Raise for a model inside a wrapper (``torch.compile``'s, ``DataParallel``,
+    ``DistributedDataParallel``), saying which module to convert instead."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(f"{caller}: this is torch.compile's wrapper; convert the model it compiles (._orig_mod), "
+                        f"then compile the copy")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"{caller}: this is a {type(model).__name__} wrapper; convert the model it wraps (.module)")
 
 
 def set_conversion_options(model: "_EngineModel", caller: str, options: dict) -> "_EngineModel":

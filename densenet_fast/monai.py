@@ -363,12 +363,15 @@ def from_monai(monai_model: nn.Module, **kwargs) -> DenseNet:
     dropout, the classifier: weights, buffers, device, dtype and train/eval
     mode included; 3-D dense layers' 3x3x3 weights then stored channels-last,
     as :class:`DenseNet`'s are).  ``kwargs``: ``backend``, ``recompute``, ``memory_budget``."""
+    models.refuse_wrapper(monai_model, "from_monai")
     features = getattr(monai_model, "features", None)
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")] \
         if isinstance(features, nn.Module) else []
     if not blocks or not hasattr(monai_model, "class_layers"):
+        torchvision_tree = " (it has torchvision's: convert it with densenet_fast.from_torchvision)" \
+            if blocks and hasattr(monai_model, "classifier") else ""
         raise TypeError(f"{type(monai_model).__name__} is not a MONAI DenseNet (no features.denseblock*, "
-                        f"class_layers)")
+                        f"class_layers){torchvision_tree}")
     conv0, first = features.conv0, blocks[0].denselayer1.layers
     growth_rate = first.conv2.out_channels
     with warnings.catch_warnings():  # said below, once, for MONAI's modules

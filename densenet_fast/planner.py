@@ -266,11 +266,20 @@ def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
     """Raise where the memory model does not describe ``model``'s training step:
     where a block, transition or stem takes the plain per-layer path, or the
     stem or ``norm5`` was replaced."""
-    blocker = model.memory_model_blocker() if hasattr(model, "memory_model_blocker") else None
+    if not hasattr(model, "memory_model_blocker"):
+        raise TypeError(f"{caller}: {type(model).__name__} is not a densenet_fast DenseNet; convert torchvision's "
+                        f"with densenet_fast.from_torchvision, MONAI's with densenet_fast.monai.from_monai")
+    blocker = model.memory_model_blocker()
     if blocker is not None:
         raise ValueError(f"{caller}: the memory model describes the memory-efficient engine on the network as "
                          f"built, and this model runs the plain per-layer path or other modules ({blocker}); plan "
                          f"and train it without a budget")
+
+
+def planned_device(weight: torch.Tensor) -> str:
+    """The device type a model with parameter ``weight`` is planned on by
+    default: its own, cpu or cuda; the CPU for any other (meta: shapes only)."""
+    return weight.device.type if weight.device.type in ("cpu", "cuda") else "cpu"
 
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
@@ -303,7 +312,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         arch = Architecture.of(model)
         weight = next(model.parameters())
         dtype = dtype or weight.dtype
-        device = device or (weight.device.type if weight.device.type in ("cpu", "cuda") else None)  # meta: cpu
+        device = device or planned_device(weight)
         backend = backend or model.backend
         optimizer = optimizer or getattr(model, "memory_optimizer", None)
     else:
@@ -312,7 +321,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
-                  optimizer if isinstance(optimizer, OptimizerSpec) else OptimizerSpec.parse(optimizer or "sgd"))
+                  OptimizerSpec.parse(optimizer))
     budget = None if budget is None else parse_bytes(budget)
     policies: dict[str, Optional[dict]] = {}
     for policy in POLICIES:

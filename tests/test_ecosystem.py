@@ -362,16 +362,16 @@ def torch_home(tmp_path, monkeypatch):
     return reference.eval()
 
 
-@pytest.mark.parametrize("how", ["enum", "name", "qualified_name", "pretrained"])
+@pytest.mark.parametrize("how", ["enum", "name", "qualified_name", "pretrained", "weights_true"])
 def test_torchvision_weights_load_from_the_hub_cache(torch_home, how):
     weights = torchvision.models.DenseNet121_Weights
     kwargs = {"enum": dict(weights=weights.DEFAULT), "name": dict(weights="DEFAULT", progress=False),
               "qualified_name": dict(weights="DenseNet121_Weights.IMAGENET1K_V1"),
-              "pretrained": dict(pretrained=True)}[how]
+              "pretrained": dict(pretrained=True), "weights_true": dict(weights=True)}[how]  # torchvision's legacy
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = densenet_fast.densenet121(**kwargs).eval()
-    assert any("pretrained" in str(w.message) for w in caught) == (how == "pretrained")
+    assert any("pretrained" in str(w.message) for w in caught) == (how in ("pretrained", "weights_true"))
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x), torch_home(x), rtol=1e-4, atol=1e-5)
     assert torchvision.models.get_model_weights(densenet_fast.densenet121) is weights
@@ -384,6 +384,17 @@ def test_weights_api_errors(torch_home):
         densenet_fast.densenet264(pretrained=True)
     with pytest.raises(TypeError, match="Invalid Weight class"):  # as torchvision
         densenet_fast.densenet121(weights=torchvision.models.DenseNet161_Weights.DEFAULT)
+    with pytest.raises(FileNotFoundError, match="'IMAGENET1K_V2' is neither a file nor one of DenseNet121_Weights's "
+                                                "names \\(IMAGENET1K_V1, DEFAULT\\)"):
+        densenet_fast.densenet121(weights="IMAGENET1K_V2")
+    with pytest.raises(FileNotFoundError, match="'DEFAULT' is neither a file nor the name of torchvision weights "
+                                                "\\(densenet264 has none\\)"):
+        densenet_fast.densenet264(weights="DEFAULT")
+    with pytest.raises(TypeError, match="weights are a torchvision weights enum or its name, a local file or a "
+                                        "state_dict, got 123"):
+        densenet_fast.densenet121(weights=123)
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):  # torchvision's legacy weights=False
+        assert densenet_fast.densenet121(weights=False, num_classes=10).classifier.out_features == 10
 
 
 # -- error types -----------------------------------------------------------------------------------------

@@ -505,6 +505,29 @@ def test_a_budget_refuses_hooks_that_unfuse_the_stages(monai, observe):
     model(x).sum().backward()
 
 
+@pytest.mark.filterwarnings("ignore:densenet_fast. the memory model assumes glibc:RuntimeWarning")
+def test_a_budget_takes_optimizer_presets_empty_batches_and_meta_models():
+    """set_memory_budget takes a preset's name, as plan() and --optimizer do (it
+    failed at the first step); an empty batch and a meta model's training
+    forward plan nothing (both failed: batch 0, device 'meta'); plan_for plans
+    a meta model on the CPU, as plan() does."""
+    model = densenet_bc(10, 4, num_classes=3)
+    model.set_memory_budget("64MiB", optimizer="adam")
+    adam = plan("densenet_bc", depth=10, growth_rate=4, num_classes=3, batch=2, image_size=16, optimizer="adam")
+    assert model.plan_for(2, 16).prediction.persistent_bytes == adam["policies"]["keep"]["persistent_bytes"]
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    for bad in (torch.optim.SGD, 5):
+        with pytest.raises(TypeError, match="optimizer is an OptimizerSpec or a preset's name"):
+            model.set_memory_budget("32MiB", optimizer=bad)
+    assert (model.memory_budget, model.memory_optimizer) == (2**26, OptimizerSpec.parse("adam"))  # unchanged
+    assert model(torch.randn(0, 3, 16, 16)).shape == (0, 3)  # as without a budget
+    with torch.device("meta"):
+        meta = densenet_bc(10, 4, num_classes=3, memory_budget="64MiB")
+    assert meta(torch.randn(2, 3, 16, 16, device="meta")).shape == (2, 3)
+    on_cpu = densenet_bc(10, 4, num_classes=3, memory_budget="64MiB")
+    assert meta.plan_for(2, 16).prediction == on_cpu.plan_for(2, 16).prediction
+
+
 def test_bad_model_shapes_devices_and_dtypes_are_refused():
     for bad in (dict(growth_rate=0), dict(growth_rate=-3), dict(growth_rate=1.5), dict(num_classes=0),
                 dict(in_channels=-1)):

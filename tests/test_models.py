@@ -520,6 +520,16 @@ def test_bad_constructor_value(build, message):
         build()
 
 
+def test_recompute_takes_any_sequence_of_policies():
+    from collections import UserList  # as OmegaConf's ListConfig: a Sequence, not a list
+    import numpy as np
+    policies = UserList(["keep", "recompute", "keep"])
+    assert densenet_bc(10, 4, recompute=policies).recompute == ("keep", "recompute", "keep")
+    for bad in (np.array(["keep"] * 3), {"keep"}, None, False):  # no order, or which policy would it be?
+        with pytest.raises(ValueError, match="recompute must be one of"):
+            densenet_bc(10, 4).set_recompute(bad)
+
+
 def test_sizes_are_python_ints_numpy_integers_taken_bools_refused():
     """One check for every size, in the models and the memory model alike."""
     import numpy as np
@@ -582,9 +592,11 @@ def test_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("DENSENET_FAST_BACKEND", "")
     assert densenet_bc(10, 4).backend is None  # automatic
     monkeypatch.setenv("DENSENET_FAST_BACKEND", "fortran")
-    with pytest.raises(ValueError, match="unknown backend 'fortran'"):
+    with pytest.raises(ValueError, match="unknown backend 'fortran' \\(from the environment variable "
+                                         "DENSENET_FAST_BACKEND\\)"):
         densenet_bc(10, 4)
     assert densenet_bc(10, 4, backend="torch").backend == "torch"  # the argument wins
     monkeypatch.setenv("DENSENET_FAST_BACKEND", unavailable_backend())
-    with pytest.raises(BackendUnavailableError, match="not available"):
+    with pytest.raises(BackendUnavailableError, match="\\(from the environment variable DENSENET_FAST_BACKEND\\) "
+                                                      "is not available"):
         densenet_bc(10, 4)

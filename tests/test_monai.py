@@ -12,9 +12,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
+import densenet_fast  # noqa: E402
 from densenet_fast import monai as fast_monai  # noqa: E402
 from densenet_fast import plan  # noqa: E402
 from densenet_fast.engine.stage import conv3x3_backward  # noqa: E402
@@ -257,6 +259,28 @@ def test_pretrained_loads_torchvisions_weights_as_monai(tmp_path, monkeypatch):
     assert torch.equal(ours[loaded], state["features.denseblock2.denselayer3.norm.1.weight"])
     with pytest.raises(NotImplementedError, match="spatial_dims"):
         fast_monai.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, pretrained=True)
+
+
+def test_converters_and_plan_name_what_to_pass():
+    """Each converter refuses the other library's DenseNet and a wrapper, and
+    plan() a model of another library, saying what to pass instead (they
+    failed with AttributeErrors, or a replaced forward on OptimizedModule)."""
+    monai_model = monai_nets.DenseNet(2, 3, 2, init_features=8, growth_rate=4, block_config=(1, 1))
+    tv = torchvision.models.DenseNet(4, (1, 1), 8, num_classes=3)
+    with pytest.raises(TypeError, match="has MONAI's tree \\(class_layers\\): convert it with "
+                                        "densenet_fast.monai.from_monai"):
+        densenet_fast.from_torchvision(monai_model)
+    with pytest.raises(TypeError, match="it has torchvision's: convert it with densenet_fast.from_torchvision"):
+        fast_monai.from_monai(tv)
+    for model in (tv, monai_model, nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="plan: .* is not a densenet_fast DenseNet; convert torchvision's"):
+            plan(model, batch=2, image_size=32)
+    for convert, model in ((densenet_fast.from_torchvision, tv), (fast_monai.from_monai, monai_model)):
+        with pytest.raises(TypeError, match="torch.compile's wrapper; convert the model it compiles "
+                                            "\\(._orig_mod\\), then compile the copy"):
+            convert(torch.compile(model))
+        with pytest.raises(TypeError, match="a DataParallel wrapper; convert the model it wraps \\(.module\\)"):
+            convert(nn.DataParallel(model))
 
 
 def test_from_monai_copies_modules_weights_and_mode():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenet_fast import DenseNet, cli, densenet_bc, memory
+from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
 from densenet_fast import train as trainer
 from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
 
@@ -310,6 +310,17 @@ def test_resume_at_an_epoch_boundary_repeats_the_same_losses(tmp_path, uninterru
     assert train(out, "--epochs", "1") == 0
     assert train(out, "--epochs", "3", "--resume") == 0
     assert metrics(out) == uninterrupted
+
+
+def test_a_checkpoint_gives_its_model_as_weights(tmp_path):
+    """``weights=`` / load_torchvision_weights take the trainer's checkpoint.pt:
+    its model's state_dict, not the whole checkpoint (every key missing)."""
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    model = load_torchvision_weights(trainer.build_model(checkpoint["options"]), out / trainer.CHECKPOINT)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["model"][name]), name
 
 
 def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupted, monkeypatch, capsys):

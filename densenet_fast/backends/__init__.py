@@ -131,16 +131,18 @@ def available_backends() -> list[str]:
 
 def resolve_backend_name(name: Optional[str]) -> Optional[str]:
     """Validate a user's backend choice (``None`` reads ``DENSENET_FAST_BACKEND``)."""
+    source = ""
     if name is None:
         name = os.environ.get(ENV_VAR) or None
         if name is None:
             return None
-    if not isinstance(name, str):
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or None for automatic")
+        source = f" (from the environment variable {ENV_VAR})"
+    if not isinstance(name, str) or name.lower() not in _BY_NAME:
+        raise ValueError(f"unknown backend {name!r}{source}; choose one of {BACKEND_NAMES} or None for automatic")
     name = name.lower()
     reason = _spec(name).missing()
     if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        raise BackendUnavailableError(f"backend {name!r}{source} is not available: {reason}")
     return name
 
 
