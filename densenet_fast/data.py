@@ -118,14 +118,18 @@ def load_dataset(spec: str, image_size: Optional[int] = None,
     ``test``, ``meta``), volumes listed in a ``labels.csv``, or an ImageFolder
     tree.  ``image_size``: side in pixels that ImageFolder images are resized to;
     ``volume_size``: ``(D, H, W)`` (or one side) that volumes are resized to
-    (default: volumes must share one size)."""
+    (default: volumes must share one size).  A size for samples that are not
+    resized (digits and CIFAR: both; volumes: an image size) is refused."""
     size = _volume_size(volume_size)
     if spec == "digits":
+        _refuse_resizing(spec, image_size, size)
         return load_digits()
     if spec == SYNTHETIC_3D:
+        _refuse_resizing(spec, image_size, None)
         return load_synthetic3d(size or SYNTHETIC_3D_SIZE)
     medmnist = _medmnist_file(spec)
     if medmnist is not None:
+        _refuse_resizing(spec, image_size, None)
         return load_medmnist3d(medmnist, size)
     if not os.path.exists(spec):
         raise DatasetError(f"dataset {spec!r} not found: give 'digits', '{SYNTHETIC_3D}', a MedMNIST-3D .npz file or "
@@ -134,19 +138,33 @@ def load_dataset(spec: str, image_size: Optional[int] = None,
         raise DatasetError(f"dataset {spec!r} is a file; give a directory (CIFAR-10/100 python-pickle, ImageFolder, "
                            f"or volumes with a {LABELS_FILE}) or a MedMNIST-3D .npz file")
     if os.path.isfile(os.path.join(spec, LABELS_FILE)):
+        _refuse_resizing(spec, image_size, None)
         return load_volume_folder(spec, size)
     for root in (spec, os.path.join(spec, "cifar-10-batches-py"), os.path.join(spec, "cifar-100-python")):
         if os.path.exists(os.path.join(root, "data_batch_1")) or os.path.exists(os.path.join(root, "test_batch")):
+            _refuse_resizing(spec, image_size, size)
             return load_cifar10(root)
         if os.path.exists(os.path.join(root, "meta")) and os.path.exists(os.path.join(root, "train")) \
                 and os.path.isfile(os.path.join(root, "train")):
+            _refuse_resizing(spec, image_size, size)
             return load_cifar100(root)
     volumes = _volume_files(spec)
     if volumes:
         raise DatasetError(f"{spec} holds {len(volumes)} volume file(s) ({os.path.relpath(volumes[0], spec)}, ...) "
                            f"but no {LABELS_FILE}: add one with the columns file,label (and optionally split: "
                            f"train or test) naming every volume")
+    _refuse_resizing(spec, None, size)
     return load_image_folder(spec, image_size or 32)
+
+
+def _refuse_resizing(spec: str, image_size: Optional[int], volume_size: Optional[tuple[int, ...]]) -> None:
+    """Raise where a size is given that ``spec``'s samples are not resized to
+    (it was ignored)."""
+    given = [option for option, value in (("--image-size", image_size), ("--volume-size", volume_size))
+             if value is not None]
+    if given:
+        raise DatasetError(f"dataset {spec!r} is not resized to {' or '.join(given)}: --image-size resizes "
+                           f"ImageFolder images, --volume-size volumes; leave it out")
 
 
 # -- in-memory datasets --------------------------------------------------------------------

@@ -126,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            ".nii/.nii.gz) volumes with a labels.csv (columns file,label[,split]), or a MedMNIST-3D "
                            ".npz file (or its name, e.g. organmnist3d, in $MEDMNIST_ROOT or ~/.medmnist; nothing is "
                            "downloaded); docs/training.md describes the layouts")
-    data.add_argument("--image-size", type=int, default=32, metavar="PIXELS",
-                      help="side that ImageFolder images are resized and centre-cropped to (default: %(default)s)")
+    data.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                      help="side that ImageFolder images are resized and centre-cropped to (default: 32)")
     data.add_argument("--volume-size", type=int, nargs="+", default=None, metavar="SIZE",
                       help="D H W (or one side for all three) that volumes are resized to (trilinear); without it "
                            f"the volumes of a dataset must share one size ({SYNTHETIC_3D}: generated at this size, "

@@ -126,6 +126,9 @@ def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
     (["--seed", "-1"], "--seed must be from 0 to 2147483647"),
     (["--memory-budget", "lots"], "--memory-budget: cannot read 'lots' as a memory size"),
     (["--recompute", "auto"], "--recompute auto needs --memory-budget"),
+    (["--image-size", "64"], "dataset 'digits' is not resized to --image-size"),  # it was ignored
+    (["--volume-size", "16"], "dataset 'digits' is not resized to --volume-size"),
+    (["--data", "synthetic3d", "--image-size", "16"], "dataset 'synthetic3d' is not resized to --image-size"),
 ])
 def test_bad_options_give_one_line_errors_before_any_work(tmp_path, options, message, capsys):
     assert train(tmp_path / "run", *options) == 2
