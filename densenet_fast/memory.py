@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -249,19 +250,25 @@ class Architecture:
         if len(size) != self.spatial_dims:
             raise ValueError(f"an input of {self.spatial_dims} spatial dimension(s) for this model, got size "
                              f"{tuple(size)}")
-        sides = tuple(size)
+        sides = [self._block_sides(side) for side in size]
+        if min(blocks[-1] for _, blocks in sides) < 1:
+            least = next(n for n in itertools.count(1) if self._block_sides(n)[1][-1] >= 1)
+            raise ValueError(f"an input of {'x'.join(map(str, size))} is too small for this model: the last "
+                             f"dense block would have no pixels (it needs at least {least} on every side)")
+        return tuple(stem for stem, _ in sides), [tuple(blocks[b] for _, blocks in sides)
+                                                   for b in range(len(self.block_config))]
+
+    def _block_sides(self, side: int) -> tuple[int, list[int]]:
+        """``(stem convolution output, [every block's input])`` along one side of ``side``."""
         if self.stem == "imagenet":
-            sides = tuple((s - 1) // 2 + 1 for s in sides)  # conv0: 7, stride 2, padding 3
-        stem = sides
+            side = (side - 1) // 2 + 1  # conv0: 7, stride 2, padding 3
+        stem = side
         if self.stem == "imagenet":
-            sides = tuple((s - 1) // 2 + 1 for s in sides)  # pool0: 3, stride 2, padding 1
+            side = (side - 1) // 2 + 1  # pool0: 3, stride 2, padding 1
         blocks = []
         for _ in self.block_config:
-            blocks.append(sides)
-            sides = tuple(s // 2 for s in sides)  # a transition's 2-wide average pool
-        if min(blocks[-1]) < 1:
-            raise ValueError(f"an input of {'x'.join(map(str, size))} is too small for this model: the last "
-                             f"dense block would have no pixels")
+            blocks.append(side)
+            side //= 2  # a transition's 2-wide average pool
         return stem, blocks
 
     def kernel_taps(self, side: int) -> int:

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from densenet_fast import MemoryBudgetError, available_backends, cli, densenet_bc, memory, plan, planner
+from densenet_fast import (MemoryBudgetError, available_backends, cli, densenet121, densenet_bc, memory, plan,
+                           planner)
 from densenet_fast import train as trainer
 from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
@@ -436,6 +437,10 @@ def test_bad_sizes_and_arguments_are_refused():
             Setup(1, bad)
     with pytest.raises(ValueError, match="too small for this model"):
         plan("densenet_bc", depth=40, image_size=(8, 8, 8), batch=2)
+    least = densenet121().min_input_size()[0]  # the model's own rule
+    assert plan("densenet121", image_size=least, batch=2)["policies"]["keep"]["total_bytes"] > 0
+    with pytest.raises(ValueError, match=f"an input of 32x{least - 1} is too small .* at least {least} on every side"):
+        plan("densenet121", image_size=(32, least - 1), batch=2)
     with pytest.raises(ValueError, match="shape a named model"):
         plan(BC40, batch=2, image_size=32, in_channels=5)
     model = densenet_bc(40, memory_budget="1GiB")
