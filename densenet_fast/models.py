@@ -348,12 +348,9 @@ class _Features(nn.Sequential):
     def _runs_fused_stem(self, modules: list[nn.Module], x: Tensor) -> bool:
         """Whether ``modules`` are the ImageNet stem's BN-ReLU-max-pool in a forward
         that trains them on batch statistics, on a batch they take (else the
-        modules run, and raise their own errors; see :mod:`.engine.stem`), not
-        under torch.compile with autocast (its graph then failed in a convolution)."""
+        modules run, and raise their own errors; see :mod:`.engine.stem`)."""
         if not (len(modules) == 3 and isinstance(modules[0], nn.modules.batchnorm._BatchNorm)
                 and torch.is_grad_enabled() and uses_batch_stats(modules[0]) and self.engine.sync_group is None):
-            return False
-        if torch.compiler.is_compiling() and autocast_enabled(x.device.type):
             return False
         reason = stem.stem_blocker(*modules)
         if reason is not None:

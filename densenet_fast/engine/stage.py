@@ -511,7 +511,11 @@ class StageFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, buffer, *rest = ctx.saved_tensors
         params, records = rest[:ctx.num_params], ctx.records.filled(rest[ctx.num_params:])
-        with autocast_off(buffer.device.type):  # backward() may be called inside autocast
+        # backward() may be called inside autocast.  A compiled backward runs with autocast off already
+        # (AOTAutograd), and dynamo traces this backward twice (the second time with contiguous
+        # gradients), leaving an autocast context of the first trace entered: "Global autocast state
+        # changed while dynamo tracing"
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else autocast_off(buffer.device.type):
             if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
                 return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
             del x  # (a saved-tensor hook may have given it back as a tensor of its own)
@@ -598,25 +602,21 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
     if any; ``next_channels``: make a transition write into a new buffer of that
     many channels (the next block's).  Under ``torch.compile``, a stage it cannot
     trace (:func:`untraceable`) runs eagerly between graphs."""
-    reason = untraceable(layers, tail, x.device.type) if torch.compiler.is_compiling() else None
+    reason = untraceable(layers, tail) if torch.compiler.is_compiling() else None
     if reason is not None:
         return _eager_stage(reason, layers, tail, x, settings, keep, buffer, next_channels)
     return _stage(layers, tail, x, settings, keep, buffer, next_channels)
 
 
-def untraceable(layers: list[nn.Module], tail: Tail, device_type: str) -> Optional[str]:
-    """Why ``torch.compile`` cannot trace this stage on ``device_type`` into its
-    graph, or ``None``: before torch 2.14 (its dynamo fails on
-    :class:`StageFunction`: an AssertionError on the shape integers a stage
-    keeps), under autocast (dynamo's AssertionError "Global autocast state
-    changed while dynamo tracing" where the Function runs with autocast off),
-    and where the stage's forward reads a Python number from a tensor: a
+def untraceable(layers: list[nn.Module], tail: Tail) -> Optional[str]:
+    """Why ``torch.compile`` cannot trace this stage into its graph, or
+    ``None``: before torch 2.14 (its dynamo fails on :class:`StageFunction`: an
+    AssertionError on the shape integers a stage keeps), and where the
+    stage's forward reads a Python number from a tensor: a
     dropout seed, or the cumulative factor of a BatchNorm with
     ``momentum=None`` (dynamo then fails at a graph break inside the Function)."""
     if not COMPILE_TRACES_STAGES:
         return "torch before 2.14"
-    if autocast_enabled(device_type) and torch.is_grad_enabled():
-        return "autocast"
     parts = [dense_layer_parts(layer) for layer in layers]
     if any(p.drop_rate > 0 for p in parts):
         return "dropout (its seed)"

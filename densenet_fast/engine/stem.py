@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends.interface import count_batch
+from ..backends.interface import count_batch, stats_dtype
 from .batchnorm import check_values_per_channel
 from .fastpath import BATCH_NORMS, _as_tuple, _observed
 
@@ -87,6 +87,9 @@ class NormReluMaxPool(torch.autograd.Function):
         dims = x.dim() - 2
         activated, mean, rstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                         eps)
+        # statistics in float32 for 16-bit data, as torch's kernels return them, said explicitly: the meta
+        # function torch.compile traces with says the data's dtype (the compiled backward then failed)
+        mean, rstd = mean.to(stats_dtype(x.dtype)), rstd.to(stats_dtype(x.dtype))
         pool, _, arguments = _pool_ops(dims)
         activated.relu_()
         pooled, indices = pool(activated.unsqueeze(2) if dims == 1 else activated, *arguments)
