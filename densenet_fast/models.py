@@ -484,11 +484,11 @@ class _EngineModel(nn.Module):
                           optimizer: Union[None, str, "memory.OptimizerSpec"] = None) -> None:
         """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
         stop planning), with ``optimizer``'s state and update (an ``OptimizerSpec``
-        or a preset's name, e.g. ``"adam"``; default: SGD with momentum, as the
-        trainer's recipe)."""
+        or a preset's name, e.g. ``"adam"``; ``None``: the one set before, at
+        first SGD with momentum, as the trainer's recipe)."""
         if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
-        optimizer = memory.OptimizerSpec.parse(optimizer)
+        optimizer = memory.OptimizerSpec.parse(optimizer or getattr(self, "memory_optimizer", None))
         if budget is not None:
             budget = memory.parse_bytes(budget)
             planner.refuse_unplannable(self, "memory_budget")
@@ -866,8 +866,9 @@ def _densenet(arch: str, growth_rate: int, block_config, num_init_features: int,
             weights = enum.IMAGENET1K_V1
     if isinstance(weights, str) and not os.path.exists(weights):
         if enum is None or weights.rsplit(".", 1)[-1] not in enum.__members__:
+            why = "torchvision is missing" if arch in _WEIGHTS else "torchvision publishes none"
             names = f"one of {enum.__name__}'s names ({', '.join(enum.__members__)})" if enum is not None else \
-                f"the name of torchvision weights ({arch} has none{'' if WeightsEnum else ': torchvision is missing'})"
+                f"the name of torchvision weights ({arch} has none: {why})"
             raise FileNotFoundError(f"weights={weights!r} is neither a file nor {names}")
         weights = enum.verify(weights)
     if WeightsEnum is not None and isinstance(weights, WeightsEnum):
@@ -948,10 +949,12 @@ def load_torchvision_weights(model: DenseNet, weights) -> DenseNet:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{weights} holds a {type(state_dict).__name__}, not a state_dict (a mapping from parameter "
                         f"names to tensors)")
-    if "format" in state_dict:
+    if str(state_dict.get("format", "")).startswith("densenet_fast.train/"):
         from .train import CHECKPOINT_FORMAT
-        if state_dict["format"] == CHECKPOINT_FORMAT:
-            state_dict = state_dict["model"]
+        if state_dict["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"{weights} is a densenet_fast training checkpoint of format {state_dict['format']!r}; "
+                             f"this version reads {CHECKPOINT_FORMAT!r}")
+        state_dict = state_dict["model"]
     state_dict = {(_OLD_KEY.sub(r"\1\2", k)): v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True)
     return model

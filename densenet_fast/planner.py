@@ -267,8 +267,10 @@ def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
     where a block, transition or stem takes the plain per-layer path, or the
     stem or ``norm5`` was replaced."""
     if not hasattr(model, "memory_model_blocker"):
-        raise TypeError(f"{caller}: {type(model).__name__} is not a densenet_fast DenseNet; convert torchvision's "
-                        f"with densenet_fast.from_torchvision, MONAI's with densenet_fast.monai.from_monai")
+        wrapper = " (a wrapper: pass the model it wraps, .module)" \
+            if isinstance(getattr(model, "module", None), torch.nn.Module) else ""
+        raise TypeError(f"{caller}: {type(model).__name__} is not a densenet_fast DenseNet{wrapper}; convert "
+                        f"torchvision's with densenet_fast.from_torchvision, MONAI's with densenet_fast.monai.from_monai")
     blocker = model.memory_model_blocker()
     if blocker is not None:
         raise ValueError(f"{caller}: the memory model describes the memory-efficient engine on the network as "
@@ -278,8 +280,8 @@ def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
 
 def planned_device(weight: torch.Tensor) -> str:
     """The device type a model with parameter ``weight`` is planned on by
-    default: its own, cpu or cuda; the CPU for any other (meta: shapes only)."""
-    return weight.device.type if weight.device.type in ("cpu", "cuda") else "cpu"
+    default: its own; the CPU for a meta model (shapes only)."""
+    return "cpu" if weight.device.type == "meta" else weight.device.type
 
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
@@ -295,8 +297,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     :class:`~densenet_fast.memory.Architecture`, a :class:`densenet_fast.DenseNet`
     or a :class:`densenet_fast.monai.DenseNet`; an ``image_size`` of one int is
     that side in every spatial dimension.  ``dtype``, ``device``, ``backend`` and
-    ``optimizer`` default to a model's (as ``plan_for`` takes them; a model on
-    another device than cpu or cuda, meta included, is planned on the CPU), else
+    ``optimizer`` default to a model's (as ``plan_for`` takes them; a meta model
+    is planned on the CPU), else
     float32 on the CPU, automatic, SGD with momentum.  Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` needs a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the

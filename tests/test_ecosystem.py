@@ -388,7 +388,7 @@ def test_weights_api_errors(torch_home):
                                                 "names \\(IMAGENET1K_V1, DEFAULT\\)"):
         densenet_fast.densenet121(weights="IMAGENET1K_V2")
     with pytest.raises(FileNotFoundError, match="'DEFAULT' is neither a file nor the name of torchvision weights "
-                                                "\\(densenet264 has none\\)"):
+                                                "\\(densenet264 has none: torchvision publishes none\\)"):
         densenet_fast.densenet264(weights="DEFAULT")
     with pytest.raises(TypeError, match="weights are a torchvision weights enum or its name, a local file or a "
                                         "state_dict, got 123"):

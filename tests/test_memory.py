@@ -525,6 +525,8 @@ def test_a_budget_takes_optimizer_presets_empty_batches_and_meta_models():
         with pytest.raises(TypeError, match="optimizer is an OptimizerSpec or a preset's name"):
             model.set_memory_budget("32MiB", optimizer=bad)
     assert (model.memory_budget, model.memory_optimizer) == (2**26, OptimizerSpec.parse("adam"))  # unchanged
+    model.set_memory_budget("32MiB")
+    assert (model.memory_budget, model.memory_optimizer) == (2**25, OptimizerSpec.parse("adam"))  # kept
     assert model(torch.randn(0, 3, 16, 16)).shape == (0, 3)  # as without a budget
     with torch.device("meta"):
         meta = densenet_bc(10, 4, num_classes=3, memory_budget="64MiB")

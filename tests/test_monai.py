@@ -275,6 +275,9 @@ def test_converters_and_plan_name_what_to_pass():
     for model in (tv, monai_model, nn.Linear(2, 2)):
         with pytest.raises(TypeError, match="plan: .* is not a densenet_fast DenseNet; convert torchvision's"):
             plan(model, batch=2, image_size=32)
+    with pytest.raises(TypeError, match="DataParallel is not a densenet_fast DenseNet \\(a wrapper: pass the model "
+                                        "it wraps, .module\\)"):
+        plan(nn.DataParallel(densenet_fast.densenet_bc(10, 4)), batch=2, image_size=32)
     for convert, model in ((densenet_fast.from_torchvision, tv), (fast_monai.from_monai, monai_model)):
         with pytest.raises(TypeError, match="torch.compile's wrapper; convert the model it compiles "
                                             "\\(._orig_mod\\), then compile the copy"):

@@ -324,6 +324,10 @@ def test_a_checkpoint_gives_its_model_as_weights(tmp_path):
     model = load_torchvision_weights(trainer.build_model(checkpoint["options"]), out / trainer.CHECKPOINT)
     for name, value in model.state_dict().items():
         assert torch.equal(value, checkpoint["model"][name]), name
+    torch.save({**checkpoint, "format": "densenet_fast.train/0"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="a densenet_fast training checkpoint of format 'densenet_fast.train/0'; "
+                                         "this version reads 'densenet_fast.train/1'"):
+        load_torchvision_weights(model, tmp_path / "old.pt")
 
 
 def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupted, monkeypatch, capsys):
