@@ -319,7 +319,7 @@ def test_batchnorm_with_buffers_set_to_none(config, missing):
 
 def test_torch_compile_under_autocast_with_the_imagenet_stem():
     """torch.compile under bfloat16 autocast of a model with the ImageNet stem:
-    one graph with the fused stem traced (its compiled backward failed in the
+    one graph (from torch 2.14) with the fused stem traced (its compiled backward failed in the
     convolution before it, as the meta function of batch norm says bfloat16
     statistics where the kernel returns float32 ones); outputs and gradients
     as eager's to bfloat16 precision."""
@@ -327,14 +327,17 @@ def test_torch_compile_under_autocast_with_the_imagenet_stem():
     model = DenseNet(4, (2, 2), 8, 4, 0.0, 3)
     twin = copy.deepcopy(model)
     x, target = random_batch(model, 2, 16, 16, seed=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    whole = stage_module.COMPILE_TRACES_STAGES  # before torch 2.14 the stages run eagerly between graphs
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # before 2.14, the stages' notice (tested above)
         explanation = torch._dynamo.explain(twin)(x.float())
-        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        if whole:
+            assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
         assert "functional.batch_norm" not in explanation.graphs[0].code  # norm0 is not run as a module
         torch._dynamo.reset()
         twin.load_state_dict(model.state_dict())  # explain ran a training forward
         eager = forward_backward(model, x.float(), target)
-        compiled = forward_backward(torch.compile(twin, backend="aot_eager", fullgraph=True), x.float(), target)
+        compiled = forward_backward(torch.compile(twin, backend="aot_eager", fullgraph=whole), x.float(), target)
     assert max_relative_error(compiled.output, eager.output) <= 2e-2
     assert max_relative_error(compiled.input_grad, eager.input_grad) <= 2e-2
     for name in ("features.conv0.weight", "features.norm0.weight", "features.norm0.bias"):
