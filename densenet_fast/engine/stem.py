@@ -87,9 +87,6 @@ class NormReluMaxPool(torch.autograd.Function):
         dims = x.dim() - 2
         activated, mean, rstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                         eps)
-        # statistics in float32 for 16-bit data, as torch's kernels return them, said explicitly: the meta
-        # function torch.compile traces with says the data's dtype (the compiled backward then failed)
-        mean, rstd = mean.to(stats_dtype(x.dtype)), rstd.to(stats_dtype(x.dtype))
         pool, _, arguments = _pool_ops(dims)
         activated.relu_()
         pooled, indices = pool(activated.unsqueeze(2) if dims == 1 else activated, *arguments)
@@ -115,10 +112,14 @@ class NormReluMaxPool(torch.autograd.Function):
                                                               [False, True, True])
         grad_x = None
         if wanted[0]:
-            count = x.numel() // x.shape[1]
-            a = weight.to(rstd.dtype) * rstd
-            b = -a * rstd * dw.to(rstd.dtype) / count
-            grad_x = _input_gradient_over(g, x, a, b, -a * db.to(rstd.dtype) / count, mean)
+            # the coefficients in float32 for 16-bit data, whatever dtype the statistics have: the CPU kernel
+            # returns float32 ones for bfloat16 data and float32 parameters (autocast), where the meta function
+            # torch.compile traces with says bfloat16 (the compiled backward then failed in conv0)
+            dtype, count = stats_dtype(x.dtype), x.numel() // x.shape[1]
+            rstd = rstd.to(dtype)
+            a = weight.to(dtype) * rstd
+            b = -a * rstd * dw.to(dtype) / count
+            grad_x = _input_gradient_over(g, x, a, b, -a * db.to(dtype) / count, mean.to(dtype))
         return grad_x, dw if wanted[1] else None, db if wanted[2] else None, None, None, None, None
 
 
@@ -132,7 +133,7 @@ def reduced_precision_rows(side: int) -> int:
 
 def _input_gradient_over(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor, mean: Tensor) -> Tensor:
     """``g`` overwritten by ``g a + (x - mean) b + c`` (per channel ``(C,)``
-    coefficients in the statistics dtype).  In that dtype each value is
+    coefficients in float32, float64 for float64 data).  In that dtype each value is
     rounded once; a bfloat16 or float16 ``g`` is finished in float32 along
     its first spatial dimension in :data:`REDUCED_PRECISION_SLICES` slices, so
     that ``x b`` and ``mean b``, which cancel, are not rounded apart, and the
