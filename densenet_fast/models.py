@@ -602,7 +602,8 @@ class _EngineModel(nn.Module):
         """Plan a training step on ``x`` under the memory budget, once per input
         shape, dtype and device: the lookup is one torch.compile traces, so a
         compiled step plans (outside its graph) only for an input not planned
-        before, and ``fullgraph=True`` holds once it has been."""
+        before, and ``fullgraph=True`` holds once it has been (each input shape
+        is then a graph of its own: docs/memory.md)."""
         planner.refuse_unplannable(self, "plan_for")  # every step: a hook may have come since the plan
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
