@@ -276,10 +276,16 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     if procs.is_main:
         start_output(options)
     try:
-        outcome = train_epochs(run, position)
-    except DatasetError as exc:  # a sample that cannot be read
-        raise DatasetError(worker_error_text(exc)) from None
-    return finish(run, outcome)
+        try:
+            outcome = train_epochs(run, position)
+        except DatasetError as exc:  # a sample that cannot be read
+            # its frames hold a loader's iterator, in a cycle (the loader's re-raise holds the error): cleared,
+            # so that run.close() ends the workers
+            traceback.clear_frames(exc.__traceback__)
+            raise DatasetError(worker_error_text(exc)) from None
+        return finish(run, outcome)
+    finally:
+        run.close()
 
 
 def worker_error_text(exc: Exception) -> str:
@@ -306,13 +312,20 @@ class Run:
     scaler: torch.amp.GradScaler
     lr_factor: Callable[[int], float]
     train_sampler: ShardedBatchSampler
-    train_loader: DataLoader
-    test_loader: DataLoader
+    train_loader: Optional[DataLoader]  # None once the run has ended (close)
+    test_loader: Optional[DataLoader]
     history: list[dict] = field(default_factory=list)  # one row of metrics per finished epoch
 
     @property
     def out(self) -> str:
         return self.options["out"]
+
+    def close(self) -> None:
+        """Drop the data loaders, so that their worker processes end now (a
+        loader's iterator shuts them down when freed), not whenever the garbage
+        collector frees what still holds the run (matplotlib's savefig leaves
+        such a reference cycle)."""
+        self.train_loader = self.test_loader = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ the file takes well under a minute or two on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import pickle
 import re
@@ -226,6 +227,7 @@ def test_image_folder_tree(tmp_path):
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
     assert train(tmp_path / "run", "--data", str(tmp_path / "tree"), "--image-size", "16", "--batch-size", "4",
                  "--epochs", "1") == 0
+    assert multiprocessing.active_children() == []  # the loaders' workers (two by default) ended with the run
     # a single class tree gets a stratified 20% held out
     single = load_dataset(str(tmp_path / "tree" / "train"), image_size=8)
     assert (len(single.train), len(single.test)) == (12, 3)
@@ -871,6 +873,7 @@ def test_a_sample_a_loader_worker_cannot_read_is_named_in_one_line(tmp_path, cap
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: volume {volume} holds NaN or infinite values", err
+    assert multiprocessing.active_children() == []  # the loaders' workers ended with the run, not at a later GC
 
 
 @pytest.mark.parametrize("arrays, message", [
