@@ -516,8 +516,8 @@ class _EngineModel(nn.Module):
             image_size = (image_size,) * self.spatial_dims
         setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
                              device or planner.planned_device(weight), self.backend, self.memory_optimizer)
-        key = (setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device, self.backend)
-        choice = self._memory_plans.get(key)  # the key _plan_memory makes from an input
+        key = self._plan_key(setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device)
+        choice = self._memory_plans.get(key)
         if choice is None:
             arch = memory.Architecture.of(self)
             recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
@@ -607,13 +607,21 @@ class _EngineModel(nn.Module):
         planner.refuse_unplannable(self, "plan_for")  # every step: a hook may have come since the plan
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
-        key = (x.shape[0], tuple(x.shape[2:]), self.features.conv0.weight.dtype, autocast, device_type, self.backend)
+        key = self._plan_key(x.shape[0], x.shape[2:], self.features.conv0.weight.dtype, autocast, device_type)
         choice = self._memory_plans.get(key)
         if choice is None:
             choice = self._plan_outside_graph(key)
         if self._auto_recompute:
             for block, policy in zip(self.blocks(), choice.policies):
                 block.recompute = policy
+
+    def _plan_key(self, batch: int, image_size: Sequence[int], dtype: torch.dtype, autocast: Optional[torch.dtype],
+                  device_type: str) -> tuple:
+        """The key of a plan in ``_memory_plans`` (:meth:`plan_for` stores it,
+        :meth:`_plan_memory` looks it up from an input, in traced code): the
+        input's batch, spatial shape, dtype, autocast dtype and device type, and
+        the backend setting."""
+        return batch, tuple(image_size), dtype, autocast, device_type, self.backend
 
     @torch.compiler.disable(reason="densenet_fast plans the memory of a training step on an input it has not "
                                    "planned for: call plan_for(batch, image_size) before torch.compile(fullgraph=True)")

@@ -140,7 +140,7 @@ def resolve_backend_name(name: Optional[str]) -> Optional[str]:
     if not isinstance(name, str) or name.lower() not in _BY_NAME:
         raise ValueError(f"unknown backend {name!r}{source}; choose one of {BACKEND_NAMES} or None for automatic")
     name = name.lower()
-    reason = _spec(name).missing()
+    reason = _BY_NAME[name].missing()
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r}{source} is not available: {reason}")
     return name
