@@ -517,11 +517,11 @@ class _EngineModel(nn.Module):
         setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
                              device or planner.planned_device(weight), self.backend, self.memory_optimizer)
         key = self._plan_key(setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device)
-        choice = self._memory_plans.get(key)
+        choice = self._stored_plan(key)
         if choice is None:
-            arch = memory.Architecture.of(self)
             recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
-            choice = self._memory_plans[key] = planner.choose(arch, setup, self._memory_budget, recompute)
+            choice = planner.choose(memory.Architecture.of(self), setup, self._memory_budget, recompute)
+            self._memory_plans[key] = choice, setup.threads if setup.device == "cpu" else None
             if setup.device == "cpu" and not memory.cpu_heap_as_modelled():
                 warnings.warn(f"densenet_fast: {memory.cpu_heap_note()}", RuntimeWarning, stacklevel=2)
             if self._auto_recompute:
@@ -608,7 +608,7 @@ class _EngineModel(nn.Module):
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
         key = self._plan_key(x.shape[0], x.shape[2:], self.features.conv0.weight.dtype, autocast, device_type)
-        choice = self._memory_plans.get(key)
+        choice = self._stored_plan(key)
         if choice is None:
             choice = self._plan_outside_graph(key)
         if self._auto_recompute:
@@ -619,15 +619,26 @@ class _EngineModel(nn.Module):
                   device_type: str) -> tuple:
         """The key of a plan in ``_memory_plans`` (:meth:`plan_for` stores it,
         :meth:`_plan_memory` looks it up from an input, in traced code): the
-        input's batch, spatial shape, dtype, autocast dtype and device type, and
-        the backend setting."""
-        return batch, tuple(image_size), dtype, autocast, device_type, self.backend
+        input's batch, spatial shape, dtype, autocast dtype and device type, the
+        backend setting, and the architecture last (a classifier or dropout rate
+        changed since a plan is planned again)."""
+        return batch, tuple(image_size), dtype, autocast, device_type, self.backend, memory.Architecture.of(self)
+
+    def _stored_plan(self, key: tuple) -> Optional["planner.Choice"]:
+        """The plan stored under ``key``, or ``None``, also where it was made on
+        the CPU for another thread count (the C++ kernels hold a tile per
+        thread; traced code cannot read the thread count, so a compiled step
+        keeps the plan it was compiled with)."""
+        choice, threads = self._memory_plans.get(key, (None, None))
+        if threads is not None and not torch.compiler.is_compiling() and threads != torch.get_num_threads():
+            return None
+        return choice
 
     @torch.compiler.disable(reason="densenet_fast plans the memory of a training step on an input it has not "
                                    "planned for: call plan_for(batch, image_size) before torch.compile(fullgraph=True)")
     def _plan_outside_graph(self, key: tuple) -> "planner.Choice":
         """:meth:`plan_for` the input of ``key`` (see :meth:`_plan_memory`)."""
-        batch, image_size, dtype, autocast, device_type, _ = key
+        batch, image_size, dtype, autocast, device_type, *_ = key
         return self.plan_for(batch, image_size, dtype=dtype, autocast=autocast, device=device_type)
 
     def set_sync_group(self, group) -> None:

@@ -580,6 +580,38 @@ def test_a_models_plan_is_in_its_dtype_and_keeps_its_bottleneck_width():
     assert planner.best_fitting(arch.with_depth(depth), Setup(4, 32, torch.bfloat16), 64 * 2**20) is not None
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_plan_is_made_again_for_a_new_classifier_or_thread_count():
+    """A plan stored for an input shape is not reused after the architecture
+    changed (a classifier replaced for fine-tuning: its parameters count) or,
+    on the CPU, the thread count (the C++ kernels hold a tile per thread):
+    ``plan_for`` and a training step both plan again."""
+    model = densenet_bc(22, num_classes=10, recompute="auto", memory_budget="1GiB")
+    x = torch.randn(2, 3, 32, 32)
+
+    def planned_step() -> tuple[str, ...]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x).sum().backward()
+        return tuple(str(w.message) for w in caught if issubclass(w.category, MemoryPlanNotice))
+
+    def expected() -> int:
+        arch, setup = Architecture.of(model), Setup(2, 32, threads=torch.get_num_threads(), backend=model.backend)
+        return planner.choose(arch, setup, model.memory_budget).prediction.total_bytes
+
+    assert len(planned_step()) == 1 and planned_step() == ()  # planned once for this input
+    before = model.plan_for(2, 32).prediction
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 3000)
+    assert len(planned_step()) == 1
+    after = model.plan_for(2, 32).prediction
+    assert after.persistent_bytes > before.persistent_bytes and after.total_bytes == expected()
+    torch.set_num_threads(3)
+    assert len(planned_step()) == 1
+    assert model.plan_for(2, 32).prediction.total_bytes == expected()
+    if model.backend in (None, "cpp") and "cpp" in available_backends():  # per-thread tiles: a plan of its own
+        assert model.plan_for(2, 32).prediction.total_bytes != after.total_bytes
+
+
 def test_depth_search_keeps_the_volume_and_monais_stem():
     """The deepest-depth answer for a 3-D MONAI DenseNet-BC is a 3-D MONAI DenseNet-BC."""
     arch = Architecture.of(MonaiDenseNet(3, 1, 2, init_features=24, growth_rate=12, block_config=(6, 6, 6)))
