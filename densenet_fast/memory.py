@@ -38,6 +38,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .backends import gpu_partials
 from .engine import stem
 from .engine.stage import bfloat16_weight_gradient_fails
 from .engine.fastpath import CHANNEL_DROPOUTS
@@ -60,9 +61,10 @@ ATEN_SMALL_CONVOLUTION = 20480  # input values up to which ATen convolves batch 
 CPP_MAX_GROUPS = 16  # the weight-gradient pass's row groups (kMinChunks), at most
 CPP_MAX_BLOCK_COLUMNS = 256  # its column blocks (kMaxBlockColumns)
 CPP_PARTIAL_BYTES = 4 * 1024 * 1024  # its row groups' copies of dW, at most (kPartialBytes)
-TRITON_STATS_ROWS = 128  # rows per partial statistics triple (ops/channel_stats.py)
-TRITON_MIN_BLOCK_M = 64  # smallest forward tile (ops/bn_relu_conv.py)
-TRITON_MAX_SPLITS = 64  # row ranges of the backward's partial sums (ops/common.py)
+TRITON_STATS_ROWS = 128  # channel_stats' rows per tile (TILE_STATS_BLOCK_M, backends/triton_kernels/channel_stats.py)
+TRITON_MIN_BLOCK_M = 32  # the smallest forward tile, which sizes its statistics' partials (bn_relu_conv.py's configs)
+TRITON_MAX_BLOCK_K = 128  # output channels per program of the backward (MAX_BLOCK_K, bn_relu_conv.py)
+ASSUMED_MULTIPROCESSORS = 132  # an H100's or H200's: a CUDA plan made where there is no GPU
 ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread, every thread takes images
 
 
@@ -348,8 +350,10 @@ class Setup:
     parameters in ``dtype``, optionally under ``autocast`` (the dtype the blocks
     compute in: bfloat16 or float16; dtypes or their names), on ``device``
     (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``: the automatic choice
-    for that device), ``optimizer``, and ``threads`` CPU threads (the C++
-    kernels' per-thread tiles)."""
+    for that device), ``optimizer``, ``threads`` CPU threads (the C++
+    kernels' per-thread tiles) and, on CUDA, the GPU's ``multiprocessors``
+    (the GPU kernels' partial sums; ``None``: this machine's current GPU's,
+    else an H100's or H200's, ``ASSUMED_MULTIPROCESSORS``)."""
 
     batch: int
     image_size: tuple[int, ...]
@@ -359,6 +363,7 @@ class Setup:
     backend: Optional[str] = None
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     threads: int = field(default_factory=torch.get_num_threads)
+    multiprocessors: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", image_sides(self.image_size))
@@ -374,6 +379,14 @@ class Setup:
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         object.__setattr__(self, "batch", positive_int("batch", self.batch))
         object.__setattr__(self, "threads", positive_int("threads", self.threads))
+        if device != "cuda":
+            object.__setattr__(self, "multiprocessors", None)
+        elif self.multiprocessors is None:
+            object.__setattr__(self, "multiprocessors", torch.cuda.get_device_properties(
+                torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available()
+                else ASSUMED_MULTIPROCESSORS)
+        else:
+            object.__setattr__(self, "multiprocessors", positive_int("multiprocessors", self.multiprocessors))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -1225,33 +1238,57 @@ class CppWorkspace(Workspace):
 
 
 class CudaWorkspace(TorchWorkspace):
-    """The csrc CUDA kernels: statistics and BN-ReLU in place; the GEMM primitives are the torch backend's."""
+    """The csrc CUDA kernels: statistics and BN-ReLU with float64 partial sums
+    per row block (:func:`~densenet_fast.backends.gpu_partials.cuda_row_blocks`);
+    the GEMM primitives are the torch backend's."""
+
+    def __init__(self, sim: StepSimulation) -> None:
+        super().__init__(sim)
+        self.multiprocessors = sim.setup.multiprocessors
+
+    def partial_sums(self, m: int, c: int) -> float:
+        return 2 * gpu_partials.cuda_row_blocks(m, c, self.multiprocessors) * c * 8 if m else 0.0
 
     def channel_stats(self, m, c):
-        return 0.0
+        return self.partial_sums(m, c)
 
     def bn_relu(self, m, c):
         return 0.0
 
     def bn_relu_backward(self, m, c):
-        return 0.0
+        return self.partial_sums(m, c)
 
 
 class TritonWorkspace(Workspace):
-    """The Triton kernels: fp32 partial statistics per row tile and partial
-    weight gradients per row range (at most 64)."""
+    """The Triton kernels: fp32 partial statistics per row tile, and the
+    two-pass backward's fp32 partial sums per row split
+    (:mod:`densenet_fast.backends.gpu_partials`, for the GPU's multiprocessors)."""
+
+    grows = False  # the backward's splits fall as the channels grow
+
+    def __init__(self, sim: StepSimulation) -> None:
+        super().__init__(sim)
+        self.multiprocessors = sim.setup.multiprocessors
+
+    def splits(self, cells: int, c: int, k: int) -> int:
+        """Row splits of a backward over ``cells`` rows of ``c`` channels (``k``
+        output channels; 0: BN-ReLU alone)."""
+        k_blocks = gpu_partials.cdiv(k, TRITON_MAX_BLOCK_K) if k else 1
+        return gpu_partials.backward_splits(cells, c, k, k_blocks, self.e, self.multiprocessors)
 
     def channel_stats(self, m, c):
-        return math.ceil(m / TRITON_STATS_ROWS) * (2 * c + 1) * 4
+        return gpu_partials.stats_partials(m, TRITON_STATS_ROWS) * 2 * c * 4
 
     def bn_relu_conv1x1(self, m, c, k, with_stats):
-        return math.ceil(m / TRITON_MIN_BLOCK_M) * (2 * k + 1) * 4 if with_stats else 0.0
+        return gpu_partials.stats_partials(m, TRITON_MIN_BLOCK_M) * 2 * k * 4 if with_stats else 0.0
 
     def bn_relu_backward(self, m, c):
-        return TRITON_MAX_SPLITS * 2 * c * 4
+        return self.splits(m, c, 0) * 2 * c * 4
 
     def bn_relu_conv1x1_backward(self, m, c, k):
-        return TRITON_MAX_SPLITS * (k + 2) * c * 4 + k * c * self.e
+        # pass 1: the dW partials (splits, K, C) and the sums' (splits, 2, C); pass 2: the dW partials and dW (K, C)
+        splits = self.splits(m, c, k)
+        return max(splits * (k + 2) * c * 4, (splits + 1) * k * c * 4)
 
     def transition_backward(self, m, pooled, c, k):
         return self.bn_relu_conv1x1_backward(pooled, c, k)

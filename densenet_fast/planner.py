@@ -343,7 +343,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
                      "parameters": arch.parameter_count()},
            "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
                      "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
-                     "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads},
+                     "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads,
+                     "multiprocessors": setup.multiprocessors},
            "budget_bytes": budget, "policies": policies, "assumes": assumptions(setup),
            "step_time_ratio_source": step_time_ratio(arch, setup, ("keep",) * len(arch.block_config))[1]}
     if budget is not None:
@@ -356,8 +357,10 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
 
 def assumptions(setup: Setup) -> list[str]:
     """What the plan assumes of the process that trains, in words."""
-    if setup.device != "cpu":
-        return []
+    if setup.device == "cuda":
+        here = "" if torch.cuda.is_available() else "; there is no GPU here: an H100's or H200's"
+        return [f"a GPU of {setup.multiprocessors} multiprocessors (the GPU kernels' partial sums follow the "
+                f"count{here})"]
     return [f"glibc's mmap threshold of {format_bytes(CPU_HEAP_BELOW)} in the training process (the trainer sets it "
             "under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())"]
 

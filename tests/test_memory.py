@@ -285,7 +285,10 @@ def test_a_cpu_plan_warns_where_the_process_allocates_otherwise(monkeypatch, cap
     assert cli.main(["plan", "--model", "densenet_bc", "--depth", "40", "--batch", "4"]) == 0
     assert "assumes: glibc's mmap threshold of 64 KiB in the training process" in capsys.readouterr().out
     assert "mmap threshold" in plan("densenet_bc", depth=40, batch=4)["assumes"][0]
-    assert plan("densenet_bc", depth=40, batch=4, device="cuda")["assumes"] == []
+    if not torch.cuda.is_available():
+        assert plan("densenet_bc", depth=40, batch=4, device="cuda")["assumes"] == [
+            "a GPU of 132 multiprocessors (the GPU kernels' partial sums follow the count; there is no GPU here: "
+            "an H100's or H200's)"]
 
 
 def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
@@ -336,6 +339,44 @@ def test_the_memory_model_knows_each_backends_dtypes():
     assert set(memory.NATIVE_DTYPES["cpp"]) == set(CppBackend.native_dtypes)
     assert set(memory.NATIVE_DTYPES["cuda"]) == set(CudaBackend.native_dtypes)
     assert set(memory.NATIVE_DTYPES["triton"]) == set(DATA_DTYPES)
+
+
+def test_the_gpu_kernels_partial_sums_follow_the_multiprocessors(monkeypatch):
+    """The memory model sizes the Triton backward's partial sums with the rule its
+    launcher splits by, for the GPU's multiprocessors (it assumed 64 splits: 796
+    MB for a transition of 2492 channels to 1246 at batch 64, where one split is
+    made), and the CUDA kernels' float64 partials per row block."""
+    from densenet_fast.backends import gpu_partials
+    from densenet_fast.backends.triton_kernels import bn_relu_conv, channel_stats, common
+    assert memory.TRITON_STATS_ROWS == channel_stats.TILE_STATS_BLOCK_M
+    assert memory.TRITON_MAX_BLOCK_K == bn_relu_conv.MAX_BLOCK_K
+    dense_layer_tiles = bn_relu_conv.FORWARD_CONFIGS[1] + bn_relu_conv.EXACT_FP32_FORWARD_CONFIGS
+    assert memory.TRITON_MIN_BLOCK_M == min(config.kwargs["BLOCK_M"] for config in dense_layer_tiles)
+    monkeypatch.setattr(common, "gpu_limits", lambda device: common.GpuLimits(232448, 132))
+    cuda = torch.device("cuda")
+    for cells, c, k in [(16384, 2492, 1246), (65536, 48, 48), (65536, 1000, 0), (100, 20, 48), (7, 3, 0)]:
+        k_blocks = -(-k // 128) if k else 1
+        assert common.num_splits(cells, c, k, k_blocks, 4, cuda) == \
+            gpu_partials.backward_splits(cells, c, k, k_blocks, 4, 132)
+    arch = Architecture.named("densenet_bc", 1000, 12)
+    sim = StepSimulation(arch, Setup(64, 32, device="cuda", backend="triton", multiprocessors=132), ("keep",) * 3)
+    # a transition of 2492 channels to 1246 at 64 x 16 x 16, pooled to 64 x 8 x 8: 39 x 10 channel and output
+    # blocks fill the GPU in 1 split, so dW's partials (1, 1246, 2492) and dW itself, fp32
+    assert sim.workspace.transition_backward(16384, 4096, 2492, 1246) == 2 * 1246 * 2492 * 4
+    # a dense layer's 1x1 convolution, 48 channels to 48 at 64 x 32 x 32: 264 splits of 64 rows
+    assert sim.workspace.bn_relu_conv1x1_backward(65536, 48, 48) == 264 * 50 * 48 * 4
+    on_a100 = StepSimulation(arch, Setup(64, 32, device="cuda", backend="triton", multiprocessors=108),
+                             ("keep",) * 3)
+    assert on_a100.workspace.bn_relu_conv1x1_backward(65536, 48, 48) == 216 * 50 * 48 * 4
+    cuda_sim = StepSimulation(arch, Setup(64, 32, device="cuda", backend="cuda", multiprocessors=132), ("keep",) * 3)
+    # 4 blocks per multiprocessor over 2 blocks of 128 channels: 264 row blocks of 2 float64 sums per channel
+    assert cuda_sim.workspace.channel_stats(65536, 200) == 2 * 264 * 200 * 8
+    assert cuda_sim.workspace.bn_relu_backward(1000, 200) == 2 * 8 * 200 * 8  # at least 128 rows per block
+    if not torch.cuda.is_available():
+        assert Setup(2, 32, device="cuda").multiprocessors == memory.ASSUMED_MULTIPROCESSORS
+    assert Setup(2, 32, device="cpu", multiprocessors=7).multiprocessors is None
+    with pytest.raises(ValueError, match="multiprocessors must be a positive integer"):
+        Setup(2, 32, device="cuda", multiprocessors=0)
 
 
 def test_plan_command_for_volumes(capsys):

@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..gpu_partials import STATS_GROUP, stats_partials
 from .common import (Launcher, aligned, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
                      nan_stats, vector_alignment)
 
-STATS_GROUP = 64  # tiles merged by the last of them to finish, and groups merged by the last group
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
 
 
@@ -140,8 +140,7 @@ class StatsScratch:
 
     def __init__(self, rows: int, block_m: int, channels: int, channel_blocks: int, device: torch.device) -> None:
         tiles = triton.cdiv(rows, block_m)
-        partials = tiles + triton.cdiv(tiles, STATS_GROUP)
-        self.part_mean = torch.empty(partials, channels, device=device, dtype=torch.float32)
+        self.part_mean = torch.empty(stats_partials(rows, block_m), channels, device=device, dtype=torch.float32)
         self.part_m2 = torch.empty_like(self.part_mean)
         self.counters = arrival_counters(device, channel_blocks * (triton.cdiv(tiles, STATS_GROUP) + 1))
         self.mean = torch.empty(channels, device=device, dtype=torch.float32)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..gpu_partials import backward_splits
+
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMESPACE = "densenet_fast_triton"  # of the torch ops, torch.ops.densenet_fast_triton (docs/triton.md)
 AUTOTUNE_ENV_VAR = "DENSENET_FAST_AUTOTUNE"
@@ -107,20 +109,12 @@ def image(t: Tensor) -> Pixels:
 
 
 def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: int, device: torch.device) -> int:
-    """How many row ranges the reducing backward pass splits ``cells`` rows of
-    ``channels`` channels into (its grid: splits x channel blocks of up to 64 x
-    ``k_blocks``; ``k`` output channels, ``k = 0`` without a GEMM): two programs
-    per multiprocessor, fewer where the fp32 ``dW`` partials (``splits * k *
-    channels * 4`` bytes) would pass a quarter of the bytes the pass reads, but
-    never fewer than one program per multiprocessor, and at least 64 rows each."""
+    """:func:`~densenet_fast.backends.gpu_partials.backward_splits` for
+    ``device``'s multiprocessors (for the interpreter: small, but > 1 so that
+    the tests cover the merge)."""
     if device.type != "cuda":
-        return max(1, min(3, triton.cdiv(cells, 32)))  # small, but > 1 so the tests cover the merge
-    sms = gpu_limits(device).multiprocessors
-    blocks = triton.cdiv(channels, 64) * k_blocks
-    read = cells * (channels + k) * element_size
-    partials_cap = read // (16 * k * channels) if k else 2 * sms
-    return max(1, min(max(triton.cdiv(sms, blocks), min(triton.cdiv(2 * sms, blocks), partials_cap)),
-                      triton.cdiv(cells, 64)))
+        return max(1, min(3, triton.cdiv(cells, 32)))
+    return backward_splits(cells, channels, k, k_blocks, element_size, gpu_limits(device).multiprocessors)
 
 
 def vector_alignment(element_size: int, *counts: int) -> int:
