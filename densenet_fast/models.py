@@ -5,7 +5,7 @@ Every model here has exactly the parameter and buffer names of
 denselayer1.norm1``, ..., ``classifier``), so torchvision weights load with
 ``strict=True``.  The forward pass does not run the modules one by one: each
 dense block, together with the transition or the head that follows it, runs as
-one memory-efficient autograd Function (:mod:`densenet_fast.autograd`) that
+one memory-efficient autograd Function (:mod:`densenet_fast.engine.stage`) that
 reads the modules' parameters and updates their running statistics.
 """
 

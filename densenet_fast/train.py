@@ -190,7 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help=f"output directory for {CHECKPOINT}, {METRICS} and {CURVES} "
-                          f"(default: a new runs/<dataset>-<model>-<date>-<time>)")
+                          f"(default: a new runs/<dataset>-<model>[-<depth>-<k>]-<date>-<time>; "
+                          f"depth and k for densenet_bc)")
     existing = out.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help=f"continue the run whose {CHECKPOINT} is in the output directory")
