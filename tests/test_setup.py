@@ -60,8 +60,11 @@ def nvcc_wrapper(directory: Path, nvcc: Path) -> Path:
 
 @pytest.fixture
 def no_default_toolkit(monkeypatch, tmp_path):
-    """No toolkit at the default location, so that only the tests' toolkits are found."""
+    """No toolkit at the default location, so that only the tests' toolkits are
+    found, and torch's CUDA version that of a CUDA build also where torch is a
+    CPU build (which has none: setup.py then never looks for a toolkit)."""
     monkeypatch.setattr(setup_py, "DEFAULT_CUDA_HOME", tmp_path / "no-cuda-here")
+    monkeypatch.setattr(torch.version, "cuda", TORCH_CUDA)
 
 
 def test_toolkit_of_an_nvcc_wrapper_outside_it(tmp_path, no_default_toolkit):
@@ -86,7 +89,6 @@ def test_toolkit_of_another_cuda_major_is_not_usable(tmp_path, no_default_toolki
     assert toolkit is None and f"has CUDA {other}" in problem
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build")
 def test_no_usable_toolkit_builds_the_cpp_kernels_with_one_line(tmp_path, capsys, no_default_toolkit):
     environ = {"PATH": str(tmp_path), "CUDA_HOME": str(fake_toolkit(tmp_path / "cuda", libcudart=False))}
     assert setup_py.cuda_build(environ) is None
@@ -99,7 +101,17 @@ def test_no_usable_toolkit_builds_the_cpp_kernels_with_one_line(tmp_path, capsys
         setup_py.cuda_build({"DENSENET_FAST_CUDA": "yes"})
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build")
+def test_a_cpu_build_of_torch_builds_the_cpp_kernels_with_one_line(tmp_path, capsys, monkeypatch):
+    """Even beside a usable toolkit: torch has no CUDA to build against."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    environ = {"CUDA_HOME": str(fake_toolkit(tmp_path / "cuda", release="13.0"))}
+    assert setup_py.cuda_build(environ) is None
+    assert capsys.readouterr().out == (f"densenet_fast: building the C++ kernels only, no usable CUDA toolkit "
+                                       f"(torch {torch.__version__} is not a CUDA build)\n")
+    with pytest.raises(RuntimeError, match="DENSENET_FAST_CUDA=1 but .* is not a CUDA build"):
+        setup_py.cuda_build({**environ, "DENSENET_FAST_CUDA": "1"})
+
+
 def test_architectures_without_a_visible_gpu(tmp_path, monkeypatch, no_default_toolkit):
     """torch's own choice raises IndexError without a GPU; the default is torch's
     architectures that nvcc compiles (the fake nvcc: 7.5, 8.0, 9.0), PTX for the newest."""
