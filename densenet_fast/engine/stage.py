@@ -610,8 +610,10 @@ def run_stage(layers: list[nn.Module], tail: Tail, x: Tensor, settings: Settings
 
 def untraceable(layers: list[nn.Module], tail: Tail) -> Optional[str]:
     """Why ``torch.compile`` cannot trace this stage into its graph, or
-    ``None``: before torch 2.14 (its dynamo fails on :class:`StageFunction`: an
-    AssertionError on the shape integers a stage keeps), and where the
+    ``None``: before torch 2.14 (its dynamo fails on :class:`StageFunction`:
+    on 2.11 an AssertionError on the shape integers a stage keeps, on 2.13 an
+    InternalTorchDynamoError on the next block's buffer, made inside the
+    Function's subgraph, aliasing its output), and where the
     stage's forward reads a Python number from a tensor: a
     dropout seed, or the cumulative factor of a BatchNorm with
     ``momentum=None`` (dynamo then fails at a graph break inside the Function)."""
