@@ -26,7 +26,8 @@ if [ ! -x "$VENV/bin/python" ]; then
         triton==3.7.1 monai==1.6.1
     cat >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sitecustomize.py" <<'EOF'
 """benchmarks/cpu_torch_check.sh: the schemas of torchvision's nms and qnms,
-defined at torchvision's first import where its C library did not load."""
+defined at torchvision's first import beside a CPU torch, where its C library
+(built for a CUDA torch) does not load and would otherwise define them."""
 import importlib.abc
 import sys
 
@@ -38,9 +39,7 @@ class _TorchvisionSchemas(importlib.abc.MetaPathFinder):
         if fullname == "torchvision":
             sys.meta_path.remove(self)
             import torch
-            try:
-                torch.ops.torchvision.nms
-            except (AttributeError, RuntimeError):  # not defined: torchvision's C library did not load
+            if torch.version.cuda is None:  # a CPU torch, where PyPI's torchvision cannot load its C library
                 library = torch.library.Library("torchvision", "FRAGMENT")
                 library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
                 library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -57,6 +56,8 @@ git -C "$ROOT" archive HEAD | tar -x -C "$TREE"
 cd "$TREE"
 env -u CUDA_HOME -u CUDA_PATH -u DENSENET_FAST_CUDA MAX_JOBS=${MAX_JOBS:-2} \
     "$VENV/bin/python" setup.py --quiet build_ext --inplace
+"$VENV/bin/python" -c "import torch, sys; torch.version.cuda is None or sys.exit('torch ' + torch.__version__ \
++ ' is a CUDA build: this checks a CPU build, which pip installs from local disk on the project machines')"
 "$VENV/bin/python" -c "import torch, triton, torchvision, numpy, sys; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'numpy', \
 numpy.__version__, 'revision', '$(git -C "$ROOT" rev-parse --short HEAD)')"

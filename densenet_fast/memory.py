@@ -62,7 +62,8 @@ CPP_MAX_GROUPS = 16  # the weight-gradient pass's row groups (kMinChunks), at mo
 CPP_MAX_BLOCK_COLUMNS = 256  # its column blocks (kMaxBlockColumns)
 CPP_PARTIAL_BYTES = 4 * 1024 * 1024  # its row groups' copies of dW, at most (kPartialBytes)
 TRITON_STATS_ROWS = 128  # channel_stats' rows per tile (TILE_STATS_BLOCK_M, backends/triton_kernels/channel_stats.py)
-TRITON_MIN_BLOCK_M = 32  # the smallest forward tile, which sizes its statistics' partials (bn_relu_conv.py's configs)
+TRITON_MIN_BLOCK_M = 32  # the smallest dense-layer forward tile (bn_relu_conv.py's configs): its statistics'
+# partials at most (16-bit data and TF32 take tiles of 64 rows or more)
 TRITON_MAX_BLOCK_K = 128  # output channels per program of the backward (MAX_BLOCK_K, bn_relu_conv.py)
 ASSUMED_MULTIPROCESSORS = 132  # an H100's or H200's: a CUDA plan made where there is no GPU
 ONEDNN_SLICE_PIXELS_PER_THREAD = 256  # gemm convolution: below this per thread, every thread takes images
@@ -370,9 +371,9 @@ class Setup:
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         object.__setattr__(self, "autocast", as_autocast(self.autocast))
         try:
-            device = torch.device(self.device).type
+            index, device = torch.device(self.device).index, torch.device(self.device).type
         except (RuntimeError, TypeError):
-            device = None
+            index, device = None, None
         if device not in ("cpu", "cuda"):
             raise ValueError(f"the memory model describes training on 'cpu' or 'cuda', got device {self.device!r}")
         object.__setattr__(self, "device", device)
@@ -383,8 +384,8 @@ class Setup:
             object.__setattr__(self, "multiprocessors", None)
         elif self.multiprocessors is None:
             object.__setattr__(self, "multiprocessors", torch.cuda.get_device_properties(
-                torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available()
-                else ASSUMED_MULTIPROCESSORS)
+                torch.cuda.current_device() if index is None else index).multi_processor_count
+                if torch.cuda.is_available() else ASSUMED_MULTIPROCESSORS)
         else:
             object.__setattr__(self, "multiprocessors", positive_int("multiprocessors", self.multiprocessors))
 
@@ -1008,7 +1009,7 @@ class StepSimulation:
         if b + 1 < len(self.pixels):
             m_next, (_, c_next) = self.pixels[b + 1], self.channels[b + 1]
             t.alloc("block_buffers", m_next * c_next * e)
-            t.transient("layer_transients", ws.transition(m, m_next, c_total, c_total // 2),
+            t.transient("layer_transients", ws.transition(m, m_next, c_total, c_total // 2, self.block_sides[b]),
                         self.cast(c_total * (c_total // 2)))
         else:
             self.take_scratch(b, False, "head")
@@ -1041,7 +1042,8 @@ class StepSimulation:
             self.take_scratch(b, True, "head")
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
         else:
-            t.transient("layer_transients", ws.transition_backward(m, self.pixels[b + 1], c_total, c_total // 2),
+            t.transient("layer_transients", ws.transition_backward(m, self.pixels[b + 1], c_total, c_total // 2,
+                                                                   sides),
                         self.cast(c_total * (c_total // 2)))
         t.alloc("layer_transients", *tail_grads)
         t.alloc("gradients_released", self.stage_gradient_bytes(b))
@@ -1153,11 +1155,11 @@ class Workspace:
     def bn_relu_conv1x1_backward(self, m: int, c: int, k: int) -> float:
         return 0.0
 
-    def transition(self, m: int, pooled: int, c: int, k: int) -> float:
-        """A transition over ``m`` pixels whose average pool leaves ``pooled``."""
+    def transition(self, m: int, pooled: int, c: int, k: int, sides: tuple[int, ...]) -> float:
+        """A transition over ``m`` pixels of spatial ``sides`` whose average pool leaves ``pooled``."""
         return 0.0
 
-    def transition_backward(self, m: int, pooled: int, c: int, k: int) -> float:
+    def transition_backward(self, m: int, pooled: int, c: int, k: int, sides: tuple[int, ...]) -> float:
         return 0.0
 
 
@@ -1185,10 +1187,10 @@ class TorchWorkspace(Workspace):
         # z, dL/dz and dA together; then dA, x - mean and their product; grad_weight
         return max(2 * m * c * self.s + m * c * self.e, 3 * m * c * self.s) + k * c * self.e
 
-    def transition(self, m, pooled, c, k):
+    def transition(self, m, pooled, c, k, sides):
         return m * c * self.s + pooled * c * self.s
 
-    def transition_backward(self, m, pooled, c, k):
+    def transition_backward(self, m, pooled, c, k, sides):
         # z, its pooled rows and their gradient, the unpooled gradient, then dA
         return m * c * self.s * 3 + 2 * pooled * c * self.s + k * c * self.e
 
@@ -1230,10 +1232,10 @@ class CppWorkspace(Workspace):
     def bn_relu_conv1x1_backward(self, m, c, k):
         return max(self.tiles(m, c), self.weight_gradient(m, c, k))
 
-    def transition(self, m, pooled, c, k):
+    def transition(self, m, pooled, c, k, sides):
         return self.tiles(pooled, c)
 
-    def transition_backward(self, m, pooled, c, k):
+    def transition_backward(self, m, pooled, c, k, sides):
         return max(self.tiles(pooled, c), self.weight_gradient(pooled, c, k))
 
 
@@ -1244,10 +1246,13 @@ class CudaWorkspace(TorchWorkspace):
 
     def __init__(self, sim: StepSimulation) -> None:
         super().__init__(sim)
-        self.multiprocessors = sim.setup.multiprocessors
+        self.multiprocessors, self.floor = sim.setup.multiprocessors, sim.floor
 
     def partial_sums(self, m: int, c: int) -> float:
-        return 2 * gpu_partials.cuda_row_blocks(m, c, self.multiprocessors) * c * 8 if m else 0.0
+        """Left out of :func:`peak_floor`'s step: they can shrink as ``m`` or ``c`` grow."""
+        if self.floor or not m:
+            return 0.0
+        return 2 * gpu_partials.cuda_row_blocks(m, c, self.e, self.multiprocessors) * c * 8
 
     def channel_stats(self, m, c):
         return self.partial_sums(m, c)
@@ -1262,13 +1267,15 @@ class CudaWorkspace(TorchWorkspace):
 class TritonWorkspace(Workspace):
     """The Triton kernels: fp32 partial statistics per row tile, and the
     two-pass backward's fp32 partial sums per row split
-    (:mod:`densenet_fast.backends.gpu_partials`, for the GPU's multiprocessors)."""
+    (:mod:`densenet_fast.backends.gpu_partials`, for the GPU's multiprocessors);
+    1-D and 3-D transitions run the torch backend's primitives."""
 
     grows = False  # the backward's splits fall as the channels grow
 
     def __init__(self, sim: StepSimulation) -> None:
         super().__init__(sim)
         self.multiprocessors = sim.setup.multiprocessors
+        self.torch_transitions = TorchWorkspace(sim) if sim.arch.spatial_dims != 2 else None
 
     def splits(self, cells: int, c: int, k: int) -> int:
         """Row splits of a backward over ``cells`` rows of ``c`` channels (``k``
@@ -1290,8 +1297,15 @@ class TritonWorkspace(Workspace):
         splits = self.splits(m, c, k)
         return max(splits * (k + 2) * c * 4, (splits + 1) * k * c * 4)
 
-    def transition_backward(self, m, pooled, c, k):
-        return self.bn_relu_conv1x1_backward(pooled, c, k)
+    def transition(self, m, pooled, c, k, sides):
+        return self.torch_transitions.transition(m, pooled, c, k, sides) if self.torch_transitions else 0.0
+
+    def transition_backward(self, m, pooled, c, k, sides):
+        if self.torch_transitions:
+            return self.torch_transitions.transition_backward(m, pooled, c, k, sides)
+        # the kernels' cells of 2 x 2 pixels cover every pixel, the last row and column of odd sides too
+        cells = m // math.prod(sides) * math.prod(gpu_partials.cdiv(side, 2) for side in sides)
+        return self.bn_relu_conv1x1_backward(cells, c, k)
 
 
 WORKSPACES = {"torch": TorchWorkspace, "cpp": CppWorkspace, "cuda": CudaWorkspace, "triton": TritonWorkspace}

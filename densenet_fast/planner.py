@@ -30,8 +30,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .memory import (CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES, Architecture, OptimizerSpec,
-                     Prediction, Setup, format_bytes, heap_exits, parse_bytes, peak_floor, predict)
+from .memory import (ASSUMED_MULTIPROCESSORS, CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES,
+                     Architecture, OptimizerSpec, Prediction, Setup, format_bytes, heap_exits, parse_bytes, peak_floor,
+                     predict, workspace_backend)
 
 MAX_DEPTH_LAYERS = 10_000  # per block: the depth search stops there (DenseNet-BC-60004, k=12: 703 GiB of parameters)
 MAX_BATCH = 2**24
@@ -279,9 +280,10 @@ def refuse_unplannable(model: torch.nn.Module, caller: str) -> None:
 
 
 def planned_device(weight: torch.Tensor) -> str:
-    """The device type a model with parameter ``weight`` is planned on by
-    default: its own; the CPU for a meta model (shapes only)."""
-    return "cpu" if weight.device.type == "meta" else weight.device.type
+    """The device a model with parameter ``weight`` is planned on by default:
+    its own (with its index: a GPU's multiprocessors count); the CPU for a meta
+    model (shapes only)."""
+    return "cpu" if weight.device.type == "meta" else str(weight.device)
 
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
@@ -358,9 +360,12 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
 def assumptions(setup: Setup) -> list[str]:
     """What the plan assumes of the process that trains, in words."""
     if setup.device == "cuda":
-        here = "" if torch.cuda.is_available() else "; there is no GPU here: an H100's or H200's"
-        return [f"a GPU of {setup.multiprocessors} multiprocessors (the GPU kernels' partial sums follow the "
-                f"count{here})"]
+        if workspace_backend(setup.backend, setup.compute_dtype) == "torch":
+            return []  # torch's primitives: nothing depends on the GPU
+        assumed = "; there is no GPU here: an H100's or H200's" if not torch.cuda.is_available() \
+            and setup.multiprocessors == ASSUMED_MULTIPROCESSORS else ""
+        return [f"a GPU of {setup.multiprocessors} multiprocessors (the {setup.backend} kernels' partial sums "
+                f"follow the count{assumed})"]
     return [f"glibc's mmap threshold of {format_bytes(CPU_HEAP_BELOW)} in the training process (the trainer sets it "
             "under --memory-budget; elsewhere densenet_fast.memory.set_mmap_threshold())"]
 

@@ -287,8 +287,9 @@ def test_a_cpu_plan_warns_where_the_process_allocates_otherwise(monkeypatch, cap
     assert "mmap threshold" in plan("densenet_bc", depth=40, batch=4)["assumes"][0]
     if not torch.cuda.is_available():
         assert plan("densenet_bc", depth=40, batch=4, device="cuda")["assumes"] == [
-            "a GPU of 132 multiprocessors (the GPU kernels' partial sums follow the count; there is no GPU here: "
-            "an H100's or H200's)"]
+            "a GPU of 132 multiprocessors (the triton kernels' partial sums follow the count; there is no GPU "
+            "here: an H100's or H200's)"]
+    assert plan("densenet_bc", depth=40, batch=4, device="cuda", backend="torch")["assumes"] == []
 
 
 def test_set_mmap_threshold_maps_what_the_model_puts_off_the_heap(tmp_path):
@@ -345,7 +346,9 @@ def test_the_gpu_kernels_partial_sums_follow_the_multiprocessors(monkeypatch):
     """The memory model sizes the Triton backward's partial sums with the rule its
     launcher splits by, for the GPU's multiprocessors (it assumed 64 splits: 796
     MB for a transition of 2492 channels to 1246 at batch 64, where one split is
-    made), and the CUDA kernels' float64 partials per row block."""
+    made), over the cells of 2 x 2 pixels that cover odd sides too; 1-D and 3-D
+    transitions as the torch backend's primitives, which run them; and the CUDA
+    kernels' float64 partials per row block, left out of the floor's step."""
     from densenet_fast.backends import gpu_partials
     from densenet_fast.backends.triton_kernels import bn_relu_conv, channel_stats, common
     assert memory.TRITON_STATS_ROWS == channel_stats.TILE_STATS_BLOCK_M
@@ -362,7 +365,16 @@ def test_the_gpu_kernels_partial_sums_follow_the_multiprocessors(monkeypatch):
     sim = StepSimulation(arch, Setup(64, 32, device="cuda", backend="triton", multiprocessors=132), ("keep",) * 3)
     # a transition of 2492 channels to 1246 at 64 x 16 x 16, pooled to 64 x 8 x 8: 39 x 10 channel and output
     # blocks fill the GPU in 1 split, so dW's partials (1, 1246, 2492) and dW itself, fp32
-    assert sim.workspace.transition_backward(16384, 4096, 2492, 1246) == 2 * 1246 * 2492 * 4
+    assert sim.workspace.transition_backward(16384, 4096, 2492, 1246, (16, 16)) == 2 * 1246 * 2492 * 4
+    # 128 channels to 64 at 64 x 29 x 29: 14400 cells (12544 pooled pixels) of 2 x 64 channel blocks, 84 splits
+    # where the partials reach a quarter of the bytes read (73 for 12544 cells)
+    assert sim.workspace.transition_backward(64 * 29 * 29, 64 * 14 * 14, 128, 64, (29, 29)) == 84 * 66 * 128 * 4
+    volumes = StepSimulation(Architecture.named("densenet_bc", 40, 12, spatial_dims=3),
+                             Setup(2, (16, 16, 16), device="cuda", backend="triton"), ("keep",) * 3)
+    torch_primitives = memory.TorchWorkspace(volumes)
+    for transition in ("transition", "transition_backward"):
+        assert getattr(volumes.workspace, transition)(8192, 1024, 100, 50, (16, 16, 16)) == \
+            getattr(torch_primitives, transition)(8192, 1024, 100, 50, (16, 16, 16)) > 0
     # a dense layer's 1x1 convolution, 48 channels to 48 at 64 x 32 x 32: 264 splits of 64 rows
     assert sim.workspace.bn_relu_conv1x1_backward(65536, 48, 48) == 264 * 50 * 48 * 4
     on_a100 = StepSimulation(arch, Setup(64, 32, device="cuda", backend="triton", multiprocessors=108),
@@ -372,6 +384,12 @@ def test_the_gpu_kernels_partial_sums_follow_the_multiprocessors(monkeypatch):
     # 4 blocks per multiprocessor over 2 blocks of 128 channels: 264 row blocks of 2 float64 sums per channel
     assert cuda_sim.workspace.channel_stats(65536, 200) == 2 * 264 * 200 * 8
     assert cuda_sim.workspace.bn_relu_backward(1000, 200) == 2 * 8 * 200 * 8  # at least 128 rows per block
+    float64 = StepSimulation(arch, Setup(64, 32, torch.float64, device="cuda", backend="cuda", multiprocessors=132),
+                             ("keep",) * 3)
+    assert float64.workspace.channel_stats(65536, 200) == 2 * 132 * 200 * 8  # 2 channels a lane: 4 blocks of them
+    floor = StepSimulation(arch, Setup(64, 32, device="cuda", backend="cuda", multiprocessors=132), ("keep",) * 3,
+                           floor=True)
+    assert floor.workspace.channel_stats(65536, 200) == 0  # not monotonic in m or c
     if not torch.cuda.is_available():
         assert Setup(2, 32, device="cuda").multiprocessors == memory.ASSUMED_MULTIPROCESSORS
     assert Setup(2, 32, device="cpu", multiprocessors=7).multiprocessors is None

@@ -11,7 +11,8 @@ STATS_GROUP = 64  # Triton statistics: tiles merged by the last of them to finis
 CUDA_BLOCKS_PER_SM = 4  # row_launch's kBlocksPerSM
 CUDA_MIN_ROWS_PER_BLOCK = 128  # kMinRowsPerBlock
 CUDA_MAX_GRID_Y = 65535  # kMaxGridY
-CUDA_CHANNELS_PER_BLOCK = 32 * 4  # kChannelLanes lanes of 4-channel vectors (1-channel ones for unaligned data)
+CUDA_CHANNEL_LANES = 32  # kChannelLanes: lanes of a block, each over a vector of channels
+CUDA_MAX_VECTOR = (16, 4)  # kMaxVectorBytes, kMaxVectorChannels: a lane's vector, at most
 
 
 def cdiv(a: int, b: int) -> int:
@@ -43,11 +44,13 @@ def backward_splits(cells: int, channels: int, k: int, k_blocks: int, element_si
                       cdiv(cells, 64)))
 
 
-def cuda_row_blocks(rows: int, channels: int, multiprocessors: int) -> int:
+def cuda_row_blocks(rows: int, channels: int, element_size: int, multiprocessors: int) -> int:
     """Row blocks of the CUDA kernels' launch over ``rows`` x ``channels`` (both
-    > 0) with 4-channel vectors (unaligned data gets 1-channel ones, more
-    channel blocks and so fewer row blocks): the float64 partial sums of
-    ``channel_stats`` and ``bn_relu_backward`` are ``(2, row blocks, channels)``."""
-    target = min(max(CUDA_BLOCKS_PER_SM * multiprocessors // cdiv(channels, CUDA_CHANNELS_PER_BLOCK), 1),
+    > 0) of ``element_size``-byte data with the widest vectors (aligned data;
+    unaligned data gets 1-channel vectors, more channel blocks and so fewer row
+    blocks): the float64 partial sums of ``channel_stats`` and
+    ``bn_relu_backward`` are ``(2, row blocks, channels)``."""
+    vector = min(CUDA_MAX_VECTOR[0] // element_size, CUDA_MAX_VECTOR[1])
+    target = min(max(CUDA_BLOCKS_PER_SM * multiprocessors // cdiv(channels, CUDA_CHANNEL_LANES * vector), 1),
                  CUDA_MAX_GRID_Y)
     return cdiv(rows, max(CUDA_MIN_ROWS_PER_BLOCK, cdiv(rows, target)))
