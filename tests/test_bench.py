@@ -398,6 +398,9 @@ def test_memory_repredict_predicts_a_result_again(fake_workers, monkeypatch, tmp
                                "--no-plot"])
     assert fake_workers == calls and (tmp_path / "m.png").exists() and not (tmp_path / "again.png").exists()
     assert again["rows"] == measured["rows"] == json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert measured["environment"]["settings"]["multiprocessors"] is None  # a GPU's count, recorded for CUDA
+    on_a100 = argparse.Namespace(**{**measured["environment"]["settings"], "device": "cuda", "multiprocessors": 108})
+    assert bench_memory.setup_of(on_a100, 4).multiprocessors == 108  # predicted again for the GPU measured
 
 
 def test_models_checks_implementation_names_and_plans_auto_under_the_budget(fake_workers, monkeypatch, tmp_path):

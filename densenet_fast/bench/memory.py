@@ -74,9 +74,11 @@ def architecture(spec: ModelSpec) -> Architecture:
 
 
 def setup_of(args: argparse.Namespace, batch: int) -> Setup:
+    """The planner's setup of a point (``multiprocessors``: the measured GPU's, in its
+    result's settings: a result predicted again elsewhere keeps its GPU)."""
     return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
-                 args.threads or torch.get_num_threads())
+                 args.threads or torch.get_num_threads(), getattr(args, "multiprocessors", None))
 
 
 def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> dict:
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     runner = Runner(args)
     settings = common.settings_of(args)
     settings["mmap_threshold_in_memory_workers"] = None if args.malloc_default else MMAP_THRESHOLD
+    settings["multiprocessors"] = Setup(1, 1, device=args.device).multiprocessors
     env = common.environment(args.device, settings)
     out = args.out or common.RESULTS_DIR / f"memory_model_{args.device.split(':')[0]}.json"
     rows = []
