@@ -1034,10 +1034,10 @@ class StepSimulation:
         t.alloc("stage_gradient", grad_out)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
         self.take_scratch(b, True, "grad_buffer")
-        # each primitive's parameter gradients (convolution weights in the data dtype, a BN's
-        # weight and bias as one (2, C) tensor in the statistics dtype) live until they are copied
-        # into the stage's gradient store, which is made after the tail's backward
-        tail_grads = [2 * c_total * s] + ([] if last else [c_total * (c_total // 2) * e])
+        # each primitive's parameter gradients (a convolution's weight as the backend returns it,
+        # a BN's weight and bias as one (2, C) tensor in the statistics dtype) live until they are
+        # copied into the stage's gradient store, which is made after the tail's backward
+        tail_grads = [2 * c_total * s] + ([] if last else [ws.transition_weight_gradient(c_total // 2, c_total)])
         if last:
             self.take_scratch(b, True, "head")
             t.transient("layer_transients", ws.bn_relu_backward(m, c_total))
@@ -1078,7 +1078,7 @@ class StepSimulation:
             t.free("layer_transients", self.cast(k * w * taps), columns, *grad_new)
             t.transient("layer_transients", ws.bn_relu_backward(m, w))
             t.transient("layer_transients", ws.bn_relu_conv1x1_backward(m, c, w))
-            others = [w * c * e, 2 * w * s, 2 * c * s]  # conv1's, norm2's, norm1's
+            others = [ws.conv1x1_weight_gradient(w, c), 2 * w * s, 2 * c * s]  # conv1's, norm2's, norm1's
             t.alloc("layer_transients", *others)
             t.free("layer_transients", m * w * e, cast_w1, conv2_grad, *others)
         t.where = f"backward, block {b + 1}, end"
@@ -1161,6 +1161,14 @@ class Workspace:
 
     def transition_backward(self, m: int, pooled: int, c: int, k: int, sides: tuple[int, ...]) -> float:
         return 0.0
+
+    def conv1x1_weight_gradient(self, k: int, c: int) -> float:
+        """The ``(k, c)`` weight gradient :meth:`bn_relu_conv1x1_backward` returns."""
+        return k * c * self.e
+
+    def transition_weight_gradient(self, k: int, c: int) -> float:
+        """The ``(k, c)`` weight gradient :meth:`transition_backward` returns."""
+        return k * c * self.e
 
 
 class TorchWorkspace(Workspace):
@@ -1306,6 +1314,14 @@ class TritonWorkspace(Workspace):
         # the kernels' cells of 2 x 2 pixels cover every pixel, the last row and column of odd sides too
         cells = m // math.prod(sides) * math.prod(gpu_partials.cdiv(side, 2) for side in sides)
         return self.bn_relu_conv1x1_backward(cells, c, k)
+
+    def conv1x1_weight_gradient(self, k, c):
+        return k * c * 4  # float32, whatever the data dtype
+
+    def transition_weight_gradient(self, k, c):
+        if self.torch_transitions:
+            return self.torch_transitions.transition_weight_gradient(k, c)
+        return k * c * 4
 
 
 WORKSPACES = {"torch": TorchWorkspace, "cpp": CppWorkspace, "cuda": CudaWorkspace, "triton": TritonWorkspace}

@@ -514,9 +514,10 @@ class _EngineModel(nn.Module):
         weight = self.features.conv0.weight
         if isinstance(image_size, int):
             image_size = (image_size,) * self.spatial_dims
-        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast,
-                             device or planner.planned_device(weight), self.backend, self.memory_optimizer)
-        key = self._plan_key(setup.batch, setup.image_size, setup.dtype, setup.autocast, setup.device)
+        device = device or planner.planned_device(weight)
+        setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, device, self.backend,
+                             self.memory_optimizer)
+        key = self._plan_key(setup.batch, setup.image_size, setup.dtype, setup.autocast, planner.indexed(device))
         choice = self._stored_plan(key)
         if choice is None:
             recompute = AUTO if self._auto_recompute else tuple(block.recompute for block in self.blocks())
@@ -607,7 +608,7 @@ class _EngineModel(nn.Module):
         planner.refuse_unplannable(self, "plan_for")  # every step: a hook may have come since the plan
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None
-        key = self._plan_key(x.shape[0], x.shape[2:], self.features.conv0.weight.dtype, autocast, device_type)
+        key = self._plan_key(x.shape[0], x.shape[2:], self.features.conv0.weight.dtype, autocast, x.device)
         choice = self._stored_plan(key)
         if choice is None:
             choice = self._plan_outside_graph(key)
@@ -616,13 +617,14 @@ class _EngineModel(nn.Module):
                 block.recompute = policy
 
     def _plan_key(self, batch: int, image_size: Sequence[int], dtype: torch.dtype, autocast: Optional[torch.dtype],
-                  device_type: str) -> tuple:
+                  device: torch.device) -> tuple:
         """The key of a plan in ``_memory_plans`` (:meth:`plan_for` stores it,
         :meth:`_plan_memory` looks it up from an input, in traced code): the
-        input's batch, spatial shape, dtype, autocast dtype and device type, the
-        backend setting, and the architecture last (a classifier or dropout rate
-        changed since a plan is planned again)."""
-        return batch, tuple(image_size), dtype, autocast, device_type, self.backend, memory.Architecture.of(self)
+        input's batch, spatial shape, dtype, autocast dtype and device (with its
+        index: GPUs may differ), the backend setting, and the architecture last
+        (a classifier or dropout rate changed since a plan is planned again)."""
+        return (batch, tuple(image_size), dtype, autocast, (device.type, device.index), self.backend,
+                memory.Architecture.of(self))
 
     def _stored_plan(self, key: tuple) -> Optional["planner.Choice"]:
         """The plan stored under ``key``, or ``None``, also where it was made on
@@ -638,8 +640,8 @@ class _EngineModel(nn.Module):
                                    "planned for: call plan_for(batch, image_size) before torch.compile(fullgraph=True)")
     def _plan_outside_graph(self, key: tuple) -> "planner.Choice":
         """:meth:`plan_for` the input of ``key`` (see :meth:`_plan_memory`)."""
-        batch, image_size, dtype, autocast, device_type, *_ = key
-        return self.plan_for(batch, image_size, dtype=dtype, autocast=autocast, device=device_type)
+        batch, image_size, dtype, autocast, (device_type, index), *_ = key
+        return self.plan_for(batch, image_size, dtype=dtype, autocast=autocast, device=torch.device(device_type, index))
 
     def set_sync_group(self, group) -> None:
         """Synchronise batch statistics over the processes of ``group`` (a

@@ -286,6 +286,15 @@ def planned_device(weight: torch.Tensor) -> str:
     return "cpu" if weight.device.type == "meta" else str(weight.device)
 
 
+def indexed(device: Union[str, torch.device]) -> torch.device:
+    """``device`` with its index: a bare ``"cuda"`` is the current GPU (where
+    there is one), as a tensor made there."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
          batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,

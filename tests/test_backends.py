@@ -22,6 +22,7 @@ from torch import Tensor
 from densenet_fast.backends import BACKEND_NAMES, BackendUnavailableError, get_backend, resolve_backend_name
 from densenet_fast.backends.interface import stats_dtype
 from densenet_fast.backends.torch_backend import TorchBackend, mm as torch_backend_mm
+from densenet_fast.memory import Architecture, Setup, StepSimulation
 from helpers import max_relative_error
 from helpers import one_thread  # noqa: F401  (fixture)
 from primitives import (BN, INF, NAN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64,
@@ -67,6 +68,17 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = max_relative_error(actual, expected)
     assert error <= TOLERANCE[dtype], f"{what}: max relative error {error:.3g} > {TOLERANCE[dtype]:g}"
+
+
+def modelled_weight_gradient(backend: str, device: str, dtype, spatial_dims: int, primitive: str, k: int,
+                             c: int) -> float:
+    """The bytes of a ``(k, c)`` weight gradient that ``primitive`` returns, as the
+    memory model counts them for ``backend`` and ``dtype`` (on the GPU, where
+    the model describes Triton)."""
+    setup = Setup(2, (32,) * spatial_dims, dtype, device="cuda" if backend == "triton" else device, backend=backend)
+    arch = Architecture.named("densenet_bc", 40, spatial_dims=spatial_dims)
+    workspace = StepSimulation(arch, setup, ("keep",) * 3).workspace
+    return getattr(workspace, f"{primitive}_weight_gradient")(k, c)
 
 
 def check_sums(grads, truth, bn: BN, dtype, names) -> None:
@@ -155,6 +167,7 @@ def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
         assert_close(grad_x.double() - before.double(), truth[0], dtype, "grad_x increment")
     assert_only_range_written(grad_buffer, slice(0, c))
     assert grads[0].dtype in (dtype, stats_dtype(dtype)), "grad_weight in the data dtype or fp32"
+    assert grads[0].nbytes == modelled_weight_gradient(backend.name, device, dtype, 2, "conv1x1", k, c)
     check_sums(grads, truth[1:], bn, dtype, ["grad_weight", "grad_gamma", "grad_beta"])
 
 
@@ -211,6 +224,8 @@ def test_transition(backend, dtype, n, spatial, c, k, batch_stats):
     assert_close(grad_x, truth[0], dtype, "grad_x")
     assert_only_range_written(grad_buffer, slice(4, 4 + c))
     assert grads[0].dtype in (dtype, stats_dtype(dtype)), "grad_weight in the data dtype or fp32"
+    assert grads[0].nbytes == modelled_weight_gradient(backend.name, device, dtype, len(spatial), "transition", k,
+                                                       c)
     check_sums(grads, truth[1:], bn, dtype, ["grad_weight", "grad_gamma", "grad_beta"])
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -669,6 +670,22 @@ def test_a_plan_is_made_again_for_a_new_classifier_or_thread_count():
     assert model.plan_for(2, 32).prediction.total_bytes == expected()
     if model.backend in (None, "cpp") and "cpp" in available_backends():  # per-thread tiles: a plan of its own
         assert model.plan_for(2, 32).prediction.total_bytes != after.total_bytes
+
+
+@pytest.mark.filterwarnings("ignore::densenet_fast.models.MemoryPlanNotice")
+def test_a_plan_is_made_for_each_gpu(monkeypatch):
+    """Plans on two GPUs are two (their multiprocessors size the kernels'
+    partial sums); a bare ``"cuda"`` is the current GPU's plan.  (Two GPUs
+    of 132 and 20 multiprocessors, as torch.cuda would report them.)"""
+    counts = {0: 132, 1: 20}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(multi_processor_count=counts[index]))
+    model = densenet_bc(40, recompute="auto", memory_budget="8GiB")
+    first, second = (model.plan_for(64, 32, device=f"cuda:{index}") for index in (0, 1))
+    assert model.plan_for(64, 32, device="cuda") is first and model.plan_for(64, 32, device="cuda:1") is second
+    assert sorted(key[4] for key in model._memory_plans) == [("cuda", 0), ("cuda", 1)]
 
 
 def test_depth_search_keeps_the_volume_and_monais_stem():
