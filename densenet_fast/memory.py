@@ -107,6 +107,16 @@ def format_bytes(nbytes: float) -> str:
 
 
 # -- what is trained ----------------------------------------------------------------------------
+def layer_dropout(layer: torch.nn.Module) -> tuple[float, bool]:
+    """A dense layer's dropout in a training step: ``(probability, whole
+    channels)`` (torchvision's ``drop_rate``; MONAI's ``dropout`` module, of
+    single values or of whole channels)."""
+    monai = getattr(layer, "layers", None)
+    dropout = monai._modules.get("dropout") if monai is not None else None
+    drop_rate = dropout.p if dropout is not None else getattr(layer, "drop_rate", 0.0)
+    return float(drop_rate), isinstance(dropout, CHANNEL_DROPOUTS)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A DenseNet as :class:`densenet_fast.DenseNet` (``tree="torchvision"``, images)
@@ -142,16 +152,14 @@ class Architecture:
         """The architecture of a :class:`densenet_fast.DenseNet` or a
         :class:`densenet_fast.monai.DenseNet`."""
         blocks = model.blocks()
-        layer = blocks[0].denselayer1
+        layer = blocks[0].denselayer1  # (memory_model_blocker refuses layers whose dropout differs)
         monai = getattr(layer, "layers", None)  # MONAI's layer: a Sequential, dropout a module in it
         conv1, conv2 = (monai.conv1, monai.conv2) if monai is not None else (layer.conv1, layer.conv2)
-        dropout = monai._modules.get("dropout") if monai is not None else None
-        drop_rate = dropout.p if dropout is not None else getattr(layer, "drop_rate", 0.0)
         k = conv2.out_channels
+        drop_rate, channel_dropout = layer_dropout(layer)
         return Architecture(k, tuple(len(b) for b in blocks), model.features.conv0.out_channels,
                             conv1.out_channels // k, model.classifier_layer().out_features, model.in_channels,
-                            model.stem, float(drop_rate), model.spatial_dims,
-                            isinstance(dropout, CHANNEL_DROPOUTS),
+                            model.stem, drop_rate, model.spatial_dims, channel_dropout,
                             "torchvision" if monai is None else "monai")
 
     @staticmethod

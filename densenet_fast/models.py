@@ -553,6 +553,11 @@ class _EngineModel(nn.Module):
             reasons.append("a stem changed since construction; the memory model describes the one built")
         if type(self.classifier_layer()) is not nn.Linear:
             reasons.append("a classifier other than one nn.Linear; the memory model describes the one built")
+        dropouts = {(rate > 0, channels) for rate, channels in
+                    (memory.layer_dropout(layer) for block in self.blocks() for layer in block.children())}
+        if len(dropouts) > 1:
+            reasons.append("dense blocks with dropout and without it, or of single values and of whole channels; "
+                           "the memory model describes one dropout in every layer")
         reasons += [f"{fastpath.watched(module)} on features.{name}, which the engine then runs as a stage of its own"
                     for name, module in self.features.named_children()
                     if isinstance(module, (_EngineBlock, _EngineTransition)) and fastpath.watched(module)]

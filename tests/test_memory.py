@@ -672,6 +672,25 @@ def test_a_plan_is_made_again_for_a_new_classifier_or_thread_count():
         assert model.plan_for(2, 32).prediction.total_bytes != after.total_bytes
 
 
+def test_blocks_whose_dropout_differs_are_not_planned():
+    """The memory model describes one dropout in every dense layer (it read the
+    first layer's): a model whose blocks differ is refused, not under-counted
+    (layers of one block that differ run the plain path, refused too)."""
+    model = densenet_bc(22, drop_rate=0.2, memory_budget="1GiB")
+    model.plan_for(2, 32)
+    for layer in model.features.denseblock1.children():
+        layer.drop_rate = 0.0  # the blocks after it keep their masks
+    with pytest.raises(ValueError, match="dense blocks with dropout and without it"):
+        model.plan_for(2, 32)
+    model.features.denseblock2.denselayer2.drop_rate = 0.0
+    with pytest.raises(ValueError, match="dense layers of one block with different dropout .denselayer2"):
+        model.plan_for(2, 32)
+    for block in model.blocks():
+        for layer in block.children():
+            layer.drop_rate = 0.1
+    model.plan_for(2, 32)
+
+
 @pytest.mark.filterwarnings("ignore::densenet_fast.models.MemoryPlanNotice")
 def test_a_plan_is_made_for_each_gpu(monkeypatch):
     """Plans on two GPUs are two (their multiprocessors size the kernels'

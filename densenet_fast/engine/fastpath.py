@@ -214,9 +214,10 @@ def block_blocker(layers: list[nn.Module]) -> Optional[str]:
         if reason is None and (type(p.conv2) is not type(first.conv2)
                                or p.conv2.out_channels != first.conv2.out_channels
                                or p.conv1.in_channels != first.conv1.in_channels + i * first.conv2.out_channels
-                               or p.conv1.out_channels != first.conv1.out_channels
-                               or (p.drop_rate, p.channel_dropout) != (first.drop_rate, first.channel_dropout)):
+                               or p.conv1.out_channels != first.conv1.out_channels):
             reason = "dense layers of different shapes than torchvision's or MONAI's"
+        if reason is None and (p.drop_rate, p.channel_dropout) != (first.drop_rate, first.channel_dropout):
+            reason = "dense layers of one block with different dropout"
         if reason is not None:
             return f"{reason} (denselayer{i + 1})"
     return None
