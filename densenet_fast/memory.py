@@ -152,7 +152,7 @@ class Architecture:
         """The architecture of a :class:`densenet_fast.DenseNet` or a
         :class:`densenet_fast.monai.DenseNet`."""
         blocks = model.blocks()
-        layer = blocks[0].denselayer1  # (memory_model_blocker refuses layers whose dropout differs)
+        layer = blocks[0].denselayer1  # (memory_model_blocker refuses blocks whose dropout differs)
         monai = getattr(layer, "layers", None)  # MONAI's layer: a Sequential, dropout a module in it
         conv1, conv2 = (monai.conv1, monai.conv2) if monai is not None else (layer.conv1, layer.conv2)
         k = conv2.out_channels
