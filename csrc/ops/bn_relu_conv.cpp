@@ -26,17 +26,24 @@ void check_pixels(const at::Tensor& t, const at::Tensor& x, const char* op, cons
 // (N, *spatial, K) whose pixels are rows of one stride (N and the spatial dimensions merge into one).
 void check_pixel_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_pixels(t, x, op, name);
+  // N and the spatial dimensions merge into rows as view() merges them: each dimension of more than one
+  // element steps over the ones inside it, the innermost over the channels; a dimension of size 1 takes no
+  // step, so its stride can be anything (a 1x1 output's gradient)
   const int64_t channel_dim = t.dim() - 1;
-  c10::SymInt row_stride = t.sym_stride(channel_dim - 1);
-  bool mergeable = t.sym_size(channel_dim) <= 1 || t.sym_numel() == 0 || row_stride >= t.sym_size(channel_dim);
+  bool mergeable = true;
+  bool inner_seen = false;
+  c10::SymInt step_over = t.sym_size(channel_dim);  // the least stride of the innermost row dimension
   for (int64_t d = channel_dim - 1; d >= 0; --d) {
-    if (t.sym_size(d) != 1) {
-      mergeable = mergeable && t.sym_stride(d) == row_stride;
-      row_stride = row_stride * t.sym_size(d);
+    if (t.sym_size(d) == 1) {
+      continue;
     }
+    mergeable = mergeable && (inner_seen ? t.sym_stride(d) == step_over
+                                         : t.sym_size(channel_dim) <= 1 || t.sym_stride(d) >= step_over);
+    inner_seen = true;
+    step_over = t.sym_stride(d) * t.sym_size(d);
   }
-  TORCH_CHECK(mergeable, op, ": ", name, " must be rows of one stride (N and the spatial dimensions mergeable), "
-              "got shape ", t.sym_sizes(), " and strides ", t.sym_strides());
+  TORCH_CHECK(mergeable || t.sym_numel() == 0, op, ": ", name, " must be rows of one stride (N and the spatial "
+              "dimensions mergeable), got shape ", t.sym_sizes(), " and strides ", t.sym_strides());
 }
 
 void check_weight(const at::Tensor& x, const at::Tensor& weight, const char* op) {
