@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
 # The one GPU check: on a fresh GPU machine that has torch and triton, run the
 # Triton path's tests and benchmarks in order of value, each step under its own
-# time limit, so that one run of at most 8 minutes always leaves evidence:
+# time limit, so that one run of at most 9 minutes always leaves evidence:
 #
 #   [GIT_REVISION=<commit>] benchmarks/gpu_check.sh [--dry-run] OUTDIR
 #
-# Time budget (limits, seconds; written for an H200 with 16 cores, Triton 3.6,
-# a cold Triton cache):
+# Time budget (limits, seconds; for an H200 with 16 cores, Triton 3.6, a cold
+# Triton cache: set from the first run's times, docs/gpu.md):
 #
 #   step            limit  what                                                    evidence in OUTDIR
 #   environment       15   versions, device, optional modules, revision            environment.json
-#   triton_tests     135   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
-#     build         (135)  meanwhile, in the background: the C++/CUDA extension    build.log
-#   gpu_tests         55   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
-#   triton_kernels    75   benchmarks/triton_kernels.py (bench kernels preset):     triton_kernels.json
+#   triton_tests     100   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
+#     build         (100)  meanwhile, in the background: the C++/CUDA extension    build.log
+#   gpu_tests         85   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
+#   triton_kernels    65   benchmarks/triton_kernels.py (bench kernels preset):     triton_kernels.json
 #                          block-3 and block-1 layers and transitions, with errors
-#   memory_model      60   the memory model against torch.cuda.max_memory_allocated: memory.json
+#   memory_model     110   the memory model against torch.cuda.max_memory_allocated: memory.json
 #                          DenseNet-BC-250, batch 64, 32x32, keep and recompute,
 #                          two steps each in a fresh process (docs/memory.md)
-#   model_bench      140   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
+#   model_bench      135   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
 #                          tv-eager, fast-triton-keep, tv-memeff, tv-compile, one
 #                          process each (step time and peak memory)
-#   total            480   + at most 5 s per step after SIGINT = 510 s < 8.5 minutes
+#   total            510   + at most 5 s per step after SIGINT = 540 s = 9 minutes
 #
 # Every step appends {"step", "status" (ok, failed, timeout, skipped), "rc",
 # "seconds", "limit", "why"} to OUTDIR/steps.jsonl when it ends, and a failing
@@ -38,7 +38,8 @@
 # --dry-run: the same steps on the CPU through the Triton interpreter, with a
 # handful of tests, tiny shapes and no compilation (tests/test_gpu_check.py
 # runs it, so CI tests this script).  PYTHON picks the interpreter (default:
-# python3); where the tree is a copy without .git, GIT_REVISION names it.
+# python3); GIT_REVISION names the tree (before its git metadata: a copied tree
+# can carry an older commit's).
 # Exit status: 0 if every step is ok, 1 otherwise, 2 for bad arguments.
 set -uo pipefail
 
@@ -74,7 +75,7 @@ if [ "$DRY_RUN" = 1 ]; then
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
 else
     SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
-    LIMIT_ENV=15 LIMIT_TRITON_TESTS=135 LIMIT_GPU_TESTS=55 LIMIT_KERNELS=75 LIMIT_MEMORY=60 LIMIT_MODELS=140
+    LIMIT_ENV=15 LIMIT_TRITON_TESTS=100 LIMIT_GPU_TESTS=85 LIMIT_KERNELS=65 LIMIT_MEMORY=110 LIMIT_MODELS=135
     # the conformance suite's torch and triton runs go with the Triton tests, its cuda-backend runs after the build
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py tests/test_backends.py -k "not cuda-cuda")
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py
@@ -185,12 +186,14 @@ def version(module):
     except importlib.metadata.PackageNotFoundError:
         return "present" if importlib.util.find_spec(module) else None
 
-def git_revision():
+def git_revision():  # $GIT_REVISION first: a copied tree can carry git metadata older than its files
+    if os.environ.get("GIT_REVISION"):
+        return os.environ["GIT_REVISION"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("GIT_REVISION", "unknown")
+    return out or "unknown"
 
 sources = sorted(p for top in ("densenet_fast", "csrc", "tests", "benchmarks") for p in pathlib.Path(top).rglob("*")
                  if p.suffix in (".py", ".sh", ".cpp", ".cu", ".h") and "__pycache__" not in p.parts)

@@ -20,7 +20,7 @@ SHARDS = 2  # the dry run's
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, "GIT_REVISION": "named-by-the-caller"}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -39,6 +39,9 @@ def test_every_step_ends_ok_within_its_limit(evidence):
     environment = json.loads((evidence / "environment.json").read_text())
     assert environment["dry_run"] and environment["triton_interpret"] == "1"
     assert environment["torch"] and environment["triton"] and len(environment["source_sha256"]) == 64
+    # the caller's name for the tree, before the checkout's git metadata (the first GPU run's copied tree
+    # carried an older commit's)
+    assert environment["git_revision"] == "named-by-the-caller"
 
 
 @pytest.mark.parametrize("name", ["triton_tests", "gpu_tests"])
