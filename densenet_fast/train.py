@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help=f"output directory for {CHECKPOINT}, {METRICS} and {CURVES} "
-                          f"(default: a new runs/<dataset>-<model>[-<depth>-<k>]-<date>-<time>; "
+                          f"(default: a new runs/<dataset>-<model>[-<depth>-<k>]-<date>-<time>-<process id>; "
                           f"depth and k for densenet_bc)")
     existing = out.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -746,11 +746,23 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
                    sample_size=list(data.size or data.train[0][0].shape[1:]))
     if os.path.exists(options["data"]):  # a directory or file: the same one from another working directory
         options["data"] = os.path.abspath(options["data"])
-    if options["out"] is None:  # a new directory per run, named by rank 0
+    options["out_is_new"] = options["out"] is None
+    if options["out_is_new"]:  # a new directory per run, named by rank 0
         shape = f"-{options['depth']}-{options['growth_rate']}" if args.model == "densenet_bc" else ""
-        name = f"{data.name}-{args.model}{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
-        options["out"] = os.path.join("runs", procs.gather(name)[0])
+        options["out"] = procs.gather(new_run_directory(f"{data.name}-{args.model}{shape}"))[0]
     return options
+
+
+def new_run_directory(stem: str) -> str:
+    """``runs/<stem>-<date>-<time>-<process id>`` (runs started in the same second
+    differ by their process), with ``-2``, ``-3``... where this process already
+    made one in that second; :func:`start_output` creates it."""
+    base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    path, count = base, 1
+    while os.path.lexists(path):
+        count += 1
+        path = f"{base}-{count}"
+    return path
 
 
 def build_model(options: dict) -> nn.Module:
@@ -844,7 +856,11 @@ def start_output(options: dict) -> None:
     nothing behind and none of the earlier files stays beside this run's."""
     out = options["out"]
     try:
-        os.makedirs(out, exist_ok=True)
+        if options["out_is_new"]:  # its own: another run that took the name meanwhile is not joined
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            os.mkdir(out)
+        else:
+            os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out} ({exc.strerror or exc})") from exc
     if options["overwrite"] and not options["resume"]:

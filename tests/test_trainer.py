@@ -612,6 +612,33 @@ def test_memory_budget_checks_a_fixed_policy_and_refuses_what_does_not_fit(tmp_p
     assert "not even a batch of 1 fits" in capsys.readouterr().err
 
 
+def test_each_run_gets_a_directory_of_its_own(tmp_path, monkeypatch, capsys):
+    """Without --out every run has a new directory: two runs of one process in
+    the same second get two (they shared one, the second's files replacing the
+    first's), runs of two processes differ by process id, and a run whose name
+    another run took meanwhile stops instead of writing into it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.time, "strftime", lambda *args: "20261204-120000")
+    run = ["train", *TINY, "--epochs", "1"]
+    assert cli.main(run) == 0 and cli.main(run) == 0
+    first = tmp_path / "runs" / f"digits-densenet_bc-10-4-20261204-120000-{os.getpid()}"
+    second = first.with_name(first.name + "-2")
+    assert sorted((tmp_path / "runs").iterdir()) == [first, second]
+    assert all((d / "metrics.csv").exists() for d in (first, second))
+
+    monkeypatch.setattr(trainer.os, "getpid", lambda: 4242)
+    start_output = trainer.start_output
+
+    def taken_meanwhile(options):
+        os.mkdir(options["out"])  # by another process, between the name and the start
+        start_output(options)
+
+    monkeypatch.setattr(trainer, "start_output", taken_meanwhile)
+    assert cli.main(run) == 2
+    assert re.search(r"error: cannot create runs/\S*-4242 \(File exists\)", capsys.readouterr().err)
+    assert not any((tmp_path / "runs" / "digits-densenet_bc-10-4-20261204-120000-4242").iterdir())
+
+
 def test_offload_needs_cuda(tmp_path, capsys):
     assert train(tmp_path / "run", "--epochs", "1", "--offload", "--device", "cpu") == 2
     err = capsys.readouterr().err
