@@ -227,6 +227,22 @@ def test_cli_runs_bench(fake_workers, tmp_path):
     assert written["environment"]["command"].startswith("python")
 
 
+def test_a_result_without_out_replaces_no_earlier_one(fake_workers, monkeypatch, tmp_path):
+    """Given no --out, a run writes beside the results in benchmarks/results/
+    under a name of its own (it overwrote the committed ones)."""
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(common, "RESULTS_DIR", results)
+    committed = results / "depth_cpu_b16.json"
+    committed.write_text("{}\n")
+    argv = ["bench", "depth", "--depths", "10", "--budget-gib", "0", "--batch", "16", "--no-plot", "--no-progress"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert committed.read_text() == "{}\n"
+    assert sorted(p.name for p in results.iterdir()) == ["depth_cpu_b16-2.json", "depth_cpu_b16-3.json",
+                                                          "depth_cpu_b16.json"]
+    assert json.loads((results / "depth_cpu_b16-3.json").read_text())["environment"]["settings"]["depths"] == [10]
+
+
 def test_worker_process_measures_a_step():
     spec = {"mode": "memory", "impls": ["fast-torch-recompute"], "model": ModelSpec("densenet_bc", 10).to_dict(),
             "batch": 4, "image_size": 8, "device": "cpu", "steps": 3, "warmup_batch": 2,

@@ -7,7 +7,8 @@
 - ``memory``: the memory model's predictions against measured peaks.
 
 Each subcommand module has ``add_arguments(parser)``, ``run(args) -> dict``
-(prints a table, writes JSON and PNG under ``benchmarks/results/``) and
+(prints a table, writes JSON and PNG to ``--out``, by default to a name of its
+own under ``benchmarks/results/``: :func:`.common.new_result_path`) and
 ``main(argv)`` (used by the ``benchmarks/`` scripts).
 """
 

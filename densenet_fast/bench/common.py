@@ -382,6 +382,19 @@ def finish_environment(env: dict) -> dict:
 
 
 # -- output --------------------------------------------------------------------------------
+def new_result_path(name: str) -> Path:
+    """Where a run given no ``--out`` writes its JSON (and PNG): ``name`` in
+    ``benchmarks/results/`` of this checkout (``./benchmark-results/`` for an
+    installed package), with ``-2``, ``-3``... before ``.json`` where that name
+    is taken, so that no earlier result, a committed one least of all, is replaced."""
+    folder = RESULTS_DIR if RESULTS_DIR.parent.is_dir() else Path("benchmark-results")
+    stem, path, count = Path(name).stem, folder / name, 1
+    while path.exists() or path.with_suffix(".png").exists():
+        count += 1
+        path = folder / f"{stem}-{count}.json"
+    return path
+
+
 def write_json(result: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

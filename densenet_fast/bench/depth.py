@@ -363,7 +363,7 @@ def budget_row(search: dict) -> dict:
 def default_out(args) -> Path:
     family = "" if args.family == "torchvision" else "monai_"
     size = "x".join(map(str, args.image_size)) + "_" if isinstance(args.image_size, list) else ""
-    return common.RESULTS_DIR / f"depth_{family}{size}{args.device.split(':')[0]}_b{args.batch}.json"
+    return common.new_result_path(f"depth_{family}{size}{args.device.split(':')[0]}_b{args.batch}.json")
 
 
 def report(result: dict, args, out: Path) -> None:

@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> dict:
           f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype})", flush=True)
     rows = []
     result = {"benchmark": "kernels", "environment": env, "machine": rates, "dtype": args.dtype, "rows": rows}
-    out = args.out or common.RESULTS_DIR / f"kernels_{device.split(':')[0]}_{args.dtype}.json"
+    out = args.out or common.new_result_path(f"kernels_{device.split(':')[0]}_{args.dtype}.json")
     jobs = [(p, s) for s in shapes for p in args.primitives]
     for primitive, shape in common.progress(jobs, desc="kernels", enabled=not args.no_progress):
         try:

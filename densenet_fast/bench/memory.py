@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     settings["mmap_threshold_in_memory_workers"] = None if args.malloc_default else MMAP_THRESHOLD
     settings["multiprocessors"] = Setup(1, 1, device=args.device).multiprocessors
     env = common.environment(args.device, settings)
-    out = args.out or common.RESULTS_DIR / f"memory_model_{args.device.split(':')[0]}.json"
+    out = args.out or common.new_result_path(f"memory_model_{args.device.split(':')[0]}.json")
     rows = []
     for point, policy in common.progress(points, desc="memory model", enabled=not args.no_progress):
         spec, batch = parse_point(point, args)

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{spec.label()}, batch {args.batch}, {size}, {env['device_name']}")
     print(common.format_table(rows, columns))
     name = f"{args.model}_{size}" if monai else args.model
-    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json"
+    out = args.out or common.new_result_path(f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json")
     common.save_result(result, out, None if args.no_plot or monai else "plot_models")  # plots: square images
     return result
 
@@ -197,7 +197,8 @@ def time_impls(runner: Runner, impls: list[str], spec: ModelSpec, args: argparse
 def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runner: Runner, env: dict) -> dict:
     """``--quick``: one memory worker per implementation that also times its steps."""
     args.steps = args.warmup + args.repeats  # the memory workers time every step; the first --warmup do not count
-    out = args.out or common.RESULTS_DIR / f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}_quick.json"
+    out = args.out or common.new_result_path(
+        f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}_quick.json")
     result = {"benchmark": "models", "quick": True, "model": spec.to_dict(), "model_label": spec.label(),
               "environment": env, "rows": [], "details": {}}
     print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
