@@ -191,7 +191,7 @@ def load_digits() -> ImageData:
     train_x, test_x, train_y, test_y = train_test_split(
         images, digits.target, test_size=HELD_OUT_FRACTION, stratify=digits.target, random_state=SPLIT_SEED)
     train, test = _normalised_splits(train_x, train_y, test_x, test_y)
-    return ImageData("digits", train, test, 10, 1, Augmentation(crop_padding=1, flip=False))
+    return ImageData("digits", train, test, 10, 1, Augmentation(crop_padding=1, flip=False), size=images.shape[2:])
 
 
 def _read_pickle(path: str) -> dict:
@@ -229,7 +229,8 @@ def _cifar(name: str, root: str, train_files: Sequence[str], label_key: str, num
                                   num_classes)
     train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     train, test = _normalised_splits(train_x / np.float32(255), train_y, test_x / np.float32(255), test_y)
-    return ImageData(name, train, test, num_classes, 3, Augmentation(crop_padding=4, flip=True))
+    return ImageData(name, train, test, num_classes, 3, Augmentation(crop_padding=4, flip=True),
+                     size=tuple(train_x.shape[2:]))
 
 
 def load_cifar10(root: str) -> ImageData:
@@ -316,7 +317,7 @@ def load_image_folder(root: str, size: int) -> ImageData:
                            f"{len(train)} training and {len(test)} test image(s)")
     padding = max(1, size // 8)
     return ImageData("imagefolder", ImageFolder(train, size), ImageFolder(test, size), len(classes), 3,
-                     Augmentation(crop_padding=padding, flip=True))
+                     Augmentation(crop_padding=padding, flip=True), size=(size, size))
 
 
 # -- volumes (3-D) -------------------------------------------------------------------------

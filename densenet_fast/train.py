@@ -809,10 +809,11 @@ def check_input_size(model: nn.Module, data: ImageData) -> None:
     """The data's images or volumes are not too small for ``model`` (said before any work)."""
     size = model.feature_size(*data.size) if data.size is not None and hasattr(model, "feature_size") else None
     if size is not None and min(size) < 1:
-        option = "--volume-size" if data.spatial_dims == 3 else "--image-size"
+        resize = {"imagefolder": " or resize them with --image-size"}.get(
+            data.name, " or resize them with --volume-size" if data.spatial_dims == 3 else "")
         raise TrainingError(f"{data.unit} of {'x'.join(map(str, data.size))} are too small for {type(model).__name__}"
                             f" (it needs at least {'x'.join(map(str, model.min_input_size()))}); choose a smaller "
-                            f"model or resize them with {option}")
+                            f"model (densenet_bc){resize}")
 
 
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:

@@ -224,9 +224,12 @@ def test_image_folder_tree(tmp_path):
     assert data.name == "imagefolder" and data.num_classes == 3
     assert (len(data.train), len(data.test)) == (15, 6)
     image, label = data.train[5]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1 and data.size == (16, 16)
     assert train(tmp_path / "run", "--data", str(tmp_path / "tree"), "--image-size", "16", "--batch-size", "4",
                  "--epochs", "1") == 0
+    assert train(tmp_path / "small", "--data", str(tmp_path / "tree"), "--image-size", "16", "--model",
+                 "densenet121") == 2  # refused before any work (test_images_too_small_are_refused_before_any_work)
+    assert not (tmp_path / "small").exists()
     assert multiprocessing.active_children() == []  # the loaders' workers (two by default) ended with the run
     # a single class tree gets a stratified 20% held out
     single = load_dataset(str(tmp_path / "tree" / "train"), image_size=8)
@@ -920,6 +923,16 @@ def test_malformed_medmnist_files_are_named(tmp_path, arrays, message):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a readable .npz file"):
         load_dataset(str(tmp_path / "junk.npz"))
+
+
+def test_images_too_small_are_refused_before_any_work(tmp_path, capsys):
+    """Digits (8x8) for DenseNet-121: one line before the run's header and its
+    directory (the first forward raised, after both)."""
+    assert cli.main(["train", "--no-progress", "--model", "densenet121", "--out", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("error: images of 8x8 are too small for DenseNet (it needs at least 29x29); "
+                                    "choose a smaller model (densenet_bc)")
+    assert captured.out == "" and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("options, message", [
