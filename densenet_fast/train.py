@@ -431,6 +431,13 @@ def resume(run: Run) -> Position:
     if run.procs.is_main:
         position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
+    saved_epochs = checkpoint["options"]["epochs"]
+    if not run.options["epochs_given"] and saved_epochs != run.options["epochs"]:
+        # the run's own length, not the dataset's default: the schedule is a function of it (the learning rate
+        # jumped where a resumed run fell back to the default)
+        run.options["epochs"] = saved_epochs
+        run.lr_factor = learning_rate_factor(run.options["schedule"], saved_epochs, len(run.train_sampler))
+        run.procs.log(f"training to the checkpoint's {saved_epochs} epochs (--epochs to change)")
     if position.epoch >= run.options["epochs"]:
         run.procs.log(f"the checkpoint is past --epochs {run.options['epochs']}: nothing is left to train")
     saved_data = checkpoint["options"].get("data")
@@ -729,6 +736,7 @@ def resolve_options(args: argparse.Namespace, data: ImageData, procs: Processes)
         defaults = DIGITS_DEFAULTS if data.name == "digits" else PAPER_DEFAULTS
     options = dict(vars(args))
     options.pop("func", None)
+    options["epochs_given"] = args.epochs is not None  # else --resume keeps the checkpoint's (resume)
     for key, value in defaults.items():
         if options.get(key) is None:
             options[key] = value

@@ -344,7 +344,9 @@ def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupt
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)
     monkeypatch.undo()
-    assert train(out, "--epochs", "3", "--resume") == 0
+    # without --epochs: the checkpoint's 3, not the dataset's default (whose schedule moved the learning rate)
+    assert train(out, "--resume") == 0
+    assert "training to the checkpoint's 3 epochs (--epochs to change)" in capsys.readouterr().out
     assert metrics(out) == uninterrupted
 
 
