@@ -467,6 +467,9 @@ def distribute(run: Run) -> None:
                 run.model.set_sync_group(procs.sync_group)
             except NotImplementedError as exc:
                 raise TrainingError(f"--sync-bn: {exc}") from exc
+        else:
+            procs.log("--sync-bn: one process, whose batch statistics are already the whole batch's: nothing to "
+                      "synchronise")
     if procs.distributed:
         device = run.device
         run.net = nn.parallel.DistributedDataParallel(run.model,

@@ -1024,6 +1024,11 @@ def gloo_threads_left(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"rank (\d+): gloo threads left: (\[.*?\])", stdout))
 
 
+def test_sync_bn_in_one_process_says_there_is_nothing_to_synchronise(tmp_path, capsys):
+    assert train(tmp_path / "run", "--epochs", "1", "--sync-bn") == 0
+    assert "--sync-bn: one process, whose batch statistics are already the whole batch's" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("sync_bn", [[], ["--sync-bn"]], ids=["", "sync-bn"])
 def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     if sync_bn and SYNC_BN_MISSING:
