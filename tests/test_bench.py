@@ -243,6 +243,28 @@ def test_a_result_without_out_replaces_no_earlier_one(fake_workers, monkeypatch,
     assert json.loads((results / "depth_cpu_b16-3.json").read_text())["environment"]["settings"]["depths"] == [10]
 
 
+def test_failed_workers_say_why_and_bench_fails_when_nothing_was_measured(monkeypatch, capsys, tmp_path):
+    """Each failure's reason on stderr (it was in the JSON only), and exit status
+    1 when no implementation measured anything (it was 0)."""
+    def worker(spec, timeout_s, rss_limit_bytes):
+        if spec["impls"] == ["tv-eager"] and healthy:
+            return {"status": "ok", "peak_bytes": 1e6, "baseline_bytes": 0, "step_seconds": [0.1, 0.1]}
+        return {"status": "error", "error": "InputError('input images of 8x8 are too small')"}
+
+    monkeypatch.setattr(common, "_run_worker", worker)
+    argv = ["bench", "models", "--quick", "--impls", "tv-eager", "fast-torch-keep", "--warmup", "0", "--repeats", "1",
+            "--no-plot", "--no-progress", "--out", str(tmp_path / "m.json")]
+    healthy = False
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "tv-eager: error: InputError('input images of 8x8 are too small')" in err
+    assert "fast-torch-keep: error: InputError('input images of 8x8 are too small')" in err
+    assert "error: no implementation measured anything" in err
+    healthy = True
+    assert cli.main(argv) == 0
+    assert "no implementation measured anything" not in capsys.readouterr().err
+
+
 def test_worker_process_measures_a_step():
     spec = {"mode": "memory", "impls": ["fast-torch-recompute"], "model": ModelSpec("densenet_bc", 10).to_dict(),
             "batch": 4, "image_size": 8, "device": "cpu", "steps": 3, "warmup_batch": 2,

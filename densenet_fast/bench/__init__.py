@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 SUBCOMMANDS = ("kernels", "models", "depth", "memory")
 
@@ -32,5 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 1 where every worker failed (each reason is on stderr), else 0."""
+    from .common import worker_outcomes
+    worker_outcomes.clear()
     args.bench_run(args)
+    if worker_outcomes["failed"] and not worker_outcomes["measured"]:
+        print("error: no implementation measured anything (the reasons are above, and in the JSON)", file=sys.stderr)
+        return 1
     return 0

@@ -10,6 +10,7 @@ baseline (after imports, model and input creation); on a GPU it is
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -257,14 +258,42 @@ def available_memory_bytes() -> int:
 
 
 # -- fresh-process workers -----------------------------------------------------------------
+FAILED = ("error", "timeout")  # outcomes that measured nothing (over_budget, oom and refused are findings)
+# this process's worker outcomes, "measured" or "failed" per implementation: ``bench`` fails when none measured
+worker_outcomes: collections.Counter = collections.Counter()
+_said_failures: set[tuple[str, str]] = set()
+
+
 def run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float] = None) -> dict:
     """Run ``python -m densenet_fast.bench.worker`` on ``spec`` in a fresh process.
 
     The parent watches the worker's resident memory and stops it once it
     exceeds ``rss_limit_bytes`` above the baseline the worker announces (on
     the CPU), or once ``timeout_s`` has passed.  Returns the worker's result
-    dict, or ``{"status": "over_budget" | "timeout" | "error", ...}``.
+    dict, or ``{"status": "over_budget" | "timeout" | "error", ...}``; an
+    implementation that failed is said on stderr, once per reason.
     """
+    result = _run_worker(spec, timeout_s, rss_limit_bytes)
+    per_impl = result["impls"] if "impls" in result else {impl: result for impl in spec["impls"]}
+    for impl, outcome in per_impl.items():
+        failed = outcome.get("status") in FAILED
+        worker_outcomes["failed" if failed else "measured"] += 1
+        reason = failure_reason(outcome) if failed else None
+        if reason and (impl, reason) not in _said_failures:
+            _said_failures.add((impl, reason))
+            print(f"{impl}: {outcome['status']}: {reason}", file=sys.stderr, flush=True)
+    return result
+
+
+def failure_reason(outcome: dict) -> str:
+    """One line on why a worker measured nothing."""
+    if outcome["status"] == "timeout":
+        return f"no result within {outcome.get('wall_s', 0):.0f} s"
+    lines = (outcome.get("error") or outcome.get("stderr_tail") or "").strip().splitlines()
+    return lines[-1] if lines else f"the worker exited with status {outcome.get('returncode')}"
+
+
+def _run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float]) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONWARNINGS", "ignore::RuntimeWarning")
