@@ -311,10 +311,11 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     ``optimizer`` default to a model's (as ``plan_for`` takes them; a meta model
     is planned on the CPU), else
     float32 on the CPU, automatic, SGD with momentum.  Returns ``{"policies": {"keep", "recompute",
-    "auto"}}`` (``auto`` needs a ``budget``) with each policy's
+    "auto"}}`` (``auto`` is None without a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
-    peak is, whether it fits and its step-time ratio; with a budget also
-    ``deepest_depth`` (DenseNet-BC) and ``largest_batch`` per policy."""
+    peak is, whether it fits and its step-time ratio; ``deepest_depth``
+    (DenseNet-BC) and ``largest_batch`` per policy (None without a budget), and
+    the ``search_limits`` they stop at (a value equal to its limit: that or more)."""
     if not isinstance(model, str) and any(v is not None for v in (depth, growth_rate, num_classes, in_channels)):
         raise ValueError("depth, growth_rate, num_classes and in_channels shape a named model; this model is given "
                          "whole")
@@ -358,11 +359,13 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
                      "multiprocessors": setup.multiprocessors},
            "budget_bytes": budget, "policies": policies, "assumes": assumptions(setup),
            "step_time_ratio_source": step_time_ratio(arch, setup, ("keep",) * len(arch.block_config))[1]}
-    if budget is not None:
-        modes = list(POLICIES) + ["auto"]
-        out["largest_batch"] = {m: largest_batch(arch, setup, budget, m) for m in modes}
-        if arch.depth is not None:
-            out["deepest_depth"] = {m: deepest_depth(arch, setup, budget, m) for m in modes}
+    # the searches' keys are always there (None where there is no budget, or no depth to vary), and the limits
+    # they stop at: a value equal to its limit means "that or more"
+    modes = list(POLICIES) + ["auto"]
+    out["largest_batch"] = None if budget is None else {m: largest_batch(arch, setup, budget, m) for m in modes}
+    out["deepest_depth"] = None if budget is None or arch.depth is None else \
+        {m: deepest_depth(arch, setup, budget, m) for m in modes}
+    out["search_limits"] = {"largest_batch": MAX_BATCH, "deepest_depth": 6 * MAX_DEPTH_LAYERS + 4}
     return out
 
 
@@ -444,11 +447,10 @@ def report(result: dict) -> str:
     lines += [f"not counted: {text}" for text in first.get("not_counted", [])]
     lines += [f"assumes: {text}" for text in result["assumes"]]
     lines.append(f"\nstep-time ratios: {result['step_time_ratio_source']}")
-    searches = {"deepest_depth": ("deepest depth at this batch", 6 * MAX_DEPTH_LAYERS + 4),
-                "largest_batch": ("largest batch for this model", MAX_BATCH)}
-    for key, (label, limit) in searches.items():
-        if key in result:
-            at_limit = " or more (the search stops there)"
+    labels = {"deepest_depth": "deepest depth at this batch", "largest_batch": "largest batch for this model"}
+    for key, label in labels.items():
+        if result[key] is not None:
+            limit, at_limit = result["search_limits"][key], " or more (the search stops there)"
             lines.append(f"{label}: " + ", ".join(f"{k} {v}{at_limit if v == limit else ''}"
                                                   for k, v in result[key].items()))
     return "\n".join(lines)

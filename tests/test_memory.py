@@ -228,6 +228,14 @@ def test_plan_command_json(capsys):
         assert entry["total_bytes"] == entry["persistent_bytes"] + entry["step_bytes"]
     assert result["policies"] == plan("densenet_bc", depth=100, batch=16, budget="64MiB")["policies"]
     assert set(result["deepest_depth"]) == set(result["largest_batch"]) == {"keep", "recompute", "auto"}
+    assert result["search_limits"] == {"largest_batch": planner.MAX_BATCH,
+                                       "deepest_depth": 6 * planner.MAX_DEPTH_LAYERS + 4}
+    # without a budget the same keys, for scripts (they were missing): the searches and auto are null
+    assert cli.main(["plan", "--model", "densenet_bc", "--depth", "100", "--batch", "16", "--json"]) == 0
+    unbudgeted = json.loads(capsys.readouterr().out)
+    assert set(unbudgeted) == set(result)
+    assert unbudgeted["policies"]["auto"] is None and unbudgeted["deepest_depth"] is None
+    assert unbudgeted["largest_batch"] is None and unbudgeted["policies"]["keep"]["fits"] is None
     assert cli.main(["plan", "--model", "densenet121", "--batch", "8", "--image-size", "224"]) == 0
     assert "keep:" in capsys.readouterr().out
 
@@ -409,7 +417,7 @@ def test_plan_command_for_volumes(capsys):
     model = MonaiDenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
     assert result["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert result["policies"] == plan(model, batch=2, image_size=(64, 128, 128), budget="1GiB")["policies"]
-    assert result["largest_batch"]["recompute"] >= 2 and "deepest_depth" not in result
+    assert result["largest_batch"]["recompute"] >= 2 and result["deepest_depth"] is None
     assert plan(model, batch=2, image_size=64)["setup"]["image_size"] == [64, 64, 64]  # one side: a cube
     with pytest.raises(ValueError, match="3 spatial dimension"):
         plan(model, batch=2, image_size=(64, 128))
