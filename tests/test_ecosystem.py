@@ -264,6 +264,29 @@ def test_torch_func_grad_vjp_and_vmap():
     assert_all_close(results[0], results[1], FLOAT64_RTOL, "torch.func")
 
 
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_batched_backward_and_vectorized_jacobian(stem, monkeypatch):
+    """A vmap around backward alone (``is_grads_batched=True``, a vectorized
+    ``jacobian``) differentiates a plain recomputation, as torchvision's, and
+    says so once (the fused kernels' in-place writes raised under it)."""
+    monkeypatch.setattr(engine.fastpath, "_warned_backward", set())
+    ours, tv = make_pair(**dict(CONFIG, stem=stem))
+    x, _ = random_batch(ours, 3, 20, 18, seed=0)
+    results = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in (ours, tv):
+            inputs = [x.requires_grad_(), *model.parameters()]
+            cotangents = torch.randn(4, 3, CONFIG["num_classes"], generator=torch.Generator().manual_seed(1),
+                                     dtype=x.dtype)
+            batched = torch.autograd.grad(model(x), inputs, cotangents, is_grads_batched=True)
+            jacobian = torch.autograd.functional.jacobian(model, x, vectorize=True)
+            results.append({"jacobian": jacobian, **{f"grad_{i}": g for i, g in enumerate(batched)}})
+    assert_all_close(results[0], results[1], FLOAT64_RTOL, "batched backward")
+    said = [str(w.message) for w in caught if "differentiates a plain recomputation" in str(w.message)]
+    assert len(said) == 1, said
+
+
 def test_transforms_and_forward_ad_say_once_that_the_plain_path_runs(monkeypatch):
     """Where a transform or forward-mode AD makes the model run its per-layer code,
     one warning per process says so (under a memory budget: that its plan does

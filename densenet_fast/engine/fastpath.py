@@ -37,6 +37,7 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                       torch.fx._symbolic_trace.is_fx_tracing)
 _warned: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 _warned_inputs: set[tuple[str, bool]] = set()  # (reason, budgeted) said by engine_takes
+_warned_backward: set[str] = set()  # what differentiates_recomputation said
 _said_while_tracing: set[str] = set()  # the messages say() gave while torch.compile traced
 
 # The module types of each number of spatial dimensions (index: dimensions - 1).
@@ -150,6 +151,24 @@ def engine_takes(x: Tensor, budgeted: bool = False) -> bool:
         say(f"densenet_fast: DenseNet runs its plain per-layer path under {reason}; its memory savings are lost"
             + ("; the memory budget's plan does not hold" if budgeted else ""), stacklevel=3)
     return reason is None and x.numel() > 0
+
+
+def differentiates_recomputation(grad: Tensor) -> bool:
+    """Whether a Function's backward, given ``grad``, must differentiate a plain
+    recomputation instead of running its fused kernels: under
+    ``create_graph=True`` (grad mode on), or under a vmap of backward alone
+    (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``:
+    ``grad`` is batched, and the kernels' in-place writes cannot take it), which
+    is said once per process."""
+    functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad) or \
+            torch._C._are_functorch_transforms_active():
+        if TRANSFORM not in _warned_backward:
+            _warned_backward.add(TRANSFORM)
+            say(f"densenet_fast: under {TRANSFORM} around backward (is_grads_batched, a vectorized jacobian), "
+                f"DenseNet's backward differentiates a plain recomputation", stacklevel=4)
+        return True
+    return torch.is_grad_enabled()
 
 
 def input_matches(x: Tensor, dims: Optional[int], pooled: bool = False) -> bool:

@@ -51,7 +51,7 @@ from ..backends.interface import Backend, stats_dtype
 from . import reference
 from .batchnorm import BatchStatistics, Folded, fold, uses_batch_stats
 from .buffers import ScratchArena, channels_last_empty, leading_channels, pixels, rows
-from .fastpath import dense_layer_parts
+from .fastpath import dense_layer_parts, differentiates_recomputation
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 # torch.compile traces a stage into its graph from torch 2.14 on (:func:`untraceable`)
@@ -516,7 +516,7 @@ class StageFunction(torch.autograd.Function):
         # gradients), leaving an autocast context of the first trace entered: "Global autocast state
         # changed while dynamo tracing"
         with contextlib.nullcontext() if torch.compiler.is_compiling() else autocast_off(buffer.device.type):
-            if torch.is_grad_enabled():  # create_graph=True: differentiate a plain recomputation
+            if differentiates_recomputation(grad_out):  # create_graph=True, or vmap around backward
                 return reference.stage_gradients(ctx.stage, records, x, params, grad_out, ctx.needs_input_grad)
             del x  # (a saved-tensor hook may have given it back as a tensor of its own)
             if not torch.compiler.is_compiling() and not buffer.movedim(1, -1).is_contiguous():

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..backends.interface import count_batch, stats_dtype
 from .batchnorm import check_values_per_channel
-from .fastpath import BATCH_NORMS, _as_tuple, _observed
+from .fastpath import BATCH_NORMS, _as_tuple, _observed, differentiates_recomputation
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 POOL = {"kernel_size": 3, "stride": 2, "padding": 1}  # the stems' max-pool (torchvision's, MONAI's)
@@ -101,7 +101,7 @@ class NormReluMaxPool(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, bias, mean, rstd, indices, passes = ctx.saved_tensors
         wanted = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the recomputed operations
+        if differentiates_recomputation(grad):  # create_graph=True, or vmap around backward: the recomputed operations
             return (*_reference_gradients(x, weight, bias, ctx.eps, grad, wanted), None, None, None, None)
         dims = x.dim() - 2
         _, pool_backward, arguments = _pool_ops(dims)
