@@ -10,6 +10,7 @@ import argparse
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,29 @@ def test_failed_workers_say_why_and_bench_fails_when_nothing_was_measured(monkey
     healthy = True
     assert cli.main(argv) == 0
     assert "no implementation measured anything" not in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_worker_too(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in the benchmark ends its worker (left running, it measured for
+    nobody) and bench exits 130 with one line, not a traceback."""
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(common, "_watch", interrupted)
+    argv = ["bench", "models", "--quick", "--impls", "tv-eager", "--no-plot", "--no-progress", "--out",
+            str(tmp_path / "m.json")]
+    assert cli.main(argv) == 130
+    assert "bench: interrupted" in capsys.readouterr().err
+    workers = [p for p in started if "densenet_fast.bench.worker" in p.args]
+    assert len(workers) == 1 and workers[0].returncode == -signal.SIGKILL  # stopped, not running on
 
 
 def test_worker_process_measures_a_step():

@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     """Exit status 1 where every worker failed (each reason is on stderr), else 0."""
     from .common import worker_outcomes
     worker_outcomes.clear()
-    args.bench_run(args)
+    try:
+        args.bench_run(args)
+    except KeyboardInterrupt:  # its worker is stopped (common.run_worker); what was measured is written
+        print("\nbench: interrupted (the results measured so far are in the JSON)", file=sys.stderr)
+        return 130
     if worker_outcomes["failed"] and not worker_outcomes["measured"]:
         print("error: no implementation measured anything (the reasons are above, and in the JSON)", file=sys.stderr)
         return 1

@@ -306,23 +306,12 @@ def _run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float]) 
     for reader in readers:
         reader.start()
     start = time.monotonic()
-    watched_peak = 0
-    stopped: Optional[str] = None
-    while proc.poll() is None:
-        rss = process_rss_bytes(proc.pid) or 0
-        watched_peak = max(watched_peak, rss)
-        baseline = next((int(line[len(BASELINE_PREFIX):]) for line in list(lines) if line.startswith(BASELINE_PREFIX)),
-                        None)
-        finished = any(line.startswith(RESULT_PREFIX) for line in list(lines))
-        if rss_limit_bytes is not None and baseline is not None and not finished and rss - baseline > rss_limit_bytes:
-            stopped = "over_budget"
-        elif time.monotonic() - start > timeout_s:
-            stopped = "timeout"
-        if stopped:
+    try:
+        stopped, watched_peak = _watch(proc, lines, start, timeout_s, rss_limit_bytes)
+    finally:  # also on Ctrl-C: the worker goes with the benchmark (it was left running, measuring for nobody)
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
-            break
-        time.sleep(0.02)
     for reader in readers:
         reader.join(timeout=5)
     wall = time.monotonic() - start
@@ -334,6 +323,24 @@ def _run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float]) 
                 "stderr_tail": "".join(errors)[-2000:]}
     result["wall_s"] = wall
     return result
+
+
+def _watch(proc: subprocess.Popen, lines: list[str], start: float, timeout_s: float,
+           rss_limit_bytes: Optional[float]) -> tuple[Optional[str], int]:
+    """Wait for the worker: ``(why it was stopped or None, its peak resident bytes seen)``."""
+    watched_peak = 0
+    while proc.poll() is None:
+        rss = process_rss_bytes(proc.pid) or 0
+        watched_peak = max(watched_peak, rss)
+        baseline = next((int(line[len(BASELINE_PREFIX):]) for line in list(lines) if line.startswith(BASELINE_PREFIX)),
+                        None)
+        finished = any(line.startswith(RESULT_PREFIX) for line in list(lines))
+        if rss_limit_bytes is not None and baseline is not None and not finished and rss - baseline > rss_limit_bytes:
+            return "over_budget", watched_peak
+        if time.monotonic() - start > timeout_s:
+            return "timeout", watched_peak
+        time.sleep(0.02)
+    return None, watched_peak
 
 
 # -- environment ---------------------------------------------------------------------------
