@@ -290,6 +290,10 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         run.close()
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def worker_error_text(exc: Exception) -> str:
     """``exc``'s message; for one that a DataLoader worker raised, the worker's
     own message (torch puts the worker's traceback in front of it)."""
@@ -439,7 +443,9 @@ def resume(run: Run) -> Position:
         run.lr_factor = learning_rate_factor(run.options["schedule"], saved_epochs, len(run.train_sampler))
         run.procs.log(f"training to the checkpoint's {saved_epochs} epochs (--epochs to change)")
     if position.epoch >= run.options["epochs"]:
-        run.procs.log(f"the checkpoint is past --epochs {run.options['epochs']}: nothing is left to train")
+        more = "" if position.epoch == run.options["epochs"] else f", more than --epochs {run.options['epochs']}"
+        run.procs.log(f"the checkpoint has trained {plural(position.epoch, 'epoch')}{more}: nothing is left to train "
+                      f"(a larger --epochs trains on)")
     saved_data = checkpoint["options"].get("data")
     if saved_data is not None and saved_data != run.options["data"]:  # with equal fingerprints (load_checkpoint)
         run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (its fingerprint, "
@@ -508,7 +514,7 @@ def describe(run: Run) -> str:
               f"{len(data.train)} train / {len(data.test)} test {data.unit}{volumes}, {data.num_classes} classes; "
               f"augmentation: "
               f"{data.augmentation.describe()}; {run.procs.world_size} process(es) on {run.device.type}; "
-              f"{options['epochs']} epochs of {len(run.train_sampler)} steps, batch {options['batch_size']}, "
+              f"{plural(options['epochs'], 'epoch')} of {plural(len(run.train_sampler), 'step')}, batch {options['batch_size']}, "
               f"output {run.out}")
 
 
@@ -614,7 +620,7 @@ def finish(run: Run, outcome: Outcome) -> dict:
     summary["test_accuracy"] = history[-1]["test_accuracy"]
     speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.seconds else "no training in this run"
     procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(run.data.test)} held-out {run.data.unit}) | "
-              f"{speed} | peak memory {summary['peak_memory']} | {len(history)} epochs, results in {run.out}",
+              f"{speed} | peak memory {summary['peak_memory']} | {plural(len(history), 'epoch')}, results in {run.out}",
               flush=True)
     return summary
 

@@ -516,7 +516,9 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     assert train(out, "--epochs", "2", "--resume", "--lr", "0.05") == 2
     assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
     assert train(out, "--epochs", "1", "--resume") == 0
-    assert "the checkpoint is past --epochs 1: nothing is left to train" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "the checkpoint has trained 1 epoch: nothing is left to train (a larger --epochs trains on)" in said
+    assert "1 epoch of 4 steps" in said and "| 1 epoch, results in" in said  # (it said "1 epochs")
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
     del checkpoint["options"]["sample_size"]  # as written before the data path and size were compared
     checkpoint["options"]["data"] = "elsewhere"
