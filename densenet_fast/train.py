@@ -182,8 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mixed precision: autocast to bf16, or fp16 with a gradient scaler (default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     run.add_argument("--offload", action="store_true", help="CUDA: keep the tensors saved for backward in pinned "
-                     "host memory (torch.autograd.graph.save_on_cpu), two copies per step; they come back a dense block at a "
-                     "time, so the peak, mostly in the first block's backward, often does not drop (docs/gpu.md)")
+                     "host memory (torch.autograd.graph.save_on_cpu), two copies per step; they come back a dense "
+                     "block at a time, so the peak, mostly in the first block's backward, often does not drop "
+                     "(docs/gpu.md)")
     run.add_argument("--sync-bn", action="store_true",
                      help="synchronise batch statistics across processes (under torchrun)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

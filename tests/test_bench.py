@@ -411,6 +411,18 @@ def test_depth_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path)
     assert result["policy_costs"] == {}
 
 
+def test_bad_points_are_refused_before_any_measurement_and_quick_takes_one_step(fake_workers, capsys, tmp_path):
+    """A bad --points entry is refused before the first point is measured (after
+    it, before); --quick, which searches no largest batch, runs with --steps 1
+    (it was refused for the --budget-gib it does not search)."""
+    argv = ["bench", "memory", "--points", "densenet_bc-10:2", "densenet_bc-11:2", "--out", str(tmp_path / "m.json")]
+    assert cli.main(argv) == 2
+    assert "got 11" in capsys.readouterr().err and fake_workers == []
+    assert cli.main(["bench", "models", "--quick", "--steps", "1", "--warmup", "0", "--repeats", "1", "--impls",
+                     "tv-eager", "--no-plot", "--no-progress", "--out", str(tmp_path / "q.json")]) == 0
+    assert fake_workers and json.loads((tmp_path / "q.json").read_text())["rows"][0]["status"] == "ok"
+
+
 @pytest.mark.parametrize("subcommand, argv", [
     (kernels, ["--repeats", "0"]), (kernels, ["--batch-bc", "-2"]), (kernels, ["--device", "foo"]),
     (kernels, ["--device", "cuda"] if not torch.cuda.is_available() else ["--warmup", "-1"]),

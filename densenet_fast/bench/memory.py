@@ -101,6 +101,7 @@ def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> di
 def run(args: argparse.Namespace) -> dict:
     if args.repredict:
         return repredict(args)
+    parsed = {p: parse_point(p, args) for p in args.points}  # every point checked before the first is measured
     points = [(p, policy) for p in args.points for policy in args.policies]
     runner = Runner(args)
     settings = common.settings_of(args)
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     out = args.out or common.new_result_path(f"memory_model_{args.device.split(':')[0]}.json")
     rows = []
     for point, policy in common.progress(points, desc="memory model", enabled=not args.no_progress):
-        spec, batch = parse_point(point, args)
+        spec, batch = parsed[point]
         impl = f"fast-{setup_of(args, batch).backend}-{policy}"
         rows.append(row(args, point, policy, runner.memory(impl, spec, batch, None, runner.seconds_left())))
         common.write_json({"benchmark": "memory", "partial": True, "environment": env, "rows": rows}, out)

@@ -116,7 +116,7 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
 
 
 def run(args: argparse.Namespace) -> dict:
-    if not args.train_only:  # (the largest-batch search is skipped)
+    if not args.train_only and not args.quick:  # (neither searches the largest batch; --quick sets the steps)
         check_budget_steps(args)
     monai = args.model.startswith(monai_impls.PREFIX)
     if isinstance(args.image_size, list) and not monai:
