@@ -394,19 +394,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "densenet121, densenet161, densenet169, densenet201, densenet264")
     parser.add_argument("--depth", type=int, default=None, help="DenseNet-BC depth 6n+4 (default 100)")
     parser.add_argument("--growth-rate", type=int, default=None, help="k (default: the model's; 12 for densenet_bc)")
-    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=None, help="(default: the model's; 10 for densenet_bc)")
     parser.add_argument("--in-channels", type=int, default=None,
                         help="channels of the input (default 3; CT and MRI volumes have 1)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, nargs="+", default=[32],
-                        help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the parameters' dtype")
+                        help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model; default: 32)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="the parameters' dtype (default: %(default)s)")
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: %(default)s)")
     parser.add_argument("--backend", default=None, help="torch, cpp, cuda or triton (default: the device's)")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the trainer's recipe)")
-    parser.add_argument("--budget", default=None, help="memory budget: bytes or e.g. 8GiB, 512MiB, 2GB")
+    parser.add_argument("--budget", default=None, help="memory budget: bytes or e.g. 8GiB, 512MiB, 2GB (default: "
+                        "none; then only the policies' peaks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
