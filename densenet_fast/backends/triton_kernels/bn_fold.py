@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Launcher, custom_op
+from .common import Launcher, cdiv, custom_op
 
 BLOCK_C = 256
 
@@ -75,7 +75,7 @@ def _launch_fold(coeffs: Tensor, mean: Tensor, var: Tensor, weight: Optional[Ten
     update = running_mean is not None
     cumulative = update and momentum is None
     # with momentum None every program reads num_batches_tracked before it changes: one program then
-    programs = 1 if cumulative else triton.cdiv(c, BLOCK_C)
+    programs = 1 if cumulative else cdiv(c, BLOCK_C)
     running = (running_mean, running_var, num_batches_tracked) if update else (mean, var, mean)
     _fold[lambda meta: (programs,)](
         mean.contiguous(), var.contiguous(), weight if weight is not None else mean,

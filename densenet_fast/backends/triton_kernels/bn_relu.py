@@ -11,7 +11,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import bn_relu_conv
-from .common import Launcher, aligned, block_size, check_data, check_pixels, custom_op, relu, rows, vector_alignment
+from .common import (Launcher, aligned, block_size, cdiv, check_data, check_pixels, custom_op, relu, rows,
+                     vector_alignment)
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     m, c = x.shape
     check_pixels(m)
     block_c = block_size(c, 64)
-    _bn_relu[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, block_c))](
+    _bn_relu[lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c, block_c))](
         x, scale, shift, out, m, c, x.stride(0), out.stride(0),
         ALIGN=vector_alignment(x.element_size(), c, x.stride(0), out.stride(0)), BLOCK_C=block_c)
 

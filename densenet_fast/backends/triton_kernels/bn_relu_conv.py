@@ -38,9 +38,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .channel_stats import MERGE_BLOCK, STATS_GROUP, StatsScratch, reduce_tile_stats
-from .common import (Launcher, Pixels, SharedMemory, aligned, arrival_counters, arrive_last, block_size, cell_pixel,
-                     check_data, check_pixels, custom_op, dot_precision, image, nan_stats, num_splits, pixel_offsets,
-                     relu, relu_grad, rows, vector_alignment)
+from .common import (Launcher, Pixels, SharedMemory, aligned, arrival_counters, arrive_last, block_size, cdiv,
+                     cell_pixel, check_data, check_pixels, custom_op, dot_precision, image, nan_stats, next_power_of_2,
+                     num_splits, pixel_offsets, relu, relu_grad, rows, vector_alignment)
 
 
 def _config(block_m: int, block_c: int, warps: int, stages: int) -> triton.Config:
@@ -391,7 +391,7 @@ def one_k_block(has_gemm: bool, k: int, dtype: torch.dtype, device: torch.device
 
 
 def tuning_key(cells: int, channels: int) -> tuple[int, int]:
-    return triton.next_power_of_2(cells), triton.next_power_of_2(channels)
+    return next_power_of_2(cells), next_power_of_2(channels)
 
 
 _forward = {pool: Launcher(_forward_kernel, FORWARD_CONFIGS[pool], FORWARD_SHARED_MEMORY, FORWARD_KEY,
@@ -421,11 +421,11 @@ def forward(x: Pixels, scale: Tensor, shift: Tensor, weight: Tensor, out: Pixels
     align = vector_alignment(x.tensor.element_size(), c, k, *x.strides, weight.stride(0), *out.strides)
     meta = dict(SPATIAL=x.spatial, POOL=pool, WITH_STATS=with_stats, DOT_PRECISION=dot_precision(x.tensor.dtype),
                 ALIGN=align, BLOCK_K=block_k, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
-    grid = lambda meta: (triton.cdiv(num_cells, meta["BLOCK_M"]) * triton.cdiv(k, block_k),)  # noqa: E731
+    grid = lambda meta: (cdiv(num_cells, meta["BLOCK_M"]) * cdiv(k, block_k),)  # noqa: E731
     stats = None
     if with_stats:  # partials for every row tile of the configuration that runs (the smallest, when autotuning)
         block_m = min(config.kwargs["BLOCK_M"] for config in _forward[pool].usable(grid, x.tensor, meta))
-        stats = StatsScratch(num_cells, block_m, k, triton.cdiv(k, block_k), x.tensor.device)
+        stats = StatsScratch(num_cells, block_m, k, cdiv(k, block_k), x.tensor.device)
     _forward[pool][grid](x.tensor, scale, shift, weight, out.tensor, *(stats.args() if stats else (out.tensor,) * 5),
                          num_cells, c, k, *tuning_key(num_cells, c), x.h, x.w, cells_h, cells_w,
                          *x.strides, *weight.stride(), *out.strides, **meta)
@@ -451,10 +451,10 @@ def backward_grid(x: Pixels, weight: Optional[Tensor], pool: int) -> BackwardGri
     outputs with it."""
     c = x.tensor.shape[-1]
     k = weight.shape[0] if weight is not None else c
-    cells_h, cells_w = triton.cdiv(x.h, pool), triton.cdiv(x.w, pool)
+    cells_h, cells_w = cdiv(x.h, pool), cdiv(x.w, pool)
     num_cells = x.n * cells_h * cells_w
     check_pixels(x.n * x.h * x.w)
-    k_blocks = triton.cdiv(k, MAX_BLOCK_K) if weight is not None else 1
+    k_blocks = cdiv(k, MAX_BLOCK_K) if weight is not None else 1
     splits = num_splits(num_cells, c, k if weight is not None else 0, k_blocks, x.tensor.element_size(),
                         x.tensor.device)
     return BackwardGrid(c, k, num_cells, cells_h, cells_w, k_blocks, splits)
@@ -502,9 +502,9 @@ def backward_sums(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd: T
     grid = launch.grid
     dw_part, sums = sums_outputs(x.tensor, grid, weight is not None)
     sum_part = x.tensor.new_empty(grid.splits, 2, grid.c, dtype=torch.float32)
-    _reduce[pool][lambda meta: (grid.splits, triton.cdiv(grid.c, meta["BLOCK_C"]), grid.k_blocks)](
+    _reduce[pool][lambda meta: (grid.splits, cdiv(grid.c, meta["BLOCK_C"]), grid.k_blocks)](
         x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor, sum_part if dw_part is None else dw_part,
-        sum_part, sums, arrival_counters(x.tensor.device, triton.cdiv(grid.c, 16)), *launch.sizes, **launch.meta)
+        sum_part, sums, arrival_counters(x.tensor.device, cdiv(grid.c, 16)), *launch.sizes, **launch.meta)
     return dw_part, sums
 
 
@@ -523,8 +523,8 @@ def backward_finish(x: Pixels, scale: Tensor, shift: Tensor, mean: Tensor, rstd:
     grad_weight = x.tensor.new_empty(grid.k, grid.c, dtype=torch.float32) if weight is not None else None
     unused = scale  # for the pointers the kernel variant does not read
     # at least one program: it also sums dW (zero without pixels)
-    _dx[pool][lambda meta: (max(1, triton.cdiv(grid.num_cells, meta["BLOCK_M"])
-                                * triton.cdiv(grid.c, meta["BLOCK_C"])),)](
+    _dx[pool][lambda meta: (max(1, cdiv(grid.num_cells, meta["BLOCK_M"])
+                                * cdiv(grid.c, meta["BLOCK_C"])),)](
         x.tensor, scale, shift, mean, rstd, launch.weight, grad_out.tensor,
         unused if batch_means is None else batch_means.contiguous(), grad_x.tensor,
         unused if dw_part is None else dw_part, unused if grad_weight is None else grad_weight,

@@ -23,8 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..gpu_partials import STATS_GROUP, stats_partials
-from .common import (Launcher, aligned, arrival_counters, arrive_last, block_size, check_data, check_pixels, custom_op,
-                     nan_stats, vector_alignment)
+from .common import (Launcher, aligned, arrival_counters, arrive_last, block_size, cdiv, check_data, check_pixels,
+                     custom_op, nan_stats, vector_alignment)
 
 MERGE_BLOCK = 32  # partials merged by the exact formula at once
 
@@ -139,10 +139,10 @@ class StatsScratch:
     channel blocks of ``channels`` channels, and the ``(mean, var)`` outputs."""
 
     def __init__(self, rows: int, block_m: int, channels: int, channel_blocks: int, device: torch.device) -> None:
-        tiles = triton.cdiv(rows, block_m)
+        tiles = cdiv(rows, block_m)
         self.part_mean = torch.empty(stats_partials(rows, block_m), channels, device=device, dtype=torch.float32)
         self.part_m2 = torch.empty_like(self.part_mean)
-        self.counters = arrival_counters(device, channel_blocks * (triton.cdiv(tiles, STATS_GROUP) + 1))
+        self.counters = arrival_counters(device, channel_blocks * (cdiv(tiles, STATS_GROUP) + 1))
         self.mean = torch.empty(channels, device=device, dtype=torch.float32)
         self.var = torch.empty_like(self.mean)
 
@@ -160,8 +160,8 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     if m == 0:  # an empty grid would leave the outputs unwritten
         return nan_stats(c, x.device)
     block_c = block_size(c, 64)
-    scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, triton.cdiv(c, block_c), x.device)
-    _tile_stats[lambda meta: (triton.cdiv(m, TILE_STATS_BLOCK_M), triton.cdiv(c, block_c))](
+    scratch = StatsScratch(m, TILE_STATS_BLOCK_M, c, cdiv(c, block_c), x.device)
+    _tile_stats[lambda meta: (cdiv(m, TILE_STATS_BLOCK_M), cdiv(c, block_c))](
         x, *scratch.args(), m, c, x.stride(0), ALIGN=vector_alignment(x.element_size(), c, x.stride(0)),
         BLOCK_C=block_c, STATS_GROUP=STATS_GROUP, MERGE_BLOCK=MERGE_BLOCK)
     return scratch.mean, scratch.var

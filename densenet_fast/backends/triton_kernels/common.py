@@ -108,12 +108,23 @@ def image(t: Tensor) -> Pixels:
     return Pixels(t, *t.shape[:3], *t.stride()[:3], True)
 
 
+# Host-side arithmetic: Triton 3.8's triton.cdiv and triton.next_power_of_2 are constexpr functions that
+# cost microseconds per call on the host (about a fifth of a primitive call's Python time there)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (0 for 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def num_splits(cells: int, channels: int, k: int, k_blocks: int, element_size: int, device: torch.device) -> int:
     """:func:`~densenet_fast.backends.gpu_partials.backward_splits` for
     ``device``'s multiprocessors (for the interpreter: small, but > 1 so that
     the tests cover the merge)."""
     if device.type != "cuda":
-        return max(1, min(3, triton.cdiv(cells, 32)))
+        return max(1, min(3, cdiv(cells, 32)))
     return backward_splits(cells, channels, k, k_blocks, element_size, gpu_limits(device).multiprocessors)
 
 
@@ -129,7 +140,7 @@ def vector_alignment(element_size: int, *counts: int) -> int:
 
 def block_size(n: int, cap: int) -> int:
     """A power-of-two block covering ``n`` (at least 16, the smallest ``tl.dot`` size), at most ``cap``."""
-    return min(cap, max(16, triton.next_power_of_2(n)))
+    return min(cap, max(16, next_power_of_2(n)))
 
 
 class GpuLimits(NamedTuple):
