@@ -730,7 +730,10 @@ def augment(images: Tensor, augmentation: Augmentation, generator: torch.Generat
     if augmentation.flip:
         flip = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
-    return images.contiguous()
+    # NCHW strides: contiguous() kept a one-channel batch in the gather's (N, H, W, C) strides (a size-1
+    # dimension's stride does not count), which convolutions take for channels-last: conv0's weight gradient
+    # came out channels-last, against DDP's buckets ("Grad strides do not match bucket view strides")
+    return images.clone(memory_format=torch.contiguous_format)
 
 
 def augment_volumes(volumes: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
