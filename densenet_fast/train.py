@@ -1106,7 +1106,10 @@ def plot_curves(history: list[dict], out: str, title: str) -> None:
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, max allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (CPU, max resident)"
+    # the whole process (torch, the data, the loaders' buffers): not what --memory-budget covers, the training
+    # step's parameters, gradients, optimizer state and peak
+    return (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (CPU, max resident: the whole "
+            f"process)")
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
