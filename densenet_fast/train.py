@@ -515,8 +515,8 @@ def describe(run: Run) -> str:
               f"{len(data.train)} train / {len(data.test)} test {data.unit}{volumes}, {data.num_classes} classes; "
               f"augmentation: "
               f"{data.augmentation.describe()}; {run.procs.world_size} process(es) on {run.device.type}; "
-              f"{plural(options['epochs'], 'epoch')} of {plural(len(run.train_sampler), 'step')}, batch {options['batch_size']}, "
-              f"output {run.out}")
+              f"{plural(options['epochs'], 'epoch')} of {plural(len(run.train_sampler), 'step')}, "
+              f"batch {options['batch_size']}, output {run.out}")
 
 
 def train_epochs(run: Run, position: Position) -> Outcome:

@@ -109,7 +109,7 @@ def image(t: Tensor) -> Pixels:
 
 
 # Host-side arithmetic: Triton 3.8's triton.cdiv and triton.next_power_of_2 are constexpr functions that
-# cost microseconds per call on the host (about a fifth of a primitive call's Python time there)
+# cost microseconds per host call (most of a primitive call's Python time there: docs/performance.md)
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
