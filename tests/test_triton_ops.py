@@ -742,6 +742,14 @@ def layer_and_transition(device: str) -> list[Tensor]:
     return run(TRITON), run(TORCH)
 
 
+def test_the_reduce_configuration_wrong_on_the_h200_stays_out():
+    """BLOCK_M=64, BLOCK_C=32 with 8 warps gave a wrong dW on an H200 (Triton 3.6,
+    fp16, two K blocks; docs/gpu.md) and passes the interpreter: only the lists
+    keep it out."""
+    for configs in (*bn_relu_conv.REDUCE_CONFIGS.values(), *bn_relu_conv.EXACT_FP32_REDUCE_CONFIGS.values()):
+        assert not any(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_C"] == 32 and c.num_warps == 8 for c in configs)
+
+
 def test_host_arithmetic_equals_tritons():
     """The launchers' plain cdiv and next_power_of_2 (Triton 3.8's are constexpr
     functions, microseconds per host call) give Triton's values."""
