@@ -1,6 +1,8 @@
 """`python -m densenet_fast bench depth` as a script (`--help` for the options)."""
 
-from densenet_fast.bench import depth
+import sys
+
+from densenet_fast import cli
 
 if __name__ == "__main__":
-    depth.main()
+    raise SystemExit(cli.main(["bench", "depth", *sys.argv[1:]]))

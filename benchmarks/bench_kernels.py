@@ -1,6 +1,8 @@
 """`python -m densenet_fast bench kernels` as a script (`--help` for the options)."""
 
-from densenet_fast.bench import kernels
+import sys
+
+from densenet_fast import cli
 
 if __name__ == "__main__":
-    kernels.main()
+    raise SystemExit(cli.main(["bench", "kernels", *sys.argv[1:]]))

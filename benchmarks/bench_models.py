@@ -1,6 +1,8 @@
 """`python -m densenet_fast bench models` as a script (`--help` for the options)."""
 
-from densenet_fast.bench import models
+import sys
+
+from densenet_fast import cli
 
 if __name__ == "__main__":
-    models.main()
+    raise SystemExit(cli.main(["bench", "models", *sys.argv[1:]]))

@@ -6,10 +6,10 @@ options may be added (``--help``)."""
 
 import sys
 
-from densenet_fast.bench import depth
+from densenet_fast import cli
 
 DEPTH_SWEEP = ["--depths", "40", "100", "160", "250", "--batch", "64", "--time-depths", "100", "--budget-gib", "0",
                "--out", "benchmarks/results/memory_depth_cpu_b64.json"]
 
 if __name__ == "__main__":
-    depth.main(DEPTH_SWEEP + sys.argv[1:])
+    raise SystemExit(cli.main(["bench", "depth", *DEPTH_SWEEP, *sys.argv[1:]]))

@@ -8,11 +8,11 @@ torch.compile(MONAI) or ``--image-size 32x64x64`` for a smaller volume."""
 
 import sys
 
-from densenet_fast.bench import models
+from densenet_fast import cli
 
 PRESET = ["--model", "monai-densenet121", "--image-size", "64x128x128", "--batch", "2", "--train-only",
           "--steps", "1", "--warmup", "1", "--repeats", "2",
           "--impls", "monai-eager", "monai-ckpt", "fast-cpp-keep", "fast-cpp-recompute"]
 
 if __name__ == "__main__":
-    models.main(PRESET + sys.argv[1:])
+    raise SystemExit(cli.main(["bench", "models", *PRESET, *sys.argv[1:]]))

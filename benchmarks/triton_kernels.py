@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from densenet_fast.bench import kernels  # noqa: E402
+from densenet_fast import cli  # noqa: E402
 
 COMMON = ["--backends", "triton", "--primitives", "bn_relu_conv1x1", "bn_relu_conv1x1_backward", "transition",
           "transition_backward", "--channels-last", "--check", "--no-plot", "--no-progress"]
@@ -39,7 +39,8 @@ TINY = ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--dtype", "
         "--repeats", "2", "--shapes", "tiny-C24", "tiny-C40"]
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str]) -> int:
+    """``bench kernels`` with the preset: its exit status."""
     if not argv or argv[0].startswith("-"):
         sys.exit(__doc__.split("\n\n")[1])
     outdir, options = Path(argv[0]), argv[1:]
@@ -47,9 +48,9 @@ def main(argv: list[str]) -> dict:
     if not tiny and not torch.cuda.is_available():
         sys.exit("no GPU: only --tiny runs here (through the Triton interpreter)")
     torch.backends.cudnn.allow_tf32 = False  # exact fp32 (--tiny), as --check's tolerance assumes; bf16 unaffected
-    return kernels.main(COMMON + (TINY if tiny else FULL) + ["--out", str(outdir / "triton_kernels.json")]
-                        + [option for option in options if option != "--tiny"])
+    return cli.main(["bench", "kernels", *COMMON, *(TINY if tiny else FULL), "--out",
+                     str(outdir / "triton_kernels.json"), *(option for option in options if option != "--tiny")])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

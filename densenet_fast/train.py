@@ -397,7 +397,7 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
         raise TrainingError(f"the model does not fit in memory ({str(exc).strip().splitlines()[0]})") from None
     set_memory_plan(model, options)
     model = model.to(device)
-    check_input_size(model, data)
+    check_input_size(model, data, options["model"])
     if options["channels_last"]:
         model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
@@ -823,15 +823,17 @@ def build_volume_model(options: dict) -> nn.Module:
     return monai_models.DenseNet(init_features=2 * k, growth_rate=k, block_config=(n, n, n), **kwargs)
 
 
-def check_input_size(model: nn.Module, data: ImageData) -> None:
-    """The data's images or volumes are not too small for ``model`` (said before any work)."""
+def check_input_size(model: nn.Module, data: ImageData, name: str) -> None:
+    """The data's images or volumes are not too small for ``model`` (said before any work;
+    ``name``: its ``--model``)."""
     size = model.feature_size(*data.size) if data.size is not None and hasattr(model, "feature_size") else None
     if size is not None and min(size) < 1:
-        resize = {"imagefolder": " or resize them with --image-size"}.get(
-            data.name, " or resize them with --volume-size" if data.spatial_dims == 3 else "")
+        hints = ["choose a smaller model (densenet_bc)"] if name != "densenet_bc" else []
+        resize = {"imagefolder": "--image-size"}.get(data.name, "--volume-size" if data.spatial_dims == 3 else None)
+        hints += [f"resize them with {resize}"] if resize else []
         raise TrainingError(f"{data.unit} of {'x'.join(map(str, data.size))} are too small for {type(model).__name__}"
-                            f" (it needs at least {'x'.join(map(str, model.min_input_size()))}); choose a smaller "
-                            f"model (densenet_bc){resize}")
+                            f" (it needs at least {'x'.join(map(str, model.min_input_size()))})"
+                            + (f"; {' or '.join(hints)}" if hints else ""))
 
 
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:

@@ -200,10 +200,11 @@ def test_kernels_subcommand(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["rows"] == result["rows"]
 
 
-def test_kernels_check_finds_a_wrong_result_and_a_failing_case_stops_nothing(tmp_path, monkeypatch):
+def test_kernels_check_finds_a_wrong_result_and_a_failing_case_stops_nothing(tmp_path, monkeypatch, capsys):
     """--check against float32 autograd: a backward that swaps grad_gamma and
-    grad_beta is not correct; a primitive that raises leaves its error in the
-    JSON and the other cases run."""
+    grad_beta is not correct, and bench exits 1 (it exited 0: the GPU check's
+    kernel step said ok); a primitive that raises leaves its error in the JSON
+    and the other cases run."""
     from densenet_fast.backends.torch_backend import TorchBackend
 
     backward = TorchBackend.bn_relu_backward
@@ -217,6 +218,10 @@ def test_kernels_check_finds_a_wrong_result_and_a_failing_case_stops_nothing(tmp
         assert "ZeroDivisionError" in rows["bn_relu", shape, None]["error"]
         assert not rows["bn_relu_backward", shape, "torch"]["correct"]
         assert rows["channel_stats", shape, "torch"]["correct"]
+    assert cli.main(["bench", "kernels", "--shapes", "tiny-C24", "--repeats", "1", "--warmup", "0", "--backends",
+                     "torch", "--primitives", "bn_relu_backward", "--check", "--out", str(tmp_path / "k2.json"),
+                     "--no-plot", "--no-progress"]) == 1
+    assert "error: 1 result(s) did not match the reference" in capsys.readouterr().err
 
 
 def test_cli_runs_bench(fake_workers, tmp_path):
@@ -260,10 +265,10 @@ def test_failed_workers_say_why_and_bench_fails_when_nothing_was_measured(monkey
     err = capsys.readouterr().err
     assert "tv-eager: error: InputError('input images of 8x8 are too small')" in err
     assert "fast-torch-keep: error: InputError('input images of 8x8 are too small')" in err
-    assert "error: no implementation measured anything" in err
+    assert "error: nothing was measured" in err
     healthy = True
     assert cli.main(argv) == 0
-    assert "no implementation measured anything" not in capsys.readouterr().err
+    assert "nothing was measured" not in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_the_worker_too(monkeypatch, capsys, tmp_path):

@@ -33,15 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 1 where every worker failed (each reason is on stderr), else 0."""
-    from .common import worker_outcomes
-    worker_outcomes.clear()
+    """Exit status 1 where a result was wrong or nothing was measured (the
+    reasons are on stderr), 130 on Ctrl-C, else 0."""
+    from .common import outcomes
+    outcomes.clear()
     try:
         args.bench_run(args)
-    except KeyboardInterrupt:  # its worker is stopped (common.run_worker); what was measured is written
-        print("\nbench: interrupted (the results measured so far are in the JSON)", file=sys.stderr)
+    except KeyboardInterrupt:  # its worker is stopped (common.run_worker)
+        print("\nbench: interrupted", file=sys.stderr)
         return 130
-    if worker_outcomes["failed"] and not worker_outcomes["measured"]:
-        print("error: no implementation measured anything (the reasons are above, and in the JSON)", file=sys.stderr)
+    if outcomes["wrong"]:
+        print(f"error: {outcomes['wrong']} result(s) did not match the reference (the table says which)",
+              file=sys.stderr)
+        return 1
+    if outcomes["failed"] and not outcomes["measured"]:
+        print("error: nothing was measured (the reasons are above, and in the JSON)", file=sys.stderr)
         return 1
     return 0

@@ -259,8 +259,9 @@ def available_memory_bytes() -> int:
 
 # -- fresh-process workers -----------------------------------------------------------------
 FAILED = ("error", "timeout")  # outcomes that measured nothing (over_budget, oom and refused are findings)
-# this process's worker outcomes, "measured" or "failed" per implementation: ``bench`` fails when none measured
-worker_outcomes: collections.Counter = collections.Counter()
+# this process's measurements (per implementation, or per kernel case): "measured", "failed" or (a result
+# --check found wrong) "wrong"; ``bench`` fails when one is wrong or none was measured
+outcomes: collections.Counter = collections.Counter()
 _said_failures: set[tuple[str, str]] = set()
 
 
@@ -277,7 +278,7 @@ def run_worker(spec: dict, timeout_s: float, rss_limit_bytes: Optional[float] = 
     per_impl = result["impls"] if "impls" in result else {impl: result for impl in spec["impls"]}
     for impl, outcome in per_impl.items():
         failed = outcome.get("status") in FAILED
-        worker_outcomes["failed" if failed else "measured"] += 1
+        outcomes["failed" if failed else "measured"] += 1
         reason = failure_reason(outcome) if failed else None
         if reason and (impl, reason) not in _said_failures:
             _said_failures.add((impl, reason))
@@ -423,7 +424,7 @@ def new_result_path(name: str) -> Path:
     ``benchmarks/results/`` of this checkout (``./benchmark-results/`` for an
     installed package), with ``-2``, ``-3``... before ``.json`` where that name
     is taken, so that no earlier result, a committed one least of all, is replaced."""
-    folder = RESULTS_DIR if RESULTS_DIR.parent.is_dir() else Path("benchmark-results")
+    folder = RESULTS_DIR if (REPO_ROOT / "setup.py").is_file() else Path("benchmark-results")
     stem, path, count = Path(name).stem, folder / name, 1
     while path.exists() or path.with_suffix(".png").exists():
         count += 1
@@ -432,9 +433,13 @@ def new_result_path(name: str) -> Path:
 
 
 def write_json(result: dict, path: Path) -> Path:
+    """``result`` to ``path`` through a temporary file renamed over it: a run
+    stopped mid-write (Ctrl-C, a time limit) leaves the previous version whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(temporary, path)
     return path
 
 

@@ -398,6 +398,8 @@ def run(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
         common.write_json(result, out)  # after every case: a run stopped by its time limit keeps what it measured
     common.finish_environment(env)
+    for row in rows:
+        common.outcomes["failed" if "error" in row else "wrong" if row.get("correct") is False else "measured"] += 1
     columns = ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s", "roofline_fraction", "bound",
                "speedup_vs_unfused"] + (["max_rel_error", "correct"] if args.check else [])
     print(common.format_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))

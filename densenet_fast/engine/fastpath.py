@@ -159,8 +159,10 @@ def differentiates_recomputation(grad: Tensor) -> bool:
     ``create_graph=True`` (grad mode on), or under a vmap of backward alone
     (``autograd.grad(..., is_grads_batched=True)``, ``jacobian(vectorize=True)``:
     ``grad`` is batched, and the kernels' in-place writes cannot take it), which
-    is said once per process.  Traced code checks grad mode alone (dynamo cannot
-    trace the batched checks, and vmap does not go through compiled code)."""
+    is said once per process.  Traced code checks grad mode alone: dynamo cannot
+    trace the batched checks, and a compiled backward given batched gradients
+    fails in torch itself (functionalized custom ops have no batching rule; a
+    compiled torchvision DenseNet fails too, under inductor)."""
     if torch.compiler.is_compiling():
         return torch.is_grad_enabled()
     functorch = torch._C._functorch
