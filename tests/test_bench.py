@@ -294,6 +294,24 @@ def test_ctrl_c_stops_the_worker_too(monkeypatch, capsys, tmp_path):
     assert len(workers) == 1 and workers[0].returncode == -signal.SIGKILL  # stopped, not running on
 
 
+def test_models_writes_each_implementation_before_the_next(fake_workers, monkeypatch, tmp_path):
+    """Stopped during its second implementation, bench models keeps the first in
+    its JSON (it wrote only at the end)."""
+    memory = harness.Runner.memory
+
+    def stopped_at_the_second(self, impl, *args, **kwargs):
+        if impl == "fast-torch-keep":
+            raise KeyboardInterrupt
+        return memory(self, impl, *args, **kwargs)
+
+    monkeypatch.setattr(harness.Runner, "memory", stopped_at_the_second)
+    out = tmp_path / "m.json"
+    assert cli.main(["bench", "models", "--model", "densenet_bc-10", "--batch", "2", "--impls", "tv-eager",
+                     "fast-torch-keep", "--budget-gib", "0", "--no-plot", "--no-progress", "--out", str(out)]) == 130
+    written = json.loads(out.read_text())
+    assert written["partial"] and [row["impl"] for row in written["rows"]] == ["tv-eager"]
+
+
 def test_worker_process_measures_a_step():
     spec = {"mode": "memory", "impls": ["fast-torch-recompute"], "model": ModelSpec("densenet_bc", 10).to_dict(),
             "batch": 4, "image_size": 8, "device": "cpu", "steps": 3, "warmup_batch": 2,

@@ -131,6 +131,10 @@ def run(args: argparse.Namespace) -> dict:
     env = common.environment(args.device, settings)
     if args.quick:
         return run_quick(args, spec, impls, runner, env)
+    size = "x".join(map(str, args.image_size)) if isinstance(args.image_size, list) else \
+        f"{args.image_size}x{args.image_size}"
+    name = f"{args.model}_{size}" if monai else args.model
+    out = args.out or common.new_result_path(f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json")
     timings = {mode: time_impls(runner, impls, spec, args, train=mode == "train") for mode in modes}
     rows, details = [], {}
     safety = 0.7 * common.available_memory_bytes()
@@ -157,12 +161,12 @@ def run(args: argparse.Namespace) -> dict:
         row["largest_batch"] = search.get("largest_batch")
         row["largest_batch_pinned"] = search.get("boundary_pinned")
         rows.append(row)
+        common.write_json({"benchmark": "models", "partial": True, "model": spec.to_dict(), "environment": env,
+                           "rows": rows, "details": details}, out)  # a run stopped early keeps what it measured
     result = {"benchmark": "models", "model": spec.to_dict(), "model_label": spec.label(),
               "environment": common.finish_environment(env), "rows": rows, "details": details}
     columns = ["impl", "train_step_s", "train_images_per_s", "infer_images_per_s", "train_peak_MiB",
                "infer_peak_MiB", "largest_batch", "largest_batch_pinned"]
-    size = "x".join(map(str, args.image_size)) if isinstance(args.image_size, list) else \
-        f"{args.image_size}x{args.image_size}"
     if monai:
         reference = next((r for r in rows if r["impl"] == "monai-eager"), {})
         for row in rows:  # against MONAI eager: the targets are at most 0.3x its memory at no more time
@@ -172,8 +176,6 @@ def run(args: argparse.Namespace) -> dict:
         columns += ["train_step_s_vs_monai", "train_peak_MiB_vs_monai"]
     print(f"{spec.label()}, batch {args.batch}, {size}, {env['device_name']}")
     print(common.format_table(rows, columns))
-    name = f"{args.model}_{size}" if monai else args.model
-    out = args.out or common.new_result_path(f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json")
     common.save_result(result, out, None if args.no_plot or monai else "plot_models")  # plots: square images
     return result
 
