@@ -19,6 +19,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors p
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from densenet_fast.backends import get_backend  # noqa: E402
 from densenet_fast.backends.triton_kernels import common  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
     calls = {"bn_relu_conv1x1 (with statistics)": lambda: backend.bn_relu_conv1x1(x, scale, shift, weight, out, True),
              "bn_relu_conv1x1_backward": lambda: backend.bn_relu_conv1x1_backward(
                  x, scale, shift, mean, rstd, weight, grad_out, grad_x, None)}
-    print(f"torch {torch.__version__}, triton {common.triton.__version__}")
+    print(f"torch {torch.__version__}, triton {triton.__version__}")
     for name, call in calls.items():
         for _ in range(20):
             call()
