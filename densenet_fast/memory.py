@@ -733,6 +733,18 @@ def peak_floor(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[
     return sum(simulation.persistent().values()) + int(simulation.run().peak)
 
 
+def persistent_parts(arch: Architecture, setup: Setup) -> dict[str, int]:
+    """What lives between steps: parameters, their gradients and the optimizer's state."""
+    params = arch.parameter_count() * ELEMENT_BYTES[setup.dtype]
+    return {"parameters": params, "gradients": params, "optimizer_state": setup.optimizer.state_tensors() * params}
+
+
+def persistent_bytes(arch: Architecture, setup: Setup) -> int:
+    """:func:`persistent_parts` in all: a lower bound of every prediction's and
+    floor's total, whatever the policies, found without simulating the step."""
+    return sum(persistent_parts(arch, setup).values())
+
+
 def heap_exits(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[str]] = "keep",
                up_to: int = 2**24) -> frozenset[int]:
     """The batches from 3 to ``up_to`` at which one of the step's allocations on
@@ -859,9 +871,7 @@ class StepSimulation:
         return self.arch.parameter_count() * self.p
 
     def persistent(self) -> dict[str, int]:
-        params = self.parameter_bytes()
-        return {"parameters": params, "gradients": params,
-                "optimizer_state": self.setup.optimizer.state_tensors() * params}
+        return persistent_parts(self.arch, self.setup)
 
     def stem_gradients(self) -> list[float]:
         return [n * self.p for n in self.arch.stem_parameter_sizes()]

@@ -32,7 +32,7 @@ import torch
 
 from .memory import (ASSUMED_MULTIPROCESSORS, CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES,
                      Architecture, OptimizerSpec, Prediction, Setup, format_bytes, heap_exits, parse_bytes, peak_floor,
-                     predict, workspace_backend)
+                     persistent_bytes, predict, workspace_backend)
 
 MAX_DEPTH_LAYERS = 10_000  # per block: the depth search stops there (DenseNet-BC-60004, k=12: 703 GiB of parameters)
 MAX_BATCH = 2**24
@@ -135,9 +135,25 @@ def candidates(arch: Architecture, setup: Setup, recompute: Union[str, Sequence[
 def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto"
                  ) -> Optional[Choice]:
     """The fastest allowed assignment predicted to fit (``None`` if none does);
-    ties go to the leaner."""
-    fitting = [c for c in candidates(arch, setup, recompute) if c.prediction.total_bytes <= budget]
-    return min(fitting, key=lambda c: (c.step_time_ratio, c.prediction.total_bytes), default=None)
+    ties go to the leaner.  The assignments are predicted fastest first, and
+    only until one fits (and those as fast as it)."""
+    timed = sorted((step_time_ratio(arch, setup, a)[0], a) for a in allowed_assignments(arch, recompute))
+    best: Optional[Choice] = None
+    for ratio, policies in timed:
+        if best is not None and ratio > best.step_time_ratio:
+            break
+        choice = Choice(policies, predict(arch, setup, policies), ratio)
+        if choice.prediction.total_bytes <= budget and \
+                (best is None or choice.prediction.total_bytes < best.prediction.total_bytes):
+            best = choice
+    return best
+
+
+def any_fits(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> bool:
+    """Whether :func:`best_fitting` finds an assignment; predicted leanest-looking
+    first (most blocks recomputed), until one fits."""
+    return any(predict(arch, setup, a).total_bytes <= budget
+               for a in reversed(allowed_assignments(arch, recompute)))
 
 
 def choose(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> Choice:
@@ -234,11 +250,13 @@ def deepest_depth(arch: Architecture, setup: Setup, budget: int, recompute: Unio
     (:func:`memory.peak_floor`) cannot: the search bisects on the floor, then
     steps down from the deepest depth the floor allows to the first that fits."""
     def fits(n: int) -> bool:
-        return best_fitting(arch.with_depth(6 * n + 4), setup, budget, recompute) is not None
+        return any_fits(arch.with_depth(6 * n + 4), setup, budget, recompute)
 
     def floor_fits(n: int) -> bool:
         deeper = arch.with_depth(6 * n + 4)
-        return any(peak_floor(deeper, setup, a) <= budget for a in allowed_assignments(deeper, recompute))
+        if persistent_bytes(deeper, setup) > budget:  # no simulation needed
+            return False
+        return any(peak_floor(deeper, setup, a) <= budget for a in reversed(allowed_assignments(deeper, recompute)))
     n = largest_fitting(fits, floor_fits, 1, MAX_DEPTH_LAYERS)
     return None if n is None else 6 * n + 4
 
@@ -255,7 +273,7 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
     batch fits."""
     @functools.cache
     def fits(b: int) -> bool:
-        return best_fitting(arch, setup.with_batch(b), budget, recompute) is not None
+        return any_fits(arch, setup.with_batch(b), budget, recompute)
     exits = set().union(*(heap_exits(arch, setup, a, MAX_BATCH) for a in allowed_assignments(arch, recompute)))
     starts = sorted({1, 2} | exits)
     ends = [b - 1 for b in starts[1:]] + [MAX_BATCH]

@@ -104,6 +104,8 @@ def test_auto_is_the_fastest_fitting_assignment(budget_mib):
         if p.total_bytes <= budget:
             fitting.append((planner.step_time_ratio(BC40, setup, policies)[0], p.total_bytes, policies))
     choice = planner.best_fitting(BC40, setup, budget)
+    assert planner.any_fits(BC40, setup, budget) == bool(fitting)
+    assert memory.persistent_bytes(BC40, setup) == p.persistent_bytes
     if not fitting:
         assert choice is None
         return
