@@ -3,15 +3,15 @@
 # Triton path's tests and benchmarks in order of value, each step under its own
 # time limit, so that one run of at most 9 minutes always leaves evidence:
 #
-#   [GIT_REVISION=<commit>] benchmarks/gpu_check.sh [--dry-run] OUTDIR
+#   [GIT_REVISION=<commit>] benchmarks/gpu_check.sh [--dry-run] [--steps STEP,STEP...] OUTDIR
 #
 # Time budget (limits, seconds; for an H200 with 16 cores, Triton 3.6, a cold
 # Triton cache: set from the first run's times, docs/gpu.md):
 #
 #   step            limit  what                                                    evidence in OUTDIR
 #   environment       15   versions, device, optional modules, revision            environment.json
-#   triton_tests     100   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
-#     build         (100)  meanwhile, in the background: the C++/CUDA extension    build.log
+#   triton_tests     110   test_triton_ops.py, test_backends.py -m gpu, 6 shards   triton_tests_<i>.{log,xml}
+#     build         (110)  meanwhile, in the background: the C++/CUDA extension    build.log
 #   gpu_tests         85   the other gpu-marked tests, 6 shards (needs the build)  gpu_tests_<i>.{log,xml}
 #   triton_kernels    65   benchmarks/triton_kernels.py (bench kernels preset):     triton_kernels.json
 #                          block-3 and block-1 layers and transitions, with errors
@@ -21,7 +21,20 @@
 #   model_bench      135   DenseNet-121, batch 256, bf16 autocast, channels-last:   models.json
 #                          tv-eager, fast-triton-keep, tv-memeff, tv-compile, one
 #                          process each (step time and peak memory)
-#   total            510   + at most 5 s per step after SIGINT = 540 s = 9 minutes
+#   total            520   + at most 5 s per step after SIGINT = 550 s
+#
+# Steps run only when asked for (--steps), each on its own or with others:
+#
+#   reduce_probe      90   benchmarks/reduce_probe.py: the reduce configuration    reduce_probe.json,
+#                          taken out after the first H200 run, per split and K      reduce_probe_toolkit.json
+#                          block, with Triton's ptxas, then (the rest of the limit)
+#                          with the CUDA toolkit's where there is one
+#   depth_budget     250   the deepest DenseNet-BC (k=12, batch 64, 32x32) in 12e9  depth.json
+#                          bytes for keep and auto: the planner's prediction and
+#                          the next depth, each in a fresh process (issue 13)
+#
+# --steps takes the names above, comma-separated (environment is always run;
+# build runs with gpu_tests); the default is every step of the first table.
 #
 # Every step appends {"step", "status" (ok, failed, timeout, skipped), "rc",
 # "seconds", "limit", "why"} to OUTDIR/steps.jsonl when it ends, and a failing
@@ -40,18 +53,34 @@
 # runs it, so CI tests this script).  PYTHON picks the interpreter (default:
 # python3); GIT_REVISION names the tree (before its git metadata: a copied tree
 # can carry an older commit's).
-# Exit status: 0 if every step is ok, 1 otherwise, 2 for bad arguments.
+# Exit status: 0 if every step run is ok, 1 otherwise, 2 for bad arguments.
 set -uo pipefail
 
-DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then
-    DRY_RUN=1
-    shift
-fi
-if [ $# -ne 1 ]; then
-    echo "usage: $0 [--dry-run] OUTDIR" >&2
+DEFAULT_STEPS=environment,triton_tests,gpu_tests,triton_kernels,memory_model,model_bench
+KNOWN_STEPS=$DEFAULT_STEPS,reduce_probe,depth_budget
+usage() {
+    echo "usage: $0 [--dry-run] [--steps STEP,STEP...] OUTDIR (steps: $KNOWN_STEPS)" >&2
     exit 2
-fi
+}
+DRY_RUN=0
+STEPS=$DEFAULT_STEPS
+while [ $# -gt 1 ]; do
+    case $1 in
+        --dry-run) DRY_RUN=1 ;;
+        --steps) STEPS=${2:-}; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+[ $# -eq 1 ] && [ "${1#-}" = "$1" ] || usage
+for name in ${STEPS//,/ }; do
+    [[ ",$KNOWN_STEPS," == *",$name,"* ]] || { echo "unknown step: $name" >&2; usage; }
+done
+
+# wanted NAME: whether the run includes step NAME
+wanted() {
+    [[ ",environment,$STEPS," == *",$1,"* ]]
+}
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
@@ -73,9 +102,14 @@ if [ "$DRY_RUN" = 1 ]; then
     MEMORY=(--device cpu --points densenet_bc-10:2 --image-size 8 --steps 1 --threads 1)
     MODELS=(--device cpu --model densenet_bc-10 --batch 2 --image-size 8 --channels-last
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
+    LIMIT_PROBE=60 LIMIT_DEPTH=120
+    PROBE=(--tiny)
+    DEPTH=(--device cpu --batch 2 --image-size 8 --growth-rate 4 --budget-gib 0.01 --impls fast-torch-keep
+           fast-torch-auto)
 else
     SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
-    LIMIT_ENV=15 LIMIT_TRITON_TESTS=100 LIMIT_GPU_TESTS=85 LIMIT_KERNELS=65 LIMIT_MEMORY=110 LIMIT_MODELS=135
+    LIMIT_ENV=15 LIMIT_TRITON_TESTS=110 LIMIT_GPU_TESTS=85 LIMIT_KERNELS=65 LIMIT_MEMORY=110 LIMIT_MODELS=135
+    LIMIT_PROBE=90 LIMIT_DEPTH=250
     # the conformance suite's torch and triton runs go with the Triton tests, its cuda-backend runs after the build
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py tests/test_backends.py -k "not cuda-cuda")
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py
@@ -86,6 +120,10 @@ else
     MEMORY=(--device cuda --points densenet_bc-250:64 --image-size 32 --steps 2)
     MODELS=(--device cuda --model densenet121 --batch 256 --image-size 224 --autocast bfloat16 --channels-last
             --impls tv-eager fast-triton-keep tv-memeff tv-compile --warmup 2 --repeats 5)
+    PROBE=()
+    # 12e9 bytes; auto's deepest (3526) was measured at 4309898, keep's was not (docs/gpu.md)
+    DEPTH=(--device cuda --batch 64 --image-size 32 --growth-rate 12 --budget-gib 11.17587 --impls fast-triton-keep
+           fast-triton-auto)
 fi
 
 # record NAME STATUS RC START LIMIT [WHY]: one line of steps.jsonl and a summary on stdout
@@ -214,17 +252,35 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(env, indent=1) + "\n")
 print(json.dumps(env, indent=1))
 EOF
 
-build_step &
-BUILD_PID=$!
-pytest_step triton_tests "$LIMIT_TRITON_TESTS" "${TRITON_TESTS[@]}"
-wait $BUILD_PID
-pytest_step gpu_tests "$LIMIT_GPU_TESTS" "${GPU_TESTS[@]}"
-step triton_kernels "$LIMIT_KERNELS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}"
-step memory_model "$LIMIT_MEMORY" "$PY" -m densenet_fast bench memory "${MEMORY[@]}" --no-plot --out "$OUT/memory.json"
-# the benchmark stops starting workers 10 s before its limit, so that it ends on its own
-step model_bench "$LIMIT_MODELS" "$PY" benchmarks/bench_models.py --quick "${MODELS[@]}" --budget-gib 0 \
-    --max-minutes "$(awk "BEGIN { print ($LIMIT_MODELS - 10) / 60 }")" --no-plot --no-progress \
+if wanted gpu_tests; then
+    build_step &
+    BUILD_PID=$!
+fi
+wanted triton_tests && pytest_step triton_tests "$LIMIT_TRITON_TESTS" "${TRITON_TESTS[@]}"
+if wanted gpu_tests; then
+    wait $BUILD_PID
+    pytest_step gpu_tests "$LIMIT_GPU_TESTS" "${GPU_TESTS[@]}"
+fi
+wanted triton_kernels && step triton_kernels "$LIMIT_KERNELS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}"
+wanted memory_model && step memory_model "$LIMIT_MEMORY" "$PY" -m densenet_fast bench memory "${MEMORY[@]}" \
+    --no-plot --out "$OUT/memory.json"
+# the benchmarks stop starting workers 10 s before their limits, so that they end on their own
+wanted model_bench && step model_bench "$LIMIT_MODELS" "$PY" benchmarks/bench_models.py --quick "${MODELS[@]}" \
+    --budget-gib 0 --max-minutes "$(awk "BEGIN { print ($LIMIT_MODELS - 10) / 60 }")" --no-plot --no-progress \
     --out "$OUT/models.json"
+if wanted reduce_probe; then
+    start=$SECONDS
+    step reduce_probe "$LIMIT_PROBE" "$PY" benchmarks/reduce_probe.py "$OUT/reduce_probe.json" "${PROBE[@]}"
+    TOOLKIT_PTXAS=${CUDA_HOME:-/usr/local/cuda}/bin/ptxas
+    left=$((LIMIT_PROBE - (SECONDS - start)))
+    if [ "$DRY_RUN" = 0 ] && [ -x "$TOOLKIT_PTXAS" ] && [ $left -gt 10 ]; then
+        step reduce_probe_toolkit "$left" env TRITON_PTXAS_PATH="$TOOLKIT_PTXAS" "$PY" benchmarks/reduce_probe.py \
+            "$OUT/reduce_probe_toolkit.json"
+    fi
+fi
+wanted depth_budget && step depth_budget "$LIMIT_DEPTH" "$PY" -m densenet_fast bench depth "${DEPTH[@]}" \
+    --depths 40 --time-depths --probe-timeout 60 --max-minutes "$(awk "BEGIN { print ($LIMIT_DEPTH - 10) / 60 }")" \
+    --no-plot --no-progress --out "$OUT/depth.json"
 
 echo "results in $OUT (steps: $OUT/steps.jsonl)"
 if grep -qv '"status": "ok"' "$OUT/steps.jsonl"; then

@@ -71,3 +71,26 @@ def test_benchmarks_write_json_and_log_configurations(evidence):
                for row in models["rows"])
     kernels_logged = {record["kernel"] for record in read_lines(evidence / "triton_configs.jsonl")}
     assert {"_forward_kernel", "_reduce_kernel", "_dx_kernel", "_bn_relu_kernel"} <= kernels_logged
+
+
+def test_the_steps_asked_for_run_and_no_others(tmp_path):
+    """``--steps reduce_probe,depth_budget``: the environment and those two, each
+    leaving its JSON (the reduce probe's cases, the budget's searches);
+    an unknown step is refused before anything runs."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    proc = subprocess.run(["bash", script, "--dry-run", "--steps", "reduce_probe,depth_budget", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    steps = read_lines(tmp_path / "steps.jsonl")
+    assert [step["step"] for step in steps] == ["environment", "reduce_probe", "depth_budget"]
+    probe = json.loads((tmp_path / "reduce_probe.json").read_text())
+    assert probe["rows"] and all(row["dw_error"] < 1e-5 and not row["wrong_splits"] for row in probe["rows"])
+    assert any(row["taken_out"] for row in probe["rows"])
+    searches = json.loads((tmp_path / "depth.json").read_text())["budget_search"]
+    assert [row["impl"] for row in searches] == ["fast-torch-keep", "fast-torch-auto"]
+    assert all(row["boundary_pinned"] and row["predicted_deepest"] for row in searches), searches
+    refused = subprocess.run(["bash", script, "--dry-run", "--steps", "triton_tests,nonsense", str(tmp_path / "x")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown step: nonsense" in refused.stderr
+    assert not (tmp_path / "x" / "steps.jsonl").exists()
