@@ -434,15 +434,19 @@ def test_depth_subcommand_takes_monai_models_and_volumes(fake_workers, tmp_path)
     assert result["policy_costs"] == {}
 
 
-def test_bad_points_are_refused_before_any_measurement_and_quick_takes_one_step(fake_workers, capsys, tmp_path):
+def test_bad_points_are_refused_before_any_measurement_and_quick_takes_no_steps(fake_workers, capsys, tmp_path):
     """A bad --points entry is refused before the first point is measured (after
-    it, before); --quick, which searches no largest batch, runs with --steps 1
-    (it was refused for the --budget-gib it does not search)."""
+    it, before); --quick, which runs --warmup + --repeats steps per worker,
+    refuses --steps (it ignored it), and runs without it whatever --budget-gib
+    (it searches no largest batch)."""
     argv = ["bench", "memory", "--points", "densenet_bc-10:2", "densenet_bc-11:2", "--out", str(tmp_path / "m.json")]
     assert cli.main(argv) == 2
     assert "got 11" in capsys.readouterr().err and fake_workers == []
-    assert cli.main(["bench", "models", "--quick", "--steps", "1", "--warmup", "0", "--repeats", "1", "--impls",
-                     "tv-eager", "--no-plot", "--no-progress", "--out", str(tmp_path / "q.json")]) == 0
+    quick = ["bench", "models", "--quick", "--warmup", "0", "--repeats", "1", "--impls", "tv-eager", "--no-plot",
+             "--no-progress", "--out", str(tmp_path / "q.json")]
+    assert cli.main(quick + ["--steps", "1"]) == 2
+    assert "--steps is for the other modes" in capsys.readouterr().err and fake_workers == []
+    assert cli.main(quick + ["--budget-gib", "1"]) == 0
     assert fake_workers and json.loads((tmp_path / "q.json").read_text())["rows"][0]["status"] == "ok"
 
 

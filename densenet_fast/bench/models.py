@@ -51,9 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-gib", type=common.non_negative_number, default=0.5,
                         help="budget of the largest-batch search (0: skip)")
     parser.add_argument("--quick", action="store_true",
-                        help="training only: one process per implementation times its steps and their peak memory")
+                        help="training only: one process per implementation times --warmup + --repeats steps and their peak "
+                        "memory (no --steps)")
     parser.add_argument("--max-minutes", type=common.positive_number, default=1e9, help="no worker runs past this")
     add_common_arguments(parser)
+    parser.set_defaults(steps=None)  # 2, except under --quick, which takes none (run)
 
 
 MAX_BATCH_PROBES = 12  # fresh processes per largest-batch search, the first verification included
@@ -116,6 +118,10 @@ def largest_batch(runner: Runner, impl: str, spec: ModelSpec, measured: dict, ar
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.quick and args.steps is not None:
+        raise ValueError("--quick runs --warmup + --repeats steps in each worker (it times them); --steps is for "
+                         "the other modes")
+    args.steps = 2 if args.steps is None else args.steps
     if not args.train_only and not args.quick:  # (neither searches the largest batch; --quick sets the steps)
         check_budget_steps(args)
     monai = args.model.startswith(monai_impls.PREFIX)
