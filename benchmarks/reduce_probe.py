@@ -8,14 +8,18 @@ On an H200 (Triton 3.6) the reduce configuration BLOCK_M=64, BLOCK_C=32, 8
 warps, 2 stages gave a wrong dW in float16 with two K blocks (K = 136) and a
 right one with one (K = 120); it was taken out of the lists.  This runs
 ``backward_sums`` of a dense layer alone, forced to that configuration, to
-it with 1 stage, and to the list's first, at the failing case (float16, K =
-136, the test's 133 rows of 71 channels) and then at one change each:
-bfloat16; K = 120 (one K block); K = 256 (two full blocks); 4096 rows of 264
-channels (and that in bfloat16 at K = 256).  Each case's row in OUT.json holds the
+it with 1 stage, and to the list's first, at the failing test's case
+(float16, K = 136, 133 rows of 39 channels sliced from 44, as the test's
+inputs are) and then at one change each: an unsliced input; bfloat16; K =
+120 (one K block); K = 256 (two full blocks); 4096 rows of 264 channels (and
+that in bfloat16 at K = 256).  Pass 1 only (pass 2 sums the partials; the
+GPU tests run both) and the dense layer's pass only (the transition's
+failed too).  Each case's row in OUT.json holds the
 relative error of dW (the partials summed), of each K block of it, of each
 split's partial (the worst, and which splits are wrong), and of the sums
-(``dbeta``, ``dgamma``).  Exits 1 if a configuration of the list is wrong (the
-one taken out is what is being probed: its errors are the finding).
+(``dbeta``, ``dgamma``), NaN counting as wrong, and which ptxas Triton
+used.  Exits 1 if a configuration of the list is wrong (the one taken out is
+what is being probed: its errors are the finding).
 
 ``TRITON_PTXAS_PATH`` picks the assembler, as for any Triton program;
 benchmarks/gpu_check.sh runs this once with Triton's and, where there is one,
@@ -24,6 +28,7 @@ Triton interpreter on the CPU (no GPU): a smoke test of this script.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -42,6 +47,11 @@ TAKEN_OUT = bn_relu_conv._config(64, 32, 8, 2)
 WRONG = 1e-2  # relative error above which a 16-bit result is wrong (the H200's was 0.97)
 
 
+def case_fields(config, dtype: torch.dtype, m: int, c: int, k: int, sliced: bool) -> dict:
+    return {"config": config_name(config), "listed": config in bn_relu_conv.REDUCE_CONFIGS[1],
+            "dtype": str(dtype)[6:], "rows": m, "channels": c, "k": k, "x_sliced": sliced}
+
+
 def config_name(config) -> str:
     kw = config.kwargs
     return f"m{kw['BLOCK_M']}-c{kw['BLOCK_C']}-w{config.num_warps}-s{config.num_stages}"
@@ -52,10 +62,18 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected).abs().max().item() / (scale or 1.0)
 
 
-def probe(config, dtype: torch.dtype, m: int, c: int, k: int, device: str, seed: int) -> dict:
-    """``backward_sums`` forced to ``config`` against float64, on fresh data."""
+def wrong(error: float) -> bool:
+    return not error <= WRONG  # NaN too
+
+
+def probe(config, dtype: torch.dtype, m: int, c: int, k: int, device: str, seed: int, sliced: bool) -> dict:
+    """``backward_sums`` forced to ``config`` against float64, on fresh data;
+    ``sliced``: ``x`` is channels 3 to 3 + c of c + 5, as in the test (a row
+    stride of c + 5 and a data pointer off 16-byte alignment: Triton compiles
+    another kernel for it)."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, c, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    left, right = (3, 2) if sliced else (0, 0)
+    x = (torch.randn(m, left + c + right, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)[:, left:left + c]
     weight = (0.2 * torch.randn(k, c, generator=g)).to(device=device, dtype=dtype)
     grad_out = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     mean, var = x.double().mean(0), x.double().var(0, unbiased=False)
@@ -87,13 +105,22 @@ def probe(config, dtype: torch.dtype, m: int, c: int, k: int, device: str, seed:
     dw_ref = d.T @ z
     dw = dw_part.sum(0)
     k_blocks = [(lo, min(lo + bn_relu_conv.MAX_BLOCK_K, k)) for lo in range(0, k, bn_relu_conv.MAX_BLOCK_K)]
-    return {"config": config_name(config), "taken_out": config_name(config).startswith("m64-c32-w8"),
-            "dtype": str(dtype)[6:], "rows": m, "channels": c, "k": k, "splits": splits,
+    return {**case_fields(config, dtype, m, c, k, sliced), "splits": splits,
             "dw_error": relative_error(dw, dw_ref),
             "dw_error_per_k_block": {f"{lo}:{hi}": relative_error(dw[lo:hi], dw_ref[lo:hi]) for lo, hi in k_blocks},
-            "worst_split_error": max(split_errors),
-            "wrong_splits": [s for s, e in enumerate(split_errors) if e > WRONG],
+            "worst_split_error": max(split_errors, key=lambda e: math.inf if math.isnan(e) else e),
+            "wrong_splits": [s for s, e in enumerate(split_errors) if wrong(e)],
             "sums_error": relative_error(sums, sums_ref)}
+
+
+def ptxas() -> dict:
+    """The assembler Triton resolved (it falls back to its own where ``TRITON_PTXAS_PATH`` fails)."""
+    try:
+        from triton import knobs
+        tool = knobs.nvidia.ptxas
+        return {"path": tool.path, "version": tool.version, "TRITON_PTXAS_PATH": os.environ.get("TRITON_PTXAS_PATH")}
+    except Exception as exc:  # noqa: BLE001  (older Triton, or none on the CPU)
+        return {"unknown": repr(exc)[:200], "TRITON_PTXAS_PATH": os.environ.get("TRITON_PTXAS_PATH")}
 
 
 def main(argv: list[str]) -> int:
@@ -105,26 +132,27 @@ def main(argv: list[str]) -> int:
         sys.exit("no GPU: only --tiny runs here (through the Triton interpreter)")
     configs = [TAKEN_OUT, bn_relu_conv._config(64, 32, 8, 1), bn_relu_conv.REDUCE_CONFIGS[1][0]]
     if tiny:
-        cases = [(torch.float32, 133, 71, 136)]
-    else:  # the H200's failure first, then one thing changed at a time; compiles take most of the time
-        cases = [(torch.float16, 133, 71, 136), (torch.bfloat16, 133, 71, 136), (torch.float16, 133, 71, 120),
-                 (torch.float16, 133, 71, 256), (torch.float16, 4096, 264, 136), (torch.bfloat16, 4096, 264, 256)]
+        cases = [(torch.float32, 133, 39, 136, True)]
+    else:  # the H200's failing test first, then one thing changed at a time; compiles take most of the time
+        cases = [(torch.float16, 133, 39, 136, True), (torch.float16, 133, 39, 136, False),
+                 (torch.bfloat16, 133, 39, 136, True), (torch.float16, 133, 39, 120, True),
+                 (torch.float16, 133, 39, 256, True), (torch.float16, 4096, 264, 136, False),
+                 (torch.bfloat16, 4096, 264, 256, False)]
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
               "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "ptxas": os.environ.get("TRITON_PTXAS_PATH", "Triton's"), "wrong_above": WRONG, "rows": []}
+              "ptxas": ptxas(), "wrong_above": WRONG, "rows": []}
     listed_wrong = 0
-    for dtype, m, c, k in cases:
+    for dtype, m, c, k, sliced in cases:
         for config in configs:
             started = time.perf_counter()
             try:
-                row = probe(config, dtype, m, c, k, device, seed=m + k)
+                row = probe(config, dtype, m, c, k, device, seed=m + k, sliced=sliced)
             except Exception as exc:  # noqa: BLE001  (recorded; the other cases run)
-                row = {"config": config_name(config), "dtype": str(dtype)[6:], "rows": m, "k": k,
-                       "error": f"{type(exc).__name__}: {exc}"[:500]}
+                row = {**case_fields(config, dtype, m, c, k, sliced), "error": f"{type(exc).__name__}: {exc}"[:500]}
             row["seconds"] = round(time.perf_counter() - started, 2)
             result["rows"].append(row)
-            bad = "error" in row or row["dw_error"] > WRONG or row["sums_error"] > WRONG
-            listed_wrong += bad and not row.get("taken_out", False)
+            bad = "error" in row or wrong(row["dw_error"]) or wrong(row["sums_error"])
+            listed_wrong += bad and row["listed"]
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{len(result['rows'])} cases; {listed_wrong} wrong among the listed configurations -> {out}")

@@ -86,10 +86,10 @@ def test_the_steps_asked_for_run_and_no_others(tmp_path):
     assert [step["step"] for step in steps] == ["environment", "reduce_probe", "depth_budget"]
     probe = json.loads((tmp_path / "reduce_probe.json").read_text())
     assert probe["rows"] and all(row["dw_error"] < 1e-5 and not row["wrong_splits"] for row in probe["rows"])
-    assert any(row["taken_out"] for row in probe["rows"])
+    assert any(not row["listed"] for row in probe["rows"]) and any(row["listed"] for row in probe["rows"])
     searches = json.loads((tmp_path / "depth.json").read_text())["budget_search"]
     assert [row["impl"] for row in searches] == ["fast-torch-keep", "fast-torch-auto"]
-    assert all(row["boundary_pinned"] and row["predicted_deepest"] for row in searches), searches
+    assert all(row["predicted_deepest"] and row["deepest_fitting"] for row in searches), searches
     refused = subprocess.run(["bash", script, "--dry-run", "--steps", "triton_tests,nonsense", str(tmp_path / "x")],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "unknown step: nonsense" in refused.stderr
