@@ -32,6 +32,9 @@
 #   depth_budget     250   the deepest DenseNet-BC (k=12, batch 64, 32x32) in 12e9  depth.json
 #                          bytes for keep and auto: the planner's prediction and
 #                          the next depth, each in a fresh process (issue 13)
+#   offload_model 90 + 90  the memory model with save_on_cpu (--offload) against   memory_offload.json,
+#                          measurement, DenseNet-121, batch 64, 224x224, bf16       memory_no_offload.json
+#                          autocast, keep and recompute; then without it
 #
 # --steps takes the names above, comma-separated (environment is always run;
 # build runs with gpu_tests); the default is every step of the first table.
@@ -57,7 +60,7 @@
 set -uo pipefail
 
 DEFAULT_STEPS=environment,triton_tests,gpu_tests,triton_kernels,memory_model,model_bench
-KNOWN_STEPS=$DEFAULT_STEPS,reduce_probe,depth_budget
+KNOWN_STEPS=$DEFAULT_STEPS,reduce_probe,depth_budget,offload_model
 usage() {
     echo "usage: $0 [--dry-run] [--steps STEP,STEP...] OUTDIR (steps: $KNOWN_STEPS)" >&2
     exit 2
@@ -102,14 +105,16 @@ if [ "$DRY_RUN" = 1 ]; then
     MEMORY=(--device cpu --points densenet_bc-10:2 --image-size 8 --steps 1 --threads 1)
     MODELS=(--device cpu --model densenet_bc-10 --batch 2 --image-size 8 --channels-last
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
-    LIMIT_PROBE=60 LIMIT_DEPTH=240
+    LIMIT_PROBE=60 LIMIT_DEPTH=240 LIMIT_OFFLOAD=60
+    OFFLOAD=(--device cpu --points densenet_bc-10:2 --image-size 8 --steps 1 --threads 1)
     PROBE=(--tiny)
     DEPTH=(--device cpu --batch 2 --image-size 8 --growth-rate 4 --budget-gib 0.002 --impls fast-torch-keep
            fast-torch-auto)
 else
     SHARDS=6  # Triton compiles one kernel at a time per process; the build takes the other cores
     LIMIT_ENV=15 LIMIT_TRITON_TESTS=110 LIMIT_GPU_TESTS=85 LIMIT_KERNELS=65 LIMIT_MEMORY=110 LIMIT_MODELS=135
-    LIMIT_PROBE=60 LIMIT_DEPTH=250
+    LIMIT_PROBE=60 LIMIT_DEPTH=250 LIMIT_OFFLOAD=90  # the first point compiles (43 s for BC-250 on a cold cache)
+    OFFLOAD=(--device cuda --points densenet121:64 --image-size 224 --autocast bfloat16 --steps 2)
     # the conformance suite's torch and triton runs go with the Triton tests, its cuda-backend runs after the build
     TRITON_TESTS=(-m gpu tests/test_triton_ops.py tests/test_backends.py -k "not cuda-cuda")
     GPU_TESTS=(-m gpu tests --ignore=tests/test_triton_ops.py --ignore=tests/test_gpu_check.py
@@ -279,6 +284,12 @@ if wanted reduce_probe; then
         step reduce_probe_toolkit "$LIMIT_PROBE" env TRITON_PTXAS_PATH="$TOOLKIT_PTXAS" "$PY" \
             benchmarks/reduce_probe.py "$OUT/reduce_probe_toolkit.json"
     fi
+fi
+if wanted offload_model; then
+    step offload_model "$LIMIT_OFFLOAD" "$PY" -m densenet_fast bench memory "${OFFLOAD[@]}" --offload --no-plot \
+        --no-progress --out "$OUT/memory_offload.json"
+    step offload_baseline "$LIMIT_OFFLOAD" "$PY" -m densenet_fast bench memory "${OFFLOAD[@]}" --no-plot \
+        --no-progress --out "$OUT/memory_no_offload.json"
 fi
 wanted depth_budget && step depth_budget "$LIMIT_DEPTH" "$PY" -m densenet_fast bench depth "${DEPTH[@]}" \
     --depths 40 --time-depths --probe-timeout 60 --max-minutes "$(awk "BEGIN { print ($LIMIT_DEPTH - 10) / 60 }")" \

@@ -362,7 +362,10 @@ class Setup:
     for that device), ``optimizer``, ``threads`` CPU threads (the C++
     kernels' per-thread tiles) and, on CUDA, the GPU's ``multiprocessors``
     (the GPU kernels' partial sums; ``None``: this machine's current GPU's,
-    else an H100's or H200's, ``ASSUMED_MULTIPROCESSORS``)."""
+    else an H100's or H200's, ``ASSUMED_MULTIPROCESSORS``).  ``offload``: the
+    forward and the loss run under ``torch.autograd.graph.save_on_cpu`` (the
+    trainer's ``--offload``): what autograd saves leaves the device at once and
+    comes back, a node at a time, in backward."""
 
     batch: int
     image_size: tuple[int, ...]
@@ -373,6 +376,7 @@ class Setup:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     threads: int = field(default_factory=torch.get_num_threads)
     multiprocessors: Optional[int] = None
+    offload: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", image_sides(self.image_size))
@@ -521,7 +525,7 @@ def policies_of(recompute: Union[str, Sequence[str]], blocks: int) -> tuple[str,
 # -- the timeline ---------------------------------------------------------------------------------
 PARTS = ("gradients_released", "block_buffers", "kept_bottlenecks", "gradient_buffer", "scratch_arena",
          "stage_gradient", "bn_coefficients", "stem", "layer_transients", "optimizer_update", "head_and_loss",
-         "small_allocations", "heap_pages")
+         "unpacked_copies", "small_allocations", "heap_pages")
 CPU_HEAP_BELOW = 65536  # glibc's mmap threshold the model assumes on the CPU: smaller allocations come from its heap
 CPU_HEAP_PAGES = 400 * 1024  # C heap pages a step touches beyond its small tensors, measured (docs/memory.md)
 GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # free top of glibc's heap above it goes back to the system
@@ -957,7 +961,9 @@ class StepSimulation:
         # pooled features (saved by the classifier), logits, their fp32 copy and log-softmax
         head_and_loss = [n * c_last * self.e, n * classes * self.e, n * classes * 4, n * classes * 4]
         t.alloc("head_and_loss", *head_and_loss)
+        self.unpack(self.classifier_gradients())  # the classifier's weight and bias, for its backward
         t.alloc("gradients_released", *self.classifier_gradients())
+        self.unpacked_freed(self.classifier_gradients())
         t.free("head_and_loss", *head_and_loss)
         grad_out = n * c_last * self.e
         for b in reversed(range(len(self.pixels))):
@@ -979,6 +985,7 @@ class StepSimulation:
         t.alloc("stem", conv_out)
         t.transient("stem", self.columns(self.stem_pixels, self.arch.in_channels, self.arch.stem_kernel,
                                          self.setup.image_size))
+        self.pack("stem", saved)  # conv0 returns
         stem_out = conv_out
         if self.arch.stem == "imagenet":  # norm0-relu0-pool0 as one Function (engine/stem.py)
             pooled = self.pixels[0] * c0
@@ -989,6 +996,7 @@ class StepSimulation:
             t.free("stem", conv_out)  # norm0's output
             # saved: conv0's output (norm0's input), the indices, the mask
             saved += [conv_out, pooled * 8, pooled]
+            self.pack("stem", saved[-3:])
             stem_out = pooled * e
         t.alloc("block_buffers", self.pixels[0] * self.channels[0][1] * e)  # IntoBuffer
         return saved, stem_out
@@ -1034,6 +1042,11 @@ class StepSimulation:
             t.transient("layer_transients", ws.bn_relu(m, c_total))
         t.free("bn_coefficients", *statistics)
         self.end_pass(b, False)
+        # the stage saved its buffer, coefficients, kept bottlenecks (x, a view of the buffer, and the parameters
+        # need no device memory of their own)
+        self.pack("block_buffers", [m * c_total * e])
+        self.pack("bn_coefficients", [self.coefficient_bytes(b)])
+        self.pack("kept_bottlenecks", [self.arch.block_config[b] * m * w * e] if keep else [])
 
     def stage_backward(self, b: int, grad_out: float) -> float:
         """Stage ``b``'s backward with ``grad_out`` bytes of incoming gradient; returns
@@ -1050,6 +1063,16 @@ class StepSimulation:
         float_weight_gradient = bfloat16_weight_gradient_fails(self.setup.device, self.setup.compute_dtype, sides)
         last = b + 1 == len(self.pixels)
         t.alloc("stage_gradient", grad_out)
+        t.where = f"backward, block {b + 1}, saved tensors"
+        params = [self.stage_gradient_bytes(b)]  # the parameters' copies, as one
+        if self.setup.offload:  # ctx.saved_tensors: all at once (engine/stage.py, StageFunction.backward)
+            self.unpack([m * c_total * e], "block_buffers")
+            self.unpack([m * c0 * e] + params)  # x and the parameters
+            self.unpack([self.coefficient_bytes(b)], "bn_coefficients")
+            self.unpack([n_layers * m * w * e] if keep else [], "kept_bottlenecks")
+            self.unpacked_freed([m * c0 * e])  # x, dropped
+            # the buffer comes back contiguous; a channels-last copy replaces it
+            t.transient("block_buffers", m * c_total * e)
         t.where = f"backward, block {b + 1}, {'head' if last else 'transition'}"
         self.take_scratch(b, True, "grad_buffer")
         # each primitive's parameter gradients (a convolution's weight as the backend returns it,
@@ -1109,6 +1132,7 @@ class StepSimulation:
         if keep:
             t.free("kept_bottlenecks", n_layers * m * w * e)
         t.free("bn_coefficients", self.coefficient_bytes(b))
+        self.unpacked_freed(params)
         t.free("stage_gradient", grad_in)
         return grad_in
 
@@ -1121,6 +1145,7 @@ class StepSimulation:
         t.free("stage_gradient", grad_in)
         if self.arch.stem == "imagenet":  # NormReluMaxPool's backward
             saved, (conv_out, indices, passes) = saved[:-3], saved[-3:]
+            self.unpack([conv_out, indices, passes], "stem")
             t.alloc("stem", grad_in)  # the pooled gradient where ReLU passes it
             t.alloc("stem", conv_out)  # the max-pool's input gradient, then BN's in place
             t.free("stem", grad_in)
@@ -1132,10 +1157,30 @@ class StepSimulation:
             t.free("stem", grad_in, conv_out, indices, passes)  # autograd releases the node's input and saved tensors
             grad_in = conv_out
         # conv0's weight gradient (its input is the user's)
+        self.unpack(saved, "stem")
+        self.unpack(self.stem_gradients())  # conv0's weight (and norm0's weight and bias, counted with it)
         t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, self.arch.stem_kernel,
                                                         self.setup.image_size, self.stem_sides, channels_last=False))
         t.alloc("gradients_released", *self.stem_gradients())
+        self.unpacked_freed(self.stem_gradients())
         t.free("stem", grad_in, *saved)
+
+    # -- save_on_cpu (Setup.offload) -----------------------------------------------------------
+    def pack(self, part: str, saved: list[float]) -> None:
+        """Tensors a node saved leave the device when it returns (nothing else holds them)."""
+        if self.setup.offload:
+            self.timeline.free(part, *saved)
+
+    def unpack(self, saved: list[float], part: str = "unpacked_copies") -> None:
+        """A node's backward reads its saved tensors: each comes back as a new tensor
+        (a parameter too: a copy beside the parameter)."""
+        if self.setup.offload:
+            self.timeline.alloc(part, *saved)
+
+    def unpacked_freed(self, copies: list[float]) -> None:
+        """The copies of parameters (or ``x``) that :meth:`unpack` made, released."""
+        if self.setup.offload:
+            self.timeline.free("unpacked_copies", *copies)
 
     def optimizer_update(self) -> None:
         t, optimizer = self.timeline, self.setup.optimizer

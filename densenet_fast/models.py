@@ -384,6 +384,7 @@ class _EngineModel(nn.Module):
     # engine settings and the memory plan: not part of a scripted model
     __jit_unused_properties__ = ["arena", "backend", "recompute", "memory_budget"]
     _memory_budget: Optional[int] = None
+    memory_offload = False  # set_memory_budget(offload=)
     __jit_ignored_attributes__ = ["_built_stem"]
     _built_stem = None  # stem_geometry() when built (None in older pickles: unknown)
     _auto_recompute = False
@@ -481,20 +482,27 @@ class _EngineModel(nn.Module):
         return self._memory_budget
 
     def set_memory_budget(self, budget: Union[None, int, str],
-                          optimizer: Union[None, str, "memory.OptimizerSpec"] = None) -> None:
+                          optimizer: Union[None, str, "memory.OptimizerSpec"] = None,
+                          offload: Optional[bool] = None) -> None:
         """Plan training steps to fit ``budget`` (bytes or e.g. ``"8GiB"``; ``None``:
         stop planning), with ``optimizer``'s state and update (an ``OptimizerSpec``
         or a preset's name, e.g. ``"adam"``; ``None``: the one set before, at
-        first SGD with momentum, as the trainer's recipe)."""
+        first SGD with momentum, as the trainer's recipe).  ``offload``: the
+        steps run their forward and loss under
+        ``torch.autograd.graph.save_on_cpu`` (on CUDA; the plan assumes it,
+        nothing checks it; ``None``: as set before, at first not)."""
         if budget is None and self._auto_recompute:
             raise ValueError('recompute="auto" needs a memory budget; set another recompute policy first')
         optimizer = memory.OptimizerSpec.parse(optimizer or getattr(self, "memory_optimizer", None))
+        offload = self.memory_offload if offload is None else offload
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload is True or False, got {offload!r}")
         if budget is not None:
             budget = memory.parse_bytes(budget)
             planner.refuse_unplannable(self, "memory_budget")
         self._memory_budget = budget
         self.engine.budgeted = budget is not None
-        self.memory_optimizer = optimizer
+        self.memory_optimizer, self.memory_offload = optimizer, offload
         self._memory_plans = {}
 
     @torch.jit.unused
@@ -516,7 +524,9 @@ class _EngineModel(nn.Module):
             image_size = (image_size,) * self.spatial_dims
         device = device or planner.planned_device(weight)
         setup = memory.Setup(batch, image_size, dtype or weight.dtype, autocast, device, self.backend,
-                             self.memory_optimizer)
+                             self.memory_optimizer, offload=self.memory_offload)
+        if setup.offload and setup.device != "cuda":
+            raise ValueError(planner.OFFLOAD_NEEDS_CUDA)
         key = self._plan_key(setup.batch, setup.image_size, setup.dtype, setup.autocast, planner.indexed(device))
         choice = self._stored_plan(key)
         if choice is None:

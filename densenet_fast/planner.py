@@ -36,6 +36,8 @@ from .memory import (ASSUMED_MULTIPROCESSORS, CPU_HEAP_BELOW, DTYPES, NAMED_MODE
 
 MAX_DEPTH_LAYERS = 10_000  # per block: the depth search stops there (DenseNet-BC-60004, k=12: 703 GiB of parameters)
 MAX_BATCH = 2**24
+OFFLOAD_NEEDS_CUDA = ("offload (torch.autograd.graph.save_on_cpu) moves saved tensors from a GPU to host memory; "
+                      "on the CPU it saves nothing")
 
 
 class MemoryBudgetError(ValueError):
@@ -317,7 +319,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
          batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,
          autocast: Union[None, str, torch.dtype] = None, device: Optional[str] = None, backend: Optional[str] = None,
-         optimizer: Union[None, str, OptimizerSpec] = None, budget: Union[None, int, str] = None) -> dict:
+         optimizer: Union[None, str, OptimizerSpec] = None, budget: Union[None, int, str] = None,
+         offload: Optional[bool] = None) -> dict:
     """The memory plan of a training step as plain data (see the module docstring).
 
     ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
@@ -328,7 +331,9 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     that side in every spatial dimension.  ``dtype``, ``device``, ``backend`` and
     ``optimizer`` default to a model's (as ``plan_for`` takes them; a meta model
     is planned on the CPU), else
-    float32 on the CPU, automatic, SGD with momentum.  Returns ``{"policies": {"keep", "recompute",
+    float32 on the CPU, automatic, SGD with momentum; ``offload`` (CUDA: the
+    forward and loss under ``torch.autograd.graph.save_on_cpu``) to a model's,
+    else False.  Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` is None without a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; ``deepest_depth``
@@ -347,13 +352,16 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         device = device or planned_device(weight)
         backend = backend or model.backend
         optimizer = optimizer or getattr(model, "memory_optimizer", None)
+        offload = getattr(model, "memory_offload", False) if offload is None else offload
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)
         arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
-                  OptimizerSpec.parse(optimizer))
+                  OptimizerSpec.parse(optimizer), offload=bool(offload))
+    if setup.offload and setup.device != "cuda":
+        raise ValueError(OFFLOAD_NEEDS_CUDA)
     budget = None if budget is None else parse_bytes(budget)
     policies: dict[str, Optional[dict]] = {}
     for policy in POLICIES:
@@ -374,7 +382,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
            "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
                      "autocast": str(setup.autocast)[6:] if setup.autocast else None, "device": setup.device,
                      "backend": setup.backend, "optimizer": vars(setup.optimizer), "threads": setup.threads,
-                     "multiprocessors": setup.multiprocessors},
+                     "multiprocessors": setup.multiprocessors, "offload": setup.offload},
            "budget_bytes": budget, "policies": policies, "assumes": assumptions(setup),
            "step_time_ratio_source": step_time_ratio(arch, setup, ("keep",) * len(arch.block_config))[1]}
     # the searches' keys are always there (None where there is no budget, or no depth to vary), and the limits
@@ -389,6 +397,13 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
 
 def assumptions(setup: Setup) -> list[str]:
     """What the plan assumes of the process that trains, in words."""
+    offload = ["the forward and loss under torch.autograd.graph.save_on_cpu; the step-time ratios leave out its "
+               "copies to host memory and back (1.28x the step for DenseNet-BC-100 at batch 64 on an H200: "
+               "docs/gpu.md)"] if setup.offload else []
+    return offload + _process_assumptions(setup)
+
+
+def _process_assumptions(setup: Setup) -> list[str]:
     if setup.device == "cuda":
         if workspace_backend(setup.backend, setup.compute_dtype) == "torch":
             return []  # torch's primitives: nothing depends on the GPU
@@ -425,6 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="torch, cpp, cuda or triton (default: the device's)")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the trainer's recipe)")
+    parser.add_argument("--offload", action="store_true", help="CUDA: the forward and loss run under "
+                        "torch.autograd.graph.save_on_cpu (train --offload)")
     parser.add_argument("--budget", default=None, help="memory budget: bytes or e.g. 8GiB, 512MiB, 2GB (default: "
                         "none; then only the policies' peaks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -437,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
                   in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype,
                   autocast=args.autocast, device=args.device, backend=args.backend, optimizer=args.optimizer,
-                  budget=args.budget)
+                  budget=args.budget, offload=args.offload)
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
@@ -449,7 +466,8 @@ def report(result: dict) -> str:
     lines = [f"{result['model']['description']}, {result['model']['parameters']:,} parameters; batch "
              f"{setup['batch']} of {size_text(setup['image_size'])}, {dtype}, {setup['device']} "
              f"({setup['backend']} backend), optimizer "
-             f"{setup['optimizer']['name']}" + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
+             f"{setup['optimizer']['name']}" + ("; saved tensors offloaded (save_on_cpu)" if setup["offload"] else "")
+             + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
     for name, entry_ in result["policies"].items():
         if entry_ is None:
             lines.append(f"{name}: needs --budget")

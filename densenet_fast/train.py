@@ -44,8 +44,8 @@ from . import models
 from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
-from .memory import (CPU_HEAP_BELOW, OptimizerSpec, bc_layers_per_block, cpu_heap_as_modelled, format_bytes,
-                     parse_bytes, set_mmap_threshold)
+from .memory import (CPU_HEAP_BELOW, Architecture, OptimizerSpec, Setup, bc_layers_per_block, cpu_heap_as_modelled,
+                     format_bytes, parse_bytes, predict, set_mmap_threshold)
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
 
@@ -182,9 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mixed precision: autocast to bf16, or fp16 with a gradient scaler (default: %(default)s)")
     run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     run.add_argument("--offload", action="store_true", help="CUDA: keep the tensors saved for backward in pinned "
-                     "host memory (torch.autograd.graph.save_on_cpu), two copies per step; they come back a dense "
-                     "block at a time, so the peak, mostly in the first block's backward, often does not drop "
-                     "(docs/gpu.md)")
+                     "host memory (torch.autograd.graph.save_on_cpu), two copies per step; they come back a node "
+                     "(a dense block) at a time, parameters as copies: the log gives the predicted peak with and "
+                     "without it, and --memory-budget plans with it (docs/memory.md, \"Offload\")")
     run.add_argument("--sync-bn", action="store_true",
                      help="synchronise batch statistics across processes (under torchrun)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -272,10 +272,10 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     position = resume(run) if options["resume"] else Position()
     distribute(run)
     procs.log(describe(run))
-    if options["offload"]:
-        procs.log(OFFLOAD_NOTE)
     if options["memory_budget"] is not None:
         procs.log(plan_memory(run))
+    if options["offload"]:
+        procs.log(offload_note(run))
     if procs.is_main:
         start_output(options)
     try:
@@ -798,9 +798,8 @@ def set_memory_plan(model: nn.Module, options: dict) -> None:
     state and update are part of the step."""
     budget = options["memory_budget"]
     if budget is not None:
-        optimizer = OptimizerSpec("sgd", options["momentum"], options["weight_decay"], options["nesterov"])
         try:
-            model.set_memory_budget(budget, optimizer)
+            model.set_memory_budget(budget, recipe_optimizer(options), offload=options["offload"])
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"--memory-budget: {exc}") from None
     model.set_recompute(options["recompute"] or (models.AUTO if budget is not None else "keep"))
@@ -924,10 +923,34 @@ def step_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generat
 
 
 OFFLOAD_NOTE = ("--offload: the tensors saved for backward go to pinned host memory during the forward and "
-                "come back a dense block at a time during the backward (torch.autograd.graph.save_on_cpu); the "
-                "peak, mostly in the first block's backward, drops only by the later blocks' share (none for "
-                "DenseNet-BC-100, batch 64, on an H200, at 1.28x the step time: docs/gpu.md); the time shows in "
-                "images/s against a run without --offload; --memory-budget plans as if they stayed on the GPU")
+                "come back a node (a dense block) at a time during the backward, parameters as copies "
+                "(torch.autograd.graph.save_on_cpu); the peak drops by what the stem and the later blocks keep "
+                "while the first block's backward runs, and rises by a block's parameter copies (docs/memory.md, "
+                "\"Offload\"); the copies cost time (1.28x the step for DenseNet-BC-100, batch 64, on an H200: "
+                "docs/gpu.md), which shows in images/s against a run without --offload; --memory-budget plans with "
+                "the offload")
+
+
+def recipe_optimizer(options: dict) -> OptimizerSpec:
+    """The trainer's optimizer, as the memory model describes it."""
+    return OptimizerSpec("sgd", options["momentum"], options["weight_decay"], options["nesterov"])
+
+
+def offload_note(run: Run) -> str:
+    """:data:`OFFLOAD_NOTE` and, where the memory model describes the model, its
+    predicted peak of this run's step with and without the offload."""
+    model = run.model
+    if not hasattr(model, "memory_model_blocker") or model.memory_model_blocker() is not None:
+        return OFFLOAD_NOTE
+    options = run.options
+    policies = tuple(block.recompute for block in model.blocks())
+    peaks = [predict(Architecture.of(model),
+                     Setup(options["batch_size"] // run.procs.world_size, tuple(run.data.train[0][0].shape[1:]),
+                           model.features.conv0.weight.dtype, AMP_DTYPES[options["amp"]], str(run.device),
+                           model.backend, recipe_optimizer(options), offload=offload), policies).total_bytes
+             for offload in (True, False)]
+    return (f"{OFFLOAD_NOTE}. Predicted peak of a step with recompute={policies}: {format_bytes(peaks[0])} "
+            f"offloaded, {format_bytes(peaks[1])} without")
 
 
 def offload_saved_tensors(enabled: bool):

@@ -74,16 +74,22 @@ def test_benchmarks_write_json_and_log_configurations(evidence):
 
 
 def test_the_steps_asked_for_run_and_no_others(tmp_path):
-    """``--steps reduce_probe,depth_budget``: the environment and those two, each
-    leaving its JSON (the reduce probe's cases, the budget's searches);
+    """``--steps reduce_probe,depth_budget,offload_model``: the environment and
+    those, each leaving its JSON (the reduce probe's cases, the budget's
+    searches, the memory model with the offload and without);
     an unknown step is refused before anything runs."""
     env = {**os.environ, "PYTHON": sys.executable}
     script = str(REPO / "benchmarks" / "gpu_check.sh")
-    proc = subprocess.run(["bash", script, "--dry-run", "--steps", "reduce_probe,depth_budget", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", script, "--dry-run", "--steps", "reduce_probe,depth_budget,offload_model",
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = read_lines(tmp_path / "steps.jsonl")
-    assert [step["step"] for step in steps] == ["environment", "reduce_probe", "depth_budget"]
+    assert [step["step"] for step in steps] == ["environment", "reduce_probe", "offload_model", "offload_baseline",
+                                                "depth_budget"]
+    for name, offload in (("memory_offload.json", True), ("memory_no_offload.json", False)):
+        memory = json.loads((tmp_path / name).read_text())
+        assert memory["environment"]["settings"]["offload"] is offload
+        assert [row["status"] for row in memory["rows"]] == ["ok", "ok"]
     probe = json.loads((tmp_path / "reduce_probe.json").read_text())
     assert probe["rows"] and all(row["dw_error"] < 1e-5 and not row["wrong_splits"] for row in probe["rows"])
     assert any(not row["listed"] for row in probe["rows"]) and any(row["listed"] for row in probe["rows"])

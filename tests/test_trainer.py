@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -654,6 +655,23 @@ def test_offload_needs_cuda(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--offload" in err and "needs CUDA" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model, image, lower", [("densenet121", 224, True), ("densenet_bc", 32, False)])
+def test_the_offload_note_predicts_the_peak_with_and_without(model, image, lower):
+    """The note gives the memory model's peak for the run's step offloaded and
+    not: lower for DenseNet-121 on 224x224 (the stem's saved tensors, some 60
+    MiB at batch 32, leave the GPU), about the same for DenseNet-BC-40 on 32x32
+    (the first block's backward holds the peak either way)."""
+    net = trainer.MODELS[model](num_classes=10, **({"depth": 40} if model == "densenet_bc" else {}))
+    options = {"batch_size": 32, "amp": "bf16", "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    run = SimpleNamespace(model=net, options=options, procs=SimpleNamespace(world_size=1),
+                          data=SimpleNamespace(train=[(torch.empty(3, image, image), 0)]), device=torch.device("cuda"))
+    note = trainer.offload_note(run)
+    assert note.startswith(trainer.OFFLOAD_NOTE)
+    offloaded, without = (memory.parse_bytes(text.replace(" ", "")) for text in
+                          re.search(r": ([\d.]+ \w+) offloaded, ([\d.]+ \w+) without$", note).groups())
+    assert (offloaded < 0.8 * without) if lower else (abs(offloaded / without - 1) < 0.05), note
 
 
 @pytest.mark.gpu

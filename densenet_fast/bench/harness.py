@@ -59,6 +59,7 @@ class Runner:
         return {"mode": mode, "impls": impls, "model": model.to_dict(), "batch": batch, "image_size": a.image_size,
                 "device": a.device, "dtype": a.dtype, "autocast": a.autocast, "channels_last": a.channels_last,
                 "train": train, "optimizer": a.optimizer, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "threads": a.threads,
+                "offload": getattr(a, "offload", False),
                 # a tiny first step loads code and initialises libraries before the baseline;
                 # torch.compile must see the real batch or it compiles again
                 "warmup_batch": batch if "tv-compile" in impls or a.full_warmup else min(2, batch)}

@@ -16,6 +16,8 @@ trees are identical and the stem does not bias the comparison.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -162,15 +164,42 @@ def make_inputs(spec: ModelSpec, batch: int, image_size: int, device: str, chann
     return x, y.to(device)
 
 
+def offloaded(device_type: str):
+    """The context of a training forward with ``--offload``: on CUDA the trainer's,
+    ``save_on_cpu(pin_memory=True)``; on the CPU a stand-in with the same
+    lifetimes that keeps the saved tensors out of the process's memory, in an
+    unlinked temporary file (written when a node saves, read back as a new
+    contiguous tensor when its backward unpacks), so that the memory model's
+    offload can be checked against measurements without a GPU."""
+    if device_type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    file = tempfile.TemporaryFile()  # closed when the last packed tensor (which holds it) is released
+
+    def pack(tensor: torch.Tensor) -> tuple:
+        offset = file.seek(0, 2)
+        file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return file, offset, tensor.shape, tensor.dtype
+
+    def unpack(packed: tuple) -> torch.Tensor:
+        source, offset, shape, dtype = packed
+        out = torch.empty(shape, dtype=dtype)
+        source.seek(offset)
+        source.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        return out
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class Step:
     """One training step (``zero_grad(set_to_none=True)``, forward, cross-entropy,
     backward, the update of ``optimizer``: the trainer's SGD recipe unless told)
-    or one inference forward (eval mode, no grad), optionally under autocast."""
+    or one inference forward (eval mode, no grad), optionally under autocast;
+    ``offload``: the training forward and loss under :func:`offloaded`."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool,
-                 autocast_dtype: torch.dtype | None, optimizer: OptimizerSpec = OptimizerSpec()) -> None:
+                 autocast_dtype: torch.dtype | None, optimizer: OptimizerSpec = OptimizerSpec(),
+                 offload: bool = False) -> None:
         self.model, self.x, self.y, self.train = model, x, y, train
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.offload = autocast_dtype, offload
         self.optimizer = optimizer.build(model.parameters()) if train else None
         model.train(train)
 
@@ -183,6 +212,7 @@ class Step:
                     self.model(self.x)
                 return
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            with offloaded(device_type) if self.offload else contextlib.nullcontext():
+                loss = F.cross_entropy(self.model(self.x).float(), self.y)
         loss.backward()
         self.optimizer.step()

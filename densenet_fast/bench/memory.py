@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW (volumes, MONAI's trees)")
     parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
+    parser.add_argument("--offload", action="store_true",
+                        help="the forward and loss under save_on_cpu on CUDA (train --offload); on the CPU a stand-in "
+                             "that keeps the saved tensors in a file (densenet_fast.bench.impls.offloaded)")
     add_common_arguments(parser)
     parser.set_defaults(steps=STEADY_STEPS)
 
@@ -78,7 +81,8 @@ def setup_of(args: argparse.Namespace, batch: int) -> Setup:
     result's settings: a result predicted again elsewhere keeps its GPU)."""
     return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
-                 args.threads or torch.get_num_threads(), getattr(args, "multiprocessors", None))
+                 args.threads or torch.get_num_threads(), getattr(args, "multiprocessors", None),
+                 getattr(args, "offload", False))
 
 
 def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> dict:

@@ -48,7 +48,7 @@ def make_step(impl: str, spec: dict) -> Step:
     x = x.to(DTYPES[spec.get("dtype", "float32")])
     autocast = spec.get("autocast")
     return Step(model, x, y, spec.get("train", True), DTYPES[autocast] if autocast else None,
-                OptimizerSpec.parse(spec.get("optimizer", "sgd")))
+                OptimizerSpec.parse(spec.get("optimizer", "sgd")), spec.get("offload", False))
 
 
 def persistent_bytes(step: Step) -> int:
