@@ -14,6 +14,11 @@ from typing import Optional, Sequence
 
 from .backends import BackendUnavailableError
 
+class CommandFailed(RuntimeError):
+    """A command failed while it ran, not for its input (a full disk, a training
+    run that diverged): one line, exit status 1."""
+
+
 # name -> (module, one-line description)
 COMMANDS = {
     "train": ("densenet_fast.train", "train a DenseNet (default: DenseNet-BC on the embedded handwritten digits)"),
@@ -45,7 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Errors in the user's input (``ValueError``, which the commands raise for
     bad options and files, and ``BackendUnavailableError``) are printed as one
-    line instead of a traceback, with exit status 2.
+    line instead of a traceback, with exit status 2; :class:`CommandFailed`
+    likewise, with exit status 1.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
@@ -54,3 +60,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

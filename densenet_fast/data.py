@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
+
+from .memory import available_memory_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -341,7 +344,18 @@ def _resize(volumes: Tensor, size: Optional[tuple[int, ...]]) -> Tensor:
     """``(N, C, D, H, W)`` volumes resized to ``size`` (trilinear), or as they are."""
     if size is None or tuple(volumes.shape[2:]) == tuple(size):
         return volumes
+    refuse_beyond_memory(f"{len(volumes)} volumes of {_shape_text(size)}",
+                         len(volumes) * volumes.shape[1] * math.prod(size) * 4)
     return F.interpolate(volumes, size=size, mode="trilinear", align_corners=False)
+
+
+def refuse_beyond_memory(what: str, nbytes: int) -> None:
+    """A :class:`DatasetError` where ``what``, ``nbytes`` of float32, would not fit in
+    the memory this machine has available (say so instead of being killed)."""
+    available = available_memory_bytes()
+    if available is not None and nbytes > available:
+        raise DatasetError(f"{what} take {nbytes / 2**30:.3g} GiB as float32, more than the "
+                           f"{available / 2**30:.3g} GiB of memory available; choose a smaller size")
 
 
 def _standardise_splits(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
@@ -365,6 +379,8 @@ def load_synthetic3d(size: tuple[int, int, int] = SYNTHETIC_3D_SIZE, train: int 
     Augmentation: random shift by 1 voxel and flips along the last axis."""
     if min(size) < 4:
         raise DatasetError(f"{SYNTHETIC_3D} volumes need at least 4 voxels per side, got {_shape_text(size)}")
+    refuse_beyond_memory(f"{train + test} volumes of {_shape_text(size)} (and their coordinate grid)",
+                         (train + test + 6) * math.prod(size) * 4)
     rng = np.random.default_rng(SPLIT_SEED)
     grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in size), indexing="ij"))  # (3, D, H, W)
     sides = np.asarray(size, dtype=np.float32).reshape(3, 1, 1, 1)

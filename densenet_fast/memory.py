@@ -532,6 +532,19 @@ GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # free top of glibc's heap above it g
 _mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this process
 
 
+def available_memory_bytes() -> Optional[int]:
+    """This machine's memory available to a new allocation (``MemAvailable``),
+    or ``None`` where ``/proc/meminfo`` does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache  # a process keeps its malloc
 def glibc_malloc() -> Optional[ctypes.CDLL]:
     """glibc, where it is the C library and its ``malloc`` is the one this

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import errno
 import gc
 import importlib
 import math
@@ -46,8 +47,9 @@ from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
 from .memory import (CPU_HEAP_BELOW, Architecture, OptimizerSpec, Setup, bc_layers_per_block, cpu_heap_as_modelled,
                      format_bytes, parse_bytes, predict, set_mmap_threshold)
+from .cli import CommandFailed
 from .planner import MemoryBudgetError
-from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset
+from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, refuse_beyond_memory
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc": models.densenet_bc,
@@ -99,14 +101,19 @@ class TrainingError(ValueError):
     """Bad input to the trainer (options, output directory, checkpoint)."""
 
 
-class DivergedError(ValueError):
+class DivergedError(CommandFailed):
     """The weights hold NaN or infinity after an epoch: nothing after it is saved."""
 
 
-class OutputError(ValueError):
+class OutputError(CommandFailed):
     """A file of the run could not be written during it (a full disk).  Not a
     :class:`TrainingError`: under torchrun the other processes may be inside a
     collective, so the process groups are left to the end of the process."""
+
+
+class SampleError(CommandFailed):
+    """A sample could not be read during training (a file changed or vanished
+    since the dataset was loaded)."""
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -235,6 +242,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise TrainingError(f"--memory-budget: {exc}") from None
     if args.recompute == models.AUTO and args.memory_budget is None:
         raise TrainingError("--recompute auto needs --memory-budget")
+    if args.resume and args.out is None:
+        raise TrainingError("--resume needs --out: the directory of the run to continue")
 
 
 # -- the run, step by step -------------------------------------------------------------------
@@ -285,7 +294,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
             # its frames hold a loader's iterator, in a cycle (the loader's re-raise holds the error): cleared,
             # so that run.close() ends the workers
             traceback.clear_frames(exc.__traceback__)
-            raise DatasetError(worker_error_text(exc)) from None
+            raise SampleError(worker_error_text(exc)) from None
         return finish(run, outcome)
     finally:
         run.close()
@@ -353,11 +362,13 @@ class Sums:
 @dataclass
 class Position:
     """Where training continues: ``step`` batches into ``epoch``, with the sums of
-    that epoch's earlier steps (summed over the processes; zero on all but rank 0)."""
+    that epoch's earlier steps (summed over the processes; zero on all but rank 0)
+    and the seconds they took."""
 
     epoch: int = 0
     step: int = 0
     partial: Sums = field(default_factory=Sums)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -397,7 +408,11 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
         raise TrainingError(f"the model does not fit in memory ({str(exc).strip().splitlines()[0]})") from None
     set_memory_plan(model, options)
     model = model.to(device)
-    check_input_size(model, data, options["model"])
+    check_input_size(model, data, options["model"], options["batch_size"] // procs.world_size)
+    if data.size is not None:  # (an ImageFolder's images are read a batch at a time)
+        batch = options["batch_size"] // procs.world_size
+        refuse_beyond_memory(f"a batch of {plural(batch, data.unit[:-1])} of {'x'.join(map(str, data.size))}",
+                             batch * data.in_channels * math.prod(data.size) * 4)
     if options["channels_last"]:
         model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
@@ -432,7 +447,7 @@ def resume(run: Run) -> Position:
     rng_states = checkpoint["rng"]
     set_rng_state(rng_states[run.procs.rank % len(rng_states)])
     run.history = checkpoint["history"]
-    position = Position(checkpoint["epoch"], checkpoint["step"])
+    position = Position(checkpoint["epoch"], checkpoint["step"], seconds=checkpoint.get("partial_seconds", 0.0))
     if run.procs.is_main:
         position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
@@ -572,7 +587,8 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if _stop_requested(stop, procs):
             sums = Sums(loss_sum.item(), float(correct.item()), count)
-            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list()))))
+            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list())),
+                                          position.seconds + time.perf_counter() - started))
             bar.close()
             return None
     seconds = time.perf_counter() - started
@@ -584,8 +600,9 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
-    totals = position.partial.plus(procs.sum(sums.as_list()))
-    images_per_s = sums.count * procs.world_size / seconds
+    totals = position.partial.plus(procs.sum(sums.as_list()))  # (the epoch's, on rank 0, which writes them)
+    seconds += position.seconds  # with the steps before a resume
+    images_per_s = totals.count / seconds
     test = evaluate(run.model, run.test_loader, run.device, options, procs)
     lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
     run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
@@ -613,8 +630,9 @@ def finish(run: Run, outcome: Outcome) -> dict:
                    images_per_s=outcome.images / outcome.seconds if outcome.seconds else float("nan"),
                    peak_memory=peak_memory(run.device))
     if outcome.interrupted:
-        procs.log(f"interrupted: checkpoint saved in {run.out}; continue with the same command and --out {run.out} "
-                  f"--resume")
+        again = " without --overwrite" if run.options["overwrite"] else ""
+        procs.log(f"interrupted: checkpoint saved in {run.out}; continue with the same command{again} and --out "
+                  f"{run.out} --resume")
         return summary
     if not history:
         raise TrainingError(f"{run.out} holds no finished epoch")
@@ -645,7 +663,8 @@ def save_checkpoint(run: Run, position: Position) -> None:
     if run.procs.is_main:
         save_atomically({
             "format": CHECKPOINT_FORMAT, "options": run.options, "epoch": position.epoch, "step": position.step,
-            "partial_sums": position.partial.as_list(), "history": run.history, "rng": rng_states,
+            "partial_sums": position.partial.as_list(), "partial_seconds": position.seconds,
+            "history": run.history, "rng": rng_states,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
         }, os.path.join(run.out, CHECKPOINT))
@@ -822,9 +841,11 @@ def build_volume_model(options: dict) -> nn.Module:
     return monai_models.DenseNet(init_features=2 * k, growth_rate=k, block_config=(n, n, n), **kwargs)
 
 
-def check_input_size(model: nn.Module, data: ImageData, name: str) -> None:
-    """The data's images or volumes are not too small for ``model`` (said before any work;
-    ``name``: its ``--model``)."""
+def check_input_size(model: nn.Module, data: ImageData, name: str, batch: int) -> None:
+    """The data's images or volumes are not too small for ``model``, nor, in a
+    training batch of ``batch`` (per process), for its last BatchNorm, which
+    needs more than one value per channel (said before any work; ``name``: its
+    ``--model``)."""
     size = model.feature_size(*data.size) if data.size is not None and hasattr(model, "feature_size") else None
     if size is not None and min(size) < 1:
         hints = ["choose a smaller model (densenet_bc)"] if name != "densenet_bc" else []
@@ -833,6 +854,12 @@ def check_input_size(model: nn.Module, data: ImageData, name: str) -> None:
         raise TrainingError(f"{data.unit} of {'x'.join(map(str, data.size))} are too small for {type(model).__name__}"
                             f" (it needs at least {'x'.join(map(str, model.min_input_size()))})"
                             + (f"; {' or '.join(hints)}" if hints else ""))
+    if size is not None and batch * math.prod(size) < 2:
+        one = data.unit[:-1]  # "image", "volume"
+        raise TrainingError(f"a training batch of {plural(batch, one)} of {'x'.join(map(str, data.size))} per "
+                            f"process leaves one value per channel at {type(model).__name__}'s last BatchNorm "
+                            f"({'x'.join(map(str, size))} per {one}), which training cannot normalise; raise "
+                            f"--batch-size or the size of the {data.unit}")
 
 
 def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -856,6 +883,8 @@ def check_output_directory(options: dict, procs: Processes) -> None:
     """The output directory can be written (:func:`start_output` creates it), and
     holds an earlier run's files only with ``--resume`` or ``--overwrite``."""
     out = options["out"]
+    if not out:
+        raise TrainingError("--out is empty: give the run's directory, or leave --out out for a new one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} is a file, not a directory")
     found = [f for f in (CHECKPOINT, METRICS, CURVES) if os.path.exists(os.path.join(out, f))]
@@ -1059,6 +1088,9 @@ def damaged_record(path: str) -> Optional[str]:
     return None
 
 
+UNREADABLE = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EIO)  # the file, not its contents
+
+
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     """The checkpoint at ``path``, after checking that it belongs to this run's
     model and recipe (every difference named) and that all shapes match."""
@@ -1066,7 +1098,11 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
         damaged = damaged_record(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
+        if exc.errno in UNREADABLE:
+            raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
+        # (a file cut short: torch.load's reader says EINVAL)
+        raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
+                            f"{exc.strerror or exc})") from exc
     except Exception as exc:  # torch.load's messages run over many lines
         raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
                             f"{type(exc).__name__})") from exc

@@ -210,7 +210,7 @@ def test_trains_on_a_cifar10_directory(tmp_path):
     assert len(metrics(tmp_path / "run")) == 1
 
 
-def test_image_folder_tree(tmp_path):
+def test_image_folder_tree(tmp_path, capsys):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -231,6 +231,12 @@ def test_image_folder_tree(tmp_path):
     assert train(tmp_path / "small", "--data", str(tmp_path / "tree"), "--image-size", "16", "--model",
                  "densenet121") == 2  # refused before any work (test_images_too_small_are_refused_before_any_work)
     assert not (tmp_path / "small").exists()
+    capsys.readouterr()
+    assert train(tmp_path / "huge", "--data", str(tmp_path / "tree"), "--image-size", "100000") == 2
+    err = capsys.readouterr().err  # (it was killed for memory in the middle of the first batch)
+    assert re.fullmatch(r"error: a batch of 32 images of 100000x100000 take 3\.58e\+03 GiB as float32, more than "
+                        r"the [\d.]+ GiB of memory available; choose a smaller size\n", err), err
+    assert not (tmp_path / "huge").exists()
     assert multiprocessing.active_children() == []  # the loaders' workers (two by default) ended with the run
     # a single class tree gets a stratified 20% held out
     single = load_dataset(str(tmp_path / "tree" / "train"), image_size=8)
@@ -343,15 +349,21 @@ def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupt
     checks = iter(range(100))
     monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)  # step 2 of epoch 2
     out = tmp_path / "run"
-    assert train(out, "--epochs", "3") == 130
-    assert f"continue with the same command and --out {out} --resume" in capsys.readouterr().out
+    assert train(out, "--epochs", "3", "--overwrite") == 130
+    # (--overwrite and --resume exclude each other)
+    assert f"continue with the same command without --overwrite and --out {out} --resume" in \
+        capsys.readouterr().out
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2) and checkpoint["partial_seconds"] > 0
     monkeypatch.undo()
     # without --epochs: the checkpoint's 3, not the dataset's default (whose schedule moved the learning rate)
     assert train(out, "--resume") == 0
     assert "training to the checkpoint's 3 epochs (--epochs to change)" in capsys.readouterr().out
     assert metrics(out) == uninterrupted
+    with open(out / trainer.METRICS) as f:  # the epoch's time and speed count its steps before the stop too
+        second = list(csv.DictReader(f))[1]
+    assert float(second["seconds"]) > checkpoint["partial_seconds"]
+    assert float(second["images_per_s"]) == pytest.approx(128 // 32 * 32 / float(second["seconds"]), rel=1e-3)
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, uninterrupted):
@@ -422,7 +434,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monk
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 180160 vs 180048")
 
     monkeypatch.setattr(torch, "save", full)
-    assert train(out, "--epochs", "2", "--resume") == 2
+    assert train(out, "--epochs", "2", "--resume") == 1  # a failure while it ran, not bad input
     err = capsys.readouterr().err
     assert err.strip().endswith("unexpected pos 180160 vs 180048); the file there before is intact") and \
         len(err.strip().splitlines()) == 1, err
@@ -438,7 +450,7 @@ def test_a_full_disk_writing_the_metrics_is_one_line(tmp_path, monkeypatch):
 
 def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train(out, "--epochs", "2", "--lr", "1e30") == 2
+    assert train(out, "--epochs", "2", "--lr", "1e30") == 1  # a failure while it ran, not bad input
     err = capsys.readouterr().err
     assert "training diverged in epoch 1: " in err and "nothing of it was saved" in err, err
     assert not (out / trainer.CHECKPOINT).exists()
@@ -478,11 +490,14 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(out)) == sorted([trainer.CHECKPOINT, trainer.METRICS, trainer.CURVES])
     with monkeypatch.context() as patch:  # a run that starts, then fails before writing anything
         patch.setattr(trainer, "train_epochs", lambda *args: (_ for _ in ()).throw(trainer.OutputError("full")))
-        assert train(out, "--epochs", "1", "--overwrite") == 2
+        assert train(out, "--epochs", "1", "--overwrite") == 1
     assert os.listdir(out) == []  # none of the earlier run's files stays to be taken for this one's
     assert train(out, "--epochs", "1", "--overwrite") == 0
     assert train(tmp_path / "empty", "--resume") == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
+    assert train("", "--epochs", "1") == 2 and "--out is empty" in capsys.readouterr().err
+    assert cli.main(["train", *TINY, "--resume"]) == 2  # not a new directory's name
+    assert "--resume needs --out" in capsys.readouterr().err
 
 
 def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
@@ -549,7 +564,8 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
     flipped = content[:start] + bytes(b ^ 0xFF for b in weight[:16]) + content[start + 16:]
     damages = [("lacks rng, optimizer", None), ("cannot read checkpoint", b"not a checkpoint"),
                ("cannot read checkpoint", np.random.default_rng(0).bytes(4096)),
-               ("does not match its checksum", flipped)]  # torch.load reads it without a word
+               ("does not match its checksum", flipped),  # torch.load reads it without a word
+               ("damaged, or not a file torch.save wrote", content[:len(content) // 2])]  # cut short
     torch.utils.serialization.config.save.compute_crc32 = False  # no checksums to check: read as is
     try:
         torch.save({"value": torch.arange(3)}, tmp_path / "no_crc.pt")
@@ -645,7 +661,7 @@ def test_each_run_gets_a_directory_of_its_own(tmp_path, monkeypatch, capsys):
         start_output(options)
 
     monkeypatch.setattr(trainer, "start_output", taken_meanwhile)
-    assert cli.main(run) == 2
+    assert cli.main(run) == 1  # it failed as it started, not for its input
     assert re.search(r"error: cannot create runs/\S*-4242 \(File exists\)", capsys.readouterr().err)
     assert not any((tmp_path / "runs" / "digits-densenet_bc-10-4-20261204-120000-4242").iterdir())
 
@@ -706,6 +722,24 @@ VOLUMES = ["--no-progress", "--depth", "10", "--growth-rate", "4", "--batch-size
 
 def train_volumes(out, *options: str) -> int:
     return cli.main(["train", *VOLUMES, "--out", str(out), *options])
+
+
+def test_volumes_beyond_the_memory_available_are_refused(tmp_path, capsys):
+    assert train_volumes(tmp_path / "run", "--data", "synthetic3d", "--volume-size", "100000") == 2
+    assert "300 volumes of 100000x100000x100000 (and their coordinate grid) take" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_too_small_for_the_last_batchnorm_is_refused_before_any_work(tmp_path, capsys):
+    """13^3 volumes leave one voxel per volume at DenseNet-BC's last BatchNorm:
+    a training batch of one then gives it one value per channel (torch's error
+    came mid-run, after the header); two volumes train."""
+    assert train_volumes(tmp_path / "one", "--data", "synthetic3d", "--volume-size", "13", "--batch-size", "1") == 2
+    captured = capsys.readouterr()
+    assert "leaves one value per channel at DenseNet's last BatchNorm (1x1x1 per volume)" in captured.err, captured
+    assert captured.out == "" and not (tmp_path / "one").exists()
+    assert train_volumes(tmp_path / "two", "--data", "synthetic3d", "--volume-size", "13", "--batch-size", "2",
+                         "--train-limit", "8", "--test-limit", "4") == 0
 
 
 def test_synthetic3d_is_fixed_balanced_and_normalised():
@@ -925,7 +959,7 @@ def test_a_sample_a_loader_worker_cannot_read_is_named_in_one_line(tmp_path, cap
     write_volume_folder(tmp_path / "vols", sizes=[(16, 16, 16)], count=10)
     volume = next((tmp_path / "vols").rglob("*.npy"))
     np.save(volume, np.full((16, 16, 16), np.nan, np.float32))
-    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 2
+    assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 1  # found in training
     err = capsys.readouterr().err
     assert err.strip() == f"error: volume {volume} holds NaN or infinite values", err
     assert multiprocessing.active_children() == []  # the loaders' workers ended with the run, not at a later GC

@@ -249,12 +249,9 @@ def process_rss_bytes(pid: int) -> Optional[int]:
 
 
 def available_memory_bytes() -> int:
-    """MemAvailable of this machine."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """MemAvailable of this machine (0 where unknown)."""
+    from ..memory import available_memory_bytes as available  # (torch only when asked)
+    return available() or 0
 
 
 # -- fresh-process workers -----------------------------------------------------------------
