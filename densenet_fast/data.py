@@ -344,8 +344,6 @@ def _resize(volumes: Tensor, size: Optional[tuple[int, ...]]) -> Tensor:
     """``(N, C, D, H, W)`` volumes resized to ``size`` (trilinear), or as they are."""
     if size is None or tuple(volumes.shape[2:]) == tuple(size):
         return volumes
-    refuse_beyond_memory(f"{len(volumes)} volumes of {_shape_text(size)}",
-                         len(volumes) * volumes.shape[1] * math.prod(size) * 4)
     return F.interpolate(volumes, size=size, mode="trilinear", align_corners=False)
 
 
@@ -379,8 +377,8 @@ def load_synthetic3d(size: tuple[int, int, int] = SYNTHETIC_3D_SIZE, train: int 
     Augmentation: random shift by 1 voxel and flips along the last axis."""
     if min(size) < 4:
         raise DatasetError(f"{SYNTHETIC_3D} volumes need at least 4 voxels per side, got {_shape_text(size)}")
-    refuse_beyond_memory(f"{train + test} volumes of {_shape_text(size)} (and their coordinate grid)",
-                         (train + test + 6) * math.prod(size) * 4)
+    refuse_beyond_memory(f"{train + test} volumes of {_shape_text(size)} (their copies and coordinate grid)",
+                         (2 * (train + test) + 6) * math.prod(size) * 4)
     rng = np.random.default_rng(SPLIT_SEED)
     grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in size), indexing="ij"))  # (3, D, H, W)
     sides = np.asarray(size, dtype=np.float32).reshape(3, 1, 1, 1)
@@ -466,6 +464,9 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
             raise DatasetError(f"{path}: {split}_images must be numbers, got {images.dtype}")
         scale = np.float32(255) if images.dtype == np.uint8 else np.float32(1)
         volumes = torch.from_numpy(images.astype(np.float32) / scale)[:, None]
+        if size is not None:  # (with its standardised copy)
+            refuse_beyond_memory(f"{len(volumes)} {split} volumes of {_shape_text(size)}", 2 * volumes.numel() //
+                                 math.prod(volumes.shape[2:]) * math.prod(size) * 4)
         splits[split] = (_resize(volumes, size), torch.from_numpy(labels.astype(np.int64)))
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     if train_x.shape[2:] != test_x.shape[2:]:

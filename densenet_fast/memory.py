@@ -1056,7 +1056,11 @@ class StepSimulation:
         t.free("bn_coefficients", *statistics)
         self.end_pass(b, False)
         # the stage saved its buffer, coefficients, kept bottlenecks (x, a view of the buffer, and the parameters
-        # need no device memory of their own)
+        # need no device memory of their own); x and the buffer, channels-last, are not contiguous: the copy to
+        # a contiguous host tensor goes through a contiguous copy on the device (ATen's copy_requires_temporaries)
+        if self.setup.offload:
+            t.transient("block_buffers", m * c0 * e)
+            t.transient("block_buffers", m * c_total * e)
         self.pack("block_buffers", [m * c_total * e])
         self.pack("bn_coefficients", [self.coefficient_bytes(b)])
         self.pack("kept_bottlenecks", [self.arch.block_config[b] * m * w * e] if keep else [])
@@ -1169,13 +1173,16 @@ class StepSimulation:
                 t.transient("stem", *[self.stem_pixels * c0 * 4 * rows / side] * temporaries)
             t.free("stem", grad_in, conv_out, indices, passes)  # autograd releases the node's input and saved tensors
             grad_in = conv_out
-        # conv0's weight gradient (its input is the user's)
+        # conv0's weight gradient (its input is the user's; a copy of it, offloaded, where no autocast cast it)
+        user_input = [] if saved else [self.setup.batch * self.arch.in_channels * math.prod(self.setup.image_size)
+                                        * self.e]
         self.unpack(saved, "stem")
+        self.unpack(user_input)
         self.unpack(self.stem_gradients())  # conv0's weight (and norm0's weight and bias, counted with it)
         t.transient("stem", self.onednn_weight_gradient(self.arch.in_channels, c0, self.arch.stem_kernel,
                                                         self.setup.image_size, self.stem_sides, channels_last=False))
         t.alloc("gradients_released", *self.stem_gradients())
-        self.unpacked_freed(self.stem_gradients())
+        self.unpacked_freed(self.stem_gradients() + user_input)
         t.free("stem", grad_in, *saved)
 
     # -- save_on_cpu (Setup.offload) -----------------------------------------------------------

@@ -139,9 +139,11 @@ def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union
     """The fastest allowed assignment predicted to fit (``None`` if none does);
     ties go to the leaner.  The assignments are predicted fastest first, and
     only until one fits (and those as fast as it)."""
-    timed = sorted((step_time_ratio(arch, setup, a)[0], a) for a in allowed_assignments(arch, recompute))
+    # (ties in time keep assignments()'s order, fewest recomputed blocks first, as the leaner-first choice did)
+    timed = sorted((step_time_ratio(arch, setup, a)[0], i, a)
+                   for i, a in enumerate(allowed_assignments(arch, recompute)))
     best: Optional[Choice] = None
-    for ratio, policies in timed:
+    for ratio, _, policies in timed:
         if best is not None and ratio > best.step_time_ratio:
             break
         choice = Choice(policies, predict(arch, setup, policies), ratio)

@@ -368,7 +368,7 @@ class Position:
     epoch: int = 0
     step: int = 0
     partial: Sums = field(default_factory=Sums)
-    seconds: float = 0.0
+    seconds: Optional[float] = 0.0
 
 
 @dataclass
@@ -408,11 +408,16 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
         raise TrainingError(f"the model does not fit in memory ({str(exc).strip().splitlines()[0]})") from None
     set_memory_plan(model, options)
     model = model.to(device)
-    check_input_size(model, data, options["model"], options["batch_size"] // procs.world_size)
+    # (synchronised batch statistics count every process's images)
+    check_input_size(model, data, options["model"],
+                     options["batch_size"] // (1 if options["sync_bn"] else procs.world_size))
     if data.size is not None:  # (an ImageFolder's images are read a batch at a time)
         batch = options["batch_size"] // procs.world_size
-        refuse_beyond_memory(f"a batch of {plural(batch, data.unit[:-1])} of {'x'.join(map(str, data.size))}",
-                             batch * data.in_channels * math.prod(data.size) * 4)
+        try:
+            refuse_beyond_memory(f"a batch of {plural(batch, data.unit[:-1])} of {'x'.join(map(str, data.size))}",
+                                 batch * data.in_channels * math.prod(data.size) * 4)
+        except DatasetError as exc:  # said by every process alike
+            raise TrainingError(str(exc)) from None
     if options["channels_last"]:
         model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks
@@ -447,7 +452,8 @@ def resume(run: Run) -> Position:
     rng_states = checkpoint["rng"]
     set_rng_state(rng_states[run.procs.rank % len(rng_states)])
     run.history = checkpoint["history"]
-    position = Position(checkpoint["epoch"], checkpoint["step"], seconds=checkpoint.get("partial_seconds", 0.0))
+    # (a checkpoint from before partial_seconds: None, and the epoch's speed counts this run's steps alone)
+    position = Position(checkpoint["epoch"], checkpoint["step"], seconds=checkpoint.get("partial_seconds"))
     if run.procs.is_main:
         position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
@@ -587,8 +593,8 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if _stop_requested(stop, procs):
             sums = Sums(loss_sum.item(), float(correct.item()), count)
-            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list())),
-                                          position.seconds + time.perf_counter() - started))
+            earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
+            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list())), earlier))
             bar.close()
             return None
     seconds = time.perf_counter() - started
@@ -601,8 +607,11 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     options, procs = run.options, run.procs
     epoch = position.epoch
     totals = position.partial.plus(procs.sum(sums.as_list()))  # (the epoch's, on rank 0, which writes them)
-    seconds += position.seconds  # with the steps before a resume
-    images_per_s = totals.count / seconds
+    if position.seconds is None:
+        images_per_s = sums.count * procs.world_size / seconds
+    else:  # with the steps before a resume
+        seconds += position.seconds
+        images_per_s = totals.count / seconds
     test = evaluate(run.model, run.test_loader, run.device, options, procs)
     lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
     run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
@@ -843,7 +852,8 @@ def build_volume_model(options: dict) -> nn.Module:
 
 def check_input_size(model: nn.Module, data: ImageData, name: str, batch: int) -> None:
     """The data's images or volumes are not too small for ``model``, nor, in a
-    training batch of ``batch`` (per process), for its last BatchNorm, which
+    training batch of ``batch`` (the images one BatchNorm normalises together:
+    a process's, all processes' with --sync-bn), for its last BatchNorm, which
     needs more than one value per channel (said before any work; ``name``: its
     ``--model``)."""
     size = model.feature_size(*data.size) if data.size is not None and hasattr(model, "feature_size") else None
@@ -856,8 +866,8 @@ def check_input_size(model: nn.Module, data: ImageData, name: str, batch: int) -
                             + (f"; {' or '.join(hints)}" if hints else ""))
     if size is not None and batch * math.prod(size) < 2:
         one = data.unit[:-1]  # "image", "volume"
-        raise TrainingError(f"a training batch of {plural(batch, one)} of {'x'.join(map(str, data.size))} per "
-                            f"process leaves one value per channel at {type(model).__name__}'s last BatchNorm "
+        raise TrainingError(f"a training batch of {plural(batch, one)} of {'x'.join(map(str, data.size))} "
+                            f"(per process) leaves one value per channel at {type(model).__name__}'s last BatchNorm "
                             f"({'x'.join(map(str, size))} per {one}), which training cannot normalise; raise "
                             f"--batch-size or the size of the {data.unit}")
 
@@ -1088,9 +1098,6 @@ def damaged_record(path: str) -> Optional[str]:
     return None
 
 
-UNREADABLE = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EIO)  # the file, not its contents
-
-
 def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     """The checkpoint at ``path``, after checking that it belongs to this run's
     model and recipe (every difference named) and that all shapes match."""
@@ -1098,9 +1105,8 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
         damaged = damaged_record(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        if exc.errno in UNREADABLE:
+        if exc.errno != errno.EINVAL:  # (what torch.load's reader says of a file cut short)
             raise TrainingError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from exc
-        # (a file cut short: torch.load's reader says EINVAL)
         raise TrainingError(f"cannot read checkpoint {path} (damaged, or not a file torch.save wrote: "
                             f"{exc.strerror or exc})") from exc
     except Exception as exc:  # torch.load's messages run over many lines

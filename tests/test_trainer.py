@@ -366,6 +366,24 @@ def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupt
     assert float(second["images_per_s"]) == pytest.approx(128 // 32 * 32 / float(second["seconds"]), rel=1e-3)
 
 
+def test_a_checkpoint_without_partial_seconds_resumes(tmp_path, uninterrupted, monkeypatch):
+    """A checkpoint stopped mid-epoch by a version before partial_seconds: the
+    same losses, and the epoch's speed from this run's steps alone."""
+    checks = iter(range(100))
+    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "3") == 130
+    monkeypatch.undo()
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    del checkpoint["partial_seconds"]
+    torch.save(checkpoint, out / trainer.CHECKPOINT)
+    assert train(out, "--resume") == 0
+    assert metrics(out) == uninterrupted
+    with open(out / trainer.METRICS) as f:
+        second = list(csv.DictReader(f))[1]
+    assert float(second["images_per_s"]) == pytest.approx(2 * 32 / float(second["seconds"]), rel=1e-3)
+
+
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, uninterrupted):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "densenet_fast", "train", *TINY, "--out", str(out), "--epochs", "3"]
@@ -726,7 +744,7 @@ def train_volumes(out, *options: str) -> int:
 
 def test_volumes_beyond_the_memory_available_are_refused(tmp_path, capsys):
     assert train_volumes(tmp_path / "run", "--data", "synthetic3d", "--volume-size", "100000") == 2
-    assert "300 volumes of 100000x100000x100000 (and their coordinate grid) take" in capsys.readouterr().err
+    assert "300 volumes of 100000x100000x100000 (their copies and coordinate grid) take" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -173,20 +173,30 @@ def offloaded(device_type: str):
     offload can be checked against measurements without a GPU."""
     if device_type == "cuda":
         return torch.autograd.graph.save_on_cpu(pin_memory=True)
-    file = tempfile.TemporaryFile()  # closed when the last packed tensor (which holds it) is released
+    spill = _Spill()  # closed when the last packed tensor (which holds it) is released
 
     def pack(tensor: torch.Tensor) -> tuple:
-        offset = file.seek(0, 2)
-        file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return file, offset, tensor.shape, tensor.dtype
+        offset = spill.file.seek(0, 2)
+        spill.file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return spill, offset, tensor.shape, tensor.dtype
 
     def unpack(packed: tuple) -> torch.Tensor:
         source, offset, shape, dtype = packed
         out = torch.empty(shape, dtype=dtype)
-        source.seek(offset)
-        source.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        source.file.seek(offset)
+        source.file.readinto(out.reshape(-1).view(torch.uint8).numpy())
         return out
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+class _Spill:
+    """The unlinked file :func:`offloaded`'s saved tensors go to, closed with it."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+
+    def __del__(self) -> None:
+        self.file.close()
 
 
 class Step:
