@@ -280,9 +280,10 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     run = build_run(options, data, procs, device)
     position = resume(run) if options["resume"] else Position()
     distribute(run)
+    plan = plan_memory(run) if options["memory_budget"] is not None else None  # (refused before the header)
     procs.log(describe(run))
-    if options["memory_budget"] is not None:
-        procs.log(plan_memory(run))
+    if plan is not None:
+        procs.log(plan)
     if options["offload"]:
         procs.log(offload_note(run))
     if procs.is_main:
@@ -463,7 +464,7 @@ def resume(run: Run) -> Position:
         # jumped where a resumed run fell back to the default)
         run.options["epochs"] = saved_epochs
         run.lr_factor = learning_rate_factor(run.options["schedule"], saved_epochs, len(run.train_sampler))
-        run.procs.log(f"training to the checkpoint's {saved_epochs} epochs (--epochs to change)")
+        run.procs.log(f"training to the checkpoint's {plural(saved_epochs, 'epoch')} (--epochs to change)")
     if position.epoch >= run.options["epochs"]:
         more = "" if position.epoch == run.options["epochs"] else f", more than --epochs {run.options['epochs']}"
         run.procs.log(f"the checkpoint has trained {plural(position.epoch, 'epoch')}{more}: nothing is left to train "
@@ -647,7 +648,9 @@ def finish(run: Run, outcome: Outcome) -> dict:
         raise TrainingError(f"{run.out} holds no finished epoch")
     summary["test_accuracy"] = history[-1]["test_accuracy"]
     speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.seconds else "no training in this run"
-    procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({len(run.data.test)} held-out {run.data.unit}) | "
+    # (a run that trained nothing reports the checkpoint's accuracy, measured on its test set: --test-limit may differ)
+    tested = f"{len(run.data.test)} held-out {run.data.unit}" if outcome.images else "as the checkpoint recorded it"
+    procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({tested}) | "
               f"{speed} | peak memory {summary['peak_memory']} | {plural(len(history), 'epoch')}, results in {run.out}",
               flush=True)
     return summary
@@ -659,9 +662,10 @@ def refuse_diverged(run: Run, epoch: int) -> None:
     diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
     if diverged:
         more = f" (and {len(diverged) - 1} more parameters)" if len(diverged) > 1 else ""
+        before = (f"--overwrite removed the earlier run's files in {run.out} at the start" if run.options["overwrite"]
+                  else f"a checkpoint in {run.out}, if any, is from before")
         raise DivergedError(f"training diverged in epoch {epoch + 1}: {diverged[0]}{more} holds NaN or infinity; "
-                            f"nothing of it was saved (a checkpoint in {run.out}, if any, is from before; a lower "
-                            f"--lr may help)")
+                            f"nothing of it was saved ({before}; a lower --lr may help)")
 
 
 def save_checkpoint(run: Run, position: Position) -> None:

@@ -471,7 +471,10 @@ def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
     assert train(out, "--epochs", "2", "--lr", "1e30") == 1  # a failure while it ran, not bad input
     err = capsys.readouterr().err
     assert "training diverged in epoch 1: " in err and "nothing of it was saved" in err, err
+    assert "if any, is from before" in err
     assert not (out / trainer.CHECKPOINT).exists()
+    assert train(out, "--epochs", "2", "--lr", "1e30", "--overwrite") == 1  # (the empty directory of the first)
+    assert "--overwrite removed the earlier run's files" in capsys.readouterr().err
 
 
 def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys):
@@ -552,6 +555,8 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     assert "growth_rate is 4 in the checkpoint but 6 now" in capsys.readouterr().err
     assert train(out, "--epochs", "2", "--resume", "--lr", "0.05") == 2
     assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
+    assert train(out, "--epochs", "1", "--resume", "--test-limit", "32") == 0  # nothing left to train
+    assert "test accuracy" in (said := capsys.readouterr().out) and "(as the checkpoint recorded it)" in said
     assert train(out, "--epochs", "1", "--resume") == 0
     said = capsys.readouterr().out
     assert "the checkpoint has trained 1 epoch: nothing is left to train (a larger --epochs trains on)" in said
@@ -654,7 +659,8 @@ def test_memory_budget_checks_a_fixed_policy_and_refuses_what_does_not_fit(tmp_p
     assert "--memory-budget:" in err and "more than the memory budget" in err and "largest batch" in err
     assert len(err.strip().splitlines()) == 1
     assert train(tmp_path / "c", "--epochs", "1", "--memory-budget", "1KiB") == 2
-    assert "not even a batch of 1 fits" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "not even a batch of 1 fits" in captured.err and "training " not in captured.out  # before the header
 
 
 def test_each_run_gets_a_directory_of_its_own(tmp_path, monkeypatch, capsys):
