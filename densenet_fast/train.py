@@ -5,9 +5,10 @@ SGD (momentum 0.9, Nesterov, weight decay 1e-4), learning rate 0.1 divided by
 precision, channels-last, resumable atomic checkpoints, Ctrl-C to stop and
 save, and multi-process training under ``torchrun`` (DistributedDataParallel).
 
-Output directory: ``checkpoint.pt`` and ``metrics.csv`` (one row per epoch),
-written after every epoch and on Ctrl-C, and ``curves.png`` (loss and
-accuracy per epoch) at the end and on Ctrl-C.
+Output directory: ``checkpoint.pt``, written after every epoch and on Ctrl-C,
+``metrics.csv`` (one row per finished epoch), written after every epoch, and
+``curves.png`` (loss and accuracy per epoch) at the end and on Ctrl-C, once an
+epoch has finished.
 """
 
 from __future__ import annotations
