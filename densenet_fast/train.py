@@ -364,8 +364,8 @@ class Sums:
 @dataclass
 class Position:
     """Where training continues: ``step`` batches into ``epoch``, with the sums of
-    that epoch's earlier steps (summed over the processes; zero on all but rank 0)
-    and the seconds they took."""
+    that epoch's earlier steps (summed over the processes, in every process) and
+    the seconds they took."""
 
     epoch: int = 0
     step: int = 0
@@ -456,8 +456,9 @@ def resume(run: Run) -> Position:
     run.history = checkpoint["history"]
     # (a checkpoint from before partial_seconds: None, and the epoch's speed counts this run's steps alone)
     position = Position(checkpoint["epoch"], checkpoint["step"], seconds=checkpoint.get("partial_seconds"))
-    if run.procs.is_main:
-        position.partial = Sums(*checkpoint["partial_sums"])  # already summed over the processes
+    # already summed over the processes; in every process, whose epoch totals add this run's steps to them (on
+    # rank 0 alone, the others' divided zero by zero after a stop at an epoch's last step)
+    position.partial = Sums(*checkpoint["partial_sums"])
     run.procs.log(f"resuming {run.out} at epoch {position.epoch + 1}, step {position.step}")
     saved_epochs = checkpoint["options"]["epochs"]
     if not run.options["epochs_given"] and saved_epochs != run.options["epochs"]:
@@ -608,7 +609,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
-    totals = position.partial.plus(procs.sum(sums.as_list()))  # (the epoch's, on rank 0, which writes them)
+    totals = position.partial.plus(procs.sum(sums.as_list()))
     if position.seconds is None:
         images_per_s = sums.count * procs.world_size / seconds
     else:  # with the steps before a resume

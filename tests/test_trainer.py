@@ -1131,6 +1131,29 @@ def test_ddp_two_gloo_processes(tmp_path, sync_bn):
     assert checkpoint["options"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
 
 
+def test_ddp_resumes_a_stop_at_an_epochs_last_step(tmp_path):
+    """A checkpoint of two processes stopped after the last step of an epoch
+    (edited from one after the epoch): the resumed run trains no step of that
+    epoch and every process ends it on the checkpoint's sums (the second
+    process divided zero by zero: it held the sums on rank 0 alone)."""
+    out = tmp_path / "run"
+    common = [os.path.abspath(__file__), "train-worker", *TINY, "--out", str(out)]
+    result = torchrun(*common, "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    row = checkpoint["history"][0]
+    images = 128  # every step of the epoch, both processes
+    checkpoint.update(epoch=0, step=128 // 32, history=[], partial_seconds=1.0,
+                      partial_sums=[row["train_loss"] * images, row["train_accuracy"] * images, images])
+    torch.save(checkpoint, out / trainer.CHECKPOINT)
+    result = torchrun(*common, "--epochs", "1", "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+    (again,) = metrics(out)
+    assert float(again["train_loss"]) == pytest.approx(row["train_loss"])
+    assert float(again["train_accuracy"]) == pytest.approx(row["train_accuracy"])
+
+
 def test_ddp_bad_input_is_one_line_per_process_and_leaves_the_groups(tmp_path):
     # the error comes right after a collective (the output directory check): the pattern that aborted
     result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--batch-size", "5000", "--sync-bn", "--out",
