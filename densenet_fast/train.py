@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 def check_numbers(args: argparse.Namespace) -> None:
     """One-line errors for numeric options out of range, before any work (a NaN fails every test)."""
     for key, least in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1), ("test_limit", 1),
-                       ("workers", 0)):
+                       ("growth_rate", 1), ("workers", 0)):
         value = getattr(args, key)
         if value is not None and value < least:
             raise TrainingError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
@@ -540,7 +540,16 @@ def describe(run: Run) -> str:
               f"augmentation: "
               f"{data.augmentation.describe()}; {run.procs.world_size} process(es) on {run.device.type}; "
               f"{plural(options['epochs'], 'epoch')} of {plural(len(run.train_sampler), 'step')}, "
-              f"batch {options['batch_size']}, output {run.out}")
+              f"batch {options['batch_size']}; {engine_settings(run)}; output {run.out}")
+
+
+def engine_settings(run: Run) -> str:
+    """The header's backend, recompute policy, mixed precision and memory format."""
+    options = run.options
+    recompute = getattr(run.model, "recompute", None)  # (auto's per-block choice comes with the memory plan)
+    settings = [f"backend {options['backend'] or 'automatic'}"] + ([f"recompute {recompute}"] if recompute else [])
+    settings += [f"amp {options['amp']}"] if options["amp"] != "none" else []
+    return ", ".join(settings + (["channels-last"] if options["channels_last"] else []))
 
 
 def train_epochs(run: Run, position: Position) -> Outcome:

@@ -1106,6 +1106,16 @@ def gloo_threads_left(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"rank (\d+): gloo threads left: (\[.*?\])", stdout))
 
 
+def test_the_header_gives_the_engine_settings(tmp_path, capsys):
+    """Backend, recompute policy, mixed precision and memory format are in the log's first line."""
+    assert train(tmp_path / "run", "--epochs", "1", "--amp", "bf16", "--channels-last", "--recompute",
+                 "recompute") == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "; backend automatic, recompute recompute, amp bf16, channels-last; output " in header, header
+    assert train(tmp_path / "g", "--epochs", "1", "--growth-rate", "0") == 2
+    assert "--growth-rate must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_sync_bn_in_one_process_says_there_is_nothing_to_synchronise(tmp_path, capsys):
     assert train(tmp_path / "run", "--epochs", "1", "--sync-bn") == 0
     assert "--sync-bn: one process, whose batch statistics are already the whole batch's" in capsys.readouterr().out
