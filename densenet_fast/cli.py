@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .backends import BackendUnavailableError
 
+
 class CommandFailed(RuntimeError):
     """A command failed while it ran, not for its input (a full disk, a training
     run that diverged): one line, exit status 1."""

@@ -347,13 +347,21 @@ def _resize(volumes: Tensor, size: Optional[tuple[int, ...]]) -> Tensor:
     return F.interpolate(volumes, size=size, mode="trilinear", align_corners=False)
 
 
-def refuse_beyond_memory(what: str, nbytes: int) -> None:
-    """A :class:`DatasetError` where ``what``, ``nbytes`` of float32, would not fit in
-    the memory this machine has available (say so instead of being killed)."""
+def memory_shortfall(what: str, nbytes: int) -> Optional[str]:
+    """Why ``what``, ``nbytes`` of float32, would not fit in the memory this machine
+    has available (to say so instead of being killed), or ``None``."""
     available = available_memory_bytes()
-    if available is not None and nbytes > available:
-        raise DatasetError(f"{what} take {nbytes / 2**30:.3g} GiB as float32, more than the "
-                           f"{available / 2**30:.3g} GiB of memory available; choose a smaller size")
+    if available is None or nbytes <= available:
+        return None
+    return (f"{what} take {nbytes / 2**30:.3g} GiB as float32, more than the {available / 2**30:.3g} GiB of memory "
+            f"available; choose a smaller size")
+
+
+def refuse_beyond_memory(what: str, nbytes: int) -> None:
+    """A :class:`DatasetError` with :func:`memory_shortfall`'s reason, if any."""
+    why = memory_shortfall(what, nbytes)
+    if why is not None:
+        raise DatasetError(why)
 
 
 def _standardise_splits(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
@@ -465,8 +473,8 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
         scale = np.float32(255) if images.dtype == np.uint8 else np.float32(1)
         volumes = torch.from_numpy(images.astype(np.float32) / scale)[:, None]
         if size is not None:  # (with its standardised copy)
-            refuse_beyond_memory(f"{len(volumes)} {split} volumes of {_shape_text(size)}", 2 * volumes.numel() //
-                                 math.prod(volumes.shape[2:]) * math.prod(size) * 4)
+            refuse_beyond_memory(f"{len(volumes)} {split} volumes of {_shape_text(size)}",
+                                 2 * len(volumes) * volumes.shape[1] * math.prod(size) * 4)
         splits[split] = (_resize(volumes, size), torch.from_numpy(labels.astype(np.int64)))
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     if train_x.shape[2:] != test_x.shape[2:]:

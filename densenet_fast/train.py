@@ -50,7 +50,7 @@ from .memory import (CPU_HEAP_BELOW, Architecture, OptimizerSpec, Setup, bc_laye
                      format_bytes, parse_bytes, predict, set_mmap_threshold)
 from .cli import CommandFailed
 from .planner import MemoryBudgetError
-from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, refuse_beyond_memory
+from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, memory_shortfall
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc": models.densenet_bc,
@@ -415,11 +415,10 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
                      options["batch_size"] // (1 if options["sync_bn"] else procs.world_size))
     if data.size is not None:  # (an ImageFolder's images are read a batch at a time)
         batch = options["batch_size"] // procs.world_size
-        try:
-            refuse_beyond_memory(f"a batch of {plural(batch, data.unit[:-1])} of {'x'.join(map(str, data.size))}",
-                                 batch * data.in_channels * math.prod(data.size) * 4)
-        except DatasetError as exc:  # said by every process alike
-            raise TrainingError(str(exc)) from None
+        why = memory_shortfall(f"a batch of {plural(batch, data.unit[:-1])} of {'x'.join(map(str, data.size))}",
+                               batch * data.in_channels * math.prod(data.size) * 4)
+        if why is not None:  # said by every process alike
+            raise TrainingError(why)
     if options["channels_last"]:
         model = model.to(memory_format=models.CHANNELS_LAST[data.spatial_dims + 2])
     torch.manual_seed(options["seed"] + procs.rank)  # per-process dropout masks

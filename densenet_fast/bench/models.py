@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-gib", type=common.non_negative_number, default=0.5,
                         help="budget of the largest-batch search (0: skip)")
     parser.add_argument("--quick", action="store_true",
-                        help="training only: one process per implementation times --warmup + --repeats steps and their peak "
-                        "memory (no --steps)")
+                        help="training only: one process per implementation times --warmup + --repeats steps and "
+                             "their peak memory (no --steps)")
     parser.add_argument("--max-minutes", type=common.positive_number, default=1e9, help="no worker runs past this")
     add_common_arguments(parser)
     parser.set_defaults(steps=None)  # 2, except under --quick, which takes none (run)
