@@ -75,9 +75,10 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
     must be a whole number (``"1.5"`` is refused: a unit forgotten)."""
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
-                 "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        number = text.rstrip("KMGTkmgtIiBb")
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15, "KIB": 2**10,
+                 "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50, "K": 2**10, "M": 2**20, "G": 2**30,
+                 "T": 2**40, "P": 2**50}
+        number = text.rstrip("KMGTPkmgtpIiBb")
         try:
             unit = units[text[len(number):].upper()]
             nbytes = float(number) * unit

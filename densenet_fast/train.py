@@ -206,7 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     existing.add_argument("--resume", action="store_true",
                           help=f"continue the run whose {CHECKPOINT} is in the output directory")
     existing.add_argument("--overwrite", action="store_true",
-                          help="start afresh even if the output directory holds an earlier run's files")
+                          help="start afresh even if the output directory holds an earlier run's files (they "
+                               "are replaced when this run saves its first checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,8 +288,12 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         procs.log(plan)
     if options["offload"]:
         procs.log(offload_note(run))
-    if procs.is_main:
-        start_output(options)
+    if position.epoch >= options["epochs"]:  # (after the header, whose schedule it overrides)
+        more = "" if position.epoch == options["epochs"] else f", more than --epochs {options['epochs']}"
+        procs.log(f"the checkpoint has trained {plural(position.epoch, 'epoch')}{more}: nothing is left to train "
+                  f"(a larger --epochs trains on)")
+    created = procs.is_main and start_output(options)
+    run.replaces_earlier_run = options["overwrite"]
     try:
         try:
             outcome = train_epochs(run, position)
@@ -300,6 +305,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         return finish(run, outcome)
     finally:
         run.close()
+        if created and os.path.isdir(run.out) and not os.listdir(run.out):  # failed before its first checkpoint
+            os.rmdir(run.out)
 
 
 def plural(count: int, noun: str) -> str:
@@ -333,6 +340,7 @@ class Run:
     train_loader: Optional[DataLoader]  # None once the run has ended (close)
     test_loader: Optional[DataLoader]
     history: list[dict] = field(default_factory=list)  # one row of metrics per finished epoch
+    replaces_earlier_run: bool = False  # --overwrite, until the first checkpoint is saved
 
     @property
     def out(self) -> str:
@@ -466,10 +474,6 @@ def resume(run: Run) -> Position:
         run.options["epochs"] = saved_epochs
         run.lr_factor = learning_rate_factor(run.options["schedule"], saved_epochs, len(run.train_sampler))
         run.procs.log(f"training to the checkpoint's {plural(saved_epochs, 'epoch')} (--epochs to change)")
-    if position.epoch >= run.options["epochs"]:
-        more = "" if position.epoch == run.options["epochs"] else f", more than --epochs {run.options['epochs']}"
-        run.procs.log(f"the checkpoint has trained {plural(position.epoch, 'epoch')}{more}: nothing is left to train "
-                      f"(a larger --epochs trains on)")
     saved_data = checkpoint["options"].get("data")
     if saved_data is not None and saved_data != run.options["data"]:  # with equal fingerprints (load_checkpoint)
         run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (its fingerprint, "
@@ -602,6 +606,8 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
         bar.update()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if not weights_finite(run.model):  # (not at the epoch's end alone: an epoch can be long)
+                refuse_diverged(run, f"in epoch {epoch + 1}, by step {step + 1}")
         if _stop_requested(stop, procs):
             sums = Sums(loss_sum.item(), float(correct.item()), count)
             earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
@@ -666,22 +672,28 @@ def finish(run: Run, outcome: Outcome) -> dict:
     return summary
 
 
-def refuse_diverged(run: Run, epoch: int) -> None:
+def weights_finite(model: nn.Module) -> bool:
+    """Whether no weight holds NaN or infinity: one reduction and one device
+    synchronisation (the largest magnitude, which cannot overflow)."""
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(model.parameters(), math.inf)))
+
+
+def refuse_diverged(run: Run, when: str) -> None:
     """:class:`DivergedError` where a weight holds NaN or infinity (every process
-    holds the same weights, and stops alike)."""
+    holds the same weights, and stops alike); ``when``: "in epoch 2", say."""
     diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
     if diverged:
         more = f" (and {len(diverged) - 1} more parameters)" if len(diverged) > 1 else ""
-        before = (f"--overwrite removed the earlier run's files in {run.out} at the start" if run.options["overwrite"]
-                  else f"a checkpoint in {run.out}, if any, is from before")
-        raise DivergedError(f"training diverged in epoch {epoch + 1}: {diverged[0]}{more} holds NaN or infinity; "
-                            f"nothing of it was saved ({before}; a lower --lr may help)")
+        raise DivergedError(f"training diverged {when}: {diverged[0]}{more} holds NaN or infinity; nothing of it "
+                            f"was saved (the files in {run.out}, if any, are from before; a lower --lr may help)")
 
 
 def save_checkpoint(run: Run, position: Position) -> None:
     """Checkpoint at ``position`` (collective: every process calls it); never of
-    diverged weights."""
-    refuse_diverged(run, position.epoch - (position.step == 0))
+    diverged weights. The first of an ``--overwrite`` run then removes the earlier
+    run's metrics and curves (its checkpoint is replaced): an ``--overwrite`` run
+    that fails before it has anything to save leaves the earlier run intact."""
+    refuse_diverged(run, f"in epoch {position.epoch + (position.step > 0)}")
     rng_states = run.procs.gather(rng_state())
     if run.procs.is_main:
         save_atomically({
@@ -691,6 +703,11 @@ def save_checkpoint(run: Run, position: Position) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
         }, os.path.join(run.out, CHECKPOINT))
+        if run.replaces_earlier_run:
+            for name in (METRICS, CURVES):
+                if os.path.exists(os.path.join(run.out, name)):
+                    os.remove(os.path.join(run.out, name))
+    run.replaces_earlier_run = False
 
 
 # -- processes and devices ------------------------------------------------------------------
@@ -911,7 +928,10 @@ def check_output_directory(options: dict, procs: Processes) -> None:
         raise TrainingError("--out is empty: give the run's directory, or leave --out out for a new one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} is a file, not a directory")
-    found = [f for f in (CHECKPOINT, METRICS, CURVES) if os.path.exists(os.path.join(out, f))]
+    found = [f for f in (CHECKPOINT, METRICS, CURVES) if os.path.lexists(os.path.join(out, f))]
+    for name in found:
+        if not os.path.isfile(os.path.join(out, name)):
+            raise TrainingError(f"{os.path.join(out, name)} is not a file: the run cannot write its {name} there")
     if options["resume"]:
         if CHECKPOINT not in found:
             raise TrainingError(f"--resume: there is no {CHECKPOINT} in {out} to resume from")
@@ -923,23 +943,20 @@ def check_output_directory(options: dict, procs: Processes) -> None:
         raise TrainingError(f"--out {out}: cannot write there ({problem})")
 
 
-def start_output(options: dict) -> None:
-    """Create the output directory and, with ``--overwrite``, remove the files an
-    earlier run left there: once the run starts, so that a refused run leaves
-    nothing behind and none of the earlier files stays beside this run's."""
+def start_output(options: dict) -> bool:
+    """Create the output directory when the run starts (so that a refused run
+    leaves nothing behind); whether it was created."""
     out = options["out"]
     try:
         if options["out_is_new"]:  # its own: another run that took the name meanwhile is not joined
             os.makedirs(os.path.dirname(out), exist_ok=True)
             os.mkdir(out)
-        else:
-            os.makedirs(out, exist_ok=True)
+            return True
+        created = not os.path.isdir(out)
+        os.makedirs(out, exist_ok=True)
+        return created
     except OSError as exc:
         raise OutputError(f"cannot create {out} ({exc.strerror or exc})") from exc
-    if options["overwrite"] and not options["resume"]:
-        for name in (CHECKPOINT, METRICS, CURVES):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
 
 
 def write_problem(directory: str) -> Optional[str]:

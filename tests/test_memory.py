@@ -49,6 +49,7 @@ def test_parse_and_format_bytes():
         with pytest.raises(ValueError, match="in bytes is a whole number.*'(1.5|2.5)GiB'"):
             parse_bytes(bad)
     assert parse_bytes("1.5e9") == 1500000000 and parse_bytes("1.5 kB") == 1500
+    assert parse_bytes("2PiB") == 2**51 and parse_bytes("1 PB") == 10**15
     for bad in (True, np.bool_(True), [1], None):
         with pytest.raises(TypeError, match="a memory budget is a number of bytes"):
             parse_bytes(bad)

@@ -8,6 +8,7 @@ the file takes well under a minute or two on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing
 import os
 import pickle
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
 from densenet_fast import train as trainer
@@ -471,10 +473,26 @@ def test_a_diverged_run_stops_without_saving_its_weights(tmp_path, capsys):
     assert train(out, "--epochs", "2", "--lr", "1e30") == 1  # a failure while it ran, not bad input
     err = capsys.readouterr().err
     assert "training diverged in epoch 1: " in err and "nothing of it was saved" in err, err
-    assert "if any, is from before" in err
-    assert not (out / trainer.CHECKPOINT).exists()
-    assert train(out, "--epochs", "2", "--lr", "1e30", "--overwrite") == 1  # (the empty directory of the first)
-    assert "--overwrite removed the earlier run's files" in capsys.readouterr().err
+    assert f"the files in {out}, if any, are from before" in err
+    assert not out.exists()  # the directory it created, empty, is removed
+    assert train(out, "--epochs", "1") == 0
+    earlier = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    # 16 steps an epoch: found by the 11th (the weights are checked every 10 steps), not at the epoch's end
+    assert train(out, "--epochs", "2", "--lr", "1e30", "--train-limit", "512", "--overwrite") == 1
+    assert "training diverged in epoch 1, by step 11: " in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == earlier  # nothing replaced
+
+
+def test_a_finite_step_check_costs_one_synchronisation_and_finds_any_non_finite_weight():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    assert trainer.weights_finite(model)
+    for value in (math.nan, math.inf, -math.inf):
+        with torch.no_grad():
+            model[1].bias[1] = value
+        assert not trainer.weights_finite(model)
+    with torch.no_grad():
+        model[1].bias[1] = 3e38  # finite, and its square overflows: a 2-norm would say infinite
+    assert trainer.weights_finite(model)
 
 
 def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys):
@@ -509,11 +527,20 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert train(out, "--epochs", "1", "--overwrite", "--growth-rate", "0") == 2  # refused: nothing changes
     assert sorted(os.listdir(out)) == sorted([trainer.CHECKPOINT, trainer.METRICS, trainer.CURVES])
-    with monkeypatch.context() as patch:  # a run that starts, then fails before writing anything
+    earlier = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with monkeypatch.context() as patch:  # a run that starts, then fails before it has anything to save
         patch.setattr(trainer, "train_epochs", lambda *args: (_ for _ in ()).throw(trainer.OutputError("full")))
         assert train(out, "--epochs", "1", "--overwrite") == 1
-    assert os.listdir(out) == []  # none of the earlier run's files stays to be taken for this one's
-    assert train(out, "--epochs", "1", "--overwrite") == 0
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == earlier  # the earlier run, intact
+    with monkeypatch.context() as patch:  # stopped after its first checkpoint: the earlier metrics and curves go
+        patch.setattr(trainer, "_stop_requested", lambda *args: True)
+        assert train(out, "--epochs", "1", "--overwrite") == 130
+    assert os.listdir(out) == [trainer.CHECKPOINT]  # none of the earlier run's files stays beside this one's
+    assert train(out, "--epochs", "1", "--resume") == 0
+    assert sorted(os.listdir(out)) == sorted([trainer.CHECKPOINT, trainer.METRICS, trainer.CURVES])
+    (tmp_path / "odd" / trainer.CHECKPOINT).mkdir(parents=True)
+    assert train(tmp_path / "odd", "--epochs", "1", "--overwrite") == 2
+    assert f"{tmp_path / 'odd' / trainer.CHECKPOINT} is not a file" in capsys.readouterr().err
     assert train(tmp_path / "empty", "--resume") == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
     assert train("", "--epochs", "1") == 2 and "--out is empty" in capsys.readouterr().err
@@ -561,6 +588,7 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "the checkpoint has trained 1 epoch: nothing is left to train (a larger --epochs trains on)" in said
     assert "1 epoch of 4 steps" in said and "| 1 epoch, results in" in said  # (it said "1 epochs")
+    assert said.index("1 epoch of 4 steps") < said.index("nothing is left")  # the header's schedule, overridden
     checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
     del checkpoint["options"]["sample_size"]  # as written before the data path and size were compared
     checkpoint["options"]["data"] = "elsewhere"
