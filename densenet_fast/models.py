@@ -82,6 +82,8 @@ class _DenseLayer(nn.Module):
     channels in, ``growth_rate`` out.  Inside a block the engine computes it;
     ``forward`` is torchvision's, for the plain path and for calls on a layer alone."""
 
+    __jit_unused_properties__ = ["memory_efficient"]
+
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(num_input_features)
@@ -91,6 +93,18 @@ class _DenseLayer(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
+
+    @property
+    def memory_efficient(self) -> bool:
+        """torchvision's per-layer checkpointing flag: ``False`` (the plain path does
+        not checkpoint; the blocks' recompute policy sets memory use). Setting it raises."""
+        return False
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        raise AttributeError("densenet_fast's dense layers do not checkpoint one by one: the model's recompute "
+                             "policy sets what backward recomputes (model.set_recompute('recompute'), the leanest; "
+                             "or recompute= when building it)")
 
     def bn_function(self, inputs: list[Tensor]) -> Tensor:
         concated_features = torch.cat(inputs, 1)
@@ -875,7 +889,7 @@ class DenseNet(_EngineModel):
         """Checks ``x`` (and plans a training step on it under a memory budget);
         whether ``features`` and the classifier's pooled input may run as fused
         stages (nobody observes ``features`` or ``norm5``)."""
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # (a trace records no check: the modules')
             return False
         self._check_and_plan(x)
         return fastpath.engine_takes(x, self.engine.budgeted) and self.head_blocker() is None

@@ -260,7 +260,7 @@ class DenseNet(models._EngineModel):
         """Checks ``x``; whether ``features`` and ``class_layers`` up to ``out``
         may run as fused stages (nobody observes ``features``, ``norm5`` or
         ``class_layers`` before ``out``)."""
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # (a trace records no check: the modules')
             return False
         self._check_and_plan(x)
         return (self.engine.plain_reason is None and fastpath.engine_takes(x, self.engine.budgeted)

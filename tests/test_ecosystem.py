@@ -244,6 +244,18 @@ def test_torchscript_gives_torchvisions_model(training):
     assert_all_close(buffers(scripted), buffers(tv), FLOAT64_RTOL, "scripted running statistics")
 
 
+def test_torch_jit_trace_gives_torchvisions_model_without_warnings():
+    ours, tv = make_pair(**CONFIG)
+    ours.eval(), tv.eval()
+    x, _ = random_batch(ours, 3, 9, 7, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # (the input checks made 14)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(ours, x)
+    other, _ = random_batch(ours, 5, 12, 10, seed=1)  # the trace holds no shapes
+    assert_all_close({"out": traced(other)}, {"out": tv(other)}, FLOAT64_RTOL, "jit.trace")
+
+
 # -- torch.func ----------------------------------------------------------------------------------------
 def test_torch_func_grad_vjp_and_vmap():
     ours, tv = make_pair(**CONFIG)

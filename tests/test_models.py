@@ -73,6 +73,10 @@ def test_constructor_options_match_torchvision():
     assert shapes(ours.state_dict()) == shapes(tv.state_dict())
     assert ours.recompute == "recompute"  # memory_efficient=True selects the leanest policy
     assert DenseNet(in_channels=1).features.conv0.weight.shape == (64, 1, 7, 7)
+    layer = ours.features.denseblock1.denselayer1
+    assert layer.memory_efficient is False  # torchvision's attribute, read by code written for it
+    with pytest.raises(AttributeError, match="set_recompute"):  # not ignored: the policy is the model's
+        layer.memory_efficient = True
 
 
 # -- loading torchvision weights -----------------------------------------------------------
