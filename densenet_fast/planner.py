@@ -139,6 +139,8 @@ def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union
     """The fastest allowed assignment predicted to fit (``None`` if none does);
     ties go to the leaner.  The assignments are predicted fastest first, and
     only until one fits (and those as fast as it)."""
+    if persistent_bytes(arch, setup) > budget:  # the same for every assignment: no simulation needed
+        return None
     # (ties in time keep assignments()'s order, fewest recomputed blocks first, as the leaner-first choice did)
     timed = sorted((step_time_ratio(arch, setup, a)[0], i, a)
                    for i, a in enumerate(allowed_assignments(arch, recompute)))
@@ -156,7 +158,7 @@ def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union
 def any_fits(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> bool:
     """Whether :func:`best_fitting` finds an assignment; predicted leanest-looking
     first (most blocks recomputed), until one fits."""
-    return any(predict(arch, setup, a).total_bytes <= budget
+    return persistent_bytes(arch, setup) <= budget and any(predict(arch, setup, a).total_bytes <= budget
                for a in reversed(allowed_assignments(arch, recompute)))
 
 
@@ -278,6 +280,8 @@ def largest_batch(arch: Architecture, setup: Setup, budget: int, recompute: Unio
     @functools.cache
     def fits(b: int) -> bool:
         return any_fits(arch, setup.with_batch(b), budget, recompute)
+    if persistent_bytes(arch, setup) > budget:  # whatever the batch
+        return None
     exits = set().union(*(heap_exits(arch, setup, a, MAX_BATCH) for a in allowed_assignments(arch, recompute)))
     starts = sorted({1, 2} | exits)
     ends = [b - 1 for b in starts[1:]] + [MAX_BATCH]
@@ -322,7 +326,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
          batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,
          autocast: Union[None, str, torch.dtype] = None, device: Optional[str] = None, backend: Optional[str] = None,
          optimizer: Union[None, str, OptimizerSpec] = None, budget: Union[None, int, str] = None,
-         offload: Optional[bool] = None) -> dict:
+         offload: Optional[bool] = None, threads: Optional[int] = None) -> dict:
     """The memory plan of a training step as plain data (see the module docstring).
 
     ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
@@ -335,7 +339,9 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     is planned on the CPU), else
     float32 on the CPU, automatic, SGD with momentum; ``offload`` (CUDA: the
     forward and loss under ``torch.autograd.graph.save_on_cpu``) to a model's,
-    else False.  Returns ``{"policies": {"keep", "recompute",
+    else False; ``threads``: the CPU threads of the training process (they
+    set the CPU backends' per-thread scratch), this process's by default.
+    Returns ``{"policies": {"keep", "recompute",
     "auto"}}`` (``auto`` is None without a ``budget``) with each policy's
     ``persistent_bytes``, ``step_bytes``, ``total_bytes``, breakdowns, where the
     peak is, whether it fits and its step-time ratio; ``deepest_depth``
@@ -361,7 +367,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
-                  OptimizerSpec.parse(optimizer), offload=bool(offload))
+                  OptimizerSpec.parse(optimizer), offload=bool(offload),
+                  threads=torch.get_num_threads() if threads is None else threads)
     if setup.offload and setup.device != "cuda":
         raise ValueError(OFFLOAD_NEEDS_CUDA)
     budget = None if budget is None else parse_bytes(budget)
@@ -437,7 +444,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model; default: 32)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="the parameters' dtype (default: %(default)s)")
-    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"])
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                        help="the step runs under torch.autocast to this dtype (default: none)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: %(default)s)")
     parser.add_argument("--backend", default=None, help="torch, cpp, cuda or triton (default: the device's)")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
@@ -446,6 +454,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "torch.autograd.graph.save_on_cpu (train --offload)")
     parser.add_argument("--budget", default=None, help="memory budget: bytes or e.g. 8GiB, 512MiB, 2GB (default: "
                         "none; then only the policies' peaks)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the training process (default: this process's, torch.get_num_threads)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -456,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
                   in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype,
                   autocast=args.autocast, device=args.device, backend=args.backend, optimizer=args.optimizer,
-                  budget=args.budget, offload=args.offload)
+                  budget=args.budget, offload=args.offload, threads=args.threads)
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
@@ -467,7 +477,8 @@ def report(result: dict) -> str:
     dtype = setup["dtype"] + (f", autocast {setup['autocast']}" if setup["autocast"] else "")
     lines = [f"{result['model']['description']}, {result['model']['parameters']:,} parameters; batch "
              f"{setup['batch']} of {size_text(setup['image_size'])}, {dtype}, {setup['device']} "
-             f"({setup['backend']} backend), optimizer "
+             f"({setup['backend']} backend" + (f", {setup['threads']} threads" if setup["device"] == "cpu" else "")
+             + "), optimizer "
              f"{setup['optimizer']['name']}" + ("; saved tensors offloaded (save_on_cpu)" if setup["offload"] else "")
              + (f"; budget {format_bytes(budget)}" if budget else ""), ""]
     for name, entry_ in result["policies"].items():
@@ -491,6 +502,6 @@ def report(result: dict) -> str:
     for key, label in labels.items():
         if result[key] is not None:
             limit, at_limit = result["search_limits"][key], " or more (the search stops there)"
-            lines.append(f"{label}: " + ", ".join(f"{k} {v}{at_limit if v == limit else ''}"
-                                                  for k, v in result[key].items()))
+            lines.append(f"{label}: " + ", ".join(f"{k} {'none fits' if v is None else v}"
+                                                  f"{at_limit if v == limit else ''}" for k, v in result[key].items()))
     return "\n".join(lines)

@@ -84,17 +84,30 @@ def test_budget_search_pins_the_boundary(fake_workers, tmp_path):
     assert tv_eager["prediction_right"]  # the quadratic fit of the sweep is exact for the fake peaks
     probes = [c for c in fake_workers if c[0] == "tv-eager"][3:]
     assert probes == [("tv-eager", tv_eager["deepest_fitting"], 8), ("tv-eager", tv_eager["deepest_fitting"] + 6, 8)]
-    capped = depth.main(args + ["--max-depth", "202", "--impls", "fast-torch-recompute", "--no-plot"])
+    capped = depth.main(args + ["--max-depth", "202", "--impls", "fast-torch-recompute", "--no-plot",
+                                "--out", str(tmp_path / "c.json")])
     assert capped["budget_search"][0]["deepest_fitting"] == 202  # = 6 * 33 + 4
     assert capped["budget_search"][0]["limited_by"] == "max-depth"
     fits = result["fits"]
     assert fits["fast-torch-recompute"]["linear"]["r2"] == pytest.approx(1.0)
     assert fits["tv-eager"]["quadratic"]["coefficients"][2] == pytest.approx(0.002 * 8, rel=1e-6)
-    ratio = result["ratios_at_reference_depth"]  # no depth 100 in the sweep
-    assert all(r == {} for r in ratio.values())
+    ratio = result["ratios_at_reference_depth"]  # at the sweep's deepest depth, by default
+    assert set(ratio["fast-torch-recompute"]) == {f"{what}_over_{ref}" for what in ("memory", "time")
+                                                  for ref in ("tv-eager", "tv-memeff")}
     written = json.loads((tmp_path / "d.json").read_text())
     assert written["environment"]["settings"]["batch"] == 8 and "git_revision" in written["environment"]
     assert (tmp_path / "d.png").stat().st_size > 10_000
+    calls = list(fake_workers)
+    reused = depth.main(args + ["--reuse-sweep", str(tmp_path / "d.json"), "--budget-gib", "0", "--depths", "10",
+                                "--out", str(tmp_path / "r.json"), "--no-plot"])
+    assert fake_workers == calls and reused["points"] == [p for p in result["points"] if p["kind"] == "sweep"]
+    assert reused["ratios_at_reference_depth"] == ratio  # the sweep's depths, not --depths
+    for more, message in ((["--reuse-sweep", str(tmp_path / "d.json"), "--batch", "4"], "--batch 8 there, 4 here"),
+                          (["--reference-depth", "100"], "--reference-depth 100: not among the sweep's depths"),
+                          (["--time-depths", "28", "52"], "--time-depths 52: not among --depths 16 28 40")):
+        with pytest.raises(ValueError, match=message):  # (the command line's exit status 2)
+            depth.main(args + more)
+    assert fake_workers == calls
 
 
 def test_models_subcommand_largest_batch(fake_workers, tmp_path):
@@ -442,12 +455,23 @@ def test_bad_points_are_refused_before_any_measurement_and_quick_takes_no_steps(
     argv = ["bench", "memory", "--points", "densenet_bc-10:2", "densenet_bc-11:2", "--out", str(tmp_path / "m.json")]
     assert cli.main(argv) == 2
     assert "got 11" in capsys.readouterr().err and fake_workers == []
+    for points, message in ((["densenet_bc-abc:2"], "takes a whole number of layers, got 'densenet_bc-abc'"),
+                            (["densenet_bc-10:²"], "a point is MODEL:BATCH, got 'densenet_bc-10:²'")):  # (int())
+        assert cli.main(["bench", "memory", "--points", *points, "--out", str(tmp_path / "m.json")]) == 2
+        assert message in capsys.readouterr().err and fake_workers == []
+    for argv, message in ((["memory", "--points", "densenet_bc-10:2", "--compile"], "--compile adds"),
+                          (["models", "--model", "densenet121", "--growth-rate", "4"], "--growth-rate is for")):
+        assert cli.main(["bench", *argv, "--out", str(tmp_path / "m.json")]) == 2  # (they were ignored)
+        assert message in capsys.readouterr().err and fake_workers == []
     quick = ["bench", "models", "--quick", "--warmup", "0", "--repeats", "1", "--impls", "tv-eager", "--no-plot",
              "--no-progress", "--out", str(tmp_path / "q.json")]
     assert cli.main(quick + ["--steps", "1"]) == 2
     assert "--steps is for the other modes" in capsys.readouterr().err and fake_workers == []
     assert cli.main(quick + ["--budget-gib", "1"]) == 0
     assert fake_workers and json.loads((tmp_path / "q.json").read_text())["rows"][0]["status"] == "ok"
+    calls = list(fake_workers)
+    assert cli.main(quick + ["--max-minutes", "1e-9"]) == 1  # its time spent before the first started: it said 0
+    assert "nothing was measured" in capsys.readouterr().err and fake_workers == calls
 
 
 @pytest.mark.parametrize("subcommand, argv", [
@@ -476,7 +500,9 @@ def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys
              (kernels, ["--out", str(tmp_path / ("x" * 300))], "File name too long"),
              (bench_memory, ["--repredict", str(tmp_path / "missing.json")], "cannot read"),
              (bench_memory, ["--repredict", str(tmp_path / "file")], "cannot read"),
-             (bench_memory, ["--repredict", str(tmp_path / "depth.json")], "not a result of bench memory")]
+             (bench_memory, ["--repredict", str(tmp_path / "depth.json")], "not a result of bench memory"),
+             (depth, ["--reuse-sweep", str(tmp_path / "missing.json")], "cannot read"),
+             (depth, ["--reuse-sweep", str(tmp_path / "depth.json")], "not a result of bench depth")]
     if os.geteuid() != 0:  # root writes read-only files
         cases.append((kernels, ["--out", str(tmp_path / "read-only.json")], "the file is read-only"))
     for subcommand, argv, message in cases:

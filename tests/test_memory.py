@@ -127,6 +127,16 @@ def test_searches_agree_with_the_predictions():
     assert depths["keep"] < depths["recompute"] <= depths["auto"]
 
 
+def test_a_budget_below_the_persistent_bytes_is_answered_without_simulating(monkeypatch):
+    setup = Setup(16, 32)
+    budget = memory.persistent_bytes(BC40, setup) - 1
+    assert predict(BC40, setup, "recompute").total_bytes > budget  # what the short cut stands for
+    monkeypatch.setattr(planner, "predict", lambda *args: pytest.fail("simulated"))
+    monkeypatch.setattr(planner, "heap_exits", lambda *args: pytest.fail("simulated"))
+    assert planner.best_fitting(BC40, setup, budget) is None and not planner.any_fits(BC40, setup, budget)
+    assert planner.largest_batch(BC40, setup, budget) is None
+
+
 def test_largest_true_tries_the_limit_before_bisecting_up_to_it():
     tried = []
 
@@ -241,6 +251,20 @@ def test_plan_command_json(capsys):
     assert unbudgeted["largest_batch"] is None and unbudgeted["policies"]["keep"]["fits"] is None
     assert cli.main(["plan", "--model", "densenet121", "--batch", "8", "--image-size", "224"]) == 0
     assert "keep:" in capsys.readouterr().out
+
+
+def test_plan_takes_the_training_processs_threads(capsys):
+    """The CPU backends' scratch grows with the threads: a plan made on a small
+    machine for a larger one says so (it took this process's threads, unsaid)."""
+    here, larger = (plan("densenet_bc", depth=100, batch=16, threads=t) for t in (2, 64))
+    assert here["setup"]["threads"] == 2 and larger["setup"]["threads"] == 64
+    assert larger["policies"]["recompute"]["step_bytes"] > 1.1 * here["policies"]["recompute"]["step_bytes"]
+    assert plan("densenet_bc", depth=40, batch=4)["setup"]["threads"] == torch.get_num_threads()
+    assert cli.main(["plan", "--depth", "100", "--batch", "16", "--threads", "64", "--budget", "1KiB"]) == 0
+    said = capsys.readouterr().out
+    assert " backend, 64 threads)" in said and "largest batch for this model: keep none fits" in said
+    assert cli.main(["plan", "--threads", "0"]) == 2 and "threads must be a positive integer" in \
+        capsys.readouterr().err
 
 
 def test_plan_says_what_it_leaves_out(capsys, monkeypatch):

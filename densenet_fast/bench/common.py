@@ -84,15 +84,15 @@ def output_file(text: str) -> Path:
     return path
 
 
-def result_file(benchmark: str) -> Callable[[str], Path]:
-    """An option type: a JSON result file of ``benchmark`` (its rows and environment)."""
+def result_file(benchmark: str, keys: tuple[str, ...] = ("rows",)) -> Callable[[str], Path]:
+    """An option type: a JSON result file of ``benchmark`` (its environment and ``keys``)."""
     def path(text: str) -> Path:
         try:
             result = json.loads(Path(text).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise argparse.ArgumentTypeError(f"cannot read {text} as a JSON result: {exc}") from None
         if not isinstance(result, dict) or result.get("benchmark") != benchmark \
-                or not {"environment", "rows"} <= result.keys():
+                or not {"environment", *keys} <= result.keys():
             found = result.get("benchmark") if isinstance(result, dict) else None
             raise argparse.ArgumentTypeError(f"{text} is not a result of bench {benchmark} "
                                              f"(its benchmark: {found})")

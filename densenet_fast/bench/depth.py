@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEFAULT_DEPTHS),
                         help="depths (6n+4) of the sweep (default: %(default)s)")
     parser.add_argument("--time-depths", type=int, nargs="*", default=None,
-                        help="depths at which all implementations are timed round-robin (default: every sweep depth)")
+                        help="depths of --depths at which all implementations are timed round-robin (default: every "
+                             "sweep depth)")
     parser.add_argument("--batch", type=common.at_least(1), default=16)
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW for volumes (--family monai)")
@@ -74,9 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds one probe may take")
     parser.add_argument("--max-minutes", type=common.positive_number, default=24 * 60.0,
                         help="wall-clock limit of the whole run")
-    parser.add_argument("--reference-depth", type=int, default=100)
-    parser.add_argument("--reuse-sweep", type=Path, default=None,
-                        help="take the sweep's points and timings from this result file instead of measuring them")
+    parser.add_argument("--reference-depth", type=int, default=None,
+                        help="depth of the sweep at which the ratios to the eager and checkpointed references are "
+                             "given (default: the deepest)")
+    parser.add_argument("--reuse-sweep", type=common.result_file("depth", ("points", "timings")), default=None,
+                        help="take the sweep's points, timings and depths from this result file (of a run with the "
+                             "same measurement settings) instead of measuring them")
     add_common_arguments(parser)
 
 
@@ -299,11 +303,33 @@ def policy_costs(timings: dict, args) -> dict:
     return out
 
 
+# what a reused sweep's measurements depend on, beside the implementations
+SWEEP_SETTINGS = ("family", "batch", "image_size", "growth_rate", "device", "dtype", "autocast", "channels_last",
+                  "optimizer", "steps", "warmup", "repeats", "threads", "full_warmup", "malloc_default")
+
+
+def reused_sweep(args: argparse.Namespace, impls: list[str]) -> tuple[list[dict], dict, dict]:
+    """The points, timings and environment of ``--reuse-sweep``'s run, which must
+    have measured with this run's settings (one it did not record is taken as equal)."""
+    old = json.loads(args.reuse_sweep.read_text())
+    settings = old["environment"].get("settings", {})
+    different = [f"--{key.replace('_', '-')} {settings[key]} there, {getattr(args, key)} here" for key in SWEEP_SETTINGS
+                 if key in settings and settings[key] != getattr(args, key)]
+    if different:
+        raise ValueError(f"--reuse-sweep {args.reuse_sweep} measured with other settings: {'; '.join(different)}")
+    points = [p for p in old["points"] if p["kind"] == "sweep" and p["impl"] in impls]
+    return points, {int(d): t for d, t in old["timings"].items()}, old["environment"]
+
+
 def run(args: argparse.Namespace) -> dict:
     check_budget_steps(args)
     for d in args.depths + (args.time_depths or []):
         if snap(d) != d:
             raise ValueError(f"depth {d} is not of the form 6n + 4")
+    missing = sorted(set(args.time_depths or []) - set(args.depths))
+    if missing and not args.reuse_sweep:
+        raise ValueError(f"--time-depths {' '.join(map(str, missing))}: not among --depths "
+                         f"{' '.join(map(str, args.depths))} (timing runs with the sweep)")
     if args.family == "monai":
         monai_impls.spatial_dims(args.image_size)
         sides = args.image_size if isinstance(args.image_size, list) else [args.image_size]
@@ -317,10 +343,20 @@ def run(args: argparse.Namespace) -> dict:
     check_impls(impls, args.family == "monai", args)
     if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
+    if args.reuse_sweep:  # its depths are the sweep's
+        points, timings, sweep_env = reused_sweep(args, impls)
+        args.depths = sweep_env.get("settings", {}).get("depths") or sorted({p["depth"] for p in points})
+    if args.reference_depth is None:
+        args.reference_depth = max(args.depths)
+    elif args.reference_depth not in args.depths:
+        raise ValueError(f"--reference-depth {args.reference_depth}: not among the sweep's depths "
+                         f"{' '.join(map(str, args.depths))}")
     runner = Runner(args)
     settings = common.settings_of(args)
     settings.update({"impls": impls, "mmap_threshold_in_memory_workers": None if args.malloc_default else MMAP_THRESHOLD,
                      "memory": "peak RSS above baseline in a fresh process (GPU: max_memory_allocated above baseline)"})
+    if args.reuse_sweep:
+        settings["sweep_from"] = {"file": str(args.reuse_sweep), "git_revision": sweep_env.get("git_revision")}
     env = common.environment(args.device, settings)
 
     out = args.out or default_out(args)
@@ -330,12 +366,7 @@ def run(args: argparse.Namespace) -> dict:
                    "timings": {str(d): t for d, t in timings.items()}, "budget_search": list(searches)}
         common.write_json(partial, out)
 
-    if args.reuse_sweep:
-        old = json.loads(args.reuse_sweep.read_text())
-        points = [p for p in old["points"] if p["kind"] == "sweep" and p["impl"] in impls]
-        timings = {int(d): t for d, t in old["timings"].items()}
-        settings["sweep_from"] = {"file": str(args.reuse_sweep), "git_revision": old["environment"]["git_revision"]}
-    else:
+    if not args.reuse_sweep:
         points, timings = sweep(runner, impls, args, checkpoint)
     searches = []
     if args.budget_gib > 0:

@@ -47,7 +47,10 @@ class ModelSpec:
         if text in IMAGENET_MODELS:
             return ModelSpec(text, num_classes=num_classes or 1000)
         if text.startswith("densenet_bc-"):
-            depth = int(text.split("-", 1)[1])
+            depth = text.split("-", 1)[1]
+            if not depth.isdecimal():
+                raise ValueError(f"densenet_bc-<depth> takes a whole number of layers, got {text!r}")
+            depth = int(depth)
             bc_layers_per_block(depth)
             return ModelSpec("densenet_bc", depth, growth_rate, num_classes or 10)
         raise ValueError(f"unknown model {text!r}: use one of {IMAGENET_MODELS} or densenet_bc-<depth>")

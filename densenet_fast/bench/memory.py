@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
     model, _, batch = text.rpartition(":")
-    if not model or not batch.isdigit():
+    if not model or not batch.isdecimal():
         raise ValueError(f"a point is MODEL:BATCH, got {text!r}")
     if model.startswith(monai_impls.PREFIX + "densenet_bc-"):
         bc = ModelSpec.parse(model[len(monai_impls.PREFIX):], args.growth_rate)
@@ -103,6 +103,9 @@ def row(args: argparse.Namespace, point: str, policy: str, measured: dict) -> di
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.compile:
+        raise ValueError("--compile adds torch.compile(torchvision) to the other benchmarks; this one measures "
+                         "densenet_fast's policies against the memory model")
     if args.repredict:
         return repredict(args)
     parsed = {p: parse_point(p, args) for p in args.points}  # every point checked before the first is measured

@@ -41,7 +41,8 @@ from .impls import TORCHVISION_IMPLS, ModelSpec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="densenet_bc-40", help="densenet121 (161, 169, 201, 264) or densenet_bc-<depth>; "
                         "MONAI's: monai-densenet121 (169, 201, 264) with a volume --image-size")
-    parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
+    parser.add_argument("--growth-rate", type=common.at_least(1), default=None,
+                        help="k of densenet_bc-<depth> (default 12)")
     parser.add_argument("--batch", type=common.at_least(1), default=16)
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW for volumes (MONAI models)")
@@ -127,7 +128,10 @@ def run(args: argparse.Namespace) -> dict:
     monai = args.model.startswith(monai_impls.PREFIX)
     if isinstance(args.image_size, list) and not monai:
         raise ValueError(f"--image-size {args.image_size}: several sides are for the MONAI models (monai-densenet121)")
-    spec = monai_impls.parse(args.model, args.image_size) if monai else ModelSpec.parse(args.model, args.growth_rate)
+    if args.growth_rate is not None and not args.model.startswith("densenet_bc-"):
+        raise ValueError(f"--growth-rate is for densenet_bc-<depth>; {args.model} has its own")
+    spec = monai_impls.parse(args.model, args.image_size) if monai else \
+        ModelSpec.parse(args.model, args.growth_rate or 12)
     impls = (args.impls or monai_impls.default_impls(args.device, args.compile)) if monai else resolve_impls(args)
     check_impls(impls, monai, args)
     modes = ("train",) if args.train_only else ("train", "infer")
@@ -215,9 +219,11 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
             measured = {"status": "skipped", "why": "torchvision is not installed"}
         elif runner.seconds_left() <= 0:
             measured = {"status": "timeout", "why": "--max-minutes spent before it started"}
-        else:
+        else:  # (the worker's outcome is counted by run_worker)
             measured = runner.memory(impl, spec, args.batch, 0.7 * common.available_memory_bytes(),
                                      runner.seconds_left(), memory_budget=model_budget(impl, args))
+        if "why" in measured:  # not started: nothing measured
+            common.outcomes["failed"] += 1
         row = {"impl": impl, "status": measured["status"]}
         if measured["status"] == "ok":
             median = common.summarize(measured["step_seconds"][args.warmup:])["median"]
