@@ -99,11 +99,12 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
 
 def format_bytes(nbytes: float) -> str:
     """``1.5 GiB``, ``12.3 MiB``, ``1000 MiB``: binary units, three significant
-    digits (more where the number has more before the point)."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    digits (more where the number has more before the point; 1000 EiB and
+    more in powers of ten: ``8.67e+11 EiB``)."""
+    for unit, size in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(nbytes) >= size:
             text = f"{nbytes / size:.3g}"
-            return f"{text if 'e' not in text else f'{nbytes / size:.0f}'} {unit}"
+            return f"{text if 'e' not in text or unit == 'EiB' else f'{nbytes / size:.0f}'} {unit}"
     return f"{nbytes:.0f} B"
 
 

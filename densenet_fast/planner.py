@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
@@ -347,6 +348,10 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     peak is, whether it fits and its step-time ratio; ``deepest_depth``
     (DenseNet-BC) and ``largest_batch`` per policy (None without a budget), and
     the ``search_limits`` they stop at (a value equal to its limit: that or more)."""
+    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+        image_size = int(image_size)
+    elif isinstance(image_size, (str, bool)) or not isinstance(image_size, Sequence):
+        raise TypeError(f"image_size is one side (an int) or a tuple of sides, got {image_size!r}")
     if not isinstance(model, str) and any(v is not None for v in (depth, growth_rate, num_classes, in_channels)):
         raise ValueError("depth, growth_rate, num_classes and in_channels shape a named model; this model is given "
                          "whole")

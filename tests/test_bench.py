@@ -460,6 +460,8 @@ def test_bad_points_are_refused_before_any_measurement_and_quick_takes_no_steps(
         assert cli.main(["bench", "memory", "--points", *points, "--out", str(tmp_path / "m.json")]) == 2
         assert message in capsys.readouterr().err and fake_workers == []
     for argv, message in ((["memory", "--points", "densenet_bc-10:2", "--compile"], "--compile adds"),
+                          (["memory", "--points", "densenet_bc-10:2", "densenet_bc-10:0"], "batch must be a positive"),
+                          (["memory", "--points", "monai-densenet_bc-16:1", "--image-size", "8x8x8"], "too small"),
                           (["models", "--model", "densenet121", "--growth-rate", "4"], "--growth-rate is for")):
         assert cli.main(["bench", *argv, "--out", str(tmp_path / "m.json")]) == 2  # (they were ignored)
         assert message in capsys.readouterr().err and fake_workers == []
@@ -486,6 +488,16 @@ def test_bad_bench_numbers_and_devices_are_usage_errors(subcommand, argv, fake_w
         subcommand.main(argv + ["--no-plot", "--out", str(tmp_path / "x.json")])
     assert exit_.value.code == 2 and "error: argument" in capsys.readouterr().err
     assert fake_workers == []
+
+
+def test_a_result_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """Found when it is written, after --out was checked (a full disk, a folder
+    removed meanwhile): CommandFailed, exit status 1 (it was a traceback)."""
+    common.write_json({"x": 1}, tmp_path / "r.json")
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(cli.CommandFailed, match="cannot write .*r.json \\(No space left on device\\)"):
+        common.write_json({"x": 2}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1} and os.listdir(tmp_path) == ["r.json"]
 
 
 def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys, tmp_path):

@@ -55,6 +55,7 @@ def test_parse_and_format_bytes():
             parse_bytes(bad)
     assert format_bytes(3 * 2**29) == "1.5 GiB" and format_bytes(1000 * 2**20) == "1000 MiB"
     assert format_bytes(3 * 2**40) == "3 TiB"
+    assert format_bytes(5000 * 2**40) == "4.88 PiB" and format_bytes(1e30) == "8.67e+11 EiB"  # (909494701772928256 TiB)
 
 
 def test_persistent_bytes_are_parameters_gradients_and_optimizer_state():
@@ -251,6 +252,13 @@ def test_plan_command_json(capsys):
     assert unbudgeted["largest_batch"] is None and unbudgeted["policies"]["keep"]["fits"] is None
     assert cli.main(["plan", "--model", "densenet121", "--batch", "8", "--image-size", "224"]) == 0
     assert "keep:" in capsys.readouterr().out
+
+
+def test_plan_names_a_bad_image_size():
+    for bad in (32.0, "32", True):  # (a float was "object of type 'float' has no len()")
+        with pytest.raises(TypeError, match="image_size is one side"):
+            plan("densenet_bc", depth=40, batch=2, image_size=bad)
+    assert plan("densenet_bc", depth=40, batch=2, image_size=np.int64(16))["setup"]["image_size"] == [16, 16]
 
 
 def test_plan_takes_the_training_processs_threads(capsys):

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..cli import CommandFailed
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MIB = 2**20
@@ -433,10 +435,14 @@ def write_json(result: dict, path: Path) -> Path:
     """``result`` to ``path`` through a temporary file renamed over it: a run
     stopped mid-write (Ctrl-C, a time limit) leaves the previous version whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:  # a full disk, a folder that went away: one line, exit status 1
+        temporary.unlink(missing_ok=True)
+        raise CommandFailed(f"cannot write {path} ({exc.strerror or exc})") from exc
     return path
 
 

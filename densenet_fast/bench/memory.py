@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.repredict:
         return repredict(args)
     parsed = {p: parse_point(p, args) for p in args.points}  # every point checked before the first is measured
+    for spec, batch in parsed.values():  # (the batch by Setup, the image size against the model)
+        architecture(spec).spatial_sizes(setup_of(args, batch).image_size)
     points = [(p, policy) for p in args.points for policy in args.policies]
     runner = Runner(args)
     settings = common.settings_of(args)

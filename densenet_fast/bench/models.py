@@ -141,8 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     env = common.environment(args.device, settings)
     if args.quick:
         return run_quick(args, spec, impls, runner, env)
-    size = "x".join(map(str, args.image_size)) if isinstance(args.image_size, list) else \
-        f"{args.image_size}x{args.image_size}"
+    size = size_text(args.image_size)
     name = f"{args.model}_{size}" if monai else args.model
     out = args.out or common.new_result_path(f"models_{args.device.split(':')[0]}_{name}_b{args.batch}.json")
     timings = {mode: time_impls(runner, impls, spec, args, train=mode == "train") for mode in modes}
@@ -206,6 +205,11 @@ def time_impls(runner: Runner, impls: list[str], spec: ModelSpec, args: argparse
     return {"impls": timed}
 
 
+def size_text(image_size) -> str:
+    """``32x32`` for ``--image-size 32``, ``16x16x16`` for volumes' ``16x16x16``."""
+    return "x".join(map(str, image_size)) if isinstance(image_size, list) else f"{image_size}x{image_size}"
+
+
 def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runner: Runner, env: dict) -> dict:
     """``--quick``: one memory worker per implementation that also times its steps."""
     args.steps = args.warmup + args.repeats  # the memory workers time every step; the first --warmup do not count
@@ -213,7 +217,7 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
         f"models_{args.device.split(':')[0]}_{args.model}_b{args.batch}_quick.json")
     result = {"benchmark": "models", "quick": True, "model": spec.to_dict(), "model_label": spec.label(),
               "environment": env, "rows": [], "details": {}}
-    print(f"{spec.label()}, batch {args.batch}, {args.image_size}x{args.image_size}, {env['device_name']}")
+    print(f"{spec.label()}, batch {args.batch}, {size_text(args.image_size)}, {env['device_name']}")
     for impl in impls:
         if impl in TORCHVISION_IMPLS and importlib.util.find_spec("torchvision") is None:
             measured = {"status": "skipped", "why": "torchvision is not installed"}
