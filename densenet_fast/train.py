@@ -31,7 +31,7 @@ import time
 import traceback
 import warnings
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -103,7 +103,8 @@ class TrainingError(ValueError):
 
 
 class DivergedError(CommandFailed):
-    """The weights hold NaN or infinity after an epoch: nothing after it is saved."""
+    """The weights hold NaN or infinity (found every 10 steps and before each
+    checkpoint): nothing of the run since its last checkpoint is saved."""
 
 
 class OutputError(CommandFailed):
@@ -305,8 +306,9 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         return finish(run, outcome)
     finally:
         run.close()
-        if created and os.path.isdir(run.out) and not os.listdir(run.out):  # failed before its first checkpoint
-            os.rmdir(run.out)
+        if created:  # a run that failed before its first checkpoint leaves no directory (its error stands)
+            with suppress(OSError):
+                os.rmdir(run.out)  # (only where empty)
 
 
 def plural(count: int, noun: str) -> str:
@@ -623,6 +625,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
     options, procs = run.options, run.procs
     epoch = position.epoch
+    refuse_diverged(run, f"in epoch {epoch + 1}")  # before it is evaluated
     totals = position.partial.plus(procs.sum(sums.as_list()))
     if position.seconds is None:
         images_per_s = sums.count * procs.world_size / seconds
@@ -673,9 +676,8 @@ def finish(run: Run, outcome: Outcome) -> dict:
 
 
 def weights_finite(model: nn.Module) -> bool:
-    """Whether no weight holds NaN or infinity: one reduction and one device
-    synchronisation (the largest magnitude, which cannot overflow)."""
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(model.parameters(), math.inf)))
+    """Whether no weight holds NaN or infinity, with one device synchronisation."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def refuse_diverged(run: Run, when: str) -> None:

@@ -97,12 +97,19 @@ def test_budget_search_pins_the_boundary(fake_workers, tmp_path):
     written = json.loads((tmp_path / "d.json").read_text())
     assert written["environment"]["settings"]["batch"] == 8 and "git_revision" in written["environment"]
     assert (tmp_path / "d.png").stat().st_size > 10_000
+    timed_at_28 = depth.main(args + ["--time-depths", "28", "--budget-gib", "0", "--out", str(tmp_path / "t.json"),
+                                     "--no-plot"])  # the deepest timed depth, where time ratios are
+    assert timed_at_28["environment"]["settings"]["reference_depth"] == 28
+    assert "time_over_tv-eager" in timed_at_28["ratios_at_reference_depth"]["fast-torch-recompute"]
     calls = list(fake_workers)
-    reused = depth.main(args + ["--reuse-sweep", str(tmp_path / "d.json"), "--budget-gib", "0", "--depths", "10",
-                                "--out", str(tmp_path / "r.json"), "--no-plot"])
+    reused = depth.main(args[4:] + ["--reuse-sweep", str(tmp_path / "d.json"), "--budget-gib", "0",
+                                    "--out", str(tmp_path / "r.json"), "--no-plot"])  # (args[:4]: --depths)
     assert fake_workers == calls and reused["points"] == [p for p in result["points"] if p["kind"] == "sweep"]
-    assert reused["ratios_at_reference_depth"] == ratio  # the sweep's depths, not --depths
-    for more, message in ((["--reuse-sweep", str(tmp_path / "d.json"), "--batch", "4"], "--batch 8 there, 4 here"),
+    assert reused["ratios_at_reference_depth"] == ratio  # the sweep's depths
+    reuse = ["--reuse-sweep", str(tmp_path / "d.json")]
+    for more, message in (([*reuse, "--batch", "4"], "--batch 8 there, 4 here"),
+                          ([*reuse, "--depths", "10"], "--depths \\[16, 28, 40\\] there, \\[10\\] here"),
+                          ([*reuse, "--impls", "fast-torch-keep"], "holds no sweep point of fast-torch-keep"),
                           (["--reference-depth", "100"], "--reference-depth 100: not among the sweep's depths"),
                           (["--time-depths", "28", "52"], "--time-depths 52: not among --depths 16 28 40")):
         with pytest.raises(ValueError, match=message):  # (the command line's exit status 2)
@@ -494,6 +501,8 @@ def test_a_result_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """Found when it is written, after --out was checked (a full disk, a folder
     removed meanwhile): CommandFailed, exit status 1 (it was a traceback)."""
     common.write_json({"x": 1}, tmp_path / "r.json")
+    with pytest.raises(cli.CommandFailed, match="cannot write .*r.json/x.json \\(File exists\\)"):
+        common.write_json({"x": 1}, tmp_path / "r.json" / "x.json")  # (its clean-up raised in turn)
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(cli.CommandFailed, match="cannot write .*r.json \\(No space left on device\\)"):
         common.write_json({"x": 2}, tmp_path / "r.json")

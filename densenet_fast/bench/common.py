@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -441,7 +442,8 @@ def write_json(result: dict, path: Path) -> Path:
         temporary.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(temporary, path)
     except OSError as exc:  # a full disk, a folder that went away: one line, exit status 1
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
         raise CommandFailed(f"cannot write {path} ({exc.strerror or exc})") from exc
     return path
 

@@ -52,8 +52,8 @@ def snap(depth: float) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depths", type=int, nargs="+", default=list(DEFAULT_DEPTHS),
-                        help="depths (6n+4) of the sweep (default: %(default)s)")
+    parser.add_argument("--depths", type=int, nargs="+", default=None,
+                        help=f"depths (6n+4) of the sweep (default: {' '.join(map(str, DEFAULT_DEPTHS))})")
     parser.add_argument("--time-depths", type=int, nargs="*", default=None,
                         help="depths of --depths at which all implementations are timed round-robin (default: every "
                              "sweep depth)")
@@ -310,26 +310,30 @@ SWEEP_SETTINGS = ("family", "batch", "image_size", "growth_rate", "device", "dty
 
 def reused_sweep(args: argparse.Namespace, impls: list[str]) -> tuple[list[dict], dict, dict]:
     """The points, timings and environment of ``--reuse-sweep``'s run, which must
-    have measured with this run's settings (one it did not record is taken as equal)."""
+    have measured with this run's settings (one it did not record is taken as
+    equal; ``--depths`` and ``--time-depths``, where given, as well)."""
     old = json.loads(args.reuse_sweep.read_text())
     settings = old["environment"].get("settings", {})
-    different = [f"--{key.replace('_', '-')} {settings[key]} there, {getattr(args, key)} here" for key in SWEEP_SETTINGS
-                 if key in settings and settings[key] != getattr(args, key)]
+    given = [key for key in ("depths", "time_depths") if getattr(args, key) is not None]
+    different = [f"--{key.replace('_', '-')} {settings[key]} there, {getattr(args, key)} here"
+                 for key in (*SWEEP_SETTINGS, *given) if key in settings and settings[key] != getattr(args, key)]
     if different:
         raise ValueError(f"--reuse-sweep {args.reuse_sweep} measured with other settings: {'; '.join(different)}")
     points = [p for p in old["points"] if p["kind"] == "sweep" and p["impl"] in impls]
+    if not points:
+        raise ValueError(f"--reuse-sweep {args.reuse_sweep} holds no sweep point of {' '.join(impls)}")
     return points, {int(d): t for d, t in old["timings"].items()}, old["environment"]
 
 
 def run(args: argparse.Namespace) -> dict:
     check_budget_steps(args)
-    for d in args.depths + (args.time_depths or []):
+    for d in (args.depths or []) + (args.time_depths or []):
         if snap(d) != d:
             raise ValueError(f"depth {d} is not of the form 6n + 4")
-    missing = sorted(set(args.time_depths or []) - set(args.depths))
+    missing = sorted(set(args.time_depths or []) - set(args.depths or DEFAULT_DEPTHS))
     if missing and not args.reuse_sweep:
         raise ValueError(f"--time-depths {' '.join(map(str, missing))}: not among --depths "
-                         f"{' '.join(map(str, args.depths))} (timing runs with the sweep)")
+                         f"{' '.join(map(str, args.depths or DEFAULT_DEPTHS))} (timing runs with the sweep)")
     if args.family == "monai":
         monai_impls.spatial_dims(args.image_size)
         sides = args.image_size if isinstance(args.image_size, list) else [args.image_size]
@@ -343,11 +347,15 @@ def run(args: argparse.Namespace) -> dict:
     check_impls(impls, args.family == "monai", args)
     if args.impls is None and args.budget_gib > 0:  # and recompute="auto" under the budget
         impls += list(dict.fromkeys(i.rsplit("-", 1)[0] + "-auto" for i in impls if i.startswith("fast-")))
-    if args.reuse_sweep:  # its depths are the sweep's
+    if args.reuse_sweep:  # the depths it measured (a stopped run's file lists more)
         points, timings, sweep_env = reused_sweep(args, impls)
-        args.depths = sweep_env.get("settings", {}).get("depths") or sorted({p["depth"] for p in points})
-    if args.reference_depth is None:
-        args.reference_depth = max(args.depths)
+        args.depths = sorted({p["depth"] for p in points})
+        timed = args.time_depths = sorted(timings)
+    else:
+        args.depths = args.depths or list(DEFAULT_DEPTHS)
+        timed = args.depths if args.time_depths is None else args.time_depths
+    if args.reference_depth is None:  # the deepest timed, for time ratios too
+        args.reference_depth = max(timed or args.depths)
     elif args.reference_depth not in args.depths:
         raise ValueError(f"--reference-depth {args.reference_depth}: not among the sweep's depths "
                          f"{' '.join(map(str, args.depths))}")

@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 from typing import Optional
 
+from .. import planner
 from . import common
 from .common import fit
 from . import monai_impls
@@ -207,7 +208,7 @@ def time_impls(runner: Runner, impls: list[str], spec: ModelSpec, args: argparse
 
 def size_text(image_size) -> str:
     """``32x32`` for ``--image-size 32``, ``16x16x16`` for volumes' ``16x16x16``."""
-    return "x".join(map(str, image_size)) if isinstance(image_size, list) else f"{image_size}x{image_size}"
+    return planner.size_text(image_size if isinstance(image_size, list) else [image_size] * 2)
 
 
 def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runner: Runner, env: dict) -> dict:
@@ -221,13 +222,13 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
     for impl in impls:
         if impl in TORCHVISION_IMPLS and importlib.util.find_spec("torchvision") is None:
             measured = {"status": "skipped", "why": "torchvision is not installed"}
+            common.outcomes["failed"] += 1  # (a worker's outcome is counted by run_worker)
         elif runner.seconds_left() <= 0:
             measured = {"status": "timeout", "why": "--max-minutes spent before it started"}
-        else:  # (the worker's outcome is counted by run_worker)
+            common.outcomes["failed"] += 1
+        else:
             measured = runner.memory(impl, spec, args.batch, 0.7 * common.available_memory_bytes(),
                                      runner.seconds_left(), memory_budget=model_budget(impl, args))
-        if "why" in measured:  # not started: nothing measured
-            common.outcomes["failed"] += 1
         row = {"impl": impl, "status": measured["status"]}
         if measured["status"] == "ok":
             median = common.summarize(measured["step_seconds"][args.warmup:])["median"]
