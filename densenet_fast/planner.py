@@ -159,8 +159,9 @@ def best_fitting(arch: Architecture, setup: Setup, budget: int, recompute: Union
 def any_fits(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> bool:
     """Whether :func:`best_fitting` finds an assignment; predicted leanest-looking
     first (most blocks recomputed), until one fits."""
-    return persistent_bytes(arch, setup) <= budget and any(predict(arch, setup, a).total_bytes <= budget
-               for a in reversed(allowed_assignments(arch, recompute)))
+    if persistent_bytes(arch, setup) > budget:  # the same for every assignment: no simulation needed
+        return False
+    return any(predict(arch, setup, a).total_bytes <= budget for a in reversed(allowed_assignments(arch, recompute)))
 
 
 def choose(arch: Architecture, setup: Setup, budget: int, recompute: Union[str, Sequence[str]] = "auto") -> Choice:
