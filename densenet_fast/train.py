@@ -924,25 +924,33 @@ def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Ca
 
 def check_output_directory(options: dict, procs: Processes) -> None:
     """The output directory can be written (:func:`start_output` creates it), and
-    holds an earlier run's files only with ``--resume`` or ``--overwrite``."""
-    out = options["out"]
-    if not out:
+    holds an earlier run's files only with ``--resume`` or ``--overwrite``: as
+    rank 0 finds it (it alone writes there), refused by every process alike (one
+    that saw another file system would go on into the next collective)."""
+    if not options["out"]:
         raise TrainingError("--out is empty: give the run's directory, or leave --out out for a new one")
+    problem = procs.gather(output_problem(options) if procs.is_main else None)[0]
+    if problem:
+        raise TrainingError(problem)
+
+
+def output_problem(options: dict) -> Optional[str]:
+    """Why the run cannot write its files in its ``--out``, or ``None``."""
+    out = options["out"]
     if os.path.exists(out) and not os.path.isdir(out):
-        raise TrainingError(f"--out {out} is a file, not a directory")
+        return f"--out {out} is a file, not a directory"
     found = [f for f in (CHECKPOINT, METRICS, CURVES) if os.path.lexists(os.path.join(out, f))]
     for name in found:
         if not os.path.isfile(os.path.join(out, name)):
-            raise TrainingError(f"{os.path.join(out, name)} is not a file: the run cannot write its {name} there")
+            return f"{os.path.join(out, name)} is not a file: the run cannot write its {name} there"
     if options["resume"]:
         if CHECKPOINT not in found:
-            raise TrainingError(f"--resume: there is no {CHECKPOINT} in {out} to resume from")
+            return f"--resume: there is no {CHECKPOINT} in {out} to resume from"
     elif found and not options["overwrite"]:
-        raise TrainingError(f"{out} already holds an earlier run ({', '.join(found)}); pass --resume to continue it "
-                            f"or --overwrite to start afresh and replace those files (or choose another --out)")
-    problem = procs.gather(write_problem(out) if procs.is_main else None)[0]  # every process raises alike
-    if problem:
-        raise TrainingError(f"--out {out}: cannot write there ({problem})")
+        return (f"{out} already holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                f"--overwrite to start afresh and replace those files (or choose another --out)")
+    problem = write_problem(out)
+    return None if problem is None else f"--out {out}: cannot write there ({problem})"
 
 
 def start_output(options: dict) -> bool:

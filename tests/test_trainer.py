@@ -548,6 +548,23 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
     assert "--resume needs --out" in capsys.readouterr().err
 
 
+def test_the_output_directory_is_judged_by_rank_0_for_every_process(tmp_path, monkeypatch):
+    """Under torchrun rank 0 alone writes the outputs, and judges them for every
+    process: one on another node that saw an earlier run's files refused alone,
+    while rank 0 waited for it in the next collective."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / trainer.CHECKPOINT).write_bytes(b"an earlier run on this node only")
+    options = dict(out=str(tmp_path / "run"), resume=False, overwrite=False)
+    assert "already holds an earlier run" in trainer.output_problem(options)  # what this node would say
+    gathered = []
+    monkeypatch.setattr(trainer.Processes, "gather", lambda self, obj: gathered.append(obj) or [None, obj])
+    trainer.check_output_directory(options, trainer.Processes(rank=1, world_size=2))  # rank 0 found no problem
+    assert gathered == [None]
+    monkeypatch.setattr(trainer.Processes, "gather", lambda self, obj: ["rank 0's verdict", obj])
+    with pytest.raises(trainer.TrainingError, match="^rank 0's verdict$"):
+        trainer.check_output_directory(options, trainer.Processes(rank=1, world_size=2))
+
+
 def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
