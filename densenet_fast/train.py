@@ -608,8 +608,7 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
         bar.update()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if not weights_finite(run.model):  # (not at the epoch's end alone: an epoch can be long)
-                refuse_diverged(run, f"in epoch {epoch + 1}, by step {step + 1}")
+            refuse_diverged(run, f"in epoch {epoch + 1}, by step {step + 1}")  # (an epoch can be long)
         if _stop_requested(stop, procs):
             sums = Sums(loss_sum.item(), float(correct.item()), count)
             earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
@@ -682,12 +681,14 @@ def weights_finite(model: nn.Module) -> bool:
 
 def refuse_diverged(run: Run, when: str) -> None:
     """:class:`DivergedError` where a weight holds NaN or infinity (every process
-    holds the same weights, and stops alike); ``when``: "in epoch 2", say."""
+    holds the same weights, and stops alike); ``when``: "in epoch 2", say.  Where
+    none does, one device synchronisation (:func:`weights_finite`)."""
+    if weights_finite(run.model):
+        return
     diverged = [name for name, p in run.model.named_parameters() if not torch.isfinite(p).all()]
-    if diverged:
-        more = f" (and {len(diverged) - 1} more parameters)" if len(diverged) > 1 else ""
-        raise DivergedError(f"training diverged {when}: {diverged[0]}{more} holds NaN or infinity; nothing of it "
-                            f"was saved (the files in {run.out}, if any, are from before; a lower --lr may help)")
+    more = f" (and {len(diverged) - 1} more parameters)" if len(diverged) > 1 else ""
+    raise DivergedError(f"training diverged {when}: {diverged[0]}{more} holds NaN or infinity; nothing of it was "
+                        f"saved (the files in {run.out}, if any, are from before; a lower --lr may help)")
 
 
 def save_checkpoint(run: Run, position: Position) -> None:

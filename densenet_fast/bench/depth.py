@@ -330,10 +330,6 @@ def run(args: argparse.Namespace) -> dict:
     for d in (args.depths or []) + (args.time_depths or []):
         if snap(d) != d:
             raise ValueError(f"depth {d} is not of the form 6n + 4")
-    missing = sorted(set(args.time_depths or []) - set(args.depths or DEFAULT_DEPTHS))
-    if missing and not args.reuse_sweep:
-        raise ValueError(f"--time-depths {' '.join(map(str, missing))}: not among --depths "
-                         f"{' '.join(map(str, args.depths or DEFAULT_DEPTHS))} (timing runs with the sweep)")
     if args.family == "monai":
         monai_impls.spatial_dims(args.image_size)
         sides = args.image_size if isinstance(args.image_size, list) else [args.image_size]
@@ -354,6 +350,10 @@ def run(args: argparse.Namespace) -> dict:
     else:
         args.depths = args.depths or list(DEFAULT_DEPTHS)
         timed = args.depths if args.time_depths is None else args.time_depths
+        missing = sorted(set(timed) - set(args.depths))
+        if missing:
+            raise ValueError(f"--time-depths {' '.join(map(str, missing))}: not among --depths "
+                             f"{' '.join(map(str, args.depths))} (timing runs with the sweep)")
     if args.reference_depth is None:  # the deepest timed, for time ratios too
         args.reference_depth = max(timed or args.depths)
     elif args.reference_depth not in args.depths:
