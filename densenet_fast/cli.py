@@ -37,6 +37,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
     for name, (module_name, description) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=description, description=description)
+        sub.set_defaults(command_parser=sub)
         if name == command:
             module = importlib.import_module(module_name)
             sub.description = (module.__doc__ or description).strip()
@@ -55,7 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     likewise, with exit status 1.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args, unknown = build_parser(argv[0] if argv else None).parse_known_args(argv)
+    command_parser = vars(args).pop("command_parser")  # (the commands save their options; a parser does not pickle)
+    if unknown:  # with the usage of the (sub)command they were given to, not the top level's
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ValueError, BackendUnavailableError) as exc:

@@ -75,10 +75,12 @@ def parse_bytes(value: Union[numbers.Real, str]) -> int:
     must be a whole number (``"1.5"`` is refused: a unit forgotten)."""
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15, "KIB": 2**10,
-                 "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50, "K": 2**10, "M": 2**20, "G": 2**30,
-                 "T": 2**40, "P": 2**50}
-        number = text.rstrip("KMGTPkmgtpIiBb")
+        units = {"": 1, "B": 1}
+        for power, prefix in enumerate("KMGTPE", start=1):
+            units[f"{prefix}B"], units[f"{prefix}IB"] = 10 ** (3 * power), 2 ** (10 * power)
+            if prefix != "E":  # a bare "1e" is more likely a typo than an exbibyte
+                units[prefix] = 2 ** (10 * power)
+        number = text.rstrip("KMGTPEkmgtpeIiBb")
         try:
             unit = units[text[len(number):].upper()]
             nbytes = float(number) * unit

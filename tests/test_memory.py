@@ -42,7 +42,7 @@ def test_parse_and_format_bytes():
     assert parse_bytes("1.5MiB") == 3 * 2**19
     assert parse_bytes("8gb") == 8 * 10**9 and parse_bytes("512mib") == 2**29 and parse_bytes("1k") == 1024
     assert parse_bytes(np.int64(2**40)) == 2**40 and parse_bytes(np.float32(1024.5)) == 1024  # NumPy's numbers
-    for bad in ("lots", "-1GiB", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan"), np.float64("nan")):
+    for bad in ("lots", "-1GiB", "1e", 0, "0.5", 0.3, "1e-12GiB", "inf", "1e400", "nan", float("nan"), np.float64("nan")):
         with pytest.raises(ValueError, match="memory"):
             parse_bytes(bad)
     for bad in ("1.5", "2.5B", "1.5 b"):  # a unit forgotten
@@ -50,6 +50,7 @@ def test_parse_and_format_bytes():
             parse_bytes(bad)
     assert parse_bytes("1.5e9") == 1500000000 and parse_bytes("1.5 kB") == 1500
     assert parse_bytes("2PiB") == 2**51 and parse_bytes("1 PB") == 10**15
+    assert parse_bytes("2EiB") == 2**61 and parse_bytes("1 EB") == 10**18 and parse_bytes(format_bytes(2**62)) == 2**62
     for bad in (True, np.bool_(True), [1], None):
         with pytest.raises(TypeError, match="a memory budget is a number of bytes"):
             parse_bytes(bad)

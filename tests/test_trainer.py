@@ -100,7 +100,9 @@ def test_help_documents_every_option(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "resnet50"], "invalid choice"),
-    (["train", "--no-such-option"], "unrecognized arguments"),
+    (["train", "--no-such-option"], "densenet_fast train: error: unrecognized arguments: --no-such-option"),
+    (["plan", "extra"], "usage: python -m densenet_fast plan [-h]"),
+    (["bench", "models", "extra", "--x"], "densenet_fast bench models: error: unrecognized arguments: extra --x"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_unknown_model_option_or_command_is_refused(argv, message, capsys):

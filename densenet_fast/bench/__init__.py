@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub = subparsers.add_parser(name, help=module.__doc__.split("\n\n")[0].split(": ", 1)[-1],
                                     description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
-        sub.set_defaults(bench_run=module.run)
+        sub.set_defaults(bench_run=module.run, command_parser=sub)
 
 
 def run(args: argparse.Namespace) -> int:
