@@ -293,7 +293,7 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         more = "" if position.epoch == options["epochs"] else f", more than --epochs {options['epochs']}"
         procs.log(f"the checkpoint has trained {plural(position.epoch, 'epoch')}{more}: nothing is left to train "
                   f"(a larger --epochs trains on)")
-    created = procs.is_main and start_output(options)
+    created = start_output(options) if procs.is_main else []
     run.replaces_earlier_run = options["overwrite"]
     try:
         try:
@@ -306,9 +306,9 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         return finish(run, outcome)
     finally:
         run.close()
-        if created:  # a run that failed before its first checkpoint leaves no directory (its error stands)
-            with suppress(OSError):
-                os.rmdir(run.out)  # (only where empty)
+        with suppress(OSError):  # a run that failed before its first checkpoint leaves no folder (its error stands)
+            for folder in created:
+                os.rmdir(folder)  # (only where empty)
 
 
 def plural(count: int, noun: str) -> str:
@@ -954,20 +954,29 @@ def output_problem(options: dict) -> Optional[str]:
     return None if problem is None else f"--out {out}: cannot write there ({problem})"
 
 
-def start_output(options: dict) -> bool:
+def start_output(options: dict) -> list[str]:
     """Create the output directory when the run starts (so that a refused run
-    leaves nothing behind); whether it was created."""
+    leaves nothing behind); the folders created, the innermost first."""
     out = options["out"]
+    created = missing_folders(out)
     try:
         if options["out_is_new"]:  # its own: another run that took the name meanwhile is not joined
             os.makedirs(os.path.dirname(out), exist_ok=True)
             os.mkdir(out)
-            return True
-        created = not os.path.isdir(out)
-        os.makedirs(out, exist_ok=True)
-        return created
+        else:
+            os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out} ({exc.strerror or exc})") from exc
+    return created
+
+
+def missing_folders(directory: str) -> list[str]:
+    """``directory`` and the folders above it that do not exist, the innermost first."""
+    missing, folder = [], os.path.abspath(directory)
+    while not os.path.lexists(folder):  # a dangling link exists, and is not a directory
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def write_problem(directory: str) -> Optional[str]:
@@ -975,10 +984,8 @@ def write_problem(directory: str) -> Optional[str]:
     permission bits do not tell (root, read-only file systems); the folders it
     creates to write there (``directory`` and those above it that do not exist)
     are removed again, as :func:`start_output` creates them when training starts."""
-    missing, existing = [], os.path.abspath(directory)
-    while not os.path.lexists(existing):  # a dangling link exists, and is not a directory
-        missing.append(existing)
-        existing = os.path.dirname(existing)
+    missing = missing_folders(directory)
+    existing = os.path.dirname(missing[-1]) if missing else os.path.abspath(directory)
     if not os.path.isdir(existing):
         return f"{existing} is not a directory"
     created = []
