@@ -138,13 +138,15 @@ class _EngineBlock:
     dense layers as children."""
 
     @torch.jit.unused
-    def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
+    def _runs_fused(self, x: Tensor, in_step: bool = False, x_channels: Optional[int] = None) -> bool:
         """Whether the engine runs this block (else its per-layer code, said once);
-        ``in_step``: as a stage of the model's forward (else :func:`refuse_unplanned`)."""
+        ``in_step``: as a stage of the model's forward (else :func:`refuse_unplanned`);
+        ``x_channels``: as in :func:`fastpath.input_matches`."""
         if not engine_may_run(self, x, in_step, "block"):
             return False
-        first = next(iter(self.children()))
-        return fastpath.input_matches(x, fastpath.spatial_dims(fastpath.dense_layer_parts(first).conv1))
+        first = fastpath.dense_layer_parts(next(iter(self.children())))
+        return fastpath.input_matches(x, fastpath.spatial_dims(first.conv1), first.norm1.num_features,
+                                      x_channels=x_channels)
 
     @torch.jit.unused
     def engine_blocker(self) -> Optional[str]:
@@ -194,7 +196,7 @@ class _DenseBlock(_EngineBlock, nn.ModuleDict):
         self.recompute = "keep"
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._runs_fused(init_features, False):
+        if not torch.jit.is_scripting() and self._runs_fused(init_features, False, None):
             return self._fused(init_features)
         features = [init_features]
         for name, layer in self.items():
@@ -241,7 +243,7 @@ def sequential_forward(self, input: Tensor) -> Tensor:
     """The ``forward`` of an ``nn.Sequential`` that the engine may run: ``_fused``
     where ``_runs_fused`` says so, else each module in turn (assigned in the
     class body: TorchScript compiles it there, not from a mixin)."""
-    if not torch.jit.is_scripting() and self._runs_fused(input, False):
+    if not torch.jit.is_scripting() and self._runs_fused(input, False, None):  # (TorchScript wants every argument)
         return self._fused(input)
     for module in self:
         input = module(input)
@@ -257,10 +259,11 @@ class _EngineTransition:
     forward = sequential_forward
 
     @torch.jit.unused
-    def _runs_fused(self, x: Tensor, in_step: bool = False) -> bool:
+    def _runs_fused(self, x: Tensor, in_step: bool = False, x_channels: Optional[int] = None) -> bool:
         """As :meth:`_EngineBlock._runs_fused`, for this transition."""
         return (engine_may_run(self, x, in_step, "transition")
-                and fastpath.input_matches(x, fastpath.spatial_dims(self.conv), pooled=True))
+                and fastpath.input_matches(x, fastpath.spatial_dims(self.conv), self.norm.num_features, pooled=True,
+                                           x_channels=x_channels))
 
     @torch.jit.unused
     def engine_blocker(self) -> Optional[str]:
@@ -333,13 +336,14 @@ class _Features(nn.Sequential):
             fusable = (isinstance(module, _EngineBlock) and fastpath.watched(module) is None
                        and module._runs_fused(x, in_step=True))
             if fusable and isinstance(following, _EngineTransition) and fastpath.watched(following) is None \
-                    and following._runs_fused(x, in_step=True):
+                    and following._runs_fused(x, in_step=True, x_channels=module.total_channels()):
                 after = modules[i + 2] if i + 2 < len(modules) else None
                 next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
                     fastpath.watched(after) is None and not torch.compiler.is_compiling() else None
                 x, buffer = module.run(x, engine.TransitionTail(following), buffer, next_channels)
                 i += 2
-            elif fusable and pooled and i + 2 == len(modules) and fastpath.head_norm_is_standard(following):
+            elif fusable and pooled and i + 2 == len(modules) and fastpath.head_norm_is_standard(following) \
+                    and following.num_features == module.total_channels():
                 return module.run(x, engine.HeadTail(following), buffer)[0]
             elif fusable:
                 x, buffer = module.run(x, engine.NoTail(), buffer)[0], None
@@ -370,8 +374,7 @@ class _Features(nn.Sequential):
         if reason is not None:
             fastpath.warn_plain_path(self, f"{reason} (the stem's BN, ReLU and max-pool run as modules)")
             return False
-        return (fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1)
-                and x.shape[1] == modules[0].num_features)
+        return fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1, modules[0].num_features)
 
     @torch.jit.unused
     def stem_blocker(self) -> Optional[str]:

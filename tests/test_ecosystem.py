@@ -448,6 +448,39 @@ def test_errors_have_torchvisions_types(tmp_path):
         densenet_fast.densenet121(weights=str(path))
 
 
+def drop_last_layer(block: nn.Module) -> None:
+    del block[list(block.keys())[-1]]
+
+
+def narrow_transition(model: nn.Module) -> None:
+    conv = model.features.transition1.conv
+    model.features.transition1.conv = nn.Conv2d(conv.in_channels, conv.out_channels - 1, 1, bias=False,
+                                                dtype=conv.weight.dtype)
+
+
+@pytest.mark.parametrize("edit, call", [
+    (lambda m: drop_last_layer(m.features.denseblock1), None),  # the transition after it takes more channels
+    (lambda m: drop_last_layer(m.features.denseblock2), None),  # so does norm5
+    (narrow_transition, None),  # the block after it takes more
+    (None, lambda m, x: m.features.denseblock2(x[:, :5])),
+    (None, lambda m, x: m.features.transition1(x[:, :5])),
+], ids=["block-transition", "block-norm5", "transition-block", "block-alone", "transition-alone"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channel_mismatches_raise_torchvisions_errors(edit, call, training):
+    """Modules edited or called with other channel counts than they take run
+    their own code, whose BatchNorm names both counts, as torchvision's."""
+    errors = []
+    for model in make_pair(**CONFIG):
+        model.train(training)
+        if edit is not None:
+            edit(model)
+        x = random_batch(model, 2, 8, 8, seed=1)[0]
+        with pytest.raises(RuntimeError) as error:
+            (call or (lambda m, x: m(x)))(model, x)
+        errors.append(str(error.value))
+    assert errors[0] == errors[1] and "running_mean should contain" in errors[0]
+
+
 # -- saved-tensor hooks ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("contiguous", [False, True], ids=["same-layout", "contiguous"])
 @pytest.mark.parametrize("recompute", ["keep", "recompute"])

@@ -176,11 +176,15 @@ def differentiates_recomputation(grad: Tensor) -> bool:
     return torch.is_grad_enabled()
 
 
-def input_matches(x: Tensor, dims: Optional[int], pooled: bool = False) -> bool:
-    """Whether ``x`` is a batch ``(N, C, *spatial)`` with ``dims`` spatial
-    dimensions (each at least 2 where the module pools by 2).  Other inputs run
-    the modules, which raise their own errors or treat them as they do."""
-    return dims is not None and x.dim() == dims + 2 and (not pooled or min(x.shape[2:]) >= 2)
+def input_matches(x: Tensor, dims: Optional[int], channels: int, pooled: bool = False,
+                  x_channels: Optional[int] = None) -> bool:
+    """Whether ``x`` is a batch ``(N, channels, *spatial)`` with ``dims`` spatial
+    dimensions (each at least 2 where the module pools by 2); ``x_channels``
+    stands for ``x``'s where ``x`` is the input of a block before the module.
+    Other inputs run the modules, which raise their own errors (torch's
+    BatchNorm names both channel counts) or treat them as they do."""
+    return (dims is not None and x.dim() == dims + 2 and (not pooled or min(x.shape[2:]) >= 2)
+            and (x.shape[1] if x_channels is None else x_channels) == channels)
 
 
 def _as_tuple(value, dims: int) -> tuple:
