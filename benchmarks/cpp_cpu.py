@@ -11,19 +11,30 @@ settings (``--help`` lists them).
 """
 
 import sys
+from pathlib import Path
 
-from densenet_fast.bench import kernels, models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from densenet_fast import cli  # noqa: E402
+from densenet_fast.bench import common  # noqa: E402
 
+# name -> (the preset's options, the name of its JSON in benchmarks/results/ where no --out is given)
 PRESETS = {
-    "models": (models.main, ["--model", "densenet_bc-100", "--growth-rate", "12", "--batch", "64", "--image-size",
-                             "32", "--impls", "tv-eager", "fast-torch-keep", "fast-cpp-keep", "--threads", "1",
-                             "--budget-gib", "0", "--out", "benchmarks/results/cpp_cpu_models.json"]),
-    "kernels": (kernels.main, ["--device", "cpu", "--backends", "cpp", "torch", "--batch-bc", "64",
-                               "--out", "benchmarks/results/cpp_cpu_kernels.json"]),
+    "models": (["--model", "densenet_bc-100", "--growth-rate", "12", "--batch", "64", "--image-size", "32",
+                "--impls", "tv-eager", "fast-torch-keep", "fast-cpp-keep", "--threads", "1", "--budget-gib", "0"],
+               "cpp_cpu_models.json"),
+    "kernels": (["--device", "cpu", "--backends", "cpp", "torch", "--batch-bc", "64"], "cpp_cpu_kernels.json"),
 }
 
-if __name__ == "__main__":
-    if sys.argv[1:2] not in ([name] for name in PRESETS):
+
+def main(argv: list[str]) -> int:
+    """``bench <preset>`` with the preset's options, then ``argv``'s: its exit status."""
+    if argv[:1] not in ([name] for name in PRESETS):
         sys.exit(f"usage: python benchmarks/cpp_cpu.py {{{','.join(PRESETS)}}} [options]")
-    run, preset = PRESETS[sys.argv[1]]
-    run(preset + sys.argv[2:])
+    options, name = PRESETS[argv[0]]
+    out = [] if any(a == "--out" or a.startswith("--out=") for a in argv) else \
+        ["--out", str(common.new_result_path(name))]  # (a fresh name: no earlier result is replaced)
+    return cli.main(["bench", argv[0], *options, *out, *argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -47,7 +47,6 @@ def main(argv: list[str]) -> int:
     tiny = "--tiny" in options
     if not tiny and not torch.cuda.is_available():
         sys.exit("no GPU: only --tiny runs here (through the Triton interpreter)")
-    torch.backends.cudnn.allow_tf32 = False  # exact fp32 (--tiny), as --check's tolerance assumes; bf16 unaffected
     return cli.main(["bench", "kernels", *COMMON, *(TINY if tiny else FULL), "--out",
                      str(outdir / "triton_kernels.json"), *(option for option in options if option != "--tiny")])
 

@@ -220,28 +220,76 @@ def test_kernels_subcommand(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["rows"] == result["rows"]
 
 
-def test_kernels_check_finds_a_wrong_result_and_a_failing_case_stops_nothing(tmp_path, monkeypatch, capsys):
+def test_kernels_check_finds_a_wrong_result_and_a_failing_call_stops_nothing(tmp_path, monkeypatch, capsys):
     """--check against float32 autograd: a backward that swaps grad_gamma and
     grad_beta is not correct, and bench exits 1 (it exited 0: the GPU check's
-    kernel step said ok); a primitive that raises leaves its error in the JSON
-    and the other cases run."""
+    kernel step said ok); a backend call that raises leaves its error in the
+    JSON, the other implementations and cases are measured, and bench fails."""
     from densenet_fast.backends.torch_backend import TorchBackend
 
     backward = TorchBackend.bn_relu_backward
     monkeypatch.setattr(TorchBackend, "bn_relu_backward", lambda *args: backward(*args)[::-1])
     monkeypatch.setattr(TorchBackend, "bn_relu", lambda *args: 1 / 0)
-    result = kernels.main(["--shapes", "tiny-C24", "tiny-C40", "--repeats", "1", "--warmup", "0", "--backends",
-                           "torch", "--primitives", "bn_relu", "bn_relu_backward", "channel_stats", "--check",
-                           "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
-    rows = {(r["primitive"], r["shape"], r.get("impl")): r for r in result["rows"]}
+    with pytest.raises(cli.CommandFailed, match="2 call\\(s\\) raised"):
+        kernels.main(["--shapes", "tiny-C24", "tiny-C40", "--repeats", "1", "--warmup", "0", "--backends", "torch",
+                      "--primitives", "bn_relu", "bn_relu_backward", "channel_stats", "--check",
+                      "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    result = json.loads((tmp_path / "k.json").read_text())
+    rows = {(r["primitive"], r["shape"], r["impl"]): r for r in result["rows"]}
     for shape in ("tiny-C24", "tiny-C40"):
-        assert "ZeroDivisionError" in rows["bn_relu", shape, None]["error"]
+        assert "ZeroDivisionError" in rows["bn_relu", shape, "torch"]["error"]
+        assert rows["bn_relu", shape, kernels.BASELINE]["median_ms"] > 0  # (the whole case was lost)
         assert not rows["bn_relu_backward", shape, "torch"]["correct"]
         assert rows["channel_stats", shape, "torch"]["correct"]
+    assert "partial" not in result
     assert cli.main(["bench", "kernels", "--shapes", "tiny-C24", "--repeats", "1", "--warmup", "0", "--backends",
                      "torch", "--primitives", "bn_relu_backward", "--check", "--out", str(tmp_path / "k2.json"),
                      "--no-plot", "--no-progress"]) == 1
     assert "error: 1 result(s) did not match the reference" in capsys.readouterr().err
+
+
+def test_kernel_costs_count_the_weights_and_the_pooled_pixels():
+    """Bytes and FLOPs of an odd-sized (5x5) shape, from the tensors each call
+    must read or write: x (50 pixels x 24 channels), the bottleneck (16), the
+    transition's 2x2 output pixels of 12 channels, pooled from 4 x 8 pixels."""
+    shape = kernels.layer_shapes(1, 1)["tiny-C24"]
+    x, weight, out, weight_t, out_t = 2 * 25 * 24, 16 * 24, 2 * 25 * 16, 12 * 24, 2 * 4 * 12
+    pooled_x = 2 * 16 * 24
+    assert kernels.cost("bn_relu_conv1x1", shape, torch.float32) == (4 * (x + weight + out), 2 * x * 16)
+    assert kernels.cost("bn_relu_conv1x1_backward", shape, torch.bfloat16) == \
+        (2 * (3 * x + weight + out) + 4 * weight, 4 * x * 16)  # the weight's gradient in float32
+    assert kernels.cost("transition", shape, torch.float32) == (4 * (pooled_x + weight_t + out_t), 2 * 8 * 24 * 12)
+    assert kernels.cost("transition_backward", shape, torch.float64) == \
+        (8 * (pooled_x + x + weight_t + out_t) + 8 * weight_t, 4 * 8 * 24 * 12)
+
+
+def test_cpp_cpu_preset_runs_through_the_command_line(tmp_path):
+    """benchmarks/cpp_cpu.py: the preset's options, then the user's; errors are
+    the command line's (one line, exit 2; it gave a traceback)."""
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "cpp_cpu.py"), "kernels"]
+    tiny = ["--shapes", "tiny-C24", "--primitives", "channel_stats", "--repeats", "1", "--warmup", "0", "--no-plot",
+            "--no-progress", "--out", str(tmp_path / "k.json")]
+    bad = subprocess.run(script + tiny + ["--backends", "nosuch"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr, bad.stderr
+    done = subprocess.run(script + tiny + ["--backends", "torch"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    settings = json.loads((tmp_path / "k.json").read_text())["environment"]["settings"]
+    assert settings["batch_bc"] == 64 and settings["backends"] == ["torch"]
+
+
+def test_kernels_run_float32_without_tf32(tmp_path, monkeypatch):
+    """TF32 is off while bench kernels runs (the matmul rate and --check assume
+    float32 products; the Triton kernels follow cuDNN's switch) and restored after."""
+    from densenet_fast.backends.torch_backend import TorchBackend
+
+    seen = []
+    channel_stats = TorchBackend.channel_stats
+    monkeypatch.setattr(TorchBackend, "channel_stats", lambda *args: (
+        seen.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32), channel_stats(*args))[1])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    kernels.main(["--shapes", "tiny-C24", "--repeats", "1", "--warmup", "0", "--backends", "torch", "--primitives",
+                  "channel_stats", "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    assert seen and not any(seen) and torch.backends.cudnn.allow_tf32
 
 
 def test_cli_runs_bench(fake_workers, tmp_path):
@@ -516,7 +564,10 @@ def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys
     (tmp_path / "depth.json").write_text(json.dumps({"benchmark": "depth", "environment": {}, "rows": []}))
     (tmp_path / "read-only.json").write_text("")
     (tmp_path / "read-only.json").chmod(0o444)
+    (tmp_path / "plot-taken.png").mkdir()
     cases = [(kernels, ["--out", str(tmp_path / "file" / "x.json")], "not a writable directory"),
+             (kernels, ["--out", str(tmp_path / "x.png")], "give a name such as"),  # the plot went over the JSON
+             (kernels, ["--out", str(tmp_path / "plot-taken.json")], "plot-taken.png: it is a directory"),
              (models, ["--out", str(tmp_path)], "is a directory"),
              (kernels, ["--out", str(tmp_path / ("x" * 300))], "File name too long"),
              (bench_memory, ["--repredict", str(tmp_path / "missing.json")], "cannot read"),
@@ -525,7 +576,7 @@ def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys
              (depth, ["--reuse-sweep", str(tmp_path / "missing.json")], "cannot read"),
              (depth, ["--reuse-sweep", str(tmp_path / "depth.json")], "not a result of bench depth")]
     if os.geteuid() != 0:  # root writes read-only files
-        cases.append((kernels, ["--out", str(tmp_path / "read-only.json")], "the file is read-only"))
+        cases.append((kernels, ["--out", str(tmp_path / "read-only.json")], "a directory or read-only"))
     for subcommand, argv, message in cases:
         with pytest.raises(SystemExit) as exit_:
             subcommand.main(argv + ["--no-plot"])

@@ -71,12 +71,16 @@ def output_file(text: str) -> Path:
     """An option type: a file path that can be written (a JSON result, its PNG
     beside it), checked before anything is measured."""
     path = Path(text)
+    if path.suffix.lower() == ".png":  # the plot would be written over the JSON
+        raise argparse.ArgumentTypeError(f"{text}: the result is JSON, its plot is written beside it as "
+                                         f"<name>.png; give a name such as {path.with_suffix('.json')}")
     try:
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as "
                                              f"{path / 'result.json'}")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"cannot write {text}: the file is read-only")
+        for file in (path, path.with_suffix(".png")):
+            if file.is_dir() or (file.exists() and not os.access(file, os.W_OK)):
+                raise argparse.ArgumentTypeError(f"cannot write {file}: it is a directory or read-only")
         folder = path.parent
         while not folder.exists():  # the folders write_json would create
             folder = folder.parent

@@ -20,21 +20,41 @@ measured.
 Reported per (primitive, shape, implementation): median time, GB/s (the bytes
 that must move, below, over the time) and the fraction of the roofline
 ``max(bytes / copy bandwidth, FLOPs / matmul rate) / time``, with the copy
-bandwidth and matmul rate measured at the start of the run.  Bytes that must
-move, for ``x (M, C)``, bottleneck ``K`` channels, element size ``e``:
+bandwidth and matmul rate measured at the start of the run (the matmul rate in
+the data's dtype, or in float32 where that is faster: 16-bit matrix products
+on a CPU without 16-bit units).  A fraction above 1 means the bound was
+beaten: the operands stayed in cache (memory-bound rows) or the backend's
+products ran faster than ``torch.mm`` (compute-bound rows).  Bytes that must
+move, for ``x (M, C)``, bottleneck ``K`` channels, element size ``e``, the
+weight ``(K, C)`` and its gradient in the statistics' dtype (element size
+``g``: float32 for 16-bit data); the per-channel vectors are left out:
 
 - channel_stats: read x: ``M C e``
-- bn_relu_conv1x1: read x, write out: ``(M C + M K) e``; FLOPs ``2 M C K``
-- bn_relu_conv1x1_backward: read x and grad_out, read and write grad_x:
-  ``(3 M C + M K) e``; FLOPs ``4 M C K``
+- bn_relu_conv1x1: read x and the weight, write out: ``(M C + K C + M K) e``;
+  FLOPs ``2 M C K``
+- bn_relu_conv1x1_backward: read x, the weight and grad_out, read and write
+  grad_x: ``(3 M C + K C + M K) e``, write the weight's gradient: ``K C g``;
+  FLOPs ``4 M C K``
 - bn_relu (on the bottleneck, ``M x K``): ``2 M K e``; backward ``3 M K e``
-- transition (``x (N, H, W, C)`` -> ``(N, H/2, W/2, K)``): ``(M C + M K / 4) e``;
-  FLOPs ``2 (M/4) C K``; backward ``(2 M C + M K / 4) e``, FLOPs ``4 (M/4) C K``
+- transition (``x (N, H, W, C)`` -> ``(N, H//2, W//2, K)``, ``P`` pooled
+  pixels, ``4 P`` of x's pixels pooled, all of them where ``H`` and ``W`` are
+  even): ``(4 P C + K C + P K) e``; FLOPs ``2 P C K``; backward (grad_x is
+  written, zero where a pixel is not pooled) ``(4 P C + M C + K C + P K) e
+  + K C g``, FLOPs ``4 P C K``
+
+Times are of one call each between CUDA events on a GPU (after the GPU has
+finished the previous call: a call whose launches take longer on the host than
+its kernels on the GPU is timed at the host's speed; there is no CUDA graph)
+or of the wall clock on a CPU, without flushing the caches between calls; the
+implementations take turns, so that a change in load hits all of them.
+float32 is computed as float32 throughout (TF32 off, as the matmul rate and
+``--check``'s tolerance assume).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import traceback
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -45,6 +65,7 @@ from torch import Tensor
 
 from ..backends.interface import stats_dtype
 from ..backends.torch_backend import TorchBackend
+from ..cli import CommandFailed
 from . import common
 from .worker import DTYPES
 
@@ -90,6 +111,11 @@ class LayerShape:
     @property
     def transition_out(self) -> int:
         return self.channels // 2
+
+    @property
+    def pooled_rows(self) -> int:
+        """Pixels of the transition's output (average pooling by 2, odd sides floored)."""
+        return self.n * (self.h // 2) * (self.w // 2)
 
 
 def layer_shapes(batch_121: int, batch_bc: int) -> dict[str, LayerShape]:
@@ -137,31 +163,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- the machine's roofline ------------------------------------------------------------------
 def machine_rates(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
-    """Measured copy bandwidth (bytes/s, read + write) and matmul rate (FLOP/s),
-    from the fastest of ``repeats`` runs (what the hardware can do)."""
-    elements = (256 if device.startswith("cuda") else 32) * common.MIB // 4
-    src = torch.randn(elements, device=device).to(dtype)
+    """Measured copy bandwidth (bytes/s, read + write, of a tensor of 32 MiB on
+    a CPU, 256 MiB on a GPU, in any dtype) and matmul rate (FLOP/s, in
+    ``dtype`` or float32, the faster), from the fastest of ``repeats`` runs
+    (what the hardware can do)."""
+    tensor_bytes = (256 if device.startswith("cuda") else 32) * common.MIB
+    src = torch.randn(tensor_bytes // dtype.itemsize, device=device).to(dtype)
     dst = torch.empty_like(src)
     copy_s = min(common.time_function(lambda: dst.copy_(src), device, 2, repeats))
     n = 8192 if device.startswith("cuda") else 1024
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    mm_s = min(common.time_function(lambda: torch.mm(a, b), device, 2, repeats))
-    return {"copy_bytes_per_s": 2 * src.numel() * src.element_size() / copy_s, "copy_tensor_bytes": src.numel() * src.element_size(),
-            "matmul_flops_per_s": 2 * n**3 / mm_s, "matmul_n": n}
+    matmul = {}
+    for mm_dtype in dict.fromkeys([dtype, torch.promote_types(dtype, torch.float32)]):
+        a, b = (torch.randn(n, n, device=device).to(mm_dtype) for _ in range(2))
+        matmul[str(mm_dtype).removeprefix("torch.")] = \
+            2 * n**3 / min(common.time_function(lambda: torch.mm(a, b), device, 2, repeats))
+    return {"copy_bytes_per_s": 2 * tensor_bytes / copy_s, "copy_tensor_bytes": tensor_bytes,
+            "matmul_flops_per_s": max(matmul.values()), "matmul_flops_per_s_by_dtype": matmul, "matmul_n": n}
 
 
-def cost(primitive: str, s: LayerShape, element_size: int) -> tuple[float, float]:
-    """(bytes that must move, FLOPs that must be done) of one call (see module docstring)."""
-    m, c, k = s.rows, s.channels, s.bottleneck
-    t = s.transition_out
+def cost(primitive: str, s: LayerShape, dtype: torch.dtype) -> tuple[float, float]:
+    """(bytes that must move, FLOPs that must be done) of one call on ``dtype``
+    data (see the module docstring)."""
+    m, c, k, t, p = s.rows, s.channels, s.bottleneck, s.transition_out, s.pooled_rows
+    e, g = dtype.itemsize, stats_dtype(dtype).itemsize
     return {
-        "channel_stats": (m * c * element_size, 0.0),
-        "bn_relu_conv1x1": ((m * c + m * k) * element_size, 2.0 * m * c * k),
-        "bn_relu_conv1x1_backward": ((3 * m * c + m * k) * element_size, 4.0 * m * c * k),
-        "bn_relu": (2 * m * k * element_size, 0.0),
-        "bn_relu_backward": (3 * m * k * element_size, 0.0),
-        "transition": ((m * c + m * t / 4) * element_size, 2.0 * (m / 4) * c * t),
-        "transition_backward": ((2 * m * c + m * t / 4) * element_size, 4.0 * (m / 4) * c * t),
+        "channel_stats": (m * c * e, 0.0),
+        "bn_relu_conv1x1": ((m * c + k * c + m * k) * e, 2.0 * m * c * k),
+        "bn_relu_conv1x1_backward": ((3 * m * c + k * c + m * k) * e + k * c * g, 4.0 * m * c * k),
+        "bn_relu": (2 * m * k * e, 0.0),
+        "bn_relu_backward": (3 * m * k * e, 0.0),
+        "transition": ((4 * p * c + t * c + p * t) * e, 2.0 * p * c * t),
+        "transition_backward": ((4 * p * c + m * c + t * c + p * t) * e + t * c * g, 4.0 * p * c * t),
     }[primitive]
 
 
@@ -334,38 +366,73 @@ class Operands:
 def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Namespace, rates: dict) -> list[dict]:
     """One row per implementation of ``primitive`` at ``shape``: times (the
     implementations in turn, so that load changes hit every one alike), and
-    with ``--check`` each backend's error."""
+    with ``--check`` each backend's error.  An implementation that raises gets a
+    row with its ``error`` (its traceback printed) and the others are measured."""
     dtype = DTYPES[args.dtype]
     operands = Operands(shape, args.device, dtype, args.channels_last)
-    errors = {name: operands.max_error(b, primitive) for name, b in backends.items()} if args.check else {}
+    failed, errors = {}, {}
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # a kernel that does not compile, say
+            traceback.print_exc()
+            failed[name] = {"error": repr(exc)[-300:], "traceback": traceback.format_exc()}
+
     calls = {BASELINE: operands.unfused_call(primitive)}
     calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
-    for call in calls.values():
-        for _ in range(args.warmup):
-            call()
+    for name in calls:
+        if args.check and name != BASELINE:
+            attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
+        for _ in range(args.warmup if name not in failed else 0):
+            attempt(name, calls[name])
     common.synchronize(args.device)
-    seconds = {name: [] for name in calls}
+    seconds = {name: [] for name in calls if name not in failed}
     for _ in range(args.repeats):
-        for name, call in calls.items():
-            seconds[name].append(common.time_once(call, args.device))
-    nbytes, flops = cost(primitive, shape, torch.tensor([], dtype=dtype).element_size())
+        for name in [n for n in seconds if n not in failed]:
+            attempt(name, lambda: seconds[name].append(common.time_once(calls[name], args.device)))
+    nbytes, flops = cost(primitive, shape, dtype)
     roofline_s = max(nbytes / rates["copy_bytes_per_s"], flops / rates["matmul_flops_per_s"])
-    base = common.summarize(seconds[BASELINE])["median"]
+    base = common.summarize(seconds[BASELINE])["median"] if BASELINE not in failed else None
     rows = []
-    for name, values in seconds.items():
-        t = common.summarize(values)
-        rows.append({"primitive": primitive, "shape": shape.name, "impl": name, "M": shape.rows,
-                     "C": shape.channels, "median_ms": 1e3 * t["median"], "min_ms": 1e3 * t["min"],
-                     "max_ms": 1e3 * t["max"], "GB_per_s": nbytes / t["median"] / 1e9,
-                     "GFLOP_per_s": flops / t["median"] / 1e9, "roofline_fraction": roofline_s / t["median"],
-                     "bound": "compute" if flops / rates["matmul_flops_per_s"] > nbytes / rates["copy_bytes_per_s"]
-                     else "memory", "speedup_vs_unfused": base / t["median"], "bytes": nbytes, "flops": flops})
+    for name in calls:
+        row = {"primitive": primitive, "shape": shape.name, "impl": name, "M": shape.rows, "C": shape.channels}
+        if name in failed:
+            rows.append(row | failed[name])
+            continue
+        t = common.summarize(seconds[name])
+        row.update(median_ms=1e3 * t["median"], q1_ms=1e3 * t["q1"], q3_ms=1e3 * t["q3"], min_ms=1e3 * t["min"],
+                   max_ms=1e3 * t["max"],
+                   GB_per_s=nbytes / t["median"] / 1e9, GFLOP_per_s=flops / t["median"] / 1e9,
+                   roofline_fraction=roofline_s / t["median"],
+                   bound="compute" if flops / rates["matmul_flops_per_s"] > nbytes / rates["copy_bytes_per_s"]
+                   else "memory", speedup_vs_unfused=None if base is None else base / t["median"], bytes=nbytes,
+                   flops=flops)
         if name in errors:
-            rows[-1].update(max_rel_error=errors[name], correct=errors[name] <= TOLERANCE[dtype])
+            row.update(max_rel_error=errors[name], correct=errors[name] <= TOLERANCE[dtype])
+        rows.append(row)
     return rows
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """float32 products computed in float32 inside (TF32 off for cuDNN, cuBLAS
+    and the Triton kernels, which follow cuDNN's switch), restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run(args: argparse.Namespace) -> dict:
+    with exact_float32():
+        return run_cases(args)
+
+
+def run_cases(args: argparse.Namespace) -> dict:
+    """:func:`run` (TF32 off)."""
     from ..backends import BackendUnavailableError, available_backends, get_backend
     device = args.device
     backends = {}
@@ -383,7 +450,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{env['device_name']}: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype})", flush=True)
     rows = []
-    result = {"benchmark": "kernels", "environment": env, "machine": rates, "dtype": args.dtype, "rows": rows}
+    result = {"benchmark": "kernels", "partial": True, "environment": env, "machine": rates, "dtype": args.dtype,
+              "rows": rows}
     out = args.out or common.new_result_path(f"kernels_{device.split(':')[0]}_{args.dtype}.json")
     jobs = [(p, s) for s in shapes for p in args.primitives]
     for primitive, shape in common.progress(jobs, desc="kernels", enabled=not args.no_progress):
@@ -398,12 +466,16 @@ def run(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
         common.write_json(result, out)  # after every case: a run stopped by its time limit keeps what it measured
     common.finish_environment(env)
+    del result["partial"]  # (written after every case: a run stopped early says so)
     for row in rows:
         common.outcomes["failed" if "error" in row else "wrong" if row.get("correct") is False else "measured"] += 1
     columns = ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s", "roofline_fraction", "bound",
                "speedup_vs_unfused"] + (["max_rel_error", "correct"] if args.check else [])
     print(common.format_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))
     common.save_result(result, out, None if args.no_plot else "plot_kernels")
+    raised = sum("error" in row for row in rows)
+    if raised:  # a kernel that raises is a fault, not a measurement
+        raise CommandFailed(f"{raised} call(s) raised (the tracebacks are above, and in the JSON)")
     return result
 
 
