@@ -18,7 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import densenet_fast
 from densenet_fast import engine
-from helpers import (FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_pair, random_batch,
+from helpers import (FLOAT64_RTOL, assert_all_close, buffers, forward_backward, make_model, make_pair, random_batch,
                      randomize_batchnorm)
 
 CONFIG = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5, stem="cifar")
@@ -479,6 +479,31 @@ def test_channel_mismatches_raise_torchvisions_errors(edit, call, training):
             (call or (lambda m, x: m(x)))(model, x)
         errors.append(str(error.value))
     assert errors[0] == errors[1] and "running_mean should contain" in errors[0]
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_a_graph_that_saved_running_statistics_raises_or_is_exact_after_a_training_forward(stem):
+    """An eval forward's graph, then a training forward, then that graph's
+    backward: where a BatchNorm of the graph saved the running statistics (the
+    ImageNet stem's norm0 runs as torch's BatchNorm in eval) torch's in-place
+    error (the fused stem updated them unseen: a wrong gradient), else the eval
+    forward's exact gradient (the fused stages keep what they read)."""
+    config = dict(CONFIG, stem=stem)
+    model, reference = make_model(**config), make_model(**config)
+    x = random_batch(model, 2, 16, 16, seed=1)[0]
+    model.eval()
+    out = model(x.clone().requires_grad_())
+    model.train()
+    model(random_batch(model, 2, 16, 16, seed=2)[0])
+    if stem == "imagenet":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        return
+    out.sum().backward()
+    reference.eval()
+    reference(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=FLOAT64_RTOL, atol=1e-12, msg=name)
 
 
 # -- saved-tensor hooks ------------------------------------------------------------------------------------
