@@ -96,6 +96,32 @@ def test_nan_and_inf_propagate_as_in_torchvision(backend, bad, training):
         torch.testing.assert_close(ours_buffers[name], value, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_non_finite_pixel_that_pooling_drops_reaches_the_weight_gradient(backend, bad, training):
+    """A transition on 7x7 maps whose last pixel, which its pooling drops, is
+    non-finite in one channel: the transition pools before its convolution, so
+    that pixel never reached the weight gradient, where torch's convolution
+    takes it (its zero gradient times Inf is NaN).  Every gradient matches
+    torchvision's transition's, NaN for NaN."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    ours, tv = make_pair(dtype=dtype, backend=backend, **CONFIG)
+    x = torch.randn(2, ours.features.transition1.norm.num_features, 7, 7, dtype=dtype,
+                    generator=torch.Generator().manual_seed(0))
+    x[0, 1, 6, 6] = bad * ours.features.transition1.norm.weight[1].sign().item()  # kept by its ReLU in eval
+    grads = []
+    for model in (ours, tv):
+        transition = model.features.transition1.train(training)
+        x_leaf = x.clone().requires_grad_()
+        out = transition(x_leaf)
+        out.backward(torch.ones_like(out))
+        grads.append({"x": x_leaf.grad, **{name: p.grad for name, p in transition.named_parameters()}})
+    assert grads[1]["conv.weight"][:, 1].isnan().all()
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["model_dtype", "autocast"])

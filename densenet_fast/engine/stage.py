@@ -211,11 +211,29 @@ class TransitionTail(Tail):
         grad_weight, grad_gamma, grad_beta = stage.backend.transition_backward(
             pixels(buffer), folded.scale, folded.shift, folded.mean, folded.rstd, weight,
             pixels(grad_out.to(buffer.dtype)).contiguous(), pixels(grad_buffer), folded.batch_mean)
+        if any(size % 2 for size in buffer.shape[2:]):
+            grad_weight = grad_weight.masked_fill(dropped_activation_not_finite(buffer, folded), math.nan)
         return [grad_gamma, grad_beta, grad_weight.view_as(params[2])]
 
     def reference(self, features, folded, params):
         z = F.relu(reference.batch_norm(features, folded, params[0], params[1]))
         return reference.avg_pool2(reference.convolution(z, params[2], padding=0))
+
+
+def dropped_activation_not_finite(buffer: Tensor, folded: Folded) -> Tensor:
+    """``(C,)``: whether a pixel that pooling by 2 drops (the last of an odd
+    side) has a channel's activation ``relu(x scale + shift)`` Inf or NaN.  The
+    transition pools before its convolution, so those pixels never reach its
+    weight gradient; torch convolves them and multiplies their zero gradient by
+    the activation, which makes that channel's weight gradient NaN."""
+    shape = (1, -1) + (1,) * (buffer.dim() - 2)
+    bad = torch.zeros(buffer.shape[1], dtype=torch.bool, device=buffer.device)
+    for dim, size in enumerate(buffer.shape[2:], start=2):
+        if size % 2:
+            strip = buffer.narrow(dim, size - 1, 1).to(folded.scale.dtype)
+            activation = F.relu(strip * folded.scale.view(shape) + folded.shift.view(shape))
+            bad |= ~torch.isfinite(activation).all(dim=0).flatten(1).all(dim=1)
+    return bad
 
 
 class HeadTail(Tail):
