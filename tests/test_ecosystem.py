@@ -276,14 +276,16 @@ def test_torch_func_grad_vjp_and_vmap():
     assert_all_close(results[0], results[1], FLOAT64_RTOL, "torch.func")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-def test_batched_backward_and_vectorized_jacobian(stem, monkeypatch):
+def test_batched_backward_and_vectorized_jacobian(stem, layout, monkeypatch):
     """A vmap around backward alone (``is_grads_batched=True``, a vectorized
     ``jacobian``) differentiates a plain recomputation, as torchvision's, and
-    says so once (the fused kernels' in-place writes raised under it)."""
+    says so once (the fused kernels' in-place writes raised under it, and so did
+    the copy of a channels-last input's gradient into its layout)."""
     monkeypatch.setattr(engine.fastpath, "_warned_backward", set())
     ours, tv = make_pair(**dict(CONFIG, stem=stem))
-    x, _ = random_batch(ours, 3, 20, 18, seed=0)
+    x = random_batch(ours, 3, 20, 18, seed=0)[0].contiguous(memory_format=layout)
     results = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -565,7 +565,9 @@ class IntoBuffer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return (channels_last_copy(grad) if ctx.channels_last else grad.contiguous()), None, None
+        # (out of place: a batched gradient, is_grads_batched=True, cannot be copied into an unbatched tensor)
+        grad = grad.movedim(1, -1).contiguous().movedim(-1, 1) if ctx.channels_last else grad.contiguous()
+        return grad, None, None
 
 
 @dataclass
