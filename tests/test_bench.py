@@ -277,9 +277,10 @@ def test_cpp_cpu_preset_runs_through_the_command_line(tmp_path):
     assert settings["batch_bc"] == 64 and settings["backends"] == ["torch"]
 
 
-def test_kernels_run_float32_without_tf32(tmp_path, monkeypatch):
+def test_kernels_run_float32_without_tf32_and_with_the_threads_asked(tmp_path, monkeypatch):
     """TF32 is off while bench kernels runs (the matmul rate and --check assume
-    float32 products; the Triton kernels follow cuDNN's switch) and restored after."""
+    float32 products; the Triton kernels follow cuDNN's switch), --threads set;
+    both restored after."""
     from densenet_fast.backends.torch_backend import TorchBackend
 
     seen = []
@@ -287,9 +288,12 @@ def test_kernels_run_float32_without_tf32(tmp_path, monkeypatch):
     monkeypatch.setattr(TorchBackend, "channel_stats", lambda *args: (
         seen.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32), channel_stats(*args))[1])
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    kernels.main(["--shapes", "tiny-C24", "--repeats", "1", "--warmup", "0", "--backends", "torch", "--primitives",
-                  "channel_stats", "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    threads = torch.get_num_threads()
+    result = kernels.main(["--shapes", "tiny-C24", "--repeats", "1", "--warmup", "0", "--backends", "torch",
+                           "--primitives", "channel_stats", "--threads", "3", "--out", str(tmp_path / "k.json"),
+                           "--no-plot", "--no-progress"])
     assert seen and not any(seen) and torch.backends.cudnn.allow_tf32
+    assert result["environment"]["torch_threads"] == 3 and torch.get_num_threads() == threads  # --threads, restored
 
 
 def test_cli_runs_bench(fake_workers, tmp_path):

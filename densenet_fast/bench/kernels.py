@@ -154,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="the unfused ops on channels-last tensors")
     parser.add_argument("--check", action="store_true",
                         help="compare every backend's outputs with float32 autograd of the unfused ops")
+    parser.add_argument("--threads", type=common.at_least(1), default=None,
+                        help="torch threads on the CPU (default: torch's; each thread adds to the noise of a loaded "
+                             "machine)")
     parser.add_argument("--warmup", type=common.at_least(0), default=2)
     parser.add_argument("--repeats", type=common.at_least(1), default=7)
     parser.add_argument("--out", type=common.output_file, default=None)
@@ -427,8 +430,14 @@ def exact_float32():
 
 
 def run(args: argparse.Namespace) -> dict:
-    with exact_float32():
-        return run_cases(args)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)  # (before the environment records them)
+        with exact_float32():
+            return run_cases(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cases(args: argparse.Namespace) -> dict:
