@@ -404,9 +404,8 @@ def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Na
             rows.append(row | failed[name])
             continue
         t = common.summarize(seconds[name])
-        row.update(median_ms=1e3 * t["median"], q1_ms=1e3 * t["q1"], q3_ms=1e3 * t["q3"], min_ms=1e3 * t["min"],
-                   max_ms=1e3 * t["max"],
-                   GB_per_s=nbytes / t["median"] / 1e9, GFLOP_per_s=flops / t["median"] / 1e9,
+        row.update({f"{stat}_ms": 1e3 * t[stat] for stat in ("median", "q1", "q3", "min", "max")})
+        row.update(GB_per_s=nbytes / t["median"] / 1e9, GFLOP_per_s=flops / t["median"] / 1e9,
                    roofline_fraction=roofline_s / t["median"],
                    bound="compute" if flops / rates["matmul_flops_per_s"] > nbytes / rates["copy_bytes_per_s"]
                    else "memory", speedup_vs_unfused=None if base is None else base / t["median"], bytes=nbytes,

@@ -132,7 +132,8 @@ def plot_kernels(result: dict, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title(result, f"primitives ({result['dtype']}): roofline time / measured time, log scale "
-                                "(higher is better; 1 = at the roofline; above 1: data in cache, or a product faster than torch.mm)"), fontsize=10)
+                                "(higher is better; 1 = at the roofline; above 1: data in cache, or a product "
+                                "faster than torch.mm)"), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
