@@ -521,7 +521,8 @@ def test_bad_points_are_refused_before_any_measurement_and_quick_takes_no_steps(
     for argv, message in ((["memory", "--points", "densenet_bc-10:2", "--compile"], "--compile adds"),
                           (["memory", "--points", "densenet_bc-10:2", "densenet_bc-10:0"], "batch must be a positive"),
                           (["memory", "--points", "monai-densenet_bc-16:1", "--image-size", "8x8x8"], "too small"),
-                          (["models", "--model", "densenet121", "--growth-rate", "4"], "--growth-rate is for")):
+                          (["models", "--model", "densenet121", "--growth-rate", "4"], "--growth-rate is for"),
+                          (["kernels", "--device", "cpu", "--cuda-graphs"], "give --device cuda")):
         assert cli.main(["bench", *argv, "--out", str(tmp_path / "m.json")]) == 2  # (they were ignored)
         assert message in capsys.readouterr().err and fake_workers == []
     quick = ["bench", "models", "--quick", "--warmup", "0", "--repeats", "1", "--impls", "tv-eager", "--no-plot",

@@ -74,18 +74,22 @@ def test_benchmarks_write_json_and_log_configurations(evidence):
 
 
 def test_the_steps_asked_for_run_and_no_others(tmp_path):
-    """``--steps reduce_probe,depth_budget,offload_model``: the environment and
-    those, each leaving its JSON (the reduce probe's cases, the budget's
-    searches, the memory model with the offload and without);
-    an unknown step is refused before anything runs."""
+    """``--steps reduce_probe,depth_budget,offload_model,kernel_graphs``: the
+    environment and those, each leaving its JSON (the reduce probe's cases, the
+    budget's searches, the memory model with the offload and without, the
+    kernels, here without CUDA graphs); an unknown step is refused before
+    anything runs."""
     env = {**os.environ, "PYTHON": sys.executable}
     script = str(REPO / "benchmarks" / "gpu_check.sh")
-    proc = subprocess.run(["bash", script, "--dry-run", "--steps", "reduce_probe,depth_budget,offload_model",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", script, "--dry-run", "--steps",
+                           "reduce_probe,depth_budget,offload_model,kernel_graphs", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = read_lines(tmp_path / "steps.jsonl")
-    assert [step["step"] for step in steps] == ["environment", "reduce_probe", "offload_model", "offload_baseline",
-                                                "depth_budget"]
+    assert [step["step"] for step in steps] == ["environment", "kernel_graphs", "reduce_probe", "offload_model",
+                                                "offload_baseline", "depth_budget"]
+    kernel_rows = json.loads((tmp_path / "triton_kernels_graphs.json").read_text())["rows"]
+    assert kernel_rows and all(row.get("correct", True) and "error" not in row for row in kernel_rows)
     for name, offload in (("memory_offload.json", True), ("memory_no_offload.json", False)):
         memory = json.loads((tmp_path / name).read_text())
         assert memory["environment"]["settings"]["offload"] is offload

@@ -44,8 +44,9 @@ weight ``(K, C)`` and its gradient in the statistics' dtype (element size
 
 Times are of one call each between CUDA events on a GPU (after the GPU has
 finished the previous call: a call whose launches take longer on the host than
-its kernels on the GPU is timed at the host's speed; there is no CUDA graph)
-or of the wall clock on a CPU, without flushing the caches between calls; the
+its kernels on the GPU is timed at the host's speed; ``--cuda-graphs`` times
+the replay of each call captured in a CUDA graph instead, the GPU's time) or
+of the wall clock on a CPU, without flushing the caches between calls; the
 implementations take turns, so that a change in load hits all of them.
 float32 is computed as float32 throughout (TF32 off, as the matmul rate and
 ``--check``'s tolerance assume).
@@ -57,7 +58,7 @@ import argparse
 import contextlib
 import traceback
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="the unfused ops on channels-last tensors")
     parser.add_argument("--check", action="store_true",
                         help="compare every backend's outputs with float32 autograd of the unfused ops")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each call captured in a CUDA graph (the GPU's time without the host's launches)")
     parser.add_argument("--threads", type=common.at_least(1), default=None,
                         help="torch threads on the CPU (default: torch's; each thread adds to the noise of a loaded "
                              "machine)")
@@ -387,6 +390,8 @@ def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Na
     for name in calls:
         if args.check and name != BASELINE:
             attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
+        if args.cuda_graphs and name not in failed:
+            attempt(name, lambda: calls.update({name: graph_replay(calls[name])}))
         for _ in range(args.warmup if name not in failed else 0):
             attempt(name, calls[name])
     common.synchronize(args.device)
@@ -416,6 +421,22 @@ def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Na
     return rows
 
 
+def graph_replay(call: Callable[[], object]) -> Callable[[], None]:
+    """``call`` captured in a CUDA graph, after three runs on a side stream (as
+    torch's CUDA-graph notes ask: lazy initialisation, kernel selection); the
+    graph's replay, which launches its kernels without the host's work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 @contextlib.contextmanager
 def exact_float32():
     """float32 products computed in float32 inside (TF32 off for cuDNN, cuBLAS
@@ -443,6 +464,8 @@ def run_cases(args: argparse.Namespace) -> dict:
     """:func:`run` (TF32 off)."""
     from ..backends import BackendUnavailableError, available_backends, get_backend
     device = args.device
+    if args.cuda_graphs and not device.startswith("cuda"):
+        raise ValueError("--cuda-graphs times CUDA graphs: give --device cuda")
     backends = {}
     for name in args.backends or available_backends():
         try:
