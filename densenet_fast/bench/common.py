@@ -124,11 +124,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_once(fn: Callable[[], object], device: str) -> float:
-    """Seconds one call of ``fn`` takes (CUDA events on a GPU)."""
+def time_once(fn: Callable[[], object], device: str, lead_cycles: int = 0) -> float:
+    """Seconds one call of ``fn`` takes (CUDA events on a GPU, after keeping it
+    busy ``lead_cycles`` clock cycles where given, so that the host's launch of
+    ``fn`` is not timed)."""
     if device.startswith("cuda"):
         import torch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if lead_cycles:
+            torch.cuda._sleep(lead_cycles)
         start.record()
         fn()
         end.record()

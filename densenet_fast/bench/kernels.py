@@ -375,35 +375,12 @@ def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Na
     with ``--check`` each backend's error.  An implementation that raises gets a
     row with its ``error`` (its traceback printed) and the others are measured."""
     dtype = DTYPES[args.dtype]
-    operands = Operands(shape, args.device, dtype, args.channels_last)
-    failed, errors = {}, {}
-
-    def attempt(name: str, fn) -> None:
-        try:
-            fn()
-        except Exception as exc:  # a kernel that does not compile, say
-            traceback.print_exc()
-            failed[name] = {"error": repr(exc)[-300:], "traceback": traceback.format_exc()}
-
-    calls = {BASELINE: operands.unfused_call(primitive)}
-    calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
-    for name in calls:
-        if args.check and name != BASELINE:
-            attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
-        if args.cuda_graphs and name not in failed:
-            attempt(name, lambda: calls.update({name: graph_replay(calls[name])}))
-        for _ in range(args.warmup if name not in failed else 0):
-            attempt(name, calls[name])
-    common.synchronize(args.device)
-    seconds = {name: [] for name in calls if name not in failed}
-    for _ in range(args.repeats):
-        for name in [n for n in seconds if n not in failed]:
-            attempt(name, lambda: seconds[name].append(common.time_once(calls[name], args.device)))
+    seconds, failed, errors = time_implementations(primitive, shape, backends, args)
     nbytes, flops = cost(primitive, shape, dtype)
     roofline_s = max(nbytes / rates["copy_bytes_per_s"], flops / rates["matmul_flops_per_s"])
     base = common.summarize(seconds[BASELINE])["median"] if BASELINE not in failed else None
     rows = []
-    for name in calls:
+    for name in [BASELINE, *backends]:
         row = {"primitive": primitive, "shape": shape.name, "impl": name, "M": shape.rows, "C": shape.channels}
         if name in failed:
             rows.append(row | failed[name])
@@ -421,20 +398,73 @@ def measure(primitive: str, shape: LayerShape, backends: dict, args: argparse.Na
     return rows
 
 
+# the GPU kept busy this many cycles (about 130 us at 2 GHz) before each timed graph replay, so that its start
+# event is stamped after the host has enqueued the replay and the end event (the time is the GPU's alone)
+GRAPH_LEAD_CYCLES = 2**18
+
+
+def time_implementations(primitive: str, shape: LayerShape, backends: dict, args: argparse.Namespace
+                         ) -> tuple[dict, dict, dict]:
+    """``(seconds per call by implementation, {implementation: its error and
+    traceback} for those that raised, --check's errors)``.  With --cuda-graphs
+    everything runs on one side stream (operands, the unfused forward whose
+    backward is captured, warm-up, capture, replay, events): autograd runs a
+    backward on its forward's stream, which must be the capturing one."""
+    operands_stream = torch.cuda.Stream() if args.cuda_graphs else None
+    if operands_stream is not None:
+        operands_stream.wait_stream(torch.cuda.current_stream())
+    failed, errors = {}, {}
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # a kernel that does not compile, say
+            traceback.print_exc()
+            failed[name] = {"error": repr(exc)[-300:], "traceback": traceback.format_exc()}
+
+    with torch.cuda.stream(operands_stream) if operands_stream is not None else contextlib.nullcontext():
+        operands = Operands(shape, args.device, DTYPES[args.dtype], args.channels_last)
+        calls = {BASELINE: operands.unfused_call(primitive)}
+        calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
+        for name in calls:
+            if args.check and name != BASELINE:
+                attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
+            if args.cuda_graphs and name not in failed:
+                attempt(name, lambda: calls.update({name: graph_replay(calls[name])}))
+            for _ in range(args.warmup if name not in failed else 0):
+                attempt(name, calls[name])
+        common.synchronize(args.device)
+        seconds = {name: [] for name in calls if name not in failed}
+        lead = GRAPH_LEAD_CYCLES if args.cuda_graphs else 0
+        for _ in range(args.repeats):
+            for name in [n for n in seconds if n not in failed]:
+                attempt(name, lambda: seconds[name].append(common.time_once(calls[name], args.device, lead)))
+        common.synchronize(args.device)
+    return seconds, failed, errors
+
+
 def graph_replay(call: Callable[[], object]) -> Callable[[], None]:
-    """``call`` captured in a CUDA graph, after three runs on a side stream (as
-    torch's CUDA-graph notes ask: lazy initialisation, kernel selection); the
-    graph's replay, which launches its kernels without the host's work."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """``call`` captured in a CUDA graph on the current (side) stream, after
+    three runs there (as torch's CUDA-graph notes ask: lazy initialisation,
+    kernel selection, per-stream workspaces); the graph's replay, which
+    launches its kernels without the host's work and keeps ``call`` (and the
+    tensors only it holds, which the graph reads) alive."""
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        raise RuntimeError("graph_replay captures on a side stream (time_implementations makes one)")
+    for _ in range(3):
         call()
-    return graph.replay
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            call()
+    except Exception as exc:  # the first error of a capture, not the one ending it
+        raise RuntimeError(f"CUDA graph capture failed: {exc.__context__ or exc!r}") from exc
+
+    def replay() -> None:
+        graph.replay()
+    replay.keep = call
+    return replay
 
 
 @contextlib.contextmanager
