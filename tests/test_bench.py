@@ -340,7 +340,12 @@ def test_failed_workers_say_why_and_bench_fails_when_nothing_was_measured(monkey
     assert "error: nothing was measured" in err
     healthy = True
     assert cli.main(argv) == 0
-    assert "nothing was measured" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "nothing was measured" not in err
+    table = out.splitlines()[1:5]  # one header (it was repeated per implementation), a row each, lined up
+    assert table[0].split() == models.QUICK_COLUMNS and set(table[1]) == {"-", " "}
+    assert [line.split()[:2] for line in table[2:]] == [["tv-eager", "ok"], ["fast-torch-keep", "error"]]
+    assert len({len(line) for line in table}) == 1
 
 
 def test_ctrl_c_stops_the_worker_too(monkeypatch, capsys, tmp_path):

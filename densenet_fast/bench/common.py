@@ -474,13 +474,17 @@ def script_main(doc: str, add_arguments, run, argv=None) -> dict:
     return run(parser.parse_args(argv))
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain-text table of ``rows`` (dicts) with the given column keys."""
+def format_table(rows: list[dict], columns: list[str], header: bool = True,
+                 min_widths: Optional[list[int]] = None) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given column keys
+    (``header=False``: its rows only; ``min_widths``: per column, so that rows
+    printed one at a time line up under a header printed before them)."""
     cells = [[("" if row.get(c) is None else (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])))
               for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    minimum = min_widths or [0] * len(columns)
+    widths = [max(len(c), minimum[i], *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    return "\n".join(([line(columns), line(["-" * w for w in widths])] if header else []) + [line(r) for r in cells])
 
 
 def progress(iterable, total: Optional[int] = None, desc: str = "", enabled: bool = True):

@@ -219,6 +219,8 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
     result = {"benchmark": "models", "quick": True, "model": spec.to_dict(), "model_label": spec.label(),
               "environment": env, "rows": [], "details": {}}
     print(f"{spec.label()}, batch {args.batch}, {size_text(args.image_size)}, {env['device_name']}")
+    widths = [max(map(len, impls)), 7] + [10] * (len(QUICK_COLUMNS) - 2)  # a row per implementation, under one header
+    print(common.format_table([], QUICK_COLUMNS, min_widths=widths), flush=True)
     for impl in impls:
         if impl in TORCHVISION_IMPLS and importlib.util.find_spec("torchvision") is None:
             measured = {"status": "skipped", "why": "torchvision is not installed"}
@@ -236,7 +238,7 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
                        train_peak_MiB=measured["peak_bytes"] / common.MIB)
         result["rows"].append(row)
         result["details"][impl] = measured
-        print(common.format_table([row], QUICK_COLUMNS), flush=True)
+        print(common.format_table([row], QUICK_COLUMNS, header=False, min_widths=widths), flush=True)
         common.write_json(result, out)  # after each implementation: a run stopped by a time limit keeps the others
     common.finish_environment(env)
     common.save_result(result, out, None)
