@@ -364,7 +364,7 @@ class Setup:
     compute in: bfloat16 or float16; dtypes or their names), on ``device``
     (``"cpu"`` or ``"cuda"``) with ``backend`` (``None``: the automatic choice
     for that device), ``optimizer``, ``threads`` CPU threads (the C++
-    kernels' per-thread tiles) and, on CUDA, the GPU's ``multiprocessors``
+    kernels' per-thread tiles; ``None``: this process's) and, on CUDA, the GPU's ``multiprocessors``
     (the GPU kernels' partial sums; ``None``: this machine's current GPU's,
     else an H100's or H200's, ``ASSUMED_MULTIPROCESSORS``).  ``offload``: the
     forward and the loss run under ``torch.autograd.graph.save_on_cpu`` (the
@@ -378,7 +378,7 @@ class Setup:
     device: str = "cpu"
     backend: Optional[str] = None
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    threads: int = field(default_factory=torch.get_num_threads)
+    threads: Optional[int] = None
     multiprocessors: Optional[int] = None
     offload: bool = False
 
@@ -395,7 +395,8 @@ class Setup:
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "backend", resolve_backend(self.backend, self.device, self.compute_dtype))
         object.__setattr__(self, "batch", positive_int("batch", self.batch))
-        object.__setattr__(self, "threads", positive_int("threads", self.threads))
+        object.__setattr__(self, "threads", torch.get_num_threads() if self.threads is None
+                           else positive_int("threads", self.threads))
         if device != "cuda":
             object.__setattr__(self, "multiprocessors", None)
         elif self.multiprocessors is None:

@@ -373,8 +373,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
-                  OptimizerSpec.parse(optimizer), offload=bool(offload),
-                  threads=torch.get_num_threads() if threads is None else threads)
+                  OptimizerSpec.parse(optimizer), offload=bool(offload), threads=threads)
     if setup.offload and setup.device != "cuda":
         raise ValueError(OFFLOAD_NEEDS_CUDA)
     budget = None if budget is None else parse_bytes(budget)

@@ -263,6 +263,15 @@ def test_kernel_costs_count_the_weights_and_the_pooled_pixels():
         (8 * (pooled_x + x + weight_t + out_t) + 8 * weight_t, 4 * 8 * 24 * 12)
 
 
+def test_depth_predicts_with_the_workers_threads():
+    """bench depth --threads: the predictions take the workers' threads (the
+    CPU kernels' scratch is per thread; they took this process's)."""
+    parser = argparse.ArgumentParser()
+    depth.add_arguments(parser)
+    assert depth.step_setup(parser.parse_args(["--threads", "7"])).threads == 7
+    assert depth.step_setup(parser.parse_args([])).threads == torch.get_num_threads()
+
+
 def test_cpp_cpu_preset_runs_through_the_command_line(tmp_path):
     """benchmarks/cpp_cpu.py: the preset's options, then the user's; errors are
     the command line's (one line, exit 2; it gave a traceback)."""

@@ -96,9 +96,10 @@ def planned(impl: str) -> bool:
 
 
 def step_setup(args: argparse.Namespace, backend: Optional[str] = None) -> Setup:
-    """The training step of the run, as the memory model describes it."""
+    """The training step of the run, as the memory model describes it (with the
+    workers' --threads: the C++ kernels' tiles are per thread)."""
     return Setup(args.batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
-                 args.device, backend, OptimizerSpec.parse(args.optimizer))
+                 args.device, backend, OptimizerSpec.parse(args.optimizer), threads=args.threads)
 
 
 def bc_architecture(args: argparse.Namespace, depth: int) -> Architecture:

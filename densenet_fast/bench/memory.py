@@ -81,7 +81,7 @@ def setup_of(args: argparse.Namespace, batch: int) -> Setup:
     result's settings: a result predicted again elsewhere keeps its GPU)."""
     return Setup(batch, args.image_size, DTYPES[args.dtype], DTYPES[args.autocast] if args.autocast else None,
                  args.device, None if args.backend == "auto" else args.backend, OptimizerSpec.parse(args.optimizer),
-                 args.threads or torch.get_num_threads(), getattr(args, "multiprocessors", None),
+                 args.threads, getattr(args, "multiprocessors", None),
                  getattr(args, "offload", False))
 
 
