@@ -56,10 +56,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     likewise, with exit status 1.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, unknown = build_parser(argv[0] if argv else None).parse_known_args(argv)
+    parser = build_parser(argv[0] if argv else None)
+    args, unknown = parser.parse_known_args(argv)
     command_parser = vars(args).pop("command_parser")  # (the commands save their options; a parser does not pickle)
-    if unknown:  # with the usage of the (sub)command they were given to, not the top level's
-        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # with the usage of the (sub)command they were given to
+        given_to_command = not set(unknown) & set(argv[:argv.index(args.command)])
+        (command_parser if given_to_command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ValueError, BackendUnavailableError) as exc:

@@ -144,9 +144,8 @@ class _EngineBlock:
         ``x_channels``: as in :func:`fastpath.input_matches`."""
         if not engine_may_run(self, x, in_step, "block"):
             return False
-        first = fastpath.dense_layer_parts(next(iter(self.children())))
-        return fastpath.input_matches(x, fastpath.spatial_dims(first.conv1), first.norm1.num_features,
-                                      x_channels=x_channels)
+        conv1 = fastpath.dense_layer_parts(next(iter(self.children()))).conv1
+        return fastpath.input_matches(x, fastpath.spatial_dims(conv1), self.input_channels(), x_channels=x_channels)
 
     @torch.jit.unused
     def engine_blocker(self) -> Optional[str]:
@@ -172,11 +171,14 @@ class _EngineBlock:
         return engine.run_stage(list(self.children()), tail, x, self.engine, self.recompute == "keep", buffer,
                                 next_channels)
 
+    def input_channels(self) -> int:
+        """Channels of the block's input."""
+        return fastpath.dense_layer_parts(next(iter(self.children()))).conv1.in_channels
+
     def total_channels(self) -> int:
         """Channels of the block's output."""
         layers = list(self.children())
-        first = fastpath.dense_layer_parts(layers[0])
-        return first.conv1.in_channels + len(layers) * first.conv2.out_channels
+        return self.input_channels() + len(layers) * fastpath.dense_layer_parts(layers[0]).conv2.out_channels
 
 
 class _DenseBlock(_EngineBlock, nn.ModuleDict):
@@ -339,7 +341,8 @@ class _Features(nn.Sequential):
                     and following._runs_fused(x, in_step=True, x_channels=module.total_channels()):
                 after = modules[i + 2] if i + 2 < len(modules) else None
                 next_channels = after.total_channels() if isinstance(after, _EngineBlock) and \
-                    fastpath.watched(after) is None and not torch.compiler.is_compiling() else None
+                    fastpath.watched(after) is None and not torch.compiler.is_compiling() and \
+                    after.input_channels() == following.conv.out_channels else None
                 x, buffer = module.run(x, engine.TransitionTail(following), buffer, next_channels)
                 i += 2
             elif fusable and pooled and i + 2 == len(modules) and fastpath.head_norm_is_standard(following) \

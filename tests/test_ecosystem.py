@@ -454,19 +454,21 @@ def drop_last_layer(block: nn.Module) -> None:
     del block[list(block.keys())[-1]]
 
 
-def narrow_transition(model: nn.Module) -> None:
+def resize_transition(model: nn.Module, more: int) -> None:
     conv = model.features.transition1.conv
-    model.features.transition1.conv = nn.Conv2d(conv.in_channels, conv.out_channels - 1, 1, bias=False,
+    model.features.transition1.conv = nn.Conv2d(conv.in_channels, conv.out_channels + more, 1, bias=False,
                                                 dtype=conv.weight.dtype)
 
 
 @pytest.mark.parametrize("edit, call", [
     (lambda m: drop_last_layer(m.features.denseblock1), None),  # the transition after it takes more channels
     (lambda m: drop_last_layer(m.features.denseblock2), None),  # so does norm5
-    (narrow_transition, None),  # the block after it takes more
+    (lambda m: resize_transition(m, -1), None),  # the block after it takes more
+    (lambda m: resize_transition(m, 50), None),  # or fewer (more than the block's buffer holds)
     (None, lambda m, x: m.features.denseblock2(x[:, :5])),
     (None, lambda m, x: m.features.transition1(x[:, :5])),
-], ids=["block-transition", "block-norm5", "transition-block", "block-alone", "transition-alone"])
+], ids=["block-transition", "block-norm5", "transition-block", "wide-transition-block", "block-alone",
+        "transition-alone"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_channel_mismatches_raise_torchvisions_errors(edit, call, training):
     """Modules edited or called with other channel counts than they take run

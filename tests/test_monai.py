@@ -164,6 +164,27 @@ def test_triton_backend_runs_3d_transitions_on_the_torch_primitive():
     assert global_relative_error(result.grads, expected.grads) < 1e-4
 
 
+@pytest.mark.parametrize("edit", ["drop-last-layer", "widen-transition"])
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_channel_mismatches_raise_monais_errors(spatial_dims, edit):
+    """A block's last layer deleted, or a transition widened past what the next
+    block takes: the modules run, and their BatchNorm raises MONAI's error (the
+    engine raised its own shape errors)."""
+    errors = []
+    for model in make_pair(spatial_dims):
+        if edit == "drop-last-layer":
+            block = model.features.denseblock1
+            delattr(block, list(block._modules)[-1])
+        else:
+            conv = model.features.transition1.conv
+            model.features.transition1.conv = type(conv)(conv.in_channels, conv.out_channels + 50, 1, bias=False,
+                                                         dtype=conv.weight.dtype)
+        with pytest.raises(RuntimeError) as error:
+            model(random_batch(spatial_dims, seed=0)[0])
+        errors.append(str(error.value))
+    assert errors[0] == errors[1] and "running_mean should contain" in errors[0]
+
+
 # -- dropout ----------------------------------------------------------------------------------------
 def test_dropout_drops_whole_channels_as_monai():
     """MONAI's Dropout3d after each dense layer: each new channel of each sample

@@ -102,6 +102,7 @@ def test_help_documents_every_option(capsys):
     (["train", "--model", "resnet50"], "invalid choice"),
     (["train", "--no-such-option"], "densenet_fast train: error: unrecognized arguments: --no-such-option"),
     (["plan", "extra"], "usage: python -m densenet_fast plan [-h]"),
+    (["--bogus", "plan"], "usage: python -m densenet_fast [-h] command"),
     (["bench", "models", "extra", "--x"], "densenet_fast bench models: error: unrecognized arguments: extra --x"),
     (["frobnicate"], "invalid choice"),
 ])
