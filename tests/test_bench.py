@@ -7,6 +7,7 @@ real worker process.
 """
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -230,15 +231,17 @@ def test_kernels_check_finds_a_wrong_result_and_a_failing_call_stops_nothing(tmp
     backward = TorchBackend.bn_relu_backward
     monkeypatch.setattr(TorchBackend, "bn_relu_backward", lambda *args: backward(*args)[::-1])
     monkeypatch.setattr(TorchBackend, "bn_relu", lambda *args: 1 / 0)
-    with pytest.raises(cli.CommandFailed, match="2 call\\(s\\) raised"):
-        kernels.main(["--shapes", "tiny-C24", "tiny-C40", "--repeats", "1", "--warmup", "0", "--backends", "torch",
-                      "--primitives", "bn_relu", "bn_relu_backward", "channel_stats", "--check",
-                      "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"])
+    assert cli.main(["bench", "kernels", "--shapes", "tiny-C24", "tiny-C40", "--repeats", "1", "--warmup", "2",
+                     "--backends", "torch", "--primitives", "bn_relu", "bn_relu_backward", "channel_stats", "--check",
+                     "--out", str(tmp_path / "k.json"), "--no-plot", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: 2 result(s) did not match" in err and "error: 2 call(s) raised" in err  # (both said)
+    assert err.count("ZeroDivisionError") == 2  # one traceback per case (warm-up stops at the first)
     result = json.loads((tmp_path / "k.json").read_text())
     rows = {(r["primitive"], r["shape"], r["impl"]): r for r in result["rows"]}
     for shape in ("tiny-C24", "tiny-C40"):
         assert "ZeroDivisionError" in rows["bn_relu", shape, "torch"]["error"]
-        assert rows["bn_relu", shape, kernels.BASELINE]["median_ms"] > 0  # (the whole case was lost)
+        assert rows["bn_relu", shape, kernels.BASELINE]["median_ms"] > 0  # (the whole case used to be lost)
         assert not rows["bn_relu_backward", shape, "torch"]["correct"]
         assert rows["channel_stats", shape, "torch"]["correct"]
     assert "partial" not in result
@@ -246,6 +249,46 @@ def test_kernels_check_finds_a_wrong_result_and_a_failing_call_stops_nothing(tmp
                      "torch", "--primitives", "bn_relu_backward", "--check", "--out", str(tmp_path / "k2.json"),
                      "--no-plot", "--no-progress"]) == 1
     assert "error: 1 result(s) did not match the reference" in capsys.readouterr().err
+
+
+def test_kernels_stopped_early_say_partial(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first case: exit 130, and the JSON written after that
+    case says it is partial."""
+    measure, calls = kernels.measure, []
+
+    def stopped(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args)
+
+    monkeypatch.setattr(kernels, "measure", stopped)
+    assert cli.main(["bench", "kernels", "--shapes", "tiny-C24", "--primitives", "channel_stats", "bn_relu",
+                     "--repeats", "1", "--warmup", "0", "--backends", "torch", "--out", str(tmp_path / "k.json"),
+                     "--no-plot", "--no-progress"]) == 130
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert result["partial"] is True and {row["primitive"] for row in result["rows"]} == {"channel_stats"}
+
+
+def test_machine_rates_copy_32_mib_and_take_the_faster_product(monkeypatch):
+    """The copy moves 32 MiB whatever the dtype (bfloat16 copied 16 MiB, within
+    the L3 with its copy); the matmul rate is the faster of the data's dtype and
+    float32, which alone is timed fully (one float16 product takes seconds on a
+    CPU without 16-bit units)."""
+    timed = []
+
+    def time_function(fn, device, warmup, repeats):
+        if isinstance(fn, functools.partial):  # a product: bfloat16 ten times slower than float32
+            dtype = fn.args[0].dtype
+            timed.append((dtype, warmup, repeats))
+            return [10.0 if dtype == torch.bfloat16 else 1.0] * repeats
+        return [1.0] * repeats
+
+    monkeypatch.setattr(common, "time_function", time_function)
+    rates = kernels.machine_rates("cpu", torch.bfloat16, repeats=5)
+    assert rates["copy_tensor_bytes"] == 32 * 2**20 and rates["copy_bytes_per_s"] == 2 * 32 * 2**20
+    assert rates["matmul_dtype"] == "float32" and rates["matmul_flops_per_s"] == 2 * 1024**3
+    assert timed == [(torch.bfloat16, 1, 1), (torch.float32, 1, 1), (torch.float32, 2, 5)]
 
 
 def test_kernel_costs_count_the_weights_and_the_pooled_pixels():

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 1 where a result was wrong or nothing was measured (the
-    reasons are on stderr), 130 on Ctrl-C, else 0."""
+    """Exit status 1 where a result was wrong, a kernel raised or nothing was
+    measured (the reasons are on stderr), 130 on Ctrl-C, else 0."""
     from .common import outcomes
     outcomes.clear()
     try:
@@ -42,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # its worker is stopped (common.run_worker)
         print("\nbench: interrupted", file=sys.stderr)
         return 130
+    problems = []
     if outcomes["wrong"]:
-        print(f"error: {outcomes['wrong']} result(s) did not match the reference (the table says which)",
-              file=sys.stderr)
-        return 1
+        problems.append(f"{outcomes['wrong']} result(s) did not match the reference (the table says which)")
+    if outcomes["raised"]:  # a kernel that raises is a fault, not a measurement
+        problems.append(f"{outcomes['raised']} call(s) raised (the tracebacks are above, and in the JSON)")
     if outcomes["failed"] and not outcomes["measured"]:
-        print("error: nothing was measured (the reasons are above, and in the JSON)", file=sys.stderr)
-        return 1
-    return 0
+        problems.append("nothing was measured (the reasons are above, and in the JSON)")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
@@ -66,7 +67,6 @@ from torch import Tensor
 
 from ..backends.interface import stats_dtype
 from ..backends.torch_backend import TorchBackend
-from ..cli import CommandFailed
 from . import common
 from .worker import DTYPES
 
@@ -178,13 +178,16 @@ def machine_rates(device: str, dtype: torch.dtype, repeats: int = 5) -> dict:
     dst = torch.empty_like(src)
     copy_s = min(common.time_function(lambda: dst.copy_(src), device, 2, repeats))
     n = 8192 if device.startswith("cuda") else 1024
-    matmul = {}
-    for mm_dtype in dict.fromkeys([dtype, torch.promote_types(dtype, torch.float32)]):
-        a, b = (torch.randn(n, n, device=device).to(mm_dtype) for _ in range(2))
-        matmul[str(mm_dtype).removeprefix("torch.")] = \
-            2 * n**3 / min(common.time_function(lambda: torch.mm(a, b), device, 2, repeats))
+    products = {str(d).removeprefix("torch."): functools.partial(torch.mm, *(torch.randn(n, n, device=device).to(d)
+                                                                           for _ in range(2)))
+                for d in dict.fromkeys([dtype, torch.promote_types(dtype, torch.float32)])}
+    # each dtype timed once (a float16 product on a CPU without 16-bit units takes seconds), the faster fully
+    matmul = {name: 2 * n**3 / min(common.time_function(mm, device, 1, 1)) for name, mm in products.items()}
+    fastest = max(matmul, key=matmul.get)
+    matmul[fastest] = 2 * n**3 / min(common.time_function(products[fastest], device, 2, repeats))
     return {"copy_bytes_per_s": 2 * tensor_bytes / copy_s, "copy_tensor_bytes": tensor_bytes,
-            "matmul_flops_per_s": max(matmul.values()), "matmul_flops_per_s_by_dtype": matmul, "matmul_n": n}
+            "matmul_flops_per_s": matmul[fastest], "matmul_dtype": fastest, "matmul_flops_per_s_by_dtype": matmul,
+            "matmul_n": n}
 
 
 def cost(primitive: str, s: LayerShape, dtype: torch.dtype) -> tuple[float, float]:
@@ -431,7 +434,9 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
                 attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
             if args.cuda_graphs and name not in failed:
                 attempt(name, lambda: calls.update({name: graph_replay(calls[name])}))
-            for _ in range(args.warmup if name not in failed else 0):
+            for _ in range(args.warmup):
+                if name in failed:  # (once is enough)
+                    break
                 attempt(name, calls[name])
         common.synchronize(args.device)
         seconds = {name: [] for name in calls if name not in failed}
@@ -480,6 +485,7 @@ def exact_float32():
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Every (primitive, shape) measured, with --threads and TF32 off; the result."""
     threads = torch.get_num_threads()
     try:
         if args.threads is not None:
@@ -491,7 +497,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_cases(args: argparse.Namespace) -> dict:
-    """:func:`run` (TF32 off)."""
+    """The cases of :func:`run`, its settings made."""
     from ..backends import BackendUnavailableError, available_backends, get_backend
     device = args.device
     if args.cuda_graphs and not device.startswith("cuda"):
@@ -509,7 +515,7 @@ def run_cases(args: argparse.Namespace) -> dict:
     env = common.environment(device, settings)
     rates = machine_rates(device, DTYPES[args.dtype])
     print(f"{env['device_name']}: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-          f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype})", flush=True)
+          f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({rates['matmul_dtype']})", flush=True)
     rows = []
     result = {"benchmark": "kernels", "partial": True, "environment": env, "machine": rates, "dtype": args.dtype,
               "rows": rows}
@@ -529,14 +535,11 @@ def run_cases(args: argparse.Namespace) -> dict:
     common.finish_environment(env)
     del result["partial"]  # (written after every case: a run stopped early says so)
     for row in rows:
-        common.outcomes["failed" if "error" in row else "wrong" if row.get("correct") is False else "measured"] += 1
+        common.outcomes["raised" if "error" in row else "wrong" if row.get("correct") is False else "measured"] += 1
     columns = ["primitive", "shape", "impl", "median_ms", "GB_per_s", "GFLOP_per_s", "roofline_fraction", "bound",
                "speedup_vs_unfused"] + (["max_rel_error", "correct"] if args.check else [])
     print(common.format_table(rows, columns + (["error"] if any("error" in r for r in rows) else [])))
     common.save_result(result, out, None if args.no_plot else "plot_kernels")
-    raised = sum("error" in row for row in rows)
-    if raised:  # a kernel that raises is a fault, not a measurement
-        raise CommandFailed(f"{raised} call(s) raised (the tracebacks are above, and in the JSON)")
     return result
 
 

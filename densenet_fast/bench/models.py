@@ -219,7 +219,8 @@ def run_quick(args: argparse.Namespace, spec: ModelSpec, impls: list[str], runne
     result = {"benchmark": "models", "quick": True, "model": spec.to_dict(), "model_label": spec.label(),
               "environment": env, "rows": [], "details": {}}
     print(f"{spec.label()}, batch {args.batch}, {size_text(args.image_size)}, {env['device_name']}")
-    widths = [max(map(len, impls)), 7] + [10] * (len(QUICK_COLUMNS) - 2)  # a row per implementation, under one header
+    # a row per implementation as it ends, under one header: the names' and the longest status's widths
+    widths = [max(map(len, impls)), len("over_budget")] + [0] * (len(QUICK_COLUMNS) - 2)
     print(common.format_table([], QUICK_COLUMNS, min_widths=widths), flush=True)
     for impl in impls:
         if impl in TORCHVISION_IMPLS and importlib.util.find_spec("torchvision") is None:

@@ -87,9 +87,9 @@ class NormReluMaxPool(torch.autograd.Function):
         dims = x.dim() - 2
         activated, mean, rstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                         eps)
-        for running in (running_mean, running_var) if running_mean is not None else ():
-            # changed as the blocks' statistics are (a graph that saved them raises), which torch's kernel does not say
-            torch.autograd.graph.increment_version(running)
+        if running_mean is not None:  # changed as the blocks' statistics are (a graph that saved them raises),
+            for running in (running_mean, running_var):  # which torch's kernel does not say (one at a time: torch 2.4)
+                torch.autograd.graph.increment_version(running)
         pool, _, arguments = _pool_ops(dims)
         activated.relu_()
         pooled, indices = pool(activated.unsqueeze(2) if dims == 1 else activated, *arguments)
