@@ -35,7 +35,7 @@
 #   offload_model 90 + 90  the memory model with save_on_cpu (--offload) against   memory_offload.json,
 #                          measurement, DenseNet-121, batch 64, 224x224, bf16       memory_no_offload.json
 #                          autocast, keep and recompute; then without it
-#   kernel_graphs     65   triton_kernels with --cuda-graphs: each call captured    triton_kernels_graphs.json
+#   kernel_graphs     90   triton_kernels with --cuda-graphs: each call captured    triton_kernels_graphs.json
 #                          in a CUDA graph and its replay timed (the kernels'
 #                          time without the host's launches)
 #
@@ -105,7 +105,7 @@ if [ "$DRY_RUN" = 1 ]; then
     GPU_TESTS=(tests/test_extension.py -k "has_cuda_is_a_bool")
     BUILD=(setup.py --version)  # loads setup.py; compiling takes minutes on a CPU
     KERNELS=(--tiny)
-    GRAPHS=()  # (no CUDA graphs on the CPU)
+    GRAPHS=() LIMIT_GRAPHS=120  # (no CUDA graphs on the CPU)
     MEMORY=(--device cpu --points densenet_bc-10:2 --image-size 8 --steps 1 --threads 1)
     MODELS=(--device cpu --model densenet_bc-10 --batch 2 --image-size 8 --channels-last
             --impls tv-eager fast-triton-keep --warmup 0 --repeats 1)
@@ -126,7 +126,7 @@ else
     BUILD_LIB=$(mktemp -d)  # not under OUTDIR: the module is large and need not come back
     BUILD=(setup.py build_ext --build-lib "$BUILD_LIB")
     KERNELS=()
-    GRAPHS=(--cuda-graphs)
+    GRAPHS=(--cuda-graphs) LIMIT_GRAPHS=90  # triton_kernels' 65, and four more calls per case: warm-up and capture
     MEMORY=(--device cuda --points densenet_bc-250:64 --image-size 32 --steps 2)
     MODELS=(--device cuda --model densenet121 --batch 256 --image-size 224 --autocast bfloat16 --channels-last
             --impls tv-eager fast-triton-keep tv-memeff tv-compile --warmup 2 --repeats 5)
@@ -272,7 +272,7 @@ if wanted gpu_tests; then
     pytest_step gpu_tests "$LIMIT_GPU_TESTS" "${GPU_TESTS[@]}"
 fi
 wanted triton_kernels && step triton_kernels "$LIMIT_KERNELS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}"
-wanted kernel_graphs && step kernel_graphs "$LIMIT_KERNELS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}" \
+wanted kernel_graphs && step kernel_graphs "$LIMIT_GRAPHS" "$PY" benchmarks/triton_kernels.py "$OUT" "${KERNELS[@]}" \
     "${GRAPHS[@]}" --out "$OUT/triton_kernels_graphs.json"
 wanted memory_model && step memory_model "$LIMIT_MEMORY" "$PY" -m densenet_fast bench memory "${MEMORY[@]}" \
     --no-plot --out "$OUT/memory.json"
