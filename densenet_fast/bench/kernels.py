@@ -9,7 +9,8 @@ over DenseNet-121 and DenseNet-BC layer shapes (``--shapes``, :func:`layer_shape
 Every implementation computes one function on the same data: a layer's input
 ``x`` is the first ``C`` channels of a channels-last block buffer, and its
 BatchNorm is folded (by the torch backend) from ``x``'s batch statistics.
-With ``--check`` each backend's outputs are compared with float32 autograd
+With ``--check`` each backend's outputs (with ``--cuda-graphs``, its graph's
+replay's: what is timed) are compared with float32 autograd
 (float64 for float64 data) of the unfused ops on that data (``max_rel_error``; ``correct`` if within
 ``TOLERANCE`` of the dtype, which for fp32 assumes exact dots: TF32 off), so a
 run is evidence of correctness where pytest is missing.  The JSON is rewritten
@@ -363,12 +364,13 @@ class Operands:
             ("grad_weight", "grad_gamma", "grad_beta")
         return {"grad_x": grad_x, **dict(zip(names, returned))}
 
-    def max_error(self, backend, primitive: str) -> float:
-        """The largest relative error of the outputs of one call of
-        ``backend``'s ``primitive`` against :meth:`reference`."""
+    def max_error(self, primitive: str, call: Callable[[], object]) -> float:
+        """The largest relative error of the outputs of ``call``, a call of a
+        backend's ``primitive`` on these operands that returns what the
+        primitive returns, against :meth:`reference`."""
         expected = self.reference(primitive)  # first: a backward may consume grad_out
         self.grad_x.zero_()  # the dense layer's backward adds into it
-        actual = self.outputs(primitive, self.backend_call(backend, primitive)())
+        actual = self.outputs(primitive, call())
         return max(relative_error(actual[name], expected[name]) for name in expected)
 
 
@@ -430,10 +432,10 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
         calls = {BASELINE: operands.unfused_call(primitive)}
         calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
         for name in calls:
-            if args.check and name != BASELINE:
-                attempt(name, lambda: errors.update({name: operands.max_error(backends[name], primitive)}))
-            if args.cuda_graphs and name not in failed:
+            if args.cuda_graphs:
                 attempt(name, lambda: calls.update({name: graph_replay(calls[name])}))
+            if args.check and name != BASELINE and name not in failed:  # what is timed: a graph's replay, say
+                attempt(name, lambda: errors.update({name: operands.max_error(primitive, calls[name])}))
             for _ in range(args.warmup):
                 if name in failed:  # (once is enough)
                     break
@@ -448,12 +450,13 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
     return seconds, failed, errors
 
 
-def graph_replay(call: Callable[[], object]) -> Callable[[], None]:
+def graph_replay(call: Callable[[], object]) -> Callable[[], object]:
     """``call`` captured in a CUDA graph on the current (side) stream, after
     three runs there (as torch's CUDA-graph notes ask: lazy initialisation,
     kernel selection, per-stream workspaces); the graph's replay, which
-    launches its kernels without the host's work and keeps ``call`` (and the
-    tensors only it holds, which the graph reads) alive."""
+    launches its kernels without the host's work, returns what ``call``
+    returned at its capture (tensors the replay rewrites) and keeps ``call``
+    (and the tensors only it holds, which the graph reads) alive."""
     stream = torch.cuda.current_stream()
     if stream == torch.cuda.default_stream():
         raise RuntimeError("graph_replay captures on a side stream (time_implementations makes one)")
@@ -462,12 +465,13 @@ def graph_replay(call: Callable[[], object]) -> Callable[[], None]:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, stream=stream):
-            call()
+            returned = call()
     except Exception as exc:  # the first error of a capture, not the one ending it
         raise RuntimeError(f"CUDA graph capture failed: {exc.__context__ or exc!r}") from exc
 
-    def replay() -> None:
+    def replay() -> object:
         graph.replay()
+        return returned
     replay.keep = call
     return replay
 
