@@ -450,6 +450,9 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
     return seconds, failed, errors
 
 
+FAILED_CAPTURES: list[str] = []  # (this process's; see graph_replay)
+
+
 def graph_replay(call: Callable[[], object]) -> Callable[[], object]:
     """``call`` captured in a CUDA graph on the current (side) stream, after
     three runs there (as torch's CUDA-graph notes ask: lazy initialisation,
@@ -460,6 +463,9 @@ def graph_replay(call: Callable[[], object]) -> Callable[[], object]:
     stream = torch.cuda.current_stream()
     if stream == torch.cuda.default_stream():
         raise RuntimeError("graph_replay captures on a side stream (time_implementations makes one)")
+    if FAILED_CAPTURES:
+        raise RuntimeError(f"not captured: an earlier capture failed ({FAILED_CAPTURES[0]}), and torch before 2.12 "
+                           f"leaves its allocator mid-capture then")
     for _ in range(3):
         call()
     graph = torch.cuda.CUDAGraph()
@@ -467,6 +473,7 @@ def graph_replay(call: Callable[[], object]) -> Callable[[], object]:
         with torch.cuda.graph(graph, stream=stream):
             returned = call()
     except Exception as exc:  # the first error of a capture, not the one ending it
+        FAILED_CAPTURES.append(repr(exc.__context__ or exc)[:200])
         raise RuntimeError(f"CUDA graph capture failed: {exc.__context__ or exc!r}") from exc
 
     def replay() -> object:
@@ -534,7 +541,8 @@ def run_cases(args: argparse.Namespace) -> dict:
                          "traceback": traceback.format_exc()})
         finally:
             if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+                with contextlib.suppress(RuntimeError):  # (after a failed capture, torch < 2.12 asserts here)
+                    torch.cuda.empty_cache()
         common.write_json(result, out)  # after every case: a run stopped by its time limit keeps what it measured
     common.finish_environment(env)
     del result["partial"]  # (written after every case: a run stopped early says so)
