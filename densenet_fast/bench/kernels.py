@@ -415,9 +415,9 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
     everything runs on one side stream (operands, the unfused forward whose
     backward is captured, warm-up, capture, replay, events): autograd runs a
     backward on its forward's stream, which must be the capturing one."""
-    operands_stream = torch.cuda.Stream() if args.cuda_graphs else None
-    if operands_stream is not None:
-        operands_stream.wait_stream(torch.cuda.current_stream())
+    side = torch.cuda.Stream() if args.cuda_graphs else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
     failed, errors = {}, {}
 
     def attempt(name: str, fn) -> None:
@@ -427,7 +427,7 @@ def time_implementations(primitive: str, shape: LayerShape, backends: dict, args
             traceback.print_exc()
             failed[name] = {"error": repr(exc)[-300:], "traceback": traceback.format_exc()}
 
-    with torch.cuda.stream(operands_stream) if operands_stream is not None else contextlib.nullcontext():
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         operands = Operands(shape, args.device, DTYPES[args.dtype], args.channels_last)
         calls = {BASELINE: operands.unfused_call(primitive)}
         calls.update({name: operands.backend_call(b, primitive) for name, b in backends.items()})
@@ -472,9 +472,10 @@ def graph_replay(call: Callable[[], object]) -> Callable[[], object]:
     try:
         with torch.cuda.graph(graph, stream=stream):
             returned = call()
-    except Exception as exc:  # the first error of a capture, not the one ending it
-        FAILED_CAPTURES.append(repr(exc.__context__ or exc)[:200])
-        raise RuntimeError(f"CUDA graph capture failed: {exc.__context__ or exc!r}") from exc
+    except Exception as exc:
+        cause = repr(exc.__context__ or exc)  # the first error of a capture, not the one ending it
+        FAILED_CAPTURES.append(cause[:200])
+        raise RuntimeError(f"CUDA graph capture failed: {cause}") from exc
 
     def replay() -> object:
         graph.replay()
