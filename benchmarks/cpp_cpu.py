@@ -31,9 +31,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] not in ([name] for name in PRESETS):
         sys.exit(f"usage: python benchmarks/cpp_cpu.py {{{','.join(PRESETS)}}} [options]")
     options, name = PRESETS[argv[0]]
-    out = [] if any(a == "--out" or a.startswith("--out=") for a in argv) else \
-        ["--out", str(common.new_result_path(name))]  # (a fresh name: no earlier result is replaced)
-    return cli.main(["bench", argv[0], *options, *out, *argv[1:]])
+    return cli.main(["bench", argv[0], *options, *common.out_unless_given(argv, name), *argv[1:]])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ policies instead, the same way, beside the planner's predicted ratio: whether
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
@@ -42,7 +41,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--policies", nargs="+", default=["keep", "recompute"], choices=["keep", "recompute", "auto"])
     parser.add_argument("--budget-gib", type=float, default=None, help="the budget auto plans under")
-    parser.add_argument("--out", type=common.output_file, default=Path("benchmarks/results/policy_costs_cpu.json"))
+    parser.add_argument("--out", type=common.output_file, default=None,
+                        help="default: benchmarks/results/policy_costs_cpu.json, or -2, -3... where taken")
     args = parser.parse_args(argv)
     if ("auto" in args.policies) != (args.budget_gib is not None) or len(set(args.policies)) < 2:
         parser.error("two or more policies; auto with --budget-gib, and --budget-gib only with auto")
@@ -67,8 +67,9 @@ def main(argv=None) -> dict:
     if costs:
         result["recompute_cost_per_flop_median"] = statistics.median(costs)
         print(f"recompute cost per FLOP (median over depths): {result['recompute_cost_per_flop_median']:.3f}")
-    common.write_json(result, args.out)
-    print(f"wrote {args.out}")
+    out = args.out or common.new_result_path("policy_costs_cpu.json")
+    common.write_json(result, out)
+    print(f"wrote {out}")
     return result
 
 

@@ -329,6 +329,18 @@ def test_cpp_cpu_preset_runs_through_the_command_line(tmp_path):
     assert settings["batch_bc"] == 64 and settings["backends"] == ["torch"]
 
 
+def test_presets_never_replace_a_result(tmp_path, monkeypatch):
+    """A preset given no --out writes under a fresh name (memory_depth.py and
+    policy_costs.py wrote over their committed JSON); one given --out keeps it."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    (tmp_path / "memory_depth_cpu_b64.json").write_text("{}")
+    fresh = common.out_unless_given(["--repeats", "3"], "memory_depth_cpu_b64.json")
+    assert fresh == ["--out", str(tmp_path / "memory_depth_cpu_b64-2.json")]
+    assert common.out_unless_given(["--out", "a.json"], "x.json") == common.out_unless_given(["--out=a.json"], "x.json") == []
+    preset = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_depth.py"
+    assert "--out" not in preset.read_text().split("DEPTH_SWEEP = ", 1)[1].split("\n\n", 1)[0]
+
+
 def test_kernels_run_float32_without_tf32_and_with_the_threads_asked(tmp_path, monkeypatch):
     """TF32 is off while bench kernels runs (the matmul rate and --check assume
     float32 products; the Triton kernels follow cuDNN's switch), --threads set;

@@ -440,6 +440,14 @@ def new_result_path(name: str) -> Path:
     return path
 
 
+def out_unless_given(argv: list[str], name: str) -> list[str]:
+    """A preset's ``--out``: ``[]`` where ``argv`` (the user's options) gives one,
+    else :func:`new_result_path` of ``name``, so a preset never replaces a result."""
+    if any(a == "--out" or a.startswith("--out=") for a in argv):
+        return []
+    return ["--out", str(new_result_path(name))]
+
+
 def write_json(result: dict, path: Path) -> Path:
     """``result`` to ``path`` through a temporary file renamed over it: a run
     stopped mid-write (Ctrl-C, a time limit) leaves the previous version whole."""
