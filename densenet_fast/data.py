@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -46,6 +47,18 @@ SPLIT_SEED = 0
 
 class DatasetError(ValueError):
     """A dataset directory is missing, of an unknown layout, or malformed."""
+
+
+AS_FLOAT32 = "as float32 (values beyond +-3.4e38 overflow to infinity)"  # where samples are checked after conversion
+
+
+def refuse_untrained_classes(where: str, train_labels: Sequence, test_labels: Sequence) -> None:
+    """Raise where a test label is none of the training labels: a class the
+    model could never learn, held against its test accuracy."""
+    untrained = sorted(set(test_labels) - set(train_labels))
+    if untrained:
+        raise DatasetError(f"{where}: the test split has the class(es) {', '.join(map(str, untrained))}, which no "
+                           f"training sample has; move some of them into the training split")
 
 
 @dataclass(frozen=True)
@@ -81,13 +94,17 @@ class ImageData:
         return "volumes" if self.spatial_dims == 3 else "images"
 
     def limit(self, train_images: Optional[int], test_images: Optional[int]) -> "ImageData":
-        """The same data restricted to the first ``train_images`` / ``test_images`` images."""
-        def head(dataset: Dataset, n: Optional[int]) -> Dataset:
+        """The same data restricted to ``train_images`` / ``test_images`` samples of
+        each split (:func:`stratified_subset`; the first ones of a folder sorted by
+        class would be one class)."""
+        def subset(dataset: Dataset, n: Optional[int]) -> Dataset:
             if n is None or n >= len(dataset):
                 return dataset
-            return torch.utils.data.Subset(dataset, range(n))
+            labels = dataset.tensors[1].tolist() if isinstance(dataset, TensorDataset) else \
+                [label for _, label in dataset.samples]
+            return torch.utils.data.Subset(dataset, stratified_subset(labels, n))
 
-        return replace(self, train=head(self.train, train_images), test=head(self.test, test_images))
+        return replace(self, train=subset(self.train, train_images), test=subset(self.test, test_images))
 
     def fingerprint(self) -> str:
         """A digest of which samples the data holds, not of where it lies: per
@@ -111,6 +128,19 @@ class ImageData:
                 raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
             digest.update(repr(files).encode())
         return digest.hexdigest()[:16]
+
+
+def stratified_subset(labels: Sequence[int], n: int) -> list[int]:
+    """Indices of ``n`` of the samples of ``labels``, each class's share of them
+    as near its share of all as ``n`` allows, drawn at random with a fixed seed
+    (the same every run), in their order."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    sizes, ranks = {}, {}
+    for index in order:  # each sample's place among its class's, in the drawn order
+        ranks[index] = sizes.get(labels[index], 0)
+        sizes[labels[index]] = ranks[index] + 1
+    spread = sorted(order, key=lambda index: (ranks[index] + 0.5) / sizes[labels[index]])
+    return sorted(spread[:n])
 
 
 def load_dataset(spec: str, image_size: Optional[int] = None,
@@ -220,7 +250,11 @@ def _cifar_batch(path: str, label_key: str, num_classes: int) -> tuple[np.ndarra
         raise DatasetError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
         raise DatasetError(f"{path}: {data.shape[0]} images but {labels.size} labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if not labels.size:
+        raise DatasetError(f"{path} holds no images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{path}: labels must be class indices 0, 1, ... (got {labels.dtype})")
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise DatasetError(f"{path}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -278,34 +312,77 @@ class ImageFolder(Dataset):
         return (pixels - self.mean) / self.std, label
 
 
+def _image_files(folder: str) -> list[str]:
+    """The image files under ``folder`` at any depth, sorted, as torchvision's
+    ImageFolder finds them (following links to folders, each folder once),
+    but for hidden files and folders (macOS's ``._name.png``: not images)."""
+    walked, seen = [], {os.path.realpath(folder)}
+    for dirpath, dirs, files in os.walk(folder, followlinks=True):
+        walked.append((dirpath, files))
+        kept = []
+        for name in dirs:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(".") and real not in seen:  # (a link to a folder above would never end)
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
+    return [os.path.join(dirpath, f) for dirpath, files in sorted(walked) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+
+
 def _class_tree(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subdirectory names) and (path, label) of every image under them."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    samples = []
-    for label, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+    samples = [(path, label) for label, name in enumerate(classes) for path in _image_files(os.path.join(root, name))]
     return classes, samples
+
+
+def _refuse_empty_classes(folder: str, classes: list[str], samples: list[tuple[str, int]]) -> None:
+    """Raise where a class folder of ``folder`` holds no image (as torchvision's
+    ImageFolder does): a class that is never trained."""
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        raise DatasetError(f"{folder}: no image ({', '.join(IMAGE_EXTENSIONS)}) in the class folder(s) "
+                           f"{', '.join(empty)}; remove them or add images")
+
+
+SPLIT_FOLDERS = {"train": ("train",), "test": ("val", "validation", "valid", "test")}  # of ImageFolder trees
+
+
+def _holds_class_folders(folder: str) -> bool:
+    """Whether ``folder`` holds folders and no image: a split's folder, not a class's."""
+    entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    return any(e.is_dir() for e in entries) and not any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
 
 
 def load_image_folder(root: str, size: int) -> ImageData:
     """An ImageFolder tree: ``root/train/<class>/*`` with ``root/val/<class>/*``
-    (or ``test``), or ``root/<class>/*`` alone, of which a fixed stratified 20%
-    is held out.  Augmentation: random crop with ``size/8`` padding and flip."""
-    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    (or ``validation``, ``valid``, ``test``), or ``root/<class>/*`` alone, of
+    which a fixed stratified 20% is held out.  Every class folder of the
+    training images must hold an image.  Augmentation: random crop with
+    ``size/8`` padding and flip."""
+    test_dir = next((os.path.join(root, d) for d in SPLIT_FOLDERS["test"] if os.path.isdir(os.path.join(root, d))),
+                    None)
     expected = ("expected CIFAR-10 (data_batch_1..5, test_batch), CIFAR-100 (train, test, meta) or an ImageFolder "
                 "tree (one subdirectory of images per class, optionally under train/ and val/)")
     if os.path.isdir(os.path.join(root, "train")) and test_dir is not None:
         classes, train = _class_tree(os.path.join(root, "train"))
+        _refuse_empty_classes(os.path.join(root, "train"), classes, train)
         test_classes, test = _class_tree(test_dir)
         if test_classes != classes:
             raise DatasetError(f"{test_dir} has classes {test_classes}, but {root}/train has {classes}")
     else:
         classes, samples = _class_tree(root)
+        splits = [name for name in classes if _holds_class_folders(os.path.join(root, name))
+                  and name in SPLIT_FOLDERS["train"] + SPLIT_FOLDERS["test"]]
+        if splits:
+            raise DatasetError(f"{root} has the folder(s) {', '.join(splits)}, which would be classes: {expected}; "
+                               f"give train/ and one of {', '.join(SPLIT_FOLDERS['test'])}/ beside it, or class "
+                               f"folders alone")
         if len(classes) < 2 or not samples:
             raise DatasetError(f"{root} is not a dataset directory: {expected}; found {len(classes)} class "
                                f"folder(s) with {len(samples)} image(s)")
+        _refuse_empty_classes(root, classes, samples)
         from sklearn.model_selection import train_test_split
 
         labels = [label for _, label in samples]
@@ -442,6 +519,9 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
     normalised by the training split's mean and standard deviation, resized to
     ``size`` if given.  Augmentation: random shift by 1/8 of a side, no flips."""
     keys = ("train_images", "train_labels", "test_images", "test_labels")
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path} is not a readable .npz file (not a zip archive of arrays); expected a MedMNIST-3D "
+                           f"file")
     try:
         with np.load(path, allow_pickle=False) as content:
             missing = [k for k in keys if k not in content.files]
@@ -451,7 +531,7 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
             arrays = {k: content[k] for k in keys}
     except DatasetError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     splits = {}
     for split in ("train", "test"):
@@ -483,10 +563,11 @@ def load_medmnist3d(path: str, size: Optional[tuple[int, int, int]] = None) -> I
     if not len(train_x) or not len(test_x):
         raise DatasetError(f"{path}: {len(train_x)} train and {len(test_x)} test volumes; both splits must be non-empty")
     if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
-        raise DatasetError(f"{path}: the volumes hold NaN or infinite values")
+        raise DatasetError(f"{path}: the volumes hold NaN or infinite values {AS_FLOAT32}")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     if num_classes < 2:
         raise DatasetError(f"{path}: every label is 0; a classifier needs at least 2 classes")
+    refuse_untrained_classes(path, train_y.tolist(), test_y.tolist())
     train_x, test_x = _standardise_splits(train_x, test_x)
     name = os.path.splitext(os.path.basename(path))[0]
     return ImageData(name, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), num_classes, 1,
@@ -537,8 +618,8 @@ def volume_header(path: str) -> tuple[int, tuple[int, ...]]:
             raise DatasetError(f"cannot read volume {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
         layout = "(X, Y, Z) or (X, Y, Z, C)"
         channels_first = False
-    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-        raise DatasetError(f"volume {path} holds {dtype}, not numbers")
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
+        raise DatasetError(f"volume {path} holds {dtype}, not real numbers")
     if len(shape) not in (3, 4) or 0 in shape:
         raise DatasetError(f"volume {path} has shape {tuple(shape)}; expected {layout}")
     if len(shape) == 3:
@@ -580,7 +661,7 @@ class VolumeFolder(Dataset):
         path, label = self.samples[index]
         array = read_volume(path)
         if not np.isfinite(array).all():
-            raise DatasetError(f"volume {path} holds NaN or infinite values")
+            raise DatasetError(f"volume {path} holds NaN or infinite values {AS_FLOAT32}")
         volume = _resize(torch.from_numpy(np.ascontiguousarray(array))[None], self.size)[0]
         dims = tuple(range(1, volume.dim()))
         mean, std = volume.mean(dim=dims, keepdim=True), volume.std(dim=dims, keepdim=True)
@@ -600,7 +681,8 @@ def _read_labels(root: str) -> list[tuple[str, str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
     if "file" not in header or "label" not in header:
-        raise DatasetError(f"{path}: the first line must name the {layout}; got {','.join(header) or 'nothing'}")
+        raise DatasetError(f"{path}: the first line must name the {layout}; got {','.join(header) or 'nothing'} "
+                           f"(a folder with a {LABELS_FILE} is read as a folder of volumes)")
     column = {name: header.index(name) for name in ("file", "label", "split") if name in header}
     entries, seen = [], {}
     for line, row in rows:
@@ -635,12 +717,23 @@ def _read_labels(root: str) -> list[tuple[str, str, str]]:
 
 
 def _class_indices(labels: list[str]) -> tuple[list[int], int]:
-    """Labels as class indices: integers 0, 1, ... as they are, names sorted."""
+    """Labels as class indices: integers 0, 1, ... as they are, names sorted
+    (by value where every name is a number: 2.0 before 10.0)."""
     if all(re.fullmatch(r"\d+", label) for label in labels):
         indices = [int(label) for label in labels]
         return indices, max(indices) + 1
-    names = sorted(set(labels))
+    numbers = all(_number(label) is not None for label in labels)
+    names = sorted(set(labels), key=lambda label: (_number(label), label) if numbers else label)
     return [names.index(label) for label in labels], len(names)
+
+
+def _number(text: str) -> Optional[float]:
+    """``text`` as a finite number, or ``None``."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -> ImageData:
@@ -658,6 +751,7 @@ def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -
     row.  All volumes must have the same number of channels, and the same size
     unless ``size`` resizes them.  Augmentation: random shift by 1/8 of the
     smallest side, no flips."""
+    root = os.path.abspath(root)  # (rows may give absolute paths)
     entries = _read_labels(root)
     headers = {f: volume_header(f) for f, _, _ in entries}
     first = entries[0][0]
@@ -685,6 +779,9 @@ def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -
         if not train or not test:
             raise DatasetError(f"{root}/{LABELS_FILE}: {len(train)} train and {len(test)} test volumes; both splits "
                                f"must be non-empty")
+        names = {index: label for (_, label, _), index in zip(entries, labels)}
+        refuse_untrained_classes(os.path.join(root, LABELS_FILE), [names[label] for _, label in train],
+                                 [names[label] for _, label in test])
     else:
         from sklearn.model_selection import train_test_split
 

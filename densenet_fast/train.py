@@ -145,9 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"data-loading worker processes (default: {IMAGE_FOLDER_WORKERS} for ImageFolder, at most one per CPU; "
                            f"0 for the in-memory datasets)")
     data.add_argument("--train-limit", type=int, default=None, metavar="N",
-                      help="train on the first N training images only (quick checks)")
+                      help="train on N training images only, each class's share as in the whole, drawn with a "
+                           "fixed seed (quick checks)")
     data.add_argument("--test-limit", type=int, default=None, metavar="N",
-                      help="test on the first N test images only (quick checks)")
+                      help="test on N test images only, drawn as --train-limit's (quick checks)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="densenet_bc", choices=sorted(MODELS),

@@ -15,9 +15,11 @@ import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,7 +29,7 @@ from torch import nn
 
 from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
 from densenet_fast import train as trainer
-from densenet_fast.data import (Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
+from densenet_fast.data import (AS_FLOAT32, Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
 
 try:
     import nibabel
@@ -256,9 +258,49 @@ def test_image_folder_tree(tmp_path, capsys):
                                                                      b"labels": [0, 1]})), "(N, 3072)"),
     (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
                                                                      b"labels": [0, 10]})), "labels must lie in"),
+    (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                                     b"labels": [0.9, 1.5]})),
+     "labels must be class indices 0, 1, ... (got float64)"),  # (they were truncated)
+    (lambda root: write_cifar(root) and (root / "test_batch").write_bytes(pickle.dumps(
+        {b"data": np.zeros((0, 3072), np.uint8), b"labels": []})), "test_batch holds no images"),  # (after an epoch:
+    # ZeroDivisionError)
+    # ImageFolder trees
+    (lambda root: write_images(root, {"cat": 5, "dog": 5, "emu": 0}), "no image (.png"),  # a class never trained
+    (lambda root: write_images(root, {"train/cat": 5, "train/dog": 5, "train/emu": 0, "val/cat": 1, "val/dog": 1,
+                                      "val/emu": 1}), "train: no image (.png"),  # tested, never trained
+    (lambda root: write_images(root, {"validate/cat": 5, "validate/dog": 5, "val/cat": 1, "val/dog": 1}),
+     "has the folder(s) val, which would be classes"),
+    (lambda root: write_images(root, {"train/cat": 5, "train/dog": 5}), "has the folder(s) train, which would be"),
 ])
 def test_malformed_dataset_directories_are_named(tmp_path, make, message):
     assert_dataset_error(tmp_path, make, message)
+
+
+def write_images(root, counts: dict) -> None:
+    """``counts[folder]`` random 10x10 PNG images in each folder under ``root``."""
+    from PIL import Image
+
+    for folder, count in counts.items():
+        os.makedirs(root / folder, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(root / folder / f"{i}.png")
+
+
+def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
+    """Folders linked into a class count (torchvision's ImageFolder follows
+    them; a link to a folder above ends), hidden files do not (macOS's
+    ``._0.png``), ``validation/`` is a test split, a class named ``train``
+    (of images) is a class, and a limit draws from every class."""
+    write_images(tmp_path / "more", {"cat": 3})
+    write_images(tmp_path / "tree", {"train/cat": 5, "train/dog": 5, "validation/cat": 2, "validation/dog": 2})
+    os.symlink(tmp_path / "more" / "cat", tmp_path / "tree" / "train" / "cat" / "linked")
+    os.symlink(tmp_path / "tree" / "train" / "dog", tmp_path / "tree" / "train" / "dog" / "loop")
+    (tmp_path / "tree" / "train" / "dog" / "._0.png").write_bytes(b"AppleDouble")
+    data = load_dataset(str(tmp_path / "tree"), image_size=8)
+    assert (len(data.train), len(data.test), data.num_classes) == (13, 4, 2)
+    assert sorted(label for _, label in data.limit(4, 2).train) == [0, 0, 1, 1]  # (the first four: cats only)
+    write_images(tmp_path / "vehicles", {"bus": 5, "train": 5})
+    assert load_dataset(str(tmp_path / "vehicles"), image_size=8).num_classes == 2
 
 
 def assert_dataset_error(tmp_path, make, message: str) -> None:
@@ -1010,9 +1052,31 @@ VOLUME = np.zeros((4, 5, 6), np.float32)
     (lambda r: ((r / "a.npy").write_bytes(b"not numpy"), write_labels(r, "file,label\na.npy,0\n")),
      "cannot read volume"),
     (lambda r: (save(r, "a.npy", VOLUME), write_labels(r, "file,label\na.npy,0\na.npy,1\n")), "is listed again"),
+    (lambda r: ([save(r, f"{n}.npy", VOLUME) for n in "abc"],
+                write_labels(r, "file,label,split\na.npy,x,train\nb.npy,y,train\nc.npy,z,test\n")),
+     "the test split has the class(es) z, which no training sample has"),  # (tested, never trained)
+    (lambda r: (save(r, "a.npy", VOLUME.astype(np.complex64)), write_labels(r, "file,label\na.npy,0\n")),
+     "holds complex64, not real numbers"),  # (the imaginary part was dropped)
 ])
 def test_malformed_volume_folders_are_named(tmp_path, make, message):
     assert_dataset_error(tmp_path, make, message)
+
+
+def test_volume_folder_details(tmp_path, monkeypatch):
+    """Class names that are numbers are sorted by value (as text, 10.0 came
+    before 2.0); rows with absolute paths under a relative --data work (the
+    fingerprint mixed both)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in "abcd":
+        save(root, f"{name}.npy", VOLUME)
+    write_labels(root, f"file,label,split\na.npy,2.0,train\nb.npy,10.0,train\nc.npy,2.0,test\n"
+                       f"{root / 'd.npy'},10.0,test\n")
+    monkeypatch.chdir(tmp_path)
+    data = load_dataset("data")
+    assert sorted((os.path.basename(path), label) for path, label in data.train.samples + data.test.samples) == \
+        [("a.npy", 0), ("b.npy", 1), ("c.npy", 0), ("d.npy", 1)]
+    assert data.fingerprint() == load_dataset(str(root)).fingerprint()
 
 
 def test_volume_with_nan_is_named_when_read(tmp_path):
@@ -1020,7 +1084,8 @@ def test_volume_with_nan_is_named_when_read(tmp_path):
     root.mkdir()
     save(root, "a.npy", VOLUME)
     save(root, "b.npy", np.full_like(VOLUME, np.nan))
-    write_labels(root, "file,label,split\na.npy,0,train\nb.npy,1,test\n")
+    save(root, "c.npy", VOLUME)
+    write_labels(root, "file,label,split\na.npy,0,train\nc.npy,1,train\nb.npy,1,test\n")
     data = load_dataset(str(root))
     with pytest.raises(DatasetError, match="b.npy holds NaN or infinite values"):
         data.test[0]
@@ -1033,7 +1098,7 @@ def test_a_sample_a_loader_worker_cannot_read_is_named_in_one_line(tmp_path, cap
     np.save(volume, np.full((16, 16, 16), np.nan, np.float32))
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 1  # found in training
     err = capsys.readouterr().err
-    assert err.strip() == f"error: volume {volume} holds NaN or infinite values", err
+    assert err.strip() == f"error: volume {volume} holds NaN or infinite values {AS_FLOAT32}", err
     assert multiprocessing.active_children() == []  # the loaders' workers ended with the run, not at a later GC
 
 
@@ -1054,6 +1119,31 @@ def test_malformed_medmnist_files_are_named(tmp_path, arrays, message):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a readable .npz file"):
         load_dataset(str(tmp_path / "junk.npz"))
+    np.save(tmp_path / "array.npy", np.zeros(3))  # a .npy named .npz (np.load returned an array: TypeError)
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    with pytest.raises(DatasetError, match="not a readable .npz file"):
+        load_dataset(str(tmp_path / "array.npz"))
+
+
+def test_medmnist_files_whose_data_is_unusable_are_named(tmp_path):
+    """A test class that no training volume has (it was a class never trained),
+    and a compressed file with a damaged stream (zlib.error)."""
+    arrays = {"train_images": np.zeros((4, 8, 8, 8), np.uint8), "train_labels": np.array([[0], [1], [0], [1]]),
+              "test_images": np.zeros((2, 8, 8, 8), np.uint8), "test_labels": np.array([[1], [5]])}
+    np.savez(tmp_path / "classes.npz", **arrays)
+    with pytest.raises(DatasetError, match="the test split has the class\\(es\\) 5, which no training sample has"):
+        load_dataset(str(tmp_path / "classes.npz"))
+    arrays["test_labels"] = np.array([[1], [0]])
+    np.savez_compressed(tmp_path / "damaged.npz", **arrays)
+    with zipfile.ZipFile(tmp_path / "damaged.npz") as archive:
+        info = archive.getinfo("train_images.npy")
+    content = bytearray((tmp_path / "damaged.npz").read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", content, info.header_offset + 26)  # (its local header)
+    start = info.header_offset + 30 + name_length + extra_length  # the deflate stream
+    content[start] = 0xFF  # (an invalid block type)
+    (tmp_path / "damaged.npz").write_bytes(bytes(content))
+    with pytest.raises(DatasetError, match="not a readable .npz file \\(error: .*invalid block type"):
+        load_dataset(str(tmp_path / "damaged.npz"))
 
 
 def test_images_too_small_are_refused_before_any_work(tmp_path, capsys):
