@@ -106,16 +106,16 @@ class ImageData:
 
         return replace(self, train=subset(self.train, train_images), test=subset(self.test, test_images))
 
-    def fingerprint(self) -> str:
-        """A digest of which samples the data holds, not of where it lies: per
-        split the labels, and the shape of the samples held in memory or the
+    def fingerprint(self, splits: Sequence[str] = ("train", "test")) -> str:
+        """A digest of which samples the data holds (in ``splits``), not of where
+        it lies: per split the labels, and the shape of the samples held in memory or the
         names (relative to the folder that holds them all) and sizes in bytes
         of the files samples are read from.  Contents are not read: a moved
         dataset keeps its fingerprint; added, removed, renamed, resized or
         relabelled samples change it, other contents of the same files do not.
         Of the data as loaded, not of :meth:`limit`'s subsets."""
         digest = hashlib.sha256()
-        for split in (self.train, self.test):
+        for split in (getattr(self, name) for name in splits):
             if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
                 samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
                 digest.update(repr((tuple(samples.shape), labels.tolist())).encode())

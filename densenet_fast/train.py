@@ -86,7 +86,8 @@ CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
 # RECORDED_SINCE are compared where the checkpoint has them (checkpoints record the data's path and the
 # samples' size since 2026-12-03, its fingerprint since a478a97, the same day). The data is compared by its fingerprint
-# where the checkpoint has one, not by its path: a moved dataset resumes.
+# where the checkpoint has one, not by its path: a moved dataset resumes; so does one whose test split alone changed
+# (a test sample repaired), where the checkpoint has the training split's own fingerprint (train_fingerprint).
 RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
@@ -386,11 +387,13 @@ class Position:
 
 @dataclass
 class Outcome:
-    """How training ended, and how many images it trained on in how many seconds."""
+    """How training ended, how many images it trained on in how many seconds, and
+    how many epochs it ended (evaluated)."""
 
     interrupted: bool = False
     images: int = 0
     seconds: float = 0.0
+    epochs: int = 0
 
 
 def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
@@ -398,12 +401,12 @@ def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData
     ``--test-limit``, made by rank 0), after checking the output directory."""
     try:
         data = load_dataset(args.data, args.image_size, args.volume_size)
-        fingerprint = procs.gather(data.fingerprint() if procs.is_main else None)[0]
+        fingerprints = procs.gather((data.fingerprint(), data.fingerprint(["train"])) if procs.is_main else None)[0]
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     data = data.limit(args.train_limit, args.test_limit)
     options = resolve_options(args, data, procs)
-    options["data_fingerprint"] = fingerprint
+    options["data_fingerprint"], options["train_fingerprint"] = fingerprints
     check_output_directory(options, procs)
     return options, data
 
@@ -481,6 +484,11 @@ def resume(run: Run) -> Position:
     if saved_data is not None and saved_data != run.options["data"]:  # with equal fingerprints (load_checkpoint)
         run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (its fingerprint, "
                       f"of the labels and the samples' shape or the files' names and sizes, is the same)")
+    fingerprint = run.options["data_fingerprint"]
+    if checkpoint["options"].get("data_fingerprint", fingerprint) != fingerprint:
+        earlier = f": the {plural(len(run.history), 'epoch')} before were tested on the other" if run.history else ""
+        run.procs.log(f"the test split differs from the checkpoint's (its samples changed; the training split's are "
+                      f"the same){earlier}")  # (load_checkpoint lets it pass)
     saved_processes = checkpoint["options"].get("world_size", 1)
     if saved_processes != run.procs.world_size:
         run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
@@ -572,6 +580,7 @@ def train_epochs(run: Run, position: Position) -> Outcome:
             outcome.images += int(sums.count) * run.procs.world_size
             outcome.seconds += seconds
             end_epoch(run, position, sums, seconds)
+            outcome.epochs += 1
             position = Position(position.epoch + 1)
     return outcome
 
@@ -622,7 +631,9 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
 
 
 def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
-    """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch."""
+    """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch.
+    Where a test sample cannot be read (one process), the epoch's training is
+    checkpointed first: ``--resume`` evaluates it again."""
     options, procs = run.options, run.procs
     epoch = position.epoch
     refuse_diverged(run, f"in epoch {epoch + 1}")  # before it is evaluated
@@ -632,7 +643,16 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     else:  # with the steps before a resume
         seconds += position.seconds
         images_per_s = totals.count / seconds
-    test = evaluate(run.model, run.test_loader, run.device, options, procs)
+    try:
+        test = evaluate(run.model, run.test_loader, run.device, options, procs)
+    except DatasetError as exc:
+        if procs.world_size > 1:  # (a checkpoint is collective, and the other processes may be evaluating)
+            raise
+        save_checkpoint(run, Position(epoch, len(run.train_sampler), totals,
+                                      None if position.seconds is None else seconds))
+        raise DatasetError(f"{worker_error_text(exc)}; epoch {epoch + 1}'s training is saved in {run.out}: once the "
+                           f"test samples can be read, the same command with --resume evaluates it (a changed test "
+                           f"split resumes, a changed training split does not)") from None
     lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
     run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
                             train_accuracy=totals.correct / totals.count, test_loss=test.loss / test.count,
@@ -666,9 +686,9 @@ def finish(run: Run, outcome: Outcome) -> dict:
     if not history:
         raise TrainingError(f"{run.out} holds no finished epoch")
     summary["test_accuracy"] = history[-1]["test_accuracy"]
-    speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.seconds else "no training in this run"
-    # (a run that trained nothing reports the checkpoint's accuracy, measured on its test set: --test-limit may differ)
-    tested = f"{len(run.data.test)} held-out {run.data.unit}" if outcome.images else "as the checkpoint recorded it"
+    speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.images else "no training in this run"
+    # (a run that ended no epoch reports the checkpoint's accuracy, measured on its test set: --test-limit may differ)
+    tested = f"{len(run.data.test)} held-out {run.data.unit}" if outcome.epochs else "as the checkpoint recorded it"
     procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({tested}) | "
               f"{speed} | peak memory {summary['peak_memory']} | {plural(len(history), 'epoch')}, results in {run.out}",
               flush=True)
@@ -1174,7 +1194,9 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
                    and (key not in RECORDED_SINCE or key in saved)
-                   and not (key == "data" and "data_fingerprint" in saved)]
+                   and not (key == "data" and "data_fingerprint" in saved)
+                   and not (key == "data_fingerprint"
+                            and saved.get("train_fingerprint") == options["train_fingerprint"])]
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

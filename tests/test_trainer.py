@@ -303,6 +303,26 @@ def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
     assert load_dataset(str(tmp_path / "vehicles"), image_size=8).num_classes == 2
 
 
+def test_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path, capsys):
+    """The epoch's training is checkpointed before the error (it was lost);
+    once the sample is gone, --resume evaluates that epoch and trains on (the
+    test split changed, the training split did not)."""
+    write_images(tmp_path / "tree", {"train/cat": 6, "train/dog": 6, "val/cat": 2, "val/dog": 2})
+    bad = tmp_path / "tree" / "val" / "dog" / "bad.png"
+    bad.write_bytes(b"not an image")
+    options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
+               "--workers", "0"]
+    assert train(tmp_path / "run", *options) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}" in err and "epoch 1's training is saved in" in err, err
+    bad.unlink()
+    assert train(tmp_path / "run", *options, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "at epoch 1, step 3" in out and "the test split differs" in out, out
+    assert [row["epoch"] for row in metrics(tmp_path / "run")] == ["1", "2"]
+    assert "(4 held-out images)" in out
+
+
 def assert_dataset_error(tmp_path, make, message: str) -> None:
     """``make(root)`` fills an empty dataset folder; loading it raises DatasetError with ``message``."""
     root = tmp_path / "data"
