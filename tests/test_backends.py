@@ -320,6 +320,28 @@ def test_this_cpus_gemm_leaks_nan_rows():
     assert rows == [4, 5]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_torch_backends_product_is_redone_where_the_gemm_leaks_a_nan_row(monkeypatch, dtype):
+    """On any CPU: a stand-in for oneDNN's 16-bit gemm that makes the row before
+    a NaN row NaN too (as torch 2.14.1's does on CPUs with AMX or AVX512-FP16);
+    the product the backend returns has only the NaN row (without the redo, the
+    NaN-row tests pass on CPUs whose gemm does not leak)."""
+    gemm = torch.mm
+
+    def leaking_gemm(a: Tensor, b: Tensor, out=None) -> Tensor:
+        product = gemm(a, b, out=out)
+        if a.dtype in (torch.float16, torch.bfloat16):
+            product[a.isnan().any(1).roll(-1)] = NAN
+        return product
+
+    monkeypatch.setattr(torch, "mm", leaking_gemm)
+    z, w = torch.randn(64, 17).to(dtype), torch.randn(17, 23).to(dtype)
+    z[5, 0] = NAN
+    assert torch.mm(z, w).isnan().any(1).nonzero().flatten().tolist() == [4, 5]  # (the stand-in leaks)
+    for out in (None, torch.empty(64, 23, dtype=dtype)):
+        assert torch_backend_mm(z, w, out=out).isnan().any(1).nonzero().flatten().tolist() == [5]
+
+
 @pytest.mark.parametrize("under_autocast", [False, True], ids=["direct", "autocast"])
 def test_a_non_finite_pixel_stays_in_its_row(backend, dtype, under_autocast):
     """A NaN or Inf pixel (row) reaches only its own rows of the products, as in

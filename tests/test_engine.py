@@ -313,8 +313,23 @@ def test_batchnorm_with_buffers_set_to_none(config, missing):
             bn.momentum = None
     check_training_float64(ours, tv, shape, steps=2)
     assert_all_close(buffers(ours), buffers(tv), FLOAT64_RTOL, "running statistics")
+    check_eval_float64(ours, tv, shape)  # (batch statistics where there are no running ones; nothing counted)
+    assert_all_close(buffers(ours), buffers(tv), FLOAT64_RTOL, "running statistics after eval")
     if missing == "running":
         assert {int(bn.num_batches_tracked) for bn in batchnorms(ours)} == {2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", ["imagenet", "cifar"])
+def test_batchnorm_eps_as_torchvision(config, backend):
+    """A BatchNorm eps other than torch's default (every test used 1e-5, so a
+    fold that ignored ``bn.eps`` passed them all)."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(backend=backend_on(BACKENDS[backend], "cpu"), **kwargs)
+    for bn in batchnorms(ours) + batchnorms(tv):
+        bn.eps = 0.25
+    check_training_float64(ours, tv, shape, steps=2)
+    check_eval_float64(ours, tv, shape)
 
 
 def test_torch_compile_under_autocast_with_the_imagenet_stem():

@@ -214,6 +214,28 @@ def test_blocks_and_models_with_code_of_their_own():
         from_torchvision(tv)
 
 
+def dense_layer_conv_change(name: str):
+    """A change of ``denselayer2``'s convolutions that the engine does not compute."""
+    def reflect(layer): layer.conv2.padding_mode = "reflect"
+    def dilate(layer): layer.conv2.dilation, layer.conv2.padding = (2, 2), (2, 2)
+    def group(layer):
+        layer.conv1.groups = 2
+        layer.conv1.weight = nn.Parameter(layer.conv1.weight[:, :layer.conv1.in_channels // 2].clone())
+    return dict(reflect=reflect, dilate=dilate, group=group)[name]
+
+
+@pytest.mark.parametrize("change", ["reflect", "dilate", "group"])
+def test_a_dense_layer_convolution_of_other_settings_runs_its_modules(change):
+    """A dense layer's convolution whose settings the engine does not compute
+    (another padding mode, dilation, grouping) runs as torchvision's,
+    said once (a check that ignored padding_mode zero-padded, wrong by 2e-2)."""
+    ours, tv = make_pair(growth_rate=6, block_config=(3, 2, 3), num_init_features=12, num_classes=5, stem="cifar")
+    for model in (ours, tv):
+        dense_layer_conv_change(change)(model.features.denseblock1.denselayer2)
+    with pytest.warns(RuntimeWarning, match="_DenseBlock runs the plain per-layer path"):
+        check_training_float64(ours, tv, (3, 13, 11), steps=1)
+
+
 def test_features_rebuilt_as_a_sequential_run_its_modules():
     """``features`` replaced by a plain ``nn.Sequential`` of the same modules (to
     edit the stem, say): the model runs them one by one, each block and

@@ -18,10 +18,10 @@ SHAPES = {1: (3, 5, 23), 2: (2, 5, 13, 10), 3: (2, 3, 7, 6, 9)}
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
-def modules(dims: int, channels: int, momentum=0.1, track_running_stats=True) -> nn.Sequential:
+def modules(dims: int, channels: int, momentum=0.1, track_running_stats=True, eps=1e-5) -> nn.Sequential:
     """torch's BN-ReLU-max-pool as the stems have them, with random affine parameters."""
     g = torch.Generator().manual_seed(dims)
-    bn = BATCH_NORMS[dims - 1](channels, momentum=momentum, track_running_stats=track_running_stats)
+    bn = BATCH_NORMS[dims - 1](channels, eps=eps, momentum=momentum, track_running_stats=track_running_stats)
     with torch.no_grad():
         bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
         bn.weight[0] = -bn.weight[0]  # a negative scale: ReLU's mask then differs from x's sign
@@ -46,15 +46,16 @@ def step(net: nn.Sequential, fused: bool, x: torch.Tensor, grad: torch.Tensor) -
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("momentum, track", [(0.1, True), (None, True), (0.1, False), (0.1, "turned_off")],
-                         ids=["momentum", "cumulative", "no_running_stats", "running_stats_not_tracked"])
-def test_equals_torchs_modules_in_float64(dims, layout, momentum, track):
+@pytest.mark.parametrize("momentum, track, eps", [(0.1, True, 1e-5), (None, True, 1e-5), (0.1, False, 1e-5),
+                                                  (0.1, "turned_off", 1e-5), (0.1, True, 0.5)],
+                         ids=["momentum", "cumulative", "no_running_stats", "running_stats_not_tracked", "eps"])
+def test_equals_torchs_modules_in_float64(dims, layout, momentum, track, eps):
     """``turned_off``: the BN has running statistics but ``track_running_stats``
     was set to False after construction; in training torch then neither uses nor
-    updates them (in eval it uses them)."""
+    updates them (in eval it uses them).  ``eps``: another BatchNorm eps."""
     if layout == "channels_last" and dims == 1:
         pytest.skip("no channels-last layout in 1-D")
-    reference = modules(dims, SHAPES[dims][1], momentum, track is not False)
+    reference = modules(dims, SHAPES[dims][1], momentum, track is not False, eps)
     reference[0].track_running_stats = track is True
     fused = copy.deepcopy(reference)
     g = torch.Generator().manual_seed(1)
@@ -71,8 +72,9 @@ def test_equals_torchs_modules_in_float64(dims, layout, momentum, track):
 
 
 def test_nan_and_ties_as_torch():
-    """A NaN makes its channel NaN, forward and backward, as with torch's
-    modules; equal values tie as torch's max-pool breaks ties."""
+    """A NaN makes its channel NaN, forward and backward (the parameters'
+    gradients too), as with torch's modules; equal values tie as torch's
+    max-pool breaks ties."""
     reference = modules(2, 3)
     fused = copy.deepcopy(reference)
     x = torch.randn(4, 3, 9, 8, dtype=torch.float64)
@@ -80,7 +82,7 @@ def test_nan_and_ties_as_torch():
     x[2, 1, :4, :4] = 0.25  # a plateau
     grad = torch.randn(pooled_shape(x.shape), dtype=torch.float64)
     expected, actual = step(reference, False, x, grad), step(fused, True, x, grad)
-    for name in ("out", "grad_x"):
+    for name in ("out", "grad_x", "grad_weight", "grad_bias"):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
 
 
