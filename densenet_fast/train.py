@@ -1197,6 +1197,9 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
                    and not (key == "data" and "data_fingerprint" in saved)
                    and not (key == "data_fingerprint"
                             and saved.get("train_fingerprint") == options["train_fingerprint"])]
+    if options["train_limit"] is not None and "train_fingerprint" not in saved:  # (both new on 2026-12-04)
+        differences.append(f"--train-limit took the first {options['train_limit']} training samples when the "
+                           f"checkpoint was written and draws each class's share now, so other samples would train")
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

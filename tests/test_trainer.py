@@ -1417,6 +1417,21 @@ def test_a_moved_dataset_resumes_and_a_changed_one_is_refused(tmp_path, capsys):
     assert "data_fingerprint is " in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_stratified_limits_is_refused_with_a_limit(tmp_path, capsys):
+    """--train-limit took the first N samples before 2026-12-04 (the checkpoints
+    of then lack train_fingerprint): with a limit, resuming one would train on
+    other samples, so it is refused."""
+    out = tmp_path / "run"
+    assert train(out, "--epochs", "1") == 0
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    del checkpoint["options"]["train_fingerprint"]
+    torch.save(checkpoint, out / trainer.CHECKPOINT)
+    capsys.readouterr()
+    assert train(out, "--epochs", "2", "--resume") == 2
+    assert "--train-limit took the first 128 training samples when the checkpoint was written" in \
+        capsys.readouterr().err
+
+
 def test_the_data_fingerprint_follows_the_samples_not_their_place(tmp_path):
     write_volume_folder(tmp_path / "a", count=10)
     write_volume_folder(tmp_path / "b", count=10)
