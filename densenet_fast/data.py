@@ -106,28 +106,33 @@ class ImageData:
 
         return replace(self, train=subset(self.train, train_images), test=subset(self.test, test_images))
 
-    def fingerprint(self, splits: Sequence[str] = ("train", "test")) -> str:
-        """A digest of which samples the data holds (in ``splits``), not of where
-        it lies: per split the labels, and the shape of the samples held in memory or the
+    def fingerprint(self) -> str:
+        """A digest of which samples the data holds, not of where it lies: per
+        split the labels, and the shape of the samples held in memory or the
         names (relative to the folder that holds them all) and sizes in bytes
         of the files samples are read from.  Contents are not read: a moved
         dataset keeps its fingerprint; added, removed, renamed, resized or
         relabelled samples change it, other contents of the same files do not.
         Of the data as loaded, not of :meth:`limit`'s subsets."""
-        digest = hashlib.sha256()
-        for split in (getattr(self, name) for name in splits):
-            if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
-                samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
-                digest.update(repr((tuple(samples.shape), labels.tolist())).encode())
-                continue
-            common = os.path.commonpath([os.path.dirname(path) for path, _ in split.samples]) if split.samples \
-                else ""
-            try:
-                files = [(os.path.relpath(path, common), os.path.getsize(path), label) for path, label in split.samples]
-            except OSError as exc:
-                raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
-            digest.update(repr(files).encode())
-        return digest.hexdigest()[:16]
+        return self.fingerprints()[0]
+
+    def fingerprints(self) -> tuple[str, str]:
+        """:meth:`fingerprint`, and the same of the training split alone."""
+        train, test = (self._split_record(split) for split in (self.train, self.test))
+        return hashlib.sha256(train + test).hexdigest()[:16], hashlib.sha256(train).hexdigest()[:16]
+
+    @staticmethod
+    def _split_record(split: Dataset) -> bytes:
+        """What :meth:`fingerprint` digests of one split."""
+        if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
+            samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
+            return repr((tuple(samples.shape), labels.tolist())).encode()
+        common = os.path.commonpath([os.path.dirname(path) for path, _ in split.samples]) if split.samples else ""
+        try:
+            files = [(os.path.relpath(path, common), os.path.getsize(path), label) for path, label in split.samples]
+        except OSError as exc:
+            raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
+        return repr(files).encode()
 
 
 def stratified_subset(labels: Sequence[int], n: int) -> list[int]:
@@ -265,6 +270,7 @@ def _cifar(name: str, root: str, train_files: Sequence[str], label_key: str, num
     test_x, test_y = _cifar_batch(os.path.join(root, "test_batch" if name == "cifar10" else "test"), label_key,
                                   num_classes)
     train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    refuse_untrained_classes(root, train_y.tolist(), test_y.tolist())
     train, test = _normalised_splits(train_x / np.float32(255), train_y, test_x / np.float32(255), test_y)
     return ImageData(name, train, test, num_classes, 3, Augmentation(crop_padding=4, flip=True),
                      size=tuple(train_x.shape[2:]))
@@ -313,14 +319,15 @@ class ImageFolder(Dataset):
 
 
 def _image_files(folder: str) -> list[str]:
-    """The image files under ``folder`` at any depth, sorted, as torchvision's
-    ImageFolder finds them (following links to folders, each folder once),
-    but for hidden files and folders (macOS's ``._name.png``: not images)."""
+    """The image files under ``folder`` at any depth, sorted: as torchvision's
+    ImageFolder finds them (following links to folders), but each folder once
+    (by its first name in sorted order) and no hidden files or folders
+    (macOS's ``._name.png``: not images)."""
     walked, seen = [], {os.path.realpath(folder)}
     for dirpath, dirs, files in os.walk(folder, followlinks=True):
         walked.append((dirpath, files))
         kept = []
-        for name in dirs:
+        for name in sorted(dirs):  # (not the listing's order: which name a folder is seen under is the data's)
             real = os.path.realpath(os.path.join(dirpath, name))
             if not name.startswith(".") and real not in seen:  # (a link to a folder above would never end)
                 seen.add(real)
@@ -361,24 +368,24 @@ def load_image_folder(root: str, size: int) -> ImageData:
     which a fixed stratified 20% is held out.  Every class folder of the
     training images must hold an image.  Augmentation: random crop with
     ``size/8`` padding and flip."""
-    test_dir = next((os.path.join(root, d) for d in SPLIT_FOLDERS["test"] if os.path.isdir(os.path.join(root, d))),
-                    None)
+    folders = {e.name.lower(): e.name for e in sorted(os.scandir(root), key=lambda e: e.name) if e.is_dir()}
+    train_dir = os.path.join(root, folders["train"]) if "train" in folders else None
+    test_dir = next((os.path.join(root, folders[d]) for d in SPLIT_FOLDERS["test"] if d in folders), None)
     expected = ("expected CIFAR-10 (data_batch_1..5, test_batch), CIFAR-100 (train, test, meta) or an ImageFolder "
-                "tree (one subdirectory of images per class, optionally under train/ and val/)")
-    if os.path.isdir(os.path.join(root, "train")) and test_dir is not None:
-        classes, train = _class_tree(os.path.join(root, "train"))
-        _refuse_empty_classes(os.path.join(root, "train"), classes, train)
+                f"tree (one subdirectory of images per class, optionally under train/ and one of "
+                f"{', '.join(SPLIT_FOLDERS['test'])}/)")
+    if train_dir is not None and test_dir is not None:
+        classes, train = _class_tree(train_dir)
+        _refuse_empty_classes(train_dir, classes, train)
         test_classes, test = _class_tree(test_dir)
         if test_classes != classes:
-            raise DatasetError(f"{test_dir} has classes {test_classes}, but {root}/train has {classes}")
+            raise DatasetError(f"{test_dir} has classes {test_classes}, but {train_dir} has {classes}")
     else:
         classes, samples = _class_tree(root)
-        splits = [name for name in classes if _holds_class_folders(os.path.join(root, name))
-                  and name in SPLIT_FOLDERS["train"] + SPLIT_FOLDERS["test"]]
+        splits = [name for name in classes if name.lower() in SPLIT_FOLDERS["train"] + SPLIT_FOLDERS["test"]
+                  and _holds_class_folders(os.path.join(root, name))]
         if splits:
-            raise DatasetError(f"{root} has the folder(s) {', '.join(splits)}, which would be classes: {expected}; "
-                               f"give train/ and one of {', '.join(SPLIT_FOLDERS['test'])}/ beside it, or class "
-                               f"folders alone")
+            raise DatasetError(f"{root} has the folder(s) {', '.join(splits)}, which would be classes: {expected}")
         if len(classes) < 2 or not samples:
             raise DatasetError(f"{root} is not a dataset directory: {expected}; found {len(classes)} class "
                                f"folder(s) with {len(samples)} image(s)")
@@ -717,14 +724,16 @@ def _read_labels(root: str) -> list[tuple[str, str, str]]:
 
 
 def _class_indices(labels: list[str]) -> tuple[list[int], int]:
-    """Labels as class indices: integers 0, 1, ... as they are, names sorted
-    (by value where every name is a number: 2.0 before 10.0)."""
+    """Labels as class indices: integers 0, 1, ... as they are; where every
+    label is a number, the values sorted (2.0 before 10.0; 1 and 1.0 one class);
+    else the names sorted."""
     if all(re.fullmatch(r"\d+", label) for label in labels):
         indices = [int(label) for label in labels]
         return indices, max(indices) + 1
-    numbers = all(_number(label) is not None for label in labels)
-    names = sorted(set(labels), key=lambda label: (_number(label), label) if numbers else label)
-    return [names.index(label) for label in labels], len(names)
+    values = [_number(label) for label in labels]
+    keys = values if None not in values else labels
+    classes = sorted(set(keys))
+    return [classes.index(key) for key in keys], len(classes)
 
 
 def _number(text: str) -> Optional[float]:

@@ -401,7 +401,7 @@ def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData
     ``--test-limit``, made by rank 0), after checking the output directory."""
     try:
         data = load_dataset(args.data, args.image_size, args.volume_size)
-        fingerprints = procs.gather((data.fingerprint(), data.fingerprint(["train"])) if procs.is_main else None)[0]
+        fingerprints = procs.gather(data.fingerprints() if procs.is_main else None)[0]
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     data = data.limit(args.train_limit, args.test_limit)
@@ -648,11 +648,13 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     except DatasetError as exc:
         if procs.world_size > 1:  # (a checkpoint is collective, and the other processes may be evaluating)
             raise
+        traceback.clear_frames(exc.__traceback__)  # (they hold the test loader's iterator, and so its workers)
         save_checkpoint(run, Position(epoch, len(run.train_sampler), totals,
                                       None if position.seconds is None else seconds))
         raise DatasetError(f"{worker_error_text(exc)}; epoch {epoch + 1}'s training is saved in {run.out}: once the "
-                           f"test samples can be read, the same command with --resume evaluates it (a changed test "
-                           f"split resumes, a changed training split does not)") from None
+                           f"sample is repaired (or removed from a test folder of its own: the held-out split of a "
+                           f"single tree is drawn from all of it), the same command with --resume evaluates that "
+                           f"epoch") from None
     lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
     run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
                             train_accuracy=totals.correct / totals.count, test_loss=test.loss / test.count,

@@ -168,24 +168,30 @@ def test_digits_has_a_fixed_stratified_held_out_split():
     assert sorted(torch.cat([train_y, test_y]).tolist()) == sorted(raw.target.tolist())
 
 
-def write_cifar(root, *, num_classes=10, per_batch=8, seed=0):
-    """A fake CIFAR directory in the exact python-pickle layout; returns its images by file."""
+def write_cifar(root, *, num_classes=10, per_batch=8, seed=0, labels=None, test_labels=None):
+    """A fake CIFAR directory in the exact python-pickle layout (random labels,
+    the test split's among the training split's, unless ``labels``,
+    ``test_labels`` are given); returns its images and labels by file."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     cifar100 = num_classes == 100
     files = ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    written = {}
+    written, trained = {}, []
     for name in files:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, num_classes, size=per_batch).tolist()
-        batch = {b"batch_label": name.encode(), b"data": data, b"filenames": [b"x.png"] * per_batch}
+        given = test_labels if name.startswith("test") else labels
+        if given is None and name.startswith("test"):
+            given = rng.choice(trained, size=per_batch).tolist()
+        batch_labels = rng.integers(0, num_classes, size=per_batch).tolist() if given is None else list(given)
+        trained += batch_labels
+        data = rng.integers(0, 256, size=(len(batch_labels), 3072), dtype=np.uint8)
+        batch = {b"batch_label": name.encode(), b"data": data, b"filenames": [b"x.png"] * len(batch_labels)}
         if cifar100:
-            batch.update({b"fine_labels": labels, b"coarse_labels": [l // 5 for l in labels]})
+            batch.update({b"fine_labels": batch_labels, b"coarse_labels": [l // 5 for l in batch_labels]})
         else:
-            batch[b"labels"] = labels
+            batch[b"labels"] = batch_labels
         with open(os.path.join(root, name), "wb") as f:
             pickle.dump(batch, f, protocol=2)
-        written[name] = (data, labels)
+        written[name] = (data, batch_labels)
     if cifar100:
         with open(os.path.join(root, "meta"), "wb") as f:
             pickle.dump({b"fine_label_names": [b"c%d" % i for i in range(100)]}, f)
@@ -270,7 +276,9 @@ def test_image_folder_tree(tmp_path, capsys):
                                       "val/emu": 1}), "train: no image (.png"),  # tested, never trained
     (lambda root: write_images(root, {"validate/cat": 5, "validate/dog": 5, "val/cat": 1, "val/dog": 1}),
      "has the folder(s) val, which would be classes"),
-    (lambda root: write_images(root, {"train/cat": 5, "train/dog": 5}), "has the folder(s) train, which would be"),
+    (lambda root: write_images(root, {"Train/cat": 5, "Train/dog": 5}), "has the folder(s) Train, which would be"),
+    (lambda root: write_cifar(root, per_batch=4, labels=[0, 1, 0, 1], test_labels=[0, 9]),
+     "the test split has the class(es) 9, which no training sample has"),
 ])
 def test_malformed_dataset_directories_are_named(tmp_path, make, message):
     assert_dataset_error(tmp_path, make, message)
@@ -292,12 +300,14 @@ def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
     ``._0.png``), ``validation/`` is a test split, a class named ``train``
     (of images) is a class, and a limit draws from every class."""
     write_images(tmp_path / "more", {"cat": 3})
-    write_images(tmp_path / "tree", {"train/cat": 5, "train/dog": 5, "validation/cat": 2, "validation/dog": 2})
+    write_images(tmp_path / "tree", {"train/cat": 5, "train/dog/zz": 5, "Validation/cat": 2, "Validation/dog": 2})
     os.symlink(tmp_path / "more" / "cat", tmp_path / "tree" / "train" / "cat" / "linked")
+    os.symlink(tmp_path / "tree" / "train" / "dog" / "zz", tmp_path / "tree" / "train" / "dog" / "aa")
     os.symlink(tmp_path / "tree" / "train" / "dog", tmp_path / "tree" / "train" / "dog" / "loop")
     (tmp_path / "tree" / "train" / "dog" / "._0.png").write_bytes(b"AppleDouble")
     data = load_dataset(str(tmp_path / "tree"), image_size=8)
     assert (len(data.train), len(data.test), data.num_classes) == (13, 4, 2)
+    assert {os.path.basename(os.path.dirname(path)) for path, label in data.train.samples if label == 1} == {"aa"}
     assert sorted(label for _, label in data.limit(4, 2).train) == [0, 0, 1, 1]  # (the first four: cats only)
     write_images(tmp_path / "vehicles", {"bus": 5, "train": 5})
     assert load_dataset(str(tmp_path / "vehicles"), image_size=8).num_classes == 2
@@ -311,8 +321,9 @@ def test_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path, cap
     bad = tmp_path / "tree" / "val" / "dog" / "bad.png"
     bad.write_bytes(b"not an image")
     options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
-               "--workers", "0"]
+               "--workers", "1"]
     assert train(tmp_path / "run", *options) == 1
+    assert multiprocessing.active_children() == []  # the test loader's worker ended with the run
     err = capsys.readouterr().err
     assert f"cannot read image {bad}" in err and "epoch 1's training is saved in" in err, err
     bad.unlink()
@@ -1084,13 +1095,13 @@ def test_malformed_volume_folders_are_named(tmp_path, make, message):
 
 def test_volume_folder_details(tmp_path, monkeypatch):
     """Class names that are numbers are sorted by value (as text, 10.0 came
-    before 2.0); rows with absolute paths under a relative --data work (the
-    fingerprint mixed both)."""
+    before 2.0), and 10 and 10.0 are one class; rows with absolute paths under
+    a relative --data work (the fingerprint mixed both)."""
     root = tmp_path / "data"
     root.mkdir()
     for name in "abcd":
         save(root, f"{name}.npy", VOLUME)
-    write_labels(root, f"file,label,split\na.npy,2.0,train\nb.npy,10.0,train\nc.npy,2.0,test\n"
+    write_labels(root, f"file,label,split\na.npy,2.0,train\nb.npy,10,train\nc.npy,2.0,test\n"
                        f"{root / 'd.npy'},10.0,test\n")
     monkeypatch.chdir(tmp_path)
     data = load_dataset("data")
