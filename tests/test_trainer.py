@@ -1124,8 +1124,8 @@ def test_volume_with_nan_is_named_when_read(tmp_path):
 
 def test_a_sample_a_loader_worker_cannot_read_is_named_in_one_line(tmp_path, capsys):
     """torch re-raises a worker's error with the worker's traceback in front of its message."""
-    write_volume_folder(tmp_path / "vols", sizes=[(16, 16, 16)], count=10)
-    volume = next((tmp_path / "vols").rglob("*.npy"))
+    rows = write_volume_folder(tmp_path / "vols", sizes=[(16, 16, 16)], count=10)
+    volume = tmp_path / "vols" / next(file for file, _, split in rows if split == "train")
     np.save(volume, np.full((16, 16, 16), np.nan, np.float32))
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--workers", "1") == 1  # found in training
     err = capsys.readouterr().err
