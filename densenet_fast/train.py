@@ -632,8 +632,8 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
 
 def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     """Evaluate, record the epoch's metrics, checkpoint, write ``metrics.csv`` and log the epoch.
-    Where a test sample cannot be read (one process), the epoch's training is
-    checkpointed first: ``--resume`` evaluates it again."""
+    Where a test sample cannot be read, the epoch's training is checkpointed
+    first: ``--resume`` evaluates it again."""
     options, procs = run.options, run.procs
     epoch = position.epoch
     refuse_diverged(run, f"in epoch {epoch + 1}")  # before it is evaluated
@@ -645,9 +645,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
         images_per_s = totals.count / seconds
     try:
         test = evaluate(run.model, run.test_loader, run.device, options, procs)
-    except DatasetError as exc:
-        if procs.world_size > 1:  # (a checkpoint is collective, and the other processes may be evaluating)
-            raise
+    except DatasetError as exc:  # (in every process: evaluate agrees)
         traceback.clear_frames(exc.__traceback__)  # (they hold the test loader's iterator, and so its workers)
         save_checkpoint(run, Position(epoch, len(run.train_sampler), totals,
                                       None if position.seconds is None else seconds))
@@ -1081,18 +1079,27 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, options: dict, procs: Processes) -> Sums:
+    """The test set's loss and accuracy sums over every process.  Where a process
+    cannot read a test sample, every process raises :class:`DatasetError` once
+    all have ended their share (so that they can checkpoint together)."""
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
-    for images, labels in loader:
-        images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
-        with autocast(device, options["amp"]):
-            logits = model(images)
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return Sums(*procs.sum([loss.item(), float(correct.item()), float(count)]))
+    count, unreadable = 0, None
+    try:
+        for images, labels in loader:
+            images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
+            with autocast(device, options["amp"]):
+                logits = model(images)
+            loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            correct += (logits.argmax(1) == labels).sum()
+            count += len(labels)
+    except DatasetError as exc:
+        unreadable = exc
+    *sums, failed = procs.sum([loss.item(), float(correct.item()), float(count), float(unreadable is not None)])
+    if failed:
+        raise unreadable or DatasetError("another process could not read a test sample (its error names it)")
+    return Sums(*sums)
 
 
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):

@@ -291,7 +291,7 @@ def write_images(root, counts: dict) -> None:
     for folder, count in counts.items():
         os.makedirs(root / folder, exist_ok=True)
         for i in range(count):
-            Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(root / folder / f"{i}.png")
+            Image.fromarray(np.full((10, 10, 3), 40 * i % 256, np.uint8)).save(root / folder / f"{i}.png")
 
 
 def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
@@ -1341,6 +1341,28 @@ def test_ddp_bad_input_is_one_line_per_process_and_leaves_the_groups(tmp_path):
     assert result.stderr.count("error: 128 training images do not fill one batch of 5000") == 2
     assert "terminate called" not in result.stderr
     assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+
+
+def test_ddp_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path):
+    """Two processes: the one that cannot read a test sample and the other both
+    checkpoint the epoch (evaluate agrees before raising; the other waited in
+    its sum until torchrun ended it), and --resume evaluates it once the sample
+    is gone."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    bad = tmp_path / "tree" / "val" / "dog" / "1.png"  # the fourth test image: the second process's
+    bad.write_bytes(b"not an image")
+    command = [os.path.abspath(__file__), "train-worker", "--no-progress", "--depth", "10", "--growth-rate", "4",
+               "--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
+               "--workers", "0", "--out", str(tmp_path / "run")]
+    result = torchrun(*command, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"error: cannot read image {bad}" in result.stderr and "epoch 1's training is saved" in result.stderr
+    assert "terminate called" not in result.stderr
+    bad.unlink()
+    result = torchrun(*command, "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at epoch 1, step 4" in result.stdout and "the test split differs" in result.stdout
+    assert [row["epoch"] for row in metrics(tmp_path / "run")] == ["1", "2"]
 
 
 def train_worker(argv: list[str]) -> int:
