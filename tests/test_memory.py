@@ -249,6 +249,20 @@ def test_nothing_fits_says_what_does():
         densenet_bc(40, recompute="keep", memory_budget="5MiB")(x)
 
 
+def test_the_refusal_answers_for_the_policy_asked():
+    """With a fixed policy the refusal's largest batch and deepest depth are
+    that policy's, not auto's (which fit more, so they were wrong advice)."""
+    budget = int(32.7 * 2**20)
+    keep = planner.largest_batch(BC40, Setup(16, 32), budget, "keep"), \
+        planner.deepest_depth(BC40, Setup(16, 32), budget, "keep")
+    auto = planner.largest_batch(BC40, Setup(16, 32), budget), planner.deepest_depth(BC40, Setup(16, 32), budget)
+    assert keep[0] < auto[0] and keep[1] < auto[1]
+    with pytest.raises(MemoryBudgetError) as error:
+        planner.choose(BC40, Setup(16, 32), budget, "keep")
+    assert f"the largest batch that fits is {keep[0]}." in str(error.value)
+    assert f"is depth {keep[1]}." in str(error.value)
+
+
 def test_plan_command_json(capsys):
     assert cli.main(["plan", "--model", "densenet_bc", "--depth", "100", "--growth-rate", "12", "--batch", "16",
                      "--image-size", "32", "--budget", "64MiB", "--json"]) == 0

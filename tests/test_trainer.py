@@ -383,6 +383,9 @@ def test_sharded_sampler_splits_each_epoch_and_resumes():
     assert sorted(per_rank[0][0] + per_rank[1][0]) == sorted(batches[0])
     evaluation = [ShardedBatchSampler(51, 4, shuffle=False, drop_last=False, rank=r, world_size=2) for r in (0, 1)]
     assert sorted(i for s in evaluation for b in s for i in b) == list(range(51))
+    # training: every process the same number of steps where the shards differ in size (else DDP hangs)
+    uneven = [ShardedBatchSampler(11, 2, shuffle=True, drop_last=True, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(s) for s in uneven] == [len(list(s)) for s in uneven] == [2, 2]
 
 
 def test_learning_rate_schedules():
@@ -401,11 +404,22 @@ def uninterrupted(tmp_path_factory):
     return metrics(out)
 
 
-def test_resume_at_an_epoch_boundary_repeats_the_same_losses(tmp_path, uninterrupted):
+def test_resume_at_an_epoch_boundary_repeats_the_same_losses(tmp_path, uninterrupted, monkeypatch):
+    """The same losses; the optimizer's last learning rate is the one metrics.csv
+    gives for the last epoch (the schedule counts the steps of earlier epochs),
+    and the resumed run's random generators are the checkpoint's."""
     out = tmp_path / "run"
     assert train(out, "--epochs", "1") == 0
+    saved = torch.load(out / trainer.CHECKPOINT, weights_only=False)["rng"][0]
+    resumed = []
+    distribute = trainer.distribute
+    monkeypatch.setattr(trainer, "distribute", lambda run: (resumed.append(trainer.rng_state()), distribute(run))[1])
     assert train(out, "--epochs", "3", "--resume") == 0
     assert metrics(out) == uninterrupted
+    last_lr = torch.load(out / trainer.CHECKPOINT, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(float(uninterrupted[-1]["lr"]))
+    assert torch.equal(resumed[0]["torch"], saved["torch"]) and resumed[0]["python"] == saved["python"]
+    assert torch.equal(resumed[0]["numpy"][1], saved["numpy"][1])
 
 
 def test_a_checkpoint_gives_its_model_as_weights(tmp_path):
@@ -442,6 +456,41 @@ def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupt
         second = list(csv.DictReader(f))[1]
     assert float(second["seconds"]) > checkpoint["partial_seconds"]
     assert float(second["images_per_s"]) == pytest.approx(128 // 32 * 32 / float(second["seconds"]), rel=1e-3)
+
+
+def test_two_stops_in_one_epoch_repeat_the_same_losses(tmp_path, uninterrupted, monkeypatch):
+    """The second stop's checkpoint holds the sums of both parts of the epoch
+    (a stop that kept only its own part changed the epoch's train loss)."""
+    out = tmp_path / "run"
+    for stop_at in (5, 0):  # step 2 of epoch 2, then the step after it
+        checks = iter(range(100))
+        monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == stop_at)
+        assert train(out, "--epochs", "3", *(["--resume"] if stop_at == 0 else [])) == 130
+    assert torch.load(out / trainer.CHECKPOINT, weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    assert train(out, "--resume") == 0
+    assert metrics(out) == uninterrupted
+
+
+def test_each_step_augments_with_a_generator_of_its_own(tmp_path, monkeypatch):
+    """Every step of every epoch draws its crops from its own seed (one that
+    ignored the epoch repeated epoch 1's crops in every epoch)."""
+    seeds = []
+    augment_batch = trainer.augment
+    monkeypatch.setattr(trainer, "augment", lambda images, augmentation, generator: (
+        seeds.append(generator.initial_seed()), augment_batch(images, augmentation, generator))[1])
+    assert train(tmp_path / "run", "--epochs", "2") == 0
+    assert len(seeds) == len(set(seeds)) == 2 * 128 // 32
+
+
+def test_a_stop_saves_no_diverged_weights(tmp_path, monkeypatch, capsys):
+    """A stop between the every-10-steps checks of the weights: the checkpoint
+    it would save is refused, as any of diverged weights is."""
+    checks = iter(range(100))
+    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 9)
+    assert train(tmp_path / "run", "--epochs", "2", "--lr", "1e30", "--train-limit", "512") == 1
+    assert "training diverged in epoch 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / trainer.CHECKPOINT).exists()
 
 
 def test_a_checkpoint_without_partial_seconds_resumes(tmp_path, uninterrupted, monkeypatch):
@@ -675,6 +724,8 @@ def test_incompatible_checkpoints_name_the_difference(tmp_path, capsys):
     assert "growth_rate is 4 in the checkpoint but 6 now" in capsys.readouterr().err
     assert train(out, "--epochs", "2", "--resume", "--lr", "0.05") == 2
     assert "lr is 0.1 in the checkpoint but 0.05 now" in capsys.readouterr().err
+    assert train(out, "--epochs", "2", "--resume", "--seed", "1") == 2  # (other data order and augmentation)
+    assert "seed is 0 in the checkpoint but 1 now" in capsys.readouterr().err
     assert train(out, "--epochs", "1", "--resume", "--test-limit", "32") == 0  # nothing left to train
     assert "test accuracy" in (said := capsys.readouterr().out) and "(as the checkpoint recorded it)" in said
     assert train(out, "--epochs", "1", "--resume") == 0
