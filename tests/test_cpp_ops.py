@@ -7,6 +7,8 @@ against the CPU ones (alignment, NaN and Inf, determinism)."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 import torch
 from torch import Tensor
@@ -117,26 +119,36 @@ def test_transition_passes_opcheck_in_1d_and_3d(op, spatial):
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), op_arguments(spatial=spatial)[op])
 
 
+def tensors_after(fn, args: Sequence) -> list[Tensor]:
+    """``fn`` called on copies of ``args``: the tensors among them (which it may
+    write), then the tensors it returned."""
+    copies = [a.clone() if isinstance(a, Tensor) else a for a in args]
+    out = fn(*copies)
+    outputs = out if isinstance(out, tuple) else () if out is None else (out,)
+    return [a for a in copies if isinstance(a, Tensor)] + [o for o in outputs if isinstance(o, Tensor)]
+
+
+def on_threads(counts: Sequence[int], run) -> list:
+    """``run()`` with each number of torch threads in turn (restored after)."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(run())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("m, spatial", [(37, (5, 3)), (5003, (61, 47))], ids=["one_tile", "many_tiles"])
 def test_results_do_not_depend_on_the_thread_count(m, spatial):
     """Fixed chunks, partial sums added in chunk order: bitwise equal on 1 and 2 threads."""
     def run() -> list[Tensor]:
-        results = []
-        for name, args in op_arguments(m=m, spatial=spatial).items():
-            args = [a.clone() if isinstance(a, Tensor) else a for a in args]
-            out = getattr(torch.ops.densenet_fast, name)(*args)
-            outputs = out if isinstance(out, tuple) else () if out is None else (out,)
-            results += [a for a in args if isinstance(a, Tensor)] + list(outputs)
-        return results
+        return [t for name, args in op_arguments(m=m, spatial=spatial).items()
+                for t in tensors_after(getattr(torch.ops.densenet_fast, name), args)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        first = run()
-        torch.set_num_threads(2)
-        second = run()
-    finally:
-        torch.set_num_threads(threads)
+    first, second = on_threads((1, 2), run)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -164,17 +176,12 @@ def test_weight_gradient_at_several_row_groups_and_column_blocks(op, c, k, spati
         z = torch.nn.functional.avg_pool2d(z.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     expected = grad_out.double().reshape(-1, k).t() @ z.reshape(-1, c)
 
-    def grad_weight(threads: int) -> Tensor:
-        torch.set_num_threads(threads)
+    def grad_weight() -> Tensor:
         grad_x = random_buffer(spatial, c, dtype, torch.Generator().manual_seed(15))
         return getattr(torch.ops.densenet_fast, op)(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out,
                                                     grad_x)[0]
 
-    threads = torch.get_num_threads()
-    try:
-        results = [grad_weight(n) for n in (1, 2, 3)]
-    finally:
-        torch.set_num_threads(threads)
+    results = on_threads((1, 2, 3), grad_weight)
     assert_same_numbers(results[0], expected, TOLERANCE[dtype], "grad_weight")
     assert all(torch.equal(results[0], other) for other in results[1:])
 
@@ -332,12 +339,7 @@ def test_float16_weight_gradient_where_a_tile_overflows():
 def assert_as_torch_backend(method: str, *args) -> None:
     """``CppBackend.<method>`` against ``TorchBackend.<method>`` on copies of
     ``args``: every tensor it returns or writes, NaN and Inf where torch's are."""
-    results = []
-    for backend in (CPP, TORCH):
-        copies = [a.clone() if isinstance(a, Tensor) else a for a in args]
-        out = getattr(backend, method)(*copies)
-        outputs = out if isinstance(out, tuple) else () if out is None else (out,)
-        results.append([a for a in copies if isinstance(a, Tensor)] + [o for o in outputs if isinstance(o, Tensor)])
+    results = [tensors_after(getattr(backend, method), args) for backend in (CPP, TORCH)]
     for i, (actual, expected) in enumerate(zip(*results)):
         assert_same_numbers(actual, expected, TOLERANCE[expected.dtype], f"{method}, tensor {i}")
 
@@ -398,15 +400,9 @@ def test_channel_stats_do_not_depend_on_the_thread_count():
     leaves out: chunks fixed by the rows, not by the threads (its float64 sums;
     the backend's float32 statistics round the difference away)."""
     x = channel_range((200_003,), 17, torch.float32, torch.Generator().manual_seed(24))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(torch.ops.densenet_fast.channel_stats(x, torch.zeros(17, dtype=torch.float64)))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    shift = torch.zeros(17, dtype=torch.float64)
+    first, second = on_threads((1, 2), lambda: torch.ops.densenet_fast.channel_stats(x, shift))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
