@@ -150,6 +150,9 @@ class Architecture:
                              f"{self.spatial_dims!r}")
         if self.tree == "monai" and self.stem != "imagenet":
             raise ValueError("MONAI's tree has ImageNet's stem")
+        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, numbers.Real) \
+                or not 0 <= self.drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
 
     @staticmethod
     def of(model: torch.nn.Module) -> "Architecture":
@@ -169,13 +172,14 @@ class Architecture:
     @staticmethod
     def named(name: str, depth: Optional[int] = None, growth_rate: Optional[int] = None,
               num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-              spatial_dims: int = 2, tree: Optional[str] = None) -> "Architecture":
+              spatial_dims: int = 2, tree: Optional[str] = None, drop_rate: float = 0.0) -> "Architecture":
         """``densenet121`` (161, 169, 201, 264) or ``densenet_bc`` with ``depth``
         (``6n + 4``) and ``growth_rate`` (12), as the constructors of the same name
         build them in ``tree``: torchvision's for images (the default for
         ``spatial_dims`` 2), MONAI's (:mod:`densenet_fast.monai`; the default
         otherwise; DenseNet-BC as MONAI's ``DenseNet`` with ImageNet's stem and
-        ``init_features=2k``)."""
+        ``init_features=2k``); ``drop_rate``: torchvision's ``drop_rate``, MONAI's
+        ``dropout_prob`` (whole channels in 2-D and 3-D, as MONAI's ``Dropout2d/3d``)."""
         tree = tree or ("torchvision" if spatial_dims == 2 else "monai")
         if name == "densenet_bc":
             n = bc_layers_per_block(100 if depth is None else depth)
@@ -192,7 +196,8 @@ class Architecture:
                                 num_classes=1000 if num_classes is None else num_classes)
         stem = "imagenet" if tree == "monai" else arch.stem
         return replace(arch, in_channels=arch.in_channels if in_channels is None else in_channels, stem=stem,
-                       spatial_dims=spatial_dims, tree=tree)
+                       spatial_dims=spatial_dims, tree=tree, drop_rate=drop_rate,
+                       channel_dropout=bool(drop_rate) and tree == "monai" and spatial_dims > 1)
 
     def with_depth(self, depth: int) -> "Architecture":
         """The DenseNet-BC of ``depth`` in this tree, with this growth rate,

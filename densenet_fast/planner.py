@@ -11,7 +11,9 @@ measured on the CPU (``densenet_fast/policy_costs.json``).
     python -m densenet_fast plan --model densenet_bc --depth 400 --growth-rate 12 \\
         --batch 16 --image-size 32 --budget 2GiB [--json]
 
-``densenet_fast.plan(...)`` returns the same as plain data.  Budgets cover the
+``densenet_fast.plan(...)`` returns the same as plain data.  The command's exit
+status is 1 when a budget is given and nothing fits it (the plan is printed all
+the same), 2 for bad arguments, 0 otherwise.  Budgets cover the
 whole step: parameters, gradients and optimizer state (``persistent_bytes``)
 plus the peak of the step above them (``step_bytes``).  Explained in
 docs/memory.md.
@@ -197,15 +199,18 @@ def refusal(arch: Architecture, setup: Setup, budget: int, recompute: Union[str,
 
 
 def describe_model(arch: Architecture) -> str:
+    """E.g. ``"3-D DenseNet-121"`` or ``"DenseNet-BC-100 (k=12), dropout 0.2"``."""
+    dropout = f", dropout {arch.drop_rate:g}" + (" (whole channels)" if arch.channel_dropout else "") \
+        if arch.drop_rate else ""
     if arch.depth is not None:
         width = f", bn_size {arch.bn_size}" if arch.bn_size != 4 else ""
-        return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate}{width})"
+        return f"{dims_text(arch)}DenseNet-BC-{arch.depth} (k={arch.growth_rate}{width}){dropout}"
     shape = (arch.growth_rate, arch.block_config, arch.num_init_features)
     name = next((n for n, named in NAMED_MODELS.items() if named == shape and arch.stem == "imagenet"
                  and arch.bn_size == 4), None)
     if name is not None:  # densenet121 -> DenseNet-121
-        return f"{dims_text(arch)}DenseNet-{name[len('densenet'):]}"
-    return f"{dims_text(arch)}DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem)"
+        return f"{dims_text(arch)}DenseNet-{name[len('densenet'):]}{dropout}"
+    return f"{dims_text(arch)}DenseNet (k={arch.growth_rate}, blocks {arch.block_config}, {arch.stem} stem){dropout}"
 
 
 def dims_text(arch: Architecture) -> str:
@@ -325,7 +330,8 @@ def indexed(device: Union[str, torch.device]) -> torch.device:
 
 def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, depth: Optional[int] = None,
          growth_rate: Optional[int] = None, num_classes: Optional[int] = None, in_channels: Optional[int] = None,
-         batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32, dtype: Union[None, str, torch.dtype] = None,
+         drop_rate: Optional[float] = None, batch: int = 64, image_size: Union[int, tuple[int, ...]] = 32,
+         dtype: Union[None, str, torch.dtype] = None,
          autocast: Union[None, str, torch.dtype] = None, device: Optional[str] = None, backend: Optional[str] = None,
          optimizer: Union[None, str, OptimizerSpec] = None, budget: Union[None, int, str] = None,
          offload: Optional[bool] = None, threads: Optional[int] = None) -> dict:
@@ -333,7 +339,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
 
     ``model``: a name (``densenet_bc`` with ``depth``/``growth_rate``, or
     ``densenet121`` ...; with an ``image_size`` of three sides, ``(D, H, W)``,
-    MONAI's tree of that shape for volumes), an
+    MONAI's tree of that shape for volumes; ``drop_rate``: the dropout after
+    each dense layer), an
     :class:`~densenet_fast.memory.Architecture`, a :class:`densenet_fast.DenseNet`
     or a :class:`densenet_fast.monai.DenseNet`; an ``image_size`` of one int is
     that side in every spatial dimension.  ``dtype``, ``device``, ``backend`` and
@@ -353,9 +360,10 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         image_size = int(image_size)
     elif isinstance(image_size, (str, bool)) or not isinstance(image_size, Sequence):
         raise TypeError(f"image_size is one side (an int) or a tuple of sides, got {image_size!r}")
-    if not isinstance(model, str) and any(v is not None for v in (depth, growth_rate, num_classes, in_channels)):
-        raise ValueError("depth, growth_rate, num_classes and in_channels shape a named model; this model is given "
-                         "whole")
+    if not isinstance(model, str) and any(v is not None for v in (depth, growth_rate, num_classes, in_channels,
+                                                                  drop_rate)):
+        raise ValueError("depth, growth_rate, num_classes, in_channels and drop_rate shape a named model; this model "
+                         "is given whole")
     if isinstance(model, Architecture):
         arch = model
     elif isinstance(model, torch.nn.Module):
@@ -369,7 +377,7 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
         offload = getattr(model, "memory_offload", False) if offload is None else offload
     else:
         dims = 2 if isinstance(image_size, int) else len(image_size)
-        arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims)
+        arch = Architecture.named(model, depth, growth_rate, num_classes, in_channels, dims, drop_rate=drop_rate or 0.0)
     if isinstance(image_size, int):
         image_size = (image_size,) * arch.spatial_dims
     setup = Setup(batch, image_size, dtype or torch.float32, autocast, device or "cpu", backend,
@@ -390,7 +398,8 @@ def plan(model: Union[str, Architecture, torch.nn.Module] = "densenet_bc", *, de
             policies["auto"] = {**entry(leanest, budget), "error": refusal(arch, setup, budget, "auto")}
     out = {"model": {"description": describe_model(arch), "depth": arch.depth, "growth_rate": arch.growth_rate,
                      "block_config": list(arch.block_config), "num_init_features": arch.num_init_features,
-                     "bn_size": arch.bn_size, "num_classes": arch.num_classes, "in_channels": arch.in_channels,
+                     "bn_size": arch.bn_size, "drop_rate": arch.drop_rate, "channel_dropout": arch.channel_dropout,
+                     "num_classes": arch.num_classes, "in_channels": arch.in_channels,
                      "stem": arch.stem, "spatial_dims": arch.spatial_dims, "tree": arch.tree,
                      "parameters": arch.parameter_count()},
            "setup": {"batch": setup.batch, "image_size": list(setup.image_size), "dtype": str(setup.dtype)[6:],
@@ -444,6 +453,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="(default: the model's; 10 for densenet_bc)")
     parser.add_argument("--in-channels", type=int, default=None,
                         help="channels of the input (default 3; CT and MRI volumes have 1)")
+    parser.add_argument("--drop-rate", type=float, default=None,
+                        help="dropout after each dense layer, in [0, 1) (default: none)")
     parser.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, nargs="+", default=[32],
                         help="S (a square image), H W, or D H W (a volume: MONAI's tree of the model; default: 32)")
@@ -469,11 +480,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size takes 1 to 3 sides, got {len(args.image_size)}")
     image_size = tuple(args.image_size) if len(args.image_size) > 1 else args.image_size[0]
     result = plan(args.model, depth=args.depth, growth_rate=args.growth_rate, num_classes=args.num_classes,
-                  in_channels=args.in_channels, batch=args.batch, image_size=image_size, dtype=args.dtype,
+                  in_channels=args.in_channels, drop_rate=args.drop_rate, batch=args.batch, image_size=image_size,
+                  dtype=args.dtype,
                   autocast=args.autocast, device=args.device, backend=args.backend, optimizer=args.optimizer,
                   budget=args.budget, offload=args.offload, threads=args.threads)
     print(json.dumps(result, indent=1) if args.json else report(result))
-    return 0
+    return 1 if result["policies"]["auto"] is not None and "error" in result["policies"]["auto"] else 0
 
 
 def report(result: dict) -> str:

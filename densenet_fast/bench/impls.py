@@ -34,12 +34,15 @@ IMAGENET_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which network: ``name`` is ``densenetXXX`` or ``densenet_bc``."""
+    """Which network: ``name`` is ``densenetXXX`` or ``densenet_bc``; ``drop_rate``
+    the dropout after each dense layer (torchvision's ``drop_rate``, MONAI's
+    ``dropout_prob``)."""
 
     name: str
     depth: int = 100
     growth_rate: int = 12
     num_classes: int = 10
+    drop_rate: float = 0.0
 
     @staticmethod
     def parse(text: str, growth_rate: int = 12, num_classes: int | None = None) -> "ModelSpec":
@@ -56,11 +59,13 @@ class ModelSpec:
         raise ValueError(f"unknown model {text!r}: use one of {IMAGENET_MODELS} or densenet_bc-<depth>")
 
     def label(self) -> str:
+        dropout = f", dropout {self.drop_rate:g}" if self.drop_rate else ""
         if self.name == "densenet_bc":
-            return f"DenseNet-BC-{self.depth} (k={self.growth_rate})"
+            return f"DenseNet-BC-{self.depth} (k={self.growth_rate}{dropout})"
         if self.name.startswith("monai-densenet_bc-"):  # MONAI's DenseNet shaped as DenseNet-BC, in <d>d
-            return f"MONAI DenseNet-BC-{self.depth} (k={self.growth_rate}, {self.name.rsplit('-', 1)[1][:-1]}-D)"
-        return self.name
+            return f"MONAI DenseNet-BC-{self.depth} (k={self.growth_rate}, {self.name.rsplit('-', 1)[1][:-1]}-D" \
+                   f"{dropout})"
+        return self.name + (f" ({dropout[2:]})" if dropout else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,9 +105,10 @@ def torchvision_model(spec: ModelSpec, memory_efficient: bool) -> nn.Module:
     """torchvision's DenseNet for ``spec`` (with the 3x3 stem for DenseNet-BC)."""
     import torchvision.models as tvm
     if spec.name != "densenet_bc":
-        return getattr(tvm, spec.name)(num_classes=spec.num_classes, memory_efficient=memory_efficient)
+        return getattr(tvm, spec.name)(num_classes=spec.num_classes, memory_efficient=memory_efficient,
+                                       drop_rate=spec.drop_rate)
     n, k = (spec.depth - 4) // 6, spec.growth_rate
-    model = tvm.DenseNet(growth_rate=k, block_config=(n, n, n), num_init_features=2 * k,
+    model = tvm.DenseNet(growth_rate=k, block_config=(n, n, n), num_init_features=2 * k, drop_rate=spec.drop_rate,
                          num_classes=spec.num_classes, memory_efficient=memory_efficient)
     stem = nn.Conv2d(3, 2 * k, kernel_size=3, padding=1, bias=False)
     nn.init.kaiming_normal_(stem.weight)
@@ -115,7 +121,7 @@ def fast_model(spec: ModelSpec, backend: str, policy: str, memory_budget: float 
     """densenet_fast's model for ``spec`` (torchvision is not imported)."""
     from .. import models
     options = {"backend": None if backend == "auto" else backend, "recompute": policy,
-               "num_classes": spec.num_classes, "memory_budget": memory_budget}
+               "num_classes": spec.num_classes, "drop_rate": spec.drop_rate, "memory_budget": memory_budget}
     if spec.name == "densenet_bc":
         return models.densenet_bc(spec.depth, spec.growth_rate, **options)
     return getattr(models, spec.name)(**options)

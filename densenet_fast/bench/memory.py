@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW (volumes, MONAI's trees)")
     parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
+    parser.add_argument("--drop-rate", type=drop_rate, default=0.0,
+                        help="dropout after each dense layer, in [0, 1) (torchvision's drop_rate; MONAI's "
+                             "dropout_prob, whole channels on images and volumes; default: none)")
     parser.add_argument("--offload", action="store_true",
                         help="the forward and loss under save_on_cpu on CUDA (train --offload); on the CPU a stand-in "
                              "that keeps the saved tensors in a file (densenet_fast.bench.impls.offloaded)")
@@ -55,25 +59,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(steps=STEADY_STEPS)
 
 
+def drop_rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a dropout probability is in [0, 1), got {text}")
+    return value
+
+
 def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
+    """The model and batch of ``MODEL:BATCH``, with ``--drop-rate`` (absent from older results: 0)."""
     model, _, batch = text.rpartition(":")
     if not model or not batch.isdecimal():
         raise ValueError(f"a point is MODEL:BATCH, got {text!r}")
     if model.startswith(monai_impls.PREFIX + "densenet_bc-"):
         bc = ModelSpec.parse(model[len(monai_impls.PREFIX):], args.growth_rate)
-        return monai_impls.bc_spec(bc.depth, bc.growth_rate, args.image_size), int(batch)
-    if model.startswith(monai_impls.PREFIX):
-        return monai_impls.parse(model, args.image_size), int(batch)
-    if isinstance(args.image_size, list):
+        spec = monai_impls.bc_spec(bc.depth, bc.growth_rate, args.image_size)
+    elif model.startswith(monai_impls.PREFIX):
+        spec = monai_impls.parse(model, args.image_size)
+    elif isinstance(args.image_size, list):
         raise ValueError(f"--image-size {args.image_size}: several sides are for MONAI's trees (monai-...)")
-    return ModelSpec.parse(model, args.growth_rate), int(batch)
+    else:
+        spec = ModelSpec.parse(model, args.growth_rate)
+    return replace(spec, drop_rate=getattr(args, "drop_rate", 0.0)), int(batch)
 
 
 def architecture(spec: ModelSpec) -> Architecture:
     if monai_impls.is_monai(spec):
         return monai_impls.architecture(spec)
     depth = spec.depth if spec.name == "densenet_bc" else None
-    return Architecture.named(spec.name, depth, spec.growth_rate if depth else None, spec.num_classes)
+    return Architecture.named(spec.name, depth, spec.growth_rate if depth else None, spec.num_classes,
+                              drop_rate=spec.drop_rate)
 
 
 def setup_of(args: argparse.Namespace, batch: int) -> Setup:

@@ -91,7 +91,7 @@ def checkpoint_dense_layers(model: nn.Module) -> nn.Module:
 def constructor_arguments(spec: ModelSpec) -> dict:
     """The keyword arguments of the MONAI class that builds ``spec``."""
     arch, dims = _arch_and_dims(spec)
-    kwargs = dict(spatial_dims=dims, in_channels=1, out_channels=spec.num_classes)
+    kwargs = dict(spatial_dims=dims, in_channels=1, out_channels=spec.num_classes, dropout_prob=spec.drop_rate)
     if arch == "densenet_bc":
         n, k = (spec.depth - 4) // 6, spec.growth_rate
         kwargs.update(init_features=2 * k, growth_rate=k, block_config=(n, n, n))
@@ -103,7 +103,7 @@ def architecture(spec: ModelSpec) -> Architecture:
     arch, dims = _arch_and_dims(spec)
     depth, growth_rate = (spec.depth, spec.growth_rate) if arch == "densenet_bc" else (None, None)
     return Architecture.named(arch, depth, growth_rate, spec.num_classes, in_channels=1, spatial_dims=dims,
-                              tree="monai")
+                              tree="monai", drop_rate=spec.drop_rate)
 
 
 def build(impl: str, spec: ModelSpec, device: str, channels_last: bool, seed: int = 0,
