@@ -89,7 +89,10 @@ CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # where the checkpoint has one, not by its path: a moved dataset resumes; so does one whose test split alone changed
 # (a test sample repaired), where the checkpoint has the training split's own fingerprint (train_fingerprint).
 RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
-RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "num_classes", "in_channels", "batch_size", "lr",
+# Options added later, with the value every older checkpoint trained with (compared as that).
+OLDER_CHECKPOINTS_HAD = {"drop_rate": 0.0}
+RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "drop_rate", "num_classes", "in_channels",
+                     "batch_size", "lr",
                      "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
                      *RECORDED_SINCE)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
@@ -159,6 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"DenseNet-BC depth, 6n+4 ({default('depth')})")
     model.add_argument("--growth-rate", type=int, default=None, metavar="K",
                        help=f"DenseNet-BC growth rate ({default('growth_rate')})")
+    model.add_argument("--drop-rate", type=float, default=0.0, metavar="P",
+                       help="dropout after each dense layer (default: none; the paper's 0.2 is for CIFAR and SVHN "
+                            "without augmentation); on volumes whole channels, as MONAI's dropout_prob")
     model.add_argument("--backend", default=None, choices=BACKEND_NAMES,
                        help="primitive backend (default: automatic per device)")
     model.add_argument("--recompute", default=None, choices=(*models.RECOMPUTE_POLICIES, models.AUTO),
@@ -234,6 +240,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise TrainingError(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.momentum < 1:
         raise TrainingError(f"--momentum must be at least 0 and below 1, got {args.momentum}")
+    if not 0 <= args.drop_rate < 1:
+        raise TrainingError(f"--drop-rate must be at least 0 and below 1, got {args.drop_rate}")
     if args.nesterov and args.momentum == 0:
         raise TrainingError("--momentum 0 needs --no-nesterov (Nesterov momentum needs a momentum)")
     if not 0 <= args.weight_decay < math.inf:
@@ -445,8 +453,11 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
     if len(train_sampler) == 0:
         raise TrainingError(f"{len(data.train)} training {data.unit} do not fill one batch of "
                             f"{options['batch_size']}; lower --batch-size")
+    # Each iterator of a loader draws its workers' base seed: from a generator of its own, not torch's, which
+    # the dropout masks draw from and a checkpoint restores (a resumed epoch starts an iterator mid-epoch).
     loader_options = dict(num_workers=options["workers"], pin_memory=device.type == "cuda",
-                          persistent_workers=options["workers"] > 0)
+                          persistent_workers=options["workers"] > 0,
+                          generator=torch.Generator().manual_seed(options["seed"] + procs.rank))
     optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"], momentum=options["momentum"],
                                 nesterov=options["nesterov"], weight_decay=options["weight_decay"])
     return Run(options, procs, device, data, model, model, optimizer,
@@ -549,6 +560,7 @@ def describe(run: Run) -> str:
     volumes = f" of {'x'.join(map(str, data.size))}" if data.spatial_dims == 3 and data.size else ""
     return (f"training {options['model']}" + (" (3-D)" if data.spatial_dims == 3 else "")
             + (f" (depth {options['depth']}, growth rate {options['growth_rate']})" if options["depth"] else "")
+            + (f", dropout {options['drop_rate']:g}" if options["drop_rate"] else "")
             + f", {sum(p.numel() for p in run.model.parameters()):,} parameters, on {data.name}: "
               f"{len(data.train)} train / {len(data.test)} test {data.unit}{volumes}, {data.num_classes} classes; "
               f"augmentation: "
@@ -869,7 +881,7 @@ def new_run_directory(stem: str) -> str:
 def build_model(options: dict) -> nn.Module:
     """A DenseNet of densenet_fast (torchvision's module tree) for images."""
     kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
-                  backend=options["backend"])
+                  drop_rate=options.get("drop_rate", 0.0), backend=options["backend"])
     if options["model"] == "densenet_bc":
         return models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
     return MODELS[options["model"]](**kwargs)
@@ -894,7 +906,7 @@ def build_volume_model(options: dict) -> nn.Module:
     ``(depth - 4) / 6`` layers, ``2 * growth_rate`` stem channels and MONAI's stem
     (7x7x7 convolution and max pooling, each of stride 2)."""
     kwargs = dict(spatial_dims=3, in_channels=options["in_channels"], out_channels=options["num_classes"],
-                  backend=options["backend"])
+                  dropout_prob=options.get("drop_rate", 0.0), backend=options["backend"])
     if options["model"] != "densenet_bc":
         return MONAI_MODELS[options["model"]](**kwargs)
     depth, k = options["depth"], options["growth_rate"]
@@ -1199,7 +1211,7 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
-    saved = checkpoint["options"]
+    saved = {**OLDER_CHECKPOINTS_HAD, **checkpoint["options"]}
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
                    and (key not in RECORDED_SINCE or key in saved)

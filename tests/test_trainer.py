@@ -130,6 +130,9 @@ def test_unknown_model_option_or_command_is_refused(argv, message, capsys):
     (["--momentum", "1"], "--momentum must be at least 0 and below 1"),
     (["--momentum", "-0.9"], "--momentum must be at least 0 and below 1"),
     (["--momentum", "0"], "--momentum 0 needs --no-nesterov"),
+    (["--drop-rate", "1"], "--drop-rate must be at least 0 and below 1"),
+    (["--drop-rate=-0.1"], "--drop-rate must be at least 0 and below 1"),
+    (["--drop-rate", "nan"], "--drop-rate must be at least 0 and below 1"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, 0 or more"),
     (["--weight-decay=-1e-4"], "--weight-decay must be a finite number, 0 or more"),
     (["--seed", "-1"], "--seed must be from 0 to 2147483647"),
@@ -470,6 +473,40 @@ def test_two_stops_in_one_epoch_repeat_the_same_losses(tmp_path, uninterrupted, 
     monkeypatch.undo()
     assert train(out, "--resume") == 0
     assert metrics(out) == uninterrupted
+
+
+def test_dropout_trains_and_resumes_a_stop_with_the_same_losses(tmp_path, monkeypatch, capsys):
+    """``--drop-rate``: every dense layer drops with it (the masks follow torch's
+    generator, which a checkpoint restores, so a stop mid-epoch resumes with
+    the same losses); a resume with another rate is refused, and a checkpoint
+    from before the option resumes as the dropout-free run it was."""
+    assert train(tmp_path / "whole", "--epochs", "2", "--drop-rate", "0.3") == 0
+    assert ", dropout 0.3, " in capsys.readouterr().out
+    checks = iter(range(100))
+    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 2)  # step 1 of epoch 2
+    out = tmp_path / "halves"
+    assert train(out, "--epochs", "2", "--drop-rate", "0.3") == 130
+    monkeypatch.undo()
+    checkpoint = torch.load(out / trainer.CHECKPOINT, weights_only=True)
+    model = trainer.build_model(checkpoint["options"])
+    assert {layer.drop_rate for block in model.blocks() for layer in block.children()} == {0.3}
+    volumes = trainer.build_volume_model({**checkpoint["options"], "in_channels": 1})  # MONAI's: whole channels
+    assert {(type(m), m.p) for m in volumes.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)} == \
+        {(torch.nn.Dropout3d, 0.3)}
+    assert train(out, "--resume") == 2
+    assert "drop_rate is 0.3 in the checkpoint but 0.0 now" in capsys.readouterr().err
+    assert train(out, "--resume", "--drop-rate", "0.3") == 0
+    assert metrics(out) == metrics(tmp_path / "whole")
+    assert train(tmp_path / "plain", "--epochs", "2") == 0
+    assert metrics(tmp_path / "plain") != metrics(out)  # (the masks changed the losses)
+    old = tmp_path / "old"  # options without drop_rate: a run before the option, which had no dropout
+    assert train(old, "--epochs", "1") == 0
+    checkpoint = torch.load(old / trainer.CHECKPOINT, weights_only=True)
+    del checkpoint["options"]["drop_rate"]
+    torch.save(checkpoint, old / trainer.CHECKPOINT)
+    assert train(old, "--epochs", "2", "--resume", "--drop-rate", "0.3") == 2
+    assert "drop_rate is 0.0 in the checkpoint but 0.3 now" in capsys.readouterr().err
+    assert train(old, "--epochs", "2", "--resume") == 0
 
 
 def test_each_step_augments_with_a_generator_of_its_own(tmp_path, monkeypatch):
