@@ -29,7 +29,8 @@ from torch import nn
 
 from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
 from densenet_fast import train as trainer
-from densenet_fast.data import (AS_FLOAT32, Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset)
+from densenet_fast.data import (AS_FLOAT32, SPLIT_SEED, Augmentation, DatasetError, ShardedBatchSampler, augment,
+                                 load_dataset)
 
 try:
     import nibabel
@@ -167,8 +168,13 @@ def test_digits_has_a_fixed_stratified_held_out_split():
     again = load_dataset("digits")
     assert torch.equal(again.test.tensors[0], test_x)
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
     raw = load_digits()
     assert sorted(torch.cat([train_y, test_y]).tolist()) == sorted(raw.target.tolist())
+    # the test split is normalised by the training split's mean and deviation, not its own
+    raw_train, raw_test = (torch.from_numpy(x[:, None] / 16.0).float() for x in train_test_split(
+        raw.images, test_size=0.2, stratify=raw.target, random_state=SPLIT_SEED)[:2])
+    torch.testing.assert_close(test_x, (raw_test - raw_train.mean()) / raw_train.std())
 
 
 def write_cifar(root, *, num_classes=10, per_batch=8, seed=0, labels=None, test_labels=None):
@@ -257,6 +263,7 @@ def test_image_folder_tree(tmp_path, capsys):
     # a single class tree gets a stratified 20% held out
     single = load_dataset(str(tmp_path / "tree" / "train"), image_size=8)
     assert (len(single.train), len(single.test)) == (12, 3)
+    assert sorted(label for _, label in single.test.samples) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -282,6 +289,11 @@ def test_image_folder_tree(tmp_path, capsys):
     (lambda root: write_images(root, {"Train/cat": 5, "Train/dog": 5}), "has the folder(s) Train, which would be"),
     (lambda root: write_cifar(root, per_batch=4, labels=[0, 1, 0, 1], test_labels=[0, 9]),
      "the test split has the class(es) 9, which no training sample has"),
+    (lambda root: (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                                     b"labels": [0, -1]})), "labels must lie in"),
+    # a test split without one of training's classes: its emu folder would be index 1, training's dog
+    (lambda root: write_images(root, {"train/cat": 5, "train/dog": 5, "train/emu": 5, "val/cat": 1, "val/emu": 1}),
+     "val has classes ['cat', 'emu'], but"),
 ])
 def test_malformed_dataset_directories_are_named(tmp_path, make, message):
     assert_dataset_error(tmp_path, make, message)
@@ -300,7 +312,7 @@ def write_images(root, counts: dict) -> None:
 def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
     """Folders linked into a class count (torchvision's ImageFolder follows
     them; a link to a folder above ends), hidden files do not (macOS's
-    ``._0.png``), ``validation/`` is a test split, a class named ``train``
+    ``._0.png``), extensions in capitals do, ``validation/`` is a test split, a class named ``train``
     (of images) is a class, and a limit draws from every class."""
     write_images(tmp_path / "more", {"cat": 3})
     write_images(tmp_path / "tree", {"train/cat": 5, "train/dog/zz": 5, "Validation/cat": 2, "Validation/dog": 2})
@@ -308,8 +320,9 @@ def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
     os.symlink(tmp_path / "tree" / "train" / "dog" / "zz", tmp_path / "tree" / "train" / "dog" / "aa")
     os.symlink(tmp_path / "tree" / "train" / "dog", tmp_path / "tree" / "train" / "dog" / "loop")
     (tmp_path / "tree" / "train" / "dog" / "._0.png").write_bytes(b"AppleDouble")
+    shutil.copy(tmp_path / "more" / "cat" / "0.png", tmp_path / "tree" / "Validation" / "cat" / "CAMERA.PNG")
     data = load_dataset(str(tmp_path / "tree"), image_size=8)
-    assert (len(data.train), len(data.test), data.num_classes) == (13, 4, 2)
+    assert (len(data.train), len(data.test), data.num_classes) == (13, 5, 2)
     assert {os.path.basename(os.path.dirname(path)) for path, label in data.train.samples if label == 1} == {"aa"}
     assert sorted(label for _, label in data.limit(4, 2).train) == [0, 0, 1, 1]  # (the first four: cats only)
     write_images(tmp_path / "vehicles", {"bus": 5, "train": 5})
@@ -365,7 +378,9 @@ def test_augment_crops_and_flips_each_image_independently(augmentation, channels
         assert matches, f"image {i} is no crop/flip of its input"
         seen.update(matches)
     assert any(flip for _, _, flip in seen) == augmentation.flip
-    assert len({(dy, dx) for dy, dx, _ in seen}) > (1 if p else 0)
+    # every shift from 0 to 2p along each axis, drawn independently (not only diagonal ones)
+    assert {dy for dy, _, _ in seen} == {dx for _, dx, _ in seen} == set(range(2 * p + 1))
+    assert any(dy != dx for dy, dx, _ in seen) == (p > 0)
 
 
 def test_sharded_sampler_splits_each_epoch_and_resumes():
@@ -377,6 +392,9 @@ def test_sharded_sampler_splits_each_epoch_and_resumes():
     assert list(full) == batches[4:]
     full.set_epoch(3)
     assert list(full) != batches
+    other_seed = ShardedBatchSampler(50, 8, shuffle=True, drop_last=True, seed=4)
+    other_seed.set_epoch(1)  # (seed + epoch alone would be 3 + 2 again)
+    assert list(other_seed) != batches
     shards = [ShardedBatchSampler(50, 4, shuffle=True, drop_last=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for s in shards:
         s.set_epoch(2)
@@ -1090,6 +1108,8 @@ def test_volume_folder_with_labels_csv(tmp_path):
     assert (len(data.train), len(data.test), data.in_channels, data.size) == (8, 2, 2, (16, 16, 16))
     assert data.train[0][0].shape == (2, 16, 16, 16)
     assert sorted(label for _, label in data.test) == [0, 1]
+    write_volume_folder(tmp_path / "many", split=False, count=40)
+    assert load_dataset(str(tmp_path / "many")).test.samples == load_dataset(str(tmp_path / "many")).test.samples
 
 
 def test_labels_csv_with_a_byte_order_mark(tmp_path):
@@ -1126,6 +1146,12 @@ def test_medmnist3d_npz(tmp_path, monkeypatch, capsys):
     assert data.train.tensors[1].tolist() == arrays["train_labels"][:, 0].tolist()
     assert abs(data.train.tensors[0].mean()) < 1e-5
     assert data.augmentation == Augmentation(crop_padding=2, flip=False)  # no flips: left and right organs differ
+    raw_train = torch.from_numpy(arrays["train_images"] / np.float32(255)).float()[:, None]
+    torch.testing.assert_close(data.test.tensors[0], (torch.from_numpy(arrays["test_images"] / np.float32(255))
+                                                      .float()[:, None] - raw_train.mean()) / raw_train.std())
+    arrays["train_labels"][0] = (arrays["train_labels"][0] + 1) % 3  # relabelled, same shapes: another dataset
+    np.savez(tmp_path / "relabelled.npz", **arrays)
+    assert load_dataset(str(tmp_path / "relabelled.npz")).fingerprint() != data.fingerprint()
     # by name, in $MEDMNIST_ROOT (the medmnist package's file names); nothing downloaded
     monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
     assert load_dataset("organmnist3d").name == "organmnist3d"
@@ -1164,6 +1190,8 @@ VOLUME = np.zeros((4, 5, 6), np.float32)
                 write_labels(r, "file,label\na.npy,0\nb.npy,1\n")), "volumes differ in channels: a.npy has 1, b.npy has 2"),
     (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME), write_labels(r, "file,label\na.npy,0\nb.npy,0\n")),
      "every volume has the same label"),
+    (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME), write_labels(r, "file,label\na.npy,1\nb.npy,1\n")),
+     "every volume has the same label"),  # (class 0 absent: two class indices, one class)
     (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME),
                 write_labels(r, "file,label,split\na.npy,0,train\nb.npy,1,holdout\n")), "split must be train, test or val"),
     (lambda r: (save(r, "a.npy", VOLUME), save(r, "b.npy", VOLUME),
@@ -1196,6 +1224,27 @@ def test_volume_folder_details(tmp_path, monkeypatch):
     assert sorted((os.path.basename(path), label) for path, label in data.train.samples + data.test.samples) == \
         [("a.npy", 0), ("b.npy", 1), ("c.npy", 0), ("d.npy", 1)]
     assert data.fingerprint() == load_dataset(str(root)).fingerprint()
+
+
+def test_volume_folder_rows_are_read_as_written(tmp_path):
+    """Class names are sorted to indices whatever the rows' order, ``val`` rows
+    are the test split, the header may be capitalised, integer volumes (CT's
+    int16) come as float32, macOS's ``._`` files are no volumes, and integer
+    labels are the class indices."""
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in "abcd":
+        save(root, f"{name}.npy", rng.integers(-1000, 1000, (4, 5, 6)).astype(np.int16))
+    (root / "._a.npy").write_bytes(b"AppleDouble")
+    write_labels(root, "File,Label,Split\na.npy,lung,train\nb.npy,liver,train\nc.npy,lung,val\nd.npy,liver,val\n")
+    data = load_dataset(str(root))
+    named = lambda split: sorted((os.path.basename(path), label) for path, label in split.samples)  # noqa: E731
+    assert named(data.train) == [("a.npy", 1), ("b.npy", 0)] and named(data.test) == [("c.npy", 1), ("d.npy", 0)]
+    assert data.train[0][0].dtype == torch.float32
+    # labels that are integers are class indices as they are: 1 and 2 make 3 outputs (2 would be out of range)
+    write_labels(root, "file,label,split\na.npy,1,train\nb.npy,2,train\nc.npy,1,test\nd.npy,2,test\n")
+    assert load_dataset(str(root)).num_classes == 3
 
 
 def test_volume_with_nan_is_named_when_read(tmp_path):
