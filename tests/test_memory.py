@@ -814,6 +814,32 @@ def test_a_plan_is_made_again_for_a_new_classifier_or_thread_count():
         assert model.plan_for(2, 32).prediction.total_bytes != after.total_bytes
 
 
+@pytest.mark.filterwarnings("ignore::densenet_fast.models.MemoryPlanNotice", "ignore::RuntimeWarning")
+def test_a_policy_set_or_a_budget_removed_is_planned_again():
+    """A budget between ``recompute``'s and ``keep``'s step: a step planned under
+    ``recompute`` fits, ``keep`` set afterwards is checked again and refused (a
+    stored plan let it run over the budget); ``auto`` plans each batch and
+    applies each input's stored plan again (a batch after another kept the
+    other's policies); the budget of an ``auto`` model cannot be removed."""
+    model = densenet_bc(22, 4, recompute="recompute")
+    x = torch.randn(4, 3, 16, 16)
+    arch, setup = Architecture.of(model), Setup(4, 16, threads=torch.get_num_threads(), backend=model.backend)
+    keep, recompute = (predict(arch, setup, policy).total_bytes for policy in ("keep", "recompute"))
+    model.set_memory_budget((keep + recompute) // 2)
+    model(x).sum().backward()
+    model.set_recompute("keep")
+    with pytest.raises(MemoryBudgetError):
+        model(x)
+    model.set_recompute("auto")
+    policies = []
+    for batch in (4, 2, 4):
+        model(x[:batch]).sum().backward()
+        policies.append(tuple(block.recompute for block in model.blocks()))
+    assert policies[0] != policies[1] == ("keep",) * 3 and policies[2] == policies[0]
+    with pytest.raises(ValueError, match='recompute="auto" needs a memory budget'):
+        model.set_memory_budget(None)
+
+
 def test_blocks_whose_dropout_differs_are_not_planned():
     """The memory model describes one dropout in every dense layer (it read the
     first layer's): a model whose blocks differ is refused, not under-counted

@@ -4,6 +4,7 @@ outputs, gradients and running statistics as torchvision for the same weights,
 and a clear error for every bad input or argument."""
 
 import copy
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -284,6 +285,15 @@ def test_from_torchvision_copies_replaced_modules():
     del tv.features.norm5
     with pytest.raises(TypeError, match="module tree differs"):
         from_torchvision(tv)
+    with pytest.raises(TypeError, match="from_torchvision takes backend, recompute and memory_budget, got recompte"):
+        from_torchvision(plain, recompte="recompute")
+    # a one-channel stem: the copy takes one channel, and its budget plans it (a stem unlike the constructor's
+    # was refused by the planner)
+    _, grey = make_pair(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    grey.features.conv0 = nn.Conv2d(1, 8, 7, 2, 3, bias=False)
+    ours = from_torchvision(grey, memory_budget="1GiB")
+    assert ours.in_channels == 1 and ours.memory_budget == 2**30 and ours.memory_model_blocker() is None
+    ours.plan_for(2, 32)
 
 
 def old_style_keys(state_dict: dict) -> dict:
@@ -314,6 +324,26 @@ def test_weights_file_loads(tmp_path, style):
     for weights in (path, str(path), torch.load(path)):
         loaded = densenet121(weights=weights).state_dict()
         assert_all_close({k: loaded[k] for k in expected}, expected, 0.0, "loaded weights")
+    # strict: a file of another network, or missing a tensor, is refused, not loaded in part
+    partial = {k: v for k, v in state_dict.items() if k != "classifier.weight"}
+    with pytest.raises(RuntimeError, match="Missing key.*classifier.weight"):
+        densenet121(weights=partial)
+    with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
+        densenet121(weights={**state_dict, "extra": torch.zeros(1)})
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return print, ("unpickling ran code",)
+
+
+def test_a_weights_file_that_would_run_code_is_refused(tmp_path, capsys):
+    """Weights files are read with ``weights_only=True``: a pickle that calls a
+    function when loaded is refused without calling it."""
+    torch.save({"features.conv0.weight": RunsCodeWhenUnpickled()}, tmp_path / "bad.pth")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        densenet121(weights=tmp_path / "bad.pth")
+    assert "unpickling ran code" not in capsys.readouterr().out
 
 
 # -- same weights, same numbers ------------------------------------------------------------
@@ -551,6 +581,8 @@ def test_recompute_takes_any_sequence_of_policies():
     import numpy as np
     policies = UserList(["keep", "recompute", "keep"])
     assert densenet_bc(10, 4, recompute=policies).recompute == ("keep", "recompute", "keep")
+    model = densenet_bc(16, 4, recompute=("keep", "keep", "recompute"))  # each block its own, in order
+    assert [block.recompute for block in model.blocks()] == ["keep", "keep", "recompute"]
     for bad in (np.array(["keep"] * 3), {"keep"}, None, False):  # no order, or which policy would it be?
         with pytest.raises(ValueError, match="recompute must be one of"):
             densenet_bc(10, 4).set_recompute(bad)
@@ -606,6 +638,8 @@ def test_a_block_put_in_later_shares_the_models_engine_settings():
     model.set_sync_group(group)
     assert model.features.denseblock2.engine is model.engine and model.engine.sync_group is group
     model.set_sync_group(None)
+    with pytest.raises(NotImplementedError, match="only stem='cifar' supports it"):  # norm0 would not synchronise
+        DenseNet(4, (2, 2), 8, num_classes=3).set_sync_group(group)
     model.features.denseblock1 = other.features.denseblock1
     model(torch.randn(2, 3, 8, 8))
     assert all(m.engine is model.engine for m in model.features.modules() if hasattr(m, "engine"))

@@ -8,6 +8,7 @@ checkpoints, ``pretrained`` and :func:`from_monai`."""
 import copy
 import re
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -278,6 +279,12 @@ def test_pretrained_loads_torchvisions_weights_as_monai(tmp_path, monkeypatch):
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
     loaded = "features.denseblock2.denselayer3.layers.norm1.weight"
     assert torch.equal(ours[loaded], state["features.denseblock2.denselayer3.norm.1.weight"])
+    # one input channel: MONAI leaves conv0 (of another shape) as initialised, and loads the rest
+    torch.manual_seed(2)
+    theirs = monai_nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=5, pretrained=True).state_dict()
+    torch.manual_seed(2)
+    ours = fast_monai.DenseNet121(spatial_dims=2, in_channels=1, out_channels=5, pretrained=True).state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
     with pytest.raises(NotImplementedError, match="spatial_dims"):
         fast_monai.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, pretrained=True)
 
@@ -331,6 +338,44 @@ def test_from_monai_copies_modules_weights_and_mode():
     assert_results_equal(forward_backward(converted, x, target), forward_backward(standard, x, target),
                          FLOAT64_RTOL, atol=ZERO_NOISE)
     assert concatenations(converted, x, target) == 0
+
+
+def test_from_monai_takes_the_options_of_the_constructors():
+    monai_model = monai_nets.DenseNet(2, 3, 2, init_features=8, growth_rate=4, block_config=(1, 1))
+    assert fast_monai.from_monai(monai_model, recompute="recompute").recompute == "recompute"
+    assert fast_monai.from_monai(monai_model, memory_budget="1GiB").memory_budget == 2**30
+    with pytest.raises(TypeError, match="from_monai takes backend, recompute and memory_budget, got recompte"):
+        fast_monai.from_monai(monai_model, recompte="recompute")
+
+
+def test_batchnorm_arguments_and_block_config_are_monais():
+    """``norm=("batch", {...})`` gives every BatchNorm MONAI's eps and momentum
+    (the fused stages read them: the same results and running statistics as
+    MONAI's), and a named network takes another ``block_config`` as MONAI's does."""
+    ours, theirs = make_pair(2, norm=("batch", {"eps": 1e-3, "momentum": 0.3}))
+    norms = [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all((m.eps, m.momentum) == (1e-3, 0.3) for m in norms)
+    x, target = random_batch(2, seed=1)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                         atol=ZERO_NOISE)
+    assert concatenations(ours, x, target) == 0
+    config = dict(spatial_dims=2, in_channels=1, out_channels=2, block_config=(2, 2))
+    ours, theirs = fast_monai.DenseNet121(**config), monai_nets.DenseNet121(**config)
+    assert len(ours.blocks()) == 2 and list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_a_head_rebuilt_with_another_module_runs_it():
+    """class_layers rebuilt with a Tanh before ``out``: the head runs MONAI's
+    modules (fused, the Tanh was skipped)."""
+    ours, theirs = make_pair(2)
+    for model in (ours, theirs):
+        head = model.class_layers
+        model.class_layers = nn.Sequential(OrderedDict([("relu", head.relu), ("pool", head.pool),
+                                                        ("flatten", head.flatten), ("tanh", nn.Tanh()),
+                                                        ("out", head.out)]))
+    x, target = random_batch(2, seed=2)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                         atol=ZERO_NOISE)
 
 
 def test_from_monai_copies_a_dense_layer_with_code_of_its_own():
