@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from densenet_fast.data import SPLIT_SEED, Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset
+from densenet_fast.data import (SPLIT_SEED, Augmentation, DatasetError, ShardedBatchSampler, augment, load_dataset,
+                                 stratified_subset)
 from dataset_files import (VOLUME, assert_dataset_error, save, write_cifar, write_images, write_labels,
                            write_volume_folder)
 
@@ -140,6 +141,19 @@ def test_augment_crops_and_flips_each_image_independently(augmentation, channels
     # every shift from 0 to 2p along each axis, drawn independently (not only diagonal ones)
     assert {dy for dy, _, _ in seen} == {dx for _, dx, _ in seen} == set(range(2 * p + 1))
     assert any(dy != dx for dy, dx, _ in seen) == (p > 0)
+
+
+def test_a_stratified_subset_gives_each_class_its_nearest_share():
+    """``--train-limit``/``--test-limit``: each class's count is its share of
+    ``n`` rounded to the nearest (a class of 1 in 100 gets none of 10; with
+    the first sample of each class taken first it got one), the same every
+    call, in the samples' order."""
+    labels = [0] * 99 + [1]
+    assert [labels[i] for i in stratified_subset(labels, 10)] == [0] * 10
+    labels = [i % 3 for i in range(30)]
+    chosen = stratified_subset(labels, 9)
+    assert chosen == sorted(chosen) == stratified_subset(labels, 9)
+    assert sorted(labels[i] for i in chosen) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_sharded_sampler_splits_each_epoch_and_resumes():
