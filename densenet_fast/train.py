@@ -92,9 +92,8 @@ RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
 # Options added later, with the value every older checkpoint trained with (compared as that).
 OLDER_CHECKPOINTS_HAD = {"drop_rate": 0.0}
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "drop_rate", "num_classes", "in_channels",
-                     "batch_size", "lr",
-                     "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed", "train_limit",
-                     *RECORDED_SINCE)
+                     "batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule", "amp", "seed",
+                     "train_limit", *RECORDED_SINCE)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_s",
                  "seconds")
 MAX_SEED = 2**31 - 1  # numpy seeds each process with seed + rank, below 2**32
@@ -240,10 +239,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise TrainingError(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.momentum < 1:
         raise TrainingError(f"--momentum must be at least 0 and below 1, got {args.momentum}")
-    if not 0 <= args.drop_rate < 1:
-        raise TrainingError(f"--drop-rate must be at least 0 and below 1, got {args.drop_rate}")
     if args.nesterov and args.momentum == 0:
         raise TrainingError("--momentum 0 needs --no-nesterov (Nesterov momentum needs a momentum)")
+    if not 0 <= args.drop_rate < 1:
+        raise TrainingError(f"--drop-rate must be at least 0 and below 1, got {args.drop_rate}")
     if not 0 <= args.weight_decay < math.inf:
         raise TrainingError(f"--weight-decay must be a finite number, 0 or more, got {args.weight_decay}")
     if not 0 <= args.seed <= MAX_SEED:
