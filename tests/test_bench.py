@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from densenet_fast import cli, planner
-from densenet_fast.bench import common, depth, harness, kernels, models
+from densenet_fast.bench import common, depth, harness, kernels, models, worker
 from densenet_fast.bench import memory as bench_memory
 from densenet_fast.memory import Architecture, Setup
 from densenet_fast.bench.impls import ModelSpec, Step, build, make_inputs, share_weights
@@ -95,6 +95,9 @@ def test_budget_search_pins_the_boundary(fake_workers, tmp_path):
     ratio = result["ratios_at_reference_depth"]  # at the sweep's deepest depth, by default
     assert set(ratio["fast-torch-recompute"]) == {f"{what}_over_{ref}" for what in ("memory", "time")
                                                   for ref in ("tv-eager", "tv-memeff")}
+    deepest = ModelSpec("densenet_bc", 40)  # ours over theirs, not theirs over ours
+    assert ratio["fast-torch-recompute"]["memory_over_tv-eager"] == pytest.approx(
+        fake_peak("fast-torch-recompute", deepest, 8) / fake_peak("tv-eager", deepest, 8))
     written = json.loads((tmp_path / "d.json").read_text())
     assert written["environment"]["settings"]["batch"] == 8 and "git_revision" in written["environment"]
     assert (tmp_path / "d.png").stat().st_size > 10_000
@@ -732,3 +735,105 @@ def test_policy_costs_times_auto_against_a_fixed_policy(tmp_path):
     assert len(row["auto_s_by_order"]) == len(row["recompute_s_by_order"]) == 2
     assert row["auto_policies"] == ["keep", "keep", "keep"]  # everything fits 256 MiB at depth 16
     assert row["auto_over_recompute"] > 0 and row["auto_over_recompute_predicted"] < 1
+
+
+# -- what the published numbers are made of ------------------------------------------------------
+def memory_settings(**more) -> argparse.Namespace:
+    return argparse.Namespace(image_size=32, growth_rate=12, drop_rate=0.0, dtype="float32", autocast=None,
+                              device="cpu", backend="torch", optimizer="sgd", threads=2, offload=False,
+                              no_plot=True, **more)
+
+
+def test_memory_errors_are_the_prediction_against_the_measurement(tmp_path, capsys):
+    """``error`` is predicted / measured - 1 for the step, ``total_error`` the same
+    for persistent + step, and the worst error is the largest in size."""
+    settings = memory_settings()
+    predicted = bench_memory.row(settings, "densenet_bc-16:2", "keep", {"status": "error"})
+    step, persistent = predicted["predicted_step_bytes"], 3 * MIB
+    rows = [bench_memory.row(settings, point, "keep", {"status": "ok", "peak_bytes": step / (1 + error),
+                                                       "persistent_bytes": persistent})
+            for point, error in (("densenet_bc-16:2", -0.3), ("densenet_bc-16:2", 0.1))]
+    assert [r["error"] for r in rows] == pytest.approx([-0.3, 0.1])
+    total = predicted["predicted_persistent_bytes"] + step
+    assert rows[0]["total_error"] == pytest.approx(total / (persistent + step / 0.7) - 1)
+    result = bench_memory.finish({}, rows, settings, tmp_path / "m.json")
+    assert result["worst"]["error"]["error"] == pytest.approx(-0.3)
+    assert "worst error of the step (peak above persistent): -30.0%" in capsys.readouterr().out
+
+
+def test_every_implementation_gets_the_same_inputs_and_tv_memeff_checkpoints():
+    spec = ModelSpec("densenet_bc", 10, growth_rate=4)
+    torch.manual_seed(0)
+    first = make_inputs(spec, 3, 8, "cpu", False)
+    torch.manual_seed(1)  # whatever drew from torch's generator before
+    assert all(torch.equal(a, b) for a, b in zip(first, make_inputs(spec, 3, 8, "cpu", False)))
+    for impl, checkpointed in (("tv-memeff", True), ("tv-eager", False)):
+        layers = [m for m in build(impl, spec, "cpu", False).modules() if hasattr(m, "memory_efficient")]
+        assert layers and all(layer.memory_efficient is checkpointed for layer in layers), impl
+
+
+def test_timed_steps_share_weights_after_untimed_warm_up_steps(monkeypatch):
+    """``bench models``' timing worker: every implementation's timed steps run on
+    the same weights and inputs, each after ``warmup`` untimed steps."""
+    calls, timed = {}, []
+    call = Step.__call__
+    monkeypatch.setattr(Step, "__call__", lambda step: (calls.__setitem__(id(step), calls.get(id(step), 0) + 1),
+                                                         call(step))[1])
+    monkeypatch.setattr(common, "time_once", lambda step, device: (
+        timed.append((calls.get(id(step), 0), {k: v.clone() for k, v in step.model.state_dict().items()}, step.x)),
+        step(), 1.0)[2])
+    spec = {"mode": "time", "impls": ["tv-eager", "fast-torch-keep"], "batch": 2, "image_size": 8, "device": "cpu",
+            "model": ModelSpec("densenet_bc", 10, 4).to_dict(), "warmup": 2, "repeats": 1}
+    result = worker.measure_time(spec)
+    assert {r["status"] for r in result["impls"].values()} == {"ok"} and len(timed) == 2
+    (before_a, weights_a, x_a), (before_b, weights_b, x_b) = timed
+    assert before_a == before_b == 2
+    assert torch.equal(x_a, x_b) and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_failures_are_named_as_what_they_are(monkeypatch, tmp_path):
+    """An out-of-memory error of either device is "oom" (a finding, not a failure),
+    a model whose own planner refuses is "refused" (it does not fit), a worker
+    that printed no result is an "error", a timeout measured nothing, and a
+    result name whose plot exists is taken."""
+    assert worker.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert worker.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not worker.is_out_of_memory(ValueError("bad input"))
+    monkeypatch.setattr(worker, "measure_memory", lambda spec: (_ for _ in ()).throw(
+        planner.MemoryBudgetError("nothing fits")))
+    assert worker.run({"mode": "memory"})["status"] == "refused"
+    args = argparse.Namespace(budget_gib=1.0)
+    assert depth.verdict({"status": "refused"}, args) is False and depth.verdict({"status": "timeout"}, args) is None
+    failed = common.outcomes["failed"]
+    monkeypatch.setattr(common, "_run_worker", lambda spec, timeout_s, limit: {"status": "timeout", "wall_s": 1.0})
+    common.run_worker({"impls": ["fast-torch-keep"]}, 1.0)
+    assert common.outcomes["failed"] == failed + 1
+    monkeypatch.undo()
+    monkeypatch.setattr(common.sys, "executable", "/bin/false")  # a worker that exits without a result line
+    assert common._run_worker({"impls": ["fast-torch-keep"]}, 30.0, None)["status"] == "error"
+    monkeypatch.undo()
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    (tmp_path / "x.png").write_bytes(b"")
+    assert common.new_result_path("x.json").name == "x-2.json"
+
+
+def test_warm_up_calls_and_steps_are_not_timed(fake_workers, monkeypatch, tmp_path):
+    calls = []
+    assert common.time_function(lambda: calls.append(1), "cpu", warmup=2, repeats=3) and len(calls) == 5
+    monkeypatch.setattr(harness.Runner, "memory", lambda self, impl, spec, batch, limit, timeout, train=True,
+                        memory_budget=None: {"status": "ok", "peak_bytes": MIB, "baseline_bytes": 0,
+                                             "step_seconds": [10.0, 10.0, 1.0, 2.0, 3.0]})
+    result = models.main(["--model", "densenet_bc-16", "--batch", "2", "--quick", "--impls", "fast-torch-keep",
+                          "--warmup", "2", "--repeats", "3", "--no-progress", "--out", str(tmp_path / "q.json")])
+    assert result["rows"][0]["train_step_s"] == 2.0  # the median of the three timed steps
+
+
+def test_runner_gives_the_worker_the_budget_of_auto(monkeypatch):
+    sent = []
+    monkeypatch.setattr(common, "run_worker", lambda spec, timeout_s, limit=None: sent.append(spec) or {})
+    args = argparse.Namespace(image_size=8, device="cpu", dtype="float32", autocast=None, channels_last=False,
+                              optimizer="sgd", steps=2, warmup=1, repeats=1, threads=1, full_warmup=False,
+                              malloc_default=False)
+    harness.Runner(args).memory("fast-torch-auto", ModelSpec("densenet_bc", 16), 2, None, 10.0,
+                                memory_budget=64 * MIB)
+    assert sent[0]["memory_budget"] == 64 * MIB
