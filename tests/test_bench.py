@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -837,3 +839,30 @@ def test_runner_gives_the_worker_the_budget_of_auto(monkeypatch):
     harness.Runner(args).memory("fast-torch-auto", ModelSpec("densenet_bc", 16), 2, None, 10.0,
                                 memory_budget=64 * MIB)
     assert sent[0]["memory_budget"] == 64 * MIB
+
+
+def watch(code: str, timeout_s: float, limit_bytes: float) -> str:
+    """Why ``common._watch`` stopped a Python child running ``code`` ("done" when it ran to its end)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        return common._watch(proc, lines, time.monotonic(), timeout_s, limit_bytes)[0] or "done"
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+
+
+def test_the_watcher_limits_the_growth_above_the_baseline_and_names_a_timeout():
+    """A worker is stopped when its resident memory grows more than the limit
+    above the baseline it announces (not when the baseline itself is above the
+    limit), and one that outlives its time is a timeout, not over the budget."""
+    grows = ("import time\nheld = b'1' * (200 * 2**20)\n"
+             "rss = int(open('/proc/self/statm').read().split()[1]) * {page}\n"
+             "print({prefix!r} + str(rss), flush=True)\nmore = b'2' * (20 * 2**20)\ntime.sleep(1)\n")
+    code = grows.format(page=mmap.PAGESIZE, prefix=common.BASELINE_PREFIX)
+    assert watch(code, 60, 50 * MIB) == "done"  # 20 MiB above a baseline of 200 MiB and more
+    assert watch(code, 60, 5 * MIB) == "over_budget"
+    assert watch("import time\ntime.sleep(30)\n", 0.5, 50 * MIB) == "timeout"
