@@ -595,6 +595,7 @@ def test_bad_points_are_refused_before_any_measurement_and_quick_takes_no_steps(
     for argv, message in ((["memory", "--points", "densenet_bc-10:2", "--compile"], "--compile adds"),
                           (["memory", "--points", "densenet_bc-10:2", "densenet_bc-10:0"], "batch must be a positive"),
                           (["memory", "--points", "monai-densenet_bc-16:1", "--image-size", "8x8x8"], "too small"),
+                          (["memory", "--points", "densenet_bc-10:2", "--drop-rate", "1"], "drop_rate must be in [0, 1)"),
                           (["models", "--model", "densenet121", "--growth-rate", "4"], "--growth-rate is for"),
                           (["kernels", "--device", "cpu", "--cuda-graphs"], "give --device cuda")):
         assert cli.main(["bench", *argv, "--out", str(tmp_path / "m.json")]) == 2  # (they were ignored)
@@ -740,16 +741,12 @@ def test_policy_costs_times_auto_against_a_fixed_policy(tmp_path):
 
 
 # -- what the published numbers are made of ------------------------------------------------------
-def memory_settings(**more) -> argparse.Namespace:
-    return argparse.Namespace(image_size=32, growth_rate=12, drop_rate=0.0, dtype="float32", autocast=None,
-                              device="cpu", backend="torch", optimizer="sgd", threads=2, offload=False,
-                              no_plot=True, **more)
-
-
 def test_memory_errors_are_the_prediction_against_the_measurement(tmp_path, capsys):
     """``error`` is predicted / measured - 1 for the step, ``total_error`` the same
     for persistent + step, and the worst error is the largest in size."""
-    settings = memory_settings()
+    settings = argparse.Namespace(image_size=32, growth_rate=12, drop_rate=0.0, dtype="float32", autocast=None,
+                                  device="cpu", backend="torch", optimizer="sgd", threads=2, offload=False,
+                                  no_plot=True)
     predicted = bench_memory.row(settings, "densenet_bc-16:2", "keep", {"status": "error"})
     step, persistent = predicted["predicted_step_bytes"], 3 * MIB
     rows = [bench_memory.row(settings, point, "keep", {"status": "ok", "peak_bytes": step / (1 + error),

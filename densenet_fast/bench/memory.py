@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=image_size, default=32,
                         help="side of square images, or DxHxW (volumes, MONAI's trees)")
     parser.add_argument("--growth-rate", type=common.at_least(1), default=12, help="k of densenet_bc")
-    parser.add_argument("--drop-rate", type=drop_rate, default=0.0,
+    parser.add_argument("--drop-rate", type=float, default=0.0,
                         help="dropout after each dense layer, in [0, 1) (torchvision's drop_rate; MONAI's "
                              "dropout_prob, whole channels on images and volumes; default: none)")
     parser.add_argument("--offload", action="store_true",
@@ -57,13 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that keeps the saved tensors in a file (densenet_fast.bench.impls.offloaded)")
     add_common_arguments(parser)
     parser.set_defaults(steps=STEADY_STEPS)
-
-
-def drop_rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"a dropout probability is in [0, 1), got {text}")
-    return value
 
 
 def parse_point(text: str, args: argparse.Namespace) -> tuple[ModelSpec, int]:
