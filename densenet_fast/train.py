@@ -880,7 +880,7 @@ def new_run_directory(stem: str) -> str:
 def build_model(options: dict) -> nn.Module:
     """A DenseNet of densenet_fast (torchvision's module tree) for images."""
     kwargs = dict(num_classes=options["num_classes"], in_channels=options["in_channels"],
-                  drop_rate=options.get("drop_rate", 0.0), backend=options["backend"])
+                  drop_rate=options["drop_rate"], backend=options["backend"])
     if options["model"] == "densenet_bc":
         return models.densenet_bc(options["depth"], options["growth_rate"], **kwargs)
     return MODELS[options["model"]](**kwargs)
@@ -905,7 +905,7 @@ def build_volume_model(options: dict) -> nn.Module:
     ``(depth - 4) / 6`` layers, ``2 * growth_rate`` stem channels and MONAI's stem
     (7x7x7 convolution and max pooling, each of stride 2)."""
     kwargs = dict(spatial_dims=3, in_channels=options["in_channels"], out_channels=options["num_classes"],
-                  dropout_prob=options.get("drop_rate", 0.0), backend=options["backend"])
+                  dropout_prob=options["drop_rate"], backend=options["backend"])
     if options["model"] != "densenet_bc":
         return MONAI_MODELS[options["model"]](**kwargs)
     depth, k = options["depth"], options["growth_rate"]

@@ -571,7 +571,8 @@ def test_monais_tree_is_the_model_the_benchmarks_and_the_trainer_build(dims):
     assert arch.parameter_count() == sum(p.numel() for p in built.parameters())
     assert arch.with_depth(40) == arch and arch.tree == "monai" and arch.stem == "imagenet"
     if dims == 3:
-        options = dict(model="densenet_bc", depth=40, growth_rate=12, in_channels=1, num_classes=2, backend=None)
+        options = dict(model="densenet_bc", depth=40, growth_rate=12, in_channels=1, num_classes=2, drop_rate=0.0,
+                       backend=None)
         assert Architecture.of(trainer.build_volume_model(options)) == arch
     with pytest.raises(ValueError, match="torchvision's tree"):
         Architecture.named("densenet_bc", 40, spatial_dims=3, tree="torchvision")

@@ -967,7 +967,7 @@ def gloo_threads() -> list[str]:
 
 def gloo_threads_left(stdout: str) -> dict[str, str]:
     """Rank -> the gloo threads it had left at its end, as the workers print them."""
-    return dict(re.findall(r"rank (\d+): gloo threads left: (\[.*?\])", stdout))
+    return dict(re.findall(r"rank (\d+): (?:status \d+; )?gloo threads left: (\[.*?\])", stdout))
 
 
 def test_the_header_gives_the_engine_settings(tmp_path, capsys):
@@ -1028,6 +1028,25 @@ def test_ddp_resumes_a_stop_at_an_epochs_last_step(tmp_path):
     assert float(again["train_accuracy"]) == pytest.approx(row["train_accuracy"])
 
 
+def test_ddp_with_dropout_resumes_a_stop_mid_epoch_with_the_same_losses(tmp_path):
+    """Two processes with dropout, stopped at step 2 of epoch 2 and resumed, end
+    with the uninterrupted run's losses: each process resumes its own generators
+    (its dropout masks draw from its global one, its loader from its own)."""
+    common = [os.path.abspath(__file__), "train-worker"]
+    recipe = [*TINY, "--epochs", "2", "--drop-rate", "0.3"]
+    result = torchrun(*common, *recipe, "--out", str(tmp_path / "whole"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "halves"
+    result = torchrun(*common, "--stop-at-check", "5", *recipe, "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d+: status \d+", result.stdout)) == ["rank 0: status 130", "rank 1: status 130"]
+    assert len(metrics(out)) == 1
+    result = torchrun(*common, *recipe, "--out", str(out), "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+    assert metrics(out) == metrics(tmp_path / "whole")
+
+
 def test_ddp_bad_input_is_one_line_per_process_and_leaves_the_groups(tmp_path):
     # the error comes right after a collective (the output directory check): the pattern that aborted
     result = torchrun(os.path.abspath(__file__), "train-worker", *TINY, "--batch-size", "5000", "--sync-bn", "--out",
@@ -1061,10 +1080,18 @@ def test_ddp_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path)
 
 
 def train_worker(argv: list[str]) -> int:
-    """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left."""
+    """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left.
+    ``--stop-at-check N`` first: every process is asked to stop at its check N (0 is
+    the first step's), as one process's stop request stops all, and the stop (130)
+    counts as success (torchrun would end the other process at a failure)."""
+    stop_at = None
+    if argv[:1] == ["--stop-at-check"]:
+        stop_at, argv = int(argv[1]), argv[2:]
+        checks = iter(range(10**6))
+        trainer._stop_requested = lambda stop, procs: next(checks) == stop_at
     status = cli.main(["train", *argv])
-    print(f"rank {os.environ['RANK']}: gloo threads left: {gloo_threads()}", flush=True)
-    return status
+    print(f"rank {os.environ['RANK']}: status {status}; gloo threads left: {gloo_threads()}", flush=True)
+    return 0 if stop_at is not None and status == 130 else status
 
 
 @pytest.mark.skipif(SYNC_BN_MISSING, reason="DenseNet.set_sync_group (synchronised batch statistics) does not exist yet")
