@@ -3,8 +3,11 @@ tests/test_backends.py, the model on every backend tests/test_engine.py): its
 ops (``torch.ops.densenet_fast_triton``) through opcheck, each primitive through
 its ops, the backward's two ops with the ``batch_mean`` hook between them, every
 configuration a GPU may launch against the torch backend at awkward shapes,
-BatchNorm folding, statistics merged over many tiles, choosing and pruning
-configurations, launches per layer, deterministic mode, refusals and devices.
+BatchNorm folding, statistics merged over many tiles and channel blocks,
+choosing and pruning configurations, launches per layer, deterministic mode,
+refusals and devices; and what the interpreter cannot show by values: the
+precision each ``tl.dot`` is given, sums over more splits than it runs, and
+which programs pass an arrival counter.
 
 Without a GPU they run under the Triton interpreter (tests/conftest.py sets
 ``TRITON_INTERPRET=1`` before anything imports triton), which runs programs one
@@ -18,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from typing import Callable
+from typing import Callable, Optional
 from unittest import mock
 
 import pytest
@@ -136,6 +139,50 @@ def test_forward_statistics_over_many_tiles(device):
     var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)
     assert_close(mean, mean64, 1e-6, "mean")
     assert_close(var, var64, 1e-4, "var")
+
+
+def test_statistics_of_two_channel_blocks_over_two_tile_groups(device):
+    """Each channel block has arrival counters of its own (one per group of 64
+    tiles, one for the groups): ``channel_stats`` at C = 70 (two blocks of 64)
+    over 66 tiles of 128 rows, and the forward's output statistics at K = 136
+    (two blocks of 128) over 66 tiles of 64 rows, the two blocks' programs
+    interleaved; against float64."""
+    g = torch.Generator().manual_seed(13)
+    m = 64 * 128 + 200
+    trend = torch.linspace(0, 20, m, device=device)[:, None]
+    x = channel_range((m,), 70, torch.float32, g, device, left=1, right=2).add_(trend)
+    mean, var = TRITON.channel_stats(x)
+    var64, mean64 = torch.var_mean(x.double().cpu(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "channel_stats mean")
+    assert_close(var, var64, 1e-5, "channel_stats var")
+    m = 64 * 64 + 100
+    x = channel_range((m,), 5, torch.float32, g, device, left=1, right=2).add_(trend[:m])
+    bn = make_bn(x, True, g)
+    weight = (torch.randn(136, 5, generator=g) * 0.1).to(device)
+    out = torch.empty(m, 136, device=device)
+    mean, var = TRITON.bn_relu_conv1x1(x, bn.scale, bn.shift + 3, weight, out, with_stats=True)
+    var64, mean64 = torch.var_mean(out.double().cpu(), dim=0, correction=0)
+    assert_close(mean, mean64, 1e-6, "forward mean")
+    assert_close(var, var64, 1e-4, "forward var")
+
+
+def test_forward_accumulates_fp16_products_in_fp32(device):
+    """fp16 outputs that fit fp16 (below 200) from running sums over the input
+    channels that do not: z is about 256 in each of 640 channels, the weight
+    about +1 on the first half and -1 on the second, so the sum passes 80000
+    (fp16's largest is 65504) before it comes back; against float64 of the
+    same fp16 values (x + 255 is exact in fp16: multiples of 1/4 near 1)."""
+    g = torch.Generator().manual_seed(19)
+    m, c, k = 37, 640, 8
+    x = (1 + torch.randint(-12, 13, (m, c), generator=g) / 4).to(device, torch.float16)
+    scale, shift = torch.ones(c, device=device), torch.full((c,), 255.0, device=device)
+    sign = torch.where(torch.arange(c) < c // 2, 1.0, -1.0)
+    weight = (sign * (1 + 0.01 * torch.rand(k, c, generator=g, dtype=torch.float64))).to(device, torch.float16)
+    out = torch.empty(m, k, device=device, dtype=torch.float16)
+    TRITON.bn_relu_conv1x1(x, scale, shift, weight, out, with_stats=False)
+    expected = (x.double().cpu() + 255).relu() @ weight.double().cpu().t()
+    assert expected.abs().max() < 200
+    assert_close(out, expected, TOLERANCE[torch.float16][1], "out")
 
 
 # -- the torch ops ----------------------------------------------------------------------
@@ -265,21 +312,18 @@ def test_every_primitive_runs_through_its_ops(batch_stats):
         assert sum(counter.triton.values()) == len(counter.ops) and not counter.outside_ops, (name, counter.triton)
 
 
-@pytest.mark.parametrize("primitive", ["bn_relu_conv1x1_backward", "bn_relu_backward", "transition_backward"])
-def test_pass_2_uses_the_batch_means_of_the_hook(device, primitive):
-    """The BN backward's two ops with ``batch_mean`` between them: the hook
-    gets pass 1's sums ``[sum dA, sum dA * xhat]``, and pass 2 forms
-    ``dx = scale * (dA - means[0] - xhat * means[1])`` from whatever it returns
-    (arbitrary means here, as an all-reduce over processes could give); against
-    float64 autograd for ``dA`` and ``dW``."""
-    g = torch.Generator().manual_seed(11)
-    c, k = 6, 5
-    shape = (2, 5, 7) if primitive == "transition_backward" else (41,)
-    x = channel_range(shape, c, torch.float32, g, device)
-    bn = make_bn(x, True, g)
-    coefficients = [bn.scale, bn.shift, bn.mean, bn.rstd]
-    weight = random_weight(k, c, torch.float32, g, device)
-    means = torch.randn(2, c, generator=g, dtype=torch.float64)
+BN_BACKWARDS = ["bn_relu_conv1x1_backward", "bn_relu_backward", "transition_backward"]
+
+
+def check_bn_backward(device: str, primitive: str, x: Tensor, coefficients: list[Tensor], weight: Tensor,
+                      g: torch.Generator, means: Optional[Tensor] = None) -> None:
+    """The BN backward ``primitive``'s two ops with ``batch_mean`` between them, at
+    fp32 ``x`` with BN ``coefficients`` ``[scale, shift, mean, rstd]``, against
+    float64 autograd: the hook gets pass 1's sums ``[sum dA, sum dA * xhat]``,
+    and pass 2 forms ``dx = scale * (dA - means[0] - xhat * means[1])`` from
+    what it returns (``means`` (2, C), or the batch's: the sums over the rows);
+    dgamma, dbeta and (where there is one) dW besides. The dense layer adds
+    into a random grad_x."""
     scale, shift, mean, rstd = (t.double().cpu() for t in coefficients)
     x64, w64 = x.double().cpu(), weight.double().cpu().requires_grad_()
     a = x64 * scale + shift
@@ -288,10 +332,12 @@ def test_pass_2_uses_the_batch_means_of_the_hook(device, primitive):
            "transition_backward": lambda: avg_pool64(z) @ w64.t()}[primitive]()
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grad_z, grad_w = torch.autograd.grad(out, (z, w64), grad_out, allow_unused=True)
-    grad_a = grad_z * (a > 0)
+    grad_a = grad_z * (a > 0)  # (torch's ReLU passes nothing where a is 0)
     xhat = (x64 - mean) * rstd
     rows = tuple(range(x.dim() - 1))
     sums = torch.stack([grad_a.sum(rows), (grad_a * xhat).sum(rows)])
+    if means is None:
+        means = sums / x[..., 0].numel()
     before = torch.randn(x.shape, generator=g, dtype=torch.float64) if primitive == "bn_relu_conv1x1_backward" \
         else torch.zeros(x.shape, dtype=torch.float64)  # the dense layer adds into grad_x
     expected_dx = before + scale * (grad_a - means[0] - xhat * means[1])
@@ -310,6 +356,92 @@ def test_pass_2_uses_the_batch_means_of_the_hook(device, primitive):
     assert_close(grads[-2], sums[1], TOLERANCE[torch.float32][1], "grad_gamma")
     assert_close(grads[-1], sums[0], TOLERANCE[torch.float32][1], "grad_beta")
     assert_close(grad_x, expected_dx, TOLERANCE[torch.float32][1], "grad_x")
+
+
+def batch_coefficients(x: Tensor, g: torch.Generator) -> list[Tensor]:
+    """``[scale, shift, mean, rstd]`` of a BatchNorm with ``x``'s batch statistics."""
+    bn = make_bn(x, True, g)
+    return [bn.scale, bn.shift, bn.mean, bn.rstd]
+
+
+@pytest.mark.parametrize("primitive", BN_BACKWARDS)
+def test_pass_2_uses_the_batch_means_of_the_hook(device, primitive):
+    """Pass 2 uses whatever means the hook returns (arbitrary ones here, as an
+    all-reduce over processes could give)."""
+    g = torch.Generator().manual_seed(11)
+    x = channel_range((2, 5, 7) if primitive == "transition_backward" else (41,), 6, torch.float32, g, device)
+    coefficients = batch_coefficients(x, g)
+    check_bn_backward(device, primitive, x, coefficients, random_weight(5, 6, torch.float32, g, device), g,
+                      means=torch.randn(2, 6, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("primitive", BN_BACKWARDS)
+def test_no_gradient_through_relu_where_the_bn_output_is_exactly_zero(device, primitive):
+    """torch's ReLU passes no gradient where its input is exactly 0 (as
+    ``threshold_backward``): scale 0.5 and x = -2 * shift make
+    a = x * scale + shift exactly 0 (with FMA or without) in half the pixels."""
+    g = torch.Generator().manual_seed(12)
+    c = 6
+    shape = (2, 5, 7) if primitive == "transition_backward" else (41,)
+    x = channel_range(shape, c, torch.float32, g, device)
+    scale, shift = torch.full((c,), 0.5, device=device), torch.randn(c, generator=g).to(device)
+    x[(torch.rand(shape, generator=g) < 0.5).to(device)] = -2 * shift
+    assert ((x * scale + shift) == 0).sum() >= x[..., 0].numel() // 3 * c
+    var, mean = torch.var_mean(x.reshape(-1, c).double(), dim=0, correction=0)
+    coefficients = [scale, shift, mean.float(), (var + 1e-5).rsqrt().float()]
+    check_bn_backward(device, primitive, x, coefficients, random_weight(5, c, torch.float32, g, device), g)
+
+
+@pytest.mark.parametrize("primitive", BN_BACKWARDS)
+def test_backward_with_more_splits_than_a_block_sums(monkeypatch, device, primitive):
+    """A GPU's reduce pass runs up to two splits per multiprocessor (264 on an
+    H200), the interpreter at most 3: with 21 (more than SPLITS_BLOCK) and a
+    row tile in each, both sums over the splits (dbeta and dgamma in pass 1,
+    dW in pass 2) take two steps of their loops."""
+    splits = 21
+    assert splits > bn_relu_conv.SPLITS_BLOCK
+    monkeypatch.setattr(bn_relu_conv, "num_splits", lambda *args: splits)
+    g = torch.Generator().manual_seed(14)
+    # a tile is 64 rows at most (dense), or 32 cells of a 9x11 image's 5x6 (transition), in the
+    # configurations the interpreter runs
+    shape = (24, 9, 11) if primitive == "transition_backward" else (splits * 64 + 5,)
+    x = channel_range(shape, 6, torch.float32, g, device)
+    check_bn_backward(device, primitive, x, batch_coefficients(x, g), random_weight(5, 6, torch.float32, g, device),
+                      g)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts the interpreter's arrivals")
+@pytest.mark.parametrize("k", [None, 120, 136], ids=["bn_relu", "one_k_block", "two_k_blocks"])
+def test_one_program_per_channel_block_sums_the_splits(monkeypatch, k):
+    """Only the first K block's programs form dbeta and dgamma and arrive at the
+    channel block's counter, so one program per channel block sums the
+    splits. (Were every K block's to arrive, the counter would be passed
+    twice a launch: on a GPU the first past it would sum splits not yet
+    written, and could store after the right sums. The interpreter runs
+    programs in turn and always ends on the right sums, so the programs that
+    pass the counter are counted.)"""
+    passed = []
+
+    def counting(counter_ptr, arrivals):
+        last = arrive_last(counter_ptr, arrivals)
+        passed.append((int(counter_ptr.handle.data.item()), bool(last.handle.data.item())))
+        return last
+
+    monkeypatch.setattr(bn_relu_conv, "arrive_last", counting)
+    g = torch.Generator().manual_seed(20)
+    c = 70  # two channel blocks of 64, or more of 32
+    x = channel_range((100,), c, torch.float32, g, "cpu")
+    coefficients = batch_coefficients(x, g)
+    splits = bn_relu_conv.backward_grid(common.rows(x), None if k is None else torch.empty(k, c), 1).splits
+    assert splits > 1
+    if k is None:
+        OPS.bn_relu_backward_sums(x, *coefficients, torch.randn(100, c, generator=g))
+    else:
+        OPS.bn_relu_conv1x1_backward_sums(x, *coefficients, torch.randn(k, c, generator=g),
+                                          torch.randn(100, k, generator=g))
+    arrivals = Counter(counter for counter, _ in passed)  # by channel block (its counter's address)
+    passes = Counter(counter for counter, last in passed if last)
+    assert len(arrivals) >= 2 and set(arrivals.values()) == {splits} and passes == Counter(arrivals.keys()), passed
 
 
 # -- every configuration a GPU may launch -----------------------------------------------
@@ -696,6 +828,32 @@ def test_fp32_dot_precision_follows_torch_tf32_switch_for_convolutions():
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "ieee"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records the interpreter's dots")
+def test_every_dot_takes_the_precision_of_torchs_tf32_switch(monkeypatch):
+    """The interpreter computes every ``tl.dot`` in full fp32 whatever its
+    ``input_precision``, so a dot given TF32 where torch's switch asks for fp32
+    (relative errors near 1e-3 on a GPU) passes every numeric check here: what
+    each dot is given is recorded instead (forward, both backward passes, with
+    one K block and with the K loop)."""
+    from triton.runtime import interpreter
+
+    precisions = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def recording(self, a, b, acc, input_precision, *args):
+        precisions.append(input_precision.name)
+        return create_dot(self, a, b, acc, input_precision, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", recording)
+    for allow_tf32, expected in ((False, "IEEE"), (True, "TF32")):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+        for one_k in (True, False):
+            monkeypatch.setattr(bn_relu_conv, "one_k_block", lambda has_gemm, k, dtype, device: not has_gemm or one_k)
+            precisions.clear()
+            layer_and_transition("cpu")
+            assert precisions and set(precisions) == {expected}, (allow_tf32, one_k, Counter(precisions))
 
 
 ALL_LAUNCHERS = [*bn_relu_conv._forward.values(), *bn_relu_conv._reduce.values(), *bn_relu_conv._dx.values(),
