@@ -350,7 +350,7 @@ class OptimizerSpec:
         """Parameter-list-sized temporaries of the foreach update (CUDA)."""
         if self.name == "sgd":
             return int(self.weight_decay != 0)  # Nesterov then updates that copy in place
-        return 1 + (self.name == "adam" and self.weight_decay != 0)
+        return 1  # sqrt(v): Adam's weight-decayed gradients are freed before it
 
 
 OPTIMIZER_PRESETS = {
@@ -981,8 +981,9 @@ class StepSimulation:
                 t.free("stem", stem_out)
         n, c_last, classes = self.setup.batch, self.channels[-1][1], self.arch.num_classes
         t.where = "classifier and loss"
-        # pooled features (saved by the classifier), logits, their fp32 copy and log-softmax
-        head_and_loss = [n * c_last * self.e, n * classes * self.e, n * classes * 4, n * classes * 4]
+        # pooled features (saved by the classifier), logits, their fp32 copy (none for fp32 logits), log-softmax
+        head_and_loss = [n * c_last * self.e, n * classes * self.e, n * classes * 4 if self.e != 4 else 0,
+                         n * classes * 4]
         t.alloc("head_and_loss", *head_and_loss)
         self.unpack(self.classifier_gradients())  # the classifier's weight and bias, for its backward
         t.alloc("gradients_released", *self.classifier_gradients())
@@ -1265,7 +1266,10 @@ class Workspace:
 
 
 class TorchWorkspace(Workspace):
-    """The torch backend: whole ``(M, C)`` temporaries in the statistics dtype."""
+    """The torch backend (densenet_fast/backends/torch_backend.py): whole ``(M, C)``
+    temporaries in the statistics dtype, each primitive's highest sum of them
+    alive at once. For 16-bit data ``to_stats`` is x's copy in the statistics
+    dtype, alive beside what is made from it."""
 
     def to_stats(self, m: int, c: int) -> float:
         """A copy into the statistics dtype (none when the data already is)."""
@@ -1274,26 +1278,28 @@ class TorchWorkspace(Workspace):
     def channel_stats(self, m, c):
         return self.to_stats(m, c) + m * c * self.s
 
-    def bn_relu_conv1x1(self, m, c, k, with_stats):
-        z = m * c * self.s + (m * c * self.e if self.e != self.s else 0)
-        return z + (self.channel_stats(m, k) if with_stats else 0)
-
     def bn_relu(self, m, c):
-        return m * c * self.s
+        return self.to_stats(m, c) + m * c * self.s  # x's copy beside z
+
+    def bn_relu_conv1x1(self, m, c, k, with_stats):
+        # z made (z's cast to the data dtype for the GEMM, beside z, is less than x's copy beside z);
+        # then the statistics of the output beside the cast z
+        return max(self.bn_relu(m, c), m * c * self.e + self.channel_stats(m, k) if with_stats else 0)
 
     def bn_relu_backward(self, m, c):
-        return self.to_stats(m, c) + 3 * m * c * self.s  # dA, x - mean and their product
+        return 3 * m * c * self.s  # dA, x - mean (or x's copy) and their product
 
     def bn_relu_conv1x1_backward(self, m, c, k):
-        # z, dL/dz and dA together; then dA, x - mean and their product; grad_weight
-        return max(2 * m * c * self.s + m * c * self.e, 3 * m * c * self.s) + k * c * self.e
+        # z, dL/dz and dA together; then dA, x - mean (or x's copy) and their product; grad_weight
+        return 3 * m * c * self.s + k * c * self.e
 
     def transition(self, m, pooled, c, k, sides):
-        return m * c * self.s + pooled * c * self.s
+        # z made, then z and its pooled rows (their cast to 16-bit data beside them is less than x's copy)
+        return max(self.bn_relu(m, c), m * c * self.s + pooled * c * self.s)
 
     def transition_backward(self, m, pooled, c, k, sides):
-        # z, its pooled rows and their gradient, the unpooled gradient, then dA
-        return m * c * self.s * 3 + 2 * pooled * c * self.s + k * c * self.e
+        # z, its pooled rows (data dtype) and their gradient (statistics dtype), the unpooled gradient, then dA
+        return m * c * self.s * 3 + pooled * c * (self.s + self.e) + k * c * self.e
 
 
 class CppWorkspace(Workspace):

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from densenet_fast import DenseNet
 
@@ -279,3 +281,29 @@ class OpRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.ops.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
         return out
+
+
+class NewStorages(TorchDispatchMode):
+    """The most bytes alive at once (``peak``) in storages the ops run inside it
+    made: an op's output whose storage is none of its inputs', counted until
+    the storage is freed (``live``: data pointer -> (weak reference, bytes))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.live = {key: (ref, n) for key, (ref, n) in self.live.items() if not ref.expired()}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+    def alive(self) -> int:
+        """Bytes of the storages made inside it that are alive now."""
+        return sum(n for ref, n in self.live.values() if not ref.expired())

@@ -3,7 +3,6 @@ measured step, the planner's choice against brute force, the error when nothing
 fits, the ``plan`` command's JSON, and per-block policies (recompute="auto"
 included) against torchvision in float64."""
 
-import contextlib
 import copy
 import itertools
 import json
@@ -17,7 +16,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from densenet_fast import (MemoryBudgetError, available_backends, cli, densenet121, densenet_bc, memory, plan,
                            planner)
@@ -25,10 +23,8 @@ from densenet_fast import train as trainer
 from densenet_fast.bench import common, harness, monai_impls
 from densenet_fast.bench.memory import STEADY_STEPS
 from densenet_fast.bench.impls import ModelSpec
-from densenet_fast.engine import ScratchArena
-from densenet_fast.engine import stage as stage_module
 from densenet_fast.memory import (Architecture, OptimizerSpec, Setup, StepSimulation, format_bytes, parse_bytes,
-                                  policies_of, predict)
+                                  predict)
 from densenet_fast.models import MemoryPlanNotice
 from densenet_fast.monai import DenseNet as MonaiDenseNet
 from densenet_fast.monai import DenseNet121 as MonaiDenseNet121
@@ -75,68 +71,6 @@ def test_recompute_is_leaner_and_memory_grows_with_batch_and_depth():
     assert "kept_bottlenecks" not in recompute.step
     assert predict(BC40, setup.with_batch(32), "keep").step_bytes > keep.step_bytes
     assert predict(BC40.with_depth(100), setup, "keep").step_bytes > keep.step_bytes
-
-
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_gradients_are_the_tensors_the_model_counts(dims):
-    """After backward each stage's gradients are one tensor of the bytes the
-    model counts for its store; the stem's and the classifier's are their own
-    (DenseNet-BC-40 on images; in 1-D and 3-D a small MONAI DenseNet, whose stem
-    is ImageNet's)."""
-    if dims == 2:
-        model, arch, x = densenet_bc(40), BC40, torch.randn(2, 3, 32, 32)
-    else:
-        model = MonaiDenseNet(dims, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3))
-        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", spatial_dims=dims,
-                            tree="monai")
-        x = torch.randn(2, 1, *(16,) * dims)
-    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (2,))).backward()
-    storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
-    simulation = StepSimulation(arch, Setup(2, (16,) * dims), ("keep",) * len(arch.block_config))
-    counted = [simulation.stage_gradient_bytes(b) for b in range(len(arch.block_config))]
-    counted += simulation.stem_gradients() + simulation.classifier_gradients()
-    assert sorted(storages.values()) == sorted(counted)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_coefficient_stores_are_the_bytes_the_model_counts(monkeypatch, dtype):
-    """Each stage's store of folded BatchNorms is the model's count exactly (a
-    count of half of it was within the tolerance of every measured peak)."""
-    made = []
-    init = stage_module.CoefficientStore.__init__
-    monkeypatch.setattr(stage_module.CoefficientStore, "__init__",
-                        lambda self, *args: (init(self, *args), made.append(self.values.nbytes))[0])
-    model = densenet_bc(40).to(dtype)
-    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32, dtype=dtype)).float(),
-                                      torch.randint(0, 10, (2,))).backward()
-    simulation = StepSimulation(BC40, Setup(2, 32, dtype=dtype), ("keep",) * 3)
-    assert made == [simulation.coefficient_bytes(b) for b in range(3)]
-
-
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_dropout_masks_are_the_bytes_the_model_counts(dims, monkeypatch):
-    """Each dense layer's dropout mask, made in forward and again in backward, is
-    the model's count: one value per output value (torchvision's ``drop_rate``;
-    MONAI's ``nn.Dropout`` in 1-D), or per image and channel (MONAI's
-    ``Dropout2d``/``Dropout3d``); the architecture read from the model is the
-    one named with that dropout."""
-    made = []
-    make = stage_module.Stage.dropout_mask
-    monkeypatch.setattr(stage_module.Stage, "dropout_mask",
-                        lambda self, *args: (mask := make(self, *args), made.append(mask.nbytes))[0])
-    if dims == 2:
-        model, x = densenet_bc(40, drop_rate=0.3), torch.randn(3, 3, 32, 32)
-        arch = Architecture.named("densenet_bc", 40, drop_rate=0.3)
-    else:
-        model = MonaiDenseNet(dims, 1, 10, init_features=8, growth_rate=4, block_config=(2, 3), dropout_prob=0.3)
-        arch = Architecture(4, (2, 3), 8, num_classes=10, in_channels=1, stem="imagenet", drop_rate=0.3,
-                            spatial_dims=dims, channel_dropout=dims > 1, tree="monai")
-        x = torch.randn(3, 1, *(16,) * dims)
-    assert Architecture.of(model) == arch
-    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (3,))).backward()
-    simulation = StepSimulation(arch, Setup(3, x.shape[2:]), ("keep",) * len(arch.block_config))
-    forward = [simulation.dropout(b)[0][0] for b, layers in enumerate(arch.block_config) for _ in range(layers)]
-    assert made == forward + forward[::-1]
 
 
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
@@ -591,49 +525,6 @@ def test_the_cpus_convolution_scratch_is_not_predicted_on_a_gpu(capability, monk
         assert (len(steps) == 2) == depends, (device, steps)
 
 
-@pytest.mark.parametrize("recompute", ["keep", "recompute", ("recompute", "keep", "recompute")])
-def test_each_pass_holds_the_scratch_the_model_counts(recompute, device, monkeypatch):
-    """Every stage's forward and backward makes the scratch slots the model
-    counts for that pass, in the model's order (with autograd's CUDA device
-    thread running the backward on a GPU), and frees them when it ends."""
-    passes, first_requests, slot_storages = [], [], []
-    make_set, get = ScratchArena._pass, ScratchArena.get
-
-    @contextlib.contextmanager
-    def recorded_pass(self):
-        with make_set(self):
-            first_requests.append([])
-            yield
-            slots = self._local.slots
-            passes.append({name: t.numel() * t.element_size() for name, t in slots.items()})
-            slot_storages.extend(StorageWeakRef(t.untyped_storage()) for t in slots.values())
-
-    def recorded_get(self, name, shape, like):
-        assert getattr(self._local, "slots", None) is not None, f"{name} requested outside a pass"
-        if name not in self._local.slots:
-            first_requests[-1].append(name)
-        return get(self, name, shape, like)
-
-    monkeypatch.setattr(ScratchArena, "_pass", recorded_pass)
-    monkeypatch.setattr(ScratchArena, "get", recorded_get)
-    model = densenet_bc(40, recompute=recompute, backend="torch").to(device)  # no Triton compiling on a GPU
-    x, target = torch.randn(3, 3, 32, 32, device=device), torch.randint(0, 10, (3,), device=device)
-    loss = torch.nn.functional.cross_entropy(model(x), target)
-    assert len(passes) == 3 and all(ref.expired() for ref in slot_storages)  # freed with the graph alive
-    loss.backward()
-    assert len(passes) == 6 and all(ref.expired() for ref in slot_storages)
-
-    simulation = StepSimulation(BC40, Setup(3, 32, device=device), policies_of(recompute, 3))
-    order = [(b, backward) for backward in (False, True) for b in (range(3) if not backward else reversed(range(3)))]
-    assert passes == [simulation.scratch_slots(b, backward) for b, backward in order]
-    taken = {key: [] for key in order}
-    take = StepSimulation.take_scratch
-    monkeypatch.setattr(StepSimulation, "take_scratch",
-                        lambda self, b, backward, name: (taken[b, backward].append(name), take(self, b, backward, name)))
-    simulation.run()
-    assert first_requests == [taken[key] for key in order]
-
-
 def test_bad_sizes_and_arguments_are_refused():
     for bad in (32.0, (3.5, 2), [0, 3], True, "32", (1, 2, 3, 4)):
         with pytest.raises(ValueError, match="image_size must be"):
@@ -998,3 +889,17 @@ def test_the_smallest_networks_peak_counts_the_c_heap(policy):
     total = measured["persistent_bytes"] + measured["peak_bytes"]
     assert abs(predicted.total_bytes / total - 1) < 0.10, (predicted.step, measured)
     assert "heap_pages" not in predict(BC40, Setup(1, 32, device="cuda", backend="torch"), policy).step
+
+
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_tiles_of_more_rows_than_a_stage_has_count_only_its_rows(policy):
+    """DenseNet-BC-40 at batch 1 on 8x8 images: its last stages have 16 and 4
+    pixels, far fewer rows than a C++ kernel's per-thread tile, of which only
+    the rows written become resident. The predicted total within 10% of a
+    fresh process's (measured 2.4-6.3% over; counting whole tiles predicted
+    26-28% over)."""
+    backend = cpu_backend()
+    measured = measure_in_a_fresh_process(ModelSpec("densenet_bc", 40), 1, 8, policy, backend)
+    predicted = predict(BC40, Setup(1, 8, backend=backend, threads=2), policy)
+    total = measured["persistent_bytes"] + measured["peak_bytes"]
+    assert abs(predicted.total_bytes / total - 1) < 0.10, (predicted.step, measured)
