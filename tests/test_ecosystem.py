@@ -111,20 +111,27 @@ def test_hook_inside_a_dense_layer_gives_the_plain_path_with_one_warning():
     assert_all_close(result.grads, expected.grads, FLOAT64_RTOL, "plain path")
 
 
+@pytest.mark.parametrize("kind", ["forward", "pre"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_hooks_for_every_module_fire_inside_the_blocks_as_in_torchvision(training):
+def test_hooks_for_every_module_fire_inside_the_blocks_as_in_torchvision(training, kind):
     """A global forward hook (``register_module_forward_hook``) that scales every
-    convolution's output sees each module torchvision's model runs, and changes
-    the output as it does there: every block runs its per-layer code."""
+    convolution's output, or a global forward pre-hook alone
+    (``register_module_forward_pre_hook``) that scales its input, sees each
+    module torchvision's model runs and changes the output as it does there:
+    every block runs its per-layer code."""
     ours, tv = make_pair(**CONFIG)
     x, target = random_batch(ours, 3, 9, 7, seed=0)
     results, seen = [], []
     for model in (ours, tv):
         model.train(training)
         called = []
-        handles = [nn.modules.module.register_module_forward_hook(lambda m, args, out: called.append(m)),
-                   nn.modules.module.register_module_forward_hook(
-                       lambda m, args, out: 0.5 * out if isinstance(m, nn.Conv2d) else None)]
+        if kind == "forward":
+            handles = [nn.modules.module.register_module_forward_hook(lambda m, args, out: called.append(m)),
+                       nn.modules.module.register_module_forward_hook(
+                           lambda m, args, out: 0.5 * out if isinstance(m, nn.Conv2d) else None)]
+        else:
+            handles = [nn.modules.module.register_module_forward_pre_hook(
+                lambda m, args: (called.append(m), (0.5 * args[0],) if isinstance(m, nn.Conv2d) else None)[1])]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # the plain path, said once per block

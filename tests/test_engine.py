@@ -4,6 +4,7 @@ concatenation, running statistics updated once per forward, a bounded scratch
 arena, nothing stored without autograd, dropout, autocast and input memory
 layouts, torch.compile on the backends whose primitives are torch ops."""
 
+import contextlib
 import copy
 import time
 import warnings
@@ -196,6 +197,39 @@ def test_forward_saves_the_block_buffer_and_the_policy_bottlenecks(recompute):
     assert {(t.data_ptr(), t.shape) for t in packed} >= saved  # every one of them went through the hooks
 
 
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+@pytest.mark.parametrize("tail_kind", ["none", "transition", "head"])
+def test_backward_reads_only_what_the_saved_tensor_hooks_give_back(tail_kind, recompute):
+    """A pack hook that saves copies, after which the originals (the buffer, the
+    BN coefficients, the kept bottlenecks) are overwritten with NaN: the
+    backward reads the copies alone, so its gradients are a plain step's."""
+    stage = TinyStage(tail_kind, recompute=recompute)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(stage(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def gradients(hooked: bool) -> list[torch.Tensor]:
+        stage.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        originals = []
+
+        def pack(t):
+            originals.append(t)
+            return t.clone()
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooked else contextlib.nullcontext():
+            out = stage(inputs)
+        with torch.no_grad():
+            for t in originals:
+                if not t.requires_grad:  # (not the parameters, not the input)
+                    t.fill_(float("nan"))
+        out.backward(grad)
+        return [inputs.grad] + [p.grad for p in stage.parameters()]
+
+    expected = gradients(hooked=False)
+    for got, want in zip(gradients(hooked=True), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_block_without_gradients_returns_its_buffer_uncopied():
     """Without backward nothing reads the buffer afterwards: no copy of it."""
     from torch.profiler import profile
@@ -266,6 +300,25 @@ def test_stage_parameters_of_mixed_dtypes_get_gradients_of_their_own():
         torch.testing.assert_close(q.grad.double(), p.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_float64_parameters_after_float32_ones_keep_float64_gradients():
+    """Float32 dense layers and a float64 transition, on float64 input: the
+    transition's gradients are float64 ones (not rounded through a float32
+    store), equal to a float64 stage's with the same (float32-representable)
+    weights."""
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mixed, reference = TinyStage("transition"), TinyStage("transition")
+    mixed.block.float()
+    with torch.no_grad():
+        for p, q in zip(mixed.block.parameters(), reference.block.parameters()):
+            q.copy_(p)
+    for stage in (reference, mixed):
+        stage(x).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), mixed.parameters()):
+        assert q.grad.dtype == q.dtype, name
+        if q.dtype == torch.float64:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 # -- running statistics --------------------------------------------------------------------
 def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -292,6 +345,36 @@ def test_batchnorm_momentum_rules(momentum):
     for bn in batchnorms(ours) + batchnorms(tv):
         bn.momentum = momentum
     check_training_float64(ours, tv, shape, steps=3)
+
+
+@pytest.mark.parametrize("recompute", ["keep", "recompute"])
+def test_some_batchnorms_in_eval_mode_in_a_training_model_as_torchvision(recompute):
+    """A norm1, a norm2 and a transition's norm frozen (eval mode) in a training
+    model: each uses its running statistics while the others in its block use
+    and update batch statistics, as in torchvision."""
+    kwargs, shape = CONFIGS["imagenet"]
+    ours, tv = make_pair(recompute=recompute, **kwargs)
+    for model in (ours, tv):
+        model.features.denseblock1.denselayer1.norm1.eval()  # block 1: every norm2 in training
+        model.features.denseblock2.denselayer2.norm2.eval()  # block 2: every norm1 in training
+        model.features.transition2.norm.eval()
+    check_training_float64(ours, tv, shape, steps=2)
+    assert_all_close(buffers(ours), buffers(tv), FLOAT64_RTOL, "running statistics")
+
+
+@pytest.mark.parametrize("config", ["imagenet", "cifar"])
+def test_batchnorm_tracking_turned_off_after_construction(config):
+    """``track_running_stats`` set to False on BatchNorms that keep their running
+    buffers: training uses batch statistics and leaves the buffers and the
+    counter alone, eval uses the buffers, as nn.BatchNorm2d."""
+    kwargs, shape = CONFIGS[config]
+    ours, tv = make_pair(**kwargs)
+    for bn in batchnorms(ours) + batchnorms(tv):
+        bn.track_running_stats = False
+    before = buffers(ours)
+    check_training_float64(ours, tv, shape, steps=2)
+    assert_all_close(buffers(ours), before, 0.0, "running statistics not tracked")
+    check_eval_float64(ours, tv, shape)
 
 
 @pytest.mark.parametrize("missing", ["running", "running+counter", "counter", "counter-cumulative"])
@@ -426,6 +509,40 @@ def test_no_grad_stores_nothing_for_backward(stage_function_calls, training):
     assert ours(x).grad_fn is None and not stage_function_calls  # a frozen model with grad mode on
     if not training:
         assert_all_close({"out": ours(x)}, {"out": tv(x).detach()}, FLOAT64_RTOL, "eval output")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+def test_no_grad_keeps_no_bottlenecks_under_the_keep_policy(training):
+    """Without autograd nothing is kept for backward: a stage with the ``keep``
+    policy runs the operations (allocations included) of one with
+    ``recompute``, to the same output."""
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ops, outs = [], []
+    for recompute in ("keep", "recompute"):
+        stage = TinyStage("transition", recompute=recompute).train(training)
+        with torch.no_grad(), OpRecorder() as recorder:
+            outs.append(stage(x))
+        ops.append(recorder.ops)
+    assert ops[0] == ops[1]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_frozen_model_gives_the_inputs_gradient_as_torchvision(training):
+    """Every parameter frozen and the input requiring grad (saliency maps,
+    adversarial examples): the stages record a graph, and the input's gradient
+    is torchvision's."""
+    kwargs, shape = CONFIGS["imagenet"]
+    ours, tv = make_pair(**kwargs)
+    x = torch.randn(shape[0], 3, *shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (ours, tv):
+        model.train(training).requires_grad_(False)
+        inputs = x.clone().requires_grad_()
+        model(inputs).square().sum().backward()
+        grads.append({"input": inputs.grad})
+    assert grads[0]["input"] is not None
+    assert_all_close(grads[0], grads[1], FLOAT64_RTOL, "the input's gradient")
 
 
 # -- dropout -------------------------------------------------------------------------------

@@ -158,14 +158,17 @@ def test_an_input_the_modules_refuse_runs_the_modules():
         model.features(torch.randn(3, 32, 32))
 
 
+@pytest.mark.parametrize("mean, std", [(6, 1), (100, 4)])
 @pytest.mark.parametrize("dims", [1, 3])
-def test_bfloat16_gradient_as_accurate_as_torchs(dims):
+def test_bfloat16_gradient_as_accurate_as_torchs(dims, mean, std):
     """bfloat16 input, float32 parameters (autocast's BN): the input gradient's
     error against float64 is no worse than torch's modules', where the input's
-    mean is six standard deviations (``x b`` and ``mean b`` cancel in ``dx``)."""
+    mean is six standard deviations (``x b`` and ``mean b`` cancel in ``dx``),
+    and 25 (at 100, the mean rounded to bfloat16 before ``x - mean`` would be
+    up to 0.25 off: a sixteenth of a standard deviation)."""
     reference = modules(dims, SHAPES[dims][1]).float()
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(SHAPES[dims], generator=g) + 6).bfloat16()
+    x = (torch.randn(SHAPES[dims], generator=g) * std + mean).bfloat16()
     grad = torch.randn(pooled_shape(x.shape), generator=g).bfloat16()
     exact = step(copy.deepcopy(reference).double(), False, x.double(), grad.double())["grad_x"]
     errors = {}
