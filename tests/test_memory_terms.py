@@ -141,7 +141,8 @@ def test_each_pass_holds_the_scratch_the_model_counts(recompute, dtype, autocast
     taken = {key: [] for key in order}
     take = StepSimulation.take_scratch
     monkeypatch.setattr(StepSimulation, "take_scratch",
-                        lambda self, b, backward, name: (taken[b, backward].append(name), take(self, b, backward, name)))
+                        lambda self, b, backward, name: (taken[b, backward].append(name),
+                                                         take(self, b, backward, name)))
     simulation.run()
     assert first_requests == [taken[key] for key in order]
 
