@@ -44,16 +44,21 @@ def random_weight(k: int, c: int, dtype, generator, device="cpu") -> Tensor:
 
 def output_range(shape: tuple[int, ...], c: int, dtype, device="cpu", left: int = 4, right: int = 9
                  ) -> tuple[Tensor, Tensor]:
-    """``(buffer, view)``: NaN channels ``[left, left + c)`` between SENTINEL channels."""
-    buffer = torch.full((*shape, left + c + right), SENTINEL, dtype=dtype, device=device)
-    buffer[..., left:left + c] = NAN
-    return buffer, buffer[..., left:left + c]
+    """``(buffer, view)``: NaN channels ``[left, left + c)`` between SENTINEL
+    channels, of every row (image) of ``shape`` but the buffer's last, which is
+    SENTINEL alone: a write past the last pixel (a cell or tile past the image)
+    lands there instead of outside the allocation."""
+    buffer = torch.full((shape[0] + 1, *shape[1:], left + c + right), SENTINEL, dtype=dtype, device=device)
+    buffer[:-1, ..., left:left + c] = NAN
+    return buffer, buffer[:-1, ..., left:left + c]
 
 
 def assert_only_range_written(buffer: Tensor, channels: slice) -> None:
+    """Nothing written outside ``channels`` of :func:`output_range`'s view, nor past its last row."""
     outside = torch.ones(buffer.shape[-1], dtype=torch.bool, device=buffer.device)
     outside[channels] = False
     assert (buffer[..., outside] == SENTINEL).all(), "wrote outside its channel range"
+    assert (buffer[-1] == SENTINEL).all(), "wrote past its last row"
 
 
 @dataclass

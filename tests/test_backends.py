@@ -25,7 +25,7 @@ from densenet_fast.backends.torch_backend import TorchBackend, mm as torch_backe
 from densenet_fast.memory import Architecture, Setup, StepSimulation
 from helpers import max_relative_error
 from helpers import one_thread  # noqa: F401  (fixture)
-from primitives import (BN, INF, NAN, SENTINEL, assert_only_range_written, assert_same_numbers, avg_pool64,
+from primitives import (BN, INF, NAN, assert_only_range_written, assert_same_numbers, avg_pool64,
                         channel_range, float64_grads, float64_leaf, make_bn, output_range, poisoned_bn, random_rows,
                         random_weight)
 
@@ -154,8 +154,7 @@ def test_bn_relu_conv1x1(backend, dtype, m, c, k, batch_stats):
 
     # backward: grad_x accumulates into a view of a buffer with content
     grad_out = random_rows((m, k), dtype, device, g)
-    grad_buffer = torch.full((m, c + 2), SENTINEL, dtype=dtype, device=device)
-    grad_x = grad_buffer[:, :c]
+    grad_buffer, grad_x = output_range((m,), c, dtype, device, left=0, right=2)
     grad_x.copy_(random_rows((m, c), dtype, device, g))
     before = grad_x.clone()
     grads = backend.bn_relu_conv1x1_backward(x, bn.scale, bn.shift, bn.mean, bn.rstd, weight, grad_out, grad_x,
