@@ -534,7 +534,7 @@ def test_a_frozen_model_gives_the_inputs_gradient_as_torchvision(training):
     is torchvision's."""
     kwargs, shape = CONFIGS["imagenet"]
     ours, tv = make_pair(**kwargs)
-    x = torch.randn(shape[0], 3, *shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x, _ = random_batch(ours, *shape, seed=0)
     grads = []
     for model in (ours, tv):
         model.train(training).requires_grad_(False)

@@ -276,6 +276,17 @@ def test_the_stems_saved_tensors_are_the_bytes_the_model_counts(dtype, monkeypat
     assert len(saved) == 3 and sorted(stem_saved[-3:]) == sorted(saved)
 
 
+def tracked(function, record):
+    """``function`` (a Function's forward or backward) run under ``NewStorages``,
+    which ``record`` is given when it returns."""
+    def run(ctx, *args):
+        with NewStorages() as made:
+            result = function(ctx, *args)
+        record(made)
+        return result
+    return staticmethod(run)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_stems_forward_leaves_what_the_model_counts(dtype, monkeypatch):
     """When the stem's forward ends, conv0's output (norm0's input, saved) and
@@ -283,15 +294,8 @@ def test_the_stems_forward_leaves_what_the_model_counts(dtype, monkeypatch):
     indices, the ReLU mask) are the model's ``stem`` bytes, up to the (C,)
     statistics."""
     kept, conv_out = [], []
-    forward = stem_module.NormReluMaxPool.forward
-
-    def tracked(ctx, *args):
-        with NewStorages() as made:
-            result = forward(ctx, *args)
-        kept.append(made.alive())
-        return result
-
-    monkeypatch.setattr(stem_module.NormReluMaxPool, "forward", staticmethod(tracked))
+    monkeypatch.setattr(stem_module.NormReluMaxPool, "forward",
+                        tracked(stem_module.NormReluMaxPool.forward, lambda made: kept.append(made.alive())))
     model = DenseNet(4, (2,), 8, num_classes=10, backend="torch").to(dtype)
     model.features.conv0.register_forward_hook(lambda module, inputs, out: conv_out.append(out.nbytes))
     model(torch.randn(16, 3, 32, 32, dtype=dtype))
@@ -308,15 +312,8 @@ def test_the_stems_float32_backward_allocates_what_the_model_counts(monkeypatch)
     slice by slice is for 16-bit data): the model's peak over it, above the
     gradient it receives, is what the Function's backward made at its highest."""
     peaks = []
-    backward = stem_module.NormReluMaxPool.backward
-
-    def tracked(ctx, *grads):
-        with NewStorages() as made:
-            result = backward(ctx, *grads)
-        peaks.append(made.peak)
-        return result
-
-    monkeypatch.setattr(stem_module.NormReluMaxPool, "backward", staticmethod(tracked))
+    monkeypatch.setattr(stem_module.NormReluMaxPool, "backward",
+                        tracked(stem_module.NormReluMaxPool.backward, lambda made: peaks.append(made.peak)))
     model = DenseNet(4, (2,), 8, num_classes=10, backend="torch")
     model(torch.randn(64, 3, 8, 8)).sum().backward()  # (the stem's tensors well above conv0's weight)
     simulation = StepSimulation(Architecture.of(model), Setup(64, 8, backend="torch"), ("keep",))

@@ -39,7 +39,7 @@ from densenet_fast.backends.torch_backend import TorchBackend
 from densenet_fast.backends.triton_backend import TritonBackend
 from densenet_fast.backends.triton_kernels import bn_relu, bn_relu_conv, channel_stats, common
 from densenet_fast.backends.triton_kernels.common import GpuLimits, arrive_last, dot_precision
-from primitives import avg_pool64, channel_range, make_bn, random_weight
+from primitives import EPS, avg_pool64, channel_range, make_bn, random_weight
 
 TRITON = TritonBackend()
 TORCH = TorchBackend()
@@ -388,7 +388,7 @@ def test_no_gradient_through_relu_where_the_bn_output_is_exactly_zero(device, pr
     x[(torch.rand(shape, generator=g) < 0.5).to(device)] = -2 * shift
     assert ((x * scale + shift) == 0).sum() >= x[..., 0].numel() // 3 * c
     var, mean = torch.var_mean(x.reshape(-1, c).double(), dim=0, correction=0)
-    coefficients = [scale, shift, mean.float(), (var + 1e-5).rsqrt().float()]
+    coefficients = [scale, shift, mean.float(), (var + EPS).rsqrt().float()]
     check_bn_backward(device, primitive, x, coefficients, random_weight(5, c, torch.float32, g, device), g)
 
 
