@@ -113,26 +113,55 @@ class ImageData:
         of the files samples are read from.  Contents are not read: a moved
         dataset keeps its fingerprint; added, removed, renamed, resized or
         relabelled samples change it, other contents of the same files do not.
-        Of the data as loaded, not of :meth:`limit`'s subsets."""
+        Of the data as loaded: the same after :meth:`limit`."""
         return self.fingerprints()[0]
 
-    def fingerprints(self) -> tuple[str, str]:
-        """:meth:`fingerprint`, and the same of the training split alone."""
-        train, test = (self._split_record(split) for split in (self.train, self.test))
+    def fingerprints(self, unsized: Sequence[str] = ()) -> tuple[str, str]:
+        """:meth:`fingerprint`, and the same of the training split alone; both
+        without the sizes of the training samples named ``unsized`` (names as
+        :meth:`train_sample_names` gives them: samples that could not be read,
+        whose repair may change their size)."""
+        train, test = self._split_record(self.train, set(unsized)), self._split_record(self.test, set())
         return hashlib.sha256(train + test).hexdigest()[:16], hashlib.sha256(train).hexdigest()[:16]
 
+    def train_sample_names(self, indices: Sequence[int]) -> list[str]:
+        """The names the fingerprint gives the training samples at ``indices`` of
+        :attr:`train` (paths relative to the folder that holds the split's
+        files); none for samples held in memory."""
+        split, indices = _whole_split(self.train, indices)
+        if isinstance(split, TensorDataset):
+            return []
+        return [_sample_names(split)[index] for index in indices]
+
     @staticmethod
-    def _split_record(split: Dataset) -> bytes:
-        """What :meth:`fingerprint` digests of one split."""
+    def _split_record(split: Dataset, unsized: set[str]) -> bytes:
+        """What :meth:`fingerprints` digests of one split."""
+        split, _ = _whole_split(split, [])
         if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
             samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
             return repr((tuple(samples.shape), labels.tolist())).encode()
-        common = os.path.commonpath([os.path.dirname(path) for path, _ in split.samples]) if split.samples else ""
         try:
-            files = [(os.path.relpath(path, common), os.path.getsize(path), label) for path, label in split.samples]
+            files = [(name, None if name in unsized else os.path.getsize(path), label)
+                     for name, (path, label) in zip(_sample_names(split), split.samples)]
         except OSError as exc:
             raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
         return repr(files).encode()
+
+
+def _whole_split(split: Dataset, indices: Sequence[int]) -> tuple[Dataset, list[int]]:
+    """The split that :meth:`ImageData.limit`'s subset ``split`` was drawn from
+    (``split`` itself if it is none), and ``indices`` of ``split`` as indices of it."""
+    indices = list(indices)
+    while isinstance(split, torch.utils.data.Subset):
+        indices = [split.indices[index] for index in indices]
+        split = split.dataset
+    return split, indices
+
+
+def _sample_names(split: Dataset) -> list[str]:
+    """The paths of the files of ``split.samples`` relative to the folder that holds them all."""
+    common = os.path.commonpath([os.path.dirname(path) for path, _ in split.samples]) if split.samples else ""
+    return [os.path.relpath(path, common) for path, _ in split.samples]
 
 
 def stratified_subset(labels: Sequence[int], n: int) -> list[int]:
@@ -841,7 +870,14 @@ class ShardedBatchSampler:
     def __iter__(self):
         shard = self._shard()
         for b in range(self.skip, len(self)):
-            yield shard[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self._batch(shard, b)
+
+    def batch(self, index: int) -> list[int]:
+        """The indices of this epoch's batch ``index`` (``set_epoch``'s skip aside)."""
+        return self._batch(self._shard(), index)
+
+    def _batch(self, shard: list[int], index: int) -> list[int]:
+        return shard[index * self.batch_size:(index + 1) * self.batch_size]
 
 
 def augment(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:

@@ -33,7 +33,7 @@ import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
 # where the checkpoint has one, not by its path: a moved dataset resumes; so does one whose test split alone changed
 # (a test sample repaired), where the checkpoint has the training split's own fingerprint (train_fingerprint).
 RECORDED_SINCE = ("data", "sample_size", "data_fingerprint")
+FINGERPRINTS = ("data_fingerprint", "train_fingerprint")
 # Options added later, with the value every older checkpoint trained with (compared as that).
 OLDER_CHECKPOINTS_HAD = {"drop_rate": 0.0}
 RESUME_MUST_MATCH = ("dataset", "model", "depth", "growth_rate", "drop_rate", "num_classes", "in_channels",
@@ -118,7 +119,7 @@ class OutputError(CommandFailed):
 
 class SampleError(CommandFailed):
     """A sample could not be read during training (a file changed or vanished
-    since the dataset was loaded)."""
+    since the dataset was loaded); every process raises it, together."""
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -263,10 +264,11 @@ def train(args: argparse.Namespace) -> dict:
     """Train as the command line says; returns the final metrics (also printed).
 
     Under torchrun the process groups are left by :func:`stop_processes` after a
-    run that ended normally or with a :class:`TrainingError` (bad input, found
-    alike by every process before its first step, so without waiting for the
-    others). Any other exception leaves them to the end of the process: a
-    collective may be in flight, and the other processes may be gone."""
+    run that ended normally or with an error that every process raises alike,
+    so without waiting for the others: a :class:`TrainingError` (bad input,
+    found before the first step) or a :class:`SampleError` (the processes agree
+    on it between steps). Any other exception leaves them to the end of the
+    process: a collective may be in flight, and the other processes may be gone."""
     check_numbers(args)
     if args.offload and (args.device == "cpu" or not torch.cuda.is_available()):
         raise TrainingError("--offload keeps saved tensors in host memory instead of GPU memory: it needs CUDA, "
@@ -274,7 +276,7 @@ def train(args: argparse.Namespace) -> dict:
     procs, device = start_processes(args.device)
     try:
         summary = _train(args, procs, device)
-    except TrainingError as error:
+    except (TrainingError, SampleError) as error:
         traceback.clear_frames(error.__traceback__)  # its frames hold the model, and so the groups
         stop_processes(procs, wait_for_others=False)
         raise
@@ -470,7 +472,7 @@ def build_run(options: dict, data: ImageData, procs: Processes, device: torch.de
 def resume(run: Run) -> Position:
     """Restore the model, optimiser, scaler, RNGs and metrics of the checkpoint in
     the output directory; the position it was saved at."""
-    checkpoint = load_checkpoint(os.path.join(run.out, CHECKPOINT), run.options, run.model)
+    checkpoint = load_checkpoint(os.path.join(run.out, CHECKPOINT), run.options, run.model, run.data)
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -494,8 +496,11 @@ def resume(run: Run) -> Position:
     if saved_data is not None and saved_data != run.options["data"]:  # with equal fingerprints (load_checkpoint)
         run.procs.log(f"the data moved: {saved_data} in the checkpoint, {run.options['data']} now (its fingerprint, "
                       f"of the labels and the samples' shape or the files' names and sizes, is the same)")
-    fingerprint = run.options["data_fingerprint"]
-    if checkpoint["options"].get("data_fingerprint", fingerprint) != fingerprint:
+    if "unreadable" in checkpoint:
+        run.procs.log(f"reading again the training sample(s) that could not be read when the checkpoint was "
+                      f"written: {', '.join(checkpoint['unreadable']['samples'])}")
+    saved, now = checkpoint["compared_fingerprints"]
+    if saved.get("data_fingerprint", now["data_fingerprint"]) != now["data_fingerprint"]:
         earlier = f": the {plural(len(run.history), 'epoch')} before were tested on the other" if run.history else ""
         run.procs.log(f"the test split differs from the checkpoint's (its samples changed; the training split's are "
                       f"the same){earlier}")  # (load_checkpoint lets it pass)
@@ -599,7 +604,9 @@ def train_epochs(run: Run, position: Position) -> Outcome:
 def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tuple[Sums, float]]:
     """Train the rest of ``position.epoch``: this process's sums over its steps and
     the seconds they took, or ``None`` when a stop was requested (after saving a
-    checkpoint at the step reached)."""
+    checkpoint at the step reached).  Where a process cannot read a training
+    sample, every process raises :class:`DatasetError` before that step, after
+    a checkpoint of the steps before it (:func:`unreadable_training_sample`)."""
     options, procs, device = run.options, run.procs, run.device
     epoch = position.epoch
     run.net.train()
@@ -611,7 +618,28 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
     bar = _progress_bar(len(run.train_sampler), position.step, f"epoch {epoch + 1}/{options['epochs']}",
                         options["progress"] and procs.is_main)
     started = time.perf_counter()
-    for step, (images, labels) in enumerate(run.train_loader, start=position.step):
+    batches = iter(run.train_loader)
+    for step in range(position.step, len(run.train_sampler) + 1):  # (the last round checks for a stop only)
+        batch, unreadable = None, None
+        if step < len(run.train_sampler):
+            try:
+                batch = next(batches)
+            except DatasetError as exc:
+                traceback.clear_frames(exc.__traceback__)  # (they hold the loader's iterator, and so its workers)
+                unreadable = exc
+        stopping, failing = _check_step(stop, unreadable is not None, procs)
+        if stopping or failing:
+            sums = Sums(loss_sum.item(), float(correct.item()), count)
+            earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
+            reached = Position(epoch, step, position.partial.plus(procs.sum(sums.as_list())), earlier)
+            bar.close()
+            if failing:
+                raise unreadable_training_sample(run, reached, unreadable)
+            save_checkpoint(run, reached)
+            return None
+        if batch is None:
+            break
+        images, labels = batch
         images = augment(images, run.data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
         images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
         for group in run.optimizer.param_groups:
@@ -630,15 +658,39 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             refuse_diverged(run, f"in epoch {epoch + 1}, by step {step + 1}")  # (an epoch can be long)
-        if _stop_requested(stop, procs):
-            sums = Sums(loss_sum.item(), float(correct.item()), count)
-            earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
-            save_checkpoint(run, Position(epoch, step + 1, position.partial.plus(procs.sum(sums.as_list())), earlier))
-            bar.close()
-            return None
     seconds = time.perf_counter() - started
     bar.close()
     return Sums(loss_sum.item(), float(correct.item()), count), seconds
+
+
+def unreadable_training_sample(run: Run, position: Position, exc: Optional[DatasetError]) -> DatasetError:
+    """The error to raise where a process could not read a sample of the batch
+    of ``position`` (``exc``, in that process), after a checkpoint of the steps
+    before it (unless none were trained) that records which samples cannot be
+    read: a run resumed once they are repaired accepts their new sizes."""
+    procs = run.procs
+    own = exc is not None
+    samples = sum(procs.gather(run.data.train_sample_names(unreadable_indices(run, position.step)) if own else []),
+                  [])
+    text = worker_error_text(exc) if own else "another process could not read a training sample (its error names it)"
+    if position.epoch == 0 and position.step == 0:  # nothing to save (an --overwrite run leaves the earlier one)
+        return DatasetError(text)
+    save_checkpoint(run, position, unreadable=samples)
+    return DatasetError(f"{text}; the training before it is saved in {run.out} (epoch {position.epoch + 1}, step "
+                        f"{position.step} of {len(run.train_sampler)}): once the sample is repaired, the same command "
+                        f"with --resume trains on from there")
+
+
+def unreadable_indices(run: Run, step: int) -> list[int]:
+    """The indices of this process's training samples of ``step`` that cannot be
+    read (read again here, one by one)."""
+    unreadable = []
+    for index in run.train_sampler.batch(step):
+        try:
+            run.data.train[index]
+        except DatasetError:
+            unreadable.append(index)
+    return unreadable
 
 
 def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
@@ -723,20 +775,25 @@ def refuse_diverged(run: Run, when: str) -> None:
                         f"saved (the files in {run.out}, if any, are from before; a lower --lr may help)")
 
 
-def save_checkpoint(run: Run, position: Position) -> None:
+def save_checkpoint(run: Run, position: Position, unreadable: Sequence[str] = ()) -> None:
     """Checkpoint at ``position`` (collective: every process calls it); never of
     diverged weights. The first of an ``--overwrite`` run then removes the earlier
     run's metrics and curves (its checkpoint is replaced): an ``--overwrite`` run
-    that fails before it has anything to save leaves the earlier run intact."""
+    that fails before it has anything to save leaves the earlier run intact.
+    ``unreadable``: the names of training samples that could not be read
+    (:meth:`ImageData.train_sample_names`), recorded with the data's
+    fingerprints without their sizes (see :func:`compared_fingerprints`)."""
     refuse_diverged(run, f"in epoch {position.epoch + (position.step > 0)}")
     rng_states = run.procs.gather(rng_state())
     if run.procs.is_main:
+        repair = {"unreadable": {"samples": list(unreadable), "fingerprints": run.data.fingerprints(unreadable)}
+                  } if unreadable else {}
         save_atomically({
             "format": CHECKPOINT_FORMAT, "options": run.options, "epoch": position.epoch, "step": position.step,
             "partial_sums": position.partial.as_list(), "partial_seconds": position.seconds,
             "history": run.history, "rng": rng_states,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(),
+            "scaler": run.scaler.state_dict(), **repair,
         }, os.path.join(run.out, CHECKPOINT))
         if run.replaces_earlier_run:
             for name in (METRICS, CURVES):
@@ -1188,9 +1245,25 @@ def damaged_record(path: str) -> Optional[str]:
     return None
 
 
-def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
+def compared_fingerprints(checkpoint: dict, options: dict, data: ImageData) -> tuple[dict, dict]:
+    """The data's fingerprints (``data_fingerprint``, ``train_fingerprint``) of
+    ``checkpoint`` and of this run, as a resumed run compares them: where the
+    checkpoint records training samples that could not be read, both without
+    those samples' sizes (a repaired file may have another size).  Absent from
+    the first where an older checkpoint lacks them."""
+    saved = {key: checkpoint["options"][key] for key in FINGERPRINTS if key in checkpoint["options"]}
+    now = {key: options[key] for key in FINGERPRINTS}
+    repair = checkpoint.get("unreadable")
+    if repair is not None:
+        saved = dict(zip(FINGERPRINTS, repair["fingerprints"]))
+        now = dict(zip(FINGERPRINTS, data.fingerprints(unsized=repair["samples"])))
+    return saved, now
+
+
+def load_checkpoint(path: str, options: dict, model: nn.Module, data: ImageData) -> dict:
     """The checkpoint at ``path``, after checking that it belongs to this run's
-    model and recipe (every difference named) and that all shapes match."""
+    model, recipe and ``data`` (every difference named) and that all shapes
+    match; with the fingerprints compared under ``"compared_fingerprints"``."""
     try:
         damaged = damaged_record(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -1210,7 +1283,10 @@ def load_checkpoint(path: str, options: dict, model: nn.Module) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
-    saved = {**OLDER_CHECKPOINTS_HAD, **checkpoint["options"]}
+    checkpoint["compared_fingerprints"] = saved_fingerprints, fingerprints = \
+        compared_fingerprints(checkpoint, options, data)
+    saved = {**OLDER_CHECKPOINTS_HAD, **checkpoint["options"], **saved_fingerprints}
+    options = {**options, **fingerprints}
     differences = [f"{key} is {saved.get(key)!r} in the checkpoint but {options[key]!r} now"
                    for key in RESUME_MUST_MATCH if saved.get(key) != options[key]
                    and (key not in RECORDED_SINCE or key in saved)
@@ -1304,8 +1380,11 @@ class StopRequest:
               f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
 
-def _stop_requested(stop: StopRequest, procs: Processes) -> bool:
-    """Whether any process was asked to stop (all processes agree, so they stop together)."""
+def _check_step(stop: StopRequest, unreadable: bool, procs: Processes) -> tuple[bool, bool]:
+    """Before a step: whether any process was asked to stop, and whether any
+    could not read its batch (``unreadable`` here); all processes agree (one
+    collective), so they stop together."""
     if not procs.distributed:
-        return stop.requested
-    return procs.sum([float(stop.requested)])[0] > 0
+        return stop.requested, unreadable
+    stopping, failing = procs.sum([float(stop.requested), float(unreadable)])
+    return stopping > 0, failing > 0

@@ -415,6 +415,15 @@ def test_the_data_fingerprint_follows_the_samples_not_their_place(tmp_path):
     assert load_dataset(str(tmp_path / "b")).fingerprint() != a.fingerprint()  # a renamed sample
     assert load_dataset("digits").fingerprint() == load_dataset("digits").fingerprint() != \
         load_dataset("synthetic3d").fingerprint()
+    assert a.limit(3, 1).fingerprints() == a.fingerprints()  # of the data as loaded
+    # a training sample's size left out (one that could not be read, since repaired): any size, not its name
+    name = a.train_sample_names([0])[0]
+    assert a.limit(3, None).train_sample_names([0]) == [name] and a.train_sample_names(range(len(a.train)))[0] == name
+    before, unsized = a.fingerprints(), a.fingerprints([name])
+    assert unsized != before and load_dataset("digits").train_sample_names([0]) == []
+    with open(a.train.samples[0][0], "ab") as f:  # (fingerprints read the sizes when called)
+        f.write(b"\0")
+    assert a.fingerprints() != before and a.fingerprints([name]) == unsized
     (tmp_path / "a" / "scans" / "case3.npy").unlink()
     with pytest.raises(DatasetError, match="cannot read .*case3.npy \\(No such file or directory\\)"):
         a.fingerprint()

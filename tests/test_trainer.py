@@ -27,7 +27,7 @@ from torch import nn
 
 from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
 from densenet_fast import train as trainer
-from densenet_fast.data import AS_FLOAT32, Augmentation, DatasetError, load_dataset
+from densenet_fast.data import AS_FLOAT32, Augmentation, DatasetError, ShardedBatchSampler, load_dataset
 from dataset_files import write_cifar, write_images, write_volume_folder
 
 try:
@@ -44,6 +44,14 @@ LOSS_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "tes
 
 def train(out, *options: str) -> int:
     return cli.main(["train", *TINY, "--out", str(out), *options])
+
+
+def stopping_at_check(check: int):
+    """A stand-in for the trainer's ``_check_step`` that asks it to stop at its
+    check ``check``, counted from 0 over the run (an epoch of n steps has n + 1:
+    one before each step and one after the last)."""
+    checks = iter(range(10**6))
+    return lambda stop, unreadable, procs: (next(checks) == check, unreadable)
 
 
 @pytest.fixture(autouse=True)
@@ -214,6 +222,62 @@ def test_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path, cap
     assert "(4 held-out images)" in out
 
 
+def training_image_of_step(tree, step: int, batch_size: int, train_limit: int, rank: int = 0, world_size: int = 1):
+    """The file of process ``rank``'s first training image of ``step`` of epoch 1
+    (seed 0, ``batch_size`` per process, ``--train-limit`` below the tree's count)."""
+    data = load_dataset(str(tree), image_size=8).limit(train_limit, None)
+    sampler = ShardedBatchSampler(len(data.train), batch_size, shuffle=True, drop_last=True, rank=rank,
+                                  world_size=world_size)
+    return type(tree)(data.train.dataset.samples[data.train.indices[sampler.batch(step)[0]]][0])
+
+
+def write_other_image(path) -> None:
+    """A readable image at ``path`` of another size in bytes than the PNGs of write_images."""
+    from PIL import Image
+
+    Image.fromarray(np.arange(12 * 12 * 3, dtype=np.uint8).reshape(12, 12, 3)).save(path)
+
+
+def test_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_path, capsys):
+    """The steps of the epoch before the batch that holds it are checkpointed
+    (they were lost), with the sample's name: once it is repaired, at another
+    size in bytes, --resume trains on with the losses of a run that never met
+    it; a resume where another sample changed too is refused."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    bad = training_image_of_step(tmp_path / "tree", 2, batch_size=4, train_limit=12)  # of a --train-limit subset
+    write_other_image(bad)
+    shutil.copytree(tmp_path / "tree", tmp_path / "repaired")
+    bad.write_bytes(b"not an image")
+    options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
+               "--workers", "1", "--train-limit", "12"]
+    assert train(tmp_path / "run", *options) == 1
+    assert multiprocessing.active_children() == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read image {bad}") and err.endswith(
+        f"; the training before it is saved in {tmp_path / 'run'} (epoch 1, step 2 of 3): once the sample is "
+        f"repaired, the same command with --resume trains on from there\n"), err
+    checkpoint = torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (0, 2)
+    assert checkpoint["unreadable"]["samples"] == [os.path.relpath(bad, tmp_path / "tree" / "train")]
+    assert train(tmp_path / "run", *options, "--resume") == 1  # not repaired yet: the same error, nothing lost
+    assert "(epoch 1, step 2 of 3)" in capsys.readouterr().err
+    shutil.copy(tmp_path / "repaired" / bad.relative_to(tmp_path / "tree"), bad)
+    assert bad.stat().st_size != len(b"not an image")
+    other = tmp_path / "tree" / "train" / "cat" / "7.png"
+    with open(other, "ab") as f:  # another training sample resized as well: other data
+        f.write(b"\0")
+    assert train(tmp_path / "run", *options, "--resume") == 2
+    assert "data_fingerprint is " in capsys.readouterr().err
+    shutil.copy(tmp_path / "repaired" / "train" / "cat" / "7.png", other)
+    assert train(tmp_path / "run", *options, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "at epoch 1, step 2" in out and f"could not be read when the checkpoint was written: " \
+        f"{os.path.relpath(bad, tmp_path / 'tree' / 'train')}" in out and "test split differs" not in out, out
+    options[1] = str(tmp_path / "repaired")
+    assert train(tmp_path / "whole", *options) == 0
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "whole")
+
+
 # -- learning rate ---------------------------------------------------------------------------------
 def test_learning_rate_schedules():
     step = trainer.learning_rate_factor("step", 100, 10)
@@ -265,8 +329,7 @@ def test_a_checkpoint_gives_its_model_as_weights(tmp_path):
 
 
 def test_stop_mid_epoch_and_resume_repeats_the_same_losses(tmp_path, uninterrupted, monkeypatch, capsys):
-    checks = iter(range(100))
-    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)  # step 2 of epoch 2
+    monkeypatch.setattr(trainer, "_check_step", stopping_at_check(7))  # before step 3 of epoch 2 (of 4)
     out = tmp_path / "run"
     assert train(out, "--epochs", "3", "--overwrite") == 130
     # (--overwrite and --resume exclude each other)
@@ -289,10 +352,9 @@ def test_two_stops_in_one_epoch_repeat_the_same_losses(tmp_path, uninterrupted, 
     """The second stop's checkpoint holds the sums of both parts of the epoch
     (a stop that kept only its own part changed the epoch's train loss)."""
     out = tmp_path / "run"
-    for stop_at in (5, 0):  # step 2 of epoch 2, then the step after it
-        checks = iter(range(100))
-        monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == stop_at)
-        assert train(out, "--epochs", "3", *(["--resume"] if stop_at == 0 else [])) == 130
+    for stop_at in (7, 1):  # before step 3 of epoch 2, then before the step after it
+        monkeypatch.setattr(trainer, "_check_step", stopping_at_check(stop_at))
+        assert train(out, "--epochs", "3", *(["--resume"] if stop_at == 1 else [])) == 130
     assert torch.load(out / trainer.CHECKPOINT, weights_only=True)["step"] == 3
     monkeypatch.undo()
     assert train(out, "--resume") == 0
@@ -306,8 +368,7 @@ def test_dropout_trains_and_resumes_a_stop_with_the_same_losses(tmp_path, monkey
     from before the option resumes as the dropout-free run it was."""
     assert train(tmp_path / "whole", "--epochs", "2", "--drop-rate", "0.3") == 0
     assert ", dropout 0.3, " in capsys.readouterr().out
-    checks = iter(range(100))
-    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 2)  # step 1 of epoch 2
+    monkeypatch.setattr(trainer, "_check_step", stopping_at_check(3))  # before step 4 of epoch 1
     out = tmp_path / "halves"
     assert train(out, "--epochs", "2", "--drop-rate", "0.3") == 130
     monkeypatch.undo()
@@ -347,8 +408,7 @@ def test_each_step_augments_with_a_generator_of_its_own(tmp_path, monkeypatch):
 def test_a_stop_saves_no_diverged_weights(tmp_path, monkeypatch, capsys):
     """A stop between the every-10-steps checks of the weights: the checkpoint
     it would save is refused, as any of diverged weights is."""
-    checks = iter(range(100))
-    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 9)
+    monkeypatch.setattr(trainer, "_check_step", stopping_at_check(10))
     assert train(tmp_path / "run", "--epochs", "2", "--lr", "1e30", "--train-limit", "512") == 1
     assert "training diverged in epoch 1" in capsys.readouterr().err
     assert not (tmp_path / "run" / trainer.CHECKPOINT).exists()
@@ -357,8 +417,7 @@ def test_a_stop_saves_no_diverged_weights(tmp_path, monkeypatch, capsys):
 def test_a_checkpoint_without_partial_seconds_resumes(tmp_path, uninterrupted, monkeypatch):
     """A checkpoint stopped mid-epoch by a version before partial_seconds: the
     same losses, and the epoch's speed from this run's steps alone."""
-    checks = iter(range(100))
-    monkeypatch.setattr(trainer, "_stop_requested", lambda stop, procs: next(checks) == 5)
+    monkeypatch.setattr(trainer, "_check_step", stopping_at_check(7))
     out = tmp_path / "run"
     assert train(out, "--epochs", "3") == 130
     monkeypatch.undo()
@@ -519,7 +578,7 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
         assert train(out, "--epochs", "1", "--overwrite") == 1
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == earlier  # the earlier run, intact
     with monkeypatch.context() as patch:  # stopped after its first checkpoint: the earlier metrics and curves go
-        patch.setattr(trainer, "_stop_requested", lambda *args: True)
+        patch.setattr(trainer, "_check_step", lambda stop, unreadable, procs: (True, unreadable))
         assert train(out, "--epochs", "1", "--overwrite") == 130
     assert os.listdir(out) == [trainer.CHECKPOINT]  # none of the earlier run's files stays beside this one's
     assert train(out, "--epochs", "1", "--resume") == 0
@@ -1037,7 +1096,7 @@ def test_ddp_with_dropout_resumes_a_stop_mid_epoch_with_the_same_losses(tmp_path
     result = torchrun(*common, *recipe, "--out", str(tmp_path / "whole"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "halves"
-    result = torchrun(*common, "--stop-at-check", "5", *recipe, "--out", str(out), cwd=tmp_path)
+    result = torchrun(*common, "--stop-at-check", "7", *recipe, "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(re.findall(r"rank \d+: status \d+", result.stdout)) == ["rank 0: status 130", "rank 1: status 130"]
     assert len(metrics(out)) == 1
@@ -1072,6 +1131,7 @@ def test_ddp_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path)
     assert result.returncode != 0
     assert f"error: cannot read image {bad}" in result.stderr and "epoch 1's training is saved" in result.stderr
     assert "terminate called" not in result.stderr
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
     bad.unlink()
     result = torchrun(*command, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1079,16 +1139,39 @@ def test_ddp_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path)
     assert [row["epoch"] for row in metrics(tmp_path / "run")] == ["1", "2"]
 
 
+def test_ddp_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_path):
+    """Two processes: where the second cannot read a sample of its batch, both
+    checkpoint the steps before it (they agree before every step), the second
+    naming the sample; once it is repaired at another size, --resume trains on."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    bad = training_image_of_step(tmp_path / "tree", 1, batch_size=2, train_limit=14, rank=1, world_size=2)
+    bad.write_bytes(b"not an image")
+    command = [os.path.abspath(__file__), "train-worker", "--no-progress", "--depth", "10", "--growth-rate", "4",
+               "--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
+               "--workers", "1", "--train-limit", "14", "--out", str(tmp_path / "run")]
+    result = torchrun(*command, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"error: cannot read image {bad}" in result.stderr, result.stderr[-3000:]
+    assert "error: another process could not read a training sample (its error names it); the training before it " \
+           "is saved" in result.stderr and result.stderr.count("(epoch 1, step 1 of 3)") == 2
+    assert "terminate called" not in result.stderr
+    assert gloo_threads_left(result.stdout) == {"0": "[]", "1": "[]"}
+    write_other_image(bad)
+    result = torchrun(*command, "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at epoch 1, step 1" in result.stdout and os.path.relpath(bad, tmp_path / "tree" / "train") in result.stdout
+    assert [row["epoch"] for row in metrics(tmp_path / "run")] == ["1", "2"]
+
+
 def train_worker(argv: list[str]) -> int:
     """Under torchrun: ``python -m densenet_fast train`` in-process, then the gloo threads left.
-    ``--stop-at-check N`` first: every process is asked to stop at its check N (0 is
-    the first step's), as one process's stop request stops all, and the stop (130)
-    counts as success (torchrun would end the other process at a failure)."""
+    ``--stop-at-check N`` first: every process is asked to stop at its check N
+    (:func:`stopping_at_check`), as one process's stop request stops all, and the
+    stop (130) counts as success (torchrun would end the other process at a failure)."""
     stop_at = None
     if argv[:1] == ["--stop-at-check"]:
         stop_at, argv = int(argv[1]), argv[2:]
-        checks = iter(range(10**6))
-        trainer._stop_requested = lambda stop, procs: next(checks) == stop_at
+        trainer._check_step = stopping_at_check(stop_at)
     status = cli.main(["train", *argv])
     print(f"rank {os.environ['RANK']}: status {status}; gloo threads left: {gloo_threads()}", flush=True)
     return 0 if stop_at is not None and status == 130 else status
