@@ -628,7 +628,7 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
                 traceback.clear_frames(exc.__traceback__)  # (they hold the loader's iterator, and so its workers)
                 unreadable = exc
         stopping, failing = _check_step(stop, unreadable is not None, procs)
-        if stopping or failing:
+        if failing or (stopping and (epoch, step) != (0, 0)):  # (a stop before the run's first step: after it)
             sums = Sums(loss_sum.item(), float(correct.item()), count)
             earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
             reached = Position(epoch, step, position.partial.plus(procs.sum(sums.as_list())), earlier)

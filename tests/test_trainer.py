@@ -581,6 +581,9 @@ def test_outputs_are_never_overwritten_silently(tmp_path, capsys, monkeypatch):
         patch.setattr(trainer, "_check_step", lambda stop, unreadable, procs: (True, unreadable))
         assert train(out, "--epochs", "1", "--overwrite") == 130
     assert os.listdir(out) == [trainer.CHECKPOINT]  # none of the earlier run's files stays beside this one's
+    # (a stop requested before the run's first step comes after it: a checkpoint of nothing trained would have
+    # replaced the earlier run)
+    assert torch.load(out / trainer.CHECKPOINT, weights_only=True)["step"] == 1
     assert train(out, "--epochs", "1", "--resume") == 0
     assert sorted(os.listdir(out)) == sorted([trainer.CHECKPOINT, trainer.METRICS, trainer.CURVES])
     (tmp_path / "odd" / trainer.CHECKPOINT).mkdir(parents=True)
