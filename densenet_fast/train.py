@@ -640,6 +640,7 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
         if batch is None:
             break
         images, labels = batch
+        del batch  # (so that the loader's images are freed once augmented)
         images = augment(images, run.data.augmentation, step_generator(options["seed"], epoch, step, procs.rank))
         images, labels = to_device(images, device, options["channels_last"]), labels.to(device)
         for group in run.optimizer.param_groups:
