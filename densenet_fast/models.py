@@ -690,7 +690,7 @@ class _EngineModel(nn.Module):
         self.share_engine()
 
     # -- shapes ------------------------------------------------------------------------
-    # (``in_channels``, ``stem``, ``num_transitions`` and ``spatial_dims`` are set by the subclass)
+    # (``in_channels``, ``stem`` and ``spatial_dims`` are set by the subclass)
     def stem_modules(self) -> list[nn.Module]:
         """``features``' modules before the first dense block, as they are now."""
         return list(itertools.takewhile(lambda m: not isinstance(m, _EngineBlock), self.features.children()))
@@ -702,41 +702,50 @@ class _EngineModel(nn.Module):
                   "ceil_mode")
         return [(type(m), *(getattr(m, name, None) for name in sizing)) for m in self.stem_modules()]
 
-    def _sizing_stem(self) -> Optional[list[nn.Module]]:
-        """The stem's convolutions and max-poolings, or ``None`` where it holds a
-        module whose output size is not known here (one that raises its own errors)."""
-        sizing = [m for m in self.stem_modules() if not isinstance(m, SIZE_PRESERVING)]
-        known = all(isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd))
+    def _sizing_modules(self) -> Optional[list[nn.Module]]:
+        """The modules of ``features`` that change the spatial size, as they are
+        now: the stem's convolutions and poolings and the transitions' (their
+        pooling by 2, unless replaced), in order; ``None`` where ``features``
+        holds a module whose output size is not known here (one that raises its
+        own errors)."""
+        sizing = []
+        for module in self.features.children():
+            if isinstance(module, _EngineBlock):  # (its layers keep the size)
+                continue
+            parts = list(module.children()) if isinstance(module, _EngineTransition) else [module]
+            sizing += [m for m in parts if not isinstance(m, SIZE_PRESERVING)]
+        known = all(isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                                   nn.modules.pooling._AvgPoolNd))
                     and not isinstance(m, nn.modules.conv._ConvTransposeNd)
                     and not isinstance(m.padding, str) and not getattr(m, "ceil_mode", False) for m in sizing)
         return sizing if known else None
 
-    def _feature_side(self, sizing: list[nn.Module], n: int, dim: int) -> int:
+    @staticmethod
+    def _feature_side(sizing: list[nn.Module], n: int, dim: int) -> int:
         """The last block's side along spatial dimension ``dim`` for an input side
-        ``n``, through ``sizing`` and the transitions' pooling by 2 (below 1: too small)."""
+        ``n``, through ``sizing`` (below 1: too small)."""
         for m in sizing:
             if n < 1:
                 return n
             kernel, stride, padding, dilation = (v if isinstance(v, int) else v[dim]
-                                                 for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+                                                 for v in (m.kernel_size, m.stride, m.padding,
+                                                           getattr(m, "dilation", 1)))
             n = (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1  # PyTorch's output size
-        for _ in range(self.num_transitions):
-            n //= 2  # average pooling by 2
         return n
 
     def feature_size(self, *sizes: int) -> Optional[tuple[int, ...]]:
         """Spatial size of the last dense block for an input of spatial size
-        ``sizes`` (one per spatial dimension), through the stem's modules as they
-        are now and the transitions' pooling by 2; a value below 1 means the
-        input is too small.  ``None`` where the stem holds a module whose output
-        size is not known here (a replaced one: it raises its own errors)."""
-        sizing = self._sizing_stem()
+        ``sizes`` (one per spatial dimension), through the modules of the stem and
+        the transitions as they are now; a value below 1 means the input is too
+        small.  ``None`` where ``features`` holds a module whose output size is
+        not known here (a replaced one: it raises its own errors)."""
+        sizing = self._sizing_modules()
         return None if sizing is None else tuple(self._feature_side(sizing, n, d) for d, n in enumerate(sizes))
 
     def min_input_size(self) -> Optional[tuple[int, ...]]:
         """Smallest size along each spatial dimension this network accepts
-        (``None``: its stem's modules are not ones :meth:`feature_size` knows)."""
-        sizing = self._sizing_stem()
+        (``None``: its modules are not ones :meth:`feature_size` knows)."""
+        sizing = self._sizing_modules()
         if sizing is None:
             return None
         least = []
@@ -775,9 +784,10 @@ class _EngineModel(nn.Module):
                             f"convert one of them or use torch.autocast")
         size = self.feature_size(*x.shape[2:])
         if size is not None and min(size) < 1:
+            transitions = sum(isinstance(m, _EngineTransition) for m in self.features.children())
             raise InputError(
                 f"input images of {'x'.join(map(str, x.shape[2:]))} are too small for this DenseNet "
-                f"(its stem and {self.num_transitions} transitions): it needs at least "
+                f"(its stem and {transitions} transition{'s' * (transitions != 1)}): it needs at least "
                 f"{'x'.join(map(str, self.min_input_size()))}")
 
 
@@ -845,7 +855,6 @@ class DenseNet(_EngineModel):
             recompute = "recompute" if memory_efficient else "keep"
         self.in_channels = in_channels
         self.stem = stem
-        self.num_transitions = len(block_config) - 1
         self.spatial_dims = 2
 
         if stem == "imagenet":

@@ -195,7 +195,6 @@ class DenseNet(models._EngineModel):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.stem = "imagenet"  # conv 7 stride 2, norm, act, max-pool 3 stride 2
-        self.num_transitions = len(block_config) - 1
         conv_type = fastpath.CONVS[spatial_dims - 1]
 
         self.features = models._Features(OrderedDict([

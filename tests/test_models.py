@@ -470,6 +470,34 @@ def test_a_stem_of_unknown_output_size_is_left_to_its_modules():
     assert model(torch.randn(2, 5, 6, 6)).shape == (2, 3)  # five channels: the lazy conv takes them
 
 
+@pytest.mark.filterwarnings("ignore:densenet_fast.*:RuntimeWarning")  # the replaced transition runs as modules
+@pytest.mark.parametrize("pool", ["ceil_mode", "identity", "max_pool_3"])
+def test_inputs_are_checked_against_the_transitions_as_they_are_now(pool):
+    """A transition's pool replaced: no pooling keeps the size and another pool
+    is sized by PyTorch's rule (an input too small for it is refused in one
+    line), a ceil-mode pool is not sized here (its modules raise their own
+    errors); every input torchvision takes this model takes, with the same output."""
+    ours, tv = make_pair(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, num_classes=3)
+    for model in (ours, tv):
+        model.features.transition2.pool = {"ceil_mode": lambda: nn.AvgPool2d(2, 2, ceil_mode=True),
+                                           "identity": nn.Identity, "max_pool_3": lambda: nn.MaxPool2d(3, 2)}[pool]()
+    least = ours.min_input_size()
+    assert least == {"ceil_mode": None, "identity": (5, 5), "max_pool_3": (21, 21)}[pool]
+    for side in range(1, 30):
+        x = torch.randn(2, 3, side, side, dtype=torch.float64)
+        try:
+            expected = tv(x)
+        except RuntimeError:  # too small for one of its modules
+            refusal = {"ceil_mode": "(?i)kernel size|output size", "identity": "too small .* at least 5x5",
+                       "max_pool_3": f"{side}x{side} are too small for this DenseNet \\(its stem and 2 transitions\\): "
+                                     f"it needs at least 21x21"}[pool]
+            with pytest.raises((RuntimeError, ValueError), match=refusal):
+                ours(x)
+            continue
+        assert least is None or side >= least[0]
+        assert_all_close({"out": ours(x)}, {"out": expected}, 1e-10, f"output at {side}x{side}")
+
+
 def test_replaced_modules_are_named_in_errors_and_refused_by_the_planner():
     model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, stem="cifar")
     assert model.memory_model_blocker() is None
