@@ -5,6 +5,7 @@ same weights (float64 where numbers are compared)."""
 
 import copy
 import pickle
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -246,3 +247,19 @@ def test_deepcopy_and_pickle_give_working_models():
     for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         assert_all_close(forward_backward(twin, x, target).grads, forward_backward(ours, x, target).grads,
                          FLOAT64_RTOL, "copy")
+
+
+def test_a_model_that_synchronises_batch_statistics_is_copied_with_its_group():
+    """A deep copy (a moving average of the weights, say) shares the process
+    group, which cannot be copied; pickling is refused, saying what to do."""
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3, stem="cifar")
+    group = threading.Lock()  # a stand-in for a process group: neither copied nor pickled
+    model.set_sync_group(group)
+    twin = copy.deepcopy(model)
+    assert {id(block.engine.sync_group) for block in twin.blocks()} == {id(group)}
+    assert twin.features.denseblock1.denselayer1.conv1.weight is not model.features.denseblock1.denselayer1.conv1.weight
+    assert twin.arena is not model.arena and {id(block.engine) for block in twin.blocks()} == {id(twin.engine)}
+    with pytest.raises(TypeError, match=r"call set_sync_group\(None\) first"):
+        pickle.dumps(model)
+    model.set_sync_group(None)
+    assert pickle.loads(pickle.dumps(model)).engine.sync_group is None

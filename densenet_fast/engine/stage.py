@@ -35,6 +35,7 @@ With ``create_graph=True`` it differentiates a plain recomputation instead
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import warnings
@@ -583,6 +584,21 @@ class Settings:
     sync_group: object = None
     plain_reason: Optional[str] = None
     budgeted: bool = False
+
+    def __deepcopy__(self, memo) -> "Settings":
+        """A copy (a copied model's) that shares the synchronisation group: a
+        handle on this process's place among the others, which cannot be copied
+        (a model's copy, say its moving average, synchronises over the same
+        processes)."""
+        return Settings(**{field.name: getattr(self, field.name) if field.name == "sync_group"
+                           else copy.deepcopy(getattr(self, field.name), memo) for field in dataclasses.fields(self)})
+
+    def __getstate__(self) -> dict:
+        if self.sync_group is not None:
+            raise TypeError("a model that synchronises batch statistics cannot be pickled (its process group "
+                            "belongs to this process): call set_sync_group(None) first, and set_sync_group again "
+                            "after loading it")
+        return self.__dict__
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
