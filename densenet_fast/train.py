@@ -664,6 +664,12 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
     return Sums(loss_sum.item(), float(correct.item()), count), seconds
 
 
+def resume_command(run: Run) -> str:
+    """How to continue this run from its checkpoint, in words."""
+    again = " without --overwrite" if run.options["overwrite"] else ""
+    return f"the same command{again} and --out {run.out} --resume"
+
+
 def unreadable_training_sample(run: Run, position: Position, exc: Optional[DatasetError]) -> DatasetError:
     """The error to raise where a process could not read a sample of the batch
     of ``position`` (``exc``, in that process), after a checkpoint of the steps
@@ -677,9 +683,10 @@ def unreadable_training_sample(run: Run, position: Position, exc: Optional[Datas
     if position.epoch == 0 and position.step == 0:  # nothing to save (an --overwrite run leaves the earlier one)
         return DatasetError(text)
     save_checkpoint(run, position, unreadable=samples)
-    return DatasetError(f"{text}; the training before it is saved in {run.out} (epoch {position.epoch + 1}, step "
-                        f"{position.step} of {len(run.train_sampler)}): once the sample is repaired, the same command "
-                        f"with --resume trains on from there")
+    more = f" (this step's samples that cannot be read: {', '.join(samples)})" if len(samples) > 1 else ""
+    return DatasetError(f"{text}{more}; the training before it is saved in {run.out} (epoch {position.epoch + 1}, "
+                        f"step {position.step} of {len(run.train_sampler)}): once the sample is repaired, "
+                        f"{resume_command(run)} trains on from there")
 
 
 def unreadable_indices(run: Run, step: int) -> list[int]:
@@ -715,7 +722,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
                                       None if position.seconds is None else seconds))
         raise DatasetError(f"{worker_error_text(exc)}; epoch {epoch + 1}'s training is saved in {run.out}: once the "
                            f"sample is repaired (or removed from a test folder of its own: the held-out split of a "
-                           f"single tree is drawn from all of it), the same command with --resume evaluates that "
+                           f"single tree is drawn from all of it), {resume_command(run)} evaluates that "
                            f"epoch") from None
     lr = options["lr"] * run.lr_factor(epoch * len(run.train_sampler))
     run.history.append(dict(epoch=epoch + 1, lr=lr, train_loss=totals.loss / totals.count,
@@ -743,9 +750,7 @@ def finish(run: Run, outcome: Outcome) -> dict:
                    images_per_s=outcome.images / outcome.seconds if outcome.seconds else float("nan"),
                    peak_memory=peak_memory(run.device))
     if outcome.interrupted:
-        again = " without --overwrite" if run.options["overwrite"] else ""
-        procs.log(f"interrupted: checkpoint saved in {run.out}; continue with the same command{again} and --out "
-                  f"{run.out} --resume")
+        procs.log(f"interrupted: checkpoint saved in {run.out}; continue with {resume_command(run)}")
         return summary
     if not history:
         raise TrainingError(f"{run.out} holds no finished epoch")
@@ -782,25 +787,35 @@ def save_checkpoint(run: Run, position: Position, unreadable: Sequence[str] = ()
     run's metrics and curves (its checkpoint is replaced): an ``--overwrite`` run
     that fails before it has anything to save leaves the earlier run intact.
     ``unreadable``: the names of training samples that could not be read
-    (:meth:`ImageData.train_sample_names`), recorded with the data's
-    fingerprints without their sizes (see :func:`compared_fingerprints`)."""
+    (:meth:`ImageData.train_sample_names`), recorded by :func:`repair_record`."""
     refuse_diverged(run, f"in epoch {position.epoch + (position.step > 0)}")
     rng_states = run.procs.gather(rng_state())
     if run.procs.is_main:
-        repair = {"unreadable": {"samples": list(unreadable), "fingerprints": run.data.fingerprints(unreadable)}
-                  } if unreadable else {}
         save_atomically({
             "format": CHECKPOINT_FORMAT, "options": run.options, "epoch": position.epoch, "step": position.step,
             "partial_sums": position.partial.as_list(), "partial_seconds": position.seconds,
             "history": run.history, "rng": rng_states,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **repair,
+            "scaler": run.scaler.state_dict(), **repair_record(run.data, unreadable),
         }, os.path.join(run.out, CHECKPOINT))
         if run.replaces_earlier_run:
             for name in (METRICS, CURVES):
                 if os.path.exists(os.path.join(run.out, name)):
                     os.remove(os.path.join(run.out, name))
     run.replaces_earlier_run = False
+
+
+def repair_record(data: ImageData, unreadable: Sequence[str]) -> dict:
+    """What a checkpoint records of the training samples named ``unreadable``:
+    their names and the data's fingerprints without their sizes; nothing where
+    there are none, or where other files cannot be read either (a data disk
+    gone: a resumed run then compares the fingerprints with every size)."""
+    if not unreadable:
+        return {}
+    try:
+        return {"unreadable": {"samples": list(unreadable), "fingerprints": data.fingerprints(unreadable)}}
+    except DatasetError:
+        return {}
 
 
 # -- processes and devices ------------------------------------------------------------------
@@ -1297,6 +1312,9 @@ def load_checkpoint(path: str, options: dict, model: nn.Module, data: ImageData)
     if options["train_limit"] is not None and "train_fingerprint" not in saved:  # (both new on 2026-12-04)
         differences.append(f"--train-limit took the first {options['train_limit']} training samples when the "
                            f"checkpoint was written and draws each class's share now, so other samples would train")
+    if differences and "unreadable" in checkpoint:
+        differences.append(f"the checkpoint was written where {', '.join(checkpoint['unreadable']['samples'])} "
+                           f"could not be read: repaired, at any size, it resumes, but not removed")
     if differences:
         raise TrainingError(f"checkpoint {path} does not match this run: " + "; ".join(differences))
     own, theirs = model.state_dict(), checkpoint["model"]

@@ -222,13 +222,13 @@ def test_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path, cap
     assert "(4 held-out images)" in out
 
 
-def training_image_of_step(tree, step: int, batch_size: int, train_limit: int, rank: int = 0, world_size: int = 1):
-    """The file of process ``rank``'s first training image of ``step`` of epoch 1
-    (seed 0, ``batch_size`` per process, ``--train-limit`` below the tree's count)."""
+def training_images_of_step(tree, step: int, batch_size: int, train_limit: int, rank: int = 0, world_size: int = 1):
+    """The files of process ``rank``'s training images of ``step`` of epoch 1, in
+    order (seed 0, ``batch_size`` per process, ``--train-limit`` below the tree's count)."""
     data = load_dataset(str(tree), image_size=8).limit(train_limit, None)
     sampler = ShardedBatchSampler(len(data.train), batch_size, shuffle=True, drop_last=True, rank=rank,
                                   world_size=world_size)
-    return type(tree)(data.train.dataset.samples[data.train.indices[sampler.batch(step)[0]]][0])
+    return [type(tree)(data.train.dataset.samples[data.train.indices[index]][0]) for index in sampler.batch(step)]
 
 
 def write_other_image(path) -> None:
@@ -239,30 +239,40 @@ def write_other_image(path) -> None:
 
 
 def test_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_path, capsys):
-    """The steps of the epoch before the batch that holds it are checkpointed
-    (they were lost), with the sample's name: once it is repaired, at another
-    size in bytes, --resume trains on with the losses of a run that never met
-    it; a resume where another sample changed too is refused."""
+    """The steps of the epoch before the batch that holds them are checkpointed
+    (they were lost), with the samples' names: once they are repaired, at
+    another size in bytes, --resume trains on with the losses of a run that
+    never met them; a resume where one is gone or another sample changed is
+    refused, saying so."""
     write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
-    bad = training_image_of_step(tmp_path / "tree", 2, batch_size=4, train_limit=12)  # of a --train-limit subset
-    write_other_image(bad)
+    bad, second = training_images_of_step(tmp_path / "tree", 2, batch_size=4, train_limit=12)[:2]  # of a subset
+    for path in (bad, second):
+        write_other_image(path)
     shutil.copytree(tmp_path / "tree", tmp_path / "repaired")
-    bad.write_bytes(b"not an image")
+    for path in (bad, second):
+        path.write_bytes(b"not an image")
+    names = [os.path.relpath(path, tmp_path / "tree" / "train") for path in (bad, second)]
     options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
                "--workers", "1", "--train-limit", "12"]
-    assert train(tmp_path / "run", *options) == 1
+    assert train(tmp_path / "run", *options, "--overwrite") == 1
     assert multiprocessing.active_children() == []
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot read image {bad}") and err.endswith(
-        f"; the training before it is saved in {tmp_path / 'run'} (epoch 1, step 2 of 3): once the sample is "
-        f"repaired, the same command with --resume trains on from there\n"), err
+        f" (this step's samples that cannot be read: {names[0]}, {names[1]}); the training before it is saved in "
+        f"{tmp_path / 'run'} (epoch 1, step 2 of 3): once the sample is repaired, the same command without "
+        f"--overwrite and --out {tmp_path / 'run'} --resume trains on from there\n"), err
     checkpoint = torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 2)
-    assert checkpoint["unreadable"]["samples"] == [os.path.relpath(bad, tmp_path / "tree" / "train")]
+    assert checkpoint["unreadable"]["samples"] == names
     assert train(tmp_path / "run", *options, "--resume") == 1  # not repaired yet: the same error, nothing lost
     assert "(epoch 1, step 2 of 3)" in capsys.readouterr().err
     shutil.copy(tmp_path / "repaired" / bad.relative_to(tmp_path / "tree"), bad)
     assert bad.stat().st_size != len(b"not an image")
+    second.unlink()  # removed, not repaired: another training split
+    assert train(tmp_path / "run", *options, "--resume") == 2
+    assert f"written where {names[0]}, {names[1]} could not be read: repaired, at any size, it resumes, but not " \
+           f"removed" in capsys.readouterr().err
+    shutil.copy(tmp_path / "repaired" / second.relative_to(tmp_path / "tree"), second)
     other = tmp_path / "tree" / "train" / "cat" / "7.png"
     with open(other, "ab") as f:  # another training sample resized as well: other data
         f.write(b"\0")
@@ -272,9 +282,38 @@ def test_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_pat
     assert train(tmp_path / "run", *options, "--resume") == 0
     out = capsys.readouterr().out
     assert "at epoch 1, step 2" in out and f"could not be read when the checkpoint was written: " \
-        f"{os.path.relpath(bad, tmp_path / 'tree' / 'train')}" in out and "test split differs" not in out, out
+        f"{names[0]}, {names[1]}" in out and "test split differs" not in out, out
     options[1] = str(tmp_path / "repaired")
     assert train(tmp_path / "whole", *options) == 0
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "whole")
+
+
+def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkeypatch, capsys):
+    """Every file gone (an unmounted disk) after step 2 of epoch 2: the steps
+    before step 3 are checkpointed all the same (the data's fingerprints cannot
+    be made without the files, so none is recorded), and once the folder is
+    back, --resume ends with the losses of an uninterrupted run."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
+               "--workers", "0"]
+    assert train(tmp_path / "whole", *options) == 0
+    steps, augment_batch = iter(range(100)), trainer.augment
+
+    def augment_then_unmount(images, augmentation, generator):
+        if next(steps) == 4 + 2:  # step 2 of epoch 2 (of 4); the loader reads each batch when asked
+            (tmp_path / "tree").rename(tmp_path / "away")
+        return augment_batch(images, augmentation, generator)
+
+    monkeypatch.setattr(trainer, "augment", augment_then_unmount)
+    assert train(tmp_path / "run", *options) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot read image {tmp_path / 'tree'}" in err and "this step's samples that cannot be read" in err
+    assert f"(epoch 2, step 3 of 4)" in err, err
+    checkpoint = torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3) and "unreadable" not in checkpoint
+    monkeypatch.undo()
+    (tmp_path / "away").rename(tmp_path / "tree")
+    assert train(tmp_path / "run", *options, "--resume") == 0
     assert metrics(tmp_path / "run") == metrics(tmp_path / "whole")
 
 
@@ -1147,7 +1186,7 @@ def test_ddp_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp
     checkpoint the steps before it (they agree before every step), the second
     naming the sample; once it is repaired at another size, --resume trains on."""
     write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
-    bad = training_image_of_step(tmp_path / "tree", 1, batch_size=2, train_limit=14, rank=1, world_size=2)
+    bad = training_images_of_step(tmp_path / "tree", 1, batch_size=2, train_limit=14, rank=1, world_size=2)[0]
     bad.write_bytes(b"not an image")
     command = [os.path.abspath(__file__), "train-worker", "--no-progress", "--depth", "10", "--growth-rate", "4",
                "--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
