@@ -308,7 +308,7 @@ def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkey
     assert train(tmp_path / "run", *options) == 1
     err = capsys.readouterr().err
     assert f"error: cannot read image {tmp_path / 'tree'}" in err and "this step's samples that cannot be read" in err
-    assert f"(epoch 2, step 3 of 4)" in err, err
+    assert "(epoch 2, step 3 of 4)" in err, err
     checkpoint = torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3) and "unreadable" not in checkpoint
     monkeypatch.undo()
