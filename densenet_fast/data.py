@@ -685,16 +685,23 @@ class VolumeFolder(Dataset):
     """Volumes of ``samples`` (path, label) read from their files, resized to
     ``size`` (trilinear) if given, and normalised per volume and channel to mean
     0 and standard deviation 1 (the intensities of CT and MRI scans differ from
-    scan to scan)."""
+    scan to scan).  Each file is checked again when read (a file may have
+    changed since the dataset was loaded): real numbers, ``channels`` channels
+    and, unless resized, the spatial ``shape`` (D, H, W) all volumes had."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: Optional[tuple[int, int, int]]) -> None:
-        self.samples, self.size = samples, size
+    def __init__(self, samples: list[tuple[str, int]], size: Optional[tuple[int, int, int]], channels: int,
+                 shape: tuple[int, int, int]) -> None:
+        self.samples, self.size, self.channels, self.shape = samples, size, channels, shape
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
+        channels, shape = volume_header(path)
+        if channels != self.channels or (self.size is None and shape != self.shape):
+            raise DatasetError(f"volume {path} now holds {channels} channel(s) of {_shape_text(shape)}, not "
+                               f"{self.channels} of {_shape_text(self.shape)} as when the dataset was loaded")
         array = read_volume(path)
         if not np.isfinite(array).all():
             raise DatasetError(f"volume {path} holds NaN or infinite values {AS_FLOAT32}")
@@ -830,8 +837,9 @@ def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -
             raise DatasetError(f"{root}: too few volumes per class to hold out a stratified test split ({exc}); "
                                f"add a split column to {LABELS_FILE}") from exc
     final = size or shape
-    return ImageData("volumefolder", VolumeFolder(train, size), VolumeFolder(test, size), num_classes, channels,
-                     _volume_augmentation(final), spatial_dims=3, size=tuple(final))
+    return ImageData("volumefolder", VolumeFolder(train, size, channels, shape),
+                     VolumeFolder(test, size, channels, shape), num_classes, channels, _volume_augmentation(final),
+                     spatial_dims=3, size=tuple(final))
 
 
 # -- sampling and augmentation -------------------------------------------------------------

@@ -329,6 +329,33 @@ def test_volume_with_nan_is_named_when_read(tmp_path):
         data.test[0]
 
 
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((5, 5, 6), np.float32), "a.npy now holds 1 channel\\(s\\) of 5x5x6, not 1 of 4x5x6 as when the dataset"),
+    (np.zeros((2, 4, 5, 6), np.float32), "a.npy now holds 2 channel\\(s\\) of 4x5x6, not 1 of 4x5x6"),
+    (np.zeros((4, 5), np.float32), "a.npy has shape \\(4, 5\\); expected"),
+    (np.array(["a", "b"]), "a.npy holds <U1, not real numbers"),
+    (np.zeros((4, 5, 6), np.complex64), "a.npy holds complex64, not real numbers"),
+])
+def test_a_volume_changed_since_loading_is_named_when_read(tmp_path, array, message):
+    """Read by a training step, a file replaced since the dataset was loaded
+    is checked as at loading (a stack of other shapes raised a traceback, text
+    ended the run as bad input, complex values trained); resized volumes may
+    change their size, not their channels."""
+    root = tmp_path / "data"
+    for name in ("a.npy", "b.npy", "c.npy"):
+        save(root, name, VOLUME)
+    write_labels(root, "file,label,split\na.npy,0,train\nc.npy,1,train\nb.npy,1,test\n")
+    data, resized = load_dataset(str(root)), load_dataset(str(root), volume_size=(4, 4, 4))
+    save(root, "a.npy", array)
+    with pytest.raises(DatasetError, match=message):
+        data.train[0]
+    if array.shape == (5, 5, 6):
+        assert resized.train[0][0].shape == (1, 4, 4, 4)
+    elif array.ndim == 4:
+        with pytest.raises(DatasetError, match="now holds 2 channel"):
+            resized.train[0]
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"train_images": np.zeros((4, 8, 8), np.uint8)}, "lacks train_labels, test_images, test_labels"),
     ({f"{s}_{k}": np.zeros((4, 8, 8) if k == "images" else (4, 1), np.uint8) for s in ("train", "test")
