@@ -83,6 +83,7 @@ CHECKPOINT_FORMAT = "densenet_fast.train/1"
 CHECKPOINT_KEYS = ("format", "options", "epoch", "step", "partial_sums", "history", "rng", "model", "optimizer",
                    "scaler")
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.csv", "curves.png"
+DEFAULT_RUNS = "runs"  # the folder (in the working directory) of runs given no --out
 # Options a resumed run must share with its checkpoint (the model's, the data's and the recipe's); those of
 # RECORDED_SINCE are compared where the checkpoint has them (checkpoints record the data's path and the
 # samples' size since 2026-12-03, its fingerprint since a478a97, the same day). The data is compared by its fingerprint
@@ -209,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help=f"output directory for {CHECKPOINT}, {METRICS} and {CURVES} "
-                          f"(default: a new runs/<dataset>-<model>[-<depth>-<k>]-<date>-<time>-<process id>; "
+                          f"(default: a new {DEFAULT_RUNS}/<dataset>-<model>[-<depth>-<k>]-<date>-<time>-<process id>; "
                           f"depth and k for densenet_bc)")
     existing = out.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -408,6 +409,7 @@ class Outcome:
 def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
     """The run's settings and data (its fingerprint before ``--train-limit`` and
     ``--test-limit``, made by rank 0), after checking the output directory."""
+    refuse_output_inside_data(args)
     try:
         data = load_dataset(args.data, args.image_size, args.volume_size)
         fingerprints = procs.gather(data.fingerprints() if procs.is_main else None)[0]
@@ -942,7 +944,7 @@ def new_run_directory(stem: str) -> str:
     """``runs/<stem>-<date>-<time>-<process id>`` (runs started in the same second
     differ by their process), with ``-2``, ``-3``... where this process already
     made one in that second; :func:`start_output` creates it."""
-    base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    base = os.path.join(DEFAULT_RUNS, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     path, count = base, 1
     while os.path.lexists(path):
         count += 1
@@ -1026,6 +1028,18 @@ def learning_rate_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Ca
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
     return step_factor if schedule == "step" else cosine_factor
+
+
+def refuse_output_inside_data(args: argparse.Namespace) -> None:
+    """Refuse an output directory (the default's ``runs/`` included) inside a
+    dataset directory: an image tree would read the run's ``curves.png`` as a
+    sample of a class named after the run's folder."""
+    out = os.path.realpath(args.out or DEFAULT_RUNS)
+    data = os.path.realpath(args.data)
+    if os.path.isdir(data) and os.path.commonpath([out, data]) == data:
+        given = f"--out {args.out}" if args.out else f"the default --out (under {DEFAULT_RUNS}/)"
+        raise TrainingError(f"{given} lies inside --data {args.data}: the run's files would become part of the "
+                            f"dataset; choose an --out outside it")
 
 
 def check_output_directory(options: dict, procs: Processes) -> None:

@@ -317,6 +317,23 @@ def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkey
     assert metrics(tmp_path / "run") == metrics(tmp_path / "whole")
 
 
+def test_an_output_directory_inside_the_data_is_refused(tmp_path, monkeypatch, capsys):
+    """An image tree would read a run's curves.png as an image of a class named
+    after its folder (with --data . the default runs/ became a class)."""
+    write_images(tmp_path / "tree", {"cat": 10, "dog": 10})
+    options = ["--image-size", "8", "--batch-size", "4", "--epochs", "1"]
+    assert cli.main(["train", *TINY, "--data", str(tmp_path / "tree"), "--out", str(tmp_path / "tree" / "run"),
+                     *options]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'tree' / 'run'} lies inside --data "
+                                               f"{tmp_path / 'tree'}: the run's files would become part of the "
+                                               f"dataset; choose an --out outside it")
+    monkeypatch.chdir(tmp_path / "tree")
+    assert cli.main(["train", *TINY, "--data", ".", *options]) == 2
+    assert "error: the default --out (under runs/) lies inside --data ." in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "tree")) == ["cat", "dog"]
+    assert cli.main(["train", *TINY, "--data", ".", "--out", str(tmp_path / "run"), *options]) == 0
+
+
 # -- learning rate ---------------------------------------------------------------------------------
 def test_learning_rate_schedules():
     step = trainer.learning_rate_factor("step", 100, 10)
