@@ -316,10 +316,14 @@ def load_cifar100(root: str) -> ImageData:
 
 
 # -- ImageFolder ---------------------------------------------------------------------------
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I")  # PIL's modes of 16-bit (and 32-bit) integer images
 class ImageFolder(Dataset):
     """Images of ``samples`` (path, label) decoded with PIL, converted to RGB,
     resized (shorter side to ``size``, then centre-cropped to ``size x size``)
-    and normalised with the ImageNet mean and standard deviation."""
+    and normalised with the ImageNet mean and standard deviation.  Images of
+    16-bit integers (microscopy, medical PNGs and TIFFs) are scaled by 1/65535
+    and floating-point ones taken as they are, in every channel, where PIL's
+    conversion to RGB would clip them to 255 (or 0)."""
 
     def __init__(self, samples: list[tuple[str, int]], size: int) -> None:
         self.samples, self.size = samples, size
@@ -335,7 +339,10 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                if image.mode in WIDE_INTEGER_MODES:
+                    image = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535)
+                else:
+                    image = image.convert("F" if image.mode == "F" else "RGB")
         except Exception as exc:
             raise DatasetError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from exc
         scale = self.size / min(image.size)
@@ -343,7 +350,9 @@ class ImageFolder(Dataset):
         image = image.resize((w, h), Image.BILINEAR)
         left, top = (w - self.size) // 2, (h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        values = np.asarray(image, dtype=np.float32)
+        pixels = torch.from_numpy(values / 255).permute(2, 0, 1) if image.mode == "RGB" else \
+            torch.from_numpy(values.copy()).expand(3, -1, -1)  # (one value per pixel, in [0, 1] for integers)
         return (pixels - self.mean) / self.std, label
 
 

@@ -121,6 +121,31 @@ def test_image_folder_trees_are_found_as_torchvision_finds_them(tmp_path):
     assert load_dataset(str(tmp_path / "vehicles"), image_size=8).num_classes == 2
 
 
+def test_images_of_16_bit_and_float_values_keep_their_values(tmp_path):
+    """PIL's conversion to RGB clips 16-bit integers to 255 (two classes of 16-bit
+    PNGs, dark and bright, became the same white image) and floats to 0: they
+    are scaled by 1/65535 and taken as they are, in every channel, as an 8-bit
+    grey image's value v is v/255."""
+    from PIL import Image
+
+    values = {"dark.png": (np.uint16, 1000, 1000 / 65535), "bright.png": (np.uint16, 60000, 60000 / 65535),
+              "float.tiff": (np.float32, 0.3, 0.3), "grey.png": (np.uint8, 200, 200 / 255)}
+    write_images(tmp_path / "tree", {"a": 4, "b": 4})
+    for name, (dtype, value, _) in values.items():
+        Image.fromarray(np.full((10, 12), value, dtype)).save(tmp_path / "tree" / "a" / name)
+    data = load_dataset(str(tmp_path / "tree"), image_size=8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    checked = []
+    for split in (data.train, data.test):
+        for index, (path, _) in enumerate(split.samples):
+            name = os.path.basename(path)
+            if name in values:
+                expected = ((values[name][2] - mean) / std).view(3, 1, 1).expand(3, 8, 8)
+                torch.testing.assert_close(split[index][0], expected, rtol=1e-6, atol=1e-6, msg=name)
+                checked.append(name)
+    assert sorted(checked) == sorted(values)
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("augmentation", [Augmentation(4, True), Augmentation(1, False), Augmentation(0, True)])
 def test_augment_crops_and_flips_each_image_independently(augmentation, channels):
