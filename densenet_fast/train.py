@@ -23,6 +23,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -1236,11 +1237,13 @@ def replacing(path: str) -> Iterator[str]:
     leaves the previous file intact and no partial file behind."""
     root, extension = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{extension}"
+    earlier = os.path.exists(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:  # a full disk
-        raise OutputError(f"cannot write {path} ({exc.strerror or exc}); the file there before is intact") from exc
+        kept = "; the file there before is intact" if earlier else ""
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}){kept}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1253,7 +1256,9 @@ def save_atomically(obj, path: str) -> None:
         try:
             torch.save(obj, f)
         except RuntimeError as exc:  # torch.save's zip writer's, on a full disk
-            raise OSError(str(exc).strip().splitlines()[0]) from exc
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise OSError(f"torch.save: {str(exc).strip().splitlines()[0]}; {format_bytes(free)} free on its "
+                          f"file system") from exc
         f.flush()
         os.fsync(f.fileno())
 
