@@ -267,6 +267,16 @@ def test_plan_command_json(capsys):
     assert "auto:" in capsys.readouterr().out
 
 
+def test_plan_into_a_pipe_its_reader_closed_ends_quietly():
+    """``python -m densenet_fast plan ... | head -1``: the reader leaves before the
+    output is written; exit status 1 and no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "densenet_fast", "plan", "--depth", "40", "--batch", "16"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1 and err == b"", err
+
+
 def test_plan_takes_a_dropout(capsys):
     """``--drop-rate`` (``drop_rate=``) plans a named model with dropout after each
     dense layer: whole channels in MONAI's tree on volumes, single values on
