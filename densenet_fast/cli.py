@@ -53,7 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Errors in the user's input (``ValueError``, which the commands raise for
     bad options and files, and ``BackendUnavailableError``) are printed as one
     line instead of a traceback, with exit status 2; :class:`CommandFailed`
-    likewise, with exit status 1.
+    likewise, with exit status 1; a Ctrl-C that a command does not handle
+    itself (the trainer's first one stops after the step) ends with one line
+    and status 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
@@ -70,3 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CommandFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\n{args.command}: aborted (Ctrl-C)", file=sys.stderr)
+        return 130

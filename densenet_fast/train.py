@@ -507,6 +507,14 @@ def resume(run: Run) -> Position:
         earlier = f": the {plural(len(run.history), 'epoch')} before were tested on the other" if run.history else ""
         run.procs.log(f"the test split differs from the checkpoint's (its samples changed; the training split's are "
                       f"the same){earlier}")  # (load_checkpoint lets it pass)
+    saved_limit = checkpoint["options"].get("test_limit")
+    if saved_limit != run.options["test_limit"] and run.history:
+        def given(limit: Optional[int]) -> str:
+            return f"--test-limit {limit}" if limit is not None else "no --test-limit"
+
+        run.procs.log(f"the test split differs from the checkpoint's ({given(run.options['test_limit'])} now, "
+                      f"{given(saved_limit)} then): the {plural(len(run.history), 'epoch')} before were tested on "
+                      f"other samples")
     saved_processes = checkpoint["options"].get("world_size", 1)
     if saved_processes != run.procs.world_size:
         run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
@@ -737,7 +745,7 @@ def end_epoch(run: Run, position: Position, sums: Sums, seconds: float) -> None:
     row = run.history[-1]
     procs.log(f"epoch {epoch + 1}/{options['epochs']}  lr {lr:.4g}  train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2%}  "
-              f"{images_per_s:.0f} images/s  {seconds:.1f}s", flush=True)
+              f"{images_per_s:.0f} {run.data.unit}/s  {seconds:.1f}s", flush=True)
 
 
 def finish(run: Run, outcome: Outcome) -> dict:
@@ -758,7 +766,8 @@ def finish(run: Run, outcome: Outcome) -> dict:
     if not history:
         raise TrainingError(f"{run.out} holds no finished epoch")
     summary["test_accuracy"] = history[-1]["test_accuracy"]
-    speed = f"{summary['images_per_s']:.0f} images/s (training)" if outcome.images else "no training in this run"
+    speed = f"{summary['images_per_s']:.0f} {run.data.unit}/s (training)" if outcome.images else \
+        "no training in this run"
     # (a run that ended no epoch reports the checkpoint's accuracy, measured on its test set: --test-limit may differ)
     tested = f"{len(run.data.test)} held-out {run.data.unit}" if outcome.epochs else "as the checkpoint recorded it"
     procs.log(f"done: test accuracy {summary['test_accuracy']:.2%} ({tested}) | "

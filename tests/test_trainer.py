@@ -334,6 +334,21 @@ def test_an_output_directory_inside_the_data_is_refused(tmp_path, monkeypatch, c
     assert cli.main(["train", *TINY, "--data", ".", "--out", str(tmp_path / "run"), *options]) == 0
 
 
+def test_a_ctrl_c_outside_the_steps_is_one_line(tmp_path, monkeypatch, capsys):
+    """While the data loads (the first Ctrl-C of a step stops after it): no
+    traceback, exit status 130."""
+    monkeypatch.setattr(trainer, "load_dataset", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train(tmp_path / "run") == 130
+    assert capsys.readouterr().err == "\ntrain: aborted (Ctrl-C)\n"
+
+
+def test_a_resume_with_another_test_limit_says_so(tmp_path, capsys):
+    assert train(tmp_path / "run", "--epochs", "1") == 0
+    assert train(tmp_path / "run", "--epochs", "2", "--resume", "--test-limit", "32") == 0
+    assert "the test split differs from the checkpoint's (--test-limit 32 now, --test-limit 64 then): the 1 epoch " \
+           "before were tested on other samples" in capsys.readouterr().out
+
+
 # -- learning rate ---------------------------------------------------------------------------------
 def test_learning_rate_schedules():
     step = trainer.learning_rate_factor("step", 100, 10)
@@ -980,7 +995,8 @@ def test_trains_on_a_volume_folder_of_mixed_sizes_when_resized(tmp_path, capsys)
     assert "volumes differ in size" in capsys.readouterr().err
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "vols"), "--volume-size", "16", "16", "16",
                          "--workers", "0") == 0
-    assert "8 train / 2 test volumes of 16x16x16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 train / 2 test volumes of 16x16x16" in out and " volumes/s " in out and "images/s" not in out
     write_volume_folder(tmp_path / "others", sizes=[(16, 16, 16)], count=10)  # the same shapes, other volumes
     assert train_volumes(tmp_path / "run", "--data", str(tmp_path / "others"), "--workers", "0", "--resume",
                          "--epochs", "2") == 2
