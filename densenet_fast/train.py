@@ -48,8 +48,9 @@ from . import monai as monai_models
 from .data import SYNTHETIC_3D
 from .backends import BACKEND_NAMES
 from .memory import (CPU_HEAP_BELOW, Architecture, OptimizerSpec, Setup, bc_layers_per_block, cpu_heap_as_modelled,
-                     format_bytes, parse_bytes, predict, set_mmap_threshold)
+                     available_memory_bytes, format_bytes, parse_bytes, predict, set_mmap_threshold)
 from .cli import CommandFailed
+from . import planner
 from .planner import MemoryBudgetError
 from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, memory_shortfall
 
@@ -297,6 +298,8 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
     position = resume(run) if options["resume"] else Position()
     distribute(run)
     plan = plan_memory(run) if options["memory_budget"] is not None else None  # (refused before the header)
+    if plan is None and device.type == "cpu":
+        refuse_step_beyond_memory(run)
     procs.log(describe(run))
     if plan is not None:
         procs.log(plan)
@@ -567,6 +570,45 @@ def plan_memory(run: Run) -> str:
         raise TrainingError(f"--memory-budget: {exc}") from None
     ddp = " (not counted: DistributedDataParallel's gradient buckets)" if run.procs.distributed else ""
     return f"memory plan for batch {batch} per process{ddp}: {choice.describe(run.model.memory_budget)}{heap}"
+
+
+def refuse_step_beyond_memory(run: Run) -> None:
+    """Without ``--memory-budget``, on the CPU: refuse (before the header) a
+    training step that the memory model predicts will not fit in the memory
+    this machine has available, for this machine's processes of the run (the
+    kernel kills such a run without a word), saying what would fit; as rank 0
+    finds it, every process alike."""
+    problem = run.procs.gather(step_memory_problem(run) if run.procs.is_main else None)[0]
+    if problem:
+        raise TrainingError(problem)
+
+
+def step_memory_problem(run: Run) -> Optional[str]:
+    """Why :func:`refuse_step_beyond_memory` refuses the run, or ``None`` (also
+    where the model is not one the memory model describes)."""
+    available = available_memory_bytes()
+    model = run.model
+    policy = getattr(model, "recompute", None)
+    if available is None or policy not in ("keep", "recompute") or model.memory_model_blocker() is not None \
+            or run.data.size is None:
+        return None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    batch = run.options["batch_size"] // run.procs.world_size
+    setup = dict(batch=batch, image_size=tuple(run.data.size), autocast=AMP_DTYPES[run.options["amp"]])
+    with warnings.catch_warnings():  # (the planner's notes on what it leaves out)
+        warnings.simplefilter("ignore")
+        each = planner.plan(model, **setup)["policies"][policy]["total_bytes"]
+        predicted = each * local_processes
+        if predicted <= available:
+            return None
+        fitting = planner.plan(model, **setup, budget=available // local_processes)["largest_batch"]
+    processes = f", {format_bytes(each)} for each of {local_processes} processes on this machine" \
+        if local_processes > 1 else ""
+    largest = "; ".join(f"--recompute {name}: the largest batch that fits is {fitting[name] * run.procs.world_size}"
+                        if fitting[name] else f"--recompute {name}: no batch fits" for name in ("keep", "recompute"))
+    return (f"a training step of batch {run.options['batch_size']} with --recompute {policy} needs about "
+            f"{format_bytes(predicted)} (the memory model's prediction{processes}), more than the "
+            f"{format_bytes(available)} of memory available ({largest}; --memory-budget plans it)")
 
 
 def describe(run: Run) -> str:

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory
+from densenet_fast import DenseNet, cli, densenet_bc, load_torchvision_weights, memory, plan
 from densenet_fast import train as trainer
 from densenet_fast.data import AS_FLOAT32, Augmentation, DatasetError, ShardedBatchSampler, load_dataset
 from dataset_files import write_cifar, write_images, write_volume_folder
@@ -347,6 +347,28 @@ def test_a_resume_with_another_test_limit_says_so(tmp_path, capsys):
     assert train(tmp_path / "run", "--epochs", "2", "--resume", "--test-limit", "32") == 0
     assert "the test split differs from the checkpoint's (--test-limit 32 now, --test-limit 64 then): the 1 epoch " \
            "before were tested on other samples" in capsys.readouterr().out
+
+
+def test_a_step_beyond_the_memory_available_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """On the CPU without --memory-budget (the kernel kills such a run without
+    a word), by the memory model's prediction, saying the largest batches that
+    fit; one of them trains."""
+    monkeypatch.setattr(trainer, "available_memory_bytes", lambda: 12 * 2**20)
+    recipe = ["--depth", "40", "--growth-rate", "12", "--epochs", "1"]
+    assert train(tmp_path / "run", *recipe, "--batch-size", "128") == 2
+    err = capsys.readouterr().err.strip()
+    predicted = plan(densenet_bc(40, 12, num_classes=10, in_channels=1), batch=128, image_size=8)
+    keep = memory.format_bytes(predicted["policies"]["keep"]["total_bytes"])
+    assert err == (f"error: a training step of batch 128 with --recompute keep needs about {keep} (the memory "
+                   f"model's prediction), "
+                   f"more than the 12 MiB of memory available (--recompute keep: the largest batch that fits is 60; "
+                   f"--recompute recompute: the largest batch that fits is 102; --memory-budget plans it)"), err
+    assert not (tmp_path / "run").exists()
+    assert train(tmp_path / "run", *recipe, "--batch-size", "128", "--recompute", "recompute") == 2
+    assert train(tmp_path / "run", *recipe, "--batch-size", "102", "--recompute", "recompute") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # this machine's processes of a torchrun launch share its memory
+    assert train(tmp_path / "two", *recipe, "--batch-size", "102", "--recompute", "recompute") == 2
+    assert " for each of 2 processes on this machine)" in capsys.readouterr().err
 
 
 # -- learning rate ---------------------------------------------------------------------------------
