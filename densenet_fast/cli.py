@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     and status 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv[0] if argv else None)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))  # (an option before it: named alone)
     args, unknown = parser.parse_known_args(argv)
     command_parser = vars(args).pop("command_parser")  # (the commands save their options; a parser does not pickle)
     if unknown:  # with the usage of the (sub)command they were given to

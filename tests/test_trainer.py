@@ -112,6 +112,8 @@ def test_help_documents_every_option(capsys):
     (["train", "--no-such-option"], "densenet_fast train: error: unrecognized arguments: --no-such-option"),
     (["plan", "extra"], "usage: python -m densenet_fast plan [-h]"),
     (["--bogus", "plan"], "usage: python -m densenet_fast [-h] command"),
+    # a command's option before it: named alone, not with every option after it
+    (["--no-progress", "train", "--epochs", "1"], "densenet_fast: error: unrecognized arguments: --no-progress\n"),
     (["bench", "models", "extra", "--x"], "densenet_fast bench models: error: unrecognized arguments: extra --x"),
     (["frobnicate"], "invalid choice"),
 ])
