@@ -116,13 +116,21 @@ class ImageData:
         Of the data as loaded: the same after :meth:`limit`."""
         return self.fingerprints()[0]
 
-    def fingerprints(self, unsized: Sequence[str] = ()) -> tuple[str, str]:
+    def fingerprints(self, unsized: Sequence[str] = (), sizes: Optional[tuple] = None) -> tuple[str, str]:
         """:meth:`fingerprint`, and the same of the training split alone; both
         without the sizes of the training samples named ``unsized`` (names as
         :meth:`train_sample_names` gives them: samples that could not be read,
-        whose repair may change their size)."""
-        train, test = self._split_record(self.train, set(unsized)), self._split_record(self.test, set())
+        whose repair may change their size); of the files' ``sizes`` as
+        :meth:`file_sizes` read them earlier, or as they are now."""
+        sizes = self.file_sizes() if sizes is None else sizes
+        train = self._split_record(self.train, set(unsized), sizes[0])
+        test = self._split_record(self.test, set(), sizes[1])
         return hashlib.sha256(train + test).hexdigest()[:16], hashlib.sha256(train).hexdigest()[:16]
+
+    def file_sizes(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """The sizes in bytes of the files of each split's samples, in their order
+        (of the data as loaded; ``None`` for a split held in memory)."""
+        return _file_sizes(self.train), _file_sizes(self.test)
 
     def train_sample_names(self, indices: Sequence[int]) -> list[str]:
         """The names the fingerprint gives the training samples at ``indices`` of
@@ -134,17 +142,14 @@ class ImageData:
         return [_sample_names(split)[index] for index in indices]
 
     @staticmethod
-    def _split_record(split: Dataset, unsized: set[str]) -> bytes:
-        """What :meth:`fingerprints` digests of one split."""
+    def _split_record(split: Dataset, unsized: set[str], sizes: Optional[np.ndarray]) -> bytes:
+        """What :meth:`fingerprints` digests of one split, its files of ``sizes``."""
         split, _ = _whole_split(split, [])
         if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
             samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
             return repr((tuple(samples.shape), labels.tolist())).encode()
-        try:
-            files = [(name, None if name in unsized else os.path.getsize(path), label)
-                     for name, (path, label) in zip(_sample_names(split), split.samples)]
-        except OSError as exc:
-            raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
+        files = [(name, None if name in unsized else int(size), label)
+                 for name, size, (_, label) in zip(_sample_names(split), sizes, split.samples)]
         return repr(files).encode()
 
 
@@ -156,6 +161,17 @@ def _whole_split(split: Dataset, indices: Sequence[int]) -> tuple[Dataset, list[
         indices = [split.indices[index] for index in indices]
         split = split.dataset
     return split, indices
+
+
+def _file_sizes(split: Dataset) -> Optional[np.ndarray]:
+    """:meth:`ImageData.file_sizes` of one split."""
+    split, _ = _whole_split(split, [])
+    if isinstance(split, TensorDataset):
+        return None
+    try:
+        return np.array([os.path.getsize(path) for path, _ in split.samples], dtype=np.int64)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {exc.filename} ({exc.strerror})") from None
 
 
 def _sample_names(split: Dataset) -> list[str]:
@@ -696,10 +712,11 @@ class VolumeFolder(Dataset):
     0 and standard deviation 1 (the intensities of CT and MRI scans differ from
     scan to scan).  Each file is checked again when read (a file may have
     changed since the dataset was loaded): real numbers, ``channels`` channels
-    and, unless resized, the spatial ``shape`` (D, H, W) all volumes had."""
+    and, unless resized, the spatial ``shape`` (D, H, W) all volumes had
+    (resized: ``None``)."""
 
     def __init__(self, samples: list[tuple[str, int]], size: Optional[tuple[int, int, int]], channels: int,
-                 shape: tuple[int, int, int]) -> None:
+                 shape: Optional[tuple[int, int, int]]) -> None:
         self.samples, self.size, self.channels, self.shape = samples, size, channels, shape
 
     def __len__(self) -> int:
@@ -708,9 +725,12 @@ class VolumeFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
         channels, shape = volume_header(path)
-        if channels != self.channels or (self.size is None and shape != self.shape):
+        if self.size is None and (channels, shape) != (self.channels, self.shape):
             raise DatasetError(f"volume {path} now holds {channels} channel(s) of {_shape_text(shape)}, not "
                                f"{self.channels} of {_shape_text(self.shape)} as when the dataset was loaded")
+        if channels != self.channels:  # (resized: the sizes may differ)
+            raise DatasetError(f"volume {path} now holds {channels} channel(s), not {self.channels} as when the "
+                               f"dataset was loaded")
         array = read_volume(path)
         if not np.isfinite(array).all():
             raise DatasetError(f"volume {path} holds NaN or infinite values {AS_FLOAT32}")
@@ -846,8 +866,9 @@ def load_volume_folder(root: str, size: Optional[tuple[int, int, int]] = None) -
             raise DatasetError(f"{root}: too few volumes per class to hold out a stratified test split ({exc}); "
                                f"add a split column to {LABELS_FILE}") from exc
     final = size or shape
-    return ImageData("volumefolder", VolumeFolder(train, size, channels, shape),
-                     VolumeFolder(test, size, channels, shape), num_classes, channels, _volume_augmentation(final),
+    common = None if size else shape
+    return ImageData("volumefolder", VolumeFolder(train, size, channels, common),
+                     VolumeFolder(test, size, channels, common), num_classes, channels, _volume_augmentation(final),
                      spatial_dims=3, size=tuple(final))
 
 

@@ -691,6 +691,11 @@ class _EngineModel(nn.Module):
 
     # -- shapes ------------------------------------------------------------------------
     # (``in_channels``, ``stem`` and ``spatial_dims`` are set by the subclass)
+    @property
+    def num_transitions(self) -> int:
+        """The transitions in ``features``, as they are now."""
+        return sum(isinstance(m, _EngineTransition) for m in self.features.children())
+
     def stem_modules(self) -> list[nn.Module]:
         """``features``' modules before the first dense block, as they are now."""
         return list(itertools.takewhile(lambda m: not isinstance(m, _EngineBlock), self.features.children()))
@@ -784,7 +789,7 @@ class _EngineModel(nn.Module):
                             f"convert one of them or use torch.autocast")
         size = self.feature_size(*x.shape[2:])
         if size is not None and min(size) < 1:
-            transitions = sum(isinstance(m, _EngineTransition) for m in self.features.children())
+            transitions = self.num_transitions
             raise InputError(
                 f"input images of {'x'.join(map(str, x.shape[2:]))} are too small for this DenseNet "
                 f"(its stem and {transitions} transition{'s' * (transitions != 1)}): it needs at least "

@@ -293,8 +293,9 @@ def _train(args: argparse.Namespace, procs: Processes, device: torch.device) -> 
         # before the data and the model, so that the heap holds no large free blocks that would serve tensors
         # (without glibc's malloc it sets nothing, and the model's plan warns)
         set_mmap_threshold()
-    options, data = prepare(args, procs)
+    options, data, file_sizes = prepare(args, procs)
     run = build_run(options, data, procs, device)
+    run.file_sizes = file_sizes
     position = resume(run) if options["resume"] else Position()
     distribute(run)
     plan = plan_memory(run) if options["memory_budget"] is not None else None  # (refused before the header)
@@ -359,6 +360,7 @@ class Run:
     test_loader: Optional[DataLoader]
     history: list[dict] = field(default_factory=list)  # one row of metrics per finished epoch
     replaces_earlier_run: bool = False  # --overwrite, until the first checkpoint is saved
+    file_sizes: Optional[tuple] = None  # on rank 0, the sizes of the data's files as loaded (ImageData.file_sizes)
 
     @property
     def out(self) -> str:
@@ -410,20 +412,22 @@ class Outcome:
     epochs: int = 0
 
 
-def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData]:
+def prepare(args: argparse.Namespace, procs: Processes) -> tuple[dict, ImageData, Optional[tuple]]:
     """The run's settings and data (its fingerprint before ``--train-limit`` and
-    ``--test-limit``, made by rank 0), after checking the output directory."""
+    ``--test-limit``, made by rank 0), after checking the output directory; on
+    rank 0 the sizes of the data's files as loaded (``ImageData.file_sizes``)."""
     refuse_output_inside_data(args)
     try:
         data = load_dataset(args.data, args.image_size, args.volume_size)
-        fingerprints = procs.gather(data.fingerprints() if procs.is_main else None)[0]
+        file_sizes = data.file_sizes() if procs.is_main else None
+        fingerprints = procs.gather(data.fingerprints(sizes=file_sizes) if procs.is_main else None)[0]
     except DatasetError as exc:
         raise TrainingError(str(exc)) from exc
     data = data.limit(args.train_limit, args.test_limit)
     options = resolve_options(args, data, procs)
     options["data_fingerprint"], options["train_fingerprint"] = fingerprints
     check_output_directory(options, procs)
-    return options, data
+    return options, data, file_sizes
 
 
 def build_run(options: dict, data: ImageData, procs: Processes, device: torch.device) -> Run:
@@ -510,14 +514,14 @@ def resume(run: Run) -> Position:
         earlier = f": the {plural(len(run.history), 'epoch')} before were tested on the other" if run.history else ""
         run.procs.log(f"the test split differs from the checkpoint's (its samples changed; the training split's are "
                       f"the same){earlier}")  # (load_checkpoint lets it pass)
-    saved_limit = checkpoint["options"].get("test_limit")
-    if saved_limit != run.options["test_limit"] and run.history:
+    saved_limit, limit = checkpoint["options"].get("test_limit"), run.options["test_limit"]
+    whole = len(run.data.test.dataset) if isinstance(run.data.test, torch.utils.data.Subset) else len(run.data.test)
+    if run.history and min(saved_limit or whole, whole) != min(limit or whole, whole):  # (as many: the same samples)
         def given(limit: Optional[int]) -> str:
             return f"--test-limit {limit}" if limit is not None else "no --test-limit"
 
-        run.procs.log(f"the test split differs from the checkpoint's ({given(run.options['test_limit'])} now, "
-                      f"{given(saved_limit)} then): the {plural(len(run.history), 'epoch')} before were tested on "
-                      f"other samples")
+        run.procs.log(f"the test split differs from the checkpoint's ({given(limit)} now, {given(saved_limit)} "
+                      f"then): the {plural(len(run.history), 'epoch')} before were tested on other samples")
     saved_processes = checkpoint["options"].get("world_size", 1)
     if saved_processes != run.procs.world_size:
         run.procs.log(f"the checkpoint was trained by {saved_processes} process(es), this run has "
@@ -601,14 +605,19 @@ def step_memory_problem(run: Run) -> Optional[str]:
         predicted = each * local_processes
         if predicted <= available:
             return None
-        fitting = planner.plan(model, **setup, budget=available // local_processes)["largest_batch"]
+        fitting = planner.plan(model, **setup, budget=available // local_processes)
+    limit = fitting["search_limits"]["largest_batch"]  # (reached: that or more)
     processes = f", {format_bytes(each)} for each of {local_processes} processes on this machine" \
         if local_processes > 1 else ""
-    largest = "; ".join(f"--recompute {name}: the largest batch that fits is {fitting[name] * run.procs.world_size}"
-                        if fitting[name] else f"--recompute {name}: no batch fits" for name in ("keep", "recompute"))
+    largest = []
+    for name in ("keep", "recompute"):
+        batch = fitting["largest_batch"][name]
+        at_least = "at least " if batch and batch >= limit else ""
+        largest.append(f"--recompute {name}: the largest batch that fits is {at_least}{batch * run.procs.world_size}"
+                       if batch else f"--recompute {name}: no batch fits")
     return (f"a training step of batch {run.options['batch_size']} with --recompute {policy} needs about "
             f"{format_bytes(predicted)} (the memory model's prediction{processes}), more than the "
-            f"{format_bytes(available)} of memory available ({largest}; --memory-budget plans it)")
+            f"{format_bytes(available)} of memory available ({'; '.join(largest)}; --memory-budget plans it)")
 
 
 def describe(run: Run) -> str:
@@ -674,7 +683,8 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
     batches = iter(run.train_loader)
     for step in range(position.step, len(run.train_sampler) + 1):  # (the last round checks for a stop only)
         batch, unreadable = None, None
-        if step < len(run.train_sampler):
+        stop_here = stop.requested and (epoch, step) != (0, 0)  # (then no batch is read: the stop is honoured now)
+        if step < len(run.train_sampler) and not stop_here:
             try:
                 batch = next(batches)
             except DatasetError as exc:
@@ -682,6 +692,7 @@ def train_epoch(run: Run, position: Position, stop: StopRequest) -> Optional[tup
                 unreadable = exc
         stopping, failing = _check_step(stop, unreadable is not None, procs)
         if failing or (stopping and (epoch, step) != (0, 0)):  # (a stop before the run's first step: after it)
+            batch = None  # (not held while the checkpoint is written)
             sums = Sums(loss_sum.item(), float(correct.item()), count)
             earlier = None if position.seconds is None else position.seconds + time.perf_counter() - started
             reached = Position(epoch, step, position.partial.plus(procs.sum(sums.as_list())), earlier)
@@ -850,7 +861,7 @@ def save_checkpoint(run: Run, position: Position, unreadable: Sequence[str] = ()
             "partial_sums": position.partial.as_list(), "partial_seconds": position.seconds,
             "history": run.history, "rng": rng_states,
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), **repair_record(run.data, unreadable),
+            "scaler": run.scaler.state_dict(), **repair_record(run, unreadable),
         }, os.path.join(run.out, CHECKPOINT))
         if run.replaces_earlier_run:
             for name in (METRICS, CURVES):
@@ -859,17 +870,15 @@ def save_checkpoint(run: Run, position: Position, unreadable: Sequence[str] = ()
     run.replaces_earlier_run = False
 
 
-def repair_record(data: ImageData, unreadable: Sequence[str]) -> dict:
-    """What a checkpoint records of the training samples named ``unreadable``:
-    their names and the data's fingerprints without their sizes; nothing where
-    there are none, or where other files cannot be read either (a data disk
-    gone: a resumed run then compares the fingerprints with every size)."""
+def repair_record(run: Run, unreadable: Sequence[str]) -> dict:
+    """What a checkpoint records of the training samples named ``unreadable``
+    (none: nothing): their names and the fingerprints of the data as the run
+    loaded it (its files' sizes then: other files may be gone now, a data disk
+    unmounted, or changed, which a resume must refuse) without their sizes."""
     if not unreadable:
         return {}
-    try:
-        return {"unreadable": {"samples": list(unreadable), "fingerprints": data.fingerprints(unreadable)}}
-    except DatasetError:
-        return {}
+    return {"unreadable": {"samples": list(unreadable),
+                           "fingerprints": run.data.fingerprints(unreadable, sizes=run.file_sizes)}}
 
 
 # -- processes and devices ------------------------------------------------------------------
@@ -1293,8 +1302,11 @@ def replacing(path: str) -> Iterator[str]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:  # a full disk
+        with suppress(OSError):
+            os.remove(tmp)  # (before the free space is measured)
+        free = format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)
         kept = "; the file there before is intact" if earlier else ""
-        raise OutputError(f"cannot write {path} ({exc.strerror or exc}){kept}") from exc
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}; {free} free there){kept}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1307,9 +1319,7 @@ def save_atomically(obj, path: str) -> None:
         try:
             torch.save(obj, f)
         except RuntimeError as exc:  # torch.save's zip writer's, on a full disk
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            raise OSError(f"torch.save: {str(exc).strip().splitlines()[0]}; {format_bytes(free)} free on its "
-                          f"file system") from exc
+            raise OSError(f"torch.save: {str(exc).strip().splitlines()[0]}") from exc
         f.flush()
         os.fsync(f.fileno())
 
@@ -1382,7 +1392,7 @@ def load_checkpoint(path: str, options: dict, model: nn.Module, data: ImageData)
     if options["train_limit"] is not None and "train_fingerprint" not in saved:  # (both new on 2026-12-04)
         differences.append(f"--train-limit took the first {options['train_limit']} training samples when the "
                            f"checkpoint was written and draws each class's share now, so other samples would train")
-    if differences and "unreadable" in checkpoint:
+    if "unreadable" in checkpoint and any(difference.startswith("data_fingerprint ") for difference in differences):
         differences.append(f"the checkpoint was written where {', '.join(checkpoint['unreadable']['samples'])} "
                            f"could not be read: repaired, at any size, it resumes, but not removed")
     if differences:

@@ -269,12 +269,19 @@ def test_plan_command_json(capsys):
 
 def test_plan_into_a_pipe_its_reader_closed_ends_quietly():
     """``python -m densenet_fast plan ... | head -1``: the reader leaves before the
-    output is written; exit status 1 and no BrokenPipeError traceback."""
+    output is written; exit status 1 and no BrokenPipeError traceback (nor a
+    word: the pipe's reader chose to stop)."""
     process = subprocess.Popen([sys.executable, "-m", "densenet_fast", "plan", "--depth", "40", "--batch", "16"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()
     _, err = process.communicate(timeout=300)
     assert process.returncode == 1 and err == b"", err
+    # a broken pipe of the command's own, with its output still read: an error, said
+    broken = ("import runpy; from densenet_fast import cli; "
+              "cli.main = lambda: (_ for _ in ()).throw(BrokenPipeError(32, 'Broken pipe')); "
+              "runpy.run_module('densenet_fast', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr == "error: [Errno 32] Broken pipe\n", result.stderr
 
 
 def test_plan_takes_a_dropout(capsys):

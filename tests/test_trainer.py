@@ -226,11 +226,13 @@ def test_a_test_sample_that_cannot_be_read_keeps_the_epoch_trained(tmp_path, cap
 
 def training_images_of_step(tree, step: int, batch_size: int, train_limit: int, rank: int = 0, world_size: int = 1):
     """The files of process ``rank``'s training images of ``step`` of epoch 1, in
-    order (seed 0, ``batch_size`` per process, ``--train-limit`` below the tree's count)."""
+    order (seed 0, ``batch_size`` per process, the tree's first ``train_limit``)."""
     data = load_dataset(str(tree), image_size=8).limit(train_limit, None)
     sampler = ShardedBatchSampler(len(data.train), batch_size, shuffle=True, drop_last=True, rank=rank,
                                   world_size=world_size)
-    return [type(tree)(data.train.dataset.samples[data.train.indices[index]][0]) for index in sampler.batch(step)]
+    whole, indices = (data.train.dataset, data.train.indices) if isinstance(data.train, torch.utils.data.Subset) \
+        else (data.train, range(len(data.train)))
+    return [type(tree)(whole.samples[indices[index]][0]) for index in sampler.batch(step)]
 
 
 def write_other_image(path) -> None:
@@ -275,6 +277,8 @@ def test_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_pat
     assert f"written where {names[0]}, {names[1]} could not be read: repaired, at any size, it resumes, but not " \
            f"removed" in capsys.readouterr().err
     shutil.copy(tmp_path / "repaired" / second.relative_to(tmp_path / "tree"), second)
+    assert train(tmp_path / "run", *options, "--resume", "--lr", "0.2") == 2  # a difference of another kind
+    assert "could not be read" not in capsys.readouterr().err
     other = tmp_path / "tree" / "train" / "cat" / "7.png"
     with open(other, "ab") as f:  # another training sample resized as well: other data
         f.write(b"\0")
@@ -290,11 +294,58 @@ def test_a_training_sample_that_cannot_be_read_keeps_the_steps_before_it(tmp_pat
     assert metrics(tmp_path / "run") == metrics(tmp_path / "whole")
 
 
+def test_a_file_changed_before_an_unreadable_sample_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    """A training file resized during the run, before a sample of step 2 is
+    found unreadable: that checkpoint's fingerprints are of the data as loaded,
+    so its resume is refused as a stop's would be (fingerprints made when the
+    sample failed let the change through)."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    first, bad = (training_images_of_step(tmp_path / "tree", step, batch_size=4, train_limit=16)[0] for step in (0, 2))
+    original = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    steps, augment_batch = iter(range(100)), trainer.augment
+
+    def augment_then_resize(images, augmentation, generator):
+        if next(steps) == 1:
+            with open(first, "ab") as f:  # trained on at its old size in step 0
+                f.write(b"\0")
+        return augment_batch(images, augmentation, generator)
+
+    monkeypatch.setattr(trainer, "augment", augment_then_resize)
+    options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--workers", "0"]
+    assert train(tmp_path / "run", *options) == 1
+    assert "(epoch 1, step 2 of 4)" in capsys.readouterr().err
+    monkeypatch.undo()
+    bad.write_bytes(original)
+    assert train(tmp_path / "run", *options, "--resume") == 2
+    assert "data_fingerprint is " in capsys.readouterr().err
+
+
+def test_a_stop_reads_no_further_batch(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C during step 2 stops after it without reading batch 3 (which
+    cannot be read here: the stop would have become that error, and a slow
+    read would have delayed it)."""
+    write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
+    training_images_of_step(tmp_path / "tree", 2, batch_size=4, train_limit=16)[0].write_bytes(b"not an image")
+    steps, augment_batch = iter(range(100)), trainer.augment
+
+    def augment_then_interrupt(images, augmentation, generator):
+        if next(steps) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # (the trainer's handler asks for a stop)
+        return augment_batch(images, augmentation, generator)
+
+    monkeypatch.setattr(trainer, "augment", augment_then_interrupt)
+    assert train(tmp_path / "run", "--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4",
+                 "--workers", "0") == 130
+    assert "stopping after this step" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)["step"] == 2
+
+
 def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkeypatch, capsys):
     """Every file gone (an unmounted disk) after step 2 of epoch 2: the steps
-    before step 3 are checkpointed all the same (the data's fingerprints cannot
-    be made without the files, so none is recorded), and once the folder is
-    back, --resume ends with the losses of an uninterrupted run."""
+    before step 3 are checkpointed all the same (the data's fingerprints are
+    made from the files' sizes as loaded), and once the folder is back,
+    --resume ends with the losses of an uninterrupted run."""
     write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
     options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
                "--workers", "0"]
@@ -312,7 +363,7 @@ def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkey
     assert f"error: cannot read image {tmp_path / 'tree'}" in err and "this step's samples that cannot be read" in err
     assert "(epoch 2, step 3 of 4)" in err, err
     checkpoint = torch.load(tmp_path / "run" / trainer.CHECKPOINT, weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3) and "unreadable" not in checkpoint
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3) and len(checkpoint["unreadable"]["samples"]) == 4
     monkeypatch.undo()
     (tmp_path / "away").rename(tmp_path / "tree")
     assert train(tmp_path / "run", *options, "--resume") == 0
@@ -345,10 +396,15 @@ def test_a_ctrl_c_outside_the_steps_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_resume_with_another_test_limit_says_so(tmp_path, capsys):
+    """Where the samples differ: two limits beyond the test split's size are the same."""
     assert train(tmp_path / "run", "--epochs", "1") == 0
     assert train(tmp_path / "run", "--epochs", "2", "--resume", "--test-limit", "32") == 0
     assert "the test split differs from the checkpoint's (--test-limit 32 now, --test-limit 64 then): the 1 epoch " \
            "before were tested on other samples" in capsys.readouterr().out
+    assert train(tmp_path / "run", "--epochs", "3", "--resume", "--test-limit", "100000") == 0
+    assert "(--test-limit 100000 now, --test-limit 32 then)" in capsys.readouterr().out
+    assert train(tmp_path / "run", "--epochs", "4", "--resume", "--test-limit", "360") == 0  # (digits holds 360)
+    assert "test split differs" not in capsys.readouterr().out
 
 
 def test_a_step_beyond_the_memory_available_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
@@ -579,7 +635,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(trainer.OutputError, match="cannot write .*checkpoint.pt \\(disk full\\); the file there"):
+    with pytest.raises(trainer.OutputError, match="cannot write .*checkpoint.pt \\(disk full; .* free there\\); the "
+                                                  "file there"):
         trainer.save_atomically({"value": torch.arange(5)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(3))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -597,20 +654,21 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monk
     assert train(out, "--epochs", "2", "--resume") == 1  # a failure while it ran, not bad input
     err = capsys.readouterr().err
     assert re.search(r"cannot write .*checkpoint.pt \(torch.save: \[enforce fail at inline_container.cc:672\] "
-                     r"\. unexpected pos 180160 vs 180048; [\d.]+ [KMGT]?i?B free on its file system\); the file "
-                     r"there before is intact$", err.strip()) and len(err.strip().splitlines()) == 1, err
+                     r"\. unexpected pos 180160 vs 180048; [\d.]+ [KMGT]?i?B free there\); the file there before is "
+                     r"intact$", err.strip()) and len(err.strip().splitlines()) == 1, err
     assert (out / trainer.CHECKPOINT).read_bytes() == before
 
 
 def test_a_full_disk_writing_the_metrics_is_one_line(tmp_path, monkeypatch):
     """Saying that the file there before is intact only where there was one."""
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(trainer.OutputError, match="metrics.csv \\(No space left on device\\)$"):
+    with pytest.raises(trainer.OutputError, match="metrics.csv \\(No space left on device; .* free there\\)$"):
         trainer.write_metrics([], str(tmp_path))
     monkeypatch.undo()
     trainer.write_metrics([], str(tmp_path))
     monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(trainer.OutputError, match="metrics.csv \\(No space left on device\\); the file there"):
+    with pytest.raises(trainer.OutputError, match="metrics.csv \\(No space left on device; .* free there\\); the file "
+                                                  "there before is intact$"):
         trainer.write_metrics([], str(tmp_path))
 
 
