@@ -605,16 +605,11 @@ def step_memory_problem(run: Run) -> Optional[str]:
         predicted = each * local_processes
         if predicted <= available:
             return None
-        fitting = planner.plan(model, **setup, budget=available // local_processes)
-    limit = fitting["search_limits"]["largest_batch"]  # (reached: that or more)
+        fitting = planner.plan(model, **setup, budget=available // local_processes)["largest_batch"]
     processes = f", {format_bytes(each)} for each of {local_processes} processes on this machine" \
         if local_processes > 1 else ""
-    largest = []
-    for name in ("keep", "recompute"):
-        batch = fitting["largest_batch"][name]
-        at_least = "at least " if batch and batch >= limit else ""
-        largest.append(f"--recompute {name}: the largest batch that fits is {at_least}{batch * run.procs.world_size}"
-                       if batch else f"--recompute {name}: no batch fits")
+    largest = [f"--recompute {name}: the largest batch that fits is {fitting[name] * run.procs.world_size}"
+               if fitting[name] else f"--recompute {name}: no batch fits" for name in ("keep", "recompute")]
     return (f"a training step of batch {run.options['batch_size']} with --recompute {policy} needs about "
             f"{format_bytes(predicted)} (the memory model's prediction{processes}), more than the "
             f"{format_bytes(available)} of memory available ({'; '.join(largest)}; --memory-budget plans it)")

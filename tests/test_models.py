@@ -483,6 +483,11 @@ def test_inputs_are_checked_against_the_transitions_as_they_are_now(pool):
                                            "identity": nn.Identity, "max_pool_3": lambda: nn.MaxPool2d(3, 2)}[pool]()
     least = ours.min_input_size()
     assert least == {"ceil_mode": None, "identity": (5, 5), "max_pool_3": (21, 21)}[pool]
+    transition1 = ours.features.transition1
+    ours.features.transition1 = nn.Identity()  # (a replaced transition is no longer one)
+    assert ours.num_transitions == 1
+    ours.features.transition1 = transition1
+    assert ours.num_transitions == 2
     for side in range(1, 30):
         x = torch.randn(2, 3, side, side, dtype=torch.float64)
         try:
