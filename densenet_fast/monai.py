@@ -230,10 +230,13 @@ class DenseNet(models._EngineModel):
         self.set_recompute("keep" if recompute is None else recompute)
 
     def _check_act_norm(self) -> None:
-        """Where act or norm are not ReLU and affine BatchNorm (MONAI's ``act``/``norm``
-        choice), say so once: every block and transition then runs MONAI's
-        plain per-layer code without a warning of its own."""
-        unsupported = sorted({type(m).__name__ for name, m in self.named_modules()
+        """Where the dense layers' or transitions' act or norm are not ReLU and
+        affine BatchNorm (MONAI's ``act``/``norm`` choice), say so once: every
+        block and transition then runs MONAI's plain per-layer code without a
+        warning of its own.  (A stem or head module replaced alone runs as a
+        module beside fused blocks, as in torchvision's tree.)"""
+        stages = [m for m in self.features.children() if isinstance(m, (models._EngineBlock, models._EngineTransition))]
+        unsupported = sorted({type(m).__name__ for stage in stages for name, m in stage.named_modules()
                               if (name.rsplit(".", 1)[-1] in NORM_NAMES
                                   and not fastpath.bn_is_standard(m, self.spatial_dims))
                               or (name.rsplit(".", 1)[-1] in ACT_NAMES and type(m) is not nn.ReLU)})

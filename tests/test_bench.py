@@ -645,7 +645,11 @@ def test_bad_output_paths_and_result_files_are_usage_errors(fake_workers, capsys
     (tmp_path / "read-only.json").write_text("")
     (tmp_path / "read-only.json").chmod(0o444)
     (tmp_path / "plot-taken.png").mkdir()
+    (tmp_path / "run.1.png").mkdir()  # the plot of --out run.1 (with_suffix made it run.png, run.2's too)
+    assert common.plot_path(tmp_path / "run.2") == tmp_path / "run.2.png"
+    assert common.plot_path(tmp_path / "r.JSON") == tmp_path / "r.png"
     cases = [(kernels, ["--out", str(tmp_path / "file" / "x.json")], "not a writable directory"),
+             (kernels, ["--out", str(tmp_path / "run.1")], "run.1.png: it is a directory"),
              (kernels, ["--out", str(tmp_path / "x.png")], "give a name such as"),  # the plot went over the JSON
              (kernels, ["--out", str(tmp_path / "plot-taken.json")], "plot-taken.png: it is a directory"),
              (models, ["--out", str(tmp_path)], "is a directory"),

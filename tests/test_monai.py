@@ -340,6 +340,24 @@ def test_from_monai_copies_modules_weights_and_mode():
     assert concatenations(converted, x, target) == 0
 
 
+@pytest.mark.filterwarnings("ignore:densenet_fast.*stem:RuntimeWarning")  # the stem's modules run as modules
+@pytest.mark.parametrize("replace", ["features.norm5", "features.relu0", "class_layers.relu"])
+def test_from_monai_keeps_the_blocks_fused_beside_a_replaced_stem_or_head_module(replace):
+    """One module replaced outside the dense layers and transitions is no act/norm
+    choice of the model's: it runs as a module, the blocks stay fused (every
+    block ran MONAI's plain path), and results equal MONAI's."""
+    torch.manual_seed(0)
+    theirs = monai_nets.DenseNet(3, 1, **TINY).double()
+    parent, name = replace.rsplit(".", 1)
+    setattr(theirs.get_submodule(parent), name, {"norm5": nn.Identity, "relu0": nn.LeakyReLU, "relu": nn.ReLU6}[name]())
+    ours = fast_monai.from_monai(theirs)
+    assert ours.engine.plain_reason is None
+    x, target = random_batch(3, seed=0)
+    assert_results_equal(forward_backward(ours, x, target), forward_backward(theirs, x, target), FLOAT64_RTOL,
+                         atol=ZERO_NOISE)
+    assert concatenations(ours, x, target) == 0
+
+
 def test_from_monai_takes_the_options_of_the_constructors():
     monai_model = monai_nets.DenseNet(2, 3, 2, init_features=8, growth_rate=4, block_config=(1, 1))
     assert fast_monai.from_monai(monai_model, recompute="recompute").recompute == "recompute"

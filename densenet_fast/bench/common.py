@@ -67,6 +67,13 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+def plot_path(out: Path) -> Path:
+    """The PNG beside the JSON result ``out``: ``.json`` replaced, any other
+    name's ``.png`` added (``run.1`` and ``run.2`` both had ``run.png``)."""
+    out = Path(out)
+    return out.with_suffix(".png") if out.suffix.lower() == ".json" else out.with_name(out.name + ".png")
+
+
 def output_file(text: str) -> Path:
     """An option type: a file path that can be written (a JSON result, its PNG
     beside it), checked before anything is measured."""
@@ -78,7 +85,7 @@ def output_file(text: str) -> Path:
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name such as "
                                              f"{path / 'result.json'}")
-        for file in (path, path.with_suffix(".png")):
+        for file in (path, plot_path(path)):
             if file.is_dir() or (file.exists() and not os.access(file, os.W_OK)):
                 raise argparse.ArgumentTypeError(f"cannot write {file}: it is a directory or read-only")
         folder = path.parent
@@ -434,7 +441,7 @@ def new_result_path(name: str) -> Path:
     is taken, so that no earlier result, a committed one least of all, is replaced."""
     folder = RESULTS_DIR if (REPO_ROOT / "setup.py").is_file() else Path("benchmark-results")
     stem, path, count = Path(name).stem, folder / name, 1
-    while path.exists() or path.with_suffix(".png").exists():
+    while path.exists() or plot_path(path).exists():
         count += 1
         path = folder / f"{stem}-{count}.json"
     return path
@@ -471,7 +478,7 @@ def save_result(result: dict, out, plot: Optional[str]) -> None:
     print(f"\nwrote {out}")
     if plot is not None:
         from . import plots
-        print(f"wrote {getattr(plots, plot)(result, out.with_suffix('.png'))}")
+        print(f"wrote {getattr(plots, plot)(result, plot_path(out))}")
 
 
 def script_main(doc: str, add_arguments, run, argv=None) -> dict:
