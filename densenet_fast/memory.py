@@ -543,16 +543,63 @@ _mmap_threshold: Optional[int] = None  # what set_mmap_threshold() set in this p
 
 
 def available_memory_bytes() -> Optional[int]:
-    """This machine's memory available to a new allocation (``MemAvailable``),
-    or ``None`` where ``/proc/meminfo`` does not say (not Linux)."""
+    """Memory available to a new allocation of this process: the machine's
+    (``MemAvailable``), or less where a memory cgroup of the process (a
+    container's limit) leaves less room; ``None`` where ``/proc/meminfo`` does
+    not say (not Linux)."""
+    machine = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    machine = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    room = cgroup_memory_room()
+    return machine if room is None or machine is None else min(machine, room)
+
+
+CGROUP_UNLIMITED = 2**62  # cgroup v1 writes "no limit" as the largest page-aligned int64
+
+
+def cgroup_memory_room(own: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The least room under the memory limits of the process's cgroup and its
+    ancestors (v2: ``memory.max``; v1: ``memory.limit_in_bytes``): the limit
+    less the working set (usage less the inactive file cache, which the kernel
+    reclaims first, as container runtimes count it); ``None`` where no limit is
+    set or none can be read."""
+    try:
+        with open(own) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None
+    v1 = next((path for _, controllers, path in entries if "memory" in controllers.split(",")), None)
+    if v1 is not None:
+        base, files = os.path.join(root, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                      "total_inactive_file")
+        path = v1
+    else:
+        base, files = root, ("memory.max", "memory.current", "inactive_file")
+        path = next((path for hierarchy, controllers, path in entries if hierarchy == "0" and not controllers), None)
+        if path is None:
+            return None
+    rooms = []
+    parts = [part for part in path.split("/") if part]
+    for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor
+        folder = os.path.join(base, *parts[:depth])
+        try:
+            with open(os.path.join(folder, files[0])) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= CGROUP_UNLIMITED:
+                continue
+            with open(os.path.join(folder, files[1])) as f:
+                usage = int(f.read())
+            with open(os.path.join(folder, "memory.stat")) as f:
+                stats = dict(line.split() for line in f if len(line.split()) == 2)
+        except (OSError, ValueError):
+            continue
+        rooms.append(max(0, int(limit) - (usage - int(stats.get(files[2], 0)))))
+    return min(rooms, default=None)
 
 
 @functools.cache  # a process keeps its malloc

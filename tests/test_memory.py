@@ -267,6 +267,34 @@ def test_plan_command_json(capsys):
     assert "auto:" in capsys.readouterr().out
 
 
+def test_the_memory_available_honours_a_containers_cgroup_limit(tmp_path):
+    """cgroup v2 and v1 trees as Linux lays them out: the least room under the
+    limits of the process's cgroup and its ancestors, the inactive file cache
+    counted as free; no limit, or nothing readable: None."""
+    def write(folder, **files):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name.replace("_", ".", 1)).write_text(text)
+
+    own = tmp_path / "cgroup"
+    own.write_text("0::/pod/app\n")
+    v2 = tmp_path / "v2"
+    write(v2 / "pod" / "app", memory_max="max\n", memory_current="100\n", memory_stat="inactive_file 10\n")
+    write(v2 / "pod", memory_max="1000\n", memory_current="700\n", memory_stat="anon 400\ninactive_file 300\n")
+    assert memory.cgroup_memory_room(str(own), str(v2)) == 1000 - (700 - 300)
+    write(v2, memory_max="500\n", memory_current="450\n", memory_stat="inactive_file 0\n")  # a tighter root
+    assert memory.cgroup_memory_room(str(own), str(v2)) == 50
+    own.write_text("12:cpu,cpuacct:/\n4:memory:/job\n0::/\n")
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "job", memory_limit_in_bytes="2000\n", memory_usage_in_bytes="1500\n",
+          memory_stat="cache 600\ntotal_inactive_file 500\n")
+    write(v1 / "memory", memory_limit_in_bytes="9223372036854771712\n", memory_usage_in_bytes="1\n",
+          memory_stat="total_inactive_file 0\n")  # (no limit)
+    assert memory.cgroup_memory_room(str(own), str(v1)) == 2000 - (1500 - 500)
+    assert memory.cgroup_memory_room(str(own), str(tmp_path / "missing")) is None
+    assert memory.cgroup_memory_room(str(tmp_path / "no-such-file"), str(v1)) is None
+
+
 def test_plan_into_a_pipe_its_reader_closed_ends_quietly():
     """``python -m densenet_fast plan ... | head -1``: the reader leaves before the
     output is written; exit status 1 and no BrokenPipeError traceback (nor a

@@ -267,7 +267,7 @@ def process_rss_bytes(pid: int) -> Optional[int]:
 
 
 def available_memory_bytes() -> int:
-    """MemAvailable of this machine (0 where unknown)."""
+    """The memory available to this process (memory.available_memory_bytes; 0 where unknown)."""
     from ..memory import available_memory_bytes as available  # (torch only when asked)
     return available() or 0
 
