@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .backends import BACKEND_NAMES
 from .memory import (ASSUMED_MULTIPROCESSORS, CPU_HEAP_BELOW, DTYPES, NAMED_MODELS, OPTIMIZER_PRESETS, POLICIES,
                      Architecture, OptimizerSpec, Prediction, Setup, format_bytes, heap_exits, parse_bytes, peak_floor,
                      persistent_bytes, predict, workspace_backend)
@@ -463,7 +464,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                         help="the step runs under torch.autocast to this dtype (default: none)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: %(default)s)")
-    parser.add_argument("--backend", default=None, help="torch, cpp, cuda or triton (default: the device's)")
+    parser.add_argument("--backend", default=None, choices=BACKEND_NAMES, help="default: the device's")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_PRESETS),
                         help="sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the trainer's recipe)")
     parser.add_argument("--offload", action="store_true", help="CUDA: the forward and loss run under "

@@ -111,6 +111,7 @@ def test_help_documents_every_option(capsys):
     (["train", "--model", "resnet50"], "invalid choice"),
     (["train", "--no-such-option"], "densenet_fast train: error: unrecognized arguments: --no-such-option"),
     (["plan", "extra"], "usage: python -m densenet_fast plan [-h]"),
+    (["plan", "--backend", "None"], "argument --backend: invalid choice: 'None' (choose from"),  # (as train's)
     (["--bogus", "plan"], "usage: python -m densenet_fast [-h] command"),
     # a command's option before it: named alone, not with every option after it
     (["--no-progress", "train", "--epochs", "1"], "densenet_fast: error: unrecognized arguments: --no-progress\n"),
