@@ -375,7 +375,7 @@ class _Features(nn.Sequential):
             return False
         reason = stem.stem_blocker(*modules)
         if reason is not None:
-            fastpath.warn_plain_path(self, f"{reason} (the stem's BN, ReLU and max-pool run as modules)")
+            fastpath.warn_plain_path(self, reason, part="the stem's BN, ReLU and max-pool")
             return False
         return fastpath.input_matches(x, stem.MAX_POOLS.index(type(modules[2])) + 1, modules[0].num_features)
 

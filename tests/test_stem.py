@@ -142,7 +142,9 @@ def test_a_hooked_stem_runs_the_modules_and_the_budget_refuses_it():
     model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
     seen = []
     model.features.relu0.register_forward_hook(lambda *_: seen.append(1))
-    with pytest.warns(RuntimeWarning, match="hook on ReLU .*the stem's BN, ReLU and max-pool run as modules"):
+    with pytest.warns(RuntimeWarning, match="_Features runs the stem's BN, ReLU and max-pool as modules because of "
+                                            "a hook on ReLU; what their fused pass saves is lost \\(the rest "
+                                            "stays fused\\)"):
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert seen == [1]
     assert "hook on ReLU" in model.memory_model_blocker()

@@ -282,13 +282,16 @@ def global_pool_is_standard(relu: nn.Module, pool: nn.Module, flatten: nn.Module
             and all(_observed(m) is None for m in (relu, pool, flatten)))
 
 
-def warn_plain_path(module: nn.Module, reason: str) -> None:
-    """Say once per module and reason that ``module`` runs the plain path."""
+def warn_plain_path(module: nn.Module, reason: str, part: Optional[str] = None) -> None:
+    """Say once per module and reason that ``module`` runs the plain path, or
+    that ``part`` of it runs as modules (the rest stays fused)."""
     seen = _warned.setdefault(module, set())
     if reason not in seen:
         seen.add(reason)
-        say(f"densenet_fast: {type(module).__name__} runs the plain per-layer path because of {reason}; its memory "
-            f"savings are lost", stacklevel=3)
+        what = "runs the plain per-layer path" if part is None else f"runs {part} as modules"
+        lost = "its memory savings are lost" if part is None else "what their fused pass saves is lost (the rest stays " \
+            "fused)"
+        say(f"densenet_fast: {type(module).__name__} {what} because of {reason}; {lost}", stacklevel=3)
 
 
 def say(message: str, stacklevel: int) -> None:
