@@ -1161,6 +1161,8 @@ def write_problem(directory: str) -> Optional[str]:
     are removed again, as :func:`start_output` creates them when training starts."""
     missing = missing_folders(directory)
     existing = os.path.dirname(missing[-1]) if missing else os.path.abspath(directory)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
     if not os.path.isdir(existing):
         return f"{existing} is not a directory"
     created = []

@@ -777,7 +777,10 @@ def test_unwritable_output_directory_is_refused_before_training(tmp_path, capsys
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for out, problem in ((tmp_path / "file" / "run", f"{tmp_path / 'file'} is not a directory"),  # even for root
-                         (tmp_path / "dangling" / "run", f"{tmp_path / 'dangling'} is not a directory"),
+                         (tmp_path / "dangling" / "run", f"{tmp_path / 'dangling'} is a link to "
+                                                         f"{tmp_path / 'nowhere'}, which does not exist"),
+                         (tmp_path / "dangling", f"{tmp_path / 'dangling'} is a link to {tmp_path / 'nowhere'}, "
+                                                 f"which does not exist"),
                          (tmp_path / "new" / ("x" * 300), "File name too long")):
         assert train(out, "--epochs", "1") == 2
         captured = capsys.readouterr()
