@@ -136,7 +136,7 @@ class ImageData:
         """The names the fingerprint gives the training samples at ``indices`` of
         :attr:`train` (paths relative to the folder that holds the split's
         files); none for samples held in memory."""
-        split, indices = _whole_split(self.train, indices)
+        split, indices = whole_split(self.train, indices)
         if isinstance(split, TensorDataset):
             return []
         return [_sample_names(split)[index] for index in indices]
@@ -144,7 +144,7 @@ class ImageData:
     @staticmethod
     def _split_record(split: Dataset, unsized: set[str], sizes: Optional[np.ndarray]) -> bytes:
         """What :meth:`fingerprints` digests of one split, its files of ``sizes``."""
-        split, _ = _whole_split(split, [])
+        split, _ = whole_split(split, [])
         if isinstance(split, TensorDataset):  # (samples, labels): their values after normalisation may differ
             samples, labels = split.tensors  # in the last bits from machine to machine, so not hashed
             return repr((tuple(samples.shape), labels.tolist())).encode()
@@ -153,7 +153,7 @@ class ImageData:
         return repr(files).encode()
 
 
-def _whole_split(split: Dataset, indices: Sequence[int]) -> tuple[Dataset, list[int]]:
+def whole_split(split: Dataset, indices: Sequence[int]) -> tuple[Dataset, list[int]]:
     """The split that :meth:`ImageData.limit`'s subset ``split`` was drawn from
     (``split`` itself if it is none), and ``indices`` of ``split`` as indices of it."""
     indices = list(indices)
@@ -165,7 +165,7 @@ def _whole_split(split: Dataset, indices: Sequence[int]) -> tuple[Dataset, list[
 
 def _file_sizes(split: Dataset) -> Optional[np.ndarray]:
     """:meth:`ImageData.file_sizes` of one split."""
-    split, _ = _whole_split(split, [])
+    split, _ = whole_split(split, [])
     if isinstance(split, TensorDataset):
         return None
     try:
@@ -333,6 +333,8 @@ def load_cifar100(root: str) -> ImageData:
 
 # -- ImageFolder ---------------------------------------------------------------------------
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I")  # PIL's modes of 16-bit (and 32-bit) integer images
+
+
 class ImageFolder(Dataset):
     """Images of ``samples`` (path, label) decoded with PIL, converted to RGB,
     resized (shorter side to ``size``, then centre-cropped to ``size x size``)

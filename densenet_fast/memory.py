@@ -575,12 +575,12 @@ def cgroup_memory_room(own: str = "/proc/self/cgroup", root: str = "/sys/fs/cgro
         return None
     v1 = next((path for _, controllers, path in entries if "memory" in controllers.split(",")), None)
     if v1 is not None:
-        base, files = os.path.join(root, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                      "total_inactive_file")
-        path = v1
+        base, path = os.path.join(root, "memory"), v1
+        limit_file, usage_file, inactive = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
     else:
-        base, files = root, ("memory.max", "memory.current", "inactive_file")
+        base = root
         path = next((path for hierarchy, controllers, path in entries if hierarchy == "0" and not controllers), None)
+        limit_file, usage_file, inactive = "memory.max", "memory.current", "inactive_file"
         if path is None:
             return None
     rooms = []
@@ -588,17 +588,17 @@ def cgroup_memory_room(own: str = "/proc/self/cgroup", root: str = "/sys/fs/cgro
     for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor
         folder = os.path.join(base, *parts[:depth])
         try:
-            with open(os.path.join(folder, files[0])) as f:
+            with open(os.path.join(folder, limit_file)) as f:
                 limit = f.read().strip()
             if limit == "max" or int(limit) >= CGROUP_UNLIMITED:
                 continue
-            with open(os.path.join(folder, files[1])) as f:
+            with open(os.path.join(folder, usage_file)) as f:
                 usage = int(f.read())
             with open(os.path.join(folder, "memory.stat")) as f:
                 stats = dict(line.split() for line in f if len(line.split()) == 2)
         except (OSError, ValueError):
             continue
-        rooms.append(max(0, int(limit) - (usage - int(stats.get(files[2], 0)))))
+        rooms.append(max(0, int(limit) - (usage - int(stats.get(inactive, 0)))))
     return min(rooms, default=None)
 
 

@@ -442,6 +442,10 @@ class _EngineModel(nn.Module):
     def blocks(self) -> list[_EngineBlock]:
         return [m for m in self.features.children() if isinstance(m, _EngineBlock)]
 
+    def stages(self) -> list[nn.Module]:
+        """The dense blocks and transitions of ``features``, as they are now."""
+        return [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
+
     @property
     def arena(self) -> engine.ScratchArena:
         """The scratch memory of the dense stages (see :class:`engine.ScratchArena`)."""
@@ -577,8 +581,7 @@ class _EngineModel(nn.Module):
         reason = self.engine.plain_reason or self.features_blocker()
         if reason is not None:
             return reason
-        stages = [m for m in self.features.children() if isinstance(m, (_EngineBlock, _EngineTransition))]
-        reasons = [m.engine_blocker() for m in stages] + [self.features.stem_blocker()]
+        reasons = [m.engine_blocker() for m in self.stages()] + [self.features.stem_blocker()]
         if self._built_stem is not None and self.stem_geometry() != self._built_stem:
             reasons.append("a stem changed since construction; the memory model describes the one built")
         if type(self.classifier_layer()) is not nn.Linear:

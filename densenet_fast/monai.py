@@ -235,8 +235,7 @@ class DenseNet(models._EngineModel):
         block and transition then runs MONAI's plain per-layer code without a
         warning of its own.  (A stem or head module replaced alone runs as a
         module beside fused blocks, as in torchvision's tree.)"""
-        stages = [m for m in self.features.children() if isinstance(m, (models._EngineBlock, models._EngineTransition))]
-        unsupported = sorted({type(m).__name__ for stage in stages for name, m in stage.named_modules()
+        unsupported = sorted({type(m).__name__ for stage in self.stages() for name, m in stage.named_modules()
                               if (name.rsplit(".", 1)[-1] in NORM_NAMES
                                   and not fastpath.bn_is_standard(m, self.spatial_dims))
                               or (name.rsplit(".", 1)[-1] in ACT_NAMES and type(m) is not nn.ReLU)})

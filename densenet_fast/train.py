@@ -52,7 +52,8 @@ from .memory import (CPU_HEAP_BELOW, Architecture, OptimizerSpec, Setup, bc_laye
 from .cli import CommandFailed
 from . import planner
 from .planner import MemoryBudgetError
-from .data import DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, memory_shortfall
+from .data import (DatasetError, ImageData, ShardedBatchSampler, augment, load_dataset, memory_shortfall,
+                   whole_split)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet_bc": models.densenet_bc,
@@ -515,7 +516,7 @@ def resume(run: Run) -> Position:
         run.procs.log(f"the test split differs from the checkpoint's (its samples changed; the training split's are "
                       f"the same){earlier}")  # (load_checkpoint lets it pass)
     saved_limit, limit = checkpoint["options"].get("test_limit"), run.options["test_limit"]
-    whole = len(run.data.test.dataset) if isinstance(run.data.test, torch.utils.data.Subset) else len(run.data.test)
+    whole = len(whole_split(run.data.test, [])[0])
     if run.history and min(saved_limit or whole, whole) != min(limit or whole, whole):  # (as many: the same samples)
         def given(limit: Optional[int]) -> str:
             return f"--test-limit {limit}" if limit is not None else "no --test-limit"
