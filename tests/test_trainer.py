@@ -236,6 +236,19 @@ def training_images_of_step(tree, step: int, batch_size: int, train_limit: int, 
     return [type(tree)(whole.samples[indices[index]][0]) for index in sampler.batch(step)]
 
 
+def act_in_step(monkeypatch, step: int, action) -> None:
+    """Run ``action()`` during the run's ``step``-th step (0 first, counted over
+    epochs), after its batch was read (in its augmentation)."""
+    steps, augment_batch = iter(range(10**6)), trainer.augment
+
+    def augment(images, augmentation, generator):
+        if next(steps) == step:
+            action()
+        return augment_batch(images, augmentation, generator)
+
+    monkeypatch.setattr(trainer, "augment", augment)
+
+
 def write_other_image(path) -> None:
     """A readable image at ``path`` of another size in bytes than the PNGs of write_images."""
     from PIL import Image
@@ -304,15 +317,7 @@ def test_a_file_changed_before_an_unreadable_sample_is_refused_on_resume(tmp_pat
     first, bad = (training_images_of_step(tmp_path / "tree", step, batch_size=4, train_limit=16)[0] for step in (0, 2))
     original = bad.read_bytes()
     bad.write_bytes(b"not an image")
-    steps, augment_batch = iter(range(100)), trainer.augment
-
-    def augment_then_resize(images, augmentation, generator):
-        if next(steps) == 1:
-            with open(first, "ab") as f:  # trained on at its old size in step 0
-                f.write(b"\0")
-        return augment_batch(images, augmentation, generator)
-
-    monkeypatch.setattr(trainer, "augment", augment_then_resize)
+    act_in_step(monkeypatch, 1, lambda: first.write_bytes(first.read_bytes() + b"\0"))  # trained on in step 0
     options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--workers", "0"]
     assert train(tmp_path / "run", *options) == 1
     assert "(epoch 1, step 2 of 4)" in capsys.readouterr().err
@@ -328,14 +333,7 @@ def test_a_stop_reads_no_further_batch(tmp_path, monkeypatch, capsys):
     read would have delayed it)."""
     write_images(tmp_path / "tree", {"train/cat": 8, "train/dog": 8, "val/cat": 2, "val/dog": 2})
     training_images_of_step(tmp_path / "tree", 2, batch_size=4, train_limit=16)[0].write_bytes(b"not an image")
-    steps, augment_batch = iter(range(100)), trainer.augment
-
-    def augment_then_interrupt(images, augmentation, generator):
-        if next(steps) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # (the trainer's handler asks for a stop)
-        return augment_batch(images, augmentation, generator)
-
-    monkeypatch.setattr(trainer, "augment", augment_then_interrupt)
+    act_in_step(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))  # (the trainer's handler stops)
     assert train(tmp_path / "run", "--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4",
                  "--workers", "0") == 130
     assert "stopping after this step" in capsys.readouterr().err
@@ -351,14 +349,8 @@ def test_a_data_folder_gone_mid_epoch_keeps_the_steps_before_it(tmp_path, monkey
     options = ["--data", str(tmp_path / "tree"), "--image-size", "8", "--batch-size", "4", "--epochs", "2",
                "--workers", "0"]
     assert train(tmp_path / "whole", *options) == 0
-    steps, augment_batch = iter(range(100)), trainer.augment
-
-    def augment_then_unmount(images, augmentation, generator):
-        if next(steps) == 4 + 2:  # step 2 of epoch 2 (of 4); the loader reads each batch when asked
-            (tmp_path / "tree").rename(tmp_path / "away")
-        return augment_batch(images, augmentation, generator)
-
-    monkeypatch.setattr(trainer, "augment", augment_then_unmount)
+    # step 2 of epoch 2 (of 4); the loader reads each batch when asked
+    act_in_step(monkeypatch, 4 + 2, lambda: (tmp_path / "tree").rename(tmp_path / "away"))
     assert train(tmp_path / "run", *options) == 1
     err = capsys.readouterr().err
     assert f"error: cannot read image {tmp_path / 'tree'}" in err and "this step's samples that cannot be read" in err
